@@ -1,0 +1,117 @@
+"""Supernet checkpoints: everything needed to rebuild and use a trained supernet.
+
+A checkpoint is a plain dict saved with ``torch.save`` and read with
+``weights_only=True`` (no pickled code). Keys:
+
+* ``format`` = ``"hwslim-checkpoint"``, ``version`` = 1, ``hwslim_version``;
+* ``model``: ``name``, ``width_mult``, ``input_size``, ``num_classes``, ``divisor``
+  (the ``create_model`` arguments) and ``units`` (unit -> grid, checked on load);
+* ``state_dict``: the supernet's weights;
+* ``data``: how the data was built, including the held-out **search split** (indices
+  into the training set) so the search scores exactly those images;
+* ``train_args``: the training arguments; ``epoch``: epochs completed;
+* ``training_state`` (optional): optimizer, scheduler, sampler and RNG state for resume.
+
+Writes are atomic (temporary file, then rename), so an interrupted save never leaves
+a half-written checkpoint where the last good one was.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hwslim import __version__
+from hwslim.errors import CheckpointError
+from hwslim.supernet import SlimmableNet
+
+FORMAT = "hwslim-checkpoint"
+VERSION = 1
+
+
+@dataclass
+class Checkpoint:
+    model: SlimmableNet
+    data: dict[str, Any] = field(default_factory=dict)
+    train_args: dict[str, Any] = field(default_factory=dict)
+    epoch: int = 0
+    training_state: dict[str, Any] | None = None
+    path: Path | None = None
+
+
+def model_info(model: SlimmableNet) -> dict[str, Any]:
+    return {
+        "name": model.name,
+        "width_mult": model.width_mult,
+        "input_size": model.input_size,
+        "num_classes": model.num_classes,
+        "divisor": model.divisor,
+        "units": {u: list(unit.grid) for u, unit in model.units.items()},
+    }
+
+
+def save_checkpoint(path: str | os.PathLike, model: SlimmableNet, *, data: dict | None = None,
+                    train_args: dict | None = None, epoch: int = 0,
+                    training_state: dict | None = None) -> Path:
+    """Save atomically. The model's weights are saved as they are (any device)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "format": FORMAT,
+        "version": VERSION,
+        "hwslim_version": __version__,
+        "model": model_info(model),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "data": data or {},
+        "train_args": train_args or {},
+        "epoch": int(epoch),
+    }
+    if training_state is not None:
+        payload["training_state"] = training_state
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Checkpoint:
+    """Load and rebuild the supernet; a missing, truncated or foreign file raises CheckpointError."""
+    from hwslim.models import create_model
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} not found")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # truncated zip, pickle with code, random bytes...
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path} is not a readable hwslim checkpoint (truncated or foreign file: "
+                              f"{first[:120]}); re-run `hwslim train` or point to another file") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not an hwslim checkpoint (no '{FORMAT}' marker); "
+                              "give a file written by `hwslim train`")
+    if payload.get("version") != VERSION:
+        raise CheckpointError(f"{path}: checkpoint version {payload.get('version')!r} is not supported "
+                              f"(this hwslim reads version {VERSION})")
+    info = payload["model"]
+    model = create_model(info["name"], width_mult=info["width_mult"], input_size=info["input_size"],
+                         num_classes=info["num_classes"], divisor=info["divisor"])
+    grids = {u: list(unit.grid) for u, unit in model.units.items()}
+    if grids != info.get("units", grids):
+        raise CheckpointError(f"{path}: its unit grid differs from this hwslim's {info['name']}; "
+                              "it was written by an incompatible version")
+    try:
+        model.load_state_dict(payload["state_dict"])
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: weights do not fit {info['name']} "
+                              f"({str(e).splitlines()[0][:120]})") from None
+    model.to(map_location)
+    return Checkpoint(model, payload.get("data", {}), payload.get("train_args", {}), payload.get("epoch", 0),
+                      payload.get("training_state"), path)

@@ -1,0 +1,75 @@
+"""The ``hwslim`` command. Each subcommand lives in its own module here and is thin:
+parse, build the library's objects, call the library, print a table (or ``--json``).
+
+A user error (:class:`hwslim.errors.HwslimError`) prints one line on stderr and exits 2.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from hwslim import __version__
+from hwslim.errors import HwslimError
+
+# subcommand -> module under hwslim.cli that defines register(subparsers)
+COMMANDS = ["models", "cost", "train", "profile", "search", "export", "verify", "demo"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hwslim",
+        description="Hardware-aware AutoSlim: channel counts for the best accuracy under a real budget.",
+    )
+    parser.add_argument("--version", action="version", version=f"hwslim {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMANDS:
+        importlib.import_module(f"hwslim.cli.{name}_cmd").register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except HwslimError as e:
+        print(f"hwslim {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"hwslim {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def add_command(sub, name: str, func, doc: str | None) -> argparse.ArgumentParser:
+    """A subparser whose help text is the command's docstring (first line as summary)."""
+    doc = (doc or "").strip()
+    p = sub.add_parser(name, help=doc.splitlines()[0] if doc else None, description=doc,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.set_defaults(func=func)
+    return p
+
+
+def print_table(rows: list[dict], columns: list[str] | None = None, file=None) -> None:
+    """Print ``rows`` as a fixed-width table."""
+    file = file or sys.stdout
+    if not rows:
+        return
+    columns = columns or list(rows[0])
+    cells = [[_fmt(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    print("  ".join(c.rjust(w) for c, w in zip(columns, widths)), file=file)
+    for row in cells:
+        print("  ".join(v.rjust(w) for v, w in zip(row, widths)), file=file)
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}" if abs(v) < 1e5 else f"{v:,.0f}"
+    if isinstance(v, int) and not isinstance(v, bool):
+        return f"{v:,}"
+    return str(v)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

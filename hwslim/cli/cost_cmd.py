@@ -1,0 +1,57 @@
+from __future__ import annotations
+
+import json
+
+import torch
+
+from hwslim.cli import add_command, print_table
+from hwslim.config import ChannelConfig
+from hwslim.costs import model_costs
+from hwslim.errors import ConfigError
+from hwslim.models import create_model
+
+
+def register(sub) -> None:
+    p = add_command(sub, "cost", run, run.__doc__)
+    p.add_argument("--model", help="zoo model (see `hwslim models`); taken from --config if omitted")
+    p.add_argument("--width-mult", type=float, help="supernet width multiplier (default: the model's)")
+    p.add_argument("--config", help="a ChannelConfig JSON file (default: the full-width config)")
+    p.add_argument("--input-size", type=int, help="input height and width (default: the config's or model's)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--table", help="a latency table: adds the predicted latency_ms")
+    p.add_argument("--force", action="store_true", help="use a latency table measured on another setup")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object (keys macs, params, peak_activation_bytes[, latency_ms])")
+
+
+def run(args) -> int:
+    """Print MACs, parameters and peak activation bytes of a model at a channel config.
+
+    MACs count conv and linear layers; parameters include BatchNorm's weight and bias;
+    peak activation memory is the most activation bytes alive at once in execution
+    order (see hwslim.costs). With --table, also the latency that table predicts.
+    """
+    config = ChannelConfig.load(args.config) if args.config else None
+    name = args.model or (config.model if config else None)
+    if name is None:
+        raise ConfigError("give --model NAME or --config FILE")
+    width_mult = args.width_mult if args.width_mult is not None else (config.width_mult if config else None)
+    with torch.device("meta"):
+        net = create_model(name, width_mult=width_mult)
+    if config is not None:
+        net.validate(config)
+    costs = model_costs(net, config, input_size=args.input_size, batch=args.batch, dtype=args.dtype)
+    out = costs.as_dict()
+    if args.table:
+        from hwslim.latency import LatencyTable
+
+        table = LatencyTable.load(args.table)
+        table.check_compatible(net, batch=args.batch, input_size=args.input_size, force=args.force)
+        specs = net.layer_specs(config, batch=args.batch, input_size=args.input_size)
+        out["latency_ms"] = table.predict_ms(specs)
+    if args.json:
+        print(json.dumps(out, sort_keys=True))
+    else:
+        print_table([{"model": name, "width_mult": net.width_mult, **out}])
+    return 0

@@ -1,0 +1,80 @@
+"""Slimmable MobileNetV2 (torchvision's layout) and its CIFAR variant.
+
+At ``width_mult=1.0`` and the full config it has exactly torchvision's
+``mobilenet_v2`` parameters (3,504,872) and MACs (300,774,272 at 224).
+
+Units: ``stem`` (stem output, block 0's depthwise), ``s1``..``s7`` (each stage's output
+stream, tied across its residual adds), ``b{i}/hidden`` (block i's expansion, tied
+through its depthwise conv) and ``head`` (the last 1x1 conv).
+"""
+from __future__ import annotations
+
+from hwslim.models.registry import register_model
+from hwslim.rounding import DEFAULT_DIVISOR, make_divisible
+from hwslim.supernet import GraphBuilder, SlimmableNet
+from hwslim.graph import INPUT
+
+# t: expansion, c: output channels, n: repeats, s: first stride (torchvision's table)
+_IMAGENET_SETTING = [
+    # t, c, n, s
+    [1, 16, 1, 1],
+    [6, 24, 2, 2],
+    [6, 32, 3, 2],
+    [6, 64, 4, 2],
+    [6, 96, 3, 1],
+    [6, 160, 3, 2],
+    [6, 320, 1, 1],
+]
+# CIFAR (32x32): stem stride 1 and the 24-channel stage stride 1, so the last map is 4x4.
+_CIFAR_SETTING = [
+    # t, c, n, s
+    [1, 16, 1, 1],
+    [6, 24, 2, 1],
+    [6, 32, 3, 2],
+    [6, 64, 4, 2],
+    [6, 96, 3, 1],
+    [6, 160, 3, 2],
+    [6, 320, 1, 1],
+]
+
+
+def _mobilenet_v2(name: str, setting: list[list[int]], stem_stride: int, width_mult: float, num_classes: int,
+                  input_size: int, divisor: int, dropout: float = 0.2) -> SlimmableNet:
+    g = GraphBuilder()
+    stem = g.unit("stem", make_divisible(32 * width_mult))
+    x = g.conv("stem", INPUT, 3, stem, 3, stem_stride, act="relu6")
+    cin, block = stem, 0
+    for stage, (t, c, n, s) in enumerate(setting, start=1):
+        cout = g.unit(f"s{stage}", make_divisible(c * width_mult))
+        for i in range(n):
+            stride = s if i == 0 else 1
+            residual = x if i > 0 else None  # repeats keep stride 1 and the stage's unit
+            h = x
+            if t != 1:
+                hidden = g.unit(f"b{block}/hidden", int(round(g.units[cin] * t)))
+                h = g.conv(f"b{block}/expand", h, cin, hidden, 1, act="relu6")
+            else:
+                hidden = cin
+            h = g.conv(f"b{block}/dw", h, hidden, None, 3, stride, depthwise=True, act="relu6")
+            x = g.conv(f"b{block}/project", h, hidden, cout, 1, act=None, residual=residual)
+            cin, block = cout, block + 1
+    head = g.unit("head", make_divisible(1280 * max(1.0, width_mult)))
+    x = g.conv("head", x, cin, head, 1, act="relu6")
+    x = g.gap("pool", x, head)
+    g.linear("classifier", x, head, num_classes, dropout=dropout)
+    return SlimmableNet(name, g, width_mult=width_mult, input_size=input_size, num_classes=num_classes,
+                        divisor=divisor)
+
+
+@register_model
+def mobilenet_v2(width_mult: float = 1.5, num_classes: int = 1000, input_size: int = 224,
+                 divisor: int = DEFAULT_DIVISOR) -> SlimmableNet:
+    """MobileNetV2 for 224x224 (AutoSlim starts from a 1.5x supernet)."""
+    return _mobilenet_v2("mobilenet_v2", _IMAGENET_SETTING, 2, width_mult, num_classes, input_size, divisor)
+
+
+@register_model
+def mobilenet_v2_cifar(width_mult: float = 1.0, num_classes: int = 10, input_size: int = 32,
+                       divisor: int = DEFAULT_DIVISOR) -> SlimmableNet:
+    """MobileNetV2 with CIFAR strides for 32x32 inputs."""
+    return _mobilenet_v2("mobilenet_v2_cifar", _CIFAR_SETTING, 1, width_mult, num_classes, input_size, divisor)
