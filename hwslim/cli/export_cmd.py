@@ -1,13 +1,86 @@
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from hwslim.cli import add_command
-from hwslim.errors import HwslimError
 
 
 def register(sub) -> None:
-    add_command(sub, "export", run, run.__doc__)
+    p = add_command(sub, "export", run, run.__doc__)
+    p.add_argument("--checkpoint", required=True, help="the supernet checkpoint (from `hwslim train`)")
+    p.add_argument("--config", required=True, help="a ChannelConfig JSON (from `hwslim search`)")
+    p.add_argument("--format", default="onnx", choices=["onnx", "tensorrt"])
+    p.add_argument("--out", required=True, help="output file (.onnx, or the engine: .engine/.plan)")
+    p.add_argument("--batch", type=int, default=1, help="batch size (the optimal one with --dynamic-batch)")
+    p.add_argument("--dynamic-batch", action="store_true", help="a dynamic batch dimension")
+    p.add_argument("--fp16", action="store_true",
+                   help="half precision (TensorRT 10: builder flag; TensorRT 11 and ONNX: an fp16 graph)")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset (17 or newer)")
+    p.add_argument("--check-images", type=int, default=32,
+                   help="images compared between ONNX Runtime and PyTorch (default 32)")
+    p.add_argument("--calib-images", type=int, default=512,
+                   help="search-split images to recalibrate BatchNorm at the config (0: keep the supernet's)")
+    p.add_argument("--verify", action="store_true",
+                   help="then measure the model on the table's backend against its budget (needs --table)")
+    p.add_argument("--table", help="the latency table the config was searched with (recorded; used by --verify)")
+    p.add_argument("--budget-ms", type=float, help="--verify: the budget (default: the config's latency budget)")
+    p.add_argument("--force", action="store_true", help="overwrite existing outputs")
+    p.add_argument("--force-table", action="store_true", help="--verify: use a table measured on another setup")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
 def run(args) -> int:
-    """Not built yet (issue 6)."""
-    raise HwslimError("'hwslim export' is not built yet (issue 6)")
+    """Export a searched channel config as a plain, smaller network: ONNX or a TensorRT engine.
+
+    The supernet's weights are sliced to the config's channels, BatchNorm is
+    recalibrated at the config on the search split (as the search scored it) and
+    folded into the convolutions. The ONNX file is checked with the ONNX checker and
+    against PyTorch with ONNX Runtime on real images (fp32: max relative error <= 1e-4,
+    else nothing is written), and its metadata_props name what produced it (model,
+    checkpoint and its sha256, config, table, hwslim version). --format tensorrt builds
+    the engine from that ONNX (kept beside it, with a .json provenance file) through
+    the TensorRT Python API, else trtexec. Existing files are kept unless --force.
+
+    Example:
+      hwslim export --checkpoint runs/r20/checkpoint.pt --config search/budget_2.0ms.json \\
+          --format onnx --out r20_2ms.onnx --verify --table tables/r20_cpu.json
+    """
+    from hwslim.errors import ConfigError
+    from hwslim.export import ExportOptions, export_model
+
+    if args.verify and not args.table:
+        raise ConfigError("--verify needs --table TABLE (the latency table to measure against)")
+    if args.opset < 17:
+        raise ConfigError(f"--opset must be 17 or newer, got {args.opset}")
+    opts = ExportOptions(format=args.format, batch=args.batch, dynamic_batch=args.dynamic_batch, fp16=args.fp16,
+                         opset=args.opset, force=args.force, check_images=args.check_images,
+                         calib_images=args.calib_images, table=Path(args.table) if args.table else None)
+    log = (lambda msg: None) if args.json else print
+    res = export_model(args.checkpoint, args.config, args.out, opts, log=log)
+    out = {"path": str(res.path), "onnx": str(res.onnx_path), "format": res.format, "precision": res.precision,
+           "max_rel_error": res.max_rel_error, "tolerance": res.tolerance, "check_inputs": res.check,
+           "bn_statistics": res.bn}
+    if res.sidecar:
+        out["provenance"] = str(res.sidecar)
+    if res.tensorrt:
+        out["tensorrt"] = res.tensorrt
+        out["engine_max_rel_error"] = res.engine_error
+    status = 0
+    if args.verify:
+        from hwslim.verify import verify_model
+
+        v = verify_model(res.onnx_path, args.table, budget_ms=args.budget_ms, force=args.force_table,
+                         progress=not args.json)
+        out["verify"] = v.as_dict()
+        status = 0 if v.ok else 1
+    if args.json:
+        print(json.dumps(out, sort_keys=True))
+        return status
+    print(f"wrote {res.path}" + (f" (and {res.onnx_path}, {res.sidecar})" if res.sidecar else ""))
+    if args.verify:
+        from hwslim.verify import print_verify
+
+        print_verify([v])
+    return status
+

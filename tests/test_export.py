@@ -1,0 +1,251 @@
+"""hwslim.export and hwslim.tensorrt_build: checked ONNX export with provenance; TensorRT build logic."""
+from __future__ import annotations
+
+import json
+import os
+import stat
+import sys
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from hwslim.checkpoint import save_checkpoint
+from hwslim.cli import main
+from hwslim.config import ChannelConfig
+from hwslim.errors import ConfigError, OutputExistsError
+from hwslim.export import (ExportCheckError, ExportOptions, config_from_metadata, export_model, export_onnx,
+                           max_relative_error, onnx_metadata, sha256_file)
+from hwslim.materialize import materialize
+from hwslim.models import create_model
+from hwslim.tensorrt_build import (INSTALL_HINT, EngineSpec, TensorRTError, find_builder, parse_trtexec_version,
+                                   precision_plan, trtexec_command)
+
+
+@pytest.fixture
+def setup(tmp_path):
+    """A small supernet checkpoint (no data recorded) and a non-uniform config of it."""
+    net = create_model("resnet20")
+    with torch.no_grad():  # non-trivial BN statistics, so folding them matters
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    ckpt = save_checkpoint(tmp_path / "ck.pt", net)
+    widths = {u: unit.grid[i % len(unit.grid)] for i, (u, unit) in enumerate(net.units.items())}
+    cfg = net.config_of(widths, budget={"kind": "latency_ms", "value": 1.5})
+    cfg_path = cfg.save(tmp_path / "cfg.json")
+    return net, ckpt, cfg, cfg_path
+
+
+def _ort(path, x):
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return torch.from_numpy(sess.run(None, {"input": x.numpy()})[0])
+
+
+def test_export_matches_supernet_and_records_provenance(setup, tmp_path):
+    net, ckpt, cfg, cfg_path = setup
+    res = export_model(ckpt, cfg_path, tmp_path / "m.onnx")
+    assert res.max_rel_error <= 1e-4 and res.tolerance == 1e-4
+    assert "random inputs" in res.check and "no training data" in res.check
+    # independent check: ONNX Runtime vs the supernet at the config, on fresh inputs
+    x = torch.randn(1, 3, 32, 32)
+    net.eval()
+    with torch.no_grad(), net.using(cfg):
+        ref = net(x)
+    assert max_relative_error(_ort(res.path, x), ref) <= 1e-4
+    model = onnx.load(str(res.path))
+    assert model.opset_import[0].version >= 17
+    assert model.producer_name == "hwslim"
+    ops = {n.op_type for n in model.graph.node}
+    assert "BatchNormalization" not in ops  # folded into the convolutions
+    convs = [n for n in model.graph.node if n.op_type == "Conv"]
+    stem = next(i for i in model.graph.initializer if i.name == convs[0].input[1])
+    assert stem.dims[0] == cfg.widths[net.nodes[0].cout] < net.units[net.nodes[0].cout].max_width  # physically sliced to the chosen channels
+    meta = onnx_metadata(res.path)
+    assert meta["model"] == "resnet20" and meta["width_mult"] == "1"
+    assert meta["checkpoint"] == str(ckpt.resolve()) and meta["checkpoint_sha256"] == sha256_file(ckpt)
+    assert meta["config_path"] == str(cfg_path.resolve())
+    assert meta["version"] and meta["batch"] == "1" and meta["precision"] == "fp32"
+    back = config_from_metadata(meta)
+    assert back == cfg and back.meta["budget"] == {"kind": "latency_ms", "value": 1.5}
+    assert float(meta["max_rel_error"]) == pytest.approx(res.max_rel_error, rel=1e-3)
+
+
+def test_existing_output_is_kept_unless_force(setup, tmp_path):
+    _, ckpt, _, cfg_path = setup
+    out = tmp_path / "m.onnx"
+    out.write_bytes(b"precious")
+    with pytest.raises(OutputExistsError, match="--force"):
+        export_model(ckpt, cfg_path, out)
+    assert out.read_bytes() == b"precious"
+    export_model(ckpt, cfg_path, out, ExportOptions(force=True))
+    onnx.checker.check_model(str(out))
+
+
+def test_failed_check_writes_nothing(setup, tmp_path):
+    _, ckpt, _, cfg_path = setup
+    out = tmp_path / "m.onnx"
+    with pytest.raises(ExportCheckError, match="max relative error"):
+        export_model(ckpt, cfg_path, out, ExportOptions(tolerance=0.0, check_images=4))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cfg.json", "ck.pt"]  # no file, no temporary
+
+
+def test_config_for_another_model_is_refused(setup, tmp_path):
+    _, ckpt, cfg, _ = setup
+    other = ChannelConfig("resnet56", cfg.width_mult, 32, cfg.widths)
+    with pytest.raises(ConfigError, match="resnet56"):
+        export_model(ckpt, other, tmp_path / "m.onnx")
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_dynamic_batch_and_fixed_batch(setup, tmp_path):
+    net, ckpt, cfg, _ = setup
+    dyn = export_model(ckpt, cfg, tmp_path / "dyn.onnx", ExportOptions(dynamic_batch=True, batch=2, check_images=6))
+    x = torch.randn(5, 3, 32, 32)
+    net.eval()
+    with torch.no_grad(), net.using(cfg):
+        ref = net(x)
+    assert max_relative_error(_ort(dyn.path, x), ref) <= 1e-4
+    fixed = export_model(ckpt, cfg, tmp_path / "b4.onnx", ExportOptions(batch=4, check_images=6))
+    dims = onnx.load(str(fixed.path)).graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_value for d in dims] == [4, 3, 32, 32]
+    assert onnx_metadata(fixed.path)["batch"] == "4"
+
+
+def test_fp16_graph_keeps_fp32_io(setup, tmp_path):
+    _, ckpt, cfg, _ = setup
+    res = export_model(ckpt, cfg, tmp_path / "h.onnx", ExportOptions(fp16=True))
+    model = onnx.load(str(res.path))
+    f32, f16 = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16
+    assert model.graph.input[0].type.tensor_type.elem_type == f32
+    assert model.graph.output[0].type.tensor_type.elem_type == f32
+    conv_weights = {n.input[1] for n in model.graph.node if n.op_type == "Conv"}
+    assert {i.data_type for i in model.graph.initializer if i.name in conv_weights} == {f16}
+    assert res.precision == "fp16" and 0 < res.max_rel_error <= 1e-2
+
+
+def test_export_onnx_low_level_writer_unchanged(tmp_path):
+    net = create_model("resnet20", width_mult=0.25).eval()
+    plain = materialize(net, net.uniform_config(3), fold_bn=True)
+    path = export_onnx(plain, tmp_path / "p.onnx", batch=2)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert max_relative_error(_ort(path, x), plain(x)) <= 1e-4
+
+
+def test_max_relative_error_is_relative_to_output_scale():
+    ref = torch.tensor([[10.0, -20.0, 0.0]])
+    assert max_relative_error(ref + torch.tensor([[0.0, 0.0, 0.002]]), ref) == pytest.approx(1e-4)
+    assert max_relative_error(ref, ref) == 0.0
+
+
+def test_cli_export_json_and_user_errors(setup, tmp_path, capsys):
+    _, ckpt, _, cfg_path = setup
+    out = tmp_path / "cli.onnx"
+    assert main(["export", "--checkpoint", str(ckpt), "--config", str(cfg_path), "--out", str(out), "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["path"] == str(out) and printed["max_rel_error"] <= 1e-4
+    # a second run without --force: one line on stderr, exit 2, file kept
+    before = out.read_bytes()
+    assert main(["export", "--checkpoint", str(ckpt), "--config", str(cfg_path), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--force" in err and out.read_bytes() == before
+    assert main(["export", "--checkpoint", str(tmp_path / "nope.pt"), "--config", str(cfg_path),
+                 "--out", str(tmp_path / "x.onnx")]) == 2
+    assert "not found" in capsys.readouterr().err
+
+
+# -- TensorRT: the logic around the build (TensorRT itself cannot run here) ---------------------------
+
+def test_precision_plan_by_tensorrt_version():
+    assert precision_plan(10, False) == precision_plan(11, False)
+    assert precision_plan(10, False).builder_flags == () and not precision_plan(10, False).onnx_fp16
+    p10 = precision_plan(10, True)
+    assert p10.builder_flags == ("FP16",) and p10.trtexec_flags == ("--fp16",) and not p10.onnx_fp16
+    p11 = precision_plan(11, True)  # strongly typed: no flags, the graph carries fp16
+    assert p11.builder_flags == () and p11.trtexec_flags == () and p11.onnx_fp16
+    with pytest.raises(TensorRTError, match="too old"):
+        precision_plan(8, True)
+
+
+def test_trtexec_version_banner():
+    assert parse_trtexec_version("&&&& RUNNING TensorRT.trtexec [TensorRT v100300] # trtexec") == (10, 3, 0)
+    assert parse_trtexec_version("[TensorRT v110100]") == (11, 1, 0)
+    assert parse_trtexec_version("usage: trtexec") is None
+
+
+def test_trtexec_command_line(tmp_path):
+    spec = EngineSpec(tmp_path / "m.onnx", tmp_path / "m.engine", (4, 3, 224, 224), dynamic_batch=True,
+                      max_batch=16, fp16=True, workspace_bytes=1 << 30, timing_cache=tmp_path / "tc")
+    cmd = trtexec_command("trtexec", spec, 10)
+    assert cmd[0] == "trtexec"
+    assert f"--onnx={tmp_path / 'm.onnx'}" in cmd and f"--saveEngine={tmp_path / 'm.engine'}" in cmd
+    assert "--minShapes=input:1x3x224x224" in cmd and "--optShapes=input:4x3x224x224" in cmd
+    assert "--maxShapes=input:16x3x224x224" in cmd
+    assert "--memPoolSize=workspace:1024M" in cmd and f"--timingCacheFile={tmp_path / 'tc'}" in cmd
+    assert "--fp16" in cmd and "--skipInference" in cmd
+    assert "--fp16" not in trtexec_command("trtexec", spec, 11)  # removed in TensorRT 11
+    static = EngineSpec(tmp_path / "m.onnx", tmp_path / "m.engine", (1, 3, 32, 32))
+    shapes = [a for a in trtexec_command("trtexec", static, 10) if "Shapes=" in a]
+    assert shapes == ["--minShapes=input:1x3x32x32", "--optShapes=input:1x3x32x32", "--maxShapes=input:1x3x32x32"]
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("tensorrt") is not None, reason="TensorRT is installed")
+def test_refuses_with_one_line_without_tensorrt(setup, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no trtexec
+    with pytest.raises(TensorRTError) as e:
+        find_builder()
+    assert str(e.value) == INSTALL_HINT and "pip install 'hwslim[tensorrt]'" in INSTALL_HINT
+    _, ckpt, _, cfg_path = setup
+    out = tmp_path / "m.engine"
+    code = main(["export", "--checkpoint", str(ckpt), "--config", str(cfg_path), "--format", "tensorrt",
+                 "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "trtexec" in err
+    assert not out.exists() and not out.with_suffix(".onnx").exists()
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX shell script")
+@pytest.mark.skipif(__import__("importlib").util.find_spec("tensorrt") is not None, reason="TensorRT is installed")
+def test_tensorrt_export_through_trtexec_command(setup, tmp_path, monkeypatch):
+    """The trtexec path end to end, with a stand-in trtexec (the real one cannot run here) that
+    records its arguments and writes the engine file it is asked for."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    log = tmp_path / "args.txt"
+    script = bindir / "trtexec"
+    script.write_text(f"""#!/bin/sh
+echo '&&&& RUNNING TensorRT.trtexec [TensorRT v110000] # trtexec'
+[ "$1" = "--help" ] && exit 0
+printf '%s\\n' "$@" > {log}
+for a in "$@"; do case "$a" in --saveEngine=*) printf engine > "${{a#--saveEngine=}}";; esac; done
+""")
+    script.chmod(script.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    _, ckpt, _, cfg_path = setup
+    out = tmp_path / "m.engine"
+    res = export_model(ckpt, cfg_path, out, ExportOptions(format="tensorrt", fp16=True, dynamic_batch=True, batch=2))
+    assert out.read_bytes() == b"engine" and res.tensorrt == f"TensorRT 11.0.0 (trtexec at {script})"
+    args = log.read_text().splitlines()
+    assert "--fp16" not in args and "--optShapes=input:2x3x32x32" in args and "--minShapes=input:1x3x32x32" in args
+    assert res.onnx_path == tmp_path / "m.onnx" and res.precision == "fp16"
+    assert f"--timingCacheFile={tmp_path / 'cache' / 'hwslim' / 'tensorrt.timing-cache'}" in args
+    # TensorRT 11 is strongly typed: the ONNX it was built from is an fp16 graph
+    assert onnx.TensorProto.FLOAT16 in {i.data_type for i in onnx.load(str(res.onnx_path)).graph.initializer}
+    side = json.loads(res.sidecar.read_text())
+    assert side["engine"] == str(out.resolve()) and side["checkpoint_sha256"] == sha256_file(ckpt)
+    assert side["tensorrt"].startswith("TensorRT 11.0.0") and "config" in side
+
+
+@pytest.mark.gpu
+@pytest.mark.tensorrt
+def test_tensorrt_engine_matches_pytorch(setup, tmp_path):
+    """Real TensorRT (Python API) on a GPU: build, run through torch CUDA tensors, compare."""
+    _, ckpt, _, cfg_path = setup
+    res = export_model(ckpt, cfg_path, tmp_path / "m.engine", ExportOptions(format="tensorrt"))
+    assert res.engine_error is not None and res.engine_error <= 2e-3
+    assert np.isfinite(res.max_rel_error)
