@@ -10,7 +10,9 @@ kernels, and runs one config at a time. This package replaces that for conv node
   at any active width; the multi form runs K width configs of a layer in one launch.
 * :func:`triton_forward` (one config, with ``run_graph``'s ``start``/``stop``/``env``
   resumption) and :func:`multi_forward` + :func:`plan_multi` (all candidates of a greedy
-  step in one pass, shared prefix computed once), in ``hwslim.kernels.runner``.
+  step in one pass, shared prefix computed once), in ``hwslim.kernels.runner``; BN from
+  running statistics, from each batch's statistics, or recalibrated per config
+  (:func:`multi_calibrate`), matching the search evaluator's BN modes.
 
 The PyTorch path (``SlimmableNet.forward`` / :func:`hwslim.graph.run_graph`) stays the
 reference. Triton is imported only when a kernel is used; :func:`available` and
@@ -36,14 +38,15 @@ from hwslim.errors import HwslimError
 
 __all__ = [
     "KernelUnavailableError", "available", "check_device", "interpreting", "supports",
-    "conv_bn_act", "conv_bn_act_multi", "fold_bn", "BlockConfig",
-    "triton_forward", "multi_forward", "plan_multi", "MultiPlan", "folded_bn",
+    "conv_bn_act", "conv_bn_act_multi", "conv_stats", "bn_act_", "fold_bn", "BlockConfig",
+    "triton_forward", "multi_forward", "multi_calibrate", "plan_multi", "MultiPlan", "MultiBN", "folded_bn",
 ]
 
 _LAZY = {
-    "conv_bn_act": "conv", "conv_bn_act_multi": "conv", "fold_bn": "conv", "BlockConfig": "conv",
-    "triton_forward": "runner", "multi_forward": "runner", "plan_multi": "runner", "MultiPlan": "runner",
-    "folded_bn": "runner",
+    "conv_bn_act": "conv", "conv_bn_act_multi": "conv", "conv_stats": "conv", "bn_act_": "conv",
+    "fold_bn": "conv", "BlockConfig": "conv",
+    "triton_forward": "runner", "multi_forward": "runner", "multi_calibrate": "runner", "plan_multi": "runner",
+    "MultiPlan": "runner", "MultiBN": "runner", "folded_bn": "runner",
 }
 
 

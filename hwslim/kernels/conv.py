@@ -57,23 +57,44 @@ META_COLUMNS = ("cin", "cout", "x_slice", "res_slice", "bn_row")
 
 
 @triton.jit
-def _epilogue(acc, offs_m, offs_n, m_ok, n_img, oh, ow, sl, cout, B, C_OUT_ALLOC,
+def _epilogue(acc, offs_m, offs_n, m_ok, n_img, oh, ow, sl, pid_m, cout, B, C_OUT_ALLOC,
               scale_ptr, shift_ptr, bn_row, s_bn, res_ptr, rs, srn, src, srh, srw,
-              y_ptr, syn, syc, syh, syw, ACT: tl.constexpr, HAS_RES: tl.constexpr):
-    """BN scale/shift, residual, activation, zero the channels past ``cout``, store."""
+              y_ptr, syn, syc, syh, syw, part_ptr, T_MAX,
+              ACT: tl.constexpr, HAS_RES: tl.constexpr, STATS: tl.constexpr):
+    """Finish an output tile and store it; channels past ``cout`` are stored as zeros.
+
+    Folded BN (``STATS`` False): ``act(acc * scale + shift + residual)``.
+    Batch statistics (``STATS`` True): store the raw conv output and this tile's
+    per-channel ``(count, sum, M2)`` (M2 about the tile's own mean, so combining tiles
+    with Chan's formula loses no precision to cancellation); :func:`bn_act_` applies the
+    BN, residual and activation once the statistics of all tiles are known.
+    """
     c_ok = offs_n < cout
-    sc = tl.load(scale_ptr + bn_row * s_bn + offs_n, mask=c_ok, other=0.0)
-    sh = tl.load(shift_ptr + bn_row * s_bn + offs_n, mask=c_ok, other=0.0)
-    y = acc * sc[None, :] + sh[None, :]
-    if HAS_RES:
-        r_row = (rs * B + n_img).to(tl.int64)
-        r_ptrs = res_ptr + r_row[:, None] * srn + offs_n[None, :] * src + (oh * srh + ow * srw)[:, None]
-        r = tl.load(r_ptrs, mask=m_ok[:, None] & c_ok[None, :], other=0.0)
-        y += r.to(tl.float32)
-    if ACT == 1:
-        y = tl.maximum(y, 0.0)
-    elif ACT == 2:
-        y = tl.minimum(tl.maximum(y, 0.0), 6.0)
+    if STATS:
+        rowf = m_ok.to(tl.float32)
+        cnt = tl.sum(rowf, axis=0)
+        tot = tl.sum(acc * rowf[:, None], axis=0)
+        d = (acc - (tot / tl.maximum(cnt, 1.0))[None, :]) * rowf[:, None]
+        m2 = tl.sum(d * d, axis=0)
+        p = part_ptr + ((sl * T_MAX + pid_m) * 3).to(tl.int64) * C_OUT_ALLOC + offs_n
+        st = offs_n < C_OUT_ALLOC
+        tl.store(p, tl.zeros_like(tot) + cnt, mask=st)
+        tl.store(p + C_OUT_ALLOC, tot, mask=st)
+        tl.store(p + 2 * C_OUT_ALLOC, m2, mask=st)
+        y = acc
+    else:
+        sc = tl.load(scale_ptr + bn_row * s_bn + offs_n, mask=c_ok, other=0.0)
+        sh = tl.load(shift_ptr + bn_row * s_bn + offs_n, mask=c_ok, other=0.0)
+        y = acc * sc[None, :] + sh[None, :]
+        if HAS_RES:
+            r_row = (rs * B + n_img).to(tl.int64)
+            r_ptrs = res_ptr + r_row[:, None] * srn + offs_n[None, :] * src + (oh * srh + ow * srw)[:, None]
+            r = tl.load(r_ptrs, mask=m_ok[:, None] & c_ok[None, :], other=0.0)
+            y += r.to(tl.float32)
+        if ACT == 1:
+            y = tl.maximum(y, 0.0)
+        elif ACT == 2:
+            y = tl.minimum(tl.maximum(y, 0.0), 6.0)
     y = tl.where(c_ok[None, :], y, 0.0)  # padded channels are exact zeros
     y_row = (sl * B + n_img).to(tl.int64)
     y_ptrs = y_ptr + y_row[:, None] * syn + offs_n[None, :] * syc + (oh * syh + ow * syw)[:, None]
@@ -85,10 +106,11 @@ def _conv_kernel(
     x_ptr, w_ptr, scale_ptr, shift_ptr, res_ptr, y_ptr, meta_ptr,
     B, H, W, OH, OW, C_OUT_ALLOC,
     sxn, sxc, sxh, sxw, sw0, sw1, sw2, sw3, srn, src, srh, srw, syn, syc, syh, syw, s_bn,
-    cin_arg, cout_arg,
+    cin_arg, cout_arg, part_ptr, T_MAX,
     M_KEY, N_KEY, K_KEY,  # autotune keys (bucketed sizes), unused in the body
     KSIZE: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr, ACT: tl.constexpr,
     HAS_RES: tl.constexpr, MULTI: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
+    STATS: tl.constexpr, BN_SLICE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -101,7 +123,7 @@ def _conv_kernel(
         cout = tl.load(meta_ptr + sl * 5 + 1)
         xs = tl.load(meta_ptr + sl * 5 + 2)
         rs = tl.load(meta_ptr + sl * 5 + 3)
-        bn_row = tl.load(meta_ptr + sl * 5 + 4)
+        bn_row = sl if BN_SLICE else tl.load(meta_ptr + sl * 5 + 4)
     else:
         cin = cin_arg
         cout = cout_arg
@@ -145,9 +167,9 @@ def _conv_kernel(
                 else:
                     acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=PRECISION)
 
-    _epilogue(acc, offs_m, offs_n, m_ok, n_img, oh, ow, sl, cout, B, C_OUT_ALLOC,
+    _epilogue(acc, offs_m, offs_n, m_ok, n_img, oh, ow, sl, pid_m, cout, B, C_OUT_ALLOC,
               scale_ptr, shift_ptr, bn_row, s_bn, res_ptr, rs, srn, src, srh, srw,
-              y_ptr, syn, syc, syh, syw, ACT, HAS_RES)
+              y_ptr, syn, syc, syh, syw, part_ptr, T_MAX, ACT, HAS_RES, STATS)
 
 
 @triton.jit
@@ -155,10 +177,11 @@ def _dw_kernel(
     x_ptr, w_ptr, scale_ptr, shift_ptr, res_ptr, y_ptr, meta_ptr,
     B, H, W, OH, OW, C_OUT_ALLOC,
     sxn, sxc, sxh, sxw, sw0, sw1, sw2, sw3, srn, src, srh, srw, syn, syc, syh, syw, s_bn,
-    cin_arg, cout_arg,
+    cin_arg, cout_arg, part_ptr, T_MAX,
     M_KEY, N_KEY, K_KEY,
     KSIZE: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr, ACT: tl.constexpr,
     HAS_RES: tl.constexpr, MULTI: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
+    STATS: tl.constexpr, BN_SLICE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Depthwise: channel c reads input channel c only; BLOCK_M pixels x BLOCK_N channels."""
@@ -171,7 +194,7 @@ def _dw_kernel(
         c = tl.load(meta_ptr + sl * 5 + 1)
         xs = tl.load(meta_ptr + sl * 5 + 2)
         rs = tl.load(meta_ptr + sl * 5 + 3)
-        bn_row = tl.load(meta_ptr + sl * 5 + 4)
+        bn_row = sl if BN_SLICE else tl.load(meta_ptr + sl * 5 + 4)
     else:
         c = cout_arg
         xs = 0
@@ -200,9 +223,45 @@ def _dw_kernel(
             wv = tl.load(w_ptr + offs_n * sw0 + kh * sw2 + kw * sw3, mask=c_ok, other=0.0)
             acc += xv.to(tl.float32) * wv.to(tl.float32)[None, :]
 
-    _epilogue(acc, offs_m, offs_n, m_ok, n_img, oh, ow, sl, c, B, C_OUT_ALLOC,
+    _epilogue(acc, offs_m, offs_n, m_ok, n_img, oh, ow, sl, pid_m, c, B, C_OUT_ALLOC,
               scale_ptr, shift_ptr, bn_row, s_bn, res_ptr, rs, srn, src, srh, srw,
-              y_ptr, syn, syc, syh, syw, ACT, HAS_RES)
+              y_ptr, syn, syc, syh, syw, part_ptr, T_MAX, ACT, HAS_RES, STATS)
+
+
+@triton.jit
+def _bn_act_kernel(
+    y_ptr, scale_ptr, shift_ptr, res_ptr, meta_ptr,
+    B, OH, OW, C_OUT_ALLOC, srn, src, srh, srw, syn, syc, syh, syw, s_bn, cout_arg,
+    ACT: tl.constexpr, HAS_RES: tl.constexpr, MULTI: tl.constexpr, BN_SLICE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """In place: ``y = act(y * scale + shift + residual)``, the second half of batch-stats BN."""
+    pid = tl.program_id(0)
+    sl = tl.program_id(1)
+    n_tiles = tl.cdiv(C_OUT_ALLOC, BLOCK_N)
+    pid_n = pid % n_tiles
+    pid_m = pid // n_tiles
+    if MULTI:
+        cout = tl.load(meta_ptr + sl * 5 + 1)
+        rs = tl.load(meta_ptr + sl * 5 + 3)
+        bn_row = sl if BN_SLICE else tl.load(meta_ptr + sl * 5 + 4)
+    else:
+        cout = cout_arg
+        rs = 0
+        bn_row = 0
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = offs_m < B * OH * OW
+    n_img = offs_m // (OH * OW)
+    rem = offs_m % (OH * OW)
+    oh = rem // OW
+    ow = rem % OW
+    y_row = (sl * B + n_img).to(tl.int64)
+    y_ptrs = y_ptr + y_row[:, None] * syn + offs_n[None, :] * syc + (oh * syh + ow * syw)[:, None]
+    acc = tl.load(y_ptrs, mask=m_ok[:, None] & (offs_n < C_OUT_ALLOC)[None, :], other=0.0).to(tl.float32)
+    _epilogue(acc, offs_m, offs_n, m_ok, n_img, oh, ow, sl, pid_m, cout, B, C_OUT_ALLOC,
+              scale_ptr, shift_ptr, bn_row, s_bn, res_ptr, rs, srn, src, srh, srw,
+              y_ptr, syn, syc, syh, syw, y_ptr, 0, ACT, HAS_RES, False)
 
 
 # -- launch configurations ---------------------------------------------------------------
@@ -227,9 +286,10 @@ _DENSE_CONFIGS = [
 # Depthwise: memory-bound; channel blocks of 32..128 give 64..512-byte contiguous rows.
 _DW_CONFIGS = [
     BlockConfig(64, 32, 16, 4, 1), BlockConfig(32, 64, 16, 4, 1), BlockConfig(128, 32, 16, 4, 1),
-    BlockConfig(64, 64, 16, 4, 1), BlockConfig(16, 128, 16, 4, 1), BlockConfig(32, 128, 16, 8, 1),
+    BlockConfig(64, 64, 16, 4, 1), BlockConfig(32, 128, 16, 4, 1), BlockConfig(32, 128, 16, 8, 1),
     BlockConfig(128, 64, 16, 8, 1),
 ]
+_BN_ACT_CONFIG = BlockConfig(64, 64, 16, 4, 1)  # elementwise, in place: never autotuned (re-runs would compound)
 # The interpreter runs every program in Python: few, moderately sized tiles.
 INTERPRETER_CONFIG = BlockConfig(32, 32, 16, 1, 1)
 
@@ -239,10 +299,19 @@ def _triton_configs(configs: list[BlockConfig]) -> list:
                           num_warps=c.num_warps, num_stages=c.num_stages) for c in configs]
 
 
-_AUTOTUNE = os.environ.get("HWSLIM_TRITON_AUTOTUNE", "1") != "0" and not INTERPRETED
-_KEYS = ["M_KEY", "N_KEY", "K_KEY", "KSIZE", "STRIDE", "HAS_RES", "DOT"]
-_conv_tuned = triton.autotune(_triton_configs(_DENSE_CONFIGS), key=_KEYS)(_conv_kernel) if _AUTOTUNE else None
-_dw_tuned = triton.autotune(_triton_configs(_DW_CONFIGS), key=_KEYS)(_dw_kernel) if _AUTOTUNE else None
+#: Set HWSLIM_TRITON_AUTOTUNE=0 to launch with the heuristic tile sizes instead.
+AUTOTUNE = os.environ.get("HWSLIM_TRITON_AUTOTUNE", "1") != "0" and not INTERPRETED
+_KEYS = ["M_KEY", "N_KEY", "K_KEY", "KSIZE", "STRIDE", "HAS_RES", "DOT", "STATS"]
+
+
+def _tuned(kernel, configs: list[BlockConfig]):
+    # part_ptr holds per-tile statistics whose count depends on BLOCK_M: zeroed before
+    # every trial and before the real run, so no trial's tiles survive into the result.
+    return triton.autotune(_triton_configs(configs), key=_KEYS, reset_to_zero=["part_ptr"])(kernel)
+
+
+_conv_tuned = _tuned(_conv_kernel, _DENSE_CONFIGS) if AUTOTUNE else None
+_dw_tuned = _tuned(_dw_kernel, _DW_CONFIGS) if AUTOTUNE else None
 
 
 def _bucket(n: int) -> int:
@@ -274,54 +343,110 @@ def _out_size(size: int, kernel: int, stride: int, padding: int) -> int:
     return (size + 2 * padding - kernel) // stride + 1
 
 
-def _launch(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
-            residual: torch.Tensor | None, out: torch.Tensor, meta: torch.Tensor | None, *,
-            batch: int, slices: int, cin: int, cout: int, cin_max: int, stride: int, padding: int,
-            act: str | None, depthwise: bool, tf32: bool | None, config: BlockConfig | None) -> None:
-    if act not in ACT_CODES:
-        raise ValueError(f"unknown activation {act!r}; expected one of {list(ACT_CODES)}")
+@dataclass(frozen=True)
+class _Call:
+    """Everything but the tensors of one conv launch."""
+
+    batch: int
+    slices: int
+    cin: int
+    cout: int
+    cin_max: int
+    stride: int
+    padding: int
+    act: str | None
+    depthwise: bool
+    tf32: bool | None
+    config: BlockConfig | None
+    bn_slice: bool = False
+
+
+def _min_block_m(c: _Call) -> int:
+    if c.config is not None:
+        return c.config.block_m
+    if AUTOTUNE:
+        return min(b.block_m for b in (_DW_CONFIGS if c.depthwise else _DENSE_CONFIGS))
+    return _default_config(c.depthwise, 0).block_m
+
+
+def _launch(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, shift: torch.Tensor | None,
+            residual: torch.Tensor | None, out: torch.Tensor, meta: torch.Tensor | None, c: _Call,
+            part: torch.Tensor | None = None) -> None:
+    if c.act not in ACT_CODES:
+        raise ValueError(f"unknown activation {c.act!r}; expected one of {list(ACT_CODES)}")
     k = weight.shape[2]
-    if weight.shape[3] != k:
-        raise ValueError(f"only square kernels are supported, got {tuple(weight.shape[2:])}")
     _, _, h, w = x.shape
     _, c_alloc, oh, ow = out.shape
-    res = residual if residual is not None else out  # dummy pointer, never read
-    s_bn = scale.stride(0) if scale.dim() == 2 else 0  # one BN row per bn_row index
-    args = (x, weight, scale, shift, res, out, meta if meta is not None else scale,
-            batch, h, w, oh, ow, c_alloc,
+    m = c.batch * oh * ow
+    res = residual if residual is not None else out  # never read when HAS_RES is False
+    s_bn = scale.stride(0) if scale is not None and scale.dim() == 2 else 0
+    t_max = part.shape[1] if part is not None else 0
+    args = (x, weight, scale, shift, res, out, meta,
+            c.batch, h, w, oh, ow, c_alloc,
             *x.stride(), *weight.stride(), *res.stride(), *out.stride(), s_bn,
-            cin, cout, _bucket(batch * oh * ow * slices), _bucket(c_alloc), _bucket(cin_max))
-    const = dict(KSIZE=k, STRIDE=stride, PAD=padding, ACT=ACT_CODES[act], HAS_RES=residual is not None,
-                 MULTI=meta is not None, DOT=_dot_code(x.dtype), PRECISION=_precision(tf32))
-    m = batch * oh * ow
-    tuned = _dw_tuned if depthwise else _conv_tuned
-    if config is None and tuned is not None:
+            c.cin, c.cout, part, t_max, _bucket(m * c.slices), _bucket(c_alloc), _bucket(c.cin_max))
+    const = dict(KSIZE=k, STRIDE=c.stride, PAD=c.padding, ACT=ACT_CODES[c.act], HAS_RES=residual is not None,
+                 MULTI=meta is not None, DOT=_dot_code(x.dtype), PRECISION=_precision(c.tf32),
+                 STATS=part is not None, BN_SLICE=c.bn_slice)
+    tuned = _dw_tuned if c.depthwise else _conv_tuned
+    if c.config is None and tuned is not None:
         def grid(meta_):
-            return (triton.cdiv(m, meta_["BLOCK_M"]) * triton.cdiv(c_alloc, meta_["BLOCK_N"]), slices)
+            return (triton.cdiv(m, meta_["BLOCK_M"]) * triton.cdiv(c_alloc, meta_["BLOCK_N"]), c.slices)
         tuned[grid](*args, **const)
         return
-    cfg = config or _default_config(depthwise, c_alloc)
-    kernel = _dw_kernel if depthwise else _conv_kernel
-    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(c_alloc, cfg.block_n), slices)
+    cfg = c.config or _default_config(c.depthwise, c_alloc)
+    kernel = _dw_kernel if c.depthwise else _conv_kernel
+    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(c_alloc, cfg.block_n), c.slices)
     kernel[grid](*args, **const, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
-def _check(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
+def _check(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, shift: torch.Tensor | None,
            residual: torch.Tensor | None, depthwise: bool) -> None:
     if x.dim() != 4 or weight.dim() != 4:
         raise ValueError(f"expected 4-d input and weight, got {tuple(x.shape)} and {tuple(weight.shape)}")
+    if weight.shape[2] != weight.shape[3]:
+        raise ValueError(f"only square kernels are supported, got {tuple(weight.shape[2:])}")
     if depthwise and weight.shape[1] != 1:
         raise ValueError(f"a depthwise weight has shape (C, 1, k, k), got {tuple(weight.shape)}")
-    devices = {t.device for t in (x, weight, scale, shift) + ((residual,) if residual is not None else ())}
+    tensors = [t for t in (x, weight, scale, shift, residual) if t is not None]
+    devices = {t.device for t in tensors}
     if len(devices) != 1:
         raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
+    if scale is None:
+        return
     if scale.dtype != torch.float32 or shift.dtype != torch.float32:
         raise TypeError("BN scale and shift must be float32 (see fold_bn)")
     if scale.shape != shift.shape or scale.dim() not in (1, 2) or scale.stride(-1) != 1 \
             or shift.stride() != scale.stride():
         raise ValueError(f"scale and shift must be matching (C,) or (R, C) row-major tensors, "
                          f"got {tuple(scale.shape)} and {tuple(shift.shape)}")
+
+
+def _single_widths(x: torch.Tensor, weight: torch.Tensor, cin: int | None, cout: int | None,
+                   depthwise: bool, bn_channels: int | None) -> tuple[int, int]:
+    cin = x.shape[1] if cin is None else cin
+    cout = cin if depthwise else (weight.shape[0] if cout is None else cout)
+    cin_w = weight.shape[0] if depthwise else weight.shape[1]
+    if not (0 < cin <= min(x.shape[1], cin_w) and 0 < cout <= weight.shape[0]
+            and (bn_channels is None or cout <= bn_channels)):
+        raise ValueError(f"active widths cin={cin}, cout={cout} do not fit input {tuple(x.shape)}, "
+                         f"weight {tuple(weight.shape)}" + ("" if bn_channels is None else f" and {bn_channels} BN channels"))
+    return cin, cout
+
+
+def _alloc(out: torch.Tensor | None, shape: tuple[int, ...], x: torch.Tensor) -> torch.Tensor:
+    if out is None:
+        return torch.empty(shape, device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
+    if tuple(out.shape) != shape:
+        raise ValueError(f"out has shape {tuple(out.shape)}, expected {shape}")
+    return out
+
+
+def _check_residual(residual: torch.Tensor | None, n: int, cout: int, oh: int, ow: int) -> None:
+    if residual is not None and (residual.shape[0] != n or residual.shape[1] < cout
+                                 or tuple(residual.shape[2:]) != (oh, ow)):
+        raise ValueError(f"residual {tuple(residual.shape)} does not match output {(n, cout, oh, ow)}")
 
 
 def conv_bn_act(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, *,
@@ -334,43 +459,42 @@ def conv_bn_act(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, shif
     ``weight`` is the *full-width* ``(Cout_max, Cin_max, k, k)`` weight (``(C_max, 1, k, k)``
     for ``depthwise``), read in place; ``cin`` defaults to ``x.shape[1]`` and ``cout`` to
     the full width (to ``cin`` for depthwise). ``scale``/``shift`` are float32 vectors of
-    at least ``cout`` entries. ``padding`` defaults to ``(k - 1) // 2``. The result has
-    ``x``'s dtype, shape ``(N, cout, OH, OW)`` and channels-last memory (pass ``out`` to
-    write elsewhere). fp32 dots use tf32 when ``tf32`` is True, exact fp32 when False,
-    and follow ``torch.backends.cudnn.allow_tf32`` (PyTorch's conv default) when None.
+    at least ``cout`` entries (:func:`fold_bn`). ``padding`` defaults to ``(k - 1) // 2``.
+    The result has ``x``'s dtype, shape ``(N, cout, OH, OW)`` and channels-last memory
+    (pass ``out`` to write elsewhere). fp32 dots use tf32 when ``tf32`` is True, exact
+    fp32 when False, and follow ``torch.backends.cudnn.allow_tf32`` (what PyTorch's conv
+    does) when None.
 
-    >>> y = conv_bn_act(x, conv.weight, scale, shift, stride=2, act="relu6", cout=24)
+    >>> y = conv_bn_act(x, conv.weight, *fold_bn(bn), stride=2, act="relu6", cout=24)
     """
     _check(x, weight, scale, shift, residual, depthwise)
     k = weight.shape[2]
     padding = (k - 1) // 2 if padding is None else padding
-    cin = x.shape[1] if cin is None else cin
-    if depthwise:
-        cout = cin
-    cout = weight.shape[0] if cout is None else cout
-    cin_w = weight.shape[0] if depthwise else weight.shape[1]
-    if not (0 < cin <= min(x.shape[1], cin_w) and 0 < cout <= weight.shape[0] and cout <= scale.numel()):
-        raise ValueError(f"active widths cin={cin}, cout={cout} do not fit input {tuple(x.shape)}, "
-                         f"weight {tuple(weight.shape)} and {scale.numel()} BN channels")
+    cin, cout = _single_widths(x, weight, cin, cout, depthwise, scale.shape[-1])
     n, _, h, w = x.shape
     oh, ow = _out_size(h, k, stride, padding), _out_size(w, k, stride, padding)
-    if out is None:
-        out = torch.empty((n, cout, oh, ow), device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
-    elif tuple(out.shape) != (n, cout, oh, ow):
-        raise ValueError(f"out has shape {tuple(out.shape)}, expected {(n, cout, oh, ow)}")
-    if residual is not None and (residual.shape[0] != n or residual.shape[1] < cout
-                                 or tuple(residual.shape[2:]) != (oh, ow)):
-        raise ValueError(f"residual {tuple(residual.shape)} does not match output {(n, cout, oh, ow)}")
-    _launch(x, weight, scale, shift, residual, out, None, batch=n, slices=1, cin=cin, cout=cout, cin_max=cin,
-            stride=stride, padding=padding, act=act, depthwise=depthwise, tf32=tf32, config=config)
+    out = _alloc(out, (n, cout, oh, ow), x)
+    _check_residual(residual, n, cout, oh, ow)
+    _launch(x, weight, scale, shift, residual, out, None,
+            _Call(n, 1, cin, cout, cin, stride, padding, act, depthwise, tf32, config))
     return out
+
+
+def _check_meta(meta: torch.Tensor, x: torch.Tensor, batch: int) -> None:
+    if meta.dtype != torch.int32 or meta.dim() != 2 or meta.shape[1] != len(META_COLUMNS) or not meta.is_contiguous():
+        raise ValueError(f"meta must be a contiguous int32 (S, {len(META_COLUMNS)}) tensor")
+    if meta.device != x.device:
+        raise ValueError(f"meta is on {meta.device}, input on {x.device}")
+    if x.shape[0] % batch:
+        raise ValueError(f"input batch {x.shape[0]} is not a multiple of the slice batch {batch}")
 
 
 def conv_bn_act_multi(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
                       meta: torch.Tensor, *, batch: int, cout_alloc: int, stride: int = 1,
                       padding: int | None = None, act: str | None = None, residual: torch.Tensor | None = None,
-                      depthwise: bool = False, cin_max: int | None = None, out: torch.Tensor | None = None,
-                      tf32: bool | None = None, config: BlockConfig | None = None) -> torch.Tensor:
+                      depthwise: bool = False, cin_max: int | None = None, bn_per_slice: bool = False,
+                      out: torch.Tensor | None = None, tf32: bool | None = None,
+                      config: BlockConfig | None = None) -> torch.Tensor:
     """S width configs of one layer in one launch (the multi-config form).
 
     ``x`` holds ``S_in`` slices of ``batch`` images: shape ``(S_in * batch, C, H, W)``.
@@ -378,32 +502,112 @@ def conv_bn_act_multi(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
     ``(cin, cout, x_slice, res_slice, bn_row)`` (see :data:`META_COLUMNS`; depthwise rows
     use ``cout`` as their width). Output slice ``s`` is the layer at widths
     ``(cin, cout)`` applied to input slice ``x_slice``, plus residual slice ``res_slice``,
-    with BN row ``bn_row`` of a ``(R, C)`` ``scale``/``shift`` (a 1-d vector means one
-    row). Returns ``(S * batch, cout_alloc, OH, OW)``, channels ``>= cout`` of each slice
-    set to zero. Input channels past a slice's ``cin`` are never read, so they need not
-    be zero.
+    with BN row ``bn_row`` (row ``s`` when ``bn_per_slice``) of a ``(R, C)``
+    ``scale``/``shift`` (a 1-d vector is the one row 0). Returns
+    ``(S * batch, cout_alloc, OH, OW)``, channels ``>= cout`` of each slice set to zero.
+    Input channels past a slice's ``cin`` are never read, so they need not be zero.
+    The widths in ``meta`` are trusted (they index memory): build it with
+    :func:`hwslim.kernels.plan_multi` or check them against the shapes yourself.
     """
     _check(x, weight, scale, shift, residual, depthwise)
-    if meta.dtype != torch.int32 or meta.dim() != 2 or meta.shape[1] != len(META_COLUMNS) or not meta.is_contiguous():
-        raise ValueError(f"meta must be a contiguous int32 (S, {len(META_COLUMNS)}) tensor")
-    if x.shape[0] % batch:
-        raise ValueError(f"input batch {x.shape[0]} is not a multiple of the slice batch {batch}")
+    _check_meta(meta, x, batch)
     k = weight.shape[2]
     padding = (k - 1) // 2 if padding is None else padding
     slices = meta.shape[0]
     _, _, h, w = x.shape
     oh, ow = _out_size(h, k, stride, padding), _out_size(w, k, stride, padding)
-    shape = (slices * batch, cout_alloc, oh, ow)
     if cout_alloc > weight.shape[0] or cout_alloc > scale.shape[-1]:
         raise ValueError(f"cout_alloc={cout_alloc} exceeds the weight's {weight.shape[0]} output channels")
-    if out is None:
-        out = torch.empty(shape, device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
-    elif tuple(out.shape) != shape:
-        raise ValueError(f"out has shape {tuple(out.shape)}, expected {shape}")
-    _launch(x, weight, scale, shift, residual, out, meta, batch=batch, slices=slices, cin=0, cout=0,
-            cin_max=x.shape[1] if cin_max is None else cin_max, stride=stride, padding=padding, act=act,
-            depthwise=depthwise, tf32=tf32, config=config)
+    out = _alloc(out, (slices * batch, cout_alloc, oh, ow), x)
+    _launch(x, weight, scale, shift, residual, out, meta,
+            _Call(batch, slices, 0, 0, x.shape[1] if cin_max is None else cin_max, stride, padding, act,
+                  depthwise, tf32, config, bn_per_slice))
     return out
+
+
+# -- batch-statistics BatchNorm (train-mode BN, BN recalibration) ---------------------------
+def conv_stats(x: torch.Tensor, weight: torch.Tensor, *, stride: int = 1, padding: int | None = None,
+               depthwise: bool = False, cin: int | None = None, cout: int | None = None,
+               meta: torch.Tensor | None = None, batch: int | None = None, cout_alloc: int | None = None,
+               cin_max: int | None = None, tf32: bool | None = None,
+               config: BlockConfig | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The raw conv output and its per-channel batch mean and (biased) variance.
+
+    Single config (``meta`` None, widths ``cin``/``cout`` as in :func:`conv_bn_act`):
+    returns ``(y, mean, var)`` with ``y`` ``(N, cout, OH, OW)`` and float32 ``(1, cout)``
+    statistics over ``(N, OH, OW)``. Multi-config (``meta``, ``batch``, ``cout_alloc`` as
+    in :func:`conv_bn_act_multi`): ``(S, cout_alloc)`` statistics, one row per slice.
+    The statistics come from the fp32 accumulator, combined across tiles in float64
+    with Chan's formula. Finish with :func:`bn_act_`.
+    """
+    _check(x, weight, None, None, None, depthwise)
+    k = weight.shape[2]
+    padding = (k - 1) // 2 if padding is None else padding
+    n, _, h, w = x.shape
+    oh, ow = _out_size(h, k, stride, padding), _out_size(w, k, stride, padding)
+    if meta is None:
+        cin, cout = _single_widths(x, weight, cin, cout, depthwise, None)
+        call = _Call(n, 1, cin, cout, cin, stride, padding, None, depthwise, tf32, config)
+        shape = (n, cout, oh, ow)
+    else:
+        if batch is None or cout_alloc is None:
+            raise ValueError("the multi-config form needs batch and cout_alloc")
+        _check_meta(meta, x, batch)
+        call = _Call(batch, meta.shape[0], 0, 0, x.shape[1] if cin_max is None else cin_max, stride, padding,
+                     None, depthwise, tf32, config)
+        shape = (meta.shape[0] * batch, cout_alloc, oh, ow)
+    out = _alloc(None, shape, x)
+    t_max = triton.cdiv(call.batch * oh * ow, _min_block_m(call))
+    part = torch.zeros((call.slices, t_max, 3, shape[1]), device=x.device, dtype=torch.float32)
+    _launch(x, weight, None, None, None, out, meta, call, part)
+    cnt, tot, m2 = part.double().unbind(2)  # (S, T, C) each
+    count = cnt.sum(1)
+    mean = tot.sum(1) / count
+    tile_mean = tot / cnt.clamp_min(1.0)
+    var = (m2.sum(1) + (cnt * (tile_mean - mean[:, None]) ** 2).sum(1)) / count
+    return out, mean.float(), var.float()
+
+
+def bn_act_(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, *, act: str | None = None,
+            residual: torch.Tensor | None = None, meta: torch.Tensor | None = None, batch: int | None = None,
+            bn_per_slice: bool = True) -> torch.Tensor:
+    """In place: ``y = act(y * scale + shift + residual)`` with channels past ``cout`` zeroed.
+
+    The second half of batch-statistics BN after :func:`conv_stats`. ``scale``/``shift``
+    are float32 ``(C,)`` or ``(R, C)``; with ``meta`` (multi-config) row ``s`` serves
+    slice ``s`` when ``bn_per_slice``, else row ``bn_row``.
+    """
+    _check(y, y.new_empty((1, 1, 1, 1)), scale, shift, residual, False)
+    if act not in ACT_CODES:
+        raise ValueError(f"unknown activation {act!r}; expected one of {list(ACT_CODES)}")
+    n_all, c_alloc, oh, ow = y.shape
+    if meta is not None:
+        if batch is None:
+            raise ValueError("the multi-config form needs batch")
+        _check_meta(meta, y, batch)
+        slices = meta.shape[0]
+    else:
+        batch, slices = n_all, 1
+        _check_residual(residual, n_all, c_alloc, oh, ow)
+    res = residual if residual is not None else y
+    cfg = INTERPRETER_CONFIG if INTERPRETED else _BN_ACT_CONFIG
+    grid = (triton.cdiv(batch * oh * ow, cfg.block_m) * triton.cdiv(c_alloc, cfg.block_n), slices)
+    _bn_act_kernel[grid](y, scale, shift, res, meta, batch, oh, ow, c_alloc, *res.stride(), *y.stride(),
+                         scale.stride(0) if scale.dim() == 2 else 0, c_alloc,
+                         ACT=ACT_CODES[act], HAS_RES=residual is not None, MULTI=meta is not None,
+                         BN_SLICE=bn_per_slice, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                         num_warps=cfg.num_warps)
+    return y
+
+
+def batch_bn_scale_shift(bn: torch.nn.BatchNorm2d, mean: torch.Tensor,
+                         var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Train-mode BN as ``(scale, shift)`` rows from batch ``mean``/biased ``var`` (R, C)."""
+    c = mean.shape[-1]
+    gamma = bn.weight.detach()[:c].float() if bn.weight is not None else torch.ones_like(mean)
+    beta = bn.bias.detach()[:c].float() if bn.bias is not None else torch.zeros_like(mean)
+    scale = gamma * torch.rsqrt(var + bn.eps)
+    return scale.contiguous(), (beta - mean * scale).contiguous()
 
 
 def fold_bn(bn: torch.nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,6 +15,17 @@ supernet's full-width weights in place:
   and widths at a node are identical share one slice, so the shared prefix runs once and
   every divergent layer runs all its distinct variants in one launch.
 
+BatchNorm, as the search's evaluator needs it (``bn=``):
+
+* ``"running"``: eval mode, the supernet's running statistics, folded into the conv
+  kernel (one kernel per conv node);
+* ``"batch"``: train-mode BN, each batch normalized by its own statistics (a conv kernel
+  that also reduces per-channel statistics, then one in-place normalize+residual+act
+  kernel);
+* a :class:`MultiBN` from :func:`multi_calibrate`: recalibrated statistics per config
+  (the exact cumulative average that :func:`hwslim.slimmable.recalibrate_bn` computes),
+  folded per slice.
+
 Logits are float32 whatever the activation dtype (bf16/fp16 inputs run the convs in
 that dtype with fp32 accumulation).
 """
@@ -22,7 +33,7 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +42,8 @@ from hwslim.config import ChannelConfig
 from hwslim.costs import layer_macs, macs
 from hwslim.graph import INPUT, Node, last_uses, resolve
 from hwslim.kernels import KernelUnavailableError, check_device, supports
-from hwslim.kernels.conv import META_COLUMNS, conv_bn_act, conv_bn_act_multi, fold_bn
+from hwslim.kernels.conv import (META_COLUMNS, batch_bn_scale_shift, bn_act_, conv_bn_act, conv_bn_act_multi,
+                                 conv_stats, fold_bn)
 from hwslim.supernet import SlimmableNet
 
 # model -> {node name: (bn version key, scale, shift)}; weak so models can be freed
@@ -91,35 +103,15 @@ def _pool(node: Node, inp: torch.Tensor) -> torch.Tensor:
     return inp.mean(dim=(2, 3), dtype=torch.float32)  # gap: fp32 features for the classifier
 
 
-@torch.no_grad()
-def triton_forward(model: SlimmableNet, x: torch.Tensor, config: ChannelConfig | None = None, *,
-                   start: int = 0, stop: int | None = None, env: dict[str, torch.Tensor] | None = None,
-                   tf32: bool | None = None) -> torch.Tensor | dict[str, torch.Tensor]:
-    """Logits of ``model`` at ``config`` (default: its current config), eval-mode BN.
-
-    Same contract as :func:`hwslim.graph.run_graph`: runs ``nodes[start:stop]``; with
-    ``stop`` set it returns the environment (live tensors by name) that a later call
-    resumes with ``start=stop, env=env``. ``tf32`` as in
-    :func:`hwslim.kernels.conv.conv_bn_act`. Raises :class:`KernelUnavailableError`
-    off CUDA (unless ``TRITON_INTERPRET=1``) or for a model :func:`supports` rejects.
-    """
-    _require(model, x)
-    widths = _widths(model, config)
+def _execute(model: SlimmableNet, env: dict[str, torch.Tensor], start: int, stop: int, conv_fn, extra=None):
+    """run_graph's loop: ``conv_fn(i, node, inp, residual)`` computes conv nodes, torch the rest."""
     nodes = model.nodes
-    bn = folded_bn(model)
-    env = {INPUT: x.contiguous(memory_format=torch.channels_last)} if env is None else dict(env)
     free_after = last_uses(nodes)
-    stop = len(nodes) if stop is None else stop
     for i in range(start, stop):
         n = nodes[i]
         inp = env[n.input]
         if n.op == "conv":
-            conv = model.layers[n.name].conv
-            cin = resolve(n.cin, widths)
-            scale, shift = bn[n.name]
-            y = conv_bn_act(inp, conv.weight, scale, shift, stride=n.stride, padding=n.padding, act=n.act,
-                            residual=None if n.residual is None else env[n.residual], depthwise=n.depthwise,
-                            cin=cin, cout=cin if n.depthwise else resolve(n.cout, widths), tf32=tf32)
+            y = conv_fn(i, n, inp, None if n.residual is None else env[n.residual])
         elif n.op == "linear":
             y = _linear(model, n, inp)
         else:
@@ -129,9 +121,57 @@ def triton_forward(model: SlimmableNet, x: torch.Tensor, config: ChannelConfig |
         for name in (n.input, n.residual):
             if name is not None and free_after.get(name) == i:
                 env.pop(name, None)
-    if stop < len(nodes):
-        return env
-    return env[nodes[-1].name]
+    return env
+
+
+def _check_bn_mode(bn) -> None:
+    if not (bn in BN_MODES or isinstance(bn, MultiBN)):
+        raise ValueError(f"bn must be one of {BN_MODES} (or a MultiBN for multi_forward), got {bn!r}")
+
+
+BN_MODES = ("running", "batch")
+
+
+@torch.no_grad()
+def triton_forward(model: SlimmableNet, x: torch.Tensor | None, config: ChannelConfig | None = None, *,
+                   start: int = 0, stop: int | None = None, env: dict[str, torch.Tensor] | None = None,
+                   bn: str = "running", tf32: bool | None = None) -> torch.Tensor | dict[str, torch.Tensor]:
+    """Logits of ``model`` at ``config`` (default: its current config).
+
+    Same contract as :func:`hwslim.graph.run_graph`: runs ``nodes[start:stop]``; with
+    ``stop`` set it returns the environment (live tensors by name) that a later call
+    resumes with ``start=stop, env=env`` (``x`` may then be None). ``bn`` is
+    ``"running"`` (eval mode) or ``"batch"`` (train-mode statistics of this batch; the
+    running statistics are not updated). ``tf32`` as in
+    :func:`hwslim.kernels.conv.conv_bn_act`. Raises :class:`KernelUnavailableError`
+    off CUDA (unless ``TRITON_INTERPRET=1``) or for a model :func:`supports` rejects.
+    """
+    if bn not in BN_MODES:
+        raise ValueError(f"bn must be one of {BN_MODES}, got {bn!r}")
+    if env is None:
+        if x is None:
+            raise ValueError("triton_forward needs x or env")
+        env = {INPUT: x.contiguous(memory_format=torch.channels_last)}
+    else:
+        env = dict(env)
+    _require(model, next(iter(env.values())) if x is None else x)
+    widths = _widths(model, config)
+    folded = folded_bn(model) if bn == "running" else None
+
+    def conv_fn(i: int, n: Node, inp: torch.Tensor, res: torch.Tensor | None) -> torch.Tensor:
+        layer = model.layers[n.name]
+        cin = resolve(n.cin, widths)
+        cout = cin if n.depthwise else resolve(n.cout, widths)
+        if folded is not None:
+            return conv_bn_act(inp, layer.conv.weight, *folded[n.name], stride=n.stride, padding=n.padding,
+                               act=n.act, residual=res, depthwise=n.depthwise, cin=cin, cout=cout, tf32=tf32)
+        y, mean, var = conv_stats(inp, layer.conv.weight, stride=n.stride, padding=n.padding,
+                                  depthwise=n.depthwise, cin=cin, cout=cout, tf32=tf32)
+        return bn_act_(y, *batch_bn_scale_shift(layer.bn, mean, var), act=n.act, residual=res)
+
+    stop = len(model.nodes) if stop is None else stop
+    env = _execute(model, env, start, stop, conv_fn)
+    return env if stop < len(model.nodes) else env[model.nodes[-1].name]
 
 
 # -- K configs at once ----------------------------------------------------------------------
@@ -141,8 +181,8 @@ class NodeStep:
 
     ``smap[k]`` is the output slice holding config k's tensor; for conv nodes ``rows``
     are the meta rows ``(cin, cout, x_slice, res_slice, bn_row)`` of the distinct output
-    slices, stored at ``meta_offset`` in the plan's device table, and ``c_alloc`` is the
-    widest output (the allocated channel count).
+    slices, stored at ``meta_offset`` in the plan's device table, ``c_alloc`` is the
+    widest output (the allocated channel count) and ``cin_max`` the widest input.
     """
 
     smap: tuple[int, ...]
@@ -167,6 +207,10 @@ class MultiPlan:
         """Distinct variants computed per node (1 where all configs agree)."""
         return [len(set(s.smap)) for s in self.steps]
 
+    def node_meta(self, i: int) -> torch.Tensor:
+        step = self.steps[i]
+        return self.meta[step.meta_offset: step.meta_offset + len(step.rows)]
+
     def work_fraction(self, model: SlimmableNet, input_size: int | None = None) -> float:
         """MACs this plan computes over the MACs of running each config separately."""
         size = input_size or model.input_size
@@ -174,10 +218,10 @@ class MultiPlan:
         separate = sum(macs(specs) for specs in per)
         shared = 0
         for i, step in enumerate(self.steps):
-            seen = {}
+            first: dict[int, int] = {}
             for k, s in enumerate(step.smap):
-                seen.setdefault(s, k)
-            shared += sum(layer_macs(per[k][i]) for k in seen.values())
+                first.setdefault(s, k)
+            shared += sum(layer_macs(per[k][i]) for k in first.values())
         return shared / separate
 
 
@@ -187,7 +231,8 @@ def plan_multi(model: SlimmableNet, configs: Sequence[ChannelConfig],
 
     At each node, configs whose input slice, residual slice and widths agree share an
     output slice; so the configs of one greedy step (each one unit narrower) run their
-    common prefix once and diverge where their unit first appears.
+    common prefix once and diverge where their unit first appears. ``device`` defaults
+    to the model's.
     """
     if not configs:
         raise ValueError("plan_multi needs at least one config")
@@ -219,44 +264,111 @@ def plan_multi(model: SlimmableNet, configs: Sequence[ChannelConfig],
     return MultiPlan(model.name, tuple(configs), tuple(steps), meta, final_index)
 
 
+@dataclass(frozen=True)
+class MultiBN:
+    """Recalibrated BN of every config of a plan: per conv node, folded ``(S, C)`` rows.
+
+    Row s of node ``name`` is slice s's eval-mode ``(scale, shift)``, from running
+    statistics estimated like :func:`hwslim.slimmable.recalibrate_bn` does (reset, then
+    the cumulative average over the calibration batches of each batch's mean and
+    unbiased variance). ``mean``/``var`` keep those statistics, for inspection.
+    """
+
+    scale: dict[str, torch.Tensor]
+    shift: dict[str, torch.Tensor]
+    mean: dict[str, torch.Tensor]
+    var: dict[str, torch.Tensor]
+    batches: int
+
+
+def _as_plan(model: SlimmableNet, plan, device: torch.device) -> MultiPlan:
+    if not isinstance(plan, MultiPlan):
+        plan = plan_multi(model, plan, device)
+    if plan.model_name != model.name:
+        raise ValueError(f"plan is for {plan.model_name!r}, not {model.name!r}")
+    if plan.meta.device != device:
+        raise ValueError(f"plan lives on {plan.meta.device}, input on {device}: build it on the input's device")
+    return plan
+
+
+def _multi_pass(model: SlimmableNet, x: torch.Tensor, plan: MultiPlan, bn, tf32: bool | None,
+                collect: dict | None = None) -> torch.Tensor:
+    batch = x.shape[0]
+    folded = folded_bn(model) if bn == "running" else None
+
+    def conv_fn(i: int, n: Node, inp: torch.Tensor, res: torch.Tensor | None) -> torch.Tensor:
+        step, weight = plan.steps[i], model.layers[n.name].conv.weight
+        meta = plan.node_meta(i)
+        kw = dict(batch=batch, cout_alloc=step.c_alloc, stride=n.stride, padding=n.padding,
+                  depthwise=n.depthwise, cin_max=step.cin_max, tf32=tf32)
+        if folded is not None:
+            return conv_bn_act_multi(inp, weight, *folded[n.name], meta, act=n.act, residual=res, **kw)
+        if isinstance(bn, MultiBN):
+            return conv_bn_act_multi(inp, weight, bn.scale[n.name], bn.shift[n.name], meta, act=n.act,
+                                     residual=res, bn_per_slice=True, **kw)
+        y, mean, var = conv_stats(inp, weight, meta=meta, **kw)
+        if collect is not None:
+            collect[n.name] = (mean, var, y.numel() // y.shape[1] // len(step.rows))
+        return bn_act_(y, *batch_bn_scale_shift(model.layers[n.name].bn, mean, var), act=n.act, residual=res,
+                       meta=meta, batch=batch, bn_per_slice=True)
+
+    env = _execute(model, {INPUT: x.contiguous(memory_format=torch.channels_last)}, 0, len(model.nodes), conv_fn)
+    logits = env[model.nodes[-1].name]
+    return logits.view(-1, batch, logits.shape[-1]).index_select(0, plan.final_index)
+
+
 @torch.no_grad()
 def multi_forward(model: SlimmableNet, x: torch.Tensor, plan: MultiPlan | Sequence[ChannelConfig], *,
-                  tf32: bool | None = None) -> torch.Tensor:
+                  bn: str | MultiBN = "running", tf32: bool | None = None) -> torch.Tensor:
     """Logits of every config of ``plan`` on the images ``x``: shape ``(K, N, classes)``.
 
     ``plan`` is a :class:`MultiPlan` (reuse it across batches) or a list of configs.
-    Equal, up to float rounding, to ``triton_forward(model, x, configs[k])`` for each k.
+    ``bn``: ``"running"``, ``"batch"`` or a :class:`MultiBN` (see the module doc).
+    Equal, up to float rounding, to ``triton_forward(model, x, configs[k], bn=...)``.
     """
+    _check_bn_mode(bn)
     _require(model, x)
-    if not isinstance(plan, MultiPlan):
-        plan = plan_multi(model, plan, x.device)
-    if plan.model_name != model.name:
-        raise ValueError(f"plan is for {plan.model_name!r}, not {model.name!r}")
-    if plan.meta.device != x.device:
-        raise ValueError(f"plan lives on {plan.meta.device}, input on {x.device}: plan on the input's device")
-    batch = x.shape[0]
-    bn = folded_bn(model)
-    env = {INPUT: x.contiguous(memory_format=torch.channels_last)}
-    nodes = model.nodes
-    free_after = last_uses(nodes)
-    for i, (n, step) in enumerate(zip(nodes, plan.steps)):
-        inp = env[n.input]
-        if n.op == "conv":
-            conv = model.layers[n.name].conv
-            scale, shift = bn[n.name]
-            meta = plan.meta[step.meta_offset: step.meta_offset + len(step.rows)]
-            y = conv_bn_act_multi(inp, conv.weight, scale, shift, meta, batch=batch, cout_alloc=step.c_alloc,
-                                  stride=n.stride, padding=n.padding, act=n.act,
-                                  residual=None if n.residual is None else env[n.residual],
-                                  depthwise=n.depthwise, cin_max=step.cin_max, tf32=tf32)
-        elif n.op == "linear":
-            y = _linear(model, n, inp)
-        else:
-            y = _pool(n, inp)
-        env[n.name] = y
-        del inp, y
-        for name in (n.input, n.residual):
-            if name is not None and free_after.get(name) == i:
-                env.pop(name, None)
-    logits = env[nodes[-1].name]
-    return logits.view(-1, batch, logits.shape[-1]).index_select(0, plan.final_index)
+    plan = _as_plan(model, plan, x.device)
+    return _multi_pass(model, x, plan, bn, tf32)
+
+
+@torch.no_grad()
+def multi_calibrate(model: SlimmableNet, batches: Iterable[torch.Tensor], plan: MultiPlan | Sequence[ChannelConfig],
+                    *, tf32: bool | None = None) -> MultiBN:
+    """Recalibrated BN for every config of ``plan`` over ``batches`` (the search split's chunks).
+
+    Each batch runs in train-mode BN (normalized by its own statistics, as
+    ``recalibrate_bn`` runs it), and every (node, slice) keeps the cumulative average of
+    its batch means and unbiased variances: exactly PyTorch's ``momentum=None`` running
+    statistics. The supernet's own buffers are not touched.
+    """
+    sums: dict[str, list] = {}
+    n_batches = 0
+    for x in batches:
+        if isinstance(x, (tuple, list)):
+            x = x[0]
+        _require(model, x)
+        if n_batches == 0:
+            plan = _as_plan(model, plan, x.device)
+        stats: dict = {}
+        _multi_pass(model, x, plan, "batch", tf32, collect=stats)
+        for name, (mean, var, n) in stats.items():
+            unbiased = var.double() * (n / max(n - 1, 1))
+            acc = sums.setdefault(name, [torch.zeros_like(mean, dtype=torch.float64),
+                                         torch.zeros_like(var, dtype=torch.float64)])
+            acc[0] += mean.double()
+            acc[1] += unbiased
+        n_batches += 1
+    if n_batches == 0:
+        raise ValueError("multi_calibrate needs at least one batch")
+    scale, shift, means, variances = {}, {}, {}, {}
+    for name, (msum, vsum) in sums.items():
+        bn = model.layers[name].bn
+        mean, var = (msum / n_batches), (vsum / n_batches)
+        c = mean.shape[-1]
+        gamma = bn.weight.detach()[:c].double() if bn.weight is not None else torch.ones_like(mean)
+        beta = bn.bias.detach()[:c].double() if bn.bias is not None else torch.zeros_like(mean)
+        sc = gamma / torch.sqrt(var + bn.eps)
+        scale[name], shift[name] = sc.float().contiguous(), (beta - mean * sc).float().contiguous()
+        means[name], variances[name] = mean.float(), var.float()
+    return MultiBN(scale, shift, means, variances, n_batches)
