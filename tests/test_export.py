@@ -12,7 +12,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from hwslim.checkpoint import save_checkpoint
+from hwslim.checkpoint import load_checkpoint, save_checkpoint
 from hwslim.cli import main
 from hwslim.config import ChannelConfig
 from hwslim.errors import ConfigError, OutputExistsError
@@ -249,3 +249,27 @@ def test_tensorrt_engine_matches_pytorch(setup, tmp_path):
     res = export_model(ckpt, cfg_path, tmp_path / "m.engine", ExportOptions(format="tensorrt"))
     assert res.engine_error is not None and res.engine_error <= 2e-3
     assert np.isfinite(res.max_rel_error)
+
+
+def test_export_with_checkpoint_data_recalibrates_bn_and_checks_real_images(tmp_path):
+    from hwslim.data import search_split, synthetic_data_info
+    from hwslim.evaluate import batches
+    from hwslim.slimmable import recalibrate_bn
+
+    net = create_model("resnet20")
+    info = synthetic_data_info(num_train=200, num_search=64, input_size=32, num_val=40)
+    ckpt = save_checkpoint(tmp_path / "ck.pt", net, data=info)
+    cfg = net.uniform_config(6)
+    res = export_model(ckpt, cfg, tmp_path / "m.onnx", ExportOptions(check_images=16, calib_images=64))
+    assert res.check == "16 images of the checkpoint's validation split"
+    assert res.bn == "recalibrated at this config on 64 images of the checkpoint's search split"
+    assert res.max_rel_error <= 1e-4
+    # the deployed BN statistics are the config's own, as the search scored it
+    loaded = load_checkpoint(ckpt)
+    images, _ = search_split(loaded, max_images=64)
+    model = loaded.model
+    with torch.no_grad(), model.using(cfg):
+        recalibrate_bn(model, batches(images, 128))
+        model.eval()
+        ref = model(images[:4])
+    assert max_relative_error(_ort(res.path, images[:1]), ref[:1]) <= 1e-4
