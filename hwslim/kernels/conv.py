@@ -560,11 +560,12 @@ def conv_stats(x: torch.Tensor, weight: torch.Tensor, *, stride: int = 1, paddin
     t_max = triton.cdiv(call.batch * oh * ow, _min_block_m(call))
     part = torch.zeros((call.slices, t_max, 3, shape[1]), device=x.device, dtype=torch.float32)
     _launch(x, weight, None, None, None, out, meta, call, part)
-    cnt, tot, m2 = part.double().unbind(2)  # (S, T, C) each
-    count = cnt.sum(1)
-    mean = tot.sum(1) / count
-    tile_mean = tot / cnt.clamp_min(1.0)
-    var = (m2.sum(1) + (cnt * (tile_mean - mean[:, None]) ** 2).sum(1)) / count
+    # Chan's parallel combine: var = (sum M2_t + sum n_t (mean_t - mean)^2) / n, sums in fp64
+    cnt, tot, m2 = part.unbind(2)  # (S, T, C) each
+    count = cnt.sum(1, dtype=torch.float64)
+    mean = tot.sum(1, dtype=torch.float64) / count
+    dev = tot / cnt.clamp_min(1.0) - mean.float()[:, None]
+    var = (m2.sum(1, dtype=torch.float64) + (cnt * dev * dev).sum(1, dtype=torch.float64)) / count
     return out, mean.float(), var.float()
 
 
