@@ -1,13 +1,42 @@
 from __future__ import annotations
 
+import json
+
 from hwslim.cli import add_command
-from hwslim.errors import HwslimError
 
 
 def register(sub) -> None:
-    add_command(sub, "verify", run, run.__doc__)
+    p = add_command(sub, "verify", run, run.__doc__)
+    p.add_argument("models", nargs="+", metavar="MODEL", help="ONNX files written by `hwslim export`")
+    p.add_argument("--table", required=True, help="the latency table the configs were searched with")
+    p.add_argument("--budget-ms", type=float, help="the budget (default: the latency budget in each model's config)")
+    p.add_argument("--tolerance", type=float, default=0.03,
+                   help="the budget holds if measured <= budget * (1 + tolerance) (default 0.03)")
+    p.add_argument("--force", action="store_true", help="use a table measured on another setup")
+    p.add_argument("--json", action="store_true", help="print one JSON object per model")
 
 
 def run(args) -> int:
-    """Not built yet (issue 6)."""
-    raise HwslimError("'hwslim verify' is not built yet (issue 6)")
+    """Measure exported models on the table's backend: predicted vs measured latency vs budget.
+
+    The config comes from each model's metadata (written by `hwslim export`); the
+    prediction from it and the table; the measurement from the table's backend with
+    the table's protocol (threads, warm-up, repetitions), so the two are comparable.
+    Exit status: 0 if every budget holds, 1 if one does not, 2 on a usage error.
+
+    Example:
+      hwslim verify r20_2ms.onnx --table tables/r20_cpu.json
+    """
+    from hwslim.errors import ConfigError
+    from hwslim.verify import print_verify, verify_model
+
+    if args.tolerance < 0:
+        raise ConfigError(f"--tolerance must be >= 0, got {args.tolerance:g}")
+    results = [verify_model(m, args.table, budget_ms=args.budget_ms, tolerance=args.tolerance, force=args.force,
+                            progress=not args.json) for m in args.models]
+    if args.json:
+        for r in results:
+            print(json.dumps(r.as_dict(), sort_keys=True))
+    else:
+        print_verify(results)
+    return 0 if all(r.ok for r in results) else 1

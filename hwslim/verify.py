@@ -1,0 +1,168 @@
+"""Does an exported model meet its budget on the device? Measure it and compare.
+
+:func:`verify_model` takes an ONNX file written by ``hwslim export`` and the latency
+table the config was searched with. It reads the channel config from the file's
+metadata, predicts the latency with the table (the same prediction the search used),
+measures the file end to end on the table's backend with the table's protocol
+(device, threads, precision, warm-up and repetitions: the profiler is rebuilt from
+the table's own settings, so the measurement is comparable to the table), and
+compares both with the budget::
+
+    >>> r = verify_model("r20_2ms.onnx", "tables/r20_cpu.json")     # doctest: +SKIP
+    >>> r.ok, r.predicted_ms, r.measured_ms, r.budget_ms            # doctest: +SKIP
+    (True, 1.93, 1.97, 2.0)
+
+The budget is ``budget_ms`` when given, else the latency budget the search recorded
+in the config (``meta["budget"]``). It *holds* when the measured median is at most
+``budget * (1 + tolerance)``; the default tolerance (3%) absorbs run-to-run noise of
+a shared machine. With no latency budget anywhere, the result only reports.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from hwslim.config import ChannelConfig
+from hwslim.errors import ConfigError, TableError
+
+DEFAULT_TOLERANCE = 0.03
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    """Predicted vs measured latency of one exported model, and its budget."""
+
+    model: Path
+    table: Path
+    config: ChannelConfig
+    backend: str
+    batch: int
+    predicted_ms: float
+    measured_ms: float  # median
+    iqr_ms: float
+    p90_ms: float
+    n: int
+    noisy: bool
+    budget_ms: float | None
+    tolerance: float
+
+    @property
+    def ok(self) -> bool:
+        """The budget holds (or there is none)."""
+        return self.budget_ms is None or self.measured_ms <= self.budget_ms * (1 + self.tolerance)
+
+    @property
+    def prediction_error(self) -> float:
+        """(predicted - measured) / measured."""
+        return (self.predicted_ms - self.measured_ms) / self.measured_ms
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "model": str(self.model), "table": str(self.table), "backend": self.backend, "batch": self.batch,
+            "predicted_ms": self.predicted_ms, "measured_ms": self.measured_ms, "iqr_ms": self.iqr_ms,
+            "p90_ms": self.p90_ms, "n": self.n, "noisy": self.noisy, "budget_ms": self.budget_ms,
+            "tolerance": self.tolerance, "within_budget": self.ok,
+            "prediction_error_pct": 100 * self.prediction_error,
+        }
+
+
+def budget_from_config(config: ChannelConfig) -> float | None:
+    """The latency budget (ms) a search recorded in the config's meta, if any."""
+    b = config.meta.get("budget")
+    if isinstance(b, dict) and b.get("kind") == "latency_ms":
+        return float(b["value"])
+    return None
+
+
+def resolve_model(path: str | os.PathLike) -> tuple[Path, dict[str, str]]:
+    """The ONNX file to measure and its hwslim metadata.
+
+    ``path`` is an ONNX file from ``hwslim export``, or a TensorRT engine whose JSON
+    provenance file (``ENGINE.json``) names the ONNX it was built from.
+    """
+    from hwslim.export import onnx_metadata
+
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"model file {path} not found")
+    if path.suffix != ".onnx":
+        sidecar = path.with_name(path.name + ".json")
+        if not sidecar.is_file():
+            raise ConfigError(f"{path} is not an ONNX file and has no {sidecar.name} naming its ONNX source; "
+                              "give the .onnx file `hwslim export` wrote")
+        path = Path(json.loads(sidecar.read_text())["onnx"])
+    return path, onnx_metadata(path)
+
+
+def profiler_for_table(table):
+    """A profiler measuring with the table's backend and protocol (its recorded settings)."""
+    from profilers.base import Profiler
+
+    return Profiler.from_table(table)
+
+
+def verify_model(model: str | os.PathLike, table: str | os.PathLike | Any, *, budget_ms: float | None = None,
+                 tolerance: float = DEFAULT_TOLERANCE, force: bool = False, progress: bool = False) -> VerifyResult:
+    """Predict (config from the model's metadata + table), measure on the table's backend, compare."""
+    import torch
+
+    from hwslim.export import config_from_metadata
+    from hwslim.latency import LatencyTable
+    from hwslim.models import create_model
+
+    onnx_path, meta = resolve_model(model)
+    config = config_from_metadata(meta, str(onnx_path))
+    tbl = table if not isinstance(table, (str, os.PathLike)) else LatencyTable.load(table)
+    table_path = Path(getattr(tbl, "path", None) or (table if isinstance(table, (str, os.PathLike)) else "<table>"))
+    batch = int(meta.get("batch", 1))
+    with torch.device("meta"):  # shapes only: no weights needed to predict
+        net = create_model(config.model, width_mult=config.width_mult)
+    net.validate(config)
+    tbl.check_compatible(net, batch=batch, input_size=config.input_size, force=force)
+    predicted = float(tbl.predict_ms(net.layer_specs(config, batch=batch, input_size=config.input_size)))
+    if budget_ms is None:
+        budget_ms = budget_from_config(config)
+    if budget_ms is not None and budget_ms <= 0:
+        raise ConfigError(f"--budget-ms must be positive, got {budget_ms:g}")
+    profiler = profiler_for_table(tbl)
+    if progress:
+        print(f"measuring {onnx_path} with {getattr(profiler, 'name', type(profiler).__name__)} ...", flush=True)
+    shape = (batch, net.in_channels, config.input_size, config.input_size)
+    t = profiler.time_onnx(str(onnx_path), shape)
+    backend = str(tbl.meta.get("backend", "?"))
+    if t.median_ms <= 0:
+        raise TableError(f"the {backend} profiler returned a non-positive time for {onnx_path}")
+    return VerifyResult(onnx_path, table_path, config, backend, batch, predicted, float(t.median_ms),
+                        float(t.iqr_ms), float(t.p90_ms), int(t.n), bool(t.noisy), budget_ms, tolerance)
+
+
+def verify_rows(results: Sequence[VerifyResult]) -> list[dict[str, Any]]:
+    rows = []
+    for r in results:
+        rows.append({
+            "model": r.model.name,
+            "budget_ms": "-" if r.budget_ms is None else r.budget_ms,
+            "predicted_ms": r.predicted_ms,
+            "measured_ms": r.measured_ms,
+            "iqr_ms": r.iqr_ms,
+            "pred_err_%": 100 * r.prediction_error,
+            "verdict": "no budget" if r.budget_ms is None else ("OK" if r.ok else "OVER"),
+        })
+    return rows
+
+
+def print_verify(results: Sequence[VerifyResult], file=None) -> None:
+    """Print predicted vs measured vs budget as a table."""
+    from hwslim.cli import print_table
+
+    print_table(verify_rows(results), file=file)
+    for r in results:
+        if r.noisy:
+            print(f"note: {r.model.name}: the measurement was noisy (IQR {r.iqr_ms:.3g} ms); "
+                  "re-run on a quieter machine", file=file)
+        if r.budget_ms is not None and not r.ok:
+            print(f"{r.model.name}: measured {r.measured_ms:.3f} ms exceeds the budget {r.budget_ms:g} ms "
+                  f"(+{100 * r.tolerance:g}% tolerance)", file=file)
