@@ -1,13 +1,94 @@
 from __future__ import annotations
 
-from hwslim.cli import add_command
+import json
+
+from hwslim.cli import add_command, print_table
 from hwslim.errors import HwslimError
+from hwslim.search import CRITERIA, DEFAULT_CRITERION, Budget, greedy_search
 
 
 def register(sub) -> None:
-    add_command(sub, "search", run, run.__doc__)
+    p = add_command(sub, "search", run, run.__doc__)
+    p.add_argument("--checkpoint", required=True, help="a supernet checkpoint written by `hwslim train`")
+    p.add_argument("--latency-ms", type=float, nargs="+", default=[], metavar="MS",
+                   help="latency budgets in ms, predicted by a latency table")
+    p.add_argument("--memory-mb", type=float, nargs="+", default=[], metavar="MB",
+                   help="peak activation memory budgets in MB (10^6 bytes)")
+    p.add_argument("--params-m", type=float, nargs="+", default=[], metavar="M", help="parameter budgets in millions")
+    p.add_argument("--macs-m", type=float, nargs="+", default=[], metavar="M", help="MAC budgets in millions")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--table", help="latency table (from `hwslim profile`)")
+    g.add_argument("--device", choices=["cpu", "cuda"],
+                   help="find this machine's table for the checkpoint's model under latency_tables/")
+    p.add_argument("--criterion", choices=CRITERIA, default=DEFAULT_CRITERION,
+                   help=f"acc: smallest accuracy drop (AutoSlim); acc-per-cost: smallest drop per cost saved "
+                        f"(NetAdapt). Default {DEFAULT_CRITERION}")
+    p.add_argument("--out", default="search_out", help="output directory (default: search_out)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted search in --out")
+    p.add_argument("--force", action="store_true", help="start over even if --out holds a search; "
+                                                        "use a table measured on another setup")
+    p.add_argument("--batch", type=int, default=1, help="inference batch the budgets refer to (default 1)")
+    p.add_argument("--bn", choices=["recal", "batch"], default="recal",
+                   help="BatchNorm statistics for scoring: recalibrated per config (default) or per-batch")
+    p.add_argument("--evaluator", choices=["fast", "reference"], default="fast",
+                   help="fast shares each step's common computation; reference runs every candidate in full")
+    p.add_argument("--max-images", type=int, help="use at most this many search-split images")
+    p.add_argument("--eval-device", default=None, help="where to run the search's evaluations "
+                                                        "(default: cuda if available, else cpu)")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the chosen configs as JSON")
 
 
 def run(args) -> int:
-    """Not built yet (issue 5)."""
-    raise HwslimError("'hwslim search' is not built yet (issue 5)")
+    """Greedy-slim a trained supernet under latency, memory, parameter or MAC budgets.
+
+    One pass walks from the full config, each step narrowing the unit whose shrink
+    hurts search-split accuracy least, until every budget holds; each budget gets the
+    first config on the path that meets it. Writes to --out one ChannelConfig JSON per
+    budget, path.csv (the whole walk), search.png (accuracy against cost, with the
+    uniform-width configs) and search_state.json (for --resume).
+
+    Example: hwslim search --checkpoint runs/sn/last.pt --latency-ms 20 15 10 --device cpu
+    """
+    import torch
+
+    from hwslim.checkpoint import load_checkpoint
+
+    budgets = [Budget(kind, v) for kind, values in (("latency_ms", args.latency_ms), ("memory_mb", args.memory_mb),
+                                                    ("params_m", args.params_m), ("macs_m", args.macs_m))
+               for v in values]
+    if not budgets:
+        raise HwslimError("give at least one budget: --latency-ms, --memory-mb, --params-m or --macs-m")
+    eval_device = args.eval_device or ("cuda" if torch.cuda.is_available() else "cpu")
+    ckpt = load_checkpoint(args.checkpoint)
+    table = None
+    if any(b.kind == "latency_ms" for b in budgets):
+        from hwslim.latency import LatencyTable, find_table
+
+        if args.table:
+            table = LatencyTable.load(args.table)
+        elif args.device:
+            m = ckpt.model
+            table = LatencyTable.load(find_table(args.device, m.name, m.width_mult, batch=args.batch,
+                                                 input_size=m.input_size))
+        else:
+            raise HwslimError("a --latency-ms budget needs --table PATH or --device cpu|cuda")
+        table.check_compatible(ckpt.model, batch=args.batch, force=args.force)
+    result = greedy_search(ckpt, budgets, table=table, criterion=args.criterion, out_dir=args.out,
+                           resume=args.resume, force=args.force, device=eval_device, evaluator=args.evaluator,
+                           bn=args.bn, max_images=args.max_images, batch=args.batch,
+                           progress=not args.no_progress)
+    if args.json:
+        print(json.dumps([c.to_dict() for c in result.configs], indent=2, sort_keys=True))
+        return 0
+    rows = []
+    for b, c in zip(budgets, result.configs):
+        m = c.meta
+        row = {"budget": b.label, "step": m["search_step"], "search_acc": m["search_acc"]}
+        if "latency_ms" in m:
+            row["latency_ms"] = m["latency_ms"]
+        row.update(memory_mb=m["memory_mb"], params_m=m["params_m"], macs_m=m["macs_m"],
+                   file=f"{args.out}/config_{b.kind}_{b.value:g}.json")
+        rows.append(row)
+    print_table(rows)
+    return 0

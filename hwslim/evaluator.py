@@ -1,0 +1,175 @@
+"""Scoring channel configs on the search split, fast.
+
+Every greedy step scores one candidate per unit: the current config with that unit
+one grid step narrower. A candidate that narrows unit ``u`` to ``w`` channels computes
+exactly what the current config computes up to the first node that *mixes* ``u``'s
+channels (a conv or linear layer reading ``u``); before that, every tensor of unit
+``u`` is the current one cut to its first ``w`` channels, because conv outputs,
+BatchNorm (its statistics are per channel), activations, depthwise convs, residual
+adds and pooling all act channel by channel. So :class:`StepEvaluator`
+(``mode="fast"``) advances one cached prefix of the current config in node order,
+slices it for each candidate and runs only the rest. Sharing the prefix's BatchNorm
+statistics is exact for the same reason. ``mode="reference"`` runs a plain full
+forward pass per candidate; both give the same scores up to float rounding (a sliced
+conv output against a narrower conv).
+
+BatchNorm (``bn=``):
+
+* ``"recal"``: reset the statistics, accumulate an exact average over the split's
+  chunks in train mode, then score in eval mode (two passes);
+* ``"batch"``: score in train-mode BN, each fixed chunk normalized by its own batch
+  statistics (one pass; chunks are fixed, so scores are deterministic).
+
+The supernet's own running statistics are restored after every call.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hwslim.config import ChannelConfig
+from hwslim.evaluate import preserved_bn_stats
+from hwslim.graph import INPUT, run_graph
+from hwslim.supernet import SlimmableNet
+
+BN_MODES = ("recal", "batch")
+EVAL_MODES = ("fast", "reference")
+
+
+@dataclass(frozen=True)
+class Score:
+    """Search-split accuracy (0..1) and mean cross-entropy (a tie-breaker)."""
+
+    acc: float
+    loss: float
+
+
+class StepEvaluator:
+    """Scores configs of ``model`` on fixed ``images``/``labels`` (held in memory on their device)."""
+
+    def __init__(self, model: SlimmableNet, images: torch.Tensor, labels: torch.Tensor, *, bn: str = "recal",
+                 mode: str = "fast", batch_size: int = 250) -> None:
+        if bn not in BN_MODES:
+            raise ValueError(f"bn must be one of {BN_MODES}, got {bn!r}")
+        if mode not in EVAL_MODES:
+            raise ValueError(f"mode must be one of {EVAL_MODES}, got {mode!r}")
+        self.model, self.bn, self.mode = model, bn, mode
+        self.chunks = [images[i:i + batch_size] for i in range(0, len(images), batch_size)]
+        self.label_chunks = [labels[i:i + batch_size] for i in range(0, len(labels), batch_size)]
+        self.n = len(labels)
+        nodes = model.nodes
+        self._start = {u: mixing_start(model, u) for u in model.units}
+        self._unit_of = tensor_units(model)
+        self._bn_at = {i: model.layers[n.name].bn for i, n in enumerate(nodes) if n.op == "conv"}
+        self._free_after = model._free_after
+        self.forward_nodes = 0  # nodes executed per image, summed: a measure of work done
+
+    # -- helpers ----------------------------------------------------------------------------
+    def _set_modes(self, bn_train: bool) -> None:
+        self.model.eval()
+        if bn_train:
+            for m in self._bn_at.values():
+                m.train()
+
+    def _reset_bn(self, start: int, stop: int) -> None:
+        for i in range(start, stop):
+            m = self._bn_at.get(i)
+            if m is not None:
+                m.reset_running_stats()
+                m.momentum = None
+
+    def _run(self, env: dict, start: int = 0, stop: int | None = None):
+        """Run nodes[start:stop] from the live tensors ``env``: logits, or the env at ``stop``."""
+        model = self.model
+        self.forward_nodes += (len(model.nodes) if stop is None else stop) - start
+        return run_graph(model.nodes, model._layer, None, start=start, env=env, stop=stop,
+                         free_after=self._free_after)
+
+    def _score_logits(self, logits: Sequence[torch.Tensor]) -> Score:
+        correct, loss = 0, 0.0
+        for out, y in zip(logits, self.label_chunks):
+            correct += int((out.argmax(1) == y).sum())
+            loss += float(F.cross_entropy(out.float(), y, reduction="sum"))
+        return Score(correct / self.n, loss / self.n)
+
+    def _suffix_score(self, start: int, train_envs: list, eval_envs: list) -> Score:
+        """Score the model's current config from node ``start`` on, given the inputs there."""
+        if self.bn == "batch":
+            self._set_modes(bn_train=True)
+            return self._score_logits([self._run(env, start) for env in train_envs])
+        self._reset_bn(start, len(self.model.nodes))
+        self._set_modes(bn_train=True)
+        for env in train_envs:
+            self._run(env, start)
+        self._set_modes(bn_train=False)
+        return self._score_logits([self._run(env, start) for env in eval_envs])
+
+    def _narrow(self, envs: list, unit: str, width: int) -> list:
+        return [{name: t[:, :width] if self._unit_of.get(name) == unit else t for name, t in env.items()}
+                for env in envs]
+
+    # -- public -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def score(self, config: ChannelConfig) -> Score:
+        """Score one config with a full pass."""
+        model = self.model
+        with model.using(config), preserved_bn_stats(model):
+            envs = [{INPUT: x} for x in self.chunks]
+            return self._suffix_score(0, envs, envs)
+
+    @torch.no_grad()
+    def score_candidates(self, current: ChannelConfig, candidates: Sequence[tuple[str, ChannelConfig]]) -> list[Score]:
+        """Scores of ``candidates`` (unit changed, config), each differing from ``current`` in that unit."""
+        if self.mode == "reference":
+            return [self.score(cfg) for _, cfg in candidates]
+        model = self.model
+        was_training = model.training
+        order = sorted(range(len(candidates)), key=lambda k: self._start[candidates[k][0]])
+        scores: list[Score | None] = [None] * len(candidates)
+        with preserved_bn_stats(model):
+            train_envs = [{INPUT: x} for x in self.chunks]
+            eval_envs = train_envs
+            pos = 0
+            for k in order:
+                unit, cfg = candidates[k]
+                start = self._start[unit]
+                if start > pos:  # advance the shared prefix of the current config to `start`
+                    with model.using(current):
+                        self._set_modes(bn_train=True)
+                        if self.bn == "recal":
+                            self._reset_bn(pos, start)
+                        train_envs = [self._run(env, pos, start) for env in train_envs]
+                        if self.bn == "recal":
+                            self._set_modes(bn_train=False)
+                            eval_envs = [self._run(env, pos, start) for env in eval_envs]
+                        else:
+                            eval_envs = train_envs
+                    pos = start
+                width = cfg.widths[unit]
+                with model.using(cfg):
+                    scores[k] = self._suffix_score(start, self._narrow(train_envs, unit, width),
+                                                   self._narrow(eval_envs, unit, width))
+        model.train(was_training)
+        return scores  # type: ignore[return-value]
+
+
+def mixing_start(model: SlimmableNet, unit: str) -> int:
+    """Index of the first node whose outputs mix the channels of ``unit`` (conv or linear reading it)."""
+    for i, n in enumerate(model.nodes):
+        if n.cin == unit and n.op in ("conv", "linear") and not n.depthwise:
+            return i
+    raise ValueError(f"no node reads unit {unit!r}")
+
+
+def tensor_units(model: SlimmableNet) -> dict[str, str]:
+    """The unit of each node output's channels (fixed-width outputs are left out)."""
+    out = {}
+    for n in model.nodes:
+        c = n.cout if n.op in ("conv", "linear") and not n.depthwise else n.cin
+        if isinstance(c, str):
+            out[n.name] = c
+    return out

@@ -1,0 +1,310 @@
+"""Hardware-aware greedy slimming (AutoSlim, with real costs).
+
+Start at the full config. Each step, every unit that can shrink proposes one grid step
+narrower; each proposal is scored on the checkpoint's held-out search split (BN
+recalibrated, :mod:`hwslim.evaluator`) and costed (latency from a table, peak
+activation memory, parameters, MACs: :func:`config_costs`). The step keeps the best
+proposal by the criterion, and the walk continues until every budget holds. One walk
+yields a config for every budget in a list: the first config on the path that meets it.
+
+Criteria:
+
+* ``acc``: the smallest accuracy drop (AutoSlim's rule);
+* ``acc-per-cost``: the smallest accuracy drop per unit of cost saved on the budget that
+  binds now, the unmet budget with the largest cost/limit ratio (NetAdapt's rule).
+
+Either way only proposals that lower the binding cost are considered (with a latency
+table a narrower layer is not always faster). Ties go to the lower search loss, then
+the larger saving.
+
+:func:`slim` is the pure driver (a scorer and a cost function in, the path out);
+:func:`greedy_search` loads the checkpoint's data, runs it with resume, and writes
+the outputs.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+from hwslim.config import ChannelConfig, atomic_write_text
+from hwslim.costs import model_costs
+from hwslim.errors import BudgetError, HwslimError, OutputExistsError
+from hwslim.evaluator import Score, StepEvaluator
+from hwslim.supernet import SlimmableNet
+
+BUDGET_KINDS = {  # kind -> (unit shown, cost key)
+    "latency_ms": "ms",
+    "memory_mb": "MB (10^6 bytes of peak activations)",
+    "params_m": "million parameters",
+    "macs_m": "million MACs",
+}
+CRITERIA = ("acc", "acc-per-cost")
+DEFAULT_CRITERION = "acc"
+
+
+@dataclass(frozen=True)
+class Budget:
+    kind: str
+    value: float
+
+    def __post_init__(self) -> None:
+        if self.kind not in BUDGET_KINDS:
+            raise HwslimError(f"unknown budget kind {self.kind!r}; expected one of {', '.join(BUDGET_KINDS)}")
+        if not (self.value > 0 and math.isfinite(self.value)):
+            raise BudgetError(f"{self.kind} budget must be a positive number, got {self.value}")
+
+    @property
+    def label(self) -> str:
+        return f"{self.kind}={self.value:g}"
+
+    def met(self, costs: Mapping[str, float]) -> bool:
+        return costs[self.kind] <= self.value
+
+
+def config_costs(model: SlimmableNet, config: ChannelConfig, table=None, batch: int = 1) -> dict[str, float]:
+    """Every cost the search knows for ``config``: budget keys plus the raw counts."""
+    c = model_costs(model, config, batch=batch)
+    out = {"memory_mb": c.peak_activation_bytes / 1e6, "params_m": c.params / 1e6, "macs_m": c.macs / 1e6,
+           "peak_activation_bytes": c.peak_activation_bytes, "params": c.params, "macs": c.macs}
+    if table is not None:
+        out["latency_ms"] = table.predict_ms(model.layer_specs(config, batch=batch))
+    return out
+
+
+@dataclass
+class Step:
+    """One point of the greedy path: the config after ``unit`` went from ``old`` to ``new``."""
+
+    step: int
+    unit: str | None
+    old: int | None
+    new: int | None
+    acc: float
+    loss: float
+    costs: dict[str, float]
+    binding: str | None = None
+    widths: dict[str, int] = field(default_factory=dict)
+
+    def row(self) -> dict:
+        return {"step": self.step, "unit": self.unit or "", "old": self.old, "new": self.new, "acc": self.acc,
+                "loss": self.loss, "binding": self.binding or "", **self.costs}
+
+
+def _binding(budgets: Sequence[Budget], costs: Mapping[str, float]) -> Budget | None:
+    unmet = [b for b in budgets if not b.met(costs)]
+    return max(unmet, key=lambda b: costs[b.kind] / b.value) if unmet else None
+
+
+def slim(model: SlimmableNet, score_candidates: Callable[[ChannelConfig, list[tuple[str, ChannelConfig]]], list[Score]],
+         score: Callable[[ChannelConfig], Score], cost_fn: Callable[[ChannelConfig], dict[str, float]],
+         budgets: Sequence[Budget], *, criterion: str = DEFAULT_CRITERION, replay: Sequence[Step] = (),
+         on_step: Callable[[Step], None] | None = None) -> list[Step]:
+    """The greedy walk. ``replay`` (a saved path prefix) is trusted and continued from."""
+    if criterion not in CRITERIA:
+        raise HwslimError(f"unknown criterion {criterion!r}; expected one of {', '.join(CRITERIA)}")
+    if replay:
+        path = list(replay)
+        config = model.config_of(path[-1].widths)
+    else:
+        config = model.full_config()
+        s = score(config)
+        path = [Step(0, None, None, None, s.acc, s.loss, cost_fn(config), widths=dict(config.widths))]
+        if on_step:
+            on_step(path[0])
+    while True:
+        current = path[-1]
+        binding = _binding(budgets, current.costs)
+        if binding is None:
+            return path
+        candidates = []
+        for u, unit in model.units.items():
+            narrower = unit.narrower(config.widths[u])
+            if narrower is not None:
+                candidates.append((u, config.replace(**{u: narrower})))
+        costs = [cost_fn(c) for _, c in candidates]
+        # only proposals that lower the binding cost can lead to the budget
+        keep = [i for i, c in enumerate(costs) if c[binding.kind] < current.costs[binding.kind]]
+        if not keep:
+            raise BudgetError(f"the {binding.label} budget cannot be reached from here: no unit can shrink further "
+                              f"and lower {binding.kind} below {current.costs[binding.kind]:.4g}")
+        scores = score_candidates(config, [candidates[i] for i in keep])
+
+        def key(j: int) -> tuple:
+            i = keep[j]
+            drop = current.acc - scores[j].acc
+            saved = current.costs[binding.kind] - costs[i][binding.kind]
+            primary = drop if criterion == "acc" else drop / saved
+            return (primary, scores[j].loss, -saved, i)
+
+        j = min(range(len(keep)), key=key)
+        i = keep[j]
+        unit_name, config = candidates[i]
+        step = Step(len(path), unit_name, current.widths[unit_name], config.widths[unit_name], scores[j].acc,
+                    scores[j].loss, costs[i], binding.label, dict(config.widths))
+        path.append(step)
+        if on_step:
+            on_step(step)
+
+
+def check_feasible(model: SlimmableNet, budgets: Sequence[Budget], cost_fn) -> dict[str, float]:
+    """Refuse budgets below what the narrowest config achieves; returns the narrowest config's costs."""
+    floor = cost_fn(model.min_config())
+    for b in budgets:
+        if b.kind not in floor:
+            raise HwslimError(f"a {b.kind} budget needs a latency table: pass --table PATH or --device")
+        if not b.met(floor):
+            raise BudgetError(f"no config can meet {b.label}: the smallest achievable {b.kind} on this "
+                              f"supernet's grid is {floor[b.kind]:.4g} (the narrowest config); raise the budget")
+    return floor
+
+
+def pick_configs(model: SlimmableNet, path: Sequence[Step], budgets: Sequence[Budget]) -> list[ChannelConfig]:
+    """For each budget, the first config on the path that meets it, with its costs and accuracy in meta."""
+    out = []
+    for b in budgets:
+        step = next(s for s in path if b.met(s.costs))
+        out.append(model.config_of(step.widths, budget={"kind": b.kind, "value": b.value}, search_step=step.step,
+                                   search_acc=step.acc, **{k: v for k, v in step.costs.items()}))
+    return out
+
+
+# -- I/O layer ------------------------------------------------------------------------------------
+@dataclass
+class SearchResult:
+    configs: list[ChannelConfig]
+    path: "object"  # pandas.DataFrame
+    steps: list[Step]
+    out_dir: Path | None = None
+    uniform: list[dict] = field(default_factory=list)
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def greedy_search(checkpoint, budgets: Sequence[Budget], *, table=None, criterion: str = DEFAULT_CRITERION,
+                  out_dir: str | Path | None = None, resume: bool = False, force: bool = False,
+                  device: str = "cpu", evaluator: str = "fast", bn: str = "recal", batch_size: int = 250,
+                  max_images: int | None = None, batch: int = 1, progress: bool = True,
+                  plot: bool = True, images=None, labels=None) -> SearchResult:
+    """Search ``checkpoint``'s supernet for every budget; see the module docstring.
+
+    ``out_dir`` receives one ChannelConfig JSON per budget, ``path.csv`` (the whole
+    walk), ``search_state.json`` (for ``resume``) and ``search.png``. The search split
+    comes from the checkpoint (``hwslim.data.search_split``) unless ``images``/``labels``
+    are given.
+    """
+    import pandas as pd
+
+    from hwslim import distributed_search as dist
+
+    budgets = list(budgets)
+    if not budgets:
+        raise HwslimError("give at least one budget (--latency-ms, --memory-mb, --params-m or --macs-m)")
+    model: SlimmableNet = checkpoint.model.to(device)
+    if table is not None:
+        table.check_compatible(model, batch=batch)
+    cost_fn = lambda cfg: config_costs(model, cfg, table, batch)  # noqa: E731
+    check_feasible(model, budgets, cost_fn)
+    out = Path(out_dir) if out_dir is not None else None
+    settings = {
+        "checkpoint": str(getattr(checkpoint, "path", "") or ""),
+        "checkpoint_sha256": _file_digest(checkpoint.path) if getattr(checkpoint, "path", None) else "",
+        "budgets": [asdict(b) for b in budgets], "criterion": criterion, "bn": bn, "batch": batch,
+        "batch_size": batch_size, "max_images": max_images,
+        "table": str(table.path) if table is not None and getattr(table, "path", None) else None,
+    }
+    replay: list[Step] = []
+    state_file = out / "search_state.json" if out is not None else None
+    if state_file is not None and state_file.exists():
+        if resume:
+            state = json.loads(state_file.read_text())
+            if state.get("settings") != settings:
+                raise HwslimError(f"{state_file} was written by a search with other settings; "
+                                  "start a new --out directory or repeat the original command")
+            replay = [Step(**s) for s in state["steps"]]
+        elif not force:
+            raise OutputExistsError(f"{out} already holds a search; pass --resume to continue it "
+                                    "or --force to start over")
+    if images is None:
+        from hwslim.data import search_split
+
+        images, labels = search_split(checkpoint, device=device, max_images=max_images)
+    ev = StepEvaluator(model, images.to(device), labels.to(device), bn=bn, mode=evaluator, batch_size=batch_size)
+    score_candidates = dist.sharded(ev.score_candidates)
+    is_writer = dist.is_writer()
+
+    bar = None
+    if progress and is_writer:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(desc="greedy search", unit="step", initial=len(replay))
+
+    steps: list[Step] = list(replay)
+
+    def on_step(step: Step) -> None:
+        steps.append(step)
+        if state_file is not None and is_writer:
+            atomic_write_text(state_file, json.dumps({"settings": settings, "steps": [asdict(s) for s in steps]},
+                                                     sort_keys=True))
+        if bar is not None:
+            shown = {k: round(step.costs[k], 3) for k in ("latency_ms", "memory_mb", "params_m", "macs_m")
+                     if k in step.costs}
+            bar.set_postfix(acc=f"{step.acc:.3f}", **shown)
+            bar.update(1)
+
+    try:
+        path = slim(model, score_candidates, ev.score, cost_fn, budgets, criterion=criterion, replay=replay,
+                    on_step=on_step)
+    finally:
+        if bar is not None:
+            bar.close()
+    configs = pick_configs(model, path, budgets)
+    frame = pd.DataFrame([s.row() for s in path])
+    result = SearchResult(configs, frame, path, out)
+    if out is not None and is_writer:
+        provenance = {"produced_by": "hwslim search", "checkpoint": settings["checkpoint"],
+                      "checkpoint_sha256": settings["checkpoint_sha256"], "table": settings["table"],
+                      "criterion": criterion, "bn": bn}
+        for b, cfg in zip(budgets, configs):
+            cfg.with_meta(**provenance).save(out / f"config_{b.kind}_{b.value:g}.json", force=True)
+        frame.to_csv(out / "path.csv", index=False)
+        if plot:
+            result.uniform = [{"step": s, "acc": (sc := ev.score(u)).acc, "loss": sc.loss, **cost_fn(u)}
+                              for s, u in enumerate(model.uniform_configs(), start=1)]
+            pd.DataFrame(result.uniform).to_csv(out / "uniform.csv", index=False)
+            plot_path(frame, pd.DataFrame(result.uniform), budgets, out / "search.png")
+    return result
+
+
+def plot_path(path, uniform, budgets: Sequence[Budget], png: Path) -> Path:
+    """Accuracy against the first budget's cost along the path, with uniform-width configs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kind = budgets[0].kind
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    ax.plot(path[kind], 100 * path["acc"], "-", lw=1.2, label="greedy path")
+    if uniform is not None and len(uniform):
+        ax.plot(uniform[kind], 100 * uniform["acc"], "s--", ms=4, label="uniform width")
+    for b in budgets:
+        if b.kind == kind:
+            ax.axvline(b.value, color="grey", ls=":", lw=1)
+    ax.set_xlabel(f"{kind} ({BUDGET_KINDS[kind]})")
+    ax.set_ylabel("search-split accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+    return png
