@@ -1,0 +1,5 @@
+import sys
+
+from hwslim.cli import main
+
+sys.exit(main())

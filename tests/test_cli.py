@@ -1,0 +1,34 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from hwslim.cli import main
+
+
+@pytest.mark.parametrize("model,params,macs", [
+    ("mobilenet_v2", 3_504_872, 300_774_272),
+    ("resnet50", 25_557_032, 4_089_184_256),
+    ("mnasnet1_0", 4_383_312, 314_415_872),
+])
+def test_cost_json(model, params, macs, capsys):
+    assert main(["cost", "--model", model, "--width-mult", "1.0", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["params"] == params and out["macs"] == macs and out["peak_activation_bytes"] > 0
+
+
+def test_console_script_user_error_exits_2_with_one_line():
+    r = subprocess.run([sys.executable, "-m", "hwslim", "cost", "--model", "nope"], capture_output=True,
+                       text=True)
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0 and "unknown model 'nope'" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_models_lists_the_zoo(capsys):
+    assert main(["models", "--json"]) == 0
+    rows = {r["model"]: r for r in json.loads(capsys.readouterr().out)}
+    assert {"mobilenet_v1", "mobilenet_v2", "mnasnet", "resnet50", "resnet20", "resnet56",
+            "mobilenet_v2_cifar"} <= set(rows)
+    assert rows["mobilenet_v2"]["width_mult"] == 1.5
