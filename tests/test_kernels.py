@@ -179,6 +179,11 @@ def test_bad_widths_and_inputs_raise():
         K.conv_bn_act(x, w, sc.double(), sh.double())
     with pytest.raises(TypeError, match="dtype"):
         K.conv_bn_act(x.double(), w, sc, sh)
+    meta = torch.tensor([[8, 8, 0, 0, 0]], dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match="width_align"):
+        K.conv_bn_act_multi(x, w, sc, sh, meta, batch=1, cout_alloc=8, width_align=3)
+    with pytest.raises(ValueError, match="width_align"):
+        K.conv_bn_act_multi(x, w, sc, sh, meta, batch=1, cout_alloc=6, width_align=4)
 
 
 # -- the runner --------------------------------------------------------------------------------

@@ -110,7 +110,7 @@ def _conv_kernel(
     M_KEY, N_KEY, K_KEY,  # autotune keys (bucketed sizes), unused in the body
     KSIZE: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr, ACT: tl.constexpr,
     HAS_RES: tl.constexpr, MULTI: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
-    STATS: tl.constexpr, BN_SLICE: tl.constexpr,
+    STATS: tl.constexpr, BN_SLICE: tl.constexpr, VEC: tl.constexpr, W_ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -130,6 +130,17 @@ def _conv_kernel(
         xs = 0
         rs = 0
         bn_row = 0
+
+    # Hints (see _launch): the n/h/w strides arrive divided by VEC, and every active
+    # width is a multiple of W_ALIGN, so channel rows load as 16-byte vectors and the
+    # channel masks are uniform per vector (cp.async pipelining stays possible).
+    sxn, sxh, sxw = sxn * VEC, sxh * VEC, sxw * VEC
+    srn, srh, srw = srn * VEC, srh * VEC, srw * VEC
+    syn, syh, syw = syn * VEC, syh * VEC, syw * VEC
+    if W_ALIGN > 1:
+        cin = (cin // W_ALIGN) * W_ALIGN  # the host guarantees it: no value change
+        cout = (cout // W_ALIGN) * W_ALIGN
+        C_OUT_ALLOC = (C_OUT_ALLOC // W_ALIGN) * W_ALIGN
 
     M = B * OH * OW
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -181,7 +192,7 @@ def _dw_kernel(
     M_KEY, N_KEY, K_KEY,
     KSIZE: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr, ACT: tl.constexpr,
     HAS_RES: tl.constexpr, MULTI: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
-    STATS: tl.constexpr, BN_SLICE: tl.constexpr,
+    STATS: tl.constexpr, BN_SLICE: tl.constexpr, VEC: tl.constexpr, W_ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Depthwise: channel c reads input channel c only; BLOCK_M pixels x BLOCK_N channels."""
@@ -200,6 +211,13 @@ def _dw_kernel(
         xs = 0
         rs = 0
         bn_row = 0
+
+    sxn, sxh, sxw = sxn * VEC, sxh * VEC, sxw * VEC  # hints, as in _conv_kernel
+    srn, srh, srw = srn * VEC, srh * VEC, srw * VEC
+    syn, syh, syw = syn * VEC, syh * VEC, syw * VEC
+    if W_ALIGN > 1:
+        c = (c // W_ALIGN) * W_ALIGN  # a divisibility hint the compiler tracks
+        C_OUT_ALLOC = (C_OUT_ALLOC // W_ALIGN) * W_ALIGN
 
     M = B * OH * OW
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -233,6 +251,7 @@ def _bn_act_kernel(
     y_ptr, scale_ptr, shift_ptr, res_ptr, meta_ptr,
     B, OH, OW, C_OUT_ALLOC, srn, src, srh, srw, syn, syc, syh, syw, s_bn, cout_arg,
     ACT: tl.constexpr, HAS_RES: tl.constexpr, MULTI: tl.constexpr, BN_SLICE: tl.constexpr,
+    VEC: tl.constexpr, W_ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """In place: ``y = act(y * scale + shift + residual)``, the second half of batch-stats BN."""
@@ -249,6 +268,11 @@ def _bn_act_kernel(
         cout = cout_arg
         rs = 0
         bn_row = 0
+    srn, srh, srw = srn * VEC, srh * VEC, srw * VEC  # hints, as in _conv_kernel
+    syn, syh, syw = syn * VEC, syh * VEC, syw * VEC
+    if W_ALIGN > 1:
+        cout = (cout // W_ALIGN) * W_ALIGN
+        C_OUT_ALLOC = (C_OUT_ALLOC // W_ALIGN) * W_ALIGN
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok = offs_m < B * OH * OW
@@ -283,10 +307,17 @@ _DENSE_CONFIGS = [
     BlockConfig(64, 64, 32, 4, 4), BlockConfig(128, 32, 32, 4, 4), BlockConfig(64, 32, 32, 4, 4),
     BlockConfig(128, 128, 64, 8, 3), BlockConfig(64, 64, 64, 4, 3), BlockConfig(256, 64, 32, 8, 3),
 ]
+# Dense with few input channels (the 3-channel stem): BLOCK_K 16 and shallow pipelines;
+# deeper ones unroll 9 taps x stages of loads and spill (seen in compile_report, sm_90).
+_SMALL_CIN_CONFIGS = [
+    BlockConfig(128, 64, 16, 4, 1), BlockConfig(64, 64, 16, 4, 1), BlockConfig(128, 32, 16, 4, 2),
+    BlockConfig(256, 64, 16, 8, 2), BlockConfig(64, 32, 16, 4, 2),
+]
+SMALL_CIN = 16
 # Depthwise: memory-bound; channel blocks of 32..128 give 64..512-byte contiguous rows.
 _DW_CONFIGS = [
     BlockConfig(64, 32, 16, 4, 1), BlockConfig(32, 64, 16, 4, 1), BlockConfig(128, 32, 16, 4, 1),
-    BlockConfig(64, 64, 16, 4, 1), BlockConfig(32, 128, 16, 4, 1), BlockConfig(32, 128, 16, 8, 1),
+    BlockConfig(64, 64, 16, 4, 1), BlockConfig(32, 128, 16, 8, 1),
     BlockConfig(128, 64, 16, 8, 1),
 ]
 _BN_ACT_CONFIG = BlockConfig(64, 64, 16, 4, 1)  # elementwise, in place: never autotuned (re-runs would compound)
@@ -311,6 +342,7 @@ def _tuned(kernel, configs: list[BlockConfig]):
 
 
 _conv_tuned = _tuned(_conv_kernel, _DENSE_CONFIGS) if AUTOTUNE else None
+_conv_small_tuned = _tuned(_conv_kernel, _SMALL_CIN_CONFIGS) if AUTOTUNE else None
 _dw_tuned = _tuned(_dw_kernel, _DW_CONFIGS) if AUTOTUNE else None
 
 
@@ -319,10 +351,16 @@ def _bucket(n: int) -> int:
     return 1 << max(int(n) - 1, 0).bit_length()
 
 
-def _default_config(depthwise: bool, cout: int) -> BlockConfig:
+def _config_list(depthwise: bool, cin_max: int) -> list[BlockConfig]:
+    return _DW_CONFIGS if depthwise else (_SMALL_CIN_CONFIGS if cin_max <= SMALL_CIN else _DENSE_CONFIGS)
+
+
+def _default_config(depthwise: bool, cout: int, cin_max: int = 1 << 30) -> BlockConfig:
     if INTERPRETED:
         return INTERPRETER_CONFIG
     if depthwise:
+        return BlockConfig(64, 64, 16, 4, 1)
+    if cin_max <= SMALL_CIN:
         return BlockConfig(64, 64, 16, 4, 1)
     return BlockConfig(128, 64 if cout <= 64 else 128, 32, 4 if cout <= 64 else 8, 3)
 
@@ -359,14 +397,36 @@ class _Call:
     tf32: bool | None
     config: BlockConfig | None
     bn_slice: bool = False
+    w_align: int = 1  # multi-config: a power of two dividing every width in meta
+
+
+def _pow2_align(*values: int, cap: int = 16) -> int:
+    """Largest power of two up to ``cap`` dividing every value (a divisibility hint)."""
+    a = cap
+    while a > 1 and any(v % a for v in values):
+        a //= 2
+    return a
+
+
+def _check_align(a: int, c_alloc: int) -> int:
+    if a not in (1, 2, 4, 8, 16) or c_alloc % a:
+        raise ValueError(f"width_align must be a power of two up to 16 dividing every width "
+                         f"(and the allocated {c_alloc} channels), got {a}")
+    return a
+
+
+def _div_strides(t: torch.Tensor, vec: int) -> tuple[int, int, int, int]:
+    """(n, c, h, w) strides with n, h, w divided by ``vec`` (the kernels multiply back)."""
+    sn, sc, sh, sw = t.stride()
+    return sn // vec, sc, sh // vec, sw // vec
 
 
 def _min_block_m(c: _Call) -> int:
     if c.config is not None:
         return c.config.block_m
     if AUTOTUNE:
-        return min(b.block_m for b in (_DW_CONFIGS if c.depthwise else _DENSE_CONFIGS))
-    return _default_config(c.depthwise, 0).block_m
+        return min(b.block_m for b in _config_list(c.depthwise, c.cin_max))
+    return _default_config(c.depthwise, 0, c.cin_max).block_m
 
 
 def _launch(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, shift: torch.Tensor | None,
@@ -381,20 +441,22 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, s
     res = residual if residual is not None else out  # never read when HAS_RES is False
     s_bn = scale.stride(0) if scale is not None and scale.dim() == 2 else 0
     t_max = part.shape[1] if part is not None else 0
+    vec = _pow2_align(*(st for t in (x, res, out) for i, st in enumerate(t.stride()) if i != 1))
     args = (x, weight, scale, shift, res, out, meta,
             c.batch, h, w, oh, ow, c_alloc,
-            *x.stride(), *weight.stride(), *res.stride(), *out.stride(), s_bn,
+            *_div_strides(x, vec), *weight.stride(), *_div_strides(res, vec), *_div_strides(out, vec), s_bn,
             c.cin, c.cout, part, t_max, _bucket(m * c.slices), _bucket(c_alloc), _bucket(c.cin_max))
     const = dict(KSIZE=k, STRIDE=c.stride, PAD=c.padding, ACT=ACT_CODES[c.act], HAS_RES=residual is not None,
                  MULTI=meta is not None, DOT=_dot_code(x.dtype), PRECISION=_precision(c.tf32),
-                 STATS=part is not None, BN_SLICE=c.bn_slice)
-    tuned = _dw_tuned if c.depthwise else _conv_tuned
+                 STATS=part is not None, BN_SLICE=c.bn_slice, VEC=vec,
+                 W_ALIGN=c.w_align if meta is not None else _pow2_align(c.cin, c.cout))
+    tuned = _dw_tuned if c.depthwise else (_conv_small_tuned if c.cin_max <= SMALL_CIN else _conv_tuned)
     if c.config is None and tuned is not None:
         def grid(meta_):
             return (triton.cdiv(m, meta_["BLOCK_M"]) * triton.cdiv(c_alloc, meta_["BLOCK_N"]), c.slices)
         tuned[grid](*args, **const)
         return
-    cfg = c.config or _default_config(c.depthwise, c_alloc)
+    cfg = c.config or _default_config(c.depthwise, c_alloc, c.cin_max)
     kernel = _dw_kernel if c.depthwise else _conv_kernel
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(c_alloc, cfg.block_n), c.slices)
     kernel[grid](*args, **const, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
@@ -493,7 +555,7 @@ def conv_bn_act_multi(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
                       meta: torch.Tensor, *, batch: int, cout_alloc: int, stride: int = 1,
                       padding: int | None = None, act: str | None = None, residual: torch.Tensor | None = None,
                       depthwise: bool = False, cin_max: int | None = None, bn_per_slice: bool = False,
-                      out: torch.Tensor | None = None, tf32: bool | None = None,
+                      width_align: int = 1, out: torch.Tensor | None = None, tf32: bool | None = None,
                       config: BlockConfig | None = None) -> torch.Tensor:
     """S width configs of one layer in one launch (the multi-config form).
 
@@ -508,6 +570,9 @@ def conv_bn_act_multi(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
     Input channels past a slice's ``cin`` are never read, so they need not be zero.
     The widths in ``meta`` are trusted (they index memory): build it with
     :func:`hwslim.kernels.plan_multi` or check them against the shapes yourself.
+    ``width_align``: a power of two (<= 16) dividing every ``cin``/``cout`` in ``meta``
+    (8 for widths on hwslim's default grid): lets the compiler vectorize the masked
+    channel loads. A wrong value gives wrong results; 1 is always safe.
     """
     _check(x, weight, scale, shift, residual, depthwise)
     _check_meta(meta, x, batch)
@@ -521,7 +586,7 @@ def conv_bn_act_multi(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
     out = _alloc(out, (slices * batch, cout_alloc, oh, ow), x)
     _launch(x, weight, scale, shift, residual, out, meta,
             _Call(batch, slices, 0, 0, x.shape[1] if cin_max is None else cin_max, stride, padding, act,
-                  depthwise, tf32, config, bn_per_slice))
+                  depthwise, tf32, config, bn_per_slice, _check_align(width_align, cout_alloc)))
     return out
 
 
@@ -529,7 +594,7 @@ def conv_bn_act_multi(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
 def conv_stats(x: torch.Tensor, weight: torch.Tensor, *, stride: int = 1, padding: int | None = None,
                depthwise: bool = False, cin: int | None = None, cout: int | None = None,
                meta: torch.Tensor | None = None, batch: int | None = None, cout_alloc: int | None = None,
-               cin_max: int | None = None, tf32: bool | None = None,
+               cin_max: int | None = None, width_align: int = 1, tf32: bool | None = None,
                config: BlockConfig | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The raw conv output and its per-channel batch mean and (biased) variance.
 
@@ -554,7 +619,7 @@ def conv_stats(x: torch.Tensor, weight: torch.Tensor, *, stride: int = 1, paddin
             raise ValueError("the multi-config form needs batch and cout_alloc")
         _check_meta(meta, x, batch)
         call = _Call(batch, meta.shape[0], 0, 0, x.shape[1] if cin_max is None else cin_max, stride, padding,
-                     None, depthwise, tf32, config)
+                     None, depthwise, tf32, config, False, _check_align(width_align, cout_alloc))
         shape = (meta.shape[0] * batch, cout_alloc, oh, ow)
     out = _alloc(None, shape, x)
     t_max = triton.cdiv(call.batch * oh * ow, _min_block_m(call))
@@ -571,7 +636,7 @@ def conv_stats(x: torch.Tensor, weight: torch.Tensor, *, stride: int = 1, paddin
 
 def bn_act_(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, *, act: str | None = None,
             residual: torch.Tensor | None = None, meta: torch.Tensor | None = None, batch: int | None = None,
-            bn_per_slice: bool = True) -> torch.Tensor:
+            bn_per_slice: bool = True, width_align: int = 1) -> torch.Tensor:
     """In place: ``y = act(y * scale + shift + residual)`` with channels past ``cout`` zeroed.
 
     The second half of batch-statistics BN after :func:`conv_stats`. ``scale``/``shift``
@@ -593,11 +658,13 @@ def bn_act_(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, *, act: s
     res = residual if residual is not None else y
     cfg = INTERPRETER_CONFIG if INTERPRETED else _BN_ACT_CONFIG
     grid = (triton.cdiv(batch * oh * ow, cfg.block_m) * triton.cdiv(c_alloc, cfg.block_n), slices)
-    _bn_act_kernel[grid](y, scale, shift, res, meta, batch, oh, ow, c_alloc, *res.stride(), *y.stride(),
-                         scale.stride(0) if scale.dim() == 2 else 0, c_alloc,
+    vec = _pow2_align(*(st for t in (y, res) for i, st in enumerate(t.stride()) if i != 1))
+    _bn_act_kernel[grid](y, scale, shift, res, meta, batch, oh, ow, c_alloc, *_div_strides(res, vec),
+                         *_div_strides(y, vec), scale.stride(0) if scale.dim() == 2 else 0, c_alloc,
                          ACT=ACT_CODES[act], HAS_RES=residual is not None, MULTI=meta is not None,
-                         BN_SLICE=bn_per_slice, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                         num_warps=cfg.num_warps)
+                         BN_SLICE=bn_per_slice, VEC=vec,
+                         W_ALIGN=_check_align(width_align, c_alloc) if meta is not None else _pow2_align(c_alloc),
+                         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps)
     return y
 
 

@@ -42,8 +42,8 @@ from hwslim.config import ChannelConfig
 from hwslim.costs import layer_macs, macs
 from hwslim.graph import INPUT, Node, last_uses, resolve
 from hwslim.kernels import KernelUnavailableError, check_device, supports
-from hwslim.kernels.conv import (META_COLUMNS, batch_bn_scale_shift, bn_act_, conv_bn_act, conv_bn_act_multi,
-                                 conv_stats, fold_bn)
+from hwslim.kernels.conv import (META_COLUMNS, _pow2_align, batch_bn_scale_shift, bn_act_, conv_bn_act,
+                                 conv_bn_act_multi, conv_stats, fold_bn)
 from hwslim.supernet import SlimmableNet
 
 # model -> {node name: (bn version key, scale, shift)}; weak so models can be freed
@@ -190,6 +190,7 @@ class NodeStep:
     meta_offset: int = 0
     c_alloc: int = 0
     cin_max: int = 0
+    align: int = 1  # power of two dividing every width in rows (a vectorization hint)
 
 
 @dataclass(frozen=True)
@@ -255,7 +256,9 @@ def plan_multi(model: SlimmableNet, configs: Sequence[ChannelConfig],
             key = (cin, cout, in_map[j], res_map[j], 0)
             smap.append(keys.setdefault(key, len(keys)))
         rows = tuple(keys)
-        steps.append(NodeStep(tuple(smap), rows, len(table), max(r[1] for r in rows), max(r[0] for r in rows)))
+        align = _pow2_align(*(w for r in rows for w in r[:2]))
+        steps.append(NodeStep(tuple(smap), rows, len(table), max(r[1] for r in rows), max(r[0] for r in rows),
+                              align))
         table.extend(rows)
         maps[n.name] = tuple(smap)
     device = device if device is not None else next(model.parameters()).device
@@ -300,7 +303,7 @@ def _multi_pass(model: SlimmableNet, x: torch.Tensor, plan: MultiPlan, bn, tf32:
         step, weight = plan.steps[i], model.layers[n.name].conv.weight
         meta = plan.node_meta(i)
         kw = dict(batch=batch, cout_alloc=step.c_alloc, stride=n.stride, padding=n.padding,
-                  depthwise=n.depthwise, cin_max=step.cin_max, tf32=tf32)
+                  depthwise=n.depthwise, cin_max=step.cin_max, width_align=step.align, tf32=tf32)
         if folded is not None:
             return conv_bn_act_multi(inp, weight, *folded[n.name], meta, act=n.act, residual=res, **kw)
         if isinstance(bn, MultiBN):
@@ -310,7 +313,7 @@ def _multi_pass(model: SlimmableNet, x: torch.Tensor, plan: MultiPlan, bn, tf32:
         if collect is not None:
             collect[n.name] = (mean, var, y.numel() // y.shape[1] // len(step.rows))
         return bn_act_(y, *batch_bn_scale_shift(model.layers[n.name].bn, mean, var), act=n.act, residual=res,
-                       meta=meta, batch=batch, bn_per_slice=True)
+                       meta=meta, batch=batch, bn_per_slice=True, width_align=step.align)
 
     env = _execute(model, {INPUT: x.contiguous(memory_format=torch.channels_last)}, 0, len(model.nodes), conv_fn)
     logits = env[model.nodes[-1].name]
