@@ -1,0 +1,184 @@
+import json
+import os
+import socket
+
+import pandas as pd
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from hwslim.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from hwslim.cli import main
+from hwslim.config import ChannelConfig
+from hwslim.costs import model_costs
+from hwslim.data import search_split, synthetic_data_info
+from hwslim.errors import BudgetError, OutputExistsError
+from hwslim.evaluator import Score, StepEvaluator
+from hwslim.models import create_model
+from hwslim.search import Budget, config_costs, greedy_search, slim
+
+IMAGES = 48
+
+
+def _supernet(seed: int = 0):
+    torch.manual_seed(seed)
+    net = create_model("resnet20", width_mult=1.0)
+    for m in net.modules():  # a supernet whose widths matter: non-trivial BN
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.normal_(0, 0.2)
+    return net
+
+
+@pytest.fixture(scope="module")
+def ckpt_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt") / "supernet.pt"
+    save_checkpoint(path, _supernet(), data=synthetic_data_info(num_train=600, num_search=IMAGES, seed=0))
+    return path
+
+
+def test_budget_nothing_can_meet_is_refused_up_front(ckpt_path, tmp_path, capsys):
+    ckpt = load_checkpoint(ckpt_path)
+    floor = model_costs(ckpt.model, ckpt.model.min_config()).params / 1e6
+    with pytest.raises(BudgetError, match=f"smallest achievable params_m on this supernet's grid is {floor:.4g}"):
+        greedy_search(ckpt, [Budget("params_m", floor / 2)], out_dir=tmp_path / "s", progress=False)
+    assert not (tmp_path / "s").exists()
+    rc = main(["search", "--checkpoint", str(ckpt_path), "--params-m", "0.000001", "--out", str(tmp_path / "x")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "smallest achievable" in err[0]
+
+
+def test_search_meets_every_budget_and_writes_outputs(ckpt_path, tmp_path, capsys):
+    ckpt = load_checkpoint(ckpt_path)
+    full = config_costs(ckpt.model, ckpt.model.full_config())
+    low = config_costs(ckpt.model, ckpt.model.min_config())
+    budgets = [Budget("macs_m", full["macs_m"] * 0.85), Budget("macs_m", full["macs_m"] * 0.75),
+               Budget("memory_mb", (full["memory_mb"] + low["memory_mb"]) / 2)]
+    out = tmp_path / "search"
+    rc = main(["search", "--checkpoint", str(ckpt_path), "--macs-m", str(budgets[0].value), str(budgets[1].value),
+               "--memory-mb", str(budgets[2].value), "--out", str(out), "--no-progress", "--max-images", str(IMAGES)])
+    assert rc == 0
+    path = pd.read_csv(out / "path.csv")
+    assert list(path.columns[:7]) == ["step", "unit", "old", "new", "acc", "loss", "binding"]
+    assert (path["new"].dropna() < path["old"].dropna()).all()
+    assert (path["macs_m"].diff().dropna() < 0).all()
+    for b in budgets:
+        cfg = ChannelConfig.load(out / f"config_{b.kind}_{b.value:g}.json")
+        ckpt.model.validate(cfg)
+        assert config_costs(ckpt.model, cfg)[b.kind] <= b.value
+        assert cfg.meta["budget"] == {"kind": b.kind, "value": b.value}
+        assert cfg.meta["checkpoint_sha256"] and 0 <= cfg.meta["search_acc"] <= 1
+        # it is the first point on the path that meets the budget
+        first = path[path[b.kind] <= b.value].iloc[0]
+        assert cfg.meta["search_step"] == first["step"]
+    assert (out / "search.png").stat().st_size > 10_000
+    uniform = pd.read_csv(out / "uniform.csv")
+    assert len(uniform) == 12 and (uniform["macs_m"].diff().dropna() >= 0).all()
+    # an existing search is not overwritten without --resume/--force
+    with pytest.raises(OutputExistsError):
+        greedy_search(ckpt, budgets[:1], out_dir=out, progress=False)
+
+
+def test_fast_and_reference_evaluators_make_identical_decisions(ckpt_path):
+    ckpt = load_checkpoint(ckpt_path)
+    x, y = search_split(ckpt)
+    target = [Budget("macs_m", config_costs(ckpt.model, ckpt.model.full_config())["macs_m"] * 0.7)]
+    for bn in ("recal", "batch"):
+        paths = {}
+        for mode in ("fast", "reference"):
+            ev = StepEvaluator(ckpt.model, x, y, bn=bn, mode=mode, batch_size=24)
+            steps = slim(ckpt.model, ev.score_candidates, ev.score,
+                         lambda c: config_costs(ckpt.model, c), target)
+            paths[mode] = [(s.unit, s.new, round(s.acc, 6), round(s.loss, 4)) for s in steps]
+        assert paths["fast"] == paths["reference"], bn
+        assert len(paths["fast"]) > 3
+
+
+def test_fast_evaluator_scores_equal_reference_on_mobilenet():
+    torch.manual_seed(0)
+    net = create_model("mobilenet_v2_cifar", width_mult=0.35)
+    x, y = torch.randn(40, 3, 32, 32), torch.randint(0, 10, (40,))
+    cfg = net.random_config(__import__("random").Random(3))
+    cands = [(u, cfg.replace(**{u: net.units[u].narrower(cfg.widths[u])})) for u in net.units
+             if net.units[u].narrower(cfg.widths[u])]
+    fast = StepEvaluator(net, x, y, mode="fast", batch_size=20)
+    ref = StepEvaluator(net, x, y, mode="reference", batch_size=20)
+    a, b = fast.score_candidates(cfg, cands), ref.score_candidates(cfg, cands)
+    assert [s.acc for s in a] == [s.acc for s in b]
+    assert max(abs(s.loss - t.loss) for s, t in zip(a, b)) < 1e-5
+    assert fast.forward_nodes < 0.75 * ref.forward_nodes  # the shared work was not redone
+
+
+def test_resume_after_interruption_reaches_the_same_result(ckpt_path, tmp_path):
+    ckpt = load_checkpoint(ckpt_path)
+    budget = [Budget("params_m", config_costs(ckpt.model, ckpt.model.full_config())["params_m"] * 0.8)]
+    full = greedy_search(ckpt, budget, out_dir=tmp_path / "a", progress=False, plot=False)
+    # simulate a kill after step 2: the state file is written atomically after every step
+    state_file = tmp_path / "a" / "search_state.json"
+    state = json.loads(state_file.read_text())
+    state["steps"] = state["steps"][:3]
+    state_file.write_text(json.dumps(state))
+    resumed = greedy_search(load_checkpoint(ckpt_path), budget, out_dir=tmp_path / "a", resume=True,
+                            progress=False, plot=False)
+    assert [s.widths for s in resumed.steps] == [s.widths for s in full.steps]
+    assert resumed.configs == full.configs
+
+
+def test_driver_keeps_the_smallest_drop_and_criteria_differ():
+    """The pure driver on an analytic score: each unit costs accuracy in proportion to its shrink."""
+    with torch.device("meta"):
+        net = create_model("resnet20")
+    weight = {u: (i % 5 + 1) / 100 for i, u in enumerate(net.units)}
+
+    def score(cfg):
+        acc = 1 - sum(weight[u] * (1 - w / net.units[u].max_width) for u, w in cfg.widths.items())
+        return Score(acc, 1 - acc)
+
+    budget = [Budget("params_m", model_costs(net).params / 1e6 * 0.6)]
+    cost = lambda c: config_costs(net, c)  # noqa: E731
+    acc_path = slim(net, lambda cur, cands: [score(c) for _, c in cands], score, cost, budget)
+    first = acc_path[1]
+    cheapest = min(weight[u] / net.units[u].max_width for u in net.units)
+    assert weight[first.unit] / net.units[first.unit].max_width == cheapest
+    assert cost(net.config_of(acc_path[-1].widths))["params_m"] <= budget[0].value
+    per_cost = slim(net, lambda cur, cands: [score(c) for _, c in cands], score, cost, budget,
+                    criterion="acc-per-cost")
+    full = net.full_config()
+    base_acc, base_params = score(full).acc, cost(full)["params_m"]
+
+    def ratio(u):
+        cand = full.replace(**{u: net.units[u].narrower(full.widths[u])})
+        return (base_acc - score(cand).acc) / (base_params - cost(cand)["params_m"])
+
+    assert per_cost[1].unit == min((u for u in net.units if len(net.units[u].grid) > 1), key=ratio)
+    assert cost(net.config_of(per_cost[-1].widths))["params_m"] <= budget[0].value
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank, world, port, ckpt_path, out_file):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    try:
+        ckpt = load_checkpoint(ckpt_path)
+        budget = [Budget("macs_m", config_costs(ckpt.model, ckpt.model.full_config())["macs_m"] * 0.9)]
+        res = greedy_search(ckpt, budget, progress=False, plot=False)
+        with open(f"{out_file}.{rank}", "w") as f:
+            json.dump([s.widths for s in res.steps], f)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_torchrun_style_sharding_gives_the_same_decisions(ckpt_path, tmp_path):
+    out = tmp_path / "ddp"
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(ckpt_path), str(out)), nprocs=2, join=True)
+    ckpt = load_checkpoint(ckpt_path)
+    budget = [Budget("macs_m", config_costs(ckpt.model, ckpt.model.full_config())["macs_m"] * 0.9)]
+    single = [s.widths for s in greedy_search(ckpt, budget, progress=False, plot=False).steps]
+    assert json.loads(open(f"{out}.0").read()) == single
+    assert json.loads(open(f"{out}.1").read()) == single
