@@ -153,6 +153,37 @@ def test_multi_config_per_slice_bn_rows_depthwise():
     assert (y[0, 9:] == 0).all()
 
 
+@pytest.mark.parametrize("stride,dtype", [(1, torch.float32), (2, torch.float32), (1, torch.bfloat16)])
+def test_fused_depthwise_project_matches_two_kernels(stride, dtype):
+    x = torch.randn(2, 40, 7, 7, device=DEVICE).to(dtype)
+    wd, dsc, dsh = layer(40, 40, 3, depthwise=True)
+    wp, sc, sh = layer(40, 30, 1)
+    oh = (7 - 1) // stride + 1
+    r = torch.randn(2, 19, oh, oh, device=DEVICE).to(dtype)
+    y = K.dw_project_bn_act(x, wd, dsc, dsh, wp, sc, sh, stride=stride, dw_act="relu6", residual=r, cin=33,
+                            cout=19, tf32=False)
+    hidden = reference(x, wd, dsc, dsh, stride=stride, cin=33, cout=33, act="relu6", depthwise=True)
+    ref = reference(hidden.to(dtype), wp, sc, sh, stride=1, cin=33, cout=19, residual=r)
+    assert y.shape == (2, 19, oh, oh)
+    assert rel_err(y, ref) < TOL[dtype]
+
+
+def test_fused_depthwise_project_multi_config():
+    """Two 1x1 slices read two depthwise slices, which read one shared input slice."""
+    batch = 1
+    x = torch.randn(batch, 24, 6, 6, device=DEVICE)
+    wd, dsc, dsh = layer(24, 24, 3, depthwise=True)
+    wp, sc, sh = layer(24, 16, 1)
+    dmeta = torch.tensor([[24, 24, 0, 0, 0], [16, 16, 0, 0, 0]], dtype=torch.int32, device=DEVICE)
+    meta = torch.tensor([[24, 16, 0, 0, 0], [16, 8, 1, 0, 0], [16, 16, 1, 0, 0]], dtype=torch.int32, device=DEVICE)
+    y = K.dw_project_bn_act(x, wd, dsc, dsh, wp, sc, sh, meta=meta, dw_meta=dmeta, batch=batch, cout_alloc=16,
+                            width_align=8, tf32=False)
+    for s, (c, cout) in enumerate(((24, 16), (16, 8), (16, 16))):
+        hidden = reference(x, wd, dsc, dsh, stride=1, cin=c, cout=c, act="relu6", depthwise=True)
+        assert rel_err(y[s:s + 1, :cout], reference(hidden, wp, sc, sh, stride=1, cin=c, cout=cout)) < 1e-4
+    assert (y[1, 8:] == 0).all()
+
+
 def test_batch_statistics_bn_matches_train_mode_batch_norm():
     x = torch.randn(3, 10, 7, 7, device=DEVICE) * 2 + 3  # a mean far from zero tests the variance's precision
     w, _, _ = layer(10, 12, 3)
@@ -227,10 +258,14 @@ def test_triton_forward_matches_supernet_and_resumes():
     twin = float64_twin(net, tiny_net)
     cfg = net.config_of({"a": 16, "b": 32, "c": 8})
     x = torch.randn(2, 3, 12, 12, device=DEVICE)
+    assert kernels.fusable_pairs(net.nodes) == {2}  # dw -> project
     y = kernels.triton_forward(net, x, cfg, tf32=False)
     assert y.dtype == torch.float32 and y.shape == (2, 10)
     assert rel_err(y.cpu(), pytorch_logits(twin, cfg, x)) < 1e-4
+    assert rel_err(kernels.triton_forward(net, x, cfg, fuse=False, tf32=False).cpu(),
+                   pytorch_logits(twin, cfg, x)) < 1e-4
     # resumable like run_graph: a prefix env from either runner resumes in the other
+    assert kernels.fusable_pairs(net.nodes, 0, 3) == set()  # a pair split by stop is not fused
     env = kernels.triton_forward(net, x, cfg, stop=4, tf32=False)
     assert set(env) == {"project"}
     assert rel_err(kernels.triton_forward(net, None, cfg, start=4, env=env, tf32=False).cpu(),
@@ -268,21 +303,23 @@ def test_multi_forward_runs_a_greedy_step_in_one_pass():
     # the stem is shared by the candidates that keep unit "a"; "a" itself diverges there
     assert plan.slices[0] == 2 and max(plan.slices) == len(cands)
     assert plan.work_fraction(net) < 1.0
-    x = torch.randn(2, 3, 12, 12, device=DEVICE)
+    x = torch.randn(2, 3, 8, 8, device=DEVICE)
     logits = kernels.multi_forward(net, x, plan, tf32=False)
+    unfused = kernels.multi_forward(net, x, plan, fuse=False, tf32=False)
     assert logits.shape == (len(cands), 2, 10)
     for k, cfg in enumerate(cands):
         assert rel_err(logits[k].cpu(), pytorch_logits(twin, cfg, x)) < 1e-4
+        assert rel_err(unfused[k].cpu(), pytorch_logits(twin, cfg, x)) < 1e-4
 
 
 def test_multi_calibrate_matches_recalibrate_bn():
     net = tiny_net()
     twin = float64_twin(net, tiny_net)
     cands = [net.config_of({"a": 8, "b": 40, "c": 16}), net.config_of({"a": 24, "b": 16, "c": 8})]
-    chunks = [torch.randn(3, 3, 12, 12, device=DEVICE), torch.randn(2, 3, 12, 12, device=DEVICE)]
+    chunks = [torch.randn(3, 3, 8, 8, device=DEVICE), torch.randn(2, 3, 8, 8, device=DEVICE)]
     mbn = kernels.multi_calibrate(net, chunks, cands, tf32=False)
     assert mbn.batches == 2
-    x = torch.randn(2, 3, 12, 12, device=DEVICE)
+    x = torch.randn(2, 3, 8, 8, device=DEVICE)
     logits = kernels.multi_forward(net, x, cands, bn=mbn, tf32=False)
     batch_logits = kernels.multi_forward(net, x, cands, bn="batch", tf32=False)
     for k, cfg in enumerate(cands):

@@ -7,7 +7,8 @@ kernels, and runs one config at a time. This package replaces that for conv node
 
 * :func:`conv_bn_act` / :func:`conv_bn_act_multi` (``hwslim.kernels.conv``): one kernel
   per conv node, ``act(bn(conv(x)) + residual)``, reading the full-width weight in place
-  at any active width; the multi form runs K width configs of a layer in one launch.
+  at any active width; the multi form runs K width configs of a layer in one launch;
+  :func:`dw_project_bn_act` fuses a depthwise conv into the 1x1 conv that reads it.
 * :func:`triton_forward` (one config, with ``run_graph``'s ``start``/``stop``/``env``
   resumption) and :func:`multi_forward` + :func:`plan_multi` (all candidates of a greedy
   step in one pass, shared prefix computed once), in ``hwslim.kernels.runner``; BN from
@@ -38,15 +39,16 @@ from hwslim.errors import HwslimError
 
 __all__ = [
     "KernelUnavailableError", "available", "check_device", "interpreting", "supports",
-    "conv_bn_act", "conv_bn_act_multi", "conv_stats", "bn_act_", "fold_bn", "BlockConfig",
+    "conv_bn_act", "conv_bn_act_multi", "conv_stats", "bn_act_", "dw_project_bn_act", "fold_bn", "BlockConfig",
     "triton_forward", "multi_forward", "multi_calibrate", "plan_multi", "MultiPlan", "MultiBN", "folded_bn",
+    "fusable_pairs",
 ]
 
 _LAZY = {
     "conv_bn_act": "conv", "conv_bn_act_multi": "conv", "conv_stats": "conv", "bn_act_": "conv",
-    "fold_bn": "conv", "BlockConfig": "conv",
+    "dw_project_bn_act": "conv", "fold_bn": "conv", "BlockConfig": "conv",
     "triton_forward": "runner", "multi_forward": "runner", "multi_calibrate": "runner", "plan_multi": "runner",
-    "MultiPlan": "runner", "MultiBN": "runner", "folded_bn": "runner",
+    "MultiPlan": "runner", "MultiBN": "runner", "folded_bn": "runner", "fusable_pairs": "runner",
 }
 
 

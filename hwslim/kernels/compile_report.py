@@ -99,6 +99,29 @@ def layer_case(kind: str, dtype: str, k: int, stride: int, cin: int, cout: int, 
     return analyse(cc)
 
 
+def dw_project_case(dtype: str, stride: int, hidden: int, cout: int, h: int, cfg: K.BlockConfig, *,
+                    batch: int = 64, residual: bool = False, multi: bool = False, arch: int = 90) -> dict:
+    """Compile the fused depthwise 3x3 + 1x1 kernel for one inverted residual block."""
+    oh = (h - 1) // stride + 1
+    pt = {"fp32": "*fp32", "bf16": "*bf16"}[dtype]
+    vals = dict(B=batch, H=h, W=h, OH=oh, OW=oh, C_OUT_ALLOC=cout, shn=hidden * h * h, shc=1, shh=h * hidden,
+                shw=hidden, swd0=9, swd2=3, swd3=1, swp0=hidden, swp1=1, srn=cout * oh * oh, src=1, srh=oh * cout,
+                srw=cout, syn=cout * oh * oh, syc=1, syh=oh * cout, syw=cout, s_bn_d=0, s_bn=0, cin_arg=hidden,
+                cout_arg=cout, M_KEY=1 << 20, N_KEY=256, K_KEY=256)
+    spatial = ("shn", "shh", "shw", "srn", "srh", "srw", "syn", "syh", "syw")
+    vec = K._pow2_align(*(vals[s] for s in spatial))
+    for s in spatial:
+        vals[s] //= vec
+    ptrs = dict(h_ptr=pt, wd_ptr=pt, dscale_ptr="*fp32", dshift_ptr="*fp32", wp_ptr=pt, scale_ptr="*fp32",
+                shift_ptr="*fp32", res_ptr=pt, y_ptr=pt, meta_ptr="*i32" if multi else None,
+                dmeta_ptr="*i32" if multi else None)
+    const = dict(KSIZE=3, STRIDE=stride, PAD=1, ACT_D=2, ACT=0, HAS_RES=residual, MULTI=multi,
+                 DOT={"fp32": 0, "bf16": 1}[dtype], PRECISION="tf32", BN_SLICE=False, VEC=vec,
+                 W_ALIGN=K._pow2_align(hidden, cout), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k)
+    cc = _compile(K._dw_project_kernel, vals, ptrs, const, cfg.num_warps, cfg.num_stages, arch)
+    return analyse(cc)
+
+
 CASES = [  # MobileNetV2 1.5x at 224 (kind, k, stride, cin, cout, h, extra)
     ("stem 3x3 s2", "dense", 3, 2, 3, 48, 224, {}),
     ("b1/expand 1x1 24->144", "dense", 1, 1, 24, 144, 112, {}),
@@ -107,6 +130,13 @@ CASES = [  # MobileNetV2 1.5x at 224 (kind, k, stride, cin, cout, h, extra)
     ("b5/project 288->48 +res multi", "dense", 1, 1, 288, 48, 28, {"residual": True, "multi": True}),
     ("b7/expand 96->576 stats", "dense", 1, 1, 96, 576, 14, {"stats": True}),
     ("head 480->1920", "dense", 1, 1, 480, 1920, 7, {}),
+]
+
+
+FUSED_CASES = [  # (name, stride, hidden, cout, h, extra): depthwise 3x3 + project 1x1
+    ("b3 dw+project 216->48 +res multi", 1, 216, 48, 56, {"residual": True, "multi": True}),
+    ("b4 dw+project s2 216->48", 2, 216, 48, 56, {}),
+    ("b14 dw+project 1440->240 +res", 1, 1440, 240, 7, {"residual": True}),
 ]
 
 
@@ -122,6 +152,12 @@ def main(argv: list[str] | None = None) -> int:
         for name, kind, k, stride, cin, cout, h, extra in CASES:
             for cfg in K._config_list(kind == "dw", cin)[:3]:
                 r = layer_case(kind, dtype, k, stride, cin, cout, h, cfg, arch=args.arch, **extra)
+                rows.append({"layer": name, "dtype": dtype,
+                             "tile": f"{cfg.block_m}x{cfg.block_n}x{cfg.block_k} w{cfg.num_warps} s{cfg.num_stages}",
+                             **r})
+        for name, stride, hidden, cout, h, extra in FUSED_CASES:
+            for cfg in K._DW_PROJECT_CONFIGS[:3]:
+                r = dw_project_case(dtype, stride, hidden, cout, h, cfg, arch=args.arch, **extra)
                 rows.append({"layer": name, "dtype": dtype,
                              "tile": f"{cfg.block_m}x{cfg.block_n}x{cfg.block_k} w{cfg.num_warps} s{cfg.num_stages}",
                              **r})

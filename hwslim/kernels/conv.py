@@ -288,6 +288,106 @@ def _bn_act_kernel(
               y_ptr, syn, syc, syh, syw, y_ptr, 0, ACT, HAS_RES, False)
 
 
+@triton.jit
+def _dw_project_kernel(
+    h_ptr, wd_ptr, dscale_ptr, dshift_ptr, wp_ptr, scale_ptr, shift_ptr, res_ptr, y_ptr, meta_ptr, dmeta_ptr,
+    B, H, W, OH, OW, C_OUT_ALLOC,
+    shn, shc, shh, shw, swd0, swd2, swd3, swp0, swp1, srn, src, srh, srw, syn, syc, syh, syw, s_bn_d, s_bn,
+    cin_arg, cout_arg,
+    M_KEY, N_KEY, K_KEY,
+    KSIZE: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr, ACT_D: tl.constexpr, ACT: tl.constexpr,
+    HAS_RES: tl.constexpr, MULTI: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
+    BN_SLICE: tl.constexpr, VEC: tl.constexpr, W_ALIGN: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Depthwise conv + BN + act feeding a 1x1 conv + BN (+ residual) + act, fused.
+
+    The depthwise output (the inverted residual block's hidden tensor after its
+    depthwise conv) never reaches memory: each BLOCK_M x BLOCK_K tile of it is computed
+    from the block's input in registers and fed straight to ``tl.dot``. Multi-config:
+    ``meta`` rows are the 1x1 layer's slices; their ``x_slice`` indexes ``dmeta``, the
+    depthwise layer's rows, whose ``x_slice`` indexes the input.
+    """
+    pid = tl.program_id(0)
+    sl = tl.program_id(1)
+    n_tiles = tl.cdiv(C_OUT_ALLOC, BLOCK_N)
+    pid_n = pid % n_tiles
+    pid_m = pid // n_tiles
+    if MULTI:
+        c = tl.load(meta_ptr + sl * 5)
+        cout = tl.load(meta_ptr + sl * 5 + 1)
+        ds = tl.load(meta_ptr + sl * 5 + 2)
+        rs = tl.load(meta_ptr + sl * 5 + 3)
+        bn_row = sl if BN_SLICE else tl.load(meta_ptr + sl * 5 + 4)
+        hs = tl.load(dmeta_ptr + ds * 5 + 2)
+        bn_row_d = ds if BN_SLICE else tl.load(dmeta_ptr + ds * 5 + 4)
+    else:
+        c = cin_arg
+        cout = cout_arg
+        hs = 0
+        rs = 0
+        bn_row = 0
+        bn_row_d = 0
+    shn, shh, shw = shn * VEC, shh * VEC, shw * VEC  # hints, as in _conv_kernel
+    srn, srh, srw = srn * VEC, srh * VEC, srw * VEC
+    syn, syh, syw = syn * VEC, syh * VEC, syw * VEC
+    if W_ALIGN > 1:
+        c = (c // W_ALIGN) * W_ALIGN
+        cout = (cout // W_ALIGN) * W_ALIGN
+        C_OUT_ALLOC = (C_OUT_ALLOC // W_ALIGN) * W_ALIGN
+
+    M = B * OH * OW
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_ok = offs_m < M
+    n_img = offs_m // (OH * OW)
+    rem = offs_m % (OH * OW)
+    oh = rem // OW
+    ow = rem % OW
+    h_rows = h_ptr + (hs * B + n_img).to(tl.int64) * shn
+    n_ok = offs_n < cout
+    wp_cols = wp_ptr + offs_n.to(tl.int64) * swp0
+    k_hi = tl.where(pid_n * BLOCK_N < cout, c, 0)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for c0 in range(0, k_hi, BLOCK_K):
+        ck = c0 + offs_k
+        k_ok = ck < c
+        d = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+        for kh in tl.static_range(KSIZE):
+            ih = oh * STRIDE - PAD + kh
+            h_ok = m_ok & (ih >= 0) & (ih < H)
+            for kw in tl.static_range(KSIZE):
+                iw = ow * STRIDE - PAD + kw
+                ok = h_ok & (iw >= 0) & (iw < W)
+                xv = tl.load((h_rows + ih * shh + iw * shw)[:, None] + ck[None, :] * shc,
+                             mask=ok[:, None] & k_ok[None, :], other=0.0)
+                wv = tl.load(wd_ptr + ck * swd0 + kh * swd2 + kw * swd3, mask=k_ok, other=0.0)
+                d += xv.to(tl.float32) * wv.to(tl.float32)[None, :]
+        dsc = tl.load(dscale_ptr + bn_row_d * s_bn_d + ck, mask=k_ok, other=0.0)
+        dsh = tl.load(dshift_ptr + bn_row_d * s_bn_d + ck, mask=k_ok, other=0.0)
+        d = d * dsc[None, :] + dsh[None, :]
+        if ACT_D == 1:
+            d = tl.maximum(d, 0.0)
+        elif ACT_D == 2:
+            d = tl.minimum(tl.maximum(d, 0.0), 6.0)
+        b = tl.load(wp_cols[None, :] + ck[:, None] * swp1, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        # d is rounded to the activation dtype as the unfused path rounds its stored output
+        if DOT == 1:
+            acc = tl.dot(d.to(tl.bfloat16), b.to(tl.bfloat16), acc)
+        elif DOT == 2:
+            acc = tl.dot(d.to(tl.float16), b.to(tl.float16), acc)
+        elif DOT == 3:  # interpreter, bf16 activations: round through bf16, multiply in fp32
+            acc = tl.dot(d.to(tl.bfloat16).to(tl.float32), b.to(tl.bfloat16).to(tl.float32), acc,
+                         input_precision="ieee")
+        else:
+            acc = tl.dot(d, b.to(tl.float32), acc, input_precision=PRECISION)
+
+    _epilogue(acc, offs_m, offs_n, m_ok, n_img, oh, ow, sl, pid_m, cout, B, C_OUT_ALLOC,
+              scale_ptr, shift_ptr, bn_row, s_bn, res_ptr, rs, srn, src, srh, srw,
+              y_ptr, syn, syc, syh, syw, y_ptr, 0, ACT, HAS_RES, False)
+
+
 # -- launch configurations ---------------------------------------------------------------
 @dataclass(frozen=True)
 class BlockConfig:
@@ -343,6 +443,16 @@ def _tuned(kernel, configs: list[BlockConfig]):
 
 _conv_tuned = _tuned(_conv_kernel, _DENSE_CONFIGS) if AUTOTUNE else None
 _conv_small_tuned = _tuned(_conv_kernel, _SMALL_CIN_CONFIGS) if AUTOTUNE else None
+# Fused depthwise + 1x1: the depthwise taps run per K step, so small K steps and shallow
+# pipelines; these compile without spills for bf16 and fp32 on sm_90 (compile_report).
+_DW_PROJECT_CONFIGS = [
+    BlockConfig(64, 64, 16, 4, 2), BlockConfig(64, 32, 16, 4, 2), BlockConfig(128, 64, 16, 8, 2),
+    BlockConfig(128, 128, 16, 8, 2), BlockConfig(128, 64, 32, 8, 2), BlockConfig(64, 64, 32, 4, 2),
+    BlockConfig(128, 64, 16, 4, 2),
+]
+_dw_project_tuned = triton.autotune(_triton_configs(_DW_PROJECT_CONFIGS),
+                                    key=["M_KEY", "N_KEY", "K_KEY", "KSIZE", "STRIDE", "HAS_RES", "DOT"]
+                                    )(_dw_project_kernel) if AUTOTUNE else None
 _dw_tuned = _tuned(_dw_kernel, _DW_CONFIGS) if AUTOTUNE else None
 
 
@@ -587,6 +697,78 @@ def conv_bn_act_multi(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
     _launch(x, weight, scale, shift, residual, out, meta,
             _Call(batch, slices, 0, 0, x.shape[1] if cin_max is None else cin_max, stride, padding, act,
                   depthwise, tf32, config, bn_per_slice, _check_align(width_align, cout_alloc)))
+    return out
+
+
+# -- depthwise + 1x1 fused (an inverted residual block's second half) ----------------------------
+def dw_project_bn_act(x: torch.Tensor, dw_weight: torch.Tensor, dw_scale: torch.Tensor, dw_shift: torch.Tensor,
+                      weight: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, *, stride: int = 1,
+                      padding: int | None = None, dw_act: str | None = "relu6", act: str | None = None,
+                      residual: torch.Tensor | None = None, cin: int | None = None, cout: int | None = None,
+                      meta: torch.Tensor | None = None, dw_meta: torch.Tensor | None = None,
+                      batch: int | None = None, cout_alloc: int | None = None, cin_max: int | None = None,
+                      bn_per_slice: bool = False, width_align: int = 1, tf32: bool | None = None,
+                      config: BlockConfig | None = None) -> torch.Tensor:
+    """``act(bn(conv1x1(dw_act(bn_dw(dwconv(x))))) + residual)``, the depthwise output kept on chip.
+
+    Equal to :func:`conv_bn_act` with ``depthwise=True`` followed by :func:`conv_bn_act`
+    on its output (1x1 ``weight``), without writing and re-reading the depthwise output:
+    the largest byte term of a MobileNetV2 step. Eval-mode BN only (folded rows).
+
+    Single config: ``cin`` (the depthwise width, default ``x.shape[1]``) and ``cout``.
+    Multi-config: ``meta`` holds the 1x1 layer's rows (its ``x_slice`` names a row of
+    ``dw_meta``, the depthwise layer's rows, whose ``x_slice`` names an input slice),
+    with ``batch``/``cout_alloc``/``bn_per_slice``/``width_align`` as in
+    :func:`conv_bn_act_multi` (BN rows per slice index both layers' tables).
+    """
+    _check(x, dw_weight, dw_scale, dw_shift, residual, True)
+    _check(x, weight, scale, shift, residual, False)
+    if weight.shape[2] != 1:
+        raise ValueError(f"the fused second layer must be 1x1, got kernel {tuple(weight.shape[2:])}")
+    k = dw_weight.shape[2]
+    padding = (k - 1) // 2 if padding is None else padding
+    n, _, h, w = x.shape
+    oh, ow = _out_size(h, k, stride, padding), _out_size(w, k, stride, padding)
+    if meta is None:
+        cin, _ = _single_widths(x, dw_weight, cin, None, True, dw_scale.shape[-1])
+        _, cout = _single_widths(x[:, :cin], weight, cin, cout, False, scale.shape[-1])
+        batch, slices, c_alloc, cin_max, align = n, 1, cout, cin, _pow2_align(cin, cout)
+        _check_residual(residual, n, cout, oh, ow)
+        cin_arg, cout_arg = cin, cout
+    else:
+        if dw_meta is None or batch is None or cout_alloc is None:
+            raise ValueError("the multi-config form needs meta, dw_meta, batch and cout_alloc")
+        _check_meta(meta, x, batch)
+        _check_meta(dw_meta, x, batch)
+        slices, c_alloc, align = meta.shape[0], cout_alloc, _check_align(width_align, cout_alloc)
+        cin_max = x.shape[1] if cin_max is None else cin_max
+        cin_arg = cout_arg = 0
+    out = torch.empty((slices * batch, c_alloc, oh, ow), device=x.device, dtype=x.dtype,
+                      memory_format=torch.channels_last)
+    res = residual if residual is not None else out
+    vec = _pow2_align(*(st for t in (x, res, out) for i, st in enumerate(t.stride()) if i != 1))
+    s_bn_d = dw_scale.stride(0) if dw_scale.dim() == 2 else 0
+    s_bn = scale.stride(0) if scale.dim() == 2 else 0
+    dot = _dot_code(x.dtype)
+    if INTERPRETED and x.dtype == torch.bfloat16:
+        dot = 3
+    m = batch * oh * ow
+    args = (x, dw_weight, dw_scale, dw_shift, weight, scale, shift, res, out, meta, dw_meta,
+            batch, h, w, oh, ow, c_alloc, *_div_strides(x, vec), dw_weight.stride(0), dw_weight.stride(2),
+            dw_weight.stride(3), weight.stride(0), weight.stride(1), *_div_strides(res, vec), *_div_strides(out, vec),
+            s_bn_d, s_bn, cin_arg, cout_arg, _bucket(m * slices), _bucket(c_alloc), _bucket(cin_max))
+    const = dict(KSIZE=k, STRIDE=stride, PAD=padding, ACT_D=ACT_CODES[dw_act], ACT=ACT_CODES[act],
+                 HAS_RES=residual is not None, MULTI=meta is not None, DOT=dot, PRECISION=_precision(tf32),
+                 BN_SLICE=bn_per_slice, VEC=vec, W_ALIGN=align)
+    if config is None and _dw_project_tuned is not None:
+        def grid(meta_):
+            return (triton.cdiv(m, meta_["BLOCK_M"]) * triton.cdiv(c_alloc, meta_["BLOCK_N"]), slices)
+        _dw_project_tuned[grid](*args, **const)
+        return out
+    cfg = config or (INTERPRETER_CONFIG if INTERPRETED else BlockConfig(64, 64, 16, 4, 2))
+    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(c_alloc, cfg.block_n), slices)
+    _dw_project_kernel[grid](*args, **const, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+                             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
 
 

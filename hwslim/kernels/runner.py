@@ -43,7 +43,7 @@ from hwslim.costs import layer_macs, macs
 from hwslim.graph import INPUT, Node, last_uses, resolve
 from hwslim.kernels import KernelUnavailableError, check_device, supports
 from hwslim.kernels.conv import (META_COLUMNS, _pow2_align, batch_bn_scale_shift, bn_act_, conv_bn_act,
-                                 conv_bn_act_multi, conv_stats, fold_bn)
+                                 conv_bn_act_multi, conv_stats, dw_project_bn_act, fold_bn)
 from hwslim.supernet import SlimmableNet
 
 # model -> {node name: (bn version key, scale, shift)}; weak so models can be freed
@@ -103,14 +103,48 @@ def _pool(node: Node, inp: torch.Tensor) -> torch.Tensor:
     return inp.mean(dim=(2, 3), dtype=torch.float32)  # gap: fp32 features for the classifier
 
 
-def _execute(model: SlimmableNet, env: dict[str, torch.Tensor], start: int, stop: int, conv_fn, extra=None):
-    """run_graph's loop: ``conv_fn(i, node, inp, residual)`` computes conv nodes, torch the rest."""
+def fusable_pairs(nodes: Sequence[Node], start: int = 0, stop: int | None = None) -> set[int]:
+    """Indices i where depthwise node i feeds 1x1 node i+1 and nothing else reads it.
+
+    Such pairs (an inverted residual block's depthwise + project) run as one fused
+    kernel in eval-mode BN, the depthwise output never stored. Pairs crossing ``start``
+    or ``stop`` are left alone, so a resumable environment always holds real tensors.
+    """
+    stop = len(nodes) if stop is None else stop
+    readers: dict[str, int] = {}
+    for n in nodes:
+        for name in (n.input, n.residual):
+            if name is not None:
+                readers[name] = readers.get(name, 0) + 1
+    out = set()
+    for i in range(start, stop - 1):
+        a, b = nodes[i], nodes[i + 1]
+        if (a.op == "conv" and a.depthwise and b.op == "conv" and not b.depthwise and b.kernel == 1
+                and b.groups == 1 and b.stride == 1 and b.input == a.name and readers.get(a.name) == 1):
+            out.add(i)
+    return out
+
+
+def _execute(model: SlimmableNet, env: dict[str, torch.Tensor], start: int, stop: int, conv_fn,
+             pair_fn=None, pairs: set[int] = frozenset()):
+    """run_graph's loop: ``conv_fn(i, node, inp, residual)`` computes conv nodes, torch the rest.
+
+    For ``i`` in ``pairs``, ``pair_fn(i, inp, residual)`` computes nodes i and i+1 at once
+    (the output of node i+1; node i's is never materialized).
+    """
     nodes = model.nodes
     free_after = last_uses(nodes)
-    for i in range(start, stop):
+    i = start
+    while i < stop:
         n = nodes[i]
         inp = env[n.input]
-        if n.op == "conv":
+        last = i
+        if i in pairs:
+            last = i + 1
+            nxt = nodes[last]
+            y = pair_fn(i, inp, None if nxt.residual is None else env[nxt.residual])
+            n = nxt
+        elif n.op == "conv":
             y = conv_fn(i, n, inp, None if n.residual is None else env[n.residual])
         elif n.op == "linear":
             y = _linear(model, n, inp)
@@ -118,9 +152,11 @@ def _execute(model: SlimmableNet, env: dict[str, torch.Tensor], start: int, stop
             y = _pool(n, inp)
         env[n.name] = y
         del inp, y
-        for name in (n.input, n.residual):
-            if name is not None and free_after.get(name) == i:
-                env.pop(name, None)
+        for j in range(i, last + 1):
+            for name in (nodes[j].input, nodes[j].residual):
+                if name is not None and free_after.get(name) == j:
+                    env.pop(name, None)
+        i = last + 1
     return env
 
 
@@ -135,14 +171,16 @@ BN_MODES = ("running", "batch")
 @torch.no_grad()
 def triton_forward(model: SlimmableNet, x: torch.Tensor | None, config: ChannelConfig | None = None, *,
                    start: int = 0, stop: int | None = None, env: dict[str, torch.Tensor] | None = None,
-                   bn: str = "running", tf32: bool | None = None) -> torch.Tensor | dict[str, torch.Tensor]:
+                   bn: str = "running", fuse: bool = True,
+                   tf32: bool | None = None) -> torch.Tensor | dict[str, torch.Tensor]:
     """Logits of ``model`` at ``config`` (default: its current config).
 
     Same contract as :func:`hwslim.graph.run_graph`: runs ``nodes[start:stop]``; with
     ``stop`` set it returns the environment (live tensors by name) that a later call
     resumes with ``start=stop, env=env`` (``x`` may then be None). ``bn`` is
     ``"running"`` (eval mode) or ``"batch"`` (train-mode statistics of this batch; the
-    running statistics are not updated). ``tf32`` as in
+    running statistics are not updated). ``fuse`` runs each depthwise + 1x1 pair as one
+    kernel (:func:`fusable_pairs`; eval-mode BN only). ``tf32`` as in
     :func:`hwslim.kernels.conv.conv_bn_act`. Raises :class:`KernelUnavailableError`
     off CUDA (unless ``TRITON_INTERPRET=1``) or for a model :func:`supports` rejects.
     """
@@ -169,8 +207,17 @@ def triton_forward(model: SlimmableNet, x: torch.Tensor | None, config: ChannelC
                                   depthwise=n.depthwise, cin=cin, cout=cout, tf32=tf32)
         return bn_act_(y, *batch_bn_scale_shift(layer.bn, mean, var), act=n.act, residual=res)
 
+    def pair_fn(i: int, inp: torch.Tensor, res: torch.Tensor | None) -> torch.Tensor:
+        a, b = model.nodes[i], model.nodes[i + 1]
+        c = resolve(a.cin, widths)
+        return dw_project_bn_act(inp, model.layers[a.name].conv.weight, *folded[a.name],
+                                 model.layers[b.name].conv.weight, *folded[b.name], stride=a.stride,
+                                 padding=a.padding, dw_act=a.act, act=b.act, residual=res, cin=c,
+                                 cout=resolve(b.cout, widths), tf32=tf32)
+
     stop = len(model.nodes) if stop is None else stop
-    env = _execute(model, env, start, stop, conv_fn)
+    pairs = fusable_pairs(model.nodes, start, stop) if fuse and folded is not None else set()
+    env = _execute(model, env, start, stop, conv_fn, pair_fn, pairs)
     return env if stop < len(model.nodes) else env[model.nodes[-1].name]
 
 
@@ -295,7 +342,7 @@ def _as_plan(model: SlimmableNet, plan, device: torch.device) -> MultiPlan:
 
 
 def _multi_pass(model: SlimmableNet, x: torch.Tensor, plan: MultiPlan, bn, tf32: bool | None,
-                collect: dict | None = None) -> torch.Tensor:
+                collect: dict | None = None, fuse: bool = False) -> torch.Tensor:
     batch = x.shape[0]
     folded = folded_bn(model) if bn == "running" else None
 
@@ -315,24 +362,40 @@ def _multi_pass(model: SlimmableNet, x: torch.Tensor, plan: MultiPlan, bn, tf32:
         return bn_act_(y, *batch_bn_scale_shift(model.layers[n.name].bn, mean, var), act=n.act, residual=res,
                        meta=meta, batch=batch, bn_per_slice=True, width_align=step.align)
 
-    env = _execute(model, {INPUT: x.contiguous(memory_format=torch.channels_last)}, 0, len(model.nodes), conv_fn)
+    def pair_fn(i: int, inp: torch.Tensor, res: torch.Tensor | None) -> torch.Tensor:
+        a, b = model.nodes[i], model.nodes[i + 1]
+        sa, sb = plan.steps[i], plan.steps[i + 1]
+        if isinstance(bn, MultiBN):
+            da, db, per_slice = (bn.scale[a.name], bn.shift[a.name]), (bn.scale[b.name], bn.shift[b.name]), True
+        else:
+            da, db, per_slice = folded[a.name], folded[b.name], False
+        return dw_project_bn_act(inp, model.layers[a.name].conv.weight, *da, model.layers[b.name].conv.weight, *db,
+                                 stride=a.stride, padding=a.padding, dw_act=a.act, act=b.act, residual=res,
+                                 meta=plan.node_meta(i + 1), dw_meta=plan.node_meta(i), batch=batch,
+                                 cout_alloc=sb.c_alloc, cin_max=sb.cin_max, bn_per_slice=per_slice,
+                                 width_align=min(sa.align, sb.align), tf32=tf32)
+
+    pairs = fusable_pairs(model.nodes) if fuse and bn != "batch" else set()
+    env = _execute(model, {INPUT: x.contiguous(memory_format=torch.channels_last)}, 0, len(model.nodes), conv_fn,
+                   pair_fn, pairs)
     logits = env[model.nodes[-1].name]
     return logits.view(-1, batch, logits.shape[-1]).index_select(0, plan.final_index)
 
 
 @torch.no_grad()
 def multi_forward(model: SlimmableNet, x: torch.Tensor, plan: MultiPlan | Sequence[ChannelConfig], *,
-                  bn: str | MultiBN = "running", tf32: bool | None = None) -> torch.Tensor:
+                  bn: str | MultiBN = "running", fuse: bool = True, tf32: bool | None = None) -> torch.Tensor:
     """Logits of every config of ``plan`` on the images ``x``: shape ``(K, N, classes)``.
 
     ``plan`` is a :class:`MultiPlan` (reuse it across batches) or a list of configs.
     ``bn``: ``"running"``, ``"batch"`` or a :class:`MultiBN` (see the module doc).
+    ``fuse``: depthwise + 1x1 pairs as one kernel (eval-mode BN only).
     Equal, up to float rounding, to ``triton_forward(model, x, configs[k], bn=...)``.
     """
     _check_bn_mode(bn)
     _require(model, x)
     plan = _as_plan(model, plan, x.device)
-    return _multi_pass(model, x, plan, bn, tf32)
+    return _multi_pass(model, x, plan, bn, tf32, fuse=fuse)
 
 
 @torch.no_grad()
