@@ -1,0 +1,89 @@
+"""Latency backends behind one interface (:class:`profilers.base.Profiler`).
+
+Backends are peers, one module each, imported only when asked for, so the core works
+without TensorRT or a GPU; a missing package is explained when that backend is used::
+
+    >>> from profilers import available_backends, get_profiler
+    >>> available_backends()                       # doctest: +SKIP
+    ['ort']
+    >>> prof = get_profiler("cpu", threads=1)      # the default CPU backend: ONNX Runtime
+
+To add a backend: a module here with a :class:`Profiler` subclass, and one line in
+``BACKENDS`` (name -> module, class, device). Its ``is_available()`` must be cheap.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import Any
+
+from profilers.base import Profiler, ProfilerError, Protocol, Timing
+
+# name -> (module, class, device). The order per device is the default preference.
+BACKENDS: dict[str, tuple[str, str, str]] = {
+    "ort": ("profilers.ort", "OrtProfiler", "cpu"),
+    "trt": ("profilers.trt", "TrtProfiler", "cuda"),
+    "torch_cuda": ("profilers.torch_cuda", "TorchCudaProfiler", "cuda"),
+}
+ALIASES = {"onnxruntime": "ort", "tensorrt": "trt", "torch": "torch_cuda"}
+DEVICES = ("cpu", "cuda")
+
+
+def backend_class(name: str) -> type[Profiler]:
+    """The Profiler subclass of backend ``name`` (imports its module)."""
+    name = ALIASES.get(name, name)
+    if name not in BACKENDS:
+        raise ProfilerError(f"unknown backend {name!r}; known: {', '.join(BACKENDS)}")
+    module, cls, _ = BACKENDS[name]
+    try:
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name == module:
+            raise ProfilerError(f"backend {name!r} is not part of this hwslim installation") from None
+        raise ProfilerError(f"backend {name!r} needs the Python package {e.name!r}, which is not installed") from None
+    return getattr(mod, cls)
+
+
+def _available(name: str) -> bool:
+    try:
+        return backend_class(name).is_available()
+    except ProfilerError:
+        return False
+
+
+def available_backends(device: str | None = None) -> list[str]:
+    """Backends that can measure on this machine (optionally only those for ``device``)."""
+    return [n for n, (_, _, dev) in BACKENDS.items() if (device is None or dev == device) and _available(n)]
+
+
+def default_backend(device: str) -> str:
+    """The preferred available backend for ``device`` (cpu: ort; cuda: trt, else torch_cuda)."""
+    if device not in DEVICES:
+        raise ProfilerError(f"unknown device {device!r}; expected one of {', '.join(DEVICES)}")
+    names = [n for n, (_, _, dev) in BACKENDS.items() if dev == device]
+    for n in names:
+        if _available(n):
+            if n != names[0]:
+                print(f"note: backend {names[0]!r} is not available here; using {n!r}", file=sys.stderr)
+            return n
+    raise ProfilerError(f"no latency backend can run on device {device!r} here (tried {', '.join(names)})")
+
+
+def get_profiler(device: str, backend: str | None = None, **settings: Any) -> Profiler:
+    """A ready profiler for ``device`` with ``backend`` (default: :func:`default_backend`).
+
+    ``settings`` are the backend's keyword arguments (``threads``, ``dtype``,
+    ``protocol``...). ``None`` values are dropped, so CLI defaults never override a
+    backend's own.
+    """
+    name = ALIASES.get(backend, backend) if backend else default_backend(device)
+    cls = backend_class(name)
+    if cls.device != device:
+        raise ProfilerError(f"backend {name!r} measures device {cls.device!r}, not {device!r}")
+    if not cls.is_available():
+        raise ProfilerError(f"backend {name!r} cannot run here ({cls.unavailable_reason()})")
+    return cls(**{k: v for k, v in settings.items() if v is not None})
+
+
+__all__ = ["BACKENDS", "Profiler", "ProfilerError", "Protocol", "Timing", "available_backends",
+           "backend_class", "default_backend", "get_profiler"]

@@ -1,0 +1,126 @@
+"""How well a latency table predicts the real model: predicted vs measured end-to-end latency.
+
+For each model: take its latency table (the default one under latency_tables/, or measure
+it first with `hwslim profile`), then measure, end to end, the exported ONNX model of
+50+ random configs and every uniform width, none of them used for the table's
+calibration, with the same backend and protocol. Prints the share of configs within
++-5% and +-10%, the Spearman rank correlation and the worst error; writes per-config
+rows and a summary to benchmarks/results/.
+
+    python benchmarks/lut_accuracy.py                          # MobileNetV2 1.5x@224 and ResNet-20@32
+    python benchmarks/lut_accuracy.py --models mobilenet_v2 --random 50
+    python benchmarks/lut_accuracy.py --device cuda --backend torch --batch 32
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere as a script
+
+from benchmarks.common import print_table, write_csv  # noqa: E402
+from hwslim.errors import TableError  # noqa: E402
+from hwslim.latency import LatencyTable, accuracy, find_table, table_paths  # noqa: E402
+from hwslim.models import create_model  # noqa: E402
+from hwslim.profile import ProfileSettings, measure_configs, profile  # noqa: E402
+from profilers import get_profiler  # noqa: E402
+
+MODELS = {"mobilenet_v2": (1.5, 224), "resnet20": (1.0, 32)}
+
+
+def _table(args, model: str, wm: float, size: int) -> tuple[LatencyTable, float | None]:
+    try:
+        path = find_table(args.device, model, wm, batch=args.batch, input_size=size, threads=args.threads,
+                          backend=args.backend)
+        return LatencyTable.load(path), None
+    except TableError as e:
+        if not args.measure_missing:
+            raise
+        print(f"{e}\n-> measuring it now", file=sys.stderr)
+    t0 = time.perf_counter()
+    res = profile(ProfileSettings(device=args.device, backend=args.backend, model=model, width_mult=wm,
+                                  input_size=size, batch=args.batch, threads=args.threads), progress=True,
+                  log=lambda m: print(m, file=sys.stderr))
+    return LatencyTable.load(res.path), time.perf_counter() - t0
+
+
+def evaluate(args, model: str) -> tuple[dict, list[dict]]:
+    wm, size = MODELS.get(model, (None, None))
+    net = create_model(model, width_mult=wm).eval()
+    size = size or net.input_size
+    table, took = _table(args, model, net.width_mult, size)
+    table.check_compatible(net, batch=args.batch, input_size=size)
+    used = set()
+    e2e_path = table_paths(table.path)[2]
+    if e2e_path.exists():
+        import pandas as pd
+
+        used = set(pd.read_csv(e2e_path)["widths"])
+    rng = random.Random(args.seed)
+    configs = [("uniform", c) for c in net.uniform_configs()]
+    while len(configs) < 12 + args.random:
+        configs.append(("random", net.random_config(rng)))
+    key = lambda c: json.dumps(c.widths, sort_keys=True, separators=(",", ":"))  # noqa: E731
+    assert not {key(c) for _, c in configs} & used, "an evaluation config was used for calibration"
+    rng.shuffle(configs)
+    rows = []
+    with get_profiler(table.meta["device"], table.meta["backend"], **table.meta.get("settings", {})) as prof:
+        t0 = time.perf_counter()
+        # interleaved rounds: every config sees the same mix of quiet and busy spells of the machine
+        timings = measure_configs(prof, net, [c for _, c in configs], args.batch, size, rounds=args.rounds,
+                                  progress=True)
+        for (kind, cfg), t in zip(configs, timings):
+            pred = table.predict_ms(net.layer_specs(cfg, batch=args.batch, input_size=size))
+            rows.append({"model": model, "width_mult": net.width_mult, "input_size": size, "batch": args.batch,
+                         "kind": kind, "predicted_ms": round(pred, 4), "measured_ms": round(t.median_ms, 4),
+                         "iqr_ms": round(t.iqr_ms, 4), "n": t.n, "noisy": t.noisy,
+                         "err_pct": round((pred / t.median_ms - 1) * 100, 2), "widths": key(cfg)})
+        seconds = time.perf_counter() - t0
+    acc = accuracy([r["predicted_ms"] for r in rows], [r["measured_ms"] for r in rows])
+    m = table.meta
+    summary = {"model": f"{model} x{net.width_mult:g} @{size}", "backend": m["backend"], "threads": m["threads"],
+               "batch": args.batch, "configs": acc["n"], "within_5pct": round(acc["within_5pct"], 3),
+               "within_10pct": round(acc["within_10pct"], 3), "spearman": round(acc["spearman"], 4),
+               "mean_abs_err_pct": round(acc["mean_abs_err_pct"], 2), "max_abs_err_pct": round(acc["max_abs_err_pct"], 2),
+               "noisy_e2e": sum(r["noisy"] for r in rows), "table_entries": len(table),
+               "table_s": m.get("profile_seconds") if took is None else round(took, 1),
+               "eval_s": round(seconds, 1), "calib_a": round(m["calibration"]["a"], 4),
+               "calib_b_ms": round(m["calibration"]["b"], 4), "table_measured": m.get("finished", "")}
+    return summary, rows
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=list(MODELS))
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--backend")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--threads", type=int)
+    p.add_argument("--random", type=int, default=50, help="random configs per model (plus the 12 uniform ones)")
+    p.add_argument("--seed", type=int, default=2024)
+    p.add_argument("--rounds", type=int, default=4, help="interleaved rounds of end-to-end timing")
+    p.add_argument("--no-measure", dest="measure_missing", action="store_false",
+                   help="fail instead of measuring a missing table")
+    args = p.parse_args()
+    summaries, rows = [], []
+    for model in args.models:
+        s, r = evaluate(args, model)
+        summaries.append(s)
+        rows += r
+        print_table([s])
+    tag = f"{args.device}_{summaries[0]['backend']}_b{args.batch}"
+    write_csv(rows, f"lut_accuracy_{tag}_configs")
+    path = write_csv(summaries, f"lut_accuracy_{tag}")
+    print()
+    print_table(summaries, ["model", "configs", "within_5pct", "within_10pct", "spearman", "mean_abs_err_pct",
+                            "max_abs_err_pct", "noisy_e2e", "table_entries", "table_s"])
+    print(f"results: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

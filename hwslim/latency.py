@@ -1,0 +1,444 @@
+"""Latency lookup tables: format, I/O, the compatibility check, and prediction.
+
+A table is two files side by side (see ``latency_tables/README.md``):
+
+* ``NAME.csv``, one row per entry: the :meth:`~hwslim.graph.LayerSpec.signature`
+  fields, then ``median_ms, iqr_ms, p90_ms, n, noisy``. ``pandas.read_csv`` opens it.
+* ``NAME.json``, the metadata: who measured (device, CPU/GPU model, backend and its
+  version, threads, dtype, clock), what (model, width multiplier, input size, batch),
+  when, with which hwslim, and the calibration with its held-out accuracy.
+
+(``NAME.e2e.csv`` keeps the whole-model measurements behind the calibration.)
+
+A prediction is ``a * sum(layer medians) + b``: the fit of whole-model latencies on
+layer sums stored in the metadata (see :mod:`hwslim.profile`). Example::
+
+    >>> table = LatencyTable.load("latency_tables/cpu-amd-epyc/mobilenet_v2-x1.5-224px-b1-ort-t1-float32.csv")
+    >>> table.check_compatible(net, batch=1)               # refuses another machine/setup
+    >>> table.predict_ms(net.layer_specs(config))          # doctest: +SKIP
+    7.41
+
+Rows are appended one at a time with flush + fsync (profiling is resumable after a
+``kill -9``); a torn last line is dropped when the file is read.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+from hwslim import __version__
+from hwslim.config import atomic_write_text
+from hwslim.errors import TableError
+from hwslim.graph import SIGNATURE_FIELDS, LayerSpec
+
+FORMAT = "hwslim-latency-table"
+FORMAT_VERSION = 1
+TIMING_FIELDS = ("median_ms", "iqr_ms", "p90_ms", "n", "noisy")
+COLUMNS = SIGNATURE_FIELDS + TIMING_FIELDS
+E2E_COLUMNS = ("role", "widths", "sum_ms", "median_ms", "iqr_ms", "p90_ms", "n", "noisy")
+_INT_FIELDS = {"kernel", "stride", "padding", "groups", "in_h", "in_w", "cin", "cout", "batch"}
+# metadata that must match the use: name -> how the mismatch is described
+SETUP_KEYS = ("model", "width_mult", "input_size", "batch", "dtype")
+
+
+def table_dir() -> Path:
+    """Where default tables live: ``$HWSLIM_TABLE_DIR`` or ``./latency_tables``."""
+    return Path(os.environ.get("HWSLIM_TABLE_DIR", "latency_tables"))
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", str(text).lower()).strip("-") or "unknown"
+
+
+def table_name(model: str, width_mult: float, input_size: int, batch: int, backend: str, threads: int,
+               dtype: str) -> str:
+    """File stem of a table: ``mobilenet_v2-x1.5-224px-b1-ort-t1-float32``."""
+    return f"{model}-x{width_mult:g}-{input_size}px-b{batch}-{backend}-t{threads}-{dtype}"
+
+
+def default_table_path(device: str, device_name: str, model: str, width_mult: float, input_size: int,
+                       batch: int, backend: str, threads: int, dtype: str, root: str | os.PathLike | None = None
+                       ) -> Path:
+    """``latency_tables/<device>-<device name>/<table_name>.csv``."""
+    root = Path(root) if root is not None else table_dir()
+    return root / f"{device}-{slug(device_name)}" / (table_name(model, width_mult, input_size, batch, backend,
+                                                                threads, dtype) + ".csv")
+
+
+def table_paths(path: str | os.PathLike) -> tuple[Path, Path, Path]:
+    """(entries CSV, metadata JSON, end-to-end CSV) of a table given any one of them or its stem."""
+    p = Path(path)
+    name = p.name
+    for suffix in (".e2e.csv", ".csv", ".json"):
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    return p.with_name(name + ".csv"), p.with_name(name + ".json"), p.with_name(name + ".e2e.csv")
+
+
+# -- rows ---------------------------------------------------------------------------------------
+def timing_from_row(row: Mapping[str, str]):
+    from profilers.base import Timing
+
+    return Timing(float(row["median_ms"]), float(row["iqr_ms"]), float(row["p90_ms"]), int(row["n"]),
+                  str(row["noisy"]) in ("1", "True", "true"))
+
+
+def signature_from_row(row: Mapping[str, Any]) -> tuple:
+    out = []
+    for f in SIGNATURE_FIELDS:
+        v = row[f]
+        if f in _INT_FIELDS:
+            v = int(v)
+        elif f == "residual":
+            v = str(v) in ("1", "True", "true")
+        else:
+            v = str(v)
+        out.append(v)
+    return tuple(out)
+
+
+def entry_row(spec_or_sig: LayerSpec | tuple, timing) -> dict[str, Any]:
+    sig = spec_or_sig.signature() if isinstance(spec_or_sig, LayerSpec) else spec_or_sig
+    row = dict(zip(SIGNATURE_FIELDS, sig))
+    row["residual"] = int(row["residual"])
+    row.update(median_ms=f"{timing.median_ms:.6f}", iqr_ms=f"{timing.iqr_ms:.6f}", p90_ms=f"{timing.p90_ms:.6f}",
+               n=timing.n, noisy=int(timing.noisy))
+    return row
+
+
+def read_rows(path: str | os.PathLike, columns: Sequence[str]) -> tuple[list[dict[str, str]], int]:
+    """Complete rows of an append-only CSV and the byte length they span.
+
+    A last line without its newline (a write cut by a kill) or one that does not
+    parse is dropped; everything before it is kept.
+    """
+    data = Path(path).read_bytes()
+    end = data.rfind(b"\n") + 1  # bytes after the last newline are a torn row
+    lines = data[:end].decode("utf-8", errors="replace").splitlines(keepends=True)
+    if not lines:
+        return [], 0
+    header = next(csv.reader([lines[0]]))
+    if tuple(header) != tuple(columns):
+        raise TableError(f"{path}: unexpected columns {header[:4]}...; not a hwslim table file")
+    rows, good = [], len(lines[0].encode())
+    for line in lines[1:]:
+        values = next(csv.reader([line]), [])
+        if len(values) != len(columns):
+            break
+        rows.append(dict(zip(columns, values)))
+        good += len(line.encode())
+    return rows, good
+
+
+class RowWriter:
+    """Append-only CSV writer: one row per call, flushed and fsynced (survives ``kill -9``)."""
+
+    def __init__(self, path: str | os.PathLike, columns: Sequence[str]) -> None:
+        self.path, self.columns = Path(path), tuple(columns)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.exists() and self.path.stat().st_size:
+            _, good = read_rows(self.path, self.columns)
+            with open(self.path, "r+b") as f:  # cut a torn last row before appending
+                f.truncate(good)
+        fresh = not self.path.exists() or self.path.stat().st_size == 0
+        self._f = open(self.path, "a", newline="")
+        if fresh:
+            self._write(dict(zip(self.columns, self.columns)))
+
+    def _write(self, row: Mapping[str, Any]) -> None:
+        buf = io.StringIO()
+        csv.writer(buf, lineterminator="\n").writerow([row[c] for c in self.columns])
+        self._f.write(buf.getvalue())
+        self._f.flush()
+        os.fsync(self._f.fileno())
+
+    def append(self, row: Mapping[str, Any]) -> None:
+        self._write(row)
+
+    def close(self) -> None:
+        self._f.close()
+
+    def __enter__(self) -> "RowWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# -- calibration --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Calibration:
+    """``e2e_ms = a * sum_ms + b``, fitted on ``n_fit`` whole configs, checked on others."""
+
+    a: float
+    b: float
+    n_fit: int
+    holdout: Mapping[str, float] = field(default_factory=dict)
+
+    def apply(self, sum_ms: float) -> float:
+        return self.a * sum_ms + self.b
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": "e2e_ms = a * sum_ms + b", **asdict(self), "holdout": dict(self.holdout)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None) -> "Calibration | None":
+        if not d:
+            return None
+        return cls(float(d["a"]), float(d["b"]), int(d.get("n_fit", 0)), dict(d.get("holdout") or {}))
+
+
+def fit_line(x: Sequence[float], y: Sequence[float]) -> tuple[float, float]:
+    """``y = a x + b`` minimizing the *relative* squared error ``sum(((a x + b) / y - 1) ** 2)``.
+
+    Relative, because accuracy is judged in percent: an ordinary fit lets the big
+    configs dominate and leaves the small ones several percent off. With fewer than 3
+    distinct points: ``a = sum(y) / sum(x)``, ``b = 0``.
+    """
+    import numpy as np
+
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    if len(x) < 3 or np.ptp(x) <= 1e-12:
+        return float(np.sum(y) / max(np.sum(x), 1e-12)), 0.0
+    (a, b), *_ = np.linalg.lstsq(np.c_[x / y, 1.0 / y], np.ones_like(y), rcond=None)
+    return float(a), float(b)
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float:
+    """Spearman rank correlation (average ranks for ties)."""
+    import numpy as np
+    import pandas as pd
+
+    if len(x) < 2:
+        return float("nan")
+    rx, ry = pd.Series(x).rank().to_numpy(), pd.Series(y).rank().to_numpy()
+    if np.std(rx) == 0 or np.std(ry) == 0:
+        return float("nan")
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def accuracy(predicted: Sequence[float], measured: Sequence[float]) -> dict[str, float]:
+    """Share of predictions within +-5% / +-10% of the measurement, Spearman, worst error."""
+    import numpy as np
+
+    p, m = np.asarray(predicted, float), np.asarray(measured, float)
+    err = p / m - 1.0
+    return {"n": int(len(m)), "within_5pct": float(np.mean(np.abs(err) <= 0.05)),
+            "within_10pct": float(np.mean(np.abs(err) <= 0.10)), "spearman": spearman(p, m),
+            "mean_abs_err_pct": float(np.mean(np.abs(err)) * 100), "max_abs_err_pct": float(np.max(np.abs(err)) * 100)}
+
+
+# -- the table ----------------------------------------------------------------------------------
+class LatencyTable:
+    """Measured entries (signature -> Timing) plus metadata; predicts whole-config latency."""
+
+    def __init__(self, meta: Mapping[str, Any], entries: Mapping[tuple, Any], path: Path | None = None) -> None:
+        self.meta: dict[str, Any] = dict(meta)
+        self.entries: dict[tuple, Any] = dict(entries)
+        self.path = path
+
+    # -- I/O --------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, allow_incomplete: bool = False) -> "LatencyTable":
+        """Read a table (give the .csv, the .json or the stem). Missing or corrupt: TableError."""
+        csv_path, meta_path, _ = table_paths(path)
+        if not meta_path.exists() or not csv_path.exists():
+            missing = csv_path if not csv_path.exists() else meta_path
+            raise TableError(f"latency table {missing} not found (run `hwslim profile` to measure one)")
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise TableError(f"latency table metadata {meta_path} is unreadable ({e})") from None
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            raise TableError(f"{meta_path} is not a hwslim latency table")
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise TableError(f"{meta_path}: table format version {meta.get('format_version')!r} "
+                             f"(this hwslim reads {FORMAT_VERSION})")
+        try:
+            rows, _ = read_rows(csv_path, COLUMNS)
+            entries = {signature_from_row(r): timing_from_row(r) for r in rows}
+        except (OSError, ValueError, KeyError) as e:
+            raise TableError(f"latency table {csv_path} is corrupt ({e})") from None
+        table = cls(meta, entries, csv_path)
+        if not allow_incomplete and meta.get("status") != "complete":
+            raise TableError(f"latency table {csv_path} is incomplete ({len(entries)}/{meta.get('entries_expected', '?')} "
+                             f"entries); run the same `hwslim profile` command again to finish it")
+        return table
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the whole table atomically (entries CSV, then metadata JSON)."""
+        csv_path, meta_path, _ = table_paths(path)
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=list(COLUMNS), lineterminator="\n")
+        w.writeheader()
+        for sig, t in self.entries.items():
+            w.writerow(entry_row(sig, t))
+        atomic_write_text(csv_path, buf.getvalue())
+        atomic_write_text(meta_path, json.dumps(self.meta, indent=2, sort_keys=True) + "\n")
+        self.path = csv_path
+        return csv_path
+
+    def to_frame(self):
+        """The entries as a pandas DataFrame (the CSV's columns)."""
+        import pandas as pd
+
+        return pd.DataFrame([entry_row(sig, t) for sig, t in self.entries.items()], columns=list(COLUMNS))
+
+    # -- lookups ------------------------------------------------------------------------------
+    @property
+    def calibration(self) -> Calibration | None:
+        return Calibration.from_dict(self.meta.get("calibration"))
+
+    def missing(self, specs: Iterable[LayerSpec]) -> list[LayerSpec]:
+        return [s for s in specs if s.signature() not in self.entries]
+
+    def layer_ms(self, spec: LayerSpec) -> float:
+        """The measured median of ``spec``'s entry (uncalibrated)."""
+        try:
+            return self.entries[spec.signature()].median_ms
+        except KeyError:
+            raise TableError(self._missing_message(spec)) from None
+
+    def sum_ms(self, specs: Iterable[LayerSpec]) -> float:
+        """Sum of the layers' medians (what calibration maps to whole-model latency)."""
+        return math.fsum(self.layer_ms(s) for s in specs)
+
+    def predict_ms(self, specs: Sequence[LayerSpec]) -> float:
+        """Predicted end-to-end latency of a network given as its layer specs."""
+        total = self.sum_ms(specs)
+        cal = self.calibration
+        return cal.apply(total) if cal is not None else total
+
+    def _missing_message(self, spec: LayerSpec) -> str:
+        sig = ", ".join(f"{k}={v}" for k, v in zip(SIGNATURE_FIELDS, spec.signature()))
+        where = self.path or "the latency table"
+        return (f"{where} has no entry for layer {spec.name!r} ({sig}); it was measured for "
+                f"{self.meta.get('model')} x{self.meta.get('width_mult')} at {self.meta.get('input_size')}px, "
+                f"batch {self.meta.get('batch')}")
+
+    # -- compatibility --------------------------------------------------------------------------
+    def mismatches(self, net=None, *, batch: int | None = None, input_size: int | None = None,
+                   threads: int | None = None, dtype: str | None = None, machine: bool = True) -> list[str]:
+        """What differs between this table's setup and the intended use (empty: compatible)."""
+        m = self.meta
+        want: dict[str, Any] = {}
+        if net is not None:
+            want.update(model=net.name, width_mult=float(net.width_mult), input_size=input_size or net.input_size)
+        elif input_size is not None:
+            want["input_size"] = input_size
+        if batch is not None:
+            want["batch"] = batch
+        if dtype is not None:
+            want["dtype"] = dtype
+        if threads is not None:
+            want["threads"] = threads
+        out = []
+        for key, value in want.items():
+            have = m.get(key)
+            same = (abs(float(have) - float(value)) < 1e-9) if key == "width_mult" and have is not None else have == value
+            if not same:
+                out.append(f"{key.replace('_', ' ')} {have} (wanted: {value})")
+        if machine:
+            out += self._machine_mismatches()
+        return out
+
+    def _machine_mismatches(self) -> list[str]:
+        from profilers import backend_class
+        from profilers.base import ProfilerError
+
+        backend = self.meta.get("backend")
+        try:
+            cls = backend_class(backend)
+            if not cls.is_available():
+                return [f"backend {backend} (not available here: {cls.unavailable_reason()})"]
+            profiler = cls.from_table(self)
+        except ProfilerError as e:
+            return [f"backend {backend} ({e})"]
+        try:
+            return profiler.mismatches(self.meta)
+        finally:
+            profiler.close()
+
+    def check_compatible(self, net=None, *, batch: int | None = None, input_size: int | None = None,
+                         threads: int | None = None, dtype: str | None = None, force: bool = False) -> None:
+        """Refuse (TableError, one line) to use a table measured on another setup, unless ``force``."""
+        if force:
+            return
+        diff = self.mismatches(net, batch=batch, input_size=input_size, threads=threads, dtype=dtype)
+        if diff:
+            where = self.path or "latency table"
+            raise TableError(f"{where} was measured with {'; '.join(diff)}; measure a table for this setup "
+                             f"with `hwslim profile`, or pass --force to use it anyway")
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __repr__(self) -> str:
+        m = self.meta
+        return (f"LatencyTable({m.get('model')} x{m.get('width_mult')} {m.get('input_size')}px b{m.get('batch')}, "
+                f"{m.get('backend')} on {m.get('device_name')}, {len(self)} entries)")
+
+
+def new_meta(profiler_meta: Mapping[str, Any], *, model: str, width_mult: float, input_size: int, batch: int,
+             entries_expected: int, method: str) -> dict[str, Any]:
+    """The metadata of a table being measured (``status: measuring`` until calibrated)."""
+    import datetime as dt
+
+    meta = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "status": "measuring",
+        "model": model, "width_mult": float(width_mult), "input_size": int(input_size), "batch": int(batch),
+        "entries_expected": int(entries_expected), "method": method, "hwslim_version": __version__,
+        "created": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "calibration": None,
+    }
+    meta.update({k: v for k, v in profiler_meta.items() if k not in meta})
+    return meta
+
+
+def find_table(device: str, model: str, width_mult: float | None = None, *, batch: int = 1,
+               input_size: int | None = None, threads: int | None = None, backend: str | None = None,
+               dtype: str | None = None, root: str | os.PathLike | None = None) -> Path:
+    """The default table for this machine and setup under ``latency_tables/``.
+
+    ``None`` means: the model's default width multiplier and input size; any thread
+    count (1 preferred); the device's default backend; any dtype (float32 preferred).
+    """
+    import torch
+
+    from hwslim.models import create_model
+    from profilers import backend_class, default_backend
+
+    with torch.device("meta"):
+        net = create_model(model, width_mult=width_mult)
+    size = input_size or net.input_size
+    backend = backend or default_backend(device)
+    name = backend_class(backend).machine_name()
+    root = Path(root) if root is not None else table_dir()
+    folder = root / f"{device}-{slug(name)}"
+    prefix = f"{model}-x{net.width_mult:g}-{size}px-b{batch}-{backend}-t"
+    found = []
+    if folder.is_dir():
+        for p in folder.glob(prefix + "*.csv"):
+            if p.name.endswith(".e2e.csv"):
+                continue
+            m = re.fullmatch(r"t(\d+)-(\w+)\.csv", p.name[len(prefix) - 1:])
+            if not m or (threads is not None and int(m.group(1)) != threads) or (dtype and m.group(2) != dtype):
+                continue
+            found.append((int(m.group(1)) != 1, m.group(2) != "float32", p))
+    if not found:
+        cmd = (f"hwslim profile --device {device} --backend {backend} --model {model} --width-mult {net.width_mult:g} "
+               f"--input-size {size} --batch {batch}" + (f" --threads {threads}" if threads else ""))
+        raise TableError(f"no latency table for {model} x{net.width_mult:g} at {size}px, batch {batch}, "
+                         f"on {device} ({name}) under {root}/; measure one with: {cmd}")
+    return sorted(found)[0][2]
+
+
+__all__ = ["COLUMNS", "Calibration", "LatencyTable", "RowWriter", "accuracy", "default_table_path", "find_table",
+           "fit_line", "read_rows", "spearman", "table_dir", "table_name", "table_paths"]

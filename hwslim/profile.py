@@ -1,0 +1,395 @@
+"""Measure a latency table for a supernet: every entry its grids can produce, then calibrate.
+
+``profile(ProfileSettings(device="cpu", model="mobilenet_v2"))`` does, resumably:
+
+1. **Enumerate** (:func:`enumerate_entries`): for every node, every combination of the
+   grid widths of its input and output units; deduplicated by signature, so a shape that
+   several layers share is measured once. MobileNetV2 1.5x at 224 has 2,032 entries.
+2. **Measure** them with a :mod:`profilers` backend. Backends that time layers inside
+   whole networks (ONNX Runtime here, TensorRT later) get a small set of configs that
+   together contain every entry (:func:`design_configs`, a greedy covering: about 150
+   networks for MobileNetV2); the others time each entry alone. Each entry is appended
+   to the CSV with flush + fsync as soon as it is known, so a killed run (even
+   ``kill -9``) loses at most what was in flight, and the next run skips what is done.
+3. **Calibrate**: measure whole configs end to end (the exported ONNX model of the
+   materialized network, same backend and protocol), fit ``e2e = a * sum + b`` on
+   ``calib_configs`` of them and report accuracy on ``holdout_configs`` others. These
+   are random configs of random width ranges (narrow to wide), never the uniform ones,
+   so the uniform widths stay available as a held-out check.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import random
+import tempfile
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+from hwslim.config import ChannelConfig, atomic_write_text
+from hwslim.errors import TableError
+from hwslim.graph import LayerSpec, Node, resolve
+from hwslim.latency import (COLUMNS, E2E_COLUMNS, Calibration, LatencyTable, RowWriter, accuracy,
+                            default_table_path, entry_row, fit_line, new_meta, read_rows, signature_from_row,
+                            table_paths, timing_from_row)
+from hwslim.units import GRID_STEPS, step_width
+
+DEFAULT_MODEL = "mobilenet_v2"
+
+
+@dataclass(frozen=True)
+class ProfileSettings:
+    """What ``hwslim profile`` measures and how. ``None`` means the default."""
+
+    device: str = "cpu"
+    backend: str | None = None
+    model: str = DEFAULT_MODEL
+    width_mult: float | None = None
+    input_size: int | None = None
+    batch: int = 1
+    threads: int | None = None
+    dtype: str = "float32"
+    out: str | None = None
+    calib_configs: int = 16
+    holdout_configs: int = 16
+    seed: int = 0
+    force: bool = False
+    quick: bool = False  # short protocol (tests, smoke runs)
+    in_network: bool | None = None  # None: the backend's default
+    contexts: int = 2  # networks each entry is timed in (backends that time inside networks)
+
+
+@dataclass
+class ProfileResult:
+    path: Path
+    entries: int
+    measured: int
+    reused: int
+    noisy: int
+    seconds: float
+    calibration: Calibration | None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        cal = self.calibration
+        h = dict(cal.holdout) if cal else {}
+        return {"table": str(self.path), "entries": self.entries, "measured": self.measured, "reused": self.reused,
+                "noisy": self.noisy, "seconds": round(self.seconds, 1),
+                "calib_a": round(cal.a, 4) if cal else None, "calib_b_ms": round(cal.b, 4) if cal else None,
+                "holdout_n": h.get("n"), "within_5pct": h.get("within_5pct"), "within_10pct": h.get("within_10pct"),
+                "spearman": h.get("spearman")}
+
+
+# -- entries ----------------------------------------------------------------------------------------
+def _refs(node: Node) -> list[str]:
+    return [r for r in dict.fromkeys((node.cin, node.cout)) if isinstance(r, str)]
+
+
+def _spec_at(template: LayerSpec, node: Node, widths) -> LayerSpec:
+    cin = resolve(node.cin, widths)
+    if template.op == "conv":
+        cout = cin if node.depthwise else resolve(node.cout, widths)
+        groups = cin if node.depthwise else node.groups
+    elif template.op in ("maxpool", "gap"):
+        cout, groups = cin, cin
+    else:
+        cout, groups = resolve(node.cout, widths), template.groups
+    return replace(template, cin=cin, cout=cout, groups=groups)
+
+
+def _node_entries(net, batch: int, input_size: int | None) -> list[dict[tuple, tuple[LayerSpec, dict]]]:
+    """Per node: signature -> (spec, unit widths producing it), over its units' grid product."""
+    templates = net.layer_specs(net.full_config(), batch=batch, input_size=input_size)
+    out = []
+    for node, template in zip(net.nodes, templates):
+        refs = _refs(node)
+        entries: dict[tuple, tuple[LayerSpec, dict]] = {}
+        for combo in itertools.product(*(net.units[r].grid for r in refs)):
+            widths = dict(zip(refs, combo))
+            spec = _spec_at(template, node, widths)
+            entries.setdefault(spec.signature(), (spec, widths))
+        out.append(entries)
+    return out
+
+
+def enumerate_entries(net, batch: int = 1, input_size: int | None = None) -> list[LayerSpec]:
+    """One spec per distinct signature any config of ``net`` can produce (node order)."""
+    seen: dict[tuple, LayerSpec] = {}
+    for entries in _node_entries(net, batch, input_size):
+        for sig, (spec, _) in entries.items():
+            seen.setdefault(sig, spec)
+    return list(seen.values())
+
+
+def design_configs(net, wanted: Iterable[tuple], batch: int = 1, input_size: int | None = None,
+                   seed: int = 0, contexts: int = 1) -> list[ChannelConfig]:
+    """Configs that together contain every wanted signature ``contexts`` times (greedy covering).
+
+    Each config starts from one uncovered entry of the node with the most uncovered
+    entries, then sets every other unit, twice over, to the grid width that covers the
+    most still-uncovered entries (ties at random, so contexts vary). An entry timed in
+    two different networks averages over its neighbours' effects on caches.
+    """
+    wanted = set(wanted)
+    rounds = [_cover(net, wanted, batch, input_size, seed + 7919 * r) for r in range(max(1, contexts))]
+    # interleaved, so entries complete (and are saved) steadily rather than all at the end
+    return [c for group in itertools.zip_longest(*rounds) for c in group if c is not None]
+
+
+def _signer(template: LayerSpec, node: Node) -> Callable[[dict], tuple]:
+    """A fast ``widths -> signature`` for one node (the covering search calls it a lot)."""
+    head, mid, tail = template.signature()[:4], template.signature()[5:7], template.signature()[9:]
+    op, dw = template.op, node.depthwise
+
+    def sig(widths: dict) -> tuple:
+        cin = resolve(node.cin, widths)
+        if op == "conv":
+            cout, groups = (cin, cin) if dw else (resolve(node.cout, widths), node.groups)
+        elif op == "linear":
+            cout, groups = resolve(node.cout, widths), template.groups
+        else:
+            cout, groups = cin, cin
+        return (*head, groups, *mid, cin, cout, *tail)
+
+    return sig
+
+
+def _cover(net, wanted: set, batch: int, input_size: int | None, seed: int) -> list[ChannelConfig]:
+    rng = random.Random(seed)
+    node_entries = _node_entries(net, batch, input_size)
+    templates = net.layer_specs(net.full_config(), batch=batch, input_size=input_size)
+    signers = [_signer(t, n) for t, n in zip(templates, net.nodes)]
+    uncovered = set(wanted) & {sig for e in node_entries for sig in e}
+    unit_nodes: dict[str, list[int]] = {u: [] for u in net.units}
+    for i, node in enumerate(net.nodes):
+        for r in _refs(node):
+            unit_nodes[r].append(i)
+    units = list(net.units)
+    configs = []
+    while uncovered:
+        counts = [sum(1 for sig in e if sig in uncovered) for e in node_entries]
+        target = max(range(len(counts)), key=counts.__getitem__)
+        sig = rng.choice(sorted((s for s in node_entries[target] if s in uncovered), key=str))
+        widths = {u: rng.choice(net.units[u].grid) for u in units}
+        widths.update(node_entries[target][sig][1])
+        fixed = set(_refs(net.nodes[target]))
+        for _ in range(2):
+            rng.shuffle(units)
+            for u in units:
+                if u in fixed:
+                    continue
+                best = None
+                for w in net.units[u].grid:
+                    widths[u] = w
+                    got = len({signers[i](widths) for i in unit_nodes[u]} & uncovered)
+                    score = (got, rng.random(), w)
+                    best = score if best is None or score > best else best
+                widths[u] = best[2]
+        uncovered -= {sign(widths) for sign in signers}
+        configs.append(net.config_of(widths))
+    return configs
+
+
+def calibration_configs(net, n: int, seed: int = 0, exclude: Iterable[ChannelConfig] = ()) -> list[ChannelConfig]:
+    """``n`` distinct random configs whose width ranges vary from narrow to wide; never uniform."""
+    rng = random.Random(seed)
+    seen = {json.dumps(c.widths, sort_keys=True) for c in list(exclude) + net.uniform_configs()}
+    out = []
+    for _ in range(100 * n + 100):
+        if len(out) == n:
+            break
+        lo = rng.randint(1, GRID_STEPS)
+        hi = rng.randint(lo, GRID_STEPS)
+        cfg = net.config_of({u: step_width(unit.max_width, rng.randint(lo, hi), net.divisor)
+                             for u, unit in net.units.items()})
+        key = json.dumps(cfg.widths, sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            out.append(cfg)
+    return out
+
+
+# -- end to end -------------------------------------------------------------------------------------
+def measure_config(profiler, net, config: ChannelConfig, batch: int = 1, input_size: int | None = None,
+                   workdir: str | os.PathLike | None = None):
+    """End-to-end Timing of ``config``: materialize (BN folded), export ONNX, time it."""
+    from hwslim.export import export_onnx
+    from hwslim.materialize import materialize
+
+    size = input_size or net.input_size
+    plain = materialize(net, config, fold_bn=True).eval()
+    with tempfile.TemporaryDirectory(dir=workdir) as d:
+        path = export_onnx(plain, Path(d) / "model.onnx", batch=batch, input_size=size)
+        return profiler.time_onnx(path, (batch, net.in_channels, size, size))
+
+
+def measure_configs(profiler, net, configs: Sequence[ChannelConfig], batch: int = 1, input_size: int | None = None,
+                    workdir: str | os.PathLike | None = None, rounds: int = 4, progress: bool = False) -> list:
+    """End-to-end Timings of many configs, measured interleaved (``Profiler.time_onnx_many``)."""
+    from hwslim.export import export_onnx
+    from hwslim.materialize import materialize
+
+    size = input_size or net.input_size
+    with tempfile.TemporaryDirectory(dir=workdir) as d:
+        bar = _bar(progress, len(configs), "export")
+        paths = []
+        for i, cfg in enumerate(configs):
+            paths.append(export_onnx(materialize(net, cfg, fold_bn=True).eval(), Path(d) / f"{i}.onnx", batch=batch,
+                                     input_size=size))
+            bar.update(1)
+        bar.close()
+        shape = (batch, net.in_channels, size, size)
+        return profiler.time_onnx_many([(p, shape) for p in paths], rounds=rounds)
+
+
+# -- the driver -------------------------------------------------------------------------------------
+def _settings_kwargs(s: ProfileSettings) -> dict[str, Any]:
+    from profilers.base import Protocol
+
+    kw: dict[str, Any] = {"threads": s.threads, "dtype": s.dtype}
+    if s.quick:
+        kw.update(protocol=Protocol.quick(), e2e_protocol=Protocol.quick())
+    if s.in_network is not None:
+        kw["in_network"] = s.in_network
+    return kw
+
+
+def _same_setup(old: dict, new: dict) -> list[str]:
+    keys = ("model", "width_mult", "input_size", "batch", "device", "device_name", "backend", "backend_version",
+            "threads", "dtype", "clock", "nchwc_block", "method")
+    return [f"{k} {old.get(k)!r} (now {new.get(k)!r})" for k in keys if k in new and old.get(k) != new.get(k)]
+
+
+def profile(settings: ProfileSettings, progress: bool = False,
+            log: Callable[[str], None] | None = None) -> ProfileResult:
+    """Measure (or finish measuring) the table ``settings`` describe; see the module docstring."""
+    from hwslim.models import create_model
+    from profilers import get_profiler
+
+    log = log or (lambda msg: None)
+    start = time.perf_counter()
+    net = create_model(settings.model, width_mult=settings.width_mult).eval()
+    size = settings.input_size or net.input_size
+    profiler = get_profiler(settings.device, settings.backend, **_settings_kwargs(settings))
+    try:
+        pmeta = profiler.metadata()
+        entries = enumerate_entries(net, settings.batch, size)
+        out = Path(settings.out) if settings.out else default_table_path(
+            profiler.device, pmeta["device_name"], net.name, net.width_mult, size, settings.batch,
+            profiler.backend, profiler.threads, profiler.dtype)
+        csv_path, meta_path, e2e_path = table_paths(out)
+        method = "in_network" if profiler.in_network else "isolated"
+        meta = new_meta(pmeta, model=net.name, width_mult=net.width_mult, input_size=size, batch=settings.batch,
+                        entries_expected=len(entries), method=method)
+        if hasattr(profiler, "run_overhead_ms"):
+            meta["run_overhead_ms"] = profiler.run_overhead_ms()
+        meta["calibration_plan"] = {"fit": settings.calib_configs, "holdout": settings.holdout_configs,
+                                    "seed": settings.seed}
+        if meta_path.exists():
+            try:
+                old = json.loads(meta_path.read_text())
+            except (OSError, json.JSONDecodeError):
+                old = {}
+            diff = _same_setup(old, meta)
+            if diff and not settings.force:
+                raise TableError(f"{csv_path} holds a table measured with other settings ({'; '.join(diff[:3])}); "
+                                 f"give another --out, or pass --force to measure it again from scratch")
+            if diff:
+                for p in (csv_path, meta_path, e2e_path):
+                    p.unlink(missing_ok=True)
+            else:
+                meta["created"] = old.get("created", meta["created"])
+        done: dict[tuple, Any] = {}
+        if csv_path.exists():
+            rows, _ = read_rows(csv_path, COLUMNS)
+            done = {signature_from_row(r): timing_from_row(r) for r in rows}
+        atomic_write_text(meta_path, json.dumps({**meta, "status": "measuring"}, indent=2, sort_keys=True) + "\n")
+
+        todo = [s for s in entries if s.signature() not in done]
+        random.Random(settings.seed).shuffle(todo)  # spread slow periods of a busy machine over layers
+        reused = len(entries) - len(todo)
+        log(f"{len(entries)} entries ({reused} already measured) for {net.name} x{net.width_mult:g} at {size}px, "
+            f"batch {settings.batch}, {profiler.backend} on {pmeta['device_name']} ({method})")
+        networks = None
+        if todo and profiler.in_network:
+            configs = design_configs(net, {s.signature() for s in todo}, settings.batch, size, settings.seed,
+                                     contexts=settings.contexts)
+            log(f"timing them inside {len(configs)} designed networks")
+            networks = (net.layer_specs(c, batch=settings.batch, input_size=size) for c in configs)
+        bar = _bar(progress, len(todo), "entries")
+        with RowWriter(csv_path, COLUMNS) as writer:
+            for spec, timing in profiler.measure_entries(todo, networks):
+                writer.append(entry_row(spec, timing))
+                done[spec.signature()] = timing
+                bar.update(1)
+        bar.close()
+
+        table = LatencyTable(meta, done, csv_path)
+        calibration = calibrate(table, profiler, net, settings, e2e_path, progress=progress, log=log)
+        meta.update(status="complete", entries=len(done), noisy_entries=sum(t.noisy for t in done.values()),
+                    calibration=calibration.to_dict(), finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        meta["profile_seconds"] = round(time.perf_counter() - start, 1)
+        atomic_write_text(meta_path, json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        return ProfileResult(csv_path, len(done), len(todo), reused, meta["noisy_entries"],
+                             time.perf_counter() - start, calibration, meta)
+    finally:
+        profiler.close()
+
+
+def calibrate(table: LatencyTable, profiler, net, settings: ProfileSettings, e2e_path: Path,
+              progress: bool = False, log: Callable[[str], None] | None = None) -> Calibration:
+    """Measure the fit and held-out configs end to end (resumably) and fit ``e2e = a * sum + b``."""
+    size, batch = table.meta["input_size"], table.meta["batch"]
+    fit_cfgs = calibration_configs(net, settings.calib_configs + settings.holdout_configs, seed=settings.seed + 1)
+    roles = ["fit"] * settings.calib_configs + ["holdout"] * settings.holdout_configs
+    random.Random(settings.seed).shuffle(roles)  # interleaved: a slow spell of the machine hits both
+    plan = list(zip(roles, fit_cfgs))
+    have: dict[str, dict] = {}
+    if e2e_path.exists():
+        rows, _ = read_rows(e2e_path, E2E_COLUMNS)
+        have = {r["widths"]: r for r in rows}
+    key = lambda c: json.dumps(c.widths, sort_keys=True, separators=(",", ":"))  # noqa: E731
+    todo = [(role, c) for role, c in plan if key(c) not in have]
+    if todo:
+        log = log or (lambda msg: None)
+        log(f"calibration: timing {len(todo)} whole configs end to end, interleaved")
+        with RowWriter(e2e_path, E2E_COLUMNS) as writer, tempfile.TemporaryDirectory() as work:
+            timings = measure_configs(profiler, net, [c for _, c in todo], batch, size, workdir=work,
+                                      progress=progress)
+            for (role, cfg), t in zip(todo, timings):
+                s = table.sum_ms(net.layer_specs(cfg, batch=batch, input_size=size))
+                row = {"role": role, "widths": key(cfg), "sum_ms": f"{s:.6f}", "median_ms": f"{t.median_ms:.6f}",
+                       "iqr_ms": f"{t.iqr_ms:.6f}", "p90_ms": f"{t.p90_ms:.6f}", "n": t.n, "noisy": int(t.noisy)}
+                writer.append(row)
+                have[row["widths"]] = row
+    results = {"fit": ([], []), "holdout": ([], [])}
+    for role, cfg in plan:
+        results[role][0].append(table.sum_ms(net.layer_specs(cfg, batch=batch, input_size=size)))
+        results[role][1].append(float(have[key(cfg)]["median_ms"]))
+    a, b = fit_line(*results["fit"])
+    sums, e2e = results["holdout"]
+    holdout = accuracy([a * x + b for x in sums], e2e) if sums else {}
+    return Calibration(a, b, len(results["fit"][0]), holdout)
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _bar(enabled: bool, total: int, desc: str):
+    if not enabled or total == 0:
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="entry" if desc == "entries" else "model", dynamic_ncols=True)
+
+
+__all__ = ["ProfileResult", "ProfileSettings", "calibrate", "calibration_configs", "design_configs",
+           "enumerate_entries", "measure_config", "profile"]

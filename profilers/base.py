@@ -1,0 +1,316 @@
+"""The one interface every latency backend implements, and the one result it returns.
+
+A backend (ONNX Runtime on the CPU here; torch CUDA and TensorRT on GPUs) subclasses
+:class:`Profiler` and implements a few ``_impl`` methods; the public methods wrap them
+(Polygraphy's pattern) so every backend shares the measurement protocol:
+
+* :meth:`Profiler.time_entry` times one table entry (a :class:`~hwslim.graph.LayerSpec`,
+  i.e. the fused unit ``act(bn(conv(x)) [+ skip])``, a pool or the classifier) and
+  re-measures it while its spread is too wide; what stays wide is flagged ``noisy``.
+* :meth:`Profiler.measure_entries` times many entries. Its default loops
+  :meth:`time_entry`; a backend that measures whole networks at once (TensorRT: one
+  engine per designed config, per-layer times from ``IProfiler``) overrides
+  :meth:`Profiler._measure_entries` instead and yields entries as they are attributed.
+* :meth:`Profiler.time_onnx` times a whole ONNX model end to end with the same
+  protocol; calibration and ``hwslim verify`` use it.
+
+Every timing is a :class:`Timing`: median, interquartile range, 90th percentile and the
+number of samples, in milliseconds. Example::
+
+    >>> from profilers import get_profiler
+    >>> prof = get_profiler("cpu", threads=1)             # ONNX Runtime
+    >>> t = prof.time_entry(spec)                          # doctest: +SKIP
+    >>> t.median_ms, t.iqr_ms, t.n, t.noisy                # doctest: +SKIP
+    (0.0412, 0.0007, 612, False)
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import time
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any, Callable, ClassVar, Iterable, Iterator, Mapping, Sequence
+
+import numpy as np
+
+from hwslim.errors import HwslimError
+from hwslim.graph import LayerSpec
+
+
+class ProfilerError(HwslimError):
+    """A backend that cannot run here (package or device missing) or a bad setting."""
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Summary of repeated measurements of one thing, in milliseconds."""
+
+    median_ms: float
+    iqr_ms: float
+    p90_ms: float
+    n: int
+    noisy: bool = False
+
+    @classmethod
+    def from_samples(cls, samples_ms: Sequence[float], noisy: bool = False) -> "Timing":
+        if len(samples_ms) == 0:
+            raise ValueError("no samples")
+        a = np.asarray(samples_ms, dtype=np.float64)
+        q25, q50, q75, q90 = np.percentile(a, [25, 50, 75, 90])
+        return cls(float(q50), float(q75 - q25), float(q90), int(a.size), bool(noisy))
+
+    @property
+    def rel_iqr(self) -> float:
+        """IQR / median: the spread the protocol keeps below ``Protocol.max_rel_iqr``."""
+        return self.iqr_ms / self.median_ms if self.median_ms > 0 else float("inf")
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """How one thing is timed; every backend follows it and tables record it.
+
+    Warm up for at least ``warmup_runs`` runs and ``warmup_ms`` (first runs can be 1000x
+    slower: allocation, weight prepacking, caches). Then sample until ``budget_ms`` is
+    spent and at least ``min_reps`` samples exist (at most ``max_reps``). If the
+    relative IQR exceeds ``max_rel_iqr``, measure again, up to ``retries`` more times,
+    and keep the tightest attempt; if it is still too wide the timing is ``noisy``.
+    """
+
+    warmup_runs: int = 3
+    warmup_ms: float = 5.0
+    budget_ms: float = 40.0
+    min_reps: int = 15
+    max_reps: int = 2000
+    max_rel_iqr: float = 0.10
+    retries: int = 2
+
+    @classmethod
+    def quick(cls) -> "Protocol":
+        """A short protocol for tests and smoke runs (numbers are less stable)."""
+        return cls(warmup_runs=2, warmup_ms=1.0, budget_ms=3.0, min_reps=5, max_reps=200, retries=1)
+
+    @classmethod
+    def end_to_end(cls) -> "Protocol":
+        """The protocol for whole models: more time per measurement (each run is long)."""
+        return cls(warmup_runs=5, warmup_ms=50.0, budget_ms=400.0, min_reps=25, max_reps=2000,
+                   max_rel_iqr=0.05, retries=2)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None) -> "Protocol":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in (d or {}).items() if k in names})
+
+
+def sample(run: Callable[[], float], protocol: Protocol) -> list[float]:
+    """Warm up, then collect samples of ``run()`` (which returns one sample in ms).
+
+    The helper every backend uses for the loop itself; the sample's clock is the
+    backend's business (thread CPU time, CUDA events...).
+    """
+    start = time.perf_counter()
+    for i in range(10**9):
+        run()
+        if i + 1 >= protocol.warmup_runs and (time.perf_counter() - start) * 1e3 >= protocol.warmup_ms:
+            break
+    samples: list[float] = []
+    deadline = time.perf_counter() + protocol.budget_ms / 1e3
+    while len(samples) < protocol.max_reps and (len(samples) < protocol.min_reps or time.perf_counter() < deadline):
+        samples.append(run())
+    return samples
+
+
+class Profiler:
+    """Base class of latency backends. Subclasses set ``backend``/``device`` and the ``_impl``s.
+
+    Settings are keyword arguments (``threads``, ``dtype``, ``protocol`` and any a
+    backend adds); :meth:`settings` returns them and :meth:`from_table` rebuilds a
+    profiler from a table's metadata, so a table can be extended or checked with the
+    setup that measured it.
+    """
+
+    backend: ClassVar[str] = ""
+    device: ClassVar[str] = ""
+    dtypes: ClassVar[tuple[str, ...]] = ("float32",)
+    # True: the backend times entries inside whole networks when given some (see measure_entries)
+    in_network: ClassVar[bool] = False
+    # metadata keys that must match for a table to be valid on this setup
+    identity_keys: ClassVar[tuple[str, ...]] = ("device", "device_name", "backend", "backend_version",
+                                                "threads", "dtype")
+
+    def __init__(self, *, threads: int | None = None, dtype: str | None = None,
+                 protocol: Protocol | Mapping[str, Any] | None = None,
+                 e2e_protocol: Protocol | Mapping[str, Any] | None = None) -> None:
+        self.threads = 1 if threads is None else int(threads)
+        if self.threads < 1:
+            raise ProfilerError(f"threads must be >= 1, got {self.threads}")
+        self.dtype = dtype or "float32"
+        if self.dtype not in self.dtypes:
+            raise ProfilerError(f"backend {self.backend!r} measures {', '.join(self.dtypes)}, not {self.dtype!r}")
+        self.protocol = protocol if isinstance(protocol, Protocol) else Protocol.from_dict(protocol)
+        self.e2e_protocol = (e2e_protocol if isinstance(e2e_protocol, Protocol)
+                             else Protocol.from_dict(e2e_protocol) if e2e_protocol else Protocol.end_to_end())
+
+    # -- what a backend provides ---------------------------------------------------------
+    @classmethod
+    def is_available(cls) -> bool:
+        """True when the backend's package and device are present (cheap; no timing)."""
+        return False
+
+    @classmethod
+    def unavailable_reason(cls) -> str:
+        """Why :meth:`is_available` is False, in a few words a user can act on."""
+        return "its package or device is missing"
+
+    @classmethod
+    def machine_name(cls) -> str:
+        """The measured device's name (CPU model, GPU name): part of table paths and checks."""
+        raise NotImplementedError
+
+    def _backend_metadata(self) -> dict[str, Any]:
+        """``device_name``, ``backend_version`` and anything else that identifies the setup."""
+        raise NotImplementedError
+
+    def _time_entry(self, spec: LayerSpec) -> Timing:
+        """One measurement attempt of one entry, following ``self.protocol``."""
+        raise NotImplementedError
+
+    def _measure_entries(self, specs: Sequence[LayerSpec],
+                         networks: Iterable[Sequence[LayerSpec]] | None) -> Iterator[tuple[LayerSpec, Timing]]:
+        """Many entries; override to measure several at once. Yield each as soon as it is known.
+
+        ``networks`` (only passed when the backend sets ``in_network``) are whole networks,
+        as the layer specs of one config each, that together contain every entry: a
+        backend may time entries inside them. The default times each entry alone.
+        """
+        for spec in specs:
+            yield spec, self.time_entry(spec)
+
+    def _onnx_runner(self, path: str, input_shape: tuple[int, ...]) -> Callable[[], float]:
+        """Load an ONNX model, bind its input once; return a call that runs it once and returns ms."""
+        raise NotImplementedError
+
+    def _time_onnx(self, path: str, input_shape: tuple[int, ...]) -> Timing:
+        """One end-to-end measurement attempt of an ONNX model, following ``self.e2e_protocol``."""
+        return Timing.from_samples(sample(self._onnx_runner(path, input_shape), self.e2e_protocol))
+
+    def close(self) -> None:
+        """Release sessions, engines, streams. The profiler is unusable afterwards."""
+
+    # -- public API ----------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        """The backend's name (``"ort"``), for messages."""
+        return self.backend
+
+    def settings(self) -> dict[str, Any]:
+        """Keyword arguments that rebuild this profiler (see :meth:`from_table`)."""
+        return {"threads": self.threads, "dtype": self.dtype, "protocol": asdict(self.protocol),
+                "e2e_protocol": asdict(self.e2e_protocol)}
+
+    def metadata(self) -> dict[str, Any]:
+        """Everything a table must record about who measured it (JSON-serializable)."""
+        meta = {"device": self.device, "backend": self.backend, "threads": self.threads, "dtype": self.dtype}
+        meta.update(self._backend_metadata())
+        meta["settings"] = self.settings()
+        meta["measured_at"] = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        return meta
+
+    def mismatches(self, meta: Mapping[str, Any]) -> list[str]:
+        """Human-readable differences between a table's metadata and this setup."""
+        mine = self.metadata()
+        out = []
+        for key in self.identity_keys:
+            if key in meta and key in mine and meta[key] != mine[key]:
+                out.append(f"{key} {meta[key]!r} (here: {mine[key]!r})")
+        return out
+
+    def time_entry(self, spec: LayerSpec) -> Timing:
+        """Time one entry; re-measure while its spread is too wide, flag it if it stays wide."""
+        return self._with_retries(lambda: self._time_entry(spec), self.protocol)
+
+    def measure_entries(self, specs: Iterable[LayerSpec], networks: Iterable[Sequence[LayerSpec]] | None = None
+                        ) -> Iterator[tuple[LayerSpec, Timing]]:
+        """Time many entries, yielding ``(spec, timing)`` as each one is done.
+
+        Callers persist each pair as it arrives (that is what makes profiling
+        resumable), so a backend must yield as early as it can. ``networks``: see
+        :meth:`_measure_entries`; every entry is yielded exactly once either way.
+        """
+        specs = list(specs)
+        done = set()
+        for spec, timing in self._measure_entries(specs, networks if self.in_network else None):
+            if spec.signature() not in done:
+                done.add(spec.signature())
+                yield spec, timing
+        for spec in specs:  # whatever the networks did not contain
+            if spec.signature() not in done:
+                done.add(spec.signature())
+                yield spec, self.time_entry(spec)
+
+    def time_onnx(self, path, input_shape: Sequence[int]) -> Timing:
+        """Time a whole ONNX model end to end (the input is bound once, random data)."""
+        return self._with_retries(lambda: self._time_onnx(str(path), tuple(int(d) for d in input_shape)),
+                                  self.e2e_protocol)
+
+    def time_onnx_many(self, models: Sequence[tuple[Any, Sequence[int]]], rounds: int = 4,
+                       seed: int = 0) -> list[Timing]:
+        """Time several ONNX models ``[(path, input_shape), ...]`` interleaved.
+
+        All models are loaded and warmed up, then sampled in ``rounds`` rounds (a fresh
+        random order each round), each model getting ``e2e_protocol.budget_ms / rounds``
+        (and ``min_reps / rounds`` samples) per round. A slow spell of a shared machine
+        then hits every model alike instead of whichever was being timed: comparisons
+        between the models (a calibration fit, a rank correlation) stay fair.
+        """
+        import random
+
+        p = self.e2e_protocol
+        runners = [self._onnx_runner(str(path), tuple(int(d) for d in shape)) for path, shape in models]
+        per_round = replace(p, warmup_runs=0, warmup_ms=0.0, budget_ms=p.budget_ms / rounds,
+                            min_reps=max(1, -(-p.min_reps // rounds)), max_reps=max(1, p.max_reps // rounds))
+        for run in runners:
+            sample(run, replace(p, budget_ms=0.0, min_reps=0, max_reps=0))  # warm-up only
+        samples: list[list[float]] = [[] for _ in runners]
+        order = list(range(len(runners)))
+        rng = random.Random(seed)
+        for _ in range(rounds):
+            rng.shuffle(order)
+            for i in order:
+                samples[i] += sample(runners[i], per_round)
+        out = []
+        for s in samples:
+            t = Timing.from_samples(s)
+            out.append(replace(t, noisy=t.rel_iqr > p.max_rel_iqr))
+        return out
+
+    @classmethod
+    def from_table(cls, table) -> "Profiler":
+        """The profiler with the settings a table (or its metadata dict) was measured with."""
+        from profilers import get_profiler
+
+        meta = table if isinstance(table, Mapping) else table.meta
+        return get_profiler(meta["device"], meta["backend"], **dict(meta.get("settings") or {}))
+
+    def __enter__(self) -> "Profiler":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- shared protocol -----------------------------------------------------------------
+    @staticmethod
+    def _with_retries(attempt: Callable[[], Timing], protocol: Protocol) -> Timing:
+        best = attempt()
+        for _ in range(protocol.retries):
+            if best.rel_iqr <= protocol.max_rel_iqr:
+                break
+            again = attempt()
+            # the tightest attempt is the one least disturbed by other work on the machine
+            if again.rel_iqr < best.rel_iqr:
+                best = again
+        return replace(best, noisy=best.rel_iqr > protocol.max_rel_iqr)
+
+
+__all__ = ["Profiler", "ProfilerError", "Protocol", "Timing", "sample"]

@@ -1,0 +1,164 @@
+"""Latency tables: format round trip, torn rows, prediction, refusal, default paths, cost --table."""
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+
+from hwslim.cli import main
+from hwslim.errors import TableError
+from hwslim.latency import (COLUMNS, Calibration, LatencyTable, RowWriter, accuracy, default_table_path, find_table,
+                            fit_line, new_meta, read_rows, spearman, table_paths)
+from hwslim.models import create_model
+from profilers import get_profiler
+from profilers.base import Timing
+
+
+@pytest.fixture(scope="module")
+def net():
+    with torch.device("meta"):
+        return create_model("resnet20", width_mult=0.25, input_size=16)
+
+
+@pytest.fixture(scope="module")
+def machine_meta():
+    with get_profiler("cpu", "ort") as prof:
+        return prof.metadata()
+
+
+def _ms(i: int) -> float:
+    return round(0.01 * (i + 1), 4)
+
+
+def _expected_sum(specs) -> float:
+    first: dict = {}
+    for i, s in enumerate(specs):
+        first.setdefault(s.signature(), _ms(i))
+    return sum(first[s.signature()] for s in specs)
+
+
+def _table(net, machine_meta, calibration=None) -> LatencyTable:
+    specs = net.layer_specs(net.full_config())
+    entries = {}
+    for i, s in enumerate(specs):  # repeated blocks share a signature: the first one sets it
+        entries.setdefault(s.signature(), Timing(_ms(i), 0.001, round(1.1 * _ms(i), 4), 20))
+    meta = new_meta(machine_meta, model=net.name, width_mult=net.width_mult, input_size=16, batch=1,
+                    entries_expected=len(entries), method="in_network")
+    meta.update(status="complete", calibration=calibration.to_dict() if calibration else None)
+    return LatencyTable(meta, entries)
+
+
+def test_round_trip_and_pandas_can_read_it(net, machine_meta, tmp_path):
+    table = _table(net, machine_meta, Calibration(1.1, 0.02, 8, {"within_5pct": 1.0}))
+    path = table.save(tmp_path / "t.csv")
+    again = LatencyTable.load(path)
+    assert again.entries == table.entries and again.meta == table.meta
+    assert LatencyTable.load(tmp_path / "t.json").entries == table.entries  # any of the files names the table
+    df = pd.read_csv(path)
+    assert list(df.columns) == list(COLUMNS) and len(df) == len(table)
+    assert df["median_ms"].iloc[0] == pytest.approx(0.01)
+
+
+def test_predict_is_the_calibrated_sum(net, machine_meta):
+    specs = net.layer_specs(net.full_config())
+    raw = _table(net, machine_meta)
+    total = _expected_sum(specs)
+    assert raw.sum_ms(specs) == pytest.approx(total)
+    assert raw.predict_ms(specs) == pytest.approx(total)  # uncalibrated: the plain sum
+    cal = _table(net, machine_meta, Calibration(1.25, 0.5, 8))
+    assert cal.predict_ms(specs) == pytest.approx(1.25 * total + 0.5)
+    assert cal.layer_ms(specs[0]) == pytest.approx(0.01)
+
+
+def test_a_missing_entry_is_named(net, machine_meta):
+    table = _table(net, machine_meta)
+    spec = net.layer_specs(net.full_config(), input_size=32)[0]
+    with pytest.raises(TableError, match="no entry for layer 'stem'.*in_h=32"):
+        table.predict_ms([spec])
+
+
+def test_missing_corrupt_and_incomplete_tables_are_refused(net, machine_meta, tmp_path):
+    with pytest.raises(TableError, match="not found"):
+        LatencyTable.load(tmp_path / "nope.csv")
+    table = _table(net, machine_meta)
+    path = table.save(tmp_path / "t.csv")
+    meta_path = table_paths(path)[1]
+    meta_path.write_text("{not json")
+    with pytest.raises(TableError, match="unreadable"):
+        LatencyTable.load(path)
+    meta_path.write_text(json.dumps({**table.meta, "status": "measuring"}))
+    with pytest.raises(TableError, match="incomplete.*run the same `hwslim profile`"):
+        LatencyTable.load(path)
+    assert len(LatencyTable.load(path, allow_incomplete=True)) == len(table)
+    path.write_text("a,b\n1,2\n")
+    with pytest.raises(TableError, match="not a hwslim table"):
+        LatencyTable.load(path, allow_incomplete=True)
+
+
+def test_compatible_setup_passes_and_others_are_refused_in_one_line(net, machine_meta):
+    table = _table(net, machine_meta)
+    table.check_compatible(net, batch=1, input_size=16)
+    with pytest.raises(TableError, match=r"batch 1 \(wanted: 8\).*--force") as e:
+        table.check_compatible(net, batch=8, input_size=16)
+    assert "\n" not in str(e.value)
+    table.check_compatible(net, batch=8, input_size=16, force=True)
+    with torch.device("meta"):
+        other = create_model("resnet20", width_mult=0.5, input_size=16)
+    with pytest.raises(TableError, match="width mult 0.25 \\(wanted: 0.5\\)"):
+        table.check_compatible(other, batch=1)
+    with pytest.raises(TableError, match="threads 1 \\(wanted: 2\\)"):
+        table.check_compatible(net, batch=1, input_size=16, threads=2)
+    moved = LatencyTable({**table.meta, "device_name": "Some Other CPU", "backend_version": "0.1"}, table.entries)
+    with pytest.raises(TableError, match="device_name 'Some Other CPU'.*backend_version '0.1'.*--force"):
+        moved.check_compatible(net, batch=1, input_size=16)
+    gpu = LatencyTable({**table.meta, "device": "cuda", "backend": "trt"}, table.entries)
+    if not torch.cuda.is_available():
+        with pytest.raises(TableError, match="backend trt"):
+            gpu.check_compatible(net, batch=1, input_size=16)
+
+
+def test_torn_last_row_is_dropped_and_cut_before_appending(tmp_path):
+    path = tmp_path / "rows.csv"
+    with RowWriter(path, ("a", "b")) as w:
+        w.append({"a": 1, "b": "x"})
+        w.append({"a": 2, "b": "y"})
+    with open(path, "a") as f:
+        f.write("3,z-was-being-wri")  # what a kill -9 mid-write leaves
+    rows, good = read_rows(path, ("a", "b"))
+    assert rows == [{"a": "1", "b": "x"}, {"a": "2", "b": "y"}] and good < path.stat().st_size
+    with RowWriter(path, ("a", "b")) as w:
+        w.append({"a": 3, "b": "z"})
+    assert path.read_text() == "a,b\n1,x\n2,y\n3,z\n"
+
+
+def test_calibration_statistics_by_hand():
+    assert fit_line([1, 2, 3, 4], [3, 5, 7, 9]) == pytest.approx((2.0, 1.0))
+    assert spearman([1, 2, 3, 4], [10, 20, 40, 30]) == pytest.approx(0.8)
+    acc = accuracy([1.0, 1.04, 1.2, 0.93], [1.0, 1.0, 1.0, 1.0])
+    assert acc["within_5pct"] == 0.5 and acc["within_10pct"] == 0.75
+    assert acc["max_abs_err_pct"] == pytest.approx(20.0)
+
+
+def test_find_table_locates_the_default_path_or_says_what_to_run(net, machine_meta, tmp_path):
+    with pytest.raises(TableError, match="hwslim profile --device cpu --backend ort --model resnet20 "
+                                         "--width-mult 0.25 --input-size 16 --batch 1"):
+        find_table("cpu", "resnet20", 0.25, input_size=16, root=tmp_path)
+    path = default_table_path("cpu", machine_meta["device_name"], "resnet20", 0.25, 16, 1, "ort", 1, "float32",
+                              root=tmp_path)
+    _table(net, machine_meta).save(path)
+    assert find_table("cpu", "resnet20", 0.25, input_size=16, root=tmp_path) == path
+    assert find_table("cpu", "resnet20", 0.25, input_size=16, threads=1, backend="ort", root=tmp_path) == path
+    with pytest.raises(TableError):
+        find_table("cpu", "resnet20", 0.25, input_size=16, batch=4, root=tmp_path)
+
+
+def test_cost_adds_latency_ms_from_a_table(net, machine_meta, tmp_path, capsys):
+    path = _table(net, machine_meta, Calibration(2.0, 0.1, 8)).save(tmp_path / "t.csv")
+    argv = ["cost", "--model", "resnet20", "--width-mult", "0.25", "--input-size", "16", "--table", str(path)]
+    assert main(argv + ["--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["latency_ms"] == pytest.approx(2.0 * _expected_sum(net.layer_specs(net.full_config())) + 0.1)
+    assert main(argv + ["--batch", "2"]) == 2
+    assert "--force" in capsys.readouterr().err

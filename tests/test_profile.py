@@ -1,0 +1,145 @@
+"""The profiling driver: entry enumeration, designed networks, calibration, resuming after kill -9, CLI."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+import torch
+
+from hwslim.cli import main
+from hwslim.latency import COLUMNS, LatencyTable, read_rows, table_paths
+from hwslim.models import create_model
+from hwslim.profile import (ProfileSettings, calibration_configs, design_configs, enumerate_entries, profile)
+
+SMALL = dict(model="resnet20", width_mult=0.25, input_size=16)
+SMALL_ARGS = ["--model", "resnet20", "--width-mult", "0.25", "--input-size", "16"]
+
+
+def _meta_net(name: str, **kw):
+    with torch.device("meta"):
+        return create_model(name, **kw)
+
+
+def test_mobilenet_v2_default_supernet_has_2032_entries():
+    net = _meta_net("mobilenet_v2")
+    assert net.width_mult == 1.5
+    assert len(enumerate_entries(net, 1, 224)) == 2032
+
+
+@pytest.mark.parametrize("name,kw", [("resnet20", {}), ("mobilenet_v2_cifar", {"width_mult": 0.35})])
+def test_every_config_is_covered_by_the_entries(name, kw):
+    net = _meta_net(name, **kw)
+    entries = {s.signature() for s in enumerate_entries(net)}
+    assert len(entries) == len(enumerate_entries(net))  # one spec per signature
+    rng = random.Random(0)
+    for cfg in [net.min_config(), net.full_config(), *net.uniform_configs(), *(net.random_config(rng) for _ in range(20))]:
+        assert {s.signature() for s in net.layer_specs(cfg)} <= entries
+
+
+def test_designed_networks_contain_every_entry_twice():
+    net = _meta_net("mobilenet_v2_cifar", width_mult=0.35)
+    wanted = {s.signature() for s in enumerate_entries(net)}
+    configs = design_configs(net, wanted, contexts=2)
+    seen: dict = {}
+    for cfg in configs:
+        for s in net.layer_specs(cfg):
+            seen[s.signature()] = seen.get(s.signature(), 0) + 1
+    assert set(seen) == wanted and min(seen.values()) >= 2
+    assert len(configs) < len(wanted)  # far fewer networks than entries
+
+
+def test_calibration_configs_are_distinct_valid_and_never_uniform():
+    net = _meta_net("mobilenet_v2")
+    cfgs = calibration_configs(net, 30, seed=3)
+    keys = {json.dumps(c.widths, sort_keys=True) for c in cfgs}
+    uniform = {json.dumps(c.widths, sort_keys=True) for c in net.uniform_configs()}
+    assert len(keys) == 30 and not keys & uniform
+    for c in cfgs:
+        net.validate(c)
+    sizes = sorted(sum(c.widths.values()) for c in cfgs)
+    assert sizes[0] < 0.5 * sizes[-1]  # narrow and wide configs both appear
+
+
+def test_profile_writes_a_complete_calibrated_table_and_a_rerun_measures_nothing(tmp_path):
+    out = tmp_path / "t.csv"
+    settings = ProfileSettings(**SMALL, out=str(out), quick=True, calib_configs=3, holdout_configs=2)
+    result = profile(settings)
+    net = _meta_net("resnet20", width_mult=0.25, input_size=16)
+    assert result.entries == result.measured == len(enumerate_entries(net, 1, 16))
+    table = LatencyTable.load(out)
+    meta = table.meta
+    assert meta["status"] == "complete" and meta["model"] == "resnet20" and meta["width_mult"] == 0.25
+    assert meta["input_size"] == 16 and meta["backend"] == "ort" and meta["threads"] == 1
+    assert meta["calibration"]["n_fit"] == 3 and meta["calibration"]["holdout"]["n"] == 2
+    for key in ("device_name", "backend_version", "hwslim_version", "created", "dtype", "batch"):
+        assert meta[key] not in (None, "")
+    e2e = pd.read_csv(table_paths(out)[2])
+    assert sorted(e2e["role"]) == ["fit"] * 3 + ["holdout"] * 2 and (e2e["median_ms"] > 0).all()
+    assert table.predict_ms(net.layer_specs(net.min_config(), input_size=16)) > 0
+    again = profile(settings)
+    assert again.measured == 0 and again.reused == result.entries
+    assert len(pd.read_csv(out)) == result.entries
+
+
+def test_kill_9_mid_run_then_rerun_completes_without_duplicates(tmp_path):
+    out = tmp_path / "k.csv"
+    args = ["profile", "--model", "resnet20", "--width-mult", "0.5", "--input-size", "8", "--out", str(out),
+            "--quick", "--isolated", "--calib-configs", "2", "--holdout-configs", "1", "--json"]
+    code = f"import sys; from hwslim.cli import main; sys.exit(main({args!r}))"
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None:
+            if out.exists() and len(read_rows(out, COLUMNS)[0]) >= 2:
+                break
+            time.sleep(0.01)
+        assert proc.poll() is None, "profile finished before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    with open(out, "a") as f:
+        f.write("conv,3,1,1,1,8,8,8")  # a row torn by the kill
+    kept = {tuple(r.values()) for r in read_rows(out, COLUMNS)[0]}
+    assert kept
+    with pytest.raises(Exception, match="incomplete"):
+        LatencyTable.load(out)
+
+    settings = ProfileSettings(model="resnet20", width_mult=0.5, input_size=8, out=str(out), quick=True,
+                               in_network=False, calib_configs=2, holdout_configs=1)
+    result = profile(settings)
+    net = _meta_net("resnet20", width_mult=0.5, input_size=8)
+    expected = {s.signature() for s in enumerate_entries(net, 1, 8)}
+    assert result.reused == len(kept) and result.measured == len(expected) - len(kept)
+    df = pd.read_csv(out)
+    sigs = [tuple(r) for r in df[list(COLUMNS[:12])].itertuples(index=False)]
+    assert len(sigs) == len(set(sigs)) == len(expected)  # no duplicate, no torn row
+    assert len(LatencyTable.load(out)) == len(expected)
+
+
+def test_rerun_with_other_settings_is_refused_unless_forced(tmp_path):
+    out = tmp_path / "t.csv"
+    profile(ProfileSettings(**SMALL, out=str(out), quick=True, calib_configs=2, holdout_configs=1))
+    other = ProfileSettings(model="resnet20", width_mult=0.25, input_size=8, out=str(out), quick=True,
+                            calib_configs=2, holdout_configs=1)
+    with pytest.raises(Exception, match="other settings.*--force"):
+        profile(other)
+    profile(ProfileSettings(**{**other.__dict__, "force": True}))
+    assert LatencyTable.load(out).meta["input_size"] == 8
+
+
+def test_cli_profile_prints_a_summary_and_user_errors_in_one_line(tmp_path, capsys):
+    out = tmp_path / "c.csv"
+    argv = ["profile", *SMALL_ARGS, "--out", str(out), "--quick", "--calib-configs", "2", "--holdout-configs", "1"]
+    assert main(argv + ["--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["entries"] == summary["measured"] > 0 and summary["table"] == str(out)
+    assert main(["profile", *SMALL_ARGS, "--backend", "trt"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("hwslim profile: error:") and "\n" not in err

@@ -1,0 +1,179 @@
+"""Conformance of every available latency backend, plus the shared protocol and the ORT graphs."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from hwslim.export import export_onnx
+from hwslim.graph import LayerSpec
+from hwslim.materialize import materialize
+from hwslim.models import create_model
+from profilers import available_backends, backend_class, get_profiler
+from profilers.base import Profiler, ProfilerError, Protocol, Timing
+
+BACKENDS = available_backends()
+QUICK = Protocol.quick()
+
+
+def _specs() -> list[LayerSpec]:
+    """One spec of each kind an entry can be: dense, depthwise, residual, pools, classifier."""
+    return [
+        LayerSpec("stem", "conv", "input", 3, 16, 16, 16, 16, 16, 3, 1, 1, 1, act="relu6", bn=True),
+        LayerSpec("dw", "conv", "stem", 32, 32, 16, 16, 8, 8, 3, 2, 1, 32, act="relu6", bn=True),
+        LayerSpec("pw", "conv", "dw", 8, 24, 8, 8, 8, 8, 1, 1, 0, 1, act=None, residual="skip", bn=True),
+        LayerSpec("pool", "maxpool", "pw", 24, 24, 8, 8, 4, 4, 3, 2, 1, 24),
+        LayerSpec("gap", "gap", "pool", 24, 24, 4, 4, 1, 1, 4, 1, 0, 24),
+        LayerSpec("fc", "linear", "gap", 24, 10, 1, 1, 1, 1, bias=True),
+    ]
+
+
+@pytest.fixture(scope="module", params=BACKENDS or [pytest.param(None, marks=pytest.mark.skip("no backend"))])
+def profiler(request):
+    backend = request.param
+    device = backend_class(backend).device
+    with get_profiler(device, backend, protocol=QUICK, e2e_protocol=QUICK) as prof:
+        yield prof
+
+
+def test_ort_is_available_here():
+    assert "ort" in BACKENDS  # onnxruntime is a core dependency
+
+
+def test_time_entry_returns_a_sane_timing(profiler):
+    for spec in _specs():
+        t = profiler.time_entry(spec)
+        assert isinstance(t, Timing)
+        assert 0 < t.median_ms <= t.p90_ms < 1000
+        assert t.iqr_ms >= 0 and t.n >= QUICK.min_reps
+
+
+def test_bigger_layer_takes_longer(profiler):
+    small = LayerSpec("a", "conv", "x", 16, 16, 8, 8, 8, 8, 1, bn=True)
+    big = LayerSpec("b", "conv", "x", 256, 256, 32, 32, 32, 32, 3, 1, 1, 1, bn=True)  # ~1000x the MACs
+    assert profiler.time_entry(big).median_ms > 5 * profiler.time_entry(small).median_ms
+
+
+def test_measure_entries_yields_each_entry_once(profiler):
+    specs = _specs()
+    got = list(profiler.measure_entries(specs + specs[:2]))
+    assert sorted(s.signature() for s, _ in got) == sorted({s.signature() for s in specs})
+
+
+def test_measure_entries_in_networks_covers_entries_outside_them(profiler):
+    net = create_model("resnet20", width_mult=0.25, input_size=8)
+    specs = net.layer_specs(net.full_config())
+    extra = LayerSpec("extra", "conv", "x", 16, 32, 8, 8, 8, 8, 1, bn=True)  # in no network
+    got = dict((s.signature(), t) for s, t in profiler.measure_entries(specs + [extra], networks=[specs]))
+    assert set(got) == {s.signature() for s in specs + [extra]}
+    assert all(t.median_ms > 0 for t in got.values())
+
+
+def test_time_onnx_times_a_whole_model(profiler, tmp_path):
+    net = create_model("resnet20", width_mult=0.25, input_size=8).eval()
+    path = export_onnx(materialize(net, fold_bn=True), tmp_path / "m.onnx", input_size=8)
+    t = profiler.time_onnx(path, (1, 3, 8, 8))
+    assert 0 < t.median_ms < 100 and t.n >= QUICK.min_reps
+
+
+def test_metadata_identifies_the_setup_and_rebuilds_the_profiler(profiler):
+    meta = profiler.metadata()
+    for key in ("device", "device_name", "backend", "backend_version", "threads", "dtype", "settings"):
+        assert key in meta
+    assert profiler.mismatches(meta) == []
+    assert profiler.mismatches({**meta, "device_name": "another CPU"}) == [
+        f"device_name 'another CPU' (here: {meta['device_name']!r})"]
+    again = Profiler.from_table(meta)
+    try:
+        assert type(again) is type(profiler) and again.settings() == profiler.settings()
+    finally:
+        again.close()
+
+
+# -- the shared protocol --------------------------------------------------------------------------------
+def test_timing_from_samples():
+    t = Timing.from_samples([1.0, 2.0, 3.0, 4.0, 10.0])
+    assert (t.median_ms, t.iqr_ms, t.p90_ms, t.n, t.noisy) == (3.0, 2.0, pytest.approx(7.6), 5, False)
+    assert t.rel_iqr == pytest.approx(2 / 3)
+
+
+class _Scripted(Profiler):
+    """A backend whose attempts return scripted timings: exercises the base's re-measuring."""
+
+    backend, device = "scripted", "cpu"
+
+    def __init__(self, script):
+        super().__init__(protocol=Protocol(retries=2, max_rel_iqr=0.1))
+        self.script, self.calls = list(script), 0
+
+    def _time_entry(self, spec):
+        self.calls += 1
+        return self.script.pop(0)
+
+
+def test_wide_spread_is_measured_again_and_the_tightest_attempt_kept():
+    wide, tight = Timing(1.0, 0.5, 2.0, 10), Timing(1.1, 0.05, 1.2, 10)
+    prof = _Scripted([wide, tight, wide])
+    assert prof.time_entry(_specs()[0]) == tight and prof.calls == 2
+
+
+def test_spread_that_stays_wide_is_flagged_noisy():
+    prof = _Scripted([Timing(1.0, 0.5, 2.0, 10), Timing(1.0, 0.4, 2.0, 10), Timing(1.0, 0.3, 2.0, 10)])
+    t = prof.time_entry(_specs()[0])
+    assert prof.calls == 3 and t.noisy and t.iqr_ms == 0.3
+
+
+def test_unknown_or_absent_backends_are_explained():
+    with pytest.raises(ProfilerError, match="unknown backend 'nope'"):
+        get_profiler("cpu", "nope")
+    with pytest.raises(ProfilerError, match="measures device 'cpu', not 'cuda'"):
+        get_profiler("cuda", "ort")
+    if not torch.cuda.is_available():
+        with pytest.raises(ProfilerError):
+            get_profiler("cuda")
+
+
+# -- ONNX Runtime specifics ------------------------------------------------------------------------------
+def test_entry_models_compute_the_exported_layers():
+    from profilers.ort import entry_model
+
+    for spec in _specs():
+        model = entry_model(spec)
+        onnx.checker.check_model(model, full_check=True)
+        (out,) = model.graph.output
+        dims = [d.dim_value for d in out.type.tensor_type.shape.dim]
+        assert dims == ([1, spec.cout] if spec.op in ("gap", "linear") else [1, spec.cout, spec.out_h, spec.out_w])
+
+
+def test_entries_run_in_the_layout_they_have_inside_a_network():
+    from profilers.ort import NCHWC, entry_model, in_network_layout
+
+    with get_profiler("cpu", "ort", protocol=QUICK) as prof:
+        block = prof.nchwc_block()
+        if not block:
+            pytest.skip("ONNX Runtime uses no blocked layout on this CPU")
+        for act in (None, "relu"):  # MobileNetV2's and ResNet's residual layers
+            spec = LayerSpec("pw", "conv", "x", 32, 64, 14, 14, 14, 14, 1, act=act, residual="s", bn=True)
+            opt = prof._optimized(entry_model(spec))
+            assert {n.op_type for n in opt.graph.node if n.domain == NCHWC} >= {"ReorderInput", "ReorderOutput"}
+            edited = in_network_layout(opt, block)
+            assert [n.op_type for n in edited.graph.node] == ["Conv"]  # add and act fused, no layout changes
+        narrow = LayerSpec("pw", "conv", "x", 8, 64, 14, 14, 14, 14, 1, act="relu6", bn=True)
+        ops = [n.op_type for n in in_network_layout(prof._optimized(entry_model(narrow)), block).graph.node]
+        assert ops == ["ReorderOutput", "Conv"]  # a narrow input arrives through one conversion
+        assert prof.time_entry(spec).median_ms > 0
+
+
+def test_network_profile_charges_every_kernel_to_a_layer():
+    from profilers.ort import network_model
+
+    net = create_model("mobilenet_v2_cifar", width_mult=0.35, input_size=16)
+    specs = net.layer_specs(net.min_config())
+    model = network_model(specs)
+    onnx.checker.check_model(model)
+    with get_profiler("cpu", "ort", protocol=QUICK) as prof:
+        per_layer = prof.profile_network(specs)
+    assert set(per_layer) == {s.name for s in specs}
+    assert all(len(v) == prof.network_runs and min(v) >= 0 for v in per_layer.values())
+    assert np.median(per_layer["stem"]) > 0
