@@ -12,9 +12,12 @@ Three parts, all measured in one run (ratios side by side, same GPU):
 3. **step**: one whole greedy step of MobileNetV2 1.5x at 224 (every unit one grid step
    narrower: 26 candidates) on ``--step-batch`` images: PyTorch per candidate, PyTorch
    with the shared prefix computed once (eager and CUDA graph), and
-   :func:`hwslim.kernels.multi_forward` (eager and CUDA graph); BN from running
-   statistics (``running``) and train-mode batch statistics (``batch``). Each path's
-   decision (the candidate with the lowest loss on fixed random labels) is compared.
+   :func:`hwslim.kernels.multi_forward` (eager and CUDA graph; with and without the
+   depthwise + 1x1 fusion); BN from running statistics (``running``) and train-mode
+   batch statistics (``batch``). Each path's decision (the candidate with the lowest
+   loss on fixed random labels) is compared.
+
+Also the depthwise + 1x1 pairs of three blocks: PyTorch, two Triton kernels, one fused.
 
 Times are medians of ``triton.testing.do_bench`` (CUDA events, L2 flushed before each
 run). fp32 convs use tf32 on both sides (PyTorch's cuDNN default). Run from the
@@ -165,6 +168,66 @@ def layer_rows(batch: int, dtypes: list[str], rep_ms: int, ceil: dict[str, float
     return rows
 
 
+PAIRS = [  # depthwise 3x3 + 1x1 project of MobileNetV2 1.5x blocks: (name, hidden, cout, in_h, stride, residual)
+    ("b3 dw+project +res", 216, 48, 56, 1, True),
+    ("b4 dw s2+project", 216, 48, 56, 2, False),
+    ("b14 dw+project +res", 1440, 240, 7, 1, True),
+]
+
+
+def pair_rows(batch: int, dtypes: list[str], rep_ms: int, ceil: dict[str, float]) -> list[dict]:
+    """Depthwise + project: PyTorch (2 SlimmableConvBN + act + add), two fused kernels, one fused kernel."""
+    from hwslim.kernels import conv_bn_act, dw_project_bn_act, fold_bn
+    from hwslim.slimmable import SlimmableConv2d, SlimmableConvBN
+
+    rows = []
+    for name, hidden, cout, h, stride, res in PAIRS:
+        for dname in dtypes:
+            dtype = DTYPES[dname]
+            dw = SlimmableConvBN(SlimmableConv2d(hidden, hidden, 3, stride, 1, depthwise=True)).cuda().eval().to(dtype)
+            pj = SlimmableConvBN(SlimmableConv2d(hidden, cout, 1)).cuda().eval().to(dtype)
+            x = torch.randn(batch, hidden, h, h, device="cuda").to(dtype).contiguous(memory_format=torch.channels_last)
+            oh = (h - 1) // stride + 1
+            r = torch.randn(batch, cout, oh, oh, device="cuda").to(dtype).contiguous(
+                memory_format=torch.channels_last) if res else None
+            (dsc, dsh), (sc, sh) = fold_bn(dw.bn), fold_bn(pj.bn)
+
+            def torch_path():
+                with torch.no_grad():
+                    y = pj(dw(x).clamp_(0, 6), cout)
+                    return y.add_(r) if r is not None else y
+
+            def two_kernels():
+                d = conv_bn_act(x, dw.conv.weight, dsc, dsh, stride=stride, act="relu6", depthwise=True, tf32=True)
+                return conv_bn_act(d, pj.conv.weight, sc, sh, residual=r, tf32=True)
+
+            def fused():
+                return dw_project_bn_act(x, dw.conv.weight, dsc, dsh, pj.conv.weight, sc, sh, stride=stride,
+                                         residual=r, tf32=True)
+
+            ref = torch_path().float()
+            err = float((fused().float() - ref).norm() / ref.norm().clamp_min(1e-30))
+            elt = torch.finfo(dtype).bits // 8
+            bytes_ = elt * (x.numel() + batch * cout * oh * oh * (2 if res else 1))  # fused floor: no hidden
+            flops = 2 * batch * oh * oh * hidden * (9 + cout)
+            peak = ceil["bf16_tflops" if dtype == torch.bfloat16 else "tf32_tflops"]
+            times = {}
+            for path, fn in (("torch eager", torch_path), ("triton 2 kernels", two_kernels), ("triton fused", fused)):
+                times[path] = _bench(fn, rep_ms)
+                times[path + " graph"] = _bench(_graph(fn), rep_ms)
+            best_torch = min(times["torch eager"], times["torch eager graph"])
+            for path, t in times.items():
+                gbps, tflops = bytes_ / t / 1e6, flops / t / 1e9
+                fb, ff = gbps / ceil["bw_gbps"], tflops / peak
+                rows.append({"part": "pair", "name": name, "dtype": dname, "path": path.replace(" eager graph", " graph"),
+                             "cin": hidden, "cout": cout, "batch": batch, "ms": t, "gbps": gbps, "tflops": tflops,
+                             "frac": max(fb, ff), "bound": "bw" if fb >= ff else "flop", "speedup": best_torch / t,
+                             "note": f"rel_err={err:.1e}" if path == "triton fused" else ""})
+            del dw, pj, x, r
+            torch.cuda.empty_cache()
+    return rows
+
+
 # -- 3. one greedy step ---------------------------------------------------------------------------
 def greedy_candidates(net, current) -> list:
     out = []
@@ -252,6 +315,9 @@ def step_rows(batch: int, dtypes: list[str], rep_ms: int, naive: bool) -> list[d
                 "torch prefix": tstep,
                 "triton multi": lambda bn=bn: kernels.multi_forward(net, x, plan, bn=bn, tf32=True),
             }
+            if bn == "running":  # fusion applies to eval-mode BN only
+                paths["triton multi unfused"] = lambda: kernels.multi_forward(net, x, plan, bn="running", fuse=False,
+                                                                              tf32=True)
             if naive:
                 paths["torch per-candidate"] = tstep.naive
             decisions, results = {}, {}
@@ -310,6 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     rows += _ceiling_rows(ceil)
     if "layers" in parts:
         rows += layer_rows(args.batch, dtypes, args.rep_ms, ceil)
+        rows += pair_rows(args.batch, dtypes, args.rep_ms, ceil)
     if "step" in parts:
         rows += step_rows(args.step_batch, dtypes, args.rep_ms, args.naive)
     cols = ["part", "name", "dtype", "path", "cin", "cout", "batch", "ms", "gbps", "tflops", "frac", "bound",

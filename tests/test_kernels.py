@@ -387,3 +387,16 @@ def test_full_size_greedy_step_on_gpu(dtype):
         with twin.using(cands[k]), torch.no_grad():
             ref = twin(x.double())
         assert rel_err(logits[k], ref) < TOL[dtype] * 5  # 50 layers of bf16 rounding compound
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("hidden,cout,h,stride", [(216, 48, 56, 1), (216, 48, 56, 2), (1440, 240, 7, 1)])
+def test_full_size_fused_depthwise_project_on_gpu(hidden, cout, h, stride, dtype):
+    x = torch.randn(8, hidden, h, h, device="cuda").to(dtype).contiguous(memory_format=torch.channels_last)
+    wd, dsc, dsh = layer(hidden, hidden, 3, depthwise=True, device="cuda")
+    wp, sc, sh = layer(hidden, cout, 1, device="cuda")
+    c, co = hidden * 2 // 3 // 8 * 8, cout * 2 // 3 // 8 * 8
+    y = K.dw_project_bn_act(x, wd, dsc, dsh, wp, sc, sh, stride=stride, cin=c, cout=co, tf32=False)
+    hid = reference(x, wd, dsc, dsh, stride=stride, cin=c, cout=c, act="relu6", depthwise=True)
+    assert rel_err(y, reference(hid.to(dtype), wp, sc, sh, stride=1, cin=c, cout=co)) < TOL[dtype]
