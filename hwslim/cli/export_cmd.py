@@ -22,8 +22,9 @@ def register(sub) -> None:
     p.add_argument("--calib-images", type=int, default=512,
                    help="search-split images to recalibrate BatchNorm at the config (0: keep the supernet's)")
     p.add_argument("--verify", action="store_true",
-                   help="then measure the model on the table's backend against its budget (needs --table)")
-    p.add_argument("--table", help="the latency table the config was searched with (recorded; used by --verify)")
+                   help="then measure the model on the table's backend against its budget")
+    p.add_argument("--table", help="the latency table the config was searched with (recorded; used by --verify; "
+                                   "default: the one the config names)")
     p.add_argument("--budget-ms", type=float, help="--verify: the budget (default: the config's latency budget)")
     p.add_argument("--force", action="store_true", help="overwrite existing outputs")
     p.add_argument("--force-table", action="store_true", help="--verify: use a table measured on another setup")
@@ -49,13 +50,18 @@ def run(args) -> int:
     from hwslim.errors import ConfigError
     from hwslim.export import ExportOptions, export_model
 
-    if args.verify and not args.table:
-        raise ConfigError("--verify needs --table TABLE (the latency table to measure against)")
+    table = args.table
+    if args.verify and not table:  # the table the search used, as recorded in the config
+        from hwslim.config import ChannelConfig
+
+        table = ChannelConfig.load(args.config).meta.get("table")
+        if not table:
+            raise ConfigError("--verify needs --table TABLE (the config names no latency table)")
     if args.opset < 17:
         raise ConfigError(f"--opset must be 17 or newer, got {args.opset}")
     opts = ExportOptions(format=args.format, batch=args.batch, dynamic_batch=args.dynamic_batch, fp16=args.fp16,
                          opset=args.opset, force=args.force, check_images=args.check_images,
-                         calib_images=args.calib_images, table=Path(args.table) if args.table else None)
+                         calib_images=args.calib_images, table=Path(table) if table else None)
     log = (lambda msg: None) if args.json else print
     res = export_model(args.checkpoint, args.config, args.out, opts, log=log)
     out = {"path": str(res.path), "onnx": str(res.onnx_path), "format": res.format, "precision": res.precision,
@@ -70,7 +76,7 @@ def run(args) -> int:
     if args.verify:
         from hwslim.verify import verify_model
 
-        v = verify_model(res.onnx_path, args.table, budget_ms=args.budget_ms, force=args.force_table,
+        v = verify_model(res.onnx_path, table, budget_ms=args.budget_ms, force=args.force_table,
                          progress=not args.json)
         out["verify"] = v.as_dict()
         status = 0 if v.ok else 1
