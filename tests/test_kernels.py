@@ -304,12 +304,10 @@ def test_multi_forward_runs_a_greedy_step_in_one_pass():
     assert plan.slices[0] == 2 and max(plan.slices) == len(cands)
     assert plan.work_fraction(net) < 1.0
     x = torch.randn(2, 3, 8, 8, device=DEVICE)
-    logits = kernels.multi_forward(net, x, plan, tf32=False)
-    unfused = kernels.multi_forward(net, x, plan, fuse=False, tf32=False)
-    assert logits.shape == (len(cands), 2, 10)
+    logits = kernels.multi_forward(net, x, plan, tf32=False)  # fused depthwise+project (the unfused
+    assert logits.shape == (len(cands), 2, 10)                 # multi path: the calibrate test's "batch")
     for k, cfg in enumerate(cands):
         assert rel_err(logits[k].cpu(), pytorch_logits(twin, cfg, x)) < 1e-4
-        assert rel_err(unfused[k].cpu(), pytorch_logits(twin, cfg, x)) < 1e-4
 
 
 def test_multi_calibrate_matches_recalibrate_bn():

@@ -7,7 +7,7 @@ sliced copy. ``scale``/``shift`` are the eval-mode BatchNorm folded per channel
 (``scale = gamma / sqrt(var + eps)``, ``shift = beta - mean * scale``, see
 :func:`fold_bn`).
 
-Two kernels:
+Kernels:
 
 * ``_conv_kernel``: a dense conv (groups=1, any square kernel, stride, padding) as an
   implicit GEMM: M = output pixels (n, oh, ow), N = output channels, K = input channels
@@ -18,8 +18,15 @@ Two kernels:
   activation tile run back to back and read it from L2, while the whole weight
   (at most a few MB) stays resident.
 * ``_dw_kernel``: a depthwise conv (groups = channels), memory-bound: a program owns
-  ``BLOCK_P`` output pixels x ``BLOCK_C`` channels, loads channel-contiguous rows
-  (vectorized when the tensor is channels-last) and does the taps with FMAs.
+  ``BLOCK_M`` output pixels x ``BLOCK_N`` channels, loads channel-contiguous rows
+  (16-byte vectors when the tensor is channels-last) and does the taps with FMAs.
+* ``_dw_project_kernel``: a depthwise conv + BN + act feeding a 1x1 conv, fused: the
+  depthwise output is computed tile by tile in registers and never stored
+  (:func:`dw_project_bn_act`).
+* ``STATS=True`` variants of the first two plus ``_bn_act_kernel``: BatchNorm with the
+  batch's own statistics (train-mode BN, BN recalibration): the conv writes its raw
+  output and per-tile statistics, then one in-place pass normalizes
+  (:func:`conv_stats`, :func:`bn_act_`).
 
 Both take strides for every tensor, so NCHW and channels-last inputs both work
 (channels-last is the fast one, and what these wrappers allocate for outputs).
@@ -37,8 +44,10 @@ Under ``TRITON_INTERPRET=1`` (set before this module is imported) the kernels ru
 CPU tensors through Triton's interpreter: slow, for tests. The interpreter computes
 bfloat16 arithmetic on the raw bit patterns (Triton's documented limitation: "use
 tl.cast to float32"), so when interpreting, bf16 operands are upcast to fp32 before
-``tl.dot``; bf16 x bf16 products are exact in fp32, so only the summation order differs
-from the GPU's bf16 tensor-core path.
+``tl.dot`` (fp32 weights are then not rounded to bf16 as on the GPU); bf16 x bf16
+products are exact in fp32, so otherwise only the summation order differs from the
+GPU's bf16 tensor-core path. ``python -m hwslim.kernels.compile_report`` compiles the
+real GPU code for sm_90 without a GPU and reports registers, spills and instructions.
 """
 from __future__ import annotations
 
