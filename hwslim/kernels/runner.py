@@ -1,11 +1,12 @@
 """Run a :class:`~hwslim.supernet.SlimmableNet` with the fused Triton conv kernels.
 
-Two entry points, both eval-mode (BN from running statistics) and both reading the
-supernet's full-width weights in place:
+Two entry points, both reading the supernet's full-width weights in place (no slicing
+copies) and never touching its parameters or buffers:
 
 * :func:`triton_forward` runs one config. It executes ``model.nodes`` like
   :func:`hwslim.graph.run_graph`, conv nodes through one fused kernel each
-  (``act(bn(conv(x)) + residual)``), max-pool / global pool / classifier through torch.
+  (``act(bn(conv(x)) + residual)``; a depthwise conv and the 1x1 conv reading it as one
+  kernel with ``fuse=True``), max-pool / global pool / classifier through torch.
   It has run_graph's ``start``/``stop``/``env`` resumption, and its environments hold
   ordinary tensors at the config's exact widths (channels-last), so a prefix computed by
   either runner can be resumed by the other.
@@ -126,7 +127,7 @@ def fusable_pairs(nodes: Sequence[Node], start: int = 0, stop: int | None = None
 
 
 def _execute(model: SlimmableNet, env: dict[str, torch.Tensor], start: int, stop: int, conv_fn,
-             pair_fn=None, pairs: set[int] = frozenset()):
+             pair_fn=None, pairs: set[int] | frozenset[int] = frozenset()) -> dict[str, torch.Tensor]:
     """run_graph's loop: ``conv_fn(i, node, inp, residual)`` computes conv nodes, torch the rest.
 
     For ``i`` in ``pairs``, ``pair_fn(i, inp, residual)`` computes nodes i and i+1 at once
