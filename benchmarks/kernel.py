@@ -102,12 +102,14 @@ LAYERS = [
 ]
 
 
+_INPLACE = {None: None, "relu": torch.relu_, "relu6": lambda t: t.clamp_(0.0, 6.0)}
+
+
 def _width(full: int, frac: float) -> int:
     return full if frac == 1.0 else max(8, int(round(full * frac / 8)) * 8)
 
 
 def layer_rows(batch: int, dtypes: list[str], rep_ms: int, ceil: dict[str, float]) -> list[dict]:
-    from hwslim.graph import ACTIVATIONS
     from hwslim.kernels import conv_bn_act, fold_bn
     from hwslim.slimmable import SlimmableConv2d, SlimmableConvBN
 
@@ -128,7 +130,7 @@ def layer_rows(batch: int, dtypes: list[str], rep_ms: int, ceil: dict[str, float
                 oh = (h - 1) // stride + 1
                 r = torch.randn(batch, cout, oh, oh, device="cuda").to(dtype).contiguous(
                     memory_format=torch.channels_last) if res else None
-                act_fn = ACTIVATIONS[act]
+                act_fn = _INPLACE[act]
                 scale, shift = fold_bn(module.bn)
                 weight = module.conv.weight
 
@@ -137,7 +139,7 @@ def layer_rows(batch: int, dtypes: list[str], rep_ms: int, ceil: dict[str, float
                         y = module(x, None if dw else cout)
                         if r is not None:
                             y = y.add_(r)
-                        return act_fn(y) if act_fn is not None else y
+                        return act_fn(y) if act_fn is not None else y  # in place, as run_graph under no_grad
 
                 def triton_path():
                     return conv_bn_act(x, weight, scale, shift, stride=stride, act=act, residual=r, depthwise=dw,
