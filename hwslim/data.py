@@ -120,8 +120,11 @@ def _gabor(xx: torch.Tensor, yy: torch.Tensor, theta: torch.Tensor, freq: torch.
 
 # Class definitions are fixed (not seeded by the data seed): every synthetic dataset poses
 # the same task, and the seed only draws other samples of it.
-_PROTOTYPES_PER_CLASS = 4
+_PROTOTYPES_PER_CLASS = 1
 _ELEMENTS = 2
+_SHIFT = 0.15  # how far a prototype moves (image half-width = 1)
+_DISTRACT = (0.1, 0.25)  # contrast of the random distractor texture
+_NOISE = 0.05
 _PALETTE = torch.tensor([[1.0, 0.25, 0.2], [0.2, 0.9, 0.3], [0.25, 0.35, 1.0], [0.95, 0.85, 0.15],
                          [0.85, 0.2, 0.9], [0.2, 0.85, 0.9]])
 
@@ -145,19 +148,21 @@ def _synthetic_chunk(seed: int, split: int, chunk: int, size: int) -> tuple[torc
     def u(lo: float, hi: float, *shape: int) -> torch.Tensor:
         return lo + (hi - lo) * torch.rand(*(shape or (n,)), generator=g)
 
-    # Each class is a mixture of 4 prototypes; a prototype is 2 oriented textures (Gabor
-    # patches) at fixed relative offsets, each with its own orientation, frequency, size and
-    # palette colour. A sample moves the prototype anywhere, re-draws phases and contrast,
-    # jitters orientation and frequency, and adds a weaker random texture, colour blobs,
-    # low-frequency shading and noise. No single feature names the class (colours and
-    # orientations are shared between classes): a net needs many feature detectors to
-    # cover 40 prototypes, so narrow configs score clearly below wide ones.
+    # A class is a prototype (or a mixture of _PROTOTYPES_PER_CLASS): 2 oriented textures
+    # (Gabor patches) at fixed relative offsets, each with its own orientation, frequency,
+    # size and palette colour. A sample shifts the prototype, re-draws phases and contrast,
+    # jitters orientation and frequency, and adds a weaker random texture of any
+    # orientation and colour, a colour blob, low-frequency shading and noise. No single
+    # feature names the class (colours and orientations recur across classes), so a net
+    # needs conjunctions of many detectors: narrow configs score clearly below wide ones.
+    # (Harder settings, e.g. 4 prototypes per class, separate widths more but need far
+    # more steps than a CPU test can afford.)
     labels = torch.randint(0, SYNTHETIC_CLASSES, (n,), generator=g)
     proto = torch.randint(0, _PROTOTYPES_PER_CLASS, (n,), generator=g)
     p = {k: v[labels, proto] for k, v in _prototypes().items()}  # each (n, e)
     lin = torch.linspace(-1, 1, size)
     yy, xx = torch.meshgrid(lin, lin, indexing="ij")
-    tx, ty = u(-0.3, 0.3)[:, None], u(-0.3, 0.3)[:, None]
+    tx, ty = u(-_SHIFT, _SHIFT)[:, None], u(-_SHIFT, _SHIFT)[:, None]
     theta = p["theta"] + 0.05 * torch.randn(n, e, generator=g)
     freq = p["freq"] * u(0.93, 1.07, n, e)
     tex = _gabor(xx, yy, theta.reshape(-1), freq.reshape(-1), u(0, 2 * math.pi, n * e),
@@ -165,15 +170,15 @@ def _synthetic_chunk(seed: int, split: int, chunk: int, size: int) -> tuple[torc
     tex = tex.view(n, e, size, size) * u(0.6, 1.0, n, e)[:, :, None, None]
     colour = _PALETTE[p["colour"]]  # (n, e, 3)
     img = u(0.3, 0.7, n, 3)[:, :, None, None].expand(n, 3, size, size).clone()
-    img += 0.1 * F.interpolate(torch.randn(n, 3, 4, 4, generator=g), size=(size, size), mode="bilinear",
+    img += 0.06 * F.interpolate(torch.randn(n, 3, 4, 4, generator=g), size=(size, size), mode="bilinear",
                                align_corners=False)
-    img += 0.4 * torch.einsum("nehw,nec->nchw", tex, colour)
+    img += 0.55 * torch.einsum("nehw,nec->nchw", tex, colour)
     distract = _gabor(xx, yy, u(0, math.pi), u(0.8, 2.4), u(0, 2 * math.pi), u(-0.7, 0.7), u(-0.7, 0.7),
-                      u(0.15, 0.3)) * u(0.2, 0.45)[:, None, None]
+                      u(0.15, 0.3)) * u(*_DISTRACT)[:, None, None]
     img += 0.4 * distract[:, None] * _PALETTE[torch.randint(0, len(_PALETTE), (n,), generator=g)][:, :, None, None]
     r2 = (xx - u(-0.8, 0.8)[:, None, None]) ** 2 + (yy - u(-0.8, 0.8)[:, None, None]) ** 2
-    img += torch.exp(-r2 / (2 * u(0.08, 0.2)[:, None, None] ** 2))[:, None] * u(-0.3, 0.3, n, 3)[:, :, None, None]
-    img += 0.05 * torch.randn(n, 3, size, size, generator=g)
+    img += torch.exp(-r2 / (2 * u(0.08, 0.2)[:, None, None] ** 2))[:, None] * u(-0.2, 0.2, n, 3)[:, :, None, None]
+    img += _NOISE * torch.randn(n, 3, size, size, generator=g)
     return (img.clamp(0, 1) * 255).round().to(torch.uint8), labels
 
 
@@ -182,10 +187,10 @@ def synthetic_images(indices: Sequence[int] | torch.Tensor, *, seed: int = 0, in
     """Images ``indices`` of the synthetic dataset: (uint8 N x 3 x S x S, int64 labels).
 
     Image *i* depends only on (seed, split, i), so any subset is rebuilt exactly without
-    generating the rest. Each class is a mixture of 4 prototypes, each a pair of oriented,
-    coloured textures at fixed relative offsets, placed anywhere with random phase and
-    contrast, under a weaker distractor texture, a colour blob, shading and noise:
-    learnable, but narrow networks score clearly below wide ones. ``split`` is ``"train"`` or ``"val"``.
+    generating the rest. Each class is a pair of oriented, coloured textures at fixed
+    relative offsets, shifted at random, with random phase and contrast, under a weaker
+    distractor texture, a colour blob, shading and noise: learnable in a few hundred
+    steps, but narrow networks score clearly below wide ones. ``split`` is ``"train"`` or ``"val"``.
     """
     split_id = {"train": 0, "val": 1}[split]
     idx = torch.as_tensor(indices, dtype=torch.int64).reshape(-1)
@@ -644,11 +649,10 @@ class TrainData:
 
         assert isinstance(self.source, _FolderSource), "streaming needs an ImageFolder source"
         tf = T.Compose([T.RandomResizedCrop(self.input_size, antialias=True), T.RandomHorizontalFlip()])
-        ds = _StreamDataset(self.source.samples("train"), self.train_idx.tolist(), tf)
-        gen = torch.Generator().manual_seed(_mix(seed, epoch, rank, 37))
+        ds = _StreamDataset(self.source.samples("train"), self.train_idx.tolist(), tf, _mix(seed, epoch, 37))
         loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=self.workers,
                                              pin_memory=self.device.type == "cuda", drop_last=True,
-                                             generator=gen, persistent_workers=False)
+                                             persistent_workers=False)
         for s, (x, y) in enumerate(loader):
             if s >= steps:
                 break
@@ -667,15 +671,21 @@ class TrainData:
 
 
 class _StreamDataset(torch.utils.data.Dataset):
-    def __init__(self, samples: list[tuple[str, int]], indices: list[int], transform) -> None:
-        self.samples, self.indices, self.transform = samples, indices, transform
+    """Decode + augment one training image. Each (epoch, image) has its own seed, so the
+    crops do not depend on the number of workers, and a resumed run sees the same ones."""
+
+    def __init__(self, samples: list[tuple[str, int]], indices: list[int], transform, seed: int) -> None:
+        self.samples, self.indices, self.transform, self.seed = samples, indices, transform, seed
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         path, label = self.samples[self.indices[i]]
-        return self.transform(_read_rgb(path)), label
+        img = _read_rgb(path)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(_mix(self.seed, i))
+            return self.transform(img), label
 
 
 def build_data(spec: str | DataSpec, input_size: int, *, search_size: int | None = None, seed: int = 0,

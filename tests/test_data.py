@@ -24,6 +24,15 @@ from hwslim.errors import HwslimError
 from hwslim.models import create_model
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # on a shared 2-core box, two OpenMP threads per op wait on each other
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def test_synthetic_is_deterministic_and_subsets_match():
     x, y = synthetic_images(range(600), seed=3, input_size=16)
     assert x.shape == (600, 3, 16, 16) and x.dtype == torch.uint8
@@ -184,3 +193,15 @@ def test_image_folder_needs_val_or_test(tmp_path):
 def test_cifar_without_files_says_how_to_fetch(tmp_path):
     with pytest.raises(DataError, match="--download"):
         build_data(f"cifar10:{tmp_path}", 32)
+
+
+def test_large_inputs_stream_with_random_resized_crops(tmp_path):
+    _image_folder(tmp_path, {"train": 6, "val": 2}, size=24)
+    data = build_data(str(tmp_path), 72, search_size=2, seed=0, workers=0)
+    assert not data.in_memory and data.images is None
+    batches = list(data.batches(epoch=0, batch_size=4, seed=0))
+    assert len(batches) == 2 and batches[0][0].shape == (4, 3, 72, 72) and batches[0][0].dtype == torch.float32
+    again = list(data.batches(epoch=0, batch_size=4, seed=0))
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(batches, again))  # seeded per epoch
+    x, _ = search_split(data.info)  # eval view: resize + center crop
+    assert x.shape == (2, 3, 72, 72)

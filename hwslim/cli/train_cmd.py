@@ -1,13 +1,89 @@
 from __future__ import annotations
 
-from hwslim.cli import add_command
-from hwslim.errors import HwslimError
+import json
+
+from hwslim.cli import add_command, print_table
 
 
 def register(sub) -> None:
-    add_command(sub, "train", run, run.__doc__)
+    p = add_command(sub, "train", run, run.__doc__)
+    p.add_argument("--model", required=True, help="zoo model name (see `hwslim models`)")
+    p.add_argument("--data", required=True,
+                   help="synthetic[:N] | cifar10[:ROOT] | cifar100[:ROOT] | an ImageFolder dir (train/ + val/ or test/)")
+    p.add_argument("--epochs", type=int, required=True, help="total epochs (on --resume: train up to this many)")
+    p.add_argument("--out", required=True, help="run directory: checkpoint.pt, metrics.jsonl, results.json")
+    g = p.add_argument_group("model")
+    g.add_argument("--width-mult", type=float, help="supernet width multiplier (model default if omitted)")
+    g.add_argument("--input-size", type=int, help="input resolution (model default if omitted)")
+    g.add_argument("--num-classes", type=int, help="classifier outputs (default: the data's class count)")
+    g.add_argument("--divisor", type=int, choices=(8, 16, 32), help="channel rounding divisor (default 8)")
+    g = p.add_argument_group("recipe")
+    g.add_argument("--batch-size", type=int, help="global batch size, split across processes (default 128)")
+    g.add_argument("--lr", type=float, help="peak learning rate (default 0.1 x batch / 128)")
+    g.add_argument("--momentum", type=float, help="Nesterov momentum (default 0.9)")
+    g.add_argument("--weight-decay", type=float,
+                   help="on conv/linear weights only (default 5e-4 up to 64 px inputs, 4e-5 above)")
+    g.add_argument("--warmup-epochs", type=float, help="linear warm-up before the cosine decay (default min(5, 10%%))")
+    g.add_argument("--num-random", type=int, help="random configs per step besides widest and narrowest (default 2)")
+    g.add_argument("--distill-from-start", dest="distill_after_warmup", action="store_const", const=False,
+                   help="distill narrow configs from the first step (default: labels until warm-up ends)")
+    g.add_argument("--label-smoothing", type=float, help="for the widest config (default 0.1)")
+    g.add_argument("--search-size", type=int,
+                   help="training images held out for `hwslim search` (default 10%%, at most 10,000)")
+    g.add_argument("--seed", type=int, help="seeds the split, shuffling, augmentation and configs (default 0)")
+    g = p.add_argument_group("execution")
+    g.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when a GPU is visible")
+    g.add_argument("--workers", type=int, default=4, help="image-decoding processes for large datasets (default 4)")
+    g.add_argument("--download", action="store_true", help="let torchvision download cifar10/cifar100")
+    g.add_argument("--no-amp", dest="amp", action="store_false", help="no mixed precision on CUDA")
+    g.add_argument("--no-channels-last", dest="channels_last", action="store_false")
+    g.add_argument("--calib-images", type=int, default=2000, help="images for BN recalibration (default 2000)")
+    g.add_argument("--eval-images", type=int, help="validation images scored at the end (default: all)")
+    g.add_argument("--eval-every", type=int, default=0, help="also score widest/narrowest every N epochs")
+    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    g.add_argument("--stop-after", type=int,
+                   help="leave after this many epochs (for time-limited jobs); continue with --resume")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    g.add_argument("--force", action="store_true", help="start over even if --out holds a checkpoint")
+    p.add_argument("--json", action="store_true", help="print the final accuracies as JSON")
 
 
 def run(args) -> int:
-    """Not built yet (issue 3)."""
-    raise HwslimError("'hwslim train' is not built yet (issue 3)")
+    """Train a slimmable supernet (sandwich rule, in-place distillation).
+
+    Every step trains the widest config on the labels, and the narrowest plus
+    --num-random random configs on the widest's soft output. A checkpoint is written
+    atomically every epoch to OUT/checkpoint.pt (weights, data split, training state);
+    --resume continues it exactly. At the end the widest, uniform and narrowest configs
+    are scored on the validation data after BN recalibration (OUT/results.json).
+
+    Several GPUs or machines: launch through torchrun, e.g.
+      torchrun --nproc-per-node 8 --no-python hwslim train --model mobilenet_v2 \\
+          --data /data/imagenet --epochs 100 --batch-size 1024 --out runs/mbv2
+    (--batch-size is the global batch; only rank 0 writes.)
+
+    Example (CPU, a minute):
+      hwslim train --model resnet20 --width-mult 0.5 --input-size 16 \\
+          --data synthetic:3000 --epochs 4 --batch-size 64 --out runs/demo
+    """
+    from hwslim.train import TrainConfig, train
+
+    if args.resume and args.force:
+        from hwslim.errors import HwslimError
+
+        raise HwslimError("--resume and --force contradict each other; pick one")
+    names = [f for f in TrainConfig.__dataclass_fields__ if f != "synthetic_val"]
+    cfg = TrainConfig(**{k: getattr(args, k.replace("-", "_")) for k in names if hasattr(args, k)})
+    result = train(cfg)
+    if result.checkpoint is None:  # not rank 0
+        return 0
+    if result.epochs < cfg.epochs:
+        print(f"stopped after epoch {result.epochs} of {cfg.epochs}; continue with --resume "
+              f"(checkpoint: {result.checkpoint})")
+        return 0
+    if args.json:
+        print(json.dumps({"checkpoint": str(result.checkpoint), "final": result.final}, indent=2))
+    else:
+        print(f"checkpoint: {result.checkpoint}")
+        print_table([{**r, "top1 %": r["top1"]} for r in result.final], ["config", "top1 %", "macs", "params"])
+    return 0
