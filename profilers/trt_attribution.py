@@ -129,8 +129,9 @@ def onnx_node_owners(model, specs: Sequence[LayerSpec]) -> dict[str, str]:
             continue
         owner = None
         if op in _COMPUTE_OPS:
-            path = node.name.strip("/").rsplit("/", 1)[0]  # "/l2b0/conv1/Conv" -> "l2b0/conv1"
-            owner = path if path in by_name else None
+            # "/l2b0/conv1/Conv" -> "l2b0/conv1"; a wrapper module adds leading parts ("/net/l2b0/conv1/Conv")
+            parts = node.name.strip("/").split("/")[:-1]
+            owner = next(("/".join(parts[i:]) for i in range(len(parts)) if "/".join(parts[i:]) in by_name), None)
         elif op == "Add":
             cands = [tensor_layer.get(t) for t in node.input[:2]]
             with_skip = [c for c in cands if c in by_name and by_name[c].residual is not None]
@@ -140,6 +141,8 @@ def onnx_node_owners(model, specs: Sequence[LayerSpec]) -> dict[str, str]:
             owner = pools.get((kind, tensor_layer.get(node.input[0], "")))
         else:  # Relu, Clip, Flatten, Reshape, Cast...: the layer whose output it reads
             owner = tensor_layer.get(node.input[0]) if node.input else None
+        if owner == INPUT and op not in _COMPUTE_OPS:
+            continue  # e.g. the Cast of the image in an fp16 graph: its engine layer goes to its consumer
         if owner is None or owner == INPUT:
             raise ValueError(f"cannot place ONNX node {node.name!r} ({op}) on a layer spec")
         owners[node.name] = owner

@@ -1,0 +1,525 @@
+"""cuDNN through PyTorch on a CUDA GPU: the ``torch_cuda`` backend (``--backend torch``).
+
+**What an entry is.** The plain PyTorch ops the materialized network runs for that
+layer (:class:`~hwslim.materialize.PlainNet` with BN folded, under no_grad):
+``conv2d`` with the folded-BN bias, then the residual ``add_`` and the activation in
+place (``relu_`` / ``clamp_(0, 6)``); ``max_pool2d``; ``adaptive_avg_pool2d`` +
+``flatten``; ``linear``. Random weights (timing does not depend on values) in the
+table's precision (fp32, fp16 or bf16), NCHW or channels-last.
+
+**Protocol** (each rule is there because a GPU timing goes wrong without it):
+
+* ``torch.backends.cudnn.benchmark`` on, so cuDNN picks its fastest algorithm per shape
+  (as a deployment would), during eager warm-up runs before anything is captured;
+* the timed unit is a **CUDA graph** holding ``inner`` back-to-back calls of the entry,
+  ``inner`` chosen so one replay lasts about ``target_replay_ms``; one sample is one
+  replay between two CUDA events on a **non-default stream**, divided by ``inner``.
+  Replay removes the Python and launch overhead that a deployed engine or a captured
+  network does not pay, and a replay long enough to dwarf event resolution makes
+  microsecond kernels measurable;
+* inputs and weights are allocated once before capture: no host-device copies and no
+  allocations in the timed region;
+* entries are prepared in groups (up to ``group_size`` entries or ``group_mib`` of
+  tensors), and their samples are taken **interleaved** (every entry once per round,
+  random order per round, one synchronization per round), so a slow spell of the GPU
+  (clock change, another process) spreads over many entries instead of biasing one,
+  and the host never waits between samples;
+* median, IQR, p90 and n per entry; an entry whose spread stays above
+  ``protocol.max_rel_iqr`` is measured again alone (the base class's retries) and the
+  tighter result kept, else flagged ``noisy``.
+
+**End to end** (calibration, ``hwslim verify``): :meth:`TorchCudaProfiler.time_onnx`
+runs the exported ONNX model of the materialized network as the same PyTorch ops
+(:func:`onnx_callable`, an interpreter for the ops ``export_onnx`` writes), captured in
+one CUDA graph and timed with the same events/stream/replay protocol. So entries and
+whole networks are measured by one mechanism, and the calibration fit only has to
+absorb what really differs between them (caches, the gaps between kernels).
+
+Speed: with the default protocol an entry costs ``budget_ms`` (40 ms) of GPU time for
+its samples plus its preparation (allocation, cuDNN's algorithm search, capture), so a
+full MobileNetV2 1.5x table at 224 (2,032 entries) is planned at a few minutes of GPU
+time; this was not measured where the backend was written (no GPU there).
+"""
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, replace
+from typing import Any, Callable, ClassVar, Iterator, Sequence
+
+from hwslim.graph import LayerSpec
+from profilers.base import Profiler, ProfilerError, Protocol, Timing, sample
+
+DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
+
+
+def _torch():
+    import torch
+
+    return torch
+
+
+def torch_dtype(name: str):
+    torch = _torch()
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
+
+
+# -- entries ------------------------------------------------------------------------------------------
+def entry_callable(spec: LayerSpec, device: str = "cuda", dtype: str = "float32", channels_last: bool = False,
+                   seed: int = 0) -> tuple[Callable[[], Any], int]:
+    """``(fn, bytes)``: a no-argument call computing ``spec`` as the materialized net does, and
+    the bytes of the tensors it holds (inputs, weights, one output).
+
+    ``fn()`` returns the layer's output; inputs and weights are created once, here.
+    """
+    torch = _torch()
+    import torch.nn.functional as F
+
+    dt = torch_dtype(dtype)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+
+    def rand(*shape, scale: float = 1.0, four_d: bool = False):
+        t = (torch.randn(*shape, generator=gen) * scale).to(device=device, dtype=dt)
+        return t.contiguous(memory_format=fmt) if four_d and len(shape) == 4 else t
+
+    b = spec.batch
+    elem = torch.finfo(dt).bits // 8
+    if spec.op == "conv":
+        x = rand(b, spec.cin, spec.in_h, spec.in_w, four_d=True)
+        fan_in = spec.cin // spec.groups * spec.kernel ** 2
+        w = rand(spec.cout, spec.cin // spec.groups, spec.kernel, spec.kernel, scale=fan_in ** -0.5, four_d=True)
+        bias = rand(spec.cout, scale=0.1)
+        skip = rand(b, spec.cout, spec.out_h, spec.out_w, four_d=True) if spec.residual is not None else None
+        act = spec.act
+        stride, padding, groups = spec.stride, spec.padding, spec.groups
+
+        def fn():
+            y = F.conv2d(x, w, bias, stride, padding, 1, groups)
+            if skip is not None:
+                y = y.add_(skip)
+            if act == "relu":
+                y = F.relu_(y)
+            elif act == "relu6":
+                y = y.clamp_(0.0, 6.0)
+            return y
+
+        tensors = x.numel() + w.numel() + (skip.numel() if skip is not None else 0) + b * spec.cout * spec.out_h * spec.out_w
+    elif spec.op == "maxpool":
+        x = rand(b, spec.cin, spec.in_h, spec.in_w, four_d=True)
+        k, s, p = spec.kernel, spec.stride, spec.padding
+
+        def fn():
+            return F.max_pool2d(x, k, s, p)
+
+        tensors = x.numel() * 2
+    elif spec.op == "gap":
+        x = rand(b, spec.cin, spec.in_h, spec.in_w, four_d=True)
+
+        def fn():
+            return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+
+        tensors = x.numel() + b * spec.cout
+    elif spec.op == "linear":
+        x = rand(b, spec.cin)
+        w = rand(spec.cout, spec.cin, scale=0.01)
+        bias = rand(spec.cout, scale=0.1)
+
+        def fn():
+            return F.linear(x, w, bias)
+
+        tensors = x.numel() + w.numel() + b * spec.cout
+    else:
+        raise ProfilerError(f"backend 'torch_cuda' cannot time op {spec.op!r}")
+    return fn, int(tensors * elem)
+
+
+# -- whole exported models ----------------------------------------------------------------------------
+def onnx_callable(model, input_shape: Sequence[int], device: str = "cuda", dtype: str = "float32",
+                  channels_last: bool = False, seed: int = 0) -> Callable[[], Any]:
+    """A no-argument call running an ONNX graph written by ``export_onnx`` as PyTorch ops.
+
+    Supports what the exporter emits for a plain hwslim network: Conv, Relu, Clip, Add,
+    MaxPool, GlobalAveragePool, Flatten, Gemm, plus Constant/Identity/Cast (Cast is a
+    no-op: everything runs in ``dtype``). Element-wise ops run in place where their
+    input has no other reader, as :func:`hwslim.graph.run_graph` does, so the kernels
+    are the ones the materialized network launches. The input is random, bound once.
+    """
+    torch = _torch()
+    import torch.nn.functional as F
+    from onnx import numpy_helper
+
+    if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
+        import onnx
+
+        model = onnx.load(str(model))
+    dt = torch_dtype(dtype)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    g = model.graph
+    consts: dict[str, Any] = {}
+    for init in g.initializer:
+        arr = numpy_helper.to_array(init)
+        t = torch.from_numpy(arr.copy()).to(device)
+        consts[init.name] = t.to(dt) if t.is_floating_point() else t
+    readers: dict[str, int] = {}
+    for n in g.node:
+        for t in n.input:
+            readers[t] = readers.get(t, 0) + 1
+    for o in g.output:
+        readers[o.name] = readers.get(o.name, 0) + 1
+    attrs = lambda n: {a.name: _attr(a) for a in n.attribute}  # noqa: E731
+    inputs = [i.name for i in g.input if i.name not in consts]
+    if len(inputs) != 1:
+        raise ProfilerError(f"expected one graph input, found {inputs}")
+    x0 = torch.randn(*input_shape, generator=torch.Generator().manual_seed(seed)).to(device=device, dtype=dt)
+    if x0.dim() == 4:
+        x0 = x0.contiguous(memory_format=fmt)
+    steps: list[Callable[[dict], None]] = []
+
+    for n in g.node:
+        a = attrs(n)
+        op, ins, out = n.op_type, list(n.input), n.output[0]
+        owned = bool(ins) and readers.get(ins[0], 0) == 1 and ins[0] not in consts and ins[0] not in inputs
+        if op == "Constant":
+            from onnx import numpy_helper as nh
+
+            t = torch.from_numpy(nh.to_array(n.attribute[0].t).copy()).to(device)
+            consts[out] = t.to(dt) if t.is_floating_point() else t
+            continue
+        if op == "Conv":
+            w = consts[ins[1]]
+            if channels_last and w.dim() == 4:
+                consts[ins[1]] = w.contiguous(memory_format=fmt)
+            pads = a.get("pads", [0, 0, 0, 0])
+            if len(pads) == 4 and (pads[0] != pads[2] or pads[1] != pads[3]):
+                raise ProfilerError(f"{n.name}: asymmetric padding is not supported")
+            steps.append(_conv_step(F, ins, out, consts, tuple(a.get("strides", [1, 1])), tuple(pads[:2]),
+                                    tuple(a.get("dilations", [1, 1])), int(a.get("group", 1))))
+        elif op == "Relu":
+            steps.append(_unary(ins[0], out, F.relu_ if owned else F.relu))
+        elif op == "Clip":
+            lo = float(consts[ins[1]].item()) if len(ins) > 1 and ins[1] else a.get("min", None)
+            hi = float(consts[ins[2]].item()) if len(ins) > 2 and ins[2] else a.get("max", None)
+            steps.append(_unary(ins[0], out, (lambda t, lo=lo, hi=hi: t.clamp_(lo, hi)) if owned
+                                else (lambda t, lo=lo, hi=hi: t.clamp(lo, hi))))
+        elif op == "Add":
+            steps.append(_add_step(ins, out, owned, consts))
+        elif op == "MaxPool":
+            pads = a.get("pads", [0, 0, 0, 0])
+            k, s, p = tuple(a["kernel_shape"]), tuple(a.get("strides", [1, 1])), tuple(pads[:2])
+            ceil = bool(a.get("ceil_mode", 0))
+            steps.append(_unary(ins[0], out, lambda t, k=k, s=s, p=p, c=ceil: F.max_pool2d(t, k, s, p, ceil_mode=c)))
+        elif op == "GlobalAveragePool":
+            steps.append(_unary(ins[0], out, lambda t: F.adaptive_avg_pool2d(t, 1)))
+        elif op == "Flatten":
+            axis = int(a.get("axis", 1))
+            steps.append(_unary(ins[0], out, lambda t, ax=axis: torch.flatten(t, ax)))
+        elif op == "Gemm":
+            if a.get("alpha", 1.0) != 1.0 or a.get("beta", 1.0) != 1.0 or a.get("transA", 0):
+                raise ProfilerError(f"{n.name}: only Gemm with alpha = beta = 1, transA = 0 is supported")
+            steps.append(_gemm_step(F, ins, out, consts, bool(a.get("transB", 0))))
+        elif op in ("Identity", "Cast"):
+            src = ins[0]
+            if src in consts:
+                consts[out] = consts[src]
+            else:
+                steps.append(_unary(src, out, lambda t: t))
+        else:
+            raise ProfilerError(f"{n.name}: ONNX op {op} is not supported by the torch_cuda backend")
+    result = g.output[0].name
+    name_in = inputs[0]
+
+    def run():
+        env = {name_in: x0}
+        for step in steps:
+            step(env)
+        return env[result]
+
+    return run
+
+
+def _attr(a):
+    from onnx import helper
+
+    return helper.get_attribute_value(a)
+
+
+def _unary(src: str, out: str, f) -> Callable[[dict], None]:
+    def step(env):
+        env[out] = f(env[src])
+
+    return step
+
+
+def _conv_step(F, ins, out, consts, stride, padding, dilation, groups):
+    wname, bname, src = ins[1], (ins[2] if len(ins) > 2 and ins[2] else None), ins[0]
+
+    def step(env):
+        env[out] = F.conv2d(env[src], consts[wname], consts[bname] if bname else None, stride, padding, dilation,
+                            groups)
+
+    return step
+
+
+def _add_step(ins, out, owned, consts):
+    a, b = ins
+
+    def step(env):
+        x = env[a] if a in env else consts[a]
+        y = env[b] if b in env else consts[b]
+        env[out] = x.add_(y) if owned else x + y
+
+    return step
+
+
+def _gemm_step(F, ins, out, consts, trans_b):
+    src, wname = ins[0], ins[1]
+    bname = ins[2] if len(ins) > 2 and ins[2] else None
+
+    def step(env):
+        w = consts[wname]
+        bias = consts[bname] if bname else None
+        env[out] = F.linear(env[src], w, bias) if trans_b else (env[src] @ w + (bias if bias is not None else 0))
+
+    return step
+
+
+# -- the timed unit -------------------------------------------------------------------------------------
+@dataclass
+class _Unit:
+    """One callable prepared for timing: warmed up, ``inner`` calls captured in a CUDA graph."""
+
+    fn: Callable[[], Any]
+    inner: int
+    per_call_ms: float
+    graph: Any = None
+
+    def launch(self) -> None:
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            for _ in range(self.inner):
+                self.fn()
+
+
+class TorchCudaProfiler(Profiler):
+    """Times entries and whole models as PyTorch CUDA ops (cuDNN), with CUDA graphs and events."""
+
+    backend: ClassVar[str] = "torch_cuda"
+    device: ClassVar[str] = "cuda"
+    dtypes: ClassVar[tuple[str, ...]] = tuple(DTYPES)
+    identity_keys: ClassVar[tuple[str, ...]] = Profiler.identity_keys + (
+        "driver_version", "cuda_runtime", "cudnn_version", "channels_last", "allow_tf32", "cuda_graphs")
+
+    def __init__(self, *, threads: int | None = None, dtype: str | None = None, protocol=None, e2e_protocol=None,
+                 channels_last: bool = False, cuda_graphs: bool = True, allow_tf32: bool = True,
+                 target_replay_ms: float = 0.5, group_size: int = 64, group_mib: int = 4096,
+                 device_index: int | None = None, seed: int = 0) -> None:
+        super().__init__(threads=threads, dtype=dtype, protocol=protocol, e2e_protocol=e2e_protocol)
+        torch = _torch()
+        if not torch.cuda.is_available():
+            raise ProfilerError(f"backend 'torch_cuda' cannot run here ({self.unavailable_reason()})")
+        self.channels_last = bool(channels_last)
+        self.cuda_graphs = bool(cuda_graphs)
+        self.allow_tf32 = bool(allow_tf32)
+        self.target_replay_ms = float(target_replay_ms)
+        self.group_size = int(group_size)
+        self.group_mib = int(group_mib)
+        self.device_index = torch.cuda.current_device() if device_index is None else int(device_index)
+        self.seed = int(seed)
+        self._dev = f"cuda:{self.device_index}"
+        torch.cuda.set_device(self.device_index)
+        # global cuDNN / TF32 switches: set for the profiler's lifetime, restored by close()
+        self._saved = (torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32,
+                       torch.backends.cuda.matmul.allow_tf32)
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.allow_tf32 = self.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = self.allow_tf32
+        self._stream = torch.cuda.Stream(device=self.device_index)
+        from profilers.gpu_info import gpu_info
+
+        self._gpu = gpu_info(self.device_index)  # read once: "clocks at start"
+        self._closed = False
+
+    # -- identity ----------------------------------------------------------------------------
+    @classmethod
+    def is_available(cls) -> bool:
+        try:
+            return _torch().cuda.is_available()
+        except Exception:
+            return False
+
+    @classmethod
+    def unavailable_reason(cls) -> str:
+        return "PyTorch sees no CUDA GPU (torch.cuda.is_available() is False)"
+
+    @classmethod
+    def machine_name(cls) -> str:
+        torch = _torch()
+        return torch.cuda.get_device_name() if torch.cuda.is_available() else ""
+
+    def settings(self) -> dict[str, Any]:
+        return {**super().settings(), "channels_last": self.channels_last, "cuda_graphs": self.cuda_graphs,
+                "allow_tf32": self.allow_tf32, "target_replay_ms": self.target_replay_ms,
+                "group_size": self.group_size, "group_mib": self.group_mib, "seed": self.seed}
+
+    def _backend_metadata(self) -> dict[str, Any]:
+        torch = _torch()
+        g = self._gpu
+        return {
+            "device_name": g.get("gpu_name") or torch.cuda.get_device_name(self.device_index),
+            "backend_version": f"torch {torch.__version__}, cuDNN {torch.backends.cudnn.version()}",
+            "gpu_name": g.get("gpu_name"),
+            "compute_capability": g.get("compute_capability"),
+            "gpu_memory_gib": g.get("gpu_memory_gib"),
+            "driver_version": g.get("driver_version"),
+            "cuda_runtime": g.get("cuda_runtime"),
+            "cudnn_version": g.get("cudnn_version"),
+            "clocks_at_start": g.get("clocks_at_start"),
+            "precision": self.dtype,
+            "channels_last": self.channels_last,
+            "allow_tf32": self.allow_tf32,
+            "cuda_graphs": self.cuda_graphs,
+            "cudnn_benchmark": True,
+        }
+
+    # -- preparing and timing units ------------------------------------------------------------
+    def _estimate_ms(self, fn: Callable[[], Any], calls: int = 5) -> float:
+        torch = _torch()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        with torch.cuda.stream(self._stream):
+            start.record(self._stream)
+            for _ in range(calls):
+                fn()
+            end.record(self._stream)
+        end.synchronize()
+        return start.elapsed_time(end) / calls
+
+    def _prepare(self, fn: Callable[[], Any], pool=None, protocol: Protocol | None = None) -> _Unit:
+        """Warm up eagerly (cuDNN picks algorithms), size ``inner``, capture the graph, warm it."""
+        torch = _torch()
+        protocol = protocol or self.protocol
+        with torch.no_grad():
+            self._stream.wait_stream(torch.cuda.current_stream(self.device_index))
+            with torch.cuda.stream(self._stream):
+                for _ in range(max(2, protocol.warmup_runs)):
+                    fn()
+            per_call = max(self._estimate_ms(fn), 1e-4)
+            inner = int(min(2000, max(1, round(self.target_replay_ms / per_call))))
+            unit = _Unit(fn, inner, per_call)
+            if self.cuda_graphs:
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool, stream=self._stream):
+                    for _ in range(inner):
+                        fn()
+                unit.graph = graph
+            # replay warm-up: at least warmup_runs replays and warmup_ms of GPU time
+            reps = max(protocol.warmup_runs, math.ceil(protocol.warmup_ms / max(per_call * inner, 1e-3)))
+            with torch.cuda.stream(self._stream):
+                for _ in range(min(reps, 10_000)):
+                    unit.launch()
+            self._stream.synchronize()
+        return unit
+
+    @staticmethod
+    def _n_samples(unit: _Unit, protocol: Protocol) -> int:
+        """Samples that fill ``protocol.budget_ms`` of GPU time, within [min_reps, max_reps]."""
+        replay_ms = max(unit.per_call_ms * unit.inner, 1e-3)
+        return int(min(protocol.max_reps, max(protocol.min_reps, math.ceil(protocol.budget_ms / replay_ms))))
+
+    def _sample_units(self, units: Sequence[_Unit], n: Sequence[int], seed: int = 0) -> list[list[float]]:
+        """Interleaved sampling: rounds of one event-timed launch per unit, one sync per round."""
+        torch = _torch()
+        rng = random.Random(seed)
+        samples: list[list[float]] = [[] for _ in units]
+        order = list(range(len(units)))
+        rounds = max(n) if n else 0
+        with torch.no_grad():
+            for r in range(rounds):
+                rng.shuffle(order)
+                pending = []
+                with torch.cuda.stream(self._stream):
+                    for i in order:
+                        if r >= n[i]:
+                            continue
+                        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                        s.record(self._stream)
+                        units[i].launch()
+                        e.record(self._stream)
+                        pending.append((i, s, e))
+                self._stream.synchronize()
+                for i, s, e in pending:
+                    samples[i].append(s.elapsed_time(e) / units[i].inner)
+        return samples
+
+    def _runner(self, unit: _Unit) -> Callable[[], float]:
+        """A call that launches ``unit`` once between events and returns ms per inner call."""
+        torch = _torch()
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+        def run() -> float:
+            with torch.cuda.stream(self._stream):
+                s.record(self._stream)
+                unit.launch()
+                e.record(self._stream)
+            e.synchronize()
+            return s.elapsed_time(e) / unit.inner
+
+        run._unit = unit  # keeps graph and tensors alive as long as the call
+        return run
+
+    # -- the Profiler interface ----------------------------------------------------------------
+    def _time_entry(self, spec: LayerSpec) -> Timing:
+        fn, _ = entry_callable(spec, self._dev, self.dtype, self.channels_last, self.seed)
+        unit = self._prepare(fn)
+        run = self._runner(unit)
+        n = self._n_samples(unit, self.protocol)
+        samples = sample(run, replace(self.protocol, warmup_runs=0, warmup_ms=0.0, budget_ms=0.0, min_reps=n,
+                                      max_reps=n))
+        return Timing.from_samples(samples)
+
+    def _measure_entries(self, specs: Sequence[LayerSpec], networks) -> Iterator[tuple[LayerSpec, Timing]]:
+        torch = _torch()
+        specs = list(specs)
+        i = 0
+        while i < len(specs):
+            group, units, used = [], [], 0
+            pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None  # graphs replay one at a time
+            while i < len(specs) and len(group) < self.group_size:
+                fn, nbytes = entry_callable(specs[i], self._dev, self.dtype, self.channels_last, self.seed)
+                if group and used + nbytes > self.group_mib * 2**20:
+                    del fn
+                    break
+                units.append(self._prepare(fn, pool))
+                group.append(specs[i])
+                used += nbytes
+                i += 1
+            n = [self._n_samples(u, self.protocol) for u in units]
+            samples = self._sample_units(units, n, seed=self.seed + i)
+            del units
+            for spec, s in zip(group, samples):
+                t = Timing.from_samples(s)
+                if t.rel_iqr > self.protocol.max_rel_iqr:  # measure it again alone; keep the tighter
+                    again = self.time_entry(spec)
+                    t = again if again.rel_iqr < t.rel_iqr else replace(t, noisy=True)
+                yield spec, t
+
+    def _onnx_runner(self, path: str, input_shape: tuple[int, ...]) -> Callable[[], float]:
+        from pathlib import Path
+
+        if not Path(path).is_file():
+            raise ProfilerError(f"ONNX model {path} not found")
+        fn = onnx_callable(path, input_shape, self._dev, self.dtype, self.channels_last, self.seed)
+        return self._runner(self._prepare(fn, protocol=self.e2e_protocol))
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        torch = _torch()
+        self._stream.synchronize()
+        (torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32,
+         torch.backends.cuda.matmul.allow_tf32) = self._saved
+        self._closed = True
+
+
+__all__ = ["TorchCudaProfiler", "entry_callable", "onnx_callable", "torch_dtype"]
