@@ -1,0 +1,54 @@
+"""hwslim demo: the whole pipeline, shortened (--quick)."""
+from __future__ import annotations
+
+import csv
+import json
+
+import onnx
+import pytest
+
+from hwslim.cli import main
+from hwslim.demo import budgets_between
+from hwslim.export import config_from_metadata, onnx_metadata
+
+
+def test_budgets_between():
+    assert budgets_between(1.0, 2.0, (0.25, 0.5, 0.75)) == [1.25, 1.5, 1.75]
+    assert budgets_between(0.02, 0.04, (0.3333,)) == [0.0267]  # 3 significant digits
+
+
+def test_quick_demo_end_to_end(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--out", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    for column in ("budget_ms", "predicted_ms", "measured_ms", "accuracy_%", "params"):
+        assert column in printed
+    assert (out / "train" / "checkpoint.pt").is_file()
+    assert (out / "accuracy_latency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 3
+    budgets = [float(r["budget_ms"]) for r in rows]
+    assert budgets == sorted(budgets) and len(set(budgets)) == 3
+    for r in rows:
+        assert float(r["measured_ms"]) > 0 and float(r["predicted_ms"]) > 0
+        assert 0 <= float(r["accuracy_%"]) <= 100 and int(r["params"]) > 0
+        assert r["verdict"] in ("OK", "OVER") and r["produced_by"].startswith("hwslim demo")
+        model = out / r["model"]
+        onnx.checker.check_model(str(model))
+        meta = onnx_metadata(model)  # every model names what produced it
+        cfg = config_from_metadata(meta)
+        assert cfg.meta["budget"] == {"kind": "latency_ms", "value": float(r["budget_ms"])}
+        assert meta["checkpoint"] == str((out / "train" / "checkpoint.pt").resolve())
+        assert meta["table"].endswith("latency.csv")
+    provenance = json.loads((out / "demo.json").read_text())
+    assert provenance["quick"] is True and len(provenance["rows"]) == 3
+    # a second run refuses to overwrite the first one
+    assert main(["demo", "--quick", "--out", str(out), "--no-progress"]) == 2
+    assert "--force" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bad", [["--threads", "0"]])
+def test_bad_threads_is_a_user_error(tmp_path, capsys, bad):
+    assert main(["demo", "--quick", "--out", str(tmp_path / "d"), "--no-progress", *bad]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
