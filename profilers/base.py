@@ -14,6 +14,16 @@ A backend (ONNX Runtime on the CPU here; torch CUDA and TensorRT on GPUs) subcla
 * :meth:`Profiler.time_onnx` times a whole ONNX model end to end with the same
   protocol; calibration and ``hwslim verify`` use it.
 
+* :meth:`Profiler.time_onnx_many` times several whole models in interleaved rounds.
+
+A backend implements: ``is_available``, ``unavailable_reason``, ``machine_name``,
+``_backend_metadata`` (``device_name``, ``backend_version``, plus e.g. driver, CUDA,
+precision, clocks), ``_time_entry(spec) -> Timing`` (one attempt; use :func:`sample`),
+``_onnx_runner(path, shape) -> () -> ms`` (whole models), optionally
+``_measure_entries(specs, networks)`` with ``in_network = True``, and ``close``. Extra
+settings are keyword arguments returned by ``settings()``; extra keys that make a
+table invalid elsewhere go into ``identity_keys``.
+
 Every timing is a :class:`Timing`: median, interquartile range, 90th percentile and the
 number of samples, in milliseconds. Example::
 

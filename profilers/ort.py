@@ -1,30 +1,34 @@
 """ONNX Runtime on the CPU: the ``ort`` backend.
 
 Sessions use the deployment settings: ``intra_op_num_threads`` explicit (``threads``,
-default 1), ``inter_op_num_threads=1``, sequential execution, ``ORT_ENABLE_ALL``; the
-input and output are bound once through IOBinding, so a timed run is just the run.
+default 1), ``inter_op_num_threads=1``, sequential execution, ``ORT_ENABLE_ALL``; inputs
+and outputs are bound once through IOBinding, so a timed run is just the run.
 
-**What one entry's graph is.** Each entry is a tiny ONNX model built from its
-:class:`~hwslim.graph.LayerSpec` with ``onnx.helper`` (Conv with bias, i.e. BN folded,
-then optional Add and Relu/Clip; MaxPool; GlobalAveragePool+Flatten; Gemm), random
-weights. ONNX Runtime's optimizer turns it into what it runs in a real network: on
-x86 the conv becomes a blocked-layout (NCHWc) conv with the add and activation fused.
-Alone, that conv is wrapped in layout conversions (``ReorderInput``/``ReorderOutput``)
-that the whole network does not run between its layers, and which cost as much as a
-depthwise conv. So the optimized entry graph is edited to start and end in the blocked
-layout, as inside the network; where the network *does* convert (a regular conv with
-fewer input channels than a block reads plain NCHW), the conversion is kept, charged
-to the consumer. Without this edit the sum of entries was 26% below to 8% above the
-real model's latency (MobileNetV2 1.5x, varying by config); with it the errors are
-nearly proportional, which calibration removes.
+**Entries inside networks (the default for tables).** Given designed networks (see
+:func:`hwslim.profile.design_configs`), each is built with ``onnx.helper`` from its
+layer specs (random weights), run with ONNX Runtime's profiler on, and every executed
+kernel is charged to its layer (:meth:`OrtProfiler.profile_network`): a layer's time is
+what it costs where it really runs, with the layout its neighbours leave, its weights
+as cold as the rest of the network leaves them. Measured on MobileNetV2 1.5x (2-core
+AMD EPYC VM, busy): whole-model latency / sum of these per-layer medians was 0.97-1.04
+over 10 configs, against 0.71-0.97 for the same layers timed alone.
 
-**Clock.** With one thread (the default) a sample is the calling thread's CPU time of
-the run (``time.thread_time_ns``): ONNX Runtime then computes on the calling thread,
-so on an idle machine this equals the wall-clock latency, and on a busy one it does not
-count the time the scheduler gave to other processes (on the shared 2-core machine
-this was measured: wall-clock median 24 ms, thread CPU time 16 ms, idle wall-clock
-16 ms for the same model). With more threads the work runs on a pool, so samples are
-wall-clock (``clock="wall"``) and want an idle machine.
+**Entries alone** (:meth:`Profiler.time_entry`, and tables with ``in_network=False``).
+The entry's model (:func:`entry_model`) goes through ONNX Runtime's optimizer, which on
+x86 turns the conv into a blocked-layout (NCHWc) conv with the add and activation
+fused, wrapped in layout conversions the whole network does not run between layers;
+:func:`in_network_layout` strips those (and adds the one the network does run before a
+narrow-input conv). That moved whole-model / sum from 0.71-0.97 to 0.92-1.17: better,
+but the cache effects stay, hence the in-network default.
+
+**Clock.** With one thread (the default) a whole-model sample is the calling thread's
+CPU time of the run (``time.thread_time_ns``): ONNX Runtime then computes on the
+calling thread, so on an idle machine this equals the wall-clock latency, and on a busy
+one it leaves out the time the scheduler gave to other processes (measured here under
+load: wall-clock median 24 ms, thread CPU time 16 ms, idle wall-clock 16 ms). With more
+threads the work runs on a pool, so samples are wall-clock (``clock="wall"``). Per-layer
+times inside networks are ONNX Runtime's own kernel durations (wall-clock, in whole
+microseconds; medians over many runs).
 """
 from __future__ import annotations
 

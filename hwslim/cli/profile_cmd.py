@@ -20,6 +20,8 @@ def register(sub) -> None:
     p.add_argument("--calib-configs", type=int, default=16, help="whole configs the calibration is fitted on")
     p.add_argument("--holdout-configs", type=int, default=16, help="other whole configs it is checked on")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--contexts", type=int, default=2,
+                   help="designed networks each entry is timed in (backends that time inside networks)")
     p.add_argument("--isolated", action="store_true",
                    help="time every entry alone instead of inside designed networks (slower, less accurate)")
     p.add_argument("--quick", action="store_true", help="a short measurement protocol (smoke tests; noisier)")
@@ -48,9 +50,8 @@ def run(args) -> int:
         device=args.device, backend=args.backend, model=args.model or DEFAULT_MODEL, width_mult=args.width_mult,
         input_size=args.input_size, batch=args.batch, threads=args.threads, dtype=args.dtype, out=args.out,
         calib_configs=args.calib_configs, holdout_configs=args.holdout_configs, seed=args.seed, force=args.force,
-        quick=args.quick, in_network=False if args.isolated else None)
-    result = profile(settings, progress=not args.json and sys.stderr.isatty() or not args.json,
-                     log=(lambda m: print(m, file=sys.stderr)))
+        quick=args.quick, in_network=False if args.isolated else None, contexts=args.contexts)
+    result = profile(settings, progress=not args.json, log=lambda m: print(m, file=sys.stderr))
     summary = result.summary()
     if args.json:
         print(json.dumps(summary, sort_keys=True))
