@@ -129,7 +129,8 @@ def verify_model(model: str | os.PathLike, table: str | os.PathLike | Any, *, bu
         raise ConfigError(f"--budget-ms must be positive, got {budget_ms:g}")
     profiler = profiler_for_table(tbl)
     if progress:
-        print(f"measuring {onnx_path} with {getattr(profiler, 'name', type(profiler).__name__)} ...", flush=True)
+        print(f"measuring {onnx_path} end to end with {getattr(profiler, 'backend', '?')} "
+              f"({getattr(profiler, 'threads', '?')} thread(s), the table's protocol) ...", flush=True)
     shape = (batch, net.in_channels, config.input_size, config.input_size)
     t = profiler.time_onnx(str(onnx_path), shape)
     backend = str(tbl.meta.get("backend", "?"))

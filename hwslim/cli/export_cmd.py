@@ -72,6 +72,8 @@ def run(args) -> int:
     if res.tensorrt:
         out["tensorrt"] = res.tensorrt
         out["engine_max_rel_error"] = res.engine_error
+    if not args.json:
+        print(f"wrote {res.path}" + (f" (and {res.onnx_path}, {res.sidecar})" if res.sidecar else ""))
     status = 0
     if args.verify:
         from hwslim.verify import verify_model
@@ -83,7 +85,6 @@ def run(args) -> int:
     if args.json:
         print(json.dumps(out, sort_keys=True))
         return status
-    print(f"wrote {res.path}" + (f" (and {res.onnx_path}, {res.sidecar})" if res.sidecar else ""))
     if args.verify:
         from hwslim.verify import print_verify
 
