@@ -98,7 +98,7 @@ def parse_data_spec(spec: str) -> DataSpec:
 
 
 # -- synthetic data ---------------------------------------------------------------------
-def _mix(*values: int) -> int:
+def mix_seeds(*values: int) -> int:
     """A 63-bit seed from several ints (splitmix64-style), so streams never overlap."""
     h = 0x9E3779B97F4A7C15
     for v in values:
@@ -142,7 +142,7 @@ def _prototypes() -> dict[str, torch.Tensor]:
 
 
 def _synthetic_chunk(seed: int, split: int, chunk: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(_mix(seed, split, chunk))
+    g = torch.Generator().manual_seed(mix_seeds(seed, split, chunk))
     n, e = _CHUNK, _ELEMENTS
 
     def u(lo: float, hi: float, *shape: int) -> torch.Tensor:
@@ -465,7 +465,7 @@ def carve_search_split(num_train: int, search_size: int, seed: int) -> tuple[tor
     if not 0 <= search_size < num_train:
         raise DataError(f"search split of {search_size} images does not fit a training set of {num_train} "
                         "(it must leave training images)")
-    perm = torch.randperm(num_train, generator=torch.Generator().manual_seed(_mix(seed, 7919)))
+    perm = torch.randperm(num_train, generator=torch.Generator().manual_seed(mix_seeds(seed, 7919)))
     return perm[search_size:].sort().values, perm[:search_size].sort().values
 
 
@@ -529,7 +529,7 @@ def validation_split(ckpt: Any, device: str | torch.device = "cpu",
     n = src.num_val()
     idx = torch.arange(n)
     if max_images is not None and max_images < n:
-        g = torch.Generator().manual_seed(_mix(info.get("search_seed", 0), 104729))
+        g = torch.Generator().manual_seed(mix_seeds(info.get("search_seed", 0), 104729))
         idx = torch.randperm(n, generator=g)[:max_images].sort().values
     x, y = src.load("val", idx)
     return normalize(x.to(device), info["mean"], info["std"]), y.to(device)
@@ -633,7 +633,7 @@ class TrainData:
         steps = self.steps_per_epoch(batch_size, world)
         if self.in_memory:
             order = torch.as_tensor(list(iter(sampler)), dtype=torch.int64, device=self.device)
-            gen = torch.Generator(device=self.device).manual_seed(_mix(seed, epoch, rank, 31))
+            gen = torch.Generator(device=self.device).manual_seed(mix_seeds(seed, epoch, rank, 31))
             small = self.input_size <= SMALL_INPUT
             for s in range(steps):
                 idx = order[s * batch_size:(s + 1) * batch_size]
@@ -649,7 +649,7 @@ class TrainData:
 
         assert isinstance(self.source, _FolderSource), "streaming needs an ImageFolder source"
         tf = T.Compose([T.RandomResizedCrop(self.input_size, antialias=True), T.RandomHorizontalFlip()])
-        ds = _StreamDataset(self.source.samples("train"), self.train_idx.tolist(), tf, _mix(seed, epoch, 37))
+        ds = _StreamDataset(self.source.samples("train"), self.train_idx.tolist(), tf, mix_seeds(seed, epoch, 37))
         loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=self.workers,
                                              pin_memory=self.device.type == "cuda", drop_last=True,
                                              persistent_workers=False)
@@ -661,7 +661,7 @@ class TrainData:
 
     def calibration_images(self, n: int, seed: int = 0) -> torch.Tensor:
         """``n`` training images (not the search split) with the eval transform, normalized, for BN recalibration."""
-        g = torch.Generator().manual_seed(_mix(seed, 271))
+        g = torch.Generator().manual_seed(mix_seeds(seed, 271))
         pick = torch.randperm(len(self), generator=g)[: min(n, len(self))].sort().values
         if self.images is not None:
             x = self.images[pick.to(self.device)]
@@ -684,7 +684,7 @@ class _StreamDataset(torch.utils.data.Dataset):
         path, label = self.samples[self.indices[i]]
         img = _read_rgb(path)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(_mix(self.seed, i))
+            torch.manual_seed(mix_seeds(self.seed, i))
             return self.transform(img), label
 
 

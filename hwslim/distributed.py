@@ -50,7 +50,10 @@ def setup(device: str | None = None) -> World:
     size = dist.get_world_size() if dist.is_initialized() else 1
     local = int(os.environ.get("LOCAL_RANK", rank if size > 1 else 0))
     if want.startswith("cuda"):
-        dev = torch.device(want) if ":" in want and size == 1 else torch.device("cuda", local % torch.cuda.device_count())
+        if ":" in want and size == 1:
+            dev = torch.device(want)
+        else:
+            dev = torch.device("cuda", local % torch.cuda.device_count())
         torch.cuda.set_device(dev)
     else:
         dev = torch.device("cpu")

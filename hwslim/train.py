@@ -34,9 +34,9 @@ import json
 import math
 import random
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -45,7 +45,7 @@ from torch import nn
 from hwslim import distributed
 from hwslim.checkpoint import load_checkpoint, save_checkpoint
 from hwslim.config import ChannelConfig
-from hwslim.data import SMALL_INPUT, TrainData, _mix, build_data, validation_split
+from hwslim.data import SMALL_INPUT, mix_seeds, build_data, validation_split
 from hwslim.errors import CheckpointError, HwslimError, OutputExistsError
 from hwslim.models import create_model
 from hwslim.slimmable import SlimmableConv2d
@@ -229,12 +229,17 @@ class _Run:
         if resumed is not None:
             cfg = self._merge_recorded(cfg, resumed.train_args)
         # the model fixes input size and class count; the data must fit them
-        torch.manual_seed(_mix(cfg.seed or 0, 99))  # the initial weights follow the seed too
+        torch.manual_seed(mix_seeds(cfg.seed or 0, 99))  # the initial weights follow the seed too
         net = create_model(cfg.model, width_mult=cfg.width_mult, input_size=cfg.input_size,
                            num_classes=cfg.num_classes, divisor=cfg.divisor)
+        fetch = cfg.download and world.distributed  # rank 0 downloads, the others wait, then read
+        if fetch and not world.is_main:
+            distributed.barrier(world)
         self.data = build_data(cfg.data, net.input_size, search_size=cfg.search_size, seed=cfg.seed or 0,
                                download=cfg.download and world.is_main, device=self.dev, workers=cfg.workers,
                                num_val=cfg.synthetic_val)
+        if fetch and world.is_main:
+            distributed.barrier(world)
         n_cls = int(self.data.info["num_classes"])
         if cfg.num_classes is None and n_cls != net.num_classes:
             net = create_model(cfg.model, width_mult=cfg.width_mult, input_size=net.input_size,
@@ -343,7 +348,8 @@ class _Run:
         output when ``distill``, else from the labels too.
         """
         self.opt.zero_grad(set_to_none=True)
-        teacher, losses, correct = None, [], 0
+        # losses stay on the device: reading them every step would stall the GPU's queue
+        teacher, losses, correct = None, [], None
         for i, cfg in enumerate(configs):
             self.net.set_config(cfg)
             last = i == len(configs) - 1
@@ -359,24 +365,26 @@ class _Run:
                     loss = soft_cross_entropy(out, teacher)
                 if teacher is None:
                     teacher = F.softmax(out.detach(), dim=1)
-                    correct = int((out.detach().argmax(1) == y).sum())
+                    correct = (out.detach().argmax(1) == y).sum()
                 self.scaler.scale(loss).backward()
-            losses.append(float(loss.detach()))
+            losses.append(loss.detach())
         self.net.set_config(configs[0])
         self.scaler.step(self.opt)
         self.scaler.update()
         self.sched.step()
-        return {"loss_widest": losses[0], "loss_narrowest": losses[1] if len(losses) > 1 else float("nan"),
-                "loss_random": sum(losses[2:]) / max(1, len(losses) - 2), "correct": correct}
+        zero = torch.zeros((), device=losses[0].device)
+        return {"loss_widest": losses[0], "loss_narrowest": losses[1] if len(losses) > 1 else zero,
+                "loss_random": sum(losses[2:], zero) / max(1, len(losses) - 2), "correct": correct}
 
     def epoch(self, epoch: int) -> dict[str, Any]:
         cfg = self.cfg
         self.net.train()
         # every random draw of this epoch derives from (seed, epoch): resume reproduces it
-        torch.manual_seed(_mix(cfg.seed, epoch, self.world.rank, 1))
-        rng = random.Random(_mix(cfg.seed, epoch, 2))  # same on every rank: all ranks train the same configs
+        torch.manual_seed(mix_seeds(cfg.seed, epoch, self.world.rank, 1))
+        rng = random.Random(mix_seeds(cfg.seed, epoch, 2))  # same on every rank: all ranks train the same configs
         bar = self._bar(epoch)
-        sums = {"loss_widest": 0.0, "loss_narrowest": 0.0, "loss_random": 0.0, "correct": 0}
+        keys = ("loss_widest", "loss_narrowest", "loss_random", "correct")
+        sums = {k: torch.zeros((), device=self.dev) for k in keys}
         seen, t0 = 0, time.perf_counter()
         for i, (x, y) in enumerate(self.data.batches(epoch, self.local_batch, self.world.rank, self.world.size,
                                                      cfg.seed)):
@@ -390,14 +398,17 @@ class _Run:
                 x = x.contiguous()
             r = self.step(x, y, sandwich_configs(self.net, cfg.num_random, rng), distill)
             for k in sums:
-                sums[k] += r[k]
+                sums[k] += r[k]  # on the device; read once per epoch (and for the progress bar)
             seen += len(y)
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{r['loss_widest']:.3f}", img_s=f"{seen * self.world.size / (time.perf_counter() - t0):.0f}",
-                                lr=f"{self.sched.get_last_lr()[0]:.3g}")
+                if i % 20 == 0 or i == self.steps - 1:
+                    bar.set_postfix(loss=f"{float(r['loss_widest']):.3f}",
+                                    img_s=f"{seen * self.world.size / (time.perf_counter() - t0):.0f}",
+                                    lr=f"{self.sched.get_last_lr()[0]:.3g}")
         if bar is not None:
             bar.close()
+        sums = {k: float(v) for k, v in sums.items()}  # synchronizes: the epoch's time includes all its work
         dt = time.perf_counter() - t0
         row = {"epoch": epoch + 1, "lr": self.sched.get_last_lr()[0], "epoch_time_s": round(dt, 3),
                "images_per_s": round(seen * self.world.size / dt, 1),

@@ -9,7 +9,8 @@ def register(sub) -> None:
     p = add_command(sub, "train", run, run.__doc__)
     p.add_argument("--model", required=True, help="zoo model name (see `hwslim models`)")
     p.add_argument("--data", required=True,
-                   help="synthetic[:N] | cifar10[:ROOT] | cifar100[:ROOT] | an ImageFolder dir (train/ + val/ or test/)")
+                   help="synthetic[:N] | cifar10[:ROOT] | cifar100[:ROOT] | "
+                        "an ImageFolder dir (train/ + val/ or test/)")
     p.add_argument("--epochs", type=int, required=True, help="total epochs (on --resume: train up to this many)")
     p.add_argument("--out", required=True, help="run directory: checkpoint.pt, metrics.jsonl, results.json")
     g = p.add_argument_group("model")
