@@ -704,10 +704,3 @@ def build_data(spec: str | DataSpec, input_size: int, *, search_size: int | None
     info = _data_info(src, spec.text, search_idx, seed)
     return TrainData(src, info, train_idx, device=device, workers=workers)
 
-
-def model_data_mismatch(info: dict[str, Any], num_classes: int) -> str | None:
-    """Why a model with ``num_classes`` outputs cannot train on ``info``'s data, or None."""
-    if int(info["num_classes"]) > num_classes:
-        return (f"the data has {info['num_classes']} classes but the model outputs {num_classes}; "
-                f"pass --num-classes {info['num_classes']}")
-    return None
