@@ -13,9 +13,10 @@ Criteria:
 * ``acc-per-cost``: the smallest accuracy drop per unit of cost saved on the budget that
   binds now, the unmet budget with the largest cost/limit ratio (NetAdapt's rule).
 
-Either way only proposals that lower the binding cost are considered (with a latency
-table a narrower layer is not always faster). Ties go to the lower search loss, then
-the larger saving.
+Either way only proposals that lower the binding cost are considered, while any does
+(with a latency table a narrower layer is not always faster); when none does, the step
+takes the best proposal by accuracy. Ties go to the lower search loss, then the larger
+saving. The walk always ends: budgets the narrowest config misses are refused up front.
 
 :func:`slim` is the pure driver (a scorer and a cost function in, the path out);
 :func:`greedy_search` loads the checkpoint's data, runs it with resume, and writes
@@ -125,19 +126,22 @@ def slim(model: SlimmableNet, score_candidates: Callable[[ChannelConfig, list[tu
             narrower = unit.narrower(config.widths[u])
             if narrower is not None:
                 candidates.append((u, config.replace(**{u: narrower})))
+        if not candidates:  # cannot happen after check_feasible: the narrowest config meets every budget
+            raise BudgetError(f"the {binding.label} budget cannot be met: every unit is at its narrowest width")
         costs = [cost_fn(c) for _, c in candidates]
-        # only proposals that lower the binding cost can lead to the budget
+        # Prefer proposals that lower the binding cost. A measured latency table is not
+        # monotone (a runtime pads channels to its vector block, so one grid step may save
+        # nothing); when no proposal saves, take the best one anyway and walk on.
         keep = [i for i, c in enumerate(costs) if c[binding.kind] < current.costs[binding.kind]]
-        if not keep:
-            raise BudgetError(f"the {binding.label} budget cannot be reached from here: no unit can shrink further "
-                              f"and lower {binding.kind} below {current.costs[binding.kind]:.4g}")
+        per_cost = criterion == "acc-per-cost" and bool(keep)
+        keep = keep or list(range(len(candidates)))
         scores = score_candidates(config, [candidates[i] for i in keep])
 
         def key(j: int) -> tuple:
             i = keep[j]
             drop = current.acc - scores[j].acc
             saved = current.costs[binding.kind] - costs[i][binding.kind]
-            primary = drop if criterion == "acc" else drop / saved
+            primary = drop / saved if per_cost else drop
             return (primary, scores[j].loss, -saved, i)
 
         j = min(range(len(keep)), key=key)

@@ -1,0 +1,129 @@
+"""Does the latency-aware search pay off? Accuracy at equal latency, CPU-sized.
+
+One supernet (trained here on the built-in synthetic data unless --checkpoint), one
+latency table of this CPU (profiled here unless --table), three latency budgets
+between the narrowest and the full config. For each budget it compares, on the
+*validation* split (never seen by the search), after BN recalibration:
+
+* ``latency/acc``          latency budgets, AutoSlim's smallest-accuracy-drop rule, BN recalibrated
+* ``latency/acc-per-cost`` latency budgets, NetAdapt's drop-per-ms-saved rule
+* ``latency/acc bn=batch`` as the first, scoring with batch statistics instead of recalibration
+* ``macs/acc``             a MACs-driven walk (the paper's), cut where its predicted latency meets the budget
+* ``uniform``              the widest uniform-width config within the budget
+
+and measures every chosen config end to end with the table's backend (ONNX Runtime).
+
+    python benchmarks/search_quality.py [--model resnet20] [--epochs 8] [--checkpoint CKPT] [--table TABLE]
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.common import print_table, write_csv
+from hwslim.checkpoint import load_checkpoint
+from hwslim.data import search_split, validation_split
+from hwslim.evaluate import accuracy
+from hwslim.export import export_onnx
+from hwslim.latency import LatencyTable
+from hwslim.materialize import materialize
+from hwslim.search import Budget, config_costs, greedy_search
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="resnet20")
+    ap.add_argument("--width-mult", type=float, default=1.0)
+    ap.add_argument("--input-size", type=int, default=16)
+    ap.add_argument("--epochs", type=int, default=6)
+    ap.add_argument("--train-images", type=int, default=1800)
+    ap.add_argument("--search-images", type=int, default=500)
+    ap.add_argument("--val-images", type=int, default=2000)
+    ap.add_argument("--checkpoint")
+    ap.add_argument("--table")
+    ap.add_argument("--out", default="runs/search_quality")
+    ap.add_argument("--quick", action="store_true", help="a short profiling protocol (smoke runs)")
+    ap.add_argument("--fractions", type=float, nargs=3, default=[0.75, 0.5, 0.3],
+                    help="budgets at these fractions of the way from the narrowest to the full latency")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    if args.checkpoint:
+        ckpt_path = Path(args.checkpoint)
+    else:
+        from hwslim.train import TrainConfig, train
+
+        # the recipe measured for short CPU runs on synthetic data (tests/test_train.py)
+        res = train(TrainConfig(model=args.model, width_mult=args.width_mult, input_size=args.input_size,
+                                data=f"synthetic:{args.train_images + args.search_images}", epochs=args.epochs,
+                                out=str(out / "train"), search_size=args.search_images, device="cpu",
+                                batch_size=64, lr=0.1, warmup_epochs=1.5, num_random=1, force=True,
+                                eval_images=1000, progress=False))
+        ckpt_path = res.checkpoint
+    ckpt = load_checkpoint(ckpt_path)
+    net = ckpt.model
+    print(f"supernet ready ({time.time() - t0:.0f} s)")
+    if args.table:
+        table_path = Path(args.table)
+    else:
+        from hwslim.profile import ProfileSettings, profile
+
+        res = profile(ProfileSettings(device="cpu", model=net.name, width_mult=net.width_mult,
+                                      input_size=net.input_size, threads=1, out=str(out / "table.csv"),
+                                      force=True, quick=args.quick), progress=True)
+        table_path = res.path
+    table = LatencyTable.load(table_path)
+    print(f"table ready ({time.time() - t0:.0f} s)")
+    lo = config_costs(net, net.min_config(), table)["latency_ms"]
+    hi = config_costs(net, net.full_config(), table)["latency_ms"]
+    budgets = [Budget("latency_ms", float(f"{lo + f * (hi - lo):.3g}")) for f in args.fractions]
+    chosen: dict[str, list] = {}
+    runs = {"latency/acc": dict(criterion="acc"), "latency/acc-per-cost": dict(criterion="acc-per-cost"),
+            "latency/acc bn=batch": dict(criterion="acc", bn="batch")}
+    for name, kw in runs.items():
+        ts = time.time()
+        r = greedy_search(load_checkpoint(ckpt_path), budgets, table=table, out_dir=out / name.replace("/", "_")
+                          .replace(" ", "_").replace("=", "-"), force=True, progress=False, plot=False, **kw)
+        chosen[name] = r.configs
+        print(f"{name}: {len(r.steps) - 1} steps in {time.time() - ts:.0f} s")
+    # the paper's MACs-driven walk, read at the points where its predicted latency meets each budget
+    macs_floor = config_costs(net, net.min_config())["macs_m"]
+    r = greedy_search(load_checkpoint(ckpt_path), [Budget("macs_m", macs_floor * 1.001)], table=table,
+                      out_dir=out / "macs_acc", force=True, progress=False, plot=False)
+    chosen["macs/acc"] = [net.config_of(next(s for s in r.steps if s.costs["latency_ms"] <= b.value).widths)
+                          for b in budgets]
+    uniform = net.uniform_configs()
+    chosen["uniform"] = [max((u for u in uniform if config_costs(net, u, table)["latency_ms"] <= b.value),
+                             key=lambda u: config_costs(net, u, table)["latency_ms"]) for b in budgets]
+
+    xs, ys = search_split(ckpt)
+    xv, yv = validation_split(ckpt, max_images=args.val_images)
+    from profilers.base import Profiler
+
+    rows = []
+    with Profiler.from_table(table) as prof, tempfile.TemporaryDirectory() as tmp:
+        for bi, b in enumerate(budgets):
+            for name, cfgs in chosen.items():
+                cfg = cfgs[bi]
+                onnx = export_onnx(materialize(net, cfg, fold_bn=True), Path(tmp) / "m.onnx")
+                measured = prof.time_onnx(onnx, (1, 3, net.input_size, net.input_size)).median_ms
+                c = config_costs(net, cfg, table)
+                rows.append({"budget_ms": b.value, "method": name,
+                             "val_acc": 100 * accuracy(net, cfg, xv, yv, calib_images=xs),
+                             "predicted_ms": c["latency_ms"], "measured_ms": measured, "macs_m": c["macs_m"],
+                             "params_m": c["params_m"]})
+            print_table(rows[-len(chosen):])
+    print()
+    print_table(rows)
+    path = write_csv([{**r, "model": f"{net.name}@{net.width_mult:g}", "checkpoint": str(ckpt_path),
+                       "table": str(table_path)} for r in rows], f"search_quality_{net.name}")
+    print(f"\nwritten to {path} ({time.time() - t0:.0f} s in all)")
+
+
+if __name__ == "__main__":
+    main()
