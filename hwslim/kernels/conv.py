@@ -415,6 +415,8 @@ _DENSE_CONFIGS = [
     BlockConfig(128, 128, 32, 8, 3), BlockConfig(128, 64, 32, 4, 4), BlockConfig(64, 128, 32, 4, 4),
     BlockConfig(64, 64, 32, 4, 4), BlockConfig(128, 32, 32, 4, 4), BlockConfig(64, 32, 32, 4, 4),
     BlockConfig(128, 128, 64, 8, 3), BlockConfig(64, 64, 64, 4, 3), BlockConfig(256, 64, 32, 8, 3),
+    # 2-stage tiles for kxk convs (ResNets): the unrolled taps x 3-4 stages spill in fp32 on sm_90
+    BlockConfig(64, 64, 32, 4, 2), BlockConfig(64, 32, 32, 4, 2), BlockConfig(128, 128, 32, 8, 2),
 ]
 # Dense with few input channels (the 3-channel stem): BLOCK_K 16 and shallow pipelines;
 # deeper ones unroll 9 taps x stages of loads and spill (seen in compile_report, sm_90).
