@@ -327,6 +327,21 @@ def test_multi_calibrate_matches_recalibrate_bn():
         assert rel_err(batch_logits[k].cpu(), pytorch_logits(twin, cfg, x, train_bn=True)) < 1e-4
 
 
+def test_step_logits_recal_matches_recalibrated_supernet():
+    net = tiny_net()
+    twin = float64_twin(net, tiny_net)
+    cands = greedy_candidates(net, net.full_config())[:2]
+    chunks = [torch.randn(2, 3, 8, 8, device=DEVICE), torch.randn(3, 3, 8, 8, device=DEVICE)]
+    outs = kernels.step_logits(net, chunks, cands, bn="recal", tf32=False)
+    assert [tuple(o.shape) for o in outs] == [(2, 2, 10), (2, 3, 10)]
+    for k, cfg in enumerate(cands):
+        with twin.using(cfg):
+            recalibrate_bn(twin, [c.double().cpu() for c in chunks])
+        assert rel_err(outs[1][k].cpu(), pytorch_logits(twin, cfg, chunks[1])) < 1e-4
+    with pytest.raises(ValueError, match="bn must be"):
+        kernels.step_logits(net, chunks, cands, bn="eval")
+
+
 def test_folded_bn_cache_follows_buffer_updates():
     net = tiny_net()
     before = kernels.folded_bn(net)["stem"][1].clone()

@@ -41,14 +41,14 @@ __all__ = [
     "KernelUnavailableError", "available", "check_device", "interpreting", "supports",
     "conv_bn_act", "conv_bn_act_multi", "conv_stats", "bn_act_", "dw_project_bn_act", "fold_bn", "BlockConfig",
     "triton_forward", "multi_forward", "multi_calibrate", "plan_multi", "MultiPlan", "MultiBN", "folded_bn",
-    "fusable_pairs",
+    "fusable_pairs", "step_logits",
 ]
 
 _LAZY = {
     "conv_bn_act": "conv", "conv_bn_act_multi": "conv", "conv_stats": "conv", "bn_act_": "conv",
     "dw_project_bn_act": "conv", "fold_bn": "conv", "BlockConfig": "conv",
     "triton_forward": "runner", "multi_forward": "runner", "multi_calibrate": "runner", "plan_multi": "runner",
-    "MultiPlan": "runner", "MultiBN": "runner", "folded_bn": "runner", "fusable_pairs": "runner",
+    "MultiPlan": "runner", "MultiBN": "runner", "folded_bn": "runner", "fusable_pairs": "runner", "step_logits": "runner",
 }
 
 

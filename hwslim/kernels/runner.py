@@ -439,3 +439,30 @@ def multi_calibrate(model: SlimmableNet, batches: Iterable[torch.Tensor], plan: 
         scale[name], shift[name] = sc.float().contiguous(), (beta - mean * sc).float().contiguous()
         means[name], variances[name] = mean.float(), var.float()
     return MultiBN(scale, shift, means, variances, n_batches)
+
+
+EVALUATOR_BN_MODES = ("recal", "batch", "running")
+
+
+@torch.no_grad()
+def step_logits(model: SlimmableNet, chunks: Sequence[torch.Tensor], configs: Sequence[ChannelConfig], *,
+                bn: str = "recal", fuse: bool = True, tf32: bool | None = None) -> list[torch.Tensor]:
+    """Logits of every config on every chunk, with the search evaluator's BN modes.
+
+    ``bn``: ``"recal"`` (recalibrate each config's BN over all ``chunks`` as
+    :func:`hwslim.slimmable.recalibrate_bn` does, then eval mode), ``"batch"`` (each chunk
+    normalized by its own statistics) or ``"running"`` (the supernet's statistics).
+    Returns one ``(K, chunk, classes)`` float32 tensor per chunk; config k's scores come
+    from ``[out[k] for out in result]``. One plan, one calibration pass and one pass per
+    chunk for all K configs::
+
+        >>> outs = step_logits(net, chunks, [cfg for _, cfg in candidates], bn="recal")
+    """
+    if bn not in EVALUATOR_BN_MODES:
+        raise ValueError(f"bn must be one of {EVALUATOR_BN_MODES}, got {bn!r}")
+    if not chunks:
+        raise ValueError("step_logits needs at least one chunk")
+    _require(model, chunks[0])
+    plan = plan_multi(model, configs, chunks[0].device)
+    mode: str | MultiBN = multi_calibrate(model, chunks, plan, tf32=tf32) if bn == "recal" else bn
+    return [multi_forward(model, x, plan, bn=mode, fuse=fuse, tf32=tf32) for x in chunks]
