@@ -10,8 +10,9 @@ A table is two files side by side (see ``latency_tables/README.md``):
 
 (``NAME.e2e.csv`` keeps the whole-model measurements behind the calibration.)
 
-A prediction is ``a * sum(layer medians) + b``: the fit of whole-model latencies on
-layer sums stored in the metadata (see :mod:`hwslim.profile`). Example::
+A prediction is ``a * sum(layer medians) + b`` (with depthwise layers on their own
+slope where that fits better): the fit of whole-model latencies on layer sums stored in
+the metadata (see :mod:`hwslim.profile`). Example::
 
     >>> table = LatencyTable.load("latency_tables/cpu-amd-epyc/mobilenet_v2-x1.5-224px-b1-ort-t1-float32.csv")
     >>> table.check_compatible(net, batch=1)               # refuses another machine/setup
@@ -176,24 +177,38 @@ class RowWriter:
 # -- calibration --------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Calibration:
-    """``e2e_ms = a * sum_ms + b``, fitted on ``n_fit`` whole configs, checked on others."""
+    """``e2e_ms = a * sum_ms + b``, fitted on ``n_fit`` whole configs, checked on others.
+
+    With ``a_depthwise`` set, depthwise layers get their own slope:
+    ``e2e_ms = a * (sum_ms - depthwise_ms) + a_depthwise * depthwise_ms + b``. Inside a
+    network a depthwise conv, memory-bound, costs more than its kernel time alone
+    shows (ONNX Runtime, MobileNetV2: about 1.5x), and configs differ in their share of
+    depthwise time, which one slope cannot follow.
+    """
 
     a: float
     b: float
     n_fit: int
     holdout: Mapping[str, float] = field(default_factory=dict)
+    a_depthwise: float | None = None
 
-    def apply(self, sum_ms: float) -> float:
-        return self.a * sum_ms + self.b
+    def apply(self, sum_ms: float, depthwise_ms: float = 0.0) -> float:
+        if self.a_depthwise is None:
+            return self.a * sum_ms + self.b
+        return self.a * (sum_ms - depthwise_ms) + self.a_depthwise * depthwise_ms + self.b
 
     def to_dict(self) -> dict[str, Any]:
-        return {"model": "e2e_ms = a * sum_ms + b", **asdict(self), "holdout": dict(self.holdout)}
+        model = ("e2e_ms = a * sum_ms + b" if self.a_depthwise is None else
+                 "e2e_ms = a * (sum_ms - depthwise_ms) + a_depthwise * depthwise_ms + b")
+        return {"model": model, **asdict(self), "holdout": dict(self.holdout)}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None) -> "Calibration | None":
         if not d:
             return None
-        return cls(float(d["a"]), float(d["b"]), int(d.get("n_fit", 0)), dict(d.get("holdout") or {}))
+        a_dw = d.get("a_depthwise")
+        return cls(float(d["a"]), float(d["b"]), int(d.get("n_fit", 0)), dict(d.get("holdout") or {}),
+                   None if a_dw is None else float(a_dw))
 
 
 def fit_line(x: Sequence[float], y: Sequence[float]) -> tuple[float, float]:
@@ -210,6 +225,26 @@ def fit_line(x: Sequence[float], y: Sequence[float]) -> tuple[float, float]:
         return float(np.sum(y) / max(np.sum(x), 1e-12)), 0.0
     (a, b), *_ = np.linalg.lstsq(np.c_[x / y, 1.0 / y], np.ones_like(y), rcond=None)
     return float(a), float(b)
+
+
+def fit_calibration(sums: Sequence[float], depthwise: Sequence[float], e2e: Sequence[float],
+                    slope_range: tuple[float, float] = (0.5, 2.5)) -> tuple[float, float | None, float]:
+    """``(a, a_depthwise, b)`` of :class:`Calibration` by relative least squares.
+
+    The depthwise slope is used only where it can be fitted (depthwise time that varies,
+    at least 6 configs) and both slopes come out in ``slope_range``; otherwise
+    ``a_depthwise`` is None and the fit is :func:`fit_line`'s.
+    """
+    import numpy as np
+
+    s, d, y = (np.asarray(v, float) for v in (sums, depthwise, e2e))
+    a, b = fit_line(s, y)
+    if len(y) >= 6 and np.ptp(d) > 1e-9 and np.ptp(s - d) > 1e-9:
+        (a2, a_dw, b2), *_ = np.linalg.lstsq(np.c_[(s - d) / y, d / y, 1.0 / y], np.ones_like(y), rcond=None)
+        lo, hi = slope_range
+        if lo <= a2 <= hi and lo <= a_dw <= hi:
+            return float(a2), float(a_dw), float(b2)
+    return a, None, b
 
 
 def spearman(x: Sequence[float], y: Sequence[float]) -> float:
@@ -311,11 +346,17 @@ class LatencyTable:
         """Sum of the layers' medians (what calibration maps to whole-model latency)."""
         return math.fsum(self.layer_ms(s) for s in specs)
 
+    def depthwise_ms(self, specs: Iterable[LayerSpec]) -> float:
+        """Sum of the depthwise layers' medians (the part calibration may scale apart)."""
+        return math.fsum(self.layer_ms(s) for s in specs if s.depthwise)
+
     def predict_ms(self, specs: Sequence[LayerSpec]) -> float:
-        """Predicted end-to-end latency of a network given as its layer specs."""
+        """Predicted end-to-end latency of a network given as its layer specs (calibrated sum)."""
         total = self.sum_ms(specs)
         cal = self.calibration
-        return cal.apply(total) if cal is not None else total
+        if cal is None:
+            return total
+        return cal.apply(total, self.depthwise_ms(specs) if cal.a_depthwise is not None else 0.0)
 
     def _missing_message(self, spec: LayerSpec) -> str:
         sig = ", ".join(f"{k}={v}" for k, v in zip(SIGNATURE_FIELDS, spec.signature()))
@@ -441,4 +482,4 @@ def find_table(device: str, model: str, width_mult: float | None = None, *, batc
 
 
 __all__ = ["COLUMNS", "Calibration", "LatencyTable", "RowWriter", "accuracy", "default_table_path", "find_table",
-           "fit_line", "read_rows", "spearman", "table_dir", "table_name", "table_paths"]
+           "fit_calibration", "fit_line", "read_rows", "spearman", "table_dir", "table_name", "table_paths"]

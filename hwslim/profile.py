@@ -12,7 +12,8 @@
    to the CSV with flush + fsync as soon as it is known, so a killed run (even
    ``kill -9``) loses at most what was in flight, and the next run skips what is done.
 3. **Calibrate**: measure whole configs end to end (the exported ONNX model of the
-   materialized network, same backend and protocol), fit ``e2e = a * sum + b`` on
+   materialized network, same backend and protocol, interleaved), fit
+   ``e2e = a * sum + b`` (depthwise layers on their own slope where that fits) on
    ``calib_configs`` of them and report accuracy on ``holdout_configs`` others. These
    are random configs of random width ranges (narrow to wide), never the uniform ones,
    so the uniform widths stay available as a held-out check.
@@ -33,7 +34,7 @@ from hwslim.config import ChannelConfig, atomic_write_text
 from hwslim.errors import TableError
 from hwslim.graph import LayerSpec, Node, resolve
 from hwslim.latency import (COLUMNS, E2E_COLUMNS, Calibration, LatencyTable, RowWriter, accuracy,
-                            default_table_path, entry_row, fit_line, new_meta, read_rows, signature_from_row,
+                            default_table_path, entry_row, fit_calibration, new_meta, read_rows, signature_from_row,
                             table_paths, timing_from_row)
 from hwslim.units import GRID_STEPS, step_width
 
@@ -78,7 +79,9 @@ class ProfileResult:
         h = dict(cal.holdout) if cal else {}
         return {"table": str(self.path), "entries": self.entries, "measured": self.measured, "reused": self.reused,
                 "noisy": self.noisy, "seconds": round(self.seconds, 1),
-                "calib_a": round(cal.a, 4) if cal else None, "calib_b_ms": round(cal.b, 4) if cal else None,
+                "calib_a": round(cal.a, 4) if cal else None,
+                "calib_a_dw": round(cal.a_depthwise, 4) if cal and cal.a_depthwise is not None else None,
+                "calib_b_ms": round(cal.b, 4) if cal else None,
                 "holdout_n": h.get("n"), "within_5pct": h.get("within_5pct"), "within_10pct": h.get("within_10pct"),
                 "spearman": h.get("spearman")}
 
@@ -288,6 +291,7 @@ def profile(settings: ProfileSettings, progress: bool = False,
             meta["run_overhead_ms"] = profiler.run_overhead_ms()
         meta["calibration_plan"] = {"fit": settings.calib_configs, "holdout": settings.holdout_configs,
                                     "seed": settings.seed}
+        spent_before = 0.0
         if meta_path.exists():
             try:
                 old = json.loads(meta_path.read_text())
@@ -302,6 +306,7 @@ def profile(settings: ProfileSettings, progress: bool = False,
                     p.unlink(missing_ok=True)
             else:
                 meta["created"] = old.get("created", meta["created"])
+                spent_before = float(old.get("profile_seconds") or 0.0)
         done: dict[tuple, Any] = {}
         if csv_path.exists():
             rows, _ = read_rows(csv_path, COLUMNS)
@@ -331,7 +336,8 @@ def profile(settings: ProfileSettings, progress: bool = False,
         calibration = calibrate(table, profiler, net, settings, e2e_path, progress=progress, log=log)
         meta.update(status="complete", entries=len(done), noisy_entries=sum(t.noisy for t in done.values()),
                     calibration=calibration.to_dict(), finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-        meta["profile_seconds"] = round(time.perf_counter() - start, 1)
+        # time spent on this table over all (resumed) runs
+        meta["profile_seconds"] = round(spent_before + time.perf_counter() - start, 1)
         atomic_write_text(meta_path, json.dumps(meta, indent=2, sort_keys=True) + "\n")
         return ProfileResult(csv_path, len(done), len(todo), reused, meta["noisy_entries"],
                              time.perf_counter() - start, calibration, meta)
@@ -365,14 +371,17 @@ def calibrate(table: LatencyTable, profiler, net, settings: ProfileSettings, e2e
                        "iqr_ms": f"{t.iqr_ms:.6f}", "p90_ms": f"{t.p90_ms:.6f}", "n": t.n, "noisy": int(t.noisy)}
                 writer.append(row)
                 have[row["widths"]] = row
-    results = {"fit": ([], []), "holdout": ([], [])}
+    results: dict[str, tuple[list, list, list]] = {"fit": ([], [], []), "holdout": ([], [], [])}
     for role, cfg in plan:
-        results[role][0].append(table.sum_ms(net.layer_specs(cfg, batch=batch, input_size=size)))
-        results[role][1].append(float(have[key(cfg)]["median_ms"]))
-    a, b = fit_line(*results["fit"])
-    sums, e2e = results["holdout"]
-    holdout = accuracy([a * x + b for x in sums], e2e) if sums else {}
-    return Calibration(a, b, len(results["fit"][0]), holdout)
+        specs = net.layer_specs(cfg, batch=batch, input_size=size)
+        results[role][0].append(table.sum_ms(specs))
+        results[role][1].append(table.depthwise_ms(specs))
+        results[role][2].append(float(have[key(cfg)]["median_ms"]))
+    a, a_dw, b = fit_calibration(*results["fit"])
+    fitted = Calibration(a, b, len(results["fit"][0]), a_depthwise=a_dw)
+    sums, dws, e2e = results["holdout"]
+    holdout = accuracy([fitted.apply(x, d) for x, d in zip(sums, dws)], e2e) if sums else {}
+    return replace(fitted, holdout=holdout)
 
 
 class _NoBar:

@@ -10,7 +10,7 @@ import torch
 from hwslim.cli import main
 from hwslim.errors import TableError
 from hwslim.latency import (COLUMNS, Calibration, LatencyTable, RowWriter, accuracy, default_table_path, find_table,
-                            fit_line, new_meta, read_rows, spearman, table_paths)
+                            fit_calibration, fit_line, new_meta, read_rows, spearman, table_paths)
 from hwslim.models import create_model
 from profilers import get_profiler
 from profilers.base import Timing
@@ -69,6 +69,9 @@ def test_predict_is_the_calibrated_sum(net, machine_meta):
     assert raw.predict_ms(specs) == pytest.approx(total)  # uncalibrated: the plain sum
     cal = _table(net, machine_meta, Calibration(1.25, 0.5, 8))
     assert cal.predict_ms(specs) == pytest.approx(1.25 * total + 0.5)
+    # resnet20 has no depthwise layer, so a depthwise slope changes nothing here
+    assert _table(net, machine_meta, Calibration(1.25, 0.5, 8, a_depthwise=3.0)).predict_ms(specs) == \
+        pytest.approx(1.25 * total + 0.5)
     assert cal.layer_ms(specs[0]) == pytest.approx(0.01)
 
 
@@ -135,6 +138,13 @@ def test_torn_last_row_is_dropped_and_cut_before_appending(tmp_path):
 
 def test_calibration_statistics_by_hand():
     assert fit_line([1, 2, 3, 4], [3, 5, 7, 9]) == pytest.approx((2.0, 1.0))
+    sums, dw = [4, 6, 8, 10, 12, 14], [1, 3, 1, 4, 2, 5]
+    e2e = [1.0 * (s - d) + 1.5 * d + 0.2 for s, d in zip(sums, dw)]
+    assert fit_calibration(sums, dw, e2e) == pytest.approx((1.0, 1.5, 0.2))
+    assert fit_calibration(sums, [0] * 6, [2 * s for s in sums]) == pytest.approx((2.0, None, 0.0))
+    wild = [1.0 * (s - d) + 9.0 * d for s, d in zip(sums, dw)]  # a slope outside 0.5..2.5: one slope instead
+    assert fit_calibration(sums, dw, wild)[1] is None
+    assert Calibration(1.0, 0.2, 6, a_depthwise=1.5).apply(10.0, 4.0) == pytest.approx(6.0 + 6.0 + 0.2)
     assert spearman([1, 2, 3, 4], [10, 20, 40, 30]) == pytest.approx(0.8)
     acc = accuracy([1.0, 1.04, 1.2, 0.93], [1.0, 1.0, 1.0, 1.0])
     assert acc["within_5pct"] == 0.5 and acc["within_10pct"] == 0.75
