@@ -89,6 +89,7 @@ def evaluate(args, model: str) -> tuple[dict, list[dict]]:
                "noisy_e2e": sum(r["noisy"] for r in rows), "table_entries": len(table),
                "table_s": m.get("profile_seconds") if took is None else round(took, 1),
                "eval_s": round(seconds, 1), "calib_a": round(m["calibration"]["a"], 4),
+               "calib_a_dw": m["calibration"].get("a_depthwise"),
                "calib_b_ms": round(m["calibration"]["b"], 4), "table_measured": m.get("finished", "")}
     return summary, rows
 

@@ -7,10 +7,12 @@
    several layers share is measured once. MobileNetV2 1.5x at 224 has 2,032 entries.
 2. **Measure** them with a :mod:`profilers` backend. Backends that time layers inside
    whole networks (ONNX Runtime here, TensorRT later) get a small set of configs that
-   together contain every entry (:func:`design_configs`, a greedy covering: about 150
-   networks for MobileNetV2); the others time each entry alone. Each entry is appended
-   to the CSV with flush + fsync as soon as it is known, so a killed run (even
-   ``kill -9``) loses at most what was in flight, and the next run skips what is done.
+   together contain every entry ``contexts`` times (:func:`design_configs`, a greedy
+   covering: 142 networks per round for MobileNetV2 1.5x, 284 for the default two);
+   the others time each entry alone. Each entry is appended to the CSV with flush +
+   fsync as soon as it is final, so a killed run (even ``kill -9``) loses at most the
+   entries in flight (for in-network backends: those whose last network had not been
+   timed yet), and the next run skips what is done.
 3. **Calibrate**: measure whole configs end to end (the exported ONNX model of the
    materialized network, same backend and protocol, interleaved), fit
    ``e2e = a * sum + b`` (depthwise layers on their own slope where that fits) on
