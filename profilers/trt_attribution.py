@@ -249,13 +249,19 @@ class AttributionPlan:
         per_spec: dict[str, float] = defaultdict(float)
         unattributed: dict[str, float] = {}
         for layer, ms in times.items():
-            shares = self.shares.get(layer)
+            shares = self.shares.get(layer) or self._by_containment(layer)
             if not shares:
                 unattributed[layer] = unattributed.get(layer, 0.0) + float(ms)
                 continue
             for spec, share in shares.items():
                 per_spec[spec] += float(ms) * share
         return Attribution(dict(per_spec), self.shares, list(self.split_layers), unattributed)
+
+    def _by_containment(self, reported: str) -> dict[str, float] | None:
+        """Shares of the longest inspector layer name inside a reported name the inspector
+        did not list (a profiler name with a suffix); None if there is none."""
+        best = max((name for name in self.shares if name and name in reported), key=len, default=None)
+        return self.shares[best] if best is not None else None
 
 
 def plan_attribution(layers: Sequence[EngineLayer], owners: Mapping[str, str], order: Sequence[str],

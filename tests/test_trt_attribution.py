@@ -175,3 +175,9 @@ def test_names_only_engine_attributes_conversions_by_name():
     plan = plan_attribution(layers, {"/a/Conv": "a", "/Relu": "a"}, ["/a/Conv", "/Relu"],
                             {"/a/Conv": "Conv", "/Relu": "Relu"}, [spec])
     assert plan.shares == {"/a/Conv + /Relu": {"a": 1.0}, layers[0].name: {"a": 1.0}}
+
+
+def test_reported_names_with_a_suffix_are_matched_to_their_layer(plan):
+    att = plan.apply({"/stem/Conv + /Relu [profile 0]": 0.004, "__myl_unknown_kernel": 0.001})
+    assert att.per_spec == {"stem": pytest.approx(0.004)}
+    assert att.unattributed == {"__myl_unknown_kernel": 0.001}
