@@ -189,6 +189,7 @@ def provenance(ckpt, config: ChannelConfig, opts: ExportOptions, *, precision: s
         "width_mult": f"{model.width_mult:g}",
         "input_size": str(config.input_size),
         "num_classes": str(model.num_classes),
+        "divisor": str(model.divisor),
         "config": json.dumps(config.to_dict(), sort_keys=True),
         "batch": str(opts.batch),
         "dynamic_batch": str(bool(opts.dynamic_batch)).lower(),

@@ -118,8 +118,9 @@ def verify_model(model: str | os.PathLike, table: str | os.PathLike | Any, *, bu
     tbl = table if not isinstance(table, (str, os.PathLike)) else LatencyTable.load(table)
     table_path = Path(getattr(tbl, "path", None) or (table if isinstance(table, (str, os.PathLike)) else "<table>"))
     batch = int(meta.get("batch", 1))
+    extra = {k: int(meta[k]) for k in ("num_classes", "divisor") if k in meta}  # the supernet it came from
     with torch.device("meta"):  # shapes only: no weights needed to predict
-        net = create_model(config.model, width_mult=config.width_mult)
+        net = create_model(config.model, width_mult=config.width_mult, input_size=config.input_size, **extra)
     net.validate(config)
     tbl.check_compatible(net, batch=batch, input_size=config.input_size, force=force)
     predicted = float(tbl.predict_ms(net.layer_specs(config, batch=batch, input_size=config.input_size)))

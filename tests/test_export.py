@@ -69,6 +69,7 @@ def test_export_matches_supernet_and_records_provenance(setup, tmp_path):
     assert meta["checkpoint"] == str(ckpt.resolve()) and meta["checkpoint_sha256"] == sha256_file(ckpt)
     assert meta["config_path"] == str(cfg_path.resolve())
     assert meta["version"] and meta["batch"] == "1" and meta["precision"] == "fp32"
+    assert meta["num_classes"] == "10" and meta["divisor"] == "8"
     back = config_from_metadata(meta)
     assert back == cfg and back.meta["budget"] == {"kind": "latency_ms", "value": 1.5}
     assert float(meta["max_rel_error"]) == pytest.approx(res.max_rel_error, rel=1e-3)
