@@ -115,8 +115,9 @@ def onnx_node_owners(model, specs: Sequence[LayerSpec]) -> dict[str, str]:
     """ONNX node name -> name of the spec it computes, for a graph written by ``export_onnx``.
 
     ``model`` is a ``ModelProto`` or a path. Nodes that compute nothing at run time
-    (``Constant``, ``Identity``) are left out. Raises ``ValueError`` for a node it
-    cannot place (the graph was not exported from these specs).
+    (``Constant``, ``Identity``) and non-compute nodes reading no layer's output (an
+    input Cast) are left out. Raises ``ValueError`` for a Conv/Gemm it cannot place
+    (the graph was not exported from these specs).
     """
     graph = _load(model).graph
     by_name = {s.name: s for s in specs}
@@ -141,8 +142,10 @@ def onnx_node_owners(model, specs: Sequence[LayerSpec]) -> dict[str, str]:
             owner = pools.get((kind, tensor_layer.get(node.input[0], "")))
         else:  # Relu, Clip, Flatten, Reshape, Cast...: the layer whose output it reads
             owner = tensor_layer.get(node.input[0]) if node.input else None
-        if owner == INPUT and op not in _COMPUTE_OPS:
-            continue  # e.g. the Cast of the image in an fp16 graph: its engine layer goes to its consumer
+        if owner in (None, INPUT) and op not in _COMPUTE_OPS:
+            # e.g. the Cast of the image in an fp16 graph, or shape arithmetic on constants:
+            # no layer of its own; an engine layer made of it goes to its consumer
+            continue
         if owner is None or owner == INPUT:
             raise ValueError(f"cannot place ONNX node {node.name!r} ({op}) on a layer spec")
         owners[node.name] = owner
