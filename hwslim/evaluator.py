@@ -21,6 +21,10 @@ BatchNorm (``bn=``):
   statistics (one pass; chunks are fixed, so scores are deterministic).
 
 The supernet's own running statistics are restored after every call.
+
+``kernels="triton"`` (CUDA only) scores a whole step with the fused multi-config Triton
+kernels of :mod:`hwslim.kernels` (one pass for all candidates, shared prefix once);
+PyTorch (``"torch"``) is the default and the reference.
 """
 from __future__ import annotations
 
@@ -38,6 +42,7 @@ from hwslim.supernet import SlimmableNet
 
 BN_MODES = ("recal", "batch")
 EVAL_MODES = ("fast", "reference")
+KERNELS = ("torch", "triton")
 
 
 @dataclass(frozen=True)
@@ -52,7 +57,17 @@ class StepEvaluator:
     """Scores configs of ``model`` on fixed ``images``/``labels`` (held in memory on their device)."""
 
     def __init__(self, model: SlimmableNet, images: torch.Tensor, labels: torch.Tensor, *, bn: str = "recal",
-                 mode: str = "fast", batch_size: int = 250) -> None:
+                 mode: str = "fast", batch_size: int = 250, kernels: str = "torch") -> None:
+        if kernels not in KERNELS:
+            raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
+        if kernels == "triton":
+            from hwslim import kernels as _k
+
+            _k.check_device(images.device)
+            if not _k.supports(model):
+                raise _k.KernelUnavailableError(f"the Triton kernels do not support {model.name} "
+                                                "(grouped convs); use --kernels torch")
+        self.kernels = kernels
         if bn not in BN_MODES:
             raise ValueError(f"bn must be one of {BN_MODES}, got {bn!r}")
         if mode not in EVAL_MODES:
@@ -114,8 +129,17 @@ class StepEvaluator:
 
     # -- public -------------------------------------------------------------------------------
     @torch.no_grad()
+    def _triton_scores(self, configs: Sequence[ChannelConfig]) -> list[Score]:
+        from hwslim.kernels import step_logits
+
+        outs = step_logits(self.model, self.chunks, list(configs), bn=self.bn)
+        return [self._score_logits([o[k] for o in outs]) for k in range(len(configs))]
+
+    @torch.no_grad()
     def score(self, config: ChannelConfig) -> Score:
         """Score one config with a full pass."""
+        if self.kernels == "triton":
+            return self._triton_scores([config])[0]
         model = self.model
         with model.using(config), preserved_bn_stats(model):
             envs = [{INPUT: x} for x in self.chunks]
@@ -124,6 +148,8 @@ class StepEvaluator:
     @torch.no_grad()
     def score_candidates(self, current: ChannelConfig, candidates: Sequence[tuple[str, ChannelConfig]]) -> list[Score]:
         """Scores of ``candidates`` (unit changed, config), each differing from ``current`` in that unit."""
+        if self.kernels == "triton":
+            return self._triton_scores([cfg for _, cfg in candidates])
         if self.mode == "reference":
             return [self.score(cfg) for _, cfg in candidates]
         model = self.model

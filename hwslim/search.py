@@ -197,6 +197,7 @@ def _file_digest(path: Path) -> str:
 def greedy_search(checkpoint, budgets: Sequence[Budget], *, table=None, criterion: str = DEFAULT_CRITERION,
                   out_dir: str | Path | None = None, resume: bool = False, force: bool = False,
                   device: str = "cpu", evaluator: str = "fast", bn: str = "recal", batch_size: int = 250,
+                  kernels: str = "torch",
                   max_images: int | None = None, batch: int = 1, progress: bool = True,
                   plot: bool = True, images=None, labels=None) -> SearchResult:
     """Search ``checkpoint``'s supernet for every budget; see the module docstring.
@@ -242,7 +243,8 @@ def greedy_search(checkpoint, budgets: Sequence[Budget], *, table=None, criterio
         from hwslim.data import search_split
 
         images, labels = search_split(checkpoint, device=device, max_images=max_images)
-    ev = StepEvaluator(model, images.to(device), labels.to(device), bn=bn, mode=evaluator, batch_size=batch_size)
+    ev = StepEvaluator(model, images.to(device), labels.to(device), bn=bn, mode=evaluator, batch_size=batch_size,
+                       kernels=kernels)
     score_candidates = dist.sharded(ev.score_candidates)
     is_writer = dist.is_writer()
 

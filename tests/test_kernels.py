@@ -413,3 +413,28 @@ def test_full_size_fused_depthwise_project_on_gpu(hidden, cout, h, stride, dtype
     y = K.dw_project_bn_act(x, wd, dsc, dsh, wp, sc, sh, stride=stride, cin=c, cout=co, tf32=False)
     hid = reference(x, wd, dsc, dsh, stride=stride, cin=c, cout=c, act="relu6", depthwise=True)
     assert rel_err(y, reference(hid.to(dtype), wp, sc, sh, stride=1, cin=c, cout=co)) < TOL[dtype]
+
+
+def test_search_evaluator_with_triton_kernels_matches_torch():
+    """The search's StepEvaluator gives the same scores through the kernels as through PyTorch."""
+    from hwslim.evaluator import StepEvaluator
+    from hwslim.graph import INPUT as _IN
+
+    torch.manual_seed(0)
+    g = GraphBuilder()
+    a, b = g.unit("a", 16), g.unit("b", 16)
+    x = g.conv("stem", _IN, 3, a, 3, 1)
+    h = g.conv("c1", x, a, b, 3, 1)
+    x = g.conv("c2", h, b, a, 1, act="relu", residual=x)
+    x = g.gap("pool", x, a)
+    g.linear("fc", x, a, 4)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    net = SlimmableNet("tiny", g, width_mult=1.0, input_size=6, num_classes=4).to(device)
+    x, y = torch.randn(8, 3, 6, 6, device=device), torch.randint(0, 4, (8,), device=device)
+    cfg = net.full_config()
+    cands = [(u, cfg.replace(**{u: 8})) for u in ("a", "b")]
+    for bn in ("recal", "batch"):
+        ref = StepEvaluator(net, x, y, bn=bn, batch_size=4).score_candidates(cfg, cands)
+        tri = StepEvaluator(net, x, y, bn=bn, batch_size=4, kernels="triton").score_candidates(cfg, cands)
+        assert [s.acc for s in tri] == [s.acc for s in ref]
+        assert max(abs(a.loss - b.loss) for a, b in zip(tri, ref)) < 1e-4

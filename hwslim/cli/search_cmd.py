@@ -32,6 +32,9 @@ def register(sub) -> None:
                    help="BatchNorm statistics for scoring: recalibrated per config (default) or per-batch")
     p.add_argument("--evaluator", choices=["fast", "reference"], default="fast",
                    help="fast shares each step's common computation; reference runs every candidate in full")
+    p.add_argument("--kernels", choices=["torch", "triton"], default="torch",
+                   help="triton: fused multi-config Triton kernels for the evaluations (CUDA only; "
+                        "not yet measured on a GPU, so torch stays the default)")
     p.add_argument("--max-images", type=int, help="use at most this many search-split images")
     p.add_argument("--eval-device", default=None, help="where to run the search's evaluations "
                                                         "(default: cuda if available, else cpu)")
@@ -76,7 +79,7 @@ def run(args) -> int:
         table.check_compatible(ckpt.model, batch=args.batch, force=args.force)
     result = greedy_search(ckpt, budgets, table=table, criterion=args.criterion, out_dir=args.out,
                            resume=args.resume, force=args.force, device=eval_device, evaluator=args.evaluator,
-                           bn=args.bn, max_images=args.max_images, batch=args.batch,
+                           bn=args.bn, max_images=args.max_images, batch=args.batch, kernels=args.kernels,
                            progress=not args.no_progress)
     if args.json:
         print(json.dumps([c.to_dict() for c in result.configs], indent=2, sort_keys=True))
