@@ -54,10 +54,12 @@ class Recipe:
     fractions: tuple[float, ...] = (0.3, 0.55, 0.8)
 
 
-# The recipe the training tests show learns every width on synthetic data (narrowest > 30%).
-FULL = Recipe("resnet20", 1.0, 16, "synthetic:2600", 200, 5, 64, 0.1, 1000, 500, False, 8, 8, 8, 3)
+# The training tests' recipe at learning rate 0.05. With widths in multiples of 16, lr 0.1
+# and 0.2 stayed at chance (9% held-out top-1 after 5 epochs) while 0.05 reached 53%
+# (widest) and 43% (narrowest); one seed each, on the 2-core CPU machine.
+FULL = Recipe("resnet20", 1.0, 16, "synthetic:2600", 200, 5, 64, 0.05, 1000, 500, False, 8, 8, 8, 3)
 # A smoke run: a tinier model whose latencies (~0.03 ms) are mostly overhead, so budgets stay high.
-QUICK = Recipe("resnet20", 1.0, 8, "synthetic:300", 44, 1, 32, 0.1, 64, 64, True, 3, 2, 2, 1, (0.5, 0.7, 0.9))
+QUICK = Recipe("resnet20", 1.0, 8, "synthetic:300", 44, 1, 32, 0.05, 64, 64, True, 3, 2, 2, 1, (0.5, 0.7, 0.9))
 
 
 @dataclass(frozen=True)
