@@ -44,8 +44,8 @@ def run(args) -> int:
     the TensorRT Python API, else trtexec. Existing files are kept unless --force.
 
     Example:
-      hwslim export --checkpoint runs/r20/checkpoint.pt --config search/budget_2.0ms.json \\
-          --format onnx --out r20_2ms.onnx --verify --table tables/r20_cpu.json
+      hwslim export --checkpoint runs/r20/checkpoint.pt --config search/config_latency_ms_0.5.json \\
+          --out r20_0.5ms.onnx --verify      # --verify: the table the search used, from the config
     """
     from hwslim.errors import ConfigError
     from hwslim.export import ExportOptions, export_model

@@ -25,7 +25,7 @@ def run(args) -> int:
     Exit status: 0 if every budget holds, 1 if one does not, 2 on a usage error.
 
     Example:
-      hwslim verify r20_2ms.onnx --table tables/r20_cpu.json
+      hwslim verify r20_0.5ms.onnx --table latency_tables/cpu-amd-epyc/resnet20-x1-32px-b1-ort-t1-float32.csv
     """
     from hwslim.errors import ConfigError
     from hwslim.verify import print_verify, verify_model
