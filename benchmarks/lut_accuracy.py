@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import sys
 import time
@@ -68,6 +69,7 @@ def evaluate(args, model: str) -> tuple[dict, list[dict]]:
     assert not {key(c) for _, c in configs} & used, "an evaluation config was used for calibration"
     rng.shuffle(configs)
     rows = []
+    load_before = os.getloadavg()[0]
     with get_profiler(table.meta["device"], table.meta["backend"], **table.meta.get("settings", {})) as prof:
         t0 = time.perf_counter()
         # interleaved rounds: every config sees the same mix of quiet and busy spells of the machine
@@ -88,7 +90,10 @@ def evaluate(args, model: str) -> tuple[dict, list[dict]]:
                "mean_abs_err_pct": round(acc["mean_abs_err_pct"], 2), "max_abs_err_pct": round(acc["max_abs_err_pct"], 2),
                "noisy_e2e": sum(r["noisy"] for r in rows), "table_entries": len(table),
                "table_s": m.get("profile_seconds") if took is None else round(took, 1),
-               "eval_s": round(seconds, 1), "calib_a": round(m["calibration"]["a"], 4),
+               "eval_s": round(seconds, 1),
+               # the machine is shared: its load during the table's and this measurement matters
+               "load_avg_1min": f"{load_before:.1f}->{os.getloadavg()[0]:.1f}",
+               "calib_a": round(m["calibration"]["a"], 4),
                "calib_a_dw": m["calibration"].get("a_depthwise"),
                "calib_b_ms": round(m["calibration"]["b"], 4), "table_measured": m.get("finished", "")}
     return summary, rows

@@ -30,7 +30,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 from hwslim.config import ChannelConfig, atomic_write_text
 from hwslim.errors import TableError
@@ -39,6 +39,9 @@ from hwslim.latency import (COLUMNS, E2E_COLUMNS, Calibration, LatencyTable, Row
                             default_table_path, entry_row, fit_calibration, new_meta, read_rows, signature_from_row,
                             table_paths, timing_from_row)
 from hwslim.units import GRID_STEPS, step_width
+
+if TYPE_CHECKING:
+    from profilers.base import Timing
 
 DEFAULT_MODEL = "mobilenet_v2"
 
@@ -219,7 +222,7 @@ def calibration_configs(net, n: int, seed: int = 0, exclude: Iterable[ChannelCon
 
 # -- end to end -------------------------------------------------------------------------------------
 def measure_config(profiler, net, config: ChannelConfig, batch: int = 1, input_size: int | None = None,
-                   workdir: str | os.PathLike | None = None):
+                   workdir: str | os.PathLike | None = None) -> "Timing":
     """End-to-end Timing of ``config``: materialize (BN folded), export ONNX, time it."""
     from hwslim.export import export_onnx
     from hwslim.materialize import materialize
@@ -232,7 +235,8 @@ def measure_config(profiler, net, config: ChannelConfig, batch: int = 1, input_s
 
 
 def measure_configs(profiler, net, configs: Sequence[ChannelConfig], batch: int = 1, input_size: int | None = None,
-                    workdir: str | os.PathLike | None = None, rounds: int = 4, progress: bool = False) -> list:
+                    workdir: str | os.PathLike | None = None, rounds: int = 4, progress: bool = False
+                    ) -> list["Timing"]:
     """End-to-end Timings of many configs, measured interleaved (``Profiler.time_onnx_many``)."""
     from hwslim.export import export_onnx
     from hwslim.materialize import materialize
@@ -276,6 +280,7 @@ def profile(settings: ProfileSettings, progress: bool = False,
 
     log = log or (lambda msg: None)
     start = time.perf_counter()
+    load_start = _load()
     net = create_model(settings.model, width_mult=settings.width_mult).eval()
     size = settings.input_size or net.input_size
     profiler = get_profiler(settings.device, settings.backend, **_settings_kwargs(settings))
@@ -338,6 +343,8 @@ def profile(settings: ProfileSettings, progress: bool = False,
         calibration = calibrate(table, profiler, net, settings, e2e_path, progress=progress, log=log)
         meta.update(status="complete", entries=len(done), noisy_entries=sum(t.noisy for t in done.values()),
                     calibration=calibration.to_dict(), finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        # a shared machine's load changes latencies: record it next to them
+        meta["load_avg_1min"] = [load_start, _load()]
         # time spent on this table over all (resumed) runs
         meta["profile_seconds"] = round(spent_before + time.perf_counter() - start, 1)
         atomic_write_text(meta_path, json.dumps(meta, indent=2, sort_keys=True) + "\n")
@@ -384,6 +391,10 @@ def calibrate(table: LatencyTable, profiler, net, settings: ProfileSettings, e2e
     sums, dws, e2e = results["holdout"]
     holdout = accuracy([fitted.apply(x, d) for x, d in zip(sums, dws)], e2e) if sums else {}
     return replace(fitted, holdout=holdout)
+
+
+def _load() -> float | None:
+    return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
 
 
 class _NoBar:
