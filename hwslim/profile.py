@@ -209,8 +209,8 @@ def calibration_configs(net, n: int, seed: int = 0, exclude: Iterable[ChannelCon
     for _ in range(100 * n + 100):
         if len(out) == n:
             break
-        lo = rng.randint(1, GRID_STEPS)
-        hi = rng.randint(lo, GRID_STEPS)
+        hi = rng.randint(1, GRID_STEPS)  # the widest step first: small networks get their share
+        lo = rng.randint(1, hi)
         cfg = net.config_of({u: step_width(unit.max_width, rng.randint(lo, hi), net.divisor)
                              for u, unit in net.units.items()})
         key = json.dumps(cfg.widths, sort_keys=True)
