@@ -38,6 +38,7 @@ def register(sub) -> None:
     p.add_argument("--max-images", type=int, help="use at most this many search-split images")
     p.add_argument("--eval-device", default=None, help="where to run the search's evaluations "
                                                         "(default: cuda if available, else cpu)")
+    p.add_argument("--threads", type=int, help="PyTorch CPU threads for the evaluations (default: PyTorch's)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--json", action="store_true", help="print the chosen configs as JSON")
 
@@ -62,6 +63,8 @@ def run(args) -> int:
                for v in values]
     if not budgets:
         raise HwslimError("give at least one budget: --latency-ms, --memory-mb, --params-m or --macs-m")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     eval_device = args.eval_device or ("cuda" if torch.cuda.is_available() else "cpu")
     ckpt = load_checkpoint(args.checkpoint)
     table = None

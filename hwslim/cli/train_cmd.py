@@ -41,6 +41,8 @@ def register(sub) -> None:
     g.add_argument("--calib-images", type=int, default=2000, help="images for BN recalibration (default 2000)")
     g.add_argument("--eval-images", type=int, help="validation images scored at the end (default: all)")
     g.add_argument("--eval-every", type=int, default=0, help="also score widest/narrowest every N epochs")
+    g.add_argument("--threads", type=int, help="PyTorch CPU threads (default: PyTorch's; 1 is far faster "
+                                               "for small models on a busy machine)")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     g.add_argument("--stop-after", type=int,
                    help="leave after this many epochs (for time-limited jobs); continue with --resume")
@@ -67,8 +69,12 @@ def run(args) -> int:
       hwslim train --model resnet20 --width-mult 0.5 --input-size 16 \\
           --data synthetic:3000 --epochs 4 --batch-size 64 --out runs/demo
     """
+    import torch
+
     from hwslim.train import TrainConfig, train
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.resume and args.force:
         from hwslim.errors import HwslimError
 
