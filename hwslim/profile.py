@@ -202,17 +202,21 @@ def _cover(net, wanted: set, batch: int, input_size: int | None, seed: int) -> l
 
 
 def calibration_configs(net, n: int, seed: int = 0, exclude: Iterable[ChannelConfig] = ()) -> list[ChannelConfig]:
-    """``n`` distinct random configs whose width ranges vary from narrow to wide; never uniform."""
+    """``n`` distinct random configs, never uniform: half with every unit anywhere on its grid,
+    half with widths from a random range of grid steps (narrow to wide networks)."""
     rng = random.Random(seed)
     seen = {json.dumps(c.widths, sort_keys=True) for c in list(exclude) + net.uniform_configs()}
     out = []
-    for _ in range(100 * n + 100):
+    for i in range(100 * n + 100):
         if len(out) == n:
             break
-        hi = rng.randint(1, GRID_STEPS)  # the widest step first: small networks get their share
-        lo = rng.randint(1, hi)
-        cfg = net.config_of({u: step_width(unit.max_width, rng.randint(lo, hi), net.divisor)
-                             for u, unit in net.units.items()})
+        if i % 2:  # every unit anywhere on its grid: the mixed widths a search visits
+            cfg = net.random_config(rng)
+        else:  # a random range of steps, the widest first so that small networks get their share
+            hi = rng.randint(1, GRID_STEPS)
+            lo = rng.randint(1, hi)
+            cfg = net.config_of({u: step_width(unit.max_width, rng.randint(lo, hi), net.divisor)
+                                 for u, unit in net.units.items()})
         key = json.dumps(cfg.widths, sort_keys=True)
         if key not in seen:
             seen.add(key)
