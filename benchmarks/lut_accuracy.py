@@ -36,6 +36,7 @@ MODELS = {"mobilenet_v2": (1.5, 224), "resnet20": (1.0, 32)}
 def _table(args, model: str, wm: float, size: int) -> tuple[LatencyTable, float | None]:
     try:
         path = find_table(args.device, model, wm, batch=args.batch, input_size=size, threads=args.threads,
+                          dtype=args.dtype,
                           backend=args.backend)
         return LatencyTable.load(path), None
     except TableError as e:
@@ -44,7 +45,8 @@ def _table(args, model: str, wm: float, size: int) -> tuple[LatencyTable, float 
         print(f"{e}\n-> measuring it now", file=sys.stderr)
     t0 = time.perf_counter()
     res = profile(ProfileSettings(device=args.device, backend=args.backend, model=model, width_mult=wm,
-                                  input_size=size, batch=args.batch, threads=args.threads), progress=True,
+                                  input_size=size, batch=args.batch, threads=args.threads, dtype=args.dtype),
+                  progress=True,
                   log=lambda m: print(m, file=sys.stderr))
     return LatencyTable.load(res.path), time.perf_counter() - t0
 
@@ -106,6 +108,7 @@ def main() -> int:
     p.add_argument("--backend")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--threads", type=int)
+    p.add_argument("--dtype", default="float32", help="table precision (cuda: float16, bfloat16 too)")
     p.add_argument("--random", type=int, default=50, help="random configs per model (plus the 12 uniform ones)")
     p.add_argument("--seed", type=int, default=2024)
     p.add_argument("--rounds", type=int, default=4, help="interleaved rounds of end-to-end timing")
@@ -118,7 +121,7 @@ def main() -> int:
         summaries.append(s)
         rows += r
         print_table([s])
-    tag = f"{args.device}_{summaries[0]['backend']}_b{args.batch}"
+    tag = f"{args.device}_{summaries[0]['backend']}_b{args.batch}" + ("" if args.dtype == "float32" else f"_{args.dtype}")
     write_csv(rows, f"lut_accuracy_{tag}_configs")
     path = write_csv(summaries, f"lut_accuracy_{tag}")
     print()

@@ -459,7 +459,7 @@ def find_table(device: str, model: str, width_mult: float | None = None, *, batc
     with torch.device("meta"):
         net = create_model(model, width_mult=width_mult)
     size = input_size or net.input_size
-    backend = backend or default_backend(device)
+    backend = backend_class(backend).backend if backend else default_backend(device)  # alias -> name
     name = backend_class(backend).machine_name()
     root = Path(root) if root is not None else table_dir()
     folder = root / f"{device}-{slug(name)}"

@@ -66,6 +66,7 @@ class ProfileSettings:
     quick: bool = False  # short protocol (tests, smoke runs)
     in_network: bool | None = None  # None: the backend's default
     contexts: int = 2  # networks each entry is timed in (backends that time inside networks)
+    channels_last: bool = False  # torch_cuda: NHWC tensors
 
 
 @dataclass
@@ -267,12 +268,15 @@ def _settings_kwargs(s: ProfileSettings) -> dict[str, Any]:
         kw.update(protocol=Protocol.quick(), e2e_protocol=Protocol.quick())
     if s.in_network is not None:
         kw["in_network"] = s.in_network
+    if s.channels_last:
+        kw["channels_last"] = True
     return kw
 
 
 def _same_setup(old: dict, new: dict) -> list[str]:
     keys = ("model", "width_mult", "input_size", "batch", "device", "device_name", "backend", "backend_version",
-            "threads", "dtype", "clock", "nchwc_block", "method")
+            "threads", "dtype", "clock", "nchwc_block", "method", "driver_version", "cuda_runtime",
+            "cudnn_version", "precision_mode", "channels_last", "allow_tf32", "cuda_graphs")
     return [f"{k} {old.get(k)!r} (now {new.get(k)!r})" for k in keys if k in new and old.get(k) != new.get(k)]
 
 

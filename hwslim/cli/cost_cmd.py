@@ -47,7 +47,8 @@ def run(args) -> int:
         from hwslim.latency import LatencyTable
 
         table = LatencyTable.load(args.table)
-        table.check_compatible(net, batch=args.batch, input_size=args.input_size, force=args.force)
+        table.check_compatible(net, batch=args.batch, input_size=args.input_size, dtype=args.dtype,
+                               force=args.force)
         specs = net.layer_specs(config, batch=args.batch, input_size=args.input_size)
         out["latency_ms"] = table.predict_ms(specs)
     if args.json:

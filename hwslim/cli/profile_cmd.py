@@ -9,13 +9,18 @@ from hwslim.cli import add_command, print_table
 def register(sub) -> None:
     p = add_command(sub, "profile", run, run.__doc__)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="device to measure (default: cpu)")
-    p.add_argument("--backend", help="latency backend (cpu: ort; cuda: trt or torch); default: the device's best")
+    p.add_argument("--backend", choices=["ort", "trt", "torch", "onnxruntime", "tensorrt", "torch_cuda"],
+                   help="latency backend (cpu: ort; cuda: trt or torch); default on cuda: trt when TensorRT "
+                        "imports, else torch (with a one-line notice)")
     p.add_argument("--model", default=None, help="zoo model (default: mobilenet_v2, a 1.5x supernet)")
     p.add_argument("--width-mult", type=float, help="supernet width multiplier (default: the model's)")
     p.add_argument("--input-size", type=int, help="input height and width (default: the model's)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--threads", type=int, help="intra-op threads (default 1)")
-    p.add_argument("--dtype", default="float32", help="precision (the CPU backend measures float32)")
+    p.add_argument("--dtype", default="float32",
+                   help="precision: cpu float32; cuda float32, float16 or bfloat16 (trt: float32, float16)")
+    p.add_argument("--channels-last", action="store_true",
+                   help="torch backend: channels-last (NHWC) tensors, as fp16/bf16 deployments use")
     p.add_argument("--out", help="table path (.csv; default: latency_tables/<device>/<model and settings>.csv)")
     p.add_argument("--calib-configs", type=int, default=16, help="whole configs the calibration is fitted on")
     p.add_argument("--holdout-configs", type=int, default=16, help="other whole configs it is checked on")
@@ -41,8 +46,12 @@ def run(args) -> int:
     are kept. With only `--device cpu` it measures MobileNetV2 1.5x at 224 with ONNX
     Runtime on one thread (about 2,000 entries).
 
-    Example:
+    On a GPU (`--device cuda`) it uses TensorRT when it imports, else PyTorch/cuDNN
+    (`--backend torch`, CUDA graphs and events) with a one-line notice.
+
+    Examples:
       hwslim profile --device cpu --model resnet20 --width-mult 0.5 --input-size 32
+      hwslim profile --device cuda --backend torch --batch 32
     """
     from hwslim.profile import DEFAULT_MODEL, ProfileSettings, profile
 
@@ -50,7 +59,8 @@ def run(args) -> int:
         device=args.device, backend=args.backend, model=args.model or DEFAULT_MODEL, width_mult=args.width_mult,
         input_size=args.input_size, batch=args.batch, threads=args.threads, dtype=args.dtype, out=args.out,
         calib_configs=args.calib_configs, holdout_configs=args.holdout_configs, seed=args.seed, force=args.force,
-        quick=args.quick, in_network=False if args.isolated else None, contexts=args.contexts)
+        quick=args.quick, in_network=False if args.isolated else None, contexts=args.contexts,
+        channels_last=args.channels_last)
     result = profile(settings, progress=not args.json, log=lambda m: print(m, file=sys.stderr))
     summary = result.summary()
     if args.json:
