@@ -1,7 +1,8 @@
 """Hardware-aware greedy slimming (AutoSlim, with real costs).
 
-Start at the full config. Each step, every unit that can shrink proposes one grid step
-narrower; each proposal is scored on the checkpoint's held-out search split (BN
+Start at the full config. Each step, every unit that can shrink proposes its next
+narrower grid width that lowers the binding cost (one grid step for MACs, parameters
+and memory; more where a latency table is flat, see :func:`_shrink`); each proposal is scored on the checkpoint's held-out search split (BN
 recalibrated, :mod:`hwslim.evaluator`) and costed (latency from a table, peak
 activation memory, parameters, MACs: :func:`config_costs`). The step keeps the best
 proposal by the criterion, and the walk continues until every budget holds. One walk
@@ -121,17 +122,16 @@ def slim(model: SlimmableNet, score_candidates: Callable[[ChannelConfig, list[tu
         binding = _binding(budgets, current.costs)
         if binding is None:
             return path
-        candidates = []
-        for u, unit in model.units.items():
-            narrower = unit.narrower(config.widths[u])
-            if narrower is not None:
-                candidates.append((u, config.replace(**{u: narrower})))
+        candidates, costs = [], []
+        for u in model.units:
+            found = _shrink(model, config, u, binding.kind, current.costs[binding.kind], cost_fn)
+            if found is not None:
+                candidates.append((u, found[0]))
+                costs.append(found[1])
         if not candidates:  # cannot happen after check_feasible: the narrowest config meets every budget
             raise BudgetError(f"the {binding.label} budget cannot be met: every unit is at its narrowest width")
-        costs = [cost_fn(c) for _, c in candidates]
-        # Prefer proposals that lower the binding cost. A measured latency table is not
-        # monotone (a runtime pads channels to its vector block, so one grid step may save
-        # nothing); when no proposal saves, take the best one anyway and walk on.
+        # Prefer proposals that lower the binding cost; when none does (every unit is on a
+        # plateau to its narrowest width), take the best one anyway and walk on.
         keep = [i for i, c in enumerate(costs) if c[binding.kind] < current.costs[binding.kind]]
         per_cost = criterion == "acc-per-cost" and bool(keep)
         keep = keep or list(range(len(candidates)))
@@ -152,6 +152,29 @@ def slim(model: SlimmableNet, score_candidates: Callable[[ChannelConfig, list[tu
         path.append(step)
         if on_step:
             on_step(step)
+
+
+def _shrink(model: SlimmableNet, config: ChannelConfig, unit: str, kind: str, current: float,
+            cost_fn) -> tuple[ChannelConfig, dict[str, float]] | None:
+    """Unit ``unit``'s proposal: its nearest narrower grid width that lowers ``kind``.
+
+    A measured latency table has plateaus: a runtime pads channels to its vector block
+    (ONNX Runtime's NCHWc block is 16 channels with AVX-512), so one 8-channel grid step
+    may save nothing while two do. Walking down to the first width that saves lets the
+    greedy step take such two-step moves. Costs that fall with every step (MACs,
+    parameters, memory) stop at one step, exactly AutoSlim's proposal. With no saving
+    width at all, the proposal is the plain one-step shrink (None at the narrowest).
+    """
+    first = None
+    width = config.widths[unit]
+    while (width := model.units[unit].narrower(width)) is not None:
+        cand = config.replace(**{unit: width})
+        c = cost_fn(cand)
+        if first is None:
+            first = (cand, c)
+        if c[kind] < current:
+            return cand, c
+    return first
 
 
 def check_feasible(model: SlimmableNet, budgets: Sequence[Budget], cost_fn) -> dict[str, float]:

@@ -183,3 +183,22 @@ def test_torchrun_style_sharding_gives_the_same_decisions(ckpt_path, tmp_path):
     single = [s.widths for s in greedy_search(ckpt, budget, progress=False, plot=False).steps]
     assert json.loads(open(f"{out}.0").read()) == single
     assert json.loads(open(f"{out}.1").read()) == single
+
+
+def test_proposals_step_over_latency_plateaus():
+    """A runtime that pads channels to blocks of 16 makes 32 -> 24 free; the proposal skips to 16."""
+    from hwslim.search import _shrink
+
+    with torch.device("meta"):
+        net = create_model("resnet20")
+    padded = lambda cfg: {"latency_ms": float(sum(-(-w // 16) * 16 for w in cfg.widths.values()))}  # noqa: E731
+    cfg = net.full_config()
+    unit = "s2"  # 32 channels, grid 8..32
+    cand, cost = _shrink(net, cfg, unit, "latency_ms", padded(cfg)["latency_ms"], padded)
+    assert cand.widths[unit] == 16 and cost["latency_ms"] == padded(cfg)["latency_ms"] - 16
+    # MACs fall with every step: the proposal is exactly one grid step (AutoSlim's)
+    macs = lambda c: config_costs(net, c)  # noqa: E731
+    cand, _ = _shrink(net, cfg, unit, "macs_m", macs(cfg)["macs_m"], macs)
+    assert cand.widths[unit] == 24
+    # at the narrowest width there is no proposal
+    assert _shrink(net, cfg.replace(s2=8), unit, "latency_ms", 0.0, padded) is None
