@@ -90,10 +90,11 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise CheckpointError(f"checkpoint {path} not found")
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # truncated zip, pickle with code, random bytes...
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path} is not a readable hwslim checkpoint (truncated or foreign file: "
-                              f"{first[:120]}); re-run `hwslim train` or point to another file") from None
+    except Exception:  # truncated zip, pickle with code, random bytes...
+        # PyTorch's own message suggests weights_only=False, which would run code from the
+        # file: do not echo it.
+        raise CheckpointError(f"{path} is not a readable hwslim checkpoint (truncated, corrupt or not a "
+                              "PyTorch file); re-run `hwslim train` or point to another file") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not an hwslim checkpoint (no '{FORMAT}' marker); "
                               "give a file written by `hwslim train`")

@@ -78,11 +78,18 @@ class ChannelConfig:
         missing = [k for k in ("model", "width_mult", "input_size", "widths") if k not in data]
         if missing:
             raise ConfigError(f"{source}: channel config lacks {', '.join(missing)}")
+        if not isinstance(data["model"], str):
+            raise ConfigError(f"{source}: 'model' must be a model name")
+        wm, size = data["width_mult"], data["input_size"]
+        if isinstance(wm, bool) or not isinstance(wm, (int, float)) or not wm > 0:
+            raise ConfigError(f"{source}: 'width_mult' must be a positive number, got {wm!r}")
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ConfigError(f"{source}: 'input_size' must be a positive whole number, got {size!r}")
         widths = data["widths"]
         if not isinstance(widths, Mapping) or not all(
-            isinstance(v, int) and not isinstance(v, bool) for v in widths.values()
+            isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in widths.values()
         ):
-            raise ConfigError(f"{source}: 'widths' must map unit names to integer channel counts")
+            raise ConfigError(f"{source}: 'widths' must map unit names to positive integer channel counts")
         return cls(data["model"], data["width_mult"], data["input_size"], widths, data.get("meta") or {})
 
     @classmethod

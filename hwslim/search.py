@@ -214,7 +214,7 @@ def _file_digest(path: Path) -> str:
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
-    return h.hexdigest()[:16]
+    return h.hexdigest()
 
 
 def greedy_search(checkpoint, budgets: Sequence[Budget], *, table=None, criterion: str = DEFAULT_CRITERION,
@@ -254,11 +254,16 @@ def greedy_search(checkpoint, budgets: Sequence[Budget], *, table=None, criterio
     state_file = out / "search_state.json" if out is not None else None
     if state_file is not None and state_file.exists():
         if resume:
-            state = json.loads(state_file.read_text())
+            try:
+                state = json.loads(state_file.read_text())
+                steps_saved = [Step(**st) for st in state["steps"]]
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+                raise HwslimError(f"{state_file} is not a readable search state ({type(e).__name__}); "
+                                  "delete it or pass --force to start over") from None
             if state.get("settings") != settings:
                 raise HwslimError(f"{state_file} was written by a search with other settings; "
                                   "start a new --out directory or repeat the original command")
-            replay = [Step(**s) for s in state["steps"]]
+            replay = steps_saved
         elif not force:
             raise OutputExistsError(f"{out} already holds a search; pass --resume to continue it "
                                     "or --force to start over")

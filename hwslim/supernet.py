@@ -168,7 +168,10 @@ class SlimmableNet(nn.Module):
     def layer_specs(self, config: ChannelConfig | None = None, batch: int = 1,
                     input_size: int | None = None) -> list[LayerSpec]:
         widths = self._widths if config is None else self.validate(config).widths
-        size = input_size or (config.input_size if config is not None else self.input_size)
+        if input_size is not None and input_size < 1:
+            raise ValueError(f"input size must be at least 1, got {input_size}")
+        size = input_size if input_size is not None else (config.input_size if config is not None
+                                                          else self.input_size)
         return layer_specs(self.nodes, widths, size, batch, self.in_channels)
 
     def unit_nodes(self) -> dict[str, list[int]]:
@@ -198,6 +201,3 @@ class SlimmableNet(nn.Module):
     def extra_repr(self) -> str:
         return f"name={self.name!r}, width_mult={self.width_mult:g}, units={len(self.units)}"
 
-
-def node_order(nodes: Sequence[Node]) -> dict[str, int]:
-    return {n.name: i for i, n in enumerate(nodes)}

@@ -32,3 +32,31 @@ def test_models_lists_the_zoo(capsys):
     assert {"mobilenet_v1", "mobilenet_v2", "mnasnet", "resnet50", "resnet20", "resnet56",
             "mobilenet_v2_cifar"} <= set(rows)
     assert rows["mobilenet_v2"]["width_mult"] == 1.5
+
+
+@pytest.mark.parametrize("argv", [
+    ["cost", "--model", "resnet20", "--batch", "-1"],
+    ["cost", "--model", "resnet20", "--batch", "0"],
+    ["cost", "--model", "resnet20", "--input-size", "0"],
+    ["search", "--checkpoint", "x.pt", "--latency-ms", "-1"],
+    ["search", "--checkpoint", "x.pt", "--params-m", "1", "--max-images", "-5"],
+    ["cost", "--model", "resnet20", "--divisor-typo", "7"],
+])
+def test_bad_numbers_exit_2_with_one_line(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "error" in err[0]
+
+
+def test_cost_uses_the_configs_input_size(tmp_path, capsys):
+    from hwslim.config import ChannelConfig
+    from hwslim.models import create_model
+
+    net = create_model("resnet20")
+    cfg = ChannelConfig("resnet20", 1.0, 16, net.full_config().widths)
+    cfg.save(tmp_path / "c.json")
+    assert main(["cost", "--config", str(tmp_path / "c.json"), "--json"]) == 0
+    at16 = json.loads(capsys.readouterr().out)
+    assert main(["cost", "--model", "resnet20", "--input-size", "16", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == at16

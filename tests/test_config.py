@@ -90,3 +90,23 @@ def test_cli_rejects_invalid_config_with_one_line(net, tmp_path, capsys):
     assert main(["cost", "--config", str(tmp_path / "m.json")]) == 2
     assert main(["cost", "--config", str(tmp_path / "missing.json")]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("width_mult", "abc", "'width_mult' must be a positive number"),
+    ("width_mult", -1, "'width_mult' must be a positive number"),
+    ("input_size", -8, "'input_size' must be a positive whole number"),
+    ("model", 3, "'model' must be a model name"),
+])
+def test_wrong_types_are_user_errors(net, field, value, match):
+    data = net.full_config().to_dict()
+    data[field] = value
+    with pytest.raises(ConfigError, match=match):
+        ChannelConfig.from_dict(data)
+
+
+def test_zero_width_is_a_user_error(net):
+    data = net.full_config().to_dict()
+    data["widths"]["stem"] = 0
+    with pytest.raises(ConfigError, match="positive integer"):
+        ChannelConfig.from_dict(data)

@@ -12,7 +12,7 @@ from hwslim.cli import main
 from hwslim.config import ChannelConfig
 from hwslim.costs import model_costs
 from hwslim.data import search_split, synthetic_data_info
-from hwslim.errors import BudgetError, OutputExistsError
+from hwslim.errors import BudgetError, HwslimError, OutputExistsError
 from hwslim.evaluator import Score, StepEvaluator
 from hwslim.models import create_model
 from hwslim.search import Budget, config_costs, greedy_search, slim
@@ -202,3 +202,13 @@ def test_proposals_step_over_latency_plateaus():
     assert cand.widths[unit] == 24
     # at the narrowest width there is no proposal
     assert _shrink(net, cfg.replace(s2=8), unit, "latency_ms", 0.0, padded) is None
+
+
+def test_corrupt_search_state_is_a_user_error(ckpt_path, tmp_path):
+    out = tmp_path / "s"
+    out.mkdir()
+    (out / "search_state.json").write_bytes(os.urandom(64))
+    ckpt = load_checkpoint(ckpt_path)
+    budget = [Budget("params_m", config_costs(ckpt.model, ckpt.model.full_config())["params_m"] * 0.9)]
+    with pytest.raises(HwslimError, match="not a readable search state"):
+        greedy_search(ckpt, budget, out_dir=out, resume=True, progress=False, plot=False)

@@ -4,7 +4,7 @@ import json
 
 import torch
 
-from hwslim.cli import add_command, print_table
+from hwslim.cli import add_command, positive_float, positive_int, print_table
 from hwslim.config import ChannelConfig
 from hwslim.costs import model_costs
 from hwslim.errors import ConfigError
@@ -14,10 +14,10 @@ from hwslim.models import create_model
 def register(sub) -> None:
     p = add_command(sub, "cost", run, run.__doc__)
     p.add_argument("--model", help="zoo model (see `hwslim models`); taken from --config if omitted")
-    p.add_argument("--width-mult", type=float, help="supernet width multiplier (default: the model's)")
+    p.add_argument("--width-mult", type=positive_float, help="supernet width multiplier (default: the model's)")
     p.add_argument("--config", help="a ChannelConfig JSON file (default: the full-width config)")
-    p.add_argument("--input-size", type=int, help="input height and width (default: the config's or model's)")
-    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--input-size", type=positive_int, help="input height and width (default: the config's or model's)")
+    p.add_argument("--batch", type=positive_int, default=1)
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--table", help="a latency table: adds the predicted latency_ms")
     p.add_argument("--force", action="store_true", help="use a latency table measured on another setup")
@@ -37,19 +37,20 @@ def run(args) -> int:
     if name is None:
         raise ConfigError("give --model NAME or --config FILE")
     width_mult = args.width_mult if args.width_mult is not None else (config.width_mult if config else None)
+    input_size = args.input_size if args.input_size is not None else (config.input_size if config else None)
     with torch.device("meta"):
-        net = create_model(name, width_mult=width_mult)
+        net = create_model(name, width_mult=width_mult, input_size=input_size)
     if config is not None:
         net.validate(config)
-    costs = model_costs(net, config, input_size=args.input_size, batch=args.batch, dtype=args.dtype)
+    costs = model_costs(net, config, input_size=input_size, batch=args.batch, dtype=args.dtype)
     out = costs.as_dict()
     if args.table:
         from hwslim.latency import LatencyTable
 
         table = LatencyTable.load(args.table)
-        table.check_compatible(net, batch=args.batch, input_size=args.input_size, dtype=args.dtype,
+        table.check_compatible(net, batch=args.batch, input_size=input_size, dtype=args.dtype,
                                force=args.force)
-        specs = net.layer_specs(config, batch=args.batch, input_size=args.input_size)
+        specs = net.layer_specs(config, batch=args.batch, input_size=input_size)
         out["latency_ms"] = table.predict_ms(specs)
     if args.json:
         print(json.dumps(out, sort_keys=True))

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import json
 
-from hwslim.cli import add_command, print_table
+from hwslim.cli import add_command, positive_float, positive_int, print_table
 from hwslim.errors import HwslimError
 from hwslim.search import CRITERIA, DEFAULT_CRITERION, Budget, greedy_search
 
@@ -10,12 +10,12 @@ from hwslim.search import CRITERIA, DEFAULT_CRITERION, Budget, greedy_search
 def register(sub) -> None:
     p = add_command(sub, "search", run, run.__doc__)
     p.add_argument("--checkpoint", required=True, help="a supernet checkpoint written by `hwslim train`")
-    p.add_argument("--latency-ms", type=float, nargs="+", default=[], metavar="MS",
+    p.add_argument("--latency-ms", type=positive_float, nargs="+", default=[], metavar="MS",
                    help="latency budgets in ms, predicted by a latency table")
-    p.add_argument("--memory-mb", type=float, nargs="+", default=[], metavar="MB",
+    p.add_argument("--memory-mb", type=positive_float, nargs="+", default=[], metavar="MB",
                    help="peak activation memory budgets in MB (10^6 bytes)")
-    p.add_argument("--params-m", type=float, nargs="+", default=[], metavar="M", help="parameter budgets in millions")
-    p.add_argument("--macs-m", type=float, nargs="+", default=[], metavar="M", help="MAC budgets in millions")
+    p.add_argument("--params-m", type=positive_float, nargs="+", default=[], metavar="M", help="parameter budgets in millions")
+    p.add_argument("--macs-m", type=positive_float, nargs="+", default=[], metavar="M", help="MAC budgets in millions")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--table", help="latency table (from `hwslim profile`)")
     g.add_argument("--device", choices=["cpu", "cuda"],
@@ -27,7 +27,7 @@ def register(sub) -> None:
     p.add_argument("--resume", action="store_true", help="continue an interrupted search in --out")
     p.add_argument("--force", action="store_true", help="start over even if --out holds a search; "
                                                         "use a table measured on another setup")
-    p.add_argument("--batch", type=int, default=1, help="inference batch the budgets refer to (default 1)")
+    p.add_argument("--batch", type=positive_int, default=1, help="inference batch the budgets refer to (default 1)")
     p.add_argument("--bn", choices=["recal", "batch"], default="recal",
                    help="BatchNorm statistics for scoring: recalibrated per config (default) or per-batch")
     p.add_argument("--evaluator", choices=["fast", "reference"], default="fast",
@@ -35,10 +35,10 @@ def register(sub) -> None:
     p.add_argument("--kernels", choices=["torch", "triton"], default="torch",
                    help="triton: fused multi-config Triton kernels for the evaluations (CUDA only; "
                         "not yet measured on a GPU, so torch stays the default)")
-    p.add_argument("--max-images", type=int, help="use at most this many search-split images")
+    p.add_argument("--max-images", type=positive_int, help="use at most this many search-split images")
     p.add_argument("--eval-device", default=None, help="where to run the search's evaluations "
                                                         "(default: cuda if available, else cpu)")
-    p.add_argument("--threads", type=int, help="PyTorch CPU threads for the evaluations (default: PyTorch's)")
+    p.add_argument("--threads", type=positive_int, help="PyTorch CPU threads for the evaluations (default: PyTorch's)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--json", action="store_true", help="print the chosen configs as JSON")
 
@@ -49,10 +49,10 @@ def run(args) -> int:
     One pass walks from the full config, each step narrowing the unit whose shrink
     hurts search-split accuracy least, until every budget holds; each budget gets the
     first config on the path that meets it. Writes to --out one ChannelConfig JSON per
-    budget, path.csv (the whole walk), search.png (accuracy against cost, with the
-    uniform-width configs) and search_state.json (for --resume).
+    budget, path.csv (the whole walk), uniform.csv and search.png (accuracy against
+    cost, with the uniform-width configs) and search_state.json (for --resume).
 
-    Example: hwslim search --checkpoint runs/sn/last.pt --latency-ms 20 15 10 --device cpu
+    Example: hwslim search --checkpoint runs/sn/checkpoint.pt --latency-ms 20 15 10 --device cpu
     """
     import torch
 
@@ -66,6 +66,14 @@ def run(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     eval_device = args.eval_device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(eval_device)
+    except RuntimeError:
+        raise HwslimError(f"--eval-device {eval_device!r} is not a device (use cpu, cuda or cuda:N)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise HwslimError("--eval-device cuda, but no CUDA GPU is visible; use --eval-device cpu")
+    if dev.type not in ("cpu", "cuda"):
+        raise HwslimError(f"--eval-device {eval_device!r}: only cpu and cuda are supported")
     ckpt = load_checkpoint(args.checkpoint)
     table = None
     if any(b.kind == "latency_ms" for b in budgets):
