@@ -9,23 +9,14 @@ from __future__ import annotations
 import csv
 import datetime as _dt
 import os
-import platform
 import subprocess
 from pathlib import Path
 
 import torch
 
+from profilers.ort import cpu_model
+
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def machine_stamp() -> dict[str, str]:

@@ -106,7 +106,10 @@ _INPLACE = {None: None, "relu": torch.relu_, "relu6": lambda t: t.clamp_(0.0, 6.
 
 
 def _width(full: int, frac: float) -> int:
-    return full if frac == 1.0 else max(8, int(round(full * frac / 8)) * 8)
+    """The grid width nearest ``frac`` of ``full``, by the project's one rounding rule."""
+    from hwslim.rounding import make_divisible
+
+    return full if frac == 1.0 else min(full, make_divisible(full * frac))
 
 
 def layer_rows(batch: int, dtypes: list[str], rep_ms: int, ceil: dict[str, float]) -> list[dict]:
