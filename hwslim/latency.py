@@ -216,14 +216,18 @@ def fit_line(x: Sequence[float], y: Sequence[float]) -> tuple[float, float]:
 
     Relative, because accuracy is judged in percent: an ordinary fit lets the big
     configs dominate and leaves the small ones several percent off. With fewer than 3
-    distinct points: ``a = sum(y) / sum(x)``, ``b = 0``.
+    distinct points, or where noise tilts the line to a slope <= 0 (meaningless: a bigger
+    layer sum never makes a network faster): ``a = sum(y) / sum(x)``, ``b = 0``.
     """
     import numpy as np
 
     x, y = np.asarray(x, float), np.asarray(y, float)
+    proportional = float(np.sum(y) / max(np.sum(x), 1e-12)), 0.0
     if len(x) < 3 or np.ptp(x) <= 1e-12:
-        return float(np.sum(y) / max(np.sum(x), 1e-12)), 0.0
+        return proportional
     (a, b), *_ = np.linalg.lstsq(np.c_[x / y, 1.0 / y], np.ones_like(y), rcond=None)
+    if not (np.isfinite(a) and np.isfinite(b) and a > 0):
+        return proportional
     return float(a), float(b)
 
 
@@ -272,6 +276,59 @@ def accuracy(predicted: Sequence[float], measured: Sequence[float]) -> dict[str,
 
 
 # -- the table ----------------------------------------------------------------------------------
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _is_count(v: Any) -> bool:
+    return _is_number(v) and float(v) == int(v) and v >= 1
+
+
+def _check_meta(meta: Mapping[str, Any], meta_path: Path) -> None:
+    """Refuse (TableError, one line) metadata that lacks or garbles what the table's users read."""
+    def bad(problem: str) -> TableError:
+        return TableError(f"{meta_path}: metadata {problem}; re-run hwslim profile")
+
+    for key in ("device", "backend", "model", "dtype"):
+        if key not in meta:
+            raise bad(f"lacks {key!r}")
+        if not isinstance(meta[key], str) or not meta[key]:
+            raise bad(f"has {key}={meta[key]!r}, not a name")
+    if "settings" not in meta:
+        raise bad("lacks 'settings'")
+    settings = meta["settings"]
+    if not isinstance(settings, dict):
+        raise bad(f"has settings={settings!r}, not an object")
+    for key in ("threads", "batch", "input_size"):
+        if key not in meta:
+            raise bad(f"lacks {key!r}")
+        if not _is_count(meta[key]):
+            raise bad(f"has {key}={meta[key]!r}, not a whole number >= 1")
+    if "threads" in settings and settings["threads"] is not None:
+        if not _is_count(settings["threads"]):
+            raise bad(f"has settings.threads={settings['threads']!r}, not a whole number >= 1")
+        if settings["threads"] != meta["threads"]:
+            raise bad(f"is inconsistent (threads={meta['threads']!r} but settings.threads={settings['threads']!r})")
+    if "dtype" in settings and settings["dtype"] is not None and settings["dtype"] != meta["dtype"]:
+        raise bad(f"is inconsistent (dtype={meta['dtype']!r} but settings.dtype={settings['dtype']!r})")
+    if not _is_number(meta.get("width_mult")) or meta["width_mult"] <= 0:
+        raise bad(f"has width_mult={meta.get('width_mult')!r}, not a positive number")
+    cal = meta.get("calibration")
+    if meta.get("status") == "complete" or cal is not None:
+        if not isinstance(cal, dict):
+            raise bad("lacks a 'calibration' object" if cal is None else f"has calibration={cal!r}, not an object")
+        for key in ("a", "b"):
+            if not _is_number(cal.get(key)):
+                raise bad(f"has calibration.{key}={cal.get(key)!r}, not a number" if key in cal
+                          else f"calibration lacks {key!r}")
+        if cal.get("a_depthwise") is not None and not _is_number(cal["a_depthwise"]):
+            raise bad(f"has calibration.a_depthwise={cal['a_depthwise']!r}, not a number")
+        if "n_fit" in cal and not (_is_number(cal["n_fit"]) and float(cal["n_fit"]) == int(cal["n_fit"])):
+            raise bad(f"has calibration.n_fit={cal['n_fit']!r}, not a whole number")
+        if cal.get("holdout") is not None and not isinstance(cal["holdout"], dict):
+            raise bad(f"has calibration.holdout={cal['holdout']!r}, not an object")
+
+
 class LatencyTable:
     """Measured entries (signature -> Timing) plus metadata; predicts whole-config latency."""
 
@@ -297,6 +354,7 @@ class LatencyTable:
         if meta.get("format_version") != FORMAT_VERSION:
             raise TableError(f"{meta_path}: table format version {meta.get('format_version')!r} "
                              f"(this hwslim reads {FORMAT_VERSION})")
+        _check_meta(meta, meta_path)
         try:
             rows, _ = read_rows(csv_path, COLUMNS)
             entries = {signature_from_row(r): timing_from_row(r) for r in rows}
@@ -372,7 +430,8 @@ class LatencyTable:
         m = self.meta
         want: dict[str, Any] = {}
         if net is not None:
-            want.update(model=net.name, width_mult=float(net.width_mult), input_size=input_size or net.input_size)
+            want.update(model=net.name, width_mult=float(net.width_mult),
+                        input_size=input_size if input_size is not None else net.input_size)
         elif input_size is not None:
             want["input_size"] = input_size
         if batch is not None:
@@ -396,15 +455,28 @@ class LatencyTable:
         from profilers.base import ProfilerError
 
         backend = self.meta.get("backend")
+        where = self.path or "latency table"
         try:
             cls = backend_class(backend)
             if not cls.is_available():
                 return [f"backend {backend} (not available here: {cls.unavailable_reason()})"]
             profiler = cls.from_table(self)
+        except TableError:
+            raise
         except ProfilerError as e:
             return [f"backend {backend} ({e})"]
+        except KeyError as e:
+            raise TableError(f"{where}: metadata lacks {e}; re-run hwslim profile") from None
+        except (TypeError, ValueError) as e:
+            raise TableError(f"{where}: metadata this hwslim cannot use ({e}); re-run hwslim profile") from None
         try:
             return profiler.mismatches(self.meta)
+        except TableError:
+            raise
+        except KeyError as e:
+            raise TableError(f"{where}: metadata lacks {e}; re-run hwslim profile") from None
+        except (TypeError, ValueError) as e:
+            raise TableError(f"{where}: metadata this hwslim cannot use ({e}); re-run hwslim profile") from None
         finally:
             profiler.close()
 
@@ -458,7 +530,7 @@ def find_table(device: str, model: str, width_mult: float | None = None, *, batc
 
     with torch.device("meta"):
         net = create_model(model, width_mult=width_mult)
-    size = input_size or net.input_size
+    size = input_size if input_size is not None else net.input_size
     backend = backend_class(backend).backend if backend else default_backend(device)  # alias -> name
     name = backend_class(backend).machine_name()
     root = Path(root) if root is not None else table_dir()

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 import random
 import tempfile
@@ -33,7 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 from hwslim.config import ChannelConfig, atomic_write_text
-from hwslim.errors import TableError
+from hwslim.errors import HwslimError, TableError
 from hwslim.graph import LayerSpec, Node, resolve
 from hwslim.latency import (COLUMNS, E2E_COLUMNS, Calibration, LatencyTable, RowWriter, accuracy,
                             default_table_path, entry_row, fit_calibration, new_meta, read_rows, signature_from_row,
@@ -67,6 +68,32 @@ class ProfileSettings:
     in_network: bool | None = None  # None: the backend's default
     contexts: int = 2  # networks each entry is timed in (backends that time inside networks)
     channels_last: bool = False  # torch_cuda: NHWC tensors
+
+    def __post_init__(self) -> None:
+        """Refuse impossible settings before anything is measured or any file is touched."""
+        def whole(v) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        checks = [("batch", self.batch, 1, False), ("input_size", self.input_size, 1, True),
+                  ("threads", self.threads, 1, True), ("calib_configs", self.calib_configs, 3, False),
+                  ("holdout_configs", self.holdout_configs, 0, False), ("contexts", self.contexts, 1, False)]
+        for name, value, low, optional in checks:
+            if value is None and optional:
+                continue
+            if not whole(value) or value < low:
+                flag = "--" + name.replace("_", "-")
+                raise SettingsError(f"{flag} must be a whole number >= {low}, got {value!r}")
+        if self.width_mult is not None and not (isinstance(self.width_mult, (int, float))
+                                                and 0 < self.width_mult < float("inf")):
+            raise SettingsError(f"--width-mult must be a positive number, got {self.width_mult!r}")
+
+
+class SettingsError(HwslimError):
+    """Profile settings that cannot be measured (a negative input size, too few calibration configs)."""
+
+
+class CalibrationError(TableError):
+    """A calibration fit that cannot map layer sums to whole-model latency (the table stays incomplete)."""
 
 
 @dataclass
@@ -232,7 +259,7 @@ def measure_config(profiler, net, config: ChannelConfig, batch: int = 1, input_s
     from hwslim.export import export_onnx
     from hwslim.materialize import materialize
 
-    size = input_size or net.input_size
+    size = input_size if input_size is not None else net.input_size
     plain = materialize(net, config, fold_bn=True).eval()
     with tempfile.TemporaryDirectory(dir=workdir) as d:
         path = export_onnx(plain, Path(d) / "model.onnx", batch=batch, input_size=size)
@@ -246,7 +273,7 @@ def measure_configs(profiler, net, configs: Sequence[ChannelConfig], batch: int 
     from hwslim.export import export_onnx
     from hwslim.materialize import materialize
 
-    size = input_size or net.input_size
+    size = input_size if input_size is not None else net.input_size
     with tempfile.TemporaryDirectory(dir=workdir) as d:
         bar = _bar(progress, len(configs), "export")
         paths = []
@@ -280,6 +307,28 @@ def _same_setup(old: dict, new: dict) -> list[str]:
     return [f"{k} {old.get(k)!r} (now {new.get(k)!r})" for k in keys if k in new and old.get(k) != new.get(k)]
 
 
+def _read_old_meta(meta_path: Path, csv_path: Path, force: bool) -> dict | None:
+    """The metadata already at ``meta_path``; None where it is unreadable and ``force`` is set."""
+    try:
+        old = json.loads(meta_path.read_text(encoding="utf-8"))
+        if not isinstance(old, dict):
+            raise ValueError("not a JSON object")
+        return old
+    except (OSError, UnicodeDecodeError, ValueError):  # json.JSONDecodeError is a ValueError
+        if force:
+            return None
+        raise TableError(f"{meta_path} is not a latency table's metadata (so {csv_path} cannot be resumed); "
+                         f"delete it or pass --force") from None
+
+
+def _seconds(value: Any) -> float:
+    try:
+        v = float(value or 0.0)
+    except (TypeError, ValueError):
+        return 0.0
+    return v if v == v and v >= 0 else 0.0
+
+
 def profile(settings: ProfileSettings, progress: bool = False,
             log: Callable[[str], None] | None = None) -> ProfileResult:
     """Measure (or finish measuring) the table ``settings`` describe; see the module docstring."""
@@ -290,7 +339,7 @@ def profile(settings: ProfileSettings, progress: bool = False,
     start = time.perf_counter()
     load_start = _load()
     net = create_model(settings.model, width_mult=settings.width_mult).eval()
-    size = settings.input_size or net.input_size
+    size = settings.input_size if settings.input_size is not None else net.input_size
     profiler = get_profiler(settings.device, settings.backend, **_settings_kwargs(settings))
     try:
         pmeta = profiler.metadata()
@@ -307,21 +356,26 @@ def profile(settings: ProfileSettings, progress: bool = False,
         meta["calibration_plan"] = {"fit": settings.calib_configs, "holdout": settings.holdout_configs,
                                     "seed": settings.seed}
         spent_before = 0.0
+        final = None  # with --force over another table: (the table's paths), measured beside them first
         if meta_path.exists():
-            try:
-                old = json.loads(meta_path.read_text())
-            except (OSError, json.JSONDecodeError):
-                old = {}
-            diff = _same_setup(old, meta)
+            old = _read_old_meta(meta_path, csv_path, settings.force)
+            diff = _same_setup(old, meta) if old is not None else ["unreadable metadata"]
             if diff and not settings.force:
                 raise TableError(f"{csv_path} holds a table measured with other settings ({'; '.join(diff[:3])}); "
                                  f"give another --out, or pass --force to measure it again from scratch")
             if diff:
-                for p in (csv_path, meta_path, e2e_path):
-                    p.unlink(missing_ok=True)
-            else:
+                # the old table stays in place until the new one is complete
+                final = (csv_path, meta_path, e2e_path)
+                csv_path, meta_path, e2e_path = table_paths(csv_path.with_name(f".{csv_path.stem}.new.csv"))
+                partial = _read_old_meta(meta_path, csv_path, True) if meta_path.exists() else None
+                if partial is None or _same_setup(partial, meta):  # not a forced run of these settings: start over
+                    for p in (csv_path, meta_path, e2e_path):
+                        p.unlink(missing_ok=True)
+                    partial = None
+                old = partial or {}
+            if not diff or final is not None and old:
                 meta["created"] = old.get("created", meta["created"])
-                spent_before = float(old.get("profile_seconds") or 0.0)
+                spent_before = _seconds(old.get("profile_seconds"))
         done: dict[tuple, Any] = {}
         if csv_path.exists():
             rows, _ = read_rows(csv_path, COLUMNS)
@@ -356,6 +410,13 @@ def profile(settings: ProfileSettings, progress: bool = False,
         # time spent on this table over all (resumed) runs
         meta["profile_seconds"] = round(spent_before + time.perf_counter() - start, 1)
         atomic_write_text(meta_path, json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        if final is not None:  # the new table is complete: it replaces the old one (metadata last)
+            for new_file, old_file in zip((csv_path, e2e_path, meta_path), (final[0], final[2], final[1])):
+                if new_file.exists():
+                    os.replace(new_file, old_file)
+                else:
+                    old_file.unlink(missing_ok=True)
+            csv_path = final[0]
         return ProfileResult(csv_path, len(done), len(todo), reused, meta["noisy_entries"],
                              time.perf_counter() - start, calibration, meta)
     finally:
@@ -395,7 +456,15 @@ def calibrate(table: LatencyTable, profiler, net, settings: ProfileSettings, e2e
         results[role][1].append(table.depthwise_ms(specs))
         results[role][2].append(float(have[key(cfg)]["median_ms"]))
     a, a_dw, b = fit_calibration(*results["fit"])
-    fitted = Calibration(a, b, len(results["fit"][0]), a_depthwise=a_dw)
+    n_fit = len(results["fit"][0])
+    if n_fit < 2 or not all(math.isfinite(v) for v in (a, b, 0.0 if a_dw is None else a_dw)) or a <= 0 \
+            or (a_dw is not None and a_dw <= 0):
+        raise CalibrationError(
+            f"the calibration fit is degenerate (n_fit={n_fit}, a={a:.4g}, b={b:.4g}"
+            + (f", a_depthwise={a_dw:.4g}" if a_dw is not None else "") + f"), so {e2e_path.name} cannot calibrate "
+            f"the table, which stays incomplete; delete {e2e_path} to measure the whole configs again, or run with "
+            f"more --calib-configs")
+    fitted = Calibration(a, b, n_fit, a_depthwise=a_dw)
     sums, dws, e2e = results["holdout"]
     holdout = accuracy([fitted.apply(x, d) for x, d in zip(sums, dws)], e2e) if sums else {}
     return replace(fitted, holdout=holdout)
@@ -421,5 +490,5 @@ def _bar(enabled: bool, total: int, desc: str):
     return tqdm(total=total, desc=desc, unit="entry" if desc == "entries" else "model", dynamic_ncols=True)
 
 
-__all__ = ["ProfileResult", "ProfileSettings", "calibrate", "calibration_configs", "design_configs",
+__all__ = ["CalibrationError", "ProfileResult", "ProfileSettings", "SettingsError", "calibrate", "calibration_configs", "design_configs",
            "enumerate_entries", "measure_config", "profile"]

@@ -230,10 +230,15 @@ class Profiler:
     def mismatches(self, meta: Mapping[str, Any]) -> list[str]:
         """Human-readable differences between a table's metadata and this setup."""
         mine = self.metadata()
+        chosen = set(self.settings())  # keys this profiler was set up with, not properties of the machine
         out = []
         for key in self.identity_keys:
             if key in meta and key in mine and meta[key] != mine[key]:
-                out.append(f"{key} {meta[key]!r} (here: {mine[key]!r})")
+                if key in chosen:
+                    out.append(f"table measured with {key}={meta[key]!r}, this profiler is set to "
+                               f"{key}={mine[key]!r}")
+                else:
+                    out.append(f"{key} {meta[key]!r} (here: {mine[key]!r})")
         return out
 
     def time_entry(self, spec: LayerSpec) -> Timing:
@@ -300,8 +305,20 @@ class Profiler:
         """The profiler with the settings a table (or its metadata dict) was measured with."""
         from profilers import get_profiler
 
+        from hwslim.errors import TableError
+
         meta = table if isinstance(table, Mapping) else table.meta
-        return get_profiler(meta["device"], meta["backend"], **dict(meta.get("settings") or {}))
+        where = getattr(table, "path", None) or "latency table"
+        try:
+            settings = meta.get("settings") or {}
+            if not isinstance(settings, Mapping):
+                raise TypeError(f"settings is {type(settings).__name__}, not an object")
+            return get_profiler(meta["device"], meta["backend"], **dict(settings))
+        except KeyError as e:
+            raise TableError(f"{where}: metadata lacks {e}; re-run hwslim profile") from None
+        except (TypeError, ValueError) as e:
+            raise TableError(f"{where}: metadata holds settings this hwslim cannot use ({e}); "
+                             f"re-run hwslim profile") from None
 
     def __enter__(self) -> "Profiler":
         return self

@@ -1,6 +1,7 @@
 """Latency tables: format round trip, torn rows, prediction, refusal, default paths, cost --table."""
 from __future__ import annotations
 
+import copy
 import json
 
 import pandas as pd
@@ -172,3 +173,57 @@ def test_cost_adds_latency_ms_from_a_table(net, machine_meta, tmp_path, capsys):
     assert out["latency_ms"] == pytest.approx(2.0 * _expected_sum(net.layer_specs(net.full_config())) + 0.1)
     assert main(argv + ["--batch", "2"]) == 2
     assert "--force" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("edit,problem", [
+    (lambda m: m.pop("device"), "lacks 'device'"),
+    (lambda m: m.pop("backend"), "lacks 'backend'"),
+    (lambda m: m.pop("settings"), "lacks 'settings'"),
+    (lambda m: m.update(settings=[1]), "settings=\\[1\\], not an object"),
+    (lambda m: m["settings"].update(threads="two"), "settings.threads='two'"),
+    (lambda m: m.update(threads=2), "inconsistent \\(threads=2 but settings.threads=1\\)"),
+    (lambda m: m.update(threads="1"), "threads='1'"),
+    (lambda m: m.update(batch=None), "batch=None"),
+    (lambda m: m.pop("input_size"), "lacks 'input_size'"),
+    (lambda m: m.update(calibration={"b": 1}), "calibration lacks 'a'"),
+    (lambda m: m.update(calibration={"a": "x", "b": 1}), "calibration.a='x'"),
+    (lambda m: m.update(calibration=None), "lacks a 'calibration' object"),
+])
+def test_garbled_metadata_is_refused_in_one_line(net, machine_meta, tmp_path, capsys, edit, problem):
+    path = _table(net, machine_meta, Calibration(1.1, 0.02, 8)).save(tmp_path / "t.csv")
+    meta_path = table_paths(path)[1]
+    meta = json.loads(meta_path.read_text())
+    edit(meta)
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(TableError, match=f"t.json: metadata.*{problem}.*re-run hwslim profile"):
+        LatencyTable.load(path)
+    argv = ["cost", "--model", "resnet20", "--width-mult", "0.25", "--input-size", "16", "--table", str(path), "--json"]
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1 and "re-run hwslim profile" in captured.err
+
+
+@pytest.mark.parametrize("edit", [lambda m: m.pop("device"), lambda m: m["settings"].update(threads="two"),
+                                  lambda m: m.update(settings=["x"])])
+def test_machine_check_turns_bad_metadata_into_a_table_error(net, machine_meta, edit):
+    table = _table(net, copy.deepcopy(machine_meta))  # not loaded, so not validated: the check must not crash
+    edit(table.meta)
+    with pytest.raises(TableError, match="re-run hwslim profile"):
+        table.check_compatible(net, batch=1, input_size=16)
+
+
+def test_a_setting_mismatch_names_the_table_and_the_profiler(machine_meta):
+    with get_profiler("cpu", "ort") as prof:
+        diff = prof.mismatches({**machine_meta, "threads": 2})
+    assert diff == ["table measured with threads=2, this profiler is set to threads=1"]
+
+
+def test_input_size_zero_is_not_the_default(net, machine_meta):
+    table = _table(net, machine_meta)
+    with pytest.raises(TableError, match="input size 16 \\(wanted: 0\\)"):
+        table.check_compatible(net, batch=1, input_size=0)
+
+
+def test_fit_line_falls_back_to_proportional_where_noise_tilts_the_slope():
+    a, b = fit_line([1.0, 2.0, 3.0], [3.0, 2.0, 1.5])  # bigger sums, faster networks: noise
+    assert a == pytest.approx(6.5 / 6.0) and b == 0.0

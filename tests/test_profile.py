@@ -14,9 +14,11 @@ import pytest
 import torch
 
 from hwslim.cli import main
+from hwslim.errors import HwslimError
 from hwslim.latency import COLUMNS, LatencyTable, read_rows, table_paths
 from hwslim.models import create_model
-from hwslim.profile import (ProfileSettings, calibration_configs, design_configs, enumerate_entries, profile)
+from hwslim.profile import (CalibrationError, ProfileSettings, SettingsError, calibration_configs, design_configs,
+                            enumerate_entries, profile)
 
 SMALL = dict(model="resnet20", width_mult=0.25, input_size=16)
 SMALL_ARGS = ["--model", "resnet20", "--width-mult", "0.25", "--input-size", "16"]
@@ -91,7 +93,7 @@ def test_profile_writes_a_complete_calibrated_table_and_a_rerun_measures_nothing
 def test_kill_9_mid_run_then_rerun_completes_without_duplicates(tmp_path):
     out = tmp_path / "k.csv"
     args = ["profile", "--model", "resnet20", "--width-mult", "0.5", "--input-size", "8", "--out", str(out),
-            "--quick", "--isolated", "--calib-configs", "2", "--holdout-configs", "1", "--json"]
+            "--quick", "--isolated", "--calib-configs", "3", "--holdout-configs", "1", "--json"]
     code = f"import sys; from hwslim.cli import main; sys.exit(main({args!r}))"
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -112,7 +114,7 @@ def test_kill_9_mid_run_then_rerun_completes_without_duplicates(tmp_path):
         LatencyTable.load(out)
 
     settings = ProfileSettings(model="resnet20", width_mult=0.5, input_size=8, out=str(out), quick=True,
-                               in_network=False, calib_configs=2, holdout_configs=1)
+                               in_network=False, calib_configs=3, holdout_configs=1)
     result = profile(settings)
     net = _meta_net("resnet20", width_mult=0.5, input_size=8)
     expected = {s.signature() for s in enumerate_entries(net, 1, 8)}
@@ -125,9 +127,9 @@ def test_kill_9_mid_run_then_rerun_completes_without_duplicates(tmp_path):
 
 def test_rerun_with_other_settings_is_refused_unless_forced(tmp_path):
     out = tmp_path / "t.csv"
-    profile(ProfileSettings(**SMALL, out=str(out), quick=True, calib_configs=2, holdout_configs=1))
+    profile(ProfileSettings(**SMALL, out=str(out), quick=True, calib_configs=3, holdout_configs=1))
     other = ProfileSettings(model="resnet20", width_mult=0.25, input_size=8, out=str(out), quick=True,
-                            calib_configs=2, holdout_configs=1)
+                            calib_configs=3, holdout_configs=1)
     with pytest.raises(Exception, match="other settings.*--force"):
         profile(other)
     profile(ProfileSettings(**{**other.__dict__, "force": True}))
@@ -136,10 +138,104 @@ def test_rerun_with_other_settings_is_refused_unless_forced(tmp_path):
 
 def test_cli_profile_prints_a_summary_and_user_errors_in_one_line(tmp_path, capsys):
     out = tmp_path / "c.csv"
-    argv = ["profile", *SMALL_ARGS, "--out", str(out), "--quick", "--calib-configs", "2", "--holdout-configs", "1"]
+    argv = ["profile", *SMALL_ARGS, "--out", str(out), "--quick", "--calib-configs", "3", "--holdout-configs", "1"]
     assert main(argv + ["--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["entries"] == summary["measured"] > 0 and summary["table"] == str(out)
     assert main(["profile", *SMALL_ARGS, "--backend", "trt"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("hwslim profile: error:") and "\n" not in err
+
+
+TINY = dict(model="resnet20", width_mult=0.25, input_size=8, quick=True, calib_configs=3, holdout_configs=1)
+TINY_ARGS = ["--model", "resnet20", "--width-mult", "0.25", "--input-size", "8", "--quick", "--calib-configs", "3",
+             "--holdout-configs", "1"]
+
+
+def _snapshot(out):
+    return {p.name: p.read_bytes() for p in table_paths(out) if p.exists()}
+
+
+@pytest.fixture(scope="module")
+def tiny_table(tmp_path_factory):
+    """A complete tiny table (copied per test: tests overwrite or break it)."""
+    out = tmp_path_factory.mktemp("tiny") / "t.csv"
+    profile(ProfileSettings(**TINY, out=str(out)))
+    return _snapshot(out)
+
+
+def _put(tmp_path, files):
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    return tmp_path / "t.csv"
+
+
+@pytest.mark.parametrize("bad", [dict(input_size=-3), dict(input_size=0), dict(batch=0), dict(threads=0),
+                                 dict(calib_configs=2), dict(holdout_configs=-1), dict(contexts=0),
+                                 dict(width_mult=-1.0)])
+def test_impossible_settings_are_refused_before_anything_runs(bad):
+    with pytest.raises(SettingsError, match="must be"):
+        ProfileSettings(**{**TINY, **bad})
+    assert issubclass(SettingsError, HwslimError)
+
+
+@pytest.mark.parametrize("flag,value", [("--input-size", "-3"), ("--input-size", "0"), ("--batch", "0"),
+                                        ("--threads", "0"), ("--calib-configs", "2"), ("--holdout-configs", "-1"),
+                                        ("--contexts", "0")])
+def test_cli_bad_settings_with_force_leave_the_existing_table_untouched(tiny_table, tmp_path, capsys, flag, value):
+    out = _put(tmp_path, tiny_table)
+    argv = ["profile", *TINY_ARGS, "--out", str(out), "--force", flag, value]
+    try:
+        code = main(argv)
+    except SystemExit as e:  # argparse's usage error
+        code = e.code
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and flag in err
+    assert _snapshot(out) == tiny_table
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(tiny_table)
+
+
+def test_forced_rerun_that_fails_keeps_the_old_table_and_one_that_completes_replaces_it(tiny_table, tmp_path,
+                                                                                        monkeypatch):
+    out = _put(tmp_path, tiny_table)
+    other = ProfileSettings(**{**TINY, "input_size": 12}, out=str(out), force=True)
+    monkeypatch.setattr("hwslim.profile.fit_calibration", lambda *a: (-1.0, None, 0.0))
+    with pytest.raises(CalibrationError, match="degenerate.*stays incomplete"):
+        profile(other)
+    assert _snapshot(out) == tiny_table  # the old table is whole; the new one waits beside it
+    assert LatencyTable.load(out).meta["input_size"] == 8
+    monkeypatch.undo()
+    result = profile(other)  # resumes the forced run: the entries measured before are reused
+    assert result.reused == result.entries and result.path == out
+    table = LatencyTable.load(out)
+    assert table.meta["input_size"] == 12 and table.meta["status"] == "complete"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.csv", "t.e2e.csv", "t.json"]
+    e2e = pd.read_csv(table_paths(out)[2])
+    assert len(e2e) == 4
+
+
+@pytest.mark.parametrize("fit", [(0.0, None, 1.0), (-2.0, None, 0.0), (float("nan"), None, 0.0),
+                                 (float("inf"), None, 0.0)])
+def test_a_degenerate_calibration_leaves_the_table_incomplete(tmp_path, monkeypatch, fit):
+    out = tmp_path / "d.csv"
+    monkeypatch.setattr("hwslim.profile.fit_calibration", lambda *a: fit)
+    with pytest.raises(CalibrationError, match="degenerate"):
+        profile(ProfileSettings(**TINY, out=str(out), in_network=False))
+    assert json.loads(table_paths(out)[1].read_text())["status"] == "measuring"
+    with pytest.raises(HwslimError, match="incomplete"):
+        LatencyTable.load(out)
+
+
+def test_metadata_that_is_not_json_is_refused_in_one_line(tmp_path, capsys):
+    out = tmp_path / "r.csv"
+    meta = table_paths(out)[1]
+    meta.write_bytes(bytes(range(128, 256)) * 4)
+    argv = ["profile", *TINY_ARGS, "--out", str(out), "--isolated"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "not a latency table's metadata" in err and "--force" in err and "\n" not in err
+    assert meta.read_bytes() == bytes(range(128, 256)) * 4 and not out.exists()
+    meta.write_text("[1, 2]")
+    assert main(argv) == 2
+    assert "not a latency table's metadata" in capsys.readouterr().err

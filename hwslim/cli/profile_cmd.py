@@ -3,7 +3,7 @@ from __future__ import annotations
 import json
 import sys
 
-from hwslim.cli import add_command, print_table
+from hwslim.cli import add_command, nonneg_int, positive_float, positive_int, print_table
 
 
 def register(sub) -> None:
@@ -13,24 +13,26 @@ def register(sub) -> None:
                    help="latency backend (cpu: ort; cuda: trt or torch); default on cuda: trt when TensorRT "
                         "imports, else torch (with a one-line notice)")
     p.add_argument("--model", default=None, help="zoo model (default: mobilenet_v2, a 1.5x supernet)")
-    p.add_argument("--width-mult", type=float, help="supernet width multiplier (default: the model's)")
-    p.add_argument("--input-size", type=int, help="input height and width (default: the model's)")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--threads", type=int, help="intra-op threads (default 1)")
+    p.add_argument("--width-mult", type=positive_float, help="supernet width multiplier (default: the model's)")
+    p.add_argument("--input-size", type=positive_int, help="input height and width (default: the model's)")
+    p.add_argument("--batch", type=positive_int, default=1)
+    p.add_argument("--threads", type=positive_int, help="intra-op threads (default 1)")
     p.add_argument("--dtype", default="float32",
                    help="precision: cpu float32; cuda float32, float16 or bfloat16 (trt: float32, float16)")
     p.add_argument("--channels-last", action="store_true",
                    help="torch backend: channels-last (NHWC) tensors, as fp16/bf16 deployments use")
     p.add_argument("--out", help="table path (.csv; default: latency_tables/<device>/<model and settings>.csv)")
-    p.add_argument("--calib-configs", type=int, default=16, help="whole configs the calibration is fitted on")
-    p.add_argument("--holdout-configs", type=int, default=16, help="other whole configs it is checked on")
+    p.add_argument("--calib-configs", type=positive_int, default=16,
+                   help="whole configs the calibration is fitted on (at least 3)")
+    p.add_argument("--holdout-configs", type=nonneg_int, default=16, help="other whole configs it is checked on")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--contexts", type=int, default=2,
+    p.add_argument("--contexts", type=positive_int, default=2,
                    help="designed networks each entry is timed in (backends that time inside networks)")
     p.add_argument("--isolated", action="store_true",
                    help="time every entry alone instead of inside designed networks (slower, less accurate)")
     p.add_argument("--quick", action="store_true", help="a short measurement protocol (smoke tests; noisier)")
-    p.add_argument("--force", action="store_true", help="start over where --out holds a table of other settings")
+    p.add_argument("--force", action="store_true", help="start over where --out holds a table of other settings (measured beside it; "
+                        "the old table is replaced only once the new one is complete)")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
 
 
