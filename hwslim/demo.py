@@ -15,8 +15,9 @@
 Everything lands in one folder (default ``hwslim-demo/``): ``train/checkpoint.pt``,
 ``table/``, ``search/``, ``models/*.onnx``, ``results.csv``, ``demo.json`` (provenance)
 and ``accuracy_latency.png``. An existing non-empty folder is refused unless ``force``.
-The full run is sized for about 5 minutes on 2 cores; ``quick`` is a smoke run (a
-tinier model, one epoch, a short protocol) whose numbers mean little.
+The full run takes about a minute on an idle 2-core CPU (up to about 3 minutes when
+the machine is busy); ``quick`` is a smoke run (a tinier model, one epoch, a short
+protocol) whose numbers mean little.
 """
 from __future__ import annotations
 
@@ -149,10 +150,16 @@ def _run(opts: DemoOptions, log: Callable[[str], None]) -> DemoResult:
 
     r = QUICK if opts.quick else FULL
     out = Path(opts.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a folder; give a folder for the demo's files")
     if out.exists() and any(out.iterdir()) and not opts.force:
         raise OutputExistsError(f"{out} exists and is not empty; pass --force to run the demo there again "
                                 "(it replaces the demo's files) or give another --out")
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a parent is a file, no permission, ...
+        raise ConfigError(f"cannot create the --out folder {out} ({e.strerror or type(e).__name__}); "
+                          "give another --out") from None
     seconds: dict[str, float] = {}
     t_all = t = time.perf_counter()
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import datetime as _dt
+import glob
 import hashlib
 import json
 import os
@@ -34,14 +35,37 @@ from hwslim.errors import ConfigError, HwslimError, OutputExistsError
 from hwslim.materialize import PlainNet
 
 ONNX_OPSET = 17
+MIN_OPSET = 17
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
+
+
+def max_opset() -> int:
+    """The newest ONNX opset the installed ``onnx`` package knows."""
+    import onnx.defs
+
+    return int(onnx.defs.onnx_opset_version())
+
+
+def check_opset(opset: int) -> None:
+    """Refuse (ConfigError, one line) an opset outside ``MIN_OPSET .. max_opset()``."""
+    hi = max_opset()
+    if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= hi:
+        raise ConfigError(f"--opset must be between {MIN_OPSET} and {hi} (the newest this onnx package "
+                          f"supports), got {opset!r}")
 
 
 @torch.no_grad()
 def export_onnx(net: PlainNet, path: str | os.PathLike, *, batch: int = 1, input_size: int | None = None,
                 dynamic_batch: bool = False, opset: int = ONNX_OPSET) -> Path:
-    """Write ``net`` as ONNX to ``path`` (atomically) and return the path."""
+    """Write ``net`` as ONNX to ``path`` (atomically) and return the path.
+
+    The file is self-contained (no external data); on any failure no temporary file is
+    left behind.
+    """
+    check_opset(opset)
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path} is a directory; give the path of the .onnx file to write")
     path.parent.mkdir(parents=True, exist_ok=True)
     first = net.specs[0]
     size = input_size or first.in_h
@@ -59,14 +83,25 @@ def export_onnx(net: PlainNet, path: str | os.PathLike, *, batch: int = 1, input
                                   input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], dynamic_axes=dynamic_axes)
             except (TypeError, RuntimeError, AttributeError):
                 dyn = {"x": {0: torch.export.Dim("batch")}} if dynamic_batch else None
+                _remove_temporaries(tmp)  # whatever the failed first attempt left
                 torch.onnx.export(net, (x,), str(tmp), dynamo=True, opset_version=max(opset, 18),
-                                  input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], dynamic_shapes=dyn)
+                                  input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], dynamic_shapes=dyn,
+                                  external_data=False)
         os.replace(tmp, path)
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        _remove_temporaries(tmp)
         net.train(was_training)
     return path
+
+
+def _remove_temporaries(tmp: Path) -> None:
+    """Remove ``tmp`` and any side file an exporter wrote next to it (``tmp.data``, ...)."""
+    for t in [tmp, *tmp.parent.glob(glob.escape(tmp.name) + ".*")]:
+        try:
+            if t.is_file() or t.is_symlink():
+                t.unlink()
+        except FileNotFoundError:
+            pass
 
 
 # -- hwslim export: checkpoint + config -> checked ONNX (and TensorRT engine) -------------------------
@@ -105,6 +140,11 @@ class ExportOptions:
             raise ConfigError(f"unknown export format {self.format!r}; expected one of {', '.join(FORMATS)}")
         if self.batch < 1:
             raise ConfigError(f"--batch must be >= 1, got {self.batch}")
+        if self.check_images < 1:
+            raise ConfigError(f"--check-images must be >= 1, got {self.check_images}")
+        if self.calib_images < 0:
+            raise ConfigError(f"--calib-images must be >= 0, got {self.calib_images}")
+        check_opset(self.opset)
 
 
 @dataclass(frozen=True)
@@ -274,6 +314,8 @@ def _recalibrate(net, config: ChannelConfig, images: torch.Tensor, batch_size: i
 
 def _check_outputs(paths: list[Path], force: bool) -> None:
     for p in paths:
+        if p.is_dir():
+            raise OutputExistsError(f"{p} is a directory; give a file path for --out (e.g. {p / 'model.onnx'})")
         if p.exists() and not force:
             raise OutputExistsError(f"{p} exists; pass --force to overwrite it")
 
@@ -410,8 +452,7 @@ def export_model(checkpoint, config: ChannelConfig | str | os.PathLike, out: str
         os.replace(tmp, onnx_path)
     finally:
         for t in (tmp, tmp_engine):
-            if t.exists():
-                t.unlink()
+            _remove_temporaries(t)
     if sidecar is not None:
         atomic_write_text(sidecar, json.dumps({"onnx": str(onnx_path.resolve()), "engine": str(out.resolve()), **meta},
                                               sort_keys=True, indent=2) + "\n")

@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from hwslim.config import ChannelConfig
 from hwslim.errors import ConfigError, TableError
@@ -97,6 +98,34 @@ def resolve_model(path: str | os.PathLike) -> tuple[Path, dict[str, str]]:
     return path, onnx_metadata(path)
 
 
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def check_budget(budget_ms: float | None) -> None:
+    """Refuse (ConfigError) a budget that is not a finite positive number."""
+    if budget_ms is not None and not (0 < float(budget_ms) < float("inf")):
+        raise ConfigError(f"--budget-ms must be a positive number, got {budget_ms:g}")
+
+
+def table_for(table: str | os.PathLike | Any, net, config: ChannelConfig, *, batch: int,
+              budget_ms: float | None = None, force: bool = False):
+    """The latency table to verify ``config`` of ``net`` against, checked before any work.
+
+    Loads ``table`` (a path, or an already loaded table), refuses one measured on another
+    setup (model, batch, input size; unless ``force``) and a budget that is not positive
+    (``budget_ms``, else the config's). ``hwslim export --verify`` runs this before it
+    writes anything, so a bad table or budget leaves existing files as they were.
+    """
+    from hwslim.latency import LatencyTable
+
+    tbl = table if not isinstance(table, (str, os.PathLike)) else LatencyTable.load(table)
+    net.validate(config)
+    tbl.check_compatible(net, batch=batch, input_size=config.input_size, force=force)
+    check_budget(budget_ms if budget_ms is not None else budget_from_config(config))
+    return tbl
+
+
 def profiler_for_table(table):
     """A profiler measuring with the table's backend and protocol (its recorded settings)."""
     from profilers.base import Profiler
@@ -105,33 +134,34 @@ def profiler_for_table(table):
 
 
 def verify_model(model: str | os.PathLike, table: str | os.PathLike | Any, *, budget_ms: float | None = None,
-                 tolerance: float = DEFAULT_TOLERANCE, force: bool = False, progress: bool = False) -> VerifyResult:
-    """Predict (config from the model's metadata + table), measure on the table's backend, compare."""
+                 tolerance: float = DEFAULT_TOLERANCE, force: bool = False, progress: bool = False,
+                 log: Callable[[str], None] | None = None) -> VerifyResult:
+    """Predict (config from the model's metadata + table), measure on the table's backend, compare.
+
+    With ``progress``, a line saying what is measured goes to ``log`` (default: stderr,
+    so that a caller's stdout stays its own, e.g. ``--json``).
+    """
     import torch
 
     from hwslim.export import config_from_metadata
-    from hwslim.latency import LatencyTable
     from hwslim.models import create_model
 
+    check_budget(budget_ms)
     onnx_path, meta = resolve_model(model)
     config = config_from_metadata(meta, str(onnx_path))
-    tbl = table if not isinstance(table, (str, os.PathLike)) else LatencyTable.load(table)
-    table_path = Path(getattr(tbl, "path", None) or (table if isinstance(table, (str, os.PathLike)) else "<table>"))
     batch = int(meta.get("batch", 1))
     extra = {k: int(meta[k]) for k in ("num_classes", "divisor") if k in meta}  # the supernet it came from
     with torch.device("meta"):  # shapes only: no weights needed to predict
         net = create_model(config.model, width_mult=config.width_mult, input_size=config.input_size, **extra)
-    net.validate(config)
-    tbl.check_compatible(net, batch=batch, input_size=config.input_size, force=force)
+    tbl = table_for(table, net, config, batch=batch, budget_ms=budget_ms, force=force)
+    table_path = Path(getattr(tbl, "path", None) or (table if isinstance(table, (str, os.PathLike)) else "<table>"))
     predicted = float(tbl.predict_ms(net.layer_specs(config, batch=batch, input_size=config.input_size)))
     if budget_ms is None:
         budget_ms = budget_from_config(config)
-    if budget_ms is not None and budget_ms <= 0:
-        raise ConfigError(f"--budget-ms must be positive, got {budget_ms:g}")
     profiler = profiler_for_table(tbl)
     if progress:
-        print(f"measuring {onnx_path} end to end with {getattr(profiler, 'backend', '?')} "
-              f"({getattr(profiler, 'threads', '?')} thread(s), the table's protocol) ...", flush=True)
+        (log or _stderr)(f"measuring {onnx_path} end to end with {getattr(profiler, 'backend', '?')} "
+                         f"({getattr(profiler, 'threads', '?')} thread(s), the table's protocol) ...")
     shape = (batch, net.in_channels, config.input_size, config.input_size)
     t = profiler.time_onnx(str(onnx_path), shape)
     backend = str(tbl.meta.get("backend", "?"))
@@ -156,15 +186,21 @@ def verify_rows(results: Sequence[VerifyResult]) -> list[dict[str, Any]]:
     return rows
 
 
-def print_verify(results: Sequence[VerifyResult], file=None) -> None:
-    """Print predicted vs measured vs budget as a table."""
+def print_verify(results: Sequence[VerifyResult], file=None, log: Callable[[str], None] | None = None) -> None:
+    """Print predicted vs measured vs budget as a table (to ``file``, default stdout).
+
+    The notes after it (a noisy measurement, a budget that does not hold) go to ``log``;
+    by default to ``file`` when one is given, else to stderr.
+    """
     from hwslim.cli import print_table
 
     print_table(verify_rows(results), file=file)
+    if log is None:
+        log = (lambda msg: print(msg, file=file)) if file is not None else _stderr
     for r in results:
         if r.noisy:
-            print(f"note: {r.model.name}: the measurement was noisy (IQR {r.iqr_ms:.3g} ms); "
-                  "re-run on a quieter machine", file=file)
+            log(f"note: {r.model.name}: the measurement was noisy (IQR {r.iqr_ms:.3g} ms); "
+                "re-run on a quieter machine")
         if r.budget_ms is not None and not r.ok:
-            print(f"{r.model.name}: measured {r.measured_ms:.3f} ms exceeds the budget {r.budget_ms:g} ms "
-                  f"(+{100 * r.tolerance:g}% tolerance)", file=file)
+            log(f"{r.model.name}: measured {r.measured_ms:.3f} ms exceeds the budget {r.budget_ms:g} ms "
+                f"(+{100 * r.tolerance:g}% tolerance)")

@@ -48,7 +48,50 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     assert "--force" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("bad", [["--threads", "0"]])
+@pytest.mark.parametrize("bad", [["--threads", "0"], ["--torch-threads", "0"], ["--threads", "x"]])
 def test_bad_threads_is_a_user_error(tmp_path, capsys, bad):
-    assert main(["demo", "--quick", "--out", str(tmp_path / "d"), "--no-progress", *bad]) == 2
+    try:
+        code = main(["demo", "--quick", "--out", str(tmp_path / "d"), "--no-progress", *bad])
+    except SystemExit as e:  # refused by argparse
+        code = e.code
+    assert code == 2
     assert capsys.readouterr().err.count("\n") == 1
+    assert not (tmp_path / "d").exists()
+
+
+def test_out_that_is_a_file_is_a_user_error(tmp_path, capsys):
+    f = tmp_path / "notes.txt"
+    f.write_text("mine")
+    assert main(["demo", "--quick", "--out", str(f), "--no-progress"]) == 2
+    cap = capsys.readouterr()
+    assert cap.err.count("\n") == 1 and "Traceback" not in cap.err and "--out" in cap.err
+    assert f.read_text() == "mine"
+
+
+def test_json_stdout_is_only_the_json_object(tmp_path, capsys, monkeypatch):
+    """Whatever the pipeline prints (training's per-epoch lines, progress) stays off stdout with --json."""
+    import hwslim.demo
+    from hwslim.demo import DemoResult
+
+    seen = {}
+
+    def fake_run_demo(opts, log=print):
+        seen["progress"] = opts.progress
+        print('{"epoch": 1}')  # as training printed its per-epoch rows
+        log("[1/5] training ...")
+        return DemoResult(tmp_path, [{"budget_ms": 1.0}], tmp_path / "p.png", tmp_path / "c.pt", tmp_path / "t.csv",
+                          {"total": 1.0})
+
+    monkeypatch.setattr(hwslim.demo, "run_demo", fake_run_demo)
+    assert main(["demo", "--quick", "--out", str(tmp_path / "d"), "--json"]) == 0
+    cap = capsys.readouterr()
+    assert json.loads(cap.out)["rows"] == [{"budget_ms": 1.0}] and cap.out.count("\n") == 1
+    assert "[1/5]" in cap.err and '{"epoch": 1}' in cap.err
+    assert seen["progress"] is False
+
+
+def test_help_states_a_measured_duration(capsys):
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    text = capsys.readouterr().out
+    assert "5 minutes" not in text and "about a minute" in text

@@ -159,6 +159,113 @@ def test_cli_export_json_and_user_errors(setup, tmp_path, capsys):
     assert "not found" in capsys.readouterr().err
 
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OTHER_MODEL_TABLE = os.path.join(REPO, "latency_tables", "cpu-amd-epyc",
+                                 "mobilenet_v2-x1.5-224px-b1-ort-t1-float32.csv")
+
+
+def _exit_code(argv) -> int:
+    """``hwslim ARGV``'s exit status (argparse usage errors exit through SystemExit)."""
+    try:
+        return main(argv)
+    except SystemExit as e:
+        return e.code
+
+
+def _one_line_error(capsys) -> str:
+    cap = capsys.readouterr()
+    err = cap.err.strip()
+    assert err and err.count("\n") == 0 and "Traceback" not in cap.err, cap.err
+    return err
+
+
+def test_export_verify_refuses_a_bad_table_or_budget_before_writing(setup, tmp_path, capsys):
+    _, ckpt, _, cfg_path = setup
+    out = tmp_path / "m.onnx"
+    export_model(ckpt, cfg_path, out, ExportOptions(check_images=2, calib_images=0))
+    before = out.read_bytes()
+    junk = tmp_path / "junk.csv"
+    junk.write_bytes(os.urandom(256))
+    junk.with_suffix(".json").write_bytes(os.urandom(256))
+    base = ["export", "--checkpoint", str(ckpt), "--config", str(cfg_path), "--out", str(out), "--force",
+            "--check-images", "2", "--verify"]
+    for extra in (["--table", str(junk)], ["--table", OTHER_MODEL_TABLE],
+                  ["--table", OTHER_MODEL_TABLE.replace("mobilenet_v2-x1.5-224px", "resnet20-x1-32px"),
+                   "--budget-ms", "-1"]):
+        assert _exit_code(base + extra) == 2, extra
+        _one_line_error(capsys)
+        assert out.read_bytes() == before, extra  # refused before anything was written
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cfg.json", "ck.pt", "junk.csv", "junk.json", "m.onnx"]
+
+
+def test_opset_outside_the_supported_range_is_refused(setup, tmp_path, capsys):
+    _, ckpt, _, cfg_path = setup
+    for opset in ("99", "16"):
+        assert _exit_code(["export", "--checkpoint", str(ckpt), "--config", str(cfg_path), "--out",
+                           str(tmp_path / "o.onnx"), "--opset", opset]) == 2
+        assert "--opset" in _one_line_error(capsys)
+    with pytest.raises(ConfigError, match="opset"):
+        ExportOptions(opset=99)
+    net = create_model("resnet20", width_mult=0.25).eval()
+    with pytest.raises(ConfigError, match="opset"):
+        export_onnx(materialize(net, net.full_config(), fold_bn=True), tmp_path / "p.onnx", opset=99)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cfg.json", "ck.pt"]
+
+
+def test_export_onnx_fallback_writes_one_self_contained_file(tmp_path, monkeypatch):
+    """When the TorchScript exporter fails, the torch.export one writes a single file (no .data beside it)."""
+    real = torch.onnx.export
+
+    def no_torchscript(*args, **kwargs):
+        if kwargs.get("dynamo") is False:
+            raise RuntimeError("TorchScript exporter unavailable")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.onnx, "export", no_torchscript)
+    net = create_model("resnet20", width_mult=0.25, input_size=8).eval()
+    plain = materialize(net, net.min_config(), fold_bn=True)
+    path = export_onnx(plain, tmp_path / "f.onnx")
+    assert [p.name for p in tmp_path.iterdir()] == ["f.onnx"]
+    x = torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        assert max_relative_error(_ort(path, x), plain(x)) <= 1e-4
+
+
+def test_export_onnx_failure_leaves_no_temporary(tmp_path, monkeypatch):
+    def fails_after_writing(model, args, f, **kwargs):
+        with open(f, "wb") as fh:
+            fh.write(b"partial")
+        with open(str(f) + ".data", "wb") as fh:
+            fh.write(b"weights")
+        raise RuntimeError("exporter failed")
+
+    monkeypatch.setattr(torch.onnx, "export", fails_after_writing)
+    net = create_model("resnet20", width_mult=0.25, input_size=8).eval()
+    with pytest.raises(RuntimeError):
+        export_onnx(materialize(net, net.min_config(), fold_bn=True), tmp_path / "f.onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_out_directory_is_refused(setup, tmp_path, capsys):
+    _, ckpt, _, cfg_path = setup
+    d = tmp_path / "dir"
+    d.mkdir()
+    (d / "keep.txt").write_text("mine")
+    assert main(["export", "--checkpoint", str(ckpt), "--config", str(cfg_path), "--out", str(d), "--force"]) == 2
+    assert "directory" in _one_line_error(capsys)
+    assert [p.name for p in d.iterdir()] == ["keep.txt"]
+
+
+@pytest.mark.parametrize("bad", [["--batch", "0"], ["--check-images", "0"], ["--calib-images", "-1"],
+                                 ["--budget-ms", "0"], ["--batch", "two"]])
+def test_cli_number_arguments_are_checked(setup, tmp_path, capsys, bad):
+    _, ckpt, _, cfg_path = setup
+    assert _exit_code(["export", "--checkpoint", str(ckpt), "--config", str(cfg_path), "--out",
+                       str(tmp_path / "x.onnx"), *bad]) == 2
+    assert bad[0] in _one_line_error(capsys)
+    assert not (tmp_path / "x.onnx").exists()
+
+
 # -- TensorRT: the logic around the build (TensorRT itself cannot run here) ---------------------------
 
 def test_precision_plan_by_tensorrt_version():

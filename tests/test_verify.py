@@ -95,3 +95,32 @@ def test_export_verify_flag(table_path, exported, tmp_path, capsys):
     assert main(["export", "--checkpoint", str(ckpt), "--config", str(named), "--out", str(tmp_path / "n.onnx"),
                  "--check-images", "2", "--verify", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["verify"]["table"] == str(table_path)
+
+
+def test_progress_goes_to_log_or_stderr_not_stdout(table_path, exported, capsys):
+    _, _, path = exported
+    lines = []
+    verify_model(path, table_path, progress=True, log=lines.append)
+    assert len(lines) == 1 and lines[0].startswith("measuring")
+    verify_model(path, table_path, progress=True)
+    cap = capsys.readouterr()
+    assert cap.out == "" and "measuring" in cap.err
+
+
+def test_verify_refuses_a_non_positive_budget(table_path, exported, capsys):
+    _, _, path = exported
+    with pytest.raises(ConfigError, match="--budget-ms"):
+        verify_model(path, table_path, budget_ms=-1.0)
+    with pytest.raises(SystemExit) as e:
+        main(["verify", str(path), "--table", str(table_path), "--budget-ms", "0"])
+    assert e.value.code == 2 and capsys.readouterr().err.count("\n") == 1
+
+
+def test_export_verify_json_stdout_is_one_json_object(table_path, exported, tmp_path, capsys):
+    net, cfg, _ = exported
+    ckpt = save_checkpoint(tmp_path / "ck.pt", net)
+    cfg_path = cfg.save(tmp_path / "cfg.json")
+    assert main(["export", "--checkpoint", str(ckpt), "--config", str(cfg_path), "--out", str(tmp_path / "j.onnx"),
+                 "--check-images", "2", "--verify", "--table", str(table_path), "--json"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and json.loads(out)["verify"]["measured_ms"] > 0

@@ -1,9 +1,26 @@
 from __future__ import annotations
 
+import argparse
+import contextlib
 import json
+import sys
 from pathlib import Path
 
-from hwslim.cli import add_command
+from hwslim.cli import add_command, nonneg_int, positive_float, positive_int
+
+
+def opset_type(text: str) -> int:
+    """argparse type: an ONNX opset this hwslim can write (17 .. the installed onnx's newest)."""
+    from hwslim.export import MIN_OPSET, max_opset
+
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if not MIN_OPSET <= v <= max_opset():
+        raise argparse.ArgumentTypeError(f"must be between {MIN_OPSET} and {max_opset()} "
+                                         f"(the newest the installed onnx supports), got {v}")
+    return v
 
 
 def register(sub) -> None:
@@ -12,20 +29,22 @@ def register(sub) -> None:
     p.add_argument("--config", required=True, help="a ChannelConfig JSON (from `hwslim search`)")
     p.add_argument("--format", default="onnx", choices=["onnx", "tensorrt"])
     p.add_argument("--out", required=True, help="output file (.onnx, or the engine: .engine/.plan)")
-    p.add_argument("--batch", type=int, default=1, help="batch size (the optimal one with --dynamic-batch)")
+    p.add_argument("--batch", type=positive_int, default=1, help="batch size (the optimal one with --dynamic-batch)")
     p.add_argument("--dynamic-batch", action="store_true", help="a dynamic batch dimension")
     p.add_argument("--fp16", action="store_true",
                    help="half precision (TensorRT 10: builder flag; TensorRT 11 and ONNX: an fp16 graph)")
-    p.add_argument("--opset", type=int, default=17, help="ONNX opset (17 or newer)")
-    p.add_argument("--check-images", type=int, default=32,
+    p.add_argument("--opset", type=opset_type, default=17,
+                   help="ONNX opset (17 up to the newest the installed onnx supports; default 17)")
+    p.add_argument("--check-images", type=positive_int, default=32,
                    help="images compared between ONNX Runtime and PyTorch (default 32)")
-    p.add_argument("--calib-images", type=int, default=512,
+    p.add_argument("--calib-images", type=nonneg_int, default=512,
                    help="search-split images to recalibrate BatchNorm at the config (0: keep the supernet's)")
     p.add_argument("--verify", action="store_true",
                    help="then measure the model on the table's backend against its budget")
     p.add_argument("--table", help="the latency table the config was searched with (recorded; used by --verify; "
                                    "default: the one the config names)")
-    p.add_argument("--budget-ms", type=float, help="--verify: the budget (default: the config's latency budget)")
+    p.add_argument("--budget-ms", type=positive_float,
+                   help="--verify: the budget (default: the config's latency budget)")
     p.add_argument("--force", action="store_true", help="overwrite existing outputs")
     p.add_argument("--force-table", action="store_true", help="--verify: use a table measured on another setup")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -47,23 +66,32 @@ def run(args) -> int:
       hwslim export --checkpoint runs/r20/checkpoint.pt --config search/config_latency_ms_0.5.json \\
           --out r20_0.5ms.onnx --verify      # --verify: the table the search used, from the config
     """
+    from hwslim.checkpoint import load_checkpoint
+    from hwslim.config import ChannelConfig
     from hwslim.errors import ConfigError
     from hwslim.export import ExportOptions, export_model
 
+    config = ChannelConfig.load(args.config)
     table = args.table
     if args.verify and not table:  # the table the search used, as recorded in the config
-        from hwslim.config import ChannelConfig
-
-        table = ChannelConfig.load(args.config).meta.get("table")
+        table = config.meta.get("table")
         if not table:
             raise ConfigError("--verify needs --table TABLE (the config names no latency table)")
-    if args.opset < 17:
-        raise ConfigError(f"--opset must be 17 or newer, got {args.opset}")
     opts = ExportOptions(format=args.format, batch=args.batch, dynamic_batch=args.dynamic_batch, fp16=args.fp16,
                          opset=args.opset, force=args.force, check_images=args.check_images,
                          calib_images=args.calib_images, table=Path(table) if table else None)
+    ckpt = load_checkpoint(args.checkpoint)
+    tbl = None
+    if args.verify:  # everything --verify needs is checked before anything is written
+        from hwslim.verify import table_for
+
+        tbl = table_for(table, ckpt.model, config, batch=args.batch, budget_ms=args.budget_ms,
+                        force=args.force_table)
+    # with --json, stdout carries the JSON object only: anything the library prints goes to stderr
+    quiet = contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext()
     log = (lambda msg: None) if args.json else print
-    res = export_model(args.checkpoint, args.config, args.out, opts, log=log)
+    with quiet:
+        res = export_model(ckpt, Path(args.config), args.out, opts, log=log)
     out = {"path": str(res.path), "onnx": str(res.onnx_path), "format": res.format, "precision": res.precision,
            "max_rel_error": res.max_rel_error, "tolerance": res.tolerance, "check_inputs": res.check,
            "bn_statistics": res.bn}
@@ -78,8 +106,9 @@ def run(args) -> int:
     if args.verify:
         from hwslim.verify import verify_model
 
-        v = verify_model(res.onnx_path, table, budget_ms=args.budget_ms, force=args.force_table,
-                         progress=not args.json)
+        with quiet:
+            v = verify_model(res.onnx_path, tbl, budget_ms=args.budget_ms, force=args.force_table,
+                             progress=not args.json)
         out["verify"] = v.as_dict()
         status = 0 if v.ok else 1
     if args.json:

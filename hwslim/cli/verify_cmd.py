@@ -1,15 +1,18 @@
 from __future__ import annotations
 
+import contextlib
 import json
+import sys
 
-from hwslim.cli import add_command
+from hwslim.cli import add_command, positive_float
 
 
 def register(sub) -> None:
     p = add_command(sub, "verify", run, run.__doc__)
     p.add_argument("models", nargs="+", metavar="MODEL", help="ONNX files written by `hwslim export`")
     p.add_argument("--table", required=True, help="the latency table the configs were searched with")
-    p.add_argument("--budget-ms", type=float, help="the budget (default: the latency budget in each model's config)")
+    p.add_argument("--budget-ms", type=positive_float,
+                   help="the budget (default: the latency budget in each model's config)")
     p.add_argument("--tolerance", type=float, default=0.03,
                    help="the budget holds if measured <= budget * (1 + tolerance) (default 0.03)")
     p.add_argument("--force", action="store_true", help="use a table measured on another setup")
@@ -30,10 +33,16 @@ def run(args) -> int:
     from hwslim.errors import ConfigError
     from hwslim.verify import print_verify, verify_model
 
-    if args.tolerance < 0:
+    if not 0 <= args.tolerance < float("inf"):
         raise ConfigError(f"--tolerance must be >= 0, got {args.tolerance:g}")
-    results = [verify_model(m, args.table, budget_ms=args.budget_ms, tolerance=args.tolerance, force=args.force,
-                            progress=not args.json) for m in args.models]
+    from hwslim.latency import LatencyTable
+
+    table = LatencyTable.load(args.table)  # once, and refused before any measurement
+    # with --json, stdout carries the JSON lines only: anything the library prints goes to stderr
+    quiet = contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext()
+    with quiet:
+        results = [verify_model(m, table, budget_ms=args.budget_ms, tolerance=args.tolerance, force=args.force,
+                                progress=True) for m in args.models]
     if args.json:
         for r in results:
             print(json.dumps(r.as_dict(), sort_keys=True))
