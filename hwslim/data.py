@@ -32,6 +32,7 @@ synthetic data, ``synthetic_seed``.
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -499,14 +500,23 @@ def _data_dict(ckpt: Any) -> dict[str, Any]:
     return ckpt if isinstance(ckpt, dict) else getattr(ckpt, "data", None) or {}
 
 
+def _check_max_images(max_images: Any) -> None:
+    if max_images is None:
+        return
+    if isinstance(max_images, bool) or not isinstance(max_images, numbers.Integral) or max_images < 1:
+        raise DataError(f"--max-images must be a whole number of at least 1, got {max_images!r} "
+                        "(leave it out to use every image)")
+
+
 def search_split(ckpt: Any, device: str | torch.device = "cpu",
                  max_images: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The checkpoint's held-out search split: (float32 NCHW normalized images, int64 labels).
 
     Exactly the training images recorded at training time (eval transform), in index
-    order; ``max_images`` keeps the first ones. ``ckpt`` is a
+    order; ``max_images`` (at least 1; None: all) keeps the first ones. ``ckpt`` is a
     :class:`hwslim.checkpoint.Checkpoint` (or its ``data`` dict).
     """
+    _check_max_images(max_images)
     info = _data_dict(ckpt)
     src = _source_from_info(info)
     idx = torch.as_tensor(info["search_indices"], dtype=torch.int64)
@@ -522,8 +532,10 @@ def validation_split(ckpt: Any, device: str | torch.device = "cpu",
                      max_images: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The validation (or test) images of the checkpoint's dataset, like :func:`search_split`.
 
-    ``max_images`` keeps a seeded random subset (class-balanced in expectation), in index order.
+    ``max_images`` (at least 1; None: all) keeps a seeded random subset (class-balanced in
+    expectation), in index order.
     """
+    _check_max_images(max_images)
     info = _data_dict(ckpt)
     src = _source_from_info(info)
     n = src.num_val()

@@ -105,6 +105,16 @@ def test_search_split_refuses_a_checkpoint_without_data():
     assert issubclass(DataError, HwslimError)
 
 
+@pytest.mark.parametrize("bad", [0, -5, 2.5, True])
+def test_search_and_validation_split_refuse_a_max_images_below_one(bad):
+    info = synthetic_data_info(num_train=200, num_search=30, seed=1, input_size=8, num_val=20)
+    for fn in (search_split, validation_split):
+        with pytest.raises(DataError, match="--max-images must be a whole number of at least 1"):
+            fn(info, max_images=bad)
+    assert search_split(info, max_images=1)[0].shape[0] == 1  # the smallest valid value works
+    assert validation_split(info, max_images=1)[0].shape[0] == 1
+
+
 def test_build_data_keeps_search_images_out_of_training():
     data = build_data("synthetic:300", 16, search_size=40, seed=2, num_val=20)
     assert len(data) == 260 and len(data.info["search_indices"]) == 40
