@@ -19,6 +19,8 @@ fp16 with loss scaling) and channels-last.
 
 Runs on one CPU, one GPU, or many through ``torchrun`` (DistributedDataParallel;
 ``batch_size`` is the *global* batch, split across ranks; only rank 0 writes).
+Each epoch's metrics go to ``OUT/metrics.jsonl`` and, as a JSON line, to ``train(cfg, log=...)``
+(stderr by default; the library prints nothing on stdout).
 Every epoch ends with an atomic checkpoint; ``resume=True`` continues from it and gives
 the same result as an uninterrupted run: each epoch's shuffling, augmentation, random
 configs and dropout are seeded from (seed, epoch), and the optimizer, scheduler,
@@ -32,7 +34,9 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import numbers
 import random
+import sys
 import time
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -98,7 +102,7 @@ class TrainConfig:
     download: bool = False
     amp: bool = True  # CUDA only
     channels_last: bool = True  # CUDA only
-    calib_images: int = 2000  # training images for BN recalibration at evaluation
+    calib_images: int = 2000  # training images for BN recalibration at evaluation (0: none)
     eval_images: int | None = None  # validation images scored at the end (default: all, 5000 when streaming)
     eval_every: int = 0  # also score widest/narrowest every N epochs (0: only at the end)
     progress: bool = True
@@ -111,9 +115,46 @@ class TrainConfig:
               "weight_decay", "warmup_epochs", "num_random", "label_smoothing", "search_size", "seed",
               "distill_after_warmup")
 
+    def validate(self) -> None:
+        """Raise :class:`TrainError` for a value no run can use (before anything is read or written)."""
+        def check(name: str, ok: bool, want: str) -> None:
+            if not ok:
+                raise TrainError(f"--{name.replace('_', '-')} must be {want}, got {getattr(self, name)!r}")
+
+        def is_int(v) -> bool:
+            return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+        def is_num(v) -> bool:
+            return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+        check("epochs", is_int(self.epochs) and self.epochs >= 1, "a whole number of at least 1")
+        for name in ("input_size", "num_classes", "batch_size", "stop_after"):
+            v = getattr(self, name)
+            check(name, v is None or (is_int(v) and v >= 1), "a whole number of at least 1")
+        check("workers", is_int(self.workers) and self.workers >= 0, "a whole number, 0 or more")
+        for name in ("num_random", "search_size", "eval_every"):
+            v = getattr(self, name)
+            check(name, v is None or (is_int(v) and v >= 0), "a whole number, 0 or more")
+        check("calib_images", is_int(self.calib_images) and self.calib_images >= 0, "a whole number, 0 or more")
+        check("eval_images", self.eval_images is None or (is_int(self.eval_images) and self.eval_images >= 1),
+              "a whole number of at least 1")
+        check("synthetic_val", self.synthetic_val is None or (is_int(self.synthetic_val) and self.synthetic_val >= 1),
+              "a whole number of at least 1")
+        for name in ("width_mult", "lr"):
+            v = getattr(self, name)
+            check(name, v is None or (is_num(v) and v > 0), "a positive number")
+        for name in ("weight_decay", "warmup_epochs"):
+            v = getattr(self, name)
+            check(name, v is None or (is_num(v) and v >= 0), "a number, 0 or more")
+        check("momentum", self.momentum is None or (is_num(self.momentum) and 0 <= self.momentum < 1),
+              "at least 0 and below 1")
+        check("label_smoothing", self.label_smoothing is None or
+              (is_num(self.label_smoothing) and 0 <= self.label_smoothing < 1), "at least 0 and below 1")
+        check("seed", self.seed is None or is_int(self.seed), "a whole number")
+
     def resolved(self, input_size: int, num_classes: int) -> "TrainConfig":
         """Fill defaults that depend on the model's input size and the data."""
-        bs = self.batch_size or 128
+        bs = self.batch_size if self.batch_size is not None else 128
         return replace(
             self,
             input_size=input_size,
@@ -185,14 +226,18 @@ def final_configs(net: SlimmableNet) -> list[tuple[str, ChannelConfig]]:
 
 
 def evaluate_configs(net: SlimmableNet, configs: list[tuple[str, ChannelConfig]], images: torch.Tensor,
-                     labels: torch.Tensor, calib: torch.Tensor, batch_size: int = 256) -> list[dict[str, Any]]:
-    """Top-1 of each config after BN recalibration on ``calib`` (see :mod:`hwslim.evaluate`)."""
+                     labels: torch.Tensor, calib: torch.Tensor | None, batch_size: int = 256) -> list[dict[str, Any]]:
+    """Top-1 of each config after BN recalibration on ``calib`` (see :mod:`hwslim.evaluate`).
+
+    ``calib`` None: no recalibration (the running statistics training left).
+    """
     from hwslim.costs import model_costs
     from hwslim.evaluate import accuracy
 
     rows = []
     for name, cfg in configs:
-        acc = accuracy(net, cfg, images, labels, calib_images=calib, batch_size=batch_size)
+        acc = accuracy(net, cfg, images, labels, calib_images=calib, batch_size=batch_size,
+                       recalibrate=calib is not None)
         c = model_costs(net, cfg)
         rows.append({"config": name, "top1": round(100 * acc, 2), "macs": c.macs, "params": c.params})
     return rows
@@ -220,8 +265,9 @@ def _as_tuple(x):
 class _Run:
     """One training run on one rank: model, data, optimizer and the epoch loop."""
 
-    def __init__(self, cfg: TrainConfig, world: distributed.World) -> None:
+    def __init__(self, cfg: TrainConfig, world: distributed.World, log: Callable[[str], None]) -> None:
         self.world = world
+        self.log = log
         self.dev = world.device
         out = Path(cfg.out)
         self.ckpt_path, self.metrics_path = out / CHECKPOINT_NAME, out / METRICS_NAME
@@ -229,13 +275,14 @@ class _Run:
         if resumed is not None:
             cfg = self._merge_recorded(cfg, resumed.train_args)
         # the model fixes input size and class count; the data must fit them
-        torch.manual_seed(mix_seeds(cfg.seed or 0, 99))  # the initial weights follow the seed too
+        seed = 0 if cfg.seed is None else cfg.seed
+        torch.manual_seed(mix_seeds(seed, 99))  # the initial weights follow the seed too
         net = create_model(cfg.model, width_mult=cfg.width_mult, input_size=cfg.input_size,
                            num_classes=cfg.num_classes, divisor=cfg.divisor)
         fetch = cfg.download and world.distributed  # rank 0 downloads, the others wait, then read
         if fetch and not world.is_main:
             distributed.barrier(world)
-        self.data = build_data(cfg.data, net.input_size, search_size=cfg.search_size, seed=cfg.seed or 0,
+        self.data = build_data(cfg.data, net.input_size, search_size=cfg.search_size, seed=seed,
                                download=cfg.download and world.is_main, device=self.dev, workers=cfg.workers,
                                num_val=cfg.synthetic_val)
         if fetch and world.is_main:
@@ -312,8 +359,8 @@ class _Run:
         self.history = list(state.get("history", []))
         _set_rng_state(state["rng"], self.dev)
         if state.get("world_size", 1) != self.world.size and self.world.is_main:
-            print(f"note: resuming a {state.get('world_size')}-process run on {self.world.size}; "
-                  "batches are split differently from here on")
+            self.log(f"note: resuming a {state.get('world_size')}-process run on {self.world.size}; "
+                     "batches are split differently from here on")
         if self.world.is_main:  # the metrics file must match the checkpoint, not a later crashed epoch
             self._write_metrics()
 
@@ -430,10 +477,12 @@ class _Run:
         if not hasattr(self, "_val"):
             n = cfg.eval_images if cfg.eval_images is not None else (None if self.data.in_memory else 5000)
             self._val = validation_split(self.data.info, self.dev, max_images=n)
-            self._calib = self.data.calibration_images(cfg.calib_images, cfg.seed)
+            # calib_images 0: score with the running statistics training left (no recalibration)
+            self._calib = self.data.calibration_images(cfg.calib_images, cfg.seed) if cfg.calib_images else None
             if self.cuda and cfg.channels_last:
                 self._val = (self._val[0].contiguous(memory_format=torch.channels_last), self._val[1])
-                self._calib = self._calib.contiguous(memory_format=torch.channels_last)
+                if self._calib is not None:
+                    self._calib = self._calib.contiguous(memory_format=torch.channels_last)
         with self._autocast():
             return evaluate_configs(self.net, configs, *self._val, self._calib)
 
@@ -453,7 +502,7 @@ class _Run:
                 save_checkpoint(self.ckpt_path, self.net, data=self.data.info, train_args=args, epoch=epoch + 1,
                                 training_state=self._training_state(epoch + 1))
                 self._write_metrics()
-                print(json.dumps(row, sort_keys=True), flush=True)
+                self.log(json.dumps(row, sort_keys=True))
             distributed.barrier(world)
         final: list[dict[str, Any]] = []
         if end < cfg.epochs:  # stopped early: the run continues with --resume
@@ -469,17 +518,24 @@ class _Run:
         return TrainResult(self.net, self.ckpt_path if world.is_main else None, cfg.epochs, self.history, final)
 
 
-def train(cfg: TrainConfig) -> TrainResult:
+def _log_stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def train(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> TrainResult:
     """Train (or resume) a slimmable supernet; see the module docstring.
 
     Writes ``OUT/checkpoint.pt`` every epoch, ``OUT/metrics.jsonl`` (one JSON object per
     epoch) and, at the end, ``OUT/results.json`` with the widest, uniform and narrowest
-    configs' validation top-1 after BN recalibration.
+    configs' validation top-1 after BN recalibration. Progress (each epoch's metrics as a
+    JSON line, notes) goes to ``log`` on rank 0: stderr by default; nothing is printed
+    on stdout. Raises :class:`TrainError` for values no run can use, before touching ``out``.
     """
-    if cfg.epochs < 1:
-        raise TrainError(f"--epochs must be at least 1, got {cfg.epochs}")
+    if not isinstance(cfg, TrainConfig):
+        raise TypeError(f"train() takes a TrainConfig, got {type(cfg).__name__}")
+    cfg.validate()
     world = distributed.setup(cfg.device)
     try:
-        return _Run(cfg, world).run()
+        return _Run(cfg, world, log or _log_stderr).run()
     finally:
         distributed.teardown(world)

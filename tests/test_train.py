@@ -155,18 +155,26 @@ def test_short_cpu_run_trains_every_width(tmp_path):
 
     125 sandwich steps of ResNet-20 (16-32-64 channels) on 16x16 synthetic images. On the
     shared 2-core CPU machine this measured widest 73.3%, uniform 9/12 70.6%, half 60.4%,
-    3/12 53.0%, narrowest 42.7% (1000 validation images), in about 60-75 s.
+    3/12 53.0%, narrowest 42.7% (1000 validation images), in about 60-75 s; bit-identical
+    in repeated runs under different machine load (one thread, seed 0).
+
+    The result is deterministic only for one float summation order: --threads and --seed
+    are pinned because another thread count (a plain CLI run uses PyTorch's default) or
+    another CPU/PyTorch build is in effect another draw, and this short recipe is close to
+    the end of the initial loss plateau, so draws vary a lot: seeds 1 and 2 measured
+    widest/narrowest 37.6/23.2 and 59.9/50.7. The bounds below hold for all three seeds.
     """
     out = tmp_path / "run"
     code = main(["train", "--model", "resnet20", "--width-mult", "1.0", "--input-size", "16",
                  "--data", "synthetic:1800", "--search-size", "200", "--epochs", "5", "--batch-size", "64",
                  "--lr", "0.1", "--warmup-epochs", "1.5", "--num-random", "1", "--calib-images", "500",
-                 "--eval-images", "1000", "--out", str(out), "--no-progress", "--json"])
+                 "--eval-images", "1000", "--seed", "0", "--threads", "1", "--out", str(out), "--no-progress",
+                 "--json"])
     assert code == 0
     top1 = {r["config"]: r["top1"] for r in json.loads((out / "results.json").read_text())["final"]}
-    assert top1["narrowest"] > 25 and top1["widest"] > 50
-    assert top1["widest"] > top1["narrowest"] + 10
-    assert top1["widest"] >= top1["uniform 6/12"] >= top1["narrowest"]
+    assert top1["narrowest"] > 20 and top1["widest"] > 35, top1
+    assert top1["widest"] > top1["narrowest"] + 5, top1
+    assert top1["widest"] >= top1["uniform 6/12"] >= top1["narrowest"], top1
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 5
     ckpt = load_checkpoint(out / "checkpoint.pt")
     assert ckpt.epoch == 5 and ckpt.train_args["num_random"] == 1
@@ -187,3 +195,93 @@ def test_cuda_run_with_amp_channels_last_and_resume(tmp_path):
         if a.is_floating_point():  # cuDNN's backward kernels may reduce in another order: a tolerance
             assert torch.allclose(a, b, rtol=2e-2, atol=2e-3), k
     assert {r["config"] for r in straight.final} >= {"widest", "narrowest", "uniform 6/12"}
+
+
+# -- stdout holds only the result; bad values are one-line errors ---------------------------
+TINY_CLI = ["--model", "resnet20", "--data", "synthetic:300", "--width-mult", "0.5", "--input-size", "8",
+            "--batch-size", "32", "--search-size", "44", "--calib-images", "64", "--eval-images", "64",
+            "--no-progress"]
+
+
+def test_cli_json_stdout_is_one_json_document_and_epochs_go_to_stderr(tmp_path, capsys):
+    code = main(["train", *TINY_CLI, "--epochs", "2", "--out", str(tmp_path / "run"), "--json"])
+    cap = capsys.readouterr()
+    assert code == 0
+    doc = json.loads(cap.out)  # the whole of stdout: no per-epoch lines mixed in
+    assert {r["config"] for r in doc["final"]} >= {"widest", "narrowest"}
+    epochs = [json.loads(line)["epoch"] for line in cap.err.splitlines() if line.startswith("{")]
+    assert epochs == [1, 2]
+    # stopped early (--stop-after) with --json: still one JSON document, the note on stderr
+    code = main(["train", *TINY_CLI, "--epochs", "3", "--stop-after", "1", "--out", str(tmp_path / "s"), "--json"])
+    cap = capsys.readouterr()
+    assert code == 0 and json.loads(cap.out)["epochs_done"] == 1 and "--resume" in cap.err
+
+
+def test_library_train_prints_nothing_on_stdout_and_logs_through_log(tmp_path, capsys):
+    lines: list[str] = []
+    res = train(TrainConfig(epochs=1, out=str(tmp_path / "a"), **TINY), log=lines.append)
+    assert [json.loads(line)["epoch"] for line in lines] == [1] and res.final
+    train(TrainConfig(epochs=1, out=str(tmp_path / "b"), **TINY))  # default log: stderr
+    cap = capsys.readouterr()
+    assert cap.out == "" and json.loads(cap.err.strip().splitlines()[-1])["epoch"] == 1
+
+
+def test_calib_images_0_scores_without_recalibration(tmp_path):
+    res = train(TrainConfig(epochs=1, out=str(tmp_path), **{**TINY, "calib_images": 0}), log=lambda s: None)
+    assert [r["config"] for r in res.final][0] == "widest" and all(0 <= r["top1"] <= 100 for r in res.final)
+
+
+@pytest.mark.parametrize("opt, value", [("--threads", "-1"), ("--threads", "0"), ("--lr", "-0.1"), ("--lr", "0"),
+                                        ("--input-size", "0"), ("--batch-size", "0"), ("--epochs", "0"),
+                                        ("--weight-decay", "-1"), ("--num-random", "-1"), ("--workers", "-2"),
+                                        ("--search-size", "-1"), ("--eval-every", "-1"), ("--calib-images", "-5"),
+                                        ("--eval-images", "0"), ("--stop-after", "0"), ("--width-mult", "0"),
+                                        ("--warmup-epochs", "nan"), ("--momentum", "-0.5")])
+def test_cli_bad_numbers_are_one_line_usage_errors(tmp_path, capsys, opt, value):
+    args = ["train", *TINY_CLI, "--epochs", "1", "--out", str(tmp_path / "run")]
+    args = [a for i, a in enumerate(args) if a != opt and (i == 0 or args[i - 1] != opt)] + [f"{opt}={value}"]
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and opt in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+    assert torch.get_num_threads() == 1  # --threads -1 never reached torch
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"lr": -0.1}, "--lr must be a positive number"), ({"lr": 0.0}, "--lr"),
+    ({"input_size": 0}, "--input-size must be a whole number of at least 1"),
+    ({"batch_size": 0}, "--batch-size must be a whole number of at least 1"),
+    ({"epochs": 0}, "--epochs"), ({"epochs": 2.5}, "--epochs"),
+    ({"weight_decay": -1e-4}, "--weight-decay must be a number, 0 or more"),
+    ({"warmup_epochs": float("inf")}, "--warmup-epochs"), ({"momentum": -0.9}, "--momentum"),
+    ({"momentum": 1.0}, "--momentum"), ({"label_smoothing": 1.5}, "--label-smoothing"),
+    ({"num_random": -1}, "--num-random"), ({"search_size": -3}, "--search-size"),
+    ({"workers": -1}, "--workers"), ({"calib_images": -1}, "--calib-images"), ({"eval_every": -2}, "--eval-every"),
+    ({"eval_images": 0}, "--eval-images"), ({"stop_after": 0}, "--stop-after"), ({"width_mult": -1.0}, "--width-mult"),
+    ({"num_classes": 0}, "--num-classes"), ({"synthetic_val": 0}, "--synthetic-val"),
+])
+def test_library_refuses_bad_values_before_touching_out(tmp_path, change, match):
+    out = tmp_path / "run"
+    with pytest.raises(TrainError, match=match):
+        train(TrainConfig(**{**TINY, "epochs": 2, "out": str(out), **change}))
+    assert not out.exists()
+
+
+def test_library_refuses_bad_values_on_resume_without_touching_the_run(tmp_path):
+    train(TrainConfig(epochs=2, out=str(tmp_path), stop_after=1, **TINY), log=lambda s: None)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with pytest.raises(TrainError, match="--batch-size"):
+        train(TrainConfig(epochs=2, out=str(tmp_path), resume=True, **{**TINY, "batch_size": 0}))
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_zero_values_that_mean_something_are_kept():
+    """`x or default` would turn 0 into the default: 0 held-out images, 0 random configs, 0 seed stay 0."""
+    cfg = TrainConfig(model="resnet20", data="synthetic", epochs=1, out="x", search_size=0, num_random=0, seed=0,
+                      weight_decay=0.0, warmup_epochs=0.0, momentum=0.0, label_smoothing=0.0, workers=0,
+                      calib_images=0, eval_every=0)
+    cfg.validate()
+    r = cfg.resolved(32, 10)
+    assert (r.num_random, r.seed, r.weight_decay, r.warmup_epochs, r.momentum, r.label_smoothing) == (0, 0, 0, 0, 0, 0)
+    assert r.batch_size == 128 and r.lr == pytest.approx(0.1)

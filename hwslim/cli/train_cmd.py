@@ -1,8 +1,22 @@
 from __future__ import annotations
 
+import argparse
 import json
+import math
+import sys
 
-from hwslim.cli import add_command, print_table
+from hwslim.cli import add_command, nonneg_int, positive_float, positive_int, print_table
+
+
+def _nonneg_float(text: str) -> float:
+    """argparse type: a finite number >= 0."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(v) and v >= 0):
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return v
 
 
 def register(sub) -> None:
@@ -11,44 +25,50 @@ def register(sub) -> None:
     p.add_argument("--data", required=True,
                    help="synthetic[:N] | cifar10[:ROOT] | cifar100[:ROOT] | "
                         "an ImageFolder dir (train/ + val/ or test/)")
-    p.add_argument("--epochs", type=int, required=True, help="total epochs (on --resume: train up to this many)")
+    p.add_argument("--epochs", type=positive_int, required=True,
+                   help="total epochs (on --resume: train up to this many)")
     p.add_argument("--out", required=True, help="run directory: checkpoint.pt, metrics.jsonl, results.json")
     g = p.add_argument_group("model")
-    g.add_argument("--width-mult", type=float, help="supernet width multiplier (model default if omitted)")
-    g.add_argument("--input-size", type=int, help="input resolution (model default if omitted)")
-    g.add_argument("--num-classes", type=int, help="classifier outputs (default: the data's class count)")
+    g.add_argument("--width-mult", type=positive_float, help="supernet width multiplier (model default if omitted)")
+    g.add_argument("--input-size", type=positive_int, help="input resolution (model default if omitted)")
+    g.add_argument("--num-classes", type=positive_int, help="classifier outputs (default: the data's class count)")
     g.add_argument("--divisor", type=int, choices=(8, 16, 32), help="channel rounding divisor (default 8)")
     g = p.add_argument_group("recipe")
-    g.add_argument("--batch-size", type=int, help="global batch size, split across processes (default 128)")
-    g.add_argument("--lr", type=float, help="peak learning rate (default 0.1 x batch / 128)")
-    g.add_argument("--momentum", type=float, help="Nesterov momentum (default 0.9)")
-    g.add_argument("--weight-decay", type=float,
+    g.add_argument("--batch-size", type=positive_int, help="global batch size, split across processes (default 128)")
+    g.add_argument("--lr", type=positive_float, help="peak learning rate (default 0.1 x batch / 128)")
+    g.add_argument("--momentum", type=_nonneg_float, help="Nesterov momentum (default 0.9)")
+    g.add_argument("--weight-decay", type=_nonneg_float,
                    help="on conv/linear weights only (default 5e-4 up to 64 px inputs, 4e-5 above)")
-    g.add_argument("--warmup-epochs", type=float, help="linear warm-up before the cosine decay (default min(5, 10%%))")
-    g.add_argument("--num-random", type=int, help="random configs per step besides widest and narrowest (default 2)")
+    g.add_argument("--warmup-epochs", type=_nonneg_float,
+                   help="linear warm-up before the cosine decay (default min(5, 10%%))")
+    g.add_argument("--num-random", type=nonneg_int,
+                   help="random configs per step besides widest and narrowest (default 2)")
     g.add_argument("--distill-from-start", dest="distill_after_warmup", action="store_const", const=False,
                    help="distill narrow configs from the first step (default: labels until warm-up ends)")
-    g.add_argument("--label-smoothing", type=float, help="for the widest config (default 0.1)")
-    g.add_argument("--search-size", type=int,
+    g.add_argument("--label-smoothing", type=_nonneg_float, help="for the widest config (default 0.1)")
+    g.add_argument("--search-size", type=nonneg_int,
                    help="training images held out for `hwslim search` (default 10%%, at most 10,000)")
     g.add_argument("--seed", type=int, help="seeds the split, shuffling, augmentation and configs (default 0)")
     g = p.add_argument_group("execution")
     g.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when a GPU is visible")
-    g.add_argument("--workers", type=int, default=4, help="image-decoding processes for large datasets (default 4)")
+    g.add_argument("--workers", type=nonneg_int, default=4,
+                   help="image-decoding processes for large datasets (default 4; 0: in this process)")
     g.add_argument("--download", action="store_true", help="let torchvision download cifar10/cifar100")
     g.add_argument("--no-amp", dest="amp", action="store_false", help="no mixed precision on CUDA")
     g.add_argument("--no-channels-last", dest="channels_last", action="store_false")
-    g.add_argument("--calib-images", type=int, default=2000, help="images for BN recalibration (default 2000)")
-    g.add_argument("--eval-images", type=int, help="validation images scored at the end (default: all)")
-    g.add_argument("--eval-every", type=int, default=0, help="also score widest/narrowest every N epochs")
-    g.add_argument("--threads", type=int, help="PyTorch CPU threads (default: PyTorch's; 1 is far faster "
+    g.add_argument("--calib-images", type=nonneg_int, default=2000,
+                   help="images for BN recalibration (default 2000; 0: no recalibration)")
+    g.add_argument("--eval-images", type=positive_int, help="validation images scored at the end (default: all)")
+    g.add_argument("--eval-every", type=nonneg_int, default=0, help="also score widest/narrowest every N epochs")
+    g.add_argument("--threads", type=positive_int, help="PyTorch CPU threads (default: PyTorch's; 1 is far faster "
                                                "for small models on a busy machine)")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-    g.add_argument("--stop-after", type=int,
+    g.add_argument("--stop-after", type=positive_int,
                    help="leave after this many epochs (for time-limited jobs); continue with --resume")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     g.add_argument("--force", action="store_true", help="start over even if --out holds a checkpoint")
-    p.add_argument("--json", action="store_true", help="print the final accuracies as JSON")
+    p.add_argument("--json", action="store_true",
+                   help="print the final accuracies as JSON on stdout (each epoch's metrics go to stderr)")
 
 
 def run(args) -> int:
@@ -73,20 +93,28 @@ def run(args) -> int:
 
     from hwslim.train import TrainConfig, train
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     if args.resume and args.force:
         from hwslim.errors import HwslimError
 
         raise HwslimError("--resume and --force contradict each other; pick one")
     names = [f for f in TrainConfig.__dataclass_fields__ if f != "synthetic_val"]
     cfg = TrainConfig(**{k: getattr(args, k.replace("-", "_")) for k in names if hasattr(args, k)})
+    cfg.validate()  # before anything changes (threads included)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    # each epoch's metrics go to stderr (train()'s default log): stdout holds only the result
     result = train(cfg)
     if result.checkpoint is None:  # not rank 0
         return 0
     if result.epochs < cfg.epochs:
-        print(f"stopped after epoch {result.epochs} of {cfg.epochs}; continue with --resume "
-              f"(checkpoint: {result.checkpoint})")
+        note = (f"stopped after epoch {result.epochs} of {cfg.epochs}; continue with --resume "
+                f"(checkpoint: {result.checkpoint})")
+        if args.json:
+            print(note, file=sys.stderr)
+            print(json.dumps({"checkpoint": str(result.checkpoint), "epochs_done": result.epochs,
+                              "epochs": cfg.epochs, "final": []}, indent=2))
+        else:
+            print(note)
         return 0
     if args.json:
         print(json.dumps({"checkpoint": str(result.checkpoint), "final": result.final}, indent=2))
