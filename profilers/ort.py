@@ -500,7 +500,8 @@ class OrtProfiler(Profiler):
             for spec in net_specs:
                 sig = spec.signature()
                 if last.get(sig) == i and sig in pooled:
-                    t = Timing.from_samples(pooled.pop(sig))
+                    # whole-microsecond kernel times: the interquartile mean is unbiased
+                    t = Timing.from_samples(pooled.pop(sig), center="iqm")
                     del last[sig]
                     yield spec, replace(t, noisy=t.rel_iqr > self.protocol.max_rel_iqr)
 

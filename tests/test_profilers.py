@@ -177,3 +177,19 @@ def test_network_profile_charges_every_kernel_to_a_layer():
     assert set(per_layer) == {s.name for s in specs}
     assert all(len(v) == prof.network_runs and min(v) >= 0 for v in per_layer.values())
     assert np.median(per_layer["stem"]) > 0
+
+
+def test_interquartile_mean_removes_whole_microsecond_rounding_bias():
+    """A 2.4 us layer sampled by a clock with 1 us ticks: medians say 2, the interquartile mean ~2.4."""
+    import numpy as np
+
+    from profilers.base import Timing
+
+    rng = np.random.default_rng(0)
+    start = rng.uniform(0, 1, 4000)  # the layer starts at a random phase of the clock tick
+    durs_us = np.floor(start + 2.4) - np.floor(start)  # each timestamp rounded to whole microseconds
+    samples_ms = list(durs_us / 1e3)
+    assert Timing.from_samples(samples_ms).median_ms == pytest.approx(0.002)
+    assert Timing.from_samples(samples_ms, center="iqm").median_ms == pytest.approx(0.0024, abs=0.00005)
+    with pytest.raises(ValueError):
+        Timing.from_samples(samples_ms, center="mode")
