@@ -17,16 +17,15 @@ import torch
 from torch import nn
 
 from hwslim.config import ChannelConfig
-from hwslim.slimmable import recalibrate_bn
+from hwslim.slimmable import BN_TYPES, recalibrate_bn
 
-_BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 @contextlib.contextmanager
 def preserved_bn_stats(model: nn.Module) -> Iterator[None]:
     """Restore every BatchNorm's running statistics (and momentum) on exit."""
     saved = [(m, m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone(), m.momentum)
-             for m in model.modules() if isinstance(m, _BN_TYPES) and m.track_running_stats]
+             for m in model.modules() if isinstance(m, BN_TYPES) and m.track_running_stats]
     try:
         yield
     finally:

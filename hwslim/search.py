@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 from hwslim.config import ChannelConfig, atomic_write_text
-from hwslim.costs import model_costs
+from hwslim.costs import spec_costs
 from hwslim.errors import BudgetError, HwslimError, OutputExistsError
 from hwslim.evaluator import Score, StepEvaluator
 from hwslim.supernet import SlimmableNet
@@ -69,11 +69,12 @@ class Budget:
 
 def config_costs(model: SlimmableNet, config: ChannelConfig, table=None, batch: int = 1) -> dict[str, float]:
     """Every cost the search knows for ``config``: budget keys plus the raw counts."""
-    c = model_costs(model, config, batch=batch)
+    specs = model.layer_specs(config, batch=batch)
+    c = spec_costs(specs)
     out = {"memory_mb": c.peak_activation_bytes / 1e6, "params_m": c.params / 1e6, "macs_m": c.macs / 1e6,
            "peak_activation_bytes": c.peak_activation_bytes, "params": c.params, "macs": c.macs}
     if table is not None:
-        out["latency_ms"] = table.predict_ms(model.layer_specs(config, batch=batch))
+        out["latency_ms"] = table.predict_ms(specs)
     return out
 
 

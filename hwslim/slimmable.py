@@ -96,7 +96,7 @@ class SlimmableConvBN(nn.Module):
         return self.bn(self.conv(x, out_channels))
 
 
-_BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 @torch.no_grad()
@@ -108,7 +108,7 @@ def recalibrate_bn(model: nn.Module, batches: Iterable[torch.Tensor], num_batche
     Channels the current config does not use are reset too: recalibrate again before
     evaluating another config. Returns the number of batches used.
     """
-    bns = [m for m in model.modules() if isinstance(m, _BN_TYPES)]
+    bns = [m for m in model.modules() if isinstance(m, BN_TYPES)]
     saved = [(m, m.momentum) for m in bns]
     was_training = model.training
     for m in bns:

@@ -52,13 +52,12 @@ from hwslim.config import ChannelConfig
 from hwslim.data import SMALL_INPUT, mix_seeds, build_data, validation_split
 from hwslim.errors import CheckpointError, HwslimError, OutputExistsError
 from hwslim.models import create_model
-from hwslim.slimmable import SlimmableConv2d
+from hwslim.slimmable import BN_TYPES, SlimmableConv2d
 from hwslim.supernet import SlimmableNet
 
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.jsonl"
 RESULTS_NAME = "results.json"
-_BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 # uniform grid steps evaluated at the end besides widest (12) and narrowest: 3/4, 1/2, 1/4
 FINAL_UNIFORM_STEPS = (9, 6, 3)
 
@@ -192,7 +191,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
         for name, p in m.named_parameters(recurse=False):
             if not p.requires_grad:
                 continue
-            skip = isinstance(m, _BN_TYPES) or name == "bias" or (isinstance(m, SlimmableConv2d) and m.depthwise)
+            skip = isinstance(m, BN_TYPES) or name == "bias" or (isinstance(m, SlimmableConv2d) and m.depthwise)
             (no_decay if skip else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 

@@ -211,6 +211,39 @@ class Profiler:
         for spec in specs:
             yield spec, self.time_entry(spec)
 
+    def _pool_networks(self, specs: Sequence[LayerSpec], networks: Iterable[Sequence[LayerSpec]],
+                       profile: Callable[[list[LayerSpec]], tuple[Mapping[str, list[float]], set[str]]]
+                       ) -> Iterator[tuple[LayerSpec, list[float], bool]]:
+        """The schedule in-network backends share: run each designed network once with
+        ``profile`` (per-layer samples, plus names whose time was estimated), pool an
+        entry's samples over every network containing it, and yield ``(spec, samples,
+        estimated)`` as soon as the last such network has run. Networks holding no entry
+        still pending are skipped."""
+        wanted = {s.signature() for s in specs}
+        networks = [list(n) for n in networks]
+        last: dict[tuple, int] = {}  # an entry is final after the last network containing it
+        for i, net_specs in enumerate(networks):
+            for s in net_specs:
+                if s.signature() in wanted:
+                    last[s.signature()] = i
+        pooled: dict[tuple, list[float]] = {}
+        estimated: set[tuple] = set()
+        for i, net_specs in enumerate(networks):
+            if not any(last.get(s.signature(), -1) >= i for s in net_specs):
+                continue
+            samples, flagged = profile(net_specs)
+            for spec in net_specs:
+                sig = spec.signature()
+                if sig in last and samples.get(spec.name):
+                    pooled.setdefault(sig, []).extend(samples[spec.name])
+                    if spec.name in flagged:
+                        estimated.add(sig)
+            for spec in net_specs:
+                sig = spec.signature()
+                if last.get(sig) == i and sig in pooled:
+                    del last[sig]
+                    yield spec, pooled.pop(sig), sig in estimated
+
     def _onnx_runner(self, path: str, input_shape: tuple[int, ...]) -> Callable[[], float]:
         """Load an ONNX model, bind its input once; return a call that runs it once and returns ms."""
         raise NotImplementedError

@@ -481,29 +481,10 @@ class OrtProfiler(Profiler):
         if networks is None:
             yield from super()._measure_entries(specs, None)
             return
-        wanted = {s.signature() for s in specs}
-        networks = [list(n) for n in networks]
-        last: dict[tuple, int] = {}  # an entry is final after the last network containing it
-        for i, net_specs in enumerate(networks):
-            for s in net_specs:
-                if s.signature() in wanted:
-                    last[s.signature()] = i
-        pooled: dict[tuple, list[float]] = {}
-        for i, net_specs in enumerate(networks):
-            if not any(last.get(s.signature()) is not None and last[s.signature()] >= i for s in net_specs):
-                continue
-            samples = self.profile_network(net_specs)
-            for spec in net_specs:
-                sig = spec.signature()
-                if sig in last and samples.get(spec.name):
-                    pooled.setdefault(sig, []).extend(samples[spec.name])
-            for spec in net_specs:
-                sig = spec.signature()
-                if last.get(sig) == i and sig in pooled:
-                    # whole-microsecond kernel times: the interquartile mean is unbiased
-                    t = Timing.from_samples(pooled.pop(sig), center="iqm")
-                    del last[sig]
-                    yield spec, replace(t, noisy=t.rel_iqr > self.protocol.max_rel_iqr)
+        for spec, samples, _ in self._pool_networks(specs, networks, lambda n: (self.profile_network(n), set())):
+            # whole-microsecond kernel times: the interquartile mean is unbiased
+            t = Timing.from_samples(samples, center="iqm")
+            yield spec, replace(t, noisy=t.rel_iqr > self.protocol.max_rel_iqr)
 
     def profile_network(self, specs: Sequence[LayerSpec]) -> dict[str, list[float]]:
         """Per-layer times (ms per run) of one whole network, from ONNX Runtime's profiler.

@@ -490,32 +490,10 @@ class TrtProfiler(Profiler):
         if networks is None:
             yield from super()._measure_entries(specs, None)
             return
-        wanted = {s.signature() for s in specs}
-        networks = [list(n) for n in networks]
-        last: dict[tuple, int] = {}  # an entry is final after the last network containing it
-        for i, net_specs in enumerate(networks):
-            for s in net_specs:
-                if s.signature() in wanted:
-                    last[s.signature()] = i
-        pooled: dict[tuple, list[float]] = {}
-        split: set[tuple] = set()
-        for i, net_specs in enumerate(networks):
-            if not any(last.get(s.signature(), -1) >= i for s in net_specs):
-                continue
-            samples, split_names = self.profile_network(net_specs)
-            for spec in net_specs:
-                sig = spec.signature()
-                if sig in last and samples.get(spec.name):
-                    pooled.setdefault(sig, []).extend(samples[spec.name])
-                    if spec.name in split_names:
-                        split.add(sig)
-            for spec in net_specs:
-                sig = spec.signature()
-                if last.get(sig) == i and sig in pooled:
-                    t = Timing.from_samples(pooled.pop(sig))
-                    del last[sig]
-                    self.split_entries += sig in split
-                    yield spec, replace(t, noisy=t.rel_iqr > self.protocol.max_rel_iqr)
+        for spec, samples, split in self._pool_networks(specs, networks, self.profile_network):
+            t = Timing.from_samples(samples)
+            self.split_entries += split
+            yield spec, replace(t, noisy=t.rel_iqr > self.protocol.max_rel_iqr)
 
     def close(self) -> None:
         self._save_cache()
