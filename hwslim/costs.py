@@ -5,17 +5,20 @@ function below takes the :class:`~hwslim.graph.LayerSpec` list of one config.
 
 Conventions (they match torchvision and the AutoSlim paper):
 
-* **MACs** count conv and linear layers only (the paper's "FLOPs" are MACs):
-  conv ``batch * cout * cin/groups * k*k * out_h * out_w``, linear ``batch * cin * cout``.
-  BatchNorm, activations, adds and pooling are not counted.
+* **MACs** count conv and linear layers only, SE's two 1x1 convs included (the paper's
+  "FLOPs" are MACs; torch's FlopCounterMode counts the same): conv
+  ``batch * cout * cin/groups * k*k * out_h * out_w``, linear ``batch * cin * cout``.
+  BatchNorm, activations, adds, multiplies, concatenation and pooling are not counted.
 * **Parameters** count conv weights (and biases), BatchNorm's weight and bias (not its
-  running statistics), and linear weights and biases.
+  running statistics), and linear weights and biases. Each operator states its own
+  (:meth:`hwslim.ops.Op.macs`, :meth:`~hwslim.ops.Op.params`).
 * **Peak activation memory** is the largest number of activation bytes alive at once
   while the network runs its layers in execution order, as in inference: the input
   tensor is owned by the caller and alive throughout; each layer's output is allocated
   while its inputs are still alive; a tensor is freed right after its last reader, so
   a residual input is held until its add; the add and the activation run in place on
-  the conv's output (BatchNorm folded). Weights and runtime scratch space are not
+  the conv's output (BatchNorm folded); standalone activations, adds and SE scaling run
+  in place on a dying input; flatten and inference-time dropout are views. Weights and runtime scratch space are not
   activations and are not counted.
 """
 from __future__ import annotations
@@ -41,20 +44,11 @@ def dtype_bytes(dtype: str | torch.dtype) -> int:
 
 
 def layer_macs(s: LayerSpec) -> int:
-    if s.op == "conv":
-        return s.batch * s.cout * (s.cin // s.groups) * s.kernel * s.kernel * s.out_h * s.out_w
-    if s.op == "linear":
-        return s.batch * s.cin * s.cout
-    return 0
+    return s.op.macs(s)
 
 
 def layer_params(s: LayerSpec) -> int:
-    if s.op == "conv":
-        n = s.cout * (s.cin // s.groups) * s.kernel * s.kernel
-        return n + (s.cout if s.bias else 0) + (2 * s.cout if s.bn else 0)
-    if s.op == "linear":
-        return s.cin * s.cout + (s.cout if s.bias else 0)
-    return 0
+    return s.op.params(s)
 
 
 def macs(specs: Sequence[LayerSpec]) -> int:
@@ -67,26 +61,45 @@ def params(specs: Sequence[LayerSpec]) -> int:
 
 def activation_trace(specs: Sequence[LayerSpec], dtype: str | torch.dtype = "float32",
                      in_channels: int | None = None) -> list[int]:
-    """Activation bytes alive while each layer runs (its inputs, its output, held tensors)."""
+    """Activation bytes alive while each layer runs (its inputs, its output, held tensors).
+
+    A view (flatten, dropout at inference) shares its input's memory; an in-place op
+    (standalone activation, add, SE's scaling) writes into its first input when that
+    tensor dies there and shares memory with nothing alive, as :func:`hwslim.graph.run_graph`
+    executes it.
+    """
     if not specs:
         return []
     nbytes = dtype_bytes(dtype)
     first = specs[0]
     c_in = first.cin if in_channels is None else in_channels
-    sizes = {INPUT: first.batch * c_in * first.in_h * first.in_w * nbytes}
-    last = {}
+    last: dict[str, int] = {}
     for i, s in enumerate(specs):
         for t in s.inputs:
             last[t] = i
-    live = {INPUT: sizes[INPUT]}
+    root = {INPUT: INPUT}  # tensor -> the buffer holding it
+    buffers = {INPUT: first.batch * c_in * first.in_h * first.in_w * nbytes}
+    alive = {INPUT}
     trace = []
     for i, s in enumerate(specs):
-        out = s.out_elements * nbytes
-        trace.append(sum(live.values()) + out)
-        live[s.name] = out
-        for t in s.inputs:
+        x = s.inputs[0]
+        sharing = [t for t in alive if root[t] == root[x] and t != x]
+        if s.op.view:
+            root[s.name] = root[x]
+            trace.append(sum(buffers.values()))
+        elif s.op.inplace and x != INPUT and last[x] == i and not sharing and s.inputs.count(x) == 1:
+            root[s.name] = root[x]
+            trace.append(sum(buffers.values()))
+        else:
+            root[s.name] = s.name
+            buffers[s.name] = s.out_elements * nbytes
+            trace.append(sum(buffers.values()))
+        alive.add(s.name)
+        for t in set(s.inputs):
             if last[t] == i and t != INPUT:
-                live.pop(t, None)
+                alive.discard(t)
+        for b in [b for b in buffers if b != INPUT and not any(root[t] == b for t in alive)]:
+            del buffers[b]
     return trace
 
 

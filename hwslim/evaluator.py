@@ -3,10 +3,12 @@
 Every greedy step scores one candidate per unit: the current config with that unit
 one grid step narrower. A candidate that narrows unit ``u`` to ``w`` channels computes
 exactly what the current config computes up to the first node that *mixes* ``u``'s
-channels (a conv or linear layer reading ``u``); before that, every tensor of unit
-``u`` is the current one cut to its first ``w`` channels, because conv outputs,
-BatchNorm (its statistics are per channel), activations, depthwise convs, residual
-adds and pooling all act channel by channel. So :class:`StepEvaluator`
+channels (an operator with :attr:`~hwslim.ops.Op.mixes`: a dense conv, a linear layer,
+an SE block reading ``u``); before that, every tensor of unit ``u`` is the current one
+cut to its first ``w`` channels (the kept channels of ``u``'s part, in a
+concatenation), because conv outputs, BatchNorm (its statistics are per channel),
+activations, depthwise and grouped convs, adds, concatenation and pooling all act
+channel by channel (or group by group). So :class:`StepEvaluator`
 (``mode="fast"``) advances one cached prefix of the current config in node order,
 slices it for each candidate and runs only the rest. Sharing the prefix's BatchNorm
 statistics is exact for the same reason. ``mode="reference"`` runs a plain full
@@ -28,16 +30,17 @@ PyTorch (``"torch"``) is the default and the reference.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from hwslim.config import ChannelConfig
 from hwslim.evaluate import preserved_bn_stats
 from hwslim.graph import INPUT, run_graph
+from hwslim.slimmable import BN_TYPES
 from hwslim.supernet import SlimmableNet
 
 BN_MODES = ("recal", "batch")
@@ -64,9 +67,11 @@ class StepEvaluator:
             from hwslim import kernels as _k
 
             _k.check_device(images.device)
-            if not _k.supports(model):
-                raise _k.KernelUnavailableError(f"the Triton kernels do not support {model.name} "
-                                                "(grouped convs); use --kernels torch")
+            why = _k.unsupported(model)
+            if why is not None:  # the multi-config pass runs whole steps: the whole model falls back
+                warnings.warn(f"the Triton kernels cannot compute {model.name} ({why}); scoring with PyTorch",
+                              stacklevel=2)
+                kernels = "torch"
         self.kernels = kernels
         if bn not in BN_MODES:
             raise ValueError(f"bn must be one of {BN_MODES}, got {bn!r}")
@@ -78,8 +83,9 @@ class StepEvaluator:
         self.n = len(labels)
         nodes = model.nodes
         self._start = {u: mixing_start(model, u) for u in model.units}
-        self._unit_of = tensor_units(model)
-        self._bn_at = {i: model.layers[n.name].bn for i, n in enumerate(nodes) if n.op == "conv"}
+        self._bn_at = {i: bns for i, n in enumerate(nodes)
+                       if (bns := [m for m in (model.layers[n.name].modules() if n.name in model.layers else ())
+                                   if isinstance(m, BN_TYPES)])}
         self._free_after = model._free_after
         self.forward_nodes = 0  # nodes executed per image, summed: a measure of work done
 
@@ -87,13 +93,13 @@ class StepEvaluator:
     def _set_modes(self, bn_train: bool) -> None:
         self.model.eval()
         if bn_train:
-            for m in self._bn_at.values():
-                m.train()
+            for bns in self._bn_at.values():
+                for m in bns:
+                    m.train()
 
     def _reset_bn(self, start: int, stop: int) -> None:
         for i in range(start, stop):
-            m = self._bn_at.get(i)
-            if m is not None:
+            for m in self._bn_at.get(i, ()):
                 m.reset_running_stats()
                 m.momentum = None
 
@@ -123,9 +129,29 @@ class StepEvaluator:
         self._set_modes(bn_train=False)
         return self._score_logits([self._run(env, start) for env in eval_envs])
 
-    def _narrow(self, envs: list, unit: str, width: int) -> list:
-        return [{name: t[:, :width] if self._unit_of.get(name) == unit else t for name, t in env.items()}
-                for env in envs]
+    def _narrow(self, envs: list, unit: str, width: int, current: ChannelConfig) -> list:
+        """The live tensors of the current config with ``unit`` cut to its first ``width`` channels."""
+        cut: dict[str, torch.Tensor | None] = {}
+        for name in envs[0] if envs else ():
+            lay = self.model.tensor_layout(name)
+            if unit not in lay:
+                continue
+            if len(lay) == 1:
+                cut[name] = None
+                continue
+            parts, off = [], 0
+            for r in lay:
+                w = r if isinstance(r, int) else current.widths[r]
+                parts.append(torch.arange(off, off + (width if r == unit else w)))
+                off += w
+            cut[name] = torch.cat(parts)
+        out = []
+        for env in envs:
+            e = dict(env)
+            for name, idx in cut.items():
+                e[name] = env[name][:, :width] if idx is None else env[name].index_select(1, idx.to(env[name].device))
+            out.append(e)
+        return out
 
     # -- public -------------------------------------------------------------------------------
     @torch.no_grad()
@@ -177,25 +203,17 @@ class StepEvaluator:
                     pos = start
                 width = cfg.widths[unit]
                 with model.using(cfg):
-                    scores[k] = self._suffix_score(start, self._narrow(train_envs, unit, width),
-                                                   self._narrow(eval_envs, unit, width))
+                    scores[k] = self._suffix_score(start, self._narrow(train_envs, unit, width, current),
+                                                   self._narrow(eval_envs, unit, width, current))
         model.train(was_training)
         return scores  # type: ignore[return-value]
 
 
 def mixing_start(model: SlimmableNet, unit: str) -> int:
-    """Index of the first node whose outputs mix the channels of ``unit`` (conv or linear reading it)."""
+    """Index of the first node whose outputs mix the channels of ``unit`` (or whose inner width it is)."""
     for i, n in enumerate(model.nodes):
-        if n.cin == unit and n.op in ("conv", "linear") and not n.depthwise:
+        if n.mid == unit:
+            return i
+        if n.op.mixes and any(unit in model.tensor_layout(t) for t in n.inputs):
             return i
     raise ValueError(f"no node reads unit {unit!r}")
-
-
-def tensor_units(model: SlimmableNet) -> dict[str, str]:
-    """The unit of each node output's channels (fixed-width outputs are left out)."""
-    out = {}
-    for n in model.nodes:
-        c = n.cout if n.op in ("conv", "linear") and not n.depthwise else n.cin
-        if isinstance(c, str):
-            out[n.name] = c
-    return out

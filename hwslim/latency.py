@@ -40,9 +40,11 @@ from hwslim.errors import TableError
 from hwslim.graph import SIGNATURE_FIELDS, LayerSpec
 
 FORMAT = "hwslim-latency-table"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READ_VERSIONS = (1, 2)  # version 1 had no ``extra`` signature column (its rows read as extra="")
 TIMING_FIELDS = ("median_ms", "iqr_ms", "p90_ms", "n", "noisy")
 COLUMNS = SIGNATURE_FIELDS + TIMING_FIELDS
+COLUMNS_V1 = tuple(f for f in COLUMNS if f != "extra")
 E2E_COLUMNS = ("role", "widths", "sum_ms", "median_ms", "iqr_ms", "p90_ms", "n", "noisy")
 _INT_FIELDS = {"kernel", "stride", "padding", "groups", "in_h", "in_w", "cin", "cout", "batch"}
 # metadata that must match the use: name -> how the mismatch is described
@@ -95,11 +97,13 @@ def timing_from_row(row: Mapping[str, str]):
 def signature_from_row(row: Mapping[str, Any]) -> tuple:
     out = []
     for f in SIGNATURE_FIELDS:
-        v = row[f]
+        v = row.get(f, "")
         if f in _INT_FIELDS:
             v = int(v)
         elif f == "residual":
             v = str(v) in ("1", "True", "true")
+        elif f == "extra":
+            v = "" if v is None or v != v else str(v)
         else:
             v = str(v)
         out.append(v)
@@ -127,7 +131,9 @@ def read_rows(path: str | os.PathLike, columns: Sequence[str]) -> tuple[list[dic
     if not lines:
         return [], 0
     header = next(csv.reader([lines[0]]))
-    if tuple(header) != tuple(columns):
+    if tuple(columns) == COLUMNS and tuple(header) == COLUMNS_V1:
+        columns = COLUMNS_V1  # a version-1 table: no extra column
+    elif tuple(header) != tuple(columns):
         raise TableError(f"{path}: unexpected columns {header[:4]}...; not a hwslim table file")
     rows, good = [], len(lines[0].encode())
     for line in lines[1:]:
@@ -139,6 +145,11 @@ def read_rows(path: str | os.PathLike, columns: Sequence[str]) -> tuple[list[dic
     return rows, good
 
 
+def _header(path: Path) -> tuple[str, ...]:
+    with open(path, newline="") as f:
+        return tuple(next(csv.reader(f), []))
+
+
 class RowWriter:
     """Append-only CSV writer: one row per call, flushed and fsynced (survives ``kill -9``)."""
 
@@ -146,7 +157,15 @@ class RowWriter:
         self.path, self.columns = Path(path), tuple(columns)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.exists() and self.path.stat().st_size:
-            _, good = read_rows(self.path, self.columns)
+            rows, good = read_rows(self.path, self.columns)
+            if self.columns == COLUMNS and _header(self.path) == COLUMNS_V1:  # upgrade a version-1 table
+                buf = io.StringIO()
+                w = csv.writer(buf, lineterminator="\n")
+                w.writerow(COLUMNS)
+                for r in rows:
+                    w.writerow([r.get(c, "") for c in COLUMNS])
+                atomic_write_text(self.path, buf.getvalue())
+                _, good = read_rows(self.path, self.columns)
             with open(self.path, "r+b") as f:  # cut a torn last row before appending
                 f.truncate(good)
         fresh = not self.path.exists() or self.path.stat().st_size == 0
@@ -351,7 +370,7 @@ class LatencyTable:
             raise TableError(f"latency table metadata {meta_path} is unreadable ({e})") from None
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             raise TableError(f"{meta_path} is not a hwslim latency table")
-        if meta.get("format_version") != FORMAT_VERSION:
+        if meta.get("format_version") not in READ_VERSIONS:
             raise TableError(f"{meta_path}: table format version {meta.get('format_version')!r} "
                              f"(this hwslim reads {FORMAT_VERSION})")
         _check_meta(meta, meta_path)
@@ -391,12 +410,15 @@ class LatencyTable:
         return Calibration.from_dict(self.meta.get("calibration"))
 
     def missing(self, specs: Iterable[LayerSpec]) -> list[LayerSpec]:
-        return [s for s in specs if s.signature() not in self.entries]
+        return [s for s in specs if (sig := s.signature()) is not None and sig not in self.entries]
 
     def layer_ms(self, spec: LayerSpec) -> float:
-        """The measured median of ``spec``'s entry (uncalibrated)."""
+        """The measured median of ``spec``'s entry (uncalibrated; 0 for free ops: views, dropout)."""
+        sig = spec.signature()
+        if sig is None:
+            return 0.0
         try:
-            return self.entries[spec.signature()].median_ms
+            return self.entries[sig].median_ms
         except KeyError:
             raise TableError(self._missing_message(spec)) from None
 
@@ -417,7 +439,7 @@ class LatencyTable:
         return cal.apply(total, self.depthwise_ms(specs) if cal.a_depthwise is not None else 0.0)
 
     def _missing_message(self, spec: LayerSpec) -> str:
-        sig = ", ".join(f"{k}={v}" for k, v in zip(SIGNATURE_FIELDS, spec.signature()))
+        sig = ", ".join(f"{k}={v}" for k, v in zip(SIGNATURE_FIELDS, spec.signature()) if v != "")
         where = self.path or "the latency table"
         return (f"{where} has no entry for layer {spec.name!r} ({sig}); it was measured for "
                 f"{self.meta.get('model')} x{self.meta.get('width_mult')} at {self.meta.get('input_size')}px, "
@@ -429,9 +451,19 @@ class LatencyTable:
         """What differs between this table's setup and the intended use (empty: compatible)."""
         m = self.meta
         want: dict[str, Any] = {}
+        out = []
         if net is not None:
-            want.update(model=net.name, width_mult=float(net.width_mult),
-                        input_size=input_size if input_size is not None else net.input_size)
+            size = input_size if input_size is not None else net.input_size
+            want["input_size"] = size
+            same_net = (m.get("model") == net.name and _is_number(m.get("width_mult"))
+                        and abs(float(m["width_mult"]) - net.width_mult) < 1e-9)
+            if not same_net and m.get("input_size") == size:  # a table serves any graph whose shapes it holds
+                b = batch if batch is not None else int(m.get("batch", 1))
+                missing, total = self.uncovered(net, batch=b, input_size=size)
+                if missing:
+                    out.append(f"only {total - missing} of the {total} layer shapes of {net.name} "
+                               f"x{net.width_mult:g} at {size}px (it was measured for {m.get('model')} "
+                               f"x{m.get('width_mult'):g} at {m.get('input_size')}px)")
         elif input_size is not None:
             want["input_size"] = input_size
         if batch is not None:
@@ -440,7 +472,6 @@ class LatencyTable:
             want["dtype"] = dtype
         if threads is not None:
             want["threads"] = threads
-        out = []
         for key, value in want.items():
             have = m.get(key)
             same = (abs(float(have) - float(value)) < 1e-9) if key == "width_mult" and have is not None else have == value
@@ -449,6 +480,13 @@ class LatencyTable:
         if machine:
             out += self._machine_mismatches()
         return out
+
+    def uncovered(self, net, batch: int = 1, input_size: int | None = None) -> tuple[int, int]:
+        """(layer shapes of ``net``'s configs this table lacks, all of them)."""
+        from hwslim.profile import enumerate_entries
+
+        sigs = [s.signature() for s in enumerate_entries(net, batch, input_size)]
+        return sum(1 for sig in sigs if sig not in self.entries), len(sigs)
 
     def _machine_mismatches(self) -> list[str]:
         from profilers import backend_class
@@ -515,27 +553,32 @@ def new_meta(profiler_meta: Mapping[str, Any], *, model: str, width_mult: float,
     return meta
 
 
-def find_table(device: str, model: str, width_mult: float | None = None, *, batch: int = 1,
+def find_table(device: str, model, width_mult: float | None = None, *, batch: int = 1,
                input_size: int | None = None, threads: int | None = None, backend: str | None = None,
-               dtype: str | None = None, root: str | os.PathLike | None = None) -> Path:
+               dtype: str | None = None, root: str | os.PathLike | None = None, spec: str | None = None) -> Path:
     """The default table for this machine and setup under ``latency_tables/``.
 
-    ``None`` means: the model's default width multiplier and input size; any thread
-    count (1 preferred); the device's default backend; any dtype (float32 preferred).
+    ``model`` is a supernet or a ``--model`` spec (``spec``: how to name it in the hint
+    to measure one; default the spec or the model's name). ``None`` means: the model's default
+    width multiplier and input size; any thread count (1 preferred); the device's default
+    backend; any dtype (float32 preferred).
     """
     import torch
 
-    from hwslim.models import create_model
+    from hwslim.models import load_model
     from profilers import backend_class, default_backend
 
-    with torch.device("meta"):
-        net = create_model(model, width_mult=width_mult)
+    if isinstance(model, str):
+        with torch.device("meta"):
+            net = load_model(model, width_mult=width_mult)
+    else:
+        net = model
     size = input_size if input_size is not None else net.input_size
     backend = backend_class(backend).backend if backend else default_backend(device)  # alias -> name
     name = backend_class(backend).machine_name()
     root = Path(root) if root is not None else table_dir()
     folder = root / f"{device}-{slug(name)}"
-    prefix = f"{model}-x{net.width_mult:g}-{size}px-b{batch}-{backend}-t"
+    prefix = f"{net.name}-x{net.width_mult:g}-{size}px-b{batch}-{backend}-t"
     found = []
     if folder.is_dir():
         for p in folder.glob(prefix + "*.csv"):
@@ -546,9 +589,10 @@ def find_table(device: str, model: str, width_mult: float | None = None, *, batc
                 continue
             found.append((int(m.group(1)) != 1, m.group(2) != "float32", p))
     if not found:
-        cmd = (f"hwslim profile --device {device} --backend {backend} --model {model} --width-mult {net.width_mult:g} "
+        spec = spec or (model if isinstance(model, str) else net.name)
+        cmd = (f"hwslim profile --device {device} --backend {backend} --model {spec} --width-mult {net.width_mult:g} "
                f"--input-size {size} --batch {batch}" + (f" --threads {threads}" if threads else ""))
-        raise TableError(f"no latency table for {model} x{net.width_mult:g} at {size}px, batch {batch}, "
+        raise TableError(f"no latency table for {net.name} x{net.width_mult:g} at {size}px, batch {batch}, "
                          f"on {device} ({name}) under {root}/; measure one with: {cmd}")
     return sorted(found)[0][2]
 

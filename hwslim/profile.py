@@ -31,7 +31,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
 from hwslim.config import ChannelConfig, atomic_write_text
 from hwslim.errors import HwslimError, TableError
@@ -39,7 +39,7 @@ from hwslim.graph import LayerSpec, Node, resolve
 from hwslim.latency import (COLUMNS, E2E_COLUMNS, Calibration, LatencyTable, RowWriter, accuracy,
                             default_table_path, entry_row, fit_calibration, new_meta, read_rows, signature_from_row,
                             table_paths, timing_from_row)
-from hwslim.units import GRID_STEPS, step_width
+from hwslim.units import GRID_STEPS
 
 if TYPE_CHECKING:
     from profilers.base import Timing
@@ -120,33 +120,65 @@ class ProfileResult:
 
 
 # -- entries ----------------------------------------------------------------------------------------
-def _refs(node: Node) -> list[str]:
-    return [r for r in dict.fromkeys((node.cin, node.cout)) if isinstance(r, str)]
+_BRUTE_FORCE = 20000  # widths combinations of one node enumerated directly; beyond, sums of parts
 
 
-def _spec_at(template: LayerSpec, node: Node, widths) -> LayerSpec:
-    cin = resolve(node.cin, widths)
-    if template.op == "conv":
-        cout = cin if node.depthwise else resolve(node.cout, widths)
-        groups = cin if node.depthwise else node.groups
-    elif template.op in ("maxpool", "gap"):
-        cout, groups = cin, cin
-    else:
-        cout, groups = resolve(node.cout, widths), template.groups
-    return replace(template, cin=cin, cout=cout, groups=groups)
+def _spec_fn(net, node, template: LayerSpec) -> Callable[[Mapping[str, int]], LayerSpec]:
+    """A fast ``widths -> spec`` for one node (the covering search calls it a lot)."""
+    lays = [net.tensor_layout(t) for t in node.inputs]
+    out_lay = net.tensor_layout(node.name)
+    op = node.op
+
+    def spec(widths: Mapping[str, int]) -> LayerSpec:
+        cins = tuple(sum(resolve(r, widths) for r in lay) for lay in lays)
+        return replace(template, cin=cins[0], in_channels=cins, cout=sum(resolve(r, widths) for r in out_lay),
+                       mid=resolve(node.mid, widths) if node.mid is not None else 0, groups=op.groups(cins[0]))
+
+    return spec
+
+
+def _layout_sums(net, layout: Sequence, rng: random.Random | None = None) -> dict[int, dict[str, int]]:
+    """Every total width a (concatenated) layout can have, each with one choice of widths."""
+    sums: dict[int, dict[str, int]] = {0: {}}
+    for r in layout:
+        grid = [r] if isinstance(r, int) else list(net.units[r].grid)
+        nxt: dict[int, dict[str, int]] = {}
+        for total, ws in sums.items():
+            for w in (rng.sample(grid, len(grid)) if rng else grid):
+                nxt.setdefault(total + w, ws if isinstance(r, int) else {**ws, r: w})
+        sums = nxt
+    return sums
+
+
+def _width_choices(net, node) -> list[dict[str, int]]:
+    """Unit widths producing every distinct spec of ``node`` (one choice each, roughly)."""
+    refs = net.node_units(node)
+    size = math.prod(len(net.units[r].grid) for r in refs)
+    if size <= _BRUTE_FORCE:
+        return [dict(zip(refs, combo)) for combo in itertools.product(*(net.units[r].grid for r in refs))]
+    # a concatenation's consumer: only each input's total width matters, plus the node's own units
+    per_input = [list(_layout_sums(net, net.tensor_layout(t)).values()) for t in node.inputs]
+    own = [r for r in node.refs() if not any(r in net.tensor_layout(t) for t in node.inputs)]
+    out = []
+    for parts in itertools.product(*per_input, *([{r: w} for w in net.units[r].grid] for r in own)):
+        merged: dict[str, int] = {}
+        for p in parts:
+            merged.update(p)
+        out.append(merged)
+    return out
 
 
 def _node_entries(net, batch: int, input_size: int | None) -> list[dict[tuple, tuple[LayerSpec, dict]]]:
-    """Per node: signature -> (spec, unit widths producing it), over its units' grid product."""
+    """Per node: signature -> (spec, unit widths producing it); untimed nodes have none."""
     templates = net.layer_specs(net.full_config(), batch=batch, input_size=input_size)
     out = []
     for node, template in zip(net.nodes, templates):
-        refs = _refs(node)
         entries: dict[tuple, tuple[LayerSpec, dict]] = {}
-        for combo in itertools.product(*(net.units[r].grid for r in refs)):
-            widths = dict(zip(refs, combo))
-            spec = _spec_at(template, node, widths)
-            entries.setdefault(spec.signature(), (spec, widths))
+        if template.signature() is not None:
+            spec_at = _spec_fn(net, node, template)
+            for widths in _width_choices(net, node):
+                spec = spec_at(widths)
+                entries.setdefault(spec.signature(), (spec, widths))
         out.append(entries)
     return out
 
@@ -175,34 +207,18 @@ def design_configs(net, wanted: Iterable[tuple], batch: int = 1, input_size: int
     return [c for group in itertools.zip_longest(*rounds) for c in group if c is not None]
 
 
-def _signer(template: LayerSpec, node: Node) -> Callable[[dict], tuple]:
-    """A fast ``widths -> signature`` for one node (the covering search calls it a lot)."""
-    head, mid, tail = template.signature()[:4], template.signature()[5:7], template.signature()[9:]
-    op, dw = template.op, node.depthwise
-
-    def sig(widths: dict) -> tuple:
-        cin = resolve(node.cin, widths)
-        if op == "conv":
-            cout, groups = (cin, cin) if dw else (resolve(node.cout, widths), node.groups)
-        elif op == "linear":
-            cout, groups = resolve(node.cout, widths), template.groups
-        else:
-            cout, groups = cin, cin
-        return (*head, groups, *mid, cin, cout, *tail)
-
-    return sig
+def _signer(net, template: LayerSpec, node: Node) -> Callable[[dict], tuple | None]:
+    spec_at = _spec_fn(net, node, template)
+    return lambda widths: spec_at(widths).signature()
 
 
 def _cover(net, wanted: set, batch: int, input_size: int | None, seed: int) -> list[ChannelConfig]:
     rng = random.Random(seed)
     node_entries = _node_entries(net, batch, input_size)
     templates = net.layer_specs(net.full_config(), batch=batch, input_size=input_size)
-    signers = [_signer(t, n) for t, n in zip(templates, net.nodes)]
+    signers = [_signer(net, t, n) for t, n in zip(templates, net.nodes)]
     uncovered = set(wanted) & {sig for e in node_entries for sig in e}
-    unit_nodes: dict[str, list[int]] = {u: [] for u in net.units}
-    for i, node in enumerate(net.nodes):
-        for r in _refs(node):
-            unit_nodes[r].append(i)
+    unit_nodes = net.unit_nodes()
     units = list(net.units)
     configs = []
     while uncovered:
@@ -211,7 +227,7 @@ def _cover(net, wanted: set, batch: int, input_size: int | None, seed: int) -> l
         sig = rng.choice(sorted((s for s in node_entries[target] if s in uncovered), key=str))
         widths = {u: rng.choice(net.units[u].grid) for u in units}
         widths.update(node_entries[target][sig][1])
-        fixed = set(_refs(net.nodes[target]))
+        fixed = set(node_entries[target][sig][1])
         for _ in range(2):
             rng.shuffle(units)
             for u in units:
@@ -243,8 +259,7 @@ def calibration_configs(net, n: int, seed: int = 0, exclude: Iterable[ChannelCon
         else:  # a random range of steps, the widest first so that small networks get their share
             hi = rng.randint(1, GRID_STEPS)
             lo = rng.randint(1, hi)
-            cfg = net.config_of({u: step_width(unit.max_width, rng.randint(lo, hi), net.divisor)
-                                 for u, unit in net.units.items()})
+            cfg = net.config_of({u: unit.step(rng.randint(lo, hi)) for u, unit in net.units.items()})
         key = json.dumps(cfg.widths, sort_keys=True)
         if key not in seen:
             seen.add(key)
@@ -307,6 +322,37 @@ def _same_setup(old: dict, new: dict) -> list[str]:
     return [f"{k} {old.get(k)!r} (now {new.get(k)!r})" for k in keys if k in new and old.get(k) != new.get(k)]
 
 
+_MODEL_KEYS = ("model", "width_mult", "input_size")
+
+
+def _borrow_entries(csv_path: Path, meta: dict, wanted: set) -> dict[tuple, Any]:
+    """Entries of ``wanted`` that other tables beside ``csv_path`` measured with this setup.
+
+    A table's rows are keyed by layer shape, so a shape another model's table holds (same
+    machine, backend and version, threads, batch, dtype, method) is the same measurement.
+    """
+    if not wanted or not csv_path.parent.is_dir():
+        return {}
+    setup = {k: v for k, v in meta.items() if k not in _MODEL_KEYS}
+    found: dict[tuple, Any] = {}
+    for other in sorted(csv_path.parent.glob("*.json")):
+        other_csv = other.with_suffix(".csv")
+        if other_csv == csv_path or not other_csv.is_file() or other.name.startswith("."):
+            continue
+        try:
+            old = json.loads(other.read_text(encoding="utf-8"))
+            if not isinstance(old, dict) or _same_setup(old, setup):
+                continue
+            rows, _ = read_rows(other_csv, COLUMNS)
+            for r in rows:
+                sig = signature_from_row(r)
+                if sig in wanted and sig not in found:
+                    found[sig] = timing_from_row(r)
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TableError):
+            continue  # a table that cannot be read lends nothing
+    return found
+
+
 def _read_old_meta(meta_path: Path, csv_path: Path, force: bool) -> dict | None:
     """The metadata already at ``meta_path``; None where it is unreadable and ``force`` is set."""
     try:
@@ -332,14 +378,14 @@ def _seconds(value: Any) -> float:
 def profile(settings: ProfileSettings, progress: bool = False,
             log: Callable[[str], None] | None = None) -> ProfileResult:
     """Measure (or finish measuring) the table ``settings`` describe; see the module docstring."""
-    from hwslim.models import create_model
+    from hwslim.models import load_model
     from profilers import get_profiler
 
     log = log or (lambda msg: None)
     start = time.perf_counter()
     load_start = _load()
-    net = create_model(settings.model, width_mult=settings.width_mult).eval()
-    size = settings.input_size if settings.input_size is not None else net.input_size
+    net = load_model(settings.model, width_mult=settings.width_mult, input_size=settings.input_size).eval()
+    size = net.input_size
     profiler = get_profiler(settings.device, settings.backend, **_settings_kwargs(settings))
     try:
         pmeta = profiler.metadata()
@@ -382,6 +428,14 @@ def profile(settings: ProfileSettings, progress: bool = False,
             done = {signature_from_row(r): timing_from_row(r) for r in rows}
         atomic_write_text(meta_path, json.dumps({**meta, "status": "measuring"}, indent=2, sort_keys=True) + "\n")
 
+        borrowed = _borrow_entries(csv_path, meta, {s.signature() for s in entries} - set(done))
+        if borrowed:
+            with RowWriter(csv_path, COLUMNS) as writer:
+                for sig, timing in borrowed.items():
+                    writer.append(entry_row(sig, timing))
+            done.update(borrowed)
+            log(f"reused {len(borrowed)} entries measured for other models with this setup "
+                f"(under {csv_path.parent})")
         todo = [s for s in entries if s.signature() not in done]
         random.Random(settings.seed).shuffle(todo)  # spread slow periods of a busy machine over layers
         reused = len(entries) - len(todo)

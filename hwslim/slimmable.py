@@ -19,34 +19,48 @@ from torch import nn
 
 
 class SlimmableConv2d(nn.Conv2d):
-    """A conv whose first ``cin`` inputs and ``out_channels`` outputs are used.
+    """A conv that runs with the active part of its full-width weights.
 
-    ``depthwise=True`` ties the output width to the input width (groups = channels).
-    A grouped conv with a fixed number of groups uses ``weight[:cout, :cin // groups]``,
-    so active widths must be multiples of ``groups``.
+    Dense (``group_width=None``): the first ``out_channels`` filters over the input's
+    channels (the first ``x.shape[1]``, or ``index``: the kept channels of a
+    concatenation, as positions in the full layout). Grouped with ``group_width`` input
+    channels per group (``1``: depthwise): the output is tied to the input, so the
+    active filters are the ones of the kept input channels and the group count is
+    ``channels / group_width``.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
-                 padding: int = 0, groups: int = 1, bias: bool = False, depthwise: bool = False) -> None:
+                 padding: int = 0, bias: bool = False, group_width: int | None = None,
+                 depthwise: bool = False) -> None:
         if depthwise:
-            if in_channels != out_channels:
-                raise ValueError(f"a depthwise conv needs in == out channels, got {in_channels} and {out_channels}")
-            groups = in_channels
+            group_width = 1
+        groups = 1
+        if group_width is not None:
+            if in_channels != out_channels or in_channels % group_width:
+                raise ValueError(f"a grouped conv needs in == out channels, a multiple of the group width "
+                                 f"{group_width}; got {in_channels} and {out_channels}")
+            groups = in_channels // group_width
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, groups=groups, bias=bias)
-        self.depthwise = depthwise
+        self.group_width = group_width
 
-    def active_weight(self, cin: int, cout: int | None) -> tuple[torch.Tensor, torch.Tensor | None, int]:
-        """(weight, bias, groups) for the given active widths, as views of the full ones."""
-        if self.depthwise:
-            weight, groups, cout = self.weight[:cin], cin, cin
-        else:
-            cout = self.out_channels if cout is None else cout
-            weight, groups = self.weight[:cout, : cin // self.groups], self.groups
-        bias = None if self.bias is None else self.bias[:cout]
-        return weight, bias, groups
+    @property
+    def depthwise(self) -> bool:
+        return self.group_width == 1
 
-    def forward(self, x: torch.Tensor, out_channels: int | None = None) -> torch.Tensor:
-        weight, bias, groups = self.active_weight(x.shape[1], out_channels)
+    def active_weight(self, cin: int, cout: int | None, index: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+        """(weight, bias, groups) for the given active widths (views unless ``index`` gathers)."""
+        if self.group_width is not None:
+            weight = self.weight[:cin] if index is None else self.weight[index]
+            bias = None if self.bias is None else (self.bias[:cin] if index is None else self.bias[index])
+            return weight, bias, cin // self.group_width
+        cout = self.out_channels if cout is None else cout
+        weight = self.weight[:cout, :cin] if index is None else self.weight[:cout].index_select(1, index)
+        return weight, None if self.bias is None else self.bias[:cout], 1
+
+    def forward(self, x: torch.Tensor, out_channels: int | None = None,
+                index: torch.Tensor | None = None) -> torch.Tensor:
+        weight, bias, groups = self.active_weight(x.shape[1], out_channels, index)
         return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, groups)
 
 
@@ -77,23 +91,55 @@ class SlimmableBatchNorm2d(nn.BatchNorm2d):
         )
 
 
-class SlimmableLinear(nn.Linear):
-    """A linear layer reading the first ``in`` features (its outputs are never slimmed)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight[:, : x.shape[1]], self.bias)
-
-
 class SlimmableConvBN(nn.Module):
-    """Conv followed by BatchNorm: the unit a runtime executes (activation is applied by the graph)."""
+    """Conv then (optional) BatchNorm: the unit a runtime executes (the graph adds the rest)."""
 
-    def __init__(self, conv: SlimmableConv2d) -> None:
+    def __init__(self, conv: SlimmableConv2d, bn: bool = True, eps: float = 1e-5) -> None:
         super().__init__()
         self.conv = conv
-        self.bn = SlimmableBatchNorm2d(conv.out_channels)
+        self.bn = SlimmableBatchNorm2d(conv.out_channels, eps=eps) if bn else None
 
-    def forward(self, x: torch.Tensor, out_channels: int | None = None) -> torch.Tensor:
-        return self.bn(self.conv(x, out_channels))
+    def forward(self, x: torch.Tensor, out_channels: int | None = None, index: torch.Tensor | None = None,
+                training: bool | None = None) -> torch.Tensor:
+        y = self.conv(x, out_channels, index)
+        if self.bn is None:
+            return y
+        if index is not None and self.conv.group_width is not None:  # tied output: the kept channels
+            from hwslim.ops import _bn
+
+            return _bn(self.bn, y, index, self.training if training is None else training)
+        return self.bn(y)
+
+
+class SlimmableSE(nn.Module):
+    """Squeeze-and-excitation at full width: ``fc1`` reduces to ``mid``, ``fc2`` expands back."""
+
+    def __init__(self, channels: int, mid: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Conv2d(channels, mid, 1)
+        self.fc2 = nn.Conv2d(mid, channels, 1)
+
+    def scale(self, x: torch.Tensor, mid: int | None, index: torch.Tensor | None, act: str, gate: str
+              ) -> torch.Tensor:
+        from hwslim.ops import apply_act, fresh
+
+        c = x.shape[1]
+        mid = self.fc1.out_channels if mid is None else mid
+        w1 = self.fc1.weight[:mid, :c] if index is None else self.fc1.weight[:mid].index_select(1, index)
+        w2 = self.fc2.weight[:c, :mid] if index is None else self.fc2.weight[index, :mid]
+        b2 = self.fc2.bias[:c] if index is None else self.fc2.bias[index]
+        f = fresh()
+        h = apply_act(act, F.conv2d(x.mean((2, 3), keepdim=True), w1, self.fc1.bias[:mid]), f)
+        return apply_act(gate, F.conv2d(h, w2, b2), f)
+
+
+class PlainSE(nn.Module):
+    """The materialized SE block (two biased 1x1 convs; the op applies pool, activations and scale)."""
+
+    def __init__(self, channels: int, mid: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Conv2d(channels, mid, 1)
+        self.fc2 = nn.Conv2d(mid, channels, 1)
 
 
 BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)

@@ -1,12 +1,15 @@
 """``SlimmableNet``: a supernet that runs any channel config of its units.
 
-Model files build one with a :class:`GraphBuilder` (see ``hwslim/models``): they
-declare units, then add conv/pool/linear nodes whose widths name those units. The
-supernet's forward runs the graph with the widths of its current config::
+A supernet is built from a :class:`~hwslim.graph.Graph` (data: nodes with operators,
+units, input shape, class count), which a model file writes with a
+:class:`GraphBuilder`, a checkpoint stores as JSON, and an importer derives from a
+user's module. The supernet's forward runs the graph with the widths of its current
+config::
 
     >>> net = create_model("resnet20")
     >>> cfg = net.uniform_config(6)          # every unit at 6/12 of its width
-    >>> net.set_config(cfg); y = net(x)      # or: with net.using(cfg): y = net(x)
+    >>> with net.using(cfg):                 # or net.set_config(cfg)
+    ...     y = net(torch.zeros(1, 3, 32, 32))
 
 There is no global state: the config lives on the instance.
 """
@@ -14,92 +17,190 @@ from __future__ import annotations
 
 import contextlib
 import random
-from typing import Iterator, Mapping, Sequence
+from typing import Iterator, Mapping
 
 import torch
 from torch import nn
 
 from hwslim.config import ChannelConfig
 from hwslim.errors import ConfigError
-from hwslim.graph import INPUT, LayerSpec, Node, Width, last_uses, layer_specs, run_graph
+from hwslim.graph import (INPUT, Graph, LayerSpec, Node, UnitDef, Width, graph_from_dict, graph_to_dict,
+                          last_uses, layer_specs, resolve, run_graph, tensor_infos)
+from hwslim.ops import (Act, Add, AvgPool, BatchNorm, Concat, Conv, Dropout, Flatten, GlobalAvgPool, Linear, MaxPool,
+                        Slice, SqueezeExcite)
 from hwslim.rounding import DEFAULT_DIVISOR, DIVISORS
-from hwslim.slimmable import SlimmableConv2d, SlimmableConvBN, SlimmableLinear
-from hwslim.units import GRID_STEPS, ChannelUnit, step_width
+from hwslim.units import GRID_STEPS, ChannelUnit
 
 
 class GraphBuilder:
-    """Collects units, nodes and their full-width layers while a model file describes a net."""
+    """Collects units and nodes while a model file describes a network.
 
-    def __init__(self) -> None:
+    Each method adds one node and returns its output tensor's name. Channel widths are
+    unit names (declared with :meth:`unit`) or fixed ints; a node's input widths follow
+    from the tensors it reads.
+    """
+
+    def __init__(self, in_channels: int = 3, bn_eps: float = 1e-5) -> None:
+        self.bn_eps = float(bn_eps)  # BatchNorm's epsilon for every conv and BN node added
         self.units: dict[str, int] = {}
+        self.quanta: dict[str, int] = {}
         self.nodes: list[Node] = []
-        self.modules: dict[str, nn.Module] = {}
+        self._layouts: dict[str, tuple] = {INPUT: (in_channels,)}
 
-    def unit(self, name: str, max_width: int) -> str:
+    def unit(self, name: str, max_width: int, quantum: int = 1) -> str:
         if name in self.units:
             raise ValueError(f"unit {name!r} declared twice")
         self.units[name] = int(max_width)
+        self.quanta[name] = int(quantum)
         return name
 
-    def _max(self, width: Width) -> int:
-        return width if isinstance(width, int) else self.units[width]
+    def layout(self, tensor: str) -> tuple:
+        return self._layouts[tensor]
 
-    def _add(self, node: Node, module: nn.Module | None) -> str:
-        if node.name in self.modules or any(n.name == node.name for n in self.nodes) or node.name == INPUT:
+    def width(self, tensor: str) -> Width:
+        """The single unit (or fixed width) of a tensor's channels."""
+        lay = self._layouts[tensor]
+        if len(lay) != 1:
+            raise ValueError(f"{tensor!r} is a concatenation of {len(lay)} parts")
+        return lay[0]
+
+    def add_node(self, node: Node) -> str:
+        if node.name in self._layouts:
             raise ValueError(f"node name {node.name!r} used twice")
+        for t in node.inputs:
+            if t not in self._layouts:
+                raise ValueError(f"{node.name}: reads {t!r}, which no earlier node produces")
+        for r in node.refs():
+            if r not in self.units:
+                raise ValueError(f"{node.name}: unit {r!r} is not declared")
+        layouts = [self._layouts[t] for t in node.inputs]
+        node.op.check_inputs(node.name, layouts)
+        for a, b in node.op.unit_ties(node, layouts):
+            if tuple(a) != tuple(b):
+                raise ValueError(f"{node.name}: cannot combine channels of units {tuple(a)} and {tuple(b)} "
+                                 "element-wise; give both the same unit")
         self.nodes.append(node)
-        if module is not None:
-            self.modules[node.name] = module
+        self._layouts[node.name] = tuple(node.op.out_layout(node, layouts))
         return node.name
 
-    def conv(self, name: str, x: str, cin: Width, cout: Width | None, kernel: int, stride: int = 1, *,
-             depthwise: bool = False, groups: int = 1, act: str | None = "relu", residual: str | None = None) -> str:
-        """Add ``act(bn(conv(x)) [+ residual])``; returns the output tensor's name."""
+    def _check_cin(self, name: str, x: str, cin: Width | None) -> None:
+        if cin is not None and self._layouts[x] != (cin,):
+            raise ValueError(f"{name}: input {x!r} has channels {self._layouts[x]}, node expects {cin!r}")
+
+    # -- one method per operator --------------------------------------------------------------------
+    def conv(self, name: str, x: str, cin: Width | None, cout: Width | None, kernel: int, stride: int = 1, *,
+             depthwise: bool = False, group_width: int | None = None, act: str | None = "relu",
+             residual: str | None = None, bn: bool = True, bias: bool = False, padding: int | None = None) -> str:
+        """``act(bn(conv(x)) [+ residual])``. ``depthwise``/``group_width``: output tied to the input."""
+        self._check_cin(name, x, cin)
         if depthwise:
-            cout = cin
-        cin_max, cout_max = self._max(cin), self._max(cout)
-        conv = SlimmableConv2d(cin_max, cout_max, kernel, stride, (kernel - 1) // 2, groups=groups, depthwise=depthwise)
-        node = Node(name, "conv", x, cin, cout, kernel, stride, (kernel - 1) // 2, groups, depthwise, act, residual)
-        return self._add(node, SlimmableConvBN(conv))
+            group_width = 1
+        pad = (kernel - 1) // 2 if padding is None else padding
+        op = Conv(kernel, stride, pad, group_width, act, bn, bias, self.bn_eps)
+        inputs = (x,) if residual is None else (x, residual)
+        return self.add_node(Node(name, op, inputs, None if group_width is not None else cout))
 
-    def maxpool(self, name: str, x: str, c: Width, kernel: int, stride: int, padding: int) -> str:
-        return self._add(Node(name, "maxpool", x, c, c, kernel, stride, padding), None)
+    def se(self, name: str, x: str, mid: Width, act: str = "relu", gate: str = "sigmoid") -> str:
+        return self.add_node(Node(name, SqueezeExcite(act, gate), (x,), mid=mid))
 
-    def gap(self, name: str, x: str, c: Width) -> str:
-        return self._add(Node(name, "gap", x, c, c), None)
+    def add(self, name: str, *xs: str, act: str | None = None) -> str:
+        return self.add_node(Node(name, Add(act), tuple(xs)))
 
-    def linear(self, name: str, x: str, cin: Width, cout: int, dropout: float = 0.0) -> str:
-        node = Node(name, "linear", x, cin, cout, dropout=dropout)
-        return self._add(node, SlimmableLinear(self._max(cin), cout))
+    def concat(self, name: str, *xs: str) -> str:
+        return self.add_node(Node(name, Concat(), tuple(xs)))
+
+    def act(self, name: str, x: str, act: str) -> str:
+        return self.add_node(Node(name, Act(act), (x,)))
+
+    def bn(self, name: str, x: str, act: str | None = None) -> str:
+        return self.add_node(Node(name, BatchNorm(act, self.bn_eps), (x,)))
+
+    def maxpool(self, name: str, x: str, c: Width | None, kernel: int, stride: int, padding: int = 0) -> str:
+        self._check_cin(name, x, c)
+        return self.add_node(Node(name, MaxPool(kernel, stride, padding), (x,)))
+
+    def avgpool(self, name: str, x: str, kernel: int, stride: int, padding: int = 0) -> str:
+        return self.add_node(Node(name, AvgPool(kernel, stride, padding), (x,)))
+
+    def gap(self, name: str, x: str, c: Width | None = None, flatten: bool = True) -> str:
+        self._check_cin(name, x, c)
+        return self.add_node(Node(name, GlobalAvgPool(flatten), (x,)))
+
+    def flatten(self, name: str, x: str) -> str:
+        return self.add_node(Node(name, Flatten(), (x,)))
+
+    def dropout(self, name: str, x: str, p: float) -> str:
+        return self.add_node(Node(name, Dropout(p), (x,)))
+
+    def linear(self, name: str, x: str, cin: Width | None, cout: Width, dropout: float = 0.0,
+               act: str | None = None) -> str:
+        self._check_cin(name, x, cin)
+        return self.add_node(Node(name, Linear(act, dropout), (x,), cout))
+
+    def graph(self, name: str, *, input_size: int, num_classes: int, width_mult: float = 1.0,
+              divisor: int = DEFAULT_DIVISOR, in_channels: int | None = None) -> Graph:
+        units = {u: UnitDef(w, self.quanta.get(u, 1)) for u, w in self.units.items()}
+        c = self._layouts[INPUT][0] if in_channels is None else in_channels
+        return Graph(name, list(self.nodes), units, int(input_size), int(num_classes), int(c), float(width_mult),
+                     int(divisor))
 
 
 class SlimmableNet(nn.Module):
     """A slimmable supernet: a graph of nodes over slimmable layers, plus its units."""
 
-    def __init__(self, name: str, builder: GraphBuilder, *, width_mult: float, input_size: int,
-                 num_classes: int, divisor: int = DEFAULT_DIVISOR, in_channels: int = 3) -> None:
+    def __init__(self, name: str | Graph, builder: GraphBuilder | None = None, *, width_mult: float = 1.0,
+                 input_size: int = 224, num_classes: int = 1000, divisor: int = DEFAULT_DIVISOR,
+                 in_channels: int = 3) -> None:
         super().__init__()
-        if divisor not in DIVISORS:
-            raise ValueError(f"divisor must be one of {DIVISORS}, got {divisor}")
-        self.name = name
-        self.width_mult = float(width_mult)
-        self.input_size = int(input_size)
-        self.num_classes = int(num_classes)
-        self.divisor = int(divisor)
-        self.in_channels = in_channels
-        self.nodes: tuple[Node, ...] = tuple(builder.nodes)
+        if isinstance(name, Graph):
+            graph = name
+        else:
+            graph = builder.graph(name, input_size=input_size, num_classes=num_classes, width_mult=width_mult,
+                                  divisor=divisor, in_channels=in_channels)
+        if graph.divisor not in DIVISORS:
+            raise ValueError(f"divisor must be one of {DIVISORS}, got {graph.divisor}")
+        self.graph = graph
+        self.name = graph.name
+        self.width_mult = float(graph.width_mult)
+        self.input_size = int(graph.input_size)
+        self.num_classes = int(graph.num_classes)
+        self.divisor = int(graph.divisor)
+        self.in_channels = int(graph.in_channels)
+        self.nodes: tuple[Node, ...] = tuple(graph.nodes)
         self.units: dict[str, ChannelUnit] = {
-            u: ChannelUnit.build(u, w, divisor) for u, w in builder.units.items()
+            u: ChannelUnit.build(u, d.max_width, graph.divisor, d.quantum) for u, d in graph.units.items()
         }
-        self.layers = nn.ModuleDict(builder.modules)
+        self._infos = tensor_infos(self.nodes, self.input_size, self.in_channels)
+        self._max = {u: unit.max_width for u, unit in self.units.items()}
+        modules = {}
+        for n in self.nodes:
+            lay = self._infos[n.inputs[0]].layout
+            cin = sum(resolve(r, self._max) for r in lay)
+            cout = resolve(n.out, self._max) if n.out is not None else cin
+            mid = resolve(n.mid, self._max) if n.mid is not None else 0
+            m = n.op.build(n, cin, cout, mid)
+            if m is not None:
+                modules[n.name] = m
+        self.layers = nn.ModuleDict(modules)
         self._free_after = last_uses(self.nodes)
-        self._widths: dict[str, int] = {u: unit.max_width for u, unit in self.units.items()}
+        self._index_cache: dict[tuple, torch.Tensor] = {}
+        self._widths: dict[str, int] = dict(self._max)
         self._init_weights()
+
+    @classmethod
+    def from_graph(cls, graph: Graph | Mapping) -> "SlimmableNet":
+        return cls(graph if isinstance(graph, Graph) else graph_from_dict(graph))
+
+    def graph_dict(self) -> dict:
+        """The graph as versioned JSON-ready data (with each unit's grid)."""
+        return graph_to_dict(self.graph, {u: unit.grid for u, unit in self.units.items()})
 
     def _init_weights(self) -> None:
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out")
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
@@ -112,14 +213,14 @@ class SlimmableNet(nn.Module):
         return ChannelConfig(self.name, self.width_mult, self.input_size, widths, meta)
 
     def full_config(self) -> ChannelConfig:
-        return self.config_of({u: unit.max_width for u, unit in self.units.items()})
+        return self.config_of(self._max)
 
     def min_config(self) -> ChannelConfig:
         return self.config_of({u: unit.grid[0] for u, unit in self.units.items()})
 
     def uniform_config(self, step: int) -> ChannelConfig:
         """Every unit at grid step ``step`` of ``GRID_STEPS`` (12 = full width)."""
-        return self.config_of({u: step_width(unit.max_width, step, self.divisor) for u, unit in self.units.items()})
+        return self.config_of({u: unit.step(step) for u, unit in self.units.items()})
 
     def uniform_configs(self) -> list[ChannelConfig]:
         return [self.uniform_config(s) for s in range(1, GRID_STEPS + 1)]
@@ -172,28 +273,53 @@ class SlimmableNet(nn.Module):
             raise ValueError(f"input size must be at least 1, got {input_size}")
         size = input_size if input_size is not None else (config.input_size if config is not None
                                                           else self.input_size)
-        return layer_specs(self.nodes, widths, size, batch, self.in_channels)
+        infos = self._infos if size == self.input_size else None
+        return layer_specs(self.nodes, widths, size, batch, self.in_channels, self._max, infos)
+
+    def tensor_layout(self, tensor: str) -> tuple:
+        """The units (or fixed widths) a tensor's channels come from."""
+        return self._infos[tensor].layout
+
+    def node_units(self, node: Node) -> list[str]:
+        """Units that set any width of ``node``: its inputs' channels, its output, its inner width."""
+        refs = [r for t in (*node.inputs, node.name) for r in self._infos[t].layout] + [node.mid]
+        return list(dict.fromkeys(r for r in refs if isinstance(r, str)))
 
     def unit_nodes(self) -> dict[str, list[int]]:
         """For each unit, the indices of the nodes whose input or output width it sets."""
         out: dict[str, list[int]] = {u: [] for u in self.units}
         for i, n in enumerate(self.nodes):
-            for ref in {n.cin, n.cout}:
-                if isinstance(ref, str):
-                    out[ref].append(i)
+            for ref in self.node_units(n):
+                out[ref].append(i)
         return out
 
     # -- execution ------------------------------------------------------------------------
-    def _layer(self, node: Node, x: torch.Tensor) -> torch.Tensor:
-        module = self.layers[node.name]
-        if node.op == "linear":
-            if node.dropout and self.training:
-                x = nn.functional.dropout(x, node.dropout, True)
-            return module(x)
-        return module(x, None if node.depthwise else self._width(node.cout))
+    def _index(self, tensor: str) -> torch.Tensor | None:
+        """Kept channels of a concatenated tensor as positions in its full layout (None: a prefix)."""
+        lay = self._infos[tensor].layout
+        if len(lay) <= 1:
+            return None
+        key = (tensor, tuple(resolve(r, self._widths) for r in lay))
+        idx = self._index_cache.get(key)
+        if idx is None:
+            parts, off = [], 0
+            for r, w in zip(lay, key[1]):
+                parts.append(torch.arange(off, off + w))
+                off += resolve(r, self._max)
+            idx = torch.cat(parts)
+            if len(self._index_cache) > 4096:
+                self._index_cache.clear()
+            self._index_cache[key] = idx
+        return idx
 
-    def _width(self, ref: Width) -> int:
-        return ref if isinstance(ref, int) else self._widths[ref]
+    def _layer(self, node: Node, xs: list[torch.Tensor], inplace: bool) -> torch.Tensor:
+        idx = self._index(node.inputs[0])
+        if idx is not None:
+            idx = idx.to(xs[0].device)
+        ctx = Slice(out=None if node.out is None else resolve(node.out, self._widths),
+                    mid=None if node.mid is None else resolve(node.mid, self._widths),
+                    index=idx, inplace=inplace, training=self.training)
+        return node.op.run(self.layers[node.name] if node.name in self.layers else None, xs, ctx)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return run_graph(self.nodes, self._layer, x, free_after=self._free_after)
@@ -201,3 +327,5 @@ class SlimmableNet(nn.Module):
     def extra_repr(self) -> str:
         return f"name={self.name!r}, width_mult={self.width_mult:g}, units={len(self.units)}"
 
+
+__all__ = ["GraphBuilder", "SlimmableNet"]

@@ -17,6 +17,7 @@ maximum; duplicates merge, so a narrow unit has fewer distinct widths:
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from hwslim.rounding import DEFAULT_DIVISOR, make_divisible
@@ -40,15 +41,25 @@ def width_grid(max_width: int, divisor: int = DEFAULT_DIVISOR) -> tuple[int, ...
 
 @dataclass(frozen=True)
 class ChannelUnit:
-    """A named group of tied channels with its allowed widths (ascending)."""
+    """A named group of tied channels with its allowed widths (ascending).
+
+    ``divisor`` is what every width is a multiple of: the rounding divisor, or a multiple
+    of it that is also a multiple of the unit's quantum (a grouped conv's group width).
+    """
 
     name: str
     max_width: int
     grid: tuple[int, ...]
+    divisor: int = DEFAULT_DIVISOR
 
     @classmethod
-    def build(cls, name: str, max_width: int, divisor: int = DEFAULT_DIVISOR) -> "ChannelUnit":
-        return cls(name, max_width, width_grid(max_width, divisor))
+    def build(cls, name: str, max_width: int, divisor: int = DEFAULT_DIVISOR, quantum: int = 1) -> "ChannelUnit":
+        d = math.lcm(divisor, max(1, int(quantum)))
+        return cls(name, max_width, width_grid(max_width, d), d)
+
+    def step(self, step: int) -> int:
+        """The width at grid step ``step`` (1..GRID_STEPS)."""
+        return step_width(self.max_width, step, self.divisor)
 
     def narrower(self, width: int) -> int | None:
         """The next grid width below ``width``, or None at the bottom of the grid."""

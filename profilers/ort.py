@@ -75,80 +75,37 @@ def _ort():
 def entry_model(spec: LayerSpec):
     """A standalone ONNX model computing what ``spec`` computes in the exported network.
 
-    Inputs ``x`` (and ``skip`` for a residual conv), output ``y``; the ops are the ones
-    :func:`hwslim.export.export_onnx` writes for a BN-folded layer.
+    Input ``x`` (plus one per further input: a residual, a concat part), output ``y``;
+    the nodes are the operator's own (:meth:`hwslim.ops.Op.onnx`). Further inputs pass
+    through a 1x1 max pool standing for the layer that produces them in a network (in
+    the blocked layout, which lets ONNX Runtime fuse a residual add into the conv);
+    :func:`in_network_layout` removes it again.
     """
-    from onnx import TensorProto, helper, numpy_helper
+    from hwslim.onnx_build import entry_model as build
 
-    b = spec.batch
-    inits, nodes = [], []
-
-    def init(name: str, arr: np.ndarray) -> str:
-        inits.append(numpy_helper.from_array(np.ascontiguousarray(arr, dtype=np.float32), name))
-        return name
-
-    def vi(name: str, shape: list[int]):
-        return helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
-
-    x_shape = [b, spec.cin] if spec.op == "linear" else [b, spec.cin, spec.in_h, spec.in_w]
-    inputs = [vi("x", x_shape)]
-    if spec.op == "conv":
-        fan_in = spec.cin // spec.groups * spec.kernel * spec.kernel
-        w = _random((spec.cout, spec.cin // spec.groups, spec.kernel, spec.kernel), 1 / np.sqrt(fan_in))
-        p = spec.padding
-        nodes.append(helper.make_node("Conv", ["x", init("w", w), init("b", _random((spec.cout,), 0.1))],
-                                      ["conv"], kernel_shape=[spec.kernel] * 2, strides=[spec.stride] * 2,
-                                      pads=[p] * 4, group=spec.groups))
-        cur = "conv"
-        out_shape = [b, spec.cout, spec.out_h, spec.out_w]
-        if spec.residual is not None:
-            # In a network the skip comes from a layer in the blocked layout, which lets ONNX
-            # Runtime fuse the add into the conv; a 1x1 max pool plays that layer here and
-            # is removed again by in_network_layout.
-            inputs.append(vi("skip_in", out_shape))
-            # (ORT names a blocked-layout node after its output, so the output carries the marker)
-            nodes.append(helper.make_node("MaxPool", ["skip_in"], [SKIP_FEED], name=SKIP_FEED, kernel_shape=[1, 1]))
-            nodes.append(helper.make_node("Add", [cur, SKIP_FEED], ["add"]))
-            cur = "add"
-        if spec.act == "relu":
-            nodes.append(helper.make_node("Relu", [cur], ["act"]))
-            cur = "act"
-        elif spec.act == "relu6":
-            lo, hi = init("lo", np.array(0.0)), init("hi", np.array(6.0))
-            nodes.append(helper.make_node("Clip", [cur, lo, hi], ["act"]))
-            cur = "act"
-    elif spec.op == "maxpool":
-        p = spec.padding
-        nodes.append(helper.make_node("MaxPool", ["x"], ["pool"], kernel_shape=[spec.kernel] * 2,
-                                      strides=[spec.stride] * 2, pads=[p] * 4))
-        cur, out_shape = "pool", [b, spec.cout, spec.out_h, spec.out_w]
-    elif spec.op == "gap":
-        nodes += [helper.make_node("GlobalAveragePool", ["x"], ["gap"]),
-                  helper.make_node("Flatten", ["gap"], ["flat"], axis=1)]
-        cur, out_shape = "flat", [b, spec.cout]
-    elif spec.op == "linear":
-        w = _random((spec.cout, spec.cin), 0.01)
-        nodes.append(helper.make_node("Gemm", ["x", init("w", w), init("b", np.zeros(spec.cout))], ["gemm"],
-                                      transB=1))
-        cur, out_shape = "gemm", [b, spec.cout]
-    else:
-        raise ProfilerError(f"backend 'ort' cannot time op {spec.op!r}")
-    graph = helper.make_graph(nodes, f"entry_{spec.op}", inputs, [vi(cur, out_shape)], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
-    model.ir_version = 8
-    return model
+    try:
+        return build(spec, feed_marker=SKIP_FEED)
+    except NotImplementedError as e:
+        raise ProfilerError(f"backend 'ort' cannot time {spec.name!r}: {e}") from None
 
 
-_POOL: list[np.ndarray] = [np.empty(0, np.float32)]
+def network_model(specs: Sequence[LayerSpec]):
+    """The ONNX model of a whole network given as layer specs (random weights), as
+    :func:`hwslim.onnx_build.network_model` builds it from the operators."""
+    from hwslim.onnx_build import network_model as build
+
+    try:
+        return build(specs)
+    except NotImplementedError as e:
+        raise ProfilerError(f"backend 'ort' cannot build this network: {e}") from None
 
 
-def _random(shape, scale: float = 1.0) -> np.ndarray:
-    """Random normal weights, sliced from one cached pool (timing does not depend on values,
-    and drawing 10M fresh numbers per network cost more than running it)."""
-    n = int(np.prod(shape))
-    if _POOL[0].size < n:
-        _POOL[0] = np.random.default_rng(0).standard_normal(max(n, 2 * _POOL[0].size), dtype=np.float32)
-    return _POOL[0][:n].reshape(shape) * np.float32(scale)
+def probe_spec() -> LayerSpec:
+    """A small 1x1 conv + ReLU (8 -> 8 channels at 4x4): what reveals the NCHWc block."""
+    from hwslim.graph import layer_spec
+    from hwslim.ops import Conv
+
+    return layer_spec("probe", Conv(1, act="relu"), 8, 4, out=8)
 
 
 def _dims(value_info) -> list[int]:
@@ -177,6 +134,8 @@ def in_network_layout(optimized, block: int, divisor: int = 8):
     graph_in = {v.name: v for v in g.input}
     graph_out = {v.name for v in g.output}
     reordered = {n.input[0] for n in g.node if n.op_type == "ReorderInput" and n.domain == NCHWC}
+    # an input also read in plain layout (SE's scaling reads what it pools) stays an input too
+    reordered -= {t for n in g.node if not (n.op_type == "ReorderInput" and n.domain == NCHWC) for t in n.input}
     inputs, outputs, nodes = [], [], []
     for v in g.input:
         dims = _dims(v)
@@ -220,62 +179,6 @@ def in_network_layout(optimized, block: int, divisor: int = 8):
     graph = helper.make_graph(nodes, g.name, inputs, outputs, list(g.initializer))
     model = helper.make_model(graph, opset_imports=list(optimized.opset_import))
     model.ir_version = optimized.ir_version
-    return model
-
-
-def network_model(specs: Sequence[LayerSpec]):
-    """The ONNX model of a whole network given as layer specs (random weights).
-
-    Same ops as :func:`entry_model` and as the exported network; every node's name
-    starts with its layer's name (``"b1/expand::conv"``) and every layer's output
-    tensor is named after the layer, so kernels can be traced back to layers.
-    """
-    from onnx import TensorProto, helper, numpy_helper
-
-    inits, nodes = [], []
-
-    def init(name: str, arr) -> str:
-        inits.append(numpy_helper.from_array(np.ascontiguousarray(arr, dtype=np.float32), name))
-        return name
-
-    first, last = specs[0], specs[-1]
-    x = helper.make_tensor_value_info(first.input, TensorProto.FLOAT, [first.batch, first.cin, first.in_h, first.in_w])
-    lo, hi = init("relu6.min", np.array(0.0)), init("relu6.max", np.array(6.0))
-    for s in specs:
-        n = s.name
-        if s.op == "conv":
-            fan_in = s.cin // s.groups * s.kernel * s.kernel
-            w = init(f"{n}.weight", _random((s.cout, s.cin // s.groups, s.kernel, s.kernel), 1 / np.sqrt(fan_in)))
-            b = init(f"{n}.bias", _random((s.cout,), 0.1))
-            cur = n if s.residual is None and s.act is None else f"{n}::conv"
-            nodes.append(helper.make_node("Conv", [s.input, w, b], [cur], name=f"{n}::conv",
-                                          kernel_shape=[s.kernel] * 2, strides=[s.stride] * 2,
-                                          pads=[s.padding] * 4, group=s.groups))
-            if s.residual is not None:
-                out = n if s.act is None else f"{n}::add"
-                nodes.append(helper.make_node("Add", [cur, s.residual], [out], name=f"{n}::add"))
-                cur = out
-            if s.act == "relu":
-                nodes.append(helper.make_node("Relu", [cur], [n], name=f"{n}::act"))
-            elif s.act == "relu6":
-                nodes.append(helper.make_node("Clip", [cur, lo, hi], [n], name=f"{n}::act"))
-        elif s.op == "maxpool":
-            nodes.append(helper.make_node("MaxPool", [s.input], [n], name=f"{n}::pool", kernel_shape=[s.kernel] * 2,
-                                          strides=[s.stride] * 2, pads=[s.padding] * 4))
-        elif s.op == "gap":
-            nodes += [helper.make_node("GlobalAveragePool", [s.input], [f"{n}::gap"], name=f"{n}::gap"),
-                      helper.make_node("Flatten", [f"{n}::gap"], [n], name=f"{n}::flatten", axis=1)]
-        elif s.op == "linear":
-            w = init(f"{n}.weight", _random((s.cout, s.cin), 0.01))
-            nodes.append(helper.make_node("Gemm", [s.input, w, init(f"{n}.bias", np.zeros(s.cout))], [n],
-                                          name=f"{n}::gemm", transB=1))
-        else:
-            raise ProfilerError(f"backend 'ort' cannot time op {s.op!r}")
-    shape = [last.batch, last.cout] if last.op in ("linear", "gap") else [last.batch, last.cout, last.out_h, last.out_w]
-    graph = helper.make_graph(nodes, "network", [x], [helper.make_tensor_value_info(last.name, TensorProto.FLOAT, shape)],
-                              inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
-    model.ir_version = 8
     return model
 
 
@@ -388,8 +291,7 @@ class OrtProfiler(Profiler):
     def nchwc_block(self) -> int:
         """ONNX Runtime's blocked-layout channel block on this CPU (16 with AVX-512; 0: none)."""
         if self._block is None:
-            probe = LayerSpec("probe", "conv", "x", 8, 8, 4, 4, 4, 4, act="relu", bn=True)
-            opt = self._optimized(entry_model(probe)).graph
+            opt = self._optimized(entry_model(probe_spec())).graph
             conv = [n for n in opt.node if n.domain == NCHWC and n.op_type == "Conv"]
             weights = {i.name: i for i in opt.initializer}
             # the probe's 8 output channels are padded to one block in the blocked weights
@@ -462,8 +364,6 @@ class OrtProfiler(Profiler):
 
     # -- timing ----------------------------------------------------------------------------
     def _time_entry(self, spec: LayerSpec) -> Timing:
-        if spec.op not in ("conv", "maxpool", "gap", "linear"):
-            raise ProfilerError(f"backend 'ort' cannot time op {spec.op!r}")
         timed = self._timed(self._binding(self.entry_session(spec)))
         return Timing.from_samples(sample(timed, self.protocol))
 

@@ -73,7 +73,6 @@ def entry_callable(spec: LayerSpec, device: str = "cuda", dtype: str = "float32"
     ``fn()`` returns the layer's output; inputs and weights are created once, here.
     """
     torch = _torch()
-    import torch.nn.functional as F
 
     dt = torch_dtype(dtype)
     gen = torch.Generator(device="cpu").manual_seed(seed)
@@ -85,52 +84,22 @@ def entry_callable(spec: LayerSpec, device: str = "cuda", dtype: str = "float32"
 
     b = spec.batch
     elem = torch.finfo(dt).bits // 8
-    if spec.op == "conv":
-        x = rand(b, spec.cin, spec.in_h, spec.in_w, four_d=True)
-        fan_in = spec.cin // spec.groups * spec.kernel ** 2
-        w = rand(spec.cout, spec.cin // spec.groups, spec.kernel, spec.kernel, scale=fan_in ** -0.5, four_d=True)
-        bias = rand(spec.cout, scale=0.1)
-        skip = rand(b, spec.cout, spec.out_h, spec.out_w, four_d=True) if spec.residual is not None else None
-        act = spec.act
-        stride, padding, groups = spec.stride, spec.padding, spec.groups
+    module = spec.op.plain(spec, None)  # the materialized layer, random weights, BN folded as deployed
+    op, module = spec.op.folded(spec, module.eval() if module is not None else None)
+    if module is not None:
+        torch.manual_seed(seed)
+        module = module.to(device=device, dtype=dt)
+        if channels_last:
+            module = module.to(memory_format=torch.channels_last)
+    xs = [rand(b, c) if k == 0 and spec.in_flat else rand(b, c, *spec.in_sizes[k], four_d=True)
+          for k, c in enumerate(spec.in_channels)]
 
-        def fn():
-            y = F.conv2d(x, w, bias, stride, padding, 1, groups)
-            if skip is not None:
-                y = y.add_(skip)
-            if act == "relu":
-                y = F.relu_(y)
-            elif act == "relu6":
-                y = y.clamp_(0.0, 6.0)
-            return y
+    def fn():
+        with torch.no_grad():
+            return op.run_plain(module, xs, spec, False, False)
 
-        tensors = x.numel() + w.numel() + (skip.numel() if skip is not None else 0) + b * spec.cout * spec.out_h * spec.out_w
-    elif spec.op == "maxpool":
-        x = rand(b, spec.cin, spec.in_h, spec.in_w, four_d=True)
-        k, s, p = spec.kernel, spec.stride, spec.padding
-
-        def fn():
-            return F.max_pool2d(x, k, s, p)
-
-        tensors = x.numel() * 2
-    elif spec.op == "gap":
-        x = rand(b, spec.cin, spec.in_h, spec.in_w, four_d=True)
-
-        def fn():
-            return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
-
-        tensors = x.numel() + b * spec.cout
-    elif spec.op == "linear":
-        x = rand(b, spec.cin)
-        w = rand(spec.cout, spec.cin, scale=0.01)
-        bias = rand(spec.cout, scale=0.1)
-
-        def fn():
-            return F.linear(x, w, bias)
-
-        tensors = x.numel() + w.numel() + b * spec.cout
-    else:
-        raise ProfilerError(f"backend 'torch_cuda' cannot time op {spec.op!r}")
+    weights = sum(p.numel() for p in module.parameters()) if module is not None else 0
+    tensors = sum(x.numel() for x in xs) + weights + spec.out_elements
     return fn, int(tensors * elem)
 
 
@@ -140,7 +109,8 @@ def onnx_callable(model, input_shape: Sequence[int], device: str = "cuda", dtype
     """A no-argument call running an ONNX graph written by ``export_onnx`` as PyTorch ops.
 
     Supports what the exporter emits for a plain hwslim network: Conv, Relu, Clip, Add,
-    MaxPool, GlobalAveragePool, Flatten, Gemm, plus Constant/Identity/Cast (Cast is a
+    Mul, Div, Sigmoid, HardSwish, HardSigmoid, Erf, Concat, MaxPool, AveragePool,
+    GlobalAveragePool, Flatten, Gemm, plus Constant/Identity/Cast (Cast is a
     no-op: everything runs in ``dtype``). Element-wise ops run in place where their
     input has no other reader, as :func:`hwslim.graph.run_graph` does, so the kernels
     are the ones the materialized network launches. The input is random, bound once.
@@ -204,6 +174,20 @@ def onnx_callable(model, input_shape: Sequence[int], device: str = "cuda", dtype
                                 else (lambda t, lo=lo, hi=hi: t.clamp(lo, hi))))
         elif op == "Add":
             steps.append(_add_step(ins, out, owned, consts))
+        elif op in ("Mul", "Div"):
+            steps.append(_binary_step(ins, out, owned, consts, op))
+        elif op in _UNARY:
+            steps.append(_unary(ins[0], out, _UNARY[op](F, torch, a)))
+        elif op == "Concat":
+            axis = int(a.get("axis", 1))
+            steps.append(lambda env, ins=ins, out=out, ax=axis: env.__setitem__(
+                out, torch.cat([env[t] if t in env else consts[t] for t in ins], ax)))
+        elif op == "AveragePool":
+            pads = a.get("pads", [0, 0, 0, 0])
+            k, s, p = tuple(a["kernel_shape"]), tuple(a.get("strides", [1, 1])), tuple(pads[:2])
+            inc = bool(a.get("count_include_pad", 0))
+            steps.append(_unary(ins[0], out, lambda t, k=k, s=s, p=p, i=inc: F.avg_pool2d(t, k, s, p,
+                                                                                           count_include_pad=i)))
         elif op == "MaxPool":
             pads = a.get("pads", [0, 0, 0, 0])
             k, s, p = tuple(a["kernel_shape"]), tuple(a.get("strides", [1, 1])), tuple(pads[:2])
@@ -242,6 +226,29 @@ def _attr(a):
     from onnx import helper
 
     return helper.get_attribute_value(a)
+
+
+_UNARY = {  # ONNX op -> (F, torch, attributes) -> function of one tensor
+    "Sigmoid": lambda F, torch, a: torch.sigmoid,
+    "HardSwish": lambda F, torch, a: F.hardswish,
+    "HardSigmoid": lambda F, torch, a: (lambda t, al=a.get("alpha", 0.2), be=a.get("beta", 0.5):
+                                        (t * al + be).clamp_(0.0, 1.0)),
+    "Erf": lambda F, torch, a: torch.erf,
+}
+
+
+def _binary_step(ins, out, owned, consts, op):
+    a, b = ins
+
+    def step(env):
+        x = env[a] if a in env else consts[a]
+        y = env[b] if b in env else consts[b]
+        if op == "Mul":
+            env[out] = x.mul_(y) if owned and _torch().broadcast_shapes(x.shape, y.shape) == x.shape else x * y
+        else:
+            env[out] = x / y
+
+    return step
 
 
 def _unary(src: str, out: str, f) -> Callable[[dict], None]:

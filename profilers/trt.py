@@ -49,7 +49,6 @@ plain enqueues between CUDA events, no profiler attached), ``e2e = a * sum + b``
 from __future__ import annotations
 
 import importlib.util
-import math
 import os
 import tempfile
 from dataclasses import replace
@@ -82,74 +81,33 @@ def plain_net_from_specs(specs: Sequence[LayerSpec], seed: int = 0):
     writes the same graph (and the same node names) as for a real materialized config.
     """
     import torch
-    from torch import nn
 
     from hwslim.materialize import PlainNet
 
+    from hwslim.materialize import plain_layers
+
     torch.manual_seed(seed)
-    layers: dict[str, nn.Module] = {}
-    for s in specs:
-        if s.op == "conv":
-            layers[s.name] = nn.Conv2d(s.cin, s.cout, s.kernel, s.stride, s.padding, groups=s.groups, bias=True)
-        elif s.op == "linear":
-            layers[s.name] = nn.Linear(s.cin, s.cout, bias=True)
-    return PlainNet(specs, layers).eval()
+    layers = plain_layers(specs)
+    folded = []
+    for s in specs:  # BN folded, as materialize(..., fold_bn=True) leaves it
+        op, m = s.op.folded(s, layers[s.name].eval() if s.name in layers else None)
+        if m is not None:
+            layers[s.name] = m
+        folded.append(replace(s, op=op))
+    return PlainNet(folded, layers).eval()
 
 
 def entry_onnx(spec: LayerSpec, seed: int = 0):
-    """A standalone ONNX model of one entry (inputs ``x`` and, for a residual conv, ``skip``).
+    """A standalone ONNX model of one entry (input ``x``, one more per further input, output ``y``).
 
     Only used for entries timed alone (``in_network=False`` or entries no network held).
     """
-    import numpy as np
-    from onnx import TensorProto, helper, numpy_helper
+    from hwslim.onnx_build import entry_model
 
-    rng = np.random.default_rng(seed)
-    b = spec.batch
-    inits, nodes = [], []
-
-    def init(name, arr):
-        inits.append(numpy_helper.from_array(np.ascontiguousarray(arr, dtype=np.float32), name))
-        return name
-
-    vi = lambda n, shape: helper.make_tensor_value_info(n, TensorProto.FLOAT, shape)  # noqa: E731
-    inputs = [vi("x", [b, spec.cin] if spec.op == "linear" else [b, spec.cin, spec.in_h, spec.in_w])]
-    if spec.op == "conv":
-        fan = spec.cin // spec.groups * spec.kernel ** 2
-        w = rng.standard_normal((spec.cout, spec.cin // spec.groups, spec.kernel, spec.kernel)) / math.sqrt(fan)
-        nodes.append(helper.make_node("Conv", ["x", init("w", w), init("b", rng.standard_normal(spec.cout) * 0.1)],
-                                      ["conv"], name="/entry/Conv", kernel_shape=[spec.kernel] * 2,
-                                      strides=[spec.stride] * 2, pads=[spec.padding] * 4, group=spec.groups))
-        cur, shape = "conv", [b, spec.cout, spec.out_h, spec.out_w]
-        if spec.residual is not None:
-            inputs.append(vi("skip", shape))
-            nodes.append(helper.make_node("Add", [cur, "skip"], ["add"], name="/Add"))
-            cur = "add"
-        if spec.act == "relu":
-            nodes.append(helper.make_node("Relu", [cur], ["act"], name="/Relu"))
-            cur = "act"
-        elif spec.act == "relu6":
-            nodes.append(helper.make_node("Clip", [cur, init("lo", np.array(0.0)), init("hi", np.array(6.0))], ["act"],
-                                          name="/Clip"))
-            cur = "act"
-    elif spec.op == "maxpool":
-        nodes.append(helper.make_node("MaxPool", ["x"], ["pool"], name="/MaxPool", kernel_shape=[spec.kernel] * 2,
-                                      strides=[spec.stride] * 2, pads=[spec.padding] * 4))
-        cur, shape = "pool", [b, spec.cout, spec.out_h, spec.out_w]
-    elif spec.op == "gap":
-        nodes += [helper.make_node("GlobalAveragePool", ["x"], ["gap"], name="/GlobalAveragePool"),
-                  helper.make_node("Flatten", ["gap"], ["flat"], name="/Flatten", axis=1)]
-        cur, shape = "flat", [b, spec.cout]
-    elif spec.op == "linear":
-        nodes.append(helper.make_node("Gemm", ["x", init("w", rng.standard_normal((spec.cout, spec.cin)) * 0.01),
-                                               init("b", np.zeros(spec.cout))], ["fc"], name="/entry/Gemm", transB=1))
-        cur, shape = "fc", [b, spec.cout]
-    else:
-        raise ProfilerError(f"backend 'trt' cannot time op {spec.op!r}")
-    graph = helper.make_graph(nodes, "entry", inputs, [vi(cur, shape)], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return model
+    try:
+        return entry_model(spec)
+    except NotImplementedError as e:
+        raise ProfilerError(f"backend 'trt' cannot time {spec.name!r}: {e}") from None
 
 
 def onnx_to_fp16(model):

@@ -121,7 +121,11 @@ def onnx_node_owners(model, specs: Sequence[LayerSpec]) -> dict[str, str]:
     """
     graph = _load(model).graph
     by_name = {s.name: s for s in specs}
-    pools: dict[tuple[str, str], str] = {(s.op, s.input): s.name for s in specs if s.op in ("maxpool", "gap")}
+    # weightless layers (pools, concatenation, SE scaling...) by the tensor they read first
+    free: dict[str, list[str]] = {}
+    for s in specs:
+        if s.op.params(s) == 0:
+            free.setdefault(s.input, []).append(s.name)
     tensor_layer: dict[str, str] = {i.name: INPUT for i in graph.input}  # tensor -> spec (or INPUT)
     owners: dict[str, str] = {}
     for node in graph.node:
@@ -137,9 +141,9 @@ def onnx_node_owners(model, specs: Sequence[LayerSpec]) -> dict[str, str]:
             cands = [tensor_layer.get(t) for t in node.input[:2]]
             with_skip = [c for c in cands if c in by_name and by_name[c].residual is not None]
             owner = with_skip[0] if with_skip else cands[0]
-        elif op in ("MaxPool", "GlobalAveragePool", "AveragePool"):
-            kind = "maxpool" if op == "MaxPool" else "gap"
-            owner = pools.get((kind, tensor_layer.get(node.input[0], "")))
+        elif op in ("MaxPool", "GlobalAveragePool", "AveragePool", "Concat"):
+            readers = free.get(tensor_layer.get(node.input[0], ""), [])
+            owner = readers[0] if len(readers) == 1 else None
         else:  # Relu, Clip, Flatten, Reshape, Cast...: the layer whose output it reads
             owner = tensor_layer.get(node.input[0]) if node.input else None
         if owner in (None, INPUT) and op not in _COMPUTE_OPS:
@@ -227,12 +231,7 @@ def roofline_weight(spec: LayerSpec) -> float:
     per element moved is about where a data-center GPU turns from memory- to compute-bound.
     """
     b = spec.batch
-    if spec.op == "conv":
-        macs = b * spec.cout * spec.out_h * spec.out_w * (spec.cin // max(spec.groups, 1)) * spec.kernel ** 2
-    elif spec.op == "linear":
-        macs = b * spec.cin * spec.cout
-    else:
-        macs = b * spec.cin * spec.in_h * spec.in_w
+    macs = spec.op.macs(spec) or b * spec.cin * spec.in_h * spec.in_w
     moved = b * (spec.cin * spec.in_h * spec.in_w + spec.cout * spec.out_h * spec.out_w)
     if spec.residual is not None:
         moved += b * spec.cout * spec.out_h * spec.out_w

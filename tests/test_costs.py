@@ -5,20 +5,20 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from hwslim.costs import activation_trace, macs, model_costs, params, peak_activation_bytes
-from hwslim.graph import LayerSpec
+from hwslim.graph import INPUT, layer_specs
 from hwslim.materialize import materialize
 from hwslim.models import create_model, list_models
+from hwslim.supernet import GraphBuilder
 
 
 def test_hand_computed_costs():
     # input 1x3x8x8 -> conv3x3 s1 to 4ch (+BN, relu) -> dw3x3 -> conv1x1 to 4ch + residual -> gap -> fc 10
-    specs = [
-        LayerSpec("a", "conv", "input", 3, 4, 8, 8, 8, 8, 3, 1, 1, 1, "relu", bn=True),
-        LayerSpec("b", "conv", "a", 4, 4, 8, 8, 8, 8, 3, 1, 1, 4, "relu", bn=True),
-        LayerSpec("c", "conv", "b", 4, 4, 8, 8, 8, 8, 1, 1, 0, 1, None, residual="a", bn=True),
-        LayerSpec("p", "gap", "c", 4, 4, 8, 8, 1, 1, 8, 1, 0, 4),
-        LayerSpec("fc", "linear", "p", 4, 10, 1, 1, 1, 1, bias=True),
-    ]
+    g = GraphBuilder()
+    a = g.conv("a", INPUT, 3, 4, 3)
+    b = g.conv("b", a, 4, None, 3, depthwise=True)
+    c = g.conv("c", b, 4, 4, 1, act=None, residual=a)
+    g.linear("fc", g.gap("p", c), 4, 10)
+    specs = layer_specs(g.nodes, {}, 8)
     assert macs(specs) == 4 * 3 * 9 * 64 + 4 * 1 * 9 * 64 + 4 * 4 * 64 + 40
     assert params(specs) == (108 + 8) + (36 + 8) + (16 + 8) + 50
     # bytes alive: input 768 B; a: +1024; b: input+a+b; c: input+a+b+c (a is c's residual); then b and a freed

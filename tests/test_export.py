@@ -63,7 +63,7 @@ def test_export_matches_supernet_and_records_provenance(setup, tmp_path):
     assert "BatchNormalization" not in ops  # folded into the convolutions
     convs = [n for n in model.graph.node if n.op_type == "Conv"]
     stem = next(i for i in model.graph.initializer if i.name == convs[0].input[1])
-    assert stem.dims[0] == cfg.widths[net.nodes[0].cout] < net.units[net.nodes[0].cout].max_width  # physically sliced to the chosen channels
+    assert stem.dims[0] == cfg.widths[net.nodes[0].out] < net.units[net.nodes[0].out].max_width  # physically sliced to the chosen channels
     meta = onnx_metadata(res.path)
     assert meta["model"] == "resnet20" and meta["width_mult"] == "1"
     assert meta["checkpoint"] == str(ckpt.resolve()) and meta["checkpoint_sha256"] == sha256_file(ckpt)

@@ -355,14 +355,37 @@ def test_supports_and_device_checks():
     assert kernels.supports(tiny_net())
     g = GraphBuilder()
     a = g.unit("a", 8)
-    g.conv("grouped", INPUT, 4, a, 3, groups=2)
-    assert not kernels.supports(SlimmableNet("grouped", g, width_mult=1.0, input_size=8, num_classes=8))
+    x = g.conv("stem", INPUT, 3, a, 3)
+    g.conv("grouped", x, a, None, 3, group_width=2)
+    grouped = SlimmableNet("grouped", g, width_mult=1.0, input_size=8, num_classes=8)
+    assert not kernels.supports(grouped)
+    assert kernels.unsupported(grouped) == "node 'grouped' (conv)"
     assert not kernels.supports(torch.nn.Conv2d(3, 3, 1))
     if not kernels.interpreting():
         with pytest.raises(kernels.KernelUnavailableError, match="CUDA"):
             kernels.check_device("cpu")
     with pytest.raises(ValueError, match="bn must be"):
         kernels.triton_forward(tiny_net(), torch.randn(1, 3, 12, 12, device=DEVICE), bn="eval")
+
+
+def test_single_config_runner_falls_back_to_pytorch_for_nodes_it_cannot_compute():
+    """SE and a grouped conv have no kernel: triton_forward runs them with PyTorch, the rest fused."""
+    g = GraphBuilder()
+    a, b, r = g.unit("a", 16), g.unit("b", 32, quantum=8), g.unit("r", 8)
+    x = g.conv("stem", INPUT, 3, a, 3, 2, act="relu")
+    h = g.conv("expand", x, a, b, 1, act="relu")
+    h = g.conv("group", h, b, None, 3, group_width=8, act="relu")
+    h = g.se("se", h, r, act="relu", gate="hardsigmoid")
+    x = g.conv("project", h, b, a, 1, act=None, residual=x)
+    g.linear("fc", g.gap("gap", x, a), a, 10)
+    net = SlimmableNet("se_net", g, width_mult=1.0, input_size=12, num_classes=10).to(DEVICE).eval()
+    assert kernels.unsupported(net) == "node 'group' (conv)"  # the first node without a kernel
+    x = torch.randn(2, 3, 12, 12, device=DEVICE)
+    cfg = net.config_of({"a": 8, "b": 16, "r": 8})
+    with torch.no_grad(), net.using(cfg):
+        want = net(x)
+    got = kernels.triton_forward(net, x, cfg)
+    torch.testing.assert_close(got.float(), want.float(), rtol=1e-4, atol=1e-4)
 
 
 # -- full size, on a GPU ---------------------------------------------------------------------------

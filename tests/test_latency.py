@@ -7,12 +7,14 @@ import json
 import pandas as pd
 import pytest
 import torch
+from dataclasses import replace
 
 from hwslim.cli import main
 from hwslim.errors import TableError
 from hwslim.latency import (COLUMNS, Calibration, LatencyTable, RowWriter, accuracy, default_table_path, find_table,
                             fit_calibration, fit_line, new_meta, read_rows, spearman, table_paths)
 from hwslim.models import create_model
+from hwslim.supernet import SlimmableNet
 from profilers import get_profiler
 from profilers.base import Timing
 
@@ -110,8 +112,15 @@ def test_compatible_setup_passes_and_others_are_refused_in_one_line(net, machine
     table.check_compatible(net, batch=8, input_size=16, force=True)
     with torch.device("meta"):
         other = create_model("resnet20", width_mult=0.5, input_size=16)
-    with pytest.raises(TableError, match="width mult 0.25 \\(wanted: 0.5\\)"):
+    with pytest.raises(TableError, match="only 13 of the 71 layer shapes of resnet20 x0.5 at 16px "
+                                         "\\(it was measured for resnet20 x0.25 at 16px\\)"):
         table.check_compatible(other, batch=1)
+    # a table serves any graph whose layer shapes it holds: a graph of the same layers under another name
+    from hwslim.profile import enumerate_entries
+
+    full = LatencyTable(table.meta, {s.signature(): Timing(0.01, 0.001, 0.011, 20) for s in enumerate_entries(net)})
+    renamed = SlimmableNet(replace(net.graph, name="my_resnet"))
+    full.check_compatible(renamed, batch=1, input_size=16)
     with pytest.raises(TableError, match="threads 1 \\(wanted: 2\\)"):
         table.check_compatible(net, batch=1, input_size=16, threads=2)
     moved = LatencyTable({**table.meta, "device_name": "Some Other CPU", "backend_version": "0.1"}, table.entries)

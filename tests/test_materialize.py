@@ -7,8 +7,9 @@ from torch import nn
 from hwslim.costs import model_costs
 from hwslim.materialize import materialize
 from hwslim.models import create_model, list_models
+from hwslim.slimmable import PlainSE
 
-SMALL = {"resnet50": 64, "mobilenet_v2": 64, "mobilenet_v1": 64, "mnasnet": 64}
+SMALL = {name: 64 for name in list_models() if create_model(name).input_size == 224}  # 224 px models at 64 px
 
 
 def _randomize_bn(net):
@@ -35,8 +36,8 @@ def test_materialized_matches_supernet_on_random_configs(name):
             assert torch.allclose(folded(x), ref, rtol=1e-3, atol=1e-4)
         # physically smaller: exactly the config's parameter count
         assert sum(p.numel() for p in plain.parameters()) == model_costs(net, cfg).params
-        assert all(isinstance(m, (nn.Conv2d, nn.BatchNorm2d, nn.Linear, nn.Sequential, nn.ModuleDict, type(plain)))
-                   for m in plain.modules())
+        assert all(isinstance(m, (nn.Conv2d, nn.BatchNorm2d, nn.Linear, nn.Sequential, nn.ModuleDict, PlainSE,
+                                  type(plain))) for m in plain.modules())
 
 
 def test_materialized_weights_are_copies():

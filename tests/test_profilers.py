@@ -7,9 +7,11 @@ import pytest
 import torch
 
 from hwslim.export import export_onnx
-from hwslim.graph import LayerSpec
+from hwslim.graph import LayerSpec, layer_spec
 from hwslim.materialize import materialize
 from hwslim.models import create_model
+from hwslim.ops import (Act, Add, AvgPool, BatchNorm, Concat, Conv, GlobalAvgPool, Linear, MaxPool,
+                        SqueezeExcite)
 from profilers import available_backends, backend_class, get_profiler
 from profilers.base import Profiler, ProfilerError, Protocol, Timing
 
@@ -20,12 +22,20 @@ QUICK = Protocol.quick()
 def _specs() -> list[LayerSpec]:
     """One spec of each kind an entry can be: dense, depthwise, residual, pools, classifier."""
     return [
-        LayerSpec("stem", "conv", "input", 3, 16, 16, 16, 16, 16, 3, 1, 1, 1, act="relu6", bn=True),
-        LayerSpec("dw", "conv", "stem", 32, 32, 16, 16, 8, 8, 3, 2, 1, 32, act="relu6", bn=True),
-        LayerSpec("pw", "conv", "dw", 8, 24, 8, 8, 8, 8, 1, 1, 0, 1, act=None, residual="skip", bn=True),
-        LayerSpec("pool", "maxpool", "pw", 24, 24, 8, 8, 4, 4, 3, 2, 1, 24),
-        LayerSpec("gap", "gap", "pool", 24, 24, 4, 4, 1, 1, 4, 1, 0, 24),
-        LayerSpec("fc", "linear", "gap", 24, 10, 1, 1, 1, 1, bias=True),
+        layer_spec("stem", Conv(3, 1, 1, act="relu6"), 3, 16, out=16),
+        layer_spec("dw", Conv(3, 2, 1, group_width=1, act="relu6"), 32, 16),
+        layer_spec("pw", Conv(1, act=None), (8, 24), 8, out=24),
+        layer_spec("pool", MaxPool(3, 2, 1), 24, 8),
+        layer_spec("gap", GlobalAvgPool(), 24, 4),
+        layer_spec("fc", Linear(), 24, 1, out=10, flat=True),
+        # the operators of MobileNetV3 / EfficientNet / RegNet / DenseNet
+        layer_spec("se", SqueezeExcite("relu", "hardsigmoid"), 32, 8, mid=8),
+        layer_spec("gconv", Conv(3, 1, 1, group_width=8), 32, 8),
+        layer_spec("add", Add("relu"), (16, 16), 8),
+        layer_spec("cat", Concat(), (16, 8), 8),
+        layer_spec("bn", BatchNorm("relu"), 24, 8),
+        layer_spec("avg", AvgPool(2, 2), 24, 8),
+        layer_spec("hs", Act("hardswish"), 24, 8),
     ]
 
 
@@ -50,8 +60,8 @@ def test_time_entry_returns_a_sane_timing(profiler):
 
 
 def test_bigger_layer_takes_longer(profiler):
-    small = LayerSpec("a", "conv", "x", 16, 16, 8, 8, 8, 8, 1, bn=True)
-    big = LayerSpec("b", "conv", "x", 256, 256, 32, 32, 32, 32, 3, 1, 1, 1, bn=True)  # ~1000x the MACs
+    small = layer_spec("a", Conv(1), 16, 8, out=16)
+    big = layer_spec("b", Conv(3, 1, 1), 256, 32, out=256)  # ~1000x the MACs
     assert profiler.time_entry(big).median_ms > 5 * profiler.time_entry(small).median_ms
 
 
@@ -64,7 +74,7 @@ def test_measure_entries_yields_each_entry_once(profiler):
 def test_measure_entries_in_networks_covers_entries_outside_them(profiler):
     net = create_model("resnet20", width_mult=0.25, input_size=8)
     specs = net.layer_specs(net.full_config())
-    extra = LayerSpec("extra", "conv", "x", 16, 32, 8, 8, 8, 8, 1, bn=True)  # in no network
+    extra = layer_spec("extra", Conv(1), 16, 8, out=32)  # in no network
     got = dict((s.signature(), t) for s, t in profiler.measure_entries(specs + [extra], networks=[specs]))
     assert set(got) == {s.signature() for s in specs + [extra]}
     assert all(t.median_ms > 0 for t in got.values())
@@ -143,7 +153,7 @@ def test_entry_models_compute_the_exported_layers():
         onnx.checker.check_model(model, full_check=True)
         (out,) = model.graph.output
         dims = [d.dim_value for d in out.type.tensor_type.shape.dim]
-        assert dims == ([1, spec.cout] if spec.op in ("gap", "linear") else [1, spec.cout, spec.out_h, spec.out_w])
+        assert dims == ([1, spec.cout] if spec.op.flattens else [1, spec.cout, spec.out_h, spec.out_w])
 
 
 def test_entries_run_in_the_layout_they_have_inside_a_network():
@@ -154,12 +164,12 @@ def test_entries_run_in_the_layout_they_have_inside_a_network():
         if not block:
             pytest.skip("ONNX Runtime uses no blocked layout on this CPU")
         for act in (None, "relu"):  # MobileNetV2's and ResNet's residual layers
-            spec = LayerSpec("pw", "conv", "x", 32, 64, 14, 14, 14, 14, 1, act=act, residual="s", bn=True)
+            spec = layer_spec("pw", Conv(1, act=act), (32, 64), 14, out=64)
             opt = prof._optimized(entry_model(spec))
             assert {n.op_type for n in opt.graph.node if n.domain == NCHWC} >= {"ReorderInput", "ReorderOutput"}
             edited = in_network_layout(opt, block)
             assert [n.op_type for n in edited.graph.node] == ["Conv"]  # add and act fused, no layout changes
-        narrow = LayerSpec("pw", "conv", "x", 8, 64, 14, 14, 14, 14, 1, act="relu6", bn=True)
+        narrow = layer_spec("pw", Conv(1, act="relu6"), 8, 14, out=64)
         ops = [n.op_type for n in in_network_layout(prof._optimized(entry_model(narrow)), block).graph.node]
         assert ops == ["ReorderOutput", "Conv"]  # a narrow input arrives through one conversion
         assert prof.time_entry(spec).median_ms > 0

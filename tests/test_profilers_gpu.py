@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from hwslim.export import export_onnx
-from hwslim.graph import LayerSpec
+from hwslim.graph import layer_spec
+from hwslim.ops import Concat, Conv, GlobalAvgPool, Linear, MaxPool, SqueezeExcite
 from hwslim.materialize import materialize
 from hwslim.models import create_model
 from profilers import available_backends, get_profiler
@@ -44,19 +45,20 @@ def test_onnx_callable_computes_the_materialized_network(tmp_path, model, kw):
 
 
 def test_entry_callable_is_conv_bias_add_act():
-    spec = LayerSpec("c", "conv", "x", 8, 16, 6, 6, 3, 3, 3, 2, 1, 1, act="relu6", residual="s", bn=True)
+    spec = layer_spec("c", Conv(3, 2, 1, act="relu6"), (8, 16), 6, out=16)
     fn, nbytes = entry_callable(spec, device="cpu", seed=1)
     with torch.no_grad():
         y = fn()
     assert y.shape == (1, 16, 3, 3) and float(y.min()) >= 0 and float(y.max()) <= 6
-    assert nbytes == 4 * (8 * 36 + 16 * 8 * 9 + 2 * 16 * 9)
-    shapes = {"maxpool": (1, 8, 2, 2), "gap": (1, 8), "linear": (1, 10)}
-    for spec in (LayerSpec("p", "maxpool", "x", 8, 8, 4, 4, 2, 2, 3, 2, 1, 8),
-                 LayerSpec("g", "gap", "x", 8, 8, 4, 4, 1, 1, 4, 1, 0, 8),
-                 LayerSpec("f", "linear", "x", 8, 10, 1, 1, 1, 1, bias=True)):
+    assert nbytes == 4 * (8 * 36 + 16 * 9 + 16 * 8 * 9 + 16 + 16 * 9)  # input, skip, weight, bias, output
+    shapes = {"p": (1, 8, 2, 2), "g": (1, 8), "f": (1, 10), "se": (1, 8, 4, 4), "cat": (1, 16, 4, 4)}
+    for spec in (layer_spec("p", MaxPool(3, 2, 1), 8, 4), layer_spec("g", GlobalAvgPool(), 8, 4),
+                 layer_spec("f", Linear(), 8, 1, out=10, flat=True),
+                 layer_spec("se", SqueezeExcite("relu", "hardsigmoid"), 8, 4, mid=8),
+                 layer_spec("cat", Concat(), (8, 8), 4)):
         fn, _ = entry_callable(spec, device="cpu", dtype="bfloat16", channels_last=True)
         out = fn()
-        assert tuple(out.shape) == shapes[spec.op] and out.dtype == torch.bfloat16
+        assert tuple(out.shape) == shapes[spec.name] and out.dtype == torch.bfloat16
 
 
 def test_network_from_specs_exports_the_names_attribution_reads(tmp_path):
@@ -89,18 +91,18 @@ def test_fp16_graph_keeps_fp32_io_and_computes_the_same(tmp_path):
 def test_entry_onnx_models_check_and_run():
     import onnxruntime as ort
 
-    specs = [LayerSpec("c", "conv", "x", 8, 16, 6, 6, 3, 3, 3, 2, 1, 1, act="relu6", residual="s", bn=True),
-             LayerSpec("d", "conv", "x", 16, 16, 6, 6, 6, 6, 3, 1, 1, 16, act="relu", bn=True),
-             LayerSpec("p", "maxpool", "x", 8, 8, 4, 4, 2, 2, 3, 2, 1, 8),
-             LayerSpec("g", "gap", "x", 8, 8, 4, 4, 1, 1, 4, 1, 0, 8),
-             LayerSpec("f", "linear", "x", 8, 10, 1, 1, 1, 1, bias=True)]
+    specs = [layer_spec("c", Conv(3, 2, 1, act="relu6"), (8, 16), 6, out=16),
+             layer_spec("d", Conv(3, 1, 1, group_width=1, act="relu"), 16, 6),
+             layer_spec("p", MaxPool(3, 2, 1), 8, 4), layer_spec("g", GlobalAvgPool(), 8, 4),
+             layer_spec("f", Linear(), 8, 1, out=10, flat=True),
+             layer_spec("se", SqueezeExcite("silu", "sigmoid"), 8, 4, mid=8)]
     for spec in specs:
         model = entry_onnx(spec)
         onnx.checker.check_model(model, full_check=True)
         sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
         feeds = {i.name: np.ones([d for d in i.shape], np.float32) for i in sess.get_inputs()}
         (out,) = sess.run(None, feeds)
-        assert list(out.shape) == ([1, spec.cout] if spec.op in ("gap", "linear") else
+        assert list(out.shape) == ([1, spec.cout] if spec.op.flattens else
                                    [1, spec.cout, spec.out_h, spec.out_w])
 
 
@@ -128,8 +130,8 @@ def torch_prof():
         yield prof
 
 
-BIG = LayerSpec("big", "conv", "x", 256, 256, 56, 56, 56, 56, 3, 1, 1, 1, act="relu", bn=True)
-SMALL = LayerSpec("small", "conv", "x", 32, 32, 14, 14, 14, 14, 3, 1, 1, 32, act="relu6", bn=True)
+BIG = layer_spec("big", Conv(3, 1, 1, act="relu"), 256, 56, out=256)
+SMALL = layer_spec("small", Conv(3, 1, 1, group_width=1, act="relu6"), 32, 14)
 
 
 @pytest.mark.gpu

@@ -8,7 +8,8 @@ import onnx
 import pytest
 
 from hwslim.export import export_onnx
-from hwslim.graph import LayerSpec
+from hwslim.graph import layer_spec
+from hwslim.ops import Conv
 from hwslim.materialize import materialize
 from hwslim.models import create_model
 from profilers.trt_attribution import (EngineLayer, average_from_trtexec_profile, onnx_node_owners,
@@ -157,7 +158,7 @@ def test_profiler_formats(runs):
 
 
 def test_conversion_at_the_output_goes_to_its_producer_and_unknown_layers_are_kept():
-    spec = LayerSpec("a", "conv", "input", 8, 8, 4, 4, 4, 4, 1, bias=True)
+    spec = layer_spec("a", Conv(1, bn=False, bias=True), 8, 4, out=8, inputs=("input",))
     layers = [EngineLayer("/a/Conv", "CaskConvolution", ("input",), ("t",), ("/a/Conv",)),
               EngineLayer("Reformatting CopyNode for Output Tensor 0 to /a/Conv", "Reformat", ("t",), ("out",)),
               EngineLayer("mystery", "Shuffle", ("x",), ("y",))]
@@ -169,7 +170,7 @@ def test_conversion_at_the_output_goes_to_its_producer_and_unknown_layers_are_ke
 
 
 def test_names_only_engine_attributes_conversions_by_name():
-    spec = LayerSpec("a", "conv", "input", 8, 8, 4, 4, 4, 4, 1, bias=True)
+    spec = layer_spec("a", Conv(1, bn=False, bias=True), 8, 4, out=8, inputs=("input",))
     layers = parse_engine_information({"Layers": ["Reformatting CopyNode for Input Tensor 0 to /a/Conv + /Relu",
                                                   "/a/Conv + /Relu"]})
     plan = plan_attribution(layers, {"/a/Conv": "a", "/Relu": "a"}, ["/a/Conv", "/Relu"],

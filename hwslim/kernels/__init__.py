@@ -38,7 +38,8 @@ import torch
 from hwslim.errors import HwslimError
 
 __all__ = [
-    "KernelUnavailableError", "available", "check_device", "interpreting", "supports",
+    "KernelUnavailableError", "available", "check_device", "interpreting", "kernel_node", "supports",
+    "torch_node", "unsupported",
     "conv_bn_act", "conv_bn_act_multi", "conv_stats", "bn_act_", "dw_project_bn_act", "fold_bn", "BlockConfig",
     "triton_forward", "multi_forward", "multi_calibrate", "plan_multi", "MultiPlan", "MultiBN", "folded_bn",
     "fusable_pairs", "step_logits",
@@ -81,13 +82,46 @@ def check_device(device: torch.device | str) -> None:
                                  "use the PyTorch path (or TRITON_INTERPRET=1, the slow CPU interpreter, for tests)")
 
 
-def supports(model: torch.nn.Module) -> bool:
-    """Whether every node of ``model`` has a kernel (dense or depthwise convs; no other groups)."""
+KERNEL_ACTS = (None, "relu", "relu6")
+
+
+def kernel_node(node) -> bool:
+    """Whether the fused conv kernels compute ``node``: a BN conv, dense or depthwise, with
+    ReLU/ReLU6 or no activation and an optional residual (the Triton kernels' operator set)."""
+    from hwslim.ops import Conv
+
+    op = node.op
+    return (isinstance(op, Conv) and op.bn and not op.bias and op.group_width in (None, 1)
+            and op.act in KERNEL_ACTS and len(node.inputs) <= 2)
+
+
+def torch_node(node) -> bool:
+    """Whether the runner computes ``node`` with PyTorch on its (multi-config, zero-padded)
+    tensors: channel-wise pools, and a classifier without activation."""
+    from hwslim.ops import GlobalAvgPool, Linear, MaxPool
+
+    op = node.op
+    return isinstance(op, MaxPool) or (isinstance(op, GlobalAvgPool) and op.flatten) or \
+        (isinstance(op, Linear) and op.act is None)
+
+
+def unsupported(model: torch.nn.Module) -> str | None:
+    """The first node the fused runner cannot compute, described in words (None: all can)."""
     from hwslim.supernet import SlimmableNet
 
     if not isinstance(model, SlimmableNet):
-        return False
-    return all(n.op != "conv" or n.groups == 1 or n.depthwise for n in model.nodes)
+        return f"{type(model).__name__} is not an hwslim supernet"
+    for n in model.nodes:
+        if any(len(model.tensor_layout(t)) > 1 for t in n.inputs):
+            return f"node {n.name!r} reads a concatenation"
+        if not (kernel_node(n) or torch_node(n)):
+            return f"node {n.name!r} ({n.op.kind})"
+    return None
+
+
+def supports(model: torch.nn.Module) -> bool:
+    """Whether every node of ``model`` runs in the fused runner (else: the PyTorch path)."""
+    return unsupported(model) is None
 
 
 def __getattr__(name: str) -> Any:

@@ -42,7 +42,8 @@ import torch.nn.functional as F
 from hwslim.config import ChannelConfig
 from hwslim.costs import layer_macs, macs
 from hwslim.graph import INPUT, Node, last_uses, resolve
-from hwslim.kernels import KernelUnavailableError, check_device, supports
+from hwslim.kernels import KernelUnavailableError, check_device, kernel_node, torch_node, unsupported
+from hwslim.ops import Slice
 from hwslim.kernels.conv import (META_COLUMNS, _pow2_align, batch_bn_scale_shift, bn_act_, conv_bn_act,
                                  conv_bn_act_multi, conv_stats, dw_project_bn_act, fold_bn)
 from hwslim.supernet import SlimmableNet
@@ -66,7 +67,7 @@ def folded_bn(model: SlimmableNet) -> dict[str, tuple[torch.Tensor, torch.Tensor
     cache = _FOLD_CACHE.setdefault(model, {})
     out = {}
     for n in model.nodes:
-        if n.op != "conv":
+        if not kernel_node(n):
             continue
         bn = model.layers[n.name].bn
         key = _bn_key(bn)
@@ -79,10 +80,15 @@ def folded_bn(model: SlimmableNet) -> dict[str, tuple[torch.Tensor, torch.Tensor
     return out
 
 
-def _require(model: SlimmableNet, x: torch.Tensor) -> None:
-    if not supports(model):
-        raise KernelUnavailableError(f"the Triton runner does not support {getattr(model, 'name', model)!r} "
-                                     "(it has grouped convs); use the PyTorch path")
+def _require(model: SlimmableNet, x: torch.Tensor, single: bool = False) -> None:
+    """Refuse a model the runner cannot compute (``single``: one config, where other nodes fall
+    back to PyTorch, so only a supernet is needed)."""
+    from hwslim.supernet import SlimmableNet as _Net
+
+    why = unsupported(model) if not single else (None if isinstance(model, _Net) else "not an hwslim supernet")
+    if why is not None:
+        raise KernelUnavailableError(f"the Triton runner cannot compute {getattr(model, 'name', model)!r}: {why}; "
+                                     "use the PyTorch path")
     check_device(x.device)
     if x.dim() != 4:
         raise ValueError(f"expected an (N, C, H, W) input, got shape {tuple(x.shape)}")
@@ -99,9 +105,21 @@ def _linear(model: SlimmableNet, node: Node, feat: torch.Tensor) -> torch.Tensor
 
 
 def _pool(node: Node, inp: torch.Tensor) -> torch.Tensor:
-    if node.op == "maxpool":
-        return F.max_pool2d(inp, node.kernel, node.stride, node.padding)
-    return inp.mean(dim=(2, 3), dtype=torch.float32)  # gap: fp32 features for the classifier
+    from hwslim.ops import GlobalAvgPool
+
+    if isinstance(node.op, GlobalAvgPool):
+        return inp.mean(dim=(2, 3), dtype=torch.float32)  # fp32 features for the classifier
+    return node.op.run(None, [inp], Slice())
+
+
+def _residual(node: Node) -> str | None:
+    return node.inputs[1] if len(node.inputs) > 1 else None
+
+
+def _conv_widths(model: SlimmableNet, node: Node, widths: Mapping[str, int]) -> tuple[int, int]:
+    """(cin, cout) of a conv node at ``widths`` (a tied conv's output follows its input)."""
+    cin = resolve(model.tensor_layout(node.inputs[0])[0], widths)
+    return cin, (cin if node.out is None else resolve(node.out, widths))
 
 
 def fusable_pairs(nodes: Sequence[Node], start: int = 0, stop: int | None = None) -> set[int]:
@@ -114,24 +132,27 @@ def fusable_pairs(nodes: Sequence[Node], start: int = 0, stop: int | None = None
     stop = len(nodes) if stop is None else stop
     readers: dict[str, int] = {}
     for n in nodes:
-        for name in (n.input, n.residual):
-            if name is not None:
-                readers[name] = readers.get(name, 0) + 1
+        for name in n.inputs:
+            readers[name] = readers.get(name, 0) + 1
     out = set()
     for i in range(start, stop - 1):
         a, b = nodes[i], nodes[i + 1]
-        if (a.op == "conv" and a.depthwise and b.op == "conv" and not b.depthwise and b.kernel == 1
-                and b.groups == 1 and b.stride == 1 and b.input == a.name and readers.get(a.name) == 1):
+        if (kernel_node(a) and a.op.depthwise and len(a.inputs) == 1 and kernel_node(b)
+                and b.op.group_width is None and b.op.kernel == 1 and b.op.stride == 1
+                and b.input == a.name and readers.get(a.name) == 1):
             out.add(i)
     return out
 
 
 def _execute(model: SlimmableNet, env: dict[str, torch.Tensor], start: int, stop: int, conv_fn,
-             pair_fn=None, pairs: set[int] | frozenset[int] = frozenset()) -> dict[str, torch.Tensor]:
-    """run_graph's loop: ``conv_fn(i, node, inp, residual)`` computes conv nodes, torch the rest.
+             pair_fn=None, pairs: set[int] | frozenset[int] = frozenset(), fallback: bool = False
+             ) -> dict[str, torch.Tensor]:
+    """run_graph's loop: ``conv_fn(i, node, inp, residual)`` computes kernel nodes, torch the rest.
 
     For ``i`` in ``pairs``, ``pair_fn(i, inp, residual)`` computes nodes i and i+1 at once
-    (the output of node i+1; node i's is never materialized).
+    (the output of node i+1; node i's is never materialized). With ``fallback`` (one
+    config, exact widths), a node the kernels cannot compute runs through the supernet's
+    own PyTorch path.
     """
     nodes = model.nodes
     free_after = last_uses(nodes)
@@ -143,19 +164,25 @@ def _execute(model: SlimmableNet, env: dict[str, torch.Tensor], start: int, stop
         if i in pairs:
             last = i + 1
             nxt = nodes[last]
-            y = pair_fn(i, inp, None if nxt.residual is None else env[nxt.residual])
+            res = _residual(nxt)
+            y = pair_fn(i, inp, None if res is None else env[res])
             n = nxt
-        elif n.op == "conv":
-            y = conv_fn(i, n, inp, None if n.residual is None else env[n.residual])
-        elif n.op == "linear":
-            y = _linear(model, n, inp)
+        elif kernel_node(n):
+            res = _residual(n)
+            y = conv_fn(i, n, inp, None if res is None else env[res])
+        elif torch_node(n):
+            y = _linear(model, n, inp) if n.op.sets_width else _pool(n, inp)
+        elif fallback:
+            y = model._layer(n, [env[t] for t in n.inputs], False)
+            if y.dim() == 4:
+                y = y.contiguous(memory_format=torch.channels_last)
         else:
-            y = _pool(n, inp)
+            raise KernelUnavailableError(f"the Triton runner cannot compute node {n.name!r} ({n.op.kind})")
         env[n.name] = y
         del inp, y
         for j in range(i, last + 1):
-            for name in (nodes[j].input, nodes[j].residual):
-                if name is not None and free_after.get(name) == j:
+            for name in nodes[j].inputs:
+                if free_after.get(name) == j:
                     env.pop(name, None)
         i = last + 1
     return env
@@ -193,32 +220,37 @@ def triton_forward(model: SlimmableNet, x: torch.Tensor | None, config: ChannelC
         env = {INPUT: x.contiguous(memory_format=torch.channels_last)}
     else:
         env = dict(env)
-    _require(model, next(iter(env.values())) if x is None else x)
+    _require(model, next(iter(env.values())) if x is None else x, single=True)
     widths = _widths(model, config)
     folded = folded_bn(model) if bn == "running" else None
 
     def conv_fn(i: int, n: Node, inp: torch.Tensor, res: torch.Tensor | None) -> torch.Tensor:
-        layer = model.layers[n.name]
-        cin = resolve(n.cin, widths)
-        cout = cin if n.depthwise else resolve(n.cout, widths)
+        layer, op = model.layers[n.name], n.op
+        cin, cout = _conv_widths(model, n, widths)
         if folded is not None:
-            return conv_bn_act(inp, layer.conv.weight, *folded[n.name], stride=n.stride, padding=n.padding,
-                               act=n.act, residual=res, depthwise=n.depthwise, cin=cin, cout=cout, tf32=tf32)
-        y, mean, var = conv_stats(inp, layer.conv.weight, stride=n.stride, padding=n.padding,
-                                  depthwise=n.depthwise, cin=cin, cout=cout, tf32=tf32)
-        return bn_act_(y, *batch_bn_scale_shift(layer.bn, mean, var), act=n.act, residual=res)
+            return conv_bn_act(inp, layer.conv.weight, *folded[n.name], stride=op.stride, padding=op.padding,
+                               act=op.act, residual=res, depthwise=op.depthwise, cin=cin, cout=cout, tf32=tf32)
+        y, mean, var = conv_stats(inp, layer.conv.weight, stride=op.stride, padding=op.padding,
+                                  depthwise=op.depthwise, cin=cin, cout=cout, tf32=tf32)
+        return bn_act_(y, *batch_bn_scale_shift(layer.bn, mean, var), act=op.act, residual=res)
 
     def pair_fn(i: int, inp: torch.Tensor, res: torch.Tensor | None) -> torch.Tensor:
         a, b = model.nodes[i], model.nodes[i + 1]
-        c = resolve(a.cin, widths)
+        c, _ = _conv_widths(model, a, widths)
         return dw_project_bn_act(inp, model.layers[a.name].conv.weight, *folded[a.name],
-                                 model.layers[b.name].conv.weight, *folded[b.name], stride=a.stride,
-                                 padding=a.padding, dw_act=a.act, act=b.act, residual=res, cin=c,
-                                 cout=resolve(b.cout, widths), tf32=tf32)
+                                 model.layers[b.name].conv.weight, *folded[b.name], stride=a.op.stride,
+                                 padding=a.op.padding, dw_act=a.op.act, act=b.op.act, residual=res, cin=c,
+                                 cout=_conv_widths(model, b, widths)[1], tf32=tf32)
 
     stop = len(model.nodes) if stop is None else stop
     pairs = fusable_pairs(model.nodes, start, stop) if fuse and folded is not None else set()
-    env = _execute(model, env, start, stop, conv_fn, pair_fn, pairs)
+    with model.using(model.config_of(widths)):  # nodes the kernels cannot compute run in PyTorch at these widths
+        was = model.training
+        model.train(bn == "batch")
+        try:
+            env = _execute(model, env, start, stop, conv_fn, pair_fn, pairs, fallback=True)
+        finally:
+            model.train(was)
     return env if stop < len(model.nodes) else env[model.nodes[-1].name]
 
 
@@ -291,16 +323,16 @@ def plan_multi(model: SlimmableNet, configs: Sequence[ChannelConfig],
     steps, table = [], []
     for n in model.nodes:
         in_map = maps[n.input]
-        if n.op != "conv":
+        if not kernel_node(n):
             steps.append(NodeStep(in_map))
             maps[n.name] = in_map
             continue
-        res_map = maps[n.residual] if n.residual is not None else (0,) * k
+        res = _residual(n)
+        res_map = maps[res] if res is not None else (0,) * k
         keys: dict[tuple, int] = {}
         smap = []
         for j in range(k):
-            cin = resolve(n.cin, widths[j])
-            cout = cin if n.depthwise else resolve(n.cout, widths[j])
+            cin, cout = _conv_widths(model, n, widths[j])
             key = (cin, cout, in_map[j], res_map[j], 0)
             smap.append(keys.setdefault(key, len(keys)))
         rows = tuple(keys)
@@ -348,19 +380,19 @@ def _multi_pass(model: SlimmableNet, x: torch.Tensor, plan: MultiPlan, bn, tf32:
     folded = folded_bn(model) if bn == "running" else None
 
     def conv_fn(i: int, n: Node, inp: torch.Tensor, res: torch.Tensor | None) -> torch.Tensor:
-        step, weight = plan.steps[i], model.layers[n.name].conv.weight
+        step, weight, op = plan.steps[i], model.layers[n.name].conv.weight, n.op
         meta = plan.node_meta(i)
-        kw = dict(batch=batch, cout_alloc=step.c_alloc, stride=n.stride, padding=n.padding,
-                  depthwise=n.depthwise, cin_max=step.cin_max, width_align=step.align, tf32=tf32)
+        kw = dict(batch=batch, cout_alloc=step.c_alloc, stride=op.stride, padding=op.padding,
+                  depthwise=op.depthwise, cin_max=step.cin_max, width_align=step.align, tf32=tf32)
         if folded is not None:
-            return conv_bn_act_multi(inp, weight, *folded[n.name], meta, act=n.act, residual=res, **kw)
+            return conv_bn_act_multi(inp, weight, *folded[n.name], meta, act=op.act, residual=res, **kw)
         if isinstance(bn, MultiBN):
-            return conv_bn_act_multi(inp, weight, bn.scale[n.name], bn.shift[n.name], meta, act=n.act,
+            return conv_bn_act_multi(inp, weight, bn.scale[n.name], bn.shift[n.name], meta, act=op.act,
                                      residual=res, bn_per_slice=True, **kw)
         y, mean, var = conv_stats(inp, weight, meta=meta, **kw)
         if collect is not None:
             collect[n.name] = (mean, var, y.numel() // y.shape[1] // len(step.rows))
-        return bn_act_(y, *batch_bn_scale_shift(model.layers[n.name].bn, mean, var), act=n.act, residual=res,
+        return bn_act_(y, *batch_bn_scale_shift(model.layers[n.name].bn, mean, var), act=op.act, residual=res,
                        meta=meta, batch=batch, bn_per_slice=True, width_align=step.align)
 
     def pair_fn(i: int, inp: torch.Tensor, res: torch.Tensor | None) -> torch.Tensor:
@@ -371,7 +403,7 @@ def _multi_pass(model: SlimmableNet, x: torch.Tensor, plan: MultiPlan, bn, tf32:
         else:
             da, db, per_slice = folded[a.name], folded[b.name], False
         return dw_project_bn_act(inp, model.layers[a.name].conv.weight, *da, model.layers[b.name].conv.weight, *db,
-                                 stride=a.stride, padding=a.padding, dw_act=a.act, act=b.act, residual=res,
+                                 stride=a.op.stride, padding=a.op.padding, dw_act=a.op.act, act=b.op.act, residual=res,
                                  meta=plan.node_meta(i + 1), dw_meta=plan.node_meta(i), batch=batch,
                                  cout_alloc=sb.c_alloc, cin_max=sb.cin_max, bn_per_slice=per_slice,
                                  width_align=min(sa.align, sb.align), tf32=tf32)

@@ -1,0 +1,796 @@
+"""Operators: one class per kind of graph node, answering everything hwslim asks of it.
+
+A graph (:mod:`hwslim.graph`) is a list of nodes; each node holds one operator (an
+instance of a class below, with its static attributes: kernel, stride, activation...)
+plus the names of the tensors it reads and the units that set its widths. Every
+consumer asks the operator, never compares names:
+
+* structure: :meth:`Op.out_layout` (which units make up the output's channels) and
+  :meth:`Op.out_hw` (spatial size);
+* costs: :meth:`Op.macs`, :meth:`Op.params` (of a concrete :class:`~hwslim.graph.LayerSpec`)
+  and, for the activation-memory scan, :attr:`Op.inplace` / :attr:`Op.view`;
+* latency tables: :meth:`Op.signature` (``None``: free, never timed) and
+  :meth:`Op.onnx` (the nodes a profiler's designed network and an entry model hold);
+* execution: :meth:`Op.build` (the supernet's slimmable module), :meth:`Op.run`
+  (sliced to the current widths), :meth:`Op.plain` (the materialized module holding
+  only the kept channels), :meth:`Op.run_plain`, :meth:`Op.folded`;
+* channel units: :attr:`Op.mixes` (output channels depend on several input channels:
+  the search's fast evaluator shares computation only up to such a node) and
+  :meth:`Op.unit_ties` (which widths must stay equal).
+
+Adding an operator is one class here (registered with :func:`register_op`) plus its
+tests; see "Adding an operator" in the README.
+
+Activations are data too: :data:`ACTIVATIONS` maps a name to its PyTorch function, its
+in-place form and its ONNX nodes.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, replace
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+if TYPE_CHECKING:
+    from hwslim.graph import LayerSpec, Node
+    from hwslim.onnx_build import OnnxGraph
+
+
+# -- activations --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Activation:
+    name: str
+    fn: Callable[[torch.Tensor], torch.Tensor]
+    inplace_fn: Callable[[torch.Tensor], torch.Tensor] | None
+    emit: Callable[["OnnxGraph", str, str, str], None]  # (graph, x, y, node name)
+    module: Callable[[], nn.Module]
+
+
+def _clip(g: "OnnxGraph", x: str, y: str, name: str, lo: float, hi: float) -> None:
+    g.node("Clip", [x, g.const(f"clip.{lo:g}", lo), g.const(f"clip.{hi:g}", hi)], [y], name)
+
+
+def _silu(g: "OnnxGraph", x: str, y: str, name: str) -> None:
+    g.node("Sigmoid", [x], [f"{name}.sig"], f"{name}.sig")
+    g.node("Mul", [x, f"{name}.sig"], [y], name)
+
+
+def _gelu(g: "OnnxGraph", x: str, y: str, name: str) -> None:  # exact (erf) form, opset 13+
+    g.node("Div", [x, g.const("gelu.sqrt2", math.sqrt(2.0))], [f"{name}.d"], f"{name}.d")
+    g.node("Erf", [f"{name}.d"], [f"{name}.e"], f"{name}.e")
+    g.node("Add", [f"{name}.e", g.const("gelu.one", 1.0)], [f"{name}.a"], f"{name}.a")
+    g.node("Mul", [x, f"{name}.a"], [f"{name}.m"], f"{name}.m")
+    g.node("Mul", [f"{name}.m", g.const("gelu.half", 0.5)], [y], name)
+
+
+ACTIVATIONS: dict[str, Activation] = {a.name: a for a in (
+    Activation("relu", F.relu, F.relu_, lambda g, x, y, n: g.node("Relu", [x], [y], n), nn.ReLU),
+    Activation("relu6", F.relu6, lambda t: t.clamp_(0.0, 6.0), lambda g, x, y, n: _clip(g, x, y, n, 0.0, 6.0),
+               nn.ReLU6),
+    Activation("hardswish", F.hardswish, lambda t: F.hardswish(t, inplace=True),
+               lambda g, x, y, n: g.node("HardSwish", [x], [y], n), nn.Hardswish),
+    Activation("hardsigmoid", F.hardsigmoid, lambda t: F.hardsigmoid(t, inplace=True),
+               lambda g, x, y, n: g.node("HardSigmoid", [x], [y], n, alpha=1.0 / 6, beta=0.5), nn.Hardsigmoid),
+    Activation("silu", F.silu, lambda t: F.silu(t, inplace=True), _silu, nn.SiLU),
+    Activation("sigmoid", torch.sigmoid, torch.sigmoid_, lambda g, x, y, n: g.node("Sigmoid", [x], [y], n),
+               nn.Sigmoid),
+    Activation("gelu", F.gelu, None, _gelu, nn.GELU),
+)}
+
+
+def check_act(act: str | None, what: str = "activation") -> None:
+    if act is not None and act not in ACTIVATIONS:
+        raise ValueError(f"unknown {what} {act!r}; expected one of {sorted(ACTIVATIONS)}")
+
+
+def fresh() -> bool:
+    """Whether an op may overwrite a tensor it just produced (inference: no autograd graph)."""
+    return not torch.is_grad_enabled()
+
+
+def apply_act(act: str | None, x: torch.Tensor, inplace: bool) -> torch.Tensor:
+    if act is None:
+        return x
+    a = ACTIVATIONS[act]
+    return a.inplace_fn(x) if inplace and a.inplace_fn is not None else a.fn(x)
+
+
+# -- the execution context the supernet hands an op ------------------------------------------------
+@dataclass
+class Slice:
+    """Active widths of one node in the supernet: what :meth:`Op.run` slices to.
+
+    ``index`` is the kept channels of the first input, as positions in its full-width
+    layout (None: the first ``x.shape[1]`` channels), ``out`` the output width (ops that
+    set it), ``mid`` an inner width (SE's reduce width).
+    """
+
+    out: int | None = None
+    mid: int | None = None
+    index: torch.Tensor | None = None
+    inplace: bool = False
+    training: bool = False
+
+
+# -- registry -------------------------------------------------------------------------------------
+OPS: dict[str, type["Op"]] = {}
+
+
+def register_op(cls: type["Op"]) -> type["Op"]:
+    if cls.kind in OPS:
+        raise ValueError(f"operator kind {cls.kind!r} registered twice")
+    OPS[cls.kind] = cls
+    return cls
+
+
+def op_from_dict(d: dict[str, Any]) -> "Op":
+    d = dict(d)
+    kind = d.pop("kind", None)
+    if kind not in OPS:
+        raise ValueError(f"unknown operator kind {kind!r}; this hwslim knows {sorted(OPS)}")
+    return OPS[kind](**d)
+
+
+@dataclass(frozen=True)
+class Op:
+    """Base class. Subclasses are frozen dataclasses whose fields are the static attributes."""
+
+    kind: ClassVar[str] = "op"
+    arity: ClassVar[int | None] = 1  # number of inputs (None: any >= 1)
+    sets_width: ClassVar[bool] = False  # output channels come from the node's ``out`` unit
+    has_mid: ClassVar[bool] = False  # needs the node's ``mid`` unit
+    mixes: ClassVar[bool] = False  # an output channel depends on several input channels
+    inplace: ClassVar[bool] = False  # may compute into input 0 when that tensor dies here
+    view: ClassVar[bool] = False  # the output shares input 0's memory (no new activation bytes)
+    flattens: ClassVar[bool] = False  # output is (N, C)
+    fuses_residual: ClassVar[bool] = False  # a second input is added before the activation
+
+    # -- JSON ---------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, **asdict(self)}
+
+    # -- structure ----------------------------------------------------------------------------
+    def out_layout(self, node: "Node", layouts: Sequence[tuple]) -> tuple:
+        """The units (or fixed counts) of the output's channels, given the inputs' layouts."""
+        if self.sets_width:
+            return (node.out,)
+        return layouts[0]
+
+    def check_inputs(self, name: str, layouts: Sequence[tuple]) -> None:
+        if self.arity is not None and len(layouts) != self.arity:
+            raise ValueError(f"{name}: {self.kind} takes {self.arity} input(s), got {len(layouts)}")
+
+    def out_hw(self, hw: Sequence[tuple[int, int]]) -> tuple[int, int]:
+        return hw[0]
+
+    def unit_ties(self, node: "Node", layouts: Sequence[tuple]) -> list[tuple]:
+        """Pairs of layouts that must have equal widths (checked on every config)."""
+        return []
+
+    def groups(self, cin: int) -> int:
+        return 1
+
+    # -- costs --------------------------------------------------------------------------------
+    def macs(self, s: "LayerSpec") -> int:
+        return 0
+
+    def params(self, s: "LayerSpec") -> int:
+        return 0
+
+    # -- latency tables ------------------------------------------------------------------------
+    def signature(self, s: "LayerSpec") -> tuple | None:
+        """The table key columns (see :data:`hwslim.graph.SIGNATURE_FIELDS`); None: not timed."""
+        return (self.kind, 0, 1, 0, 1, s.in_h, s.in_w, s.cin, s.cout, "none", False, s.batch, "")
+
+    def onnx(self, s: "LayerSpec", g: "OnnxGraph", inputs: Sequence[str], out: str) -> None:
+        raise NotImplementedError(f"operator {self.kind!r} has no ONNX form")
+
+    # -- execution ------------------------------------------------------------------------------
+    def build(self, node: "Node", cin: int, cout: int, mid: int) -> nn.Module | None:
+        """The supernet's module at full width (None: no weights)."""
+        return None
+
+    def run(self, module: nn.Module | None, xs: Sequence[torch.Tensor], ctx: Slice) -> torch.Tensor:
+        raise NotImplementedError
+
+    def plain(self, s: "LayerSpec", src: nn.Module | None) -> nn.Module | None:
+        """The materialized module of ``s``: a copy of ``src``'s kept channels (random if None)."""
+        return None
+
+    def run_plain(self, module: nn.Module | None, xs: Sequence[torch.Tensor], s: "LayerSpec",
+                  inplace: bool, training: bool) -> torch.Tensor:
+        return self.run(module, xs, Slice(inplace=inplace, training=training))
+
+    def folded(self, s: "LayerSpec", module: nn.Module | None) -> tuple["Op", nn.Module | None]:
+        """The op and module with BatchNorm folded (inference); unchanged by default."""
+        return self, module
+
+
+def _conv_out(size: int, kernel: int, stride: int, padding: int) -> int:
+    return (size + 2 * padding - kernel) // stride + 1
+
+
+def _take(t: torch.Tensor | None, index: torch.Tensor | None, n: int, dim: int = 0) -> torch.Tensor | None:
+    """The kept channels of a full-width parameter: ``index`` if given, else the first ``n``."""
+    if t is None:
+        return None
+    if index is not None:
+        return t.index_select(dim, index.to(t.device))
+    return t.narrow(dim, 0, n)
+
+
+def spec_index(s: "LayerSpec") -> torch.Tensor | None:
+    """The kept input channels of ``s`` in its full-width layout (None: the first ``cin``)."""
+    if len(s.in_parts) <= 1:
+        return None
+    return torch.cat([torch.arange(off, off + w) for off, w in s.in_parts])
+
+
+# -- BatchNorm, shared by Conv and BatchNorm --------------------------------------------------------
+def _bn(bn: nn.BatchNorm2d, x: torch.Tensor, index: torch.Tensor | None, training: bool) -> torch.Tensor:
+    c = x.shape[1]
+    factor = 0.0
+    if training and bn.track_running_stats:
+        bn.num_batches_tracked.add_(1)
+        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    if index is None:
+        rm, rv = bn.running_mean[:c], bn.running_var[:c]
+        w, b = bn.weight[:c], bn.bias[:c]
+        return F.batch_norm(x, rm, rv, w, b, training or not bn.track_running_stats, factor, bn.eps)
+    # gathered channels: the statistics are updated through a copy, then written back
+    rm, rv = bn.running_mean[index], bn.running_var[index]
+    y = F.batch_norm(x, rm, rv, bn.weight[index], bn.bias[index], training or not bn.track_running_stats,
+                     factor, bn.eps)
+    if training and bn.track_running_stats:
+        bn.running_mean[index] = rm
+        bn.running_var[index] = rv
+    return y
+
+
+def _plain_bn(src: nn.BatchNorm2d | None, c: int, index: torch.Tensor | None) -> nn.BatchNorm2d:
+    bn = nn.BatchNorm2d(c)
+    if src is not None:
+        bn.eps, bn.momentum = src.eps, src.momentum if src.momentum is not None else 0.1
+        with torch.no_grad():
+            for name in ("weight", "bias", "running_mean", "running_var"):
+                getattr(bn, name).copy_(_take(getattr(src, name), index, c))
+            bn.num_batches_tracked.copy_(src.num_batches_tracked)
+        bn = bn.to(src.weight.device, src.weight.dtype)
+    return bn
+
+
+# -- convolution -------------------------------------------------------------------------------------
+@register_op
+@dataclass(frozen=True)
+class Conv(Op):
+    """``act(bn(conv(x)) [+ skip])``: the unit a runtime executes as one fused kernel.
+
+    ``group_width`` None is a dense conv; otherwise the conv is grouped with
+    ``group_width`` input channels per group and its output tied to its input width
+    (``1``: depthwise; RegNet / ResNeXt: 8, 16...), so its width moves in multiples of
+    the group width and the group count follows the width. ``bn`` False with ``bias``
+    True is a plain biased conv (SE's convs, detection heads...). A second input is a
+    residual added before the activation.
+    """
+
+    kind: ClassVar[str] = "conv"
+    arity: ClassVar[int | None] = None
+    fuses_residual: ClassVar[bool] = True
+    kernel: int = 1
+    stride: int = 1
+    padding: int = 0
+    group_width: int | None = None
+    act: str | None = None
+    bn: bool = True
+    bias: bool = False
+    eps: float = 1e-5  # BatchNorm's epsilon (MobileNetV3: 1e-3)
+
+    def __post_init__(self) -> None:
+        check_act(self.act)
+
+    @property
+    def tied(self) -> bool:
+        return self.group_width is not None
+
+    @property
+    def mixes(self) -> bool:  # type: ignore[override]
+        return not self.tied
+
+    @property
+    def sets_width(self) -> bool:  # type: ignore[override]
+        return not self.tied
+
+    def check_inputs(self, name: str, layouts: Sequence[tuple]) -> None:
+        if len(layouts) not in (1, 2):
+            raise ValueError(f"{name}: conv takes an input and an optional residual, got {len(layouts)} inputs")
+
+    def unit_ties(self, node, layouts):
+        return [(self.out_layout(node, layouts), layouts[1])] if len(layouts) == 2 else []
+
+    def out_hw(self, hw):
+        h, w = hw[0]
+        return (_conv_out(h, self.kernel, self.stride, self.padding), _conv_out(w, self.kernel, self.stride,
+                                                                                self.padding))
+
+    def groups(self, cin: int) -> int:
+        return 1 if self.group_width is None else max(1, cin // self.group_width)
+
+    @property
+    def depthwise(self) -> bool:
+        return self.group_width == 1
+
+    def macs(self, s):
+        return s.batch * s.cout * (s.cin // s.groups) * self.kernel * self.kernel * s.out_h * s.out_w
+
+    def params(self, s):
+        n = s.cout * (s.cin // s.groups) * self.kernel * self.kernel
+        return n + (s.cout if self.bias else 0) + (2 * s.cout if self.bn else 0)
+
+    def signature(self, s):
+        # BN folds into the conv and a bias is free, so they do not change the runtime kernel
+        return ("conv", self.kernel, self.stride, self.padding, s.groups, s.in_h, s.in_w, s.cin, s.cout,
+                self.act or "none", len(s.inputs) > 1, s.batch, "")
+
+    def onnx(self, s, g, inputs, out):
+        fan_in = s.cin // s.groups * self.kernel * self.kernel
+        w = g.weight(f"{s.name}.weight", (s.cout, s.cin // s.groups, self.kernel, self.kernel), 1 / math.sqrt(fan_in))
+        b = g.weight(f"{s.name}.bias", (s.cout,), 0.1)
+        cur = g.tmp(s.name, "conv", last=len(inputs) == 1 and self.act is None, out=out)
+        g.node("Conv", [inputs[0], w, b], [cur], f"{s.name}::conv", kernel_shape=[self.kernel] * 2,
+               strides=[self.stride] * 2, pads=[self.padding] * 4, group=s.groups)
+        if len(inputs) > 1:
+            nxt = g.tmp(s.name, "add", last=self.act is None, out=out)
+            g.node("Add", [cur, inputs[1]], [nxt], f"{s.name}::add")
+            cur = nxt
+        if self.act is not None:
+            ACTIVATIONS[self.act].emit(g, cur, out, f"{s.name}::act")
+
+    def build(self, node, cin, cout, mid):
+        from hwslim.slimmable import SlimmableConv2d, SlimmableConvBN
+
+        conv = SlimmableConv2d(cin, cin if self.tied else cout, self.kernel, self.stride, self.padding,
+                               bias=self.bias, group_width=self.group_width)
+        return SlimmableConvBN(conv, bn=self.bn, eps=self.eps)
+
+    def run(self, module, xs, ctx):
+        y = module(xs[0], ctx.out, ctx.index, ctx.training)
+        return self._tail(y, xs, fresh())
+
+    def _tail(self, y, xs, inplace):  # y is the conv's own output: writable without autograd
+        if len(xs) > 1:
+            y = y.add_(xs[1]) if inplace else y + xs[1]
+        return apply_act(self.act, y, inplace)
+
+    def plain(self, s, src):
+        index = spec_index(s)
+        conv = nn.Conv2d(s.cin, s.cout, self.kernel, self.stride, self.padding, groups=s.groups, bias=self.bias)
+        if src is None:
+            return nn.Sequential(conv, nn.BatchNorm2d(s.cout, eps=self.eps)) if self.bn else conv
+        with torch.no_grad():
+            w = src.conv.weight
+            if self.tied:  # rows follow the kept input channels
+                conv.weight.copy_(_take(w, index, s.cout))
+                out_index = index
+            else:
+                conv.weight.copy_(_take(w[: s.cout], index, s.cin, dim=1))
+                out_index = None
+            if self.bias:
+                conv.bias.copy_(_take(src.conv.bias, out_index, s.cout))
+        conv = conv.to(w.device, w.dtype)
+        if not self.bn:
+            return conv
+        return nn.Sequential(conv, _plain_bn(src.bn, s.cout, out_index))
+
+    def run_plain(self, module, xs, s, inplace, training):
+        return self._tail(module(xs[0]), xs, fresh())
+
+    def folded(self, s, module):
+        if not self.bn:
+            return self, module
+        from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+        conv, bn = module[0], module[1]
+        return replace(self, bn=False, bias=True), fuse_conv_bn_eval(conv.eval(), bn.eval())
+
+
+# -- squeeze-and-excitation -----------------------------------------------------------------------------
+@register_op
+@dataclass(frozen=True)
+class SqueezeExcite(Op):
+    """``x * gate(expand(act(reduce(avgpool(x)))))``: the reduce width is the node's ``mid`` unit.
+
+    Both 1x1 convs have biases (torchvision's ``SqueezeExcitation``, timm's ``SEModule``);
+    ``gate`` is ``sigmoid`` (EfficientNet, RegNet) or ``hardsigmoid`` (MobileNetV3).
+    """
+
+    kind: ClassVar[str] = "se"
+    has_mid: ClassVar[bool] = True
+    mixes: ClassVar[bool] = True
+    inplace: ClassVar[bool] = True
+    act: str = "relu"
+    gate: str = "sigmoid"
+
+    def __post_init__(self) -> None:
+        check_act(self.act)
+        check_act(self.gate, "gate")
+
+    def macs(self, s):
+        return s.batch * 2 * s.cin * s.mid
+
+    def params(self, s):
+        return 2 * s.cin * s.mid + s.mid + s.cin
+
+    def signature(self, s):
+        return ("se", 1, 1, 0, 1, s.in_h, s.in_w, s.cin, s.cout, self.act, False, s.batch,
+                f"mid={s.mid};gate={self.gate}")
+
+    def onnx(self, s, g, inputs, out):
+        n, x = s.name, inputs[0]
+        g.node("GlobalAveragePool", [x], [f"{n}::pool"], f"{n}::pool")
+        w1 = g.weight(f"{n}.fc1.weight", (s.mid, s.cin, 1, 1), 1 / math.sqrt(s.cin))
+        w2 = g.weight(f"{n}.fc2.weight", (s.cin, s.mid, 1, 1), 1 / math.sqrt(s.mid))
+        g.node("Conv", [f"{n}::pool", w1, g.weight(f"{n}.fc1.bias", (s.mid,), 0.1)], [f"{n}::fc1"], f"{n}::fc1",
+               kernel_shape=[1, 1])
+        ACTIVATIONS[self.act].emit(g, f"{n}::fc1", f"{n}::act", f"{n}::act")
+        g.node("Conv", [f"{n}::act", w2, g.weight(f"{n}.fc2.bias", (s.cin,), 0.1)], [f"{n}::fc2"], f"{n}::fc2",
+               kernel_shape=[1, 1])
+        ACTIVATIONS[self.gate].emit(g, f"{n}::fc2", f"{n}::gate", f"{n}::gate")
+        g.node("Mul", [x, f"{n}::gate"], [out], f"{n}::mul")
+
+    def build(self, node, cin, cout, mid):
+        from hwslim.slimmable import SlimmableSE
+
+        return SlimmableSE(cin, mid)
+
+    def run(self, module, xs, ctx):
+        x = xs[0]
+        scale = module.scale(x, ctx.mid, ctx.index, self.act, self.gate)
+        return x.mul_(scale) if ctx.inplace else x * scale
+
+    def plain(self, s, src):
+        from hwslim.slimmable import PlainSE
+
+        m = PlainSE(s.cin, s.mid)
+        if src is not None:
+            index = spec_index(s)
+            with torch.no_grad():
+                m.fc1.weight.copy_(_take(src.fc1.weight[: s.mid], index, s.cin, dim=1))
+                m.fc1.bias.copy_(src.fc1.bias[: s.mid])
+                m.fc2.weight.copy_(_take(src.fc2.weight[:, : s.mid], index, s.cin))
+                m.fc2.bias.copy_(_take(src.fc2.bias, index, s.cin))
+            m = m.to(src.fc1.weight.device, src.fc1.weight.dtype)
+        return m
+
+    def run_plain(self, module, xs, s, inplace, training):
+        x = xs[0]
+        f = fresh()
+        scale = apply_act(self.gate, module.fc2(apply_act(self.act, module.fc1(x.mean((2, 3), keepdim=True)), f)), f)
+        return x.mul_(scale) if inplace else x * scale
+
+
+# -- element-wise and channel-wise ops ---------------------------------------------------------------------
+@register_op
+@dataclass(frozen=True)
+class Add(Op):
+    """``act(a + b [+ ...])``: a standalone element-wise add (its inputs' widths are tied)."""
+
+    kind: ClassVar[str] = "add"
+    arity: ClassVar[int | None] = None
+    inplace: ClassVar[bool] = True
+    act: str | None = None
+
+    def __post_init__(self) -> None:
+        check_act(self.act)
+
+    def check_inputs(self, name, layouts):
+        if len(layouts) < 2:
+            raise ValueError(f"{name}: add takes at least two inputs, got {len(layouts)}")
+
+    def unit_ties(self, node, layouts):
+        return [(layouts[0], other) for other in layouts[1:]]
+
+    def signature(self, s):
+        return ("add", 0, 1, 0, 1, s.in_h, s.in_w, s.cin, s.cout, self.act or "none", False, s.batch,
+                f"n={len(s.inputs)}")
+
+    def onnx(self, s, g, inputs, out):
+        cur = inputs[0]
+        for k, other in enumerate(inputs[1:], start=1):
+            last = k == len(inputs) - 1 and self.act is None
+            nxt = out if last else f"{s.name}::add{k}"
+            g.node("Add", [cur, other], [nxt], f"{s.name}::add{k}")
+            cur = nxt
+        if self.act is not None:
+            ACTIVATIONS[self.act].emit(g, cur, out, f"{s.name}::act")
+
+    def run(self, module, xs, ctx):
+        y = xs[0]
+        for k, other in enumerate(xs[1:]):
+            y = y.add_(other) if (ctx.inplace or (k > 0 and fresh())) else y + other
+        return apply_act(self.act, y, ctx.inplace or fresh())
+
+
+@register_op
+@dataclass(frozen=True)
+class Act(Op):
+    """A standalone activation."""
+
+    kind: ClassVar[str] = "act"
+    inplace: ClassVar[bool] = True
+    act: str = "relu"
+
+    def __post_init__(self) -> None:
+        check_act(self.act)
+
+    def signature(self, s):
+        return ("act", 0, 1, 0, 1, s.in_h, s.in_w, s.cin, s.cout, self.act, False, s.batch, "")
+
+    def onnx(self, s, g, inputs, out):
+        ACTIVATIONS[self.act].emit(g, inputs[0], out, f"{s.name}::act")
+
+    def run(self, module, xs, ctx):
+        return apply_act(self.act, xs[0], ctx.inplace)
+
+
+@register_op
+@dataclass(frozen=True)
+class BatchNorm(Op):
+    """``act(bn(x))`` on its own (pre-activation blocks: DenseNet's norm-relu-conv)."""
+
+    kind: ClassVar[str] = "bn"
+    act: str | None = None
+    eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        check_act(self.act)
+
+    def params(self, s):
+        return 2 * s.cin
+
+    def signature(self, s):
+        return ("bn", 0, 1, 0, 1, s.in_h, s.in_w, s.cin, s.cout, self.act or "none", False, s.batch, "")
+
+    def onnx(self, s, g, inputs, out):
+        c = s.cin
+        scale = g.weight(f"{s.name}.scale", (1, c, 1, 1), 0.1)
+        shift = g.weight(f"{s.name}.shift", (1, c, 1, 1), 0.1)
+        cur = f"{s.name}::mul"
+        g.node("Mul", [inputs[0], scale], [cur], f"{s.name}::mul")
+        nxt = out if self.act is None else f"{s.name}::add"
+        g.node("Add", [cur, shift], [nxt], f"{s.name}::add")
+        if self.act is not None:
+            ACTIVATIONS[self.act].emit(g, nxt, out, f"{s.name}::act")
+
+    def build(self, node, cin, cout, mid):
+        return nn.BatchNorm2d(cin, eps=self.eps)
+
+    def run(self, module, xs, ctx):
+        return apply_act(self.act, _bn(module, xs[0], ctx.index, ctx.training), fresh())
+
+    def plain(self, s, src):
+        return _plain_bn(src, s.cin, spec_index(s)) if src is not None else nn.BatchNorm2d(s.cin, eps=self.eps)
+
+    def run_plain(self, module, xs, s, inplace, training):
+        return apply_act(self.act, module(xs[0]), fresh())
+
+
+@register_op
+@dataclass(frozen=True)
+class Concat(Op):
+    """Channel concatenation: the output's channels are its parts' channels, in order."""
+
+    kind: ClassVar[str] = "concat"
+    arity: ClassVar[int | None] = None
+
+    def check_inputs(self, name, layouts):
+        if len(layouts) < 1:
+            raise ValueError(f"{name}: concat needs inputs")
+
+    def out_layout(self, node, layouts):
+        return tuple(ref for lay in layouts for ref in lay)
+
+    def out_hw(self, hw):
+        if len(set(hw)) != 1:
+            raise ValueError(f"concat of tensors of different sizes {list(hw)}")
+        return hw[0]
+
+    def signature(self, s):
+        return ("concat", 0, 1, 0, 1, s.in_h, s.in_w, s.cin, s.cout, "none", False, s.batch,
+                "parts=" + "+".join(str(c) for c in s.in_channels))
+
+    def onnx(self, s, g, inputs, out):
+        g.node("Concat", list(inputs), [out], f"{s.name}::concat", axis=1)
+
+    def run(self, module, xs, ctx):
+        return torch.cat(list(xs), 1)
+
+
+class _Pool(Op):
+    def out_hw(self, hw):
+        h, w = hw[0]
+        return (_conv_out(h, self.kernel, self.stride, self.padding), _conv_out(w, self.kernel, self.stride,
+                                                                                self.padding))
+
+    def signature(self, s):
+        return (self.kind, self.kernel, self.stride, self.padding, s.cin, s.in_h, s.in_w, s.cin, s.cout, "none",
+                False, s.batch, "")
+
+
+@register_op
+@dataclass(frozen=True)
+class MaxPool(_Pool):
+    kind: ClassVar[str] = "maxpool"
+    kernel: int = 2
+    stride: int = 2
+    padding: int = 0
+
+    def onnx(self, s, g, inputs, out):
+        g.node("MaxPool", [inputs[0]], [out], f"{s.name}::pool", kernel_shape=[self.kernel] * 2,
+               strides=[self.stride] * 2, pads=[self.padding] * 4)
+
+    def run(self, module, xs, ctx):
+        return F.max_pool2d(xs[0], self.kernel, self.stride, self.padding)
+
+
+@register_op
+@dataclass(frozen=True)
+class AvgPool(_Pool):
+    """Average pooling (zero padding counted, PyTorch's default ``count_include_pad=True``)."""
+
+    kind: ClassVar[str] = "avgpool"
+    kernel: int = 2
+    stride: int = 2
+    padding: int = 0
+
+    def onnx(self, s, g, inputs, out):
+        g.node("AveragePool", [inputs[0]], [out], f"{s.name}::pool", kernel_shape=[self.kernel] * 2,
+               strides=[self.stride] * 2, pads=[self.padding] * 4, count_include_pad=1)
+
+    def run(self, module, xs, ctx):
+        return F.avg_pool2d(xs[0], self.kernel, self.stride, self.padding)
+
+
+@register_op
+@dataclass(frozen=True)
+class GlobalAvgPool(Op):
+    """Global average pooling; ``flatten`` gives (N, C) for a classifier."""
+
+    kind: ClassVar[str] = "gap"
+    flatten: bool = True
+
+    @property
+    def flattens(self) -> bool:  # type: ignore[override]
+        return self.flatten
+
+    def out_hw(self, hw):
+        return (1, 1)
+
+    def signature(self, s):
+        # the old tables' key for a flattening global pool: kernel = input height
+        return ("gap", s.in_h, 1, 0, s.cin, s.in_h, s.in_w, s.cin, s.cout, "none", False, s.batch,
+                "" if self.flatten else "keepdim")
+
+    def onnx(self, s, g, inputs, out):
+        if not self.flatten:
+            g.node("GlobalAveragePool", [inputs[0]], [out], f"{s.name}::gap")
+            return
+        g.node("GlobalAveragePool", [inputs[0]], [f"{s.name}::gap"], f"{s.name}::gap")
+        g.node("Flatten", [f"{s.name}::gap"], [out], f"{s.name}::flatten", axis=1)
+
+    def run(self, module, xs, ctx):
+        y = F.adaptive_avg_pool2d(xs[0], 1)
+        return torch.flatten(y, 1) if self.flatten else y
+
+
+@register_op
+@dataclass(frozen=True)
+class Flatten(Op):
+    """(N, C, 1, 1) -> (N, C): a view, free."""
+
+    kind: ClassVar[str] = "flatten"
+    view: ClassVar[bool] = True
+    flattens: ClassVar[bool] = True
+
+    def out_hw(self, hw):
+        if hw[0] != (1, 1):
+            raise ValueError(f"flatten of a {hw[0][0]}x{hw[0][1]} map would mix channels with positions; "
+                             "hwslim flattens only 1x1 maps (after a global pool)")
+        return (1, 1)
+
+    def signature(self, s):
+        return None
+
+    def onnx(self, s, g, inputs, out):
+        g.node("Flatten", [inputs[0]], [out], f"{s.name}::flatten", axis=1)
+
+    def run(self, module, xs, ctx):
+        return torch.flatten(xs[0], 1)
+
+
+@register_op
+@dataclass(frozen=True)
+class Dropout(Op):
+    """Dropout: identity at inference (free), active while training."""
+
+    kind: ClassVar[str] = "dropout"
+    view: ClassVar[bool] = True
+    p: float = 0.0
+
+    def signature(self, s):
+        return None
+
+    def onnx(self, s, g, inputs, out):
+        g.node("Identity", [inputs[0]], [out], f"{s.name}::identity")
+
+    def run(self, module, xs, ctx):
+        return F.dropout(xs[0], self.p, True) if ctx.training and self.p > 0 else xs[0]
+
+
+@register_op
+@dataclass(frozen=True)
+class Linear(Op):
+    """``act(x @ W.T + b)`` on (N, C) features; its output width is the node's ``out``."""
+
+    kind: ClassVar[str] = "linear"
+    sets_width: ClassVar[bool] = True
+    mixes: ClassVar[bool] = True
+    flattens: ClassVar[bool] = True
+    act: str | None = None
+    dropout: float = 0.0  # applied to the input while training (torchvision's classifier dropout)
+
+    def __post_init__(self) -> None:
+        check_act(self.act)
+
+    def out_hw(self, hw):
+        return (1, 1)
+
+    def macs(self, s):
+        return s.batch * s.cin * s.cout
+
+    def params(self, s):
+        return s.cin * s.cout + s.cout
+
+    def signature(self, s):
+        return ("linear", 1, 1, 0, 1, 1, 1, s.cin, s.cout, self.act or "none", False, s.batch, "")
+
+    def onnx(self, s, g, inputs, out):
+        w = g.weight(f"{s.name}.weight", (s.cout, s.cin), 0.01)
+        b = g.weight(f"{s.name}.bias", (s.cout,), 0.0)
+        cur = out if self.act is None else f"{s.name}::gemm"
+        g.node("Gemm", [inputs[0], w, b], [cur], f"{s.name}::gemm", transB=1)
+        if self.act is not None:
+            ACTIVATIONS[self.act].emit(g, cur, out, f"{s.name}::act")
+
+    def build(self, node, cin, cout, mid):
+        return nn.Linear(cin, cout)
+
+    def run(self, module, xs, ctx):
+        x = xs[0]
+        if ctx.training and self.dropout:
+            x = F.dropout(x, self.dropout, True)
+        out = ctx.out if ctx.out is not None else module.out_features
+        w = _take(module.weight[:out], ctx.index, x.shape[1], dim=1)
+        return apply_act(self.act, F.linear(x, w, module.bias[:out]), fresh())
+
+    def plain(self, s, src):
+        lin = nn.Linear(s.cin, s.cout)
+        if src is not None:
+            with torch.no_grad():
+                lin.weight.copy_(_take(src.weight[: s.cout], spec_index(s), s.cin, dim=1))
+                lin.bias.copy_(src.bias[: s.cout])
+            lin = lin.to(src.weight.device, src.weight.dtype)
+        return lin
+
+    def run_plain(self, module, xs, s, inplace, training):
+        x = xs[0]
+        if training and self.dropout:
+            x = F.dropout(x, self.dropout, True)
+        return apply_act(self.act, module(x), fresh())
+
+
+__all__ = ["ACTIVATIONS", "OPS", "Act", "Activation", "Add", "AvgPool", "BatchNorm", "Concat", "Conv", "Dropout",
+           "Flatten", "GlobalAvgPool", "Linear", "MaxPool", "Op", "Slice", "SqueezeExcite", "apply_act",
+           "op_from_dict", "register_op", "spec_index"]

@@ -1,0 +1,182 @@
+"""Every operator: costs, supernet vs materialized, BN folding, ONNX, memory, the fast evaluator, JSON."""
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from hwslim.costs import activation_trace, model_costs
+from hwslim.evaluator import StepEvaluator, mixing_start
+from hwslim.export import export_onnx
+from hwslim.graph import INPUT, layer_spec
+from hwslim.materialize import materialize
+from hwslim.ops import OPS, Conv, SqueezeExcite
+from hwslim.supernet import GraphBuilder, SlimmableNet
+
+
+def every_op_net(input_size: int = 16) -> SlimmableNet:
+    """A small network using every registered operator (and a conv without BN, with a bias)."""
+    g = GraphBuilder()
+    a, b, r, c, d = g.unit("a", 16), g.unit("b", 32, quantum=8), g.unit("r", 8), g.unit("c", 16), g.unit("d", 24)
+    h0 = g.conv("stem", INPUT, 3, a, 3, 2, act="hardswish")
+    h = g.conv("expand", h0, a, b, 1, act="silu")
+    h = g.conv("group", h, b, None, 3, group_width=8, act="relu6")
+    h = g.se("se", h, r, act="relu", gate="hardsigmoid")
+    h = g.conv("project", h, b, a, 1, act=None)
+    x = g.add("add", h, h0, act="relu")
+    side = g.conv("side", x, a, c, 3, act=None, bn=False, bias=True)
+    side = g.act("side_act", side, "gelu")
+    x = g.concat("cat", x, side)  # channels: a then c
+    x = g.bn("bn", x, act="sigmoid")
+    x = g.conv("mix", x, None, d, 1, act="relu")  # reads the concatenation
+    x = g.maxpool("mp", x, d, 3, 2, 1)
+    x = g.avgpool("ap", x, 2, 2)
+    x = g.gap("gap", x, d, flatten=False)
+    x = g.flatten("flat", x)
+    x = g.dropout("drop", x, 0.1)
+    g.linear("fc", x, d, 10)
+    net = SlimmableNet("every_op", g, width_mult=1.0, input_size=input_size, num_classes=10)
+    with torch.no_grad():  # non-trivial BN statistics, so slicing and folding are exercised
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    return net.eval()
+
+
+def test_every_registered_operator_is_in_the_test_network():
+    assert {n.op.kind for n in every_op_net().nodes} == set(OPS)
+
+
+def test_operator_costs_by_hand():
+    se = layer_spec("se", SqueezeExcite("relu", "sigmoid"), 32, 8, mid=8)
+    assert (se.op.macs(se), se.op.params(se)) == (2 * 32 * 8, 2 * 32 * 8 + 8 + 32)
+    g = layer_spec("g", Conv(3, 1, 1, group_width=8), 32, 8)  # 4 groups of 8
+    assert g.groups == 4 and g.op.macs(g) == 32 * 8 * 9 * 64 and g.op.params(g) == 32 * 8 * 9 + 2 * 32
+    plain = layer_spec("p", Conv(1, bn=False, bias=True), 16, 4, out=24)
+    assert plain.op.params(plain) == 16 * 24 + 24
+
+
+def test_group_width_sets_the_grid_and_the_group_count():
+    net = every_op_net()
+    assert net.units["b"].grid == (8, 16, 24, 32)
+    specs = {s.name: s for s in net.layer_specs(net.config_of({**net.full_config().widths, "b": 16}))}
+    assert specs["group"].groups == 2 and specs["group"].cin == specs["group"].cout == 16
+
+
+def test_concatenation_reader_keeps_each_parts_kept_channels():
+    net = every_op_net()
+    cfg = net.config_of({**net.full_config().widths, "a": 8, "c": 8})
+    mix = next(s for s in net.layer_specs(cfg) if s.name == "mix")
+    assert mix.cin == 16 and mix.in_parts == ((0, 8), (16, 8))  # a's first 8, then c's first 8 (c starts at 16)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_materialized_equals_supernet_and_folding_keeps_the_function(seed):
+    net = every_op_net()
+    rng = random.Random(seed)
+    x = torch.randn(3, 3, 16, 16)
+    for cfg in (net.full_config(), net.min_config(), net.random_config(rng)):
+        with torch.no_grad(), net.using(cfg):
+            want = net(x)
+        with torch.no_grad():
+            got = materialize(net, cfg).eval()(x)
+            folded = materialize(net, cfg, fold_bn=True)(x)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+        torch.testing.assert_close(folded, want, rtol=1e-4, atol=1e-5)
+
+
+def test_costs_of_the_materialized_network_match_its_modules():
+    net = every_op_net()
+    cfg = net.random_config(random.Random(3))
+    plain = materialize(net, cfg)
+    n_params = sum(p.numel() for p in plain.parameters())
+    assert model_costs(net, cfg).params == n_params
+
+
+def test_onnx_export_matches_pytorch(tmp_path):
+    import onnxruntime as ort
+
+    net = every_op_net()
+    cfg = net.random_config(random.Random(4))
+    plain = materialize(net, cfg, fold_bn=True).eval()
+    path = export_onnx(plain, tmp_path / "m.onnx", batch=2, input_size=16)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        want = plain(x).numpy()
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})[0]
+    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+
+
+def test_designed_network_of_every_operator_runs_in_onnx_runtime():
+    import onnx
+    import onnxruntime as ort
+
+    from hwslim.onnx_build import network_model
+
+    net = every_op_net()
+    specs = net.layer_specs(net.random_config(random.Random(5)))
+    model = network_model(specs)
+    onnx.checker.check_model(model, full_check=True)
+    (out,) = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"input": np.ones((1, 3, 16, 16), np.float32)})
+    assert out.shape == (1, 10)
+
+
+def test_activation_memory_of_views_and_in_place_ops():
+    net = every_op_net()
+    specs = net.layer_specs(net.full_config())
+    trace = dict(zip((s.name for s in specs), activation_trace(specs)))
+    by = {s.name: s for s in specs}
+    # flatten and inference dropout are views: no new bytes; SE scales its input in place
+    assert trace["flat"] == trace["drop"]
+    assert trace["se"] == trace["group"] - 4 * by["expand"].out_elements  # expand died, se wrote into group's output
+
+
+def test_fast_evaluator_agrees_with_reference_across_every_operator():
+    net = every_op_net()
+    assert mixing_start(net, "r") == [n.name for n in net.nodes].index("se")  # SE's reduce width starts at SE
+    assert mixing_start(net, "c") == [n.name for n in net.nodes].index("mix")  # concat and BN are channel-wise
+    torch.manual_seed(0)
+    images, labels = torch.randn(48, 3, 16, 16), torch.randint(0, 10, (48,))
+    current = net.full_config()
+    cands = [(u, current.replace(**{u: unit.narrower(unit.max_width)})) for u, unit in net.units.items()
+             if unit.narrower(unit.max_width) is not None]
+    fast = StepEvaluator(net, images, labels, mode="fast", batch_size=16).score_candidates(current, cands)
+    ref = StepEvaluator(net, images, labels, mode="reference", batch_size=16).score_candidates(current, cands)
+    for f, r in zip(fast, ref):
+        assert f.acc == pytest.approx(r.acc) and f.loss == pytest.approx(r.loss, rel=1e-4, abs=1e-5)
+
+
+def test_graph_json_round_trip_rebuilds_the_same_network():
+    import json
+
+    net = every_op_net()
+    data = json.loads(json.dumps(net.graph_dict()))
+    again = SlimmableNet.from_graph(data)
+    again.load_state_dict(net.state_dict())
+    again.eval()
+    x = torch.randn(2, 3, 16, 16)
+    cfg = net.random_config(random.Random(6))
+    with torch.no_grad(), net.using(cfg), again.using(cfg):
+        torch.testing.assert_close(again(x), net(x))
+    assert {u: unit.grid for u, unit in again.units.items()} == {u: unit.grid for u, unit in net.units.items()}
+
+
+def test_bad_graphs_are_refused_with_the_node_named():
+    g = GraphBuilder()
+    a, b = g.unit("a", 8), g.unit("b", 8)
+    x = g.conv("x", INPUT, 3, a, 3)
+    y = g.conv("y", INPUT, 3, b, 3)
+    with pytest.raises(ValueError, match="sum: cannot combine channels of units"):
+        g.add("sum", x, y)
+    with pytest.raises(ValueError, match="unknown activation 'swish'"):
+        g.act("z", x, "swish")
+    with pytest.raises(ValueError, match="flatten of a 16x16 map"):
+        from hwslim.graph import tensor_infos
+        g.flatten("f", x)
+        tensor_infos(g.nodes, 16)
