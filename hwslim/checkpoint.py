@@ -4,8 +4,10 @@ A checkpoint is a plain dict saved with ``torch.save`` and read with
 ``weights_only=True`` (no pickled code). Keys:
 
 * ``format`` = ``"hwslim-checkpoint"``, ``version`` = 1, ``hwslim_version``;
-* ``model``: ``name``, ``width_mult``, ``input_size``, ``num_classes``, ``divisor``
-  (the ``create_model`` arguments) and ``units`` (unit -> grid, checked on load);
+* ``model``: ``graph`` (the model as data: :func:`hwslim.graph.graph_to_dict`, from which
+  it is rebuilt; no zoo name is needed), plus ``name``, ``width_mult``, ``input_size``,
+  ``num_classes``, ``divisor`` and ``units`` (unit -> grid, checked on load); a
+  checkpoint without ``graph`` (older hwslim) is rebuilt from the zoo by name;
 * ``state_dict``: the supernet's weights;
 * ``data``: how the data was built, including the held-out **search split** (indices
   into the training set) so the search scores exactly those images;
@@ -50,7 +52,51 @@ def model_info(model: SlimmableNet) -> dict[str, Any]:
         "num_classes": model.num_classes,
         "divisor": model.divisor,
         "units": {u: list(unit.grid) for u, unit in model.units.items()},
+        "graph": model.graph_dict(),  # the model as data: rebuilt from this, not from the zoo
     }
+
+
+def _read_payload(path: Path, map_location: str | torch.device = "cpu") -> dict:
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} not found")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception:  # truncated zip, pickle with code, random bytes...
+        # PyTorch's own message suggests weights_only=False, which would run code from the
+        # file: do not echo it.
+        raise CheckpointError(f"{path} is not a readable hwslim checkpoint (truncated, corrupt or not a "
+                              "PyTorch file); re-run `hwslim train` or point to another file") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not an hwslim checkpoint (no '{FORMAT}' marker); "
+                              "give a file written by `hwslim train`")
+    if payload.get("version") != VERSION:
+        raise CheckpointError(f"{path}: checkpoint version {payload.get('version')!r} is not supported "
+                              f"(this hwslim reads version {VERSION})")
+    if not isinstance(payload.get("model"), dict):
+        raise CheckpointError(f"{path}: checkpoint has no model description; re-run `hwslim train`")
+    return payload
+
+
+def _graph_of(info: dict) -> dict:
+    """The model's graph: stored (current checkpoints), else written by the zoo (older ones)."""
+    if isinstance(info.get("graph"), dict):
+        return info["graph"]
+    from hwslim.models import create_model
+
+    with torch.device("meta"):
+        net = create_model(info["name"], width_mult=info["width_mult"], input_size=info["input_size"],
+                           num_classes=info["num_classes"], divisor=info["divisor"])
+    return net.graph_dict()
+
+
+def read_graph(path: str | os.PathLike) -> dict:
+    """The graph a checkpoint describes (no weights loaded into a model)."""
+    path = Path(path)
+    info = _read_payload(path)["model"]
+    try:
+        return _graph_of(info)
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: its model description is unusable ({type(e).__name__}: {e})") from None
 
 
 def save_checkpoint(path: str | os.PathLike, model: SlimmableNet, *, data: dict | None = None,
@@ -83,27 +129,15 @@ def save_checkpoint(path: str | os.PathLike, model: SlimmableNet, *, data: dict 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Checkpoint:
     """Load and rebuild the supernet; a missing, truncated or foreign file raises CheckpointError."""
-    from hwslim.models import create_model
+    from hwslim.graph import GraphFormatError
 
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} not found")
-    try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception:  # truncated zip, pickle with code, random bytes...
-        # PyTorch's own message suggests weights_only=False, which would run code from the
-        # file: do not echo it.
-        raise CheckpointError(f"{path} is not a readable hwslim checkpoint (truncated, corrupt or not a "
-                              "PyTorch file); re-run `hwslim train` or point to another file") from None
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not an hwslim checkpoint (no '{FORMAT}' marker); "
-                              "give a file written by `hwslim train`")
-    if payload.get("version") != VERSION:
-        raise CheckpointError(f"{path}: checkpoint version {payload.get('version')!r} is not supported "
-                              f"(this hwslim reads version {VERSION})")
+    payload = _read_payload(path, map_location)
     info = payload["model"]
-    model = create_model(info["name"], width_mult=info["width_mult"], input_size=info["input_size"],
-                         num_classes=info["num_classes"], divisor=info["divisor"])
+    try:
+        model = SlimmableNet.from_graph(_graph_of(info))
+    except (GraphFormatError, KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: its model description is unusable ({type(e).__name__}: {e})") from None
     grids = {u: list(unit.grid) for u, unit in model.units.items()}
     if grids != info.get("units", grids):
         raise CheckpointError(f"{path}: its unit grid differs from this hwslim's {info['name']}; "

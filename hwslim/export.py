@@ -231,6 +231,7 @@ def provenance(ckpt, config: ChannelConfig, opts: ExportOptions, *, precision: s
         "num_classes": str(model.num_classes),
         "divisor": str(model.divisor),
         "config": json.dumps(config.to_dict(), sort_keys=True),
+        "graph": json.dumps(model.graph_dict(), sort_keys=True, separators=(",", ":")),  # the model as data
         "batch": str(opts.batch),
         "dynamic_batch": str(bool(opts.dynamic_batch)).lower(),
         "precision": precision,

@@ -51,7 +51,7 @@ from hwslim.checkpoint import load_checkpoint, save_checkpoint
 from hwslim.config import ChannelConfig
 from hwslim.data import SMALL_INPUT, mix_seeds, build_data, validation_split
 from hwslim.errors import CheckpointError, HwslimError, OutputExistsError
-from hwslim.models import create_model
+from hwslim.models import load_model
 from hwslim.slimmable import BN_TYPES, SlimmableConv2d
 from hwslim.supernet import SlimmableNet
 
@@ -276,8 +276,8 @@ class _Run:
         # the model fixes input size and class count; the data must fit them
         seed = 0 if cfg.seed is None else cfg.seed
         torch.manual_seed(mix_seeds(seed, 99))  # the initial weights follow the seed too
-        net = create_model(cfg.model, width_mult=cfg.width_mult, input_size=cfg.input_size,
-                           num_classes=cfg.num_classes, divisor=cfg.divisor)
+        net = load_model(cfg.model, width_mult=cfg.width_mult, input_size=cfg.input_size,
+                         num_classes=cfg.num_classes, divisor=cfg.divisor)
         fetch = cfg.download and world.distributed  # rank 0 downloads, the others wait, then read
         if fetch and not world.is_main:
             distributed.barrier(world)
@@ -288,8 +288,8 @@ class _Run:
             distributed.barrier(world)
         n_cls = int(self.data.info["num_classes"])
         if cfg.num_classes is None and n_cls != net.num_classes:
-            net = create_model(cfg.model, width_mult=cfg.width_mult, input_size=net.input_size,
-                               num_classes=n_cls, divisor=cfg.divisor)
+            net = load_model(cfg.model, width_mult=cfg.width_mult, input_size=net.input_size,
+                             num_classes=n_cls, divisor=cfg.divisor)
         elif n_cls > net.num_classes:
             raise TrainError(f"the data has {n_cls} classes but --num-classes is {net.num_classes}")
         cfg = cfg.resolved(net.input_size, net.num_classes)

@@ -24,7 +24,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from hwslim.config import ChannelConfig
 from hwslim.errors import ConfigError, TableError
@@ -133,6 +133,25 @@ def profiler_for_table(table):
     return Profiler.from_table(table)
 
 
+def net_from_metadata(meta: Mapping[str, str], config, source: str):
+    """The supernet an exported model came from: its graph in the metadata (older files: the zoo)."""
+    from hwslim.errors import ConfigError
+    from hwslim.graph import GraphFormatError, graph_from_dict
+    from hwslim.models import create_model
+    from hwslim.supernet import SlimmableNet
+
+    if "graph" in meta:
+        try:
+            from dataclasses import replace
+
+            graph = replace(graph_from_dict(json.loads(meta["graph"])), input_size=int(config.input_size))
+            return SlimmableNet.from_graph(graph)
+        except (ValueError, KeyError, TypeError, GraphFormatError) as e:
+            raise ConfigError(f"{source}: its hwslim.graph metadata is unusable ({type(e).__name__}: {e})") from None
+    extra = {k: int(meta[k]) for k in ("num_classes", "divisor") if k in meta}
+    return create_model(config.model, width_mult=config.width_mult, input_size=config.input_size, **extra)
+
+
 def verify_model(model: str | os.PathLike, table: str | os.PathLike | Any, *, budget_ms: float | None = None,
                  tolerance: float = DEFAULT_TOLERANCE, force: bool = False, progress: bool = False,
                  log: Callable[[str], None] | None = None) -> VerifyResult:
@@ -144,15 +163,13 @@ def verify_model(model: str | os.PathLike, table: str | os.PathLike | Any, *, bu
     import torch
 
     from hwslim.export import config_from_metadata
-    from hwslim.models import create_model
 
     check_budget(budget_ms)
     onnx_path, meta = resolve_model(model)
     config = config_from_metadata(meta, str(onnx_path))
     batch = int(meta.get("batch", 1))
-    extra = {k: int(meta[k]) for k in ("num_classes", "divisor") if k in meta}  # the supernet it came from
     with torch.device("meta"):  # shapes only: no weights needed to predict
-        net = create_model(config.model, width_mult=config.width_mult, input_size=config.input_size, **extra)
+        net = net_from_metadata(meta, config, str(onnx_path))
     tbl = table_for(table, net, config, batch=batch, budget_ms=budget_ms, force=force)
     table_path = Path(getattr(tbl, "path", None) or (table if isinstance(table, (str, os.PathLike)) else "<table>"))
     predicted = float(tbl.predict_ms(net.layer_specs(config, batch=batch, input_size=config.input_size)))

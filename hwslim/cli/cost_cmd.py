@@ -8,12 +8,13 @@ from hwslim.cli import add_command, positive_float, positive_int, print_table
 from hwslim.config import ChannelConfig
 from hwslim.costs import model_costs
 from hwslim.errors import ConfigError
-from hwslim.models import create_model
+from hwslim.models import load_model
 
 
 def register(sub) -> None:
     p = add_command(sub, "cost", run, run.__doc__)
-    p.add_argument("--model", help="zoo model (see `hwslim models`); taken from --config if omitted")
+    p.add_argument("--model", help="a zoo model (see `hwslim models`), a graph JSON file or a checkpoint; "
+                                   "taken from --config if omitted (zoo models only)")
     p.add_argument("--width-mult", type=positive_float, help="supernet width multiplier (default: the model's)")
     p.add_argument("--config", help="a ChannelConfig JSON file (default: the full-width config)")
     p.add_argument("--input-size", type=positive_int, help="input height and width (default: the config's or model's)")
@@ -39,7 +40,7 @@ def run(args) -> int:
     width_mult = args.width_mult if args.width_mult is not None else (config.width_mult if config else None)
     input_size = args.input_size if args.input_size is not None else (config.input_size if config else None)
     with torch.device("meta"):
-        net = create_model(name, width_mult=width_mult, input_size=input_size)
+        net = load_model(name, width_mult=width_mult, input_size=input_size)
     if config is not None:
         net.validate(config)
     costs = model_costs(net, config, input_size=input_size, batch=args.batch, dtype=args.dtype)
@@ -55,5 +56,5 @@ def run(args) -> int:
     if args.json:
         print(json.dumps(out, sort_keys=True))
     else:
-        print_table([{"model": name, "width_mult": net.width_mult, **out}])
+        print_table([{"model": net.name, "width_mult": net.width_mult, **out}])
     return 0

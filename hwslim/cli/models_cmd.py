@@ -4,18 +4,28 @@ import json
 
 import torch
 
-from hwslim.cli import add_command, print_table
+from hwslim.cli import add_command, positive_float, positive_int, print_table
 from hwslim.costs import model_costs
-from hwslim.models import create_model, list_models
+from hwslim.models import create_model, list_models, load_model
 
 
 def register(sub) -> None:
     p = add_command(sub, "models", run, run.__doc__)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--graph", metavar="MODEL",
+                   help="print MODEL's graph as JSON (a zoo name, graph file or checkpoint): the model as data, "
+                        "which every --model option also reads from a file")
+    p.add_argument("--width-mult", type=positive_float, help="with --graph: the supernet width multiplier")
+    p.add_argument("--input-size", type=positive_int, help="with --graph: the input size")
 
 
 def run(args) -> int:
     """List the model zoo: each supernet's default multiplier, input size, units and full-width costs."""
+    if args.graph:
+        with torch.device("meta"):
+            net = load_model(args.graph, width_mult=args.width_mult, input_size=args.input_size)
+        print(json.dumps(net.graph_dict(), indent=1, sort_keys=True))
+        return 0
     rows = []
     for name in list_models():
         with torch.device("meta"):

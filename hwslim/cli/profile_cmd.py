@@ -12,7 +12,8 @@ def register(sub) -> None:
     p.add_argument("--backend", choices=["ort", "trt", "torch", "onnxruntime", "tensorrt", "torch_cuda"],
                    help="latency backend (cpu: ort; cuda: trt or torch); default on cuda: trt when TensorRT "
                         "imports, else torch (with a one-line notice)")
-    p.add_argument("--model", default=None, help="zoo model (default: mobilenet_v2, a 1.5x supernet)")
+    p.add_argument("--model", default=None, help="a zoo model, graph JSON file or checkpoint (default: "
+                                                 "mobilenet_v2, a 1.5x supernet)")
     p.add_argument("--width-mult", type=positive_float, help="supernet width multiplier (default: the model's)")
     p.add_argument("--input-size", type=positive_int, help="input height and width (default: the model's)")
     p.add_argument("--batch", type=positive_int, default=1)
@@ -45,7 +46,9 @@ def run(args) -> int:
     reports that fit's accuracy on configs it was not fitted on.
 
     Resumable: kill it at any point and run the same command again; finished entries
-    are kept. With only `--device cpu` it measures MobileNetV2 1.5x at 224 with ONNX
+    are kept. Entries are keyed by layer shape, so shapes already measured for another
+    model on this machine and setup are reused (it says how many) and only the missing
+    ones are measured. With only `--device cpu` it measures MobileNetV2 1.5x at 224 with ONNX
     Runtime on one thread (about 2,000 entries).
 
     On a GPU (`--device cuda`) it uses TensorRT when it imports, else PyTorch/cuDNN

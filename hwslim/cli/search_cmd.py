@@ -82,9 +82,7 @@ def run(args) -> int:
         if args.table:
             table = LatencyTable.load(args.table)
         elif args.device:
-            m = ckpt.model
-            table = LatencyTable.load(find_table(args.device, m.name, m.width_mult, batch=args.batch,
-                                                 input_size=m.input_size))
+            table = LatencyTable.load(find_table(args.device, ckpt.model, batch=args.batch, spec=args.checkpoint))
         else:
             raise HwslimError("a --latency-ms budget needs --table PATH or --device cpu|cuda")
         table.check_compatible(ckpt.model, batch=args.batch, force=args.force)
