@@ -75,6 +75,9 @@ def save_checkpoint(path: str | os.PathLike, model: SlimmableNet, *, data: dict 
     try:
         torch.save(payload, tmp)
         os.replace(tmp, path)
+    except RuntimeError as e:  # torch reports a failed write (a full disk) as a RuntimeError, not OSError
+        raise CheckpointError(f"cannot write {path} (a full disk or an I/O error: {str(e).splitlines()[0][:80]}); "
+                              "the previous checkpoint is intact") from None
     finally:
         if tmp.exists():
             tmp.unlink()
