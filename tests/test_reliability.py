@@ -14,7 +14,6 @@ import torch
 from hwslim.checkpoint import save_checkpoint
 from hwslim.cli import main
 from hwslim.data import synthetic_data_info
-from hwslim.errors import HwslimError
 from hwslim.models import create_model
 from hwslim.outputs import OutputError, check_output, remove_stale_temporaries
 from hwslim.train import TrainConfig, train

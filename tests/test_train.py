@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 from hwslim.checkpoint import load_checkpoint
 from hwslim.cli import main
 from hwslim.data import search_split
-from hwslim.errors import CheckpointError, OutputExistsError
+from hwslim.errors import OutputExistsError
 from hwslim.models import create_model
 from hwslim.slimmable import SlimmableBatchNorm2d, SlimmableConv2d
 from hwslim.train import (
