@@ -72,8 +72,7 @@ def _read_payload(path: Path, map_location: str | torch.device = "cpu") -> dict:
     if payload.get("version") != VERSION:
         raise CheckpointError(f"{path}: checkpoint version {payload.get('version')!r} is not supported "
                               f"(this hwslim reads version {VERSION})")
-    if not isinstance(payload.get("model"), dict):
-        raise CheckpointError(f"{path}: checkpoint has no model description; re-run `hwslim train`")
+    _check_payload(payload, path)
     return payload
 
 
@@ -121,10 +120,45 @@ def save_checkpoint(path: str | os.PathLike, model: SlimmableNet, *, data: dict 
     try:
         torch.save(payload, tmp)
         os.replace(tmp, path)
+    except RuntimeError as e:  # torch reports a failed write (a full disk) as a RuntimeError, not OSError
+        raise CheckpointError(f"cannot write {path} (a full disk or an I/O error: {str(e).splitlines()[0][:80]}); "
+                              "the previous checkpoint is intact") from None
     finally:
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+def _check_payload(payload: dict, path: Path) -> None:
+    """Refuse (CheckpointError, one line) a payload whose fields are missing or of the wrong kind."""
+    def bad(problem: str) -> CheckpointError:
+        return CheckpointError(f"{path}: {problem}; it was not written by `hwslim train` (or was edited)")
+
+    def whole(v, low: int) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+    info = payload.get("model")
+    if not isinstance(info, dict):
+        raise bad("the checkpoint has no 'model' description" if info is None else "its 'model' is not a dict")
+    if not isinstance(info.get("name"), str) or not info["name"]:
+        raise bad(f"model name {info.get('name')!r} is not a name")
+    wm = info.get("width_mult")
+    if isinstance(wm, bool) or not isinstance(wm, (int, float)) or not 0 < wm < float("inf"):
+        raise bad(f"model width_mult {wm!r} is not a positive number")
+    for key in ("input_size", "num_classes", "divisor"):
+        if not whole(info.get(key), 1):
+            raise bad(f"model {key} {info.get(key)!r} is not a whole number of at least 1")
+    if "units" in info and not isinstance(info["units"], dict):
+        raise bad("model units is not a dict")
+    if not isinstance(payload.get("state_dict"), dict):
+        raise bad("it holds no weights ('state_dict')")
+    for key in ("data", "train_args"):
+        if key in payload and not isinstance(payload[key], dict):
+            raise bad(f"its {key!r} is not a dict")
+    if "epoch" in payload and not whole(payload["epoch"], 0):
+        raise bad(f"epoch {payload['epoch']!r} is not a whole number")
+    if payload.get("training_state") is not None and not isinstance(payload["training_state"], dict):
+        raise bad("its 'training_state' is not a dict")
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Checkpoint:

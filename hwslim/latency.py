@@ -303,6 +303,72 @@ def _is_count(v: Any) -> bool:
     return _is_number(v) and float(v) == int(v) and v >= 1
 
 
+# Bounds of every measurement-protocol value a table's metadata can hand to a profiler
+# (verify and resumed profiles rebuild the profiler from it): a crafted min_reps=1e12
+# must not make `hwslim verify` sample for ever. Each range holds the defaults with a
+# wide margin. name -> (low, high, whole number)
+PROTOCOL_BOUNDS = {
+    "warmup_runs": (0, 10_000, True), "warmup_ms": (0.0, 600_000.0, False), "budget_ms": (0.0, 600_000.0, False),
+    "min_reps": (1, 100_000, True), "max_reps": (1, 1_000_000, True), "max_rel_iqr": (0.0, 100.0, False),
+    "retries": (0, 100, True),
+}
+SETTING_BOUNDS = {  # other numeric profiler settings -> (low, high, whole number)
+    "threads": (1, 4096, True), "network_runs": (1, 100_000, True), "workspace_mib": (1, 1 << 20, True),
+    "optimization_level": (0, 5, True), "target_replay_ms": (0.0, 600_000.0, False), "group_size": (1, 100_000, True),
+    "group_mib": (0.0, 1 << 20, False),
+}
+
+
+def _check_protocol_values(settings: Mapping[str, Any], bad) -> None:
+    def check(where: str, value: Any, low: float, high: float, whole: bool) -> None:
+        ok = _is_number(value) and low <= value <= high and (not whole or float(value) == int(value))
+        if not ok:
+            kind = "a whole number" if whole else "a number"
+            raise bad(f"has {where}={value!r}, not {kind} from {low:g} to {high:g}")
+
+    for proto in ("protocol", "e2e_protocol"):
+        d = settings.get(proto)
+        if d is None:
+            continue
+        if not isinstance(d, dict):
+            raise bad(f"has settings.{proto}={d!r}, not an object")
+        for key, (low, high, whole) in PROTOCOL_BOUNDS.items():
+            if key in d:
+                check(f"settings.{proto}.{key}", d[key], low, high, whole)
+        if "min_reps" in d and "max_reps" in d and d["min_reps"] > d["max_reps"]:
+            raise bad(f"has settings.{proto}.min_reps={d['min_reps']!r} above max_reps={d['max_reps']!r}")
+    for key, (low, high, whole) in SETTING_BOUNDS.items():
+        if settings.get(key) is not None:
+            check(f"settings.{key}", settings[key], low, high, whole)
+
+
+def _check_entries(rows: Sequence[Mapping[str, str]], csv_path: Path) -> dict[tuple, Any]:
+    """Entries of a table's rows; refuse (TableError) a value no measurement gives, or a repeated key."""
+    entries: dict[tuple, Any] = {}
+    for line, row in enumerate(rows, start=2):
+        def bad(problem: str) -> TableError:
+            return TableError(f"latency table {csv_path}, line {line}: {problem}; re-run hwslim profile")
+
+        try:
+            sig, t = signature_from_row(row), timing_from_row(row)
+        except (ValueError, KeyError) as e:
+            raise bad(f"unreadable ({e})") from None
+        if not (math.isfinite(t.median_ms) and t.median_ms >= 0):
+            raise bad(f"median_ms={row['median_ms']} is not a time (a finite number, 0 or more)")
+        for name in ("iqr_ms", "p90_ms"):
+            v = getattr(t, name)
+            if not (math.isfinite(v) and v >= 0):
+                raise bad(f"{name}={row[name]} is not a finite number, 0 or more")
+        if t.n < 1:
+            raise bad(f"n={row['n']} is not a sample count")
+        if any(isinstance(v, int) and v < 0 for v in sig):
+            raise bad("a negative size in its key")
+        if sig in entries:
+            raise bad("repeats the key of an earlier row (one measurement per layer shape)")
+        entries[sig] = t
+    return entries
+
+
 def _check_meta(meta: Mapping[str, Any], meta_path: Path) -> None:
     """Refuse (TableError, one line) metadata that lacks or garbles what the table's users read."""
     def bad(problem: str) -> TableError:
@@ -330,6 +396,7 @@ def _check_meta(meta: Mapping[str, Any], meta_path: Path) -> None:
             raise bad(f"is inconsistent (threads={meta['threads']!r} but settings.threads={settings['threads']!r})")
     if "dtype" in settings and settings["dtype"] is not None and settings["dtype"] != meta["dtype"]:
         raise bad(f"is inconsistent (dtype={meta['dtype']!r} but settings.dtype={settings['dtype']!r})")
+    _check_protocol_values(settings, bad)
     if not _is_number(meta.get("width_mult")) or meta["width_mult"] <= 0:
         raise bad(f"has width_mult={meta.get('width_mult')!r}, not a positive number")
     cal = meta.get("calibration")
@@ -342,6 +409,9 @@ def _check_meta(meta: Mapping[str, Any], meta_path: Path) -> None:
                           else f"calibration lacks {key!r}")
         if cal.get("a_depthwise") is not None and not _is_number(cal["a_depthwise"]):
             raise bad(f"has calibration.a_depthwise={cal['a_depthwise']!r}, not a number")
+        for key in ("a", "a_depthwise"):  # a bigger layer sum never makes a network faster
+            if cal.get(key) is not None and not cal[key] > 0:
+                raise bad(f"has calibration.{key}={cal[key]!r}, not a positive slope")
         if "n_fit" in cal and not (_is_number(cal["n_fit"]) and float(cal["n_fit"]) == int(cal["n_fit"])):
             raise bad(f"has calibration.n_fit={cal['n_fit']!r}, not a whole number")
         if cal.get("holdout") is not None and not isinstance(cal["holdout"], dict):
@@ -376,9 +446,9 @@ class LatencyTable:
         _check_meta(meta, meta_path)
         try:
             rows, _ = read_rows(csv_path, COLUMNS)
-            entries = {signature_from_row(r): timing_from_row(r) for r in rows}
         except (OSError, ValueError, KeyError) as e:
             raise TableError(f"latency table {csv_path} is corrupt ({e})") from None
+        entries = _check_entries(rows, csv_path)
         table = cls(meta, entries, csv_path)
         if not allow_incomplete and meta.get("status") != "complete":
             raise TableError(f"latency table {csv_path} is incomplete ({len(entries)}/{meta.get('entries_expected', '?')} "
@@ -536,6 +606,30 @@ class LatencyTable:
         m = self.meta
         return (f"LatencyTable({m.get('model')} x{m.get('width_mult')} {m.get('input_size')}px b{m.get('batch')}, "
                 f"{m.get('backend')} on {m.get('device_name')}, {len(self)} entries)")
+
+
+def prepare_table_location(csv_path: Path, meta_path: Path, e2e_path: Path, *, force: bool = False) -> None:
+    """Before a profile measures anything: the location must be writable, temporaries of a
+    killed run go, and entry or end-to-end files without their metadata are refused.
+
+    Such files are not a run to resume (the metadata is written before any row): they
+    are left from another measurement, maybe of another input size, and their rows
+    would be taken for this one's (a stale ``.e2e.csv`` becomes the calibration).
+    ``force`` deletes them.
+    """
+    from hwslim.outputs import check_output, remove_stale_temporaries
+
+    check_output(csv_path, kind="file")
+    remove_stale_temporaries(csv_path.parent)
+    if meta_path.exists():
+        return
+    orphans = [p for p in (csv_path, e2e_path) if p.exists()]
+    if orphans and not force:
+        raise TableError(f"{orphans[0]} is left from another measurement (there is no {meta_path.name} beside it), "
+                         f"so its rows cannot be trusted for this one; delete it, give another --out, or pass "
+                         f"--force to measure from scratch")
+    for p in orphans:
+        p.unlink()
 
 
 def new_meta(profiler_meta: Mapping[str, Any], *, model: str, width_mult: float, input_size: int, batch: int,

@@ -37,7 +37,7 @@ from hwslim.config import ChannelConfig, atomic_write_text
 from hwslim.errors import HwslimError, TableError
 from hwslim.graph import LayerSpec, Node, resolve
 from hwslim.latency import (COLUMNS, E2E_COLUMNS, Calibration, LatencyTable, RowWriter, accuracy,
-                            default_table_path, entry_row, fit_calibration, new_meta, read_rows, signature_from_row,
+                            default_table_path, entry_row, fit_calibration, new_meta, prepare_table_location, read_rows, signature_from_row,
                             table_paths, timing_from_row)
 from hwslim.units import GRID_STEPS
 
@@ -403,6 +403,7 @@ def profile(settings: ProfileSettings, progress: bool = False,
                                     "seed": settings.seed}
         spent_before = 0.0
         final = None  # with --force over another table: (the table's paths), measured beside them first
+        prepare_table_location(csv_path, meta_path, e2e_path, force=settings.force)
         if meta_path.exists():
             old = _read_old_meta(meta_path, csv_path, settings.force)
             diff = _same_setup(old, meta) if old is not None else ["unreadable metadata"]

@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
@@ -36,6 +37,7 @@ from hwslim.config import ChannelConfig, atomic_write_text
 from hwslim.costs import spec_costs
 from hwslim.errors import BudgetError, HwslimError, OutputExistsError
 from hwslim.evaluator import Score, StepEvaluator
+from hwslim.outputs import check_output, remove_stale_temporaries
 from hwslim.supernet import SlimmableNet
 
 BUDGET_KINDS = {  # kind -> (unit shown, cost key)
@@ -201,6 +203,69 @@ def pick_configs(model: SlimmableNet, path: Sequence[Step], budgets: Sequence[Bu
 
 
 # -- I/O layer ------------------------------------------------------------------------------------
+STATE_NAME = "search_state.json"
+OUTPUT_NAMES = (STATE_NAME, "path.csv", "uniform.csv", "search.png")
+
+
+def existing_outputs(out: Path) -> list[Path]:
+    """The files of ``out`` a search would write (or resume from) that already exist."""
+    if not out.is_dir():
+        return []
+    return [out / n for n in OUTPUT_NAMES if (out / n).exists()] + sorted(out.glob("config_*.json"))
+
+
+def _checked_replay(model: SlimmableNet, steps: list[Step], cost_fn, state_file: Path) -> list[Step]:
+    """The saved path, refused (one line) unless it is a walk this search could have made.
+
+    Every step must be one valid config of this supernet, the first the full config,
+    each next one narrowing exactly the unit it names; the costs are recomputed (so a
+    resumed path has exactly an uninterrupted run's values, in the same order) and must
+    equal the saved ones.
+    """
+    def bad(i: int, problem: str) -> HwslimError:
+        return HwslimError(f"{state_file}: step {i} {problem}; the file was edited or damaged: delete it or "
+                           "pass --force to start over")
+
+    if not steps:
+        raise bad(0, "is missing")
+    out: list[Step] = []
+    prev: dict[str, int] | None = None
+    for i, st in enumerate(steps):
+        if st.step != i:
+            raise bad(i, f"is numbered {st.step!r}")
+        if not isinstance(st.widths, dict) or not all(isinstance(v, int) and not isinstance(v, bool)
+                                                      for v in st.widths.values()):
+            raise bad(i, "has widths that are not whole numbers")
+        for name in ("acc", "loss"):
+            v = getattr(st, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 \
+                    or (name == "acc" and v > 1):
+                raise bad(i, f"has {name}={v!r}")
+        try:
+            config = model.validate(model.config_of(st.widths))
+        except HwslimError as e:
+            raise bad(i, f"is not a config of this supernet ({e})") from None
+        if prev is None:
+            if st.widths != dict(model.full_config().widths) or st.unit is not None:
+                raise bad(i, "is not the full config")
+        else:
+            changed = [u for u in st.widths if st.widths[u] != prev[u]]
+            if changed != [st.unit] or st.old != prev[st.unit] or st.new != st.widths[st.unit] \
+                    or not st.new < st.old:
+                raise bad(i, f"does not narrow exactly its unit {st.unit!r} from the step before")
+        costs = cost_fn(config)
+        saved = st.costs if isinstance(st.costs, dict) else {}
+        for k, v in costs.items():
+            have = saved.get(k)
+            if isinstance(have, bool) or not isinstance(have, (int, float)) or \
+                    not math.isclose(have, v, rel_tol=1e-9, abs_tol=1e-12):
+                raise bad(i, f"has {k}={have!r}, but that config's {k} is {v!r}")
+        out.append(Step(st.step, st.unit, st.old, st.new, float(st.acc), float(st.loss), costs,
+                        st.binding or None, dict(st.widths)))
+        prev = st.widths
+    return out
+
+
 @dataclass
 class SearchResult:
     configs: list[ChannelConfig]
@@ -223,7 +288,8 @@ def greedy_search(checkpoint, budgets: Sequence[Budget], *, table=None, criterio
                   device: str = "cpu", evaluator: str = "fast", bn: str = "recal", batch_size: int = 250,
                   kernels: str = "torch",
                   max_images: int | None = None, batch: int = 1, progress: bool = True,
-                  plot: bool = True, images=None, labels=None) -> SearchResult:
+                  plot: bool = True, images=None, labels=None,
+                  log: Callable[[str], None] | None = None) -> SearchResult:
     """Search ``checkpoint``'s supernet for every budget; see the module docstring.
 
     ``out_dir`` receives one ChannelConfig JSON per budget, ``path.csv`` (the whole
@@ -235,6 +301,7 @@ def greedy_search(checkpoint, budgets: Sequence[Budget], *, table=None, criterio
 
     from hwslim import distributed_search as dist
 
+    log = log or (lambda msg: print(msg, file=sys.stderr))
     budgets = list(budgets)
     if not budgets:
         raise HwslimError("give at least one budget (--latency-ms, --memory-mb, --params-m or --macs-m)")
@@ -252,7 +319,10 @@ def greedy_search(checkpoint, budgets: Sequence[Budget], *, table=None, criterio
         "table": str(table.path) if table is not None and getattr(table, "path", None) else None,
     }
     replay: list[Step] = []
-    state_file = out / "search_state.json" if out is not None else None
+    state_file = out / STATE_NAME if out is not None else None
+    if out is not None:
+        check_output(out, kind="dir")
+        remove_stale_temporaries(out)  # left by a search killed while saving its state
     if state_file is not None and state_file.exists():
         if resume:
             try:
@@ -264,10 +334,18 @@ def greedy_search(checkpoint, budgets: Sequence[Budget], *, table=None, criterio
             if state.get("settings") != settings:
                 raise HwslimError(f"{state_file} was written by a search with other settings; "
                                   "start a new --out directory or repeat the original command")
-            replay = steps_saved
+            replay = _checked_replay(model, steps_saved, cost_fn, state_file)
         elif not force:
             raise OutputExistsError(f"{out} already holds a search; pass --resume to continue it "
                                     "or --force to start over")
+    elif out is not None:
+        found = existing_outputs(out)
+        if found and not force:  # outputs of a finished search whose state is gone, or anyone's files
+            raise OutputExistsError(f"{out} already holds {', '.join(p.name for p in found[:4])}"
+                                    f"{' ...' if len(found) > 4 else ''} (and no {STATE_NAME} to resume); "
+                                    "pass --force to replace them or give another --out")
+        if resume:
+            log(f"note: nothing to resume in {out} (no {STATE_NAME}): starting the search")
     if images is None:
         from hwslim.data import search_split
 

@@ -52,6 +52,8 @@ from hwslim.config import ChannelConfig
 from hwslim.data import SMALL_INPUT, mix_seeds, build_data, validation_split
 from hwslim.errors import CheckpointError, HwslimError, OutputExistsError
 from hwslim.models import load_model
+from hwslim.outputs import check_output, remove_stale_temporaries
+from hwslim.resources import check_training
 from hwslim.slimmable import BN_TYPES, SlimmableConv2d
 from hwslim.supernet import SlimmableNet
 
@@ -275,6 +277,10 @@ class _Run:
             cfg = self._merge_recorded(cfg, resumed.train_args)
         # the model fixes input size and class count; the data must fit them
         seed = 0 if cfg.seed is None else cfg.seed
+        with torch.device("meta"):  # refuse sizes this machine cannot train before any allocation
+            shapes = load_model(cfg.model, width_mult=cfg.width_mult, input_size=cfg.input_size,
+                                num_classes=cfg.num_classes, divisor=cfg.divisor)
+        check_training(shapes, batch=max(1, (cfg.batch_size or 128) // world.size))
         torch.manual_seed(mix_seeds(seed, 99))  # the initial weights follow the seed too
         net = load_model(cfg.model, width_mult=cfg.width_mult, input_size=cfg.input_size,
                          num_classes=cfg.num_classes, divisor=cfg.divisor)
@@ -327,11 +333,16 @@ class _Run:
     def _check_out_dir(self, cfg: TrainConfig):
         exists = self.ckpt_path.exists()
         if cfg.resume:
-            if not exists:
-                raise CheckpointError(f"nothing to resume: {self.ckpt_path} does not exist")
+            if not exists:  # killed before its first checkpoint: there is nothing to lose, start it
+                if self.world.is_main:
+                    self.log(f"note: {self.ckpt_path} does not exist (no epoch was finished); starting the run")
+                return None
             ckpt = load_checkpoint(self.ckpt_path, map_location="cpu")
             if ckpt.training_state is None:
                 raise CheckpointError(f"{self.ckpt_path} holds no training state to resume from")
+            if cfg.epochs < int(ckpt.epoch):
+                raise TrainError(f"--epochs {cfg.epochs} is fewer than the {ckpt.epoch} epochs {self.ckpt_path} "
+                                 f"has done; give --epochs {ckpt.epoch} or more, or start a new run")
             return ckpt
         if exists and not cfg.force:
             raise OutputExistsError(f"{self.ckpt_path} exists; pass --resume to continue that run or --force to "
@@ -533,6 +544,8 @@ def train(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> TrainRe
     if not isinstance(cfg, TrainConfig):
         raise TypeError(f"train() takes a TrainConfig, got {type(cfg).__name__}")
     cfg.validate()
+    out = check_output(cfg.out, kind="dir")  # before an epoch is spent
+    remove_stale_temporaries(out)  # left by a run killed while saving
     world = distributed.setup(cfg.device)
     try:
         return _Run(cfg, world, log or _log_stderr).run()

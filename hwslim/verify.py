@@ -28,6 +28,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from hwslim.config import ChannelConfig
 from hwslim.errors import ConfigError, TableError
+from hwslim.resources import check_inference
 
 DEFAULT_TOLERANCE = 0.03
 
@@ -94,8 +95,37 @@ def resolve_model(path: str | os.PathLike) -> tuple[Path, dict[str, str]]:
         if not sidecar.is_file():
             raise ConfigError(f"{path} is not an ONNX file and has no {sidecar.name} naming its ONNX source; "
                               "give the .onnx file `hwslim export` wrote")
-        path = Path(json.loads(sidecar.read_text())["onnx"])
+        try:
+            source = json.loads(sidecar.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ConfigError(f"{sidecar} is not readable JSON ({type(e).__name__}); re-run hwslim export") from None
+        if not isinstance(source, dict) or not isinstance(source.get("onnx"), str) or not source["onnx"]:
+            raise ConfigError(f"{sidecar} does not name the ONNX file the engine was built from (no \"onnx\"); "
+                              "give the .onnx file `hwslim export` wrote")
+        path = Path(source["onnx"])
+        if not path.is_file():
+            raise ConfigError(f"{sidecar} names {path} as the engine's ONNX source, but it does not exist")
     return path, onnx_metadata(path)
+
+
+# metadata numbers an exported model carries -> the smallest value that makes sense
+_META_INTS = {"batch": 1, "num_classes": 1, "divisor": 1}
+
+
+def metadata_int(meta: dict[str, str], key: str, source: str, default: int | None = None) -> int | None:
+    """A whole-number field of an exported model's hwslim metadata; ConfigError if garbled."""
+    if key not in meta:
+        return default
+    text = meta[key]
+    try:
+        v = int(text)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{source}: metadata hwslim.{key}={text!r} is not a whole number; "
+                          "re-export the model with `hwslim export`") from None
+    if v < _META_INTS.get(key, 1):
+        raise ConfigError(f"{source}: metadata hwslim.{key}={v} must be at least {_META_INTS.get(key, 1)}; "
+                          "re-export the model with `hwslim export`")
+    return v
 
 
 def _stderr(msg: str) -> None:
@@ -140,16 +170,21 @@ def net_from_metadata(meta: Mapping[str, str], config, source: str):
     from hwslim.models import create_model
     from hwslim.supernet import SlimmableNet
 
-    if "graph" in meta:
-        try:
-            from dataclasses import replace
+    extra = {k: metadata_int(meta, k, source) for k in ("num_classes", "divisor") if k in meta}
+    if "graph" not in meta:
+        return create_model(config.model, width_mult=config.width_mult, input_size=config.input_size, **extra)
+    try:
+        from dataclasses import replace
 
-            graph = replace(graph_from_dict(json.loads(meta["graph"])), input_size=int(config.input_size))
-            return SlimmableNet.from_graph(graph)
-        except (ValueError, KeyError, TypeError, GraphFormatError) as e:
-            raise ConfigError(f"{source}: its hwslim.graph metadata is unusable ({type(e).__name__}: {e})") from None
-    extra = {k: int(meta[k]) for k in ("num_classes", "divisor") if k in meta}
-    return create_model(config.model, width_mult=config.width_mult, input_size=config.input_size, **extra)
+        graph = replace(graph_from_dict(json.loads(meta["graph"])), input_size=int(config.input_size))
+        net = SlimmableNet.from_graph(graph)
+    except (ValueError, KeyError, TypeError, GraphFormatError) as e:
+        raise ConfigError(f"{source}: its hwslim.graph metadata is unusable ({type(e).__name__}: {e})") from None
+    for key, value in extra.items():
+        if getattr(net, key) != value:
+            raise ConfigError(f"{source}: its metadata says {key} {value} but its graph has {getattr(net, key)}; "
+                              "the file was edited: export it again")
+    return net
 
 
 def verify_model(model: str | os.PathLike, table: str | os.PathLike | Any, *, budget_ms: float | None = None,
@@ -167,9 +202,11 @@ def verify_model(model: str | os.PathLike, table: str | os.PathLike | Any, *, bu
     check_budget(budget_ms)
     onnx_path, meta = resolve_model(model)
     config = config_from_metadata(meta, str(onnx_path))
-    batch = int(meta.get("batch", 1))
+    batch = metadata_int(meta, "batch", str(onnx_path), 1)
     with torch.device("meta"):  # shapes only: no weights needed to predict
         net = net_from_metadata(meta, config, str(onnx_path))
+    check_inference(net, config, batch=batch, input_size=config.input_size,
+                    what=f"measuring {onnx_path} (batch {batch:,} at {config.input_size}x{config.input_size} px)")
     tbl = table_for(table, net, config, batch=batch, budget_ms=budget_ms, force=force)
     table_path = Path(getattr(tbl, "path", None) or (table if isinstance(table, (str, os.PathLike)) else "<table>"))
     predicted = float(tbl.predict_ms(net.layer_specs(config, batch=batch, input_size=config.input_size)))

@@ -64,16 +64,43 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except HwslimError as e:
-        print(f"hwslim {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"hwslim {args.command}: interrupted", file=sys.stderr)
-        return 130
+    """Run one command. Exit status: 0 done, 1 a budget not met (verify), 2 a user error
+    (one line on stderr), 130 interrupted (one line)."""
+    from hwslim import interrupt
+
+    words = sys.argv[1:] if argv is None else argv
+    command = f"hwslim {words[0]}" if words and words[0] in COMMANDS else "hwslim"  # named before parsing
+    with interrupt.handled():
+        try:
+            parser = build_parser()  # imports torch: Ctrl-C here is handled too
+            args = parser.parse_args(argv)
+            command = f"hwslim {args.command}"
+            return int(args.func(args) or 0)
+        except HwslimError as e:
+            print(f"{command}: error: {e}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print(f"{command}: interrupted", file=sys.stderr)
+            return 130
+        except OSError as e:
+            if interrupt.received():
+                print(f"{command}: interrupted", file=sys.stderr)
+                return 130
+            # a full disk or a directory that went away mid-run: earlier outputs are intact
+            print(f"{command}: error: {_os_error(e)}", file=sys.stderr)
+            return 2
+        except Exception:
+            if interrupt.received():  # a library turned the interrupt into another exception
+                print(f"{command}: interrupted", file=sys.stderr)
+                return 130
+            raise
+
+
+def _os_error(e: OSError) -> str:
+    what = e.strerror or str(e)
+    if e.filename is not None:
+        return f"{what}: {e.filename} (files written before it are intact)"
+    return f"{what} (files written before it are intact)"
 
 
 def add_command(sub, name: str, func, doc: str | None) -> argparse.ArgumentParser:

@@ -1,5 +1,9 @@
 import sys
 
-from hwslim.cli import main
+try:
+    from hwslim.cli import main
+except KeyboardInterrupt:  # Ctrl-C before the CLI's own handling is in place
+    print("hwslim: interrupted", file=sys.stderr)
+    sys.exit(130)
 
 sys.exit(main())

@@ -9,6 +9,7 @@ from hwslim.config import ChannelConfig
 from hwslim.costs import model_costs
 from hwslim.errors import ConfigError
 from hwslim.models import load_model
+from hwslim.resources import check_inference
 
 
 def register(sub) -> None:
@@ -43,6 +44,7 @@ def run(args) -> int:
         net = load_model(name, width_mult=width_mult, input_size=input_size)
     if config is not None:
         net.validate(config)
+    check_inference(net, config, batch=args.batch, input_size=input_size, dtype=args.dtype)
     costs = model_costs(net, config, input_size=input_size, batch=args.batch, dtype=args.dtype)
     out = costs.as_dict()
     if args.table:

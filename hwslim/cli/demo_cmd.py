@@ -35,7 +35,9 @@ def run(args) -> int:
       hwslim demo --out hwslim-demo
     """
     from hwslim.demo import DemoOptions, run_demo
+    from hwslim.outputs import check_output
 
+    check_output(args.out, kind="dir")
     quiet = args.json
     opts = DemoOptions(out=Path(args.out), quick=args.quick, force=args.force, threads=args.threads,
                        torch_threads=args.torch_threads,

@@ -70,7 +70,10 @@ def run(args) -> int:
     from hwslim.config import ChannelConfig
     from hwslim.errors import ConfigError
     from hwslim.export import ExportOptions, export_model
+    from hwslim.outputs import check_output
+    from hwslim.resources import check_fits, inference_bytes
 
+    check_output(args.out, kind="file")  # before anything is loaded
     config = ChannelConfig.load(args.config)
     table = args.table
     if args.verify and not table:  # the table the search used, as recorded in the config
@@ -81,6 +84,13 @@ def run(args) -> int:
                          opset=args.opset, force=args.force, check_images=args.check_images,
                          calib_images=args.calib_images, table=Path(table) if table else None)
     ckpt = load_checkpoint(args.checkpoint)
+    ckpt.model.validate(config)
+    # the check runs the supernet and ONNX Runtime on batches of --batch images (and PyTorch keeps
+    # a copy of all of them): refuse a batch this machine cannot hold before any work
+    images = max(args.batch, args.check_images) * ckpt.model.in_channels * config.input_size ** 2 * 4
+    check_fits(2 * inference_bytes(ckpt.model, config, batch=args.batch, input_size=config.input_size) + 3 * images,
+               f"exporting {config.model} at {config.input_size}x{config.input_size} px with batch {args.batch:,}",
+               "lower --batch")
     tbl = None
     if args.verify:  # everything --verify needs is checked before anything is written
         from hwslim.verify import table_for

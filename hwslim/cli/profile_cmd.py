@@ -58,8 +58,19 @@ def run(args) -> int:
       hwslim profile --device cpu --model resnet20 --width-mult 0.5 --input-size 32
       hwslim profile --device cuda --backend torch --batch 32
     """
-    from hwslim.profile import DEFAULT_MODEL, ProfileSettings, profile
+    import torch
 
+    from hwslim.models import load_model
+    from hwslim.outputs import check_output
+    from hwslim.profile import DEFAULT_MODEL, ProfileSettings, profile
+    from hwslim.resources import check_inference
+
+    if args.out is not None:
+        check_output(args.out, kind="file")
+    with torch.device("meta"):  # shapes only: refuse sizes this machine cannot run before any work
+        shapes = load_model(args.model or DEFAULT_MODEL, width_mult=args.width_mult, input_size=args.input_size)
+    check_inference(shapes, batch=args.batch, input_size=args.input_size,
+                    dtype=args.dtype if args.dtype in ("float16", "bfloat16") else "float32")
     settings = ProfileSettings(
         device=args.device, backend=args.backend, model=args.model or DEFAULT_MODEL, width_mult=args.width_mult,
         input_size=args.input_size, batch=args.batch, threads=args.threads, dtype=args.dtype, out=args.out,

@@ -57,7 +57,10 @@ def run(args) -> int:
     import torch
 
     from hwslim.checkpoint import load_checkpoint
+    from hwslim.outputs import check_output
+    from hwslim.resources import check_inference
 
+    check_output(args.out, kind="dir")  # before anything is loaded or scored
     budgets = [Budget(kind, v) for kind, values in (("latency_ms", args.latency_ms), ("memory_mb", args.memory_mb),
                                                     ("params_m", args.params_m), ("macs_m", args.macs_m))
                for v in values]
@@ -75,6 +78,7 @@ def run(args) -> int:
     if dev.type not in ("cpu", "cuda"):
         raise HwslimError(f"--eval-device {eval_device!r}: only cpu and cuda are supported")
     ckpt = load_checkpoint(args.checkpoint)
+    check_inference(ckpt.model, batch=args.batch)
     table = None
     if any(b.kind == "latency_ms" for b in budgets):
         from hwslim.latency import LatencyTable, find_table
