@@ -2,11 +2,14 @@
 parse, build the library's objects, call the library, print a table (or ``--json``).
 
 A user error (:class:`hwslim.errors.HwslimError`) prints one line on stderr and exits 2.
+A reader that closes stdout early (``hwslim models --json | head -1``) ends the command
+quietly with status 141, as a tool killed by SIGPIPE reports (128 + 13).
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from hwslim import __version__
@@ -63,17 +66,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+EXIT_CLOSED_PIPE = 128 + 13  # what a shell reports for a process killed by SIGPIPE
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
     try:
-        return int(args.func(args) or 0)
-    except HwslimError as e:
-        print(f"hwslim {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"hwslim {args.command}: interrupted", file=sys.stderr)
-        return 130
+        parser = build_parser()
+        args = parser.parse_args(argv)  # --help writes to stdout too
+        try:
+            status = int(args.func(args) or 0)
+        except HwslimError as e:
+            print(f"hwslim {args.command}: error: {e}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print(f"hwslim {args.command}: interrupted", file=sys.stderr)
+            return 130
+        sys.stdout.flush()  # a reader that left shows up here, not in the interpreter's exit flush
+        return status
+    except BrokenPipeError:
+        return _stdout_closed()
+
+
+def _stdout_closed() -> int:
+    """The reader of stdout went away (``| head``): stop without a traceback.
+
+    Python's own advice (the ``signal`` module's notes on SIGPIPE): point stdout at
+    devnull, so the interpreter's flush at exit does not fail on the closed pipe again.
+    """
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # stdout replaced by an object without a descriptor
+        pass
+    return EXIT_CLOSED_PIPE
 
 
 def add_command(sub, name: str, func, doc: str | None) -> argparse.ArgumentParser:
