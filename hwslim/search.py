@@ -223,13 +223,13 @@ def greedy_search(checkpoint, budgets: Sequence[Budget], *, table=None, criterio
                   device: str = "cpu", evaluator: str = "fast", bn: str = "recal", batch_size: int = 250,
                   kernels: str = "torch",
                   max_images: int | None = None, batch: int = 1, progress: bool = True,
-                  plot: bool = True, images=None, labels=None) -> SearchResult:
+                  plot: bool = True, images=None, labels=None, force_table: bool = False) -> SearchResult:
     """Search ``checkpoint``'s supernet for every budget; see the module docstring.
 
     ``out_dir`` receives one ChannelConfig JSON per budget, ``path.csv`` (the whole
     walk), ``search_state.json`` (for ``resume``) and ``search.png``. The search split
     comes from the checkpoint (``hwslim.data.search_split``) unless ``images``/``labels``
-    are given.
+    are given. ``force_table`` uses a ``table`` measured on another setup (``--force``).
     """
     import pandas as pd
 
@@ -240,7 +240,7 @@ def greedy_search(checkpoint, budgets: Sequence[Budget], *, table=None, criterio
         raise HwslimError("give at least one budget (--latency-ms, --memory-mb, --params-m or --macs-m)")
     model: SlimmableNet = checkpoint.model.to(device)
     if table is not None:
-        table.check_compatible(model, batch=batch)
+        table.check_compatible(model, batch=batch, force=force_table)
     cost_fn = lambda cfg: config_costs(model, cfg, table, batch)  # noqa: E731
     check_feasible(model, budgets, cost_fn)
     out = Path(out_dir) if out_dir is not None else None

@@ -212,3 +212,21 @@ def test_corrupt_search_state_is_a_user_error(ckpt_path, tmp_path):
     budget = [Budget("params_m", config_costs(ckpt.model, ckpt.model.full_config())["params_m"] * 0.9)]
     with pytest.raises(HwslimError, match="not a readable search state"):
         greedy_search(ckpt, budget, out_dir=out, resume=True, progress=False, plot=False)
+
+
+def test_force_uses_a_table_from_another_device(ckpt_path, tmp_path, capsys, make_table):
+    """`--table <another device's table> --force`: the compatibility check runs once, with --force."""
+    ckpt = load_checkpoint(ckpt_path)
+    table = make_table(ckpt.model, tmp_path / "other.csv", device_name="Some Other CPU")
+    from hwslim.latency import LatencyTable
+
+    full = LatencyTable.load(table).predict_ms(ckpt.model.layer_specs(ckpt.model.full_config()))
+    budget = f"{0.9 * full:.4f}"
+    argv = ["search", "--checkpoint", str(ckpt_path), "--latency-ms", budget, "--table", str(table),
+            "--no-progress", "--max-images", "16", "--out"]
+    assert main(argv + [str(tmp_path / "refused")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Some Other CPU" in err[0] and "--force" in err[0]
+    assert main(argv + [str(tmp_path / "forced"), "--force"]) == 0
+    cfg = ChannelConfig.load(tmp_path / "forced" / f"config_latency_ms_{float(budget):g}.json")
+    assert cfg.meta["latency_ms"] <= float(budget)

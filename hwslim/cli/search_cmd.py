@@ -87,11 +87,10 @@ def run(args) -> int:
                                                  input_size=m.input_size))
         else:
             raise HwslimError("a --latency-ms budget needs --table PATH or --device cpu|cuda")
-        table.check_compatible(ckpt.model, batch=args.batch, force=args.force)
     result = greedy_search(ckpt, budgets, table=table, criterion=args.criterion, out_dir=args.out,
                            resume=args.resume, force=args.force, device=eval_device, evaluator=args.evaluator,
                            bn=args.bn, max_images=args.max_images, batch=args.batch, kernels=args.kernels,
-                           progress=not args.no_progress)
+                           progress=not args.no_progress, force_table=args.force)
     if args.json:
         print(json.dumps([c.to_dict() for c in result.configs], indent=2, sort_keys=True))
         return 0
