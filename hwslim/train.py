@@ -163,7 +163,9 @@ class TrainConfig:
             momentum=0.9 if self.momentum is None else self.momentum,
             weight_decay=self.weight_decay if self.weight_decay is not None else
             (5e-4 if input_size <= SMALL_INPUT else 4e-5),
-            warmup_epochs=self.warmup_epochs if self.warmup_epochs is not None else min(5.0, 0.1 * self.epochs),
+            # rounded: 0.1 * 3 is 0.30000000000000004 in binary, and the value is recorded
+            warmup_epochs=self.warmup_epochs if self.warmup_epochs is not None else round(min(5.0, 0.1 * self.epochs),
+                                                                                        6),
             num_random=2 if self.num_random is None else self.num_random,
             label_smoothing=0.1 if self.label_smoothing is None else self.label_smoothing,
             seed=0 if self.seed is None else self.seed,
@@ -485,10 +487,19 @@ class _Run:
         with self._autocast():
             return evaluate_configs(self.net, configs, *self._val, self._calib)
 
+    def used(self) -> dict[str, Any]:
+        """What this run actually uses where the arguments only ask (recorded instead of the request):
+        mixed precision and channels-last apply on CUDA only."""
+        return {"device": self.dev.type, "amp": self.amp_dtype is not None,
+                "amp_dtype": str(self.amp_dtype).removeprefix("torch.") if self.amp_dtype is not None else None,
+                "channels_last": self.cuda and self.cfg.channels_last,
+                "threads": torch.get_num_threads() if not self.cuda else None}
+
     # -- the loop ---------------------------------------------------------------------------
     def run(self) -> TrainResult:
         cfg, world = self.cfg, self.world
-        args = {**{f.name: getattr(cfg, f.name) for f in fields(cfg)}, "world_size": world.size}
+        args = {**{f.name: getattr(cfg, f.name) for f in fields(cfg)}, "world_size": world.size,
+                **self.used()}
         end = cfg.epochs if cfg.stop_after is None else min(cfg.epochs, self.start_epoch + cfg.stop_after)
         for epoch in range(self.start_epoch, end):
             row = self.epoch(epoch)

@@ -285,3 +285,13 @@ def test_zero_values_that_mean_something_are_kept():
     r = cfg.resolved(32, 10)
     assert (r.num_random, r.seed, r.weight_decay, r.warmup_epochs, r.momentum, r.label_smoothing) == (0, 0, 0, 0, 0, 0)
     assert r.batch_size == 128 and r.lr == pytest.approx(0.1)
+
+
+def test_results_record_what_the_run_used(tmp_path):
+    """results.json: the warm-up as a decimal, and no mixed precision or channels-last on a CPU."""
+    train(TrainConfig(epochs=3, out=str(tmp_path), device="cpu", **TINY), log=lambda s: None)
+    args = json.loads((tmp_path / "results.json").read_text())["train_args"]
+    assert args["warmup_epochs"] == 0.3
+    assert args["amp"] is False and args["channels_last"] is False and args["device"] == "cpu"
+    assert args["threads"] == 1  # the fixture's
+    assert load_checkpoint(tmp_path / "checkpoint.pt").train_args["amp"] is False
