@@ -208,6 +208,12 @@ class SearchResult:
     steps: list[Step]
     out_dir: Path | None = None
     uniform: list[dict] = field(default_factory=list)
+    files: list[Path] = field(default_factory=list)  # the config file of each budget (when out_dir is given)
+
+
+def config_file(out_dir: str | Path, budget: Budget) -> Path:
+    """Where a search writes the config of ``budget``: ``OUT/config_<kind>_<value>.json``."""
+    return Path(out_dir) / f"config_{budget.kind}_{budget.value:g}.json"
 
 
 def _file_digest(path: Path) -> str:
@@ -304,13 +310,13 @@ def greedy_search(checkpoint, budgets: Sequence[Budget], *, table=None, criterio
             bar.close()
     configs = pick_configs(model, path, budgets)
     frame = pd.DataFrame([s.row() for s in path])
-    result = SearchResult(configs, frame, path, out)
+    result = SearchResult(configs, frame, path, out, files=[config_file(out, b) for b in budgets] if out else [])
     if out is not None and is_writer:
         provenance = {"produced_by": "hwslim search", "checkpoint": settings["checkpoint"],
                       "checkpoint_sha256": settings["checkpoint_sha256"], "table": settings["table"],
                       "criterion": criterion, "bn": bn}
         for b, cfg in zip(budgets, configs):
-            cfg.with_meta(**provenance).save(out / f"config_{b.kind}_{b.value:g}.json", force=True)
+            cfg.with_meta(**provenance).save(config_file(out, b), force=True)
         frame.to_csv(out / "path.csv", index=False)
         if plot:
             result.uniform = [{"step": s, "acc": (sc := ev.score(u)).acc, "loss": sc.loss, **cost_fn(u)}

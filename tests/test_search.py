@@ -223,10 +223,28 @@ def test_force_uses_a_table_from_another_device(ckpt_path, tmp_path, capsys, mak
     full = LatencyTable.load(table).predict_ms(ckpt.model.layer_specs(ckpt.model.full_config()))
     budget = f"{0.9 * full:.4f}"
     argv = ["search", "--checkpoint", str(ckpt_path), "--latency-ms", budget, "--table", str(table),
-            "--no-progress", "--max-images", "16", "--out"]
+            "--no-progress", "--max-images", "16", "--threads", "1", "--out"]
     assert main(argv + [str(tmp_path / "refused")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "Some Other CPU" in err[0] and "--force" in err[0]
     assert main(argv + [str(tmp_path / "forced"), "--force"]) == 0
     cfg = ChannelConfig.load(tmp_path / "forced" / f"config_latency_ms_{float(budget):g}.json")
     assert cfg.meta["latency_ms"] <= float(budget)
+
+
+def test_mixed_budgets_json_names_the_written_files_and_paths_have_no_double_slash(ckpt_path, tmp_path, capsys):
+    ckpt = load_checkpoint(ckpt_path)
+    full = config_costs(ckpt.model, ckpt.model.full_config())
+    params, macs = f"{0.95 * full['params_m']:.4f}", f"{0.95 * full['macs_m']:.4f}"
+    argv = ["search", "--checkpoint", str(ckpt_path), "--params-m", params, "--macs-m", macs, "--no-progress",
+            "--max-images", "16", "--threads", "1", "--out", str(tmp_path / "s") + "/"]
+    assert main(argv + ["--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    files = [d["file"] for d in doc]
+    assert files == [str(tmp_path / "s" / f"config_params_m_{float(params):g}.json"),
+                     str(tmp_path / "s" / f"config_macs_m_{float(macs):g}.json")]
+    for d, f in zip(doc, files):
+        assert ChannelConfig.load(f).widths == d["widths"]
+    assert main(argv + ["--force"]) == 0
+    out = capsys.readouterr().out
+    assert "//" not in out and all(f in out for f in files)

@@ -91,17 +91,17 @@ def run(args) -> int:
                            resume=args.resume, force=args.force, device=eval_device, evaluator=args.evaluator,
                            bn=args.bn, max_images=args.max_images, batch=args.batch, kernels=args.kernels,
                            progress=not args.no_progress, force_table=args.force)
-    if args.json:
-        print(json.dumps([c.to_dict() for c in result.configs], indent=2, sort_keys=True))
+    if args.json:  # each config as its file holds it, and where that file is
+        print(json.dumps([{**c.to_dict(), "file": str(f)} for c, f in zip(result.configs, result.files)],
+                         indent=2, sort_keys=True))
         return 0
     rows = []
-    for b, c in zip(budgets, result.configs):
+    for b, c, f in zip(budgets, result.configs, result.files):
         m = c.meta
         row = {"budget": b.label, "step": m["search_step"], "search_acc": m["search_acc"]}
         if "latency_ms" in m:
             row["latency_ms"] = m["latency_ms"]
-        row.update(memory_mb=m["memory_mb"], params_m=m["params_m"], macs_m=m["macs_m"],
-                   file=f"{args.out}/config_{b.kind}_{b.value:g}.json")
+        row.update(memory_mb=m["memory_mb"], params_m=m["params_m"], macs_m=m["macs_m"], file=str(f))
         rows.append(row)
     print_table(rows)
     return 0
