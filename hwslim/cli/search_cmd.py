@@ -19,7 +19,9 @@ def register(sub) -> None:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--table", help="latency table (from `hwslim profile`)")
     g.add_argument("--device", choices=["cpu", "cuda"],
-                   help="find this machine's table for the checkpoint's model under latency_tables/")
+                   help="find this machine's table for the checkpoint's model: in --table-dir, $HWSLIM_TABLE_DIR, "
+                        "~/.cache/hwslim/latency_tables ($XDG_CACHE_HOME), then hwslim's own latency_tables/")
+    p.add_argument("--table-dir", metavar="DIR", help="with --device: look here first")
     p.add_argument("--criterion", choices=CRITERIA, default=DEFAULT_CRITERION,
                    help=f"acc: smallest accuracy drop (AutoSlim); acc-per-cost: smallest drop per cost saved "
                         f"(NetAdapt). Default {DEFAULT_CRITERION}")
@@ -74,6 +76,9 @@ def run(args) -> int:
         raise HwslimError("--eval-device cuda, but no CUDA GPU is visible; use --eval-device cpu")
     if dev.type not in ("cpu", "cuda"):
         raise HwslimError(f"--eval-device {eval_device!r}: only cpu and cuda are supported")
+    if args.table_dir and not args.device:
+        raise HwslimError("--table-dir is where --device looks for this machine's table; add --device cpu|cuda "
+                          "(or give the table itself with --table)")
     ckpt = load_checkpoint(args.checkpoint)
     table = None
     if any(b.kind == "latency_ms" for b in budgets):
@@ -84,7 +89,7 @@ def run(args) -> int:
         elif args.device:
             m = ckpt.model
             table = LatencyTable.load(find_table(args.device, m.name, m.width_mult, batch=args.batch,
-                                                 input_size=m.input_size))
+                                                 input_size=m.input_size, root=args.table_dir))
         else:
             raise HwslimError("a --latency-ms budget needs --table PATH or --device cpu|cuda")
     result = greedy_search(ckpt, budgets, table=table, criterion=args.criterion, out_dir=args.out,
@@ -92,7 +97,9 @@ def run(args) -> int:
                            bn=args.bn, max_images=args.max_images, batch=args.batch, kernels=args.kernels,
                            progress=not args.no_progress, force_table=args.force)
     if args.json:  # each config as its file holds it, and where that file is
-        print(json.dumps([{**c.to_dict(), "file": str(f)} for c, f in zip(result.configs, result.files)],
+        from hwslim.config import ChannelConfig
+
+        print(json.dumps([{**ChannelConfig.load(f).to_dict(), "file": str(f)} for f in result.files],
                          indent=2, sort_keys=True))
         return 0
     rows = []
