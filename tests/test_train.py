@@ -295,3 +295,21 @@ def test_results_record_what_the_run_used(tmp_path):
     assert args["amp"] is False and args["channels_last"] is False and args["device"] == "cpu"
     assert args["threads"] == 1  # the fixture's
     assert load_checkpoint(tmp_path / "checkpoint.pt").train_args["amp"] is False
+
+
+def test_cli_train_subset_is_recorded_and_the_final_scores_say_what_they_are_on(tmp_path, capsys):
+    run = tmp_path / "run"
+    cli = [a for a in TINY_CLI if a != "--no-progress"]
+    assert main(["train", *cli, "--epochs", "1", "--train-subset", "120", "--out", str(run)]) == 0
+    cap = capsys.readouterr()
+    assert "top-1 on 64 images of the val split, BN recalibrated per config on 64 training images:" in cap.out
+    assert "scoring on 64 val images" in cap.err and "5/5" in cap.err  # the final scoring's progress bar
+    data = load_checkpoint(run / "checkpoint.pt").data
+    assert data["train_subset"] == 120 and len(data["train_subset_indices"]) == 120
+    assert data["num_train"] == 120 - 44 and set(data["search_indices"]) <= set(data["train_subset_indices"])
+    results = json.loads((run / "results.json").read_text())
+    assert results["evaluated_on"] == {"split": "val", "images": 64, "calib_images": 64}
+    assert results["train_args"]["train_subset"] == 120
+    # resume keeps the subset; a different one is refused
+    assert main(["train", *TINY_CLI, "--epochs", "1", "--train-subset", "100", "--out", str(run), "--resume"]) == 2
+    assert "train_subset" in capsys.readouterr().err

@@ -48,6 +48,9 @@ def register(sub) -> None:
     g.add_argument("--label-smoothing", type=_nonneg_float, help="for the widest config (default 0.1)")
     g.add_argument("--search-size", type=nonneg_int,
                    help="training images held out for `hwslim search` (default 10%%, at most 10,000)")
+    g.add_argument("--train-subset", type=positive_int, metavar="N",
+                   help="train on N images of the training set only (class-balanced, seeded by --seed; the search "
+                        "split is held out of them), for any --data: try real data on a CPU in minutes")
     g.add_argument("--seed", type=int, help="seeds the split, shuffling, augmentation and configs (default 0)")
     g = p.add_argument_group("execution")
     g.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when a GPU is visible")
@@ -117,8 +120,10 @@ def run(args) -> int:
             print(note)
         return 0
     if args.json:
-        print(json.dumps({"checkpoint": str(result.checkpoint), "final": result.final}, indent=2))
+        print(json.dumps({"checkpoint": str(result.checkpoint), "final": result.final,
+                          "evaluated_on": result.evaluated_on}, indent=2))
     else:
         print(f"checkpoint: {result.checkpoint}")
+        print(f"{result.describe_evaluation()}:")
         print_table([{**r, "top1 %": r["top1"]} for r in result.final], ["config", "top1 %", "macs", "params"])
     return 0
