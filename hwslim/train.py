@@ -240,7 +240,8 @@ def final_configs(net: SlimmableNet) -> list[tuple[str, ChannelConfig]]:
 
 def evaluate_configs(net: SlimmableNet, configs: list[tuple[str, ChannelConfig]], images: torch.Tensor,
                      labels: torch.Tensor, calib: torch.Tensor | None, batch_size: int = 256,
-                     progress: bool = False, desc: str = "scoring configs") -> list[dict[str, Any]]:
+                     progress: bool = False, desc: str = "scoring configs",
+                     calib_batch_size: int | None = None) -> list[dict[str, Any]]:
     """Top-1 of each config after BN recalibration on ``calib`` (see :mod:`hwslim.evaluate`).
 
     ``calib`` None: no recalibration (the running statistics training left). ``progress``:
@@ -258,7 +259,7 @@ def evaluate_configs(net: SlimmableNet, configs: list[tuple[str, ChannelConfig]]
     try:
         for name, cfg in configs:
             acc = accuracy(net, cfg, images, labels, calib_images=calib, batch_size=batch_size,
-                           recalibrate=calib is not None)
+                           calib_batch_size=calib_batch_size, recalibrate=calib is not None)
             c = model_costs(net, cfg)
             rows.append({"config": name, "top1": round(100 * acc, 2), "macs": c.macs, "params": c.params})
             if bar is not None:

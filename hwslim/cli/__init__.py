@@ -16,7 +16,14 @@ from hwslim import __version__
 from hwslim.errors import HwslimError
 
 # subcommand -> module under hwslim.cli that defines register(subparsers)
-COMMANDS = ["models", "cost", "train", "profile", "search", "export", "verify", "demo"]
+COMMANDS = ["models", "cost", "train", "profile", "search", "export", "verify", "eval", "demo"]
+
+# PyTorch CPU threads for train, search, export, eval and profile unless --threads says
+# otherwise. Measured with benchmarks/threads.py on the 2-core development machine while
+# other jobs ran (benchmarks/results/threads.csv): one thread was several times faster
+# than two (PyTorch's default there) for every workload, because OpenMP threads that
+# share busy cores wait on each other. More threads pay off only on idle, larger machines.
+DEFAULT_THREADS = 1
 
 
 class _Parser(argparse.ArgumentParser):
@@ -100,6 +107,22 @@ def _stdout_closed() -> int:
     except (OSError, ValueError, AttributeError):  # stdout replaced by an object without a descriptor
         pass
     return EXIT_CLOSED_PIPE
+
+
+def set_threads(threads: int | None) -> int:
+    """Set PyTorch's CPU threads: ``threads``, else :data:`DEFAULT_THREADS`; returns the count."""
+    import torch
+
+    n = threads if threads is not None else DEFAULT_THREADS
+    torch.set_num_threads(n)
+    return n
+
+
+def threads_note(threads: int | None) -> str:
+    """For a command's header line: how many PyTorch threads, and whether by default."""
+    n = threads if threads is not None else DEFAULT_THREADS
+    return f"{n} PyTorch CPU thread{'s' if n != 1 else ''}" + (" (default; --threads N to change)"
+                                                                if threads is None else " (--threads)")
 
 
 def add_command(sub, name: str, func, doc: str | None) -> argparse.ArgumentParser:
