@@ -229,13 +229,15 @@ def greedy_search(checkpoint, budgets: Sequence[Budget], *, table=None, criterio
                   device: str = "cpu", evaluator: str = "fast", bn: str = "recal", batch_size: int = 250,
                   kernels: str = "torch",
                   max_images: int | None = None, batch: int = 1, progress: bool = True,
-                  plot: bool = True, images=None, labels=None, force_table: bool = False) -> SearchResult:
+                  plot: bool = True, images=None, labels=None, force_table: bool = False,
+                  log: Callable[[str], None] | None = None) -> SearchResult:
     """Search ``checkpoint``'s supernet for every budget; see the module docstring.
 
     ``out_dir`` receives one ChannelConfig JSON per budget, ``path.csv`` (the whole
     walk), ``search_state.json`` (for ``resume``) and ``search.png``. The search split
     comes from the checkpoint (``hwslim.data.search_split``) unless ``images``/``labels``
     are given. ``force_table`` uses a ``table`` measured on another setup (``--force``).
+    ``log`` gets a line saying what is scored, once every check has passed.
     """
     import pandas as pd
 
@@ -280,6 +282,10 @@ def greedy_search(checkpoint, budgets: Sequence[Budget], *, table=None, criterio
         images, labels = search_split(checkpoint, device=device, max_images=max_images)
     ev = StepEvaluator(model, images.to(device), labels.to(device), bn=bn, mode=evaluator, batch_size=batch_size,
                        kernels=kernels)
+    if log is not None and dist.is_writer():
+        log(f"searching {', '.join(b.label for b in budgets)}: each candidate scored on {len(labels):,} search-split "
+            f"images (BN {'recalibrated per candidate' if bn == 'recal' else 'batch statistics'}, {evaluator} "
+            f"evaluator, {device})" + (f"; resuming after step {len(replay) - 1}" if replay else ""))
     score_candidates = dist.sharded(ev.score_candidates)
     is_writer = dist.is_writer()
 

@@ -532,6 +532,14 @@ class _Run:
         args = {**{f.name: getattr(cfg, f.name) for f in fields(cfg)}, "world_size": world.size,
                 **self.used()}
         end = cfg.epochs if cfg.stop_after is None else min(cfg.epochs, self.start_epoch + cfg.stop_after)
+        if world.is_main:
+            info = self.data.info
+            subset = f" (a class-balanced subset of {info['train_subset']:,})" if info.get("train_subset") else ""
+            self.log(f"training {self.net.name} x{self.net.width_mult:g} at {self.net.input_size}px on {cfg.data}: "
+                     f"{len(self.data):,} training images{subset}, {len(info['search_indices']):,} held out for the "
+                     f"search; {self.steps} steps of {cfg.batch_size} per epoch, epochs {self.start_epoch + 1}-{end}"
+                     f" of {cfg.epochs}; {self.dev.type}" + (f", {torch.get_num_threads()} PyTorch CPU thread(s)"
+                                                              if not self.cuda else ""))
         for epoch in range(self.start_epoch, end):
             row = self.epoch(epoch)
             if cfg.eval_every and (epoch + 1) % cfg.eval_every == 0 and world.is_main:

@@ -246,5 +246,6 @@ def test_mixed_budgets_json_names_the_written_files_and_paths_have_no_double_sla
     for d, f in zip(doc, files):
         assert ChannelConfig.load(f).widths == d["widths"]
     assert main(argv + ["--force"]) == 0
-    out = capsys.readouterr().out
-    assert "//" not in out and all(f in out for f in files)
+    cap = capsys.readouterr()
+    assert "//" not in cap.out and all(f in cap.out for f in files)
+    assert cap.err.startswith("hwslim search: 1 PyTorch CPU thread (--threads)\nsearching params_m=")

@@ -220,7 +220,8 @@ def test_cli_json_stdout_is_one_json_document_and_epochs_go_to_stderr(tmp_path, 
 def test_library_train_prints_nothing_on_stdout_and_logs_through_log(tmp_path, capsys):
     lines: list[str] = []
     res = train(TrainConfig(epochs=1, out=str(tmp_path / "a"), **TINY), log=lines.append)
-    assert [json.loads(line)["epoch"] for line in lines] == [1] and res.final
+    assert lines[0].startswith("training resnet20 x0.5 at 8px on synthetic:300: 256 training images, 44 held out")
+    assert [json.loads(line)["epoch"] for line in lines[1:]] == [1] and res.final
     train(TrainConfig(epochs=1, out=str(tmp_path / "b"), **TINY))  # default log: stderr
     cap = capsys.readouterr()
     assert cap.out == "" and json.loads(cap.err.strip().splitlines()[-1])["epoch"] == 1
@@ -304,6 +305,8 @@ def test_cli_train_subset_is_recorded_and_the_final_scores_say_what_they_are_on(
     cap = capsys.readouterr()
     assert "top-1 on 64 images of the val split, BN recalibrated per config on 64 training images:" in cap.out
     assert "scoring on 64 val images" in cap.err and "5/5" in cap.err  # the final scoring's progress bar
+    assert cap.err.startswith("hwslim train: 1 PyTorch CPU thread (default; --threads N to change)\n")
+    assert "76 training images (a class-balanced subset of 120), 44 held out for the search" in cap.err
     data = load_checkpoint(run / "checkpoint.pt").data
     assert data["train_subset"] == 120 and len(data["train_subset_indices"]) == 120
     assert data["num_train"] == 120 - 44 and set(data["search_indices"]) <= set(data["train_subset_indices"])

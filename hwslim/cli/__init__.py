@@ -125,6 +125,22 @@ def threads_note(threads: int | None) -> str:
                                                                 if threads is None else " (--threads)")
 
 
+def with_header(header: str, log=None):
+    """A log callable that first prints ``header`` on stderr: a command's header line appears
+    once its inputs have passed their checks (a bad input still gives one line)."""
+    shown = False
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+
+    def emit(msg: str) -> None:
+        nonlocal shown
+        if not shown:
+            shown = True
+            print(header, file=sys.stderr, flush=True)
+        log(msg)
+
+    return emit
+
+
 def add_command(sub, name: str, func, doc: str | None) -> argparse.ArgumentParser:
     """A subparser whose help text is the command's docstring (first line as summary)."""
     doc = (doc or "").strip()

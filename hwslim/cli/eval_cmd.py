@@ -54,7 +54,6 @@ def run(args) -> int:
     if args.config and not args.checkpoint:
         raise ConfigError("--config needs --checkpoint (the supernet the config was searched on)")
     set_threads(args.threads)
-    print(f"hwslim eval: {threads_note(args.threads)}", file=sys.stderr)
     configs = [(c, ChannelConfig.load(c)) for c in args.config]  # every file is read before any work
     models = [(m, *resolve_model(m)) for m in args.models]
     ckpts: dict[str, object] = {}
@@ -63,6 +62,10 @@ def run(args) -> int:
         if path not in ckpts:
             ckpts[path] = load_checkpoint(path)
         return ckpts[path]
+
+    if args.checkpoint:
+        checkpoint(args.checkpoint)
+    print(f"hwslim eval: {threads_note(args.threads)}", file=sys.stderr)
 
     rows, evaluated_on = [], {}
     if configs:

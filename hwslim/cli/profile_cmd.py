@@ -3,7 +3,7 @@ from __future__ import annotations
 import json
 import sys
 
-from hwslim.cli import add_command, nonneg_int, positive_float, positive_int, print_table
+from hwslim.cli import add_command, nonneg_int, positive_float, positive_int, print_table, set_threads, threads_note, with_header
 
 
 def register(sub) -> None:
@@ -16,7 +16,9 @@ def register(sub) -> None:
     p.add_argument("--width-mult", type=positive_float, help="supernet width multiplier (default: the model's)")
     p.add_argument("--input-size", type=positive_int, help="input height and width (default: the model's)")
     p.add_argument("--batch", type=positive_int, default=1)
-    p.add_argument("--threads", type=positive_int, help="intra-op threads (default 1)")
+    p.add_argument("--threads", type=positive_int,
+                   help="intra-op threads of the runtime being measured: a setting of the table, as deployed "
+                        "(default 1)")
     p.add_argument("--dtype", default="float32",
                    help="precision: cpu float32; cuda float32, float16 or bfloat16 (trt: float32, float16)")
     p.add_argument("--channels-last", action="store_true",
@@ -57,13 +59,18 @@ def run(args) -> int:
     """
     from hwslim.profile import DEFAULT_MODEL, ProfileSettings, profile
 
+    set_threads(None)  # PyTorch only builds the networks here; the runtime's threads are the table's setting
+    n = args.threads or 1
+    header = (f"hwslim profile: {n} runtime thread{'s' if n > 1 else ''} (the table's setting"
+              f"{'' if args.threads else ', default; --threads N to change'}), {threads_note(None).split(' (')[0]}")
+
     settings = ProfileSettings(
         device=args.device, backend=args.backend, model=args.model or DEFAULT_MODEL, width_mult=args.width_mult,
         input_size=args.input_size, batch=args.batch, threads=args.threads, dtype=args.dtype, out=args.out,
         calib_configs=args.calib_configs, holdout_configs=args.holdout_configs, seed=args.seed, force=args.force,
         quick=args.quick, in_network=False if args.isolated else None, contexts=args.contexts,
         channels_last=args.channels_last)
-    result = profile(settings, progress=not args.json, log=lambda m: print(m, file=sys.stderr))
+    result = profile(settings, progress=not args.json, log=with_header(header))
     summary = result.summary()
     if args.json:
         print(json.dumps(summary, sort_keys=True))

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import json
 
-from hwslim.cli import add_command, positive_float, positive_int, print_table
+from hwslim.cli import add_command, positive_float, positive_int, print_table, set_threads, threads_note, with_header
 from hwslim.errors import HwslimError
 from hwslim.search import CRITERIA, DEFAULT_CRITERION, Budget, greedy_search
 
@@ -40,7 +40,8 @@ def register(sub) -> None:
     p.add_argument("--max-images", type=positive_int, help="use at most this many search-split images")
     p.add_argument("--eval-device", default=None, help="where to run the search's evaluations "
                                                         "(default: cuda if available, else cpu)")
-    p.add_argument("--threads", type=positive_int, help="PyTorch CPU threads for the evaluations (default: PyTorch's)")
+    p.add_argument("--threads", type=positive_int, help="PyTorch CPU threads for the evaluations (default 1: measured "
+                                                          "fastest on a shared machine, benchmarks/results/threads.csv)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--json", action="store_true", help="print the chosen configs as JSON")
 
@@ -65,8 +66,7 @@ def run(args) -> int:
                for v in values]
     if not budgets:
         raise HwslimError("give at least one budget: --latency-ms, --memory-mb, --params-m or --macs-m")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     eval_device = args.eval_device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(eval_device)
@@ -95,7 +95,8 @@ def run(args) -> int:
     result = greedy_search(ckpt, budgets, table=table, criterion=args.criterion, out_dir=args.out,
                            resume=args.resume, force=args.force, device=eval_device, evaluator=args.evaluator,
                            bn=args.bn, max_images=args.max_images, batch=args.batch, kernels=args.kernels,
-                           progress=not args.no_progress, force_table=args.force)
+                           progress=not args.no_progress, force_table=args.force,
+                           log=with_header(f"hwslim search: {threads_note(args.threads)}"))
     if args.json:  # each config as its file holds it, and where that file is
         from hwslim.config import ChannelConfig
 
