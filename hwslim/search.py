@@ -290,10 +290,22 @@ def greedy_search(checkpoint, budgets: Sequence[Budget], *, table=None, criterio
     is_writer = dist.is_writer()
 
     bar = None
+    full_costs = cost_fn(model.full_config())
+
+    def done_pct(costs: Mapping[str, float]) -> int:
+        """How far the walk is, in % of the way from the full config to the budget it meets last
+        (costs fall about evenly per step, so the bar's rate gives a fair ETA)."""
+        fracs = [min(1.0, max(0.0, (full_costs[b.kind] - costs[b.kind]) / (full_costs[b.kind] - b.value)))
+                 if full_costs[b.kind] > b.value else 1.0 for b in budgets]
+        return int(100 * min(fracs))
+
     if progress and is_writer:
         from tqdm.auto import tqdm
 
-        bar = tqdm(desc="greedy search", unit="step", initial=len(replay))
+        bar = tqdm(desc="greedy search (% of the way to the budgets)", total=100, unit="%", dynamic_ncols=True,
+                   bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt}% [{elapsed}<{remaining}{postfix}]")
+        if replay:
+            bar.update(done_pct(replay[-1].costs))
 
     steps: list[Step] = list(replay)
 
@@ -305,8 +317,8 @@ def greedy_search(checkpoint, budgets: Sequence[Budget], *, table=None, criterio
         if bar is not None:
             shown = {k: round(step.costs[k], 3) for k in ("latency_ms", "memory_mb", "params_m", "macs_m")
                      if k in step.costs}
-            bar.set_postfix(acc=f"{step.acc:.3f}", **shown)
-            bar.update(1)
+            bar.set_postfix(step=step.step, acc=f"{step.acc:.3f}", **shown)
+            bar.update(max(0, done_pct(step.costs) - bar.n))
 
     try:
         path = slim(model, score_candidates, ev.score, cost_fn, budgets, criterion=criterion, replay=replay,
@@ -325,15 +337,29 @@ def greedy_search(checkpoint, budgets: Sequence[Budget], *, table=None, criterio
             cfg.with_meta(**provenance).save(config_file(out, b), force=True)
         frame.to_csv(out / "path.csv", index=False)
         if plot:
+            uniform = list(enumerate(model.uniform_configs(), start=1))
+            if progress:
+                from tqdm.auto import tqdm
+
+                uniform = tqdm(uniform, desc="scoring uniform-width configs (for search.png)", unit="config",
+                               dynamic_ncols=True)
             result.uniform = [{"step": s, "acc": (sc := ev.score(u)).acc, "loss": sc.loss, **cost_fn(u)}
-                              for s, u in enumerate(model.uniform_configs(), start=1)]
+                              for s, u in uniform]
             pd.DataFrame(result.uniform).to_csv(out / "uniform.csv", index=False)
             plot_path(frame, pd.DataFrame(result.uniform), budgets, out / "search.png")
     return result
 
 
-def plot_path(path, uniform, budgets: Sequence[Budget], png: Path) -> Path:
-    """Accuracy against the first budget's cost along the path, with uniform-width configs."""
+AXIS_LABELS = {  # budget kind -> axis label
+    "latency_ms": "latency (ms, predicted by the table)",
+    "memory_mb": "peak activation memory (MB)",
+    "params_m": "parameters (millions)",
+    "macs_m": "MACs (millions)",
+}
+
+
+def path_figure(path, uniform, budgets: Sequence[Budget]):
+    """The figure of :func:`plot_path` (a matplotlib Figure; the caller closes it)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -344,14 +370,26 @@ def plot_path(path, uniform, budgets: Sequence[Budget], png: Path) -> Path:
     ax.plot(path[kind], 100 * path["acc"], "-", lw=1.2, label="greedy path")
     if uniform is not None and len(uniform):
         ax.plot(uniform[kind], 100 * uniform["acc"], "s--", ms=4, label="uniform width")
-    for b in budgets:
-        if b.kind == kind:
-            ax.axvline(b.value, color="grey", ls=":", lw=1)
-    ax.set_xlabel(f"{kind} ({BUDGET_KINDS[kind]})")
+    for i, b in enumerate(b for b in budgets if b.kind == kind):
+        ax.axvline(b.value, color="grey", ls=":", lw=1, label="budgets" if i == 0 else None)
+        ax.annotate(f"{b.value:g}", (b.value, 1.0), xycoords=("data", "axes fraction"), xytext=(2, -10),
+                    textcoords="offset points", fontsize=8, color="grey")
+    ax.set_xlabel(AXIS_LABELS[kind])
     ax.set_ylabel("search-split accuracy (%)")
+    others = sorted({b.kind for b in budgets} - {kind})
+    if others:
+        ax.set_title(f"against {kind}; budgets on {', '.join(others)} are not drawn", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
+    return fig
+
+
+def plot_path(path, uniform, budgets: Sequence[Budget], png: Path) -> Path:
+    """Accuracy against the first budget's cost along the path, with uniform-width configs."""
+    import matplotlib.pyplot as plt
+
+    fig = path_figure(path, uniform, budgets)
     fig.savefig(png, dpi=120)
     plt.close(fig)
     return png

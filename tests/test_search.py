@@ -249,3 +249,29 @@ def test_mixed_budgets_json_names_the_written_files_and_paths_have_no_double_sla
     cap = capsys.readouterr()
     assert "//" not in cap.out and all(f in cap.out for f in files)
     assert cap.err.startswith("hwslim search: 1 PyTorch CPU thread (--threads)\nsearching params_m=")
+
+
+def test_search_shows_progress_with_a_total_and_labels_its_plot(ckpt_path, tmp_path, capsys):
+    import matplotlib.pyplot as plt
+
+    from hwslim.search import path_figure
+
+    ckpt = load_checkpoint(ckpt_path)
+    full = config_costs(ckpt.model, ckpt.model.full_config())
+    out = tmp_path / "s"
+    assert main(["search", "--checkpoint", str(ckpt_path), "--params-m", f"{0.95 * full['params_m']:.4f}",
+                 "--max-images", "16", "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "greedy search (% of the way to the budgets): 100%" in err and "100/100%" in err
+    assert "scoring uniform-width configs (for search.png): 100%" in err and "12/12" in err
+    path, uniform = pd.read_csv(out / "path.csv"), pd.read_csv(out / "uniform.csv")
+    path["latency_ms"], uniform["latency_ms"] = path["params_m"], uniform["params_m"]  # as a table would add
+    fig = path_figure(path, uniform, [Budget("latency_ms", 0.3), Budget("latency_ms", 0.2)])
+    ax = fig.axes[0]
+    assert ax.get_xlabel() == "latency (ms, predicted by the table)"
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["greedy path", "uniform width", "budgets"]
+    plt.close(fig)
+    fig = path_figure(path, uniform, [Budget("params_m", 0.2), Budget("macs_m", 30)])
+    assert fig.axes[0].get_xlabel() == "parameters (millions)"
+    assert fig.axes[0].get_title() == "against params_m; budgets on macs_m are not drawn"
+    plt.close(fig)

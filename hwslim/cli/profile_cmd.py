@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 from hwslim.cli import add_command, nonneg_int, positive_float, positive_int, print_table, set_threads, threads_note, with_header
@@ -70,11 +71,41 @@ def run(args) -> int:
         calib_configs=args.calib_configs, holdout_configs=args.holdout_configs, seed=args.seed, force=args.force,
         quick=args.quick, in_network=False if args.isolated else None, contexts=args.contexts,
         channels_last=args.channels_last)
+    busy = busy_note()
+    if busy:
+        header += f"\nwarning: {busy}"
     result = profile(settings, progress=not args.json, log=with_header(header))
     summary = result.summary()
+    notes = []
+    if result.noisy:
+        notes.append(f"note: {result.noisy} of {result.entries} entries are noisy: their spread stayed above the "
+                     "protocol's limit (IQR over 10% of the median) after the retries, usually because other work "
+                     "ran on the machine. They are kept (their central value is used) and flagged in the table's "
+                     "'noisy' column; for a table you rely on, measure again on a quiet machine (--out NEW.csv).")
+    loads = result.meta.get("load_avg_1min") or []
+    cores = os.cpu_count() or 1
+    if loads and loads[-1] is not None and loads[-1] >= LOADED * cores and not busy:
+        notes.append(f"warning: the machine got busy while measuring (load average {loads[-1]:g} on {cores} cores); "
+                     "latencies measured under load run slow and noisy")
+    for n in notes:
+        print(n, file=sys.stderr)
     if args.json:
         print(json.dumps(summary, sort_keys=True))
     else:
         print_table([{k: v for k, v in summary.items() if k != "table"}])
         print(f"table: {summary['table']}")
     return 0
+
+
+LOADED = 0.5  # load average per core above which measurements are warned about
+
+
+def busy_note() -> str | None:
+    """A warning when the machine is loaded (1-minute load average >= half its cores), else None."""
+    if not hasattr(os, "getloadavg"):
+        return None
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    if load < LOADED * cores:
+        return None
+    return (f"the machine is busy (load average {load:.2f} on {cores} cores): latencies measured now run slow and "
+            "noisy; for a table you rely on, measure when nothing else runs")
