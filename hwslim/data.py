@@ -27,7 +27,10 @@ The ``data`` dict (format ``hwslim-data`` version 1) holds: ``kind``, ``spec``,
 ``root``, ``input_size``, ``num_classes``, ``classes``, ``mean``, ``std``,
 ``num_train_total`` (training images before the split), ``val_split``, ``num_val``,
 ``search_seed``, ``search_indices`` (sorted indices into the training set) and, for
-synthetic data, ``synthetic_seed``.
+synthetic data, ``synthetic_seed``. A run on a subset of the training set
+(``train_subset``: N images, class-balanced, seeded; see :func:`balanced_subset`)
+also records ``train_subset``, ``train_subset_seed`` and ``train_subset_indices``;
+the search split is then carved out of those N images.
 """
 from __future__ import annotations
 
@@ -347,6 +350,17 @@ class _FolderSource(_Source):
             raise DataError(f"{root}: train/ and {val}/ have different class folders")
         self.mean, self.std = IMAGENET_MEAN, IMAGENET_STD
         self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._pool: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (indices, images, labels)
+
+    def restrict(self, pool: torch.Tensor) -> None:
+        """Use only the training images ``pool`` (sorted indices; a --train-subset): small
+        images are decoded once for those only, and the statistics come from them."""
+        pool = torch.as_tensor(pool, dtype=torch.int64)
+        if self.in_memory:
+            x, y = self._decode(self.samples("train"), pool.tolist())
+            self._pool = (pool, x, y)
+        else:
+            self._pool = (pool, None, None)
 
     def num_train(self) -> int:
         return len(self._sets["train"])
@@ -381,11 +395,16 @@ class _FolderSource(_Source):
         if split in self._cache:
             x, y = self._cache[split]
             return x[indices], y[indices]
+        if split == "train" and self._pool is not None and self._pool[1] is not None:
+            pool, px, py = self._pool
+            pos = torch.searchsorted(pool, indices)
+            if bool((pos < len(pool)).all()) and bool((pool[pos.clamp(max=len(pool) - 1)] == indices).all()):
+                return px[pos], py[pos]
         return self._decode(self.samples(split), indices.tolist())
 
     def info(self) -> dict[str, Any]:
         if self.in_memory:  # small images: use the training set's own statistics (decoded anyway)
-            x = self.decode_all("train")[0]
+            x = self._pool[1] if self._pool is not None else self.decode_all("train")[0]
             flat = x.transpose(0, 1).reshape(3, -1)
             mean = torch.stack([c.float().mean() for c in flat]) / 255
             std = torch.stack([c.float().std() for c in flat]) / 255
@@ -456,6 +475,35 @@ def _source_from_info(info: dict[str, Any]) -> _Source:
 
 
 # -- the search split ---------------------------------------------------------------------
+def balanced_subset(labels: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+    """``n`` training images, as sorted indices, drawn class-balanced and seeded.
+
+    Every class gets ``n // classes`` images (``n % classes`` classes, drawn at random,
+    one more); a class with fewer images gives all it has and the others make up the
+    difference. Within a class the images are a seeded random draw.
+    """
+    labels = torch.as_tensor(labels, dtype=torch.int64)
+    total = len(labels)
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or not 1 <= n <= total:
+        raise DataError(f"--train-subset must be a whole number from 1 to the {total} training images, got {n!r}")
+    g = torch.Generator().manual_seed(mix_seeds(seed, 4099))
+    classes = torch.unique(labels)
+    members = [(labels == c).nonzero().squeeze(1) for c in classes.tolist()]
+    members = [m[torch.randperm(len(m), generator=g)] for m in members]
+    quota = [0] * len(members)
+    left = n
+    open_ = [i for i in range(len(members)) if len(members[i])]
+    while left and open_:  # fill evenly; classes that run out leave their share to the rest
+        share, extra = divmod(left, len(open_))
+        lucky = set(torch.randperm(len(open_), generator=g)[:extra].tolist())
+        for j, i in enumerate(open_):
+            take = min(share + (j in lucky), len(members[i]) - quota[i])
+            quota[i] += take
+            left -= take
+        open_ = [i for i in open_ if quota[i] < len(members[i])]
+    return torch.cat([m[:q] for m, q in zip(members, quota)]).sort().values
+
+
 def default_search_size(num_train: int) -> int:
     """10% of the training set, at most 10,000 images (AutoSlim holds out a fixed slice)."""
     return min(10_000, max(1, num_train // 10))
@@ -616,7 +664,7 @@ class TrainData:
         self.images: torch.Tensor | None = None
         self.labels: torch.Tensor | None = None
         if self.in_memory:
-            if isinstance(source, _FolderSource):
+            if isinstance(source, _FolderSource) and source._pool is None:
                 x, y = source.decode_all("train")
                 x, y = x[train_idx], y[train_idx]
             else:
@@ -702,17 +750,30 @@ class _StreamDataset(torch.utils.data.Dataset):
 
 def build_data(spec: str | DataSpec, input_size: int, *, search_size: int | None = None, seed: int = 0,
                download: bool = False, device: str | torch.device = "cpu", workers: int = 4,
-               num_val: int | None = None) -> TrainData:
+               num_val: int | None = None, train_subset: int | None = None) -> TrainData:
     """Open ``spec``, carve the search split (seeded by ``seed``) and prepare the training set.
 
-    ``search_size`` defaults to :func:`default_search_size`; 0 holds nothing out. The
-    returned :class:`TrainData`'s ``info`` is the checkpoint's ``data`` dict.
+    ``train_subset`` N: use only N training images (:func:`balanced_subset`, seeded by
+    ``seed``), search split included; any source. ``search_size`` defaults to
+    :func:`default_search_size` of the images used; 0 holds nothing out. The returned
+    :class:`TrainData`'s ``info`` is the checkpoint's ``data`` dict.
     """
     spec = parse_data_spec(spec) if isinstance(spec, str) else spec
     src = _open_source(spec, input_size, seed=seed, download=download, num_val=num_val)
-    n = src.num_train()
+    pool = None
+    if train_subset is not None:
+        pool = balanced_subset(src.train_labels(), train_subset, seed)
+        if isinstance(src, _FolderSource):
+            src.restrict(pool)
+    n = src.num_train() if pool is None else len(pool)
     size = default_search_size(n) if search_size is None else int(search_size)
     train_idx, search_idx = carve_search_split(n, size, seed)
+    if pool is not None:  # positions in the subset -> indices into the whole training set
+        train_idx, search_idx = pool[train_idx], pool[search_idx]
     info = _data_info(src, spec.text, search_idx, seed)
+    if pool is not None:
+        info.update(train_subset=int(train_subset), train_subset_seed=int(seed),
+                    train_subset_indices=[int(i) for i in pool])
+    info["num_train"] = len(train_idx)  # images trained on (the search split and any unused ones excluded)
     return TrainData(src, info, train_idx, device=device, workers=workers)
 

@@ -272,33 +272,62 @@ def _write_results(out: Path, rows, recipe: Recipe, opts: DemoOptions, ckpt: Pat
     atomic_write_text(out / "results.csv", frame.to_csv(index=False))
 
 
-def plot_accuracy_latency(result, rows, budgets, png: Path, title: str = "") -> Path:
-    """Search accuracy along the greedy path and of uniform widths (predicted latency), and
-    the exported models (measured latency, held-out accuracy), with the budgets."""
+def accuracy_latency_figure(result, rows, budgets, title: str = ""):
+    """Two panels on one latency axis, each with the budgets: the search's view (predicted
+    latency, search-split accuracy: greedy path, uniform widths, the chosen configs) and the
+    exported models' (measured latency, held-out accuracy; OVER marks a budget missed). The
+    two accuracies are on different images, so they are never drawn on one line."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.6), sharex=True)
     path = result.path
     if len(path) and "latency_ms" in path:
-        ax.plot(path["latency_ms"], 100 * path["acc"], "-", color="tab:blue", lw=1.2,
-                label="greedy path (predicted ms, search acc)")
+        left.plot(path["latency_ms"], 100 * path["acc"], "-", color="tab:blue", lw=1.2, label="greedy path")
     uniform = [u for u in (result.uniform or []) if "latency_ms" in u]
     if uniform:
-        ax.plot([u["latency_ms"] for u in uniform], [100 * u["acc"] for u in uniform], "s--", color="tab:gray",
-                ms=4, lw=1, label="uniform widths (predicted ms, search acc)")
-    ax.plot([r["measured_ms"] for r in rows], [r["accuracy_%"] for r in rows], "o", color="tab:red", ms=8,
-            label="exported models (measured ms, held-out acc)")
-    for b in budgets:
-        ax.axvline(b, color="tab:red", ls=":", lw=1)
-    ax.set_xlabel("latency (ms, batch 1)")
-    ax.set_ylabel("top-1 accuracy (%)")
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+        left.plot([u["latency_ms"] for u in uniform], [100 * u["acc"] for u in uniform], "s--", color="tab:gray",
+                  ms=4, lw=1, label="uniform widths")
+    left.plot([r["predicted_ms"] for r in rows], [r["search_acc_%"] for r in rows], "o", color="tab:blue", ms=7,
+              mfc="none", label="chosen configs")
+    ok = [r for r in rows if r["verdict"] == "OK"]
+    over = [r for r in rows if r["verdict"] != "OK"]
+    right.plot([r["measured_ms"] for r in ok], [r["accuracy_%"] for r in ok], "o", color="tab:green", ms=8,
+               label="exported: within budget")
+    if over:
+        right.plot([r["measured_ms"] for r in over], [r["accuracy_%"] for r in over], "X", color="tab:red", ms=10,
+                   label="exported: OVER budget")
+        for r in over:
+            right.annotate("OVER", (r["measured_ms"], r["accuracy_%"]), xytext=(6, 4), textcoords="offset points",
+                           color="tab:red", fontsize=8, fontweight="bold")
+    for ax in (left, right):
+        for i, b in enumerate(budgets):
+            ax.axvline(b, color="tab:red", ls=":", lw=1, label="latency budgets" if i == 0 else None)
+            ax.annotate(f"{b:g} ms", (b, 1.0), xycoords=("data", "axes fraction"), xytext=(2, -10),
+                        textcoords="offset points", fontsize=7, color="tab:red")
+        ax.grid(alpha=0.3)
+        ax.margins(y=0.2)
+        ax.legend(fontsize=8, loc="best")
+    left.set_title("search: predicted latency, search-split accuracy", fontsize=9)
+    left.set_xlabel("predicted latency (ms, batch 1, from the table)")
+    left.set_ylabel("search-split top-1 (%)")
+    right.set_title("exported ONNX models: measured latency, held-out accuracy", fontsize=9)
+    right.set_xlabel("measured latency (ms, batch 1)")
+    right.set_ylabel("held-out top-1 (%)")
+    right.tick_params(labelbottom=True)
+    if title:
+        fig.suptitle(title, fontsize=10)
     fig.tight_layout()
+    return fig
+
+
+def plot_accuracy_latency(result, rows, budgets, png: Path, title: str = "") -> Path:
+    """Save :func:`accuracy_latency_figure` as ``png`` (atomically)."""
+    import matplotlib.pyplot as plt
+
+    fig = accuracy_latency_figure(result, rows, budgets, title)
     png.parent.mkdir(parents=True, exist_ok=True)
     tmp = png.with_name(f".{png.name}.tmp.png")
     fig.savefig(tmp, dpi=120, metadata={"Software": f"hwslim {__version__}", "Title": title,

@@ -355,16 +355,30 @@ def export_model(checkpoint, config: ChannelConfig | str | os.PathLike, out: str
     from that ONNX (kept next to it) with a JSON sidecar carrying the same metadata.
     Nothing that exists is overwritten unless ``options.force``; every file is written
     to a temporary name first and renamed into place only after all checks passed.
+    The caller's supernet is left as it was: its device, train/eval mode and BatchNorm
+    statistics are restored (the recalibration works on them in place).
     """
+    from hwslim.checkpoint import Checkpoint, load_checkpoint
+    from hwslim.evaluate import preserved_bn_stats
+
+    ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
+    model = ckpt.model
+    home = next(model.parameters()).device
+    was_training = model.training
+    try:
+        with preserved_bn_stats(model):
+            return _export_model(ckpt, config, Path(out), options or ExportOptions(), log or (lambda msg: None))
+    finally:
+        model.to(home)
+        model.train(was_training)
+
+
+def _export_model(ckpt, config: ChannelConfig | str | os.PathLike, out: Path, opts: ExportOptions,
+                  log: Callable[[str], None]) -> ExportResult:
     import onnx
 
-    from hwslim.checkpoint import Checkpoint, load_checkpoint
     from hwslim.materialize import materialize
 
-    opts = options or ExportOptions()
-    log = log or (lambda msg: None)
-    out = Path(out)
-    ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
     config_path = None if isinstance(config, ChannelConfig) else Path(config)
     cfg = config if isinstance(config, ChannelConfig) else ChannelConfig.load(config)
     net = ckpt.model.cpu().eval()

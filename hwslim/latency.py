@@ -51,9 +51,36 @@ _INT_FIELDS = {"kernel", "stride", "padding", "groups", "in_h", "in_w", "cin", "
 SETUP_KEYS = ("model", "width_mult", "input_size", "batch", "dtype")
 
 
+# the tables that come with hwslim (a source checkout or an editable install)
+PACKAGE_TABLE_DIR = Path(__file__).resolve().parent.parent / "latency_tables"
+
+
+def user_table_dir() -> Path:
+    """The per-user table cache: ``$XDG_CACHE_HOME/hwslim/latency_tables`` (``~/.cache/...``)."""
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    base = Path(xdg) if xdg and Path(xdg).is_absolute() else Path.home() / ".cache"  # XDG: relative is invalid
+    return base / "hwslim" / "latency_tables"
+
+
 def table_dir() -> Path:
-    """Where default tables live: ``$HWSLIM_TABLE_DIR`` or ``./latency_tables``."""
-    return Path(os.environ.get("HWSLIM_TABLE_DIR", "latency_tables"))
+    """Where ``hwslim profile`` writes a new table by default: ``$HWSLIM_TABLE_DIR``, else
+    :func:`user_table_dir`; both are on :func:`table_search_path`, so the table is found
+    from any working directory."""
+    env = os.environ.get("HWSLIM_TABLE_DIR", "")
+    return Path(env).expanduser() if env else user_table_dir()
+
+
+def table_search_path(root: str | os.PathLike | None = None) -> list[Path]:
+    """Where :func:`find_table` looks, in order: ``root`` (a directory given, e.g.
+    ``--table-dir``), ``$HWSLIM_TABLE_DIR``, the per-user cache (:func:`user_table_dir`),
+    and hwslim's own ``latency_tables/``. Never the working directory."""
+    env = os.environ.get("HWSLIM_TABLE_DIR", "")
+    out: list[Path] = []
+    for d in (Path(root).expanduser() if root is not None else None, Path(env).expanduser() if env else None,
+              user_table_dir(), PACKAGE_TABLE_DIR):
+        if d is not None and d.resolve() not in [o.resolve() for o in out]:
+            out.append(d)
+    return out
 
 
 def slug(text: str) -> str:
@@ -69,7 +96,7 @@ def table_name(model: str, width_mult: float, input_size: int, batch: int, backe
 def default_table_path(device: str, device_name: str, model: str, width_mult: float, input_size: int,
                        batch: int, backend: str, threads: int, dtype: str, root: str | os.PathLike | None = None
                        ) -> Path:
-    """``latency_tables/<device>-<device name>/<table_name>.csv``."""
+    """``<root>/<device>-<device name>/<table_name>.csv``; ``root`` defaults to :func:`table_dir`."""
     root = Path(root) if root is not None else table_dir()
     return root / f"{device}-{slug(device_name)}" / (table_name(model, width_mult, input_size, batch, backend,
                                                                 threads, dtype) + ".csv")
@@ -650,7 +677,8 @@ def new_meta(profiler_meta: Mapping[str, Any], *, model: str, width_mult: float,
 def find_table(device: str, model, width_mult: float | None = None, *, batch: int = 1,
                input_size: int | None = None, threads: int | None = None, backend: str | None = None,
                dtype: str | None = None, root: str | os.PathLike | None = None, spec: str | None = None) -> Path:
-    """The default table for this machine and setup under ``latency_tables/``.
+    """The table for this machine and setup, from the first directory of
+    :func:`table_search_path` (``root`` first) that holds one.
 
     ``model`` is a supernet or a ``--model`` spec (``spec``: how to name it in the hint
     to measure one; default the spec or the model's name). ``None`` means: the model's default
@@ -670,26 +698,27 @@ def find_table(device: str, model, width_mult: float | None = None, *, batch: in
     size = input_size if input_size is not None else net.input_size
     backend = backend_class(backend).backend if backend else default_backend(device)  # alias -> name
     name = backend_class(backend).machine_name()
-    root = Path(root) if root is not None else table_dir()
-    folder = root / f"{device}-{slug(name)}"
     prefix = f"{net.name}-x{net.width_mult:g}-{size}px-b{batch}-{backend}-t"
-    found = []
-    if folder.is_dir():
-        for p in folder.glob(prefix + "*.csv"):
-            if p.name.endswith(".e2e.csv"):
-                continue
-            m = re.fullmatch(r"t(\d+)-(\w+)\.csv", p.name[len(prefix) - 1:])
-            if not m or (threads is not None and int(m.group(1)) != threads) or (dtype and m.group(2) != dtype):
-                continue
-            found.append((int(m.group(1)) != 1, m.group(2) != "float32", p))
-    if not found:
-        spec = spec or (model if isinstance(model, str) else net.name)
-        cmd = (f"hwslim profile --device {device} --backend {backend} --model {spec} --width-mult {net.width_mult:g} "
-               f"--input-size {size} --batch {batch}" + (f" --threads {threads}" if threads else ""))
-        raise TableError(f"no latency table for {net.name} x{net.width_mult:g} at {size}px, batch {batch}, "
-                         f"on {device} ({name}) under {root}/; measure one with: {cmd}")
-    return sorted(found)[0][2]
+    searched = table_search_path(root)
+    for folder in (d / f"{device}-{slug(name)}" for d in searched):
+        found = []
+        if folder.is_dir():
+            for p in folder.glob(prefix + "*.csv"):
+                if p.name.endswith(".e2e.csv"):
+                    continue
+                m = re.fullmatch(r"t(\d+)-(\w+)\.csv", p.name[len(prefix) - 1:])
+                if not m or (threads is not None and int(m.group(1)) != threads) or (dtype and m.group(2) != dtype):
+                    continue
+                found.append((int(m.group(1)) != 1, m.group(2) != "float32", p))
+        if found:
+            return sorted(found)[0][2]
+    spec = spec or (model if isinstance(model, str) else net.name)
+    cmd = (f"hwslim profile --device {device} --backend {backend} --model {spec} --width-mult {net.width_mult:g} "
+           f"--input-size {size} --batch {batch}" + (f" --threads {threads}" if threads else ""))
+    raise TableError(f"no latency table for {net.name} x{net.width_mult:g} at {size}px, batch {batch}, "
+                     f"on {device} ({name}) in {', '.join(str(d) for d in searched)}; measure one with: {cmd}")
 
 
 __all__ = ["COLUMNS", "Calibration", "LatencyTable", "RowWriter", "accuracy", "default_table_path", "find_table",
-           "fit_calibration", "fit_line", "read_rows", "spearman", "table_dir", "table_name", "table_paths"]
+           "fit_calibration", "fit_line", "read_rows", "spearman", "table_dir", "table_name", "table_paths",
+           "table_search_path", "user_table_dir"]

@@ -290,7 +290,7 @@ def measure_configs(profiler, net, configs: Sequence[ChannelConfig], batch: int 
 
     size = input_size if input_size is not None else net.input_size
     with tempfile.TemporaryDirectory(dir=workdir) as d:
-        bar = _bar(progress, len(configs), "export")
+        bar = _bar(progress, len(configs), "building whole-config models (ONNX)", unit="model")
         paths = []
         for i, cfg in enumerate(configs):
             paths.append(export_onnx(materialize(net, cfg, fold_bn=True).eval(), Path(d) / f"{i}.onnx", batch=batch,
@@ -298,7 +298,13 @@ def measure_configs(profiler, net, configs: Sequence[ChannelConfig], batch: int 
             bar.update(1)
         bar.close()
         shape = (batch, net.in_channels, size, size)
-        return profiler.time_onnx_many([(p, shape) for p in paths], rounds=rounds)
+        # warm-up plus `rounds` interleaved turns per model
+        bar = _bar(progress, len(paths) * (rounds + 1), "timing whole configs end to end", unit="turn")
+        try:
+            return profiler.time_onnx_many([(p, shape) for p in paths], rounds=rounds,
+                                           on_progress=lambda done, total: bar.update(done - bar.n))
+        finally:
+            bar.close()
 
 
 # -- the driver -------------------------------------------------------------------------------------
@@ -530,19 +536,21 @@ def _load() -> float | None:
 
 
 class _NoBar:
+    n = 0
+
     def update(self, n: int = 1) -> None:
-        pass
+        self.n += n
 
     def close(self) -> None:
         pass
 
 
-def _bar(enabled: bool, total: int, desc: str):
+def _bar(enabled: bool, total: int, desc: str, unit: str | None = None):
     if not enabled or total == 0:
         return _NoBar()
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit="entry" if desc == "entries" else "model", dynamic_ncols=True)
+    return tqdm(total=total, desc=desc, unit=unit or ("entry" if desc == "entries" else "model"), dynamic_ncols=True)
 
 
 __all__ = ["CalibrationError", "ProfileResult", "ProfileSettings", "SettingsError", "calibrate", "calibration_configs", "design_configs",

@@ -273,6 +273,12 @@ class SearchResult:
     steps: list[Step]
     out_dir: Path | None = None
     uniform: list[dict] = field(default_factory=list)
+    files: list[Path] = field(default_factory=list)  # the config file of each budget (when out_dir is given)
+
+
+def config_file(out_dir: str | Path, budget: Budget) -> Path:
+    """Where a search writes the config of ``budget``: ``OUT/config_<kind>_<value>.json``."""
+    return Path(out_dir) / f"config_{budget.kind}_{budget.value:g}.json"
 
 
 def _file_digest(path: Path) -> str:
@@ -288,14 +294,15 @@ def greedy_search(checkpoint, budgets: Sequence[Budget], *, table=None, criterio
                   device: str = "cpu", evaluator: str = "fast", bn: str = "recal", batch_size: int = 250,
                   kernels: str = "torch",
                   max_images: int | None = None, batch: int = 1, progress: bool = True,
-                  plot: bool = True, images=None, labels=None,
+                  plot: bool = True, images=None, labels=None, force_table: bool = False,
                   log: Callable[[str], None] | None = None) -> SearchResult:
     """Search ``checkpoint``'s supernet for every budget; see the module docstring.
 
     ``out_dir`` receives one ChannelConfig JSON per budget, ``path.csv`` (the whole
     walk), ``search_state.json`` (for ``resume``) and ``search.png``. The search split
     comes from the checkpoint (``hwslim.data.search_split``) unless ``images``/``labels``
-    are given.
+    are given. ``force_table`` uses a ``table`` measured on another setup (``--force``).
+    ``log`` gets a line saying what is scored, once every check has passed.
     """
     import pandas as pd
 
@@ -307,7 +314,7 @@ def greedy_search(checkpoint, budgets: Sequence[Budget], *, table=None, criterio
         raise HwslimError("give at least one budget (--latency-ms, --memory-mb, --params-m or --macs-m)")
     model: SlimmableNet = checkpoint.model.to(device)
     if table is not None:
-        table.check_compatible(model, batch=batch)
+        table.check_compatible(model, batch=batch, force=force_table)
     cost_fn = lambda cfg: config_costs(model, cfg, table, batch)  # noqa: E731
     check_feasible(model, budgets, cost_fn)
     out = Path(out_dir) if out_dir is not None else None
@@ -352,14 +359,30 @@ def greedy_search(checkpoint, budgets: Sequence[Budget], *, table=None, criterio
         images, labels = search_split(checkpoint, device=device, max_images=max_images)
     ev = StepEvaluator(model, images.to(device), labels.to(device), bn=bn, mode=evaluator, batch_size=batch_size,
                        kernels=kernels)
+    if log is not None and dist.is_writer():
+        log(f"searching {', '.join(b.label for b in budgets)}: each candidate scored on {len(labels):,} search-split "
+            f"images (BN {'recalibrated per candidate' if bn == 'recal' else 'batch statistics'}, {evaluator} "
+            f"evaluator, {device})" + (f"; resuming after step {len(replay) - 1}" if replay else ""))
     score_candidates = dist.sharded(ev.score_candidates)
     is_writer = dist.is_writer()
 
     bar = None
+    full_costs = cost_fn(model.full_config())
+
+    def done_pct(costs: Mapping[str, float]) -> int:
+        """How far the walk is, in % of the way from the full config to the budget it meets last
+        (costs fall about evenly per step, so the bar's rate gives a fair ETA)."""
+        fracs = [min(1.0, max(0.0, (full_costs[b.kind] - costs[b.kind]) / (full_costs[b.kind] - b.value)))
+                 if full_costs[b.kind] > b.value else 1.0 for b in budgets]
+        return int(100 * min(fracs))
+
     if progress and is_writer:
         from tqdm.auto import tqdm
 
-        bar = tqdm(desc="greedy search", unit="step", initial=len(replay))
+        bar = tqdm(desc="greedy search (% of the way to the budgets)", total=100, unit="%", dynamic_ncols=True,
+                   bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt}% [{elapsed}<{remaining}{postfix}]")
+        if replay:
+            bar.update(done_pct(replay[-1].costs))
 
     steps: list[Step] = list(replay)
 
@@ -371,8 +394,8 @@ def greedy_search(checkpoint, budgets: Sequence[Budget], *, table=None, criterio
         if bar is not None:
             shown = {k: round(step.costs[k], 3) for k in ("latency_ms", "memory_mb", "params_m", "macs_m")
                      if k in step.costs}
-            bar.set_postfix(acc=f"{step.acc:.3f}", **shown)
-            bar.update(1)
+            bar.set_postfix(step=step.step, acc=f"{step.acc:.3f}", **shown)
+            bar.update(max(0, done_pct(step.costs) - bar.n))
 
     try:
         path = slim(model, score_candidates, ev.score, cost_fn, budgets, criterion=criterion, replay=replay,
@@ -382,24 +405,38 @@ def greedy_search(checkpoint, budgets: Sequence[Budget], *, table=None, criterio
             bar.close()
     configs = pick_configs(model, path, budgets)
     frame = pd.DataFrame([s.row() for s in path])
-    result = SearchResult(configs, frame, path, out)
+    result = SearchResult(configs, frame, path, out, files=[config_file(out, b) for b in budgets] if out else [])
     if out is not None and is_writer:
         provenance = {"produced_by": "hwslim search", "checkpoint": settings["checkpoint"],
                       "checkpoint_sha256": settings["checkpoint_sha256"], "table": settings["table"],
                       "criterion": criterion, "bn": bn}
         for b, cfg in zip(budgets, configs):
-            cfg.with_meta(**provenance).save(out / f"config_{b.kind}_{b.value:g}.json", force=True)
+            cfg.with_meta(**provenance).save(config_file(out, b), force=True)
         frame.to_csv(out / "path.csv", index=False)
         if plot:
+            uniform = list(enumerate(model.uniform_configs(), start=1))
+            if progress:
+                from tqdm.auto import tqdm
+
+                uniform = tqdm(uniform, desc="scoring uniform-width configs (for search.png)", unit="config",
+                               dynamic_ncols=True)
             result.uniform = [{"step": s, "acc": (sc := ev.score(u)).acc, "loss": sc.loss, **cost_fn(u)}
-                              for s, u in enumerate(model.uniform_configs(), start=1)]
+                              for s, u in uniform]
             pd.DataFrame(result.uniform).to_csv(out / "uniform.csv", index=False)
             plot_path(frame, pd.DataFrame(result.uniform), budgets, out / "search.png")
     return result
 
 
-def plot_path(path, uniform, budgets: Sequence[Budget], png: Path) -> Path:
-    """Accuracy against the first budget's cost along the path, with uniform-width configs."""
+AXIS_LABELS = {  # budget kind -> axis label
+    "latency_ms": "latency (ms, predicted by the table)",
+    "memory_mb": "peak activation memory (MB)",
+    "params_m": "parameters (millions)",
+    "macs_m": "MACs (millions)",
+}
+
+
+def path_figure(path, uniform, budgets: Sequence[Budget]):
+    """The figure of :func:`plot_path` (a matplotlib Figure; the caller closes it)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -410,14 +447,26 @@ def plot_path(path, uniform, budgets: Sequence[Budget], png: Path) -> Path:
     ax.plot(path[kind], 100 * path["acc"], "-", lw=1.2, label="greedy path")
     if uniform is not None and len(uniform):
         ax.plot(uniform[kind], 100 * uniform["acc"], "s--", ms=4, label="uniform width")
-    for b in budgets:
-        if b.kind == kind:
-            ax.axvline(b.value, color="grey", ls=":", lw=1)
-    ax.set_xlabel(f"{kind} ({BUDGET_KINDS[kind]})")
+    for i, b in enumerate(b for b in budgets if b.kind == kind):
+        ax.axvline(b.value, color="grey", ls=":", lw=1, label="budgets" if i == 0 else None)
+        ax.annotate(f"{b.value:g}", (b.value, 1.0), xycoords=("data", "axes fraction"), xytext=(2, -10),
+                    textcoords="offset points", fontsize=8, color="grey")
+    ax.set_xlabel(AXIS_LABELS[kind])
     ax.set_ylabel("search-split accuracy (%)")
+    others = sorted({b.kind for b in budgets} - {kind})
+    if others:
+        ax.set_title(f"against {kind}; budgets on {', '.join(others)} are not drawn", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
+    return fig
+
+
+def plot_path(path, uniform, budgets: Sequence[Budget], png: Path) -> Path:
+    """Accuracy against the first budget's cost along the path, with uniform-width configs."""
+    import matplotlib.pyplot as plt
+
+    fig = path_figure(path, uniform, budgets)
     fig.savefig(png, dpi=120)
     plt.close(fig)
     return png

@@ -95,6 +95,7 @@ class TrainConfig:
     num_random: int | None = None  # 2
     label_smoothing: float | None = None  # 0.1
     search_size: int | None = None  # images held out of training for the search
+    train_subset: int | None = None  # use only this many training images (class-balanced, seeded), search split included
     distill_after_warmup: bool | None = None  # True: narrow configs learn from labels until warm-up ends
     seed: int | None = None  # 0
     # execution (free to change between runs)
@@ -114,7 +115,7 @@ class TrainConfig:
 
     RECIPE = ("model", "data", "width_mult", "input_size", "num_classes", "divisor", "batch_size", "lr", "momentum",
               "weight_decay", "warmup_epochs", "num_random", "label_smoothing", "search_size", "seed",
-              "distill_after_warmup")
+              "distill_after_warmup", "train_subset")
 
     def validate(self) -> None:
         """Raise :class:`TrainError` for a value no run can use (before anything is read or written)."""
@@ -129,7 +130,7 @@ class TrainConfig:
             return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
 
         check("epochs", is_int(self.epochs) and self.epochs >= 1, "a whole number of at least 1")
-        for name in ("input_size", "num_classes", "batch_size", "stop_after"):
+        for name in ("input_size", "num_classes", "batch_size", "stop_after", "train_subset"):
             v = getattr(self, name)
             check(name, v is None or (is_int(v) and v >= 1), "a whole number of at least 1")
         check("workers", is_int(self.workers) and self.workers >= 0, "a whole number, 0 or more")
@@ -165,7 +166,9 @@ class TrainConfig:
             momentum=0.9 if self.momentum is None else self.momentum,
             weight_decay=self.weight_decay if self.weight_decay is not None else
             (5e-4 if input_size <= SMALL_INPUT else 4e-5),
-            warmup_epochs=self.warmup_epochs if self.warmup_epochs is not None else min(5.0, 0.1 * self.epochs),
+            # rounded: 0.1 * 3 is 0.30000000000000004 in binary, and the value is recorded
+            warmup_epochs=self.warmup_epochs if self.warmup_epochs is not None else round(min(5.0, 0.1 * self.epochs),
+                                                                                        6),
             num_random=2 if self.num_random is None else self.num_random,
             label_smoothing=0.1 if self.label_smoothing is None else self.label_smoothing,
             seed=0 if self.seed is None else self.seed,
@@ -183,6 +186,17 @@ class TrainResult:
     epochs: int
     history: list[dict[str, Any]] = field(default_factory=list)
     final: list[dict[str, Any]] = field(default_factory=list)  # one row per evaluated config
+    # what ``final`` was scored on: split, images, BN recalibration images (0: none)
+    evaluated_on: dict[str, Any] = field(default_factory=dict)
+
+    def describe_evaluation(self) -> str:
+        """``top-1 on 10,000 images of the test split, BN recalibrated on 2,000 training images``."""
+        e = self.evaluated_on
+        if not e:
+            return ""
+        bn = (f"BN recalibrated per config on {e['calib_images']:,} training images" if e.get("calib_images")
+              else "BN statistics as training left them")
+        return f"top-1 on {e['images']:,} images of the {e['split']} split, {bn}"
 
 
 # -- pieces ------------------------------------------------------------------------------
@@ -227,20 +241,34 @@ def final_configs(net: SlimmableNet) -> list[tuple[str, ChannelConfig]]:
 
 
 def evaluate_configs(net: SlimmableNet, configs: list[tuple[str, ChannelConfig]], images: torch.Tensor,
-                     labels: torch.Tensor, calib: torch.Tensor | None, batch_size: int = 256) -> list[dict[str, Any]]:
+                     labels: torch.Tensor, calib: torch.Tensor | None, batch_size: int = 256,
+                     progress: bool = False, desc: str = "scoring configs",
+                     calib_batch_size: int | None = None) -> list[dict[str, Any]]:
     """Top-1 of each config after BN recalibration on ``calib`` (see :mod:`hwslim.evaluate`).
 
-    ``calib`` None: no recalibration (the running statistics training left).
+    ``calib`` None: no recalibration (the running statistics training left). ``progress``:
+    a bar over the configs (with an ETA) on stderr.
     """
     from hwslim.costs import model_costs
     from hwslim.evaluate import accuracy
 
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(configs), desc=desc, unit="config", dynamic_ncols=True)
     rows = []
-    for name, cfg in configs:
-        acc = accuracy(net, cfg, images, labels, calib_images=calib, batch_size=batch_size,
-                       recalibrate=calib is not None)
-        c = model_costs(net, cfg)
-        rows.append({"config": name, "top1": round(100 * acc, 2), "macs": c.macs, "params": c.params})
+    try:
+        for name, cfg in configs:
+            acc = accuracy(net, cfg, images, labels, calib_images=calib, batch_size=batch_size,
+                           calib_batch_size=calib_batch_size, recalibrate=calib is not None)
+            c = model_costs(net, cfg)
+            rows.append({"config": name, "top1": round(100 * acc, 2), "macs": c.macs, "params": c.params})
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
     return rows
 
 
@@ -289,7 +317,7 @@ class _Run:
             distributed.barrier(world)
         self.data = build_data(cfg.data, net.input_size, search_size=cfg.search_size, seed=seed,
                                download=cfg.download and world.is_main, device=self.dev, workers=cfg.workers,
-                               num_val=cfg.synthetic_val)
+                               num_val=cfg.synthetic_val, train_subset=cfg.train_subset)
         if fetch and world.is_main:
             distributed.barrier(world)
         n_cls = int(self.data.info["num_classes"])
@@ -482,7 +510,7 @@ class _Run:
                     dynamic_ncols=True)
 
     # -- evaluation -------------------------------------------------------------------------
-    def evaluate(self, configs: list[tuple[str, ChannelConfig]]) -> list[dict[str, Any]]:
+    def evaluate(self, configs: list[tuple[str, ChannelConfig]], progress: bool = False) -> list[dict[str, Any]]:
         cfg = self.cfg
         if not hasattr(self, "_val"):
             n = cfg.eval_images if cfg.eval_images is not None else (None if self.data.in_memory else 5000)
@@ -493,14 +521,36 @@ class _Run:
                 self._val = (self._val[0].contiguous(memory_format=torch.channels_last), self._val[1])
                 if self._calib is not None:
                     self._calib = self._calib.contiguous(memory_format=torch.channels_last)
+        self.evaluated_on = {"split": self.data.info.get("val_split", "val"), "images": len(self._val[1]),
+                             "calib_images": 0 if self._calib is None else len(self._calib)}
         with self._autocast():
-            return evaluate_configs(self.net, configs, *self._val, self._calib)
+            n, split = len(self._val[1]), self.evaluated_on["split"]
+            return evaluate_configs(self.net, configs, *self._val, self._calib,
+                                    progress=progress and cfg.progress and self.world.is_main,
+                                    desc=f"scoring on {n:,} {split} images")
+
+    def used(self) -> dict[str, Any]:
+        """What this run actually uses where the arguments only ask (recorded instead of the request):
+        mixed precision and channels-last apply on CUDA only."""
+        return {"device": self.dev.type, "amp": self.amp_dtype is not None,
+                "amp_dtype": str(self.amp_dtype).removeprefix("torch.") if self.amp_dtype is not None else None,
+                "channels_last": self.cuda and self.cfg.channels_last,
+                "threads": torch.get_num_threads() if not self.cuda else None}
 
     # -- the loop ---------------------------------------------------------------------------
     def run(self) -> TrainResult:
         cfg, world = self.cfg, self.world
-        args = {**{f.name: getattr(cfg, f.name) for f in fields(cfg)}, "world_size": world.size}
+        args = {**{f.name: getattr(cfg, f.name) for f in fields(cfg)}, "world_size": world.size,
+                **self.used()}
         end = cfg.epochs if cfg.stop_after is None else min(cfg.epochs, self.start_epoch + cfg.stop_after)
+        if world.is_main:
+            info = self.data.info
+            subset = f" (a class-balanced subset of {info['train_subset']:,})" if info.get("train_subset") else ""
+            self.log(f"training {self.net.name} x{self.net.width_mult:g} at {self.net.input_size}px on {cfg.data}: "
+                     f"{len(self.data):,} training images{subset}, {len(info['search_indices']):,} held out for the "
+                     f"search; {self.steps} steps of {cfg.batch_size} per epoch, epochs {self.start_epoch + 1}-{end}"
+                     f" of {cfg.epochs}; {self.dev.type}" + (f", {torch.get_num_threads()} PyTorch CPU thread(s)"
+                                                              if not self.cuda else ""))
         for epoch in range(self.start_epoch, end):
             row = self.epoch(epoch)
             if cfg.eval_every and (epoch + 1) % cfg.eval_every == 0 and world.is_main:
@@ -517,15 +567,18 @@ class _Run:
         final: list[dict[str, Any]] = []
         if end < cfg.epochs:  # stopped early: the run continues with --resume
             return TrainResult(self.net, self.ckpt_path if world.is_main else None, end, self.history, final)
+        evaluated_on: dict[str, Any] = {}
         if world.is_main:
-            final = self.evaluate(final_configs(self.net))
+            final = self.evaluate(final_configs(self.net), progress=True)
+            evaluated_on = self.evaluated_on
             from hwslim.config import atomic_write_text
 
             atomic_write_text(Path(cfg.out) / RESULTS_NAME,
-                              json.dumps({"epochs": cfg.epochs, "final": final, "train_args": args},
-                                         indent=2, sort_keys=True) + "\n")
+                              json.dumps({"epochs": cfg.epochs, "final": final, "evaluated_on": evaluated_on,
+                                          "train_args": args}, indent=2, sort_keys=True) + "\n")
         distributed.barrier(world)
-        return TrainResult(self.net, self.ckpt_path if world.is_main else None, cfg.epochs, self.history, final)
+        return TrainResult(self.net, self.ckpt_path if world.is_main else None, cfg.epochs, self.history, final,
+                           evaluated_on)
 
 
 def _log_stderr(line: str) -> None:

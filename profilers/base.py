@@ -317,7 +317,7 @@ class Profiler:
                                   self.e2e_protocol)
 
     def time_onnx_many(self, models: Sequence[tuple[Any, Sequence[int]]], rounds: int = 4,
-                       seed: int = 0) -> list[Timing]:
+                       seed: int = 0, on_progress: Callable[[int, int], None] | None = None) -> list[Timing]:
         """Time several ONNX models ``[(path, input_shape), ...]`` interleaved.
 
         All models are loaded and warmed up, then sampled in ``rounds`` rounds (a fresh
@@ -325,6 +325,8 @@ class Profiler:
         (and ``min_reps / rounds`` samples) per round. A slow spell of a shared machine
         then hits every model alike instead of whichever was being timed: comparisons
         between the models (a calibration fit, a rank correlation) stay fair.
+        ``on_progress(done, total)`` is called after each warm-up and each model's turn in a
+        round (``total = models * (rounds + 1)``), for a progress bar.
         """
         import random
 
@@ -332,8 +334,12 @@ class Profiler:
         runners = [self._onnx_runner(str(path), tuple(int(d) for d in shape)) for path, shape in models]
         per_round = replace(p, warmup_runs=0, warmup_ms=0.0, budget_ms=p.budget_ms / rounds,
                             min_reps=max(1, -(-p.min_reps // rounds)), max_reps=max(1, p.max_reps // rounds))
+        total, done = len(runners) * (rounds + 1), 0
         for run in runners:
             sample(run, replace(p, budget_ms=0.0, min_reps=0, max_reps=0))  # warm-up only
+            done += 1
+            if on_progress is not None:
+                on_progress(done, total)
         samples: list[list[float]] = [[] for _ in runners]
         order = list(range(len(runners)))
         rng = random.Random(seed)
@@ -341,6 +347,9 @@ class Profiler:
             rng.shuffle(order)
             for i in order:
                 samples[i] += sample(runners[i], per_round)
+                done += 1
+                if on_progress is not None:
+                    on_progress(done, total)
         out = []
         for s in samples:
             t = Timing.from_samples(s)

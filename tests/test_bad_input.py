@@ -403,6 +403,16 @@ CASES = [
     (E + ["--out", "{c}/m.onnx", "--verify", "--table", TAB, "--budget-ms", "0"], "budget 0", 2, "positive number",
      None),
     (E + ["--out", "{c}/m.onnx", "--format", "engine"], "unknown format", 2, "invalid choice", None),
+    # eval
+    (["eval"], "nothing to evaluate", 2, "", None),
+    (["eval", "--checkpoint", "{c}/none.pt", "--config", CFG], "missing checkpoint", 2, "not found", None),
+    (["eval", "--checkpoint", CK, "--config", "{c}/none.json"], "missing config", 2, "not found", None),
+    (["eval", "--checkpoint", CK, "--config", "{ws}/cfg_offgrid.json"], "width off the grid", 2,
+     "is not on its grid", None),
+    (["eval", "{c}/m.onnx"], "not an ONNX file", 2, "", _write("m.onnx", b"\x08\x01garbage" * 10)),
+    (["eval", "{c}/m.onnx"], "no config in metadata", 2, "carries no hwslim config", _onnx_meta(config=None)),
+    (["eval", "--checkpoint", CK, "--config", CFG, "--max-images", "0"], "0 images", 2, "at least 1", None),
+    (["eval", "--checkpoint", CK, "--config", CFG, "--threads", "0"], "0 threads", 2, "at least 1", None),
     # verify
     (["verify", "{c}/none.onnx", "--table", TAB], "missing model", 2, "not found", None),
     (["verify", "{c}/m.onnx", "--table", TAB], "not an ONNX file", 2, "not a readable ONNX file",

@@ -60,3 +60,20 @@ def test_cost_uses_the_configs_input_size(tmp_path, capsys):
     at16 = json.loads(capsys.readouterr().out)
     assert main(["cost", "--model", "resnet20", "--input-size", "16", "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == at16
+
+
+@pytest.mark.parametrize("argv", [["models", "--json"], ["models"], ["cost", "--model", "resnet20", "--json"]])
+def test_a_closed_stdout_ends_quietly(argv):
+    """`hwslim models --json | head -1`: the reader leaves; no traceback, status 141 (SIGPIPE's)."""
+    import os
+
+    r, w = os.pipe()
+    os.close(r)  # the reader is gone before anything is written: every write fails with EPIPE
+    try:
+        p = subprocess.run([sys.executable, "-m", "hwslim", *argv], stdout=w, stderr=subprocess.PIPE, text=True,
+                           timeout=120)
+    finally:
+        os.close(w)
+    assert "Traceback" not in p.stderr and "BrokenPipeError" not in p.stderr and "Exception ignored" not in p.stderr
+    assert p.stderr == ""
+    assert p.returncode == 141

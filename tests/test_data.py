@@ -215,3 +215,40 @@ def test_large_inputs_stream_with_random_resized_crops(tmp_path):
     assert all(torch.equal(a[0], b[0]) for a, b in zip(batches, again))  # seeded per epoch
     x, _ = search_split(data.info)  # eval view: resize + center crop
     assert x.shape == (2, 3, 72, 72)
+
+
+def test_balanced_subset_is_class_balanced_seeded_and_fills_short_classes():
+    from hwslim.data import balanced_subset
+
+    labels = torch.tensor([0] * 50 + [1] * 30 + [2] * 4)
+    a = balanced_subset(labels, 11, seed=0)
+    assert len(a) == 11 and len(set(a.tolist())) == 11 and torch.equal(a, a.sort().values)
+    counts = torch.bincount(labels[a], minlength=3).tolist()
+    assert sorted(counts) == [3, 4, 4]
+    assert torch.equal(a, balanced_subset(labels, 11, seed=0)) and not torch.equal(a, balanced_subset(labels, 11, 1))
+    # class 2 has only 4 images: it gives all of them, the others share the rest evenly
+    assert torch.bincount(labels[balanced_subset(labels, 60, seed=0)], minlength=3).tolist() == [28, 28, 4]
+    with pytest.raises(DataError, match="--train-subset"):
+        balanced_subset(labels, 85, seed=0)
+
+
+def test_train_subset_for_synthetic_and_image_folder(tmp_path):
+    data = build_data("synthetic:1000", 8, seed=3, num_val=20, train_subset=200)
+    info = data.info
+    pool = torch.tensor(info["train_subset_indices"])
+    assert info["train_subset"] == 200 and info["train_subset_seed"] == 3 and len(pool) == 200
+    assert info["num_train_total"] == 1000 and info["num_train"] == 180 and len(data) == 180
+    assert len(info["search_indices"]) == 20 and set(info["search_indices"]) <= set(pool.tolist())
+    labels = synthetic_images(pool, seed=3, input_size=8)[1]
+    assert torch.bincount(labels, minlength=10).tolist() == [20] * 10
+    assert torch.equal(data.labels, synthetic_images(data.train_idx, seed=3, input_size=8)[1])
+    x, y = search_split(info)  # the checkpoint's record rebuilds the same search images
+    assert x.shape == (20, 3, 8, 8)
+    _image_folder(tmp_path, {"train": 10, "test": 3})
+    folder = build_data(str(tmp_path), 12, search_size=2, seed=0, train_subset=8)
+    assert folder.info["train_subset"] == 8 and folder.images.shape == (6, 3, 12, 12)
+    sub = folder.info["train_subset_indices"]
+    assert [folder.source.train_labels()[i].item() for i in sub].count(1) == 4
+    assert set(folder.info["search_indices"]) <= set(sub)
+    xs, _ = search_split(folder.info)
+    assert xs.shape == (2, 3, 12, 12)

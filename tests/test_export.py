@@ -381,3 +381,43 @@ def test_export_with_checkpoint_data_recalibrates_bn_and_checks_real_images(tmp_
         model.eval()
         ref = model(images[:4])
     assert max_relative_error(_ort(res.path, images[:1]), ref[:1]) <= 1e-4
+
+
+def _bn_state(net):
+    return {k: v.clone() for k, v in net.state_dict().items() if "running" in k or "num_batches" in k}
+
+
+def test_export_leaves_the_callers_supernet_as_it_was(tmp_path):
+    """Recalibrating BN for the export must not overwrite the caller's statistics, mode or device."""
+    from hwslim.checkpoint import Checkpoint
+    from hwslim.data import synthetic_data_info
+
+    net = create_model("resnet20", input_size=16)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    net.train()
+    before = _bn_state(net)
+    ckpt = Checkpoint(net, data=synthetic_data_info(num_train=200, num_search=64, input_size=16, num_val=16))
+    res = export_model(ckpt, net.uniform_config(6), tmp_path / "m.onnx", ExportOptions(check_images=8, calib_images=64))
+    assert res.bn.startswith("recalibrated")
+    after = _bn_state(net)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert net.training and next(net.parameters()).device.type == "cpu"
+    assert net.config == net.full_config()
+
+
+@pytest.mark.gpu
+def test_export_leaves_a_cuda_supernet_on_its_gpu(tmp_path):
+    from hwslim.checkpoint import Checkpoint
+    from hwslim.data import synthetic_data_info
+
+    net = create_model("resnet20", input_size=16).cuda().eval()
+    before = _bn_state(net)
+    ckpt = Checkpoint(net, data=synthetic_data_info(num_train=200, num_search=64, input_size=16, num_val=16))
+    export_model(ckpt, net.uniform_config(6), tmp_path / "m.onnx", ExportOptions(check_images=8, calib_images=64))
+    assert next(net.parameters()).is_cuda and all(b.is_cuda for b in net.buffers())
+    after = _bn_state(net)
+    assert all(torch.equal(before[k], after[k]) for k in before) and not net.training

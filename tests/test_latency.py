@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 import json
 
 import pandas as pd
@@ -236,3 +237,56 @@ def test_input_size_zero_is_not_the_default(net, machine_meta):
 def test_fit_line_falls_back_to_proportional_where_noise_tilts_the_slope():
     a, b = fit_line([1.0, 2.0, 3.0], [3.0, 2.0, 1.5])  # bigger sums, faster networks: noise
     assert a == pytest.approx(6.5 / 6.0) and b == 0.0
+
+
+def test_tables_are_found_from_any_directory_in_the_documented_order(net, machine_meta, tmp_path, monkeypatch):
+    """--table-dir, then $HWSLIM_TABLE_DIR, then ~/.cache/hwslim/latency_tables ($XDG_CACHE_HOME); not the cwd."""
+    from hwslim.latency import table_dir, table_search_path, user_table_dir
+
+    monkeypatch.delenv("HWSLIM_TABLE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    cache = tmp_path / "cache" / "hwslim" / "latency_tables"
+    assert user_table_dir() == cache and table_dir() == cache  # where `hwslim profile` writes by default
+    args = ("cpu", machine_meta["device_name"], "resnet20", 0.25, 16, 1, "ort", 1, "float32")
+    written = default_table_path(*args)  # what profile writes without --out
+    assert written.is_relative_to(cache)
+    _table(net, machine_meta).save(written)
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "latency_tables").mkdir(parents=True)
+    monkeypatch.chdir(elsewhere)
+    assert find_table("cpu", "resnet20", 0.25, input_size=16) == written
+    env_dir = tmp_path / "env"
+    monkeypatch.setenv("HWSLIM_TABLE_DIR", str(env_dir))
+    assert find_table("cpu", "resnet20", 0.25, input_size=16) == written  # not in $HWSLIM_TABLE_DIR: the cache
+    in_env = _table(net, machine_meta).save(default_table_path(*args, root=env_dir))
+    assert find_table("cpu", "resnet20", 0.25, input_size=16) == in_env
+    given = _table(net, machine_meta).save(default_table_path(*args, root=tmp_path / "given"))
+    assert find_table("cpu", "resnet20", 0.25, input_size=16, root=tmp_path / "given") == given
+    assert table_search_path(tmp_path / "given")[:3] == [tmp_path / "given", env_dir, cache]
+    assert table_search_path()[-1].name == "latency_tables" and Path.cwd() / "latency_tables" not in \
+        table_search_path()
+    with pytest.raises(TableError, match=f"in {tmp_path / 'given'}, {env_dir}, {cache}, "):
+        find_table("cpu", "resnet20", 0.25, input_size=16, batch=4, root=tmp_path / "given")
+
+
+def test_search_device_cpu_finds_the_profiled_table_from_another_directory(tmp_path, monkeypatch, capsys,
+                                                                           make_table):
+    from hwslim.checkpoint import save_checkpoint
+    from hwslim.data import synthetic_data_info
+    from hwslim.latency import LatencyTable
+
+    monkeypatch.delenv("HWSLIM_TABLE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    model = create_model("resnet20", width_mult=0.25, input_size=8)
+    ckpt = save_checkpoint(tmp_path / "ck.pt", model, data=synthetic_data_info(200, 16, input_size=8, num_val=16))
+    with get_profiler("cpu", "ort") as prof:
+        name = prof.metadata()["device_name"]
+    path = make_table(model, default_table_path("cpu", name, "resnet20", 0.25, 8, 1, "ort", 1, "float32"))
+    table = LatencyTable.load(path)
+    full, narrow = (table.predict_ms(model.layer_specs(c)) for c in (model.full_config(), model.min_config()))
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    assert main(["search", "--checkpoint", str(ckpt), "--latency-ms", f"{narrow + 0.9 * (full - narrow):.6f}", "--device", "cpu",
+                 "--no-progress", "--threads", "1", "--out", "s", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc[0]["meta"]["table"] == str(path)

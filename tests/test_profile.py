@@ -239,3 +239,24 @@ def test_metadata_that_is_not_json_is_refused_in_one_line(tmp_path, capsys):
     meta.write_text("[1, 2]")
     assert main(argv) == 2
     assert "not a latency table's metadata" in capsys.readouterr().err
+
+
+def test_cli_profile_names_its_progress_bars_for_what_they_do(tmp_path, capsys):
+    assert main(["profile", *TINY_ARGS, "--out", str(tmp_path / "t.csv")]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("hwslim profile: 1 runtime thread (the table's setting, default; --threads N to change), "
+                          "1 PyTorch CPU thread\n")
+    assert "building whole-config models (ONNX): 100%" in err and "4/4" in err
+    # the end-to-end calibration: 4 models, a warm-up and 4 interleaved turns each
+    assert "timing whole configs end to end: 100%" in err and "20/20" in err
+    assert "export:" not in err
+
+
+def test_a_busy_machine_is_warned_about(monkeypatch):
+    from hwslim.cli.profile_cmd import busy_note
+
+    cores = os.cpu_count() or 1
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.1 * cores, 0.0, 0.0))
+    assert busy_note() is None
+    monkeypatch.setattr(os, "getloadavg", lambda: (1.5 * cores, 0.0, 0.0))
+    assert f"the machine is busy (load average {1.5 * cores:.2f} on {cores} cores)" in busy_note()

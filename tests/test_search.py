@@ -212,3 +212,66 @@ def test_corrupt_search_state_is_a_user_error(ckpt_path, tmp_path):
     budget = [Budget("params_m", config_costs(ckpt.model, ckpt.model.full_config())["params_m"] * 0.9)]
     with pytest.raises(HwslimError, match="not a readable search state"):
         greedy_search(ckpt, budget, out_dir=out, resume=True, progress=False, plot=False)
+
+
+def test_force_uses_a_table_from_another_device(ckpt_path, tmp_path, capsys, make_table):
+    """`--table <another device's table> --force`: the compatibility check runs once, with --force."""
+    ckpt = load_checkpoint(ckpt_path)
+    table = make_table(ckpt.model, tmp_path / "other.csv", device_name="Some Other CPU")
+    from hwslim.latency import LatencyTable
+
+    full = LatencyTable.load(table).predict_ms(ckpt.model.layer_specs(ckpt.model.full_config()))
+    budget = f"{0.9 * full:.4f}"
+    argv = ["search", "--checkpoint", str(ckpt_path), "--latency-ms", budget, "--table", str(table),
+            "--no-progress", "--max-images", "16", "--threads", "1", "--out"]
+    assert main(argv + [str(tmp_path / "refused")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Some Other CPU" in err[0] and "--force" in err[0]
+    assert main(argv + [str(tmp_path / "forced"), "--force"]) == 0
+    cfg = ChannelConfig.load(tmp_path / "forced" / f"config_latency_ms_{float(budget):g}.json")
+    assert cfg.meta["latency_ms"] <= float(budget)
+
+
+def test_mixed_budgets_json_names_the_written_files_and_paths_have_no_double_slash(ckpt_path, tmp_path, capsys):
+    ckpt = load_checkpoint(ckpt_path)
+    full = config_costs(ckpt.model, ckpt.model.full_config())
+    params, macs = f"{0.95 * full['params_m']:.4f}", f"{0.95 * full['macs_m']:.4f}"
+    argv = ["search", "--checkpoint", str(ckpt_path), "--params-m", params, "--macs-m", macs, "--no-progress",
+            "--max-images", "16", "--threads", "1", "--out", str(tmp_path / "s") + "/"]
+    assert main(argv + ["--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    files = [d["file"] for d in doc]
+    assert files == [str(tmp_path / "s" / f"config_params_m_{float(params):g}.json"),
+                     str(tmp_path / "s" / f"config_macs_m_{float(macs):g}.json")]
+    for d, f in zip(doc, files):
+        assert ChannelConfig.load(f).widths == d["widths"]
+    assert main(argv + ["--force"]) == 0
+    cap = capsys.readouterr()
+    assert "//" not in cap.out and all(f in cap.out for f in files)
+    assert cap.err.startswith("hwslim search: 1 PyTorch CPU thread (--threads)\nsearching params_m=")
+
+
+def test_search_shows_progress_with_a_total_and_labels_its_plot(ckpt_path, tmp_path, capsys):
+    import matplotlib.pyplot as plt
+
+    from hwslim.search import path_figure
+
+    ckpt = load_checkpoint(ckpt_path)
+    full = config_costs(ckpt.model, ckpt.model.full_config())
+    out = tmp_path / "s"
+    assert main(["search", "--checkpoint", str(ckpt_path), "--params-m", f"{0.95 * full['params_m']:.4f}",
+                 "--max-images", "16", "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "greedy search (% of the way to the budgets): 100%" in err and "100/100%" in err
+    assert "scoring uniform-width configs (for search.png): 100%" in err and "12/12" in err
+    path, uniform = pd.read_csv(out / "path.csv"), pd.read_csv(out / "uniform.csv")
+    path["latency_ms"], uniform["latency_ms"] = path["params_m"], uniform["params_m"]  # as a table would add
+    fig = path_figure(path, uniform, [Budget("latency_ms", 0.3), Budget("latency_ms", 0.2)])
+    ax = fig.axes[0]
+    assert ax.get_xlabel() == "latency (ms, predicted by the table)"
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["greedy path", "uniform width", "budgets"]
+    plt.close(fig)
+    fig = path_figure(path, uniform, [Budget("params_m", 0.2), Budget("macs_m", 30)])
+    assert fig.axes[0].get_xlabel() == "parameters (millions)"
+    assert fig.axes[0].get_title() == "against params_m; budgets on macs_m are not drawn"
+    plt.close(fig)

@@ -222,7 +222,8 @@ def test_cli_json_stdout_is_one_json_document_and_epochs_go_to_stderr(tmp_path, 
 def test_library_train_prints_nothing_on_stdout_and_logs_through_log(tmp_path, capsys):
     lines: list[str] = []
     res = train(TrainConfig(epochs=1, out=str(tmp_path / "a"), **TINY), log=lines.append)
-    assert [json.loads(line)["epoch"] for line in lines] == [1] and res.final
+    assert lines[0].startswith("training resnet20 x0.5 at 8px on synthetic:300: 256 training images, 44 held out")
+    assert [json.loads(line)["epoch"] for line in lines[1:]] == [1] and res.final
     train(TrainConfig(epochs=1, out=str(tmp_path / "b"), **TINY))  # default log: stderr
     cap = capsys.readouterr()
     assert cap.out == "" and json.loads(cap.err.strip().splitlines()[-1])["epoch"] == 1
@@ -287,3 +288,33 @@ def test_zero_values_that_mean_something_are_kept():
     r = cfg.resolved(32, 10)
     assert (r.num_random, r.seed, r.weight_decay, r.warmup_epochs, r.momentum, r.label_smoothing) == (0, 0, 0, 0, 0, 0)
     assert r.batch_size == 128 and r.lr == pytest.approx(0.1)
+
+
+def test_results_record_what_the_run_used(tmp_path):
+    """results.json: the warm-up as a decimal, and no mixed precision or channels-last on a CPU."""
+    train(TrainConfig(epochs=3, out=str(tmp_path), device="cpu", **TINY), log=lambda s: None)
+    args = json.loads((tmp_path / "results.json").read_text())["train_args"]
+    assert args["warmup_epochs"] == 0.3
+    assert args["amp"] is False and args["channels_last"] is False and args["device"] == "cpu"
+    assert args["threads"] == 1  # the fixture's
+    assert load_checkpoint(tmp_path / "checkpoint.pt").train_args["amp"] is False
+
+
+def test_cli_train_subset_is_recorded_and_the_final_scores_say_what_they_are_on(tmp_path, capsys):
+    run = tmp_path / "run"
+    cli = [a for a in TINY_CLI if a != "--no-progress"]
+    assert main(["train", *cli, "--epochs", "1", "--train-subset", "120", "--out", str(run)]) == 0
+    cap = capsys.readouterr()
+    assert "top-1 on 64 images of the val split, BN recalibrated per config on 64 training images:" in cap.out
+    assert "scoring on 64 val images" in cap.err and "5/5" in cap.err  # the final scoring's progress bar
+    assert cap.err.startswith("hwslim train: 1 PyTorch CPU thread (default; --threads N to change)\n")
+    assert "76 training images (a class-balanced subset of 120), 44 held out for the search" in cap.err
+    data = load_checkpoint(run / "checkpoint.pt").data
+    assert data["train_subset"] == 120 and len(data["train_subset_indices"]) == 120
+    assert data["num_train"] == 120 - 44 and set(data["search_indices"]) <= set(data["train_subset_indices"])
+    results = json.loads((run / "results.json").read_text())
+    assert results["evaluated_on"] == {"split": "val", "images": 64, "calib_images": 64}
+    assert results["train_args"]["train_subset"] == 120
+    # resume keeps the subset; a different one is refused
+    assert main(["train", *TINY_CLI, "--epochs", "1", "--train-subset", "100", "--out", str(run), "--resume"]) == 2
+    assert "train_subset" in capsys.readouterr().err

@@ -2,18 +2,28 @@
 parse, build the library's objects, call the library, print a table (or ``--json``).
 
 A user error (:class:`hwslim.errors.HwslimError`) prints one line on stderr and exits 2.
+A reader that closes stdout early (``hwslim models --json | head -1``) ends the command
+quietly with status 141, as a tool killed by SIGPIPE reports (128 + 13).
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from hwslim import __version__
 from hwslim.errors import HwslimError
 
 # subcommand -> module under hwslim.cli that defines register(subparsers)
-COMMANDS = ["models", "cost", "train", "profile", "search", "export", "verify", "demo"]
+COMMANDS = ["models", "cost", "train", "profile", "search", "export", "verify", "eval", "demo"]
+
+# PyTorch CPU threads for train, search, export, eval and profile unless --threads says
+# otherwise. Measured with benchmarks/threads.py on the 2-core development machine while
+# other jobs ran (benchmarks/results/threads.csv): one thread was several times faster
+# than two (PyTorch's default there) for every workload, because OpenMP threads that
+# share busy cores wait on each other. More threads pay off only on idle, larger machines.
+DEFAULT_THREADS = 1
 
 
 class _Parser(argparse.ArgumentParser):
@@ -63,9 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+EXIT_CLOSED_PIPE = 128 + 13  # what a shell reports for a process killed by SIGPIPE
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command. Exit status: 0 done, 1 a budget not met (verify), 2 a user error
-    (one line on stderr), 130 interrupted (one line)."""
+    (one line on stderr), 130 interrupted (one line), 141 its stdout was closed (``| head``)."""
     from hwslim import interrupt
 
     words = sys.argv[1:] if argv is None else argv
@@ -73,9 +86,13 @@ def main(argv: list[str] | None = None) -> int:
     with interrupt.handled():
         try:
             parser = build_parser()  # imports torch: Ctrl-C here is handled too
-            args = parser.parse_args(argv)
+            args = parser.parse_args(argv)  # --help writes to stdout too
             command = f"hwslim {args.command}"
-            return int(args.func(args) or 0)
+            status = int(args.func(args) or 0)
+            sys.stdout.flush()  # a reader that left shows up here, not in the interpreter's exit flush
+            return status
+        except BrokenPipeError:
+            return _stdout_closed()
         except HwslimError as e:
             print(f"{command}: error: {e}", file=sys.stderr)
             return 2
@@ -101,6 +118,53 @@ def _os_error(e: OSError) -> str:
     if e.filename is not None:
         return f"{what}: {e.filename} (files written before it are intact)"
     return f"{what} (files written before it are intact)"
+
+
+def _stdout_closed() -> int:
+    """The reader of stdout went away (``| head``): stop without a traceback.
+
+    Python's own advice (the ``signal`` module's notes on SIGPIPE): point stdout at
+    devnull, so the interpreter's flush at exit does not fail on the closed pipe again.
+    """
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # stdout replaced by an object without a descriptor
+        pass
+    return EXIT_CLOSED_PIPE
+
+
+def set_threads(threads: int | None) -> int:
+    """Set PyTorch's CPU threads: ``threads``, else :data:`DEFAULT_THREADS`; returns the count."""
+    import torch
+
+    n = threads if threads is not None else DEFAULT_THREADS
+    torch.set_num_threads(n)
+    return n
+
+
+def threads_note(threads: int | None) -> str:
+    """For a command's header line: how many PyTorch threads, and whether by default."""
+    n = threads if threads is not None else DEFAULT_THREADS
+    return f"{n} PyTorch CPU thread{'s' if n != 1 else ''}" + (" (default; --threads N to change)"
+                                                                if threads is None else " (--threads)")
+
+
+def with_header(header: str, log=None):
+    """A log callable that first prints ``header`` on stderr: a command's header line appears
+    once its inputs have passed their checks (a bad input still gives one line)."""
+    shown = False
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+
+    def emit(msg: str) -> None:
+        nonlocal shown
+        if not shown:
+            shown = True
+            print(header, file=sys.stderr, flush=True)
+        log(msg)
+
+    return emit
 
 
 def add_command(sub, name: str, func, doc: str | None) -> argparse.ArgumentParser:

@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from hwslim.cli import add_command, nonneg_int, positive_float, positive_int
+from hwslim.cli import add_command, nonneg_int, positive_float, positive_int, set_threads, threads_note, with_header
 
 
 def opset_type(text: str) -> int:
@@ -47,6 +47,8 @@ def register(sub) -> None:
                    help="--verify: the budget (default: the config's latency budget)")
     p.add_argument("--force", action="store_true", help="overwrite existing outputs")
     p.add_argument("--force-table", action="store_true", help="--verify: use a table measured on another setup")
+    p.add_argument("--threads", type=positive_int, help="PyTorch CPU threads (default 1: measured fastest on a "
+                                                          "shared machine, benchmarks/results/threads.csv)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -74,6 +76,7 @@ def run(args) -> int:
     from hwslim.resources import check_fits, inference_bytes
 
     check_output(args.out, kind="file")  # before anything is loaded
+    set_threads(args.threads)
     config = ChannelConfig.load(args.config)
     table = args.table
     if args.verify and not table:  # the table the search used, as recorded in the config
@@ -99,7 +102,7 @@ def run(args) -> int:
                         force=args.force_table)
     # with --json, stdout carries the JSON object only: anything the library prints goes to stderr
     quiet = contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext()
-    log = (lambda msg: None) if args.json else print
+    log = with_header(f"hwslim export: {threads_note(args.threads)}", (lambda msg: None) if args.json else print)
     with quiet:
         res = export_model(ckpt, Path(args.config), args.out, opts, log=log)
     out = {"path": str(res.path), "onnx": str(res.onnx_path), "format": res.format, "precision": res.precision,

@@ -1,9 +1,10 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 
-from hwslim.cli import add_command, nonneg_int, positive_float, positive_int, print_table
+from hwslim.cli import add_command, nonneg_int, positive_float, positive_int, print_table, set_threads, threads_note, with_header
 
 
 def register(sub) -> None:
@@ -17,7 +18,9 @@ def register(sub) -> None:
     p.add_argument("--width-mult", type=positive_float, help="supernet width multiplier (default: the model's)")
     p.add_argument("--input-size", type=positive_int, help="input height and width (default: the model's)")
     p.add_argument("--batch", type=positive_int, default=1)
-    p.add_argument("--threads", type=positive_int, help="intra-op threads (default 1)")
+    p.add_argument("--threads", type=positive_int,
+                   help="intra-op threads of the runtime being measured: a setting of the table, as deployed "
+                        "(default 1)")
     p.add_argument("--dtype", default="float32",
                    help="precision: cpu float32; cuda float32, float16 or bfloat16 (trt: float32, float16)")
     p.add_argument("--channels-last", action="store_true",
@@ -71,17 +74,52 @@ def run(args) -> int:
         shapes = load_model(args.model or DEFAULT_MODEL, width_mult=args.width_mult, input_size=args.input_size)
     check_inference(shapes, batch=args.batch, input_size=args.input_size,
                     dtype=args.dtype if args.dtype in ("float16", "bfloat16") else "float32")
+    set_threads(None)  # PyTorch only builds the networks here; the runtime's threads are the table's setting
+    n = args.threads or 1
+    header = (f"hwslim profile: {n} runtime thread{'s' if n > 1 else ''} (the table's setting"
+              f"{'' if args.threads else ', default; --threads N to change'}), {threads_note(None).split(' (')[0]}")
+
     settings = ProfileSettings(
         device=args.device, backend=args.backend, model=args.model or DEFAULT_MODEL, width_mult=args.width_mult,
         input_size=args.input_size, batch=args.batch, threads=args.threads, dtype=args.dtype, out=args.out,
         calib_configs=args.calib_configs, holdout_configs=args.holdout_configs, seed=args.seed, force=args.force,
         quick=args.quick, in_network=False if args.isolated else None, contexts=args.contexts,
         channels_last=args.channels_last)
-    result = profile(settings, progress=not args.json, log=lambda m: print(m, file=sys.stderr))
+    busy = busy_note()
+    if busy:
+        header += f"\nwarning: {busy}"
+    result = profile(settings, progress=not args.json, log=with_header(header))
     summary = result.summary()
+    notes = []
+    if result.noisy:
+        notes.append(f"note: {result.noisy} of {result.entries} entries are noisy: their spread stayed above the "
+                     "protocol's limit (IQR over 10% of the median) after the retries, usually because other work "
+                     "ran on the machine. They are kept (their central value is used) and flagged in the table's "
+                     "'noisy' column; for a table you rely on, measure again on a quiet machine (--out NEW.csv).")
+    loads = result.meta.get("load_avg_1min") or []
+    cores = os.cpu_count() or 1
+    if loads and loads[-1] is not None and loads[-1] >= LOADED * cores and not busy:
+        notes.append(f"warning: the machine got busy while measuring (load average {loads[-1]:g} on {cores} cores); "
+                     "latencies measured under load run slow and noisy")
+    for n in notes:
+        print(n, file=sys.stderr)
     if args.json:
         print(json.dumps(summary, sort_keys=True))
     else:
         print_table([{k: v for k, v in summary.items() if k != "table"}])
         print(f"table: {summary['table']}")
     return 0
+
+
+LOADED = 0.5  # load average per core above which measurements are warned about
+
+
+def busy_note() -> str | None:
+    """A warning when the machine is loaded (1-minute load average >= half its cores), else None."""
+    if not hasattr(os, "getloadavg"):
+        return None
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    if load < LOADED * cores:
+        return None
+    return (f"the machine is busy (load average {load:.2f} on {cores} cores): latencies measured now run slow and "
+            "noisy; for a table you rely on, measure when nothing else runs")

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import json
 
-from hwslim.cli import add_command, positive_float, positive_int, print_table
+from hwslim.cli import add_command, positive_float, positive_int, print_table, set_threads, threads_note, with_header
 from hwslim.errors import HwslimError
 from hwslim.search import CRITERIA, DEFAULT_CRITERION, Budget, greedy_search
 
@@ -19,7 +19,9 @@ def register(sub) -> None:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--table", help="latency table (from `hwslim profile`)")
     g.add_argument("--device", choices=["cpu", "cuda"],
-                   help="find this machine's table for the checkpoint's model under latency_tables/")
+                   help="find this machine's table for the checkpoint's model: in --table-dir, $HWSLIM_TABLE_DIR, "
+                        "~/.cache/hwslim/latency_tables ($XDG_CACHE_HOME), then hwslim's own latency_tables/")
+    p.add_argument("--table-dir", metavar="DIR", help="with --device: look here first")
     p.add_argument("--criterion", choices=CRITERIA, default=DEFAULT_CRITERION,
                    help=f"acc: smallest accuracy drop (AutoSlim); acc-per-cost: smallest drop per cost saved "
                         f"(NetAdapt). Default {DEFAULT_CRITERION}")
@@ -38,7 +40,8 @@ def register(sub) -> None:
     p.add_argument("--max-images", type=positive_int, help="use at most this many search-split images")
     p.add_argument("--eval-device", default=None, help="where to run the search's evaluations "
                                                         "(default: cuda if available, else cpu)")
-    p.add_argument("--threads", type=positive_int, help="PyTorch CPU threads for the evaluations (default: PyTorch's)")
+    p.add_argument("--threads", type=positive_int, help="PyTorch CPU threads for the evaluations (default 1: measured "
+                                                          "fastest on a shared machine, benchmarks/results/threads.csv)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--json", action="store_true", help="print the chosen configs as JSON")
 
@@ -66,8 +69,7 @@ def run(args) -> int:
                for v in values]
     if not budgets:
         raise HwslimError("give at least one budget: --latency-ms, --memory-mb, --params-m or --macs-m")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     eval_device = args.eval_device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(eval_device)
@@ -77,6 +79,9 @@ def run(args) -> int:
         raise HwslimError("--eval-device cuda, but no CUDA GPU is visible; use --eval-device cpu")
     if dev.type not in ("cpu", "cuda"):
         raise HwslimError(f"--eval-device {eval_device!r}: only cpu and cuda are supported")
+    if args.table_dir and not args.device:
+        raise HwslimError("--table-dir is where --device looks for this machine's table; add --device cpu|cuda "
+                          "(or give the table itself with --table)")
     ckpt = load_checkpoint(args.checkpoint)
     check_inference(ckpt.model, batch=args.batch)
     table = None
@@ -86,25 +91,28 @@ def run(args) -> int:
         if args.table:
             table = LatencyTable.load(args.table)
         elif args.device:
-            table = LatencyTable.load(find_table(args.device, ckpt.model, batch=args.batch, spec=args.checkpoint))
+            table = LatencyTable.load(find_table(args.device, ckpt.model, batch=args.batch, root=args.table_dir,
+                                                 spec=args.checkpoint))
         else:
             raise HwslimError("a --latency-ms budget needs --table PATH or --device cpu|cuda")
-        table.check_compatible(ckpt.model, batch=args.batch, force=args.force)
     result = greedy_search(ckpt, budgets, table=table, criterion=args.criterion, out_dir=args.out,
                            resume=args.resume, force=args.force, device=eval_device, evaluator=args.evaluator,
                            bn=args.bn, max_images=args.max_images, batch=args.batch, kernels=args.kernels,
-                           progress=not args.no_progress)
-    if args.json:
-        print(json.dumps([c.to_dict() for c in result.configs], indent=2, sort_keys=True))
+                           progress=not args.no_progress, force_table=args.force,
+                           log=with_header(f"hwslim search: {threads_note(args.threads)}"))
+    if args.json:  # each config as its file holds it, and where that file is
+        from hwslim.config import ChannelConfig
+
+        print(json.dumps([{**ChannelConfig.load(f).to_dict(), "file": str(f)} for f in result.files],
+                         indent=2, sort_keys=True))
         return 0
     rows = []
-    for b, c in zip(budgets, result.configs):
+    for b, c, f in zip(budgets, result.configs, result.files):
         m = c.meta
         row = {"budget": b.label, "step": m["search_step"], "search_acc": m["search_acc"]}
         if "latency_ms" in m:
             row["latency_ms"] = m["latency_ms"]
-        row.update(memory_mb=m["memory_mb"], params_m=m["params_m"], macs_m=m["macs_m"],
-                   file=f"{args.out}/config_{b.kind}_{b.value:g}.json")
+        row.update(memory_mb=m["memory_mb"], params_m=m["params_m"], macs_m=m["macs_m"], file=str(f))
         rows.append(row)
     print_table(rows)
     return 0

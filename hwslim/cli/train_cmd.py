@@ -5,7 +5,7 @@ import json
 import math
 import sys
 
-from hwslim.cli import add_command, nonneg_int, positive_float, positive_int, print_table
+from hwslim.cli import add_command, nonneg_int, positive_float, positive_int, print_table, set_threads, threads_note, with_header
 
 
 def _nonneg_float(text: str) -> float:
@@ -48,6 +48,9 @@ def register(sub) -> None:
     g.add_argument("--label-smoothing", type=_nonneg_float, help="for the widest config (default 0.1)")
     g.add_argument("--search-size", type=nonneg_int,
                    help="training images held out for `hwslim search` (default 10%%, at most 10,000)")
+    g.add_argument("--train-subset", type=positive_int, metavar="N",
+                   help="train on N images of the training set only (class-balanced, seeded by --seed; the search "
+                        "split is held out of them), for any --data: try real data on a CPU in minutes")
     g.add_argument("--seed", type=int, help="seeds the split, shuffling, augmentation and configs (default 0)")
     g = p.add_argument_group("execution")
     g.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when a GPU is visible")
@@ -60,8 +63,8 @@ def register(sub) -> None:
                    help="images for BN recalibration (default 2000; 0: no recalibration)")
     g.add_argument("--eval-images", type=positive_int, help="validation images scored at the end (default: all)")
     g.add_argument("--eval-every", type=nonneg_int, default=0, help="also score widest/narrowest every N epochs")
-    g.add_argument("--threads", type=positive_int, help="PyTorch CPU threads (default: PyTorch's; 1 is far faster "
-                                               "for small models on a busy machine)")
+    g.add_argument("--threads", type=positive_int, help="PyTorch CPU threads (default 1: measured fastest on a "
+                                                          "shared machine, benchmarks/results/threads.csv)")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     g.add_argument("--stop-after", type=positive_int,
                    help="leave after this many epochs (for time-limited jobs); continue with --resume")
@@ -89,8 +92,6 @@ def run(args) -> int:
       hwslim train --model resnet20 --width-mult 0.5 --input-size 16 \\
           --data synthetic:3000 --epochs 4 --batch-size 64 --out runs/demo
     """
-    import torch
-
     from hwslim.train import TrainConfig, train
 
     if args.resume and args.force:
@@ -100,10 +101,9 @@ def run(args) -> int:
     names = [f for f in TrainConfig.__dataclass_fields__ if f != "synthetic_val"]
     cfg = TrainConfig(**{k: getattr(args, k.replace("-", "_")) for k in names if hasattr(args, k)})
     cfg.validate()  # before anything changes (threads included)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    # each epoch's metrics go to stderr (train()'s default log): stdout holds only the result
-    result = train(cfg)
+    set_threads(args.threads)
+    # each epoch's metrics go to stderr (train()'s log): stdout holds only the result
+    result = train(cfg, log=with_header(f"hwslim train: {threads_note(args.threads)}"))
     if result.checkpoint is None:  # not rank 0
         return 0
     if result.epochs < cfg.epochs:
@@ -117,8 +117,10 @@ def run(args) -> int:
             print(note)
         return 0
     if args.json:
-        print(json.dumps({"checkpoint": str(result.checkpoint), "final": result.final}, indent=2))
+        print(json.dumps({"checkpoint": str(result.checkpoint), "final": result.final,
+                          "evaluated_on": result.evaluated_on}, indent=2))
     else:
         print(f"checkpoint: {result.checkpoint}")
+        print(f"{result.describe_evaluation()}:")
         print_table([{**r, "top1 %": r["top1"]} for r in result.final], ["config", "top1 %", "macs", "params"])
     return 0
