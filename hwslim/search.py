@@ -5,14 +5,20 @@ narrower grid width that lowers the binding cost (one grid step for MACs, parame
 and memory; more where a latency table is flat, see :func:`_shrink`); each proposal is scored on the checkpoint's held-out search split (BN
 recalibrated, :mod:`hwslim.evaluator`) and costed (latency from a table, peak
 activation memory, parameters, MACs: :func:`config_costs`). The step keeps the best
-proposal by the criterion, and the walk continues until every budget holds. One walk
-yields a config for every budget in a list: the first config on the path that meets it.
+proposal by the criterion, and the walk continues until every target holds. One walk
+yields a config for every target in a list: the first config on the path that meets it.
+
+Targets and constraints (:func:`targets_of`): the budget kind given several values
+yields one target per value; every other kind given is a constraint that each of
+those targets also meets (``latency_ms 20 15 10`` with ``memory_mb 5``: three configs,
+each within its latency and within 5 MB). Several values for two kinds are refused.
 
 Criteria:
 
 * ``acc``: the smallest accuracy drop (AutoSlim's rule);
 * ``acc-per-cost``: the smallest accuracy drop per unit of cost saved on the budget that
-  binds now, the unmet budget with the largest cost/limit ratio (NetAdapt's rule).
+  binds now, the unmet budget (of a target not met yet) with the largest cost/limit
+  ratio (NetAdapt's rule).
 
 Either way only proposals that lower the binding cost are considered, while any does
 (with a latency table a narrower layer is not always faster); when none does, the step
@@ -67,6 +73,57 @@ class Budget:
         return costs[self.kind] <= self.value
 
 
+@dataclass(frozen=True)
+class Target:
+    """One config to find: the first on the path meeting ``budget`` and every one of ``constraints``."""
+
+    budget: Budget
+    constraints: tuple[Budget, ...] = ()
+
+    @property
+    def budgets(self) -> tuple[Budget, ...]:
+        return (self.budget, *self.constraints)
+
+    @property
+    def label(self) -> str:
+        return " ".join(b.label for b in self.budgets)
+
+    def met(self, costs: Mapping[str, float]) -> bool:
+        return all(b.met(costs) for b in self.budgets)
+
+
+def targets_of(budgets: Sequence[Budget]) -> list[Target]:
+    """The configs to find for budgets as a user lists them (``--latency-ms 20 15 --memory-mb 5``).
+
+    The kind given several values yields one target per value; every other kind given
+    (one value each) is a constraint of every target. With one value per kind there is
+    one target (the first kind listed) constrained by the others. Several values for two
+    kinds are refused: which pairs to cross is the user's call, one search per value of
+    the second kind does it.
+
+        >>> [t.label for t in targets_of([Budget("latency_ms", 20), Budget("latency_ms", 10),
+        ...                               Budget("memory_mb", 5)])]
+        ['latency_ms=20 memory_mb=5', 'latency_ms=10 memory_mb=5']
+    """
+    by_kind: dict[str, list[Budget]] = {}
+    for b in dict.fromkeys(budgets):  # a repeated value is one target
+        by_kind.setdefault(b.kind, []).append(b)
+    multi = [k for k, bs in by_kind.items() if len(bs) > 1]
+    if len(multi) > 1:
+        raise BudgetError(f"several values for both {multi[0]} and {multi[1]}: give several values for one "
+                          "budget kind only (one config per value; each other kind is a constraint every config "
+                          "meets), or run one search per value of the other kind")
+    if not by_kind:
+        return []
+    lead = multi[0] if multi else next(iter(by_kind))
+    constraints = tuple(bs[0] for k, bs in by_kind.items() if k != lead)
+    return [Target(b, constraints) for b in by_kind[lead]]
+
+
+def _as_targets(budgets: Sequence[Budget | Target]) -> list[Target]:
+    return [b if isinstance(b, Target) else Target(b) for b in budgets]
+
+
 def config_costs(model: SlimmableNet, config: ChannelConfig, table=None, batch: int = 1) -> dict[str, float]:
     """Every cost the search knows for ``config``: budget keys plus the raw counts."""
     specs = model.layer_specs(config, batch=batch)
@@ -104,11 +161,17 @@ def _binding(budgets: Sequence[Budget], costs: Mapping[str, float]) -> Budget | 
 
 def slim(model: SlimmableNet, score_candidates: Callable[[ChannelConfig, list[tuple[str, ChannelConfig]]], list[Score]],
          score: Callable[[ChannelConfig], Score], cost_fn: Callable[[ChannelConfig], dict[str, float]],
-         budgets: Sequence[Budget], *, criterion: str = DEFAULT_CRITERION, replay: Sequence[Step] = (),
+         budgets: Sequence[Budget | Target], *, criterion: str = DEFAULT_CRITERION, replay: Sequence[Step] = (),
          on_step: Callable[[Step], None] | None = None) -> list[Step]:
-    """The greedy walk. ``replay`` (a saved path prefix) is trusted and continued from."""
+    """The greedy walk, until every target has been met somewhere on the path.
+
+    ``budgets``: :class:`Target` s (a plain :class:`Budget` is a target of its own, see
+    :func:`targets_of` for budgets as a user gives them). ``replay`` (a saved path
+    prefix) is trusted and continued from.
+    """
     if criterion not in CRITERIA:
         raise HwslimError(f"unknown criterion {criterion!r}; expected one of {', '.join(CRITERIA)}")
+    targets = _as_targets(budgets)
     if replay:
         path = list(replay)
         config = model.config_of(path[-1].widths)
@@ -118,11 +181,15 @@ def slim(model: SlimmableNet, score_candidates: Callable[[ChannelConfig, list[tu
         path = [Step(0, None, None, None, s.acc, s.loss, cost_fn(config), widths=dict(config.widths))]
         if on_step:
             on_step(path[0])
+    pending = [t for t in targets if not any(t.met(st.costs) for st in path)]
     while True:
         current = path[-1]
-        binding = _binding(budgets, current.costs)
-        if binding is None:
+        pending = [t for t in pending if not t.met(current.costs)]
+        if not pending:
             return path
+        # the current config misses every pending target, so some budget of theirs binds
+        binding = _binding([b for t in pending for b in t.budgets], current.costs)
+        assert binding is not None
         candidates, costs = [], []
         for u in model.units:
             found = _shrink(model, config, u, binding.kind, current.costs[binding.kind], cost_fn)
@@ -178,26 +245,35 @@ def _shrink(model: SlimmableNet, config: ChannelConfig, unit: str, kind: str, cu
     return first
 
 
-def check_feasible(model: SlimmableNet, budgets: Sequence[Budget], cost_fn) -> dict[str, float]:
+def check_feasible(model: SlimmableNet, budgets: Sequence[Budget | Target], cost_fn) -> dict[str, float]:
     """Refuse budgets below what the narrowest config achieves; returns the narrowest config's costs."""
     floor = cost_fn(model.min_config())
-    for b in budgets:
-        if b.kind not in floor:
-            raise HwslimError(f"a {b.kind} budget needs a latency table: pass --table PATH or --device")
-        if not b.met(floor):
-            raise BudgetError(f"no config can meet {b.label}: the smallest achievable {b.kind} on this "
-                              f"supernet's grid is {floor[b.kind]:.4g} (the narrowest config); raise the budget")
+    for t in _as_targets(budgets):
+        for b in t.budgets:
+            if b.kind not in floor:
+                raise HwslimError(f"a {b.kind} budget needs a latency table: pass --table PATH or --device")
+            if not b.met(floor):
+                raise BudgetError(f"no config can meet {b.label}: the smallest achievable {b.kind} on this "
+                                  f"supernet's grid is {floor[b.kind]:.4g} (the narrowest config); raise the budget")
     return floor
 
 
-def pick_configs(model: SlimmableNet, path: Sequence[Step], budgets: Sequence[Budget]) -> list[ChannelConfig]:
-    """For each budget, the first config on the path that meets it, with its costs and accuracy in meta."""
-    out = []
-    for b in budgets:
-        step = next(s for s in path if b.met(s.costs))
-        out.append(model.config_of(step.widths, budget={"kind": b.kind, "value": b.value}, search_step=step.step,
-                                   search_acc=step.acc, **{k: v for k, v in step.costs.items()}))
-    return out
+def pick_steps(path: Sequence[Step], budgets: Sequence[Budget | Target]) -> list[Step]:
+    """For each target, the first step on the path that meets it (and all its constraints)."""
+    return [next(s for s in path if t.met(s.costs)) for t in _as_targets(budgets)]
+
+
+def pick_configs(model: SlimmableNet, path: Sequence[Step], budgets: Sequence[Budget | Target]) -> list[ChannelConfig]:
+    """For each target, the first config on the path that meets it, with its costs and accuracy in meta."""
+    targets = _as_targets(budgets)
+    return [model.config_of(step.widths, **_target_meta(t), search_step=step.step, search_acc=step.acc,
+                            **dict(step.costs))
+            for t, step in zip(targets, pick_steps(path, targets))]
+
+
+def _target_meta(t: Target) -> dict:
+    return {"budget": {"kind": t.budget.kind, "value": t.budget.value},
+            "constraints": [{"kind": b.kind, "value": b.value} for b in t.constraints]}
 
 
 # -- I/O layer ------------------------------------------------------------------------------------
@@ -208,6 +284,7 @@ class SearchResult:
     steps: list[Step]
     out_dir: Path | None = None
     uniform: list[dict] = field(default_factory=list)
+    targets: list[Target] = field(default_factory=list)  # configs[i] is for targets[i]
 
 
 def _file_digest(path: Path) -> str:
@@ -224,9 +301,10 @@ def greedy_search(checkpoint, budgets: Sequence[Budget], *, table=None, criterio
                   kernels: str = "torch",
                   max_images: int | None = None, batch: int = 1, progress: bool = True,
                   plot: bool = True, images=None, labels=None) -> SearchResult:
-    """Search ``checkpoint``'s supernet for every budget; see the module docstring.
+    """Search ``checkpoint``'s supernet for every target of ``budgets`` (:func:`targets_of`).
 
-    ``out_dir`` receives one ChannelConfig JSON per budget, ``path.csv`` (the whole
+    ``out_dir`` receives one ChannelConfig JSON per target (``config_<kind>_<value>.json``
+    after the target's own budget), ``path.csv`` (the whole
     walk), ``search_state.json`` (for ``resume``) and ``search.png``. The search split
     comes from the checkpoint (``hwslim.data.search_split``) unless ``images``/``labels``
     are given.
@@ -238,16 +316,17 @@ def greedy_search(checkpoint, budgets: Sequence[Budget], *, table=None, criterio
     budgets = list(budgets)
     if not budgets:
         raise HwslimError("give at least one budget (--latency-ms, --memory-mb, --params-m or --macs-m)")
+    targets = targets_of(budgets)
     model: SlimmableNet = checkpoint.model.to(device)
     if table is not None:
         table.check_compatible(model, batch=batch)
     cost_fn = lambda cfg: config_costs(model, cfg, table, batch)  # noqa: E731
-    check_feasible(model, budgets, cost_fn)
+    check_feasible(model, targets, cost_fn)
     out = Path(out_dir) if out_dir is not None else None
     settings = {
         "checkpoint": str(getattr(checkpoint, "path", "") or ""),
         "checkpoint_sha256": _file_digest(checkpoint.path) if getattr(checkpoint, "path", None) else "",
-        "budgets": [asdict(b) for b in budgets], "criterion": criterion, "bn": bn, "batch": batch,
+        "targets": [t.label for t in targets], "criterion": criterion, "bn": bn, "batch": batch,
         "batch_size": batch_size, "max_images": max_images,
         "table": str(table.path) if table is not None and getattr(table, "path", None) else None,
     }
@@ -297,27 +376,31 @@ def greedy_search(checkpoint, budgets: Sequence[Budget], *, table=None, criterio
             bar.update(1)
 
     try:
-        path = slim(model, score_candidates, ev.score, cost_fn, budgets, criterion=criterion, replay=replay,
+        path = slim(model, score_candidates, ev.score, cost_fn, targets, criterion=criterion, replay=replay,
                     on_step=on_step)
     finally:
         if bar is not None:
             bar.close()
-    configs = pick_configs(model, path, budgets)
+    configs = pick_configs(model, path, targets)
     frame = pd.DataFrame([s.row() for s in path])
-    result = SearchResult(configs, frame, path, out)
+    result = SearchResult(configs, frame, path, out, targets=targets)
     if out is not None and is_writer:
         provenance = {"produced_by": "hwslim search", "checkpoint": settings["checkpoint"],
                       "checkpoint_sha256": settings["checkpoint_sha256"], "table": settings["table"],
                       "criterion": criterion, "bn": bn}
-        for b, cfg in zip(budgets, configs):
-            cfg.with_meta(**provenance).save(out / f"config_{b.kind}_{b.value:g}.json", force=True)
+        for t, cfg in zip(targets, configs):
+            cfg.with_meta(**provenance).save(out / config_filename(t), force=True)
         frame.to_csv(out / "path.csv", index=False)
         if plot:
             result.uniform = [{"step": s, "acc": (sc := ev.score(u)).acc, "loss": sc.loss, **cost_fn(u)}
                               for s, u in enumerate(model.uniform_configs(), start=1)]
             pd.DataFrame(result.uniform).to_csv(out / "uniform.csv", index=False)
-            plot_path(frame, pd.DataFrame(result.uniform), budgets, out / "search.png")
+            plot_path(frame, pd.DataFrame(result.uniform), [t.budget for t in targets], out / "search.png")
     return result
+
+
+def config_filename(target: Target) -> str:
+    return f"config_{target.budget.kind}_{target.budget.value:g}.json"
 
 
 def plot_path(path, uniform, budgets: Sequence[Budget], png: Path) -> Path:

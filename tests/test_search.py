@@ -15,7 +15,11 @@ from hwslim.data import search_split, synthetic_data_info
 from hwslim.errors import BudgetError, HwslimError, OutputExistsError
 from hwslim.evaluator import Score, StepEvaluator
 from hwslim.models import create_model
-from hwslim.search import Budget, config_costs, greedy_search, slim
+from hwslim.latency import Calibration, LatencyTable, new_meta
+from hwslim.profile import enumerate_entries
+from hwslim.search import Budget, Target, config_costs, greedy_search, slim, targets_of
+from profilers import get_profiler
+from profilers.base import Timing
 
 IMAGES = 48
 
@@ -35,6 +39,91 @@ def ckpt_path(tmp_path_factory):
     path = tmp_path_factory.mktemp("ckpt") / "supernet.pt"
     save_checkpoint(path, _supernet(), data=synthetic_data_info(num_train=600, num_search=IMAGES, seed=0))
     return path
+
+
+def _layer_ms(spec) -> float:
+    """A hand-made runtime: channels padded to 16, and 8-channel outputs take a slow path."""
+    pad = lambda c: -(-c // 16) * 16  # noqa: E731
+    t = 1e-6 * spec.kernel ** 2 * pad(spec.cin) * pad(spec.cout) / max(1, spec.groups) * spec.out_h * spec.out_w / 16
+    return round(t + (0.004 if spec.cout == 8 else 0.0) + 0.001, 6)
+
+
+@pytest.fixture(scope="module")
+def table_path(ckpt_path, tmp_path_factory):
+    """A complete latency table for the checkpoint's model, made like tests/test_latency.py makes one."""
+    net = load_checkpoint(ckpt_path).model
+    with get_profiler("cpu", "ort") as prof:
+        machine = prof.metadata()
+    entries = {s.signature(): Timing(_layer_ms(s), 0.0, _layer_ms(s), 20) for s in enumerate_entries(net)}
+    meta = new_meta(machine, model=net.name, width_mult=net.width_mult, input_size=net.input_size, batch=1,
+                    entries_expected=len(entries), method="in_network")
+    meta.update(status="complete", calibration=Calibration(1.0, 0.0, 8, {"within_5pct": 1.0}).to_dict())
+    return LatencyTable(meta, entries).save(tmp_path_factory.mktemp("table") / "table.csv")
+
+
+def test_targets_of_budgets_as_the_user_lists_them():
+    lat = [Budget("latency_ms", v) for v in (20, 15, 10)]
+    mem = Budget("memory_mb", 5)
+    assert targets_of([*lat, mem]) == [Target(b, (mem,)) for b in lat]
+    # one value per kind: one target, constrained by the others
+    assert targets_of([Budget("latency_ms", 0.45), Budget("params_m", 0.1)]) == \
+        [Target(Budget("latency_ms", 0.45), (Budget("params_m", 0.1),))]
+    assert targets_of([lat[0], lat[0]]) == [Target(lat[0])]
+    with pytest.raises(BudgetError, match="several values for both latency_ms and memory_mb"):
+        targets_of([*lat, mem, Budget("memory_mb", 4)])
+
+
+def test_several_latencies_with_a_memory_constraint(ckpt_path, table_path, tmp_path, capsys):
+    """`--latency-ms A B C --memory-mb M`: three configs, each within its latency and within M."""
+    ckpt = load_checkpoint(ckpt_path)
+    table = LatencyTable.load(table_path)
+    full = config_costs(ckpt.model, ckpt.model.full_config(), table)
+    lat = [round(full["latency_ms"] * f, 4) for f in (0.95, 0.88, 0.8)]
+    mem = round(full["memory_mb"] * 0.96, 4)  # the peak is in stage 1, which latency does not narrow first
+    out = tmp_path / "s"
+    rc = main(["search", "--checkpoint", str(ckpt_path), "--latency-ms", *map(str, lat), "--memory-mb", str(mem),
+               "--table", str(table_path), "--out", str(out), "--no-progress", "--max-images", str(IMAGES)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert printed.count(f"memory_mb={mem:g}") == 3
+    path = pd.read_csv(out / "path.csv")
+    assert sorted(p.name for p in out.glob("config_*.json")) == sorted(f"config_latency_ms_{v:g}.json" for v in lat)
+    for v in lat:
+        cfg = ChannelConfig.load(out / f"config_latency_ms_{v:g}.json")
+        costs = config_costs(ckpt.model, cfg, table)
+        assert costs["latency_ms"] <= v and costs["memory_mb"] <= mem
+        assert cfg.meta["budget"] == {"kind": "latency_ms", "value": v}
+        assert cfg.meta["constraints"] == [{"kind": "memory_mb", "value": mem}]
+        both = path[(path["latency_ms"] <= v) & (path["memory_mb"] <= mem)]
+        assert cfg.meta["search_step"] == both["step"].iloc[0]
+    # the constraint mattered: the loosest latency alone was met earlier on the path
+    assert path[path["latency_ms"] <= lat[0]]["step"].iloc[0] < \
+        ChannelConfig.load(out / f"config_latency_ms_{lat[0]:g}.json").meta["search_step"]
+    # several values for two kinds: one clear line, exit 2, nothing written
+    rc = main(["search", "--checkpoint", str(ckpt_path), "--latency-ms", *map(str, lat), "--memory-mb", "1", "2",
+               "--table", str(table_path), "--out", str(tmp_path / "x")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "several values for both latency_ms and memory_mb" in err[0]
+    assert not (tmp_path / "x").exists()
+
+
+def test_one_latency_and_one_params_budget_give_one_config_meeting_both(ckpt_path, table_path, tmp_path):
+    """`--latency-ms L --params-m P`: one config, within L and within P (it used to be one per budget)."""
+    ckpt = load_checkpoint(ckpt_path)
+    table = LatencyTable.load(table_path)
+    full = config_costs(ckpt.model, ckpt.model.full_config(), table)
+    lat, params = round(full["latency_ms"] * 0.97, 4), round(full["params_m"] * 0.85, 4)
+    out = tmp_path / "s"
+    rc = main(["search", "--checkpoint", str(ckpt_path), "--latency-ms", str(lat), "--params-m", str(params),
+               "--table", str(table_path), "--out", str(out), "--no-progress", "--max-images", str(IMAGES)])
+    assert rc == 0
+    assert [p.name for p in out.glob("config_*.json")] == [f"config_latency_ms_{lat:g}.json"]
+    cfg = ChannelConfig.load(out / f"config_latency_ms_{lat:g}.json")
+    costs = config_costs(ckpt.model, cfg, table)
+    assert costs["latency_ms"] <= lat and costs["params_m"] <= params
+    assert cfg.meta["constraints"] == [{"kind": "params_m", "value": params}]
+    path = pd.read_csv(out / "path.csv")
+    assert cfg.meta["search_step"] == path[(path["latency_ms"] <= lat) & (path["params_m"] <= params)]["step"].iloc[0]
 
 
 def test_budget_nothing_can_meet_is_refused_up_front(ckpt_path, tmp_path, capsys):

@@ -4,7 +4,7 @@ import json
 
 from hwslim.cli import add_command, positive_float, positive_int, print_table
 from hwslim.errors import HwslimError
-from hwslim.search import CRITERIA, DEFAULT_CRITERION, Budget, greedy_search
+from hwslim.search import CRITERIA, DEFAULT_CRITERION, Budget, config_filename, greedy_search, targets_of
 
 
 def register(sub) -> None:
@@ -15,7 +15,10 @@ def register(sub) -> None:
     p.add_argument("--memory-mb", type=positive_float, nargs="+", default=[], metavar="MB",
                    help="peak activation memory budgets in MB (10^6 bytes)")
     p.add_argument("--params-m", type=positive_float, nargs="+", default=[], metavar="M", help="parameter budgets in millions")
-    p.add_argument("--macs-m", type=positive_float, nargs="+", default=[], metavar="M", help="MAC budgets in millions")
+    p.add_argument("--macs-m", type=positive_float, nargs="+", default=[], metavar="M",
+                   help="MAC budgets in millions. The kind given several values gives one config per value; "
+                        "each other kind (one value) is a constraint every config meets; several values for "
+                        "two kinds are refused")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--table", help="latency table (from `hwslim profile`)")
     g.add_argument("--device", choices=["cpu", "cuda"],
@@ -46,10 +49,16 @@ def register(sub) -> None:
 def run(args) -> int:
     """Greedy-slim a trained supernet under latency, memory, parameter or MAC budgets.
 
+    The budget kind given several values yields one config per value; every other kind
+    given is a constraint each of those configs also meets: `--latency-ms 20 15 10
+    --memory-mb 5` gives three configs, each within its latency and within 5 MB;
+    `--latency-ms 0.45 --params-m 0.1` gives one config meeting both. Several values for
+    two kinds are refused (run one search per value of the second kind).
+
     One pass walks from the full config, each step narrowing the unit whose shrink
-    hurts search-split accuracy least, until every budget holds; each budget gets the
-    first config on the path that meets it. Writes to --out one ChannelConfig JSON per
-    budget, path.csv (the whole walk), uniform.csv and search.png (accuracy against
+    hurts search-split accuracy least, until every config's budgets hold together; each
+    config is the first on the path that meets its budget and every constraint. Writes to
+    --out one ChannelConfig JSON per config (named after its budget), path.csv (the whole walk), uniform.csv and search.png (accuracy against
     cost, with the uniform-width configs) and search_state.json (for --resume).
 
     Example: hwslim search --checkpoint runs/sn/checkpoint.pt --latency-ms 20 15 10 --device cpu
@@ -63,6 +72,7 @@ def run(args) -> int:
                for v in values]
     if not budgets:
         raise HwslimError("give at least one budget: --latency-ms, --memory-mb, --params-m or --macs-m")
+    targets_of(budgets)  # refuses several values for two kinds before anything is loaded
     if args.threads:
         torch.set_num_threads(args.threads)
     eval_device = args.eval_device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -96,13 +106,14 @@ def run(args) -> int:
         print(json.dumps([c.to_dict() for c in result.configs], indent=2, sort_keys=True))
         return 0
     rows = []
-    for b, c in zip(budgets, result.configs):
+    for t, c in zip(result.targets, result.configs):
         m = c.meta
-        row = {"budget": b.label, "step": m["search_step"], "search_acc": m["search_acc"]}
+        row = {"budget": t.budget.label, "constraints": " ".join(b.label for b in t.constraints) or "-",
+               "step": m["search_step"], "search_acc": m["search_acc"]}
         if "latency_ms" in m:
             row["latency_ms"] = m["latency_ms"]
         row.update(memory_mb=m["memory_mb"], params_m=m["params_m"], macs_m=m["macs_m"],
-                   file=f"{args.out}/config_{b.kind}_{b.value:g}.json")
+                   file=f"{args.out}/{config_filename(t)}")
         rows.append(row)
     print_table(rows)
     return 0
