@@ -23,7 +23,11 @@ Criteria:
 Either way only proposals that lower the binding cost are considered, while any does
 (with a latency table a narrower layer is not always faster); when none does, the step
 takes the best proposal by accuracy. Ties go to the lower search loss, then the larger
-saving. The walk always ends: budgets the narrowest config misses are refused up front.
+saving. Memory, parameter and MAC budgets below the narrowest config are refused up
+front. A latency table is not monotone (the narrowest config is not always the
+fastest): when the walk reaches the narrowest config with a target unmet, it jumps to
+the best-scoring uniform-width config that meets it and walks on; a target nothing seen
+meets is refused with the smallest cost found and the config that has it.
 
 :func:`slim` is the pure driver (a scorer and a cost function in, the path out);
 :func:`greedy_search` loads the checkpoint's data, runs it with resume, and writes
@@ -50,6 +54,9 @@ BUDGET_KINDS = {  # kind -> (unit shown, cost key)
     "params_m": "million parameters",
     "macs_m": "million MACs",
 }
+# Costs that fall with every narrower width, so the narrowest config is their floor. A
+# measured latency table need not: a runtime may run 8 channels slower than 16.
+MONOTONE_KINDS = ("memory_mb", "params_m", "macs_m")
 CRITERIA = ("acc", "acc-per-cost")
 DEFAULT_CRITERION = "acc"
 
@@ -137,7 +144,12 @@ def config_costs(model: SlimmableNet, config: ChannelConfig, table=None, batch: 
 
 @dataclass
 class Step:
-    """One point of the greedy path: the config after ``unit`` went from ``old`` to ``new``."""
+    """One point of the greedy path: the config after ``unit`` went from ``old`` to ``new``.
+
+    ``move``: ``start`` (the full config), ``shrink`` (a greedy step), ``jump`` (to a
+    known config that meets a target the walk could not reach, see :func:`slim`) or
+    ``widen`` (a step of :func:`fill_budget`).
+    """
 
     step: int
     unit: str | None
@@ -148,10 +160,11 @@ class Step:
     costs: dict[str, float]
     binding: str | None = None
     widths: dict[str, int] = field(default_factory=dict)
+    move: str = "shrink"
 
     def row(self) -> dict:
         return {"step": self.step, "unit": self.unit or "", "old": self.old, "new": self.new, "acc": self.acc,
-                "loss": self.loss, "binding": self.binding or "", **self.costs}
+                "loss": self.loss, "binding": self.binding or "", "move": self.move, **self.costs}
 
 
 def _binding(budgets: Sequence[Budget], costs: Mapping[str, float]) -> Budget | None:
@@ -162,12 +175,21 @@ def _binding(budgets: Sequence[Budget], costs: Mapping[str, float]) -> Budget | 
 def slim(model: SlimmableNet, score_candidates: Callable[[ChannelConfig, list[tuple[str, ChannelConfig]]], list[Score]],
          score: Callable[[ChannelConfig], Score], cost_fn: Callable[[ChannelConfig], dict[str, float]],
          budgets: Sequence[Budget | Target], *, criterion: str = DEFAULT_CRITERION, replay: Sequence[Step] = (),
-         on_step: Callable[[Step], None] | None = None) -> list[Step]:
+         on_step: Callable[[Step], None] | None = None,
+         known: Sequence[ChannelConfig] | None = None) -> list[Step]:
     """The greedy walk, until every target has been met somewhere on the path.
 
     ``budgets``: :class:`Target` s (a plain :class:`Budget` is a target of its own, see
     :func:`targets_of` for budgets as a user gives them). ``replay`` (a saved path
     prefix) is trusted and continued from.
+
+    A measured latency table is not monotone: the narrowest config is not always the
+    fastest. When the walk reaches the narrowest config with targets still unmet, it
+    jumps to the best-scoring ``known`` config (default: the uniform-width configs, which
+    the search reports in ``uniform.csv``) that meets one of them and walks on from
+    there; when none does, the target is refused (:class:`BudgetError`) naming the
+    smallest cost seen and the config that has it. Every jump meets a target for good,
+    so the walk ends.
     """
     if criterion not in CRITERIA:
         raise HwslimError(f"unknown criterion {criterion!r}; expected one of {', '.join(CRITERIA)}")
@@ -178,7 +200,7 @@ def slim(model: SlimmableNet, score_candidates: Callable[[ChannelConfig, list[tu
     else:
         config = model.full_config()
         s = score(config)
-        path = [Step(0, None, None, None, s.acc, s.loss, cost_fn(config), widths=dict(config.widths))]
+        path = [Step(0, None, None, None, s.acc, s.loss, cost_fn(config), widths=dict(config.widths), move="start")]
         if on_step:
             on_step(path[0])
     pending = [t for t in targets if not any(t.met(st.costs) for st in path)]
@@ -196,8 +218,16 @@ def slim(model: SlimmableNet, score_candidates: Callable[[ChannelConfig, list[tu
             if found is not None:
                 candidates.append((u, found[0]))
                 costs.append(found[1])
-        if not candidates:  # cannot happen after check_feasible: the narrowest config meets every budget
-            raise BudgetError(f"the {binding.label} budget cannot be met: every unit is at its narrowest width")
+        if not candidates:  # the narrowest config: continue from a known config that meets a pending target
+            known_costs = [(c, cost_fn(c)) for c in (model.uniform_configs() if known is None else known)]
+            step = _jump(score, known_costs, pending, len(path))
+            if step is None:
+                raise BudgetError(_refusal(pending[0], model, known_costs, path))
+            path.append(step)
+            config = model.config_of(step.widths)
+            if on_step:
+                on_step(step)
+            continue
         # Prefer proposals that lower the binding cost; when none does (every unit is on a
         # plateau to its narrowest width), take the best one anyway and walk on.
         keep = [i for i, c in enumerate(costs) if c[binding.kind] < current.costs[binding.kind]]
@@ -220,6 +250,40 @@ def slim(model: SlimmableNet, score_candidates: Callable[[ChannelConfig, list[tu
         path.append(step)
         if on_step:
             on_step(step)
+
+
+def _jump(score, known_costs, pending: Sequence[Target], index: int) -> Step | None:
+    """The best-scoring known config meeting a pending target, as a path step (None: none meets one)."""
+    fits = [(c, costs, next(t for t in pending if t.met(costs))) for c, costs in known_costs
+            if any(t.met(costs) for t in pending)]
+    if not fits:
+        return None
+    scored = [(score(c), c, costs, t) for c, costs, t in fits]
+    s, c, costs, t = max(scored, key=lambda x: (x[0].acc, -x[0].loss))  # max keeps the first of ties
+    return Step(index, None, None, None, s.acc, s.loss, costs, t.label, dict(c.widths), move="jump")
+
+
+def _describe(model: SlimmableNet, widths: Mapping[str, int], path: Sequence[Step]) -> str:
+    if dict(widths) == dict(model.min_config().widths):
+        return "the narrowest config"
+    for i, u in enumerate(model.uniform_configs(), start=1):
+        if dict(widths) == dict(u.widths):
+            return f"uniform width {i}/{len(model.uniform_configs())}"
+    step = next((s.step for s in path if s.widths == dict(widths)), None)
+    return f"step {step} of the greedy path" if step is not None else "a config given as known"
+
+
+def _refusal(target: Target, model: SlimmableNet, known_costs, path: Sequence[Step]) -> str:
+    """Why ``target`` cannot be met: the smallest cost over every config the search has seen."""
+    seen = [(dict(c.widths), costs) for c, costs in known_costs] + [(s.widths, s.costs) for s in path]
+    missed = [b for b in target.budgets if not any(b.met(costs) for _, costs in seen)]
+    if not missed:
+        return (f"no config the search has seen meets {' and '.join(b.label for b in target.budgets)} together "
+                "(each holds alone); relax one of them")
+    b = missed[0]
+    widths, costs = min(seen, key=lambda x: x[1][b.kind])
+    return (f"no config can meet {b.label}: the smallest achievable {b.kind} the search found is "
+            f"{costs[b.kind]:.4g} ({_describe(model, widths, path)}); raise the budget")
 
 
 def _shrink(model: SlimmableNet, config: ChannelConfig, unit: str, kind: str, current: float,
@@ -246,13 +310,19 @@ def _shrink(model: SlimmableNet, config: ChannelConfig, unit: str, kind: str, cu
 
 
 def check_feasible(model: SlimmableNet, budgets: Sequence[Budget | Target], cost_fn) -> dict[str, float]:
-    """Refuse budgets below what the narrowest config achieves; returns the narrowest config's costs."""
+    """Refuse budgets below their true floor; returns the narrowest config's costs.
+
+    For memory, parameters and MACs the narrowest config is the floor. A latency table
+    is not monotone, so no latency budget is refused here: the walk reaches the configs
+    below the narrowest one's latency (:func:`slim`) and refuses only budgets that no
+    config it has seen meets.
+    """
     floor = cost_fn(model.min_config())
     for t in _as_targets(budgets):
         for b in t.budgets:
             if b.kind not in floor:
                 raise HwslimError(f"a {b.kind} budget needs a latency table: pass --table PATH or --device")
-            if not b.met(floor):
+            if b.kind in MONOTONE_KINDS and not b.met(floor):
                 raise BudgetError(f"no config can meet {b.label}: the smallest achievable {b.kind} on this "
                                   f"supernet's grid is {floor[b.kind]:.4g} (the narrowest config); raise the budget")
     return floor

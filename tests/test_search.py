@@ -126,6 +126,79 @@ def test_one_latency_and_one_params_budget_give_one_config_meeting_both(ckpt_pat
     assert cfg.meta["search_step"] == path[(path["latency_ms"] <= lat) & (path["params_m"] <= params)]["step"].iloc[0]
 
 
+def _table_cost(net):
+    """The hand-made table for ``net`` (meta device), in memory, as a cost function."""
+    with get_profiler("cpu", "ort") as prof:
+        machine = prof.metadata()
+    entries = {s.signature(): Timing(_layer_ms(s), 0.0, _layer_ms(s), 20) for s in enumerate_entries(net)}
+    meta = new_meta(machine, model=net.name, width_mult=net.width_mult, input_size=net.input_size, batch=1,
+                    entries_expected=len(entries), method="in_network")
+    meta.update(status="complete", calibration=Calibration(1.0, 0.0, 8, {"within_5pct": 1.0}).to_dict())
+    table = LatencyTable(meta, entries)
+    return lambda c: config_costs(net, c, table)
+
+
+def _analytic(net):
+    """A score where each unit costs accuracy in proportion to its shrink (no data needed)."""
+    weight = {u: (i % 5 + 1) / 100 for i, u in enumerate(net.units)}
+
+    def score(cfg):
+        acc = 1 - sum(weight[u] * (1 - w / net.units[u].max_width) for u, w in cfg.widths.items())
+        return Score(acc, 1 - acc)
+
+    return score, lambda cur, cands: [score(c) for _, c in cands]
+
+
+def test_no_budget_is_refused_that_a_config_the_search_lists_meets():
+    """On a non-monotone table the narrowest config is not the fastest; the walk goes below it."""
+    with torch.device("meta"):
+        net = create_model("resnet20")
+    cost = _table_cost(net)
+    score, score_candidates = _analytic(net)
+    narrow = cost(net.min_config())["latency_ms"]
+    uniform = [cost(u)["latency_ms"] for u in net.uniform_configs()]
+    assert min(uniform) < narrow  # 16 channels run faster than 8 on this table
+    path = slim(net, score_candidates, score, cost, [Budget("latency_ms", narrow * 0.99)])
+    listed = min(min(uniform), *(s.costs["latency_ms"] for s in path))
+    assert listed < narrow * 0.99 and path[-1].move == "shrink"
+    # a budget at the smallest latency the run listed (path.csv, uniform.csv) is met, not refused
+    again = slim(net, score_candidates, score, cost, [Budget("latency_ms", listed)])
+    assert min(s.costs["latency_ms"] for s in again) <= listed
+
+
+def test_walk_jumps_to_a_known_config_below_the_narrowest():
+    """A target only a uniform config meets: the walk reaches the narrowest, then jumps there."""
+    with torch.device("meta"):
+        net = create_model("resnet20")
+    table = _table_cost(net)
+    tuned = net.uniform_config(6)  # a runtime with kernels tuned for exactly this network
+    cost = lambda c: {**table(c), "latency_ms": 1.0} if c.widths == tuned.widths else table(c)  # noqa: E731
+    score, score_candidates = _analytic(net)
+    assert cost(net.min_config())["latency_ms"] > 1.3
+    budgets = [Target(Budget("latency_ms", 1.0)), Target(Budget("latency_ms", 2.0))]
+    path = slim(net, score_candidates, score, cost, budgets)
+    assert path[-1].move == "jump" and path[-1].widths == tuned.widths and path[-1].binding == "latency_ms=1"
+    assert path[-2].widths == net.min_config().widths and path[-1].acc == score(tuned).acc
+    assert [s.move for s in path[1:-1]] == ["shrink"] * (len(path) - 2)
+    # below everything the search has seen: refused, naming the smallest value and where it is
+    with pytest.raises(BudgetError, match=r"smallest achievable latency_ms the search found is 1 \(uniform "
+                                          r"width 6/12\)"):
+        slim(net, score_candidates, score, cost, [Budget("latency_ms", 0.5)])
+
+
+def test_latency_below_the_narrowest_config_is_searched_not_refused(ckpt_path, table_path, tmp_path):
+    """The refusal a user met: a budget under the narrowest config's latency that other configs meet."""
+    ckpt = load_checkpoint(ckpt_path)
+    table = LatencyTable.load(table_path)
+    narrow = config_costs(ckpt.model, ckpt.model.min_config(), table)["latency_ms"]
+    budget = Budget("latency_ms", round(narrow * 0.985, 4))
+    res = greedy_search(ckpt, [budget], table=table, out_dir=tmp_path / "s", progress=False, max_images=24)
+    (cfg,) = res.configs
+    assert config_costs(ckpt.model, cfg, table)["latency_ms"] <= budget.value < narrow
+    listed = pd.concat([pd.read_csv(tmp_path / "s" / "path.csv"), pd.read_csv(tmp_path / "s" / "uniform.csv")])
+    assert listed["latency_ms"].min() <= budget.value
+
+
 def test_budget_nothing_can_meet_is_refused_up_front(ckpt_path, tmp_path, capsys):
     ckpt = load_checkpoint(ckpt_path)
     floor = model_costs(ckpt.model, ckpt.model.min_config()).params / 1e6
