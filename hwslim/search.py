@@ -58,6 +58,7 @@ BUDGET_KINDS = {  # kind -> (unit shown, cost key)
 # measured latency table need not: a runtime may run 8 channels slower than 16.
 MONOTONE_KINDS = ("memory_mb", "params_m", "macs_m")
 CRITERIA = ("acc", "acc-per-cost")
+DEFAULT_FILL_STEPS = 20
 DEFAULT_CRITERION = "acc"
 
 
@@ -286,6 +287,72 @@ def _refusal(target: Target, model: SlimmableNet, known_costs, path: Sequence[St
             f"{costs[b.kind]:.4g} ({_describe(model, widths, path)}); raise the budget")
 
 
+def fill_budget(model: SlimmableNet,
+                score_candidates: Callable[[ChannelConfig, list[tuple[str, ChannelConfig]]], list[Score]],
+                cost_fn: Callable[[ChannelConfig], dict[str, float]], start: Step, target: Budget | Target, *,
+                max_steps: int = DEFAULT_FILL_STEPS, on_step: Callable[[Step], None] | None = None) -> list[Step]:
+    """Spend the slack the walk's config ``start`` leaves under ``target``: a greedy grow-back.
+
+    The first config on the path that meets a budget often lies well under it (one grid
+    step of the binding unit can save a lot). Each step, every unit proposes its nearest
+    wider grid width with which every budget of ``target`` still holds; the proposals
+    are scored together, ``score_candidates(current, proposals)`` with each proposal
+    *wider* than ``current`` in its unit, and the step keeps the largest accuracy gain
+    per unit of budget spent (the largest rise of cost/limit over the target's budgets;
+    a proposal that costs nothing, possible on a measured table, comes first), ties to
+    the larger loss drop per budget spent. Only proposals that improve the score (higher
+    accuracy, or the same accuracy and a lower loss) count. It stops when none fits or
+    improves, or after ``max_steps`` steps (each one pass over the units). Returns the
+    steps taken, numbered from 1 (``[]``: nothing fits); the last is the filled config.
+    """
+    (target,) = _as_targets([target])
+    steps: list[Step] = []
+    current, config = start, model.config_of(start.widths)
+    for n in range(1, max_steps + 1):
+        candidates, costs = [], []
+        for u in model.units:
+            found = _widen(model, config, u, target, cost_fn)
+            if found is not None:
+                candidates.append((u, found[0]))
+                costs.append(found[1])
+        if not candidates:
+            break
+        scores = score_candidates(config, candidates)
+        best, best_key = None, None
+        for i, sc in enumerate(scores):
+            gain, loss_drop = sc.acc - current.acc, current.loss - sc.loss
+            if gain < 0 or (gain == 0 and loss_drop <= 0):
+                continue
+            spent = max((costs[i][b.kind] - current.costs[b.kind]) / b.value for b in target.budgets)
+            per = 1.0 if spent <= 0 else spent
+            key = (spent <= 0, gain / per, loss_drop / per, -i)
+            if best_key is None or key > best_key:
+                best, best_key = i, key
+        if best is None:
+            break
+        unit, config = candidates[best]
+        current = Step(n, unit, current.widths[unit], config.widths[unit], scores[best].acc, scores[best].loss,
+                       costs[best], target.label, dict(config.widths), move="widen")
+        steps.append(current)
+        if on_step:
+            on_step(current)
+    return steps
+
+
+def _widen(model: SlimmableNet, config: ChannelConfig, unit: str, target: Target,
+           cost_fn) -> tuple[ChannelConfig, dict[str, float]] | None:
+    """Unit ``unit``'s grow-back proposal: its nearest wider grid width that keeps ``target`` met."""
+    grid = list(model.units[unit].grid)
+    for width in grid[grid.index(config.widths[unit]) + 1:]:
+        cand = config.replace(**{unit: width})
+        c = cost_fn(cand)
+        if target.met(c):
+            return cand, c
+        if all(b.kind in MONOTONE_KINDS for b in target.budgets if not b.met(c)):
+            return None  # only a latency table can fall again further up
+    return None
+
+
 def _shrink(model: SlimmableNet, config: ChannelConfig, unit: str, kind: str, current: float,
             cost_fn) -> tuple[ChannelConfig, dict[str, float]] | None:
     """Unit ``unit``'s proposal: its nearest narrower grid width that lowers ``kind``.
@@ -341,6 +408,16 @@ def pick_configs(model: SlimmableNet, path: Sequence[Step], budgets: Sequence[Bu
             for t, step in zip(targets, pick_steps(path, targets))]
 
 
+def _chosen_config(model: SlimmableNet, t: Target, walked: Step, filled: Sequence[Step]) -> ChannelConfig:
+    """The config for ``t``: the walk's, grown back by ``filled``; meta says what the filling did."""
+    final = filled[-1] if filled else walked
+    return model.config_of(final.widths, **_target_meta(t), search_step=walked.step, search_acc=final.acc,
+                           budget_used=final.costs[t.budget.kind] / t.budget.value,
+                           search_acc_unfilled=walked.acc,
+                           budget_used_unfilled=walked.costs[t.budget.kind] / t.budget.value,
+                           fill_steps=len(filled), **dict(final.costs))
+
+
 def _target_meta(t: Target) -> dict:
     return {"budget": {"kind": t.budget.kind, "value": t.budget.value},
             "constraints": [{"kind": b.kind, "value": b.value} for b in t.constraints]}
@@ -355,6 +432,7 @@ class SearchResult:
     out_dir: Path | None = None
     uniform: list[dict] = field(default_factory=list)
     targets: list[Target] = field(default_factory=list)  # configs[i] is for targets[i]
+    fills: list[list[Step]] = field(default_factory=list)  # fills[i]: targets[i]'s grow-back steps
 
 
 def _file_digest(path: Path) -> str:
@@ -370,12 +448,14 @@ def greedy_search(checkpoint, budgets: Sequence[Budget], *, table=None, criterio
                   device: str = "cpu", evaluator: str = "fast", bn: str = "recal", batch_size: int = 250,
                   kernels: str = "torch",
                   max_images: int | None = None, batch: int = 1, progress: bool = True,
-                  plot: bool = True, images=None, labels=None) -> SearchResult:
+                  plot: bool = True, images=None, labels=None, fill: bool = True,
+                  fill_steps: int = DEFAULT_FILL_STEPS) -> SearchResult:
     """Search ``checkpoint``'s supernet for every target of ``budgets`` (:func:`targets_of`).
 
     ``out_dir`` receives one ChannelConfig JSON per target (``config_<kind>_<value>.json``
-    after the target's own budget), ``path.csv`` (the whole
-    walk), ``search_state.json`` (for ``resume``) and ``search.png``. The search split
+    after the target's own budget), ``path.csv`` (the whole walk), ``fill.csv`` (each
+    target's grow-back, :func:`fill_budget`, unless ``fill`` is False),
+    ``search_state.json`` (for ``resume``) and ``search.png``. The search split
     comes from the checkpoint (``hwslim.data.search_split``) unless ``images``/``labels``
     are given.
     """
@@ -451,9 +531,22 @@ def greedy_search(checkpoint, budgets: Sequence[Budget], *, table=None, criterio
     finally:
         if bar is not None:
             bar.close()
-    configs = pick_configs(model, path, targets)
+    walked = pick_steps(path, targets)
+    fills: list[list[Step]] = [[] for _ in targets]
+    if fill:
+        # The fast evaluator shares the current config's prefix with *narrower* candidates
+        # only, so a wider one is scored in full; the Triton kernels score any configs in one pass.
+        def score_wider(current, candidates):
+            if kernels == "triton":
+                return ev.score_candidates(current, candidates)
+            return [ev.score(cfg) for _, cfg in candidates]
+
+        fill_scorer = dist.sharded(score_wider)
+        fills = [fill_budget(model, fill_scorer, cost_fn, st, t, max_steps=fill_steps)
+                 for st, t in zip(walked, targets)]
+    configs = [_chosen_config(model, t, st, fl) for t, st, fl in zip(targets, walked, fills)]
     frame = pd.DataFrame([s.row() for s in path])
-    result = SearchResult(configs, frame, path, out, targets=targets)
+    result = SearchResult(configs, frame, path, out, targets=targets, fills=fills)
     if out is not None and is_writer:
         provenance = {"produced_by": "hwslim search", "checkpoint": settings["checkpoint"],
                       "checkpoint_sha256": settings["checkpoint_sha256"], "table": settings["table"],
@@ -461,11 +554,16 @@ def greedy_search(checkpoint, budgets: Sequence[Budget], *, table=None, criterio
         for t, cfg in zip(targets, configs):
             cfg.with_meta(**provenance).save(out / config_filename(t), force=True)
         frame.to_csv(out / "path.csv", index=False)
+        if fill:
+            pd.DataFrame([{"target": t.label, **st.row()} for t, fl in zip(targets, fills) for st in fl],
+                         columns=["target", *path[0].row()]
+                         ).to_csv(out / "fill.csv", index=False)
         if plot:
             result.uniform = [{"step": s, "acc": (sc := ev.score(u)).acc, "loss": sc.loss, **cost_fn(u)}
                               for s, u in enumerate(model.uniform_configs(), start=1)]
             pd.DataFrame(result.uniform).to_csv(out / "uniform.csv", index=False)
-            plot_path(frame, pd.DataFrame(result.uniform), [t.budget for t in targets], out / "search.png")
+            plot_path(frame, pd.DataFrame(result.uniform), [t.budget for t in targets], out / "search.png",
+                      chosen=configs)
     return result
 
 
@@ -473,8 +571,8 @@ def config_filename(target: Target) -> str:
     return f"config_{target.budget.kind}_{target.budget.value:g}.json"
 
 
-def plot_path(path, uniform, budgets: Sequence[Budget], png: Path) -> Path:
-    """Accuracy against the first budget's cost along the path, with uniform-width configs."""
+def plot_path(path, uniform, budgets: Sequence[Budget], png: Path, chosen: Sequence[ChannelConfig] = ()) -> Path:
+    """Accuracy against the first budget's cost along the path, with uniform-width and chosen configs."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -488,6 +586,9 @@ def plot_path(path, uniform, budgets: Sequence[Budget], png: Path) -> Path:
     for b in budgets:
         if b.kind == kind:
             ax.axvline(b.value, color="grey", ls=":", lw=1)
+    if chosen:
+        ax.plot([c.meta[kind] for c in chosen], [100 * c.meta["search_acc"] for c in chosen], "o", ms=6,
+                mfc="none", label="chosen (budget filled)")
     ax.set_xlabel(f"{kind} ({BUDGET_KINDS[kind]})")
     ax.set_ylabel("search-split accuracy (%)")
     ax.grid(alpha=0.3)

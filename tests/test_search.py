@@ -78,11 +78,11 @@ def test_several_latencies_with_a_memory_constraint(ckpt_path, table_path, tmp_p
     ckpt = load_checkpoint(ckpt_path)
     table = LatencyTable.load(table_path)
     full = config_costs(ckpt.model, ckpt.model.full_config(), table)
-    lat = [round(full["latency_ms"] * f, 4) for f in (0.95, 0.88, 0.8)]
+    lat = [round(full["latency_ms"] * f, 4) for f in (0.97, 0.93, 0.9)]
     mem = round(full["memory_mb"] * 0.96, 4)  # the peak is in stage 1, which latency does not narrow first
     out = tmp_path / "s"
     rc = main(["search", "--checkpoint", str(ckpt_path), "--latency-ms", *map(str, lat), "--memory-mb", str(mem),
-               "--table", str(table_path), "--out", str(out), "--no-progress", "--max-images", str(IMAGES)])
+               "--table", str(table_path), "--out", str(out), "--no-progress", "--max-images", "24", "--no-fill"])
     assert rc == 0
     printed = capsys.readouterr().out
     assert printed.count(f"memory_mb={mem:g}") == 3
@@ -95,7 +95,7 @@ def test_several_latencies_with_a_memory_constraint(ckpt_path, table_path, tmp_p
         assert cfg.meta["budget"] == {"kind": "latency_ms", "value": v}
         assert cfg.meta["constraints"] == [{"kind": "memory_mb", "value": mem}]
         both = path[(path["latency_ms"] <= v) & (path["memory_mb"] <= mem)]
-        assert cfg.meta["search_step"] == both["step"].iloc[0]
+        assert cfg.meta["search_step"] == both["step"].iloc[0] and cfg.meta["fill_steps"] == 0
     # the constraint mattered: the loosest latency alone was met earlier on the path
     assert path[path["latency_ms"] <= lat[0]]["step"].iloc[0] < \
         ChannelConfig.load(out / f"config_latency_ms_{lat[0]:g}.json").meta["search_step"]
@@ -107,23 +107,39 @@ def test_several_latencies_with_a_memory_constraint(ckpt_path, table_path, tmp_p
     assert not (tmp_path / "x").exists()
 
 
-def test_one_latency_and_one_params_budget_give_one_config_meeting_both(ckpt_path, table_path, tmp_path):
-    """`--latency-ms L --params-m P`: one config, within L and within P (it used to be one per budget)."""
+def test_one_latency_and_one_params_budget_give_one_config_meeting_both(ckpt_path, table_path, tmp_path, capsys):
+    """`--latency-ms L --params-m P`: one config, within L and within P (it used to be one per budget).
+
+    The budget is filled (the default): the config is widened back while both still hold."""
     ckpt = load_checkpoint(ckpt_path)
     table = LatencyTable.load(table_path)
     full = config_costs(ckpt.model, ckpt.model.full_config(), table)
-    lat, params = round(full["latency_ms"] * 0.97, 4), round(full["params_m"] * 0.85, 4)
+    lat, params = round(full["latency_ms"] * 0.98, 4), round(full["params_m"] * 0.9, 4)
     out = tmp_path / "s"
     rc = main(["search", "--checkpoint", str(ckpt_path), "--latency-ms", str(lat), "--params-m", str(params),
-               "--table", str(table_path), "--out", str(out), "--no-progress", "--max-images", str(IMAGES)])
+               "--table", str(table_path), "--out", str(out), "--no-progress", "--max-images", "24", "--json"])
     assert rc == 0
+    (printed,) = json.loads(capsys.readouterr().out)
     assert [p.name for p in out.glob("config_*.json")] == [f"config_latency_ms_{lat:g}.json"]
     cfg = ChannelConfig.load(out / f"config_latency_ms_{lat:g}.json")
+    assert printed["widths"] == cfg.widths
     costs = config_costs(ckpt.model, cfg, table)
     assert costs["latency_ms"] <= lat and costs["params_m"] <= params
     assert cfg.meta["constraints"] == [{"kind": "params_m", "value": params}]
     path = pd.read_csv(out / "path.csv")
-    assert cfg.meta["search_step"] == path[(path["latency_ms"] <= lat) & (path["params_m"] <= params)]["step"].iloc[0]
+    walked = path[(path["latency_ms"] <= lat) & (path["params_m"] <= params)].iloc[0]
+    assert cfg.meta["search_step"] == walked["step"]
+    # the filling's report: budget used and search-split accuracy, with and without it
+    m = printed["meta"]
+    assert m["budget_used"] == pytest.approx(costs["latency_ms"] / lat)
+    assert m["budget_used_unfilled"] == pytest.approx(walked["latency_ms"] / lat)
+    assert m["search_acc_unfilled"] == walked["acc"] and m["search_acc"] >= m["search_acc_unfilled"]
+    fill = pd.read_csv(out / "fill.csv")
+    assert len(fill) == m["fill_steps"] and (fill["move"] == "widen").all()
+    assert (fill["latency_ms"] <= lat).all() and (fill["params_m"] <= params).all()
+    if m["fill_steps"]:
+        assert (fill["new"] > fill["old"]).all() and m["budget_used"] > m["budget_used_unfilled"]
+        assert fill["acc"].iloc[-1] == m["search_acc"]
 
 
 def _table_cost(net):
@@ -186,13 +202,57 @@ def test_walk_jumps_to_a_known_config_below_the_narrowest():
         slim(net, score_candidates, score, cost, [Budget("latency_ms", 0.5)])
 
 
+def test_fill_spends_the_slack_by_best_gain_per_cost():
+    """The grow-back on the hand-made table: within budget, each step the best gain per cost, until nothing fits."""
+    from hwslim.search import fill_budget, pick_steps
+
+    with torch.device("meta"):
+        net = create_model("resnet20")
+    score, score_candidates = _analytic(net)
+    cost = _table_cost(net)
+    full = cost(net.full_config())
+    target = Target(Budget("latency_ms", full["latency_ms"] * 0.6), (Budget("memory_mb", full["memory_mb"]),))
+    path = slim(net, score_candidates, score, cost, [target])
+    (start,) = pick_steps(path, [target])
+    steps = fill_budget(net, score_candidates, cost, start, target, max_steps=100)
+    assert len(steps) >= 3 and [s.step for s in steps] == list(range(1, len(steps) + 1))
+    assert all(target.met(s.costs) and s.move == "widen" and s.new > s.old for s in steps)
+    assert start.acc < steps[0].acc < steps[-1].acc  # every unit's width is worth accuracy here
+    assert start.costs["latency_ms"] / target.budget.value < 0.96 < steps[-1].costs["latency_ms"] / target.budget.value
+
+    def proposals(cfg):  # each unit's nearest wider width that keeps the target met
+        out = {}
+        for u in net.units:
+            for w in (w for w in net.units[u].grid if w > cfg.widths[u]):
+                if target.met(c := cost(cand := cfg.replace(**{u: w}))):
+                    out[u] = (cand, c)
+                    break
+        return out
+
+    # each step took the largest accuracy gain per ms among the widenings that fit (free ones first)
+    prev = start
+    for st in steps:
+        rate = {}
+        for u, (cand, c) in proposals(net.config_of(prev.widths)).items():
+            spent = c["latency_ms"] - prev.costs["latency_ms"]
+            rate[u] = (spent <= 0, (score(cand).acc - prev.acc) / (spent if spent > 0 else 1.0))
+        assert rate[st.unit] == max(rate.values())
+        prev = st
+    # it stopped because no widening fits any more
+    assert proposals(net.config_of(steps[-1].widths)) == {}
+    # bounded: max_steps caps it; nothing to spend at the full config
+    assert fill_budget(net, score_candidates, cost, start, target, max_steps=2) == steps[:2]
+    assert fill_budget(net, score_candidates, cost, path[0], Budget("latency_ms", 1e3)) == []
+
+
 def test_latency_below_the_narrowest_config_is_searched_not_refused(ckpt_path, table_path, tmp_path):
     """The refusal a user met: a budget under the narrowest config's latency that other configs meet."""
     ckpt = load_checkpoint(ckpt_path)
     table = LatencyTable.load(table_path)
     narrow = config_costs(ckpt.model, ckpt.model.min_config(), table)["latency_ms"]
     budget = Budget("latency_ms", round(narrow * 0.985, 4))
-    res = greedy_search(ckpt, [budget], table=table, out_dir=tmp_path / "s", progress=False, max_images=24)
+    res = greedy_search(ckpt, [budget], table=table, out_dir=tmp_path / "s", progress=False, max_images=16,
+                        fill=False)
     (cfg,) = res.configs
     assert config_costs(ckpt.model, cfg, table)["latency_ms"] <= budget.value < narrow
     listed = pd.concat([pd.read_csv(tmp_path / "s" / "path.csv"), pd.read_csv(tmp_path / "s" / "uniform.csv")])
@@ -214,31 +274,40 @@ def test_search_meets_every_budget_and_writes_outputs(ckpt_path, tmp_path, capsy
     ckpt = load_checkpoint(ckpt_path)
     full = config_costs(ckpt.model, ckpt.model.full_config())
     low = config_costs(ckpt.model, ckpt.model.min_config())
-    budgets = [Budget("macs_m", full["macs_m"] * 0.9), Budget("macs_m", full["macs_m"] * 0.8),
-               Budget("memory_mb", full["memory_mb"] * 0.9 + low["memory_mb"] * 0.1)]
+    macs = [Budget("macs_m", full["macs_m"] * 0.9), Budget("macs_m", full["macs_m"] * 0.8)]
+    mem = Budget("memory_mb", full["memory_mb"] * 0.9 + low["memory_mb"] * 0.1)  # a constraint of both
     out = tmp_path / "search"
-    rc = main(["search", "--checkpoint", str(ckpt_path), "--macs-m", str(budgets[0].value), str(budgets[1].value),
-               "--memory-mb", str(budgets[2].value), "--out", str(out), "--no-progress", "--max-images", str(IMAGES)])
+    rc = main(["search", "--checkpoint", str(ckpt_path), "--macs-m", str(macs[0].value), str(macs[1].value),
+               "--memory-mb", str(mem.value), "--out", str(out), "--no-progress", "--max-images", str(IMAGES)])
     assert rc == 0
+    printed = capsys.readouterr().out
+    for column in ("budget", "constraints", "used", "search_acc", "unfilled_used", "unfilled_acc", "widened"):
+        assert column in printed.splitlines()[0].split()
     path = pd.read_csv(out / "path.csv")
-    assert list(path.columns[:7]) == ["step", "unit", "old", "new", "acc", "loss", "binding"]
+    assert list(path.columns[:8]) == ["step", "unit", "old", "new", "acc", "loss", "binding", "move"]
     assert (path["new"].dropna() < path["old"].dropna()).all()
     assert (path["macs_m"].diff().dropna() < 0).all()
-    for b in budgets:
+    assert sorted(p.name for p in out.glob("config_*.json")) == sorted(f"config_macs_m_{b.value:g}.json"
+                                                                        for b in macs)
+    for b in macs:
         cfg = ChannelConfig.load(out / f"config_{b.kind}_{b.value:g}.json")
         ckpt.model.validate(cfg)
-        assert config_costs(ckpt.model, cfg)[b.kind] <= b.value
+        costs = config_costs(ckpt.model, cfg)
+        assert costs[b.kind] <= b.value and costs["memory_mb"] <= mem.value
         assert cfg.meta["budget"] == {"kind": b.kind, "value": b.value}
-        assert cfg.meta["checkpoint_sha256"] and 0 <= cfg.meta["search_acc"] <= 1
-        # it is the first point on the path that meets the budget
-        first = path[path[b.kind] <= b.value].iloc[0]
-        assert cfg.meta["search_step"] == first["step"]
+        assert cfg.meta["constraints"] == [{"kind": "memory_mb", "value": mem.value}]
+        assert cfg.meta["checkpoint_sha256"] and 0 <= cfg.meta["search_acc_unfilled"] <= cfg.meta["search_acc"] <= 1
+        assert cfg.meta["budget_used"] == pytest.approx(costs[b.kind] / b.value)
+        assert cfg.meta["budget_used_unfilled"] <= cfg.meta["budget_used"] <= 1
+        # the walk's config is the first point on the path that meets the budget and the constraint
+        first = path[(path[b.kind] <= b.value) & (path["memory_mb"] <= mem.value)].iloc[0]
+        assert cfg.meta["search_step"] == first["step"] and cfg.meta["search_acc_unfilled"] == first["acc"]
     assert (out / "search.png").stat().st_size > 10_000
     uniform = pd.read_csv(out / "uniform.csv")
     assert len(uniform) == 12 and (uniform["macs_m"].diff().dropna() >= 0).all()
     # an existing search is not overwritten without --resume/--force
     with pytest.raises(OutputExistsError):
-        greedy_search(ckpt, budgets[:1], out_dir=out, progress=False)
+        greedy_search(ckpt, macs[:1], out_dir=out, progress=False)
 
 
 def test_fast_and_reference_evaluators_make_identical_decisions(ckpt_path):
@@ -275,14 +344,14 @@ def test_fast_evaluator_scores_equal_reference_on_mobilenet():
 def test_resume_after_interruption_reaches_the_same_result(ckpt_path, tmp_path):
     ckpt = load_checkpoint(ckpt_path)
     budget = [Budget("params_m", config_costs(ckpt.model, ckpt.model.full_config())["params_m"] * 0.8)]
-    full = greedy_search(ckpt, budget, out_dir=tmp_path / "a", progress=False, plot=False)
+    full = greedy_search(ckpt, budget, out_dir=tmp_path / "a", progress=False, plot=False, fill=False)
     # simulate a kill after step 2: the state file is written atomically after every step
     state_file = tmp_path / "a" / "search_state.json"
     state = json.loads(state_file.read_text())
     state["steps"] = state["steps"][:3]
     state_file.write_text(json.dumps(state))
     resumed = greedy_search(load_checkpoint(ckpt_path), budget, out_dir=tmp_path / "a", resume=True,
-                            progress=False, plot=False)
+                            progress=False, plot=False, fill=False)
     assert [s.widths for s in resumed.steps] == [s.widths for s in full.steps]
     assert resumed.configs == full.configs
 
@@ -331,8 +400,8 @@ def _ddp_worker(rank, world, port, ckpt_path, out_file):
         ckpt = load_checkpoint(ckpt_path)
         budget = [Budget("macs_m", config_costs(ckpt.model, ckpt.model.full_config())["macs_m"] * 0.9)]
         res = greedy_search(ckpt, budget, progress=False, plot=False)
-        with open(f"{out_file}.{rank}", "w") as f:
-            json.dump([s.widths for s in res.steps], f)
+        with open(f"{out_file}.{rank}", "w") as f:  # the walk, then the filled config
+            json.dump([s.widths for s in res.steps] + [res.configs[0].widths], f)
     finally:
         torch.distributed.destroy_process_group()
 
@@ -342,7 +411,8 @@ def test_torchrun_style_sharding_gives_the_same_decisions(ckpt_path, tmp_path):
     mp.spawn(_ddp_worker, args=(2, _free_port(), str(ckpt_path), str(out)), nprocs=2, join=True)
     ckpt = load_checkpoint(ckpt_path)
     budget = [Budget("macs_m", config_costs(ckpt.model, ckpt.model.full_config())["macs_m"] * 0.9)]
-    single = [s.widths for s in greedy_search(ckpt, budget, progress=False, plot=False).steps]
+    res = greedy_search(ckpt, budget, progress=False, plot=False)
+    single = [s.widths for s in res.steps] + [res.configs[0].widths]
     assert json.loads(open(f"{out}.0").read()) == single
     assert json.loads(open(f"{out}.1").read()) == single
 

@@ -4,7 +4,8 @@ import json
 
 from hwslim.cli import add_command, positive_float, positive_int, print_table
 from hwslim.errors import HwslimError
-from hwslim.search import CRITERIA, DEFAULT_CRITERION, Budget, config_filename, greedy_search, targets_of
+from hwslim.search import (CRITERIA, DEFAULT_CRITERION, DEFAULT_FILL_STEPS, Budget, config_filename, greedy_search,
+                           targets_of)
 
 
 def register(sub) -> None:
@@ -26,6 +27,11 @@ def register(sub) -> None:
     p.add_argument("--criterion", choices=CRITERIA, default=DEFAULT_CRITERION,
                    help=f"acc: smallest accuracy drop (AutoSlim); acc-per-cost: smallest drop per cost saved "
                         f"(NetAdapt). Default {DEFAULT_CRITERION}")
+    p.add_argument("--no-fill", action="store_true",
+                   help="keep the walk's first config meeting each budget; by default its slack is spent by "
+                        "widening units while every budget holds (best accuracy gain per budget spent)")
+    p.add_argument("--fill-steps", type=positive_int, default=DEFAULT_FILL_STEPS, metavar="N",
+                   help=f"at most N widening steps per config when filling the budget (default {DEFAULT_FILL_STEPS})")
     p.add_argument("--out", default="search_out", help="output directory (default: search_out)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted search in --out")
     p.add_argument("--force", action="store_true", help="start over even if --out holds a search; "
@@ -57,11 +63,16 @@ def run(args) -> int:
 
     One pass walks from the full config, each step narrowing the unit whose shrink
     hurts search-split accuracy least, until every config's budgets hold together; each
-    config is the first on the path that meets its budget and every constraint. Writes to
-    --out one ChannelConfig JSON per config (named after its budget), path.csv (the whole walk), uniform.csv and search.png (accuracy against
-    cost, with the uniform-width configs) and search_state.json (for --resume).
+    config is the first on the path that meets its budget and every constraint. Then each
+    config's slack is spent (unless --no-fill): units are widened back, best search-split
+    accuracy gain per budget spent first, while every budget still holds; the table shows
+    the budget used (predicted cost / budget) and the search-split accuracy with and
+    without this filling. Writes to --out one ChannelConfig JSON per config (named after
+    its budget), fill.csv (the widening steps), path.csv (the whole walk), uniform.csv
+    and search.png (accuracy against cost, with the uniform-width configs) and
+    search_state.json (for --resume).
 
-    Example: hwslim search --checkpoint runs/sn/checkpoint.pt --latency-ms 20 15 10 --device cpu
+    Example: hwslim search --checkpoint runs/sn/checkpoint.pt --latency-ms 20 15 10 --memory-mb 5 --device cpu
     """
     import torch
 
@@ -101,7 +112,7 @@ def run(args) -> int:
     result = greedy_search(ckpt, budgets, table=table, criterion=args.criterion, out_dir=args.out,
                            resume=args.resume, force=args.force, device=eval_device, evaluator=args.evaluator,
                            bn=args.bn, max_images=args.max_images, batch=args.batch, kernels=args.kernels,
-                           progress=not args.no_progress)
+                           progress=not args.no_progress, fill=not args.no_fill, fill_steps=args.fill_steps)
     if args.json:
         print(json.dumps([c.to_dict() for c in result.configs], indent=2, sort_keys=True))
         return 0
@@ -109,7 +120,10 @@ def run(args) -> int:
     for t, c in zip(result.targets, result.configs):
         m = c.meta
         row = {"budget": t.budget.label, "constraints": " ".join(b.label for b in t.constraints) or "-",
-               "step": m["search_step"], "search_acc": m["search_acc"]}
+               "step": m["search_step"], "used": m["budget_used"], "search_acc": m["search_acc"]}
+        if not args.no_fill:
+            row.update(unfilled_used=m["budget_used_unfilled"], unfilled_acc=m["search_acc_unfilled"],
+                       widened=m["fill_steps"])
         if "latency_ms" in m:
             row["latency_ms"] = m["latency_ms"]
         row.update(memory_mb=m["memory_mb"], params_m=m["params_m"], macs_m=m["macs_m"],
