@@ -29,6 +29,10 @@ fastest): when the walk reaches the narrowest config with a target unmet, it jum
 the best-scoring uniform-width config that meets it and walks on; a target nothing seen
 meets is refused with the smallest cost found and the config that has it.
 
+After the walk, :func:`fill_budget` (pure too) spends each target's slack: the first
+config on the path that meets a budget often lies well under it, so units are widened
+back, best search-split accuracy gain per budget spent, while every budget holds.
+
 :func:`slim` is the pure driver (a scorer and a cost function in, the path out);
 :func:`greedy_search` loads the checkpoint's data, runs it with resume, and writes
 the outputs.
