@@ -5,13 +5,17 @@ latency table of this CPU (profiled here unless --table), three latency budgets
 between the narrowest and the full config. For each budget it compares, on the
 *validation* split (never seen by the search), after BN recalibration:
 
-* ``latency/acc``          latency budgets, AutoSlim's smallest-accuracy-drop rule, BN recalibrated
+* ``latency/acc``          latency budgets, AutoSlim's smallest-accuracy-drop rule, BN recalibrated,
+                           the budget filled after the walk (the default, ``fill_budget``)
 * ``latency/acc-per-cost`` latency budgets, NetAdapt's drop-per-ms-saved rule
 * ``latency/acc bn=batch`` as the first, scoring with batch statistics instead of recalibration
+* ``... no-fill``          each of the three as the walk chose it, before the budget filling
+                           (the same search: the walk's config is on its path)
 * ``macs/acc``             a MACs-driven walk (the paper's), cut where its predicted latency meets the budget
 * ``uniform``              the widest uniform-width config within the budget
 
 and measures every chosen config end to end with the table's backend (ONNX Runtime).
+``used`` is the predicted latency over the budget, ``measured_used`` the measured one.
 
     python benchmarks/search_quality.py [--model resnet20] [--epochs 8] [--checkpoint CKPT] [--table TABLE]
 """
@@ -90,11 +94,13 @@ def main() -> None:
         r = greedy_search(load_checkpoint(ckpt_path), budgets, table=table, out_dir=out / name.replace("/", "_")
                           .replace(" ", "_").replace("=", "-"), force=True, progress=False, plot=False, **kw)
         chosen[name] = r.configs
-        print(f"{name}: {len(r.steps) - 1} steps in {time.time() - ts:.0f} s")
+        chosen[f"{name} no-fill"] = [net.config_of(r.steps[c.meta["search_step"]].widths) for c in r.configs]
+        widened = [c.meta["fill_steps"] for c in r.configs]
+        print(f"{name}: {len(r.steps) - 1} steps, then {widened} widening steps, in {time.time() - ts:.0f} s")
     # the paper's MACs-driven walk, read at the points where its predicted latency meets each budget
     macs_floor = config_costs(net, net.min_config())["macs_m"]
     r = greedy_search(load_checkpoint(ckpt_path), [Budget("macs_m", macs_floor * 1.001)], table=table,
-                      out_dir=out / "macs_acc", force=True, progress=False, plot=False)
+                      out_dir=out / "macs_acc", force=True, progress=False, plot=False, fill=False)
     chosen["macs/acc"] = [net.config_of(next(s for s in r.steps if s.costs["latency_ms"] <= b.value).widths)
                           for b in budgets]
     uniform = net.uniform_configs()
@@ -115,8 +121,9 @@ def main() -> None:
                 c = config_costs(net, cfg, table)
                 rows.append({"budget_ms": b.value, "method": name,
                              "val_acc": 100 * accuracy(net, cfg, xv, yv, calib_images=xs),
-                             "predicted_ms": c["latency_ms"], "measured_ms": measured, "macs_m": c["macs_m"],
-                             "params_m": c["params_m"]})
+                             "predicted_ms": c["latency_ms"], "measured_ms": measured,
+                             "used": c["latency_ms"] / b.value, "measured_used": measured / b.value,
+                             "macs_m": c["macs_m"], "params_m": c["params_m"]})
             print_table(rows[-len(chosen):])
     print()
     print_table(rows)

@@ -535,6 +535,25 @@ class LatencyTable:
             return total
         return cal.apply(total, self.depthwise_ms(specs) if cal.a_depthwise is not None else 0.0)
 
+    def lower_bound_ms(self, net, batch: int = 1, input_size: int | None = None) -> float:
+        """A latency no config of ``net`` can beat: the calibrated sum of every layer's fastest entry.
+
+        The calibration is increasing in every layer's time (positive slopes), so taking
+        each layer at its own fastest width bounds every config's prediction from below,
+        whether or not one config has all those widths at once.
+        """
+        from hwslim.profile import node_entries
+
+        total = dw = 0.0
+        for entries in node_entries(net, batch, input_size):
+            times = [self.layer_ms(spec) for spec, _ in entries.values()]
+            if times:
+                fastest = min(times)
+                total += fastest
+                dw += fastest if next(iter(entries.values()))[0].depthwise else 0.0
+        cal = self.calibration
+        return total if cal is None else cal.apply(total, dw if cal.a_depthwise is not None else 0.0)
+
     def _missing_message(self, spec: LayerSpec) -> str:
         sig = ", ".join(f"{k}={v}" for k, v in zip(SIGNATURE_FIELDS, spec.signature()) if v != "")
         where = self.path or "the latency table"

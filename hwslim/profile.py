@@ -183,6 +183,11 @@ def _node_entries(net, batch: int, input_size: int | None) -> list[dict[tuple, t
     return out
 
 
+def node_entries(net, batch: int = 1, input_size: int | None = None) -> list[dict[tuple, tuple[LayerSpec, dict]]]:
+    """Per node of ``net``: every table signature it can have -> (spec, unit widths producing it)."""
+    return _node_entries(net, batch, input_size)
+
+
 def enumerate_entries(net, batch: int = 1, input_size: int | None = None) -> list[LayerSpec]:
     """One spec per distinct signature any config of ``net`` can produce (node order)."""
     seen: dict[tuple, LayerSpec] = {}

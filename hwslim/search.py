@@ -5,19 +5,33 @@ narrower grid width that lowers the binding cost (one grid step for MACs, parame
 and memory; more where a latency table is flat, see :func:`_shrink`); each proposal is scored on the checkpoint's held-out search split (BN
 recalibrated, :mod:`hwslim.evaluator`) and costed (latency from a table, peak
 activation memory, parameters, MACs: :func:`config_costs`). The step keeps the best
-proposal by the criterion, and the walk continues until every budget holds. One walk
-yields a config for every budget in a list: the first config on the path that meets it.
+proposal by the criterion, and the walk continues until every target holds. One walk
+yields a config for every target in a list: the first config on the path that meets it.
+
+Targets and constraints (:func:`targets_of`): the budget kind given several values
+yields one target per value; every other kind given is a constraint that each of
+those targets also meets (``latency_ms 20 15 10`` with ``memory_mb 5``: three configs,
+each within its latency and within 5 MB). Several values for two kinds are refused.
 
 Criteria:
 
 * ``acc``: the smallest accuracy drop (AutoSlim's rule);
 * ``acc-per-cost``: the smallest accuracy drop per unit of cost saved on the budget that
-  binds now, the unmet budget with the largest cost/limit ratio (NetAdapt's rule).
+  binds now, the unmet budget (of a target not met yet) with the largest cost/limit
+  ratio (NetAdapt's rule).
 
 Either way only proposals that lower the binding cost are considered, while any does
 (with a latency table a narrower layer is not always faster); when none does, the step
 takes the best proposal by accuracy. Ties go to the lower search loss, then the larger
-saving. The walk always ends: budgets the narrowest config misses are refused up front.
+saving. Memory, parameter and MAC budgets below the narrowest config are refused up
+front. A latency table is not monotone (the narrowest config is not always the
+fastest): when the walk reaches the narrowest config with a target unmet, it jumps to
+the best-scoring uniform-width config that meets it and walks on; a target nothing seen
+meets is refused with the smallest cost found and the config that has it.
+
+After the walk, :func:`fill_budget` (pure too) spends each target's slack: the first
+config on the path that meets a budget often lies well under it, so units are widened
+back, best search-split accuracy gain per budget spent, while every budget holds.
 
 :func:`slim` is the pure driver (a scorer and a cost function in, the path out);
 :func:`greedy_search` loads the checkpoint's data, runs it with resume, and writes
@@ -46,7 +60,11 @@ BUDGET_KINDS = {  # kind -> (unit shown, cost key)
     "params_m": "million parameters",
     "macs_m": "million MACs",
 }
+# Costs that fall with every narrower width, so the narrowest config is their floor. A
+# measured latency table need not: a runtime may run 8 channels slower than 16.
+MONOTONE_KINDS = ("memory_mb", "params_m", "macs_m")
 CRITERIA = ("acc", "acc-per-cost")
+DEFAULT_FILL_STEPS = 20
 DEFAULT_CRITERION = "acc"
 
 
@@ -69,6 +87,57 @@ class Budget:
         return costs[self.kind] <= self.value
 
 
+@dataclass(frozen=True)
+class Target:
+    """One config to find: the first on the path meeting ``budget`` and every one of ``constraints``."""
+
+    budget: Budget
+    constraints: tuple[Budget, ...] = ()
+
+    @property
+    def budgets(self) -> tuple[Budget, ...]:
+        return (self.budget, *self.constraints)
+
+    @property
+    def label(self) -> str:
+        return " ".join(b.label for b in self.budgets)
+
+    def met(self, costs: Mapping[str, float]) -> bool:
+        return all(b.met(costs) for b in self.budgets)
+
+
+def targets_of(budgets: Sequence[Budget]) -> list[Target]:
+    """The configs to find for budgets as a user lists them (``--latency-ms 20 15 --memory-mb 5``).
+
+    The kind given several values yields one target per value; every other kind given
+    (one value each) is a constraint of every target. With one value per kind there is
+    one target (the first kind listed) constrained by the others. Several values for two
+    kinds are refused: which pairs to cross is the user's call, one search per value of
+    the second kind does it.
+
+        >>> [t.label for t in targets_of([Budget("latency_ms", 20), Budget("latency_ms", 10),
+        ...                               Budget("memory_mb", 5)])]
+        ['latency_ms=20 memory_mb=5', 'latency_ms=10 memory_mb=5']
+    """
+    by_kind: dict[str, list[Budget]] = {}
+    for b in dict.fromkeys(budgets):  # a repeated value is one target
+        by_kind.setdefault(b.kind, []).append(b)
+    multi = [k for k, bs in by_kind.items() if len(bs) > 1]
+    if len(multi) > 1:
+        raise BudgetError(f"several values for both {multi[0]} and {multi[1]}: give several values for one "
+                          "budget kind only (one config per value; each other kind is a constraint every config "
+                          "meets), or run one search per value of the other kind")
+    if not by_kind:
+        return []
+    lead = multi[0] if multi else next(iter(by_kind))
+    constraints = tuple(bs[0] for k, bs in by_kind.items() if k != lead)
+    return [Target(b, constraints) for b in by_kind[lead]]
+
+
+def _as_targets(budgets: Sequence[Budget | Target]) -> list[Target]:
+    return [b if isinstance(b, Target) else Target(b) for b in budgets]
+
+
 def config_costs(model: SlimmableNet, config: ChannelConfig, table=None, batch: int = 1) -> dict[str, float]:
     """Every cost the search knows for ``config``: budget keys plus the raw counts."""
     specs = model.layer_specs(config, batch=batch)
@@ -82,7 +151,12 @@ def config_costs(model: SlimmableNet, config: ChannelConfig, table=None, batch: 
 
 @dataclass
 class Step:
-    """One point of the greedy path: the config after ``unit`` went from ``old`` to ``new``."""
+    """One point of the greedy path: the config after ``unit`` went from ``old`` to ``new``.
+
+    ``move``: ``start`` (the full config), ``shrink`` (a greedy step), ``jump`` (to a
+    known config that meets a target the walk could not reach, see :func:`slim`) or
+    ``widen`` (a step of :func:`fill_budget`).
+    """
 
     step: int
     unit: str | None
@@ -93,10 +167,11 @@ class Step:
     costs: dict[str, float]
     binding: str | None = None
     widths: dict[str, int] = field(default_factory=dict)
+    move: str = "shrink"
 
     def row(self) -> dict:
         return {"step": self.step, "unit": self.unit or "", "old": self.old, "new": self.new, "acc": self.acc,
-                "loss": self.loss, "binding": self.binding or "", **self.costs}
+                "loss": self.loss, "binding": self.binding or "", "move": self.move, **self.costs}
 
 
 def _binding(budgets: Sequence[Budget], costs: Mapping[str, float]) -> Budget | None:
@@ -106,33 +181,60 @@ def _binding(budgets: Sequence[Budget], costs: Mapping[str, float]) -> Budget | 
 
 def slim(model: SlimmableNet, score_candidates: Callable[[ChannelConfig, list[tuple[str, ChannelConfig]]], list[Score]],
          score: Callable[[ChannelConfig], Score], cost_fn: Callable[[ChannelConfig], dict[str, float]],
-         budgets: Sequence[Budget], *, criterion: str = DEFAULT_CRITERION, replay: Sequence[Step] = (),
-         on_step: Callable[[Step], None] | None = None) -> list[Step]:
-    """The greedy walk. ``replay`` (a saved path prefix) is trusted and continued from."""
+         budgets: Sequence[Budget | Target], *, criterion: str = DEFAULT_CRITERION, replay: Sequence[Step] = (),
+         on_step: Callable[[Step], None] | None = None,
+         known: Sequence[ChannelConfig] | None = None) -> list[Step]:
+    """The greedy walk, until every target has been met somewhere on the path.
+
+    ``budgets``: :class:`Target` s (a plain :class:`Budget` is a target of its own, see
+    :func:`targets_of` for budgets as a user gives them). ``replay`` (a saved path
+    prefix) is trusted and continued from.
+
+    A measured latency table is not monotone: the narrowest config is not always the
+    fastest. When the walk reaches the narrowest config with targets still unmet, it
+    jumps to the best-scoring ``known`` config (default: the uniform-width configs, which
+    the search reports in ``uniform.csv``) that meets one of them and walks on from
+    there; when none does, the target is refused (:class:`BudgetError`) naming the
+    smallest cost seen and the config that has it. Every jump meets a target for good,
+    so the walk ends.
+    """
     if criterion not in CRITERIA:
         raise HwslimError(f"unknown criterion {criterion!r}; expected one of {', '.join(CRITERIA)}")
+    targets = _as_targets(budgets)
     if replay:
         path = list(replay)
         config = model.config_of(path[-1].widths)
     else:
         config = model.full_config()
         s = score(config)
-        path = [Step(0, None, None, None, s.acc, s.loss, cost_fn(config), widths=dict(config.widths))]
+        path = [Step(0, None, None, None, s.acc, s.loss, cost_fn(config), widths=dict(config.widths), move="start")]
         if on_step:
             on_step(path[0])
+    pending = [t for t in targets if not any(t.met(st.costs) for st in path)]
     while True:
         current = path[-1]
-        binding = _binding(budgets, current.costs)
-        if binding is None:
+        pending = [t for t in pending if not t.met(current.costs)]
+        if not pending:
             return path
+        # the current config misses every pending target, so some budget of theirs binds
+        binding = _binding([b for t in pending for b in t.budgets], current.costs)
+        assert binding is not None
         candidates, costs = [], []
         for u in model.units:
             found = _shrink(model, config, u, binding.kind, current.costs[binding.kind], cost_fn)
             if found is not None:
                 candidates.append((u, found[0]))
                 costs.append(found[1])
-        if not candidates:  # cannot happen after check_feasible: the narrowest config meets every budget
-            raise BudgetError(f"the {binding.label} budget cannot be met: every unit is at its narrowest width")
+        if not candidates:  # the narrowest config: continue from a known config that meets a pending target
+            known_costs = [(c, cost_fn(c)) for c in (model.uniform_configs() if known is None else known)]
+            step = _jump(score, known_costs, pending, len(path))
+            if step is None:
+                raise BudgetError(_refusal(pending[0], model, known_costs, path))
+            path.append(step)
+            config = model.config_of(step.widths)
+            if on_step:
+                on_step(step)
+            continue
         # Prefer proposals that lower the binding cost; when none does (every unit is on a
         # plateau to its narrowest width), take the best one anyway and walk on.
         keep = [i for i, c in enumerate(costs) if c[binding.kind] < current.costs[binding.kind]]
@@ -155,6 +257,106 @@ def slim(model: SlimmableNet, score_candidates: Callable[[ChannelConfig, list[tu
         path.append(step)
         if on_step:
             on_step(step)
+
+
+def _jump(score, known_costs, pending: Sequence[Target], index: int) -> Step | None:
+    """The best-scoring known config meeting a pending target, as a path step (None: none meets one)."""
+    fits = [(c, costs, next(t for t in pending if t.met(costs))) for c, costs in known_costs
+            if any(t.met(costs) for t in pending)]
+    if not fits:
+        return None
+    scored = [(score(c), c, costs, t) for c, costs, t in fits]
+    s, c, costs, t = max(scored, key=lambda x: (x[0].acc, -x[0].loss))  # max keeps the first of ties
+    return Step(index, None, None, None, s.acc, s.loss, costs, t.label, dict(c.widths), move="jump")
+
+
+def _describe(model: SlimmableNet, widths: Mapping[str, int], path: Sequence[Step]) -> str:
+    if dict(widths) == dict(model.min_config().widths):
+        return "the narrowest config"
+    for i, u in enumerate(model.uniform_configs(), start=1):
+        if dict(widths) == dict(u.widths):
+            return f"uniform width {i}/{len(model.uniform_configs())}"
+    step = next((s.step for s in path if s.widths == dict(widths)), None)
+    return f"step {step} of the greedy path" if step is not None else "a config given as known"
+
+
+def _refusal(target: Target, model: SlimmableNet, known_costs, path: Sequence[Step]) -> str:
+    """Why ``target`` cannot be met: the smallest cost over every config the search has seen."""
+    seen = [(dict(c.widths), costs) for c, costs in known_costs] + [(s.widths, s.costs) for s in path]
+    missed = [b for b in target.budgets if not any(b.met(costs) for _, costs in seen)]
+    if not missed:
+        return (f"no config the search has seen meets {' and '.join(b.label for b in target.budgets)} together "
+                "(each holds alone); relax one of them")
+    b = missed[0]
+    widths, costs = min(seen, key=lambda x: x[1][b.kind])
+    return (f"no config can meet {b.label}: the smallest achievable {b.kind} the search found is "
+            f"{costs[b.kind]:.4g} ({_describe(model, widths, path)}); raise the budget")
+
+
+def fill_budget(model: SlimmableNet,
+                score_candidates: Callable[[ChannelConfig, list[tuple[str, ChannelConfig]]], list[Score]],
+                cost_fn: Callable[[ChannelConfig], dict[str, float]], start: Step, target: Budget | Target, *,
+                max_steps: int = DEFAULT_FILL_STEPS, on_step: Callable[[Step], None] | None = None) -> list[Step]:
+    """Spend the slack the walk's config ``start`` leaves under ``target``: a greedy grow-back.
+
+    The first config on the path that meets a budget often lies well under it (one grid
+    step of the binding unit can save a lot). Each step, every unit proposes its nearest
+    wider grid width with which every budget of ``target`` still holds; the proposals
+    are scored together, ``score_candidates(current, proposals)`` with each proposal
+    *wider* than ``current`` in its unit, and the step keeps the largest accuracy gain
+    per unit of budget spent (the largest rise of cost/limit over the target's budgets;
+    a proposal that costs nothing, possible on a measured table, comes first), ties to
+    the larger loss drop per budget spent. Only proposals that improve the score (higher
+    accuracy, or the same accuracy and a lower loss) count. It stops when none fits or
+    improves, or after ``max_steps`` steps (each one pass over the units). Returns the
+    steps taken, numbered from 1 (``[]``: nothing fits); the last is the filled config.
+    """
+    (target,) = _as_targets([target])
+    steps: list[Step] = []
+    current, config = start, model.config_of(start.widths)
+    for n in range(1, max_steps + 1):
+        candidates, costs = [], []
+        for u in model.units:
+            found = _widen(model, config, u, target, cost_fn)
+            if found is not None:
+                candidates.append((u, found[0]))
+                costs.append(found[1])
+        if not candidates:
+            break
+        scores = score_candidates(config, candidates)
+        best, best_key = None, None
+        for i, sc in enumerate(scores):
+            gain, loss_drop = sc.acc - current.acc, current.loss - sc.loss
+            if gain < 0 or (gain == 0 and loss_drop <= 0):
+                continue
+            spent = max((costs[i][b.kind] - current.costs[b.kind]) / b.value for b in target.budgets)
+            per = 1.0 if spent <= 0 else spent
+            key = (spent <= 0, gain / per, loss_drop / per, -i)
+            if best_key is None or key > best_key:
+                best, best_key = i, key
+        if best is None:
+            break
+        unit, config = candidates[best]
+        current = Step(n, unit, current.widths[unit], config.widths[unit], scores[best].acc, scores[best].loss,
+                       costs[best], target.label, dict(config.widths), move="widen")
+        steps.append(current)
+        if on_step:
+            on_step(current)
+    return steps
+
+
+def _widen(model: SlimmableNet, config: ChannelConfig, unit: str, target: Target,
+           cost_fn) -> tuple[ChannelConfig, dict[str, float]] | None:
+    """Unit ``unit``'s grow-back proposal: its nearest wider grid width that keeps ``target`` met."""
+    grid = list(model.units[unit].grid)
+    for width in grid[grid.index(config.widths[unit]) + 1:]:
+        cand = config.replace(**{unit: width})
+        c = cost_fn(cand)
+        if target.met(c):
+            return cand, c
+        if all(b.kind in MONOTONE_KINDS for b in target.budgets if not b.met(c)):
+            return None  # only a latency table can fall again further up
+    return None
 
 
 def _shrink(model: SlimmableNet, config: ChannelConfig, unit: str, kind: str, current: float,
@@ -180,26 +382,57 @@ def _shrink(model: SlimmableNet, config: ChannelConfig, unit: str, kind: str, cu
     return first
 
 
-def check_feasible(model: SlimmableNet, budgets: Sequence[Budget], cost_fn) -> dict[str, float]:
-    """Refuse budgets below what the narrowest config achieves; returns the narrowest config's costs."""
+def check_feasible(model: SlimmableNet, budgets: Sequence[Budget | Target], cost_fn,
+                   latency_floor: float | None = None) -> dict[str, float]:
+    """Refuse budgets below their true floor; returns the narrowest config's costs.
+
+    For memory, parameters and MACs the narrowest config is the floor. A latency table
+    is not monotone, so the narrowest config is not the latency floor: a latency budget
+    is refused here only below ``latency_floor``, a bound no config can beat
+    (:meth:`hwslim.latency.LatencyTable.lower_bound_ms`); above it the walk reaches the
+    configs below the narrowest one's latency (:func:`slim`) and refuses only budgets
+    that no config it has seen meets.
+    """
     floor = cost_fn(model.min_config())
-    for b in budgets:
-        if b.kind not in floor:
-            raise HwslimError(f"a {b.kind} budget needs a latency table: pass --table PATH or --device")
-        if not b.met(floor):
-            raise BudgetError(f"no config can meet {b.label}: the smallest achievable {b.kind} on this "
-                              f"supernet's grid is {floor[b.kind]:.4g} (the narrowest config); raise the budget")
+    for t in _as_targets(budgets):
+        for b in t.budgets:
+            if b.kind not in floor:
+                raise HwslimError(f"a {b.kind} budget needs a latency table: pass --table PATH or --device")
+            if b.kind in MONOTONE_KINDS and not b.met(floor):
+                raise BudgetError(f"no config can meet {b.label}: the smallest achievable {b.kind} on this "
+                                  f"supernet's grid is {floor[b.kind]:.4g} (the narrowest config); raise the budget")
+            if b.kind == "latency_ms" and latency_floor is not None and b.value < latency_floor:
+                raise BudgetError(f"no config can meet {b.label}: even every layer at its fastest width in the table "
+                                  f"adds up to {latency_floor:.4g} ms; raise the budget")
     return floor
 
 
-def pick_configs(model: SlimmableNet, path: Sequence[Step], budgets: Sequence[Budget]) -> list[ChannelConfig]:
-    """For each budget, the first config on the path that meets it, with its costs and accuracy in meta."""
-    out = []
-    for b in budgets:
-        step = next(s for s in path if b.met(s.costs))
-        out.append(model.config_of(step.widths, budget={"kind": b.kind, "value": b.value}, search_step=step.step,
-                                   search_acc=step.acc, **{k: v for k, v in step.costs.items()}))
-    return out
+def pick_steps(path: Sequence[Step], budgets: Sequence[Budget | Target]) -> list[Step]:
+    """For each target, the first step on the path that meets it (and all its constraints)."""
+    return [next(s for s in path if t.met(s.costs)) for t in _as_targets(budgets)]
+
+
+def pick_configs(model: SlimmableNet, path: Sequence[Step], budgets: Sequence[Budget | Target]) -> list[ChannelConfig]:
+    """For each target, the first config on the path that meets it, with its costs and accuracy in meta."""
+    targets = _as_targets(budgets)
+    return [model.config_of(step.widths, **_target_meta(t), search_step=step.step, search_acc=step.acc,
+                            **dict(step.costs))
+            for t, step in zip(targets, pick_steps(path, targets))]
+
+
+def _chosen_config(model: SlimmableNet, t: Target, walked: Step, filled: Sequence[Step]) -> ChannelConfig:
+    """The config for ``t``: the walk's, grown back by ``filled``; meta says what the filling did."""
+    final = filled[-1] if filled else walked
+    return model.config_of(final.widths, **_target_meta(t), search_step=walked.step, search_acc=final.acc,
+                           budget_used=final.costs[t.budget.kind] / t.budget.value,
+                           search_acc_unfilled=walked.acc,
+                           budget_used_unfilled=walked.costs[t.budget.kind] / t.budget.value,
+                           fill_steps=len(filled), **dict(final.costs))
+
+
+def _target_meta(t: Target) -> dict:
+    return {"budget": {"kind": t.budget.kind, "value": t.budget.value},
+            "constraints": [{"kind": b.kind, "value": b.value} for b in t.constraints]}
 
 
 # -- I/O layer ------------------------------------------------------------------------------------
@@ -245,9 +478,14 @@ def _checked_replay(model: SlimmableNet, steps: list[Step], cost_fn, state_file:
             config = model.validate(model.config_of(st.widths))
         except HwslimError as e:
             raise bad(i, f"is not a config of this supernet ({e})") from None
+        if st.move not in (("start",) if prev is None else ("shrink", "jump")):
+            raise bad(i, f"has move {st.move!r}")
         if prev is None:
             if st.widths != dict(model.full_config().widths) or st.unit is not None:
                 raise bad(i, "is not the full config")
+        elif st.move == "jump":  # to a known config meeting a budget the walk could not reach (slim)
+            if st.unit is not None:
+                raise bad(i, "is a jump that names a unit")
         else:
             changed = [u for u in st.widths if st.widths[u] != prev[u]]
             if changed != [st.unit] or st.old != prev[st.unit] or st.new != st.widths[st.unit] \
@@ -261,7 +499,7 @@ def _checked_replay(model: SlimmableNet, steps: list[Step], cost_fn, state_file:
                     not math.isclose(have, v, rel_tol=1e-9, abs_tol=1e-12):
                 raise bad(i, f"has {k}={have!r}, but that config's {k} is {v!r}")
         out.append(Step(st.step, st.unit, st.old, st.new, float(st.acc), float(st.loss), costs,
-                        st.binding or None, dict(st.widths)))
+                        st.binding or None, dict(st.widths), move=st.move))
         prev = st.widths
     return out
 
@@ -273,12 +511,18 @@ class SearchResult:
     steps: list[Step]
     out_dir: Path | None = None
     uniform: list[dict] = field(default_factory=list)
-    files: list[Path] = field(default_factory=list)  # the config file of each budget (when out_dir is given)
+    files: list[Path] = field(default_factory=list)  # the config file of each target (when out_dir is given)
+    targets: list[Target] = field(default_factory=list)  # configs[i] is for targets[i]
+    fills: list[list[Step]] = field(default_factory=list)  # fills[i]: targets[i]'s grow-back steps
 
 
-def config_file(out_dir: str | Path, budget: Budget) -> Path:
-    """Where a search writes the config of ``budget``: ``OUT/config_<kind>_<value>.json``."""
-    return Path(out_dir) / f"config_{budget.kind}_{budget.value:g}.json"
+def config_filename(target: Target) -> str:
+    return f"config_{target.budget.kind}_{target.budget.value:g}.json"
+
+
+def config_file(out_dir: str | Path, target: Target) -> Path:
+    """Where a search writes the config of ``target``: ``OUT/config_<kind>_<value>.json`` (its own budget)."""
+    return Path(out_dir) / config_filename(target)
 
 
 def _file_digest(path: Path) -> str:
@@ -295,11 +539,14 @@ def greedy_search(checkpoint, budgets: Sequence[Budget], *, table=None, criterio
                   kernels: str = "torch",
                   max_images: int | None = None, batch: int = 1, progress: bool = True,
                   plot: bool = True, images=None, labels=None, force_table: bool = False,
-                  log: Callable[[str], None] | None = None) -> SearchResult:
-    """Search ``checkpoint``'s supernet for every budget; see the module docstring.
+                  log: Callable[[str], None] | None = None, fill: bool = True,
+                  fill_steps: int = DEFAULT_FILL_STEPS) -> SearchResult:
+    """Search ``checkpoint``'s supernet for every target of ``budgets`` (:func:`targets_of`).
 
-    ``out_dir`` receives one ChannelConfig JSON per budget, ``path.csv`` (the whole
-    walk), ``search_state.json`` (for ``resume``) and ``search.png``. The search split
+    ``out_dir`` receives one ChannelConfig JSON per target (``config_<kind>_<value>.json``
+    after the target's own budget), ``path.csv`` (the whole walk), ``fill.csv`` (each
+    target's grow-back, :func:`fill_budget`, unless ``fill`` is False),
+    ``search_state.json`` (for ``resume``) and ``search.png``. The search split
     comes from the checkpoint (``hwslim.data.search_split``) unless ``images``/``labels``
     are given. ``force_table`` uses a ``table`` measured on another setup (``--force``).
     ``log`` gets a line saying what is scored, once every check has passed.
@@ -312,16 +559,19 @@ def greedy_search(checkpoint, budgets: Sequence[Budget], *, table=None, criterio
     budgets = list(budgets)
     if not budgets:
         raise HwslimError("give at least one budget (--latency-ms, --memory-mb, --params-m or --macs-m)")
+    targets = targets_of(budgets)
     model: SlimmableNet = checkpoint.model.to(device)
     if table is not None:
         table.check_compatible(model, batch=batch, force=force_table)
     cost_fn = lambda cfg: config_costs(model, cfg, table, batch)  # noqa: E731
-    check_feasible(model, budgets, cost_fn)
+    check_feasible(model, targets, cost_fn,
+                   table.lower_bound_ms(model, batch) if table is not None and any(
+                       b.kind == "latency_ms" for t in targets for b in t.budgets) else None)
     out = Path(out_dir) if out_dir is not None else None
     settings = {
         "checkpoint": str(getattr(checkpoint, "path", "") or ""),
         "checkpoint_sha256": _file_digest(checkpoint.path) if getattr(checkpoint, "path", None) else "",
-        "budgets": [asdict(b) for b in budgets], "criterion": criterion, "bn": bn, "batch": batch,
+        "targets": [t.label for t in targets], "criterion": criterion, "bn": bn, "batch": batch,
         "batch_size": batch_size, "max_images": max_images,
         "table": str(table.path) if table is not None and getattr(table, "path", None) else None,
     }
@@ -398,21 +648,39 @@ def greedy_search(checkpoint, budgets: Sequence[Budget], *, table=None, criterio
             bar.update(max(0, done_pct(step.costs) - bar.n))
 
     try:
-        path = slim(model, score_candidates, ev.score, cost_fn, budgets, criterion=criterion, replay=replay,
+        path = slim(model, score_candidates, ev.score, cost_fn, targets, criterion=criterion, replay=replay,
                     on_step=on_step)
     finally:
         if bar is not None:
             bar.close()
-    configs = pick_configs(model, path, budgets)
+    walked = pick_steps(path, targets)
+    fills: list[list[Step]] = [[] for _ in targets]
+    if fill:
+        # The fast evaluator shares the current config's prefix with *narrower* candidates
+        # only, so a wider one is scored in full; the Triton kernels score any configs in one pass.
+        def score_wider(current, candidates):
+            if kernels == "triton":
+                return ev.score_candidates(current, candidates)
+            return [ev.score(cfg) for _, cfg in candidates]
+
+        fill_scorer = dist.sharded(score_wider)
+        fills = [fill_budget(model, fill_scorer, cost_fn, st, t, max_steps=fill_steps)
+                 for st, t in zip(walked, targets)]
+    configs = [_chosen_config(model, t, st, fl) for t, st, fl in zip(targets, walked, fills)]
     frame = pd.DataFrame([s.row() for s in path])
-    result = SearchResult(configs, frame, path, out, files=[config_file(out, b) for b in budgets] if out else [])
+    result = SearchResult(configs, frame, path, out, files=[config_file(out, t) for t in targets] if out else [],
+                          targets=targets, fills=fills)
     if out is not None and is_writer:
         provenance = {"produced_by": "hwslim search", "checkpoint": settings["checkpoint"],
                       "checkpoint_sha256": settings["checkpoint_sha256"], "table": settings["table"],
                       "criterion": criterion, "bn": bn}
-        for b, cfg in zip(budgets, configs):
-            cfg.with_meta(**provenance).save(config_file(out, b), force=True)
+        for t, cfg in zip(targets, configs):
+            cfg.with_meta(**provenance).save(config_file(out, t), force=True)
         frame.to_csv(out / "path.csv", index=False)
+        if fill:
+            pd.DataFrame([{"target": t.label, **st.row()} for t, fl in zip(targets, fills) for st in fl],
+                         columns=["target", *path[0].row()]
+                         ).to_csv(out / "fill.csv", index=False)
         if plot:
             uniform = list(enumerate(model.uniform_configs(), start=1))
             if progress:
@@ -423,7 +691,8 @@ def greedy_search(checkpoint, budgets: Sequence[Budget], *, table=None, criterio
             result.uniform = [{"step": s, "acc": (sc := ev.score(u)).acc, "loss": sc.loss, **cost_fn(u)}
                               for s, u in uniform]
             pd.DataFrame(result.uniform).to_csv(out / "uniform.csv", index=False)
-            plot_path(frame, pd.DataFrame(result.uniform), budgets, out / "search.png")
+            plot_path(frame, pd.DataFrame(result.uniform), [t.budget for t in targets], out / "search.png",
+                      chosen=configs)
     return result
 
 
@@ -435,7 +704,7 @@ AXIS_LABELS = {  # budget kind -> axis label
 }
 
 
-def path_figure(path, uniform, budgets: Sequence[Budget]):
+def path_figure(path, uniform, budgets: Sequence[Budget], chosen: Sequence[ChannelConfig] = ()):
     """The figure of :func:`plot_path` (a matplotlib Figure; the caller closes it)."""
     import matplotlib
 
@@ -451,6 +720,9 @@ def path_figure(path, uniform, budgets: Sequence[Budget]):
         ax.axvline(b.value, color="grey", ls=":", lw=1, label="budgets" if i == 0 else None)
         ax.annotate(f"{b.value:g}", (b.value, 1.0), xycoords=("data", "axes fraction"), xytext=(2, -10),
                     textcoords="offset points", fontsize=8, color="grey")
+    if chosen:
+        ax.plot([c.meta[kind] for c in chosen], [100 * c.meta["search_acc"] for c in chosen], "o", ms=6,
+                mfc="none", label="chosen configs")
     ax.set_xlabel(AXIS_LABELS[kind])
     ax.set_ylabel("search-split accuracy (%)")
     others = sorted({b.kind for b in budgets} - {kind})
@@ -462,11 +734,11 @@ def path_figure(path, uniform, budgets: Sequence[Budget]):
     return fig
 
 
-def plot_path(path, uniform, budgets: Sequence[Budget], png: Path) -> Path:
-    """Accuracy against the first budget's cost along the path, with uniform-width configs."""
+def plot_path(path, uniform, budgets: Sequence[Budget], png: Path, chosen: Sequence[ChannelConfig] = ()) -> Path:
+    """Accuracy against the first budget's cost along the path, with uniform-width and chosen configs."""
     import matplotlib.pyplot as plt
 
-    fig = path_figure(path, uniform, budgets)
+    fig = path_figure(path, uniform, budgets, chosen)
     fig.savefig(png, dpi=120)
     plt.close(fig)
     return png

@@ -143,7 +143,10 @@ def test_full_disk_while_saving_the_search_state(ckpt_path, searched, tmp_path, 
     monkeypatch.setattr(search_mod, "remove_stale_temporaries", lambda folder: [])  # keep the link in place
     assert _search(ckpt_path, out, "--resume") == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "No space left on device" in err[0] and "intact" in err[0], err
+    # the run had started (its header and what it scores are on stderr): the failure itself is one line
+    errors = [line for line in err if "error:" in line]
+    assert err[-1] == errors[0] and len(errors) == 1 and not any("Traceback" in line for line in err), err
+    assert "No space left on device" in errors[0] and "intact" in errors[0], err
     assert _digests(out) == before  # the state of step 2, byte for byte
     assert sorted(p.name for p in out.iterdir()) == ["search_state.json"]  # the temporary is gone
 

@@ -15,7 +15,11 @@ from hwslim.data import search_split, synthetic_data_info
 from hwslim.errors import BudgetError, HwslimError, OutputExistsError
 from hwslim.evaluator import Score, StepEvaluator
 from hwslim.models import create_model
-from hwslim.search import Budget, config_costs, greedy_search, slim
+from hwslim.latency import Calibration, LatencyTable, new_meta
+from hwslim.profile import enumerate_entries
+from hwslim.search import Budget, Target, config_costs, greedy_search, slim, targets_of
+from profilers import get_profiler
+from profilers.base import Timing
 
 IMAGES = 48
 
@@ -37,6 +41,225 @@ def ckpt_path(tmp_path_factory):
     return path
 
 
+def _layer_ms(spec) -> float:
+    """A hand-made runtime: channels padded to 16, and 8-channel outputs take a slow path."""
+    pad = lambda c: -(-c // 16) * 16  # noqa: E731
+    k = getattr(spec.op, "kernel", 1)
+    t = 1e-6 * k ** 2 * pad(spec.cin) * pad(spec.cout) / max(1, spec.groups) * spec.out_h * spec.out_w / 16
+    return round(t + (0.004 if spec.cout == 8 else 0.0) + 0.001, 6)
+
+
+@pytest.fixture(scope="module")
+def table_path(ckpt_path, tmp_path_factory):
+    """A complete latency table for the checkpoint's model, made like tests/test_latency.py makes one."""
+    net = load_checkpoint(ckpt_path).model
+    with get_profiler("cpu", "ort") as prof:
+        machine = prof.metadata()
+    entries = {s.signature(): Timing(_layer_ms(s), 0.0, _layer_ms(s), 20) for s in enumerate_entries(net)}
+    meta = new_meta(machine, model=net.name, width_mult=net.width_mult, input_size=net.input_size, batch=1,
+                    entries_expected=len(entries), method="in_network")
+    meta.update(status="complete", calibration=Calibration(1.0, 0.0, 8, {"within_5pct": 1.0}).to_dict())
+    return LatencyTable(meta, entries).save(tmp_path_factory.mktemp("table") / "table.csv")
+
+
+def test_targets_of_budgets_as_the_user_lists_them():
+    lat = [Budget("latency_ms", v) for v in (20, 15, 10)]
+    mem = Budget("memory_mb", 5)
+    assert targets_of([*lat, mem]) == [Target(b, (mem,)) for b in lat]
+    # one value per kind: one target, constrained by the others
+    assert targets_of([Budget("latency_ms", 0.45), Budget("params_m", 0.1)]) == \
+        [Target(Budget("latency_ms", 0.45), (Budget("params_m", 0.1),))]
+    assert targets_of([lat[0], lat[0]]) == [Target(lat[0])]
+    with pytest.raises(BudgetError, match="several values for both latency_ms and memory_mb"):
+        targets_of([*lat, mem, Budget("memory_mb", 4)])
+
+
+def test_several_latencies_with_a_memory_constraint(ckpt_path, table_path, tmp_path, capsys):
+    """`--latency-ms A B C --memory-mb M`: three configs, each within its latency and within M."""
+    ckpt = load_checkpoint(ckpt_path)
+    table = LatencyTable.load(table_path)
+    full = config_costs(ckpt.model, ckpt.model.full_config(), table)
+    lat = [round(full["latency_ms"] * f, 4) for f in (0.97, 0.93, 0.9)]
+    mem = round(full["memory_mb"] * 0.96, 4)  # the peak is in stage 1, which latency does not narrow first
+    out = tmp_path / "s"
+    rc = main(["search", "--checkpoint", str(ckpt_path), "--latency-ms", *map(str, lat), "--memory-mb", str(mem),
+               "--table", str(table_path), "--out", str(out), "--no-progress", "--max-images", "24", "--no-fill"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert printed.count(f"memory_mb={mem:g}") == 3
+    path = pd.read_csv(out / "path.csv")
+    assert sorted(p.name for p in out.glob("config_*.json")) == sorted(f"config_latency_ms_{v:g}.json" for v in lat)
+    for v in lat:
+        cfg = ChannelConfig.load(out / f"config_latency_ms_{v:g}.json")
+        costs = config_costs(ckpt.model, cfg, table)
+        assert costs["latency_ms"] <= v and costs["memory_mb"] <= mem
+        assert cfg.meta["budget"] == {"kind": "latency_ms", "value": v}
+        assert cfg.meta["constraints"] == [{"kind": "memory_mb", "value": mem}]
+        both = path[(path["latency_ms"] <= v) & (path["memory_mb"] <= mem)]
+        assert cfg.meta["search_step"] == both["step"].iloc[0] and cfg.meta["fill_steps"] == 0
+    # the constraint mattered: the loosest latency alone was met earlier on the path
+    assert path[path["latency_ms"] <= lat[0]]["step"].iloc[0] < \
+        ChannelConfig.load(out / f"config_latency_ms_{lat[0]:g}.json").meta["search_step"]
+    # several values for two kinds: one clear line, exit 2, nothing written
+    rc = main(["search", "--checkpoint", str(ckpt_path), "--latency-ms", *map(str, lat), "--memory-mb", "1", "2",
+               "--table", str(table_path), "--out", str(tmp_path / "x")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "several values for both latency_ms and memory_mb" in err[0]
+    assert not (tmp_path / "x").exists()
+
+
+def test_one_latency_and_one_params_budget_give_one_config_meeting_both(ckpt_path, table_path, tmp_path, capsys):
+    """`--latency-ms L --params-m P`: one config, within L and within P (it used to be one per budget).
+
+    The budget is filled (the default): the config is widened back while both still hold."""
+    ckpt = load_checkpoint(ckpt_path)
+    table = LatencyTable.load(table_path)
+    full = config_costs(ckpt.model, ckpt.model.full_config(), table)
+    lat, params = round(full["latency_ms"] * 0.98, 4), round(full["params_m"] * 0.9, 4)
+    out = tmp_path / "s"
+    rc = main(["search", "--checkpoint", str(ckpt_path), "--latency-ms", str(lat), "--params-m", str(params),
+               "--table", str(table_path), "--out", str(out), "--no-progress", "--max-images", "24", "--json"])
+    assert rc == 0
+    (printed,) = json.loads(capsys.readouterr().out)
+    assert [p.name for p in out.glob("config_*.json")] == [f"config_latency_ms_{lat:g}.json"]
+    cfg = ChannelConfig.load(out / f"config_latency_ms_{lat:g}.json")
+    assert printed["widths"] == cfg.widths
+    costs = config_costs(ckpt.model, cfg, table)
+    assert costs["latency_ms"] <= lat and costs["params_m"] <= params
+    assert cfg.meta["constraints"] == [{"kind": "params_m", "value": params}]
+    path = pd.read_csv(out / "path.csv")
+    walked = path[(path["latency_ms"] <= lat) & (path["params_m"] <= params)].iloc[0]
+    assert cfg.meta["search_step"] == walked["step"]
+    # the filling's report: budget used and search-split accuracy, with and without it
+    m = printed["meta"]
+    assert m["budget_used"] == pytest.approx(costs["latency_ms"] / lat)
+    assert m["budget_used_unfilled"] == pytest.approx(walked["latency_ms"] / lat)
+    assert m["search_acc_unfilled"] == walked["acc"] and m["search_acc"] >= m["search_acc_unfilled"]
+    fill = pd.read_csv(out / "fill.csv")
+    assert len(fill) == m["fill_steps"] and (fill["move"] == "widen").all()
+    assert (fill["latency_ms"] <= lat).all() and (fill["params_m"] <= params).all()
+    if m["fill_steps"]:
+        assert (fill["new"] > fill["old"]).all() and m["budget_used"] > m["budget_used_unfilled"]
+        assert fill["acc"].iloc[-1] == m["search_acc"]
+
+
+def _table_cost(net):
+    """The hand-made table for ``net`` (meta device), in memory, as a cost function."""
+    with get_profiler("cpu", "ort") as prof:
+        machine = prof.metadata()
+    entries = {s.signature(): Timing(_layer_ms(s), 0.0, _layer_ms(s), 20) for s in enumerate_entries(net)}
+    meta = new_meta(machine, model=net.name, width_mult=net.width_mult, input_size=net.input_size, batch=1,
+                    entries_expected=len(entries), method="in_network")
+    meta.update(status="complete", calibration=Calibration(1.0, 0.0, 8, {"within_5pct": 1.0}).to_dict())
+    table = LatencyTable(meta, entries)
+    return lambda c: config_costs(net, c, table)
+
+
+def _analytic(net):
+    """A score where each unit costs accuracy in proportion to its shrink (no data needed)."""
+    weight = {u: (i % 5 + 1) / 100 for i, u in enumerate(net.units)}
+
+    def score(cfg):
+        acc = 1 - sum(weight[u] * (1 - w / net.units[u].max_width) for u, w in cfg.widths.items())
+        return Score(acc, 1 - acc)
+
+    return score, lambda cur, cands: [score(c) for _, c in cands]
+
+
+def test_no_budget_is_refused_that_a_config_the_search_lists_meets():
+    """On a non-monotone table the narrowest config is not the fastest; the walk goes below it."""
+    with torch.device("meta"):
+        net = create_model("resnet20")
+    cost = _table_cost(net)
+    score, score_candidates = _analytic(net)
+    narrow = cost(net.min_config())["latency_ms"]
+    uniform = [cost(u)["latency_ms"] for u in net.uniform_configs()]
+    assert min(uniform) < narrow  # 16 channels run faster than 8 on this table
+    path = slim(net, score_candidates, score, cost, [Budget("latency_ms", narrow * 0.99)])
+    listed = min(min(uniform), *(s.costs["latency_ms"] for s in path))
+    assert listed < narrow * 0.99 and path[-1].move == "shrink"
+    # a budget at the smallest latency the run listed (path.csv, uniform.csv) is met, not refused
+    again = slim(net, score_candidates, score, cost, [Budget("latency_ms", listed)])
+    assert min(s.costs["latency_ms"] for s in again) <= listed
+
+
+def test_walk_jumps_to_a_known_config_below_the_narrowest():
+    """A target only a uniform config meets: the walk reaches the narrowest, then jumps there."""
+    with torch.device("meta"):
+        net = create_model("resnet20")
+    table = _table_cost(net)
+    tuned = net.uniform_config(6)  # a runtime with kernels tuned for exactly this network
+    cost = lambda c: {**table(c), "latency_ms": 1.0} if c.widths == tuned.widths else table(c)  # noqa: E731
+    score, score_candidates = _analytic(net)
+    assert cost(net.min_config())["latency_ms"] > 1.3
+    budgets = [Target(Budget("latency_ms", 1.0)), Target(Budget("latency_ms", 2.0))]
+    path = slim(net, score_candidates, score, cost, budgets)
+    assert path[-1].move == "jump" and path[-1].widths == tuned.widths and path[-1].binding == "latency_ms=1"
+    assert path[-2].widths == net.min_config().widths and path[-1].acc == score(tuned).acc
+    assert [s.move for s in path[1:-1]] == ["shrink"] * (len(path) - 2)
+    # below everything the search has seen: refused, naming the smallest value and where it is
+    with pytest.raises(BudgetError, match=r"smallest achievable latency_ms the search found is 1 \(uniform "
+                                          r"width 6/12\)"):
+        slim(net, score_candidates, score, cost, [Budget("latency_ms", 0.5)])
+
+
+def test_fill_spends_the_slack_by_best_gain_per_cost():
+    """The grow-back on the hand-made table: within budget, each step the best gain per cost, until nothing fits."""
+    from hwslim.search import fill_budget, pick_steps
+
+    with torch.device("meta"):
+        net = create_model("resnet20")
+    score, score_candidates = _analytic(net)
+    cost = _table_cost(net)
+    full = cost(net.full_config())
+    target = Target(Budget("latency_ms", full["latency_ms"] * 0.6), (Budget("memory_mb", full["memory_mb"]),))
+    path = slim(net, score_candidates, score, cost, [target])
+    (start,) = pick_steps(path, [target])
+    steps = fill_budget(net, score_candidates, cost, start, target, max_steps=100)
+    assert len(steps) >= 3 and [s.step for s in steps] == list(range(1, len(steps) + 1))
+    assert all(target.met(s.costs) and s.move == "widen" and s.new > s.old for s in steps)
+    assert start.acc < steps[0].acc < steps[-1].acc  # every unit's width is worth accuracy here
+    assert start.costs["latency_ms"] / target.budget.value < 0.96 < steps[-1].costs["latency_ms"] / target.budget.value
+
+    def proposals(cfg):  # each unit's nearest wider width that keeps the target met
+        out = {}
+        for u in net.units:
+            for w in (w for w in net.units[u].grid if w > cfg.widths[u]):
+                if target.met(c := cost(cand := cfg.replace(**{u: w}))):
+                    out[u] = (cand, c)
+                    break
+        return out
+
+    # each step took the largest accuracy gain per ms among the widenings that fit (free ones first)
+    prev = start
+    for st in steps:
+        rate = {}
+        for u, (cand, c) in proposals(net.config_of(prev.widths)).items():
+            spent = c["latency_ms"] - prev.costs["latency_ms"]
+            rate[u] = (spent <= 0, (score(cand).acc - prev.acc) / (spent if spent > 0 else 1.0))
+        assert rate[st.unit] == max(rate.values())
+        prev = st
+    # it stopped because no widening fits any more
+    assert proposals(net.config_of(steps[-1].widths)) == {}
+    # bounded: max_steps caps it; nothing to spend at the full config
+    assert fill_budget(net, score_candidates, cost, start, target, max_steps=2) == steps[:2]
+    assert fill_budget(net, score_candidates, cost, path[0], Budget("latency_ms", 1e3)) == []
+
+
+def test_latency_below_the_narrowest_config_is_searched_not_refused(ckpt_path, table_path, tmp_path):
+    """The refusal a user met: a budget under the narrowest config's latency that other configs meet."""
+    ckpt = load_checkpoint(ckpt_path)
+    table = LatencyTable.load(table_path)
+    narrow = config_costs(ckpt.model, ckpt.model.min_config(), table)["latency_ms"]
+    budget = Budget("latency_ms", round(narrow * 0.985, 4))
+    res = greedy_search(ckpt, [budget], table=table, out_dir=tmp_path / "s", progress=False, max_images=16,
+                        fill=False)
+    (cfg,) = res.configs
+    assert config_costs(ckpt.model, cfg, table)["latency_ms"] <= budget.value < narrow
+    listed = pd.concat([pd.read_csv(tmp_path / "s" / "path.csv"), pd.read_csv(tmp_path / "s" / "uniform.csv")])
+    assert listed["latency_ms"].min() <= budget.value
+
+
 def test_budget_nothing_can_meet_is_refused_up_front(ckpt_path, tmp_path, capsys):
     ckpt = load_checkpoint(ckpt_path)
     floor = model_costs(ckpt.model, ckpt.model.min_config()).params / 1e6
@@ -52,31 +275,40 @@ def test_search_meets_every_budget_and_writes_outputs(ckpt_path, tmp_path, capsy
     ckpt = load_checkpoint(ckpt_path)
     full = config_costs(ckpt.model, ckpt.model.full_config())
     low = config_costs(ckpt.model, ckpt.model.min_config())
-    budgets = [Budget("macs_m", full["macs_m"] * 0.9), Budget("macs_m", full["macs_m"] * 0.8),
-               Budget("memory_mb", full["memory_mb"] * 0.9 + low["memory_mb"] * 0.1)]
+    macs = [Budget("macs_m", full["macs_m"] * 0.9), Budget("macs_m", full["macs_m"] * 0.8)]
+    mem = Budget("memory_mb", full["memory_mb"] * 0.9 + low["memory_mb"] * 0.1)  # a constraint of both
     out = tmp_path / "search"
-    rc = main(["search", "--checkpoint", str(ckpt_path), "--macs-m", str(budgets[0].value), str(budgets[1].value),
-               "--memory-mb", str(budgets[2].value), "--out", str(out), "--no-progress", "--max-images", str(IMAGES)])
+    rc = main(["search", "--checkpoint", str(ckpt_path), "--macs-m", str(macs[0].value), str(macs[1].value),
+               "--memory-mb", str(mem.value), "--out", str(out), "--no-progress", "--max-images", str(IMAGES)])
     assert rc == 0
+    printed = capsys.readouterr().out
+    for column in ("budget", "constraints", "used", "search_acc", "unfilled_used", "unfilled_acc", "widened"):
+        assert column in printed.splitlines()[0].split()
     path = pd.read_csv(out / "path.csv")
-    assert list(path.columns[:7]) == ["step", "unit", "old", "new", "acc", "loss", "binding"]
+    assert list(path.columns[:8]) == ["step", "unit", "old", "new", "acc", "loss", "binding", "move"]
     assert (path["new"].dropna() < path["old"].dropna()).all()
     assert (path["macs_m"].diff().dropna() < 0).all()
-    for b in budgets:
+    assert sorted(p.name for p in out.glob("config_*.json")) == sorted(f"config_macs_m_{b.value:g}.json"
+                                                                        for b in macs)
+    for b in macs:
         cfg = ChannelConfig.load(out / f"config_{b.kind}_{b.value:g}.json")
         ckpt.model.validate(cfg)
-        assert config_costs(ckpt.model, cfg)[b.kind] <= b.value
+        costs = config_costs(ckpt.model, cfg)
+        assert costs[b.kind] <= b.value and costs["memory_mb"] <= mem.value
         assert cfg.meta["budget"] == {"kind": b.kind, "value": b.value}
-        assert cfg.meta["checkpoint_sha256"] and 0 <= cfg.meta["search_acc"] <= 1
-        # it is the first point on the path that meets the budget
-        first = path[path[b.kind] <= b.value].iloc[0]
-        assert cfg.meta["search_step"] == first["step"]
+        assert cfg.meta["constraints"] == [{"kind": "memory_mb", "value": mem.value}]
+        assert cfg.meta["checkpoint_sha256"] and 0 <= cfg.meta["search_acc_unfilled"] <= cfg.meta["search_acc"] <= 1
+        assert cfg.meta["budget_used"] == pytest.approx(costs[b.kind] / b.value)
+        assert cfg.meta["budget_used_unfilled"] <= cfg.meta["budget_used"] <= 1
+        # the walk's config is the first point on the path that meets the budget and the constraint
+        first = path[(path[b.kind] <= b.value) & (path["memory_mb"] <= mem.value)].iloc[0]
+        assert cfg.meta["search_step"] == first["step"] and cfg.meta["search_acc_unfilled"] == first["acc"]
     assert (out / "search.png").stat().st_size > 10_000
     uniform = pd.read_csv(out / "uniform.csv")
     assert len(uniform) == 12 and (uniform["macs_m"].diff().dropna() >= 0).all()
     # an existing search is not overwritten without --resume/--force
     with pytest.raises(OutputExistsError):
-        greedy_search(ckpt, budgets[:1], out_dir=out, progress=False)
+        greedy_search(ckpt, macs[:1], out_dir=out, progress=False)
 
 
 def test_fast_and_reference_evaluators_make_identical_decisions(ckpt_path):
@@ -113,14 +345,14 @@ def test_fast_evaluator_scores_equal_reference_on_mobilenet():
 def test_resume_after_interruption_reaches_the_same_result(ckpt_path, tmp_path):
     ckpt = load_checkpoint(ckpt_path)
     budget = [Budget("params_m", config_costs(ckpt.model, ckpt.model.full_config())["params_m"] * 0.8)]
-    full = greedy_search(ckpt, budget, out_dir=tmp_path / "a", progress=False, plot=False)
+    full = greedy_search(ckpt, budget, out_dir=tmp_path / "a", progress=False, plot=False, fill=False)
     # simulate a kill after step 2: the state file is written atomically after every step
     state_file = tmp_path / "a" / "search_state.json"
     state = json.loads(state_file.read_text())
     state["steps"] = state["steps"][:3]
     state_file.write_text(json.dumps(state))
     resumed = greedy_search(load_checkpoint(ckpt_path), budget, out_dir=tmp_path / "a", resume=True,
-                            progress=False, plot=False)
+                            progress=False, plot=False, fill=False)
     assert [s.widths for s in resumed.steps] == [s.widths for s in full.steps]
     assert resumed.configs == full.configs
 
@@ -169,8 +401,8 @@ def _ddp_worker(rank, world, port, ckpt_path, out_file):
         ckpt = load_checkpoint(ckpt_path)
         budget = [Budget("macs_m", config_costs(ckpt.model, ckpt.model.full_config())["macs_m"] * 0.9)]
         res = greedy_search(ckpt, budget, progress=False, plot=False)
-        with open(f"{out_file}.{rank}", "w") as f:
-            json.dump([s.widths for s in res.steps], f)
+        with open(f"{out_file}.{rank}", "w") as f:  # the walk, then the filled config
+            json.dump([s.widths for s in res.steps] + [res.configs[0].widths], f)
     finally:
         torch.distributed.destroy_process_group()
 
@@ -180,7 +412,8 @@ def test_torchrun_style_sharding_gives_the_same_decisions(ckpt_path, tmp_path):
     mp.spawn(_ddp_worker, args=(2, _free_port(), str(ckpt_path), str(out)), nprocs=2, join=True)
     ckpt = load_checkpoint(ckpt_path)
     budget = [Budget("macs_m", config_costs(ckpt.model, ckpt.model.full_config())["macs_m"] * 0.9)]
-    single = [s.widths for s in greedy_search(ckpt, budget, progress=False, plot=False).steps]
+    res = greedy_search(ckpt, budget, progress=False, plot=False)
+    single = [s.widths for s in res.steps] + [res.configs[0].widths]
     assert json.loads(open(f"{out}.0").read()) == single
     assert json.loads(open(f"{out}.1").read()) == single
 
@@ -240,11 +473,11 @@ def test_mixed_budgets_json_names_the_written_files_and_paths_have_no_double_sla
             "--max-images", "16", "--threads", "1", "--out", str(tmp_path / "s") + "/"]
     assert main(argv + ["--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
-    files = [d["file"] for d in doc]
-    assert files == [str(tmp_path / "s" / f"config_params_m_{float(params):g}.json"),
-                     str(tmp_path / "s" / f"config_macs_m_{float(macs):g}.json")]
+    files = [d["file"] for d in doc]  # one value per kind: one config, named after the first kind, MACs a constraint
+    assert files == [str(tmp_path / "s" / f"config_params_m_{float(params):g}.json")]
     for d, f in zip(doc, files):
         assert ChannelConfig.load(f).widths == d["widths"]
+        assert d["meta"]["params_m"] <= float(params) and d["meta"]["macs_m"] <= float(macs)
     assert main(argv + ["--force"]) == 0
     cap = capsys.readouterr()
     assert "//" not in cap.out and all(f in cap.out for f in files)

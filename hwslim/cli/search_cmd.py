@@ -4,7 +4,8 @@ import json
 
 from hwslim.cli import add_command, positive_float, positive_int, print_table, set_threads, threads_note, with_header
 from hwslim.errors import HwslimError
-from hwslim.search import CRITERIA, DEFAULT_CRITERION, Budget, greedy_search
+from hwslim.search import (CRITERIA, DEFAULT_CRITERION, DEFAULT_FILL_STEPS, Budget, greedy_search,
+                           targets_of)
 
 
 def register(sub) -> None:
@@ -15,7 +16,10 @@ def register(sub) -> None:
     p.add_argument("--memory-mb", type=positive_float, nargs="+", default=[], metavar="MB",
                    help="peak activation memory budgets in MB (10^6 bytes)")
     p.add_argument("--params-m", type=positive_float, nargs="+", default=[], metavar="M", help="parameter budgets in millions")
-    p.add_argument("--macs-m", type=positive_float, nargs="+", default=[], metavar="M", help="MAC budgets in millions")
+    p.add_argument("--macs-m", type=positive_float, nargs="+", default=[], metavar="M",
+                   help="MAC budgets in millions. The kind given several values gives one config per value; "
+                        "each other kind (one value) is a constraint every config meets; several values for "
+                        "two kinds are refused")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--table", help="latency table (from `hwslim profile`)")
     g.add_argument("--device", choices=["cpu", "cuda"],
@@ -25,6 +29,11 @@ def register(sub) -> None:
     p.add_argument("--criterion", choices=CRITERIA, default=DEFAULT_CRITERION,
                    help=f"acc: smallest accuracy drop (AutoSlim); acc-per-cost: smallest drop per cost saved "
                         f"(NetAdapt). Default {DEFAULT_CRITERION}")
+    p.add_argument("--no-fill", action="store_true",
+                   help="keep the walk's first config meeting each budget; by default its slack is spent by "
+                        "widening units while every budget holds (best accuracy gain per budget spent)")
+    p.add_argument("--fill-steps", type=positive_int, default=DEFAULT_FILL_STEPS, metavar="N",
+                   help=f"at most N widening steps per config when filling the budget (default {DEFAULT_FILL_STEPS})")
     p.add_argument("--out", default="search_out", help="output directory (default: search_out)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted search in --out")
     p.add_argument("--force", action="store_true", help="start over even if --out holds a search; "
@@ -49,13 +58,24 @@ def register(sub) -> None:
 def run(args) -> int:
     """Greedy-slim a trained supernet under latency, memory, parameter or MAC budgets.
 
-    One pass walks from the full config, each step narrowing the unit whose shrink
-    hurts search-split accuracy least, until every budget holds; each budget gets the
-    first config on the path that meets it. Writes to --out one ChannelConfig JSON per
-    budget, path.csv (the whole walk), uniform.csv and search.png (accuracy against
-    cost, with the uniform-width configs) and search_state.json (for --resume).
+    The budget kind given several values yields one config per value; every other kind
+    given is a constraint each of those configs also meets: `--latency-ms 20 15 10
+    --memory-mb 5` gives three configs, each within its latency and within 5 MB;
+    `--latency-ms 0.45 --params-m 0.1` gives one config meeting both. Several values for
+    two kinds are refused (run one search per value of the second kind).
 
-    Example: hwslim search --checkpoint runs/sn/checkpoint.pt --latency-ms 20 15 10 --device cpu
+    One pass walks from the full config, each step narrowing the unit whose shrink
+    hurts search-split accuracy least, until every config's budgets hold together; each
+    config is the first on the path that meets its budget and every constraint. Then each
+    config's slack is spent (unless --no-fill): units are widened back, best search-split
+    accuracy gain per budget spent first, while every budget still holds; the table shows
+    the budget used (predicted cost / budget) and the search-split accuracy with and
+    without this filling. Writes to --out one ChannelConfig JSON per config (named after
+    its budget), fill.csv (the widening steps), path.csv (the whole walk), uniform.csv
+    and search.png (accuracy against cost, with the uniform-width configs) and
+    search_state.json (for --resume).
+
+    Example: hwslim search --checkpoint runs/sn/checkpoint.pt --latency-ms 20 15 10 --memory-mb 5 --device cpu
     """
     import torch
 
@@ -69,6 +89,7 @@ def run(args) -> int:
                for v in values]
     if not budgets:
         raise HwslimError("give at least one budget: --latency-ms, --memory-mb, --params-m or --macs-m")
+    targets_of(budgets)  # refuses several values for two kinds before anything is loaded
     set_threads(args.threads)
     eval_device = args.eval_device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -99,20 +120,26 @@ def run(args) -> int:
                            resume=args.resume, force=args.force, device=eval_device, evaluator=args.evaluator,
                            bn=args.bn, max_images=args.max_images, batch=args.batch, kernels=args.kernels,
                            progress=not args.no_progress, force_table=args.force,
-                           log=with_header(f"hwslim search: {threads_note(args.threads)}"))
+                           log=with_header(f"hwslim search: {threads_note(args.threads)}"),
+                           fill=not args.no_fill, fill_steps=args.fill_steps)
+    files = result.files or [None] * len(result.configs)
     if args.json:  # each config as its file holds it, and where that file is
         from hwslim.config import ChannelConfig
 
-        print(json.dumps([{**ChannelConfig.load(f).to_dict(), "file": str(f)} for f in result.files],
-                         indent=2, sort_keys=True))
+        print(json.dumps([{**ChannelConfig.load(f).to_dict(), "file": str(f)} if f is not None else c.to_dict()
+                          for c, f in zip(result.configs, files)], indent=2, sort_keys=True))
         return 0
     rows = []
-    for b, c, f in zip(budgets, result.configs, result.files):
+    for t, c, f in zip(result.targets, result.configs, files):
         m = c.meta
-        row = {"budget": b.label, "step": m["search_step"], "search_acc": m["search_acc"]}
+        row = {"budget": t.budget.label, "constraints": " ".join(b.label for b in t.constraints) or "-",
+               "step": m["search_step"], "used": m["budget_used"], "search_acc": m["search_acc"]}
+        if not args.no_fill:
+            row.update(unfilled_used=m["budget_used_unfilled"], unfilled_acc=m["search_acc_unfilled"],
+                       widened=m["fill_steps"])
         if "latency_ms" in m:
             row["latency_ms"] = m["latency_ms"]
-        row.update(memory_mb=m["memory_mb"], params_m=m["params_m"], macs_m=m["macs_m"], file=str(f))
+        row.update(memory_mb=m["memory_mb"], params_m=m["params_m"], macs_m=m["macs_m"], file=str(f or "-"))
         rows.append(row)
     print_table(rows)
     return 0
