@@ -131,25 +131,25 @@ class StepEvaluator:
 
     def _narrow(self, envs: list, unit: str, width: int, current: ChannelConfig) -> list:
         """The live tensors of the current config with ``unit`` cut to its first ``width`` channels."""
-        cut: dict[str, torch.Tensor | None] = {}
+        cut: dict[str, torch.Tensor | int] = {}
         for name in envs[0] if envs else ():
-            lay = self.model.tensor_layout(name)
+            lay, k = self.model.tensor_layout(name), self.model.per_channel(name)
             if unit not in lay:
                 continue
             if len(lay) == 1:
-                cut[name] = None
+                cut[name] = width * k  # a prefix (features of the kept channels, if flattened)
                 continue
             parts, off = [], 0
             for r in lay:
                 w = r if isinstance(r, int) else current.widths[r]
-                parts.append(torch.arange(off, off + (width if r == unit else w)))
+                parts.append(torch.arange(off * k, (off + (width if r == unit else w)) * k))
                 off += w
             cut[name] = torch.cat(parts)
         out = []
         for env in envs:
             e = dict(env)
             for name, idx in cut.items():
-                e[name] = env[name][:, :width] if idx is None else env[name].index_select(1, idx.to(env[name].device))
+                e[name] = env[name][:, :idx] if isinstance(idx, int) else env[name].index_select(1, idx.to(env[name].device))
             out.append(e)
         return out
 

@@ -100,6 +100,7 @@ class LayerSpec:
     in_parts: tuple[tuple[int, int], ...] = ()
     in_flat: bool = False
     in_sizes: tuple[tuple[int, int], ...] = ()  # (h, w) of every input
+    in_per_channel: int = 1  # features per channel of a flattened first input (H*W of the map it was)
 
     def __getattr__(self, name: str) -> Any:  # the operator's static attributes: spec.kernel, spec.act
         if name.startswith("__"):
@@ -143,6 +144,7 @@ class TensorInfo:
     h: int
     w: int
     flat: bool = False
+    per_channel: int = 1  # features per channel once flattened (channel-major)
 
 
 def tensor_infos(nodes: Sequence[Node], input_size: int | tuple[int, int], in_channels: int = 3
@@ -164,8 +166,11 @@ def tensor_infos(nodes: Sequence[Node], input_size: int | tuple[int, int], in_ch
         if n.name in infos:
             raise ValueError(f"node name {n.name!r} used twice")
         oh, ow = n.op.out_hw([(t.h, t.w) for t in ins])
-        infos[n.name] = TensorInfo(tuple(n.op.out_layout(n, layouts)), oh, ow, n.op.flattens or
-                                   (ins[0].flat and n.op.view))
+        flat = n.op.flattens or (ins[0].flat and n.op.view)
+        per_channel = 1
+        if n.op.view:  # a flatten keeps every position of a channel (channel-major); dropout passes it on
+            per_channel = ins[0].per_channel * (ins[0].h * ins[0].w if n.op.flattens and not ins[0].flat else 1)
+        infos[n.name] = TensorInfo(tuple(n.op.out_layout(n, layouts)), oh, ow, flat, per_channel)
     return infos
 
 
@@ -180,17 +185,18 @@ def layer_specs(nodes: Sequence[Node], widths: Mapping[str, int], input_size: in
     specs = []
     for n in nodes:
         lay0 = infos[n.inputs[0]].layout
-        cins = tuple(sum(resolve(r, widths) for r in infos[t].layout) for t in n.inputs)
+        cins = tuple(sum(resolve(r, widths) for r in infos[t].layout) * infos[t].per_channel for t in n.inputs)
         parts, off = [], 0
         for r in lay0:
             parts.append((off, resolve(r, widths)))
             off += resolve(r, maxw)
         (ih, iw) = hw[n.inputs[0]]
         oh, ow = n.op.out_hw([hw[t] for t in n.inputs])
-        cout = sum(resolve(r, widths) for r in infos[n.name].layout)
+        cout = sum(resolve(r, widths) for r in infos[n.name].layout) * infos[n.name].per_channel
         mid = resolve(n.mid, widths) if n.mid is not None else 0
         spec = LayerSpec(n.name, n.op, n.inputs, cins[0], cout, ih, iw, oh, ow, batch, mid, n.op.groups(cins[0]),
-                         cins, tuple(parts), infos[n.inputs[0]].flat, tuple(hw[t] for t in n.inputs))
+                         cins, tuple(parts), infos[n.inputs[0]].flat, tuple(hw[t] for t in n.inputs),
+                         infos[n.inputs[0]].per_channel)
         hw[n.name] = (oh, ow)
         specs.append(spec)
     return specs

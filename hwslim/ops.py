@@ -213,6 +213,14 @@ def _conv_out(size: int, kernel: int, stride: int, padding: int) -> int:
     return (size + 2 * padding - kernel) // stride + 1
 
 
+def _ceil_out(size: int, kernel: int, stride: int, padding: int) -> int:
+    """PyTorch's pooling output size with ``ceil_mode=True``: a last window must start inside the input."""
+    out = -(-(size + 2 * padding - kernel) // stride) + 1
+    if (out - 1) * stride >= size + padding:
+        out -= 1
+    return out
+
+
 def _take(t: torch.Tensor | None, index: torch.Tensor | None, n: int, dim: int = 0) -> torch.Tensor | None:
     """The kept channels of a full-width parameter: ``index`` if given, else the first ``n``."""
     if t is None:
@@ -223,10 +231,12 @@ def _take(t: torch.Tensor | None, index: torch.Tensor | None, n: int, dim: int =
 
 
 def spec_index(s: "LayerSpec") -> torch.Tensor | None:
-    """The kept input channels of ``s`` in its full-width layout (None: the first ``cin``)."""
+    """The kept input channels (features, for a flattened map) of ``s`` in its full-width layout
+    (None: the first ``cin``)."""
     if len(s.in_parts) <= 1:
         return None
-    return torch.cat([torch.arange(off, off + w) for off, w in s.in_parts])
+    k = s.in_per_channel
+    return torch.cat([torch.arange(off * k, (off + w) * k) for off, w in s.in_parts])
 
 
 # -- BatchNorm, shared by Conv and BatchNorm --------------------------------------------------------
@@ -622,17 +632,29 @@ class _Pool(Op):
 @register_op
 @dataclass(frozen=True)
 class MaxPool(_Pool):
+    """Max pooling; ``ceil_mode`` as PyTorch's (a last partial window counts; GoogLeNet, SqueezeNet)."""
+
     kind: ClassVar[str] = "maxpool"
     kernel: int = 2
     stride: int = 2
     padding: int = 0
+    ceil_mode: bool = False
+
+    def out_hw(self, hw):
+        if not self.ceil_mode:
+            return super().out_hw(hw)
+        return tuple(_ceil_out(n, self.kernel, self.stride, self.padding) for n in hw[0])
+
+    def signature(self, s):
+        sig = super().signature(s)
+        return sig[:-1] + ("ceil",) if self.ceil_mode else sig
 
     def onnx(self, s, g, inputs, out):
         g.node("MaxPool", [inputs[0]], [out], f"{s.name}::pool", kernel_shape=[self.kernel] * 2,
-               strides=[self.stride] * 2, pads=[self.padding] * 4)
+               strides=[self.stride] * 2, pads=[self.padding] * 4, ceil_mode=int(self.ceil_mode))
 
     def run(self, module, xs, ctx):
-        return F.max_pool2d(xs[0], self.kernel, self.stride, self.padding)
+        return F.max_pool2d(xs[0], self.kernel, self.stride, self.padding, ceil_mode=self.ceil_mode)
 
 
 @register_op
@@ -688,16 +710,18 @@ class GlobalAvgPool(Op):
 @register_op
 @dataclass(frozen=True)
 class Flatten(Op):
-    """(N, C, 1, 1) -> (N, C): a view, free."""
+    """(N, C, H, W) -> (N, C*H*W), channel-major: a view, free.
+
+    Each channel becomes H*W consecutive features (VGG, AlexNet: 512 x 7 x 7 into a
+    linear layer), so keeping channel c keeps features ``c*H*W .. (c+1)*H*W - 1`` and the
+    linear layer reading it slices its weights that way (``LayerSpec.in_per_channel``).
+    """
 
     kind: ClassVar[str] = "flatten"
     view: ClassVar[bool] = True
     flattens: ClassVar[bool] = True
 
     def out_hw(self, hw):
-        if hw[0] != (1, 1):
-            raise ValueError(f"flatten of a {hw[0][0]}x{hw[0][1]} map would mix channels with positions; "
-                             "hwslim flattens only 1x1 maps (after a global pool)")
         return (1, 1)
 
     def signature(self, s):

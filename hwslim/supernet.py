@@ -175,7 +175,7 @@ class SlimmableNet(nn.Module):
         modules = {}
         for n in self.nodes:
             lay = self._infos[n.inputs[0]].layout
-            cin = sum(resolve(r, self._max) for r in lay)
+            cin = sum(resolve(r, self._max) for r in lay) * self._infos[n.inputs[0]].per_channel
             cout = resolve(n.out, self._max) if n.out is not None else cin
             mid = resolve(n.mid, self._max) if n.mid is not None else 0
             m = n.op.build(n, cin, cout, mid)
@@ -280,6 +280,10 @@ class SlimmableNet(nn.Module):
         """The units (or fixed widths) a tensor's channels come from."""
         return self._infos[tensor].layout
 
+    def per_channel(self, tensor: str) -> int:
+        """Features per channel of a tensor (H*W for a flattened map, else 1)."""
+        return self._infos[tensor].per_channel
+
     def node_units(self, node: Node) -> list[str]:
         """Units that set any width of ``node``: its inputs' channels, its output, its inner width."""
         refs = [r for t in (*node.inputs, node.name) for r in self._infos[t].layout] + [node.mid]
@@ -302,9 +306,9 @@ class SlimmableNet(nn.Module):
         key = (tensor, tuple(resolve(r, self._widths) for r in lay))
         idx = self._index_cache.get(key)
         if idx is None:
-            parts, off = [], 0
+            parts, off, k = [], 0, self._infos[tensor].per_channel
             for r, w in zip(lay, key[1]):
-                parts.append(torch.arange(off, off + w))
+                parts.append(torch.arange(off * k, (off + w) * k))
                 off += resolve(r, self._max)
             idx = torch.cat(parts)
             if len(self._index_cache) > 4096:

@@ -176,7 +176,33 @@ def test_bad_graphs_are_refused_with_the_node_named():
         g.add("sum", x, y)
     with pytest.raises(ValueError, match="unknown activation 'swish'"):
         g.act("z", x, "swish")
-    with pytest.raises(ValueError, match="flatten of a 16x16 map"):
-        from hwslim.graph import tensor_infos
-        g.flatten("f", x)
-        tensor_infos(g.nodes, 16)
+
+
+def test_flatten_of_a_spatial_map_keeps_each_channels_positions(tmp_path):
+    """VGG/AlexNet: a 4x4 map flattened channel-major into a linear layer; slimming the map's unit
+    keeps 16 features per kept channel, in the fast evaluator, materialized and in ONNX."""
+    import onnxruntime as ort
+
+    g = GraphBuilder()
+    a, h = g.unit("a", 16), g.unit("h", 32)
+    x = g.conv("stem", INPUT, 3, a, 3, 2, act="relu")
+    x = g.linear("fc1", g.dropout("drop", g.flatten("flat", x), 0.5), None, h, act="relu")
+    g.linear("fc2", x, h, 10)
+    net = SlimmableNet("flat_net", g, width_mult=1.0, input_size=8, num_classes=10).eval()
+    assert net.layers["fc1"].in_features == 16 * 16
+    cfg = net.config_of({"a": 8, "h": 16})
+    spec = {s.name: s for s in net.layer_specs(cfg)}["fc1"]
+    assert spec.cin == 8 * 16 and spec.op.macs(spec) == 8 * 16 * 16
+    x = torch.randn(4, 3, 8, 8)
+    with torch.no_grad(), net.using(cfg):
+        want = net(x)
+    plain = materialize(net, cfg, fold_bn=True).eval()
+    torch.testing.assert_close(plain(x), want, rtol=1e-4, atol=1e-5)
+    path = export_onnx(plain, tmp_path / "f.onnx", batch=4, input_size=8)
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})[0]
+    assert np.abs(got - want.numpy()).max() <= 1e-4 * np.abs(want.numpy()).max()
+    images, labels = torch.randn(32, 3, 8, 8), torch.randint(0, 10, (32,))
+    cands = [("a", net.full_config().replace(a=8))]
+    fast = StepEvaluator(net, images, labels, mode="fast", batch_size=16).score_candidates(net.full_config(), cands)
+    ref = StepEvaluator(net, images, labels, mode="reference", batch_size=16).score_candidates(net.full_config(), cands)
+    assert fast[0].loss == pytest.approx(ref[0].loss, rel=1e-4)

@@ -6,7 +6,11 @@ Importing this package registers every zoo model. A model is data (a graph, see
 * a zoo name (``hwslim models`` lists them): the zoo's builder writes the graph;
 * a graph JSON file (``hwslim models --graph NAME > my.json`` writes one; edit or
   generate your own);
-* a checkpoint written by ``hwslim train``: its graph (the weights are not loaded).
+* a checkpoint written by ``hwslim train``: its graph (the weights are not loaded);
+* ``torchvision:NAME`` (any torchvision classification model), ``timm:NAME`` (with the
+  ``timm`` extra) or ``package.module:callable`` (a function returning an ``nn.Module``;
+  a file in the current directory works): the module is imported
+  (:func:`hwslim.importer.import_model`) with its weights.
 """
 from __future__ import annotations
 
@@ -25,8 +29,86 @@ def _is_file_spec(spec: str) -> bool:
     return spec.endswith((".json", ".pt", ".pth")) or "/" in spec or Path(spec).is_file()
 
 
+def module_from_spec(spec: str, init: str | None = None):
+    """The ``nn.Module`` a ``torchvision:NAME``, ``timm:NAME`` or ``module:callable`` spec names.
+
+    ``init``: a state-dict file to load into it, or (torchvision, timm) a weights name
+    (``IMAGENET1K_V1``, ``DEFAULT``; those download).
+    """
+    import importlib
+    import sys
+
+    import torch
+    from torch import nn
+
+    from hwslim.errors import ModelError
+
+    source, _, name = spec.partition(":")
+    weights_name = init if init is not None and not Path(init).is_file() else None
+    if init is not None and weights_name is not None and source not in ("torchvision", "timm"):
+        raise ModelError(f"--init {init}: no such file (a weights name works only for torchvision: and timm: models)")
+    try:
+        if source == "torchvision":
+            import torchvision
+
+            if name not in torchvision.models.list_models():
+                raise ModelError(f"torchvision has no model {name!r}; see torchvision.models.list_models()")
+            module = torchvision.models.get_model(name, weights=weights_name)
+        elif source == "timm":
+            try:
+                import timm
+            except ImportError:
+                raise ModelError("timm: models need timm: pip install 'hwslim[timm]'") from None
+            if name not in timm.list_models():
+                raise ModelError(f"timm has no model {name!r}; see timm.list_models()")
+            module = timm.create_model(name, pretrained=weights_name is not None)
+        else:
+            if "" in (source, name):
+                raise ModelError(f"model {spec!r}: expected package.module:function")
+            if "" not in sys.path and "." not in sys.path:
+                sys.path.insert(0, "")  # a model file in the current directory
+            try:
+                mod = importlib.import_module(source)
+            except Exception as e:
+                raise ModelError(f"model {spec!r}: cannot import {source!r} ({type(e).__name__}: "
+                                 f"{str(e).splitlines()[0][:120] if str(e) else ''})") from None
+            fn = getattr(mod, name, None)
+            if not callable(fn):
+                raise ModelError(f"model {spec!r}: {source} has no callable {name!r}")
+            try:
+                module = fn()
+            except Exception as e:
+                raise ModelError(f"model {spec!r}: calling {name}() failed ({type(e).__name__}: "
+                                 f"{str(e).splitlines()[0][:120] if str(e) else ''})") from None
+    except ModelError:
+        raise
+    except Exception as e:  # a weights download without network, a broken model builder
+        raise ModelError(f"model {spec!r}: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+                         ) from None
+    if not isinstance(module, nn.Module):
+        raise ModelError(f"model {spec!r}: {name}() returned {type(module).__name__}, not an nn.Module")
+    if init is not None and weights_name is None:
+        try:
+            state = torch.load(init, map_location="cpu", weights_only=True)
+        except Exception:
+            raise ModelError(f"--init {init}: not a readable PyTorch state-dict file") from None
+        if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+            state = state["state_dict"]
+        try:
+            module.load_state_dict(state)
+        except (RuntimeError, TypeError, AttributeError) as e:
+            raise ModelError(f"--init {init} does not fit {spec} ({str(e).splitlines()[0][:160]})") from None
+    return module
+
+
+def is_module_spec(spec: str) -> bool:
+    """Whether ``spec`` names a module to import (``torchvision:``, ``timm:`` or ``module:callable``)."""
+    return ":" in spec and not _is_file_spec(spec)
+
+
 def load_model(spec: str, *, width_mult: float | None = None, input_size: int | None = None,
-               num_classes: int | None = None, divisor: int | None = None):
+               num_classes: int | None = None, divisor: int | None = None, init: str | None = None,
+               keep: str | None = None):
     """The supernet a ``--model`` spec names (see the module docstring), on the current device.
 
     For a zoo name the keyword arguments are the builder's (``None``: its default). A
@@ -37,6 +119,21 @@ def load_model(spec: str, *, width_mult: float | None = None, input_size: int | 
     from hwslim.graph import GraphFormatError, graph_from_dict
     from hwslim.supernet import SlimmableNet
 
+    if is_module_spec(spec):
+        import torch
+
+        from hwslim.importer import import_model
+
+        if width_mult is not None and abs(float(width_mult) - 1.0) > 1e-9:
+            raise ModelError(f"{spec}: an imported model is its own full width; --width-mult cannot change it")
+        with torch.device("cpu"):  # the module's own weights, even when shapes are asked on "meta"
+            module = module_from_spec(spec, init)
+            size = input_size or 224
+            net = import_model(module, torch.randn(1, 3, size, size), name=spec.replace(":", "_").replace(".", "_"),
+                               keep=keep, divisor=divisor or 8)
+        if num_classes is not None and int(num_classes) != net.num_classes:
+            raise ModelError(f"{spec} has {net.num_classes} classes, not {num_classes}")
+        return net
     if not _is_file_spec(spec):
         return create_model(spec, width_mult=width_mult, input_size=input_size, num_classes=num_classes,
                             divisor=divisor)

@@ -1,0 +1,619 @@
+"""Import a user's ``nn.Module``: trace it, map it onto hwslim's operators, find its channel units.
+
+``import_model(module, example_input)`` returns a :class:`~hwslim.supernet.SlimmableNet`
+that at its full config computes what ``module`` computes (eval mode), with the module's
+weights copied in::
+
+    >>> import torchvision
+    >>> net = import_model(torchvision.models.resnet18(), torch.randn(1, 3, 224, 224))
+    >>> net.units["layer1/0/conv1"].grid            # doctest: +SKIP
+    (8, 16, 24, 32, 40, 48, 56, 64)
+
+How:
+
+1. **Trace** with ``torch.fx.symbolic_trace`` and record every tensor's shape
+   (``ShapeProp`` on the example input).
+2. **Group** the traced nodes into hwslim operators: a conv with the BatchNorm after it,
+   the residual add after that and the activation after both (the fused unit a runtime
+   executes); the squeeze-and-excitation pattern (pool, 1x1 conv, activation, 1x1 conv,
+   gate, multiply); standalone BatchNorm/activation/add; concatenation; pools; flatten;
+   linear (with its activation). Dropout, identity and stochastic depth are the identity
+   at inference. Anything else is refused with the graph node, the module type, the
+   source line and what is missing (:class:`ImportRefused`).
+3. **Units** come from a union-find over channel dimensions: a dense conv or linear
+   layer starts a new one; a depthwise or grouped conv keeps its input's (a grouped
+   conv's width then moves in multiples of its group width); both sides of an add, a
+   residual or SE's multiply are merged; a concatenation's channels are its parts'.
+   Fixed, never slimmed: the image channels, the network's outputs, and the outputs of
+   modules whose qualified name matches ``keep``.
+4. **Weights** are copied module by module; the supernet's unit names follow the module
+   that first produces the unit (``layer1.0.conv1`` -> ``layer1/0/conv1``).
+"""
+from __future__ import annotations
+
+import operator
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from hwslim.errors import ModelError
+from hwslim.graph import INPUT, Graph, Node, UnitDef
+from hwslim.ops import (Act, Add, AvgPool, BatchNorm, Concat, Conv, Flatten, GlobalAvgPool, Linear, MaxPool,
+                        Op, SqueezeExcite)
+
+
+class ImportRefused(ModelError):
+    """The module has an operation hwslim cannot express (or cannot slim): it names the node."""
+
+
+# -- what fx nodes are ---------------------------------------------------------------------------------
+_ACT_MODULES: dict[type, str] = {nn.ReLU: "relu", nn.ReLU6: "relu6", nn.Hardswish: "hardswish",
+                                 nn.Hardsigmoid: "hardsigmoid", nn.SiLU: "silu", nn.Sigmoid: "sigmoid",
+                                 nn.GELU: "gelu"}
+_ACT_FUNCTIONS: dict[Any, str] = {F.relu: "relu", torch.relu: "relu", F.relu6: "relu6", F.hardswish: "hardswish",
+                                  F.hardsigmoid: "hardsigmoid", F.silu: "silu", torch.sigmoid: "sigmoid",
+                                  F.sigmoid: "sigmoid", F.gelu: "gelu", torch.relu_: "relu", F.relu_: "relu"}
+_ACT_METHODS = {"relu": "relu", "relu_": "relu", "sigmoid": "sigmoid", "sigmoid_": "sigmoid"}
+_IDENTITY_MODULES = (nn.Identity,)
+_ADD = (operator.add, operator.iadd, torch.add)
+_MUL = (operator.mul, operator.imul, torch.mul)
+
+
+def _stochastic_depth():
+    try:
+        from torchvision.ops import stochastic_depth
+        return stochastic_depth
+    except ImportError:  # pragma: no cover - torchvision is a dependency
+        return None
+
+
+def _pair(v) -> int | None:
+    """A square kernel/stride/padding as one int, else None."""
+    if isinstance(v, int):
+        return v
+    if isinstance(v, (tuple, list)) and len(v) == 2 and v[0] == v[1]:
+        return int(v[0])
+    return None
+
+
+def _where(node: fx.Node, gm: fx.GraphModule) -> str:
+    """``node 'layer1.0.conv1' (Conv2d, torchvision/models/resnet.py:92)`` for messages."""
+    what = type(gm.get_submodule(node.target)).__name__ if node.op == "call_module" else \
+        getattr(node.target, "__name__", str(node.target))
+    stack = node.meta.get("stack_trace") or ""
+    line = ""
+    for m in re.finditer(r'File "([^"]+)", line (\d+)', stack):
+        line = f", {m.group(1).split('site-packages/')[-1]}:{m.group(2)}"
+    return f"node {node.name!r} ({what}{line})"
+
+
+@dataclass
+class _Group:
+    """hwslim operator made of one or more fx nodes."""
+
+    op: Op | None  # None: the identity (an alias of its input)
+    members: list[fx.Node]
+    inputs: list[fx.Node]  # fx nodes whose values it reads, in operator order
+    modules: dict[str, nn.Module] = field(default_factory=dict)  # role -> module holding the weights
+    sets_width: bool = False
+    out_channels: int = 0
+    mid: int = 0
+    name: str = ""
+
+    @property
+    def last(self) -> fx.Node:
+        return self.members[-1]
+
+
+class _Importer:
+    def __init__(self, module: nn.Module, example: torch.Tensor, keep: str | None, name: str | None) -> None:
+        self.module = module.eval()
+        self.example = example
+        self.keep = re.compile(keep) if keep else None
+        self.name = name or type(module).__name__.lower()
+        try:
+            self.gm = fx.symbolic_trace(self.module)
+        except Exception as e:  # fx raises many kinds for data-dependent control flow
+            raise ImportRefused(f"torch.fx cannot trace {type(module).__name__} ({type(e).__name__}: "
+                                f"{str(e).splitlines()[0][:160]}); make its forward free of data-dependent "
+                                "control flow, or mark such submodules as leaves") from None
+        from torch.fx.passes.shape_prop import ShapeProp
+
+        try:
+            with torch.no_grad():
+                ShapeProp(self.gm).propagate(example)
+        except Exception as e:
+            raise ImportRefused(f"running {type(module).__name__} on the example input failed "
+                                f"({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
+        self.nodes = list(self.gm.graph.nodes)
+        self.users = {n: list(n.users) for n in self.nodes}
+        self.consumed: set[fx.Node] = set()
+        self.groups: list[_Group] = []
+        self.alias: dict[fx.Node, fx.Node] = {}  # identity nodes -> the node whose value they carry
+
+    # -- helpers --------------------------------------------------------------------------------------
+    def mod(self, n: fx.Node) -> nn.Module | None:
+        return self.gm.get_submodule(n.target) if n.op == "call_module" else None
+
+    def shape(self, n: fx.Node) -> tuple[int, ...]:
+        tm = n.meta.get("tensor_meta")
+        if tm is None or not hasattr(tm, "shape"):
+            raise ImportRefused(f"{_where(n, self.gm)} does not produce one tensor")
+        return tuple(tm.shape)
+
+    def act_of(self, n: fx.Node) -> str | None:
+        m = self.mod(n)
+        if m is not None:
+            if isinstance(m, nn.GELU) and m.approximate != "none":
+                return None
+            if isinstance(m, nn.Hardtanh) and (m.min_val, m.max_val) == (0.0, 6.0):
+                return "relu6"
+            return _ACT_MODULES.get(type(m))
+        if n.op == "call_function":
+            if n.target is F.gelu and n.kwargs.get("approximate", "none") != "none":
+                return None
+            if n.target is F.hardtanh and tuple(n.args[1:3]) == (0.0, 6.0):
+                return "relu6"
+            return _ACT_FUNCTIONS.get(n.target)
+        if n.op == "call_method":
+            return _ACT_METHODS.get(n.target)
+        return None
+
+    def sole_user(self, n: fx.Node) -> fx.Node | None:
+        u = self.users[n]
+        return u[0] if len(u) == 1 and u[0] not in self.consumed else None
+
+    def tensor_args(self, n: fx.Node) -> list[fx.Node]:
+        return [a for a in n.args if isinstance(a, fx.Node)]
+
+    def is_identity(self, n: fx.Node) -> bool:
+        m = self.mod(n)
+        if m is not None:
+            return isinstance(m, (*_IDENTITY_MODULES, nn.Dropout, nn.Dropout2d)) or type(m).__name__ == "StochasticDepth"
+        if n.op == "call_function":
+            return n.target in (F.dropout, F.dropout2d, _stochastic_depth()) and n.target is not None
+        if n.op == "call_method":
+            return n.target in ("contiguous", "clone")
+        return False
+
+    def add_operands(self, n: fx.Node) -> list[fx.Node] | None:
+        """The two tensors of a plain element-wise add, else None."""
+        if n.op != "call_function" or n.target not in _ADD or n.kwargs.get("alpha", 1) != 1:
+            return None
+        args = self.tensor_args(n)
+        return args if len(args) == 2 and len(n.args) == 2 else None
+
+    # -- 1. groups ------------------------------------------------------------------------------------
+    def group(self) -> None:
+        for n in self.nodes:  # SE first: its convs must not become ordinary conv groups
+            if n.op == "call_function" and n.target in _MUL:
+                self.try_se(n)
+        for n in self.nodes:
+            if n in self.consumed or n.op in ("placeholder", "output", "get_attr"):
+                continue
+            self.one(n)
+
+    def consume(self, *ns: fx.Node) -> None:
+        self.consumed.update(ns)
+
+    def try_se(self, mul: fx.Node) -> None:
+        args = self.tensor_args(mul)
+        if len(args) != 2:
+            return
+        for x, gate in (args, args[::-1]):
+            chain = [gate]
+            gate_act = self.act_of(gate)
+            if gate_act not in ("sigmoid", "hardsigmoid"):
+                continue
+            fc2 = self.tensor_args(gate)[0] if self.tensor_args(gate) else None
+            if fc2 is None or not isinstance(self.mod(fc2), nn.Conv2d):
+                continue
+            act = self.tensor_args(fc2)[0]
+            inner = self.act_of(act)
+            if inner is None:
+                continue
+            fc1 = self.tensor_args(act)[0]
+            if not isinstance(self.mod(fc1), nn.Conv2d):
+                continue
+            pool = self.tensor_args(fc1)[0]
+            if not self.is_global_pool(pool, keepdim=True) or self.tensor_args(pool)[0] is not x:
+                continue
+            chain = [pool, fc1, act, fc2, gate, mul]
+            if any(len(self.users[c]) != 1 for c in chain[:-1]):
+                continue
+            m1, m2 = self.mod(fc1), self.mod(fc2)
+            if any(_pair(m.kernel_size) != 1 or m.groups != 1 or m.bias is None for m in (m1, m2)):
+                continue
+            self.consume(*chain)
+            self.groups.append(_Group(SqueezeExcite(inner, gate_act), chain, [x], {"fc1": m1, "fc2": m2},
+                                      out_channels=self.shape(mul)[1], mid=m1.out_channels))
+            return
+
+    def is_global_pool(self, n: fx.Node, keepdim: bool) -> bool:
+        m = self.mod(n)
+        if isinstance(m, nn.AdaptiveAvgPool2d):
+            return _pair(m.output_size) == 1
+        if n.op == "call_function" and n.target is F.adaptive_avg_pool2d:
+            return _pair(n.args[1] if len(n.args) > 1 else n.kwargs.get("output_size")) == 1
+        if n.op == "call_method" and n.target == "mean":
+            dims = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")
+            kd = n.kwargs.get("keepdim", n.args[2] if len(n.args) > 2 else False)
+            return tuple(sorted(d % 4 for d in dims)) == (2, 3) and bool(kd) == keepdim if isinstance(
+                dims, (tuple, list)) else False
+        return False
+
+    def refuse(self, n: fx.Node, missing: str) -> ImportRefused:
+        return ImportRefused(f"{_where(n, self.gm)}: hwslim has no operator for {missing}")
+
+    def one(self, n: fx.Node) -> None:
+        m = self.mod(n)
+        if self.is_identity(n):
+            self.alias[n] = self.tensor_args(n)[0]
+            return
+        if isinstance(m, nn.Conv2d):
+            return self.conv(n, m)
+        if isinstance(m, nn.BatchNorm2d):
+            return self.bn(n, m)
+        if isinstance(m, nn.Linear):
+            return self.linear(n, m)
+        act = self.act_of(n)
+        if act is not None:
+            self.consume(n)
+            self.groups.append(_Group(Act(act), [n], self.tensor_args(n)[:1], out_channels=self.shape(n)[1]))
+            return
+        ops = self.add_operands(n)
+        if ops is not None:
+            members, act = [n], None
+            u = self.sole_user(n)
+            if u is not None and self.act_of(u):
+                act = self.act_of(u)
+                members.append(u)
+            self.consume(*members)
+            self.groups.append(_Group(Add(act), members, ops, out_channels=self.shape(n)[1]))
+            return
+        if n.op == "call_function" and n.target is torch.cat:
+            parts = n.args[0]
+            dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", 0)
+            if dim not in (1, -3) or not all(isinstance(p, fx.Node) for p in parts):
+                raise self.refuse(n, f"a concatenation along dimension {dim} (only channels, dim 1)")
+            self.consume(n)
+            self.groups.append(_Group(Concat(), [n], list(parts), out_channels=self.shape(n)[1]))
+            return
+        if isinstance(m, nn.MaxPool2d) or (n.op == "call_function" and n.target is F.max_pool2d):
+            return self.pool(n, m, MaxPool)
+        if isinstance(m, nn.AvgPool2d) or (n.op == "call_function" and n.target is F.avg_pool2d):
+            return self.pool(n, m, AvgPool)
+        if self.is_global_pool(n, keepdim=True):
+            return self.simple(n, GlobalAvgPool(flatten=False))
+        if self.is_global_pool(n, keepdim=False):
+            return self.simple(n, GlobalAvgPool(flatten=True))
+        if isinstance(m, nn.AdaptiveAvgPool2d) or (n.op == "call_function" and n.target is F.adaptive_avg_pool2d):
+            x = self.tensor_args(n)[0]
+            if self.shape(n) == self.shape(x):  # VGG/AlexNet at their input size: the identity
+                self.alias[n] = x
+                return
+            raise self.refuse(n, f"adaptive average pooling to {tuple(self.shape(n)[2:])} from "
+                                 f"{tuple(self.shape(x)[2:])}")
+        if self.is_flatten(n):
+            return self.simple(n, Flatten())
+        if isinstance(m, nn.BatchNorm1d):
+            raise self.refuse(n, "BatchNorm1d")
+        if not hasattr(n.meta.get("tensor_meta"), "shape") and not (n.op == "call_method" and n.target in
+                                                                     ("chunk", "split")):
+            return  # shape arithmetic (x.size(0) for a flatten): no tensor of its own
+        what = (type(m).__name__ if m is not None else getattr(n.target, "__name__", str(n.target)))
+        reason = {"view": "a reshape that mixes channels", "reshape": "a reshape that mixes channels",
+                  "transpose": "a transpose (channel shuffle)", "permute": "a permute (channels-last blocks)",
+                  "chunk": "splitting channels (chunk)", "split": "splitting channels (split)",
+                  "getitem": "indexing a tensor", "layer_norm": "LayerNorm",
+                  "LayerNorm": "LayerNorm", "LayerNorm2d": "LayerNorm"}.get(what, f"{what}")
+        raise self.refuse(n, reason)
+
+    def is_flatten(self, n: fx.Node) -> bool:
+        m = self.mod(n)
+        ok_shape = hasattr(n.meta.get("tensor_meta"), "shape") and len(self.shape(n)) == 2
+        if isinstance(m, nn.Flatten):
+            return m.start_dim == 1 and m.end_dim == -1
+        if n.op == "call_function" and n.target is torch.flatten:
+            return ok_shape and (n.args[1] if len(n.args) > 1 else n.kwargs.get("start_dim", 0)) == 1
+        if n.op == "call_method" and n.target in ("flatten", "view", "reshape"):
+            x = self.tensor_args(n)[0]
+            return ok_shape and len(self.shape(x)) == 4 and self.shape(n)[0] == self.shape(x)[0]
+        return False
+
+    def simple(self, n: fx.Node, op: Op) -> None:
+        self.consume(n)
+        self.groups.append(_Group(op, [n], self.tensor_args(n)[:1], out_channels=self.shape(n)[1]))
+
+    def pool(self, n: fx.Node, m: nn.Module | None, cls) -> None:
+        if m is not None:
+            k, s, p = m.kernel_size, m.stride, m.padding
+            ceil = bool(m.ceil_mode)
+            extra_ok = getattr(m, "dilation", 1) in (1, (1, 1)) and getattr(m, "count_include_pad", True) \
+                and getattr(m, "divisor_override", None) is None
+        else:
+            args = list(n.args[1:]) + [None] * 4
+            k = args[0] or n.kwargs.get("kernel_size")
+            s = args[1] or n.kwargs.get("stride") or k
+            p = args[2] or n.kwargs.get("padding", 0)
+            ceil = bool(n.kwargs.get("ceil_mode", False))
+            extra_ok = True
+        k, s, p = _pair(k), _pair(s if s is not None else k), _pair(p)
+        if None in (k, s, p) or not extra_ok or (ceil and cls is AvgPool):
+            raise self.refuse(n, "this pooling (non-square, dilated, ceil-mode average or a custom divisor)")
+        self.simple(n, cls(k, s, p, ceil) if cls is MaxPool else cls(k, s, p))
+
+    def conv(self, n: fx.Node, m: nn.Conv2d) -> None:
+        k, s, p = _pair(m.kernel_size), _pair(m.stride), _pair(m.padding)
+        if None in (k, s, p) or _pair(m.dilation) != 1 or m.padding_mode != "zeros" or isinstance(m.padding, str):
+            raise self.refuse(n, "a convolution with a non-square kernel, stride or padding, dilation or "
+                                 "non-zero padding mode")
+        cin, cout, g = m.in_channels, m.out_channels, m.groups
+        group_width = None
+        if g > 1:
+            if cin != cout:
+                raise self.refuse(n, f"a grouped convolution whose output ({cout}) differs from its input ({cin})")
+            group_width = cin // g
+        members, modules = [n], {"conv": m}
+        tail, bn_eps, act = n, 1e-5, None
+        u = self.sole_user(tail)
+        if u is not None and isinstance(self.mod(u), nn.BatchNorm2d):
+            modules["bn"] = self.mod(u)
+            bn_eps = modules["bn"].eps
+            members.append(u)
+            tail = u
+        residual = None
+        u = self.sole_user(tail)
+        if u is not None and self.add_operands(u) is not None:
+            a, b = self.add_operands(u)
+            other = b if a is tail else a
+            if other is not tail and self.shape(other) == self.shape(u):
+                residual = other
+                members.append(u)
+                tail = u
+        u = self.sole_user(tail)
+        if u is not None and self.act_of(u) is not None:
+            act = self.act_of(u)
+            members.append(u)
+        self.consume(*members)
+        op = Conv(k, s, p, group_width, act, "bn" in modules, m.bias is not None, bn_eps)
+        self.groups.append(_Group(op, members, [self.tensor_args(n)[0]] + ([residual] if residual is not None else []),
+                                  modules, sets_width=group_width is None, out_channels=cout))
+
+    def bn(self, n: fx.Node, m: nn.BatchNorm2d) -> None:
+        if not (m.affine and m.track_running_stats):
+            raise self.refuse(n, "BatchNorm without affine parameters or running statistics")
+        members, act = [n], None
+        u = self.sole_user(n)
+        if u is not None and self.act_of(u) is not None:
+            act = self.act_of(u)
+            members.append(u)
+        self.consume(*members)
+        self.groups.append(_Group(BatchNorm(act, m.eps), members, [self.tensor_args(n)[0]], {"bn": m},
+                                  out_channels=m.num_features))
+
+    def linear(self, n: fx.Node, m: nn.Linear) -> None:
+        if m.bias is None:
+            raise self.refuse(n, "a linear layer without a bias")
+        x = self.tensor_args(n)[0]
+        if len(self.shape(x)) != 2:
+            raise self.refuse(n, f"a linear layer on a {len(self.shape(x))}-D tensor (channels-last blocks)")
+        members, act = [n], None
+        u = self.sole_user(n)
+        if u is not None and self.act_of(u) is not None:
+            act = self.act_of(u)
+            members.append(u)
+        self.consume(*members)
+        self.groups.append(_Group(Linear(act), members, [x], {"linear": m}, sets_width=True,
+                                  out_channels=m.out_features))
+
+    # -- 2. emission order, names, units --------------------------------------------------------------
+    def resolve(self, n: fx.Node) -> fx.Node:
+        while n in self.alias:
+            n = self.alias[n]
+        return n
+
+    def build(self) -> tuple[Graph, dict[str, dict[str, nn.Module]]]:
+        order = {n: i for i, n in enumerate(self.nodes)}
+        groups = sorted(self.groups, key=lambda g: order[g.last])
+        placeholder = next(n for n in self.nodes if n.op == "placeholder")
+        (out_node,) = [n for n in self.nodes if n.op == "output"]
+        result = out_node.args[0]
+        if not isinstance(result, fx.Node):
+            raise ImportRefused(f"{type(self.module).__name__} returns {type(result).__name__}, not one tensor")
+        producer: dict[fx.Node, _Group] = {}
+        for g in groups:
+            producer[g.last] = g
+        used: set[str] = {INPUT}
+        tensor_of: dict[fx.Node, str] = {placeholder: INPUT}
+        for g in groups:
+            base = _clean(g.members[0].target if g.members[0].op == "call_module" else g.members[0].name)
+            name = base
+            k = 1
+            while name in used:
+                k += 1
+                name = f"{base}_{k}"
+            used.add(name)
+            g.name = name
+            tensor_of[g.last] = name
+
+        def tensor(n: fx.Node) -> str:
+            n = self.resolve(n)
+            if n not in tensor_of:
+                raise ImportRefused(f"{_where(n, self.gm)}: its value is used but was folded into another "
+                                    "operator; hwslim cannot split it")
+            return tensor_of[n]
+
+        # union-find over unit variables
+        parent: dict[int, int] = {}
+        quantum: dict[int, int] = {}
+        width: dict[int, int] = {}
+        owner: dict[int, str] = {}
+        fixed: set[int] = set()
+
+        def new(w: int, who: str, q: int = 1) -> int:
+            v = len(parent)
+            parent[v], quantum[v], width[v], owner[v] = v, q, w, who
+            return v
+
+        def find(v: int) -> int:
+            while parent[v] != v:
+                parent[v] = parent[parent[v]]
+                v = parent[v]
+            return v
+
+        def union(a: int, b: int) -> None:
+            a, b = find(a), find(b)
+            if a == b:
+                return
+            if width[a] != width[b]:
+                raise ImportRefused(f"channels of {owner[a]!r} ({width[a]}) and {owner[b]!r} ({width[b]}) are "
+                                    "combined element-wise but differ in count")
+            lo, hi = (a, b) if a < b else (b, a)
+            parent[hi] = lo
+            quantum[lo] = _lcm(quantum[lo], quantum[hi])
+            if hi in fixed:
+                fixed.add(lo)
+
+        image = new(int(self.example.shape[1]), INPUT)
+        fixed.add(image)
+        layout: dict[str, list[int]] = {INPUT: [image]}
+        mids: dict[str, int] = {}
+        for g in groups:
+            ins = [tensor(x) for x in g.inputs]
+            lay0 = layout[ins[0]]
+            if g.sets_width:
+                lay = [new(g.out_channels, g.name)]
+            elif isinstance(g.op, Concat):
+                lay = [v for t in ins for v in layout[t]]
+            else:
+                lay = list(lay0)
+            if isinstance(g.op, Conv) and g.op.group_width is not None:
+                if len(lay0) != 1:
+                    raise ImportRefused(f"{g.name}: a grouped convolution reading a concatenation")
+                quantum[find(lay0[0])] = _lcm(quantum[find(lay0[0])], g.op.group_width)
+            if isinstance(g.op, (Add, Conv)) and len(ins) > 1:  # element-wise: equal channel units
+                for t in ins[1:]:
+                    if len(layout[t]) != len(lay):
+                        raise ImportRefused(f"{g.name}: adds tensors made of different channel groups")
+                    for a, b in zip(lay, layout[t]):
+                        union(a, b)
+            if g.mid:
+                mids[g.name] = new(g.mid, f"{g.name}/se")
+            if self.keep is not None and self.keep.search(_dotted(g)):
+                fixed.update(lay)
+            layout[g.name] = lay
+        for v in layout[tensor(result)]:  # the network's outputs (the classes) are never slimmed
+            fixed.add(v)
+
+        roots = sorted({find(v) for v in parent})
+        fixed_roots = {find(v) for v in fixed}
+        names: dict[int, str] = {}
+        units: dict[str, UnitDef] = {}
+        for r in roots:
+            if r in fixed_roots:
+                continue
+            nm = owner[r]
+            names[r] = nm
+            units[nm] = UnitDef(width[r], quantum[r])
+
+        def ref(v: int):
+            r = find(v)
+            return names.get(r, width[r])
+
+        nodes, weights = [], {}
+        for g in groups:
+            ins = tuple(tensor(x) for x in g.inputs)
+            out = ref(layout[g.name][0]) if g.sets_width else None
+            mid = ref(mids[g.name]) if g.name in mids else None
+            nodes.append(Node(g.name, g.op, ins, out, mid))
+            if g.modules:
+                weights[g.name] = g.modules
+        if tensor(result) != nodes[-1].name:
+            raise ImportRefused(f"the output of {type(self.module).__name__} is not its last operator's")
+        num_classes = int(self.shape(result)[1])
+        graph = Graph(self.name, nodes, units, int(self.example.shape[-1]), num_classes,
+                      int(self.example.shape[1]), 1.0, 8, {"imported_from": type(self.module).__qualname__})
+        return graph, weights
+
+
+def _lcm(a: int, b: int) -> int:
+    import math
+
+    return a * b // math.gcd(a, b)
+
+
+def _clean(target: Any) -> str:
+    """A module path or fx name as a node name: ``layer1.0.conv1`` -> ``layer1/0/conv1``."""
+    return re.sub(r"[^A-Za-z0-9_/]", "/", str(target).replace(".", "/")).strip("/") or "node"
+
+
+def _dotted(g: _Group) -> str:
+    first = g.members[0]
+    return str(first.target) if first.op == "call_module" else first.name
+
+
+@torch.no_grad()
+def _copy_weights(net, weights: dict[str, dict[str, nn.Module]]) -> None:
+    for name, mods in weights.items():
+        dst = net.layers[name]
+        if "conv" in mods:
+            src = mods["conv"]
+            dst.conv.weight.copy_(src.weight)
+            if src.bias is not None:
+                dst.conv.bias.copy_(src.bias)
+            if "bn" in mods:
+                _copy_bn(dst.bn, mods["bn"])
+        elif "bn" in mods:
+            _copy_bn(dst, mods["bn"])
+        elif "linear" in mods:
+            dst.weight.copy_(mods["linear"].weight)
+            dst.bias.copy_(mods["linear"].bias)
+        elif "fc1" in mods:
+            for role in ("fc1", "fc2"):
+                getattr(dst, role).weight.copy_(mods[role].weight)
+                getattr(dst, role).bias.copy_(mods[role].bias)
+
+
+def _copy_bn(dst: nn.BatchNorm2d, src: nn.BatchNorm2d) -> None:
+    for attr in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+        getattr(dst, attr).copy_(getattr(src, attr))
+    dst.eps = src.eps
+    dst.momentum = src.momentum
+
+
+def import_model(module: nn.Module, example_input: torch.Tensor, *, name: str | None = None,
+                 keep: str | None = None, divisor: int = 8):
+    """The slimmable supernet of ``module`` (see the module docstring), with its weights.
+
+    ``keep``: a regular expression; modules whose qualified name matches it keep their
+    output channels. ``name``: the supernet's name (default: the module's class name).
+    Raises :class:`ImportRefused` (one line: the node, the module type and source line,
+    what is missing) for what hwslim cannot express; nothing is built then.
+    """
+    from dataclasses import replace
+
+    from hwslim.supernet import SlimmableNet
+
+    if not isinstance(module, nn.Module):
+        raise ImportRefused(f"expected an nn.Module, got {type(module).__name__}")
+    example = example_input.detach().to("cpu")
+    if example.dim() != 4 or example.shape[-1] != example.shape[-2]:
+        raise ImportRefused(f"the example input must be (N, C, S, S) images, got shape {tuple(example.shape)}")
+    was_training = module.training
+    try:
+        imp = _Importer(module, example, keep, name)
+        imp.group()
+        graph, weights = imp.build()
+    finally:
+        module.train(was_training)
+    net = SlimmableNet(replace(graph, divisor=divisor))
+    _copy_weights(net, weights)
+    return net.eval()
+
+
+__all__ = ["ImportRefused", "import_model"]

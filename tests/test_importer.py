@@ -1,0 +1,116 @@
+"""Importing a user's module: operators, units, weights, parity, and refusals that name the node."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from hwslim.errors import ModelError
+from hwslim.importer import ImportRefused, import_model
+from hwslim.materialize import materialize
+
+
+class SE(nn.Module):
+    def __init__(self, c: int, r: int) -> None:
+        super().__init__()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc1, self.fc2 = nn.Conv2d(c, r, 1), nn.Conv2d(r, c, 1)
+
+    def forward(self, x):
+        return x * torch.sigmoid(self.fc2(torch.relu(self.fc1(self.pool(x)))))
+
+
+class UserNet(nn.Module):
+    """A user's own CNN: stem, a grouped block with SE and a residual, a concat, a classifier."""
+
+    def __init__(self, classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.expand = nn.Sequential(nn.Conv2d(16, 32, 1, bias=False), nn.BatchNorm2d(32), nn.Hardswish())
+        self.group = nn.Sequential(nn.Conv2d(32, 32, 3, 1, 1, groups=4, bias=False), nn.BatchNorm2d(32), nn.ReLU6())
+        self.se = SE(32, 8)
+        self.project = nn.Sequential(nn.Conv2d(32, 16, 1, bias=False), nn.BatchNorm2d(16))
+        self.side = nn.Conv2d(16, 8, 3, padding=1)
+        self.pool = nn.MaxPool2d(2)
+        self.head = nn.Linear(24, classes)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = torch.relu(self.project(self.se(self.group(self.expand(x)))) + x)
+        x = torch.cat([x, torch.relu(self.side(x))], 1)
+        x = self.pool(x)
+        return self.head(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+def _randomize(module: nn.Module) -> nn.Module:
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    return module.eval()
+
+
+def test_user_model_imports_with_units_and_parity():
+    torch.manual_seed(0)
+    user = _randomize(UserNet())
+    x = torch.randn(2, 3, 32, 32)
+    net = import_model(user, x[:1], name="user_net")
+    kinds = [n.op.kind for n in net.nodes]
+    assert kinds.count("se") == 1 and "concat" in kinds and kinds.count("conv") == 5
+    # the residual ties the stem and the project output; the grouped conv keeps the expand's unit
+    assert "stem/0" in net.units and "project/0" not in net.units
+    assert net.units["expand/0"].divisor == 8 and net.units["expand/0"].grid == (8, 16, 24, 32)
+    assert net.num_classes == 10 and "head" not in net.units  # the classes are never slimmed
+    with torch.no_grad():
+        want, got = user(x), net(x)
+    assert (got - want).abs().max() <= 1e-4 * want.abs().max()
+    cfg = net.random_config(random.Random(0))
+    with torch.no_grad(), net.using(cfg):
+        torch.testing.assert_close(materialize(net, cfg).eval()(x), net(x), rtol=1e-5, atol=1e-6)
+
+
+def test_keep_fixes_the_named_modules():
+    net = import_model(UserNet(), torch.randn(1, 3, 32, 32), keep=r"^side$")
+    assert "side" not in net.units and "stem/0" in net.units
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small", "squeezenet1_1", "googlenet", "alexnet"])
+def test_torchvision_models_import_with_parity(name):
+    torch.manual_seed(0)
+    size = 224 if name != "alexnet" else 224
+    theirs = _randomize(torchvision.models.get_model(name, weights=None, **({"init_weights": False}
+                                                                             if name == "googlenet" else {})))
+    x = torch.randn(2, 3, size, size)
+    net = import_model(theirs, x[:1])
+    with torch.no_grad():
+        want, got = theirs(x), net(x)
+    assert (got - want).abs().max() <= 1e-4 * want.abs().max(), name
+    assert len(net.units) > 3
+
+
+def test_resnet18_costs_equal_torchvisions():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from hwslim.costs import model_costs
+
+    theirs = torchvision.models.resnet18(weights=None).eval()
+    net = import_model(theirs, torch.randn(1, 3, 224, 224))
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        theirs(torch.randn(1, 3, 224, 224))
+    c = model_costs(net)
+    assert (c.params, c.macs) == (11_689_512, 1_814_073_344) == (sum(p.numel() for p in theirs.parameters()),
+                                                                 counter.get_total_flops() // 2)
+
+
+def test_unsupported_operations_are_named_not_guessed():
+    with pytest.raises(ImportRefused, match=r"node 'permute' \(permute.*no operator for a permute"):
+        import_model(torchvision.models.convnext_tiny(weights=None), torch.randn(1, 3, 64, 64))
+    with pytest.raises(ImportRefused, match=r"no operator for (a reshape that mixes channels|a transpose)"):
+        import_model(torchvision.models.shufflenet_v2_x0_5(weights=None), torch.randn(1, 3, 64, 64))
+    assert issubclass(ImportRefused, ModelError)  # the CLI prints one line and exits 2
