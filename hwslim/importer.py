@@ -86,8 +86,9 @@ def _where(node: fx.Node, gm: fx.GraphModule) -> str:
         getattr(node.target, "__name__", str(node.target))
     stack = node.meta.get("stack_trace") or ""
     line = ""
-    for m in re.finditer(r'File "([^"]+)", line (\d+)', stack):
-        line = f", {m.group(1).split('site-packages/')[-1]}:{m.group(2)}"
+    for m in re.finditer(r'File "([^"]+)", line (\d+)', stack):  # the innermost frame: the user's code
+        if "torch/fx/" not in m.group(1) and "torch/nn/modules/module.py" not in m.group(1):
+            line = f", {m.group(1).split('site-packages/')[-1]}:{m.group(2)}"
     return f"node {node.name!r} ({what}{line})"
 
 
@@ -113,10 +114,16 @@ class _Importer:
     def __init__(self, module: nn.Module, example: torch.Tensor, keep: str | None, name: str | None) -> None:
         self.module = module.eval()
         self.example = example
-        self.keep = re.compile(keep) if keep else None
+        try:
+            self.keep = re.compile(keep) if keep else None
+        except re.error as e:
+            raise ImportRefused(f"--keep {keep!r} is not a regular expression ({e})") from None
         self.name = name or type(module).__name__.lower()
         try:
-            self.gm = fx.symbolic_trace(self.module)
+            tracer = fx.Tracer()
+            tracer.record_stack_traces = True  # so a refusal can name the source line
+            self.gm = fx.GraphModule(tracer.root if hasattr(tracer, "root") else self.module,
+                                     tracer.trace(self.module))
         except Exception as e:  # fx raises many kinds for data-dependent control flow
             raise ImportRefused(f"torch.fx cannot trace {type(module).__name__} ({type(e).__name__}: "
                                 f"{str(e).splitlines()[0][:160]}); make its forward free of data-dependent "
@@ -431,7 +438,12 @@ class _Importer:
         used: set[str] = {INPUT}
         tensor_of: dict[fx.Node, str] = {placeholder: INPUT}
         for g in groups:
-            base = _clean(g.members[0].target if g.members[0].op == "call_module" else g.members[0].name)
+            first = g.members[0]
+            if isinstance(g.op, SqueezeExcite):  # named after the module holding its convs, not its pool
+                first = g.members[1]
+                base = _clean(str(first.target).rpartition(".")[0] or first.target)
+            else:
+                base = _clean(first.target if first.op == "call_module" else first.name)
             name = base
             k = 1
             while name in used:
@@ -503,7 +515,7 @@ class _Importer:
                     for a, b in zip(lay, layout[t]):
                         union(a, b)
             if g.mid:
-                mids[g.name] = new(g.mid, f"{g.name}/se")
+                mids[g.name] = new(g.mid, f"{g.name}/mid")
             if self.keep is not None and self.keep.search(_dotted(g)):
                 fixed.update(lay)
             layout[g.name] = lay

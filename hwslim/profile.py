@@ -68,6 +68,7 @@ class ProfileSettings:
     in_network: bool | None = None  # None: the backend's default
     contexts: int = 2  # networks each entry is timed in (backends that time inside networks)
     channels_last: bool = False  # torch_cuda: NHWC tensors
+    keep: str | None = None  # imported models: modules whose name matches keep their width
 
     def __post_init__(self) -> None:
         """Refuse impossible settings before anything is measured or any file is touched."""
@@ -409,7 +410,8 @@ def profile(settings: ProfileSettings, progress: bool = False,
     log = log or (lambda msg: None)
     start = time.perf_counter()
     load_start = _load()
-    net = load_model(settings.model, width_mult=settings.width_mult, input_size=settings.input_size).eval()
+    net = load_model(settings.model, width_mult=settings.width_mult, input_size=settings.input_size,
+                     keep=settings.keep).eval()
     size = net.input_size
     profiler = get_profiler(settings.device, settings.backend, **_settings_kwargs(settings))
     try:

@@ -114,3 +114,13 @@ def test_unsupported_operations_are_named_not_guessed():
     with pytest.raises(ImportRefused, match=r"no operator for (a reshape that mixes channels|a transpose)"):
         import_model(torchvision.models.shufflenet_v2_x0_5(weights=None), torch.randn(1, 3, 64, 64))
     assert issubclass(ImportRefused, ModelError)  # the CLI prints one line and exits 2
+
+
+def test_cli_cost_of_a_torchvision_model_equals_torchvisions(capsys):
+    import json
+
+    from hwslim.cli import main
+
+    assert main(["cost", "--model", "torchvision:resnet18", "--json"]) == 0
+    c = json.loads(capsys.readouterr().out)
+    assert (c["params"], c["macs"]) == (11_689_512, 1_814_073_344)

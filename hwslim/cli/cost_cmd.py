@@ -14,8 +14,10 @@ from hwslim.resources import check_inference
 
 def register(sub) -> None:
     p = add_command(sub, "cost", run, run.__doc__)
-    p.add_argument("--model", help="a zoo model (see `hwslim models`), a graph JSON file or a checkpoint; "
-                                   "taken from --config if omitted (zoo models only)")
+    p.add_argument("--model", help="a zoo model (`hwslim models`), a graph JSON file, a checkpoint, "
+                                   "torchvision:NAME, timm:NAME or package.module:function; taken from --config "
+                                   "if omitted (zoo models only)")
+    p.add_argument("--keep", metavar="REGEX", help="imported models: modules whose name matches keep their width")
     p.add_argument("--width-mult", type=positive_float, help="supernet width multiplier (default: the model's)")
     p.add_argument("--config", help="a ChannelConfig JSON file (default: the full-width config)")
     p.add_argument("--input-size", type=positive_int, help="input height and width (default: the config's or model's)")
@@ -41,7 +43,7 @@ def run(args) -> int:
     width_mult = args.width_mult if args.width_mult is not None else (config.width_mult if config else None)
     input_size = args.input_size if args.input_size is not None else (config.input_size if config else None)
     with torch.device("meta"):
-        net = load_model(name, width_mult=width_mult, input_size=input_size)
+        net = load_model(name, width_mult=width_mult, input_size=input_size, keep=args.keep)
     if config is not None:
         net.validate(config)
     check_inference(net, config, batch=args.batch, input_size=input_size, dtype=args.dtype)

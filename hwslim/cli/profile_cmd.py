@@ -13,8 +13,10 @@ def register(sub) -> None:
     p.add_argument("--backend", choices=["ort", "trt", "torch", "onnxruntime", "tensorrt", "torch_cuda"],
                    help="latency backend (cpu: ort; cuda: trt or torch); default on cuda: trt when TensorRT "
                         "imports, else torch (with a one-line notice)")
-    p.add_argument("--model", default=None, help="a zoo model, graph JSON file or checkpoint (default: "
-                                                 "mobilenet_v2, a 1.5x supernet)")
+    p.add_argument("--model", default=None, help="a zoo model, graph JSON file, checkpoint, torchvision:NAME, "
+                                                 "timm:NAME or package.module:function (default: mobilenet_v2, "
+                                                 "a 1.5x supernet)")
+    p.add_argument("--keep", metavar="REGEX", help="imported models: modules whose name matches keep their width")
     p.add_argument("--width-mult", type=positive_float, help="supernet width multiplier (default: the model's)")
     p.add_argument("--input-size", type=positive_int, help="input height and width (default: the model's)")
     p.add_argument("--batch", type=positive_int, default=1)
@@ -71,7 +73,8 @@ def run(args) -> int:
     if args.out is not None:
         check_output(args.out, kind="file")
     with torch.device("meta"):  # shapes only: refuse sizes this machine cannot run before any work
-        shapes = load_model(args.model or DEFAULT_MODEL, width_mult=args.width_mult, input_size=args.input_size)
+        shapes = load_model(args.model or DEFAULT_MODEL, width_mult=args.width_mult, input_size=args.input_size,
+                            keep=args.keep)
     check_inference(shapes, batch=args.batch, input_size=args.input_size,
                     dtype=args.dtype if args.dtype in ("float16", "bfloat16") else "float32")
     set_threads(None)  # PyTorch only builds the networks here; the runtime's threads are the table's setting
@@ -84,7 +87,7 @@ def run(args) -> int:
         input_size=args.input_size, batch=args.batch, threads=args.threads, dtype=args.dtype, out=args.out,
         calib_configs=args.calib_configs, holdout_configs=args.holdout_configs, seed=args.seed, force=args.force,
         quick=args.quick, in_network=False if args.isolated else None, contexts=args.contexts,
-        channels_last=args.channels_last)
+        channels_last=args.channels_last, keep=args.keep)
     busy = busy_note()
     if busy:
         header += f"\nwarning: {busy}"
