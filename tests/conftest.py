@@ -2,9 +2,15 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import pytest
 import torch
+
+# Without a GPU the Triton kernels run in Triton's CPU interpreter, which must be chosen before
+# Triton is first imported; other tests (torch.fx, FlopCounterMode) may import it, so it is set here.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_collection_modifyitems(config, items):
