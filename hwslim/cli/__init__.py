@@ -113,6 +113,17 @@ def main(argv: list[str] | None = None) -> int:
             raise
 
 
+def entry() -> int:
+    """The console script and ``python -m hwslim``: :func:`main`, then a Ctrl-C during the
+    interpreter's shutdown (torch's teardown takes a while) no longer kills a finished run
+    with a signal status: its work is done and its files are written."""
+    import signal
+
+    code = main()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    return code
+
+
 def _os_error(e: OSError) -> str:
     what = e.strerror or str(e)
     if e.filename is not None:
