@@ -102,6 +102,7 @@ class TrainConfig:
     # channels are then sorted by importance (hwslim.importance); ``keep``: modules whose outputs stay whole
     init: str | None = None  # a state-dict file, or a torchvision/timm weights name (IMAGENET1K_V1; downloads)
     keep: str | None = None  # a regular expression over the module's qualified names
+    sort: bool | None = None  # sort the --init weights' channels by importance (default True; False: measure it)
     # optimization (recipe)
     batch_size: int | None = None  # global, across all ranks; default 128
     lr: float | None = None  # default 0.1 * batch_size / 128
@@ -131,7 +132,7 @@ class TrainConfig:
 
     RECIPE = ("model", "data", "width_mult", "input_size", "num_classes", "divisor", "batch_size", "lr", "momentum",
               "weight_decay", "warmup_epochs", "num_random", "label_smoothing", "search_size", "seed",
-              "distill_after_warmup", "train_subset", "init", "keep")
+              "distill_after_warmup", "train_subset", "init", "keep", "sort")
 
     def validate(self) -> None:
         """Raise :class:`TrainError` for a value no run can use (before anything is read or written)."""
@@ -177,6 +178,8 @@ class TrainConfig:
                         else "zoo models and graph files start from random weights")
                 raise TrainError(f"--{name} applies to a model imported from PyTorch (--model torchvision:NAME, "
                                  f"timm:NAME or package.module:callable), not {self.model!r}; {what}")
+        if self.sort is not None and self.init is None:
+            raise TrainError("--no-sort applies to a start from trained weights; add --init WEIGHTS")
         if self.keep is not None:
             try:
                 re.compile(self.keep)
@@ -202,6 +205,7 @@ class TrainConfig:
             label_smoothing=0.1 if self.label_smoothing is None else self.label_smoothing,
             seed=0 if self.seed is None else self.seed,
             distill_after_warmup=True if self.distill_after_warmup is None else self.distill_after_warmup,
+            sort=(self.sort is not False) if self.init is not None else None,
         )
 
     def recipe(self) -> dict[str, Any]:
@@ -367,12 +371,14 @@ class _Run:
                              "lower --batch-size")
         if resumed is not None:
             net.load_state_dict(resumed.model.state_dict())
-        elif init is not None:  # trained weights: the first k channels of every unit become its k best
+        elif init is not None and cfg.sort is not False:  # the first k channels of every unit become its k best
             from hwslim.importance import sort_channels
 
             moved = sum(not torch.equal(p, torch.arange(len(p))) for p in sort_channels(net).values())
             if world.is_main:
                 log(f"started from {init}; channels sorted by importance in {moved} of {len(net.units)} units")
+        elif init is not None and world.is_main:
+            log(f"started from {init}; channels in their trained order (no sort)")
         self.net = net.to(self.dev)
         self.cuda = self.dev.type == "cuda"
         if self.cuda and cfg.channels_last:

@@ -389,6 +389,17 @@ def test_init_starts_from_the_trained_weights_with_channels_sorted(tmp_path, mon
     resumed = train(replace(cfg, init=None, keep=None, epochs=2, resume=True), log=lines.append)
     assert set(resumed.model.units) == {"stem/0", "block/0"}
     assert load_checkpoint(tmp_path / "run" / "checkpoint.pt").train_args["init"] == str(weights)
+    # --no-sort: the trained order, as imported
+    unsorted = train(replace(cfg, sort=False, out=str(tmp_path / "unsorted")), log=lines.append)
+    plain = import_model(user, torch.randn(1, 3, 8, 8), keep="^side$").state_dict()
+    torch.testing.assert_close(unsorted.model.state_dict()["layers.block/0.conv.weight"],
+                               plain["layers.block/0.conv.weight"], rtol=0, atol=1e-6)
+    assert any("channels in their trained order (no sort)" in line for line in lines)
+
+
+def test_no_sort_needs_init(tmp_path):
+    with pytest.raises(TrainError, match="--no-sort applies to a start from trained weights"):
+        train(TrainConfig(epochs=1, out=str(tmp_path / "r"), sort=False, **TINY))
 
 
 @pytest.mark.parametrize("model, hint", [("resnet20", "zoo models"), ("run/checkpoint.pt", "--resume")])

@@ -38,6 +38,8 @@ def register(sub) -> None:
     g.add_argument("--init", metavar="WEIGHTS",
                    help="start an imported model from trained weights: a state-dict file, or a torchvision/timm "
                         "weights name (IMAGENET1K_V1; downloads); its channels are sorted by importance first")
+    g.add_argument("--no-sort", dest="sort", action="store_const", const=False,
+                   help="start from --init weights in their own channel order (to measure what sorting is worth)")
     g.add_argument("--keep", metavar="REGEX",
                    help="an imported model's modules whose qualified name matches keep their output channels")
     g = p.add_argument_group("recipe")
