@@ -16,7 +16,10 @@ consumer asks the operator, never compares names:
   only the kept channels), :meth:`Op.run_plain`, :meth:`Op.folded`;
 * channel units: :attr:`Op.mixes` (output channels depend on several input channels:
   the search's fast evaluator shares computation only up to such a node) and
-  :meth:`Op.unit_ties` (which widths must stay equal).
+  :meth:`Op.unit_ties` (which widths must stay equal);
+* channel order (a trained start, :mod:`hwslim.importance`): :meth:`Op.importance` (scores
+  of the channels the node's weights produce) and :meth:`Op.permute` (reorder its weights
+  for permuted input, output and inner channels, leaving the function unchanged).
 
 Adding an operator is one class here (registered with :func:`register_op`) plus its
 tests; see "Adding an operator" in the README.
@@ -208,6 +211,26 @@ class Op:
         """The op and module with BatchNorm folded (inference); unchanged by default."""
         return self, module
 
+    # -- channel order ----------------------------------------------------------------------------
+    def importance(self, module: nn.Module | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Scores of the channels this node's weights produce: (its output's channels over the
+        output's full layout, its inner ``mid`` channels); None where it has none (weightless ops)."""
+        return None, None
+
+    def permute(self, module: nn.Module | None, node: "Node", in_perms: Sequence[torch.Tensor | None],
+                out_perm: torch.Tensor | None, mid_perm: torch.Tensor | None = None) -> None:
+        """Reorder ``module``'s weights, in place, for inputs whose channels were reordered.
+
+        A permutation ``p`` says that new channel ``i`` is old channel ``p[i]``.
+        ``in_perms[k]``: input k's channels over its full layout (features, channel-major,
+        for a flattened input); ``out_perm`` / ``mid_perm``: the node's ``out`` / ``mid``
+        unit. None: unchanged. An op whose output follows its input (a grouped conv, SE,
+        BatchNorm) reorders its output by ``in_perms[0]``. After every node has been
+        permuted consistently, the network computes what it did before.
+        """
+        if module is not None:
+            raise NotImplementedError(f"operator {self.kind!r} cannot reorder its weights' channels")
+
 
 def _conv_out(size: int, kernel: int, stride: int, padding: int) -> int:
     return (size + 2 * padding - kernel) // stride + 1
@@ -237,6 +260,28 @@ def spec_index(s: "LayerSpec") -> torch.Tensor | None:
         return None
     k = s.in_per_channel
     return torch.cat([torch.arange(off * k, (off + w) * k) for off, w in s.in_parts])
+
+
+# -- reordering channels (shared by the ops with weights) ----------------------------------------------
+@torch.no_grad()
+def _permute_(t: torch.Tensor | None, perm: torch.Tensor | None, dim: int = 0) -> None:
+    """Reorder ``t`` along ``dim`` in place: new index i holds old index ``perm[i]``."""
+    if t is None or perm is None:
+        return
+    if len(perm) != t.shape[dim]:
+        raise ValueError(f"a permutation of {len(perm)} channels for a dimension of {t.shape[dim]}")
+    t.copy_(t.index_select(dim, perm.to(t.device)))
+
+
+def _permute_bn(bn: nn.BatchNorm2d | None, perm: torch.Tensor | None) -> None:
+    if bn is not None:
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            _permute_(getattr(bn, name), perm)
+
+
+def _filter_norms(w: torch.Tensor) -> torch.Tensor:
+    """L2 norm of each output filter (row) of a weight."""
+    return w.detach().float().flatten(1).norm(dim=1).cpu()
 
 
 # -- BatchNorm, shared by Conv and BatchNorm --------------------------------------------------------
@@ -397,6 +442,26 @@ class Conv(Op):
     def run_plain(self, module, xs, s, inplace, training):
         return self._tail(module(xs[0]), xs, fresh())
 
+    def importance(self, module):  # |BN scale|, else the filters' L2 norms
+        if self.bn:
+            return module.bn.weight.detach().float().abs().cpu(), None
+        return _filter_norms(module.conv.weight), None
+
+    def permute(self, module, node, in_perms, out_perm, mid_perm=None):
+        conv, p_in = module.conv, in_perms[0]
+        if self.tied:  # the output is the input's channels: whole groups move, their filters with them
+            g = self.group_width
+            if p_in is not None and g > 1 and not torch.equal(
+                    p_in.view(-1, g), p_in.view(-1, g)[:, :1] + torch.arange(g, device=p_in.device)):
+                raise ValueError(f"{node.name}: a grouped conv's channels can move only in whole groups of {g}")
+            rows = p_in
+        else:
+            _permute_(conv.weight, p_in, 1)
+            rows = out_perm
+        _permute_(conv.weight, rows)
+        _permute_(conv.bias, rows)
+        _permute_bn(module.bn, rows)
+
     def folded(self, s, module):
         if not self.bn:
             return self, module
@@ -473,6 +538,18 @@ class SqueezeExcite(Op):
                 m.fc2.bias.copy_(_take(src.fc2.bias, index, s.cin))
             m = m.to(src.fc1.weight.device, src.fc1.weight.dtype)
         return m
+
+    def importance(self, module):  # the gate scales its input: only the reduce channels are its own
+        return None, _filter_norms(module.fc1.weight)
+
+    def permute(self, module, node, in_perms, out_perm, mid_perm=None):
+        p = in_perms[0]  # the output follows the input
+        _permute_(module.fc1.weight, p, 1)
+        _permute_(module.fc1.weight, mid_perm)
+        _permute_(module.fc1.bias, mid_perm)
+        _permute_(module.fc2.weight, mid_perm, 1)
+        _permute_(module.fc2.weight, p)
+        _permute_(module.fc2.bias, p)
 
     def run_plain(self, module, xs, s, inplace, training):
         x = xs[0]
@@ -582,6 +659,12 @@ class BatchNorm(Op):
 
     def plain(self, s, src):
         return _plain_bn(src, s.cin, spec_index(s)) if src is not None else nn.BatchNorm2d(s.cin, eps=self.eps)
+
+    def importance(self, module):
+        return module.weight.detach().float().abs().cpu(), None
+
+    def permute(self, module, node, in_perms, out_perm, mid_perm=None):
+        _permute_bn(module, in_perms[0])
 
     def run_plain(self, module, xs, s, inplace, training):
         return apply_act(self.act, module(xs[0]), fresh())
@@ -798,6 +881,14 @@ class Linear(Op):
         out = ctx.out if ctx.out is not None else module.out_features
         w = _take(module.weight[:out], ctx.index, x.shape[1], dim=1)
         return apply_act(self.act, F.linear(x, w, module.bias[:out]), fresh())
+
+    def importance(self, module):
+        return _filter_norms(module.weight), None
+
+    def permute(self, module, node, in_perms, out_perm, mid_perm=None):
+        _permute_(module.weight, in_perms[0], 1)  # features: a flattened map's positions per channel
+        _permute_(module.weight, out_perm)
+        _permute_(module.bias, out_perm)
 
     def plain(self, s, src):
         lin = nn.Linear(s.cin, s.cout)

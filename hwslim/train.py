@@ -17,6 +17,17 @@ warm-up then cosine decay per step, no weight decay on BatchNorm, biases and dep
 weights (they are few and decay only hurts them). On CUDA: mixed precision (bf16, or
 fp16 with loss scaling) and channels-last.
 
+**A trained start.** For a model imported from PyTorch (``torchvision:NAME``, ``timm:NAME``,
+``package.module:callable``), ``init`` names its trained weights (a state-dict file, or a
+torchvision/timm weights name). The supernet starts from them with every unit's channels
+sorted by importance (:func:`hwslim.importance.sort_channels`: the full network computes
+what the trained one does, and the first k channels of a unit are its k most important),
+then the sandwich rule fine-tunes it. ``keep`` (a regular expression over module names)
+keeps those modules' outputs whole. From Python, the same start is::
+
+    net = import_model(trained, torch.randn(1, 3, 224, 224))   # hwslim.importer
+    sort_channels(net)                                          # hwslim.importance
+
 Runs on one CPU, one GPU, or many through ``torchrun`` (DistributedDataParallel;
 ``batch_size`` is the *global* batch, split across ranks; only rank 0 writes).
 Each epoch's metrics go to ``OUT/metrics.jsonl`` and, as a JSON line, to ``train(cfg, log=...)``
@@ -36,6 +47,7 @@ import json
 import math
 import numbers
 import random
+import re
 import sys
 import time
 from dataclasses import dataclass, field, fields, replace
@@ -51,7 +63,7 @@ from hwslim.checkpoint import load_checkpoint, save_checkpoint
 from hwslim.config import ChannelConfig
 from hwslim.data import SMALL_INPUT, mix_seeds, build_data, validation_split
 from hwslim.errors import CheckpointError, HwslimError, OutputExistsError
-from hwslim.models import load_model
+from hwslim.models import is_module_spec, load_model
 from hwslim.outputs import check_output, remove_stale_temporaries
 from hwslim.resources import check_training
 from hwslim.slimmable import BN_TYPES, SlimmableConv2d
@@ -86,6 +98,11 @@ class TrainConfig:
     input_size: int | None = None
     num_classes: int | None = None
     divisor: int | None = None
+    # a trained start (recipe): weights for an imported model (torchvision:/timm:/module:callable), whose
+    # channels are then sorted by importance (hwslim.importance); ``keep``: modules whose outputs stay whole
+    init: str | None = None  # a state-dict file, or a torchvision/timm weights name (IMAGENET1K_V1; downloads)
+    keep: str | None = None  # a regular expression over the module's qualified names
+    sort: bool | None = None  # sort the --init weights' channels by importance (default True; False: measure it)
     # optimization (recipe)
     batch_size: int | None = None  # global, across all ranks; default 128
     lr: float | None = None  # default 0.1 * batch_size / 128
@@ -115,7 +132,7 @@ class TrainConfig:
 
     RECIPE = ("model", "data", "width_mult", "input_size", "num_classes", "divisor", "batch_size", "lr", "momentum",
               "weight_decay", "warmup_epochs", "num_random", "label_smoothing", "search_size", "seed",
-              "distill_after_warmup", "train_subset")
+              "distill_after_warmup", "train_subset", "init", "keep", "sort")
 
     def validate(self) -> None:
         """Raise :class:`TrainError` for a value no run can use (before anything is read or written)."""
@@ -153,6 +170,21 @@ class TrainConfig:
         check("label_smoothing", self.label_smoothing is None or
               (is_num(self.label_smoothing) and 0 <= self.label_smoothing < 1), "at least 0 and below 1")
         check("seed", self.seed is None or is_int(self.seed), "a whole number")
+        for name in ("init", "keep"):
+            v = getattr(self, name)
+            check(name, v is None or (isinstance(v, str) and v != ""), "a non-empty string")
+            if v is not None and not is_module_spec(self.model):
+                what = ("--resume continues a run from its checkpoint" if self.model.endswith((".pt", ".pth"))
+                        else "zoo models and graph files start from random weights")
+                raise TrainError(f"--{name} applies to a model imported from PyTorch (--model torchvision:NAME, "
+                                 f"timm:NAME or package.module:callable), not {self.model!r}; {what}")
+        if self.sort is not None and self.init is None:
+            raise TrainError("--no-sort applies to a start from trained weights; add --init WEIGHTS")
+        if self.keep is not None:
+            try:
+                re.compile(self.keep)
+            except re.error as e:
+                raise TrainError(f"--keep {self.keep!r} is not a regular expression ({e})") from None
 
     def resolved(self, input_size: int, num_classes: int) -> "TrainConfig":
         """Fill defaults that depend on the model's input size and the data."""
@@ -173,6 +205,7 @@ class TrainConfig:
             label_smoothing=0.1 if self.label_smoothing is None else self.label_smoothing,
             seed=0 if self.seed is None else self.seed,
             distill_after_warmup=True if self.distill_after_warmup is None else self.distill_after_warmup,
+            sort=(self.sort is not False) if self.init is not None else None,
         )
 
     def recipe(self) -> dict[str, Any]:
@@ -305,13 +338,14 @@ class _Run:
             cfg = self._merge_recorded(cfg, resumed.train_args)
         # the model fixes input size and class count; the data must fit them
         seed = 0 if cfg.seed is None else cfg.seed
+        init = cfg.init if resumed is None else None  # a resumed run's weights come from its checkpoint
         with torch.device("meta"):  # refuse sizes this machine cannot train before any allocation
             shapes = load_model(cfg.model, width_mult=cfg.width_mult, input_size=cfg.input_size,
-                                num_classes=cfg.num_classes, divisor=cfg.divisor)
+                                num_classes=cfg.num_classes, divisor=cfg.divisor, keep=cfg.keep)
         check_training(shapes, batch=max(1, (cfg.batch_size or 128) // world.size))
         torch.manual_seed(mix_seeds(seed, 99))  # the initial weights follow the seed too
         net = load_model(cfg.model, width_mult=cfg.width_mult, input_size=cfg.input_size,
-                         num_classes=cfg.num_classes, divisor=cfg.divisor)
+                         num_classes=cfg.num_classes, divisor=cfg.divisor, init=init, keep=cfg.keep)
         fetch = cfg.download and world.distributed  # rank 0 downloads, the others wait, then read
         if fetch and not world.is_main:
             distributed.barrier(world)
@@ -323,7 +357,7 @@ class _Run:
         n_cls = int(self.data.info["num_classes"])
         if cfg.num_classes is None and n_cls != net.num_classes:
             net = load_model(cfg.model, width_mult=cfg.width_mult, input_size=net.input_size,
-                             num_classes=n_cls, divisor=cfg.divisor)
+                             num_classes=n_cls, divisor=cfg.divisor, init=init, keep=cfg.keep)
         elif n_cls > net.num_classes:
             raise TrainError(f"the data has {n_cls} classes but --num-classes is {net.num_classes}")
         cfg = cfg.resolved(net.input_size, net.num_classes)
@@ -337,6 +371,14 @@ class _Run:
                              "lower --batch-size")
         if resumed is not None:
             net.load_state_dict(resumed.model.state_dict())
+        elif init is not None and cfg.sort is not False:  # the first k channels of every unit become its k best
+            from hwslim.importance import sort_channels
+
+            moved = sum(not torch.equal(p, torch.arange(len(p))) for p in sort_channels(net).values())
+            if world.is_main:
+                log(f"started from {init}; channels sorted by importance in {moved} of {len(net.units)} units")
+        elif init is not None and world.is_main:
+            log(f"started from {init}; channels in their trained order (no sort)")
         self.net = net.to(self.dev)
         self.cuda = self.dev.type == "cuda"
         if self.cuda and cfg.channels_last:

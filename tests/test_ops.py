@@ -52,6 +52,19 @@ def test_every_registered_operator_is_in_the_test_network():
     assert {n.op.kind for n in every_op_net().nodes} == set(OPS)
 
 
+def test_sorting_channels_keeps_every_operators_function():
+    from hwslim.importance import sort_channels
+
+    net = every_op_net()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        want = net(x)
+    perms = sort_channels(net)
+    assert all(not torch.equal(p, torch.arange(len(p))) for p in perms.values())
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), want, rtol=1e-5, atol=1e-6)
+
+
 def test_operator_costs_by_hand():
     se = layer_spec("se", SqueezeExcite("relu", "sigmoid"), 32, 8, mid=8)
     assert (se.op.macs(se), se.op.params(se)) == (2 * 32 * 8, 2 * 32 * 8 + 8 + 32)

@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 import random
 import socket
+from dataclasses import replace
 
 import pytest
 import torch
@@ -318,3 +319,95 @@ def test_cli_train_subset_is_recorded_and_the_final_scores_say_what_they_are_on(
     # resume keeps the subset; a different one is refused
     assert main(["train", *TINY_CLI, "--epochs", "1", "--train-subset", "100", "--out", str(run), "--resume"]) == 2
     assert "train_subset" in capsys.readouterr().err
+
+
+TRAINED_NET = '''
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.block = nn.Sequential(nn.Conv2d(16, 32, 3, 2, 1, bias=False), nn.BatchNorm2d(32), nn.ReLU())
+        self.side = nn.Conv2d(32, 16, 1)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.side(self.block(self.stem(x))))
+        return self.head(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+def build():
+    return Net()
+'''
+
+
+def _trained_weights(tmp_path, monkeypatch):
+    """A user's model file in the working directory and its 'trained' state dict."""
+    (tmp_path / "trained_start_net.py").write_text(TRAINED_NET)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from trained_start_net import build
+
+    user = build()
+    with torch.no_grad():
+        for m in user.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.uniform_(0.1, 2.0)
+                m.bias.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+    torch.save(user.state_dict(), tmp_path / "w.pth")
+    return user.eval(), tmp_path / "w.pth"
+
+
+def test_init_starts_from_the_trained_weights_with_channels_sorted(tmp_path, monkeypatch):
+    from hwslim.importance import sort_channels
+    from hwslim.importer import import_model
+
+    user, weights = _trained_weights(tmp_path, monkeypatch)
+    want = import_model(user, torch.randn(1, 3, 8, 8), keep="^side$")
+    perms = sort_channels(want)
+    assert not torch.equal(perms["block/0"], torch.arange(32))
+    lines: list[str] = []
+    # a learning rate of 1e-9: the weights after one epoch are the weights training started from
+    cfg = TrainConfig(model="trained_start_net:build", init=str(weights), keep="^side$", data="synthetic:300",
+                      input_size=8, batch_size=32, search_size=44, synthetic_val=64, calib_images=64, lr=1e-9,
+                      progress=False, epochs=1, out=str(tmp_path / "run"))
+    result = train(cfg, log=lines.append)
+    assert set(result.model.units) == {"stem/0", "block/0"}  # --keep: the side conv's output stays whole
+    assert any("channels sorted by importance in 2 of 2 units" in line for line in lines)
+    got, ref = result.model.state_dict(), want.state_dict()
+    assert got.keys() == ref.keys()
+    for k in ref:
+        if "running_" not in k and "num_batches" not in k:
+            torch.testing.assert_close(got[k], ref[k], rtol=0, atol=1e-6, msg=k)
+    args = load_checkpoint(tmp_path / "run" / "checkpoint.pt").train_args
+    assert (args["init"], args["keep"]) == (str(weights), "^side$")
+    # resuming takes the weights from the checkpoint and keeps the recorded --init/--keep
+    resumed = train(replace(cfg, init=None, keep=None, epochs=2, resume=True), log=lines.append)
+    assert set(resumed.model.units) == {"stem/0", "block/0"}
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.pt").train_args["init"] == str(weights)
+    # --no-sort: the trained order, as imported
+    unsorted = train(replace(cfg, sort=False, out=str(tmp_path / "unsorted")), log=lines.append)
+    plain = import_model(user, torch.randn(1, 3, 8, 8), keep="^side$").state_dict()
+    torch.testing.assert_close(unsorted.model.state_dict()["layers.block/0.conv.weight"],
+                               plain["layers.block/0.conv.weight"], rtol=0, atol=1e-6)
+    assert any("channels in their trained order (no sort)" in line for line in lines)
+
+
+def test_no_sort_needs_init(tmp_path):
+    with pytest.raises(TrainError, match="--no-sort applies to a start from trained weights"):
+        train(TrainConfig(epochs=1, out=str(tmp_path / "r"), sort=False, **TINY))
+
+
+@pytest.mark.parametrize("model, hint", [("resnet20", "zoo models"), ("run/checkpoint.pt", "--resume")])
+@pytest.mark.parametrize("opt", ["--init", "--keep"])
+def test_cli_init_and_keep_need_an_imported_model(tmp_path, capsys, model, hint, opt):
+    code = main(["train", "--model", model, "--data", "synthetic:300", "--epochs", "1",
+                 "--out", str(tmp_path / "out"), opt, "w.pth" if opt == "--init" else "fc"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert f"{opt} applies to a model imported from PyTorch" in err and hint in err
+    assert not (tmp_path / "out").exists()

@@ -21,7 +21,9 @@ def _nonneg_float(text: str) -> float:
 
 def register(sub) -> None:
     p = add_command(sub, "train", run, run.__doc__)
-    p.add_argument("--model", required=True, help="zoo model name (see `hwslim models`)")
+    p.add_argument("--model", required=True,
+                   help="zoo model name (see `hwslim models`), a graph JSON file, or a PyTorch model to import: "
+                        "torchvision:NAME | timm:NAME | package.module:callable")
     p.add_argument("--data", required=True,
                    help="synthetic[:N] | cifar10[:ROOT] | cifar100[:ROOT] | "
                         "an ImageFolder dir (train/ + val/ or test/)")
@@ -33,6 +35,13 @@ def register(sub) -> None:
     g.add_argument("--input-size", type=positive_int, help="input resolution (model default if omitted)")
     g.add_argument("--num-classes", type=positive_int, help="classifier outputs (default: the data's class count)")
     g.add_argument("--divisor", type=int, choices=(8, 16, 32), help="channel rounding divisor (default 8)")
+    g.add_argument("--init", metavar="WEIGHTS",
+                   help="start an imported model from trained weights: a state-dict file, or a torchvision/timm "
+                        "weights name (IMAGENET1K_V1; downloads); its channels are sorted by importance first")
+    g.add_argument("--no-sort", dest="sort", action="store_const", const=False,
+                   help="start from --init weights in their own channel order (to measure what sorting is worth)")
+    g.add_argument("--keep", metavar="REGEX",
+                   help="an imported model's modules whose qualified name matches keep their output channels")
     g = p.add_argument_group("recipe")
     g.add_argument("--batch-size", type=positive_int, help="global batch size, split across processes (default 128)")
     g.add_argument("--lr", type=positive_float, help="peak learning rate (default 0.1 x batch / 128)")
@@ -87,6 +96,11 @@ def run(args) -> int:
       torchrun --nproc-per-node 8 --no-python hwslim train --model mobilenet_v2 \\
           --data /data/imagenet --epochs 100 --batch-size 1024 --out runs/mbv2
     (--batch-size is the global batch; only rank 0 writes.)
+
+    A trained start: --model torchvision:resnet18 --init weights.pth imports the model
+    with its weights and sorts every unit's channels by importance (BN scale, else filter
+    norm) without changing what it computes, so narrow configs start from the best
+    channels; the sandwich rule then fine-tunes it.
 
     Example (CPU, a minute):
       hwslim train --model resnet20 --width-mult 0.5 --input-size 16 \\
