@@ -124,3 +124,70 @@ def test_cli_cost_of_a_torchvision_model_equals_torchvisions(capsys):
     assert main(["cost", "--model", "torchvision:resnet18", "--json"]) == 0
     c = json.loads(capsys.readouterr().out)
     assert (c["params"], c["macs"]) == (11_689_512, 1_814_073_344)
+
+
+USER_FILE = '''
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 32, 3, 2, 1, bias=False), nn.BatchNorm2d(32), nn.ReLU())
+        self.fc1, self.fc2 = nn.Conv2d(32, 8, 1), nn.Conv2d(8, 32, 1)
+        self.branch = nn.Sequential(nn.Conv2d(32, 32, 3, 1, 1, bias=False), nn.BatchNorm2d(32), nn.ReLU())
+        self.head = nn.Linear(64, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = x * torch.sigmoid(self.fc2(torch.relu(self.fc1(x.mean((2, 3), keepdim=True)))))
+        x = torch.cat([x, self.branch(x)], 1)
+        return self.head(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+def build():
+    return Net()
+'''
+
+
+def test_users_own_model_end_to_end(tmp_path, monkeypatch, capsys):
+    """Issue 12.6: a user's CNN file (SE, concat), its trained weights, then train, profile, search, export, verify."""
+    import json
+    import sys
+
+    from hwslim.cli import main
+    from hwslim.data import build_data
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "user_cnn_e2e.py").write_text(USER_FILE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import user_cnn_e2e
+
+    # the user's own training, briefly: the weights hwslim starts from
+    torch.manual_seed(0)
+    model = user_cnn_e2e.build()
+    data = build_data("synthetic:400", 16, search_size=0, seed=0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    for x, y in list(data.batches(0, 64))[:5]:
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    torch.save(model.state_dict(), tmp_path / "weights.pth")
+    sys.modules.pop("user_cnn_e2e", None)
+
+    assert main(["train", "--model", "user_cnn_e2e:build", "--init", "weights.pth", "--input-size", "16",
+                 "--data", "synthetic:400", "--epochs", "1", "--batch-size", "50", "--threads", "1",
+                 "--no-progress", "--out", "run"]) == 0
+    ckpt = "run/checkpoint.pt"
+    assert main(["profile", "--device", "cpu", "--model", ckpt, "--quick", "--calib-configs", "4",
+                 "--holdout-configs", "2", "--out", "table/t.csv", "--json"]) == 0
+    capsys.readouterr()
+    assert main(["search", "--checkpoint", ckpt, "--params-m", "0.008", "--out", "search", "--no-progress",
+                 "--max-images", "40", "--json"]) == 0
+    (cfg,) = json.loads(capsys.readouterr().out)
+    assert cfg["meta"]["params_m"] <= 0.008
+    assert main(["export", "--checkpoint", ckpt, "--config", cfg["file"], "--out", "small.onnx", "--json"]) == 0
+    capsys.readouterr()
+    assert main(["verify", "small.onnx", "--table", "table/t.csv", "--budget-ms", "1000", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["measured_ms"] > 0
