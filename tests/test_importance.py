@@ -94,7 +94,7 @@ def test_sorting_an_imported_model_keeps_its_function():
     assert net.graph.units["expand/0"].quantum == 8 and net.per_channel("flatten") == 16
     assert net.tensor_layout("cat") == ("stem/0", "side")
     perms = _check_sorted(net, x)
-    assert set(perms) == {"stem/0", "expand/0", "mean/se", "side", "hidden"}
+    assert set(perms) == {"stem/0", "expand/0", "se/mid", "side", "hidden"}
     g = perms["expand/0"].view(-1, 8)  # the grouped conv's unit moved in whole groups
     assert torch.equal(g, g[:, :1] + torch.arange(8)) and not _is_identity(perms["expand/0"])
     # and the reordered supernet still matches the user's module
