@@ -87,7 +87,8 @@ def _where(node: fx.Node, gm: fx.GraphModule) -> str:
     stack = node.meta.get("stack_trace") or ""
     line = ""
     for m in re.finditer(r'File "([^"]+)", line (\d+)', stack):
-        line = f", {m.group(1).split('site-packages/')[-1]}:{m.group(2)}"
+        if not re.search(r"site-packages/torch/", m.group(1)):  # torch's own frames (the tracer, containers)
+            line = f", {m.group(1).split('site-packages/')[-1]}:{m.group(2)}"
     return f"node {node.name!r} ({what}{line})"
 
 
@@ -99,6 +100,8 @@ class _Tracer(fx.Tracer):
     ``F.batch_norm`` on attributes, or fail on the padding's control flow; kept whole, the
     importer maps the ones it understands and refuses the others by name.
     """
+
+    record_stack_traces = True  # refusals name the source line
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return isinstance(m, (nn.BatchNorm2d, nn.Conv2d, nn.Linear)) or super().is_leaf_module(m, qualname)
@@ -381,14 +384,17 @@ class _Importer:
             return self.simple(n, Flatten())
         if isinstance(m, nn.BatchNorm1d):
             raise self.refuse(n, "BatchNorm1d")
-        if not hasattr(n.meta.get("tensor_meta"), "shape") and not (n.op == "call_method" and n.target in
-                                                                     ("chunk", "split")):
+        if "tensor_meta" not in n.meta:
             return  # shape arithmetic (x.size(0) for a flatten): no tensor of its own
         what = (type(m).__name__ if m is not None else getattr(n.target, "__name__", str(n.target)))
         reason = {"view": "a reshape that mixes channels", "reshape": "a reshape that mixes channels",
                   "transpose": "a transpose (channel shuffle)", "permute": "a permute (channels-last blocks)",
                   "chunk": "splitting channels (chunk)", "split": "splitting channels (split)",
-                  "getitem": "indexing a tensor", "layer_norm": "LayerNorm",
+                  "split_with_sizes": "splitting channels (split)", "tensor_split": "splitting channels (split)",
+                  "getitem": "indexing or slicing a tensor (x[:, a:b])", "layer_norm": "LayerNorm",
+                  "interpolate": "resizing (interpolate)", "Upsample": "resizing (Upsample)",
+                  "pad": "explicit padding (F.pad)", "leaky_relu": "the activation leaky_relu",
+                  "LeakyReLU": "the activation LeakyReLU",
                   "LayerNorm": "LayerNorm", "LayerNorm2d": "LayerNorm"}.get(what, f"{what}")
         raise self.refuse(n, reason)
 

@@ -194,7 +194,8 @@ def test_timm_patterns_import_with_parity():
 
 def test_unknown_layers_inside_known_classes_are_refused_by_name():
     theirs = TimmLikeNet()  # bn2's act is Swish: x * sigmoid(x) written out, not one known activation
-    with pytest.raises(ImportRefused, match=r"node 'bn2' \(BNAct\).*no operator for the activation Swish inside BNAct"):
+    with pytest.raises(ImportRefused, match=r"node 'bn2' \(BNAct, .*test_importer\.py:\d+\): hwslim has no "
+                                            r"operator for the activation Swish inside BNAct"):
         import_model(theirs, torch.randn(1, 3, 32, 32))
 
     class SameConv(nn.Conv2d):  # TensorFlow 'same' padding: input-dependent, asymmetric
@@ -205,6 +206,14 @@ def test_unknown_layers_inside_known_classes_are_refused_by_name():
     odd(torch.randn(1, 3, 16, 16))
     with pytest.raises(ImportRefused, match=r"no operator for SameConv \(a Conv2d with its own forward"):
         import_model(odd, torch.randn(1, 3, 16, 16))
+
+    class Mixed(nn.Module):  # MixNet's split of the channels between kernels: the split is named
+        def forward(self, x):
+            a, b = torch.split(x, [1, 2], 1)
+            return torch.cat([a, b * 2], 1)
+
+    with pytest.raises(ImportRefused, match=r"node 'split' \(split, .*test_importer\.py:\d+\): .*splitting channels"):
+        import_model(Mixed(), torch.randn(1, 3, 8, 8))
     pool = nn.Sequential(nn.Conv2d(3, 8, 1), nn.AvgPool2d(2, 2, ceil_mode=True), nn.Flatten(), nn.Linear(8 * 4 * 4, 4))
     with pytest.raises(ImportRefused, match="ceil-mode average"):  # odd size: the last window is partial
         import_model(pool, torch.randn(1, 3, 7, 7))
