@@ -461,8 +461,9 @@ class _Importer:
                                  "padding that depends on the input size)")
         k, s, p = _pair(m.kernel_size), _pair(m.stride), _pair(m.padding)
         if None in (k, s, p) or _pair(m.dilation) != 1 or m.padding_mode != "zeros" or isinstance(m.padding, str):
-            raise self.refuse(n, "a convolution with a non-square kernel, stride or padding, dilation or "
-                                 "non-zero padding mode")
+            raise self.refuse(n, f"a convolution with kernel {m.kernel_size}, stride {m.stride}, padding "
+                                 f"{m.padding!r}, dilation {m.dilation}, padding mode {m.padding_mode!r} (hwslim's "
+                                 "are square, undilated, zero-padded)")
         cin, cout, g = m.in_channels, m.out_channels, m.groups
         group_width = None
         if g > 1:
