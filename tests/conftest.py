@@ -2,9 +2,16 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    # Triton reads this when it is first imported, and torchvision imports it: a test module that
+    # imports torchvision before test_kernels.py sets it would leave the kernels without their CPU
+    # interpreter ("Cannot call @triton.jit'd outside of the scope of a kernel")
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_collection_modifyitems(config, items):
