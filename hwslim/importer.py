@@ -86,10 +86,76 @@ def _where(node: fx.Node, gm: fx.GraphModule) -> str:
         getattr(node.target, "__name__", str(node.target))
     stack = node.meta.get("stack_trace") or ""
     line = ""
-    for m in re.finditer(r'File "([^"]+)", line (\d+)', stack):  # the innermost frame: the user's code
-        if "torch/fx/" not in m.group(1) and "torch/nn/modules/module.py" not in m.group(1):
+    for m in re.finditer(r'File "([^"]+)", line (\d+)', stack):
+        if not re.search(r"site-packages/torch/", m.group(1)):  # torch's own frames (the tracer, containers)
             line = f", {m.group(1).split('site-packages/')[-1]}:{m.group(2)}"
     return f"node {node.name!r} ({what}{line})"
+
+
+class _Tracer(fx.Tracer):
+    """``symbolic_trace``'s tracer, with every BatchNorm2d, Conv2d and Linear kept whole.
+
+    Subclasses of them (timm's ``Linear``; ``BatchNormAct2d``: a BatchNorm with its activation inside;
+    ``Conv2dSame``: TensorFlow's input-dependent padding) would otherwise be traced into
+    ``F.batch_norm`` on attributes, or fail on the padding's control flow; kept whole, the
+    importer maps the ones it understands and refuses the others by name.
+    """
+
+    record_stack_traces = True  # refusals name the source line
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, (nn.BatchNorm2d, nn.Conv2d, nn.Linear)) or super().is_leaf_module(m, qualname)
+
+
+def _module_act(m: nn.Module) -> str | None:
+    """The activation an activation module computes (None: not one hwslim knows).
+
+    Known classes are looked up; any other module (timm's ``Sigmoid``, ``GELU``...) is
+    traced on its own and recognized when its forward is exactly one known activation.
+    """
+    if isinstance(m, nn.GELU):
+        return "gelu" if m.approximate == "none" else None
+    if isinstance(m, nn.Hardtanh) and (m.min_val, m.max_val) == (0.0, 6.0):
+        return "relu6"
+    if type(m) in _ACT_MODULES:
+        return _ACT_MODULES[type(m)]
+    if type(m).__module__.startswith("torch.nn") or any(True for _ in m.parameters()):
+        return None
+    try:
+        nodes = [n for n in fx.symbolic_trace(m).graph.nodes if n.op not in ("placeholder", "output")]
+    except Exception:  # not traceable on its own: not a plain activation
+        return None
+    if len(nodes) != 1 or nodes[0].op == "call_module":
+        return None
+    n = nodes[0]
+    if n.op == "call_function":
+        if n.target is F.gelu and n.kwargs.get("approximate", "none") != "none":
+            return None
+        return _ACT_FUNCTIONS.get(n.target)
+    return _ACT_METHODS.get(n.target) if n.op == "call_method" else None
+
+
+def _is_plain(m: nn.Module, base: type) -> bool:
+    """``m`` computes what ``base`` computes: its class keeps ``base.forward``, or its own forward
+    traces to the one call ``base.forward`` makes on the same parameters and settings (timm's
+    ``Linear``, which only adds a TorchScript branch)."""
+    if type(m).forward is base.forward:
+        return True
+    calls = {nn.Linear: (F.linear, ()), nn.Conv2d: (F.conv2d, ("stride", "padding", "dilation", "groups"))}
+    if base not in calls:
+        return False
+    fn, settings = calls[base]
+    try:
+        nodes = [n for n in fx.symbolic_trace(m).graph.nodes if n.op not in ("placeholder", "output", "get_attr")]
+    except Exception:  # input-dependent control flow: not the plain layer
+        return False
+    if len(nodes) != 1 or nodes[0].op != "call_function" or nodes[0].target is not fn:
+        return False
+    args = list(nodes[0].args) + [nodes[0].kwargs.get(k) for k in ("bias",) if k in nodes[0].kwargs]
+    params = [a.target if isinstance(a, fx.Node) and a.op == "get_attr" else a for a in args[1:3]]
+    if params[:1] != ["weight"] or (len(params) > 1 and params[1] not in ("bias", None)):
+        return False
+    return all(_pair(a) == _pair(getattr(m, k)) or a == getattr(m, k) for a, k in zip(args[3:], settings))
 
 
 @dataclass
@@ -120,10 +186,7 @@ class _Importer:
             raise ImportRefused(f"--keep {keep!r} is not a regular expression ({e})") from None
         self.name = name or type(module).__name__.lower()
         try:
-            tracer = fx.Tracer()
-            tracer.record_stack_traces = True  # so a refusal can name the source line
-            self.gm = fx.GraphModule(tracer.root if hasattr(tracer, "root") else self.module,
-                                     tracer.trace(self.module))
+            self.gm = fx.GraphModule(self.module, _Tracer().trace(self.module))
         except Exception as e:  # fx raises many kinds for data-dependent control flow
             raise ImportRefused(f"torch.fx cannot trace {type(module).__name__} ({type(e).__name__}: "
                                 f"{str(e).splitlines()[0][:160]}); make its forward free of data-dependent "
@@ -155,11 +218,7 @@ class _Importer:
     def act_of(self, n: fx.Node) -> str | None:
         m = self.mod(n)
         if m is not None:
-            if isinstance(m, nn.GELU) and m.approximate != "none":
-                return None
-            if isinstance(m, nn.Hardtanh) and (m.min_val, m.max_val) == (0.0, 6.0):
-                return "relu6"
-            return _ACT_MODULES.get(type(m))
+            return _module_act(m)
         if n.op == "call_function":
             if n.target is F.gelu and n.kwargs.get("approximate", "none") != "none":
                 return None
@@ -207,34 +266,53 @@ class _Importer:
     def consume(self, *ns: fx.Node) -> None:
         self.consumed.update(ns)
 
+    def back(self, n: fx.Node | None, via: list[fx.Node]) -> fx.Node | None:
+        """``n``'s first tensor input, stepping over identity nodes that only it reads (added to ``via``)."""
+        args = self.tensor_args(n) if n is not None else []
+        if not args:
+            return None
+        a = args[0]
+        while self.is_identity(a) and len(self.users[a]) == 1:
+            via.append(a)
+            a = self.tensor_args(a)[0]
+        return a
+
+    def through_identities(self, n: fx.Node) -> fx.Node:
+        while self.is_identity(n):
+            n = self.tensor_args(n)[0]
+        return n
+
     def try_se(self, mul: fx.Node) -> None:
         args = self.tensor_args(mul)
         if len(args) != 2:
             return
         for x, gate in (args, args[::-1]):
-            chain = [gate]
+            via: list[fx.Node] = []
             gate_act = self.act_of(gate)
             if gate_act not in ("sigmoid", "hardsigmoid"):
                 continue
-            fc2 = self.tensor_args(gate)[0] if self.tensor_args(gate) else None
+            fc2 = self.back(gate, via)
             if fc2 is None or not isinstance(self.mod(fc2), nn.Conv2d):
                 continue
-            act = self.tensor_args(fc2)[0]
-            inner = self.act_of(act)
+            act = self.back(fc2, via)
+            inner = self.act_of(act) if act is not None else None
             if inner is None:
                 continue
-            fc1 = self.tensor_args(act)[0]
-            if not isinstance(self.mod(fc1), nn.Conv2d):
+            fc1 = self.back(act, via)
+            if fc1 is None or not isinstance(self.mod(fc1), nn.Conv2d):
                 continue
-            pool = self.tensor_args(fc1)[0]
-            if not self.is_global_pool(pool, keepdim=True) or self.tensor_args(pool)[0] is not x:
+            pool = self.back(fc1, via)
+            if pool is None or not self.is_global_pool(pool, keepdim=True) or \
+                    self.through_identities(self.tensor_args(pool)[0]) is not self.through_identities(x):
                 continue
             chain = [pool, fc1, act, fc2, gate, mul]
             if any(len(self.users[c]) != 1 for c in chain[:-1]):
                 continue
             m1, m2 = self.mod(fc1), self.mod(fc2)
-            if any(_pair(m.kernel_size) != 1 or m.groups != 1 or m.bias is None for m in (m1, m2)):
+            if any(_pair(m.kernel_size) != 1 or m.groups != 1 or m.bias is None or not _is_plain(m, nn.Conv2d)
+                   for m in (m1, m2)):
                 continue
+            chain = via + chain
             self.consume(*chain)
             self.groups.append(_Group(SqueezeExcite(inner, gate_act), chain, [x], {"fc1": m1, "fc2": m2},
                                       out_channels=self.shape(mul)[1], mid=m1.out_channels))
@@ -309,14 +387,17 @@ class _Importer:
             return self.simple(n, Flatten())
         if isinstance(m, nn.BatchNorm1d):
             raise self.refuse(n, "BatchNorm1d")
-        if not hasattr(n.meta.get("tensor_meta"), "shape") and not (n.op == "call_method" and n.target in
-                                                                     ("chunk", "split")):
+        if "tensor_meta" not in n.meta:
             return  # shape arithmetic (x.size(0) for a flatten): no tensor of its own
         what = (type(m).__name__ if m is not None else getattr(n.target, "__name__", str(n.target)))
         reason = {"view": "a reshape that mixes channels", "reshape": "a reshape that mixes channels",
                   "transpose": "a transpose (channel shuffle)", "permute": "a permute (channels-last blocks)",
                   "chunk": "splitting channels (chunk)", "split": "splitting channels (split)",
-                  "getitem": "indexing a tensor", "layer_norm": "LayerNorm",
+                  "split_with_sizes": "splitting channels (split)", "tensor_split": "splitting channels (split)",
+                  "getitem": "indexing or slicing a tensor (x[:, a:b])", "layer_norm": "LayerNorm",
+                  "interpolate": "resizing (interpolate)", "Upsample": "resizing (Upsample)",
+                  "pad": "explicit padding (F.pad)", "leaky_relu": "the activation leaky_relu",
+                  "LeakyReLU": "the activation LeakyReLU",
                   "LayerNorm": "LayerNorm", "LayerNorm2d": "LayerNorm"}.get(what, f"{what}")
         raise self.refuse(n, reason)
 
@@ -337,28 +418,55 @@ class _Importer:
         self.groups.append(_Group(op, [n], self.tensor_args(n)[:1], out_channels=self.shape(n)[1]))
 
     def pool(self, n: fx.Node, m: nn.Module | None, cls) -> None:
+        names = ("kernel_size", "stride", "padding") + (("dilation", "ceil_mode") if cls is MaxPool else
+                                                         ("ceil_mode", "count_include_pad", "divisor_override"))
         if m is not None:
-            k, s, p = m.kernel_size, m.stride, m.padding
-            ceil = bool(m.ceil_mode)
-            extra_ok = getattr(m, "dilation", 1) in (1, (1, 1)) and getattr(m, "count_include_pad", True) \
-                and getattr(m, "divisor_override", None) is None
+            opt = {k: getattr(m, k) for k in names}
         else:
-            args = list(n.args[1:]) + [None] * 4
-            k = args[0] or n.kwargs.get("kernel_size")
-            s = args[1] or n.kwargs.get("stride") or k
-            p = args[2] or n.kwargs.get("padding", 0)
-            ceil = bool(n.kwargs.get("ceil_mode", False))
-            extra_ok = True
-        k, s, p = _pair(k), _pair(s if s is not None else k), _pair(p)
+            opt = dict(zip(names, n.args[1:]))
+            opt.update({k: v for k, v in n.kwargs.items() if k in names})
+        k = _pair(opt["kernel_size"])
+        s = _pair(opt.get("stride") or opt["kernel_size"])  # stride None or () means the kernel
+        p = _pair(opt.get("padding", 0))
+        ceil = bool(opt.get("ceil_mode", False))
+        if None not in (k, s, p) and ceil and cls is AvgPool:
+            # ceil mode changes nothing when the windows tile the input exactly (timm's ResNet-D
+            # shortcut: AvgPool2d(2, 2, ceil_mode=True) on an even size)
+            x = self.tensor_args(n)[0]
+            ceil = self.shape(n)[2:] != tuple((h + 2 * p - k) // s + 1 for h in self.shape(x)[2:])
+        extra_ok = _pair(opt.get("dilation", 1)) == 1 and opt.get("divisor_override") is None and \
+            (opt.get("count_include_pad", True) or p == 0)  # without padding there is nothing to count
         if None in (k, s, p) or not extra_ok or (ceil and cls is AvgPool):
             raise self.refuse(n, "this pooling (non-square, dilated, ceil-mode average or a custom divisor)")
         self.simple(n, cls(k, s, p, ceil) if cls is MaxPool else cls(k, s, p))
 
+    def norm_act(self, n: fx.Node, m: nn.BatchNorm2d) -> str | None:
+        """The activation inside a BatchNorm2d subclass (timm's ``BatchNormAct2d``: ``act(drop(bn(x)))``);
+        None for a plain BatchNorm or an identity activation. Refuses a BatchNorm it cannot read."""
+        if not (m.affine and m.track_running_stats):
+            raise self.refuse(n, "BatchNorm without affine parameters or running statistics")
+        if _is_plain(m, nn.BatchNorm2d):
+            return None
+        act, drop = getattr(m, "act", None), getattr(m, "drop", None)
+        if isinstance(act, nn.Module) and isinstance(drop, (nn.Identity, nn.Dropout)):
+            if isinstance(act, nn.Identity):
+                return None
+            name = _module_act(act)
+            if name is not None:
+                return name
+            raise self.refuse(n, f"the activation {type(act).__name__} inside {type(m).__name__}")
+        raise self.refuse(n, f"{type(m).__name__} (a BatchNorm2d with its own forward that is not "
+                             "batch norm, dropout, activation)")
+
     def conv(self, n: fx.Node, m: nn.Conv2d) -> None:
+        if not _is_plain(m, nn.Conv2d):
+            raise self.refuse(n, f"{type(m).__name__} (a Conv2d with its own forward, e.g. TensorFlow 'same' "
+                                 "padding that depends on the input size)")
         k, s, p = _pair(m.kernel_size), _pair(m.stride), _pair(m.padding)
         if None in (k, s, p) or _pair(m.dilation) != 1 or m.padding_mode != "zeros" or isinstance(m.padding, str):
-            raise self.refuse(n, "a convolution with a non-square kernel, stride or padding, dilation or "
-                                 "non-zero padding mode")
+            raise self.refuse(n, f"a convolution with kernel {m.kernel_size}, stride {m.stride}, padding "
+                                 f"{m.padding!r}, dilation {m.dilation}, padding mode {m.padding_mode!r} (hwslim's "
+                                 "are square, undilated, zero-padded)")
         cin, cout, g = m.in_channels, m.out_channels, m.groups
         group_width = None
         if g > 1:
@@ -371,11 +479,12 @@ class _Importer:
         if u is not None and isinstance(self.mod(u), nn.BatchNorm2d):
             modules["bn"] = self.mod(u)
             bn_eps = modules["bn"].eps
+            act = self.norm_act(u, modules["bn"])
             members.append(u)
             tail = u
         residual = None
         u = self.sole_user(tail)
-        if u is not None and self.add_operands(u) is not None:
+        if act is None and u is not None and self.add_operands(u) is not None:
             a, b = self.add_operands(u)
             other = b if a is tail else a
             if other is not tail and self.shape(other) == self.shape(u):
@@ -383,7 +492,7 @@ class _Importer:
                 members.append(u)
                 tail = u
         u = self.sole_user(tail)
-        if u is not None and self.act_of(u) is not None:
+        if act is None and u is not None and self.act_of(u) is not None:
             act = self.act_of(u)
             members.append(u)
         self.consume(*members)
@@ -392,11 +501,9 @@ class _Importer:
                                   modules, sets_width=group_width is None, out_channels=cout))
 
     def bn(self, n: fx.Node, m: nn.BatchNorm2d) -> None:
-        if not (m.affine and m.track_running_stats):
-            raise self.refuse(n, "BatchNorm without affine parameters or running statistics")
-        members, act = [n], None
+        members, act = [n], self.norm_act(n, m)
         u = self.sole_user(n)
-        if u is not None and self.act_of(u) is not None:
+        if act is None and u is not None and self.act_of(u) is not None:
             act = self.act_of(u)
             members.append(u)
         self.consume(*members)
@@ -404,6 +511,8 @@ class _Importer:
                                   out_channels=m.num_features))
 
     def linear(self, n: fx.Node, m: nn.Linear) -> None:
+        if not _is_plain(m, nn.Linear):
+            raise self.refuse(n, f"{type(m).__name__} (a Linear with its own forward)")
         if m.bias is None:
             raise self.refuse(n, "a linear layer without a bias")
         x = self.tensor_args(n)[0]

@@ -191,3 +191,121 @@ def test_users_own_model_end_to_end(tmp_path, monkeypatch, capsys):
     capsys.readouterr()
     assert main(["verify", "small.onnx", "--table", "table/t.csv", "--budget-ms", "1000", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["measured_ms"] > 0
+
+
+class BNAct(nn.BatchNorm2d):
+    """timm's ``BatchNormAct2d`` in small: a BatchNorm2d subclass with its activation inside."""
+
+    def __init__(self, c: int, act: nn.Module) -> None:
+        super().__init__(c)
+        self.drop, self.act = nn.Identity(), act
+
+    def forward(self, x):
+        x = nn.functional.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0,
+                                     self.eps)
+        return self.act(self.drop(x))
+
+
+class Swish(nn.Module):  # an activation class hwslim does not know by name (timm's own Sigmoid, GELU...)
+    def forward(self, x):
+        return x * torch.sigmoid(x)
+
+
+class MySiLU(nn.Module):  # one known function inside: recognized by tracing the class on its own
+    def forward(self, x):
+        return nn.functional.silu(x)
+
+
+class MyLinear(nn.Linear):  # timm's Linear: only a TorchScript branch added
+    def forward(self, x):
+        if torch.jit.is_scripting():
+            return nn.functional.linear(x, self.weight.to(x.dtype), self.bias)
+        return nn.functional.linear(x, self.weight, self.bias)
+
+
+class TimmLikeNet(nn.Module):
+    """timm's building patterns: BN with its act inside, SE with an identity ``bn`` and ``mean``
+    pooling, a ResNet-D avg-pool shortcut (ceil mode, no pad counting), a Linear subclass."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, 2, 1, bias=False)
+        self.bn1 = BNAct(16, MySiLU())
+        self.conv2 = nn.Conv2d(16, 16, 3, 1, 1, groups=16, bias=False)
+        self.bn2 = BNAct(16, Swish())
+        self.fc1, self.bn_se, self.act_se, self.fc2 = nn.Conv2d(16, 8, 1), nn.Identity(), nn.ReLU(), nn.Conv2d(8, 16, 1)
+        self.conv3 = nn.Conv2d(16, 24, 1, 2, bias=False)
+        self.bn3 = BNAct(24, nn.Identity())  # apply_act=False: the residual add fuses into the conv
+        self.down = nn.Sequential(nn.AvgPool2d(2, 2, ceil_mode=True, count_include_pad=False),
+                                  nn.Conv2d(16, 24, 1, bias=False), nn.BatchNorm2d(24))
+        self.head = MyLinear(24, 10)
+
+    def forward(self, x):
+        x = self.bn1(self.stem(x))
+        y = self.bn2(self.conv2(x))
+        s = y.mean((2, 3), keepdim=True)
+        y = y * torch.sigmoid(self.fc2(self.act_se(self.bn_se(self.fc1(s)))))
+        y = torch.relu(self.bn3(self.conv3(y)) + self.down(x))
+        return self.head(y.mean((2, 3)))
+
+
+def test_timm_patterns_import_with_parity():
+    torch.manual_seed(0)
+    theirs = TimmLikeNet()
+    theirs.bn2.act = nn.Hardswish()  # a known activation inside the BatchNorm
+    _randomize(theirs)
+    x = torch.randn(2, 3, 32, 32)
+    net = import_model(theirs, x[:1])
+    kinds = [n.op.kind for n in net.nodes]
+    assert kinds == ["conv", "conv", "se", "avgpool", "conv", "conv", "gap", "linear"], kinds
+    stem, dw, _, pool, _, conv3 = net.nodes[:6]
+    assert (stem.op.act, dw.op.act, pool.op.kernel, conv3.op.act) == ("silu", "hardswish", 2, "relu")
+    assert len(conv3.inputs) == 2  # bn3's identity act lets the shortcut fuse: act(bn(conv) + down)
+    with torch.no_grad():
+        want, got = theirs(x), net(x)
+    assert (got - want).abs().max() <= 1e-4 * want.abs().max()
+    cfg = net.random_config(random.Random(1))
+    with torch.no_grad(), net.using(cfg):
+        torch.testing.assert_close(materialize(net, cfg).eval()(x), net(x), rtol=1e-5, atol=1e-6)
+
+
+def test_unknown_layers_inside_known_classes_are_refused_by_name():
+    theirs = TimmLikeNet()  # bn2's act is Swish: x * sigmoid(x) written out, not one known activation
+    with pytest.raises(ImportRefused, match=r"node 'bn2' \(BNAct, .*test_importer\.py:\d+\): hwslim has no "
+                                            r"operator for the activation Swish inside BNAct"):
+        import_model(theirs, torch.randn(1, 3, 32, 32))
+
+    class SameConv(nn.Conv2d):  # TensorFlow 'same' padding: input-dependent, asymmetric
+        def forward(self, x):
+            return super().forward(nn.functional.pad(x, [0, 1, 0, 1]))
+
+    odd = nn.Sequential(SameConv(3, 8, 3, 2), nn.Flatten(), nn.LazyLinear(4))
+    odd(torch.randn(1, 3, 16, 16))
+    with pytest.raises(ImportRefused, match=r"no operator for SameConv \(a Conv2d with its own forward"):
+        import_model(odd, torch.randn(1, 3, 16, 16))
+
+    class Mixed(nn.Module):  # MixNet's split of the channels between kernels: the split is named
+        def forward(self, x):
+            a, b = torch.split(x, [1, 2], 1)
+            return torch.cat([a, b * 2], 1)
+
+    with pytest.raises(ImportRefused, match=r"node 'split' \(split, .*test_importer\.py:\d+\): .*splitting channels"):
+        import_model(Mixed(), torch.randn(1, 3, 8, 8))
+    pool = nn.Sequential(nn.Conv2d(3, 8, 1), nn.AvgPool2d(2, 2, ceil_mode=True), nn.Flatten(), nn.Linear(8 * 4 * 4, 4))
+    with pytest.raises(ImportRefused, match="ceil-mode average"):  # odd size: the last window is partial
+        import_model(pool, torch.randn(1, 3, 7, 7))
+    assert [n.op.kind for n in import_model(pool, torch.randn(1, 3, 8, 8)).nodes] == ["conv", "avgpool", "flatten",
+                                                                                    "linear"]
+
+
+@pytest.mark.parametrize("name", ["resnet50d", "regnety_002", "mobilenetv3_large_100", "efficientnet_b0"])
+def test_timm_models_import_with_parity(name):
+    timm = pytest.importorskip("timm")  # optional extra: pip install hwslim[timm]
+    torch.manual_seed(0)
+    theirs = _randomize(timm.create_model(name, pretrained=False))
+    x = torch.randn(2, 3, 64, 64)
+    net = import_model(theirs, x[:1])
+    with torch.no_grad():
+        want, got = theirs(x), net(x)
+    assert (got - want).abs().max() <= 1e-4 * want.abs().max(), name
+    assert len(net.units) > 10
