@@ -17,7 +17,7 @@ eval mode at 224 px:
 A row is ``ok`` only when all four hold. Heavy models (over 4 GMACs) run their parity
 at batch 1, the others at batch 2; ONNX Runtime always at batch 1.
 
-    python -m benchmarks.model_coverage                    # everything (~20-25 min on 2 cores)
+    python -m benchmarks.model_coverage                    # everything: 6 min on 2 idle cores, 25 under load
     python -m benchmarks.model_coverage --quick            # one model per family, 1 config
     python -m benchmarks.model_coverage --models resnet18 timm:regnety_002
 """
