@@ -180,7 +180,7 @@ def main() -> None:
             wins = sum(r["sorted_top1"] > r["unsorted_top1"] for r in sel)
             mean.append({"stage": stage, "config": config, "unsorted %": round(u, 2), "sorted %": round(s, 2),
                          "gain": round(s - u, 2), "sorted wins": f"{wins}/{len(sel)}"})
-    print(f"plain network top-1 per seed: "
+    print("plain network top-1 per seed: "
           + ", ".join(f"seed {sd}: {next(r['plain_top1'] for r in rows if r['seed'] == sd)}%" for sd in seeds))
     print_table(rows, ["seed", "stage", "config", "unsorted_top1", "sorted_top1", "gain"])
     print(f"\nmean over {len(seeds)} seed(s); {elapsed:.0f} s, load average {load_start:.2f} -> {load_end:.2f}:")

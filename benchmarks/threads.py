@@ -40,7 +40,6 @@ def _load() -> float:
 
 
 def _train_steps(warmup: int, timed: int) -> list[float]:
-    import torch
 
     from hwslim import distributed
     from hwslim.train import TrainConfig, _Run, sandwich_configs

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from hwslim.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from hwslim.checkpoint import load_checkpoint, save_checkpoint
 from hwslim.cli import main
 from hwslim.config import ChannelConfig
 from hwslim.costs import model_costs
