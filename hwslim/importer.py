@@ -166,7 +166,6 @@ class _Group:
     members: list[fx.Node]
     inputs: list[fx.Node]  # fx nodes whose values it reads, in operator order
     modules: dict[str, nn.Module] = field(default_factory=dict)  # role -> module holding the weights
-    sets_width: bool = False
     out_channels: int = 0
     mid: int = 0
     name: str = ""
@@ -498,7 +497,7 @@ class _Importer:
         self.consume(*members)
         op = Conv(k, s, p, group_width, act, "bn" in modules, m.bias is not None, bn_eps)
         self.groups.append(_Group(op, members, [self.tensor_args(n)[0]] + ([residual] if residual is not None else []),
-                                  modules, sets_width=group_width is None, out_channels=cout))
+                                  modules, out_channels=cout))
 
     def bn(self, n: fx.Node, m: nn.BatchNorm2d) -> None:
         members, act = [n], self.norm_act(n, m)
@@ -524,7 +523,7 @@ class _Importer:
             act = self.act_of(u)
             members.append(u)
         self.consume(*members)
-        self.groups.append(_Group(Linear(act), members, [x], {"linear": m}, sets_width=True,
+        self.groups.append(_Group(Linear(act), members, [x], {"linear": m},
                                   out_channels=m.out_features))
 
     # -- 2. emission order, names, units --------------------------------------------------------------
@@ -604,27 +603,25 @@ class _Importer:
         fixed.add(image)
         layout: dict[str, list[int]] = {INPUT: [image]}
         mids: dict[str, int] = {}
-        for g in groups:
-            ins = [tensor(x) for x in g.inputs]
-            lay0 = layout[ins[0]]
-            if g.sets_width:
-                lay = [new(g.out_channels, g.name)]
-            elif isinstance(g.op, Concat):
-                lay = [v for t in ins for v in layout[t]]
-            else:
-                lay = list(lay0)
-            if isinstance(g.op, Conv) and g.op.group_width is not None:
-                if len(lay0) != 1:
+        for g in groups:  # the operators say how channels flow and which must stay equal
+            ins = tuple(tensor(x) for x in g.inputs)
+            in_lays = [tuple(layout[t]) for t in ins]
+            out = new(g.out_channels, g.name) if g.op.sets_width else None
+            mid = new(g.mid, f"{g.name}/mid") if g.op.has_mid else None
+            node = Node(g.name, g.op, ins, out, mid)
+            lay = list(g.op.out_layout(node, in_lays))
+            if g.op.quantum > 1:  # a grouped conv: its unit moves in whole groups
+                if len(in_lays[0]) != 1:
                     raise ImportRefused(f"{g.name}: a grouped convolution reading a concatenation")
-                quantum[find(lay0[0])] = _lcm(quantum[find(lay0[0])], g.op.group_width)
-            if isinstance(g.op, (Add, Conv)) and len(ins) > 1:  # element-wise: equal channel units
-                for t in ins[1:]:
-                    if len(layout[t]) != len(lay):
-                        raise ImportRefused(f"{g.name}: adds tensors made of different channel groups")
-                    for a, b in zip(lay, layout[t]):
-                        union(a, b)
-            if g.mid:
-                mids[g.name] = new(g.mid, f"{g.name}/mid")
+                r = find(in_lays[0][0])
+                quantum[r] = _lcm(quantum[r], g.op.quantum)
+            for a_lay, b_lay in g.op.unit_ties(node, in_lays):  # element-wise: equal channel units
+                if len(a_lay) != len(b_lay):
+                    raise ImportRefused(f"{g.name}: combines tensors made of different channel groups")
+                for a, b in zip(a_lay, b_lay):
+                    union(a, b)
+            if mid is not None:
+                mids[g.name] = mid
             if self.keep is not None and self.keep.search(_dotted(g)):
                 fixed.update(lay)
             layout[g.name] = lay
@@ -649,7 +646,7 @@ class _Importer:
         nodes, weights = [], {}
         for g in groups:
             ins = tuple(tensor(x) for x in g.inputs)
-            out = ref(layout[g.name][0]) if g.sets_width else None
+            out = ref(layout[g.name][0]) if g.op.sets_width else None
             mid = ref(mids[g.name]) if g.name in mids else None
             nodes.append(Node(g.name, g.op, ins, out, mid))
             if g.modules:

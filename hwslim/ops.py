@@ -176,6 +176,11 @@ class Op:
     def groups(self, cin: int) -> int:
         return 1
 
+    @property
+    def quantum(self) -> int:
+        """What the width of the unit this operator runs on must be a multiple of (a group width)."""
+        return 1
+
     # -- costs --------------------------------------------------------------------------------
     def macs(self, s: "LayerSpec") -> int:
         return 0
@@ -372,6 +377,10 @@ class Conv(Op):
 
     def groups(self, cin: int) -> int:
         return 1 if self.group_width is None else max(1, cin // self.group_width)
+
+    @property
+    def quantum(self) -> int:  # type: ignore[override]
+        return self.group_width or 1
 
     @property
     def depthwise(self) -> bool:
