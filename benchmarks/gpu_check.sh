@@ -70,29 +70,35 @@ step() {
 head -n 20 "$OUT/logs/env.txt"
 
 train_part() {
-  local b=$TRAIN_BUDGET_S lim=$(( TRAIN_BUDGET_S + 150 ))
-  step train_r20x4 "$lim" $PY benchmarks/train_cifar10.py --data "$DATA" --model resnet20 --width-mult 4 \
-      --budget-s "$b" --out "$OUT/run_r20x4" --name train_cifar10 "${QUICK[@]}" &
-  step train_r20x1 "$lim" $PY benchmarks/train_cifar10.py --data "$DATA" --model resnet20 --width-mult 1 \
-      --budget-s "$b" --out "$OUT/run_r20x1" --name train_cifar10_resnet20_x1 "${QUICK[@]}" &
-  step train_mbv2 "$lim" $PY benchmarks/train_cifar10.py --data "$DATA" --model mobilenet_v2_cifar --width-mult 1 \
-      --budget-s "$b" --out "$OUT/run_mbv2" --name train_cifar10_mobilenet_v2_cifar_x1 "${QUICK[@]}" &
+  # TRAIN_RUNS: "NAME:MODEL:WIDTH_MULT:EPOCHS ..." (EPOCHS "auto": a timed probe epoch fills TRAIN_BUDGET_S)
+  local runs=${TRAIN_RUNS:-"r20x4:resnet20:4:auto r20x1:resnet20:1:auto mbv2:mobilenet_v2_cifar:1:auto"}
+  local spec name model wm ep extra lim=$(( TRAIN_BUDGET_S + 150 ))
+  for spec in $runs; do
+    IFS=: read -r name model wm ep <<< "$spec"
+    extra=(--budget-s "$TRAIN_BUDGET_S")
+    [ "$ep" != auto ] && extra=(--epochs "$ep")
+    local result=train_cifar10_${model}_x${wm}
+    [ "$name" = r20x4 ] && result=train_cifar10  # the recipe's own run (issue 19's record)
+    step "train_$name" "$lim" $PY benchmarks/train_cifar10.py --data "$DATA" --model "$model" --width-mult "$wm" \
+        "${extra[@]}" --out "$OUT/run_$name" --name "$result" "${QUICK[@]}" &
+  done
   sleep 20  # let the three decode their images first
   step pytest_gpu 300 $PY -m pytest -m gpu -q -p no:cacheprovider --timeout 240 -rs tests
   wait
   # compact copies: weights and graph only (the optimizer state is for resuming, not for assets)
   $PY - "$OUT" <<'EOF'
-import sys, torch
+import glob, os, sys, torch
 out = sys.argv[1]
-for run, name, half in (("run_r20x1", "cifar10_resnet20_x1", False), ("run_mbv2", "cifar10_mobilenet_v2_cifar_x1", True),
-                        ("run_r20x4", "cifar10_resnet20_x4", True)):
+for run in sorted(glob.glob(f"{out}/run_*")):
+    tag = os.path.basename(run)[4:]
     try:
-        p = torch.load(f"{out}/{run}/checkpoint.pt", map_location="cpu", weights_only=False)
+        p = torch.load(f"{run}/checkpoint.pt", map_location="cpu", weights_only=False)
     except Exception as e:  # a run cut short leaves none
         print(f"{run}: no checkpoint ({e})")
         continue
     p.pop("training_state", None)
-    if half:
+    name = f"cifar10_{tag}"
+    if sum(v.numel() for v in p["state_dict"].values()) > 1_000_000:  # keep assets small (<= 5 MB)
         p["state_dict"] = {k: v.half() if v.is_floating_point() else v for k, v in p["state_dict"].items()}
     torch.save(p, f"{out}/{name}.pt")
     print(f"{name}.pt written (epoch {p.get('epoch')})")
@@ -112,8 +118,8 @@ case $PART in
   all) train_part; check_part ;;
   *) echo "unknown part $PART (train, check or all)"; exit 2 ;;
 esac
-for d in run_r20x4 run_r20x1 run_mbv2; do
-  [ -d "$OUT/$d" ] && cp "$OUT/$d"/results.json "$OUT/logs/$d.results.json" 2>/dev/null && cp "$OUT/$d"/metrics.jsonl "$OUT/logs/$d.metrics.jsonl" 2>/dev/null
+for d in $(cd "$OUT" && ls -d run_* 2>/dev/null); do
+  cp "$OUT/$d"/results.json "$OUT/logs/$d.results.json" 2>/dev/null && cp "$OUT/$d"/metrics.jsonl "$OUT/logs/$d.metrics.jsonl" 2>/dev/null
 done
 tar czf "$OUT/results_$PART.tgz" -C "$OUT" logs results tables steps.txt 2>/dev/null
 echo "gpu_check $PART done in $(( $(date +%s) - START ))s"
