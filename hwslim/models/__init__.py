@@ -108,12 +108,13 @@ def is_module_spec(spec: str) -> bool:
 
 def load_model(spec: str, *, width_mult: float | None = None, input_size: int | None = None,
                num_classes: int | None = None, divisor: int | None = None, init: str | None = None,
-               keep: str | None = None):
+               keep: str | None = None, fix_unsupported: bool = False):
     """The supernet a ``--model`` spec names (see the module docstring), on the current device.
 
     For a zoo name the keyword arguments are the builder's (``None``: its default). A
     graph file or checkpoint fixes the architecture: ``input_size`` and ``divisor`` may
-    be changed, ``width_mult``/``num_classes`` must match it if given.
+    be changed, ``width_mult``/``num_classes`` must match it if given. ``keep`` and
+    ``fix_unsupported`` apply to an imported module (:func:`hwslim.importer.import_model`).
     """
     from hwslim.errors import ModelError
     from hwslim.graph import GraphFormatError, graph_from_dict
@@ -130,7 +131,7 @@ def load_model(spec: str, *, width_mult: float | None = None, input_size: int | 
             module = module_from_spec(spec, init)
             size = input_size or 224
             net = import_model(module, torch.randn(1, 3, size, size), name=spec.replace(":", "_").replace(".", "_"),
-                               keep=keep, divisor=divisor or 8)
+                               keep=keep, divisor=divisor or 8, fix_unsupported=fix_unsupported)
         if num_classes is not None and int(num_classes) != net.num_classes:
             raise ModelError(f"{spec} has {net.num_classes} classes, not {num_classes}")
         return net
