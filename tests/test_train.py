@@ -397,6 +397,51 @@ def test_init_starts_from_the_trained_weights_with_channels_sorted(tmp_path, mon
     assert any("channels in their trained order (no sort)" in line for line in lines)
 
 
+SHUFFLE_NET = '''
+import torch
+from torch import nn
+
+
+class Net(nn.Module):  # ShuffleNetV2's block in small: a chunk, a branch, a concat, a channel shuffle
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.branch = nn.Sequential(nn.Conv2d(8, 24, 1, bias=False), nn.BatchNorm2d(24), nn.ReLU(),
+                                    nn.Conv2d(24, 8, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        a, b = self.stem(x).chunk(2, dim=1)
+        x = torch.cat([a, self.branch(b)], 1)
+        n, c, h, w = x.size()
+        x = x.view(n, 2, c // 2, h, w).transpose(1, 2).reshape(n, c, h, w)
+        return self.head(x.mean((2, 3)))
+
+
+def build():
+    return Net()
+'''
+
+
+def test_fix_unsupported_trains_a_shuffled_net_and_is_recorded(tmp_path, monkeypatch):
+    (tmp_path / "shuffle_net.py").write_text(SHUFFLE_NET)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    lines: list[str] = []
+    cfg = TrainConfig(model="shuffle_net:build", fix_unsupported=True, data="synthetic:300", input_size=8,
+                      batch_size=32, search_size=44, synthetic_val=64, calib_images=64, progress=False, epochs=1,
+                      out=str(tmp_path / "run"))
+    result = train(cfg, log=lines.append)
+    assert list(result.model.units) == ["branch/0"]  # the stem feeds the chunk, branch/3 the shuffle
+    assert "--fix-unsupported: 2 unit(s) reaching a channel shuffle and a channel split keep their width, 1 slim: " \
+           "stem/0 (16), branch/3 (8)" in lines
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.pt").train_args["fix_unsupported"] is True
+    resumed = train(replace(cfg, fix_unsupported=None, epochs=2, resume=True), log=lines.append)
+    assert list(resumed.model.units) == ["branch/0"]
+    with pytest.raises(TrainError, match="fix_unsupported is True in .* but False now"):
+        train(replace(cfg, fix_unsupported=False, epochs=3, resume=True), log=lines.append)
+
+
 def test_no_sort_needs_init(tmp_path):
     with pytest.raises(TrainError, match="--no-sort applies to a start from trained weights"):
         train(TrainConfig(epochs=1, out=str(tmp_path / "r"), sort=False, **TINY))
