@@ -12,7 +12,10 @@ weights copied in::
 How:
 
 1. **Trace** with ``torch.fx.symbolic_trace`` and record every tensor's shape
-   (``ShapeProp`` on the example input).
+   (``ShapeProp`` on the example input). Where fx cannot trace the forward (Python
+   control flow on a tensor's shape), ``torch.export`` records it on the example input
+   and its ATen graph is rewritten into the same form (:mod:`hwslim.exported`); a branch
+   on a shape then follows the example's shape.
 2. **Group** the traced nodes into hwslim operators: a conv with the BatchNorm after it,
    the residual add after that and the activation after both (the fused unit a runtime
    executes); the squeeze-and-excitation pattern (pool, 1x1 conv, activation, 1x1 conv,
@@ -203,14 +206,23 @@ class _Importer:
         except re.error as e:
             raise ImportRefused(f"--keep {keep!r} is not a regular expression ({e})") from None
         self.name = name or type(module).__name__.lower()
+        self.traced_by = "torch.fx"
         try:
             self.gm = fx.GraphModule(self.module, _Tracer().trace(self.module))
-        except Exception as e:  # fx raises many kinds for data-dependent control flow
-            raise ImportRefused(f"torch.fx cannot trace {type(module).__name__} ({type(e).__name__}: "
-                                f"{str(e).splitlines()[0][:160]}); make its forward free of data-dependent "
-                                "control flow, or mark such submodules as leaves") from None
+        except Exception as e:  # fx raises many kinds for Python control flow on tensors
+            fx_error = _first_line(e)
+            try:  # torch.export runs the forward instead: a branch on a shape follows the example's
+                from hwslim.exported import exported_graph
+
+                self.gm = exported_graph(self.module, example)
+                self.traced_by = "torch.export"
+            except Exception as e2:
+                raise ImportRefused(f"torch.fx cannot trace {type(module).__name__} ({fx_error}), nor can "
+                                    f"torch.export ({_first_line(e2)}); make its forward free of control flow that "
+                                    "depends on tensor values") from None
         from torch.fx.passes.shape_prop import ShapeProp
 
+        self.drop_identities()
         try:
             with torch.no_grad():
                 ShapeProp(self.gm).propagate(example)
@@ -224,6 +236,20 @@ class _Importer:
         self.alias: dict[fx.Node, fx.Node] = {}  # identity nodes -> the node whose value they carry
 
     # -- helpers --------------------------------------------------------------------------------------
+    def drop_identities(self) -> None:
+        """Remove the modules and calls that are the identity at inference (dropout, ``nn.Identity``,
+        stochastic depth): fx records them, torch.export does not; without them both graphs group
+        alike and a conv fuses the activation behind an identity (timm's ``drop_block``).
+        (``contiguous()`` stays: a ``view`` after it needs it.)"""
+        graph = self.gm.graph
+        for n in list(graph.nodes):
+            if n.op in ("call_module", "call_function") and self.is_identity(n):
+                args = [a for a in n.args if isinstance(a, fx.Node)]
+                if args:
+                    n.replace_all_uses_with(args[0])
+                    graph.erase_node(n)
+        self.gm.recompile()
+
     def mod(self, n: fx.Node) -> nn.Module | None:
         return self.gm.get_submodule(n.target) if n.op == "call_module" else None
 
@@ -512,6 +538,9 @@ class _Importer:
             return False
         if stop <= start:
             return False
+        if (start, stop) == (0, self.shape(x)[1]):  # every channel: the identity at any width (torch.export drops it)
+            self.alias[n] = x
+            return True
         scope = _clean(_scope(n))
         self.consume(n)
         self.groups.append(_Group(ChannelSlice(start, stop), [n], [x], out_channels=stop - start,
@@ -782,7 +811,7 @@ class _Importer:
         if tensor(result) != nodes[-1].name:
             raise ImportRefused(f"the output of {type(self.module).__name__} is not its last operator's")
         num_classes = int(self.shape(result)[1])
-        meta: dict[str, Any] = {"imported_from": type(self.module).__qualname__}
+        meta: dict[str, Any] = {"imported_from": type(self.module).__qualname__, "traced_by": self.traced_by}
         if self.fixed_units:
             meta["fixed_units"] = self.fixed_units
         graph = Graph(self.name, nodes, units, int(self.example.shape[-1]), num_classes,
@@ -813,6 +842,11 @@ class _Importer:
                                 f"reaching such operations would have to keep their width ({listed}); pass "
                                 "--fix-unsupported to import with them fixed")
         self.fixed_units = {u: {"width": w, "by": g.name, "what": g.what} for u, (w, g) in units.items()}
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return f"{type(e).__name__}: {' '.join(lines[0].split())[:160]}" if lines else type(e).__name__
 
 
 def _lcm(a: int, b: int) -> int:

@@ -182,6 +182,94 @@ def test_cli_lists_the_units_fix_unsupported_keeps(capsys):
     assert "pass --fix-unsupported" in capsys.readouterr().err
 
 
+class ShapeBranchNet(nn.Module):
+    """A user's CNN with Python control flow on the input's shape, which torch.fx cannot trace."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.down = nn.Sequential(nn.Conv2d(16, 32, 3, 2, 1, bias=False), nn.BatchNorm2d(32), nn.Hardswish())
+        self.up = nn.Sequential(nn.Conv2d(16, 32, 1, bias=False), nn.BatchNorm2d(32), nn.Hardswish())
+        self.se = SE(32, 8)
+        self.body = nn.Sequential(nn.Conv2d(32, 32, 3, 1, 1, groups=32, bias=False), nn.BatchNorm2d(32),
+                                  nn.Dropout(0.1))
+        self.side = nn.Conv2d(32, 16, 1)
+        self.head = nn.Linear(48, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = self.down(x) if x.shape[-1] > 16 else self.up(x)  # large inputs are downsampled first
+        x = self.se(x)
+        x = torch.relu(self.body(x) + x)
+        x = torch.cat([x, torch.relu(self.side(x))], 1)
+        x = nn.functional.max_pool2d(x, 2)
+        return self.head(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+@pytest.mark.parametrize("size, branch", [(32, "down/0"), (16, "up/0")])
+def test_where_fx_cannot_trace_torch_export_imports_it(size, branch):
+    torch.manual_seed(0)
+    theirs = _randomize(ShapeBranchNet())
+    with pytest.raises(torch.fx.proxy.TraceError):
+        torch.fx.symbolic_trace(theirs)
+    x = torch.randn(2, 3, size, size)
+    net = import_model(theirs, x[:1])
+    assert net.graph.meta["traced_by"] == "torch.export"
+    assert [n.op.kind for n in net.nodes] == ["conv", "conv", "se", "conv", "conv", "concat", "maxpool", "gap",
+                                              "flatten", "linear"]
+    assert list(net.units) == ["stem/0", branch, "se/mid", "side"]  # the branch the example's size takes
+    assert net.nodes[3].op.act == "relu" and len(net.nodes[3].inputs) == 2  # bn + residual + relu fused
+    with torch.no_grad():
+        want, got = theirs(x), net(x)
+    assert (got - want).abs().max() <= 1e-4 * want.abs().max()
+    cfg = net.random_config(random.Random(0))
+    with torch.no_grad(), net.using(cfg):
+        torch.testing.assert_close(materialize(net, cfg).eval()(x), net(x), rtol=1e-5, atol=1e-6)
+
+
+def test_when_torch_export_fails_too_the_refusal_names_both():
+    class ValueBranchNet(ShapeBranchNet):
+        def forward(self, x):
+            x = self.stem(x)
+            if x.mean() > 0:  # a branch on the values: no tracer can follow it
+                x = self.down(x)
+            return x
+
+    with pytest.raises(ImportRefused, match=r"^torch\.fx cannot trace ValueBranchNet \(TraceError: symbolically traced "
+                                            r"variables cannot be used as inputs to control flow\), nor can torch\."
+                                            r"export \(\w+: .*data-dependent.*\); make its forward free of control "
+                                            r"flow that depends on tensor values$"):
+        import_model(ValueBranchNet(), torch.randn(1, 3, 16, 16))
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v3_small", "shufflenet_v2_x0_5"])
+def test_torch_export_path_builds_what_the_fx_path_builds(name, monkeypatch):
+    """One importer: the exported ATen graph, rewritten, groups into the same operators and units."""
+    import hwslim.importer
+
+    torch.manual_seed(0)
+    theirs = _randomize(torchvision.models.get_model(name, weights=None))
+    x = torch.randn(2, 3, 64, 64)
+    by_fx = import_model(theirs, x[:1], fix_unsupported=True)
+
+    def fx_fails(self, root, *args, **kwargs):
+        raise torch.fx.proxy.TraceError("as for a forward fx cannot trace")
+
+    monkeypatch.setattr(hwslim.importer._Tracer, "trace", fx_fails)
+    by_export = import_model(theirs, x[:1], fix_unsupported=True)
+    assert (by_fx.graph.meta["traced_by"], by_export.graph.meta["traced_by"]) == ("torch.fx", "torch.export")
+
+    def structure(net):  # node names of weightless ops differ (fx: the module "avgpool"; ATen: "adaptive_avg_pool2d")
+        at = {n.name: i for i, n in enumerate(net.nodes)}
+        return [(n.op, tuple(at.get(t, -1) for t in n.inputs), n.out, n.mid) for n in net.nodes]
+
+    assert structure(by_export) == structure(by_fx)
+    assert by_export.graph.units == by_fx.graph.units
+    assert by_export.graph.meta.get("fixed_units") == by_fx.graph.meta.get("fixed_units")
+    with torch.no_grad():
+        torch.testing.assert_close(by_export(x), theirs(x), rtol=0, atol=1e-5 * theirs(x).abs().max().item())
+
+
 def test_cli_cost_of_a_torchvision_model_equals_torchvisions(capsys):
     import json
 
