@@ -53,7 +53,8 @@ def module_from_spec(spec: str, init: str | None = None):
 
             if name not in torchvision.models.list_models():
                 raise ModelError(f"torchvision has no model {name!r}; see torchvision.models.list_models()")
-            module = torchvision.models.get_model(name, weights=weights_name)
+            weights = _torchvision_weights(name, weights_name) if weights_name is not None else None
+            module = torchvision.models.get_model(name, weights=weights)
         elif source == "timm":
             try:
                 import timm
@@ -99,6 +100,43 @@ def module_from_spec(spec: str, init: str | None = None):
         except (RuntimeError, TypeError, AttributeError) as e:
             raise ModelError(f"--init {init} does not fit {spec} ({str(e).splitlines()[0][:160]})") from None
     return module
+
+
+def _torchvision_weights(name: str, weights_name: str):
+    """torchvision's weights ``weights_name`` (``IMAGENET1K_V1``, ``ResNet18_Weights.IMAGENET1K_V1``, ``DEFAULT``)
+    of model ``name``, checked to be loadable here: in torch.hub's cache, or downloadable now.
+
+    torchvision loads them with ``torch.hub.load_state_dict_from_url``, which reads
+    ``$TORCH_HOME/hub/checkpoints/<file name of the URL>`` when that file exists and downloads it
+    otherwise; a machine without network works once the file is there.
+    """
+    import os
+    from urllib.parse import urlparse
+
+    import torch
+    import torchvision
+
+    from hwslim.errors import ModelError
+
+    try:
+        enum = torchvision.models.get_model_weights(name)
+    except (ValueError, KeyError):
+        raise ModelError(f"--init {weights_name}: no such file, and torchvision's {name} has no named weights") from None
+    try:
+        weights = enum.verify(weights_name)
+    except (KeyError, ValueError, TypeError):
+        raise ModelError(f"--init {weights_name}: no such file, and not a weights name of torchvision's {name} (it has "
+                         f"{', '.join(w.name for w in enum)}, DEFAULT)") from None
+    cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(weights.url).path))
+    if not os.path.isfile(cached):
+        try:
+            weights.get_state_dict(progress=False, check_hash=True)  # downloads into the cache
+        except Exception as e:
+            raise ModelError(f"--init {weights_name}: {type(weights).__name__}.{weights.name} is not in torch.hub's cache "
+                             f"and downloading it failed ({type(e).__name__}: {' '.join(str(e).split())[:100]}); "
+                             f"download {weights.url} where there is network and put it at {cached}, or pass a "
+                             "state-dict file") from None
+    return weights
 
 
 def is_module_spec(spec: str) -> bool:
