@@ -223,8 +223,16 @@ def can_overwrite(env: Mapping[str, torch.Tensor], name: str, i: int, free_after
             or inputs.count(name) != 1:
         return False
     # a view may start at an offset of the tensor it views (a channel slice): compare storages
-    ptr = env[name].untyped_storage().data_ptr()
-    return ptr not in held and not any(k != name and t.untyped_storage().data_ptr() == ptr for k, t in env.items())
+    ptr = _storage(env[name])
+    return ptr is not None and ptr not in held and not any(k != name and _storage(t) == ptr for k, t in env.items())
+
+
+def _storage(t: torch.Tensor) -> int | None:
+    """The address of ``t``'s storage (None where there is none to see: fake tensors while tracing)."""
+    try:
+        return t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):
+        return None
 
 
 LayerFn = Callable[[Any, list, bool], torch.Tensor]
@@ -243,7 +251,7 @@ def run_graph(nodes: Sequence[Node | LayerSpec], layer: LayerFn, x: torch.Tensor
     """
     env = {INPUT: x} if env is None else dict(env)
     borrowed = frozenset(env)
-    held = frozenset(t.untyped_storage().data_ptr() for t in env.values())
+    held = frozenset(_storage(t) for t in env.values())
     free_after = last_uses(nodes) if free_after is None else free_after
     stop = len(nodes) if stop is None else stop
     for i in range(start, stop):
