@@ -272,8 +272,8 @@ def main() -> None:
             print(f"{name:32s} {row['status']:8s} {row['total_s']:6.1f}s  {row['reason'][:150]}", flush=True)
             gc.collect()
     wall = time.perf_counter() - t0
-    columns = ["source", "model", "status", "units", "fixed_units", "import_s", "full_rel", "ort_rel", "params_ref", "params_hw",
-               "macs_ref", "macs_hw", "batch", "total_s", "params_note"]
+    columns = ["source", "model", "status", "units", "fixed_units", "import_s", "full_rel", "ort_rel", "params_ref",
+               "params_hw", "macs_ref", "macs_hw", "batch", "total_s", "params_note"]
     print()
     print_table(rows, columns)
     fails = [r for r in rows if r["status"] not in ("ok", "ok-fixed")]

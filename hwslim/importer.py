@@ -454,7 +454,8 @@ class _Importer:
     def try_shuffle(self, n: fx.Node) -> bool:
         """``x.view(N, g, C/g, H, W)``, ``transpose(1, 2)`` (or ``permute(0, 2, 1, 3, 4)``), ``contiguous()``,
         back to ``(N, C, H, W)`` by ``view``/``reshape``/``flatten(1, 2)``: a channel shuffle of g groups."""
-        if not self.is_call(n, ("view", "reshape"), (torch.reshape,)) or not hasattr(n.meta.get("tensor_meta"), "shape"):
+        if not self.is_call(n, ("view", "reshape"), (torch.reshape,)) or \
+                not hasattr(n.meta.get("tensor_meta"), "shape"):
             return False
         x = self.tensor_args(n)[0]
         xs, ys = self.shape(x), self.shape(n)

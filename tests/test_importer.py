@@ -178,8 +178,6 @@ def test_cli_lists_the_units_fix_unsupported_keeps(capsys):
     (line,) = err.splitlines()
     assert line.startswith("--fix-unsupported: 19 unit(s) reaching a channel shuffle keep their width, 18 slim: "
                            "stage2/0/branch1/2 (24), stage2/0/branch2/5 (24),")
-    assert main(["cost", "--model", "torchvision:shufflenet_v2_x0_5", "--input-size", "64"]) == 2
-    assert "pass --fix-unsupported" in capsys.readouterr().err
 
 
 class ShapeBranchNet(nn.Module):
@@ -441,7 +439,8 @@ def test_unknown_layers_inside_known_classes_are_refused_by_name():
     class Mixed(nn.Module):  # MixNet's split of the channels between kernels: the split is named
         def __init__(self):
             super().__init__()
-            self.stem, self.k3, self.k5 = nn.Conv2d(3, 16, 1), nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 5, padding=2)
+            self.stem = nn.Conv2d(3, 16, 1)
+            self.k3, self.k5 = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 5, padding=2)
             self.head = nn.Linear(16, 4)
 
         def forward(self, x):

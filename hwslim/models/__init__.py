@@ -121,7 +121,8 @@ def _torchvision_weights(name: str, weights_name: str):
     try:
         enum = torchvision.models.get_model_weights(name)
     except (ValueError, KeyError):
-        raise ModelError(f"--init {weights_name}: no such file, and torchvision's {name} has no named weights") from None
+        raise ModelError(f"--init {weights_name}: no such file, and torchvision's {name} has no named "
+                         "weights") from None
     try:
         weights = enum.verify(weights_name)
     except (KeyError, ValueError, TypeError):
@@ -132,8 +133,8 @@ def _torchvision_weights(name: str, weights_name: str):
         try:
             weights.get_state_dict(progress=False, check_hash=True)  # downloads into the cache
         except Exception as e:
-            raise ModelError(f"--init {weights_name}: {type(weights).__name__}.{weights.name} is not in torch.hub's cache "
-                             f"and downloading it failed ({type(e).__name__}: {' '.join(str(e).split())[:100]}); "
+            raise ModelError(f"--init {weights_name}: {type(weights).__name__}.{weights.name} is not in torch.hub's "
+                             f"cache and downloading it failed ({type(e).__name__}: {' '.join(str(e).split())[:100]}); "
                              f"download {weights.url} where there is network and put it at {cached}, or pass a "
                              "state-dict file") from None
     return weights
