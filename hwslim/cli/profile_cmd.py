@@ -109,7 +109,7 @@ def run(args) -> int:
     if args.json:
         print(json.dumps(summary, sort_keys=True))
     else:
-        print_table([{k: v for k, v in summary.items() if k != "table"}])
+        print_table([{k: v for k, v in summary.items() if k not in ("table", "conditions_changed")}])
         print(f"table: {summary['table']}")
     return 0
 
