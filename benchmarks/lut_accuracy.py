@@ -31,7 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere as a script
 
 from benchmarks.common import busy_neighbor, print_table, write_csv  # noqa: E402
-from hwslim.conditions import compare_to_table, machine_conditions, measure_conditions  # noqa: E402
+from hwslim.conditions import compare_to_table, measure_conditions  # noqa: E402
 from hwslim.errors import TableError  # noqa: E402
 from hwslim.latency import LatencyTable, accuracy, default_table_path, find_table, table_paths  # noqa: E402
 from hwslim.models import create_model  # noqa: E402
@@ -41,14 +41,15 @@ from profilers import backend_class, default_backend, get_profiler  # noqa: E402
 MODELS = {"mobilenet_v2": (1.5, 224), "resnet20": (1.0, 32)}
 
 
-def condition_columns(args, before, after, check) -> dict:
+def condition_columns(args, before, after, check, after_check) -> dict:
     """What every row records about the machine: the condition, CPU, flags, load, the probe vs the table's."""
     flags = before.flags or ()
     return {"condition": args.condition, "cpu": before.cpu, "avx512": "avx512f" in flags,
             "amx": "amx_tile" in flags, "cpu_flags": " ".join(flags), "load_before": before.load_1min,
             "load_after": after.load_1min, "others_running": before.others_running,
             "probe_ratio_vs_table": None if check.probe_ratio is None else round(check.probe_ratio, 3),
-            "conditions_vs_table": "comparable" if check.reliable else check.summary}
+            "conditions_vs_table": "comparable" if check.reliable and after_check.reliable else
+            check.summary if not check.reliable else f"at the end: {after_check.summary}"}
 
 
 def _table(args, model: str, wm: float, size: int) -> tuple[LatencyTable, float | None]:
@@ -113,7 +114,9 @@ def evaluate(args, model: str) -> tuple[dict, list[dict]]:
                          "iqr_ms": round(t.iqr_ms, 4), "n": t.n, "noisy": t.noisy,
                          "err_pct": round((pred / t.median_ms - 1) * 100, 2), "widths": key(cfg)})
         seconds = time.perf_counter() - t0
-    machine = condition_columns(args, before, machine_conditions(), check)
+        after = compare_to_table(table.meta, measure_conditions(prof))  # did the machine change meanwhile?
+    machine = condition_columns(args, before, after.now, check, after)
+    machine["probe_ratio_after"] = None if after.probe_ratio is None else round(after.probe_ratio, 3)
     rows = [{**r, **machine} for r in rows]
     acc = accuracy([r["predicted_ms"] for r in rows], [r["measured_ms"] for r in rows])
     m = table.meta
@@ -167,7 +170,7 @@ def main() -> int:
     print()
     print_table(summaries, ["model", "condition", "configs", "within_5pct", "within_10pct", "spearman",
                             "mean_abs_err_pct", "max_abs_err_pct", "noisy_e2e", "table_entries", "table_s",
-                            "load_avg_1min", "probe_ratio_vs_table"])
+                            "load_avg_1min", "probe_ratio_vs_table", "probe_ratio_after"])
     print(f"results: {path}")
     return 0
 

@@ -53,7 +53,7 @@ def run(args) -> int:
         res = run_demo(opts, log=lambda msg: print(msg, flush=True))
     if args.json:
         print(json.dumps({"rows": res.rows, "plot": str(res.plot), "seconds": res.seconds,
-                          "conditions": {k: v for k, v in res.conditions.items() if k not in ("now", "table")}},
+                          "conditions": {k: v for k, v in res.conditions.items() if k not in ("now", "after", "table")}},
                          sort_keys=True))
         return 0
     print()
