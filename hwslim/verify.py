@@ -259,10 +259,11 @@ def verify_model(model: str | os.PathLike, table: str | os.PathLike | Any, *, bu
 
 def exit_status(results: Sequence[VerifyResult]) -> int:
     """0: every budget holds; 1: one is confidently over; 3 (:data:`EXIT_UNRELIABLE`): none is
-    over, but the conditions of at least one measurement differ from its table's."""
+    over, but a verdict is unreliable (the conditions of its measurement differ from the table's).
+    A model without a budget has no verdict to doubt: it only reports."""
     if any(r.verdict == "OVER" for r in results):
         return 1
-    if any(not r.reliable for r in results):
+    if any(r.verdict == "UNRELIABLE" for r in results):
         return EXIT_UNRELIABLE
     return 0
 
