@@ -24,7 +24,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    """The whole pipeline on this CPU, offline: about 2 minutes on a 2-core CPU.
+    """The whole pipeline on this CPU, offline: about 100 s of CPU time (2.6 minutes on a busy 2-core machine).
 
     Trains a small slimmable supernet (ResNet-20, 24 px) on the built-in synthetic data,
     profiles this CPU for it (ONNX Runtime latency table), searches it at three latency
