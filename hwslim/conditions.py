@@ -276,7 +276,7 @@ def compare(then: Conditions | None, now: Conditions, *, than: str = "when the t
     """
     then = then or Conditions()
     reasons: list[str] = list(also)
-    busier = quieter = faster = False
+    busier = quieter = faster = busier_probe = False
     details: list[str] = []
     other_machine = False
     if same_cpu and then.cpu and now.cpu and then.cpu != now.cpu:
@@ -295,7 +295,7 @@ def compare(then: Conditions | None, now: Conditions, *, than: str = "when the t
         details.append(f"probe {ratio:.2f}x slower" if ratio >= 1 else f"probe {1 / ratio:.2f}x faster")
         if ratio > 1 + PROBE_TOLERANCE:
             reasons.append(details[-1])
-            busier = True
+            busier = busier_probe = True
         elif ratio < 1 / (1 + PROBE_TOLERANCE):
             reasons.append(details[-1])
             faster = True
@@ -318,18 +318,19 @@ def compare(then: Conditions | None, now: Conditions, *, than: str = "when the t
         if abs(d) >= LOAD_SHARE - 1e-9:
             reasons.append(details[-1])
             busier, quieter = busier or d > 0, quieter or d < 0
+    # the probe is the measurement: its direction names the change; the threads only where it agrees
     if other_machine:
         headline = "another machine than the table's"
-    elif busier and not (faster or quieter):
+    elif busier_probe or (busier and not faster):
         headline = f"machine busier than {than}"
-    elif faster and not busier:
+    elif faster:
         headline = f"machine faster than {than}"
-    elif quieter and not busier:
+    elif quieter:
         headline = f"machine quieter than {than}"
     elif also and len(reasons) == len(also):
         headline = ""
     else:
-        headline = f"machine conditions differ from {than}"
+        headline = f"conditions differ from those {than}"
     return ConditionCheck(tuple(reasons), headline, tuple(details), ratio, now.load_1min, then.load_1min,
                           now.others_running, then.others_running, now)
 

@@ -100,6 +100,11 @@ def test_a_busier_machine_makes_the_verdict_unreliable_and_says_why_in_one_line(
                                                             "(probe 2.00x faster")
     quieter = compare(_c(others_running=1.0), _c())
     assert quieter.line().startswith("machine quieter than")
+    # the probe names the change where the threads disagree: it is the measurement
+    assert compare(_c(others_running=2.0), _c(others_running=1.0, probe_ms=2.0)).line().startswith("machine busier")
+    assert compare(_c(), _c(others_running=1.0, probe_ms=0.5)).line().startswith("machine faster")
+    assert compare(_c(governor="performance"), _c(governor="powersave")).line().startswith(
+        "conditions differ from those when the table was measured (probe 1.00x slower")
 
 
 def test_another_cpu_or_other_flags_are_another_machine():

@@ -162,8 +162,8 @@ def _edited_table(src, dst_dir, edit):
     meta_path = table_paths(dst_dir / src.name)[1]
     meta = json.loads(meta_path.read_text())
     meta["conditions"]["changed"] = None
-    meta["conditions"]["end"] = meta["conditions"]["start"]
     edit(meta["conditions"]["start"])
+    meta["conditions"]["end"] = meta["conditions"]["start"]
     meta_path.write_text(json.dumps(meta))
     return dst_dir / src.name
 
@@ -173,8 +173,8 @@ def test_a_busier_machine_than_the_tables_gives_an_unreliable_verdict_and_exit_3
     """The table records a probe 2x faster than this machine's: as if it were measured on a quiet machine."""
     net, cfg, path = exported
 
-    def faster(start):
-        start["probe_ms"] /= 2
+    def faster(start):  # recorded only the probe: this shared machine's other threads do not enter the test
+        start.update(probe_ms=start["probe_ms"] / 2, others_running=None, load_1min=None)
 
     table = _edited_table(table_path, tmp_path / "t", faster)
     r = verify_model(path, table)
@@ -199,7 +199,7 @@ def test_a_busier_machine_than_the_tables_gives_an_unreliable_verdict_and_exit_3
     assert "machine busier than when the table was measured" in capsys.readouterr().err
 
     def slower(start):
-        start["probe_ms"] *= 2
+        start.update(probe_ms=start["probe_ms"] * 2, others_running=None, load_1min=None)
 
     r = verify_model(path, _edited_table(table_path, tmp_path / "t2", slower))
     assert r.verdict == "UNRELIABLE" and r.conditions.line().startswith("machine faster than when the table")
