@@ -6,10 +6,13 @@ are never compared by accident. Run scripts from the repository root:
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime as _dt
 import os
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import torch
@@ -53,3 +56,21 @@ def print_table(rows: list[dict], columns: list[str] | None = None) -> None:
     from hwslim.cli import print_table as _pt
 
     _pt(rows, columns)
+
+
+@contextlib.contextmanager
+def busy_neighbor(enabled: bool = True):
+    """A process spinning on another core (``python -c 'while True: pass'``) while the block runs:
+    the "busy" condition of the latency benchmarks. It runs for 2 s before the block starts and
+    is killed when the block ends, however it ends."""
+    if not enabled:
+        yield None
+        return
+    proc = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(2.0)
+        print(f"busy neighbor: pid {proc.pid} spinning", file=sys.stderr, flush=True)
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait()

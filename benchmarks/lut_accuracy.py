@@ -10,6 +10,13 @@ rows and a summary to benchmarks/results/.
     python benchmarks/lut_accuracy.py                          # MobileNetV2 1.5x@224 and ResNet-20@32
     python benchmarks/lut_accuracy.py --models mobilenet_v2 --random 50
     python benchmarks/lut_accuracy.py --device cuda --backend torch --batch 32
+    python benchmarks/lut_accuracy.py --busy-neighbor          # a process spinning on another core throughout
+
+Every row records the condition (``--condition quiet|busy``; ``--busy-neighbor`` starts a
+process spinning on another core before anything is measured and stops it at the end),
+the CPU, its AVX-512 / AMX flags, the load before and after, and how the machine's speed
+probe compares with the table's (hwslim.conditions); the condition is part of the
+results file name.
 """
 from __future__ import annotations
 
@@ -23,21 +30,39 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere as a script
 
-from benchmarks.common import print_table, write_csv  # noqa: E402
+from benchmarks.common import busy_neighbor, print_table, write_csv  # noqa: E402
+from hwslim.conditions import compare_to_table, measure_conditions  # noqa: E402
 from hwslim.errors import TableError  # noqa: E402
-from hwslim.latency import LatencyTable, accuracy, find_table, table_paths  # noqa: E402
+from hwslim.latency import LatencyTable, accuracy, default_table_path, find_table, table_paths  # noqa: E402
 from hwslim.models import create_model  # noqa: E402
 from hwslim.profile import ProfileSettings, measure_configs, profile  # noqa: E402
-from profilers import get_profiler  # noqa: E402
+from profilers import backend_class, default_backend, get_profiler  # noqa: E402
 
 MODELS = {"mobilenet_v2": (1.5, 224), "resnet20": (1.0, 32)}
 
 
+def condition_columns(args, before, after, check, after_check) -> dict:
+    """What every row records about the machine: the condition, CPU, flags, load, the probe vs the table's."""
+    flags = before.flags or ()
+    return {"condition": args.condition, "cpu": before.cpu, "avx512": "avx512f" in flags,
+            "amx": "amx_tile" in flags, "cpu_flags": " ".join(flags), "load_before": before.load_1min,
+            "load_after": after.load_1min, "others_running": before.others_running,
+            "probe_ratio_vs_table": None if check.probe_ratio is None else round(check.probe_ratio, 3),
+            "conditions_vs_table": "comparable" if check.reliable and after_check.reliable else
+            check.summary if not check.reliable else f"at the end: {after_check.summary}"}
+
+
 def _table(args, model: str, wm: float, size: int) -> tuple[LatencyTable, float | None]:
+    out = None
+    if args.table_dir:  # only a table of --table-dir will do (one measured under this run's condition)
+        backend = backend_class(args.backend).backend if args.backend else default_backend(args.device)
+        out = default_table_path(args.device, backend_class(backend).machine_name(), model, wm, size, args.batch,
+                                 backend, args.threads or 1, args.dtype, root=args.table_dir)
     try:
-        path = find_table(args.device, model, wm, batch=args.batch, input_size=size, threads=args.threads,
-                          dtype=args.dtype,
-                          backend=args.backend)
+        if out is not None and not out.exists():
+            raise TableError(f"no table {out}")
+        path = out or find_table(args.device, model, wm, batch=args.batch, input_size=size, threads=args.threads,
+                                 dtype=args.dtype, backend=args.backend)
         return LatencyTable.load(path), None
     except TableError as e:
         if not args.measure_missing:
@@ -45,7 +70,8 @@ def _table(args, model: str, wm: float, size: int) -> tuple[LatencyTable, float 
         print(f"{e}\n-> measuring it now", file=sys.stderr)
     t0 = time.perf_counter()
     res = profile(ProfileSettings(device=args.device, backend=args.backend, model=model, width_mult=wm,
-                                  input_size=size, batch=args.batch, threads=args.threads, dtype=args.dtype),
+                                  input_size=size, batch=args.batch, threads=args.threads, dtype=args.dtype,
+                                  out=None if out is None else str(out)),
                   progress=True,
                   log=lambda m: print(m, file=sys.stderr))
     return LatencyTable.load(res.path), time.perf_counter() - t0
@@ -73,6 +99,10 @@ def evaluate(args, model: str) -> tuple[dict, list[dict]]:
     rows = []
     load_before = os.getloadavg()[0]
     with get_profiler(table.meta["device"], table.meta["backend"], **table.meta.get("settings", {})) as prof:
+        before = measure_conditions(prof)
+        check = compare_to_table(table.meta, before)
+        if not check.reliable:
+            print(f"{model}: {check.line('accuracy measured under other conditions than the table')}", file=sys.stderr)
         t0 = time.perf_counter()
         # interleaved rounds: every config sees the same mix of quiet and busy spells of the machine
         timings = measure_configs(prof, net, [c for _, c in configs], args.batch, size, rounds=args.rounds,
@@ -84,6 +114,10 @@ def evaluate(args, model: str) -> tuple[dict, list[dict]]:
                          "iqr_ms": round(t.iqr_ms, 4), "n": t.n, "noisy": t.noisy,
                          "err_pct": round((pred / t.median_ms - 1) * 100, 2), "widths": key(cfg)})
         seconds = time.perf_counter() - t0
+        after = compare_to_table(table.meta, measure_conditions(prof))  # did the machine change meanwhile?
+    machine = condition_columns(args, before, after.now, check, after)
+    machine["probe_ratio_after"] = None if after.probe_ratio is None else round(after.probe_ratio, 3)
+    rows = [{**r, **machine} for r in rows]
     acc = accuracy([r["predicted_ms"] for r in rows], [r["measured_ms"] for r in rows])
     m = table.meta
     summary = {"model": f"{model} x{net.width_mult:g} @{size}", "backend": m["backend"], "threads": m["threads"],
@@ -97,7 +131,7 @@ def evaluate(args, model: str) -> tuple[dict, list[dict]]:
                "load_avg_1min": f"{load_before:.1f}->{os.getloadavg()[0]:.1f}",
                "calib_a": round(m["calibration"]["a"], 4),
                "calib_a_dw": m["calibration"].get("a_depthwise"),
-               "calib_b_ms": round(m["calibration"]["b"], 4), "table_measured": m.get("finished", "")}
+               "calib_b_ms": round(m["calibration"]["b"], 4), "table_measured": m.get("finished", ""), **machine}
     return summary, rows
 
 
@@ -114,19 +148,29 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=4, help="interleaved rounds of end-to-end timing")
     p.add_argument("--no-measure", dest="measure_missing", action="store_false",
                    help="fail instead of measuring a missing table")
+    p.add_argument("--table-dir", help="use (or measure) the tables in this folder only: e.g. one per condition")
+    p.add_argument("--condition", choices=["quiet", "busy"], default="quiet",
+                   help="what else runs on the machine (recorded in every row and the file name)")
+    p.add_argument("--busy-neighbor", action="store_true",
+                   help="start a process spinning on another core first, stop it at the end (implies --condition busy)")
     args = p.parse_args()
+    if args.busy_neighbor:
+        args.condition = "busy"
     summaries, rows = [], []
-    for model in args.models:
-        s, r = evaluate(args, model)
-        summaries.append(s)
-        rows += r
-        print_table([s])
-    tag = f"{args.device}_{summaries[0]['backend']}_b{args.batch}" + ("" if args.dtype == "float32" else f"_{args.dtype}")
+    with busy_neighbor(args.busy_neighbor):
+        for model in args.models:
+            s, r = evaluate(args, model)
+            summaries.append(s)
+            rows += r
+            print_table([s])
+    tag = (f"{args.device}_{summaries[0]['backend']}_b{args.batch}" + ("" if args.dtype == "float32" else f"_{args.dtype}")
+           + f"_{args.condition}")
     write_csv(rows, f"lut_accuracy_{tag}_configs")
     path = write_csv(summaries, f"lut_accuracy_{tag}")
     print()
-    print_table(summaries, ["model", "configs", "within_5pct", "within_10pct", "spearman", "mean_abs_err_pct",
-                            "max_abs_err_pct", "noisy_e2e", "table_entries", "table_s"])
+    print_table(summaries, ["model", "condition", "configs", "within_5pct", "within_10pct", "spearman",
+                            "mean_abs_err_pct", "max_abs_err_pct", "noisy_e2e", "table_entries", "table_s",
+                            "load_avg_1min", "probe_ratio_vs_table", "probe_ratio_after"])
     print(f"results: {path}")
     return 0
 

@@ -19,6 +19,13 @@
    ``calib_configs`` of them and report accuracy on ``holdout_configs`` others. These
    are random configs of random width ranges (narrow to wide), never the uniform ones,
    so the uniform widths stay available as a held-out check.
+
+The conditions the table is measured under (CPU and its flags, load, a machine-speed
+probe; :mod:`hwslim.conditions`) are taken at the start and at the end and recorded in
+``meta["conditions"]``; when they changed markedly in between (the probe, the other
+running threads), ``meta["conditions"]["changed"]`` says how and a warning is logged:
+the table may be unreliable. Entries of other tables are borrowed only from tables
+whose conditions compare.
 """
 from __future__ import annotations
 
@@ -118,7 +125,8 @@ class ProfileResult:
                 "calib_a_dw": round(cal.a_depthwise, 4) if cal and cal.a_depthwise is not None else None,
                 "calib_b_ms": round(cal.b, 4) if cal else None,
                 "holdout_n": h.get("n"), "within_5pct": h.get("within_5pct"), "within_10pct": h.get("within_10pct"),
-                "spearman": h.get("spearman")}
+                "spearman": h.get("spearman"),
+                "conditions_changed": (self.meta.get("conditions") or {}).get("changed")}
 
 
 # -- entries ----------------------------------------------------------------------------------------
@@ -352,15 +360,20 @@ def _same_setup(old: dict, new: dict) -> list[str]:
 _MODEL_KEYS = ("model", "width_mult", "input_size")
 
 
-def _borrow_entries(csv_path: Path, meta: dict, wanted: set) -> dict[tuple, Any]:
+def _borrow_entries(csv_path: Path, meta: dict, wanted: set, now=None,
+                    log: Callable[[str], None] | None = None) -> dict[tuple, Any]:
     """Entries of ``wanted`` that other tables beside ``csv_path`` measured with this setup.
 
     A table's rows are keyed by layer shape, so a shape another model's table holds (same
-    machine, backend and version, threads, batch, dtype, method) is the same measurement.
+    machine, backend and version, threads, batch, dtype, method) is the same measurement,
+    if it was measured under the same conditions: with ``now`` (the conditions of this
+    run), a table whose recorded conditions do not compare lends nothing.
     """
+    from hwslim.conditions import compare_to_table
+
     if not wanted or not csv_path.parent.is_dir():
         return {}
-    setup = {k: v for k, v in meta.items() if k not in _MODEL_KEYS}
+    setup = {k: v for k, v in meta.items() if k not in _MODEL_KEYS and k != "conditions"}
     found: dict[tuple, Any] = {}
     for other in sorted(csv_path.parent.glob("*.json")):
         other_csv = other.with_suffix(".csv")
@@ -369,6 +382,11 @@ def _borrow_entries(csv_path: Path, meta: dict, wanted: set) -> dict[tuple, Any]
         try:
             old = json.loads(other.read_text(encoding="utf-8"))
             if not isinstance(old, dict) or _same_setup(old, setup):
+                continue
+            check = compare_to_table(old, now) if now is not None else None
+            if check is not None and not check.reliable:
+                if log is not None:
+                    log(f"not reusing entries of {other_csv.name}: {check.line('measured under other conditions')}")
                 continue
             rows, _ = read_rows(other_csv, COLUMNS)
             for r in rows:
@@ -405,6 +423,7 @@ def _seconds(value: Any) -> float:
 def profile(settings: ProfileSettings, progress: bool = False,
             log: Callable[[str], None] | None = None) -> ProfileResult:
     """Measure (or finish measuring) the table ``settings`` describe; see the module docstring."""
+    from hwslim.conditions import Conditions, compare, drift, measure_conditions
     from hwslim.models import load_model
     from profilers import get_profiler
 
@@ -436,6 +455,7 @@ def profile(settings: ProfileSettings, progress: bool = False,
         spent_before = 0.0
         final = None  # with --force over another table: (the table's paths), measured beside them first
         prepare_table_location(csv_path, meta_path, e2e_path, force=settings.force)
+        recorded = first = None  # a resumed table: the conditions it recorded, those of its first run
         if meta_path.exists():
             old = _read_old_meta(meta_path, csv_path, settings.force)
             diff = _same_setup(old, meta) if old is not None else ["unreadable metadata"]
@@ -455,13 +475,24 @@ def profile(settings: ProfileSettings, progress: bool = False,
             if not diff or final is not None and old:
                 meta["created"] = old.get("created", meta["created"])
                 spent_before = _seconds(old.get("profile_seconds"))
+                recorded = old.get("conditions") if isinstance(old.get("conditions"), dict) else None
+                first = Conditions.from_dict(recorded.get("start")) if recorded else None
+        cond_start = measure_conditions(profiler)  # before measuring anything
+        log(f"conditions: {cond_start.describe()}")
+        if first is not None:  # a resumed table keeps the conditions of its first run, compared with now
+            check = compare(first, cond_start, than="when this table's first entries were measured")
+            if not check.reliable:
+                log(f"warning: {check.line('the resumed table may be unreliable')}")
+            cond_start = first
         done: dict[tuple, Any] = {}
         if csv_path.exists():
             rows, _ = read_rows(csv_path, COLUMNS)
             done = {signature_from_row(r): timing_from_row(r) for r in rows}
+        meta["conditions"] = {"start": cond_start.to_dict()}
         atomic_write_text(meta_path, json.dumps({**meta, "status": "measuring"}, indent=2, sort_keys=True) + "\n")
 
-        borrowed = _borrow_entries(csv_path, meta, {s.signature() for s in entries} - set(done))
+        borrowed = _borrow_entries(csv_path, meta, {s.signature() for s in entries} - set(done), now=cond_start,
+                                   log=log)
         if borrowed:
             with RowWriter(csv_path, COLUMNS) as writer:
                 for sig, timing in borrowed.items():
@@ -489,11 +520,23 @@ def profile(settings: ProfileSettings, progress: bool = False,
         bar.close()
 
         table = LatencyTable(meta, done, csv_path)
+        e2e_before = e2e_path.stat().st_size if e2e_path.exists() else -1
         calibration = calibrate(table, profiler, net, settings, e2e_path, progress=progress, log=log)
         meta.update(status="complete", entries=len(done), noisy_entries=sum(t.noisy for t in done.values()),
                     calibration=calibration.to_dict(), finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
         # a shared machine's load changes latencies: record it next to them
         meta["load_avg_1min"] = [load_start, _load()]
+        cond_end = measure_conditions(profiler)
+        changed = drift(cond_start, cond_end)
+        measured_now = bool(todo) or (e2e_path.stat().st_size if e2e_path.exists() else -1) != e2e_before
+        if not measured_now and isinstance(recorded, dict) and recorded.get("end"):
+            # nothing was measured in this run: the table's conditions stay those it was measured under
+            meta["conditions"] = recorded
+        else:
+            meta["conditions"] = {"start": cond_start.to_dict(), "end": cond_end.to_dict(),
+                                  "changed": None if changed.reliable else changed.summary}
+        if measured_now and not changed.reliable:
+            log(f"warning: {changed.line('the table may be unreliable; measure it again (--force) when the machine is steady')}")
         # time spent on this table over all (resumed) runs
         meta["profile_seconds"] = round(spent_before + time.perf_counter() - start, 1)
         atomic_write_text(meta_path, json.dumps(meta, indent=2, sort_keys=True) + "\n")

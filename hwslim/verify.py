@@ -16,6 +16,13 @@ The budget is ``budget_ms`` when given, else the latency budget the search recor
 in the config (``meta["budget"]``). It *holds* when the measured median is at most
 ``budget * (1 + tolerance)``; the default tolerance (3%) absorbs run-to-run noise of
 a shared machine. With no latency budget anywhere, the result only reports.
+
+Before measuring, the conditions are taken again (CPU, load, the machine-speed probe
+with the table's own settings; :mod:`hwslim.conditions`) and compared with those the
+table recorded. When they differ markedly the verdict is ``UNRELIABLE`` instead of a
+confident OK or OVER, and one line says why (``machine busier than when the table was
+measured (probe 1.31x slower, ...): verdict unreliable``); ``hwslim verify`` then exits
+with status 3 (:data:`EXIT_UNRELIABLE`).
 """
 from __future__ import annotations
 
@@ -31,6 +38,8 @@ from hwslim.errors import ConfigError, TableError
 from hwslim.resources import check_inference
 
 DEFAULT_TOLERANCE = 0.03
+# exit status of `hwslim verify` / `export --verify` when no confident verdict was possible
+EXIT_UNRELIABLE = 3
 
 
 @dataclass(frozen=True)
@@ -50,11 +59,26 @@ class VerifyResult:
     noisy: bool
     budget_ms: float | None
     tolerance: float
+    conditions: Any = None  # hwslim.conditions.ConditionCheck: now vs the table's; None: not compared
 
     @property
     def ok(self) -> bool:
-        """The budget holds (or there is none)."""
+        """The budget holds (or there is none), as measured; see :attr:`reliable`."""
         return self.budget_ms is None or self.measured_ms <= self.budget_ms * (1 + self.tolerance)
+
+    @property
+    def reliable(self) -> bool:
+        """The conditions compare with the table's, so the measurement can be trusted against it."""
+        return self.conditions is None or self.conditions.reliable
+
+    @property
+    def verdict(self) -> str:
+        """``OK``, ``OVER``, ``UNRELIABLE`` (conditions differ from the table's) or ``no budget``."""
+        if self.budget_ms is None:
+            return "no budget"
+        if not self.reliable:
+            return "UNRELIABLE"
+        return "OK" if self.ok else "OVER"
 
     @property
     def prediction_error(self) -> float:
@@ -67,7 +91,8 @@ class VerifyResult:
             "predicted_ms": self.predicted_ms, "measured_ms": self.measured_ms, "iqr_ms": self.iqr_ms,
             "p90_ms": self.p90_ms, "n": self.n, "noisy": self.noisy, "budget_ms": self.budget_ms,
             "tolerance": self.tolerance, "within_budget": self.ok,
-            "prediction_error_pct": 100 * self.prediction_error,
+            "prediction_error_pct": 100 * self.prediction_error, "verdict": self.verdict, "reliable": self.reliable,
+            "conditions": None if self.conditions is None else self.conditions.as_dict(),
         }
 
 
@@ -189,12 +214,16 @@ def net_from_metadata(meta: Mapping[str, str], config, source: str):
 
 def verify_model(model: str | os.PathLike, table: str | os.PathLike | Any, *, budget_ms: float | None = None,
                  tolerance: float = DEFAULT_TOLERANCE, force: bool = False, progress: bool = False,
-                 log: Callable[[str], None] | None = None) -> VerifyResult:
+                 log: Callable[[str], None] | None = None, conditions=None) -> VerifyResult:
     """Predict (config from the model's metadata + table), measure on the table's backend, compare.
 
-    With ``progress``, a line saying what is measured goes to ``log`` (default: stderr,
-    so that a caller's stdout stays its own, e.g. ``--json``).
+    ``conditions`` (:class:`hwslim.conditions.Conditions`) are this machine's, taken
+    with the table's profiler just before (callers verifying several models take them
+    once); by default they are measured here, before the model. With ``progress``, a
+    line saying what is measured goes to ``log`` (default: stderr, so that a caller's
+    stdout stays its own, e.g. ``--json``).
     """
+    from hwslim.conditions import compare_to_table, measure_conditions
     import torch
 
     from hwslim.export import config_from_metadata
@@ -213,6 +242,9 @@ def verify_model(model: str | os.PathLike, table: str | os.PathLike | Any, *, bu
     if budget_ms is None:
         budget_ms = budget_from_config(config)
     profiler = profiler_for_table(tbl)
+    if conditions is None:
+        conditions = measure_conditions(profiler)
+    check = compare_to_table(tbl.meta, conditions)
     if progress:
         (log or _stderr)(f"measuring {onnx_path} end to end with {getattr(profiler, 'backend', '?')} "
                          f"({getattr(profiler, 'threads', '?')} thread(s), the table's protocol) ...")
@@ -222,7 +254,18 @@ def verify_model(model: str | os.PathLike, table: str | os.PathLike | Any, *, bu
     if t.median_ms <= 0:
         raise TableError(f"the {backend} profiler returned a non-positive time for {onnx_path}")
     return VerifyResult(onnx_path, table_path, config, backend, batch, predicted, float(t.median_ms),
-                        float(t.iqr_ms), float(t.p90_ms), int(t.n), bool(t.noisy), budget_ms, tolerance)
+                        float(t.iqr_ms), float(t.p90_ms), int(t.n), bool(t.noisy), budget_ms, tolerance, check)
+
+
+def exit_status(results: Sequence[VerifyResult]) -> int:
+    """0: every budget holds; 1: one is confidently over; 3 (:data:`EXIT_UNRELIABLE`): none is
+    over, but a verdict is unreliable (the conditions of its measurement differ from the table's).
+    A model without a budget has no verdict to doubt: it only reports."""
+    if any(r.verdict == "OVER" for r in results):
+        return 1
+    if any(r.verdict == "UNRELIABLE" for r in results):
+        return EXIT_UNRELIABLE
+    return 0
 
 
 def verify_rows(results: Sequence[VerifyResult]) -> list[dict[str, Any]]:
@@ -235,7 +278,7 @@ def verify_rows(results: Sequence[VerifyResult]) -> list[dict[str, Any]]:
             "measured_ms": r.measured_ms,
             "iqr_ms": r.iqr_ms,
             "pred_err_%": 100 * r.prediction_error,
-            "verdict": "no budget" if r.budget_ms is None else ("OK" if r.ok else "OVER"),
+            "verdict": r.verdict,
         })
     return rows
 
@@ -251,10 +294,15 @@ def print_verify(results: Sequence[VerifyResult], file=None, log: Callable[[str]
     print_table(verify_rows(results), file=file)
     if log is None:
         log = (lambda msg: print(msg, file=file)) if file is not None else _stderr
+    said = set()
+    for r in results:
+        if not r.reliable and r.conditions.line() not in said:  # one line, however many models it concerns
+            said.add(r.conditions.line())
+            log(r.conditions.line())
     for r in results:
         if r.noisy:
             log(f"note: {r.model.name}: the measurement was noisy (IQR {r.iqr_ms:.3g} ms); "
                 "re-run on a quieter machine")
-        if r.budget_ms is not None and not r.ok:
+        if r.budget_ms is not None and not r.ok and r.reliable:
             log(f"{r.model.name}: measured {r.measured_ms:.3f} ms exceeds the budget {r.budget_ms:g} ms "
                 f"(+{100 * r.tolerance:g}% tolerance)")

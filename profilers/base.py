@@ -15,6 +15,10 @@ A backend (ONNX Runtime on the CPU here; torch CUDA and TensorRT on GPUs) subcla
   protocol; calibration and ``hwslim verify`` use it.
 
 * :meth:`Profiler.time_onnx_many` times several whole models in interleaved rounds.
+* :meth:`Profiler.probe` times a fixed small network (:func:`probe_specs`): the
+  machine-speed probe that tables record and ``hwslim verify`` repeats, so a change of
+  the machine's speed between the table and the check is measured, not guessed
+  (:mod:`hwslim.conditions`).
 
 A backend implements: ``is_available``, ``unavailable_reason``, ``machine_name``,
 ``_backend_metadata`` (``device_name``, ``backend_version``, plus e.g. driver, CUDA,
@@ -143,6 +147,30 @@ def sample(run: Callable[[], float], protocol: Protocol) -> list[float]:
     while len(samples) < protocol.max_reps and (len(samples) < protocol.min_reps or time.perf_counter() < deadline):
         samples.append(run())
     return samples
+
+
+# The machine-speed probe: a fixed small network, timed with the profiler's own settings.
+PROBE_SIZE, PROBE_CHANNELS = 56, 32
+
+
+def probe_specs() -> list[LayerSpec]:
+    """The probe network: an inverted residual block (32 -> 96 -> 32 channels, depthwise
+    3x3 in the middle) and a dense 3x3 conv, at 56x56. It runs the kernels the tables
+    hold (dense and depthwise convs, fused activations), in about 1 ms on one core of
+    the development machine: long enough to dwarf the per-run overhead, short enough for
+    hundreds of samples in a quarter of a second. Its 1.2 MB activations overflow a
+    1 MB L2 cache, so it also feels contention for the shared cache and memory, as the
+    larger models do: a memory-bound neighbor process slowed it by 4-15% there, where a
+    28x28 version (in L2) moved by less than 1%.
+    """
+    from hwslim.graph import layer_spec
+    from hwslim.ops import Conv
+
+    c, size = PROBE_CHANNELS, PROBE_SIZE
+    return [layer_spec("probe/expand", Conv(1, act="relu6"), c, size, out=3 * c, inputs=["x"]),
+            layer_spec("probe/dw", Conv(3, 1, 1, group_width=1, act="relu6"), 3 * c, size, inputs=["probe/expand"]),
+            layer_spec("probe/project", Conv(1), 3 * c, size, out=c, inputs=["probe/dw"]),
+            layer_spec("probe/conv", Conv(3, 1, 1, act="relu"), c, size, out=c, inputs=["probe/project"])]
 
 
 class Profiler:
@@ -316,6 +344,44 @@ class Profiler:
         return self._with_retries(lambda: self._time_onnx(str(path), tuple(int(d) for d in input_shape)),
                                   self.e2e_protocol)
 
+    def probe_protocol(self) -> Protocol:
+        """How :meth:`probe` samples: a quarter of a second after a short warm-up, whatever the
+        table's protocol (a shorter probe of a busy machine wandered by 6%)."""
+        return Protocol(warmup_runs=10, warmup_ms=30.0, budget_ms=250.0, min_reps=30, max_reps=100_000, retries=0)
+
+    def probe(self, between: Callable[[], None] | None = None) -> Timing | None:
+        """Time the machine-speed probe (:func:`probe_specs`) end to end with this profiler's
+        backend, threads and clock; None where the backend cannot run whole ONNX models.
+
+        ``between()`` is called about every 10 ms between two runs (outside the timed
+        region): :func:`hwslim.conditions.measure_conditions` counts the machine's other
+        running threads there, while the probe runs.
+        """
+        import tempfile
+
+        from hwslim.onnx_build import network_model
+
+        specs = probe_specs()
+        with tempfile.TemporaryDirectory(prefix="hwslim-probe-") as d:
+            path = f"{d}/probe.onnx"
+            with open(path, "wb") as f:
+                f.write(network_model(specs).SerializeToString())
+            try:
+                run = self._onnx_runner(path, (1, PROBE_CHANNELS, PROBE_SIZE, PROBE_SIZE))
+            except NotImplementedError:
+                return None
+            p = self.probe_protocol()
+            sample(run, replace(p, budget_ms=0.0, min_reps=0, max_reps=0))  # warm-up only
+            samples: list[float] = []
+            start = last = time.perf_counter()
+            while len(samples) < p.max_reps and (len(samples) < p.min_reps
+                                                 or time.perf_counter() - start < p.budget_ms / 1e3):
+                samples.append(run())
+                if between is not None and time.perf_counter() - last >= 0.01:
+                    between()
+                    last = time.perf_counter()
+        return Timing.from_samples(samples)
+
     def time_onnx_many(self, models: Sequence[tuple[Any, Sequence[int]]], rounds: int = 4,
                        seed: int = 0, on_progress: Callable[[int, int], None] | None = None) -> list[Timing]:
         """Time several ONNX models ``[(path, input_shape), ...]`` interleaved.
@@ -396,4 +462,4 @@ class Profiler:
         return replace(best, noisy=best.rel_iqr > protocol.max_rel_iqr)
 
 
-__all__ = ["Profiler", "ProfilerError", "Protocol", "Timing", "sample"]
+__all__ = ["Profiler", "ProfilerError", "Protocol", "Timing", "probe_specs", "sample"]

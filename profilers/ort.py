@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -43,6 +42,7 @@ from typing import Any, Callable, ClassVar, Sequence
 
 import numpy as np
 
+from hwslim.conditions import cpu_model  # noqa: F401  (re-exported: benchmarks and tables name the CPU by it)
 from hwslim.graph import LayerSpec
 from profilers.base import Profiler, ProfilerError, Timing, sample
 
@@ -50,17 +50,6 @@ NCHWC = "com.microsoft.nchwc"
 OPSET = 17
 CLOCKS = ("thread_cpu", "wall")
 SKIP_FEED = "skip_feed"
-
-
-def cpu_model() -> str:
-    """The CPU's marketing name (``/proc/cpuinfo``), else what the platform reports."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _ort():

@@ -33,7 +33,7 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     for r in rows:
         assert float(r["measured_ms"]) > 0 and float(r["predicted_ms"]) > 0
         assert 0 <= float(r["accuracy_%"]) <= 100 and int(r["params"]) > 0
-        assert r["verdict"] in ("OK", "OVER") and r["produced_by"].startswith("hwslim demo")
+        assert r["verdict"] in ("OK", "OVER", "UNRELIABLE") and r["produced_by"].startswith("hwslim demo")
         model = out / r["model"]
         onnx.checker.check_model(str(model))
         meta = onnx_metadata(model)  # every model names what produced it
@@ -43,9 +43,44 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
         assert meta["table"].endswith("latency.csv")
     provenance = json.loads((out / "demo.json").read_text())
     assert provenance["quick"] is True and len(provenance["rows"]) == 3
+    # the verdicts are confident only where the conditions compare with the table's, and say so
+    cond = provenance["conditions"]
+    assert cond["now"]["probe_ms"] > 0 and cond["table"]["start"]["probe_ms"] > 0
+    assert all((r["verdict"] == "UNRELIABLE") == (not cond["reliable"]) for r in rows)
+    assert ("verdict unreliable" in printed) == (not cond["reliable"])
     # a second run refuses to overwrite the first one
     assert main(["demo", "--quick", "--out", str(out), "--no-progress"]) == 2
     assert "--force" in capsys.readouterr().err
+
+
+def test_force_starts_from_scratch_and_keeps_other_files(tmp_path, capsys):
+    """--force once reused the old table (profiling resumed a complete one): it must measure again."""
+    from hwslim.demo import OUTPUTS
+
+    out = tmp_path / "demo"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    for name in OUTPUTS:  # a stale run: every output there, marked
+        if "." in name:
+            (out / name).write_text("stale")
+        else:
+            (out / name).mkdir()
+            (out / name / "stale.txt").write_text("stale")
+    (out / "table" / "latency.json").write_text(json.dumps({"stale": True}))
+    assert main(["demo", "--quick", "--out", str(out), "--no-progress", "--force"]) == 0
+    capsys.readouterr()
+    assert (out / "notes.txt").read_text() == "mine"  # not the demo's: kept
+    assert not list(out.rglob("stale.txt"))
+    table = json.loads((out / "table" / "latency.json").read_text())
+    assert "stale" not in table and table["status"] == "complete"
+    first = (table["created"], table["conditions"]["start"]["at"])
+    (out / "table" / "latency.json").write_text(json.dumps({**table, "marker": 1}))
+    import time
+
+    time.sleep(1.1)  # the table's timestamps have one-second resolution
+    assert main(["demo", "--quick", "--out", str(out), "--no-progress", "--force"]) == 0
+    again = json.loads((out / "table" / "latency.json").read_text())
+    assert "marker" not in again and (again["created"], again["conditions"]["start"]["at"]) != first
 
 
 @pytest.mark.parametrize("bad", [["--threads", "0"], ["--torch-threads", "0"], ["--threads", "x"]])
@@ -94,7 +129,7 @@ def test_help_states_a_measured_duration(capsys):
     with pytest.raises(SystemExit):
         main(["demo", "--help"])
     text = capsys.readouterr().out
-    assert "5 minutes" not in text and "about a minute" in text
+    assert "5 minutes" not in text and "about a minute" not in text and "100 s of CPU time" in text
 
 
 def test_accuracy_latency_plot_keeps_search_and_heldout_apart_labels_budgets_and_marks_over(tmp_path):

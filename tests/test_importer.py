@@ -341,7 +341,8 @@ def test_users_own_model_end_to_end(tmp_path, monkeypatch, capsys):
     assert cfg["meta"]["params_m"] <= 0.008
     assert main(["export", "--checkpoint", ckpt, "--config", cfg["file"], "--out", "small.onnx", "--json"]) == 0
     capsys.readouterr()
-    assert main(["verify", "small.onnx", "--table", "table/t.csv", "--budget-ms", "1000", "--json"]) == 0
+    # 3: this shared machine got busier or quieter since the table (the verdict says so)
+    assert main(["verify", "small.onnx", "--table", "table/t.csv", "--budget-ms", "1000", "--json"]) in (0, 3)
     assert json.loads(capsys.readouterr().out)["measured_ms"] > 0
 
 

@@ -79,7 +79,7 @@ def test_every_command_runs_from_the_checkpoint(trained, capsys):
     assert main(["export", "--checkpoint", str(ckpt), "--config", str(cfg), "--out", str(out), "--json"]) == 0
     capsys.readouterr()
     code = main(["verify", str(out), "--table", str(table), "--json"])
-    assert code in (0, 1)  # measured; within the budget or not (a quick table on a shared machine)
+    assert code in (0, 1, 3)  # measured; within the budget or not, or conditions moved (a shared machine)
     result = json.loads(capsys.readouterr().out)
     assert result["model"].endswith("small.onnx") and result["predicted_ms"] > 0 and result["measured_ms"] > 0
 

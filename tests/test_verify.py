@@ -60,14 +60,36 @@ def test_budget_holds_within_tolerance(table_path, exported):
     assert budget_from_config(cfg.with_meta(budget={"kind": "params_m", "value": 1})) is None
 
 
+def test_exit_status_a_confident_over_wins_then_unreliable(table_path, exported):
+    from hwslim.conditions import Conditions, compare
+    from hwslim.verify import exit_status
+
+    _, cfg, path = exported
+    steady = compare(Conditions(probe_ms=1.0), Conditions(probe_ms=1.0))
+    busy = compare(Conditions(probe_ms=1.0), Conditions(probe_ms=2.0))
+    base = dict(model=path, table=table_path, config=cfg, backend="ort", batch=1, predicted_ms=1.0, iqr_ms=0.0,
+                p90_ms=1.0, n=10, noisy=False, tolerance=0.03)
+    ok = VerifyResult(measured_ms=0.9, budget_ms=1.0, conditions=steady, **base)
+    over = VerifyResult(measured_ms=1.5, budget_ms=1.0, conditions=steady, **base)
+    unsure = VerifyResult(measured_ms=0.9, budget_ms=1.0, conditions=busy, **base)
+    nobudget = VerifyResult(measured_ms=0.9, budget_ms=None, conditions=busy, **base)
+    assert [r.verdict for r in (ok, over, unsure, nobudget)] == ["OK", "OVER", "UNRELIABLE", "no budget"]
+    assert exit_status([ok]) == 0 and exit_status([ok, unsure]) == 3 and exit_status([unsure, over]) == 1
+    assert exit_status([nobudget]) == 0  # no verdict to doubt: it only reports (the line still says why)
+
+
 def test_cli_exit_status(table_path, exported, tmp_path, capsys):
+    """0 within budget, 1 over it; 3 where this shared machine's conditions moved since the table."""
     _, _, path = exported
-    assert main(["verify", str(path), "--table", str(table_path)]) == 0
-    out = capsys.readouterr().out
-    assert "predicted_ms" in out and "measured_ms" in out and "OK" in out
-    assert main(["verify", str(path), "--table", str(table_path), "--budget-ms", "1e-6", "--json"]) == 1
+    code = main(["verify", str(path), "--table", str(table_path)])
+    cap = capsys.readouterr()
+    assert "predicted_ms" in cap.out and "measured_ms" in cap.out
+    assert (code, "OK" in cap.out, "UNRELIABLE" in cap.out) in ((0, True, False), (3, False, True)), cap
+    assert ("verdict unreliable" in cap.err) == (code == 3)
+    code = main(["verify", str(path), "--table", str(table_path), "--budget-ms", "1e-6", "--json"])
     row = json.loads(capsys.readouterr().out)
     assert row["within_budget"] is False and row["budget_ms"] == 1e-6
+    assert (code, row["verdict"]) in ((1, "OVER"), (3, "UNRELIABLE"))
     assert main(["verify", str(tmp_path / "none.onnx"), "--table", str(table_path)]) == 2
     assert "not found" in capsys.readouterr().err
 
@@ -85,15 +107,16 @@ def test_export_verify_flag(table_path, exported, tmp_path, capsys):
     cfg_path = cfg.save(tmp_path / "cfg.json")
     args = ["export", "--checkpoint", str(ckpt), "--config", str(cfg_path), "--out", str(tmp_path / "v.onnx"),
             "--check-images", "2", "--verify", "--table", str(table_path)]
-    assert main(args + ["--json"]) == 0
+    code = main(args + ["--json"])
     printed = json.loads(capsys.readouterr().out)
     assert printed["verify"]["within_budget"] is True and printed["verify"]["measured_ms"] > 0
+    assert (code, printed["verify"]["verdict"]) in ((0, "OK"), (3, "UNRELIABLE"))
     assert main(args[:-2] + ["--force"]) == 2  # --verify without --table, and the config names none
     assert "--table" in capsys.readouterr().err
     # the table the search recorded in the config is the default
     named = cfg.with_meta(table=str(table_path)).save(tmp_path / "named.json")
     assert main(["export", "--checkpoint", str(ckpt), "--config", str(named), "--out", str(tmp_path / "n.onnx"),
-                 "--check-images", "2", "--verify", "--json"]) == 0
+                 "--check-images", "2", "--verify", "--json"]) in (0, 3)
     assert json.loads(capsys.readouterr().out)["verify"]["table"] == str(table_path)
 
 
@@ -121,6 +144,74 @@ def test_export_verify_json_stdout_is_one_json_object(table_path, exported, tmp_
     ckpt = save_checkpoint(tmp_path / "ck.pt", net)
     cfg_path = cfg.save(tmp_path / "cfg.json")
     assert main(["export", "--checkpoint", str(ckpt), "--config", str(cfg_path), "--out", str(tmp_path / "j.onnx"),
-                 "--check-images", "2", "--verify", "--table", str(table_path), "--json"]) == 0
+                 "--check-images", "2", "--verify", "--table", str(table_path), "--json"]) in (0, 3)
     out = capsys.readouterr().out
     assert out.count("\n") == 1 and json.loads(out)["verify"]["measured_ms"] > 0
+
+
+def _edited_table(src, dst_dir, edit):
+    """A copy of the table at ``src`` with its recorded conditions edited (data, not a mock)."""
+    import shutil
+
+    from hwslim.latency import table_paths
+
+    dst_dir.mkdir()
+    for p in table_paths(src):
+        if p.exists():
+            shutil.copy(p, dst_dir / p.name)
+    meta_path = table_paths(dst_dir / src.name)[1]
+    meta = json.loads(meta_path.read_text())
+    meta["conditions"]["changed"] = None
+    edit(meta["conditions"]["start"])
+    meta["conditions"]["end"] = meta["conditions"]["start"]
+    meta_path.write_text(json.dumps(meta))
+    return dst_dir / src.name
+
+
+def test_a_busier_machine_than_the_tables_gives_an_unreliable_verdict_and_exit_3(table_path, exported, tmp_path,
+                                                                                    capsys):
+    """The table records a probe 2x faster than this machine's: as if it were measured on a quiet machine."""
+    net, cfg, path = exported
+
+    def faster(start):  # recorded only the probe: this shared machine's other threads do not enter the test
+        start.update(probe_ms=start["probe_ms"] / 2, others_running=None, load_1min=None)
+
+    table = _edited_table(table_path, tmp_path / "t", faster)
+    r = verify_model(path, table)
+    assert r.ok and not r.reliable and r.verdict == "UNRELIABLE"  # within the budget as measured, but not trusted
+    assert 1.5 < r.conditions.probe_ratio < 2.7  # 2x, give or take this machine's noise
+    assert r.conditions.line().startswith("machine busier than when the table was measured (probe ")
+    assert r.conditions.line().endswith(": verdict unreliable")
+    d = r.as_dict()
+    assert d["verdict"] == "UNRELIABLE" and d["reliable"] is False and d["conditions"]["probe_ratio"] > 1.5
+    assert main(["verify", str(path), "--table", str(table)]) == 3
+    cap = capsys.readouterr()
+    assert "UNRELIABLE" in cap.out
+    lines = [x for x in cap.err.splitlines() if "verdict unreliable" in x]
+    assert len(lines) == 1 and lines[0].startswith("machine busier than when the table was measured (probe ")
+    # several models: one line for all of them
+    assert main(["verify", str(path), str(path), "--table", str(table)]) == 3
+    assert capsys.readouterr().err.count("verdict unreliable") == 1
+    ckpt = save_checkpoint(tmp_path / "ck.pt", net)
+    cfg_path = cfg.save(tmp_path / "cfg.json")
+    assert main(["export", "--checkpoint", str(ckpt), "--config", str(cfg_path), "--out", str(tmp_path / "v.onnx"),
+                 "--check-images", "2", "--verify", "--table", str(table)]) == 3
+    assert "machine busier than when the table was measured" in capsys.readouterr().err
+
+    def slower(start):
+        start.update(probe_ms=start["probe_ms"] * 2, others_running=None, load_1min=None)
+
+    r = verify_model(path, _edited_table(table_path, tmp_path / "t2", slower))
+    assert r.verdict == "UNRELIABLE" and r.conditions.line().startswith("machine faster than when the table")
+
+
+def test_conditions_that_match_the_tables_give_a_confident_verdict(table_path, exported, tmp_path):
+    from hwslim.conditions import Conditions
+
+    _, _, path = exported
+    table = _edited_table(table_path, tmp_path / "t", lambda start: None)
+    same = Conditions.from_dict(json.loads(table.with_suffix(".json").read_text())["conditions"]["start"])
+    r = verify_model(path, table, conditions=same)
+    assert r.reliable and r.verdict == "OK" and r.conditions.probe_ratio == 1.0
+    over = verify_model(path, table, conditions=same, budget_ms=r.measured_ms / 10)
+    assert over.verdict == "OVER" and over.reliable

@@ -16,20 +16,24 @@ def register(sub) -> None:
                    help="ONNX Runtime threads for the table and measurements")
     p.add_argument("--torch-threads", type=positive_int, default=1,
                    help="PyTorch threads for training and search (default 1: the models are small)")
-    p.add_argument("--force", action="store_true", help="run in a non-empty --out folder, replacing the demo's files")
+    p.add_argument("--force", action="store_true",
+                   help="run in a non-empty --out folder: the demo's files there are deleted first and everything "
+                        "(training, table) is done again")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--json", action="store_true", help="print the result rows as one JSON object")
 
 
 def run(args) -> int:
-    """The whole pipeline on this CPU, offline: about a minute on an idle 2-core CPU, up to 3 on a busy one.
+    """The whole pipeline on this CPU, offline: about 100 s of CPU time (2.6 minutes on a busy 2-core machine).
 
-    Trains a small slimmable supernet (ResNet-20, 16 px) on the built-in synthetic data,
+    Trains a small slimmable supernet (ResNet-20, 24 px) on the built-in synthetic data,
     profiles this CPU for it (ONNX Runtime latency table), searches it at three latency
     budgets, exports each config to ONNX (checked against PyTorch), measures every
     exported model with the table's protocol, and prints budget, predicted and
     measured latency, held-out accuracy and parameters. Writes everything under --out,
-    including accuracy_latency.png.
+    including accuracy_latency.png. A verdict is OK when the measured latency is within
+    the budget + 3%, OVER when not, and UNRELIABLE when the machine's conditions (load,
+    a speed probe) differ from those the table was measured under.
 
     Example:
       hwslim demo --out hwslim-demo
@@ -48,12 +52,16 @@ def run(args) -> int:
     else:
         res = run_demo(opts, log=lambda msg: print(msg, flush=True))
     if args.json:
-        print(json.dumps({"rows": res.rows, "plot": str(res.plot), "seconds": res.seconds}, sort_keys=True))
+        print(json.dumps({"rows": res.rows, "plot": str(res.plot), "seconds": res.seconds,
+                          "conditions": {k: v for k, v in res.conditions.items() if k not in ("now", "after", "table")}},
+                         sort_keys=True))
         return 0
     print()
     print_table(res.rows, ["budget_ms", "predicted_ms", "measured_ms", "verdict", "accuracy_%", "params", "model"])
     print("\naccuracy: top-1 of the exported ONNX model on held-out synthetic images; "
           "measured: median end-to-end time with the table's protocol")
+    if res.conditions and not res.conditions.get("reliable", True):
+        print(res.conditions["note"])
     print(f"plot: {res.plot}\nresults: {res.out / 'results.csv'}  (provenance: {res.out / 'demo.json'})")
     print("time: " + ", ".join(f"{k} {v:.0f} s" for k, v in res.seconds.items()))
     return 0

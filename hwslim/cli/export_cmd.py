@@ -117,13 +117,13 @@ def run(args) -> int:
         print(f"wrote {res.path}" + (f" (and {res.onnx_path}, {res.sidecar})" if res.sidecar else ""))
     status = 0
     if args.verify:
-        from hwslim.verify import verify_model
+        from hwslim.verify import exit_status, verify_model
 
         with quiet:
             v = verify_model(res.onnx_path, tbl, budget_ms=args.budget_ms, force=args.force_table,
                              progress=not args.json)
         out["verify"] = v.as_dict()
-        status = 0 if v.ok else 1
+        status = exit_status([v])
     if args.json:
         print(json.dumps(out, sort_keys=True))
         return status

@@ -111,7 +111,7 @@ def run(args) -> int:
     if args.json:
         print(json.dumps(summary, sort_keys=True))
     else:
-        print_table([{k: v for k, v in summary.items() if k != "table"}])
+        print_table([{k: v for k, v in summary.items() if k not in ("table", "conditions_changed")}])
         print(f"table: {summary['table']}")
     return 0
 
@@ -126,5 +126,6 @@ def busy_note() -> str | None:
     load, cores = os.getloadavg()[0], os.cpu_count() or 1
     if load < LOADED * cores:
         return None
-    return (f"the machine is busy (load average {load:.2f} on {cores} cores): latencies measured now run slow and "
-            "noisy; for a table you rely on, measure when nothing else runs")
+    return (f"the machine is busy (load average {load:.2f} on {cores} cores): latencies measured now hold under "
+            "this load only (the table records it, and verify says when it differs); for a table you rely on, "
+            "measure as the machine will be used")

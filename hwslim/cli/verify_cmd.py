@@ -25,13 +25,18 @@ def run(args) -> int:
     The config comes from each model's metadata (written by `hwslim export`); the
     prediction from it and the table; the measurement from the table's backend with
     the table's protocol (threads, warm-up, repetitions), so the two are comparable.
-    Exit status: 0 if every budget holds, 1 if one does not, 2 on a usage error.
+    Before measuring, the machine's conditions (CPU, load, a quarter-second speed probe
+    with the table's settings) are compared with those the table recorded; where they
+    differ markedly the verdict is UNRELIABLE and one line says why.
+    Exit status: 0 if every budget holds, 1 if one does not, 3 if none is over but a
+    verdict is unreliable (the machine's conditions differ from the table's), 2 on a
+    usage error.
 
     Example:
       hwslim verify r20_0.5ms.onnx --table latency_tables/cpu-amd-epyc/resnet20-x1-32px-b1-ort-t1-float32.csv
     """
     from hwslim.errors import ConfigError
-    from hwslim.verify import print_verify, verify_model
+    from hwslim.verify import exit_status, print_verify, verify_model
 
     if not 0 <= args.tolerance < float("inf"):
         raise ConfigError(f"--tolerance must be >= 0, got {args.tolerance:g}")
@@ -41,11 +46,14 @@ def run(args) -> int:
     # with --json, stdout carries the JSON lines only: anything the library prints goes to stderr
     quiet = contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext()
     with quiet:
-        results = [verify_model(m, table, budget_ms=args.budget_ms, tolerance=args.tolerance, force=args.force,
-                                progress=True) for m in args.models]
+        results: list = []
+        for m in args.models:  # the conditions are taken once, before the first measurement
+            now = results[0].conditions.now if results else None
+            results.append(verify_model(m, table, budget_ms=args.budget_ms, tolerance=args.tolerance,
+                                        force=args.force, progress=True, conditions=now))
     if args.json:
         for r in results:
             print(json.dumps(r.as_dict(), sort_keys=True))
     else:
         print_verify(results)
-    return 0 if all(r.ok for r in results) else 1
+    return exit_status(results)
