@@ -344,7 +344,8 @@ def _settings_kwargs(s: ProfileSettings) -> dict[str, Any]:
 def _same_setup(old: dict, new: dict) -> list[str]:
     keys = ("model", "width_mult", "input_size", "batch", "device", "device_name", "backend", "backend_version",
             "threads", "dtype", "clock", "nchwc_block", "method", "driver_version", "cuda_runtime",
-            "cudnn_version", "precision_mode", "channels_last", "allow_tf32", "cuda_graphs")
+            "cudnn_version", "precision_mode", "channels_last", "allow_tf32", "cuda_graphs", "inference_precision",
+            "performance_hint")
     return [f"{k} {old.get(k)!r} (now {new.get(k)!r})" for k in keys if k in new and old.get(k) != new.get(k)]
 
 

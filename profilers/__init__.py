@@ -22,6 +22,7 @@ from profilers.base import Profiler, ProfilerError, Protocol, Timing
 # name -> (module, class, device). The order per device is the default preference.
 BACKENDS: dict[str, tuple[str, str, str]] = {
     "ort": ("profilers.ort", "OrtProfiler", "cpu"),
+    "openvino": ("profilers.openvino", "OpenVinoProfiler", "cpu"),
     "trt": ("profilers.trt", "TrtProfiler", "cuda"),
     "torch_cuda": ("profilers.torch_cuda", "TorchCudaProfiler", "cuda"),
 }

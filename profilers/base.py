@@ -159,6 +159,8 @@ class Profiler:
     dtypes: ClassVar[tuple[str, ...]] = ("float32",)
     # True: the backend times entries inside whole networks when given some (see measure_entries)
     in_network: ClassVar[bool] = False
+    # model files time_onnx reads (verify measures an exported artifact itself when listed here)
+    model_suffixes: ClassVar[tuple[str, ...]] = (".onnx",)
     # metadata keys that must match for a table to be valid on this setup
     identity_keys: ClassVar[tuple[str, ...]] = ("device", "device_name", "backend", "backend_version",
                                                 "threads", "dtype")
