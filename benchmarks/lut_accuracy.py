@@ -9,7 +9,16 @@ rows and a summary to benchmarks/results/.
 
     python benchmarks/lut_accuracy.py                          # MobileNetV2 1.5x@224 and ResNet-20@32
     python benchmarks/lut_accuracy.py --models mobilenet_v2 --random 50
+    python benchmarks/lut_accuracy.py --backend openvino --models mobilenet_v2
+    python benchmarks/lut_accuracy.py --threads 2 --batch 8
     python benchmarks/lut_accuracy.py --device cuda --backend torch --batch 32
+    python benchmarks/lut_accuracy.py --quick --models resnet20 --backend openvino   # a smoke run
+
+Results go to benchmarks/results/lut_accuracy_<device>_<backend>_b<batch>[_t<threads>][_<dtype>]
+[_<models>].csv (and ..._configs.csv): the models are named unless they are the default set,
+so a run on a subset never overwrites the default set's file. ``--quick`` is a smoke run:
+missing tables are measured with the short protocol in a temporary directory (never in the
+table cache, where a later real run would find them), and nothing is written.
 """
 from __future__ import annotations
 
@@ -18,6 +27,7 @@ import json
 import os
 import random
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -36,16 +46,25 @@ MODELS = {"mobilenet_v2": (1.5, 224), "resnet20": (1.0, 32)}
 def _table(args, model: str, wm: float, size: int) -> tuple[LatencyTable, float | None]:
     try:
         path = find_table(args.device, model, wm, batch=args.batch, input_size=size, threads=args.threads,
-                          dtype=args.dtype,
-                          backend=args.backend)
+                          dtype=args.dtype, backend=args.backend, root=args.table_dir)
         return LatencyTable.load(path), None
     except TableError as e:
         if not args.measure_missing:
             raise
         print(f"{e}\n-> measuring it now", file=sys.stderr)
     t0 = time.perf_counter()
+    out = None
+    if args.table_dir:  # measured where it is then found
+        from hwslim.latency import default_table_path
+        from profilers import backend_class, default_backend
+
+        backend = backend_class(args.backend).backend if args.backend else default_backend(args.device)
+        out = str(default_table_path(args.device, backend_class(backend).machine_name(), model, wm, size, args.batch,
+                                     backend, args.threads or 1, args.dtype, root=args.table_dir))
     res = profile(ProfileSettings(device=args.device, backend=args.backend, model=model, width_mult=wm,
-                                  input_size=size, batch=args.batch, threads=args.threads, dtype=args.dtype),
+                                  input_size=size, batch=args.batch, threads=args.threads, dtype=args.dtype,
+                                  out=out, quick=args.quick,
+                                  **({"calib_configs": 4, "holdout_configs": 2} if args.quick else {})),
                   progress=True,
                   log=lambda m: print(m, file=sys.stderr))
     return LatencyTable.load(res.path), time.perf_counter() - t0
@@ -114,19 +133,43 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=4, help="interleaved rounds of end-to-end timing")
     p.add_argument("--no-measure", dest="measure_missing", action="store_false",
                    help="fail instead of measuring a missing table")
+    p.add_argument("--table-dir", help="look for tables here first, and measure missing ones here")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: missing tables measured with the short protocol in a temporary directory "
+                        "(unless --table-dir); prints, writes no result")
     args = p.parse_args()
+    with tempfile.TemporaryDirectory(prefix="hwslim-lut-") as tmp:
+        if args.quick and not args.table_dir:
+            args.table_dir = tmp
+        return run(args)
+
+
+def result_name(device: str, backend: str, batch: int, threads: int, dtype: str, models: list[str]) -> str:
+    """``lut_accuracy_<device>_<backend>_b<batch>[_t<threads>][_<dtype>][_<models>]``: the models
+    are named unless they are the default set, the threads unless 1, the dtype unless float32."""
+    tag = f"{device}_{backend}_b{batch}" + ("" if threads == 1 else f"_t{threads}")
+    tag += "" if dtype == "float32" else f"_{dtype}"
+    tag += "" if sorted(models) == sorted(MODELS) else "_" + "_".join(models)
+    return f"lut_accuracy_{tag}"
+
+
+def run(args) -> int:
     summaries, rows = [], []
     for model in args.models:
         s, r = evaluate(args, model)
         summaries.append(s)
         rows += r
         print_table([s])
-    tag = f"{args.device}_{summaries[0]['backend']}_b{args.batch}" + ("" if args.dtype == "float32" else f"_{args.dtype}")
-    write_csv(rows, f"lut_accuracy_{tag}_configs")
-    path = write_csv(summaries, f"lut_accuracy_{tag}")
     print()
     print_table(summaries, ["model", "configs", "within_5pct", "within_10pct", "spearman", "mean_abs_err_pct",
                             "max_abs_err_pct", "noisy_e2e", "table_entries", "table_s"])
+    if args.quick:
+        print("--quick: a smoke run, nothing written")
+        return 0
+    name = result_name(args.device, summaries[0]["backend"], args.batch, summaries[0]["threads"], args.dtype,
+                       args.models)
+    write_csv(rows, f"{name}_configs")
+    path = write_csv(summaries, name)
     print(f"results: {path}")
     return 0
 
