@@ -1,4 +1,4 @@
-"""The OpenVINO backend (profilers.openvino), IR export (hwslim.openvino_build) and verify on it.
+"""The OpenVINO backend (profilers.openvino_cpu), IR export (hwslim.openvino_build) and verify on it.
 
 Real OpenVINO on this CPU (the ``dev`` extra installs it); the shared conformance tests in
 test_profilers.py run on it too. Quick protocols: seconds, and the numbers mean little.
@@ -59,7 +59,7 @@ def exported(table_path, tmp_path_factory):
 
 # -- the profiler ---------------------------------------------------------------------------------
 def test_layer_owner_charges_conversions_to_their_consumer():
-    from profilers.openvino import layer_owner
+    from profilers.openvino_cpu import layer_owner
 
     layers = ["stem", "b1/p", "b1/project", "pool", "classifier"]
     assert layer_owner("stem::conv/WithoutBiases", layers) == "stem"
@@ -101,7 +101,7 @@ def test_metadata_records_the_runtime_settings_and_refuses_another_precision():
 
 def test_bfloat16_where_the_cpu_has_it():
     from profilers.base import ProfilerError
-    from profilers.openvino import capabilities
+    from profilers.openvino_cpu import capabilities
 
     if "BF16" not in capabilities():
         with pytest.raises(ProfilerError, match="cannot run bfloat16"):

@@ -27,10 +27,12 @@ def register(sub) -> None:
     p = add_command(sub, "export", run, run.__doc__)
     p.add_argument("--checkpoint", required=True, help="the supernet checkpoint (from `hwslim train`)")
     p.add_argument("--config", required=True, help="a ChannelConfig JSON (from `hwslim search`)")
-    p.add_argument("--format", default="onnx", choices=["onnx", "tensorrt", "openvino"],
+    p.add_argument("--format", default="onnx", choices=["onnx", "tensorrt", "openvino", "executorch"],
                    help="onnx; tensorrt (an engine, built from the ONNX kept beside it); openvino (IR .xml + .bin, "
-                        "converted from the ONNX kept beside it; pip install 'hwslim[openvino]')")
-    p.add_argument("--out", required=True, help="output file (.onnx; the engine: .engine/.plan; OpenVINO IR: .xml)")
+                        "converted from the ONNX kept beside it; pip install 'hwslim[openvino]'); executorch (a .pte "
+                        "program, XNNPACK; the ONNX kept beside it; pip install 'hwslim[executorch]')")
+    p.add_argument("--out", required=True,
+                   help="output file (.onnx; the engine: .engine/.plan; OpenVINO IR: .xml; ExecuTorch: .pte)")
     p.add_argument("--batch", type=positive_int, default=1, help="batch size (the optimal one with --dynamic-batch)")
     p.add_argument("--dynamic-batch", action="store_true", help="a dynamic batch dimension")
     p.add_argument("--fp16", action="store_true",
@@ -55,7 +57,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    """Export a searched channel config as a plain, smaller network: ONNX, a TensorRT engine or OpenVINO IR.
+    """Export a searched config as a plain, smaller network: ONNX, a TensorRT engine, OpenVINO IR or ExecuTorch.
 
     The supernet's weights are sliced to the config's channels, BatchNorm is
     recalibrated at the config on the search split (as the search scored it) and
@@ -66,8 +68,9 @@ def run(args) -> int:
     the engine from that ONNX (kept beside it, with a .json provenance file) through
     the TensorRT Python API, else trtexec. --format openvino converts that ONNX (kept
     beside it) to OpenVINO IR (.xml + .bin, provenance in its rt_info and a .json file)
-    and checks the IR against PyTorch like the ONNX file. Existing files are kept unless
-    --force.
+    and checks the IR against PyTorch like the ONNX file. --format executorch lowers the
+    same network to an ExecuTorch program (.pte, XNNPACK delegate; the ONNX and a .json
+    beside it) and checks it the same way. Existing files are kept unless --force.
 
     Example:
       hwslim export --checkpoint runs/r20/checkpoint.pt --config search/config_latency_ms_0.5.json \\
@@ -121,6 +124,9 @@ def run(args) -> int:
     if res.openvino:
         out["openvino"] = res.openvino
         out["ir_max_rel_error"] = res.engine_error
+    if res.executorch:
+        out["executorch"] = res.executorch
+        out["pte_max_rel_error"] = res.engine_error
     if not args.json:
         beside = [res.path.with_suffix(".bin")] if res.format == "openvino" else []
         beside += [res.onnx_path, res.sidecar] if res.sidecar else []
@@ -130,8 +136,8 @@ def run(args) -> int:
         from hwslim.verify import verify_model
 
         with quiet:
-            # the IR itself where the table's backend runs it (openvino), else its ONNX source
-            v = verify_model(res.path if res.format == "openvino" else res.onnx_path, tbl,
+            # the IR or program itself where the table's backend runs it, else its ONNX source
+            v = verify_model(res.path if res.format in ("openvino", "executorch") else res.onnx_path, tbl,
                              budget_ms=args.budget_ms, force=args.force_table,
                              progress=not args.json)
         out["verify"] = v.as_dict()

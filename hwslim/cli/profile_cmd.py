@@ -10,9 +10,10 @@ from hwslim.cli import add_command, nonneg_int, positive_float, positive_int, pr
 def register(sub) -> None:
     p = add_command(sub, "profile", run, run.__doc__)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="device to measure (default: cpu)")
-    p.add_argument("--backend", choices=["ort", "openvino", "trt", "torch", "onnxruntime", "tensorrt", "torch_cuda"],
-                   help="latency backend (cpu: ort or openvino; cuda: trt or torch); default on cuda: trt when TensorRT "
-                        "imports, else torch (with a one-line notice)")
+    p.add_argument("--backend", choices=["ort", "openvino", "executorch", "trt", "torch", "onnxruntime", "tensorrt",
+                                         "torch_cuda"],
+                   help="latency backend (cpu: ort, openvino or executorch; cuda: trt or torch); default on cuda: "
+                        "trt when TensorRT imports, else torch (with a one-line notice)")
     p.add_argument("--model", default=None, help="a zoo model, graph JSON file, checkpoint, torchvision:NAME, "
                                                  "timm:NAME or package.module:function (default: mobilenet_v2, "
                                                  "a 1.5x supernet)")

@@ -9,7 +9,9 @@ from hwslim.cli import add_command, positive_float
 
 def register(sub) -> None:
     p = add_command(sub, "verify", run, run.__doc__)
-    p.add_argument("models", nargs="+", metavar="MODEL", help="ONNX files written by `hwslim export`")
+    p.add_argument("models", nargs="+", metavar="MODEL",
+                   help="files written by `hwslim export`: .onnx, or an engine, OpenVINO IR (.xml) or ExecuTorch "
+                        "program (.pte) with its .json beside it")
     p.add_argument("--table", required=True, help="the latency table the configs were searched with")
     p.add_argument("--budget-ms", type=positive_float,
                    help="the budget (default: the latency budget in each model's config)")
@@ -25,6 +27,8 @@ def run(args) -> int:
     The config comes from each model's metadata (written by `hwslim export`); the
     prediction from it and the table; the measurement from the table's backend with
     the table's protocol (threads, warm-up, repetitions), so the two are comparable.
+    An OpenVINO IR or ExecuTorch program is measured itself where the table's backend
+    runs it (openvino, executorch), else its ONNX source.
     Exit status: 0 if every budget holds, 1 if one does not, 2 on a usage error.
 
     Example:
