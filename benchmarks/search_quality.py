@@ -46,7 +46,10 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--train-images", type=int, default=1800)
     ap.add_argument("--search-images", type=int, default=500)
-    ap.add_argument("--val-images", type=int, default=2000)
+    ap.add_argument("--val-images", type=int, default=None,
+                    help="validation/test images to score on (default: all of them; 10,000 for CIFAR-10)")
+    ap.add_argument("--max-images", type=int, default=None,
+                    help="search-split images the walks score on (default: as `hwslim search`)")
     ap.add_argument("--checkpoint")
     ap.add_argument("--table")
     ap.add_argument("--out", default="runs/search_quality")
@@ -92,7 +95,8 @@ def main() -> None:
     for name, kw in runs.items():
         ts = time.time()
         r = greedy_search(load_checkpoint(ckpt_path), budgets, table=table, out_dir=out / name.replace("/", "_")
-                          .replace(" ", "_").replace("=", "-"), force=True, progress=False, plot=False, **kw)
+                          .replace(" ", "_").replace("=", "-"), force=True, progress=False, plot=False,
+                          max_images=args.max_images, **kw)
         chosen[name] = r.configs
         chosen[f"{name} no-fill"] = [net.config_of(r.steps[c.meta["search_step"]].widths) for c in r.configs]
         widened = [c.meta["fill_steps"] for c in r.configs]
@@ -100,14 +104,15 @@ def main() -> None:
     # the paper's MACs-driven walk, read at the points where its predicted latency meets each budget
     macs_floor = config_costs(net, net.min_config())["macs_m"]
     r = greedy_search(load_checkpoint(ckpt_path), [Budget("macs_m", macs_floor * 1.001)], table=table,
-                      out_dir=out / "macs_acc", force=True, progress=False, plot=False, fill=False)
+                      out_dir=out / "macs_acc", force=True, progress=False, plot=False, fill=False,
+                      max_images=args.max_images)
     chosen["macs/acc"] = [net.config_of(next(s for s in r.steps if s.costs["latency_ms"] <= b.value).widths)
                           for b in budgets]
     uniform = net.uniform_configs()
     chosen["uniform"] = [max((u for u in uniform if config_costs(net, u, table)["latency_ms"] <= b.value),
                              key=lambda u: config_costs(net, u, table)["latency_ms"]) for b in budgets]
 
-    xs, ys = search_split(ckpt)
+    xs, ys = search_split(ckpt, max_images=2000)  # BN recalibration images (class-balanced)
     xv, yv = validation_split(ckpt, max_images=args.val_images)
     from profilers.base import Profiler
 
@@ -119,8 +124,10 @@ def main() -> None:
                 onnx = export_onnx(materialize(net, cfg, fold_bn=True), Path(tmp) / "m.onnx")
                 measured = prof.time_onnx(onnx, (1, 3, net.input_size, net.input_size)).median_ms
                 c = config_costs(net, cfg, table)
-                rows.append({"budget_ms": b.value, "method": name,
-                             "val_acc": 100 * accuracy(net, cfg, xv, yv, calib_images=xs),
+                acc = accuracy(net, cfg, xv, yv, calib_images=xs)
+                rows.append({"budget_ms": b.value, "method": name, "val_acc": 100 * acc,
+                             # binomial standard error of an accuracy on len(yv) images
+                             "val_se": 100 * (acc * (1 - acc) / len(yv)) ** 0.5, "val_images": len(yv),
                              "predicted_ms": c["latency_ms"], "measured_ms": measured,
                              "used": c["latency_ms"] / b.value, "measured_used": measured / b.value,
                              "macs_m": c["macs_m"], "params_m": c["params_m"]})

@@ -236,6 +236,10 @@ class _Source:
     def train_labels(self) -> torch.Tensor:
         raise NotImplementedError
 
+    def train_labels_of(self, indices: torch.Tensor) -> torch.Tensor:
+        """Labels of some training images (sources that must generate images to label them override)."""
+        return self.train_labels()[indices]
+
     def load(self, split: str, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """uint8 images (eval view: resized/center-cropped to the input size) and labels."""
         raise NotImplementedError
@@ -270,6 +274,9 @@ class _SyntheticSource(_Source):
 
     def train_labels(self) -> torch.Tensor:
         return self.load("train", torch.arange(self._n_train))[1]
+
+    def train_labels_of(self, indices: torch.Tensor) -> torch.Tensor:
+        return self.load("train", indices)[1]
 
     def info(self) -> dict[str, Any]:
         return {**super().info(), "synthetic_seed": self.seed}
@@ -561,15 +568,18 @@ def search_split(ckpt: Any, device: str | torch.device = "cpu",
     """The checkpoint's held-out search split: (float32 NCHW normalized images, int64 labels).
 
     Exactly the training images recorded at training time (eval transform), in index
-    order; ``max_images`` (at least 1; None: all) keeps the first ones. ``ckpt`` is a
+    order; ``max_images`` (at least 1; None: all) keeps a seeded, class-balanced subset of
+    them (not the first ones: an ImageFolder's indices run class by class, so the first
+    1,000 of a 5,000-image CIFAR-10 split would hold two classes). ``ckpt`` is a
     :class:`hwslim.checkpoint.Checkpoint` (or its ``data`` dict).
     """
     _check_max_images(max_images)
     info = _data_dict(ckpt)
     src = _source_from_info(info)
     idx = torch.as_tensor(info["search_indices"], dtype=torch.int64)
-    if max_images is not None:
-        idx = idx[:max_images]
+    if max_images is not None and max_images < len(idx):
+        keep = balanced_subset(src.train_labels_of(idx), max_images, seed=mix_seeds(info.get("search_seed", 0), 7919))
+        idx = idx[keep]
     if len(idx) == 0:
         raise DataError("the checkpoint's search split is empty (trained with --search-size 0)")
     x, y = src.load("train", idx)

@@ -345,6 +345,7 @@ class TorchCudaProfiler(Profiler):
         torch.backends.cudnn.allow_tf32 = self.allow_tf32
         torch.backends.cuda.matmul.allow_tf32 = self.allow_tf32
         self._stream = torch.cuda.Stream(device=self.device_index)
+        self._pool_anchors: dict = {}  # pool handle -> one graph captured into it (see _capture)
         # whole-model graphs share one memory pool: they replay one at a time on one stream and
         # their outputs are never read, so 60 MobileNetV2s at batch 32 need one network's memory
         self._e2e_pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
@@ -426,6 +427,11 @@ class TorchCudaProfiler(Profiler):
                     fn()
             finally:
                 graph.capture_end()
+        if pool is not None:
+            # The caching allocator refuses a capture into a private pool all of whose
+            # graphs were released ("use_count > 0 INTERNAL ASSERT", torch 2.11 on an H200):
+            # the first graph captured into a pool stays referenced while the pool is used.
+            self._pool_anchors.setdefault(pool, graph)
         return graph
 
     def _launch_ms(self, unit: _Unit, reps: int = 3) -> float:
@@ -555,6 +561,7 @@ class TorchCudaProfiler(Profiler):
             n = [self._n_samples(u, self.protocol) for u in units]
             samples = self._sample_units(units, n, seed=self.seed + i)
             del units
+            self._pool_anchors.pop(pool, None)  # the group's pool is not captured into again
             for spec, s in zip(group, samples):
                 t = Timing.from_samples(s)
                 if t.rel_iqr > self.protocol.max_rel_iqr:  # measure it again alone; keep the tighter
@@ -575,6 +582,7 @@ class TorchCudaProfiler(Profiler):
             return
         torch = _torch()
         self._stream.synchronize()
+        self._pool_anchors.clear()
         (torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32,
          torch.backends.cuda.matmul.allow_tf32) = self._saved
         self._closed = True

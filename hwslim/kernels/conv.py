@@ -446,10 +446,22 @@ AUTOTUNE = os.environ.get("HWSLIM_TRITON_AUTOTUNE", "1") != "0" and not INTERPRE
 _KEYS = ["M_KEY", "N_KEY", "K_KEY", "KSIZE", "STRIDE", "HAS_RES", "DOT", "STATS"]
 
 
+def _zero_part(kwargs: dict, reset_only: bool = False) -> None:
+    """Autotuner pre-hook: zero ``part_ptr`` when the launch has one (statistics on).
+
+    Not ``reset_to_zero=["part_ptr"]``: Triton 3.6 zeroes a named argument without
+    checking for ``None`` (``'NoneType' object has no attribute 'zero_'`` on every launch
+    without statistics, seen on an H200 with torch 2.11); 3.8 checks.
+    """
+    part = kwargs.get("part_ptr")
+    if part is not None:
+        part.zero_()
+
+
 def _tuned(kernel, configs: list[BlockConfig]):
     # part_ptr holds per-tile statistics whose count depends on BLOCK_M: zeroed before
     # every trial and before the real run, so no trial's tiles survive into the result.
-    return triton.autotune(_triton_configs(configs), key=_KEYS, reset_to_zero=["part_ptr"])(kernel)
+    return triton.autotune(_triton_configs(configs), key=_KEYS, pre_hook=_zero_part)(kernel)
 
 
 _conv_tuned = _tuned(_conv_kernel, _DENSE_CONFIGS) if AUTOTUNE else None
