@@ -8,8 +8,8 @@ stream), and an explicit ``INFERENCE_PRECISION_HINT``: ``f32`` for ``dtype="floa
 once per request, so a timed run is just ``infer()``.
 
 **Entries inside networks (the default for tables).** OpenVINO reports per-node
-counters (``PERF_COUNT``, :meth:`InferRequest.get_profiling_info`) for the last run,
-and they map cleanly onto hwslim's layers: the CPU plugin keeps the name of the first
+counters (``PERF_COUNT``, :meth:`InferRequest.get_profiling_info`), and they map
+cleanly onto hwslim's layers: the CPU plugin keeps the name of the first
 node of a fused group (``"b1/expand::conv/WithoutBiases"`` for conv + bias + add +
 activation; the fused nodes are reported ``NOT_RUN``), and a layout conversion it
 inserts is named after the producer and the consumer
@@ -17,10 +17,13 @@ inserts is named after the producer and the consumer
 ONNX Runtime's conversions are. Every executed node of MobileNetV2/V3, EfficientNet,
 RegNet, MNasNet, ResNet and DenseNet networks maps onto a layer this way (checked
 here). A layer with no executed node in a network (DenseNet's concatenations, done in
-place) costs 0 there. Designed networks (see :func:`hwslim.profile.design_configs`)
-are each run ``network_runs`` times after warm-up; each run gives every layer one
-sample. The counters are in whole microseconds, so the interquartile mean is kept (see
-:meth:`profilers.base.Timing.from_samples`).
+place) costs 0 there. A counter is not the last run's time but the node's running
+average since compile, in whole microseconds (measured: a conv read 54, 35, 25, 20,
+17 us over its first five runs, then settled at 6-7 us): so each designed network (see
+:func:`hwslim.profile.design_configs`) gives one mean per layer over ``network_runs``
+runs after warm-up, from the counters before and after them
+(:meth:`OpenVinoProfiler.profile_network`), and an entry's time is the median over
+the networks it was timed in (``--contexts``).
 
 **Entries alone** (:meth:`Profiler.time_entry`, tables with ``in_network=False``): the
 entry's one-layer ONNX model, compiled and timed end to end.
@@ -50,6 +53,7 @@ INSTALL = "pip install 'hwslim[openvino]'"
 # hwslim dtype -> OpenVINO inference precision, and the capability the CPU must report
 PRECISIONS = {"float32": ("f32", "FP32"), "bfloat16": ("bf16", "BF16")}
 MODEL_SUFFIXES = (".onnx", ".xml")  # what the plugin reads directly: ONNX and OpenVINO IR
+RUNS_PER_PRIOR_RUN = 20  # measured runs of a designed network per run before them (see profile_network)
 
 
 def _ov():
@@ -145,8 +149,9 @@ class OpenVinoProfiler(Profiler):
             "inference_precision": self.precision,
             "performance_hint": "LATENCY",
             "optimization_capabilities": list(self._caps),
-            "layer_times": ("OpenVINO's per-node counters (PERF_COUNT) inside designed networks" if self.in_network
-                            else "each entry's one-layer model timed end to end"),
+            "layer_times": ("OpenVINO's per-node counters (PERF_COUNT) inside designed networks: per network, "
+                            "the mean over network_runs runs after warm-up, from the counters' running averages "
+                            "before and after" if self.in_network else "each entry's one-layer model timed end to end"),
         }
 
     # -- compiled models -------------------------------------------------------------------
@@ -231,16 +236,26 @@ class OpenVinoProfiler(Profiler):
             yield from super()._measure_entries(specs, None)
             return
         for spec, samples, _ in self._pool_networks(specs, networks, lambda n: (self.profile_network(n), set())):
-            t = Timing.from_samples(samples, center="iqm")  # whole-microsecond counters
+            t = Timing.from_samples(samples)  # one mean per network the entry was timed in
             yield spec, replace(t, noisy=t.median_ms > 0 and t.rel_iqr > self.protocol.max_rel_iqr)
 
     def profile_network(self, specs: Sequence[LayerSpec]) -> dict[str, list[float]]:
-        """Per-layer times (ms per run) of one whole network, from OpenVINO's counters.
+        """Per-layer time (ms per run) of one whole network, from OpenVINO's counters.
 
         The network is built from ``specs`` (random weights), compiled with
-        ``PERF_COUNT``, run ``network_runs`` times after warm-up; after each run every
-        executed node's ``real_time`` is charged to its layer (:func:`layer_owner`).
-        Every layer gets one sample per run (0 where none of its nodes ran).
+        ``PERF_COUNT``, warmed up, then run ``network_runs`` times. The CPU plugin's
+        counter of a node holds its *running average since compile*, in whole
+        microseconds (each run's duration truncated, the average floor-divided), not
+        the last run's time: the first runs, up to 10x slower, stay in it. So the
+        counters are read before and after the measured runs; a node's total over
+        ``n`` runs is ``n * average + (n - 1) / 2`` us (the division's expected
+        remainder), the difference of the two totals over ``network_runs`` is its mean
+        per run, plus 0.5 us for the truncation of each run. A total read after ``n``
+        runs is known to +-n/2 us, so at least ``RUNS_PER_PRIOR_RUN`` times as many runs
+        are measured as came before them (compile's first run and the warm-up): the
+        mean is then known to about +-0.5 us per node. That is one value per layer and
+        network (0 where none of its nodes ran), the sum of its nodes'. A mean, not a
+        median: a busy machine's preemptions land in it (measure tables on a quiet one).
         """
         from hwslim.onnx_build import network_model
 
@@ -248,25 +263,51 @@ class OpenVinoProfiler(Profiler):
             model = network_model(specs)
         except NotImplementedError as e:
             raise ProfilerError(f"backend 'openvino' cannot build this network: {e}") from None
-        run = self._request(self.compile(model, perf_count=True))
+        run = self._request(self.compile(model, perf_count=True))  # runs it once
         req = run.request
-        for _ in range(self.protocol.warmup_runs):
-            run()
+        done = 1 + self._warm_up(run)
         layers = [s.name for s in specs]
         owners = self._owners.setdefault(tuple(layers), {})
-        out: dict[str, list[float]] = {name: [0.0] * self.network_runs for name in layers}
-        executed = self._ov.ProfilingInfo.Status.EXECUTED
-        for r in range(self.network_runs):
+        before = self._counter_totals(req, done)
+        # a total read after n runs is known to +-n/2 us: measured runs >> runs before keep the mean to ~0.5 us
+        runs = max(self.network_runs, RUNS_PER_PRIOR_RUN * done)
+        for _ in range(runs):
             run()
-            for info in req.get_profiling_info():
-                if info.status != executed:  # fused into another node, or optimized out
-                    continue
-                name = info.node_name
-                if name not in owners:
-                    owners[name] = layer_owner(name, layers)
-                layer = owners[name]
-                if layer is not None:
-                    out[layer][r] += info.real_time.total_seconds() * 1e3
+        after = self._counter_totals(req, done + runs)
+        out: dict[str, float] = {name: 0.0 for name in layers}
+        for name, (total, avg_us, kernel) in after.items():
+            if not kernel:  # fused into another node, or nothing to run (inputs, outputs, reshapes)
+                continue
+            if name not in owners:
+                owners[name] = layer_owner(name, layers)
+            layer = owners[name]
+            if layer is not None:  # under 1 us on average a counter reads 0: 0.5 us expected
+                out[layer] += (0.5 if avg_us == 0 else (total - before[name][0]) / runs + 0.5) * 1e-3
+        return {name: [max(v, 0.0)] for name, v in out.items()}
+
+    def _warm_up(self, run: Callable[[], None]) -> int:
+        """Run the protocol's warm-up (at least ``warmup_runs`` runs and ``warmup_ms``); return the runs."""
+        start, n = time.perf_counter(), 0
+        while n < self.protocol.warmup_runs or (time.perf_counter() - start) * 1e3 < self.protocol.warmup_ms:
+            run()
+            n += 1
+        return n
+
+    @staticmethod
+    def _counter_totals(req, runs: int) -> dict[str, tuple[float, int, bool]]:
+        """Each node's estimated total time (us) over the ``runs`` runs so far, its counter, and
+        whether it runs a kernel of its own.
+
+        Every node is read, whatever its status: the plugin reports ``NOT_RUN`` for a
+        node whose average is below 1 us, which changes from one read to the next. A
+        node fused into another reports the kernel ``undef``; inputs, outputs and
+        reshapes ``unknown_...``.
+        """
+        out = {}
+        for info in req.get_profiling_info():
+            avg_us = round(info.real_time.total_seconds() * 1e6)
+            kernel = info.exec_type != "undef" and not info.exec_type.startswith("unknown")
+            out[info.node_name] = (runs * avg_us + (runs - 1) / 2, avg_us, kernel)
         return out
 
     def close(self) -> None:
