@@ -213,16 +213,26 @@ def last_uses(nodes: Sequence[Node | LayerSpec]) -> dict[str, int]:
 
 
 def can_overwrite(env: Mapping[str, torch.Tensor], name: str, i: int, free_after: Mapping[str, int],
-                  inputs: Sequence[str], borrowed: frozenset[str] | set[str] = frozenset()) -> bool:
+                  inputs: Sequence[str], borrowed: frozenset[str] | set[str] = frozenset(),
+                  held: frozenset[int] | set[int] = frozenset()) -> bool:
     """Whether node ``i`` may write into tensor ``name``: it dies here, is not the caller's
     (the input, or any tensor of an environment handed in to resume from: the search
-    reuses one prefix for many candidates), is read once by this node and shares no
-    memory with a tensor still alive."""
+    reuses one prefix for many candidates) nor a view of one (``held``: their storages),
+    is read once by this node and shares no storage with a tensor still alive."""
     if torch.is_grad_enabled() or name == INPUT or name in borrowed or free_after.get(name) != i \
             or inputs.count(name) != 1:
         return False
-    ptr = env[name].data_ptr()
-    return not any(k != name and t.data_ptr() == ptr for k, t in env.items())
+    # a view may start at an offset of the tensor it views (a channel slice): compare storages
+    ptr = _storage(env[name])
+    return ptr is not None and ptr not in held and not any(k != name and _storage(t) == ptr for k, t in env.items())
+
+
+def _storage(t: torch.Tensor) -> int | None:
+    """The address of ``t``'s storage (None where there is none to see: fake tensors while tracing)."""
+    try:
+        return t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):
+        return None
 
 
 LayerFn = Callable[[Any, list, bool], torch.Tensor]
@@ -241,11 +251,12 @@ def run_graph(nodes: Sequence[Node | LayerSpec], layer: LayerFn, x: torch.Tensor
     """
     env = {INPUT: x} if env is None else dict(env)
     borrowed = frozenset(env)
+    held = frozenset(_storage(t) for t in env.values())
     free_after = last_uses(nodes) if free_after is None else free_after
     stop = len(nodes) if stop is None else stop
     for i in range(start, stop):
         n = nodes[i]
-        inplace = n.op.inplace and can_overwrite(env, n.inputs[0], i, free_after, n.inputs, borrowed)
+        inplace = n.op.inplace and can_overwrite(env, n.inputs[0], i, free_after, n.inputs, borrowed, held)
         y = layer(n, [env[t] for t in n.inputs], inplace)
         env[n.name] = y
         del y

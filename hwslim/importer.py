@@ -12,20 +12,26 @@ weights copied in::
 How:
 
 1. **Trace** with ``torch.fx.symbolic_trace`` and record every tensor's shape
-   (``ShapeProp`` on the example input).
+   (``ShapeProp`` on the example input). Where fx cannot trace the forward (Python
+   control flow on a tensor's shape), ``torch.export`` records it on the example input
+   and its ATen graph is rewritten into the same form (:mod:`hwslim.exported`); a branch
+   on a shape then follows the example's shape.
 2. **Group** the traced nodes into hwslim operators: a conv with the BatchNorm after it,
    the residual add after that and the activation after both (the fused unit a runtime
    executes); the squeeze-and-excitation pattern (pool, 1x1 conv, activation, 1x1 conv,
    gate, multiply); standalone BatchNorm/activation/add; concatenation; pools; flatten;
-   linear (with its activation). Dropout, identity and stochastic depth are the identity
-   at inference. Anything else is refused with the graph node, the module type, the
-   source line and what is missing (:class:`ImportRefused`).
+   linear (with its activation); ShuffleNet's channel shuffle (view, transpose, view)
+   and slices of the channels (``chunk``, ``split``, ``x[:, a:b]``). Dropout, identity
+   and stochastic depth are the identity at inference. Anything else is refused with the
+   graph node, the module type, the source line and what is missing (:class:`ImportRefused`).
 3. **Units** come from a union-find over channel dimensions: a dense conv or linear
    layer starts a new one; a depthwise or grouped conv keeps its input's (a grouped
    conv's width then moves in multiples of its group width); both sides of an add, a
    residual or SE's multiply are merged; a concatenation's channels are its parts'.
    Fixed, never slimmed: the image channels, the network's outputs, and the outputs of
-   modules whose qualified name matches ``keep``.
+   modules whose qualified name matches ``keep``. A shuffle or slice moves channels to
+   other positions, so the units it reads or feeds cannot slim: with ``fix_unsupported``
+   they are fixed and listed (:func:`fixed_units`), else the import is refused.
 4. **Weights** are copied module by module; the supernet's unit names follow the module
    that first produces the unit (``layer1.0.conv1`` -> ``layer1/0/conv1``).
 """
@@ -42,8 +48,8 @@ from torch import fx, nn
 
 from hwslim.errors import ModelError
 from hwslim.graph import INPUT, Graph, Node, UnitDef
-from hwslim.ops import (Act, Add, AvgPool, BatchNorm, Concat, Conv, Flatten, GlobalAvgPool, Linear, MaxPool,
-                        Op, SqueezeExcite)
+from hwslim.ops import (Act, Add, AvgPool, BatchNorm, ChannelShuffle, ChannelSlice, Concat, Conv, Flatten,
+                        GlobalAvgPool, Linear, MaxPool, Op, SqueezeExcite)
 
 
 class ImportRefused(ModelError):
@@ -61,6 +67,8 @@ _ACT_METHODS = {"relu": "relu", "relu_": "relu", "sigmoid": "sigmoid", "sigmoid_
 _IDENTITY_MODULES = (nn.Identity,)
 _ADD = (operator.add, operator.iadd, torch.add)
 _MUL = (operator.mul, operator.imul, torch.mul)
+_SPLITS = {torch.chunk: "chunk", torch.split: "split", torch.tensor_split: "tensor_split"}  # and their methods
+_RESHAPES = ("view", "reshape", "flatten")
 
 
 def _stochastic_depth():
@@ -78,6 +86,15 @@ def _pair(v) -> int | None:
     if isinstance(v, (tuple, list)) and len(v) == 2 and v[0] == v[1]:
         return int(v[0])
     return None
+
+
+def _scope(node: fx.Node) -> str:
+    """The qualified name of the module whose forward made ``node`` ('' at the top level)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    last = list(stack.values())[-1]
+    return str(last[0] if isinstance(last, tuple) else last)
 
 
 def _where(node: fx.Node, gm: fx.GraphModule) -> str:
@@ -169,6 +186,8 @@ class _Group:
     out_channels: int = 0
     mid: int = 0
     name: str = ""
+    base: str = ""  # the name to give it (default: its first node's module path or fx name)
+    what: str = ""  # an operator that moves channels (ChannelShuffle, ChannelSlice): what it was in the module
 
     @property
     def last(self) -> fx.Node:
@@ -176,22 +195,34 @@ class _Group:
 
 
 class _Importer:
-    def __init__(self, module: nn.Module, example: torch.Tensor, keep: str | None, name: str | None) -> None:
+    def __init__(self, module: nn.Module, example: torch.Tensor, keep: str | None, name: str | None,
+                 fix_unsupported: bool = False) -> None:
         self.module = module.eval()
         self.example = example
+        self.fix_unsupported = fix_unsupported
+        self.fixed_units: dict[str, dict[str, Any]] = {}  # unit -> width, and the operator that fixed it
         try:
             self.keep = re.compile(keep) if keep else None
         except re.error as e:
             raise ImportRefused(f"--keep {keep!r} is not a regular expression ({e})") from None
         self.name = name or type(module).__name__.lower()
+        self.traced_by = "torch.fx"
         try:
             self.gm = fx.GraphModule(self.module, _Tracer().trace(self.module))
-        except Exception as e:  # fx raises many kinds for data-dependent control flow
-            raise ImportRefused(f"torch.fx cannot trace {type(module).__name__} ({type(e).__name__}: "
-                                f"{str(e).splitlines()[0][:160]}); make its forward free of data-dependent "
-                                "control flow, or mark such submodules as leaves") from None
+        except Exception as e:  # fx raises many kinds for Python control flow on tensors
+            fx_error = _first_line(e)
+            try:  # torch.export runs the forward instead: a branch on a shape follows the example's
+                from hwslim.exported import exported_graph
+
+                self.gm = exported_graph(self.module, example)
+                self.traced_by = "torch.export"
+            except Exception as e2:
+                raise ImportRefused(f"torch.fx cannot trace {type(module).__name__} ({fx_error}), nor can "
+                                    f"torch.export ({_first_line(e2)}); make its forward free of control flow that "
+                                    "depends on tensor values") from None
         from torch.fx.passes.shape_prop import ShapeProp
 
+        self.drop_identities()
         try:
             with torch.no_grad():
                 ShapeProp(self.gm).propagate(example)
@@ -205,6 +236,20 @@ class _Importer:
         self.alias: dict[fx.Node, fx.Node] = {}  # identity nodes -> the node whose value they carry
 
     # -- helpers --------------------------------------------------------------------------------------
+    def drop_identities(self) -> None:
+        """Remove the modules and calls that are the identity at inference (dropout, ``nn.Identity``,
+        stochastic depth): fx records them, torch.export does not; without them both graphs group
+        alike and a conv fuses the activation behind an identity (timm's ``drop_block``).
+        (``contiguous()`` stays: a ``view`` after it needs it.)"""
+        graph = self.gm.graph
+        for n in list(graph.nodes):
+            if n.op in ("call_module", "call_function") and self.is_identity(n):
+                args = [a for a in n.args if isinstance(a, fx.Node)]
+                if args:
+                    n.replace_all_uses_with(args[0])
+                    graph.erase_node(n)
+        self.gm.recompile()
+
     def mod(self, n: fx.Node) -> nn.Module | None:
         return self.gm.get_submodule(n.target) if n.op == "call_module" else None
 
@@ -382,6 +427,8 @@ class _Importer:
                 return
             raise self.refuse(n, f"adaptive average pooling to {tuple(self.shape(n)[2:])} from "
                                  f"{tuple(self.shape(x)[2:])}")
+        if self.try_shuffle(n) or self.try_split(n) or self.try_slice(n):
+            return
         if self.is_flatten(n):
             return self.simple(n, Flatten())
         if isinstance(m, nn.BatchNorm1d):
@@ -399,6 +446,107 @@ class _Importer:
                   "LeakyReLU": "the activation LeakyReLU",
                   "LayerNorm": "LayerNorm", "LayerNorm2d": "LayerNorm"}.get(what, f"{what}")
         raise self.refuse(n, reason)
+
+    # -- channels that move: ShuffleNetV2's shuffle and split (fixed units, --fix-unsupported) ----------
+    def is_call(self, n: fx.Node, names: tuple[str, ...], functions: tuple = ()) -> bool:
+        return (n.op == "call_method" and n.target in names) or (n.op == "call_function" and n.target in functions)
+
+    def try_shuffle(self, n: fx.Node) -> bool:
+        """``x.view(N, g, C/g, H, W)``, ``transpose(1, 2)`` (or ``permute(0, 2, 1, 3, 4)``), ``contiguous()``,
+        back to ``(N, C, H, W)`` by ``view``/``reshape``/``flatten(1, 2)``: a channel shuffle of g groups."""
+        if not self.is_call(n, ("view", "reshape"), (torch.reshape,)) or \
+                not hasattr(n.meta.get("tensor_meta"), "shape"):
+            return False
+        x = self.tensor_args(n)[0]
+        xs, ys = self.shape(x), self.shape(n)
+        if len(xs) != 4 or len(ys) != 5 or ys[0] != xs[0] or ys[3:] != xs[2:] or ys[1] * ys[2] != xs[1]:
+            return False
+        t = self.sole_user(n)
+        if t is None:
+            return False
+        if self.is_call(t, ("transpose",), (torch.transpose,)):
+            swapped = {d % 5 for d in t.args[1:3]} == {1, 2}
+        elif self.is_call(t, ("permute",), (torch.permute,)):
+            dims = t.args[1] if len(t.args) == 2 and isinstance(t.args[1], (tuple, list)) else t.args[1:]
+            swapped = [d % 5 for d in dims] == [0, 2, 1, 3, 4]
+        else:
+            return False
+        members, u = [n, t], self.sole_user(t)
+        while swapped and u is not None and self.is_identity(u):
+            members.append(u)
+            u = self.sole_user(u)
+        if not swapped or u is None or not self.is_call(u, _RESHAPES, (torch.reshape, torch.flatten)) or \
+                not hasattr(u.meta.get("tensor_meta"), "shape") or self.shape(u) != xs:
+            return False
+        members.append(u)
+        self.consume(*members)
+        self.groups.append(_Group(ChannelShuffle(ys[1]), members, [x], out_channels=xs[1],
+                                  base=_clean(_scope(n)) + "/shuffle" if _scope(n) else "shuffle",
+                                  what="a channel shuffle"))
+        return True
+
+    def try_split(self, n: fx.Node) -> bool:
+        """``x.chunk(k, 1)``, ``x.split(sizes, 1)``, ``tensor_split`` read part by part: channel slices."""
+        names = tuple(_SPLITS.values())
+        if not self.is_call(n, names, tuple(_SPLITS)):
+            return False
+        x = self.tensor_args(n)[0]
+        dim = n.kwargs.get("dim", n.args[2] if len(n.args) > 2 else 0)
+        metas = n.meta.get("tensor_meta")
+        users = self.users[n]
+        if not isinstance(dim, int) or len(self.shape(x)) != 4 or dim % 4 != 1 or not isinstance(metas, (tuple, list)) \
+                or not all(u.op == "call_function" and u.target is operator.getitem and isinstance(u.args[1], int)
+                           for u in users):
+            return False  # refused below, by name
+        offsets = [0]
+        for m in metas:
+            offsets.append(offsets[-1] + int(m.shape[1]))
+        self.consume(n)
+        scope = _clean(_scope(n))
+        what = _SPLITS.get(n.target, n.target)
+        for u in users:
+            k = u.args[1] % len(metas)
+            self.consume(u)
+            self.groups.append(_Group(ChannelSlice(offsets[k], offsets[k + 1]), [u], [x],
+                                      out_channels=offsets[k + 1] - offsets[k],
+                                      base=f"{scope}/{what}{k}" if scope else f"{what}{k}",
+                                      what=f"a channel split ({what})"))
+        return True
+
+    def try_slice(self, n: fx.Node) -> bool:
+        """``x[:, a:b]`` (trailing full slices allowed) or ``x.narrow(1, a, length)``: a channel slice."""
+        if n.op == "call_function" and n.target is operator.getitem:
+            x, idx = n.args[0], n.args[1]
+            if not isinstance(x, fx.Node) or not hasattr(x.meta.get("tensor_meta"), "shape") or \
+                    len(self.shape(x)) != 4 or not isinstance(idx, tuple) or len(idx) < 2:
+                return False
+            full = slice(None)
+            rest = list(idx[2:])
+            if rest and rest[-1] is Ellipsis:
+                rest.pop()
+            sl = idx[1]
+            if idx[0] != full or any(r != full for r in rest) or not isinstance(sl, slice) or sl.step not in (None, 1) \
+                    or not all(v is None or isinstance(v, int) for v in (sl.start, sl.stop)):
+                return False
+            start, stop, _ = sl.indices(self.shape(x)[1])
+        elif self.is_call(n, ("narrow",), (torch.narrow,)):
+            x = self.tensor_args(n)[0]
+            dim, start, length = (list(n.args[1:4]) + [None] * 3)[:3]
+            if not all(isinstance(v, int) for v in (dim, start, length)) or len(self.shape(x)) != 4 or dim % 4 != 1:
+                return False
+            start, stop = start % self.shape(x)[1], start % self.shape(x)[1] + length
+        else:
+            return False
+        if stop <= start:
+            return False
+        if (start, stop) == (0, self.shape(x)[1]):  # every channel: the identity at any width (torch.export drops it)
+            self.alias[n] = x
+            return True
+        scope = _clean(_scope(n))
+        self.consume(n)
+        self.groups.append(_Group(ChannelSlice(start, stop), [n], [x], out_channels=stop - start,
+                                  base=f"{scope}/slice" if scope else "slice", what="a channel slice (x[:, a:b])"))
+        return True
 
     def is_flatten(self, n: fx.Node) -> bool:
         m = self.mod(n)
@@ -547,7 +695,9 @@ class _Importer:
         tensor_of: dict[fx.Node, str] = {placeholder: INPUT}
         for g in groups:
             first = g.members[0]
-            if isinstance(g.op, SqueezeExcite):  # named after the module holding its convs, not its pool
+            if g.base:
+                base = g.base
+            elif isinstance(g.op, SqueezeExcite):  # named after the module holding its convs, not its pool
                 first = g.members[1]
                 base = _clean(str(first.target).rpartition(".")[0] or first.target)
             else:
@@ -603,13 +753,20 @@ class _Importer:
         fixed.add(image)
         layout: dict[str, list[int]] = {INPUT: [image]}
         mids: dict[str, int] = {}
+        made: set[int] = set()  # the variables a layer's weights produce (would-be units)
+        pinned: list[tuple[int, _Group]] = []  # variables an operator that moves channels reads or writes
         for g in groups:  # the operators say how channels flow and which must stay equal
             ins = tuple(tensor(x) for x in g.inputs)
             in_lays = [tuple(layout[t]) for t in ins]
             out = new(g.out_channels, g.name) if g.op.sets_width else None
             mid = new(g.mid, f"{g.name}/mid") if g.op.has_mid else None
+            made.update(v for v in (out, mid) if v is not None)
             node = Node(g.name, g.op, ins, out, mid)
-            lay = list(g.op.out_layout(node, in_lays))
+            if g.op.pins:  # its channels change position: what it reads and writes stays fixed
+                lay = [new(g.out_channels, g.name)]
+                pinned += [(v, g) for lay_in in in_lays for v in lay_in] + [(lay[0], g)]
+            else:
+                lay = list(g.op.out_layout(node, in_lays))
             if g.op.quantum > 1:  # a grouped conv: its unit moves in whole groups
                 if len(in_lays[0]) != 1:
                     raise ImportRefused(f"{g.name}: a grouped convolution reading a concatenation")
@@ -627,6 +784,7 @@ class _Importer:
             layout[g.name] = lay
         for v in layout[tensor(result)]:  # the network's outputs (the classes) are never slimmed
             fixed.add(v)
+        self.fix_pinned(pinned, made, fixed, find, owner, width)
 
         roots = sorted({find(v) for v in parent})
         fixed_roots = {find(v) for v in fixed}
@@ -654,9 +812,42 @@ class _Importer:
         if tensor(result) != nodes[-1].name:
             raise ImportRefused(f"the output of {type(self.module).__name__} is not its last operator's")
         num_classes = int(self.shape(result)[1])
+        meta: dict[str, Any] = {"imported_from": type(self.module).__qualname__, "traced_by": self.traced_by}
+        if self.fixed_units:
+            meta["fixed_units"] = self.fixed_units
         graph = Graph(self.name, nodes, units, int(self.example.shape[-1]), num_classes,
-                      int(self.example.shape[1]), 1.0, 8, {"imported_from": type(self.module).__qualname__})
+                      int(self.example.shape[1]), 1.0, 8, meta)
         return graph, weights
+
+    def fix_pinned(self, pinned, made, fixed, find, owner, width) -> None:
+        """Fix the units that reach an operator that moves channels (with ``fix_unsupported``), else refuse."""
+        fixed_anyway = {find(v) for v in fixed}
+        by: dict[int, _Group] = {}
+        for v, g in pinned:
+            if find(v) not in fixed_anyway:
+                by.setdefault(find(v), g)
+        units: dict[str, tuple[int, _Group]] = {}
+        for r, g in sorted(by.items()):
+            members = [v for v in made if find(v) == r]
+            if members:  # a class made of such operators' outputs only is no unit of the module's
+                units[owner[min(members)]] = (width[r], g)
+        fixed.update(by)
+        if not units:
+            return
+        if not self.fix_unsupported:
+            first = min((g for _, g in units.values()), key=lambda g: self.nodes.index(g.members[0]))
+            names = list(units)
+            listed = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+            raise ImportRefused(f"{_where(first.members[0], self.gm)}: hwslim has no slimmable operator for "
+                                f"{first.what}, which moves channels to other positions; {len(names)} unit(s) "
+                                f"reaching such operations would have to keep their width ({listed}); pass "
+                                "--fix-unsupported to import with them fixed")
+        self.fixed_units = {u: {"width": w, "by": g.name, "what": g.what} for u, (w, g) in units.items()}
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return f"{type(e).__name__}: {' '.join(lines[0].split())[:160]}" if lines else type(e).__name__
 
 
 def _lcm(a: int, b: int) -> int:
@@ -705,11 +896,15 @@ def _copy_bn(dst: nn.BatchNorm2d, src: nn.BatchNorm2d) -> None:
 
 
 def import_model(module: nn.Module, example_input: torch.Tensor, *, name: str | None = None,
-                 keep: str | None = None, divisor: int = 8):
+                 keep: str | None = None, divisor: int = 8, fix_unsupported: bool = False):
     """The slimmable supernet of ``module`` (see the module docstring), with its weights.
 
     ``keep``: a regular expression; modules whose qualified name matches it keep their
     output channels. ``name``: the supernet's name (default: the module's class name).
+    ``fix_unsupported``: units that reach an operation that moves channels to other
+    positions (a channel shuffle, a slice or split of the channels) keep their width and
+    are listed in ``net.graph.meta["fixed_units"]`` (:func:`fixed_units`); without it
+    such a module is refused, naming the first such node.
     Raises :class:`ImportRefused` (one line: the node, the module type and source line,
     what is missing) for what hwslim cannot express; nothing is built then.
     """
@@ -724,7 +919,7 @@ def import_model(module: nn.Module, example_input: torch.Tensor, *, name: str | 
         raise ImportRefused(f"the example input must be (N, C, S, S) images, got shape {tuple(example.shape)}")
     was_training = module.training
     try:
-        imp = _Importer(module, example, keep, name)
+        imp = _Importer(module, example, keep, name, fix_unsupported)
         imp.group()
         graph, weights = imp.build()
     finally:
@@ -734,4 +929,19 @@ def import_model(module: nn.Module, example_input: torch.Tensor, *, name: str | 
     return net.eval()
 
 
-__all__ = ["ImportRefused", "import_model"]
+def fixed_units(net) -> dict[str, dict[str, Any]]:
+    """The units an import with ``fix_unsupported`` kept fixed: name -> width, the operator that fixed it."""
+    return dict(net.graph.meta.get("fixed_units") or {})
+
+
+def fixed_units_note(net) -> str | None:
+    """One line for the CLI: which units ``--fix-unsupported`` kept fixed (None: none)."""
+    fixed = fixed_units(net)
+    if not fixed:
+        return None
+    kinds = sorted({f["what"].split(" (")[0] for f in fixed.values()})
+    return (f"--fix-unsupported: {len(fixed)} unit(s) reaching {' and '.join(kinds)} keep their width, "
+            f"{len(net.units)} slim: " + ", ".join(f"{u} ({f['width']})" for u, f in fixed.items()))
+
+
+__all__ = ["ImportRefused", "fixed_units", "fixed_units_note", "import_model"]

@@ -48,6 +48,15 @@ class OnnxGraph:
             self.inits.append(numpy_helper.from_array(np.array(value, dtype=np.float32), name))
         return name
 
+    def ints(self, name: str, values: Sequence[int]) -> str:
+        """An int64 initializer (shapes, slice bounds), added once per name."""
+        from onnx import numpy_helper
+
+        if name not in self._names:
+            self._names.add(name)
+            self.inits.append(numpy_helper.from_array(np.array(list(values), dtype=np.int64), name))
+        return name
+
     def node(self, op_type: str, inputs: Sequence[str], outputs: Sequence[str], name: str, **attrs: Any) -> None:
         from onnx import helper
 

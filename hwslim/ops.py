@@ -15,8 +15,9 @@ consumer asks the operator, never compares names:
   (sliced to the current widths), :meth:`Op.plain` (the materialized module holding
   only the kept channels), :meth:`Op.run_plain`, :meth:`Op.folded`;
 * channel units: :attr:`Op.mixes` (output channels depend on several input channels:
-  the search's fast evaluator shares computation only up to such a node) and
-  :meth:`Op.unit_ties` (which widths must stay equal);
+  the search's fast evaluator shares computation only up to such a node),
+  :meth:`Op.unit_ties` (which widths must stay equal) and :attr:`Op.pins` (channels
+  change position, so every unit the node reads stays fixed: a channel shuffle, a slice);
 * channel order (a trained start, :mod:`hwslim.importance`): :meth:`Op.importance` (scores
   of the channels the node's weights produce) and :meth:`Op.permute` (reorder its weights
   for permuted input, output and inner channels, leaving the function unchanged).
@@ -150,6 +151,10 @@ class Op:
     view: ClassVar[bool] = False  # the output shares input 0's memory (no new activation bytes)
     flattens: ClassVar[bool] = False  # output is (N, C)
     fuses_residual: ClassVar[bool] = False  # a second input is added before the activation
+    # the output's channels are not the input's channels in order (a channel shuffle, a slice of
+    # the channels): slimming a unit it reads would move channels to other positions, so every
+    # channel it reads must be fixed (the importer fixes such units with ``fix_unsupported``)
+    pins: ClassVar[bool] = False
 
     # -- JSON ---------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -845,6 +850,94 @@ class Dropout(Op):
         return F.dropout(xs[0], self.p, True) if ctx.training and self.p > 0 else xs[0]
 
 
+# -- channel bookkeeping on fixed channels (ShuffleNetV2; imported with --fix-unsupported) ----------
+class _Pinned(Op):
+    """An op that moves channels to other positions: it reads fixed channels only (:attr:`Op.pins`)."""
+
+    pins: ClassVar[bool] = True
+
+    def check_inputs(self, name, layouts):
+        super().check_inputs(name, layouts)
+        units = [r for lay in layouts for r in lay if not isinstance(r, int)]
+        if units:
+            raise ValueError(f"{name}: a {self.kind} moves channels to other positions, so it reads fixed channels "
+                             f"only; it reads unit(s) {', '.join(map(repr, units))}")
+
+    def out_layout(self, node, layouts):
+        return (self.out_channels(sum(layouts[0])),)
+
+    def out_channels(self, cin: int) -> int:
+        return cin
+
+
+@register_op
+@dataclass(frozen=True)
+class ChannelShuffle(_Pinned):
+    """ShuffleNet's channel shuffle: ``x.view(N, g, C/g, H, W).transpose(1, 2).reshape(N, C, H, W)``.
+
+    Output channel ``j`` is input channel ``(j % g) * C/g + j // g``: the ``g`` groups are
+    interleaved. Its input's channels are fixed (:attr:`Op.pins`); no MACs, no weights.
+    """
+
+    kind: ClassVar[str] = "shuffle"
+    n_groups: int = 2
+
+    def check_inputs(self, name, layouts):
+        super().check_inputs(name, layouts)
+        if self.n_groups < 1 or sum(layouts[0]) % self.n_groups:
+            raise ValueError(f"{name}: a shuffle of {sum(layouts[0])} channels in {self.n_groups} groups")
+
+    def signature(self, s):
+        return ("shuffle", 0, 1, 0, self.n_groups, s.in_h, s.in_w, s.cin, s.cout, "none", False, s.batch, "")
+
+    def onnx(self, s, g, inputs, out):
+        n, c, k = s.name, s.cin, self.n_groups
+        g.node("Reshape", [inputs[0], g.ints(f"{n}::split_shape", [0, k, c // k, s.in_h, s.in_w])], [f"{n}::split"],
+               f"{n}::split")
+        g.node("Transpose", [f"{n}::split"], [f"{n}::t"], f"{n}::transpose", perm=[0, 2, 1, 3, 4])
+        g.node("Reshape", [f"{n}::t", g.ints(f"{n}::shape", [0, c, s.in_h, s.in_w])], [out], f"{n}::merge")
+
+    def run(self, module, xs, ctx):
+        x = xs[0]
+        n, c, h, w = x.shape
+        return x.reshape(n, self.n_groups, c // self.n_groups, h, w).transpose(1, 2).reshape(n, c, h, w)
+
+
+@register_op
+@dataclass(frozen=True)
+class ChannelSlice(_Pinned):
+    """Channels ``start .. stop - 1`` of the input: ``x[:, start:stop]``, one part of a ``chunk`` or ``split``.
+
+    A view (no new activation bytes in PyTorch; ONNX Runtime copies it). Its input's
+    channels are fixed (:attr:`Op.pins`): a narrower input would shift which channels
+    fall in the range.
+    """
+
+    kind: ClassVar[str] = "slice"
+    view: ClassVar[bool] = True
+    start: int = 0
+    stop: int = 1
+
+    def check_inputs(self, name, layouts):
+        super().check_inputs(name, layouts)
+        if not 0 <= self.start < self.stop <= sum(layouts[0]):
+            raise ValueError(f"{name}: channels {self.start}..{self.stop - 1} of a tensor of {sum(layouts[0])}")
+
+    def out_channels(self, cin):
+        return self.stop - self.start
+
+    def signature(self, s):
+        return ("slice", 0, 1, 0, 1, s.in_h, s.in_w, s.cin, s.cout, "none", False, s.batch, f"start={self.start}")
+
+    def onnx(self, s, g, inputs, out):
+        n = s.name
+        g.node("Slice", [inputs[0], g.ints(f"{n}::start", [self.start]), g.ints(f"{n}::stop", [self.stop]),
+                         g.ints("slice.axis1", [1])], [out], f"{n}::slice")
+
+    def run(self, module, xs, ctx):
+        return xs[0].narrow(1, self.start, self.stop - self.start)
+
+
 @register_op
 @dataclass(frozen=True)
 class Linear(Op):
@@ -915,6 +1008,7 @@ class Linear(Op):
         return apply_act(self.act, module(x), fresh())
 
 
-__all__ = ["ACTIVATIONS", "OPS", "Act", "Activation", "Add", "AvgPool", "BatchNorm", "Concat", "Conv", "Dropout",
+__all__ = ["ACTIVATIONS", "OPS", "Act", "Activation", "Add", "AvgPool", "BatchNorm", "ChannelShuffle", "ChannelSlice",
+           "Concat", "Conv", "Dropout",
            "Flatten", "GlobalAvgPool", "Linear", "MaxPool", "Op", "Slice", "SqueezeExcite", "apply_act",
            "op_from_dict", "register_op", "spec_index"]

@@ -69,6 +69,7 @@ class ProfileSettings:
     contexts: int = 2  # networks each entry is timed in (backends that time inside networks)
     channels_last: bool = False  # torch_cuda: NHWC tensors
     keep: str | None = None  # imported models: modules whose name matches keep their width
+    fix_unsupported: bool = False  # imported models: units reaching a channel shuffle or slice keep their width
 
     def __post_init__(self) -> None:
         """Refuse impossible settings before anything is measured or any file is touched."""
@@ -412,7 +413,11 @@ def profile(settings: ProfileSettings, progress: bool = False,
     start = time.perf_counter()
     load_start = _load()
     net = load_model(settings.model, width_mult=settings.width_mult, input_size=settings.input_size,
-                     keep=settings.keep).eval()
+                     keep=settings.keep, fix_unsupported=settings.fix_unsupported).eval()
+    from hwslim.importer import fixed_units_note
+
+    if fixed_units_note(net) is not None:
+        log(fixed_units_note(net))
     size = net.input_size
     profiler = get_profiler(settings.device, settings.backend, **_settings_kwargs(settings))
     try:

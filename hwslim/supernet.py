@@ -26,8 +26,8 @@ from hwslim.config import ChannelConfig
 from hwslim.errors import ConfigError
 from hwslim.graph import (INPUT, Graph, LayerSpec, Node, UnitDef, Width, graph_from_dict, graph_to_dict,
                           last_uses, layer_specs, resolve, run_graph, tensor_infos)
-from hwslim.ops import (Act, Add, AvgPool, BatchNorm, Concat, Conv, Dropout, Flatten, GlobalAvgPool, Linear, MaxPool,
-                        Slice, SqueezeExcite)
+from hwslim.ops import (Act, Add, AvgPool, BatchNorm, ChannelShuffle, ChannelSlice, Concat, Conv, Dropout, Flatten,
+                        GlobalAvgPool, Linear, MaxPool, Slice, SqueezeExcite)
 from hwslim.rounding import DEFAULT_DIVISOR, DIVISORS
 from hwslim.units import GRID_STEPS, ChannelUnit
 
@@ -114,6 +114,14 @@ class GraphBuilder:
 
     def bn(self, name: str, x: str, act: str | None = None) -> str:
         return self.add_node(Node(name, BatchNorm(act, self.bn_eps), (x,)))
+
+    def shuffle(self, name: str, x: str, groups: int) -> str:
+        """ShuffleNet's channel shuffle of ``groups`` groups (``x``'s channels must be fixed)."""
+        return self.add_node(Node(name, ChannelShuffle(groups), (x,)))
+
+    def channel_slice(self, name: str, x: str, start: int, stop: int) -> str:
+        """``x[:, start:stop]`` (``x``'s channels must be fixed)."""
+        return self.add_node(Node(name, ChannelSlice(start, stop), (x,)))
 
     def maxpool(self, name: str, x: str, c: Width | None, kernel: int, stride: int, padding: int = 0) -> str:
         self._check_cin(name, x, c)

@@ -23,7 +23,8 @@ torchvision/timm weights name). The supernet starts from them with every unit's 
 sorted by importance (:func:`hwslim.importance.sort_channels`: the full network computes
 what the trained one does, and the first k channels of a unit are its k most important),
 then the sandwich rule fine-tunes it. ``keep`` (a regular expression over module names)
-keeps those modules' outputs whole. From Python, the same start is::
+keeps those modules' outputs whole; ``fix_unsupported`` keeps the units that reach a
+channel shuffle or slice whole instead of refusing the model. From Python, the same start is::
 
     net = import_model(trained, torch.randn(1, 3, 224, 224))   # hwslim.importer
     sort_channels(net)                                          # hwslim.importance
@@ -102,6 +103,7 @@ class TrainConfig:
     # channels are then sorted by importance (hwslim.importance); ``keep``: modules whose outputs stay whole
     init: str | None = None  # a state-dict file, or a torchvision/timm weights name (IMAGENET1K_V1; downloads)
     keep: str | None = None  # a regular expression over the module's qualified names
+    fix_unsupported: bool | None = None  # units reaching a channel shuffle or slice keep their width (default: refuse)
     sort: bool | None = None  # sort the --init weights' channels by importance (default True; False: measure it)
     # optimization (recipe)
     batch_size: int | None = None  # global, across all ranks; default 128
@@ -132,7 +134,7 @@ class TrainConfig:
 
     RECIPE = ("model", "data", "width_mult", "input_size", "num_classes", "divisor", "batch_size", "lr", "momentum",
               "weight_decay", "warmup_epochs", "num_random", "label_smoothing", "search_size", "seed",
-              "distill_after_warmup", "train_subset", "init", "keep", "sort")
+              "distill_after_warmup", "train_subset", "init", "keep", "sort", "fix_unsupported")
 
     def validate(self) -> None:
         """Raise :class:`TrainError` for a value no run can use (before anything is read or written)."""
@@ -178,6 +180,9 @@ class TrainConfig:
                         else "zoo models and graph files start from random weights")
                 raise TrainError(f"--{name} applies to a model imported from PyTorch (--model torchvision:NAME, "
                                  f"timm:NAME or package.module:callable), not {self.model!r}; {what}")
+        if self.fix_unsupported and not is_module_spec(self.model):
+            raise TrainError(f"--fix-unsupported applies to a model imported from PyTorch (--model torchvision:NAME, "
+                             f"timm:NAME or package.module:callable), not {self.model!r}")
         if self.sort is not None and self.init is None:
             raise TrainError("--no-sort applies to a start from trained weights; add --init WEIGHTS")
         if self.keep is not None:
@@ -341,11 +346,13 @@ class _Run:
         init = cfg.init if resumed is None else None  # a resumed run's weights come from its checkpoint
         with torch.device("meta"):  # refuse sizes this machine cannot train before any allocation
             shapes = load_model(cfg.model, width_mult=cfg.width_mult, input_size=cfg.input_size,
-                                num_classes=cfg.num_classes, divisor=cfg.divisor, keep=cfg.keep)
+                                num_classes=cfg.num_classes, divisor=cfg.divisor, keep=cfg.keep,
+                                fix_unsupported=bool(cfg.fix_unsupported))
         check_training(shapes, batch=max(1, (cfg.batch_size or 128) // world.size))
         torch.manual_seed(mix_seeds(seed, 99))  # the initial weights follow the seed too
         net = load_model(cfg.model, width_mult=cfg.width_mult, input_size=cfg.input_size,
-                         num_classes=cfg.num_classes, divisor=cfg.divisor, init=init, keep=cfg.keep)
+                         num_classes=cfg.num_classes, divisor=cfg.divisor, init=init, keep=cfg.keep,
+                         fix_unsupported=bool(cfg.fix_unsupported))
         fetch = cfg.download and world.distributed  # rank 0 downloads, the others wait, then read
         if fetch and not world.is_main:
             distributed.barrier(world)
@@ -357,7 +364,8 @@ class _Run:
         n_cls = int(self.data.info["num_classes"])
         if cfg.num_classes is None and n_cls != net.num_classes:
             net = load_model(cfg.model, width_mult=cfg.width_mult, input_size=net.input_size,
-                             num_classes=n_cls, divisor=cfg.divisor, init=init, keep=cfg.keep)
+                             num_classes=n_cls, divisor=cfg.divisor, init=init, keep=cfg.keep,
+                             fix_unsupported=bool(cfg.fix_unsupported))
         elif n_cls > net.num_classes:
             raise TrainError(f"the data has {n_cls} classes but --num-classes is {net.num_classes}")
         cfg = cfg.resolved(net.input_size, net.num_classes)
@@ -369,6 +377,10 @@ class _Run:
         if self.steps < 1:
             raise TrainError(f"{len(self.data)} training images make no full batch of {cfg.batch_size}; "
                              "lower --batch-size")
+        if world.is_main and net.graph.meta.get("fixed_units"):
+            from hwslim.importer import fixed_units_note
+
+            log(fixed_units_note(net))
         if resumed is not None:
             net.load_state_dict(resumed.model.state_dict())
         elif init is not None and cfg.sort is not False:  # the first k channels of every unit become its k best

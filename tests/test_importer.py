@@ -111,9 +111,161 @@ def test_resnet18_costs_equal_torchvisions():
 def test_unsupported_operations_are_named_not_guessed():
     with pytest.raises(ImportRefused, match=r"node 'permute' \(permute.*no operator for a permute"):
         import_model(torchvision.models.convnext_tiny(weights=None), torch.randn(1, 3, 64, 64))
-    with pytest.raises(ImportRefused, match=r"no operator for (a reshape that mixes channels|a transpose)"):
+    with pytest.raises(ImportRefused, match=r"node 'view' \(view, torchvision/models/shufflenetv2\.py:\d+\): hwslim "
+                                            r"has no slimmable operator for a channel shuffle.*19 unit\(s\).*pass "
+                                            r"--fix-unsupported"):
         import_model(torchvision.models.shufflenet_v2_x0_5(weights=None), torch.randn(1, 3, 64, 64))
     assert issubclass(ImportRefused, ModelError)  # the CLI prints one line and exits 2
+
+
+# ShuffleNetV2 with --fix-unsupported: what reaches a shuffle (each block's output convs) stays fixed
+SHUFFLE_FIXED = [f"stage{s}/{i}/branch{b}" for s, n in ((2, 4), (3, 8), (4, 4)) for i in range(n)
+                 for b in ((1, 2) if i == 0 else (2,))]
+SHUFFLE_SLIM = ["conv1/0"] + [f"stage{s}/{i}/branch2/0" for s, n in ((2, 4), (3, 8), (4, 4)) for i in range(n)] + \
+    ["conv5/0"]
+
+
+@pytest.mark.parametrize("name", ["shufflenet_v2_x0_5", "shufflenet_v2_x1_0"])
+def test_shufflenet_imports_with_the_units_of_its_shuffles_fixed(name, tmp_path):
+    import numpy as np
+    import onnxruntime as ort
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from hwslim.costs import model_costs
+    from hwslim.export import export_onnx
+    from hwslim.importer import fixed_units
+    from hwslim.supernet import SlimmableNet
+
+    torch.manual_seed(0)
+    theirs = _randomize(torchvision.models.get_model(name, weights=None))
+    x = torch.randn(2, 3, 64, 64)
+    net = import_model(theirs, x[:1], fix_unsupported=True)
+    fixed = fixed_units(net)
+    assert [u.rpartition("/")[0] for u in fixed] == SHUFFLE_FIXED  # branch1/2, branch2/5: the convs before the cat
+    assert {f["what"] for f in fixed.values()} == {"a channel shuffle"}
+    assert list(net.units) == SHUFFLE_SLIM  # the stem, every block's inner width, the last conv
+    kinds = [n.op.kind for n in net.nodes]
+    assert kinds.count("shuffle") == 16 and kinds.count("slice") == 2 * 13  # chunk(2) in every stride-1 block
+    with torch.no_grad():
+        want, got = theirs(x), net(x)
+    assert (got - want).abs().max() <= 1e-4 * want.abs().max()
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        theirs(x[:1])
+    c = model_costs(net)
+    assert (c.params, c.macs) == (sum(p.numel() for p in theirs.parameters()), counter.get_total_flops() // 2)
+    again = SlimmableNet.from_graph(net.graph_dict())  # the fixed units travel with the graph (checkpoints)
+    assert fixed_units(again) == fixed and list(again.units) == SHUFFLE_SLIM
+    for seed in (0, 1)[:2 if name.endswith("x0_5") else 1]:  # the others slim: materialized, ONNX Runtime agree
+        cfg = net.random_config(random.Random(seed))
+        assert cfg.widths != net.full_config().widths
+        with torch.no_grad(), net.using(cfg):
+            want = net(x)
+        plain = materialize(net, cfg, fold_bn=True).eval()
+        path = export_onnx(plain, tmp_path / f"{seed}.onnx", batch=2, input_size=64)
+        got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})[0]
+        assert np.abs(got - want.numpy()).max() <= 1e-4 * np.abs(want.numpy()).max()
+
+
+def test_cli_lists_the_units_fix_unsupported_keeps(capsys):
+    import json
+
+    from hwslim.cli import main
+
+    assert main(["cost", "--model", "torchvision:shufflenet_v2_x0_5", "--fix-unsupported", "--input-size", "64",
+                 "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["params"] == 1_366_792
+    (line,) = err.splitlines()
+    assert line.startswith("--fix-unsupported: 19 unit(s) reaching a channel shuffle keep their width, 18 slim: "
+                           "stage2/0/branch1/2 (24), stage2/0/branch2/5 (24),")
+
+
+class ShapeBranchNet(nn.Module):
+    """A user's CNN with Python control flow on the input's shape, which torch.fx cannot trace."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.down = nn.Sequential(nn.Conv2d(16, 32, 3, 2, 1, bias=False), nn.BatchNorm2d(32), nn.Hardswish())
+        self.up = nn.Sequential(nn.Conv2d(16, 32, 1, bias=False), nn.BatchNorm2d(32), nn.Hardswish())
+        self.se = SE(32, 8)
+        self.body = nn.Sequential(nn.Conv2d(32, 32, 3, 1, 1, groups=32, bias=False), nn.BatchNorm2d(32),
+                                  nn.Dropout(0.1))
+        self.side = nn.Conv2d(32, 16, 1)
+        self.head = nn.Linear(48, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = self.down(x) if x.shape[-1] > 16 else self.up(x)  # large inputs are downsampled first
+        x = self.se(x)
+        x = torch.relu(self.body(x) + x)
+        x = torch.cat([x, torch.relu(self.side(x))], 1)
+        x = nn.functional.max_pool2d(x, 2)
+        return self.head(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+@pytest.mark.parametrize("size, branch", [(32, "down/0"), (16, "up/0")])
+def test_where_fx_cannot_trace_torch_export_imports_it(size, branch):
+    torch.manual_seed(0)
+    theirs = _randomize(ShapeBranchNet())
+    with pytest.raises(torch.fx.proxy.TraceError):
+        torch.fx.symbolic_trace(theirs)
+    x = torch.randn(2, 3, size, size)
+    net = import_model(theirs, x[:1])
+    assert net.graph.meta["traced_by"] == "torch.export"
+    assert [n.op.kind for n in net.nodes] == ["conv", "conv", "se", "conv", "conv", "concat", "maxpool", "gap",
+                                              "flatten", "linear"]
+    assert list(net.units) == ["stem/0", branch, "se/mid", "side"]  # the branch the example's size takes
+    assert net.nodes[3].op.act == "relu" and len(net.nodes[3].inputs) == 2  # bn + residual + relu fused
+    with torch.no_grad():
+        want, got = theirs(x), net(x)
+    assert (got - want).abs().max() <= 1e-4 * want.abs().max()
+    cfg = net.random_config(random.Random(0))
+    with torch.no_grad(), net.using(cfg):
+        torch.testing.assert_close(materialize(net, cfg).eval()(x), net(x), rtol=1e-5, atol=1e-6)
+
+
+def test_when_torch_export_fails_too_the_refusal_names_both():
+    class ValueBranchNet(ShapeBranchNet):
+        def forward(self, x):
+            x = self.stem(x)
+            if x.mean() > 0:  # a branch on the values: no tracer can follow it
+                x = self.down(x)
+            return x
+
+    with pytest.raises(ImportRefused, match=r"^torch\.fx cannot trace ValueBranchNet \(TraceError: symbolically traced "
+                                            r"variables cannot be used as inputs to control flow\), nor can torch\."
+                                            r"export \(\w+: .*data-dependent.*\); make its forward free of control "
+                                            r"flow that depends on tensor values$"):
+        import_model(ValueBranchNet(), torch.randn(1, 3, 16, 16))
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v3_small", "shufflenet_v2_x0_5"])
+def test_torch_export_path_builds_what_the_fx_path_builds(name, monkeypatch):
+    """One importer: the exported ATen graph, rewritten, groups into the same operators and units."""
+    import hwslim.importer
+
+    torch.manual_seed(0)
+    theirs = _randomize(torchvision.models.get_model(name, weights=None))
+    x = torch.randn(2, 3, 64, 64)
+    by_fx = import_model(theirs, x[:1], fix_unsupported=True)
+
+    def fx_fails(self, root, *args, **kwargs):
+        raise torch.fx.proxy.TraceError("as for a forward fx cannot trace")
+
+    monkeypatch.setattr(hwslim.importer._Tracer, "trace", fx_fails)
+    by_export = import_model(theirs, x[:1], fix_unsupported=True)
+    assert (by_fx.graph.meta["traced_by"], by_export.graph.meta["traced_by"]) == ("torch.fx", "torch.export")
+
+    def structure(net):  # node names of weightless ops differ (fx: the module "avgpool"; ATen: "adaptive_avg_pool2d")
+        at = {n.name: i for i, n in enumerate(net.nodes)}
+        return [(n.op, tuple(at.get(t, -1) for t in n.inputs), n.out, n.mid) for n in net.nodes]
+
+    assert structure(by_export) == structure(by_fx)
+    assert by_export.graph.units == by_fx.graph.units
+    assert by_export.graph.meta.get("fixed_units") == by_fx.graph.meta.get("fixed_units")
+    with torch.no_grad():
+        torch.testing.assert_close(by_export(x), theirs(x), rtol=0, atol=1e-5 * theirs(x).abs().max().item())
 
 
 def test_cli_cost_of_a_torchvision_model_equals_torchvisions(capsys):
@@ -285,12 +437,20 @@ def test_unknown_layers_inside_known_classes_are_refused_by_name():
         import_model(odd, torch.randn(1, 3, 16, 16))
 
     class Mixed(nn.Module):  # MixNet's split of the channels between kernels: the split is named
-        def forward(self, x):
-            a, b = torch.split(x, [1, 2], 1)
-            return torch.cat([a, b * 2], 1)
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(3, 16, 1)
+            self.k3, self.k5 = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 5, padding=2)
+            self.head = nn.Linear(16, 4)
 
-    with pytest.raises(ImportRefused, match=r"node 'split' \(split, .*test_importer\.py:\d+\): .*splitting channels"):
+        def forward(self, x):
+            a, b = torch.split(self.stem(x), [8, 8], 1)
+            return self.head(torch.cat([self.k3(a), self.k5(b)], 1).mean((2, 3)))
+
+    with pytest.raises(ImportRefused, match=r"node 'getitem' \(getitem, .*test_importer\.py:\d+\): .*a channel split "
+                                            r"\(split\).*1 unit\(s\).*\(stem\); pass --fix-unsupported"):
         import_model(Mixed(), torch.randn(1, 3, 8, 8))
+    assert list(import_model(Mixed(), torch.randn(1, 3, 8, 8), fix_unsupported=True).units) == ["k3", "k5"]
     pool = nn.Sequential(nn.Conv2d(3, 8, 1), nn.AvgPool2d(2, 2, ceil_mode=True), nn.Flatten(), nn.Linear(8 * 4 * 4, 4))
     with pytest.raises(ImportRefused, match="ceil-mode average"):  # odd size: the last window is partial
         import_model(pool, torch.randn(1, 3, 7, 7))

@@ -31,6 +31,13 @@ def every_op_net(input_size: int = 16) -> SlimmableNet:
     x = g.concat("cat", x, side)  # channels: a then c
     x = g.bn("bn", x, act="sigmoid")
     x = g.conv("mix", x, None, d, 1, act="relu")  # reads the concatenation
+    # ShuffleNetV2's bookkeeping on fixed channels: slices (views), a shuffle, and an in-place
+    # activation on a slice while the tensor it is a view of is still read later
+    f = g.conv("fixed", x, d, 16, 1, act=None)
+    lo, hi = g.channel_slice("lo", f, 0, 8), g.channel_slice("hi", f, 8, 16)
+    hi = g.act("hi_act", hi, "hardswish")
+    f = g.shuffle("shuffle", g.concat("cat2", lo, hi, f), 4)
+    x = g.conv("unfix", f, 32, d, 1, act="relu", residual=x)
     x = g.maxpool("mp", x, d, 3, 2, 1)
     x = g.avgpool("ap", x, 2, 2)
     x = g.gap("gap", x, d, flatten=False)
@@ -63,6 +70,32 @@ def test_sorting_channels_keeps_every_operators_function():
     assert all(not torch.equal(p, torch.arange(len(p))) for p in perms.values())
     with torch.no_grad():
         torch.testing.assert_close(net(x), want, rtol=1e-5, atol=1e-6)
+
+
+def test_in_place_ops_never_write_into_a_tensor_still_read():
+    """Without autograd, ops write into dying inputs; a channel slice is a view at an offset of a
+    tensor read later, so the result must equal the out-of-place run (autograd on)."""
+    net = every_op_net()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        fast = net(x)
+    torch.testing.assert_close(fast, net(x).detach(), rtol=0, atol=0)
+
+
+def test_shuffle_and_slice_move_fixed_channels():
+    from hwslim.ops import ChannelShuffle, ChannelSlice, Slice
+
+    x = torch.arange(6.0).view(1, 6, 1, 1)
+    y = ChannelShuffle(2).run(None, [x], Slice())
+    assert y.flatten().tolist() == [0, 3, 1, 4, 2, 5]  # the two groups interleaved
+    assert ChannelSlice(2, 5).run(None, [x], Slice()).flatten().tolist() == [2, 3, 4]
+    g = GraphBuilder()
+    a = g.unit("a", 8)
+    h = g.conv("c", INPUT, 3, a, 1)
+    with pytest.raises(ValueError, match="shuffle moves channels to other positions.*unit\\(s\\) 'a'"):
+        g.shuffle("s", h, 2)
+    with pytest.raises(ValueError, match="channels 4..9 of a tensor of 8"):
+        g.channel_slice("s", g.conv("f", h, a, 8, 1), 4, 10)
 
 
 def test_operator_costs_by_hand():
@@ -148,6 +181,9 @@ def test_activation_memory_of_views_and_in_place_ops():
     # flatten and inference dropout are views: no new bytes; SE scales its input in place
     assert trace["flat"] == trace["drop"]
     assert trace["se"] == trace["group"] - 4 * by["expand"].out_elements  # expand died, se wrote into group's output
+    # channel slices are views; the activation on one is not in place, since the tensor it views lives on
+    assert trace["lo"] == trace["hi"] == trace["fixed"]
+    assert trace["hi_act"] == trace["hi"] + 4 * by["hi_act"].out_elements
 
 
 def test_fast_evaluator_agrees_with_reference_across_every_operator():

@@ -397,6 +397,121 @@ def test_init_starts_from_the_trained_weights_with_channels_sorted(tmp_path, mon
     assert any("channels in their trained order (no sort)" in line for line in lines)
 
 
+SHUFFLE_NET = '''
+import torch
+from torch import nn
+
+
+class Net(nn.Module):  # ShuffleNetV2's block in small: a chunk, a branch, a concat, a channel shuffle
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.branch = nn.Sequential(nn.Conv2d(8, 24, 1, bias=False), nn.BatchNorm2d(24), nn.ReLU(),
+                                    nn.Conv2d(24, 8, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        a, b = self.stem(x).chunk(2, dim=1)
+        x = torch.cat([a, self.branch(b)], 1)
+        n, c, h, w = x.size()
+        x = x.view(n, 2, c // 2, h, w).transpose(1, 2).reshape(n, c, h, w)
+        return self.head(x.mean((2, 3)))
+
+
+def build():
+    return Net()
+'''
+
+
+def test_fix_unsupported_trains_a_shuffled_net_and_is_recorded(tmp_path, monkeypatch):
+    (tmp_path / "shuffle_net.py").write_text(SHUFFLE_NET)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    lines: list[str] = []
+    cfg = TrainConfig(model="shuffle_net:build", fix_unsupported=True, data="synthetic:300", input_size=8,
+                      batch_size=32, search_size=44, synthetic_val=64, calib_images=64, progress=False, epochs=1,
+                      out=str(tmp_path / "run"))
+    result = train(cfg, log=lines.append)
+    assert list(result.model.units) == ["branch/0"]  # the stem feeds the chunk, branch/3 the shuffle
+    assert "--fix-unsupported: 2 unit(s) reaching a channel shuffle and a channel split keep their width, 1 slim: " \
+           "stem/0 (16), branch/3 (8)" in lines
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.pt").train_args["fix_unsupported"] is True
+    resumed = train(replace(cfg, fix_unsupported=None, epochs=2, resume=True), log=lines.append)
+    assert list(resumed.model.units) == ["branch/0"]
+    with pytest.raises(TrainError, match="fix_unsupported is True in .* but False now"):
+        train(replace(cfg, fix_unsupported=False, epochs=3, resume=True), log=lines.append)
+
+
+def _cached_torchvision_weights(tmp_path, monkeypatch, name: str = "squeezenet1_1"):
+    """torch.hub's cache, as a machine that downloaded ``name``'s IMAGENET1K_V1 weights has it, holding
+    seeded random weights; returns the model with those weights."""
+    import os
+    from urllib.parse import urlparse
+
+    import torchvision
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    url = torchvision.models.get_model_weights(name).IMAGENET1K_V1.url
+    path = tmp_path / "torch_home" / "hub" / "checkpoints" / os.path.basename(urlparse(url).path)
+    path.parent.mkdir(parents=True)
+    torch.manual_seed(0)
+    theirs = torchvision.models.get_model(name).eval()
+    torch.save(theirs.state_dict(), path)
+    return theirs
+
+
+@pytest.mark.parametrize("weights", ["IMAGENET1K_V1", "SqueezeNet1_1_Weights.IMAGENET1K_V1", "DEFAULT"])
+def test_init_by_torchvision_weights_name_reads_torch_hubs_cache(tmp_path, monkeypatch, weights):
+    from hwslim.models import load_model
+
+    theirs = _cached_torchvision_weights(tmp_path, monkeypatch)
+    net = load_model("torchvision:squeezenet1_1", input_size=32, init=weights)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        want = theirs(x)
+        torch.testing.assert_close(net(x), want, rtol=0, atol=1e-5 * want.abs().max().item())
+
+
+def test_train_init_imagenet1k_v1_starts_from_those_weights(tmp_path, monkeypatch, capsys):
+    """``hwslim train --model torchvision:squeezenet1_1 --init IMAGENET1K_V1`` offline, from the cache; a
+    learning rate of 1e-9 and no BatchNorm: the trained supernet's full config computes what they do."""
+    theirs = _cached_torchvision_weights(tmp_path, monkeypatch)
+    run = tmp_path / "run"
+    assert main(["train", "--model", "torchvision:squeezenet1_1", "--init", "IMAGENET1K_V1", "--num-classes", "1000",
+                 "--input-size", "32", "--data", "synthetic:300", "--epochs", "1", "--batch-size", "32",
+                 "--search-size", "44", "--calib-images", "64", "--eval-images", "64", "--lr", "1e-9",
+                 "--threads", "1", "--no-progress", "--out", str(run)]) == 0
+    assert "started from IMAGENET1K_V1; channels sorted by importance" in capsys.readouterr().err
+    net = load_checkpoint(run / "checkpoint.pt").model.eval()
+    assert load_checkpoint(run / "checkpoint.pt").train_args["init"] == "IMAGENET1K_V1"
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        want = theirs(x)
+        torch.testing.assert_close(net(x), want, rtol=0, atol=1e-4 * want.abs().max().item())
+
+
+def test_a_weights_name_without_network_or_cache_is_one_line(tmp_path, monkeypatch, capsys):
+    """torch.hub's download is cut here as a machine without network has it."""
+    import urllib.error
+
+    def no_network(url, *args, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    out = tmp_path / "run"
+    code = main(["train", "--model", "torchvision:squeezenet1_1", "--init", "IMAGENET1K_V1", "--num-classes", "1000",
+                 "--input-size", "32", "--data", "synthetic:300", "--epochs", "1", "--no-progress", "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "--init IMAGENET1K_V1: SqueezeNet1_1_Weights.IMAGENET1K_V1 is not in torch.hub's cache and downloading " \
+           "it failed (URLError: <urlopen error [Errno -3] Temporary failure in name resolution>); download " \
+           "https://download.pytorch.org/models/squeezenet1_1-b8a52dc0.pth where there is network and put it at " \
+           f"{tmp_path / 'empty' / 'hub' / 'checkpoints' / 'squeezenet1_1-b8a52dc0.pth'}, or pass a state-dict file" \
+           in err, err
+    assert not out.exists()
+
+
 def test_no_sort_needs_init(tmp_path):
     with pytest.raises(TrainError, match="--no-sort applies to a start from trained weights"):
         train(TrainConfig(epochs=1, out=str(tmp_path / "r"), sort=False, **TINY))

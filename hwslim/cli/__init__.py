@@ -178,6 +178,19 @@ def with_header(header: str, log=None):
     return emit
 
 
+FIX_UNSUPPORTED_HELP = ("imported models: units that reach a channel shuffle or a slice of the channels keep their "
+                        "width (they are listed) instead of the model being refused")
+
+
+def note_fixed_units(net, log=None) -> None:
+    """Say on stderr (or through ``log``) which units ``--fix-unsupported`` kept fixed, if any."""
+    from hwslim.importer import fixed_units_note
+
+    note = fixed_units_note(net)
+    if note is not None:
+        (log or (lambda msg: print(msg, file=sys.stderr, flush=True)))(note)
+
+
 def add_command(sub, name: str, func, doc: str | None) -> argparse.ArgumentParser:
     """A subparser whose help text is the command's docstring (first line as summary)."""
     doc = (doc or "").strip()

@@ -4,7 +4,8 @@ import json
 
 import torch
 
-from hwslim.cli import add_command, positive_float, positive_int, print_table
+from hwslim.cli import (FIX_UNSUPPORTED_HELP, add_command, note_fixed_units, positive_float, positive_int,
+                        print_table)
 from hwslim.config import ChannelConfig
 from hwslim.costs import model_costs
 from hwslim.errors import ConfigError
@@ -18,6 +19,7 @@ def register(sub) -> None:
                                    "torchvision:NAME, timm:NAME or package.module:function; taken from --config "
                                    "if omitted (zoo models only)")
     p.add_argument("--keep", metavar="REGEX", help="imported models: modules whose name matches keep their width")
+    p.add_argument("--fix-unsupported", action="store_true", help=FIX_UNSUPPORTED_HELP)
     p.add_argument("--width-mult", type=positive_float, help="supernet width multiplier (default: the model's)")
     p.add_argument("--config", help="a ChannelConfig JSON file (default: the full-width config)")
     p.add_argument("--input-size", type=positive_int, help="input height and width (default: the config's or model's)")
@@ -43,7 +45,9 @@ def run(args) -> int:
     width_mult = args.width_mult if args.width_mult is not None else (config.width_mult if config else None)
     input_size = args.input_size if args.input_size is not None else (config.input_size if config else None)
     with torch.device("meta"):
-        net = load_model(name, width_mult=width_mult, input_size=input_size, keep=args.keep)
+        net = load_model(name, width_mult=width_mult, input_size=input_size, keep=args.keep,
+                         fix_unsupported=args.fix_unsupported)
+    note_fixed_units(net)
     if config is not None:
         net.validate(config)
     check_inference(net, config, batch=args.batch, input_size=input_size, dtype=args.dtype)

@@ -4,7 +4,8 @@ import json
 
 import torch
 
-from hwslim.cli import add_command, positive_float, positive_int, print_table
+from hwslim.cli import (FIX_UNSUPPORTED_HELP, add_command, note_fixed_units, positive_float, positive_int,
+                        print_table)
 from hwslim.costs import model_costs
 from hwslim.models import create_model, list_models, load_model
 
@@ -17,13 +18,18 @@ def register(sub) -> None:
                         "which every --model option also reads from a file")
     p.add_argument("--width-mult", type=positive_float, help="with --graph: the supernet width multiplier")
     p.add_argument("--input-size", type=positive_int, help="with --graph: the input size")
+    p.add_argument("--keep", metavar="REGEX",
+                   help="with --graph of an imported model: modules whose name matches keep their width")
+    p.add_argument("--fix-unsupported", action="store_true", help="with --graph: " + FIX_UNSUPPORTED_HELP)
 
 
 def run(args) -> int:
     """List the model zoo: each supernet's default multiplier, input size, units and full-width costs."""
     if args.graph:
         with torch.device("meta"):
-            net = load_model(args.graph, width_mult=args.width_mult, input_size=args.input_size)
+            net = load_model(args.graph, width_mult=args.width_mult, input_size=args.input_size, keep=args.keep,
+                             fix_unsupported=args.fix_unsupported)
+        note_fixed_units(net)
         print(json.dumps(net.graph_dict(), indent=1, sort_keys=True))
         return 0
     rows = []

@@ -4,7 +4,8 @@ import json
 import os
 import sys
 
-from hwslim.cli import add_command, nonneg_int, positive_float, positive_int, print_table, set_threads, threads_note, with_header
+from hwslim.cli import (FIX_UNSUPPORTED_HELP, add_command, nonneg_int, positive_float, positive_int, print_table,
+                        set_threads, threads_note, with_header)
 
 
 def register(sub) -> None:
@@ -18,6 +19,7 @@ def register(sub) -> None:
                                                  "timm:NAME or package.module:function (default: mobilenet_v2, "
                                                  "a 1.5x supernet)")
     p.add_argument("--keep", metavar="REGEX", help="imported models: modules whose name matches keep their width")
+    p.add_argument("--fix-unsupported", action="store_true", help=FIX_UNSUPPORTED_HELP)
     p.add_argument("--width-mult", type=positive_float, help="supernet width multiplier (default: the model's)")
     p.add_argument("--input-size", type=positive_int, help="input height and width (default: the model's)")
     p.add_argument("--batch", type=positive_int, default=1)
@@ -76,7 +78,7 @@ def run(args) -> int:
         check_output(args.out, kind="file")
     with torch.device("meta"):  # shapes only: refuse sizes this machine cannot run before any work
         shapes = load_model(args.model or DEFAULT_MODEL, width_mult=args.width_mult, input_size=args.input_size,
-                            keep=args.keep)
+                            keep=args.keep, fix_unsupported=args.fix_unsupported)
     check_inference(shapes, batch=args.batch, input_size=args.input_size,
                     dtype=args.dtype if args.dtype in ("float16", "bfloat16") else "float32")
     set_threads(None)  # PyTorch only builds the networks here; the runtime's threads are the table's setting
@@ -89,7 +91,7 @@ def run(args) -> int:
         input_size=args.input_size, batch=args.batch, threads=args.threads, dtype=args.dtype, out=args.out,
         calib_configs=args.calib_configs, holdout_configs=args.holdout_configs, seed=args.seed, force=args.force,
         quick=args.quick, in_network=False if args.isolated else None, contexts=args.contexts,
-        channels_last=args.channels_last, keep=args.keep)
+        channels_last=args.channels_last, keep=args.keep, fix_unsupported=args.fix_unsupported)
     busy = busy_note()
     if busy:
         header += f"\nwarning: {busy}"

@@ -5,7 +5,8 @@ import json
 import math
 import sys
 
-from hwslim.cli import add_command, nonneg_int, positive_float, positive_int, print_table, set_threads, threads_note, with_header
+from hwslim.cli import (FIX_UNSUPPORTED_HELP, add_command, nonneg_int, positive_float, positive_int, print_table,
+                        set_threads, threads_note, with_header)
 
 
 def _nonneg_float(text: str) -> float:
@@ -42,6 +43,7 @@ def register(sub) -> None:
                    help="start from --init weights in their own channel order (to measure what sorting is worth)")
     g.add_argument("--keep", metavar="REGEX",
                    help="an imported model's modules whose qualified name matches keep their output channels")
+    g.add_argument("--fix-unsupported", action="store_const", const=True, help=FIX_UNSUPPORTED_HELP)
     g = p.add_argument_group("recipe")
     g.add_argument("--batch-size", type=positive_int, help="global batch size, split across processes (default 128)")
     g.add_argument("--lr", type=positive_float, help="peak learning rate (default 0.1 x batch / 128)")

@@ -53,7 +53,8 @@ def module_from_spec(spec: str, init: str | None = None):
 
             if name not in torchvision.models.list_models():
                 raise ModelError(f"torchvision has no model {name!r}; see torchvision.models.list_models()")
-            module = torchvision.models.get_model(name, weights=weights_name)
+            weights = _torchvision_weights(name, weights_name) if weights_name is not None else None
+            module = torchvision.models.get_model(name, weights=weights)
         elif source == "timm":
             try:
                 import timm
@@ -101,6 +102,44 @@ def module_from_spec(spec: str, init: str | None = None):
     return module
 
 
+def _torchvision_weights(name: str, weights_name: str):
+    """torchvision's weights ``weights_name`` (``IMAGENET1K_V1``, ``ResNet18_Weights.IMAGENET1K_V1``, ``DEFAULT``)
+    of model ``name``, checked to be loadable here: in torch.hub's cache, or downloadable now.
+
+    torchvision loads them with ``torch.hub.load_state_dict_from_url``, which reads
+    ``$TORCH_HOME/hub/checkpoints/<file name of the URL>`` when that file exists and downloads it
+    otherwise; a machine without network works once the file is there.
+    """
+    import os
+    from urllib.parse import urlparse
+
+    import torch
+    import torchvision
+
+    from hwslim.errors import ModelError
+
+    try:
+        enum = torchvision.models.get_model_weights(name)
+    except (ValueError, KeyError):
+        raise ModelError(f"--init {weights_name}: no such file, and torchvision's {name} has no named "
+                         "weights") from None
+    try:
+        weights = enum.verify(weights_name)
+    except (KeyError, ValueError, TypeError):
+        raise ModelError(f"--init {weights_name}: no such file, and not a weights name of torchvision's {name} (it has "
+                         f"{', '.join(w.name for w in enum)}, DEFAULT)") from None
+    cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(weights.url).path))
+    if not os.path.isfile(cached):
+        try:
+            weights.get_state_dict(progress=False, check_hash=True)  # downloads into the cache
+        except Exception as e:
+            raise ModelError(f"--init {weights_name}: {type(weights).__name__}.{weights.name} is not in torch.hub's "
+                             f"cache and downloading it failed ({type(e).__name__}: {' '.join(str(e).split())[:100]}); "
+                             f"download {weights.url} where there is network and put it at {cached}, or pass a "
+                             "state-dict file") from None
+    return weights
+
+
 def is_module_spec(spec: str) -> bool:
     """Whether ``spec`` names a module to import (``torchvision:``, ``timm:`` or ``module:callable``)."""
     return ":" in spec and not _is_file_spec(spec)
@@ -108,12 +147,13 @@ def is_module_spec(spec: str) -> bool:
 
 def load_model(spec: str, *, width_mult: float | None = None, input_size: int | None = None,
                num_classes: int | None = None, divisor: int | None = None, init: str | None = None,
-               keep: str | None = None):
+               keep: str | None = None, fix_unsupported: bool = False):
     """The supernet a ``--model`` spec names (see the module docstring), on the current device.
 
     For a zoo name the keyword arguments are the builder's (``None``: its default). A
     graph file or checkpoint fixes the architecture: ``input_size`` and ``divisor`` may
-    be changed, ``width_mult``/``num_classes`` must match it if given.
+    be changed, ``width_mult``/``num_classes`` must match it if given. ``keep`` and
+    ``fix_unsupported`` apply to an imported module (:func:`hwslim.importer.import_model`).
     """
     from hwslim.errors import ModelError
     from hwslim.graph import GraphFormatError, graph_from_dict
@@ -130,7 +170,7 @@ def load_model(spec: str, *, width_mult: float | None = None, input_size: int | 
             module = module_from_spec(spec, init)
             size = input_size or 224
             net = import_model(module, torch.randn(1, 3, size, size), name=spec.replace(":", "_").replace(".", "_"),
-                               keep=keep, divisor=divisor or 8)
+                               keep=keep, divisor=divisor or 8, fix_unsupported=fix_unsupported)
         if num_classes is not None and int(num_classes) != net.num_classes:
             raise ModelError(f"{spec} has {net.num_classes} classes, not {num_classes}")
         return net
