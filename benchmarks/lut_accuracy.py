@@ -9,14 +9,22 @@ rows and a summary to benchmarks/results/.
 
     python benchmarks/lut_accuracy.py                          # MobileNetV2 1.5x@224 and ResNet-20@32
     python benchmarks/lut_accuracy.py --models mobilenet_v2 --random 50
+    python benchmarks/lut_accuracy.py --backend openvino --models mobilenet_v2
+    python benchmarks/lut_accuracy.py --threads 2 --batch 8
     python benchmarks/lut_accuracy.py --device cuda --backend torch --batch 32
+    python benchmarks/lut_accuracy.py --quick --models resnet20 --backend openvino   # a smoke run
     python benchmarks/lut_accuracy.py --busy-neighbor          # a process spinning on another core throughout
+
+Results go to benchmarks/results/lut_accuracy_<device>_<backend>_b<batch>[_t<threads>][_<dtype>]
+[_<models>].csv (and ..._configs.csv): the models are named unless they are the default set,
+so a run on a subset never overwrites the default set's file. ``--quick`` is a smoke run:
+missing tables are measured with the short protocol in a temporary directory (never in the
+table cache, where a later real run would find them), and nothing is written.
 
 Every row records the condition (``--condition quiet|busy``; ``--busy-neighbor`` starts a
 process spinning on another core before anything is measured and stops it at the end),
 the CPU, its AVX-512 / AMX flags, the load before and after, and how the machine's speed
-probe compares with the table's (hwslim.conditions); the condition is part of the
-results file name.
+probe compares with the table's (hwslim.conditions); the condition ends the file name.
 """
 from __future__ import annotations
 
@@ -25,6 +33,7 @@ import json
 import os
 import random
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -71,7 +80,8 @@ def _table(args, model: str, wm: float, size: int) -> tuple[LatencyTable, float 
     t0 = time.perf_counter()
     res = profile(ProfileSettings(device=args.device, backend=args.backend, model=model, width_mult=wm,
                                   input_size=size, batch=args.batch, threads=args.threads, dtype=args.dtype,
-                                  out=None if out is None else str(out)),
+                                  out=None if out is None else str(out), quick=args.quick,
+                                  **({"calib_configs": 4, "holdout_configs": 2} if args.quick else {})),
                   progress=True,
                   log=lambda m: print(m, file=sys.stderr))
     return LatencyTable.load(res.path), time.perf_counter() - t0
@@ -153,24 +163,47 @@ def main() -> int:
                    help="what else runs on the machine (recorded in every row and the file name)")
     p.add_argument("--busy-neighbor", action="store_true",
                    help="start a process spinning on another core first, stop it at the end (implies --condition busy)")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: missing tables measured with the short protocol in a temporary directory "
+                        "(unless --table-dir); prints, writes no result")
     args = p.parse_args()
     if args.busy_neighbor:
         args.condition = "busy"
+    with tempfile.TemporaryDirectory(prefix="hwslim-lut-") as tmp:
+        if args.quick and not args.table_dir:
+            args.table_dir = tmp
+        with busy_neighbor(args.busy_neighbor):
+            return run(args)
+
+
+def result_name(device: str, backend: str, batch: int, threads: int, dtype: str, models: list[str],
+                condition: str = "quiet") -> str:
+    """``lut_accuracy_<device>_<backend>_b<batch>[_t<threads>][_<dtype>][_<models>]_<condition>``: the
+    models are named unless they are the default set, the threads unless 1, the dtype unless float32."""
+    tag = f"{device}_{backend}_b{batch}" + ("" if threads == 1 else f"_t{threads}")
+    tag += "" if dtype == "float32" else f"_{dtype}"
+    tag += "" if sorted(models) == sorted(MODELS) else "_" + "_".join(models)
+    return f"lut_accuracy_{tag}_{condition}"
+
+
+def run(args) -> int:
     summaries, rows = [], []
-    with busy_neighbor(args.busy_neighbor):
-        for model in args.models:
-            s, r = evaluate(args, model)
-            summaries.append(s)
-            rows += r
-            print_table([s])
-    tag = (f"{args.device}_{summaries[0]['backend']}_b{args.batch}" + ("" if args.dtype == "float32" else f"_{args.dtype}")
-           + f"_{args.condition}")
-    write_csv(rows, f"lut_accuracy_{tag}_configs")
-    path = write_csv(summaries, f"lut_accuracy_{tag}")
+    for model in args.models:
+        s, r = evaluate(args, model)
+        summaries.append(s)
+        rows += r
+        print_table([s])
     print()
     print_table(summaries, ["model", "condition", "configs", "within_5pct", "within_10pct", "spearman",
                             "mean_abs_err_pct", "max_abs_err_pct", "noisy_e2e", "table_entries", "table_s",
                             "load_avg_1min", "probe_ratio_vs_table", "probe_ratio_after"])
+    if args.quick:
+        print("--quick: a smoke run, nothing written")
+        return 0
+    name = result_name(args.device, summaries[0]["backend"], args.batch, summaries[0]["threads"], args.dtype,
+                       args.models, args.condition)
+    write_csv(rows, f"{name}_configs")
+    path = write_csv(summaries, name)
     print(f"results: {path}")
     return 0
 

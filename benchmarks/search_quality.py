@@ -26,7 +26,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
 
 from benchmarks.common import print_table, write_csv
 from hwslim.checkpoint import load_checkpoint

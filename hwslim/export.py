@@ -1,10 +1,12 @@
-"""Export a searched config as a deployable model: ONNX (and a TensorRT engine), checked.
+"""Export a searched config as a deployable model: ONNX (and a TensorRT engine, OpenVINO IR or an
+ExecuTorch program), checked.
 
 Two levels:
 
 * :func:`export_model` is ``hwslim export``: checkpoint + channel config -> a checked
   ONNX file that records what produced it (see its docstring), optionally a TensorRT
-  engine built from it (:mod:`hwslim.tensorrt_build`);
+  engine built from it (:mod:`hwslim.tensorrt_build`) or OpenVINO IR converted from it
+  (:mod:`hwslim.openvino_build`);
 * :func:`export_onnx` is the low-level writer, shared with the profilers.
 
 ``export_onnx`` writes the plain network (BatchNorm folded) with input ``input`` and
@@ -109,7 +111,7 @@ def _remove_temporaries(tmp: Path) -> None:
 # Everything below is the `hwslim export` pipeline. ``export_onnx`` above stays the
 # low-level writer shared with the profilers.
 
-FORMATS = ("onnx", "tensorrt")
+FORMATS = ("onnx", "tensorrt", "openvino", "executorch")
 FP32_TOLERANCE = 1e-4  # max relative error of ONNX Runtime vs PyTorch in fp32
 FP16_TOLERANCE = 1e-2
 TRT_FP32_TOLERANCE = 2e-3  # TensorRT may run fp32 convolutions in TF32
@@ -124,7 +126,7 @@ class ExportCheckError(HwslimError):
 class ExportOptions:
     """How to export. ``None`` means the default named in the field's comment."""
 
-    format: str = "onnx"  # "onnx" | "tensorrt"
+    format: str = "onnx"  # "onnx" | "tensorrt" | "openvino" | "executorch"
     batch: int = 1
     dynamic_batch: bool = False
     fp16: bool = False
@@ -140,6 +142,12 @@ class ExportOptions:
             raise ConfigError(f"unknown export format {self.format!r}; expected one of {', '.join(FORMATS)}")
         if self.batch < 1:
             raise ConfigError(f"--batch must be >= 1, got {self.batch}")
+        if self.format == "openvino" and self.fp16:
+            raise ConfigError("--fp16 does not apply to --format openvino: OpenVINO chooses the precision when it "
+                              "compiles the model (the latency table's --dtype: bfloat16 where the CPU has it)")
+        if self.format == "executorch" and (self.fp16 or self.dynamic_batch):
+            raise ConfigError(f"--format executorch writes an fp32 program of fixed batch; "
+                              f"{'--fp16' if self.fp16 else '--dynamic-batch'} is not supported")
         if self.check_images < 1:
             raise ConfigError(f"--check-images must be >= 1, got {self.check_images}")
         if self.calib_images < 0:
@@ -151,7 +159,7 @@ class ExportOptions:
 class ExportResult:
     """What ``export_model`` wrote and how well it matched PyTorch."""
 
-    path: Path  # the artifact asked for (.onnx, or the engine)
+    path: Path  # the artifact asked for (.onnx, the engine, or the IR's .xml)
     onnx_path: Path
     format: str
     precision: str
@@ -161,9 +169,11 @@ class ExportResult:
     check: str  # what the comparison ran on
     bn: str  # where the BatchNorm statistics came from
     metadata: dict[str, str] = field(default_factory=dict)
-    engine_error: float | None = None  # TensorRT engine vs PyTorch, when it could be run here
+    engine_error: float | None = None  # TensorRT engine (when it could be run here) or OpenVINO IR vs PyTorch
     tensorrt: str | None = None  # which TensorRT built the engine
-    sidecar: Path | None = None  # JSON provenance next to an engine
+    sidecar: Path | None = None  # JSON provenance next to an engine or IR
+    openvino: str | None = None  # which OpenVINO converted and checked the IR
+    executorch: str | None = None  # which ExecuTorch lowered and checked the program
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -352,7 +362,11 @@ def export_model(checkpoint, config: ChannelConfig | str | os.PathLike, out: str
     images (validation split; random ones only when the checkpoint has no data) and
     fail if the max relative error exceeds the tolerance; write the provenance into
     the ONNX ``metadata_props``. For ``format="tensorrt"`` the engine is then built
-    from that ONNX (kept next to it) with a JSON sidecar carrying the same metadata.
+    from that ONNX (kept next to it) with a JSON sidecar carrying the same metadata;
+    for ``format="openvino"`` the ONNX is converted to IR, checked against PyTorch in
+    fp32 like the ONNX file, and saved with the metadata in its rt_info and a sidecar;
+    for ``format="executorch"`` the same plain network is lowered to a ``.pte`` program
+    (XNNPACK), checked the same way, with the metadata in a sidecar.
     Nothing that exists is overwritten unless ``options.force``; every file is written
     to a temporary name first and renamed into place only after all checks passed.
     The caller's supernet is left as it was: its device, train/eval mode and BatchNorm
@@ -384,8 +398,28 @@ def _export_model(ckpt, config: ChannelConfig | str | os.PathLike, out: Path, op
     net = ckpt.model.cpu().eval()
     net.validate(cfg)
 
-    trt_info = None
-    if opts.format == "tensorrt":
+    trt_info = ov_info = et_info = None
+    if opts.format == "executorch":
+        from hwslim.executorch_build import pte_paths, version as et_version
+
+        if out.suffix != ".pte":
+            raise ConfigError(f"--format executorch writes an ExecuTorch program: give --out a .pte path, "
+                              f"not {out.name!r}")
+        onnx_path, sidecar = pte_paths(out)
+        _check_outputs([out, onnx_path, sidecar], opts.force)
+        et_info = et_version()  # refuse before any work when ExecuTorch is missing
+        onnx_fp16 = False
+    elif opts.format == "openvino":
+        from hwslim.openvino_build import ir_paths, version
+
+        if out.suffix != ".xml":
+            raise ConfigError(f"--format openvino writes OpenVINO IR (.xml and .bin): give --out a .xml path, "
+                              f"not {out.name!r}")
+        bin_path, onnx_path, sidecar = ir_paths(out)
+        _check_outputs([out, bin_path, onnx_path, sidecar], opts.force)
+        ov_info = version()  # refuse before any work when OpenVINO is missing
+        onnx_fp16 = False
+    elif opts.format == "tensorrt":
         from hwslim.tensorrt_build import find_builder, precision_plan
 
         trt_info = find_builder()  # refuse before any work when TensorRT is missing
@@ -433,6 +467,7 @@ def _export_model(ckpt, config: ChannelConfig | str | os.PathLike, out: Path, op
         reference = torch.cat([net(images[i:i + 64]) for i in range(0, len(images), 64)])
     tmp = onnx_path.with_name(f".{onnx_path.name}.export{os.getpid()}.onnx")
     tmp_engine = out.with_name(f".{out.name}.export{os.getpid()}")
+    tmp_ir = out.with_name(f".{out.stem}.export{os.getpid()}.xml")
     try:
         export_onnx(_HalfGraph(plain) if onnx_fp16 else plain, tmp, batch=opts.batch, input_size=cfg.input_size,
                     dynamic_batch=opts.dynamic_batch, opset=opts.opset)
@@ -464,15 +499,48 @@ def _export_model(ckpt, config: ChannelConfig | str | os.PathLike, out: Path, op
             if engine_err is not None:
                 meta["engine_max_rel_error"] = f"{engine_err:.3e}"
             os.replace(tmp_engine, out)
+        if ov_info is not None:
+            from hwslim.openvino_build import run_model, save_ir, to_model
+
+            ir = to_model(tmp)
+            engine_err = max_relative_error(torch.from_numpy(run_model(ir, images.numpy(), opts.batch,
+                                                                       opts.dynamic_batch)), reference)
+            log(f"OpenVINO IR vs PyTorch on {check}: max relative error {engine_err:.2e} "
+                f"(tolerance {tolerance:.0e})")
+            if not engine_err <= tolerance:
+                raise ExportCheckError(f"OpenVINO and PyTorch disagree: max relative error {engine_err:.3e} > "
+                                       f"{tolerance:.0e} on {check}; nothing was written")
+            meta["openvino"] = ov_info
+            meta["ir_max_rel_error"] = f"{engine_err:.3e}"
+            save_ir(ir, tmp_ir, meta)
+            os.replace(tmp_ir.with_suffix(".bin"), bin_path)
+            os.replace(tmp_ir, out)
+        if et_info is not None:
+            from hwslim.executorch_build import lower, run_program
+
+            program = lower(plain, [images[:opts.batch]])
+            engine_err = max_relative_error(run_program(program, images, opts.batch), reference)
+            log(f"ExecuTorch program vs PyTorch on {check}: max relative error {engine_err:.2e} "
+                f"(tolerance {tolerance:.0e})")
+            if not engine_err <= tolerance:
+                raise ExportCheckError(f"ExecuTorch and PyTorch disagree: max relative error {engine_err:.3e} > "
+                                       f"{tolerance:.0e} on {check}; nothing was written")
+            meta["executorch"] = et_info
+            meta["pte_max_rel_error"] = f"{engine_err:.3e}"
+            tmp_engine.write_bytes(program)
+            os.replace(tmp_engine, out)
         os.replace(tmp, onnx_path)
     finally:
-        for t in (tmp, tmp_engine):
+        for t in (tmp, tmp_engine, tmp_ir, tmp_ir.with_suffix(".bin")):
             _remove_temporaries(t)
     if sidecar is not None:
-        atomic_write_text(sidecar, json.dumps({"onnx": str(onnx_path.resolve()), "engine": str(out.resolve()), **meta},
+        files = ({"openvino_ir": str(out.resolve()), "weights": str(bin_path.resolve())} if ov_info is not None
+                 else {"executorch_program": str(out.resolve())} if et_info is not None
+                 else {"engine": str(out.resolve())})
+        atomic_write_text(sidecar, json.dumps({"onnx": str(onnx_path.resolve()), **files, **meta},
                                               sort_keys=True, indent=2) + "\n")
     return ExportResult(out, onnx_path, opts.format, precision, cfg, err, tolerance, check, bn, meta, engine_err,
-                        meta.get("tensorrt"), sidecar)
+                        meta.get("tensorrt"), sidecar, meta.get("openvino"), meta.get("executorch"))
 
 
 def _write_props(model, meta: Mapping[str, str]) -> None:

@@ -563,8 +563,14 @@ class LatencyTable:
 
     # -- compatibility --------------------------------------------------------------------------
     def mismatches(self, net=None, *, batch: int | None = None, input_size: int | None = None,
-                   threads: int | None = None, dtype: str | None = None, machine: bool = True) -> list[str]:
-        """What differs between this table's setup and the intended use (empty: compatible)."""
+                   threads: int | None = None, dtype: str | None = None, backend: str | None = None,
+                   machine: bool = True) -> list[str]:
+        """What differs between this table's setup and the intended use (empty: compatible).
+
+        ``batch``, ``threads``, ``dtype`` and ``backend`` (a name or alias, ``"onnxruntime"``)
+        are the deployment's: a table measured at another one is refused, as a table of
+        another machine is (``machine``).
+        """
         m = self.meta
         want: dict[str, Any] = {}
         out = []
@@ -588,6 +594,10 @@ class LatencyTable:
             want["dtype"] = dtype
         if threads is not None:
             want["threads"] = threads
+        if backend is not None:
+            from profilers import ALIASES
+
+            want["backend"] = ALIASES.get(backend, backend)
         for key, value in want.items():
             have = m.get(key)
             same = (abs(float(have) - float(value)) < 1e-9) if key == "width_mult" and have is not None else have == value
@@ -635,11 +645,13 @@ class LatencyTable:
             profiler.close()
 
     def check_compatible(self, net=None, *, batch: int | None = None, input_size: int | None = None,
-                         threads: int | None = None, dtype: str | None = None, force: bool = False) -> None:
+                         threads: int | None = None, dtype: str | None = None, backend: str | None = None,
+                         force: bool = False) -> None:
         """Refuse (TableError, one line) to use a table measured on another setup, unless ``force``."""
         if force:
             return
-        diff = self.mismatches(net, batch=batch, input_size=input_size, threads=threads, dtype=dtype)
+        diff = self.mismatches(net, batch=batch, input_size=input_size, threads=threads, dtype=dtype,
+                               backend=backend)
         if diff:
             where = self.path or "latency table"
             raise TableError(f"{where} was measured with {'; '.join(diff)}; measure a table for this setup "

@@ -299,14 +299,14 @@ def calibration_configs(net, n: int, seed: int = 0, exclude: Iterable[ChannelCon
 # -- end to end -------------------------------------------------------------------------------------
 def measure_config(profiler, net, config: ChannelConfig, batch: int = 1, input_size: int | None = None,
                    workdir: str | os.PathLike | None = None) -> "Timing":
-    """End-to-end Timing of ``config``: materialize (BN folded), export ONNX, time it."""
-    from hwslim.export import export_onnx
+    """End-to-end Timing of ``config``: materialize (BN folded), write the backend's model file
+    (ONNX; ExecuTorch: ``.pte``), time it."""
     from hwslim.materialize import materialize
 
     size = input_size if input_size is not None else net.input_size
     plain = materialize(net, config, fold_bn=True).eval()
     with tempfile.TemporaryDirectory(dir=workdir) as d:
-        path = export_onnx(plain, Path(d) / "model.onnx", batch=batch, input_size=size)
+        path = profiler.write_model(plain, Path(d) / "model", batch=batch, input_size=size)
         return profiler.time_onnx(path, (batch, net.in_channels, size, size))
 
 
@@ -314,16 +314,16 @@ def measure_configs(profiler, net, configs: Sequence[ChannelConfig], batch: int 
                     workdir: str | os.PathLike | None = None, rounds: int = 4, progress: bool = False
                     ) -> list["Timing"]:
     """End-to-end Timings of many configs, measured interleaved (``Profiler.time_onnx_many``)."""
-    from hwslim.export import export_onnx
     from hwslim.materialize import materialize
 
     size = input_size if input_size is not None else net.input_size
     with tempfile.TemporaryDirectory(dir=workdir) as d:
-        bar = _bar(progress, len(configs), "building whole-config models (ONNX)", unit="model")
+        kind = profiler.model_suffixes[0].lstrip(".").upper()  # ONNX; PTE for ExecuTorch
+        bar = _bar(progress, len(configs), f"building whole-config models ({kind})", unit="model")
         paths = []
         for i, cfg in enumerate(configs):
-            paths.append(export_onnx(materialize(net, cfg, fold_bn=True).eval(), Path(d) / f"{i}.onnx", batch=batch,
-                                     input_size=size))
+            paths.append(profiler.write_model(materialize(net, cfg, fold_bn=True).eval(), Path(d) / f"{i}",
+                                              batch=batch, input_size=size))
             bar.update(1)
         bar.close()
         shape = (batch, net.in_channels, size, size)
@@ -353,7 +353,8 @@ def _settings_kwargs(s: ProfileSettings) -> dict[str, Any]:
 def _same_setup(old: dict, new: dict) -> list[str]:
     keys = ("model", "width_mult", "input_size", "batch", "device", "device_name", "backend", "backend_version",
             "threads", "dtype", "clock", "nchwc_block", "method", "driver_version", "cuda_runtime",
-            "cudnn_version", "precision_mode", "channels_last", "allow_tf32", "cuda_graphs")
+            "cudnn_version", "precision_mode", "channels_last", "allow_tf32", "cuda_graphs", "inference_precision",
+            "performance_hint", "delegate", "torch_version")
     return [f"{k} {old.get(k)!r} (now {new.get(k)!r})" for k in keys if k in new and old.get(k) != new.get(k)]
 
 

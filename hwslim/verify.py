@@ -107,8 +107,9 @@ def budget_from_config(config: ChannelConfig) -> float | None:
 def resolve_model(path: str | os.PathLike) -> tuple[Path, dict[str, str]]:
     """The ONNX file to measure and its hwslim metadata.
 
-    ``path`` is an ONNX file from ``hwslim export``, or a TensorRT engine whose JSON
-    provenance file (``ENGINE.json``) names the ONNX it was built from.
+    ``path`` is an ONNX file from ``hwslim export``, or a TensorRT engine or OpenVINO IR
+    whose JSON provenance file (``ENGINE.json``, ``MODEL.xml.json``) names the ONNX it was
+    built from.
     """
     from hwslim.export import onnx_metadata
 
@@ -242,18 +243,27 @@ def verify_model(model: str | os.PathLike, table: str | os.PathLike | Any, *, bu
     if budget_ms is None:
         budget_ms = budget_from_config(config)
     profiler = profiler_for_table(tbl)
-    if conditions is None:
-        conditions = measure_conditions(profiler)
+    # the artifact itself where the backend reads it (OpenVINO IR on openvino), else its ONNX source
+    target = Path(model) if Path(model).suffix in profiler.model_suffixes else onnx_path
+    try:
+        if conditions is None:
+            conditions = measure_conditions(profiler)
+    except BaseException:
+        profiler.close()
+        raise
     check = compare_to_table(tbl.meta, conditions)
     if progress:
-        (log or _stderr)(f"measuring {onnx_path} end to end with {getattr(profiler, 'backend', '?')} "
+        (log or _stderr)(f"measuring {target} end to end with {getattr(profiler, 'backend', '?')} "
                          f"({getattr(profiler, 'threads', '?')} thread(s), the table's protocol) ...")
     shape = (batch, net.in_channels, config.input_size, config.input_size)
-    t = profiler.time_onnx(str(onnx_path), shape)
+    try:
+        t = profiler.time_onnx(str(target), shape)
+    finally:
+        profiler.close()
     backend = str(tbl.meta.get("backend", "?"))
     if t.median_ms <= 0:
         raise TableError(f"the {backend} profiler returned a non-positive time for {onnx_path}")
-    return VerifyResult(onnx_path, table_path, config, backend, batch, predicted, float(t.median_ms),
+    return VerifyResult(target, table_path, config, backend, batch, predicted, float(t.median_ms),
                         float(t.iqr_ms), float(t.p90_ms), int(t.n), bool(t.noisy), budget_ms, tolerance, check)
 
 

@@ -5,11 +5,13 @@ without TensorRT or a GPU; a missing package is explained when that backend is u
 
     >>> from profilers import available_backends, get_profiler
     >>> available_backends()                       # doctest: +SKIP
-    ['ort']
+    ['ort', 'openvino']
     >>> prof = get_profiler("cpu", threads=1)      # the default CPU backend: ONNX Runtime
 
 To add a backend: a module here with a :class:`Profiler` subclass, and one line in
-``BACKENDS`` (name -> module, class, device). Its ``is_available()`` must be cheap.
+``BACKENDS`` (name -> module, class, device). Its ``is_available()`` must be cheap. The
+module is never named like the package it wraps (``openvino_cpu.py``, not ``openvino.py``):
+run as a script, it would shadow that package.
 """
 from __future__ import annotations
 
@@ -22,6 +24,8 @@ from profilers.base import Profiler, ProfilerError, Protocol, Timing
 # name -> (module, class, device). The order per device is the default preference.
 BACKENDS: dict[str, tuple[str, str, str]] = {
     "ort": ("profilers.ort", "OrtProfiler", "cpu"),
+    "openvino": ("profilers.openvino_cpu", "OpenVinoProfiler", "cpu"),
+    "executorch": ("profilers.executorch_xnnpack", "ExecuTorchProfiler", "cpu"),
     "trt": ("profilers.trt", "TrtProfiler", "cuda"),
     "torch_cuda": ("profilers.torch_cuda", "TorchCudaProfiler", "cuda"),
 }

@@ -11,8 +11,9 @@ A backend (ONNX Runtime on the CPU here; torch CUDA and TensorRT on GPUs) subcla
   :meth:`time_entry`; a backend that measures whole networks at once (TensorRT: one
   engine per designed config, per-layer times from ``IProfiler``) overrides
   :meth:`Profiler._measure_entries` instead and yields entries as they are attributed.
-* :meth:`Profiler.time_onnx` times a whole ONNX model end to end with the same
-  protocol; calibration and ``hwslim verify`` use it.
+* :meth:`Profiler.time_onnx` times a whole ONNX model (or another file the backend
+  runs, ``model_suffixes``) end to end with the same protocol; calibration and
+  ``hwslim verify`` use it, with files :meth:`Profiler.write_model` writes.
 
 * :meth:`Profiler.time_onnx_many` times several whole models in interleaved rounds.
 * :meth:`Profiler.probe` times a fixed small network (:func:`probe_specs`): the
@@ -187,6 +188,8 @@ class Profiler:
     dtypes: ClassVar[tuple[str, ...]] = ("float32",)
     # True: the backend times entries inside whole networks when given some (see measure_entries)
     in_network: ClassVar[bool] = False
+    # model files time_onnx reads (verify measures an exported artifact itself when listed here)
+    model_suffixes: ClassVar[tuple[str, ...]] = (".onnx",)
     # metadata keys that must match for a table to be valid on this setup
     identity_keys: ClassVar[tuple[str, ...]] = ("device", "device_name", "backend", "backend_version",
                                                 "threads", "dtype")
@@ -275,6 +278,16 @@ class Profiler:
     def _onnx_runner(self, path: str, input_shape: tuple[int, ...]) -> Callable[[], float]:
         """Load an ONNX model, bind its input once; return a call that runs it once and returns ms."""
         raise NotImplementedError
+
+    def write_model(self, net, path, *, batch: int = 1, input_size: int | None = None):
+        """Write a materialized network (:class:`~hwslim.materialize.PlainNet`) as the file
+        :meth:`time_onnx` runs, at ``path`` with this backend's suffix; return its path.
+        ONNX by default; a backend that does not run ONNX (ExecuTorch: ``.pte``) overrides it."""
+        from pathlib import Path
+
+        from hwslim.export import export_onnx
+
+        return export_onnx(net, Path(path).with_suffix(".onnx"), batch=batch, input_size=input_size)
 
     def _time_onnx(self, path: str, input_shape: tuple[int, ...]) -> Timing:
         """One end-to-end measurement attempt of an ONNX model, following ``self.e2e_protocol``."""

@@ -290,3 +290,39 @@ def test_search_device_cpu_finds_the_profiled_table_from_another_directory(tmp_p
                  "--no-progress", "--threads", "1", "--out", "s", "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc[0]["meta"]["table"] == str(path)
+
+
+def test_tables_at_other_threads_batches_and_backends_are_told_apart(tmp_path, monkeypatch):
+    """Real (quick) tables at the settings users deploy with: 2 threads and batch 8 under ONNX
+    Runtime, and OpenVINO at 1 thread, batch 1. Each records its setting; find_table picks by them;
+    check_compatible refuses each table for any other setting."""
+    from hwslim.profile import ProfileSettings, profile
+    from profilers import available_backends
+
+    monkeypatch.setenv("HWSLIM_TABLE_DIR", str(tmp_path))
+    model = dict(model="resnet20", width_mult=0.5, input_size=8)
+    quick = dict(quick=True, calib_configs=3, holdout_configs=2)
+    t2b8 = profile(ProfileSettings(threads=2, batch=8, **model, **quick)).path
+    meta = LatencyTable.load(t2b8).meta
+    assert (meta["threads"], meta["batch"], meta["settings"]["threads"], meta["clock"]) == (2, 8, 2, "wall")
+    assert t2b8.name == "resnet20-x0.5-8px-b8-ort-t2-float32.csv"
+    find = dict(device="cpu", model="resnet20", width_mult=0.5, input_size=8)
+    assert find_table(**find, batch=8, threads=2) == t2b8
+    assert find_table(**find, batch=8) == t2b8  # 1 thread preferred, but only 2 measured
+    for wrong in (dict(batch=8, threads=1), dict(batch=1), dict(batch=8, backend="openvino")):
+        with pytest.raises(TableError, match="no latency table"):
+            find_table(**find, **wrong)
+    with torch.device("meta"):
+        net = create_model("resnet20", width_mult=0.5, input_size=8)
+    table = LatencyTable.load(t2b8)
+    table.check_compatible(net, batch=8, threads=2, backend="onnxruntime")  # an alias of ort
+    for use, said in ((dict(batch=1), r"batch 8 \(wanted: 1\)"), (dict(batch=8, threads=1), r"threads 2 \(wanted: 1\)"),
+                      (dict(batch=8, backend="openvino"), r"backend ort \(wanted: openvino\)")):
+        with pytest.raises(TableError, match=said):
+            table.check_compatible(net, **use)
+    if "openvino" in available_backends():
+        ov = profile(ProfileSettings(backend="openvino", **model, **quick)).path
+        assert ov.name == "resnet20-x0.5-8px-b1-openvino-t1-float32.csv"
+        assert find_table(**find, backend="openvino") == ov and find_table(**find, batch=8, backend="ort") == t2b8
+        with pytest.raises(TableError, match=r"backend openvino \(wanted: ort\)"):
+            LatencyTable.load(ov).check_compatible(net, batch=1, backend="ort")

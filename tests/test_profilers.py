@@ -6,7 +6,6 @@ import onnx
 import pytest
 import torch
 
-from hwslim.export import export_onnx
 from hwslim.graph import LayerSpec, layer_spec
 from hwslim.materialize import materialize
 from hwslim.models import create_model
@@ -82,7 +81,8 @@ def test_measure_entries_in_networks_covers_entries_outside_them(profiler):
 
 def test_time_onnx_times_a_whole_model(profiler, tmp_path):
     net = create_model("resnet20", width_mult=0.25, input_size=8).eval()
-    path = export_onnx(materialize(net, fold_bn=True), tmp_path / "m.onnx", input_size=8)
+    path = profiler.write_model(materialize(net, fold_bn=True), tmp_path / "m", input_size=8)  # ONNX; .pte...
+    assert path.suffix in profiler.model_suffixes
     t = profiler.time_onnx(path, (1, 3, 8, 8))
     assert 0 < t.median_ms < 100 and t.n >= QUICK.min_reps
 

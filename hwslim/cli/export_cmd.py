@@ -27,8 +27,12 @@ def register(sub) -> None:
     p = add_command(sub, "export", run, run.__doc__)
     p.add_argument("--checkpoint", required=True, help="the supernet checkpoint (from `hwslim train`)")
     p.add_argument("--config", required=True, help="a ChannelConfig JSON (from `hwslim search`)")
-    p.add_argument("--format", default="onnx", choices=["onnx", "tensorrt"])
-    p.add_argument("--out", required=True, help="output file (.onnx, or the engine: .engine/.plan)")
+    p.add_argument("--format", default="onnx", choices=["onnx", "tensorrt", "openvino", "executorch"],
+                   help="onnx; tensorrt (an engine, built from the ONNX kept beside it); openvino (IR .xml + .bin, "
+                        "converted from the ONNX kept beside it; pip install 'hwslim[openvino]'); executorch (a .pte "
+                        "program, XNNPACK; the ONNX kept beside it; pip install 'hwslim[executorch]')")
+    p.add_argument("--out", required=True,
+                   help="output file (.onnx; the engine: .engine/.plan; OpenVINO IR: .xml; ExecuTorch: .pte)")
     p.add_argument("--batch", type=positive_int, default=1, help="batch size (the optimal one with --dynamic-batch)")
     p.add_argument("--dynamic-batch", action="store_true", help="a dynamic batch dimension")
     p.add_argument("--fp16", action="store_true",
@@ -53,7 +57,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    """Export a searched channel config as a plain, smaller network: ONNX or a TensorRT engine.
+    """Export a searched config as a plain, smaller network: ONNX, a TensorRT engine, OpenVINO IR or ExecuTorch.
 
     The supernet's weights are sliced to the config's channels, BatchNorm is
     recalibrated at the config on the search split (as the search scored it) and
@@ -62,7 +66,11 @@ def run(args) -> int:
     else nothing is written), and its metadata_props name what produced it (model,
     checkpoint and its sha256, config, table, hwslim version). --format tensorrt builds
     the engine from that ONNX (kept beside it, with a .json provenance file) through
-    the TensorRT Python API, else trtexec. Existing files are kept unless --force.
+    the TensorRT Python API, else trtexec. --format openvino converts that ONNX (kept
+    beside it) to OpenVINO IR (.xml + .bin, provenance in its rt_info and a .json file)
+    and checks the IR against PyTorch like the ONNX file. --format executorch lowers the
+    same network to an ExecuTorch program (.pte, XNNPACK delegate; the ONNX and a .json
+    beside it) and checks it the same way. Existing files are kept unless --force.
 
     Example:
       hwslim export --checkpoint runs/r20/checkpoint.pt --config search/config_latency_ms_0.5.json \\
@@ -113,14 +121,24 @@ def run(args) -> int:
     if res.tensorrt:
         out["tensorrt"] = res.tensorrt
         out["engine_max_rel_error"] = res.engine_error
+    if res.openvino:
+        out["openvino"] = res.openvino
+        out["ir_max_rel_error"] = res.engine_error
+    if res.executorch:
+        out["executorch"] = res.executorch
+        out["pte_max_rel_error"] = res.engine_error
     if not args.json:
-        print(f"wrote {res.path}" + (f" (and {res.onnx_path}, {res.sidecar})" if res.sidecar else ""))
+        beside = [res.path.with_suffix(".bin")] if res.format == "openvino" else []
+        beside += [res.onnx_path, res.sidecar] if res.sidecar else []
+        print(f"wrote {res.path}" + (f" (and {', '.join(map(str, beside))})" if beside else ""))
     status = 0
     if args.verify:
         from hwslim.verify import exit_status, verify_model
 
         with quiet:
-            v = verify_model(res.onnx_path, tbl, budget_ms=args.budget_ms, force=args.force_table,
+            # the IR or program itself where the table's backend runs it, else its ONNX source
+            v = verify_model(res.path if res.format in ("openvino", "executorch") else res.onnx_path, tbl,
+                             budget_ms=args.budget_ms, force=args.force_table,
                              progress=not args.json)
         out["verify"] = v.as_dict()
         status = exit_status([v])

@@ -11,9 +11,10 @@ from hwslim.cli import (FIX_UNSUPPORTED_HELP, add_command, nonneg_int, positive_
 def register(sub) -> None:
     p = add_command(sub, "profile", run, run.__doc__)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="device to measure (default: cpu)")
-    p.add_argument("--backend", choices=["ort", "trt", "torch", "onnxruntime", "tensorrt", "torch_cuda"],
-                   help="latency backend (cpu: ort; cuda: trt or torch); default on cuda: trt when TensorRT "
-                        "imports, else torch (with a one-line notice)")
+    p.add_argument("--backend", choices=["ort", "openvino", "executorch", "trt", "torch", "onnxruntime", "tensorrt",
+                                         "torch_cuda"],
+                   help="latency backend (cpu: ort, openvino or executorch; cuda: trt or torch); default on cuda: "
+                        "trt when TensorRT imports, else torch (with a one-line notice)")
     p.add_argument("--model", default=None, help="a zoo model, graph JSON file, checkpoint, torchvision:NAME, "
                                                  "timm:NAME or package.module:function (default: mobilenet_v2, "
                                                  "a 1.5x supernet)")
@@ -26,7 +27,8 @@ def register(sub) -> None:
                    help="intra-op threads of the runtime being measured: a setting of the table, as deployed "
                         "(default 1)")
     p.add_argument("--dtype", default="float32",
-                   help="precision: cpu float32; cuda float32, float16 or bfloat16 (trt: float32, float16)")
+                   help="precision: cpu float32 (openvino: bfloat16 too, where the CPU has it); cuda float32, float16 or "
+                        "bfloat16 (trt: float32, float16)")
     p.add_argument("--channels-last", action="store_true",
                    help="torch backend: channels-last (NHWC) tensors, as fp16/bf16 deployments use")
     p.add_argument("--out", help="table path (.csv; default: latency_tables/<device>/<model and settings>.csv)")

@@ -9,7 +9,9 @@ from hwslim.cli import add_command, positive_float
 
 def register(sub) -> None:
     p = add_command(sub, "verify", run, run.__doc__)
-    p.add_argument("models", nargs="+", metavar="MODEL", help="ONNX files written by `hwslim export`")
+    p.add_argument("models", nargs="+", metavar="MODEL",
+                   help="files written by `hwslim export`: .onnx, or an engine, OpenVINO IR (.xml) or ExecuTorch "
+                        "program (.pte) with its .json beside it")
     p.add_argument("--table", required=True, help="the latency table the configs were searched with")
     p.add_argument("--budget-ms", type=positive_float,
                    help="the budget (default: the latency budget in each model's config)")
@@ -28,6 +30,8 @@ def run(args) -> int:
     Before measuring, the machine's conditions (CPU, load, a quarter-second speed probe
     with the table's settings) are compared with those the table recorded; where they
     differ markedly the verdict is UNRELIABLE and one line says why.
+    An OpenVINO IR or ExecuTorch program is measured itself where the table's backend
+    runs it (openvino, executorch), else its ONNX source.
     Exit status: 0 if every budget holds, 1 if one does not, 3 if none is over but a
     verdict is unreliable (the machine's conditions differ from the table's), 2 on a
     usage error.

@@ -1,0 +1,28 @@
+"""The benchmark scripts' own logic (their measurements are run by hand on a quiet machine)."""
+from __future__ import annotations
+
+from benchmarks.lut_accuracy import MODELS, result_name
+
+
+def test_lut_accuracy_result_names_keep_runs_apart():
+    default = list(MODELS)
+    assert result_name("cpu", "ort", 1, 1, "float32", default) == "lut_accuracy_cpu_ort_b1"  # the published file
+    assert result_name("cpu", "ort", 1, 1, "float32", default[::-1]) == "lut_accuracy_cpu_ort_b1"
+    # a subset never overwrites the default set's file; backend, threads, batch, dtype all named
+    assert result_name("cpu", "ort", 1, 1, "float32", ["mobilenet_v2"]) == "lut_accuracy_cpu_ort_b1_mobilenet_v2"
+    assert result_name("cpu", "openvino", 1, 1, "float32", ["mobilenet_v2"]) == \
+        "lut_accuracy_cpu_openvino_b1_mobilenet_v2"
+    assert result_name("cpu", "ort", 8, 2, "float32", default) == "lut_accuracy_cpu_ort_b8_t2"
+    assert result_name("cpu", "openvino", 1, 1, "bfloat16", ["resnet20"]) == \
+        "lut_accuracy_cpu_openvino_b1_bfloat16_resnet20"
+
+
+def test_cross_runtime_budgets_are_feasible_and_binding_on_every_runtime():
+    import pytest
+
+    from benchmarks.cross_runtime import common_budgets
+
+    ranges = {"ort": (0.24, 0.77), "openvino": (0.31, 0.81)}  # (narrowest, full) predicted ms
+    assert common_budgets(ranges, [0.0, 0.5, 1.0]) == [0.31, 0.54, 0.77]
+    with pytest.raises(SystemExit, match="no latency is feasible"):
+        common_budgets({"a": (0.1, 0.2), "b": (0.3, 0.4)}, [0.5])
