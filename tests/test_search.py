@@ -139,7 +139,7 @@ def test_one_latency_and_one_params_budget_give_one_config_meeting_both(ckpt_pat
     assert len(fill) == m["fill_steps"] and (fill["move"] == "widen").all()
     assert (fill["latency_ms"] <= lat).all() and (fill["params_m"] <= params).all()
     if m["fill_steps"]:
-        assert (fill["new"] > fill["old"]).all() and m["budget_used"] > m["budget_used_unfilled"]
+        assert (fill["new"] > fill["old"]).all() and m["budget_used"] >= m["budget_used_unfilled"]  # a measured table is not monotone: a widening can cost nothing
         assert fill["acc"].iloc[-1] == m["search_acc"]
 
 
