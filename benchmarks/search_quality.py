@@ -23,19 +23,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 
-from benchmarks.common import print_table, write_csv
-from hwslim.checkpoint import load_checkpoint
-from hwslim.data import search_split, validation_split
-from hwslim.evaluate import accuracy
-from hwslim.export import export_onnx
-from hwslim.latency import LatencyTable
-from hwslim.materialize import materialize
-from hwslim.search import Budget, config_costs, greedy_search
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from the repo root
+
+from benchmarks.common import print_table, write_csv  # noqa: E402
+from hwslim.checkpoint import load_checkpoint  # noqa: E402
+from hwslim.data import search_split, validation_split  # noqa: E402
+from hwslim.evaluate import accuracy  # noqa: E402
+from hwslim.export import export_onnx  # noqa: E402
+from hwslim.latency import LatencyTable  # noqa: E402
+from hwslim.materialize import materialize  # noqa: E402
+from hwslim.search import Budget, config_costs, greedy_search  # noqa: E402
 
 
 def main() -> None:
