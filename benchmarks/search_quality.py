@@ -32,6 +32,7 @@ from benchmarks.common import print_table, write_csv
 from hwslim.checkpoint import load_checkpoint
 from hwslim.data import search_split, validation_split
 from hwslim.evaluate import accuracy
+from hwslim.evaluator import Scoring
 from hwslim.export import export_onnx
 from hwslim.latency import LatencyTable
 from hwslim.materialize import materialize
@@ -88,7 +89,7 @@ def main() -> None:
     budgets = [Budget("latency_ms", float(f"{lo + f * (hi - lo):.3g}")) for f in args.fractions]
     chosen: dict[str, list] = {}
     runs = {"latency/acc": dict(criterion="acc"), "latency/acc-per-cost": dict(criterion="acc-per-cost"),
-            "latency/acc bn=batch": dict(criterion="acc", bn="batch")}
+            "latency/acc bn=batch": dict(criterion="acc", scoring=Scoring(bn="batch"))}
     for name, kw in runs.items():
         ts = time.time()
         r = greedy_search(load_checkpoint(ckpt_path), budgets, table=table, out_dir=out / name.replace("/", "_")

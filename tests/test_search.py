@@ -163,7 +163,7 @@ def _analytic(net):
         acc = 1 - sum(weight[u] * (1 - w / net.units[u].max_width) for u, w in cfg.widths.items())
         return Score(acc, 1 - acc)
 
-    return score, lambda cur, cands: [score(c) for _, c in cands]
+    return score, lambda cur, cands, rank=None: [score(c) for _, c in cands]
 
 
 def test_no_budget_is_refused_that_a_config_the_search_lists_meets():
@@ -369,12 +369,12 @@ def test_driver_keeps_the_smallest_drop_and_criteria_differ():
 
     budget = [Budget("params_m", model_costs(net).params / 1e6 * 0.6)]
     cost = lambda c: config_costs(net, c)  # noqa: E731
-    acc_path = slim(net, lambda cur, cands: [score(c) for _, c in cands], score, cost, budget)
+    acc_path = slim(net, lambda cur, cands, rank=None: [score(c) for _, c in cands], score, cost, budget)
     first = acc_path[1]
     cheapest = min(weight[u] / net.units[u].max_width for u in net.units)
     assert weight[first.unit] / net.units[first.unit].max_width == cheapest
     assert cost(net.config_of(acc_path[-1].widths))["params_m"] <= budget[0].value
-    per_cost = slim(net, lambda cur, cands: [score(c) for _, c in cands], score, cost, budget,
+    per_cost = slim(net, lambda cur, cands, rank=None: [score(c) for _, c in cands], score, cost, budget,
                     criterion="acc-per-cost")
     full = net.full_config()
     base_acc, base_params = score(full).acc, cost(full)["params_m"]
