@@ -10,9 +10,10 @@ each printed as a table and written to ``benchmarks/results/search_speed_<model>
 * ``walk``: both walks run in lockstep, one greedy step of each in turn (the order alternating),
   so drifting machine load hits both alike; seconds per walk and per step, the load average.
 * ``decisions``: the units the two walks chose on their first ``--compare-steps`` (10) steps.
-* ``levers``: each way of scoring faster, alone and together, decides one step from each of the
-  full walk's first ``--lever-steps`` configs: seconds per step and how often it chose the unit
-  the full scoring chose (a measured ranking stability); the full scoring's own times are its walk's.
+* ``levers``: each way of scoring faster, alone and together, and the full scoring again, decides
+  one step from each of the full walk's first ``--lever-steps`` configs, in a rotating order:
+  seconds per step, the median per-step speedup over the full scoring, and how often it chose the
+  unit the full scoring chose (a measured ranking stability).
 * ``heldout``: top-1 on the checkpoint's held-out split (BN recalibrated as ``hwslim eval`` does) of
   each walk's first config within three budgets (``--fractions`` of the way from the narrowest to
   the full cost), with its standard error; and the budget filling at the middle budget, scored the
@@ -186,27 +187,29 @@ def main() -> None:
     print_table(drows)
     write_csv([{**common, **d} for d in drows], f"search_speed_{net.name}_decisions")
 
-    # -- levers: one step from each of the full walk's first configs --------------------------------------
+    # -- levers: one step from each of the full walk's first configs, every lever in turn -------------
     lrows = []
     if args.lever_steps:
         m = min(args.lever_steps, len(old.path) - 1)
-        lrows.append({"lever": "full (old default)", "steps": m, "median_step_s": statistics.median(old.times[1:m + 1]),
-                      "same_as_full": m, "speedup_vs_full": 1.0})
-        full_med = lrows[0]["median_step_s"]
-        for name, (scoring, threads) in levers(len(y)).items():
-            torch.set_num_threads(threads)
-            scorer, score = scoring.build(net, x, y)
-            same, times = 0, []
-            for i in range(m):
-                step, s = one_step(net, scorer, score, cost_fn, target, old.path[:i + 1])
-                same += step.widths == old.path[i + 1].widths
-                times.append(s)
-            torch.set_num_threads(args.threads)
-            med = statistics.median(times)
-            lrows.append({"lever": name, "steps": m, "median_step_s": med, "same_as_full": same,
-                          "speedup_vs_full": full_med / med})
-            print(f"  {name}: {med:.2f} s per step, {same}/{m} steps as the full scoring chose (load {load()})",
-                  flush=True)
+        variants = {"full (old default)": (OLD, args.threads), **levers(len(y))}
+        built = {name: scoring.build(net, x, y) for name, (scoring, _) in variants.items()}
+        times: dict[str, list[float]] = {name: [] for name in variants}
+        same = dict.fromkeys(variants, 0)
+        for i in range(m):
+            names = list(variants)
+            names = names[i % len(names):] + names[:i % len(names)]  # a rotating order: load drift hits all
+            for name in names:
+                torch.set_num_threads(variants[name][1])
+                step, secs = one_step(net, *built[name], cost_fn, target, old.path[:i + 1])
+                torch.set_num_threads(args.threads)
+                same[name] += step.widths == old.path[i + 1].widths
+                times[name].append(secs)
+            print(f"  levers: step {i + 1} of {m} (load {load()})", flush=True)
+        for name, (scoring, threads) in variants.items():
+            ratio = statistics.median(f / t for f, t in zip(times["full (old default)"], times[name]))
+            lrows.append({"lever": name, "threads": threads, "steps": m,
+                          "median_step_s": statistics.median(times[name]), "same_as_full": same[name],
+                          "speedup_vs_full": ratio})
         print()
         print_table(lrows)
         write_csv([{**common, **r, "load": load()} for r in lrows], f"search_speed_{net.name}_levers")

@@ -662,8 +662,27 @@ def greedy_search(checkpoint, budgets: Sequence[Budget], *, table=None, criterio
     walked = pick_steps(path, targets)
     fills: list[list[Step]] = [[] for _ in targets]
     if fill:
-        fills = [fill_budget(model, score_candidates, cost_fn, st, t, max_steps=fill_steps)
-                 for st, t in zip(walked, targets)]
+        fill_bar = None
+        if progress and is_writer:
+            from tqdm.auto import tqdm
+
+            fill_bar = tqdm(total=len(targets), desc="filling the budgets (widening units back)", unit="config",
+                            dynamic_ncols=True)
+
+        def on_widen(step: Step) -> None:
+            if fill_bar is not None:
+                fill_bar.set_postfix(widened=step.step, acc=f"{step.acc:.3f}")
+
+        try:
+            fills = []
+            for st, t in zip(walked, targets):
+                fills.append(fill_budget(model, score_candidates, cost_fn, st, t, max_steps=fill_steps,
+                                         on_step=on_widen))
+                if fill_bar is not None:
+                    fill_bar.update(1)
+        finally:
+            if fill_bar is not None:
+                fill_bar.close()
     configs = [_chosen_config(model, t, st, fl) for t, st, fl in zip(targets, walked, fills)]
     frame = pd.DataFrame([s.row() for s in path])
     result = SearchResult(configs, frame, path, out, files=[config_file(out, t) for t in targets] if out else [],
