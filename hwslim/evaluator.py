@@ -62,7 +62,7 @@ from hwslim.slimmable import BN_TYPES
 from hwslim.supernet import SlimmableNet
 
 # Defaults of hwslim search, measured with benchmarks/search_speed.py (see the README's Search section).
-DEFAULT_CALIB_IMAGES = 250
+DEFAULT_BN = "batch"
 DEFAULT_SCREEN_IMAGES = 200
 DEFAULT_KEEP = 3
 BN_MODES = ("recal", "batch")
@@ -331,11 +331,11 @@ class Scoring:
     only the ``keep`` best scored on all of them (None: every candidate on all).
     """
 
-    bn: str = "recal"
+    bn: str = DEFAULT_BN
     mode: str = "fast"
     batch_size: int = 250
     kernels: str = "torch"
-    calib_images: int | None = DEFAULT_CALIB_IMAGES
+    calib_images: int | None = None
     screen_images: int | None = DEFAULT_SCREEN_IMAGES
     keep: int = DEFAULT_KEEP
 

@@ -4,7 +4,7 @@ import json
 
 from hwslim.cli import (add_command, nonneg_int, positive_float, positive_int, print_table, set_threads, threads_note,
                         with_header)
-from hwslim.evaluator import DEFAULT_CALIB_IMAGES, DEFAULT_KEEP, DEFAULT_SCREEN_IMAGES, Scoring
+from hwslim.evaluator import DEFAULT_BN, DEFAULT_KEEP, DEFAULT_SCREEN_IMAGES, Scoring
 from hwslim.errors import HwslimError
 from hwslim.search import (CRITERIA, DEFAULT_CRITERION, DEFAULT_FILL_STEPS, Budget, greedy_search,
                            targets_of)
@@ -42,11 +42,13 @@ def register(sub) -> None:
                                                         "use a table measured on another setup")
     p.add_argument("--batch", type=positive_int, default=1, help="inference batch the budgets refer to (default 1)")
     s = p.add_argument_group("scoring (defaults measured with benchmarks/search_speed.py)")
-    s.add_argument("--bn", choices=["recal", "batch"], default="recal",
-                   help="BatchNorm statistics for scoring: recalibrated per config (default) or per-batch")
+    s.add_argument("--bn", choices=["recal", "batch"], default=DEFAULT_BN,
+                   help="BatchNorm statistics for scoring: batch: each chunk of 250 images (spread over the "
+                        "split) normalized by its own statistics, one pass (default); recal: recalibrated per "
+                        "candidate, then scored in eval mode, two passes (as export recalibrates)")
     s.add_argument("--calib-images", type=nonneg_int, metavar="N",
-                   help=f"recalibrate BN per candidate on N search-split images spread over the split, then "
-                        f"score on all of them (default {DEFAULT_CALIB_IMAGES}; 0: all)")
+                   help="with --bn recal: recalibrate on N images spread over the search split, then score on "
+                        "all of them (default: all)")
     s.add_argument("--screen-images", type=nonneg_int, default=DEFAULT_SCREEN_IMAGES, metavar="N",
                    help=f"successive halving: score every candidate of a step on N images spread over the "
                         f"search split, and only the best --keep on all of them (default {DEFAULT_SCREEN_IMAGES}; "
@@ -118,10 +120,8 @@ def run(args) -> int:
                           "(or give the table itself with --table)")
     if args.bn == "batch" and args.calib_images is not None:
         raise HwslimError("--calib-images is for --bn recal (--bn batch normalizes each chunk by its own statistics)")
-    calib = DEFAULT_CALIB_IMAGES if args.calib_images is None else args.calib_images
     scoring = Scoring(bn=args.bn, mode=args.evaluator, kernels=args.kernels, keep=args.keep,
-                      calib_images=(calib or None) if args.bn == "recal" else None,
-                      screen_images=args.screen_images or None)
+                      calib_images=args.calib_images or None, screen_images=args.screen_images or None)
     ckpt = load_checkpoint(args.checkpoint)
     check_inference(ckpt.model, batch=args.batch)
     table = None
