@@ -46,6 +46,7 @@ from hwslim.evaluator import Scoring  # noqa: E402
 from hwslim.models import create_model  # noqa: E402
 from hwslim.search import Budget, Step, config_costs, fill_budget, pick_steps, slim  # noqa: E402
 
+SECTIONS = ("walk", "levers", "heldout", "fill")
 OLD = Scoring(bn="recal", calib_images=None, screen_images=None)  # every candidate on every image, BN recalibrated
 NEW = Scoring()  # hwslim search's defaults
 
@@ -128,11 +129,13 @@ def main() -> None:
     ap.add_argument("--table", help="a latency table: walk (and set the held-out budgets) on predicted latency")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--compare-steps", type=int, default=10)
-    ap.add_argument("--lever-steps", type=int, default=10, help="0: skip the levers section")
+    ap.add_argument("--lever-steps", type=int, default=10)
+    ap.add_argument("--fill-steps", type=int, default=5, help="widening steps timed in the fill section")
     ap.add_argument("--fractions", type=float, nargs=3, default=[0.75, 0.5, 0.3],
                     help="held-out budgets at these fractions of the way from the narrowest to the full cost")
     ap.add_argument("--val-images", type=int, help="held-out images (default: the whole held-out split)")
-    ap.add_argument("--no-fill", action="store_true", help="skip the budget-filling comparison")
+    ap.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS),
+                    help="what to measure (default all; levers and heldout need walk)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.checkpoint:
@@ -158,110 +161,128 @@ def main() -> None:
     print(f"{model}: {len(y):,} search images, walk to {target.label} (the narrowest config), "
           f"{args.threads} thread(s); load {load()}")
 
-    # -- walk: old and new in lockstep ---------------------------------------------------------------
-    walkers = [Walker("old: every candidate in full", OLD), Walker("new: default scoring", NEW)]
-    for w in walkers:
-        w.score_candidates, w.score = w.scoring.build(net, x, y)
-    load_before, t0, r = load(), time.time(), 0
-    while not all(w.done for w in walkers):
-        for w in (walkers if r % 2 == 0 else walkers[::-1]):
-            if not w.done:
-                w.advance(net, cost_fn, target)
-                if len(w.path) % 5 == 1:
-                    print(f"  {w.name}: step {len(w.path) - 1}, {sum(w.times):.0f} s so far", flush=True)
-        r += 1
-    load_after = load()
-    rows = [{"walk": w.name, "steps": len(w.path) - 1, "walk_s": sum(w.times),
-             "median_step_s": statistics.median(w.times[1:]), "first_step_s": w.times[1],
-             "load_before": load_before, "load_after": load_after, **{k: v for k, v in asdict(w.scoring).items()
-                                                                        if k not in ("mode", "kernels")}}
-            for w in walkers]
-    speedup = rows[0]["walk_s"] / rows[1]["walk_s"]
-    print()
-    print_table(rows)
-    write_csv([{**common, **r, "speedup": speedup} for r in rows], f"search_speed_{net.name}_walk")
-    old, new = walkers
-
-    # -- decisions --------------------------------------------------------------------------------------
-    k = min(args.compare_steps, len(old.path) - 1, len(new.path) - 1)
-    drows = [{"step": i, "old_unit": f"{old.path[i].unit} {old.path[i].old}->{old.path[i].new}",
-              "new_unit": f"{new.path[i].unit} {new.path[i].old}->{new.path[i].new}",
-              "same_unit": old.path[i].unit == new.path[i].unit, "same_config": old.path[i].widths == new.path[i].widths}
-             for i in range(1, k + 1)]
-    same_first = all(d["same_unit"] for d in drows)
-    print()
-    print_table(drows)
-    write_csv([{**common, **d} for d in drows], f"search_speed_{net.name}_decisions")
-
-    # -- levers: one step from each of the full walk's first configs, every lever in turn -------------
-    lrows = []
-    if args.lever_steps:
-        m = min(args.lever_steps, len(old.path) - 1)
-        variants = {"full (old default)": (OLD, args.threads), **levers(len(y))}
-        built = {name: v[0].build(net, x[v[2]], y[v[2]]) if len(v) > 2 else v[0].build(net, x, y)
-                 for name, v in variants.items()}
-        times: dict[str, list[float]] = {name: [] for name in variants}
-        same = dict.fromkeys(variants, 0)
-        for i in range(m):
-            names = list(variants)
-            names = names[i % len(names):] + names[:i % len(names)]  # a rotating order: load drift hits all
-            for name in names:
-                torch.set_num_threads(variants[name][1])
-                step, secs = one_step(net, *built[name], cost_fn, target, old.path[:i + 1])
-                torch.set_num_threads(args.threads)
-                same[name] += step.widths == old.path[i + 1].widths
-                times[name].append(secs)
-            print(f"  levers: step {i + 1} of {m} (load {load()})", flush=True)
-        for name, (scoring, threads, *_) in variants.items():
-            ratio = statistics.median(f / t for f, t in zip(times["full (old default)"], times[name]))
-            lrows.append({"lever": name, "threads": threads, "steps": m,
-                          "median_step_s": statistics.median(times[name]), "same_as_full": same[name],
-                          "speedup_vs_full": ratio})
+    if "walk" in args.sections:
+        # -- walk: old and new in lockstep ---------------------------------------------------------------
+        walkers = [Walker("old: every candidate in full", OLD), Walker("new: default scoring", NEW)]
+        for w in walkers:
+            w.score_candidates, w.score = w.scoring.build(net, x, y)
+        load_before, t0, r = load(), time.time(), 0
+        while not all(w.done for w in walkers):
+            for w in (walkers if r % 2 == 0 else walkers[::-1]):
+                if not w.done:
+                    w.advance(net, cost_fn, target)
+                    if len(w.path) % 5 == 1:
+                        print(f"  {w.name}: step {len(w.path) - 1}, {sum(w.times):.0f} s so far", flush=True)
+            r += 1
+        load_after = load()
+        rows = [{"walk": w.name, "steps": len(w.path) - 1, "walk_s": sum(w.times),
+                 "median_step_s": statistics.median(w.times[1:]), "first_step_s": w.times[1],
+                 "load_before": load_before, "load_after": load_after, **{k: v for k, v in asdict(w.scoring).items()
+                                                                            if k not in ("mode", "kernels")}}
+                for w in walkers]
+        speedup = rows[0]["walk_s"] / rows[1]["walk_s"]
         print()
-        print_table(lrows)
-        write_csv([{**common, **r, "load": load()} for r in lrows], f"search_speed_{net.name}_levers")
+        print_table(rows)
+        write_csv([{**common, **r, "speedup": speedup} for r in rows], f"search_speed_{net.name}_walk")
+        old, new = walkers
 
-    # -- held-out accuracy at three budgets (and the budget filling at the middle one) --------------------
-    budgets = [Budget(kind, float(f"{lo + f * (hi - lo):.4g}")) for f in args.fractions]
-    configs = []
-    for w in walkers:
-        for b, st in zip(budgets, pick_steps(w.path, budgets)):
-            configs.append((w.name, b.label, st, None))
-    if not args.no_fill:
-        mid = budgets[1]
-        old_fill = lambda cur, cands, rank=None: [old.score(c) for _, c in cands]  # noqa: E731  (main's way)
-        for name, scorer in (("old: every widening in a full pass", old_fill),
-                             ("new: default scoring", new.score_candidates)):
-            start = pick_steps(new.path, [mid])[0]
+        # -- decisions --------------------------------------------------------------------------------------
+        k = min(args.compare_steps, len(old.path) - 1, len(new.path) - 1)
+        drows = [{"step": i, "old_unit": f"{old.path[i].unit} {old.path[i].old}->{old.path[i].new}",
+                  "new_unit": f"{new.path[i].unit} {new.path[i].old}->{new.path[i].new}",
+                  "same_unit": old.path[i].unit == new.path[i].unit, "same_config": old.path[i].widths == new.path[i].widths}
+                 for i in range(1, k + 1)]
+        same_first = all(d["same_unit"] for d in drows)
+        print()
+        print_table(drows)
+        write_csv([{**common, **d} for d in drows], f"search_speed_{net.name}_decisions")
+
+        # -- levers: one step from each of the full walk's first configs, every lever in turn -------------
+        lrows = []
+        if "levers" in args.sections:
+            m = min(args.lever_steps, len(old.path) - 1)
+            variants = {"full (old default)": (OLD, args.threads), **levers(len(y))}
+            built = {name: v[0].build(net, x[v[2]], y[v[2]]) if len(v) > 2 else v[0].build(net, x, y)
+                     for name, v in variants.items()}
+            times: dict[str, list[float]] = {name: [] for name in variants}
+            same = dict.fromkeys(variants, 0)
+            for i in range(m):
+                names = list(variants)
+                names = names[i % len(names):] + names[:i % len(names)]  # a rotating order: load drift hits all
+                for name in names:
+                    torch.set_num_threads(variants[name][1])
+                    step, secs = one_step(net, *built[name], cost_fn, target, old.path[:i + 1])
+                    torch.set_num_threads(args.threads)
+                    same[name] += step.widths == old.path[i + 1].widths
+                    times[name].append(secs)
+                print(f"  levers: step {i + 1} of {m} (load {load()})", flush=True)
+            for name, (scoring, threads, *_) in variants.items():
+                ratio = statistics.median(f / t for f, t in zip(times["full (old default)"], times[name]))
+                lrows.append({"lever": name, "threads": threads, "steps": m,
+                              "median_step_s": statistics.median(times[name]), "same_as_full": same[name],
+                              "speedup_vs_full": ratio})
+            print()
+            print_table(lrows)
+            write_csv([{**common, **r, "load": load()} for r in lrows], f"search_speed_{net.name}_levers")
+
+        # -- held-out accuracy at three budgets -------------------------------------------------------------
+        within: list[bool] = []
+        budgets = [Budget(kind, float(f"{lo + f * (hi - lo):.4g}")) for f in args.fractions]
+        if "heldout" in args.sections:
+            configs = []
+            for w in walkers:
+                for b, st in zip(budgets, pick_steps(w.path, budgets)):
+                    configs.append((w.name, b.label, st))
+            rows_cfg = [(f"{name} | {label}", net.config_of(st.widths)) for name, label, st in configs]
             t0 = time.perf_counter()
-            steps = fill_budget(net, scorer, cost_fn, start, mid)
-            configs.append((f"fill {name}", mid.label, steps[-1] if steps else start, time.perf_counter() - t0))
-    rows_cfg = [(f"{name} | {label}", net.config_of(st.widths)) for name, label, st, _ in configs]
-    t0 = time.perf_counter()
-    scored, on = evaluate_configs_heldout(ckpt, rows_cfg, max_images=args.val_images)
-    print(f"held-out scoring: {time.perf_counter() - t0:.0f} s on {on['images']:,} {on['split']} images")
-    n_val = on["images"]
-    hrows = []
-    for (name, label, st, secs), row in zip(configs, scored):
-        top1 = row["top1"]
-        p = top1 / 100
-        hrows.append({"walk": name, "budget": label, "step": st.step, kind: st.costs[kind],
-                      "search_acc": st.acc, "heldout_top1": top1, "se": 100 * math.sqrt(p * (1 - p) / n_val),
-                      "seconds": "" if secs is None else round(secs, 1)})
-    within = []
-    for b in budgets:
-        a, c = (next(h for h in hrows if h["walk"] == w.name and h["budget"] == b.label) for w in walkers)
-        within.append(abs(a["heldout_top1"] - c["heldout_top1"]) <= max(a["se"], c["se"]))
-    print()
-    print_table(hrows)
-    write_csv([{**common, "heldout_images": n_val, **h} for h in hrows], f"search_speed_{net.name}_heldout")
-    print(f"\nwalk: {rows[0]['walk_s']:.0f} s (old) vs {rows[1]['walk_s']:.0f} s (new), {speedup:.2f}x; "
-          f"load {load_before} -> {load_after}")
-    print(f"first {k} steps: {'the same units' if same_first else 'different units'} "
-          f"({sum(d['same_unit'] for d in drows)}/{k} steps chose the same unit, "
-          f"{sum(d['same_config'] for d in drows)}/{k} reached the same config)")
-    print(f"held-out top-1 within one standard error at {sum(within)} of {len(budgets)} budgets")
+            scored, on = evaluate_configs_heldout(ckpt, rows_cfg, max_images=args.val_images)
+            print(f"held-out scoring: {time.perf_counter() - t0:.0f} s on {on['images']:,} {on['split']} images")
+            n_val = on["images"]
+            hrows = []
+            for (name, label, st), row in zip(configs, scored):
+                top1 = row["top1"]
+                p = top1 / 100
+                hrows.append({"walk": name, "budget": label, "step": st.step, kind: st.costs[kind],
+                              "search_acc": st.acc, "heldout_top1": top1, "se": 100 * math.sqrt(p * (1 - p) / n_val)})
+            for b in budgets:
+                a, c = (next(h for h in hrows if h["walk"] == w.name and h["budget"] == b.label) for w in walkers)
+                within.append(abs(a["heldout_top1"] - c["heldout_top1"]) <= max(a["se"], c["se"]))
+            print()
+            print_table(hrows)
+            write_csv([{**common, "heldout_images": n_val, **h} for h in hrows], f"search_speed_{net.name}_heldout")
+        print(f"\nwalk: {rows[0]['walk_s']:.0f} s (old) vs {rows[1]['walk_s']:.0f} s (new), {speedup:.2f}x; "
+              f"load {load_before} -> {load_after}")
+        print(f"first {k} steps: {'the same units' if same_first else 'different units'} "
+              f"({sum(d['same_unit'] for d in drows)}/{k} steps chose the same unit, "
+              f"{sum(d['same_config'] for d in drows)}/{k} reached the same config)")
+        print(f"held-out top-1 within one standard error at {sum(within)} of {len(budgets)} budgets")
 
+    # -- fill: the budget filling from uniform width 6/12 under a MACs budget 25% above it ------------------
+    if "fill" in args.sections:
+        start_cfg = net.uniform_config(6)
+        c0 = cost_fn(start_cfg)
+        fill_target = Budget("macs_m", float(f"{1.25 * c0['macs_m']:.4g}"))
+        old_sc, old_score = OLD.build(net, x, y)
+        new_sc, new_score = NEW.build(net, x, y)
+        ways = {"old: each widening in a full pass (main before this change)":
+                (lambda cur, cands, rank=None: [old_score(c) for _, c in cands], old_score),
+                "old scoring, prefix shared with wider candidates": (old_sc, old_score),
+                "new: default scoring": (new_sc, new_score)}
+        frows = []
+        for name, (scorer, score) in ways.items():
+            s0 = score(start_cfg)
+            begin = Step(0, None, None, None, s0.acc, s0.loss, c0, widths=dict(start_cfg.widths), move="start")
+            t0 = time.perf_counter()
+            steps = fill_budget(net, scorer, cost_fn, begin, fill_target, max_steps=args.fill_steps)
+            secs = time.perf_counter() - t0
+            end = steps[-1] if steps else begin
+            frows.append({"fill": name, "budget": fill_target.label, "widenings": len(steps), "seconds": secs,
+                          "s_per_widening": secs / max(1, len(steps)), "units": " ".join(st.unit for st in steps),
+                          "used": end.costs["macs_m"] / fill_target.value, "search_acc": end.acc, "load": load()})
+            print(f"  fill, {name}: {secs:.1f} s (load {load()})", flush=True)
+        print()
+        print_table(frows)
+        write_csv([{**common, **r} for r in frows], f"search_speed_{net.name}_fill")
 
 if __name__ == "__main__":
     main()

@@ -2,8 +2,9 @@
 
 Start at the full config. Each step, every unit that can shrink proposes its next
 narrower grid width that lowers the binding cost (one grid step for MACs, parameters
-and memory; more where a latency table is flat, see :func:`_shrink`); each proposal is scored on the checkpoint's held-out search split (BN
-recalibrated, :mod:`hwslim.evaluator`) and costed (latency from a table, peak
+and memory; more where a latency table is flat, see :func:`_shrink`); each proposal is scored on the
+checkpoint's held-out search split (:mod:`hwslim.evaluator`: BN statistics of the config's own, the
+shared prefix computed once, successive halving by default) and costed (latency from a table, peak
 activation memory, parameters, MACs: :func:`config_costs`). The step keeps the best
 proposal by the criterion, and the walk continues until every target holds. One walk
 yields a config for every target in a list: the first config on the path that meets it.
@@ -557,6 +558,8 @@ def greedy_search(checkpoint, budgets: Sequence[Budget], *, table=None, criterio
     ``search_state.json`` (for ``resume``) and ``search.png``. The search split
     comes from the checkpoint (``hwslim.data.search_split``) unless ``images``/``labels``
     are given. ``force_table`` uses a ``table`` measured on another setup (``--force``).
+    ``scoring`` (:class:`hwslim.evaluator.Scoring`, default its measured defaults) says how
+    configs are scored: the walk, the budget filling and the uniform-width configs alike.
     ``log`` gets a line saying what is scored, once every check has passed.
     """
     import pandas as pd
