@@ -363,7 +363,7 @@ class Scoring:
             c = n if self.calib_images is None else min(n, self.calib_images)
             bn = f"BN recalibrated per candidate on {c:,} of them"
         else:
-            bn = "BN batch statistics"
+            bn = f"BN statistics of each chunk of {min(n, self.batch_size):,}"
         how = (f"each candidate screened on {self.screen_images:,} images, the best {self.keep} scored on all "
                f"{n:,}" if self.screen_images and self.screen_images < n else f"each candidate scored on {n:,} images")
         return f"{how} ({bn}; {self.mode} evaluator)"

@@ -556,7 +556,7 @@ def test_halving_picks_what_full_scoring_picks_when_the_margin_is_clear():
     assert cands[best][0] == "l3b1/mid" and scores[best].acc == 1.0
     assert sorted(s.acc for s in scores)[-2] <= 1.0 - 3 / 96  # a clear margin: every other shrink flips 3+ images
 
-    scorer, score = Scoring(screen_images=24, keep=3, calib_images=None, batch_size=48).build(net, x, y)
+    scorer, score = Scoring(bn="recal", screen_images=24, keep=3, batch_size=48).build(net, x, y)
     assert isinstance(scorer, Halving)
     budget = [Budget("macs_m", config_costs(net, cur)["macs_m"] * 0.999)]  # one step
     cost = lambda c: config_costs(net, c)  # noqa: E731
