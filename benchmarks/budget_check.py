@@ -51,6 +51,7 @@ def run_model(name: str, args, log) -> list[dict]:
 
     from hwslim.checkpoint import load_checkpoint, save_checkpoint
     from hwslim.data import synthetic_data_info
+    from hwslim.evaluator import Scoring
     from hwslim.export import ExportOptions, export_model
     from hwslim.latency import LatencyTable
     from hwslim.models import create_model
@@ -89,7 +90,7 @@ def run_model(name: str, args, log) -> list[dict]:
 
     t1 = time.perf_counter()
     result = greedy_search(ckpt, [Budget("latency_ms", v) for v in values], table=table, out_dir=work / "search",
-                           force=True, bn="batch", max_images=search_images, progress=True, plot=False)
+                           force=True, scoring=Scoring(bn="batch"), max_images=search_images, progress=True, plot=False)
     search_s = time.perf_counter() - t1
 
     exported = []

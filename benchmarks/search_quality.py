@@ -35,6 +35,7 @@ from benchmarks.common import print_table, write_csv  # noqa: E402
 from hwslim.checkpoint import load_checkpoint  # noqa: E402
 from hwslim.data import search_split, validation_split  # noqa: E402
 from hwslim.evaluate import accuracy  # noqa: E402
+from hwslim.evaluator import Scoring  # noqa: E402
 from hwslim.export import export_onnx  # noqa: E402
 from hwslim.latency import LatencyTable  # noqa: E402
 from hwslim.materialize import materialize  # noqa: E402
@@ -94,7 +95,7 @@ def main() -> None:
     budgets = [Budget("latency_ms", float(f"{lo + f * (hi - lo):.3g}")) for f in args.fractions]
     chosen: dict[str, list] = {}
     runs = {"latency/acc": dict(criterion="acc"), "latency/acc-per-cost": dict(criterion="acc-per-cost"),
-            "latency/acc bn=batch": dict(criterion="acc", bn="batch")}
+            "latency/acc bn=batch": dict(criterion="acc", scoring=Scoring(bn="batch"))}
     for name, kw in runs.items():
         ts = time.time()
         r = greedy_search(load_checkpoint(ckpt_path), budgets, table=table, out_dir=out / name.replace("/", "_")
@@ -115,7 +116,7 @@ def main() -> None:
     chosen["uniform"] = [max((u for u in uniform if config_costs(net, u, table)["latency_ms"] <= b.value),
                              key=lambda u: config_costs(net, u, table)["latency_ms"]) for b in budgets]
 
-    xs, ys = search_split(ckpt, max_images=2000)  # BN recalibration images (class-balanced)
+    xs, ys = search_split(ckpt, max_images=2000)  # BN recalibration images (spread over the split)
     xv, yv = validation_split(ckpt, max_images=args.val_images)
     from profilers.base import Profiler
 

@@ -236,10 +236,6 @@ class _Source:
     def train_labels(self) -> torch.Tensor:
         raise NotImplementedError
 
-    def train_labels_of(self, indices: torch.Tensor) -> torch.Tensor:
-        """Labels of some training images (sources that must generate images to label them override)."""
-        return self.train_labels()[indices]
-
     def load(self, split: str, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """uint8 images (eval view: resized/center-cropped to the input size) and labels."""
         raise NotImplementedError
@@ -274,9 +270,6 @@ class _SyntheticSource(_Source):
 
     def train_labels(self) -> torch.Tensor:
         return self.load("train", torch.arange(self._n_train))[1]
-
-    def train_labels_of(self, indices: torch.Tensor) -> torch.Tensor:
-        return self.load("train", indices)[1]
 
     def info(self) -> dict[str, Any]:
         return {**super().info(), "synthetic_seed": self.seed}
@@ -563,23 +556,33 @@ def _check_max_images(max_images: Any) -> None:
                         "(leave it out to use every image)")
 
 
+def spread(n: int, k: int) -> torch.Tensor:
+    """``min(k, n)`` indices spread evenly over ``range(n)``, in order: a fair sample of a split kept
+    in index order (which for an ImageFolder is class by class).
+
+    >>> spread(10, 4).tolist()
+    [0, 2, 5, 7]
+    """
+    k = min(k, n)
+    return torch.div(torch.arange(k) * n, k, rounding_mode="floor")
+
+
 def search_split(ckpt: Any, device: str | torch.device = "cpu",
                  max_images: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The checkpoint's held-out search split: (float32 NCHW normalized images, int64 labels).
 
     Exactly the training images recorded at training time (eval transform), in index
-    order; ``max_images`` (at least 1; None: all) keeps a seeded, class-balanced subset of
-    them (not the first ones: an ImageFolder's indices run class by class, so the first
-    1,000 of a 5,000-image CIFAR-10 split would hold two classes). ``ckpt`` is a
-    :class:`hwslim.checkpoint.Checkpoint` (or its ``data`` dict).
+    order; ``max_images`` (at least 1; None: all) keeps that many spread evenly over the
+    split (:func:`spread`), not the first ones: an ImageFolder lists its images class by
+    class, so the first images of a split in index order are of the first classes only.
+    ``ckpt`` is a :class:`hwslim.checkpoint.Checkpoint` (or its ``data`` dict).
     """
     _check_max_images(max_images)
     info = _data_dict(ckpt)
     src = _source_from_info(info)
     idx = torch.as_tensor(info["search_indices"], dtype=torch.int64)
-    if max_images is not None and max_images < len(idx):
-        keep = balanced_subset(src.train_labels_of(idx), max_images, seed=mix_seeds(info.get("search_seed", 0), 7919))
-        idx = idx[keep]
+    if max_images is not None:
+        idx = idx[spread(len(idx), max_images)]
     if len(idx) == 0:
         raise DataError("the checkpoint's search split is empty (trained with --search-size 0)")
     x, y = src.load("train", idx)

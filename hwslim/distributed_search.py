@@ -25,12 +25,12 @@ def is_writer() -> bool:
 def sharded(score_candidates: Callable) -> Callable:
     """Wrap ``score_candidates(current, candidates)`` to split candidates across ranks."""
 
-    def run(current, candidates: Sequence) -> list:
+    def run(current, candidates: Sequence, **kw) -> list:
         rank, world = _world()
         if world == 1:
-            return score_candidates(current, candidates)
+            return score_candidates(current, candidates, **kw)
         mine = list(range(rank, len(candidates), world))
-        local = score_candidates(current, [candidates[i] for i in mine]) if mine else []
+        local = score_candidates(current, [candidates[i] for i in mine]) if mine else []  # (no pruning per rank)
         gathered: list = [None] * world
         dist.all_gather_object(gathered, list(zip(mine, local)))
         scores: list = [None] * len(candidates)

@@ -15,14 +15,31 @@ statistics is exact for the same reason. ``mode="reference"`` runs a plain full
 forward pass per candidate; both give the same scores up to float rounding (a sliced
 conv output against a narrower conv).
 
+Wider candidates (the budget filling's grow-back, :func:`hwslim.search.fill_budget`)
+share the prefix too: it runs every unit a candidate still to come changes at the
+widest width any of them asks for (the *envelope*), and each candidate slices its own
+widths out of it. A unit goes back to its current width where its channels are first
+mixed, which no candidate that changes it has not reached yet. Any candidate may
+change several units; the current config itself is a candidate too (it changes none).
+
 BatchNorm (``bn=``):
 
-* ``"recal"``: reset the statistics, accumulate an exact average over the split's
-  chunks in train mode, then score in eval mode (two passes);
+* ``"recal"``: reset the statistics, accumulate an exact average over the
+  calibration chunks in train mode, then score in eval mode (two passes). The
+  calibration images are the whole split, or ``calib_images`` of them spread evenly
+  over it;
 * ``"batch"``: score in train-mode BN, each fixed chunk normalized by its own batch
   statistics (one pass; chunks are fixed, so scores are deterministic).
 
+Chunks are strided over the split (chunk ``c`` holds images ``c, c + C, ...``): a split
+stored in index order often lists the images of one class together, and a chunk of
+consecutive images would then calibrate on a few classes.
+
 The supernet's own running statistics are restored after every call.
+
+:class:`Halving` (successive halving) scores every candidate of a step on a small
+evenly spread subset of the split and only the best few on the whole split, ranked by
+the caller's own rule.
 
 ``kernels="triton"`` (CUDA only) scores a whole step with the fused multi-config Triton
 kernels of :mod:`hwslim.kernels` (one pass for all candidates, shared prefix once);
@@ -32,17 +49,22 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from hwslim.config import ChannelConfig
+from hwslim.data import spread
 from hwslim.evaluate import preserved_bn_stats
 from hwslim.graph import INPUT, run_graph
 from hwslim.slimmable import BN_TYPES
 from hwslim.supernet import SlimmableNet
 
+# Defaults of hwslim search, measured with benchmarks/search_speed.py (see the README's Search section).
+DEFAULT_BN = "batch"
+DEFAULT_SCREEN_IMAGES = 200
+DEFAULT_KEEP = 3
 BN_MODES = ("recal", "batch")
 EVAL_MODES = ("fast", "reference")
 KERNELS = ("torch", "triton")
@@ -56,11 +78,27 @@ class Score:
     loss: float
 
 
+Candidates = Sequence[tuple[str, ChannelConfig]]
+# How a caller ranks candidate i by its score, given the current config's score on the same
+# images: a sort key, smaller is better (:func:`hwslim.search.slim` passes its criterion's).
+Rank = Callable[[Score, int, Score], tuple]
+
+
+def _strided_chunks(x: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    count = max(1, -(-len(x) // batch_size))
+    return [x[c::count] for c in range(count)] if count > 1 else [x]
+
+
 class StepEvaluator:
-    """Scores configs of ``model`` on fixed ``images``/``labels`` (held in memory on their device)."""
+    """Scores configs of ``model`` on fixed ``images``/``labels`` (held in memory on their device).
+
+    ``calib_images`` (``bn="recal"`` only): recalibrate BN on this many images spread
+    over the split (None: all of them), then score on all of them.
+    """
 
     def __init__(self, model: SlimmableNet, images: torch.Tensor, labels: torch.Tensor, *, bn: str = "recal",
-                 mode: str = "fast", batch_size: int = 250, kernels: str = "torch") -> None:
+                 mode: str = "fast", batch_size: int = 250, kernels: str = "torch",
+                 calib_images: int | None = None) -> None:
         if kernels not in KERNELS:
             raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
         if kernels == "triton":
@@ -77,12 +115,19 @@ class StepEvaluator:
             raise ValueError(f"bn must be one of {BN_MODES}, got {bn!r}")
         if mode not in EVAL_MODES:
             raise ValueError(f"mode must be one of {EVAL_MODES}, got {mode!r}")
+        if calib_images is not None and (bn != "recal" or calib_images < 1):
+            raise ValueError(f"calib_images needs bn='recal' and at least 1 image, got {calib_images!r} with bn={bn!r}")
         self.model, self.bn, self.mode = model, bn, mode
-        self.chunks = [images[i:i + batch_size] for i in range(0, len(images), batch_size)]
-        self.label_chunks = [labels[i:i + batch_size] for i in range(0, len(labels), batch_size)]
+        self.chunks = _strided_chunks(images, batch_size)
+        self.label_chunks = _strided_chunks(labels, batch_size)
         self.n = len(labels)
+        self.calib_chunks = self.chunks
+        if calib_images is not None and calib_images < self.n:
+            self.calib_chunks = _strided_chunks(images[spread(self.n, calib_images).to(images.device)], batch_size)
+        self.calib_images = sum(len(c) for c in self.calib_chunks)
         nodes = model.nodes
         self._start = {u: mixing_start(model, u) for u in model.units}
+        self._last = len(nodes) - 1
         self._bn_at = {i: bns for i, n in enumerate(nodes)
                        if (bns := [m for m in (model.layers[n.name].modules() if n.name in model.layers else ())
                                    if isinstance(m, BN_TYPES)])}
@@ -118,10 +163,11 @@ class StepEvaluator:
         return Score(correct / self.n, loss / self.n)
 
     def _suffix_score(self, start: int, train_envs: list, eval_envs: list) -> Score:
-        """Score the model's current config from node ``start`` on, given the inputs there."""
+        """Score the model's current config from node ``start`` on, given the inputs there
+        (``train_envs``: the calibration chunks', ``eval_envs``: the scored chunks')."""
         if self.bn == "batch":
             self._set_modes(bn_train=True)
-            return self._score_logits([self._run(env, start) for env in train_envs])
+            return self._score_logits([self._run(env, start) for env in eval_envs])
         self._reset_bn(start, len(self.model.nodes))
         self._set_modes(bn_train=True)
         for env in train_envs:
@@ -129,22 +175,25 @@ class StepEvaluator:
         self._set_modes(bn_train=False)
         return self._score_logits([self._run(env, start) for env in eval_envs])
 
-    def _narrow(self, envs: list, unit: str, width: int, current: ChannelConfig) -> list:
-        """The live tensors of the current config with ``unit`` cut to its first ``width`` channels."""
+    def _slice(self, envs: list, have: Mapping[str, int], want: Mapping[str, int]) -> list:
+        """The live tensors ``envs``, computed at widths ``have``, cut to the (no wider) widths ``want``:
+        each unit's first channels (its part's first channels, in a concatenation)."""
         cut: dict[str, torch.Tensor | int] = {}
         for name in envs[0] if envs else ():
-            lay, k = self.model.tensor_layout(name), self.model.per_channel(name)
-            if unit not in lay:
+            parts = [(r, r) if isinstance(r, int) else (have[r], want[r]) for r in self.model.tensor_layout(name)]
+            if all(h == w for h, w in parts):
                 continue
-            if len(lay) == 1:
-                cut[name] = width * k  # a prefix (features of the kept channels, if flattened)
+            k = self.model.per_channel(name)
+            if len(parts) == 1:
+                cut[name] = parts[0][1] * k  # a prefix (features of the kept channels, if flattened)
                 continue
-            parts, off = [], 0
-            for r in lay:
-                w = r if isinstance(r, int) else current.widths[r]
-                parts.append(torch.arange(off * k, (off + (width if r == unit else w)) * k))
-                off += w
-            cut[name] = torch.cat(parts)
+            idx, off = [], 0
+            for h, w in parts:
+                idx.append(torch.arange(off * k, (off + w) * k))
+                off += h
+            cut[name] = torch.cat(idx)
+        if not cut:
+            return envs
         out = []
         for env in envs:
             e = dict(env)
@@ -158,7 +207,8 @@ class StepEvaluator:
     def _triton_scores(self, configs: Sequence[ChannelConfig]) -> list[Score]:
         from hwslim.kernels import step_logits
 
-        outs = step_logits(self.model, self.chunks, list(configs), bn=self.bn)
+        outs = step_logits(self.model, self.chunks, list(configs), bn=self.bn,
+                           calib_chunks=None if self.calib_chunks is self.chunks else self.calib_chunks)
         return [self._score_logits([o[k] for o in outs]) for k in range(len(configs))]
 
     @torch.no_grad()
@@ -167,46 +217,156 @@ class StepEvaluator:
         if self.kernels == "triton":
             return self._triton_scores([config])[0]
         model = self.model
+        was_training = model.training
         with model.using(config), preserved_bn_stats(model):
             envs = [{INPUT: x} for x in self.chunks]
-            return self._suffix_score(0, envs, envs)
+            calib = envs if self.calib_chunks is self.chunks else [{INPUT: x} for x in self.calib_chunks]
+            score = self._suffix_score(0, calib, envs)
+        model.train(was_training)
+        return score
 
     @torch.no_grad()
-    def score_candidates(self, current: ChannelConfig, candidates: Sequence[tuple[str, ChannelConfig]]) -> list[Score]:
-        """Scores of ``candidates`` (unit changed, config), each differing from ``current`` in that unit."""
+    def score_candidates(self, current: ChannelConfig, candidates: Candidates,
+                         rank: Rank | None = None) -> list[Score]:
+        """Scores of ``candidates`` ((label, config) pairs), each differing from ``current`` in any
+        units, narrower or wider. Every candidate is scored (``rank`` is for scorers that prune,
+        :class:`Halving`)."""
         if self.kernels == "triton":
             return self._triton_scores([cfg for _, cfg in candidates])
         if self.mode == "reference":
             return [self.score(cfg) for _, cfg in candidates]
         model = self.model
         was_training = model.training
-        order = sorted(range(len(candidates)), key=lambda k: self._start[candidates[k][0]])
-        scores: list[Score | None] = [None] * len(candidates)
+        configs = [cfg for _, cfg in candidates]
+        changed = [[u for u, w in cfg.widths.items() if w != current.widths[u]] for cfg in configs]
+        starts = [min((self._start[u] for u in ch), default=self._last) for ch in changed]
+        order = sorted(range(len(configs)), key=starts.__getitem__)
+
+        def envelope(ks: Sequence[int]) -> dict[str, int]:
+            """Current widths, each unit a candidate in ``ks`` changes at the widest any asks for."""
+            w = dict(current.widths)
+            for k in ks:
+                for u in changed[k]:
+                    w[u] = max(w[u], configs[k].widths[u])
+            return w
+
+        scores: list[Score | None] = [None] * len(configs)
         with preserved_bn_stats(model):
-            train_envs = [{INPUT: x} for x in self.chunks]
-            eval_envs = train_envs
-            pos = 0
-            for k in order:
-                unit, cfg = candidates[k]
-                start = self._start[unit]
-                if start > pos:  # advance the shared prefix of the current config to `start`
-                    with model.using(current):
+            eval_envs = [{INPUT: x} for x in self.chunks]
+            train_envs = eval_envs if self.calib_chunks is self.chunks else [{INPUT: x} for x in self.calib_chunks]
+            recal = self.bn == "recal"
+            have, pos = envelope(order), 0
+            for j, k in enumerate(order):
+                start = starts[k]
+                if start > pos:  # advance the shared prefix to `start`, at the envelope of the candidates left
+                    env_w = envelope(order[j:])
+                    train_envs, eval_envs = self._slice(train_envs, have, env_w), self._slice(eval_envs, have, env_w)
+                    have = env_w
+                    with model.using(model.config_of(env_w)):
                         self._set_modes(bn_train=True)
-                        if self.bn == "recal":
+                        if recal:
                             self._reset_bn(pos, start)
                         train_envs = [self._run(env, pos, start) for env in train_envs]
-                        if self.bn == "recal":
+                        if recal:
                             self._set_modes(bn_train=False)
                             eval_envs = [self._run(env, pos, start) for env in eval_envs]
                         else:
                             eval_envs = train_envs
                     pos = start
-                width = cfg.widths[unit]
+                cfg = configs[k]
                 with model.using(cfg):
-                    scores[k] = self._suffix_score(start, self._narrow(train_envs, unit, width, current),
-                                                   self._narrow(eval_envs, unit, width, current))
+                    scores[k] = self._suffix_score(start, self._slice(train_envs, have, cfg.widths),
+                                                   self._slice(eval_envs, have, cfg.widths))
         model.train(was_training)
         return scores  # type: ignore[return-value]
+
+
+class Halving:
+    """Successive halving over a step's candidates: all on a few images, the best few on all.
+
+    ``screen`` and ``full`` are ``score_candidates`` callables (a :class:`StepEvaluator`'s
+    on an evenly spread subset of the search split, and on the whole split). Each call
+    scores every candidate and the current config with ``screen``, keeps the ``keep``
+    best by ``rank`` (the caller's own rule, given the current config's screening score;
+    default: highest accuracy, then lowest loss) and scores only those with ``full``.
+    The others get ``None``: not chosen. With ``keep`` or fewer candidates it is
+    ``full`` alone, so the step decides exactly as full scoring does whenever full
+    scoring's choice ranks among the ``keep`` best on the subset.
+
+        >>> scorer = Halving(small.score_candidates, ev.score_candidates, keep=3)
+        >>> scores = scorer(current, candidates)      # None for the candidates screened out
+    """
+
+    def __init__(self, screen: Callable[..., list[Score]], full: Callable[..., list[Score]], keep: int) -> None:
+        if keep < 1:
+            raise ValueError(f"keep must be at least 1, got {keep}")
+        self.screen, self.full, self.keep = screen, full, keep
+        self.screened = self.kept = 0  # candidates seen, and those scored in full (for reports)
+
+    def __call__(self, current: ChannelConfig, candidates: Candidates, rank: Rank | None = None
+                 ) -> list[Score | None]:
+        self.screened += len(candidates)
+        if len(candidates) <= self.keep:
+            self.kept += len(candidates)
+            return self.full(current, candidates)
+        quick = self.screen(current, [*candidates, ("", current)])
+        base, quick = quick[-1], quick[:-1]
+        key = rank or (lambda _base, i, s: (-s.acc, s.loss, i))
+        best = sorted(sorted(range(len(candidates)), key=lambda i: key(base, i, quick[i]))[:self.keep])
+        self.kept += len(best)
+        out: list[Score | None] = [None] * len(candidates)
+        for i, s in zip(best, self.full(current, [candidates[i] for i in best])):
+            out[i] = s
+        return out
+
+
+@dataclass(frozen=True)
+class Scoring:
+    """How a search scores configs on its split (``hwslim search`` flags of the same names).
+
+    ``bn``, ``mode``, ``batch_size``, ``kernels``: as :class:`StepEvaluator`.
+    ``calib_images``: recalibrate BN on this many images spread over the split (None:
+    all; ``bn="recal"`` only). ``screen_images``: successive halving (:class:`Halving`),
+    every candidate of a step screened on this many images spread over the split and
+    only the ``keep`` best scored on all of them (None: every candidate on all).
+    """
+
+    bn: str = DEFAULT_BN
+    mode: str = "fast"
+    batch_size: int = 250
+    kernels: str = "torch"
+    calib_images: int | None = None
+    screen_images: int | None = DEFAULT_SCREEN_IMAGES
+    keep: int = DEFAULT_KEEP
+
+    def build(self, model: SlimmableNet, images: torch.Tensor, labels: torch.Tensor,
+              wrap: Callable[[Callable], Callable] = lambda f: f
+              ) -> tuple[Callable[..., list[Score | None]], Callable[[ChannelConfig], Score]]:
+        """``(score_candidates, score)`` on ``images``: the scorer of a step's candidates (a
+        :class:`Halving` when ``screen_images`` is set and smaller than the split) and of one config.
+        ``wrap`` wraps each evaluator's ``score_candidates`` (``hwslim.distributed_search.sharded``)."""
+        n = len(labels)
+        calib = None if self.calib_images is None or self.calib_images >= n else self.calib_images
+        full = StepEvaluator(model, images, labels, bn=self.bn, mode=self.mode, batch_size=self.batch_size,
+                             kernels=self.kernels, calib_images=calib)
+        if not self.screen_images or self.screen_images >= n:
+            return wrap(full.score_candidates), full.score
+        idx = spread(n, self.screen_images).to(images.device)
+        screen = StepEvaluator(model, images[idx], labels[idx], bn=self.bn, mode=self.mode,
+                               batch_size=self.batch_size, kernels=self.kernels,
+                               calib_images=None if calib is None or calib >= len(idx) else calib)
+        return Halving(wrap(screen.score_candidates), wrap(full.score_candidates), self.keep), full.score
+
+    def describe(self, n: int) -> str:
+        """What the scorer does on a split of ``n`` images, in words (for the search's first line)."""
+        if self.bn == "recal":
+            c = n if self.calib_images is None else min(n, self.calib_images)
+            bn = f"BN recalibrated per candidate on {c:,} of them"
+        else:
+            bn = f"BN statistics of each chunk of {min(n, self.batch_size):,}"
+        how = (f"each candidate screened on {self.screen_images:,} images, the best {self.keep} scored on all "
+               f"{n:,}" if self.screen_images and self.screen_images < n else f"each candidate scored on {n:,} images")
+        return f"{how} ({bn}; {self.mode} evaluator)"
 
 
 def mixing_start(model: SlimmableNet, unit: str) -> int:

@@ -2,8 +2,9 @@
 
 Start at the full config. Each step, every unit that can shrink proposes its next
 narrower grid width that lowers the binding cost (one grid step for MACs, parameters
-and memory; more where a latency table is flat, see :func:`_shrink`); each proposal is scored on the checkpoint's held-out search split (BN
-recalibrated, :mod:`hwslim.evaluator`) and costed (latency from a table, peak
+and memory; more where a latency table is flat, see :func:`_shrink`); each proposal is scored on the
+checkpoint's held-out search split (:mod:`hwslim.evaluator`: BN statistics of the config's own, the
+shared prefix computed once, successive halving by default) and costed (latency from a table, peak
 activation memory, parameters, MACs: :func:`config_costs`). The step keeps the best
 proposal by the criterion, and the walk continues until every target holds. One walk
 yields a config for every target in a list: the first config on the path that meets it.
@@ -50,7 +51,7 @@ from typing import Callable, Mapping, Sequence
 from hwslim.config import ChannelConfig, atomic_write_text
 from hwslim.costs import spec_costs
 from hwslim.errors import BudgetError, HwslimError, OutputExistsError
-from hwslim.evaluator import Score, StepEvaluator
+from hwslim.evaluator import Score, Scoring
 from hwslim.outputs import check_output, remove_stale_temporaries
 from hwslim.supernet import SlimmableNet
 
@@ -179,7 +180,7 @@ def _binding(budgets: Sequence[Budget], costs: Mapping[str, float]) -> Budget | 
     return max(unmet, key=lambda b: costs[b.kind] / b.value) if unmet else None
 
 
-def slim(model: SlimmableNet, score_candidates: Callable[[ChannelConfig, list[tuple[str, ChannelConfig]]], list[Score]],
+def slim(model: SlimmableNet, score_candidates: Callable[..., list[Score | None]],
          score: Callable[[ChannelConfig], Score], cost_fn: Callable[[ChannelConfig], dict[str, float]],
          budgets: Sequence[Budget | Target], *, criterion: str = DEFAULT_CRITERION, replay: Sequence[Step] = (),
          on_step: Callable[[Step], None] | None = None,
@@ -189,6 +190,13 @@ def slim(model: SlimmableNet, score_candidates: Callable[[ChannelConfig, list[tu
     ``budgets``: :class:`Target` s (a plain :class:`Budget` is a target of its own, see
     :func:`targets_of` for budgets as a user gives them). ``replay`` (a saved path
     prefix) is trusted and continued from.
+
+    ``score_candidates(current, candidates, rank=rank)`` scores a step's candidates
+    (``(unit, config)`` pairs); ``rank(base, i, score)`` is the criterion's sort key of
+    candidate ``i`` given the current config's score ``base`` on the same images, so a
+    scorer that prunes (:class:`hwslim.evaluator.Halving`: screen on a few images, score
+    the best few in full) ranks as the walk does and answers ``None`` for the rest.
+    ``score(config)`` scores one config in full (the start and jumps).
 
     A measured latency table is not monotone: the narrowest config is not always the
     fastest. When the walk reaches the narrowest config with targets still unmet, it
@@ -240,16 +248,17 @@ def slim(model: SlimmableNet, score_candidates: Callable[[ChannelConfig, list[tu
         keep = [i for i, c in enumerate(costs) if c[binding.kind] < current.costs[binding.kind]]
         per_cost = criterion == "acc-per-cost" and bool(keep)
         keep = keep or list(range(len(candidates)))
-        scores = score_candidates(config, [candidates[i] for i in keep])
+        saved = [current.costs[binding.kind] - costs[i][binding.kind] for i in keep]
 
-        def key(j: int) -> tuple:
-            i = keep[j]
-            drop = current.acc - scores[j].acc
-            saved = current.costs[binding.kind] - costs[i][binding.kind]
-            primary = drop / saved if per_cost else drop
-            return (primary, scores[j].loss, -saved, i)
+        def rank(base: Score, j: int, s: Score) -> tuple:
+            """The criterion's order (smaller first), given the current config's score on the same images."""
+            drop = base.acc - s.acc
+            return (drop / saved[j] if per_cost else drop, s.loss, -saved[j], j)
 
-        j = min(range(len(keep)), key=key)
+        # a scorer that prunes (hwslim.evaluator.Halving) may leave out candidates: None
+        scores = score_candidates(config, [candidates[i] for i in keep], rank=rank)
+        base = Score(current.acc, current.loss)
+        j = min((j for j, sc in enumerate(scores) if sc is not None), key=lambda j: rank(base, j, scores[j]))
         i = keep[j]
         unit_name, config = candidates[i]
         step = Step(len(path), unit_name, current.widths[unit_name], config.widths[unit_name], scores[j].acc,
@@ -294,7 +303,7 @@ def _refusal(target: Target, model: SlimmableNet, known_costs, path: Sequence[St
 
 
 def fill_budget(model: SlimmableNet,
-                score_candidates: Callable[[ChannelConfig, list[tuple[str, ChannelConfig]]], list[Score]],
+                score_candidates: Callable[..., list[Score | None]],
                 cost_fn: Callable[[ChannelConfig], dict[str, float]], start: Step, target: Budget | Target, *,
                 max_steps: int = DEFAULT_FILL_STEPS, on_step: Callable[[Step], None] | None = None) -> list[Step]:
     """Spend the slack the walk's config ``start`` leaves under ``target``: a greedy grow-back.
@@ -302,8 +311,8 @@ def fill_budget(model: SlimmableNet,
     The first config on the path that meets a budget often lies well under it (one grid
     step of the binding unit can save a lot). Each step, every unit proposes its nearest
     wider grid width with which every budget of ``target`` still holds; the proposals
-    are scored together, ``score_candidates(current, proposals)`` with each proposal
-    *wider* than ``current`` in its unit, and the step keeps the largest accuracy gain
+    are scored together, ``score_candidates(current, proposals, rank=rank)`` (as in
+    :func:`slim`) with each proposal *wider* than ``current`` in its unit, and the step keeps the largest accuracy gain
     per unit of budget spent (the largest rise of cost/limit over the target's budgets;
     a proposal that costs nothing, possible on a measured table, comes first), ties to
     the larger loss drop per budget spent. Only proposals that improve the score (higher
@@ -323,19 +332,20 @@ def fill_budget(model: SlimmableNet,
                 costs.append(found[1])
         if not candidates:
             break
-        scores = score_candidates(config, candidates)
-        best, best_key = None, None
-        for i, sc in enumerate(scores):
-            gain, loss_drop = sc.acc - current.acc, current.loss - sc.loss
-            if gain < 0 or (gain == 0 and loss_drop <= 0):
-                continue
-            spent = max((costs[i][b.kind] - current.costs[b.kind]) / b.value for b in target.budgets)
-            per = 1.0 if spent <= 0 else spent
-            key = (spent <= 0, gain / per, loss_drop / per, -i)
-            if best_key is None or key > best_key:
-                best, best_key = i, key
-        if best is None:
+        spent = [max((c[b.kind] - current.costs[b.kind]) / b.value for b in target.budgets) for c in costs]
+
+        def rank(base: Score, i: int, s: Score) -> tuple:
+            """Improvers first, free ones first, then the largest gain (then loss drop) per budget spent."""
+            gain, loss_drop = s.acc - base.acc, base.loss - s.loss
+            per = 1.0 if spent[i] <= 0 else spent[i]
+            return (gain < 0 or (gain == 0 and loss_drop <= 0), spent[i] > 0, -gain / per, -loss_drop / per, i)
+
+        scores = score_candidates(config, candidates, rank=rank)  # None: left out by a pruning scorer
+        base = Score(current.acc, current.loss)
+        ranked = sorted((rank(base, i, sc), i) for i, sc in enumerate(scores) if sc is not None)
+        if not ranked or ranked[0][0][0]:  # nothing improves the score
             break
+        best = ranked[0][1]
         unit, config = candidates[best]
         current = Step(n, unit, current.widths[unit], config.widths[unit], scores[best].acc, scores[best].loss,
                        costs[best], target.label, dict(config.widths), move="widen")
@@ -535,8 +545,7 @@ def _file_digest(path: Path) -> str:
 
 def greedy_search(checkpoint, budgets: Sequence[Budget], *, table=None, criterion: str = DEFAULT_CRITERION,
                   out_dir: str | Path | None = None, resume: bool = False, force: bool = False,
-                  device: str = "cpu", evaluator: str = "fast", bn: str = "recal", batch_size: int = 250,
-                  kernels: str = "torch",
+                  device: str = "cpu", scoring: Scoring | None = None,
                   max_images: int | None = None, batch: int = 1, progress: bool = True,
                   plot: bool = True, images=None, labels=None, force_table: bool = False,
                   log: Callable[[str], None] | None = None, fill: bool = True,
@@ -549,6 +558,8 @@ def greedy_search(checkpoint, budgets: Sequence[Budget], *, table=None, criterio
     ``search_state.json`` (for ``resume``) and ``search.png``. The search split
     comes from the checkpoint (``hwslim.data.search_split``) unless ``images``/``labels``
     are given. ``force_table`` uses a ``table`` measured on another setup (``--force``).
+    ``scoring`` (:class:`hwslim.evaluator.Scoring`, default its measured defaults) says how
+    configs are scored: the walk, the budget filling and the uniform-width configs alike.
     ``log`` gets a line saying what is scored, once every check has passed.
     """
     import pandas as pd
@@ -560,6 +571,7 @@ def greedy_search(checkpoint, budgets: Sequence[Budget], *, table=None, criterio
     if not budgets:
         raise HwslimError("give at least one budget (--latency-ms, --memory-mb, --params-m or --macs-m)")
     targets = targets_of(budgets)
+    scoring = Scoring() if scoring is None else scoring
     model: SlimmableNet = checkpoint.model.to(device)
     if table is not None:
         table.check_compatible(model, batch=batch, force=force_table)
@@ -571,8 +583,8 @@ def greedy_search(checkpoint, budgets: Sequence[Budget], *, table=None, criterio
     settings = {
         "checkpoint": str(getattr(checkpoint, "path", "") or ""),
         "checkpoint_sha256": _file_digest(checkpoint.path) if getattr(checkpoint, "path", None) else "",
-        "targets": [t.label for t in targets], "criterion": criterion, "bn": bn, "batch": batch,
-        "batch_size": batch_size, "max_images": max_images,
+        "targets": [t.label for t in targets], "criterion": criterion, "scoring": asdict(scoring), "batch": batch,
+        "max_images": max_images,
         "table": str(table.path) if table is not None and getattr(table, "path", None) else None,
     }
     replay: list[Step] = []
@@ -607,13 +619,10 @@ def greedy_search(checkpoint, budgets: Sequence[Budget], *, table=None, criterio
         from hwslim.data import search_split
 
         images, labels = search_split(checkpoint, device=device, max_images=max_images)
-    ev = StepEvaluator(model, images.to(device), labels.to(device), bn=bn, mode=evaluator, batch_size=batch_size,
-                       kernels=kernels)
+    score_candidates, score = scoring.build(model, images.to(device), labels.to(device), wrap=dist.sharded)
     if log is not None and dist.is_writer():
-        log(f"searching {', '.join(b.label for b in budgets)}: each candidate scored on {len(labels):,} search-split "
-            f"images (BN {'recalibrated per candidate' if bn == 'recal' else 'batch statistics'}, {evaluator} "
-            f"evaluator, {device})" + (f"; resuming after step {len(replay) - 1}" if replay else ""))
-    score_candidates = dist.sharded(ev.score_candidates)
+        log(f"searching {', '.join(b.label for b in budgets)} on {len(labels):,} search-split images: "
+            f"{scoring.describe(len(labels))}, {device}" + (f"; resuming after step {len(replay) - 1}" if replay else ""))
     is_writer = dist.is_writer()
 
     bar = None
@@ -648,7 +657,7 @@ def greedy_search(checkpoint, budgets: Sequence[Budget], *, table=None, criterio
             bar.update(max(0, done_pct(step.costs) - bar.n))
 
     try:
-        path = slim(model, score_candidates, ev.score, cost_fn, targets, criterion=criterion, replay=replay,
+        path = slim(model, score_candidates, score, cost_fn, targets, criterion=criterion, replay=replay,
                     on_step=on_step)
     finally:
         if bar is not None:
@@ -656,16 +665,27 @@ def greedy_search(checkpoint, budgets: Sequence[Budget], *, table=None, criterio
     walked = pick_steps(path, targets)
     fills: list[list[Step]] = [[] for _ in targets]
     if fill:
-        # The fast evaluator shares the current config's prefix with *narrower* candidates
-        # only, so a wider one is scored in full; the Triton kernels score any configs in one pass.
-        def score_wider(current, candidates):
-            if kernels == "triton":
-                return ev.score_candidates(current, candidates)
-            return [ev.score(cfg) for _, cfg in candidates]
+        fill_bar = None
+        if progress and is_writer:
+            from tqdm.auto import tqdm
 
-        fill_scorer = dist.sharded(score_wider)
-        fills = [fill_budget(model, fill_scorer, cost_fn, st, t, max_steps=fill_steps)
-                 for st, t in zip(walked, targets)]
+            fill_bar = tqdm(total=len(targets), desc="filling the budgets (widening units back)", unit="config",
+                            dynamic_ncols=True)
+
+        def on_widen(step: Step) -> None:
+            if fill_bar is not None:
+                fill_bar.set_postfix(widened=step.step, acc=f"{step.acc:.3f}")
+
+        try:
+            fills = []
+            for st, t in zip(walked, targets):
+                fills.append(fill_budget(model, score_candidates, cost_fn, st, t, max_steps=fill_steps,
+                                         on_step=on_widen))
+                if fill_bar is not None:
+                    fill_bar.update(1)
+        finally:
+            if fill_bar is not None:
+                fill_bar.close()
     configs = [_chosen_config(model, t, st, fl) for t, st, fl in zip(targets, walked, fills)]
     frame = pd.DataFrame([s.row() for s in path])
     result = SearchResult(configs, frame, path, out, files=[config_file(out, t) for t in targets] if out else [],
@@ -673,7 +693,7 @@ def greedy_search(checkpoint, budgets: Sequence[Budget], *, table=None, criterio
     if out is not None and is_writer:
         provenance = {"produced_by": "hwslim search", "checkpoint": settings["checkpoint"],
                       "checkpoint_sha256": settings["checkpoint_sha256"], "table": settings["table"],
-                      "criterion": criterion, "bn": bn}
+                      "criterion": criterion, "bn": scoring.bn}
         for t, cfg in zip(targets, configs):
             cfg.with_meta(**provenance).save(config_file(out, t), force=True)
         frame.to_csv(out / "path.csv", index=False)
@@ -688,7 +708,7 @@ def greedy_search(checkpoint, budgets: Sequence[Budget], *, table=None, criterio
 
                 uniform = tqdm(uniform, desc="scoring uniform-width configs (for search.png)", unit="config",
                                dynamic_ncols=True)
-            result.uniform = [{"step": s, "acc": (sc := ev.score(u)).acc, "loss": sc.loss, **cost_fn(u)}
+            result.uniform = [{"step": s, "acc": (sc := score(u)).acc, "loss": sc.loss, **cost_fn(u)}
                               for s, u in uniform]
             pd.DataFrame(result.uniform).to_csv(out / "uniform.csv", index=False)
             plot_path(frame, pd.DataFrame(result.uniform), [t.budget for t in targets], out / "search.png",

@@ -406,6 +406,13 @@ CASES = [
     (S + ["--params-m", "1", "--max-images", "0"], "0 images", 2, "at least 1", None),
     (S + ["--params-m", "1", "--criterion", "luck"], "unknown criterion", 2, "invalid choice", None),
     (S + ["--params-m", "1", "--threads", "0"], "0 threads", 2, "at least 1", None),
+    (S + ["--params-m", "1", "--calib-images", "-1"], "negative calibration images", 2, "0 or more", None),
+    (S + ["--params-m", "1", "--bn", "batch", "--calib-images", "100"], "calibration images with batch BN", 2,
+     "--calib-images is for --bn recal", None),
+    (S + ["--params-m", "1", "--screen-images", "half"], "screen images not a number", 2, "expected a whole number",
+     None),
+    (S + ["--params-m", "1", "--keep", "0"], "keep 0 candidates", 2, "at least 1", None),
+    (S + ["--params-m", "1", "--chunk", "0"], "chunk of 0 images", 2, "at least 1", None),
     # export
     (E + ["--out", "{ws}/m.onnx"], "existing output, no --force", 2, "exists; pass --force", None),
     (E + ["--out", "{c}"], "--out is a directory", 2, "is a directory", None),

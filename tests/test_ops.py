@@ -201,6 +201,31 @@ def test_fast_evaluator_agrees_with_reference_across_every_operator():
         assert f.acc == pytest.approx(r.acc) and f.loss == pytest.approx(r.loss, rel=1e-4, abs=1e-5)
 
 
+def test_fast_evaluator_scores_wider_and_several_unit_candidates_as_the_reference():
+    """The budget filling's candidates (wider), candidates changing several units, and the current
+    config itself, from a config in the middle of every grid: the envelope prefix is exact."""
+    net = every_op_net()
+    torch.manual_seed(1)
+    images, labels = torch.randn(40, 3, 16, 16), torch.randint(0, 10, (40,))
+    mid = net.config_of({u: unit.grid[(len(unit.grid) - 1) // 2] for u, unit in net.units.items()})
+    wider = [(u, mid.replace(**{u: unit.grid[-1]})) for u, unit in net.units.items() if mid.widths[u] < unit.max_width]
+    narrower = [(u, mid.replace(**{u: unit.grid[0]})) for u, unit in net.units.items() if mid.widths[u] > unit.grid[0]]
+    units = list(net.units)
+    several = [("two", mid.replace(**{units[0]: net.units[units[0]].max_width, units[-1]: net.units[units[-1]].grid[0]}))]
+    cands = [*wider, *narrower, *several, ("current", mid)]
+    assert len(wider) == sum(len(unit.grid) > 1 for unit in net.units.values()) == 4 and len(narrower) >= 2
+    for bn, calib in (("recal", None), ("recal", 12), ("batch", None)):
+        fast_ev = StepEvaluator(net, images, labels, mode="fast", batch_size=16, bn=bn, calib_images=calib)
+        ref = StepEvaluator(net, images, labels, mode="reference", batch_size=16, bn=bn,
+                            calib_images=calib).score_candidates(mid, cands)
+        fast = fast_ev.score_candidates(mid, cands)
+        for (name, _), f, r in zip(cands, fast, ref):
+            assert f.acc == pytest.approx(r.acc), (bn, name)
+            assert f.loss == pytest.approx(r.loss, rel=1e-4, abs=1e-5), (bn, name)
+        whole = fast_ev.score(mid)  # the current config, scored alone
+        assert fast[-1].acc == whole.acc and fast[-1].loss == pytest.approx(whole.loss, rel=1e-5)
+
+
 def test_graph_json_round_trip_rebuilds_the_same_network():
     import json
 

@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import socket
 
 import pandas as pd
@@ -18,6 +19,7 @@ from hwslim.models import create_model
 from hwslim.latency import Calibration, LatencyTable, new_meta
 from hwslim.profile import enumerate_entries
 from hwslim.search import Budget, Target, config_costs, greedy_search, slim, targets_of
+from hwslim.slimmable import recalibrate_bn
 from profilers import get_profiler
 from profilers.base import Timing
 
@@ -163,7 +165,7 @@ def _analytic(net):
         acc = 1 - sum(weight[u] * (1 - w / net.units[u].max_width) for u, w in cfg.widths.items())
         return Score(acc, 1 - acc)
 
-    return score, lambda cur, cands: [score(c) for _, c in cands]
+    return score, lambda cur, cands, rank=None: [score(c) for _, c in cands]
 
 
 def test_no_budget_is_refused_that_a_config_the_search_lists_meets():
@@ -369,12 +371,12 @@ def test_driver_keeps_the_smallest_drop_and_criteria_differ():
 
     budget = [Budget("params_m", model_costs(net).params / 1e6 * 0.6)]
     cost = lambda c: config_costs(net, c)  # noqa: E731
-    acc_path = slim(net, lambda cur, cands: [score(c) for _, c in cands], score, cost, budget)
+    acc_path = slim(net, lambda cur, cands, rank=None: [score(c) for _, c in cands], score, cost, budget)
     first = acc_path[1]
     cheapest = min(weight[u] / net.units[u].max_width for u in net.units)
     assert weight[first.unit] / net.units[first.unit].max_width == cheapest
     assert cost(net.config_of(acc_path[-1].widths))["params_m"] <= budget[0].value
-    per_cost = slim(net, lambda cur, cands: [score(c) for _, c in cands], score, cost, budget,
+    per_cost = slim(net, lambda cur, cands, rank=None: [score(c) for _, c in cands], score, cost, budget,
                     criterion="acc-per-cost")
     full = net.full_config()
     base_acc, base_params = score(full).acc, cost(full)["params_m"]
@@ -497,6 +499,9 @@ def test_search_shows_progress_with_a_total_and_labels_its_plot(ckpt_path, tmp_p
     err = capsys.readouterr().err
     assert "greedy search (% of the way to the budgets): 100%" in err and "100/100%" in err
     assert "scoring uniform-width configs (for search.png): 100%" in err and "12/12" in err
+    assert "filling the budgets (widening units back): 100%" in err and "1/1" in err  # one config to fill
+    walk_bar = next(line for line in err.replace("\r", "\n").splitlines() if "100/100%" in line)
+    assert re.search(r"\[\d\d:\d\d<\d\d:\d\d", walk_bar)  # elapsed<remaining: the ETA
     path, uniform = pd.read_csv(out / "path.csv"), pd.read_csv(out / "uniform.csv")
     path["latency_ms"], uniform["latency_ms"] = path["params_m"], uniform["params_m"]  # as a table would add
     fig = path_figure(path, uniform, [Budget("latency_ms", 0.3), Budget("latency_ms", 0.2)])
@@ -508,3 +513,82 @@ def test_search_shows_progress_with_a_total_and_labels_its_plot(ckpt_path, tmp_p
     assert fig.axes[0].get_xlabel() == "parameters (millions)"
     assert fig.axes[0].get_title() == "against params_m; budgets on macs_m are not drawn"
     plt.close(fig)
+
+
+def _dead_tail(net, unit: str) -> None:
+    """Make the channels of ``unit`` beyond its next narrower width output exactly zero (BN scale and
+    shift 0 in the convs that produce it): narrowing ``unit`` one step then changes nothing."""
+    keep = net.units[unit].narrower(net.units[unit].max_width)
+    with torch.no_grad():
+        for n in net.nodes:
+            if n.mid == unit:
+                bn = net.layers[n.name].conv1.bn
+            elif n.out == unit:
+                bn = net.layers[n.name].bn
+            else:
+                continue
+            bn.weight[keep:] = 0
+            bn.bias[keep:] = 0
+
+
+def test_halving_picks_what_full_scoring_picks_when_the_margin_is_clear():
+    """Every candidate screened on a spread quarter of the split, the best 3 scored on all of it: on a
+    supernet where one shrink is free and the others cost accuracy, the walk is full scoring's."""
+    from hwslim.evaluator import Halving, Scoring
+
+    torch.manual_seed(3)
+    net = create_model("resnet20", input_size=16)
+    for m in net.modules():  # non-trivial BN, as _supernet
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.normal_(0, 0.2)
+    _dead_tail(net, "l3b1/mid")
+    x = torch.randn(96, 3, 16, 16)
+    with torch.no_grad(), net.using(net.full_config()):
+        recalibrate_bn(net, [x[0::2], x[1::2]])  # as the scorer will: its chunks of 48
+        net.eval()
+        y = net(x).argmax(1)  # labels: the full config's own predictions (100% at the start)
+    full = StepEvaluator(net, x, y, batch_size=48)
+    cur = net.full_config()
+    cands = [(u, cur.replace(**{u: unit.narrower(cur.widths[u])})) for u, unit in net.units.items()]
+    scores = full.score_candidates(cur, cands)
+    best = max(range(len(cands)), key=lambda i: (scores[i].acc, -scores[i].loss))
+    assert cands[best][0] == "l3b1/mid" and scores[best].acc == 1.0
+    assert sorted(s.acc for s in scores)[-2] <= 1.0 - 3 / 96  # a clear margin: every other shrink flips 3+ images
+
+    scorer, score = Scoring(bn="recal", screen_images=24, keep=3, batch_size=48).build(net, x, y)
+    assert isinstance(scorer, Halving)
+    budget = [Budget("macs_m", config_costs(net, cur)["macs_m"] * 0.999)]  # one step
+    cost = lambda c: config_costs(net, c)  # noqa: E731
+    halved = slim(net, scorer, score, cost, budget)
+    reference = slim(net, full.score_candidates, full.score, cost, budget)
+    assert halved[1].unit == "l3b1/mid" and len(halved) == 2
+    assert [(s.unit, s.new, s.acc, s.loss) for s in halved] == [(s.unit, s.new, s.acc, s.loss) for s in reference]
+    assert scorer.kept < scorer.screened  # most candidates were not scored in full
+
+
+def test_halving_ranks_by_the_callers_rule_on_the_screening_images():
+    """The screen sees the current config too (the rank's base); the rest get None; few candidates: full alone."""
+    from hwslim.evaluator import Halving
+
+    calls = []
+
+    def screen(cur, cands):
+        calls.append(("screen", [n for n, _ in cands]))
+        return [Score(0.5 if n == "" else {"a": 0.1, "b": 0.4, "c": 0.3, "d": 0.2}[n], 1.0) for n, _ in cands]
+
+    def full(cur, cands):
+        calls.append(("full", [n for n, _ in cands]))
+        return [Score(0.9, 0.1) for _ in cands]
+
+    cands = [(n, None) for n in "abcd"]
+    got = Halving(screen, full, keep=2)(None, cands)
+    assert calls == [("screen", ["a", "b", "c", "d", ""]), ("full", ["b", "c"])]
+    assert got == [None, Score(0.9, 0.1), Score(0.9, 0.1), None]
+    # the caller's rule: the largest drop first (base 0.5 is the current config's screening score)
+    calls.clear()
+    got = Halving(screen, full, keep=1)(None, cands, rank=lambda base, i, s: (-(base.acc - s.acc), i))
+    assert calls[1] == ("full", ["a"]) and got[0] is not None
+    calls.clear()
+    Halving(screen, full, keep=4)(None, cands)
+    assert calls == [("full", ["a", "b", "c", "d"])]

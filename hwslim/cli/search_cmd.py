@@ -2,7 +2,9 @@ from __future__ import annotations
 
 import json
 
-from hwslim.cli import add_command, positive_float, positive_int, print_table, set_threads, threads_note, with_header
+from hwslim.cli import (add_command, nonneg_int, positive_float, positive_int, print_table, set_threads, threads_note,
+                        with_header)
+from hwslim.evaluator import DEFAULT_BN, DEFAULT_KEEP, DEFAULT_SCREEN_IMAGES, Scoring
 from hwslim.errors import HwslimError
 from hwslim.search import (CRITERIA, DEFAULT_CRITERION, DEFAULT_FILL_STEPS, Budget, greedy_search,
                            targets_of)
@@ -39,14 +41,32 @@ def register(sub) -> None:
     p.add_argument("--force", action="store_true", help="start over even if --out holds a search; "
                                                         "use a table measured on another setup")
     p.add_argument("--batch", type=positive_int, default=1, help="inference batch the budgets refer to (default 1)")
-    p.add_argument("--bn", choices=["recal", "batch"], default="recal",
-                   help="BatchNorm statistics for scoring: recalibrated per config (default) or per-batch")
-    p.add_argument("--evaluator", choices=["fast", "reference"], default="fast",
+    s = p.add_argument_group("scoring (defaults measured with benchmarks/search_speed.py)")
+    s.add_argument("--bn", choices=["recal", "batch"], default=DEFAULT_BN,
+                   help="BatchNorm statistics for scoring: batch: each chunk of 250 images (spread over the "
+                        "split) normalized by its own statistics, one pass (default); recal: recalibrated per "
+                        "candidate, then scored in eval mode, two passes (as export recalibrates)")
+    s.add_argument("--calib-images", type=nonneg_int, metavar="N",
+                   help="with --bn recal: recalibrate on N images spread over the search split, then score on "
+                        "all of them (default: all)")
+    s.add_argument("--chunk", type=positive_int, default=Scoring.batch_size, metavar="N",
+                   help=f"images per forward pass when scoring, chunks spread over the split (default "
+                        f"{Scoring.batch_size}); with --bn batch also the images each BN statistic is taken over "
+                        f"(a chunk of the whole split keeps the decisions of --bn recal, at about half the speed "
+                        f"per image here)")
+    s.add_argument("--screen-images", type=nonneg_int, default=DEFAULT_SCREEN_IMAGES, metavar="N",
+                   help=f"successive halving: score every candidate of a step on N images spread over the "
+                        f"search split, and only the best --keep on all of them (default {DEFAULT_SCREEN_IMAGES}; "
+                        f"0: every candidate on every image)")
+    s.add_argument("--keep", type=positive_int, default=DEFAULT_KEEP, metavar="K",
+                   help=f"candidates per step scored on the whole split after screening (default {DEFAULT_KEEP})")
+    s.add_argument("--evaluator", choices=["fast", "reference"], default="fast",
                    help="fast shares each step's common computation; reference runs every candidate in full")
-    p.add_argument("--kernels", choices=["torch", "triton"], default="torch",
+    s.add_argument("--kernels", choices=["torch", "triton"], default="torch",
                    help="triton: fused multi-config Triton kernels for the evaluations (CUDA only; "
                         "not yet measured on a GPU, so torch stays the default)")
-    p.add_argument("--max-images", type=positive_int, help="use at most this many search-split images")
+    s.add_argument("--max-images", type=positive_int, help="use at most this many search-split images "
+                                                           "(spread over the split)")
     p.add_argument("--eval-device", default=None, help="where to run the search's evaluations "
                                                         "(default: cuda if available, else cpu)")
     p.add_argument("--threads", type=positive_int, help="PyTorch CPU threads for the evaluations (default 1: measured "
@@ -74,6 +94,12 @@ def run(args) -> int:
     its budget), fill.csv (the widening steps), path.csv (the whole walk), uniform.csv
     and search.png (accuracy against cost, with the uniform-width configs) and
     search_state.json (for --resume).
+
+    Scoring (the walk's candidates and the filling's widenings alike): every candidate
+    is screened on 200 search-split images and the best 3 are scored on the whole split
+    (successive halving: --screen-images, --keep), each chunk of 250 images normalized by
+    its own BN statistics (--bn, --chunk); --screen-images 0 --bn recal scores every
+    candidate in full with BN recalibrated, as before (about 3x slower).
 
     Example: hwslim search --checkpoint runs/sn/checkpoint.pt --latency-ms 20 15 10 --memory-mb 5 --device cpu
     """
@@ -103,6 +129,10 @@ def run(args) -> int:
     if args.table_dir and not args.device:
         raise HwslimError("--table-dir is where --device looks for this machine's table; add --device cpu|cuda "
                           "(or give the table itself with --table)")
+    if args.bn == "batch" and args.calib_images is not None:
+        raise HwslimError("--calib-images is for --bn recal (--bn batch normalizes each chunk by its own statistics)")
+    scoring = Scoring(bn=args.bn, mode=args.evaluator, kernels=args.kernels, keep=args.keep, batch_size=args.chunk,
+                      calib_images=args.calib_images or None, screen_images=args.screen_images or None)
     ckpt = load_checkpoint(args.checkpoint)
     check_inference(ckpt.model, batch=args.batch)
     table = None
@@ -117,8 +147,8 @@ def run(args) -> int:
         else:
             raise HwslimError("a --latency-ms budget needs --table PATH or --device cpu|cuda")
     result = greedy_search(ckpt, budgets, table=table, criterion=args.criterion, out_dir=args.out,
-                           resume=args.resume, force=args.force, device=eval_device, evaluator=args.evaluator,
-                           bn=args.bn, max_images=args.max_images, batch=args.batch, kernels=args.kernels,
+                           resume=args.resume, force=args.force, device=eval_device, scoring=scoring,
+                           max_images=args.max_images, batch=args.batch,
                            progress=not args.no_progress, force_table=args.force,
                            log=with_header(f"hwslim search: {threads_note(args.threads)}"),
                            fill=not args.no_fill, fill_steps=args.fill_steps)

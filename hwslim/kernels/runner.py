@@ -478,10 +478,12 @@ EVALUATOR_BN_MODES = ("recal", "batch", "running")
 
 @torch.no_grad()
 def step_logits(model: SlimmableNet, chunks: Sequence[torch.Tensor], configs: Sequence[ChannelConfig], *,
-                bn: str = "recal", fuse: bool = True, tf32: bool | None = None) -> list[torch.Tensor]:
+                bn: str = "recal", fuse: bool = True, tf32: bool | None = None,
+                calib_chunks: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:
     """Logits of every config on every chunk, with the search evaluator's BN modes.
 
-    ``bn``: ``"recal"`` (recalibrate each config's BN over all ``chunks`` as
+    ``bn``: ``"recal"`` (recalibrate each config's BN over all ``chunks``, or over
+    ``calib_chunks`` when given, as
     :func:`hwslim.slimmable.recalibrate_bn` does, then eval mode), ``"batch"`` (each chunk
     normalized by its own statistics) or ``"running"`` (the supernet's statistics).
     Returns one ``(K, chunk, classes)`` float32 tensor per chunk; config k's scores come
@@ -496,5 +498,5 @@ def step_logits(model: SlimmableNet, chunks: Sequence[torch.Tensor], configs: Se
         raise ValueError("step_logits needs at least one chunk")
     _require(model, chunks[0])
     plan = plan_multi(model, configs, chunks[0].device)
-    mode: str | MultiBN = multi_calibrate(model, chunks, plan, tf32=tf32) if bn == "recal" else bn
+    mode: str | MultiBN = multi_calibrate(model, calib_chunks or chunks, plan, tf32=tf32) if bn == "recal" else bn
     return [multi_forward(model, x, plan, bn=mode, fuse=fuse, tf32=tf32) for x in chunks]
