@@ -36,7 +36,7 @@ from torch import nn
 
 from hwslim.graph import LayerSpec
 from profilers.base import Profiler, ProfilerError, Timing, sample
-from profilers.ort import CLOCKS, cpu_model
+from profilers.ort import cpu_clock, cpu_model
 
 INSTALL = "pip install 'hwslim[executorch]'"
 
@@ -77,11 +77,7 @@ class ExecuTorchProfiler(Profiler):
     def __init__(self, *, threads: int | None = None, dtype: str | None = None, protocol=None, e2e_protocol=None,
                  clock: str | None = None) -> None:
         super().__init__(threads=threads, dtype=dtype, protocol=protocol, e2e_protocol=e2e_protocol)
-        self.clock = clock or ("thread_cpu" if self.threads == 1 else "wall")
-        if self.clock not in CLOCKS:
-            raise ProfilerError(f"clock must be one of {CLOCKS}, got {self.clock!r}")
-        if self.clock == "thread_cpu" and self.threads != 1:
-            raise ProfilerError("clock 'thread_cpu' measures one thread; use clock='wall' with threads > 1")
+        self.clock = cpu_clock(clock, self.threads)
         from hwslim import executorch_build as etb
 
         try:

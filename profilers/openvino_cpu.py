@@ -47,7 +47,7 @@ import numpy as np
 
 from hwslim.graph import LayerSpec
 from profilers.base import Profiler, ProfilerError, Timing, sample
-from profilers.ort import CLOCKS, cpu_model
+from profilers.ort import cpu_clock, cpu_model, network_runs_for
 
 INSTALL = "pip install 'hwslim[openvino]'"
 # hwslim dtype -> OpenVINO inference precision, and the capability the CPU must report
@@ -105,14 +105,9 @@ class OpenVinoProfiler(Profiler):
     def __init__(self, *, threads: int | None = None, dtype: str | None = None, protocol=None, e2e_protocol=None,
                  clock: str | None = None, in_network: bool = True, network_runs: int | None = None) -> None:
         super().__init__(threads=threads, dtype=dtype, protocol=protocol, e2e_protocol=e2e_protocol)
-        self.clock = clock or ("thread_cpu" if self.threads == 1 else "wall")
-        if self.clock not in CLOCKS:
-            raise ProfilerError(f"clock must be one of {CLOCKS}, got {self.clock!r}")
-        if self.clock == "thread_cpu" and self.threads != 1:
-            raise ProfilerError("clock 'thread_cpu' measures one thread; use clock='wall' with threads > 1")
+        self.clock = cpu_clock(clock, self.threads)
         self.in_network = bool(in_network)
-        self.network_runs = int(network_runs) if network_runs else max(self.protocol.min_reps, 24 if
-                                                                        self.protocol.min_reps >= 15 else 0)
+        self.network_runs = network_runs_for(self.protocol, network_runs)
         self._ov = _ov()
         self._core = self._ov.Core()
         self.precision, cap = PRECISIONS[self.dtype]

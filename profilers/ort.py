@@ -49,6 +49,22 @@ from profilers.base import Profiler, ProfilerError, Timing, sample
 NCHWC = "com.microsoft.nchwc"
 OPSET = 17
 CLOCKS = ("thread_cpu", "wall")
+
+
+def cpu_clock(clock: str | None, threads: int) -> str:
+    """The clock a CPU backend times with: ``thread_cpu`` for one thread (immune to the
+    process being descheduled), else ``wall``; an impossible choice is refused."""
+    clock = clock or ("thread_cpu" if threads == 1 else "wall")
+    if clock not in CLOCKS:
+        raise ProfilerError(f"clock must be one of {CLOCKS}, got {clock!r}")
+    if clock == "thread_cpu" and threads != 1:
+        raise ProfilerError("clock 'thread_cpu' measures one thread; use clock='wall' with threads > 1")
+    return clock
+
+
+def network_runs_for(protocol, network_runs: int | None) -> int:
+    """Runs of each designed network (every entry in it gets one sample per run)."""
+    return int(network_runs) if network_runs else max(protocol.min_reps, 24 if protocol.min_reps >= 15 else 0)
 SKIP_FEED = "skip_feed"
 
 
@@ -208,15 +224,9 @@ class OrtProfiler(Profiler):
     def __init__(self, *, threads: int | None = None, dtype: str | None = None, protocol=None, e2e_protocol=None,
                  clock: str | None = None, in_network: bool = True, network_runs: int | None = None) -> None:
         super().__init__(threads=threads, dtype=dtype, protocol=protocol, e2e_protocol=e2e_protocol)
-        self.clock = clock or ("thread_cpu" if self.threads == 1 else "wall")
-        if self.clock not in CLOCKS:
-            raise ProfilerError(f"clock must be one of {CLOCKS}, got {self.clock!r}")
-        if self.clock == "thread_cpu" and self.threads != 1:
-            raise ProfilerError("clock 'thread_cpu' measures one thread; use clock='wall' with threads > 1")
+        self.clock = cpu_clock(clock, self.threads)
         self.in_network = bool(in_network)
-        # runs of each designed network: every entry in it gets one sample per run
-        self.network_runs = int(network_runs) if network_runs else max(self.protocol.min_reps, 24 if
-                                                                        self.protocol.min_reps >= 15 else 0)
+        self.network_runs = network_runs_for(self.protocol, network_runs)
         self._ort = _ort()
         self._tmp = tempfile.TemporaryDirectory(prefix="hwslim-ort-")
         self._block: int | None = None
