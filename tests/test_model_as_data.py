@@ -70,8 +70,12 @@ def test_every_command_runs_from_the_checkpoint(trained, capsys):
     kinds = {r.split(",")[0] for r in table.read_text().splitlines()[1:]}
     assert {"se", "concat", "add", "conv", "gap", "linear"} <= kinds  # measured inside designed networks
 
-    full = LatencyTable.load(table).predict_ms(load_checkpoint(ckpt).model.layer_specs())
-    assert main(["search", "--checkpoint", str(ckpt), "--latency-ms", f"{0.9 * full:.4f}", "--table", str(table),
+    tbl, net = LatencyTable.load(table), load_checkpoint(ckpt).model
+    full = tbl.predict_ms(net.layer_specs())
+    # a budget the walk must work for, yet feasible: a quick table of a tiny net on a busy machine
+    # can be nearly flat (its fastest layers adding up to more than 0.9x the full config)
+    budget = max(0.9 * full, 0.5 * (tbl.lower_bound_ms(net) + full))
+    assert main(["search", "--checkpoint", str(ckpt), "--latency-ms", f"{budget:.6f}", "--table", str(table),
                  "--max-images", "100", "--out", str(d / "search"), "--json", "--no-progress"]) == 0
     capsys.readouterr()
     cfg = next((d / "search").glob("config_latency_ms_*.json"))
