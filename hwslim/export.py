@@ -471,11 +471,8 @@ def _export_model(ckpt, config: ChannelConfig | str | os.PathLike, out: Path, op
     try:
         export_onnx(_HalfGraph(plain) if onnx_fp16 else plain, tmp, batch=opts.batch, input_size=cfg.input_size,
                     dynamic_batch=opts.dynamic_batch, opset=opts.opset)
-        err = max_relative_error(_ort_outputs(tmp, images, opts.batch, opts.dynamic_batch), reference)
-        log(f"ONNX Runtime vs PyTorch on {check}: max relative error {err:.2e} (tolerance {tolerance:.0e})")
-        if not err <= tolerance:
-            raise ExportCheckError(f"ONNX Runtime and PyTorch disagree: max relative error {err:.3e} > "
-                                   f"{tolerance:.0e} on {check}; nothing was written")
+        err = _parity("ONNX Runtime", _ort_outputs(tmp, images, opts.batch, opts.dynamic_batch), reference, check,
+                      tolerance, log)
         meta["max_rel_error"] = f"{err:.3e}"
         meta["check_inputs"] = check
         model = onnx.load(str(tmp))
@@ -503,13 +500,9 @@ def _export_model(ckpt, config: ChannelConfig | str | os.PathLike, out: Path, op
             from hwslim.openvino_build import run_model, save_ir, to_model
 
             ir = to_model(tmp)
-            engine_err = max_relative_error(torch.from_numpy(run_model(ir, images.numpy(), opts.batch,
-                                                                       opts.dynamic_batch)), reference)
-            log(f"OpenVINO IR vs PyTorch on {check}: max relative error {engine_err:.2e} "
-                f"(tolerance {tolerance:.0e})")
-            if not engine_err <= tolerance:
-                raise ExportCheckError(f"OpenVINO and PyTorch disagree: max relative error {engine_err:.3e} > "
-                                       f"{tolerance:.0e} on {check}; nothing was written")
+            engine_err = _parity("OpenVINO", torch.from_numpy(run_model(ir, images.numpy(), opts.batch,
+                                                                       opts.dynamic_batch)),
+                                 reference, check, tolerance, log)
             meta["openvino"] = ov_info
             meta["ir_max_rel_error"] = f"{engine_err:.3e}"
             save_ir(ir, tmp_ir, meta)
@@ -519,12 +512,8 @@ def _export_model(ckpt, config: ChannelConfig | str | os.PathLike, out: Path, op
             from hwslim.executorch_build import lower, run_program
 
             program = lower(plain, [images[:opts.batch]])
-            engine_err = max_relative_error(run_program(program, images, opts.batch), reference)
-            log(f"ExecuTorch program vs PyTorch on {check}: max relative error {engine_err:.2e} "
-                f"(tolerance {tolerance:.0e})")
-            if not engine_err <= tolerance:
-                raise ExportCheckError(f"ExecuTorch and PyTorch disagree: max relative error {engine_err:.3e} > "
-                                       f"{tolerance:.0e} on {check}; nothing was written")
+            engine_err = _parity("ExecuTorch", run_program(program, images, opts.batch), reference, check,
+                                 tolerance, log)
             meta["executorch"] = et_info
             meta["pte_max_rel_error"] = f"{engine_err:.3e}"
             tmp_engine.write_bytes(program)
@@ -541,6 +530,17 @@ def _export_model(ckpt, config: ChannelConfig | str | os.PathLike, out: Path, op
                                               sort_keys=True, indent=2) + "\n")
     return ExportResult(out, onnx_path, opts.format, precision, cfg, err, tolerance, check, bn, meta, engine_err,
                         meta.get("tensorrt"), sidecar, meta.get("openvino"), meta.get("executorch"))
+
+
+def _parity(runtime: str, got: torch.Tensor, reference: torch.Tensor, check: str, tolerance: float,
+            log: Callable[[str], None]) -> float:
+    """Max relative error of ``runtime``'s outputs against PyTorch's, logged; refused above ``tolerance``."""
+    err = max_relative_error(got, reference)
+    log(f"{runtime} vs PyTorch on {check}: max relative error {err:.2e} (tolerance {tolerance:.0e})")
+    if not err <= tolerance:
+        raise ExportCheckError(f"{runtime} and PyTorch disagree: max relative error {err:.3e} > "
+                               f"{tolerance:.0e} on {check}; nothing was written")
+    return err
 
 
 def _write_props(model, meta: Mapping[str, str]) -> None:
