@@ -42,6 +42,7 @@ if str(ROOT) not in sys.path:  # run as `python benchmarks/cross_runtime.py` fro
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import print_table, write_csv  # noqa: E402
+from profilers.base import E2E_ROUNDS  # noqa: E402
 
 MODELS = {"resnet20": (1.0, 32), "mobilenet_v2": (1.5, 224), "mobilenet_v2_cifar": (1.0, 32)}
 BUDGET_SLACK = 0.03
@@ -202,7 +203,7 @@ def main() -> int:
                    help="where tables are looked up and measured when missing")
     p.add_argument("--work", default=str(ROOT / "runs" / "cross_runtime"), help="checkpoints and searches")
     p.add_argument("--search-images", type=int, default=200, help="search-split images per candidate")
-    p.add_argument("--rounds", type=int, default=4, help="interleaved end-to-end rounds per runtime")
+    p.add_argument("--rounds", type=int, default=E2E_ROUNDS, help="interleaved end-to-end rounds per runtime")
     p.add_argument("--torch-threads", type=int, default=1, help="PyTorch threads for the search")
     p.add_argument("--quick", action="store_true",
                    help="smoke run: short protocol, tables and searches in a temporary directory, nothing written")

@@ -21,6 +21,11 @@ so a run on a subset never overwrites the default set's file. ``--quick`` is a s
 missing tables are measured with the short protocol in a temporary directory (never in the
 table cache, where a later real run would find them), and nothing is written.
 
+Beside the check, the table's own calibration configs are timed again: the median ratio of
+their latency now to their latency at table time (``level_vs_table``) is how far the machine's
+speed moved since the table, and ``within_5pct_level_adjusted`` the accuracy with predictions
+scaled by it (what is left is the table's own error; the headline numbers are unadjusted).
+
 Every row records the condition (``--condition quiet|busy``; ``--busy-neighbor`` starts a
 process spinning on another core before anything is measured and stops it at the end),
 the CPU, its AVX-512 / AMX flags, the load before and after, and how the machine's speed
@@ -32,6 +37,7 @@ import argparse
 import json
 import os
 import random
+import statistics
 import sys
 import tempfile
 import time
@@ -46,6 +52,7 @@ from hwslim.latency import LatencyTable, accuracy, default_table_path, find_tabl
 from hwslim.models import create_model  # noqa: E402
 from hwslim.profile import ProfileSettings, measure_configs, profile  # noqa: E402
 from profilers import backend_class, default_backend, get_profiler  # noqa: E402
+from profilers.base import E2E_ROUNDS  # noqa: E402
 
 MODELS = {"mobilenet_v2": (1.5, 224), "resnet20": (1.0, 32)}
 
@@ -93,12 +100,16 @@ def evaluate(args, model: str) -> tuple[dict, list[dict]]:
     size = size or net.input_size
     table, took = _table(args, model, net.width_mult, size)
     table.check_compatible(net, batch=args.batch, input_size=size)
-    used = set()
+    used, then = set(), []
     e2e_path = table_paths(table.path)[2]
     if e2e_path.exists():
         import pandas as pd
 
-        used = set(pd.read_csv(e2e_path)["widths"])
+        calib = pd.read_csv(e2e_path)
+        used = set(calib["widths"])
+        # the table's own calibration configs, measured again beside the check: how far the
+        # machine's speed moved since the table (a level shift, not the table's error)
+        then = [(net.config_of(json.loads(w)), float(m)) for w, m in zip(calib["widths"], calib["median_ms"])]
     rng = random.Random(args.seed)
     configs = [("uniform", c) for c in net.uniform_configs()]
     while len(configs) < 12 + args.random:
@@ -115,8 +126,10 @@ def evaluate(args, model: str) -> tuple[dict, list[dict]]:
             print(f"{model}: {check.line('accuracy measured under other conditions than the table')}", file=sys.stderr)
         t0 = time.perf_counter()
         # interleaved rounds: every config sees the same mix of quiet and busy spells of the machine
-        timings = measure_configs(prof, net, [c for _, c in configs], args.batch, size, rounds=args.rounds,
-                                  progress=True)
+        timings = measure_configs(prof, net, [c for _, c in configs] + [c for c, _ in then], args.batch, size,
+                                  rounds=args.rounds, progress=True)
+        again, timings = timings[len(configs):], timings[: len(configs)]
+        drift = statistics.median(t.median_ms / m for t, (_, m) in zip(again, then)) if then else None
         for (kind, cfg), t in zip(configs, timings):
             pred = table.predict_ms(net.layer_specs(cfg, batch=args.batch, input_size=size))
             rows.append({"model": model, "width_mult": net.width_mult, "input_size": size, "batch": args.batch,
@@ -134,7 +147,13 @@ def evaluate(args, model: str) -> tuple[dict, list[dict]]:
                "batch": args.batch, "configs": acc["n"], "within_5pct": round(acc["within_5pct"], 3),
                "within_10pct": round(acc["within_10pct"], 3), "spearman": round(acc["spearman"], 4),
                "mean_abs_err_pct": round(acc["mean_abs_err_pct"], 2), "max_abs_err_pct": round(acc["max_abs_err_pct"], 2),
-               "noisy_e2e": sum(r["noisy"] for r in rows), "table_entries": len(table),
+               "noisy_e2e": sum(r["noisy"] for r in rows),
+               # the calibration configs now / at table time (median ratio), and the accuracy with
+               # predictions scaled by it: what is left is the table's own error
+               "level_vs_table": None if drift is None else round(drift, 4),
+               "within_5pct_level_adjusted": None if drift is None else round(accuracy(
+                   [r["predicted_ms"] * drift for r in rows], [r["measured_ms"] for r in rows])["within_5pct"], 3),
+               "table_entries": len(table),
                "table_s": m.get("profile_seconds") if took is None else round(took, 1),
                "eval_s": round(seconds, 1),
                # the machine is shared: its load during the table's and this measurement matters
@@ -155,7 +174,7 @@ def main() -> int:
     p.add_argument("--dtype", default="float32", help="table precision (cuda: float16, bfloat16 too)")
     p.add_argument("--random", type=int, default=50, help="random configs per model (plus the 12 uniform ones)")
     p.add_argument("--seed", type=int, default=2024)
-    p.add_argument("--rounds", type=int, default=4, help="interleaved rounds of end-to-end timing")
+    p.add_argument("--rounds", type=int, default=E2E_ROUNDS, help="interleaved rounds of end-to-end timing")
     p.add_argument("--no-measure", dest="measure_missing", action="store_false",
                    help="fail instead of measuring a missing table")
     p.add_argument("--table-dir", help="use (or measure) the tables in this folder only: e.g. one per condition")
@@ -195,7 +214,8 @@ def run(args) -> int:
         print_table([s])
     print()
     print_table(summaries, ["model", "condition", "configs", "within_5pct", "within_10pct", "spearman",
-                            "mean_abs_err_pct", "max_abs_err_pct", "noisy_e2e", "table_entries", "table_s",
+                            "mean_abs_err_pct", "max_abs_err_pct", "noisy_e2e", "level_vs_table",
+                            "within_5pct_level_adjusted", "table_entries", "table_s",
                             "load_avg_1min", "probe_ratio_vs_table", "probe_ratio_after"])
     if args.quick:
         print("--quick: a smoke run, nothing written")

@@ -73,7 +73,7 @@ class ProfileSettings:
     force: bool = False
     quick: bool = False  # short protocol (tests, smoke runs)
     in_network: bool | None = None  # None: the backend's default
-    contexts: int = 2  # networks each entry is timed in (backends that time inside networks)
+    contexts: int | None = None  # networks each entry is timed in (in-network backends); None: 4, --quick: 2
     channels_last: bool = False  # torch_cuda: NHWC tensors
     keep: str | None = None  # imported models: modules whose name matches keep their width
     fix_unsupported: bool = False  # imported models: units reaching a channel shuffle or slice keep their width
@@ -85,7 +85,7 @@ class ProfileSettings:
 
         checks = [("batch", self.batch, 1, False), ("input_size", self.input_size, 1, True),
                   ("threads", self.threads, 1, True), ("calib_configs", self.calib_configs, 3, False),
-                  ("holdout_configs", self.holdout_configs, 0, False), ("contexts", self.contexts, 1, False)]
+                  ("holdout_configs", self.holdout_configs, 0, False), ("contexts", self.contexts, 1, True)]
         for name, value, low, optional in checks:
             if value is None and optional:
                 continue
@@ -196,6 +196,14 @@ def _node_entries(net, batch: int, input_size: int | None) -> list[dict[tuple, t
 def node_entries(net, batch: int = 1, input_size: int | None = None) -> list[dict[tuple, tuple[LayerSpec, dict]]]:
     """Per node of ``net``: every table signature it can have -> (spec, unit widths producing it)."""
     return _node_entries(net, batch, input_size)
+
+
+# Designed networks each entry is timed in. The speed of this shared machine moves in spells
+# of a fraction of a second to seconds (+5-15% for models whose weights leave the caches;
+# benchmarks/machine_drift.py), and one designed network's runs fall inside one spell: an
+# entry timed in 4 networks of 12 runs sees 4 spells where 2 networks of 24 runs saw 2, at
+# the same table time (latency_tables/README.md, "What the layer sum misses").
+DEFAULT_CONTEXTS = 4
 
 
 def enumerate_entries(net, batch: int = 1, input_size: int | None = None) -> list[LayerSpec]:
@@ -311,11 +319,14 @@ def measure_config(profiler, net, config: ChannelConfig, batch: int = 1, input_s
 
 
 def measure_configs(profiler, net, configs: Sequence[ChannelConfig], batch: int = 1, input_size: int | None = None,
-                    workdir: str | os.PathLike | None = None, rounds: int = 4, progress: bool = False
+                    workdir: str | os.PathLike | None = None, rounds: int | None = None, progress: bool = False
                     ) -> list["Timing"]:
     """End-to-end Timings of many configs, measured interleaved (``Profiler.time_onnx_many``)."""
     from hwslim.materialize import materialize
 
+    from profilers.base import E2E_ROUNDS
+
+    rounds = rounds or E2E_ROUNDS
     size = input_size if input_size is not None else net.input_size
     with tempfile.TemporaryDirectory(dir=workdir) as d:
         kind = profiler.model_suffixes[0].lstrip(".").upper()  # ONNX; PTE for ExecuTorch
@@ -508,8 +519,9 @@ def profile(settings: ProfileSettings, progress: bool = False,
             f"batch {settings.batch}, {profiler.backend} on {pmeta['device_name']} ({method})")
         networks = None
         if todo and profiler.in_network:
+            contexts = settings.contexts or (2 if settings.quick else DEFAULT_CONTEXTS)
             configs = design_configs(net, {s.signature() for s in todo}, settings.batch, size, settings.seed,
-                                     contexts=settings.contexts)
+                                     contexts=contexts)
             log(f"timing them inside {len(configs)} designed networks")
             networks = (net.layer_specs(c, batch=settings.batch, input_size=size) for c in configs)
         bar = _bar(progress, len(todo), "entries")

@@ -150,6 +150,12 @@ def sample(run: Callable[[], float], protocol: Protocol) -> list[float]:
     return samples
 
 
+# Interleaved rounds of whole-model timing (time_onnx_many): a model's samples come from this many
+# separate moments, so one slow spell of a shared machine (a fraction of a second to seconds)
+# moves few of them. Same total time per model as fewer, longer turns.
+E2E_ROUNDS = 12
+
+
 # The machine-speed probe: a fixed small network, timed with the profiler's own settings.
 PROBE_SIZE, PROBE_CHANNELS = 56, 32
 
@@ -395,7 +401,7 @@ class Profiler:
                     last = time.perf_counter()
         return Timing.from_samples(samples)
 
-    def time_onnx_many(self, models: Sequence[tuple[Any, Sequence[int]]], rounds: int = 4,
+    def time_onnx_many(self, models: Sequence[tuple[Any, Sequence[int]]], rounds: int = E2E_ROUNDS,
                        seed: int = 0, on_progress: Callable[[int, int], None] | None = None) -> list[Timing]:
         """Time several ONNX models ``[(path, input_shape), ...]`` interleaved.
 

@@ -63,8 +63,9 @@ def cpu_clock(clock: str | None, threads: int) -> str:
 
 
 def network_runs_for(protocol, network_runs: int | None) -> int:
-    """Runs of each designed network (every entry in it gets one sample per run)."""
-    return int(network_runs) if network_runs else max(protocol.min_reps, 24 if protocol.min_reps >= 15 else 0)
+    """Runs of each designed network (every entry in it gets one sample per run): 12 with the
+    full protocol (x 4 networks per entry = 48 samples in 4 separate spells of the machine)."""
+    return int(network_runs) if network_runs else max(12 if protocol.min_reps >= 15 else protocol.min_reps, 1)
 SKIP_FEED = "skip_feed"
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 import json
 
 import pandas as pd
+import numpy as np
 import pytest
 import torch
 from dataclasses import replace
@@ -149,12 +150,18 @@ def test_torn_last_row_is_dropped_and_cut_before_appending(tmp_path):
 
 def test_calibration_statistics_by_hand():
     assert fit_line([1, 2, 3, 4], [3, 5, 7, 9]) == pytest.approx((2.0, 1.0))
-    sums, dw = [4, 6, 8, 10, 12, 14], [1, 3, 1, 4, 2, 5]
+    sums, dw = [4, 6, 8, 10, 12, 14, 16, 18], [1, 3, 1, 4, 2, 5, 2, 6]
     e2e = [1.0 * (s - d) + 1.5 * d + 0.2 for s, d in zip(sums, dw)]
     assert fit_calibration(sums, dw, e2e) == pytest.approx((1.0, 1.5, 0.2))
-    assert fit_calibration(sums, [0] * 6, [2 * s for s in sums]) == pytest.approx((2.0, None, 0.0))
+    assert fit_calibration(sums, [0] * 8, [2 * s for s in sums]) == pytest.approx((2.0, None, 0.0))
     wild = [1.0 * (s - d) + 9.0 * d for s, d in zip(sums, dw)]  # a slope outside 0.5..2.5: one slope instead
     assert fit_calibration(sums, dw, wild)[1] is None
+    # depthwise time proportional to the rest plus noise: a second slope fits the noise, one slope is kept
+    rng = np.random.default_rng(0)
+    dw_corr = [0.3 * s * (1 + 0.02 * rng.standard_normal()) for s in sums]
+    noisy = [s * (1 + 0.02 * rng.standard_normal()) for s in sums]
+    a, a_dw, b = fit_calibration(sums, dw_corr, noisy)
+    assert a_dw is None and a == pytest.approx(fit_line(sums, noisy)[0])
     assert Calibration(1.0, 0.2, 6, a_depthwise=1.5).apply(10.0, 4.0) == pytest.approx(6.0 + 6.0 + 0.2)
     assert spearman([1, 2, 3, 4], [10, 20, 40, 30]) == pytest.approx(0.8)
     acc = accuracy([1.0, 1.04, 1.2, 0.93], [1.0, 1.0, 1.0, 1.0])

@@ -36,8 +36,9 @@ def register(sub) -> None:
                    help="whole configs the calibration is fitted on (at least 3)")
     p.add_argument("--holdout-configs", type=nonneg_int, default=16, help="other whole configs it is checked on")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--contexts", type=positive_int, default=2,
-                   help="designed networks each entry is timed in (backends that time inside networks)")
+    p.add_argument("--contexts", type=positive_int,
+                   help="designed networks each entry is timed in (backends that time inside networks; "
+                        "default 4, with --quick 2)")
     p.add_argument("--isolated", action="store_true",
                    help="time every entry alone instead of inside designed networks (slower, less accurate)")
     p.add_argument("--quick", action="store_true", help="a short measurement protocol (smoke tests; noisier)")
