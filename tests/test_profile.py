@@ -260,3 +260,17 @@ def test_a_busy_machine_is_warned_about(monkeypatch):
     assert busy_note() is None
     monkeypatch.setattr(os, "getloadavg", lambda: (1.5 * cores, 0.0, 0.0))
     assert f"the machine is busy (load average {1.5 * cores:.2f} on {cores} cores)" in busy_note()
+
+
+def test_a_table_whose_holdout_it_does_not_predict_is_warned_about():
+    from hwslim.cli.profile_cmd import calibration_note
+
+    good = {"holdout_n": 16, "within_10pct": 1.0, "within_5pct": 0.94, "spearman": 0.99}
+    assert calibration_note(good, 1, 2) is None
+    assert calibration_note({"holdout_n": 0, "within_10pct": None}, 1, 2) is None
+    # the 2-thread MobileNetV2 table measured on the 2-core development machine
+    bad = {"holdout_n": 16, "within_10pct": 0.3125, "within_5pct": 0.0, "spearman": 0.85}
+    note = calibration_note(bad, 2, 2)
+    assert note.startswith("warning: the table predicts only 31% of its 16 held-out configs within +-10% "
+                           "(Spearman 0.85)") and "2 runtime threads on 2 cores" in note and "\n" not in note
+    assert "busy or changing" in calibration_note(bad, 1, 2)
