@@ -127,7 +127,7 @@ def run(args, log) -> list[dict]:
     for rt, table in tables.items():
         t0 = time.perf_counter()
         result = greedy_search(ckpt, [Budget("latency_ms", b) for b in budgets], table=table,
-                               out_dir=work / f"search_{rt}", force=True, bn="batch",
+                               out_dir=work / f"search_{rt}", force=True,
                                max_images=args.search_images, batch=args.batch, progress=not args.quiet,
                                plot=False, log=log)
         search_s[rt] = round(time.perf_counter() - t0, 1)

@@ -27,3 +27,22 @@ def test_cross_runtime_budgets_are_feasible_and_binding_on_every_runtime():
     assert common_budgets(ranges, [0.0, 0.5, 1.0]) == [0.31, 0.54, 0.77]
     with pytest.raises(SystemExit, match="no latency is feasible"):
         common_budgets({"a": (0.1, 0.2), "b": (0.3, 0.4)}, [0.5])
+
+
+def test_cross_runtime_runs_end_to_end_as_a_smoke_run():
+    """``--quick``: both runtimes' tables, both searches and every measurement, nothing written.
+    (A changed search signature broke the script once without any test noticing.)"""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import pytest
+
+    pytest.importorskip("openvino")
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    proc = subprocess.run([sys.executable, str(root / "benchmarks" / "cross_runtime.py"), "--quick", "--quiet"],
+                          capture_output=True, text=True, env=env, cwd=root, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "configs over budget on a runtime they were not searched for:" in proc.stdout
