@@ -378,15 +378,9 @@ class Profiler:
         """
         import tempfile
 
-        from hwslim.onnx_build import network_model
-
-        specs = probe_specs()
         with tempfile.TemporaryDirectory(prefix="hwslim-probe-") as d:
-            path = f"{d}/probe.onnx"
-            with open(path, "wb") as f:
-                f.write(network_model(specs).SerializeToString())
             try:
-                run = self._onnx_runner(path, (1, PROBE_CHANNELS, PROBE_SIZE, PROBE_SIZE))
+                run = self._probe_runner(probe_specs(), d)
             except NotImplementedError:
                 return None
             p = self.probe_protocol()
@@ -400,6 +394,16 @@ class Profiler:
                     between()
                     last = time.perf_counter()
         return Timing.from_samples(samples)
+
+    def _probe_runner(self, specs: Sequence[LayerSpec], workdir: str) -> Callable[[], float]:
+        """A timed call of the probe network (``specs``), in the backend's own model format: the
+        ONNX model by default (a backend that runs another format overrides this)."""
+        from hwslim.onnx_build import network_model
+
+        path = f"{workdir}/probe.onnx"
+        with open(path, "wb") as f:
+            f.write(network_model(specs).SerializeToString())
+        return self._onnx_runner(path, (1, specs[0].cin, specs[0].in_h, specs[0].in_w))
 
     def time_onnx_many(self, models: Sequence[tuple[Any, Sequence[int]]], rounds: int = E2E_ROUNDS,
                        seed: int = 0, on_progress: Callable[[int, int], None] | None = None) -> list[Timing]:

@@ -54,6 +54,22 @@ class _Entry(nn.Module):
         return self.spec.op.run_plain(self.module, list(xs), self.spec, False, False)
 
 
+class _Network(nn.Module):
+    """Layers given as specs, run in order, each reading the tensors its spec names (the
+    first spec's first input is the network's input): the probe as a PyTorch module."""
+
+    def __init__(self, specs) -> None:
+        super().__init__()
+        self.specs = list(specs)
+        self.entries = nn.ModuleList(_Entry(s) for s in self.specs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        env = {self.specs[0].inputs[0]: x}
+        for spec, entry in zip(self.specs, self.entries):
+            env[spec.name] = entry(*(env[t] for t in spec.inputs))
+        return env[self.specs[-1].name]
+
+
 def entry_inputs(spec: LayerSpec) -> list[torch.Tensor]:
     """Random inputs of ``spec``'s shapes (one per input: a residual, a concat part)."""
     gen = torch.Generator().manual_seed(0)
@@ -136,7 +152,7 @@ class ExecuTorchProfiler(Profiler):
             execute(inputs)
             return (clock() - t0) * 1e-6
 
-        timed._keep = (method, inputs)
+        timed._keep = (method, inputs, program)  # a program given as bytes is not copied by the runtime
         return timed
 
     # -- timing ----------------------------------------------------------------------------
@@ -151,6 +167,12 @@ class ExecuTorchProfiler(Profiler):
         except self._etb.ExecuTorchError as e:
             raise ProfilerError(f"backend 'executorch' cannot time {spec.name!r}: {e}") from None
         return Timing.from_samples(sample(self._runner(program, inputs), self.protocol))
+
+    def _probe_runner(self, specs, workdir: str) -> Callable[[], float]:
+        """The probe lowered to a ``.pte`` program (ExecuTorch does not run ONNX)."""
+        s = specs[0]
+        x = torch.randn(1, s.cin, s.in_h, s.in_w, generator=torch.Generator().manual_seed(0))
+        return self._runner(self._etb.lower(_Network(specs).eval(), [x]), [x])
 
     def _onnx_runner(self, path: str, input_shape: tuple[int, ...]) -> Callable[[], float]:
         p = Path(path)

@@ -135,3 +135,16 @@ def test_export_executorch_refuses_fp16_dynamic_batch_and_non_pte(setup, tmp_pat
     assert main(base + ["--out", str(tmp_path / "m.pte"), "--fp16"]) == 2
     assert "--fp16 is not supported" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+@needs_executorch
+def test_the_speed_probe_runs_as_a_pte_program():
+    """The conditions probe (what profile records and verify compares) is lowered to .pte: ExecuTorch
+    runs no ONNX, and a program given as bytes must outlive its runs (it once ran freed memory)."""
+    from hwslim.conditions import measure_conditions
+
+    with get_profiler("cpu", "executorch") as prof:
+        first = measure_conditions(prof)
+        again = measure_conditions(prof)
+    assert first.probe_ms > 0.05 and first.probe_n >= 30
+    assert 0.5 < again.probe_ms / first.probe_ms < 2.0
