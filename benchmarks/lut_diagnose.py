@@ -74,6 +74,10 @@ def main() -> int:
     net = create_model(args.model, width_mult=args.width_mult).eval()
     size = args.input_size or net.input_size
     table = LatencyTable.load(args.table or find_table("cpu", args.model, net.width_mult, input_size=size))
+    if table.meta["backend"] != "ort" or table.meta.get("method") != "in_network":
+        sys.exit(f"{table.path}: lut_diagnose needs an ONNX Runtime table timed in networks "
+                 f"(this one: {table.meta['backend']}, {table.meta.get('method')})")
+    batch = int(table.meta["batch"])
     cal = table.calibration
     if args.configs:
         import pandas as pd
@@ -93,7 +97,7 @@ def main() -> int:
     with get_profiler("cpu", table.meta["backend"], **table.meta.get("settings", {})) as prof, \
             tempfile.TemporaryDirectory() as tmp:
         for i, (kind, cfg, err) in enumerate(configs):
-            specs = net.layer_specs(cfg, batch=table.meta["batch"], input_size=size)
+            specs = net.layer_specs(cfg, batch=batch, input_size=size)
             samples: dict[str, list[float]] = {}
             for _ in range(args.repeats):
                 for layer, xs in prof.profile_network(specs).items():
@@ -111,9 +115,9 @@ def main() -> int:
                 f.write(network_model(specs).SerializeToString())
             from hwslim.materialize import materialize
 
-            epath = prof.write_model(materialize(net, cfg, fold_bn=True).eval(), Path(tmp) / f"e{i}", batch=1,
+            epath = prof.write_model(materialize(net, cfg, fold_bn=True).eval(), Path(tmp) / f"e{i}", batch=batch,
                                      input_size=size)
-            shape = (1, net.in_channels, size, size)
+            shape = (batch, net.in_channels, size, size)
             t_net, t_exp = prof.time_onnx_many([(npath, shape), (str(epath), shape)], rounds=3)
             dw = sum(tab[s.name] for s in specs if layer_class(s).startswith("conv_dw"))
             pred = cal.apply(sum(tab.values()), dw) if cal else sum(tab.values())

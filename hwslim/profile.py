@@ -8,7 +8,8 @@
 2. **Measure** them with a :mod:`profilers` backend. Backends that time layers inside
    whole networks (ONNX Runtime here, TensorRT later) get a small set of configs that
    together contain every entry ``contexts`` times (:func:`design_configs`, a greedy
-   covering: 142 networks per round for MobileNetV2 1.5x, 284 for the default two);
+   covering: about 142 networks per round for MobileNetV2 1.5x; ONNX Runtime's default is
+   4 rounds, the other in-network backends' 2, ``--contexts`` to change);
    the others time each entry alone. Each entry is appended to the CSV with flush +
    fsync as soon as it is final, so a killed run (even ``kill -9``) loses at most the
    entries in flight (for in-network backends: those whose last network had not been
@@ -73,7 +74,8 @@ class ProfileSettings:
     force: bool = False
     quick: bool = False  # short protocol (tests, smoke runs)
     in_network: bool | None = None  # None: the backend's default
-    contexts: int | None = None  # networks each entry is timed in (in-network backends); None: 4, --quick: 2
+    contexts: int | None = None  # networks each entry is timed in (in-network backends); None: the backend's
+    # default (Profiler.default_contexts: ONNX Runtime 4, others 2), --quick: 2
     channels_last: bool = False  # torch_cuda: NHWC tensors
     keep: str | None = None  # imported models: modules whose name matches keep their width
     fix_unsupported: bool = False  # imported models: units reaching a channel shuffle or slice keep their width
@@ -198,14 +200,6 @@ def node_entries(net, batch: int = 1, input_size: int | None = None) -> list[dic
     return _node_entries(net, batch, input_size)
 
 
-# Designed networks each entry is timed in. The speed of this shared machine moves in spells
-# of a fraction of a second to seconds (+5-15% for models whose weights leave the caches;
-# benchmarks/machine_drift.py), and one designed network's runs fall inside one spell: an
-# entry timed in 4 networks of 12 runs sees 4 spells where 2 networks of 24 runs saw 2, at
-# the same table time (latency_tables/README.md, "What the layer sum misses").
-DEFAULT_CONTEXTS = 4
-
-
 def enumerate_entries(net, batch: int = 1, input_size: int | None = None) -> list[LayerSpec]:
     """One spec per distinct signature any config of ``net`` can produce (node order)."""
     seen: dict[tuple, LayerSpec] = {}
@@ -326,7 +320,7 @@ def measure_configs(profiler, net, configs: Sequence[ChannelConfig], batch: int 
 
     from profilers.base import E2E_ROUNDS
 
-    rounds = rounds or E2E_ROUNDS
+    rounds = E2E_ROUNDS if rounds is None else rounds
     size = input_size if input_size is not None else net.input_size
     with tempfile.TemporaryDirectory(dir=workdir) as d:
         kind = profiler.model_suffixes[0].lstrip(".").upper()  # ONNX; PTE for ExecuTorch
@@ -519,7 +513,8 @@ def profile(settings: ProfileSettings, progress: bool = False,
             f"batch {settings.batch}, {profiler.backend} on {pmeta['device_name']} ({method})")
         networks = None
         if todo and profiler.in_network:
-            contexts = settings.contexts or (2 if settings.quick else DEFAULT_CONTEXTS)
+            contexts = settings.contexts or (2 if settings.quick else profiler.default_contexts)
+            meta["contexts"] = contexts
             configs = design_configs(net, {s.signature() for s in todo}, settings.batch, size, settings.seed,
                                      contexts=contexts)
             log(f"timing them inside {len(configs)} designed networks")

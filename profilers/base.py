@@ -152,7 +152,8 @@ def sample(run: Callable[[], float], protocol: Protocol) -> list[float]:
 
 # Interleaved rounds of whole-model timing (time_onnx_many): a model's samples come from this many
 # separate moments, so one slow spell of a shared machine (a fraction of a second to seconds)
-# moves few of them. Same total time per model as fewer, longer turns.
+# moves few of them. About the same time per model as 4 longer turns (slow models, whose turn is
+# the minimum sample count, take a third more: 3 samples x 12 rounds instead of 7 x 4).
 E2E_ROUNDS = 12
 
 
@@ -194,6 +195,8 @@ class Profiler:
     dtypes: ClassVar[tuple[str, ...]] = ("float32",)
     # True: the backend times entries inside whole networks when given some (see measure_entries)
     in_network: ClassVar[bool] = False
+    # designed networks each entry is timed in, by default (in-network backends; `--contexts`)
+    default_contexts: ClassVar[int] = 2
     # model files time_onnx reads (verify measures an exported artifact itself when listed here)
     model_suffixes: ClassVar[tuple[str, ...]] = (".onnx",)
     # metadata keys that must match for a table to be valid on this setup
@@ -370,7 +373,8 @@ class Profiler:
 
     def probe(self, between: Callable[[], None] | None = None) -> Timing | None:
         """Time the machine-speed probe (:func:`probe_specs`) end to end with this profiler's
-        backend, threads and clock; None where the backend cannot run whole ONNX models.
+        backend, threads and clock, in the backend's own model format (:meth:`_probe_runner`);
+        None where the backend cannot run it.
 
         ``between()`` is called about every 10 ms between two runs (outside the timed
         region): :func:`hwslim.conditions.measure_conditions` counts the machine's other

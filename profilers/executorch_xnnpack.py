@@ -169,10 +169,16 @@ class ExecuTorchProfiler(Profiler):
         return Timing.from_samples(sample(self._runner(program, inputs), self.protocol))
 
     def _probe_runner(self, specs, workdir: str) -> Callable[[], float]:
-        """The probe lowered to a ``.pte`` program (ExecuTorch does not run ONNX)."""
+        """The probe lowered to a ``.pte`` program (ExecuTorch does not run ONNX), once per profiler;
+        where it cannot be lowered there is no probe (NotImplementedError)."""
         s = specs[0]
         x = torch.randn(1, s.cin, s.in_h, s.in_w, generator=torch.Generator().manual_seed(0))
-        return self._runner(self._etb.lower(_Network(specs).eval(), [x]), [x])
+        if getattr(self, "_probe_program", None) is None:
+            try:
+                self._probe_program = self._etb.lower(_Network(specs).eval(), [x])
+            except self._etb.ExecuTorchError as e:
+                raise NotImplementedError(f"the probe cannot be lowered: {e}") from None
+        return self._runner(self._probe_program, [x])
 
     def _onnx_runner(self, path: str, input_shape: tuple[int, ...]) -> Callable[[], float]:
         p = Path(path)

@@ -38,7 +38,7 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--contexts", type=positive_int,
                    help="designed networks each entry is timed in (backends that time inside networks; "
-                        "default 4, with --quick 2)")
+                        "default: ONNX Runtime 4, the others 2; with --quick 2)")
     p.add_argument("--isolated", action="store_true",
                    help="time every entry alone instead of inside designed networks (slower, less accurate)")
     p.add_argument("--quick", action="store_true", help="a short measurement protocol (smoke tests; noisier)")
