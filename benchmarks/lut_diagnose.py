@@ -45,14 +45,12 @@ from profilers.ort import network_model  # noqa: E402
 
 
 def layer_class(spec) -> str:
-    """A coarse class of a layer for the breakdown: the operator's class, conv split by kind."""
-    name = type(spec.op).__name__.lower()
-    if name == "conv":
-        k = spec.op.kernel
-        if spec.groups > 1 and spec.groups == spec.cin:
-            return f"conv_dw{k}"
-        return "conv_1x1" if k == 1 else f"conv_{k}x{k}"
-    return name
+    """A coarse class of a layer for the breakdown: the operator's kind, with its kernel size and
+    whether it is depthwise (``conv_1x1``, ``conv_dw3``, ``se``, ``linear``...)."""
+    k = getattr(spec.op, "kernel", None)
+    if spec.depthwise:
+        return f"{spec.op.kind}_dw{k}"
+    return f"{spec.op.kind}_{k}x{k}" if k else spec.op.kind
 
 
 def iqm(xs) -> float:
@@ -78,7 +76,6 @@ def main() -> int:
         sys.exit(f"{table.path}: lut_diagnose needs an ONNX Runtime table timed in networks "
                  f"(this one: {table.meta['backend']}, {table.meta.get('method')})")
     batch = int(table.meta["batch"])
-    cal = table.calibration
     if args.configs:
         import pandas as pd
 
@@ -105,7 +102,7 @@ def main() -> int:
             inconfig = {s.name: iqm(samples[s.name]) for s in specs if samples.get(s.name)}
             tab = {s.name: table.layer_ms(s) for s in specs}
             for s in specs:
-                c = per_class.setdefault(layer_class(s), {"table": 0.0, "inconfig": 0.0, "n": 0, "dw": 0.0})
+                c = per_class.setdefault(layer_class(s), {"table": 0.0, "inconfig": 0.0, "n": 0})
                 c["table"] += tab[s.name]
                 c["inconfig"] += inconfig.get(s.name, 0.0)
                 c["n"] += 1
@@ -119,14 +116,11 @@ def main() -> int:
                                      input_size=size)
             shape = (batch, net.in_channels, size, size)
             t_net, t_exp = prof.time_onnx_many([(npath, shape), (str(epath), shape)], rounds=3)
-            dw = sum(tab[s.name] for s in specs if layer_class(s).startswith("conv_dw"))
-            pred = cal.apply(sum(tab.values()), dw) if cal else sum(tab.values())
+            pred = table.predict_ms(specs)  # what search and verify predict
             rows.append({"model": args.model, "kind": kind, "table_sum": round(sum(tab.values()), 4),
-                         "table_dw": round(dw, 4),
+                         "table_dw": round(table.depthwise_ms(specs), 4),
                          "inconfig_sum": round(sum(inconfig.values()), 4),
-                         "inconfig_dw": round(sum(v for k, v in inconfig.items()
-                                                  if layer_class(next(s for s in specs if s.name == k)
-                                                                 ).startswith("conv_dw")), 4),
+                         "inconfig_dw": round(sum(inconfig.get(s.name, 0.0) for s in specs if s.depthwise), 4),
                          "network_ms": round(t_net.median_ms, 4), "exported_ms": round(t_exp.median_ms, 4),
                          "predicted_ms": round(pred, 4),
                          "err_pct": round((pred / t_exp.median_ms - 1) * 100, 2),
