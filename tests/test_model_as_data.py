@@ -15,7 +15,7 @@ import torch
 from hwslim.checkpoint import load_checkpoint
 from hwslim.cli import main
 from hwslim.graph import INPUT
-from hwslim.latency import LatencyTable
+from hwslim.latency import LatencyTable, table_paths
 from hwslim.models import list_models, load_model
 from hwslim.supernet import GraphBuilder, SlimmableNet
 
@@ -98,9 +98,14 @@ def test_a_second_model_reuses_the_shapes_a_table_already_holds(trained, capsys)
     graph = d / "renamed.json"
     graph.write_text(json.dumps(data))
     second = d / "table" / "my_cnn_renamed.csv"
-    assert main(["profile", "--device", "cpu", "--model", str(graph), "--quick", "--calib-configs", "4",
-                 "--holdout-configs", "2", "--out", str(second), "--json"]) == 0
-    captured = capsys.readouterr()
-    summary = json.loads(captured.out)
+    for _ in range(3):  # a shared machine's slow spell makes the conditions differ: then nothing is lent, rightly
+        assert main(["profile", "--device", "cpu", "--model", str(graph), "--quick", "--calib-configs", "4",
+                     "--holdout-configs", "2", "--out", str(second), "--json"]) == 0
+        captured = capsys.readouterr()
+        summary = json.loads(captured.out)
+        if "measured under other conditions" not in captured.err:
+            break
+        for path in table_paths(second):  # measure again from scratch once the spell has passed
+            path.unlink(missing_ok=True)
     assert summary["measured"] == 0 and summary["reused"] == summary["entries"]
     assert "reused" in captured.err
