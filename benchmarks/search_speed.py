@@ -227,6 +227,7 @@ def main() -> None:
 
         # -- held-out accuracy at three budgets -------------------------------------------------------------
         within: list[bool] = []
+        not_worse: list[bool] = []  # the new walk no more than one standard error below the old
         budgets = [Budget(kind, float(f"{lo + f * (hi - lo):.4g}")) for f in args.fractions]
         if "heldout" in args.sections:
             configs = []
@@ -247,6 +248,7 @@ def main() -> None:
             for b in budgets:
                 a, c = (next(h for h in hrows if h["walk"] == w.name and h["budget"] == b.label) for w in walkers)
                 within.append(abs(a["heldout_top1"] - c["heldout_top1"]) <= max(a["se"], c["se"]))
+                not_worse.append(c["heldout_top1"] >= a["heldout_top1"] - max(a["se"], c["se"]))
             print()
             print_table(hrows)
             write_csv([{**common, "heldout_images": n_val, **h} for h in hrows], f"search_speed_{net.name}_heldout")
@@ -255,7 +257,8 @@ def main() -> None:
         print(f"first {k} steps: {'the same units' if same_first else 'different units'} "
               f"({sum(d['same_unit'] for d in drows)}/{k} steps chose the same unit, "
               f"{sum(d['same_config'] for d in drows)}/{k} reached the same config)")
-        print(f"held-out top-1 within one standard error at {sum(within)} of {len(budgets)} budgets")
+        print(f"held-out top-1 within one standard error at {sum(within)} of {len(budgets)} budgets; "
+              f"the new walk no more than one standard error below the old at {sum(not_worse)} of {len(budgets)}")
 
     # -- fill: the budget filling from uniform width 6/12 under a MACs budget 25% above it ------------------
     if "fill" in args.sections:

@@ -622,7 +622,7 @@ def greedy_search(checkpoint, budgets: Sequence[Budget], *, table=None, criterio
     score_candidates, score = scoring.build(model, images.to(device), labels.to(device), wrap=dist.sharded)
     if log is not None and dist.is_writer():
         log(f"searching {', '.join(b.label for b in budgets)} on {len(labels):,} search-split images: "
-            f"{scoring.describe(len(labels))}, {device}" + (f"; resuming after step {len(replay) - 1}" if replay else ""))
+            f"{scoring.describe(len(labels), scoring.chunk(images))}, {device}" + (f"; resuming after step {len(replay) - 1}" if replay else ""))
     is_writer = dist.is_writer()
 
     bar = None

@@ -344,6 +344,31 @@ def test_fast_evaluator_scores_equal_reference_on_mobilenet():
         assert fast.forward_nodes < 0.75 * ref.forward_nodes  # the shared work was not redone
 
 
+def test_default_chunk_holds_up_to_1000_images_of_32_px_worth_of_pixels():
+    from hwslim.evaluator import Scoring, default_chunk
+
+    assert default_chunk(torch.empty(1, 3, 32, 32)) == 1000
+    assert default_chunk(torch.empty(1, 3, 16, 16)) == 1000
+    assert default_chunk(torch.empty(1, 3, 48, 48)) == 444
+    assert default_chunk(torch.empty(1, 3, 224, 224)) == 250  # never under 250 images
+    assert Scoring().chunk(torch.empty(1, 3, 224, 224)) == 250
+    assert Scoring(batch_size=64).chunk(torch.empty(1, 3, 32, 32)) == 64
+
+
+def test_chunks_are_channels_last_and_score_as_plain_images_do():
+    """The evaluator stores its image chunks channels-last (PyTorch's CPU convolutions and
+    train-mode BN run them about twice as fast): the scores are those of a plain pass."""
+    from hwslim.evaluate import accuracy
+
+    torch.manual_seed(0)
+    net = create_model("mobilenet_v2_cifar", width_mult=0.35)
+    x, y = torch.randn(48, 3, 32, 32), torch.randint(0, 10, (48,))
+    ev = StepEvaluator(net, x, y, bn="recal", batch_size=48)
+    assert ev.chunks[0].is_contiguous(memory_format=torch.channels_last)
+    cfg = net.uniform_config(6)
+    assert ev.score(cfg).acc == pytest.approx(accuracy(net, cfg, x, y, calib_images=x), abs=1e-9)
+
+
 def test_resume_after_interruption_reaches_the_same_result(ckpt_path, tmp_path):
     ckpt = load_checkpoint(ckpt_path)
     budget = [Budget("params_m", config_costs(ckpt.model, ckpt.model.full_config())["params_m"] * 0.8)]

@@ -2,12 +2,33 @@ from __future__ import annotations
 
 import json
 
-from hwslim.cli import (add_command, nonneg_int, positive_float, positive_int, print_table, set_threads, threads_note,
-                        with_header)
-from hwslim.evaluator import DEFAULT_BN, DEFAULT_KEEP, DEFAULT_SCREEN_IMAGES, Scoring
+from hwslim.cli import (
+    add_command,
+    nonneg_int,
+    positive_float,
+    positive_int,
+    print_table,
+    set_threads,
+    threads_note,
+    with_header,
+)
 from hwslim.errors import HwslimError
-from hwslim.search import (CRITERIA, DEFAULT_CRITERION, DEFAULT_FILL_STEPS, Budget, greedy_search,
-                           targets_of)
+from hwslim.evaluator import (
+    CHUNK_IMAGES,
+    DEFAULT_BN,
+    DEFAULT_KEEP,
+    DEFAULT_SCREEN_IMAGES,
+    MIN_CHUNK_IMAGES,
+    Scoring,
+)
+from hwslim.search import (
+    CRITERIA,
+    DEFAULT_CRITERION,
+    DEFAULT_FILL_STEPS,
+    Budget,
+    greedy_search,
+    targets_of,
+)
 
 
 def register(sub) -> None:
@@ -43,17 +64,17 @@ def register(sub) -> None:
     p.add_argument("--batch", type=positive_int, default=1, help="inference batch the budgets refer to (default 1)")
     s = p.add_argument_group("scoring (defaults measured with benchmarks/search_speed.py)")
     s.add_argument("--bn", choices=["recal", "batch"], default=DEFAULT_BN,
-                   help="BatchNorm statistics for scoring: batch: each chunk of 250 images (spread over the "
+                   help="BatchNorm statistics for scoring: batch: each chunk of --chunk images (spread over the "
                         "split) normalized by its own statistics, one pass (default); recal: recalibrated per "
                         "candidate, then scored in eval mode, two passes (as export recalibrates)")
     s.add_argument("--calib-images", type=nonneg_int, metavar="N",
                    help="with --bn recal: recalibrate on N images spread over the search split, then score on "
                         "all of them (default: all)")
-    s.add_argument("--chunk", type=positive_int, default=Scoring.batch_size, metavar="N",
-                   help=f"images per forward pass when scoring, chunks spread over the split (default "
-                        f"{Scoring.batch_size}); with --bn batch also the images each BN statistic is taken over "
-                        f"(a chunk of the whole split keeps the decisions of --bn recal, at about half the speed "
-                        f"per image here)")
+    s.add_argument("--chunk", type=positive_int, default=None, metavar="N",
+                   help=f"images per forward pass when scoring, chunks spread over the split; with --bn batch also "
+                        f"the images each BN statistic is taken over (default {CHUNK_IMAGES:,}, fewer for images "
+                        f"larger than 32 px so a chunk holds no more pixels, at least {MIN_CHUNK_IMAGES}: one "
+                        f"1,000-image chunk kept the decisions of --bn recal 9 times in 10, chunks of 250 5 times)")
     s.add_argument("--screen-images", type=nonneg_int, default=DEFAULT_SCREEN_IMAGES, metavar="N",
                    help=f"successive halving: score every candidate of a step on N images spread over the "
                         f"search split, and only the best --keep on all of them (default {DEFAULT_SCREEN_IMAGES}; "
@@ -96,9 +117,9 @@ def run(args) -> int:
     search_state.json (for --resume).
 
     Scoring (the walk's candidates and the filling's widenings alike): every candidate
-    is screened on 200 search-split images and the best 3 are scored on the whole split
-    (successive halving: --screen-images, --keep), each chunk of 250 images normalized by
-    its own BN statistics (--bn, --chunk); --screen-images 0 --bn recal scores every
+    is screened on 200 search-split images and the best 4 are scored on the whole split
+    (successive halving: --screen-images, --keep), each chunk of up to 1,000 images
+    normalized by its own BN statistics (--bn, --chunk); --screen-images 0 --bn recal scores every
     candidate in full with BN recalibrated, as before (about 3x slower).
 
     Example: hwslim search --checkpoint runs/sn/checkpoint.pt --latency-ms 20 15 10 --memory-mb 5 --device cpu
