@@ -1,6 +1,6 @@
-"""Search speed: the whole greedy walk, every candidate scored in full (the old default) against the
-default scoring (successive halving, fewer BN-calibration images), side by side, and whether the
-faster walk decides as well.
+"""Search speed: the whole greedy walk, every candidate scored in full with BN recalibrated (the old
+default) against the default scoring (BN batch statistics, successive halving), side by side, and
+whether the faster walk decides as well.
 
 One supernet (``--checkpoint``, else a fresh one on synthetic data for a smoke run), its search
 split, and a walk from the full config to the narrowest (a MACs budget at the narrowest config's
@@ -47,7 +47,8 @@ from hwslim.models import create_model  # noqa: E402
 from hwslim.search import Budget, Step, config_costs, fill_budget, pick_steps, slim  # noqa: E402
 
 SECTIONS = ("walk", "levers", "heldout", "fill")
-OLD = Scoring(bn="recal", calib_images=None, screen_images=None)  # every candidate on every image, BN recalibrated
+# every candidate on every image, BN recalibrated on all of them (in the default chunks)
+OLD = Scoring(bn="recal", calib_images=None, screen_images=None)
 NEW = Scoring()  # hwslim search's defaults
 
 
@@ -64,9 +65,11 @@ def levers(n: int) -> dict[str, tuple[Scoring, int] | tuple[Scoring, int, slice]
         "bn batch, chunks of 250": (replace(OLD, bn="batch", batch_size=250), 1),
         f"bn batch, chunks of {one}": (replace(OLD, bn="batch", batch_size=one), 1),
         "halving 200 keep 3": (replace(OLD, screen_images=200, keep=3), 1),
-        "bn batch 250 + halving 200 keep 2": (replace(OLD, bn="batch", screen_images=200, keep=2), 1),
-        "bn batch 250 + halving 400 keep 3": (replace(OLD, bn="batch", screen_images=400, keep=3), 1),
-        "default (bn batch 250 + halving 200 keep 3)": (NEW, 1),
+        "bn batch 250 + halving 200 keep 3 (the defaults before)": (
+            replace(OLD, bn="batch", batch_size=250, screen_images=200, keep=3), 1),
+        f"bn batch {one} + halving 200 keep 3": (replace(OLD, bn="batch", batch_size=one, screen_images=200, keep=3), 1),
+        f"bn batch {one} + halving 400 keep 3": (replace(OLD, bn="batch", batch_size=one, screen_images=400, keep=3), 1),
+        f"default (bn batch, default chunks + halving {NEW.screen_images} keep {NEW.keep})": (NEW, 1),
         "default, 2 threads": (NEW, 2),
     }
 
@@ -178,7 +181,8 @@ def main() -> None:
         rows = [{"walk": w.name, "steps": len(w.path) - 1, "walk_s": sum(w.times),
                  "median_step_s": statistics.median(w.times[1:]), "first_step_s": w.times[1],
                  "load_before": load_before, "load_after": load_after, **{k: v for k, v in asdict(w.scoring).items()
-                                                                            if k not in ("mode", "kernels")}}
+                                                                            if k not in ("mode", "kernels")},
+                 "chunk": w.scoring.chunk(x)}
                 for w in walkers]
         speedup = rows[0]["walk_s"] / rows[1]["walk_s"]
         print()

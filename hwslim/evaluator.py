@@ -97,13 +97,16 @@ Rank = Callable[[Score, int, Score], tuple]
 
 
 def _strided_chunks(x: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
-    """``x`` in strided chunks, each its own tensor; images channels-last (NHWC), which
-    PyTorch's CPU convolutions and train-mode BatchNorm run about twice as fast."""
-    count = max(1, -(-len(x) // batch_size))
-    chunks = [x[c::count] for c in range(count)] if count > 1 else [x]
+    """``x`` in strided chunks (chunk ``c`` holds items ``c, c + C, ...``), as views of one
+    reordered copy; images channels-last (NHWC), which PyTorch's CPU convolutions and
+    train-mode BatchNorm run about twice as fast."""
+    n = len(x)
+    count = max(1, -(-n // batch_size))
+    if count > 1:
+        x = x.index_select(0, torch.cat([torch.arange(c, n, count) for c in range(count)]).to(x.device))
     if x.dim() == 4:
-        return [c.contiguous(memory_format=torch.channels_last) for c in chunks]
-    return chunks
+        x = x.contiguous(memory_format=torch.channels_last)  # no copy when it already is
+    return list(x.split([len(range(c, n, count)) for c in range(count)]))
 
 
 class StepEvaluator:
@@ -114,7 +117,7 @@ class StepEvaluator:
     """
 
     def __init__(self, model: SlimmableNet, images: torch.Tensor, labels: torch.Tensor, *, bn: str = "recal",
-                 mode: str = "fast", batch_size: int = 250, kernels: str = "torch",
+                 mode: str = "fast", batch_size: int | None = None, kernels: str = "torch",
                  calib_images: int | None = None) -> None:
         if kernels not in KERNELS:
             raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
@@ -135,6 +138,7 @@ class StepEvaluator:
         if calib_images is not None and (bn != "recal" or calib_images < 1):
             raise ValueError(f"calib_images needs bn='recal' and at least 1 image, got {calib_images!r} with bn={bn!r}")
         self.model, self.bn, self.mode = model, bn, mode
+        batch_size = default_chunk(images) if batch_size is None else batch_size
         self.chunks = _strided_chunks(images, batch_size)
         self.label_chunks = _strided_chunks(labels, batch_size)
         self.n = len(labels)
@@ -379,9 +383,10 @@ class Scoring:
         """Images per chunk on ``images``: ``batch_size``, else :func:`default_chunk`."""
         return self.batch_size if self.batch_size is not None else default_chunk(images)
 
-    def describe(self, n: int, chunk: int = CHUNK_IMAGES) -> str:
-        """What the scorer does on a split of ``n`` images (in chunks of ``chunk``), in words
-        (for the search's first line)."""
+    def describe(self, n: int, chunk: int | None = None) -> str:
+        """What the scorer does on a split of ``n`` images (in chunks of ``chunk``, default
+        ``batch_size`` or ``CHUNK_IMAGES``), in words (for the search's first line)."""
+        chunk = chunk or self.batch_size or CHUNK_IMAGES
         if self.bn == "recal":
             c = n if self.calib_images is None else min(n, self.calib_images)
             bn = f"BN recalibrated per candidate on {c:,} of them"

@@ -619,10 +619,12 @@ def greedy_search(checkpoint, budgets: Sequence[Budget], *, table=None, criterio
         from hwslim.data import search_split
 
         images, labels = search_split(checkpoint, device=device, max_images=max_images)
+    chunk = scoring.chunk(images)
     score_candidates, score = scoring.build(model, images.to(device), labels.to(device), wrap=dist.sharded)
+    del images  # the evaluators hold their own (channels-last) copy of the split
     if log is not None and dist.is_writer():
         log(f"searching {', '.join(b.label for b in budgets)} on {len(labels):,} search-split images: "
-            f"{scoring.describe(len(labels), scoring.chunk(images))}, {device}" + (f"; resuming after step {len(replay) - 1}" if replay else ""))
+            f"{scoring.describe(len(labels), chunk)}, {device}" + (f"; resuming after step {len(replay) - 1}" if replay else ""))
     is_writer = dist.is_writer()
 
     bar = None

@@ -358,15 +358,20 @@ def test_default_chunk_holds_up_to_1000_images_of_32_px_worth_of_pixels():
 def test_chunks_are_channels_last_and_score_as_plain_images_do():
     """The evaluator stores its image chunks channels-last (PyTorch's CPU convolutions and
     train-mode BN run them about twice as fast): the scores are those of a plain pass."""
-    from hwslim.evaluate import accuracy
+    from hwslim.evaluate import preserved_bn_stats
 
     torch.manual_seed(0)
     net = create_model("mobilenet_v2_cifar", width_mult=0.35)
     x, y = torch.randn(48, 3, 32, 32), torch.randint(0, 10, (48,))
-    ev = StepEvaluator(net, x, y, bn="recal", batch_size=48)
-    assert ev.chunks[0].is_contiguous(memory_format=torch.channels_last)
+    ev = StepEvaluator(net, x, y, bn="recal", batch_size=16)
+    assert all(c.is_contiguous(memory_format=torch.channels_last) for c in ev.chunks)
+    assert torch.equal(torch.cat(list(ev.chunks)), torch.cat([x[c::3] for c in range(3)]))  # strided chunks
     cfg = net.uniform_config(6)
-    assert ev.score(cfg).acc == pytest.approx(accuracy(net, cfg, x, y, calib_images=x), abs=1e-9)
+    with torch.no_grad(), net.using(cfg), preserved_bn_stats(net):
+        recalibrate_bn(net, [x[c::3] for c in range(3)])
+        net.eval()
+        want = torch.nn.functional.cross_entropy(net(x), y).item()
+    assert ev.score(cfg).loss == pytest.approx(want, rel=1e-5)
 
 
 def test_resume_after_interruption_reaches_the_same_result(ckpt_path, tmp_path):
