@@ -72,14 +72,15 @@ DEFAULT_KEEP = 4
 CHUNK_IMAGES = 1000
 MIN_CHUNK_IMAGES = 250
 
+BN_MODES = ("recal", "batch")
+EVAL_MODES = ("fast", "reference")
+KERNELS = ("torch", "triton")
+
 
 def default_chunk(images: torch.Tensor) -> int:
     """The default images per scoring chunk for ``images`` (N, C, H, W): see ``CHUNK_IMAGES``."""
     pixels = images.shape[-1] * images.shape[-2] if images.dim() == 4 else 32 * 32
     return max(MIN_CHUNK_IMAGES, min(CHUNK_IMAGES, CHUNK_IMAGES * 32 * 32 // pixels))
-BN_MODES = ("recal", "batch")
-EVAL_MODES = ("fast", "reference")
-KERNELS = ("torch", "triton")
 
 
 @dataclass(frozen=True)
