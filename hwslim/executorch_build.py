@@ -16,11 +16,12 @@ Without the ``executorch`` package, :func:`require` refuses with one line naming
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import os
 import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 
@@ -59,6 +60,29 @@ def pte_paths(out: Path) -> tuple[Path, Path]:
 @torch.no_grad()
 def lower(module: torch.nn.Module, example: Sequence[torch.Tensor]) -> bytes:
     """The ``.pte`` bytes of ``module`` at the shapes of ``example``, XNNPACK-delegated."""
+    return _lower(module, example, trace=False)[0]
+
+
+@torch.no_grad()
+def lower_traced(module: torch.nn.Module, example: Sequence[torch.Tensor]) -> tuple[bytes, list[list[XnnNode]]]:
+    """:func:`lower`, plus each XNNPACK delegate's nodes in the order its runtime creates
+    operators from them: per delegate, ``XnnNode(kind, owner)`` with ``kind`` the node's
+    schema type without its ``XNN`` prefix (``"Conv2d"``, ``"StaticTranspose"``) and
+    ``owner`` the dotted path of the ``module`` submodule the exported graph node came from
+    (``"entries.3.module"``), or None for nodes the delegate inserted (layout transposes).
+
+    The nodes are read as the delegate serializes them (its ``serialize_xnnpack_binary``
+    is wrapped while lowering); a node's debug handle leads back to its graph node and
+    that node's ``nn_module_stack``."""
+    return _lower(module, example, trace=True)
+
+
+class XnnNode(NamedTuple):
+    kind: str
+    owner: str | None
+
+
+def _lower(module: torch.nn.Module, example: Sequence[torch.Tensor], trace: bool):
     require()
     import logging
 
@@ -68,13 +92,15 @@ def lower(module: torch.nn.Module, example: Sequence[torch.Tensor]) -> bytes:
     module = module.eval()
     quiet = [logging.getLogger(n) for n in ("executorch", "torch._export", "torch.export")]
     levels = [lg.level for lg in quiet]
+    graphs: list = []
     try:
         for lg in quiet:
             lg.setLevel(logging.ERROR)
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), (_xnnpack_graphs(graphs) if trace else contextlib.nullcontext()):
             warnings.simplefilter("ignore")
             ep = torch.export.export(module, tuple(example))
-            return to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()]).to_executorch().buffer
+            edge = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()])
+            buffer = edge.to_executorch().buffer
     except ExecuTorchError:
         raise
     except Exception as e:  # export and lowering errors have no common base
@@ -83,6 +109,37 @@ def lower(module: torch.nn.Module, example: Sequence[torch.Tensor]) -> bytes:
     finally:
         for lg, level in zip(quiet, levels):
             lg.setLevel(level)
+    if not trace:
+        return buffer, []
+    owners: dict[int, str | None] = {}
+    gm = edge.exported_program().graph_module
+    for name, child in gm.named_children():
+        if name.startswith("lowered_module") and hasattr(child, "original_module"):
+            for node in child.original_module.graph.nodes:
+                if "debug_handle" in node.meta:
+                    stack = [path for path, _ in (node.meta.get("nn_module_stack") or {}).values()]
+                    owners[node.meta["debug_handle"]] = stack[-1] if stack else None
+    delegates = [[XnnNode(type(x.xnode_union).__name__.removeprefix("XNN"), owners.get(x.debug_handle))
+                  for x in g.xnodes] for g in graphs]
+    return buffer, delegates
+
+
+@contextlib.contextmanager
+def _xnnpack_graphs(graphs: list):
+    """Collect every XNNGraph the XNNPACK delegate serializes while the block runs."""
+    from executorch.backends.xnnpack import xnnpack_preprocess as xp
+
+    serialize = xp.serialize_xnnpack_binary
+
+    def keep(graph, *args, **kwargs):
+        graphs.append(graph)
+        return serialize(graph, *args, **kwargs)
+
+    xp.serialize_xnnpack_binary = keep
+    try:
+        yield graphs
+    finally:
+        xp.serialize_xnnpack_binary = serialize
 
 
 def set_threads(threads: int) -> None:
@@ -112,5 +169,5 @@ def run_program(program, images: torch.Tensor, batch: int) -> torch.Tensor:
                       for i in range(0, len(images), batch)])
 
 
-__all__ = ["INSTALL_HINT", "ExecuTorchError", "load", "lower", "pte_paths", "require", "run_program", "set_threads",
+__all__ = ["INSTALL_HINT", "ExecuTorchError", "XnnNode", "load", "lower", "lower_traced", "pte_paths", "require", "run_program", "set_threads",
            "version"]

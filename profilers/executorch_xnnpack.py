@@ -5,13 +5,25 @@ Programs are lowered from ``torch.export`` with ``XnnpackPartitioner``
 on ExecuTorch's process-wide thread pool, sized to ``threads`` (default 1) before every
 measurement.
 
-**Layers are timed alone** (``method="isolated"``; the table's ``layer_times`` says so):
-each entry is its own one-layer program (BatchNorm folded, random weights) timed end to
-end. ExecuTorch's ETDump does report per-operator XNNPACK events inside a whole network,
-but they name XNNPACK operators (``"Convolution (NHWC, F32) IGEMM #2"``) and carry no
-debug handle back to the exported graph (checked with executorch 1.5.1), so they cannot
-be charged to layers reliably. Calibration against whole networks absorbs what timing
-alone misses.
+**Entries inside networks (the default for tables).** Each designed network (see
+:func:`hwslim.profile.design_configs`) is lowered once and run with ETDump on: the XNNPACK
+delegate reports every operator it runs (``"Convolution (NHWC, F32) IGEMM #2"``, in whole
+microseconds), in the order its runtime created them from the delegate's nodes. The names
+carry no link to the graph, but the order does: the nodes are read while lowering
+(:func:`hwslim.executorch_build.lower_traced`), each with the submodule it came from, and
+the runtime's operators are matched to them in order (:func:`match_operators`; a node the
+runtime fused into its neighbour, such as a clamp after an add, has no operator of its
+own). A layout transpose the delegate inserted is charged to the layer that consumes its
+output, as ONNX Runtime's and OpenVINO's are. Every run gives one sample per layer (the
+sum of its operators); an entry's samples are pooled over the networks it was timed in
+(``--contexts``). Where the operators cannot be matched, profiling stops with a line
+saying so (``--isolated`` times entries alone).
+
+**Entries alone** (``--isolated``, tables with ``in_network=False``): each entry is its own
+one-layer program (BatchNorm folded, random weights) timed end to end, its input and output
+transposed between NCHW and XNNPACK's NHWC inside it; calibration against whole networks
+absorbs what that adds (measured on MobileNetV2 1.5x@224: fitted slope 0.68, 56% of held-out
+configs within +-5%; in networks, see the README).
 
 **Whole models** are ``.pte`` programs: :meth:`write_model` lowers the materialized
 network, and :meth:`time_onnx` (the shared end-to-end entry point) times a ``.pte``.
@@ -29,16 +41,21 @@ import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Sequence
 
 import torch
 from torch import nn
 
 from hwslim.graph import LayerSpec
 from profilers.base import Profiler, ProfilerError, Timing, sample
-from profilers.ort import cpu_clock, cpu_model
+from profilers.ort import cpu_clock, cpu_model, network_runs_for
 
 INSTALL = "pip install 'hwslim[executorch]'"
+# delegate node kinds (hwslim.executorch_build.XnnNode.kind) whose runtime operators are named
+# otherwise: a 1x1 convolution runs as a GEMM, a global average pooling as a mean
+OPERATOR_NAMES = {"Conv2d": ("Convolution", "Fully Connected"), "DepthwiseConv2d": ("Convolution",),
+                  "ConvTranspose2d": ("Deconvolution",), "GlobalAvgPooling2d": ("Mean", "Global Average Pooling"),
+                  "AvgPooling2d": ("Average Pooling",), "MaxPooling2d": ("Max Pooling",), "Div": ("Divide",)}
 
 
 class _Entry(nn.Module):
@@ -80,20 +97,66 @@ def entry_inputs(spec: LayerSpec) -> list[torch.Tensor]:
     return out
 
 
+def _matches(kind: str, operator: str) -> bool:
+    """Whether the runtime operator ``operator`` (``"Add (ND) #3"``) can come from a node of ``kind``."""
+    name = operator.split(" (")[0].split(" #")[0]
+    if any(name.startswith(n) for n in OPERATOR_NAMES.get(kind, ())):
+        return True
+    a, b = (n.replace(" ", "").lower().removeprefix("static") for n in (name, kind))
+    return a.startswith(b) or b.startswith(a)
+
+
+def match_operators(nodes: Sequence[str], operators: Sequence[str]) -> list[int]:
+    """For each runtime operator, the index of the delegate node it runs, or ValueError.
+
+    Operators come in node order. A node with no operator was fused into a neighbour (a
+    clamp into the add before it) and is skipped; a node with a fused activation the
+    runtime cannot fuse (an add with a ReLU) runs it as a ``Clamp`` right after, which
+    goes to that node. Otherwise each operator takes the next node of a matching kind
+    (:data:`OPERATOR_NAMES`); an operator that matches no later node means the order is
+    not what this expects.
+    """
+    out: list[int] = []
+    j = 0
+    for op in operators:
+        if out and op.startswith("Clamp") and (j == len(nodes) or not _matches(nodes[j], op)):
+            out.append(out[-1])
+            continue
+        while j < len(nodes) and not _matches(nodes[j], op):
+            j += 1
+        if j == len(nodes):
+            raise ValueError(f"XNNPACK operator {op!r} matches none of the delegate's remaining nodes")
+        out.append(j)
+        j += 1
+    return out
+
+
+def layer_of(owner: str | None, names: Sequence[str]) -> str | None:
+    """The layer a delegate node belongs to, from its submodule path in a :class:`_Network`
+    (``"entries.3.module.fc1"`` -> ``names[3]``), or None (a node the delegate inserted)."""
+    if owner is None:
+        return None
+    parts = owner.split(".")
+    if len(parts) >= 2 and parts[0] == "entries" and parts[1].isdigit() and int(parts[1]) < len(names):
+        return names[int(parts[1])]
+    return None
+
+
 class ExecuTorchProfiler(Profiler):
     """Times entries and whole ``.pte`` programs with ExecuTorch's XNNPACK delegate."""
 
     backend: ClassVar[str] = "executorch"
     device: ClassVar[str] = "cpu"
     dtypes: ClassVar[tuple[str, ...]] = ("float32",)
-    in_network: ClassVar[bool] = False
     identity_keys: ClassVar[tuple[str, ...]] = Profiler.identity_keys + ("clock", "delegate", "torch_version")
     model_suffixes: ClassVar[tuple[str, ...]] = (".pte",)
 
     def __init__(self, *, threads: int | None = None, dtype: str | None = None, protocol=None, e2e_protocol=None,
-                 clock: str | None = None) -> None:
+                 clock: str | None = None, in_network: bool = True, network_runs: int | None = None) -> None:
         super().__init__(threads=threads, dtype=dtype, protocol=protocol, e2e_protocol=e2e_protocol)
         self.clock = cpu_clock(clock, self.threads)
+        self.in_network = bool(in_network)
+        self.network_runs = network_runs_for(self.protocol, network_runs)
         from hwslim import executorch_build as etb
 
         try:
@@ -117,7 +180,8 @@ class ExecuTorchProfiler(Profiler):
         return cpu_model()
 
     def settings(self) -> dict[str, Any]:
-        return {**super().settings(), "clock": self.clock}
+        return {**super().settings(), "clock": self.clock, "in_network": self.in_network,
+                "network_runs": self.network_runs}
 
     def _backend_metadata(self) -> dict[str, Any]:
         return {
@@ -127,8 +191,9 @@ class ExecuTorchProfiler(Profiler):
             "torch_version": torch.__version__,  # programs are lowered through this torch.export
             "clock": self.clock,
             "delegate": self._etb.PARTITIONER,
-            "layer_times": "each entry's one-layer .pte program timed alone (XNNPACK's per-operator events "
-                           "carry no layer names)",
+            "layer_times": ("XNNPACK's per-operator ETDump events inside designed networks, matched in order to "
+                            "the delegate's nodes and their layers; one sample per run" if self.in_network
+                            else "each entry's one-layer .pte program timed alone"),
         }
 
     # -- programs --------------------------------------------------------------------------
@@ -167,6 +232,85 @@ class ExecuTorchProfiler(Profiler):
         except self._etb.ExecuTorchError as e:
             raise ProfilerError(f"backend 'executorch' cannot time {spec.name!r}: {e}") from None
         return Timing.from_samples(sample(self._runner(program, inputs), self.protocol))
+
+    # -- entries inside whole networks ------------------------------------------------------
+    def _measure_entries(self, specs, networks):
+        if networks is None:
+            yield from super()._measure_entries(specs, None)
+            return
+        for spec, samples, _ in self._pool_networks(specs, networks, lambda n: (self.profile_network(n), set())):
+            # whole-microsecond operator times: the interquartile mean is unbiased
+            t = Timing.from_samples(samples, center="iqm")
+            yield spec, replace(t, noisy=t.median_ms > 0 and t.rel_iqr > self.protocol.max_rel_iqr)
+
+    def profile_network(self, specs: Sequence[LayerSpec]) -> dict[str, list[float]]:
+        """Per-layer times (ms, one sample per run) of one whole network, from ETDump.
+
+        The network is built from ``specs`` (random weights, BatchNorm folded), lowered
+        with its delegate nodes traced, run ``protocol.warmup_runs`` times and then
+        ``network_runs`` times with ETDump on; each run's XNNPACK operators are matched to
+        the nodes (:func:`match_operators`) and summed per layer. A transpose the delegate
+        inserted goes to the next layer's node (its consumer); a layer with no operator of
+        its own costs 0.
+        """
+        names = [s.name for s in specs]
+        s0 = specs[0]
+        x = torch.randn(s0.batch, s0.cin, s0.in_h, s0.in_w, generator=torch.Generator().manual_seed(0))
+        try:
+            program, delegates = self._etb.lower_traced(_Network(specs).eval(), [x])
+        except (NotImplementedError, self._etb.ExecuTorchError) as e:
+            raise ProfilerError(f"backend 'executorch' cannot build this network: {e}") from None
+        if len(delegates) != 1:
+            raise ProfilerError(f"backend 'executorch': the network lowered to {len(delegates)} XNNPACK delegates, "
+                                f"so its operators cannot be charged to layers; profile with --isolated")
+        nodes = delegates[0]
+        layers = [layer_of(n.owner, names) for n in nodes]
+        for k in range(len(layers) - 2, -1, -1):  # an inserted node goes to its consumer ...
+            if layers[k] is None:
+                layers[k] = layers[k + 1]
+        for k in range(1, len(layers)):  # ... or, after the last layer's nodes, to that layer
+            if layers[k] is None:
+                layers[k] = layers[k - 1]
+        events = self._run_traced(program, [x], self.protocol.warmup_runs, self.network_runs)
+        out: dict[str, list[float]] = {name: [0.0] * len(events) for name in names}
+        try:
+            index = match_operators([n.kind for n in nodes], [op for op, _ in events[0]])
+        except ValueError as e:
+            raise ProfilerError(f"backend 'executorch' cannot charge this network's operators to layers ({e}); "
+                                f"profile with --isolated") from None
+        for r, run in enumerate(events):
+            if [op for op, _ in run] != [op for op, _ in events[0]]:
+                raise ProfilerError("backend 'executorch': the runs of one program reported different operators")
+            for (_, ms), j in zip(run, index):
+                if layers[j] is not None:
+                    out[layers[j]][r] += ms
+        return out
+
+    def _run_traced(self, program: bytes, inputs, warmup: int, runs: int) -> list[list[tuple[str, float]]]:
+        """``warmup`` then ``runs`` runs of ``program`` with ETDump on; per measured run, its
+        delegate operators in order as ``(name, ms)``."""
+        from executorch.devtools.etdump.serialize import deserialize_from_etdump_flatcc
+        from executorch.extension.pybindings import portable_lib
+
+        self._etb.set_threads(self.threads)
+        module = portable_lib._load_for_executorch_from_buffer(program, enable_etdump=True)
+        for _ in range(warmup + runs):
+            module.forward(inputs)
+        path = os.path.join(self._tmp.name, "network.etdp")
+        module.write_etdump_result_to_file(path)
+        with open(path, "rb") as f:
+            dump = deserialize_from_etdump_flatcc(f.read())
+        os.remove(path)
+        per_run = []
+        for block in dump.run_data:
+            ops = [(e.profile_event.delegate_debug_id_str, (e.profile_event.end_time - e.profile_event.start_time) * 1e-6)
+                   for e in block.events or () if e.profile_event is not None
+                   and e.profile_event.delegate_debug_id_str]
+            if ops:
+                per_run.append(ops)
+        if len(per_run) < runs:
+            raise ProfilerError(f"backend 'executorch': ETDump recorded {len(per_run)} runs, expected {warmup + runs}")
+        return per_run[-runs:]
 
     def _probe_runner(self, specs, workdir: str) -> Callable[[], float]:
         """The probe lowered to a ``.pte`` program (ExecuTorch does not run ONNX), once per profiler;

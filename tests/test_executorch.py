@@ -48,6 +48,55 @@ def setup(tmp_path_factory):
     return d, net, ckpt, cfg, cfg.save(d / "cfg.json")
 
 
+# Excerpts of what executorch 1.5.1 reported here (a MobileNetV3-Large SE block; ResNet-20's stem,
+# first blocks and classifier): the XNNPACK delegate's nodes (kinds) and, in order, the operators
+# its runtime reported through ETDump for the same program.
+MBV3_SE_NODES = ["GlobalAvgPooling2d", "Conv2d", "Conv2d", "StaticTranspose", "Add", "Clamp", "Clamp", "Div",
+                 "StaticTranspose", "Multiply", "Conv2d"]
+MBV3_SE_OPERATORS = ["Mean (ND) Reduce2 #1", "Fully Connected (NC, F32) GEMM #7", "Fully Connected (NC, F32) GEMM #8",
+                     "Transpose (ND, X32) #2", "Add (ND) #3", "Clamp (NC) #1", "Divide (ND) #1",
+                     "Transpose (ND, X32) #3", "Multiply (ND) #1", "Fully Connected (NC, F32) GEMM #9"]
+RESNET_NODES = ["StaticTranspose", "Conv2d", "Conv2d", "Conv2d", "Add", "Conv2d", "Conv2d", "Add",
+                "GlobalAvgPooling2d", "StaticTranspose", "StaticReshape", "FullyConnected"]
+RESNET_OPERATORS = ["Transpose (ND, X32) #1", "Convolution (NHWC, F32) IGEMM #1", "Convolution (NHWC, F32) IGEMM #2",
+                    "Convolution (NHWC, F32) IGEMM #3", "Add (ND) #1", "Clamp (NC) #1",
+                    "Convolution (NHWC, F32) IGEMM #4", "Convolution (NHWC, F32) IGEMM #5", "Add (ND) #2",
+                    "Clamp (NC) #2", "Mean (ND) Reduce2 #1", "Transpose (ND, X32) #2", "Static Reshape (NC) #1",
+                    "Fully Connected (NC, F32) GEMM #1"]
+
+
+def test_xnnpack_operators_are_matched_to_the_delegate_nodes_in_order():
+    """A clamp the runtime fused into the one before it has no operator (SE block); an add with
+    a fused ReLU runs a Clamp operator after it, which belongs to the add (ResNet)."""
+    from profilers.executorch_xnnpack import layer_of, match_operators
+
+    assert match_operators(MBV3_SE_NODES, MBV3_SE_OPERATORS) == [0, 1, 2, 3, 4, 5, 7, 8, 9, 10]
+    assert match_operators(RESNET_NODES, RESNET_OPERATORS) == [0, 1, 2, 3, 4, 4, 5, 6, 7, 7, 8, 9, 10, 11]
+    with pytest.raises(ValueError, match="matches none"):
+        match_operators(["Conv2d", "Add"], ["Convolution (NHWC, F32) IGEMM #1", "Multiply (ND) #1"])
+    names = ["stem", "b1/se", "head"]
+    assert [layer_of(o, names) for o in ("entries.1.module.fc1", "entries.2", "entries.9", "other.1", None)] == \
+        ["b1/se", "head", None, None, None]
+
+
+@needs_executorch
+def test_layers_are_timed_inside_a_network_from_its_xnnpack_operators(setup):
+    """Every layer of a lowered network gets one sample per run, they add up to about the whole
+    program, and a table measured this way says so."""
+    d, net, *_ = setup
+    cfg = net.full_config()
+    specs = net.layer_specs(cfg, input_size=32)  # operators read in whole microseconds: not too small
+    with get_profiler("cpu", "executorch", protocol=QUICK, e2e_protocol=QUICK, network_runs=6) as prof:
+        assert prof.in_network and "inside designed networks" in prof.metadata()["layer_times"]
+        out = prof.profile_network(specs)
+        whole = measure_config(prof, net, cfg, input_size=32, workdir=d).median_ms
+    assert set(out) == {s.name for s in specs} and all(len(v) == 6 for v in out.values())
+    convs = [s.name for s in specs if "conv" in s.name]
+    assert convs and all(sorted(out[n])[3] > 0 for n in convs)
+    total = sum(sorted(v)[3] for v in out.values())
+    assert 0.3 * whole < total <= 1.2 * whole
+
+
 def _table(net, cfg, path):
     """A table with the real profiler's metadata and made-up entry times for ``cfg``'s layers."""
     with get_profiler("cpu", "executorch", protocol=QUICK, e2e_protocol=QUICK) as prof:
@@ -63,7 +112,7 @@ def test_entries_are_timed_alone_and_whole_programs_end_to_end(setup):
     d, net, *_ = setup
     small = layer_spec("a", Conv(1, act="relu"), 16, 8, out=16)
     residual = layer_spec("r", Conv(3, 1, 1, act="relu"), (16, 16), 8, out=16)
-    with get_profiler("cpu", "executorch", protocol=QUICK, e2e_protocol=QUICK) as prof:
+    with get_profiler("cpu", "executorch", protocol=QUICK, e2e_protocol=QUICK, in_network=False) as prof:
         meta = prof.metadata()
         assert meta["backend"] == "executorch" and meta["delegate"] == "XnnpackPartitioner"
         assert meta["torch_version"] == torch.__version__ and meta["clock"] == "thread_cpu"
