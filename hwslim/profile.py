@@ -15,7 +15,9 @@
    entries in flight (for in-network backends: those whose last network had not been
    timed yet), and the next run skips what is done.
 3. **Calibrate**: measure whole configs end to end (the exported ONNX model of the
-   materialized network, same backend and protocol, interleaved), fit
+   materialized network, same backend and protocol, interleaved; when entries are
+   measured in this run, in rounds spread over the time they take, so layers and whole
+   models see the same stretch of the machine's time: :class:`_SpreadCalibration`), fit
    ``e2e = a * sum + b`` (depthwise layers on their own slope where that fits) on
    ``calib_configs`` of them and report accuracy on ``holdout_configs`` others. These
    are random configs of random width ranges (narrow to wide), never the uniform ones,
@@ -519,17 +521,37 @@ def profile(settings: ProfileSettings, progress: bool = False,
                                      contexts=contexts)
             log(f"timing them inside {len(configs)} designed networks")
             networks = (net.layer_specs(c, batch=settings.batch, input_size=size) for c in configs)
-        bar = _bar(progress, len(todo), "entries")
-        with RowWriter(csv_path, COLUMNS) as writer:
-            for spec, timing in profiler.measure_entries(todo, networks):
-                writer.append(entry_row(spec, timing))
-                done[spec.signature()] = timing
-                bar.update(1)
-        bar.close()
+        spread, measured = None, None
+        if todo:  # the calibration configs' end-to-end rounds, spread over the entries' measurement
+            plan, have = calibration_plan(net, settings, e2e_path)
+            cal = [c for _, c in plan if _config_key(c) not in have]
+            if cal:
+                log(f"calibration: timing {len(cal)} whole configs end to end in rounds spread over the entries")
+                spread = _SpreadCalibration(profiler, net, cal, settings.batch, size)
+        meta["calibration_plan"]["timed"] = "spread over the entries" if spread else "after the entries"
+        if spread is not None:  # in-network backends finish most entries late: follow their networks too
+            profiler.on_network = lambda n, total: spread.progress(n / total)
+        try:
+            bar = _bar(progress, len(todo), "entries")
+            with RowWriter(csv_path, COLUMNS) as writer:
+                for k, (spec, timing) in enumerate(profiler.measure_entries(todo, networks), 1):
+                    writer.append(entry_row(spec, timing))
+                    done[spec.signature()] = timing
+                    bar.update(1)
+                    if spread is not None:
+                        spread.progress(k / len(todo))
+            bar.close()
+            if spread is not None:
+                measured = {_config_key(c): t for c, t in zip(cal, spread.timings())}
+        finally:
+            profiler.on_network = None
+            if spread is not None:
+                spread.close()
 
         table = LatencyTable(meta, done, csv_path)
         e2e_before = e2e_path.stat().st_size if e2e_path.exists() else -1
-        calibration = calibrate(table, profiler, net, settings, e2e_path, progress=progress, log=log)
+        calibration = calibrate(table, profiler, net, settings, e2e_path, progress=progress, log=log,
+                                measured=measured)
         meta.update(status="complete", entries=len(done), noisy_entries=sum(t.noisy for t in done.values()),
                     calibration=calibration.to_dict(), finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
         # a shared machine's load changes latencies: record it next to them
@@ -561,29 +583,93 @@ def profile(settings: ProfileSettings, progress: bool = False,
         profiler.close()
 
 
-def calibrate(table: LatencyTable, profiler, net, settings: ProfileSettings, e2e_path: Path,
-              progress: bool = False, log: Callable[[str], None] | None = None) -> Calibration:
-    """Measure the fit and held-out configs end to end (resumably) and fit ``e2e = a * sum + b``."""
-    size, batch = table.meta["input_size"], table.meta["batch"]
+def calibration_plan(net, settings: ProfileSettings, e2e_path: Path) -> tuple[list, dict[str, dict]]:
+    """The calibration plan (``(role, config)`` pairs, fit and held-out interleaved) and the
+    rows ``e2e_path`` already holds, by config key."""
     fit_cfgs = calibration_configs(net, settings.calib_configs + settings.holdout_configs, seed=settings.seed + 1)
     roles = ["fit"] * settings.calib_configs + ["holdout"] * settings.holdout_configs
     random.Random(settings.seed).shuffle(roles)  # interleaved: a slow spell of the machine hits both
-    plan = list(zip(roles, fit_cfgs))
     have: dict[str, dict] = {}
     if e2e_path.exists():
         rows, _ = read_rows(e2e_path, E2E_COLUMNS)
         have = {r["widths"]: r for r in rows}
-    key = lambda c: json.dumps(c.widths, sort_keys=True, separators=(",", ":"))  # noqa: E731
-    todo = [(role, c) for role, c in plan if key(c) not in have]
+    return list(zip(roles, fit_cfgs)), have
+
+
+def _config_key(c: ChannelConfig) -> str:
+    return json.dumps(c.widths, sort_keys=True, separators=(",", ":"))
+
+
+class _SpreadCalibration:
+    """The calibration configs' end-to-end rounds, spread over the entries' measurement.
+
+    The whole models are written and loaded up front, warmed up, and timed in one round
+    before the first entry; :meth:`progress` runs further rounds as the measurement
+    advances (round ``k`` once ``k / (rounds - 1)`` of the entries, or of an in-network
+    backend's designed networks, are done) and :meth:`timings` the rest after the last. Holding the loaded models costs memory (MobileNetV2 1.5x: 32 models),
+    not time.
+    """
+
+    def __init__(self, profiler, net, configs: Sequence[ChannelConfig], batch: int, size: int,
+                 rounds: int | None = None) -> None:
+        from hwslim.materialize import materialize
+
+        from profilers.base import E2E_ROUNDS, InterleavedRuns
+
+        self._dir = tempfile.TemporaryDirectory(prefix="hwslim-calibration-")
+        try:
+            paths = [profiler.write_model(materialize(net, c, fold_bn=True).eval(), Path(self._dir.name) / f"{i}",
+                                          batch=batch, input_size=size) for i, c in enumerate(configs)]
+            shape = (batch, net.in_channels, size, size)
+            self.runs = InterleavedRuns(profiler, [(p, shape) for p in paths], rounds=rounds or E2E_ROUNDS)
+            self.runs.warm_up()
+            self.runs.round()
+        except BaseException:
+            self._dir.cleanup()
+            raise
+
+    def progress(self, fraction: float) -> None:
+        """Run the rounds due once ``fraction`` of the entries are measured (the last waits for the end)."""
+        due = 1 + int(min(max(fraction, 0.0), 1.0) * (self.runs.rounds - 1))
+        while self.runs.rounds_done < min(due, self.runs.rounds - 1):
+            self.runs.round()
+
+    def timings(self) -> list:
+        """Every round run, the Timings of the configs in order; the files are removed."""
+        while self.runs.rounds_left:
+            self.runs.round()
+        self.close()
+        return self.runs.timings()
+
+    def close(self) -> None:
+        self.runs.runners.clear()  # loaded models first, then their files
+        self._dir.cleanup()
+
+
+def calibrate(table: LatencyTable, profiler, net, settings: ProfileSettings, e2e_path: Path,
+              progress: bool = False, log: Callable[[str], None] | None = None,
+              measured: Mapping[str, Any] | None = None) -> Calibration:
+    """Measure the fit and held-out configs end to end (resumably) and fit ``e2e = a * sum + b``.
+
+    ``measured`` (config key -> Timing) holds configs already timed (spread over the
+    entries' measurement); the others are timed now, interleaved."""
+    size, batch = table.meta["input_size"], table.meta["batch"]
+    plan, have = calibration_plan(net, settings, e2e_path)
+    todo = [(role, c) for role, c in plan if _config_key(c) not in have]
     if todo:
+        measured = dict(measured or {})
         log = log or (lambda msg: None)
-        log(f"calibration: timing {len(todo)} whole configs end to end, interleaved")
+        rest = [(role, c) for role, c in todo if _config_key(c) not in measured]
         with RowWriter(e2e_path, E2E_COLUMNS) as writer, tempfile.TemporaryDirectory() as work:
-            timings = measure_configs(profiler, net, [c for _, c in todo], batch, size, workdir=work,
-                                      progress=progress)
-            for (role, cfg), t in zip(todo, timings):
+            if rest:
+                log(f"calibration: timing {len(rest)} whole configs end to end, interleaved")
+                timings = measure_configs(profiler, net, [c for _, c in rest], batch, size, workdir=work,
+                                          progress=progress)
+                measured.update({_config_key(c): t for (_, c), t in zip(rest, timings)})
+            for role, cfg in todo:
+                t = measured[_config_key(cfg)]
                 s = table.sum_ms(net.layer_specs(cfg, batch=batch, input_size=size))
-                row = {"role": role, "widths": key(cfg), "sum_ms": f"{s:.6f}", "median_ms": f"{t.median_ms:.6f}",
+                row = {"role": role, "widths": _config_key(cfg), "sum_ms": f"{s:.6f}", "median_ms": f"{t.median_ms:.6f}",
                        "iqr_ms": f"{t.iqr_ms:.6f}", "p90_ms": f"{t.p90_ms:.6f}", "n": t.n, "noisy": int(t.noisy)}
                 writer.append(row)
                 have[row["widths"]] = row
@@ -592,7 +678,7 @@ def calibrate(table: LatencyTable, profiler, net, settings: ProfileSettings, e2e
         specs = net.layer_specs(cfg, batch=batch, input_size=size)
         results[role][0].append(table.sum_ms(specs))
         results[role][1].append(table.depthwise_ms(specs))
-        results[role][2].append(float(have[key(cfg)]["median_ms"]))
+        results[role][2].append(float(have[_config_key(cfg)]["median_ms"]))
     a, a_dw, b = fit_calibration(*results["fit"])
     n_fit = len(results["fit"][0])
     if n_fit < 2 or not all(math.isfinite(v) for v in (a, b, 0.0 if a_dw is None else a_dw)) or a <= 0 \
@@ -630,5 +716,6 @@ def _bar(enabled: bool, total: int, desc: str, unit: str | None = None):
     return tqdm(total=total, desc=desc, unit=unit or ("entry" if desc == "entries" else "model"), dynamic_ncols=True)
 
 
-__all__ = ["CalibrationError", "ProfileResult", "ProfileSettings", "SettingsError", "calibrate", "calibration_configs", "design_configs",
+__all__ = ["CalibrationError", "ProfileResult", "ProfileSettings", "SettingsError", "calibrate", "calibration_configs",
+           "calibration_plan", "design_configs",
            "enumerate_entries", "measure_config", "profile"]

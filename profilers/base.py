@@ -199,6 +199,9 @@ class Profiler:
     default_contexts: ClassVar[int] = 2
     # model files time_onnx reads (verify measures an exported artifact itself when listed here)
     model_suffixes: ClassVar[tuple[str, ...]] = (".onnx",)
+    # called as on_network(done, total) after each designed network _pool_networks ran (or
+    # skipped): hwslim profile spreads its calibration rounds by it
+    on_network: Callable[[int, int], None] | None = None
     # metadata keys that must match for a table to be valid on this setup
     identity_keys: ClassVar[tuple[str, ...]] = ("device", "device_name", "backend", "backend_version",
                                                 "threads", "dtype")
@@ -269,6 +272,8 @@ class Profiler:
         pooled: dict[tuple, list[float]] = {}
         estimated: set[tuple] = set()
         for i, net_specs in enumerate(networks):
+            if self.on_network is not None and i:
+                self.on_network(i, len(networks))
             if not any(last.get(s.signature(), -1) >= i for s in net_specs):
                 continue
             samples, flagged = profile(net_specs)
@@ -413,41 +418,20 @@ class Profiler:
                        seed: int = 0, on_progress: Callable[[int, int], None] | None = None) -> list[Timing]:
         """Time several ONNX models ``[(path, input_shape), ...]`` interleaved.
 
-        All models are loaded and warmed up, then sampled in ``rounds`` rounds (a fresh
-        random order each round), each model getting ``e2e_protocol.budget_ms / rounds``
-        (and ``min_reps / rounds`` samples) per round. A slow spell of a shared machine
-        then hits every model alike instead of whichever was being timed: comparisons
-        between the models (a calibration fit, a rank correlation) stay fair.
-        ``on_progress(done, total)`` is called after each warm-up and each model's turn in a
-        round (``total = models * (rounds + 1)``), for a progress bar.
+        All models are loaded and warmed up, then sampled in ``rounds`` rounds back to back
+        (:class:`InterleavedRuns`). A slow spell of a shared machine then hits every model
+        alike instead of whichever was being timed: comparisons between the models (a
+        calibration fit, a rank correlation) stay fair. ``on_progress(done, total)`` is
+        called after each warm-up and each model's turn in a round (``total = models *
+        (rounds + 1)``), for a progress bar.
         """
-        import random
-
-        p = self.e2e_protocol
-        runners = [self._onnx_runner(str(path), tuple(int(d) for d in shape)) for path, shape in models]
-        per_round = replace(p, warmup_runs=0, warmup_ms=0.0, budget_ms=p.budget_ms / rounds,
-                            min_reps=max(1, -(-p.min_reps // rounds)), max_reps=max(1, p.max_reps // rounds))
-        total, done = len(runners) * (rounds + 1), 0
-        for run in runners:
-            sample(run, replace(p, budget_ms=0.0, min_reps=0, max_reps=0))  # warm-up only
-            done += 1
-            if on_progress is not None:
-                on_progress(done, total)
-        samples: list[list[float]] = [[] for _ in runners]
-        order = list(range(len(runners)))
-        rng = random.Random(seed)
-        for _ in range(rounds):
-            rng.shuffle(order)
-            for i in order:
-                samples[i] += sample(runners[i], per_round)
-                done += 1
-                if on_progress is not None:
-                    on_progress(done, total)
-        out = []
-        for s in samples:
-            t = Timing.from_samples(s)
-            out.append(replace(t, noisy=t.rel_iqr > p.max_rel_iqr))
-        return out
+        runs = InterleavedRuns(self, models, rounds=rounds, seed=seed)
+        total = len(runs.runners) * (rounds + 1)
+        turn = None if on_progress is None else (lambda done: on_progress(done, total))
+        runs.warm_up(turn)
+        while runs.rounds_left:
+            runs.round(turn)
+        return runs.timings()
 
     @classmethod
     def from_table(cls, table) -> "Profiler":
@@ -489,4 +473,63 @@ class Profiler:
         return replace(best, noisy=best.rel_iqr > protocol.max_rel_iqr)
 
 
-__all__ = ["Profiler", "ProfilerError", "Protocol", "Timing", "probe_specs", "sample"]
+class InterleavedRuns:
+    """Whole models timed in interleaved rounds, which a caller may spread out in time.
+
+    All models are loaded (``Profiler._onnx_runner``) and, on :meth:`warm_up`, warmed up;
+    each :meth:`round` then samples every model in a fresh random order, with
+    ``e2e_protocol.budget_ms / rounds`` (and ``min_reps / rounds`` samples, after one
+    discarded run) per model. :meth:`Profiler.time_onnx_many` runs the rounds back to
+    back; ``hwslim profile`` runs its calibration rounds spread over the time it
+    measures the entries, so the fit compares whole models and layers timed over the
+    same stretch of the machine's time (a slow spell while the entries were measured,
+    or while the whole models were, no longer scales the whole table).
+    """
+
+    def __init__(self, profiler: "Profiler", models: Sequence[tuple[Any, Sequence[int]]], rounds: int = E2E_ROUNDS,
+                 seed: int = 0) -> None:
+        import random
+
+        p = profiler.e2e_protocol
+        self.protocol = p
+        self.rounds = int(rounds)
+        self.runners = [profiler._onnx_runner(str(path), tuple(int(d) for d in shape)) for path, shape in models]
+        self.per_round = replace(p, warmup_runs=0, warmup_ms=0.0, budget_ms=p.budget_ms / self.rounds,
+                                 min_reps=max(1, -(-p.min_reps // self.rounds)), max_reps=max(1, p.max_reps // self.rounds))
+        self.samples: list[list[float]] = [[] for _ in self.runners]
+        self.rounds_done = 0
+        self._turns = 0
+        self._order = list(range(len(self.runners)))
+        self._rng = random.Random(seed)
+
+    @property
+    def rounds_left(self) -> int:
+        return self.rounds - self.rounds_done
+
+    def _turn(self, on_turn: Callable[[int], None] | None) -> None:
+        self._turns += 1
+        if on_turn is not None:
+            on_turn(self._turns)
+
+    def warm_up(self, on_turn: Callable[[int], None] | None = None) -> None:
+        for run in self.runners:
+            sample(run, replace(self.protocol, budget_ms=0.0, min_reps=0, max_reps=0))  # warm-up only
+            self._turn(on_turn)
+
+    def round(self, on_turn: Callable[[int], None] | None = None) -> None:
+        """One turn of every model, in a fresh random order (``on_turn(turns so far)`` after each)."""
+        self._rng.shuffle(self._order)
+        for i in self._order:
+            self.samples[i] += sample(self.runners[i], self.per_round)
+            self._turn(on_turn)
+        self.rounds_done += 1
+
+    def timings(self) -> list[Timing]:
+        out = []
+        for s in self.samples:
+            t = Timing.from_samples(s)
+            out.append(replace(t, noisy=t.rel_iqr > self.protocol.max_rel_iqr))
+        return out
+
+
+__all__ = ["InterleavedRuns", "Profiler", "ProfilerError", "Protocol", "Timing", "probe_specs", "sample"]

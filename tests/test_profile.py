@@ -90,6 +90,36 @@ def test_profile_writes_a_complete_calibrated_table_and_a_rerun_measures_nothing
     assert len(pd.read_csv(out)) == result.entries
 
 
+def test_calibration_rounds_are_spread_over_the_entries_and_run_after_them_on_a_resume(tmp_path, monkeypatch):
+    """The whole configs' rounds run while the entries are measured (one before the first
+    entry, the last after the last), so layers and whole models see the same stretch of the
+    machine's time; a rerun that only calibrates times them after the entries."""
+    from profilers.base import E2E_ROUNDS, InterleavedRuns
+
+    out = tmp_path / "s.csv"
+    seen: list[int] = []  # entries in the table when each round starts
+    real_round = InterleavedRuns.round
+
+    def round_(self, *a, **kw):
+        seen.append(len(read_rows(out, COLUMNS)[0]) if out.exists() else 0)
+        return real_round(self, *a, **kw)
+
+    monkeypatch.setattr(InterleavedRuns, "round", round_)
+    settings = ProfileSettings(**SMALL, out=str(out), quick=True, calib_configs=3, holdout_configs=1)
+    result = profile(settings)
+    assert len(seen) == E2E_ROUNDS and seen[0] == 0 and seen[-1] == result.entries and seen == sorted(seen)
+    # spread: most rounds ran while entries were still being measured
+    assert sum(0 < n < result.entries for n in seen) + seen.count(0) >= E2E_ROUNDS // 2
+    meta = LatencyTable.load(out).meta
+    assert meta["calibration_plan"]["timed"] == "spread over the entries"
+    assert len(pd.read_csv(table_paths(out)[2])) == 4 and meta["calibration"]["n_fit"] == 3
+    table_paths(out)[2].unlink()
+    seen.clear()
+    profile(settings)
+    assert seen == [result.entries] * E2E_ROUNDS  # nothing left to measure beside them
+    assert LatencyTable.load(out).meta["calibration_plan"]["timed"] == "after the entries"
+
+
 def test_kill_9_mid_run_then_rerun_completes_without_duplicates(tmp_path):
     out = tmp_path / "k.csv"
     args = ["profile", "--model", "resnet20", "--width-mult", "0.5", "--input-size", "8", "--out", str(out),
