@@ -527,7 +527,7 @@ def profile(settings: ProfileSettings, progress: bool = False,
             cal = [c for _, c in plan if _config_key(c) not in have]
             if cal:
                 log(f"calibration: timing {len(cal)} whole configs end to end in rounds spread over the entries")
-                spread = _SpreadCalibration(profiler, net, cal, settings.batch, size)
+                spread = _SpreadCalibration(profiler, net, cal, settings.batch, size, progress=progress)
         meta["calibration_plan"]["timed"] = "spread over the entries" if spread else "after the entries"
         if spread is not None:  # in-network backends finish most entries late: follow their networks too
             profiler.on_network = lambda n, total: spread.progress(n / total)
@@ -611,15 +611,21 @@ class _SpreadCalibration:
     """
 
     def __init__(self, profiler, net, configs: Sequence[ChannelConfig], batch: int, size: int,
-                 rounds: int | None = None) -> None:
+                 rounds: int | None = None, progress: bool = False) -> None:
         from hwslim.materialize import materialize
 
         from profilers.base import E2E_ROUNDS, InterleavedRuns
 
         self._dir = tempfile.TemporaryDirectory(prefix="hwslim-calibration-")
         try:
-            paths = [profiler.write_model(materialize(net, c, fold_bn=True).eval(), Path(self._dir.name) / f"{i}",
-                                          batch=batch, input_size=size) for i, c in enumerate(configs)]
+            kind = profiler.model_suffixes[0].lstrip(".").upper()  # ONNX; PTE for ExecuTorch
+            bar = _bar(progress, len(configs), f"building whole-config models ({kind})", unit="model")
+            paths = []
+            for i, c in enumerate(configs):
+                paths.append(profiler.write_model(materialize(net, c, fold_bn=True).eval(),
+                                                  Path(self._dir.name) / f"{i}", batch=batch, input_size=size))
+                bar.update(1)
+            bar.close()
             shape = (batch, net.in_channels, size, size)
             self.runs = InterleavedRuns(profiler, [(p, shape) for p in paths], rounds=rounds or E2E_ROUNDS)
             self.runs.warm_up()
