@@ -17,17 +17,22 @@ between the narrowest and the full config. For each budget it compares, on the
 and measures every chosen config end to end with the table's backend (ONNX Runtime).
 ``used`` is the predicted latency over the budget, ``measured_used`` the measured one.
 
-    python benchmarks/search_quality.py [--model resnet20] [--epochs 8] [--checkpoint CKPT] [--table TABLE]
+    python benchmarks/search_quality.py [--model resnet20] [--epochs 8] [--checkpoint CKPT] [--table TABLE] [--threads 2]
+
+Every row records the PyTorch threads the walks ran on and the machine's load at the start and end.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from the repo root
 
@@ -73,7 +78,10 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="a short profiling protocol (smoke runs)")
     ap.add_argument("--fractions", type=float, nargs=3, default=[0.75, 0.5, 0.3],
                     help="budgets at these fractions of the way from the narrowest to the full latency")
+    ap.add_argument("--threads", type=int, default=2, help="PyTorch threads for training and the walks")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()[0]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -158,8 +166,10 @@ def main() -> None:
             print_table(rows[-len(chosen):])
     print()
     print_table(rows)
+    load = f"{load_before:.1f}->{os.getloadavg()[0]:.1f}"
     path = write_csv([{**r, "model": f"{net.name}@{net.width_mult:g}", "checkpoint": str(ckpt_path),
-                       "table": str(table_path)} for r in rows], f"search_quality_{net.name}")
+                       "table": str(table_path), "threads": args.threads, "load_avg_1min": load} for r in rows],
+                     f"search_quality_{net.name}")
     print(f"\nwritten to {path} ({time.time() - t0:.0f} s in all)")
 
 
