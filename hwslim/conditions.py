@@ -379,9 +379,9 @@ def compare_to_table(meta: Mapping[str, Any], now: Conditions) -> ConditionCheck
     return compare(then, now, also=also)
 
 
-def drift(start: Conditions, end: Conditions) -> ConditionCheck:
+def drift(start: Conditions, end: Conditions, what: str = "profiling") -> ConditionCheck:
     """How the conditions changed between the start and the end of one measurement (a profile)."""
-    return compare(start, end, than="at the start of profiling", same_cpu=False)
+    return compare(start, end, than=f"at the start of {what}", same_cpu=False)
 
 
 def conditions_for_table(table) -> Conditions:

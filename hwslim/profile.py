@@ -432,30 +432,17 @@ def profile(settings: ProfileSettings, progress: bool = False,
             log: Callable[[str], None] | None = None) -> ProfileResult:
     """Measure (or finish measuring) the table ``settings`` describe; see the module docstring."""
     from hwslim.conditions import Conditions, compare, drift, measure_conditions
-    from hwslim.models import load_model
-    from profilers import get_profiler
 
     log = log or (lambda msg: None)
     start = time.perf_counter()
     load_start = _load()
-    net = load_model(settings.model, width_mult=settings.width_mult, input_size=settings.input_size,
-                     keep=settings.keep, fix_unsupported=settings.fix_unsupported).eval()
-    from hwslim.importer import fixed_units_note
-
-    if fixed_units_note(net) is not None:
-        log(fixed_units_note(net))
+    net, profiler = _open(settings, log)
     size = net.input_size
-    profiler = get_profiler(settings.device, settings.backend, **_settings_kwargs(settings))
     try:
         pmeta = profiler.metadata()
         entries = enumerate_entries(net, settings.batch, size)
-        out = Path(settings.out) if settings.out else default_table_path(
-            profiler.device, pmeta["device_name"], net.name, net.width_mult, size, settings.batch,
-            profiler.backend, profiler.threads, profiler.dtype)
-        csv_path, meta_path, e2e_path = table_paths(out)
-        method = "in_network" if profiler.in_network else "isolated"
-        meta = new_meta(pmeta, model=net.name, width_mult=net.width_mult, input_size=size, batch=settings.batch,
-                        entries_expected=len(entries), method=method)
+        csv_path, meta_path, e2e_path, meta = _table_for(settings, net, profiler, pmeta, len(entries))
+        method = meta["method"]
         if hasattr(profiler, "run_overhead_ms"):
             meta["run_overhead_ms"] = profiler.run_overhead_ms()
         meta["calibration_plan"] = {"fit": settings.calib_configs, "holdout": settings.holdout_configs,
@@ -578,6 +565,106 @@ def profile(settings: ProfileSettings, progress: bool = False,
                     old_file.unlink(missing_ok=True)
             csv_path = final[0]
         return ProfileResult(csv_path, len(done), len(todo), reused, meta["noisy_entries"],
+                             time.perf_counter() - start, calibration, meta)
+    finally:
+        profiler.close()
+
+
+def _open(settings: ProfileSettings, log: Callable[[str], None]):
+    """The supernet ``settings`` name (in eval mode) and the profiler that measures it."""
+    from hwslim.importer import fixed_units_note
+    from hwslim.models import load_model
+    from profilers import get_profiler
+
+    net = load_model(settings.model, width_mult=settings.width_mult, input_size=settings.input_size,
+                     keep=settings.keep, fix_unsupported=settings.fix_unsupported).eval()
+    if fixed_units_note(net) is not None:
+        log(fixed_units_note(net))
+    return net, get_profiler(settings.device, settings.backend, **_settings_kwargs(settings))
+
+
+def _table_for(settings: ProfileSettings, net, profiler, pmeta: Mapping[str, Any], n_entries: int):
+    """(entries CSV, metadata JSON, end-to-end CSV, fresh metadata) of the table ``settings`` describe."""
+    size = net.input_size
+    out = Path(settings.out) if settings.out else default_table_path(
+        profiler.device, pmeta["device_name"], net.name, net.width_mult, size, settings.batch,
+        profiler.backend, profiler.threads, profiler.dtype)
+    csv_path, meta_path, e2e_path = table_paths(out)
+    meta = new_meta(pmeta, model=net.name, width_mult=net.width_mult, input_size=size, batch=settings.batch,
+                    entries_expected=n_entries, method="in_network" if profiler.in_network else "isolated")
+    return csv_path, meta_path, e2e_path, meta
+
+
+def recalibrate(settings: ProfileSettings, progress: bool = False,
+                log: Callable[[str], None] | None = None) -> ProfileResult:
+    """Time a complete table's calibration configs end to end again, now, and refit its calibration.
+
+    A shared or virtual machine's speed moves by a few percent over hours (2-5% between a
+    table and its check on this project's development VMs), and a table's predictions move
+    with the level its calibration was fitted at; the entries' relative times hold. This
+    times the table's fit and held-out configs again (the same ones: its ``calibration_plan``)
+    and refits ``a``, ``a_depthwise`` and ``b``, in minutes where the entries took tens of
+    them; the entries stay. The previous end-to-end rows are kept beside the table as
+    ``NAME.e2e.<when>.csv`` and the metadata's ``recalibrations`` list records each
+    recalibration (when, the conditions, the previous fit). Only a complete table of the
+    same setup (machine, backend and its version, threads, batch, dtype, model) is
+    recalibrated: it cannot make another machine's table valid here.
+    """
+    from hwslim.conditions import drift, measure_conditions
+
+    log = log or (lambda msg: None)
+    start = time.perf_counter()
+    load_start = _load()
+    net, profiler = _open(settings, log)
+    try:
+        pmeta = profiler.metadata()
+        csv_path, meta_path, e2e_path, now = _table_for(settings, net, profiler, pmeta, 0)
+        again = "measure it first with the same hwslim profile command, without --recalibrate"
+        if not meta_path.exists() or not csv_path.exists():
+            raise TableError(f"no latency table at {csv_path} to recalibrate; {again}")
+        old = _read_old_meta(meta_path, csv_path, False)
+        if old.get("status") != "complete":
+            raise TableError(f"{csv_path} is not complete (status {old.get('status')!r}), so it has no calibration "
+                             f"to refit; finish it first: run the same hwslim profile command without --recalibrate")
+        diff = _same_setup(old, {k: v for k, v in now.items() if k != "method"})  # whole configs: any method
+        if diff:
+            raise TableError(f"{csv_path} was measured with another setup ({'; '.join(diff[:3])}); a recalibration "
+                             f"refits a table's level on the setup it was measured with; {again}")
+        table = LatencyTable.load(csv_path)
+        plan = old.get("calibration_plan") if isinstance(old.get("calibration_plan"), dict) else {}
+        same_plan = replace(settings, calib_configs=int(plan.get("fit", settings.calib_configs)),
+                            holdout_configs=int(plan.get("holdout", settings.holdout_configs)),
+                            seed=int(plan.get("seed", settings.seed)))
+        cond_start = measure_conditions(profiler)
+        log(f"conditions: {cond_start.describe()}")
+        new_e2e = e2e_path.with_name(f".{e2e_path.name}.recalibrating.csv")
+        new_e2e.unlink(missing_ok=True)  # a killed recalibration starts over: it takes minutes
+        log(f"recalibrating {csv_path.name}: its {same_plan.calib_configs + same_plan.holdout_configs} calibration "
+            f"configs timed again end to end; its {len(table.entries)} entries stay")
+        try:
+            calibration = calibrate(table, profiler, net, same_plan, new_e2e, progress=progress, log=log)
+        except BaseException:
+            new_e2e.unlink(missing_ok=True)
+            raise
+        cond_end = measure_conditions(profiler)
+        changed = drift(cond_start, cond_end, "the recalibration")
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        kept = e2e_path.with_name(f"{csv_path.stem}.e2e.{stamp}.csv")
+        if e2e_path.exists():
+            os.replace(e2e_path, kept)
+        os.replace(new_e2e, e2e_path)
+        meta = dict(old)
+        meta["recalibrations"] = [*(old.get("recalibrations") or []), {
+            "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "previous": old.get("calibration"),
+            "previous_e2e": kept.name if kept.exists() else None, "load_avg_1min": [load_start, _load()],
+            "seconds": round(time.perf_counter() - start, 1),
+            "conditions": {"start": cond_start.to_dict(), "end": cond_end.to_dict(),
+                           "changed": None if changed.reliable else changed.summary}}]
+        meta["calibration"] = calibration.to_dict()
+        atomic_write_text(meta_path, json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        if not changed.reliable:
+            log(f"warning: {changed.line('the recalibration may be unreliable; run it again when the machine is steady')}")
+        return ProfileResult(csv_path, len(table.entries), 0, len(table.entries), int(meta.get("noisy_entries") or 0),
                              time.perf_counter() - start, calibration, meta)
     finally:
         profiler.close()
@@ -723,5 +810,5 @@ def _bar(enabled: bool, total: int, desc: str, unit: str | None = None):
 
 
 __all__ = ["CalibrationError", "ProfileResult", "ProfileSettings", "SettingsError", "calibrate", "calibration_configs",
-           "calibration_plan", "design_configs",
+           "calibration_plan", "design_configs", "recalibrate",
            "enumerate_entries", "measure_config", "profile"]

@@ -15,10 +15,10 @@ import torch
 
 from hwslim.cli import main
 from hwslim.errors import HwslimError
-from hwslim.latency import COLUMNS, LatencyTable, read_rows, table_paths
+from hwslim.latency import COLUMNS, LatencyTable, fit_calibration, read_rows, table_paths
 from hwslim.models import create_model
 from hwslim.profile import (CalibrationError, ProfileSettings, SettingsError, calibration_configs, design_configs,
-                            enumerate_entries, profile)
+                            enumerate_entries, profile, recalibrate)
 
 SMALL = dict(model="resnet20", width_mult=0.25, input_size=16)
 SMALL_ARGS = ["--model", "resnet20", "--width-mult", "0.25", "--input-size", "16"]
@@ -243,6 +243,59 @@ def test_forced_rerun_that_fails_keeps_the_old_table_and_one_that_completes_repl
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t.csv", "t.e2e.csv", "t.json"]
     e2e = pd.read_csv(table_paths(out)[2])
     assert len(e2e) == 4
+
+
+def test_recalibrate_refits_on_the_same_configs_timed_again_and_keeps_the_entries_and_the_old_rows(tiny_table,
+                                                                                                   tmp_path):
+    out = _put(tmp_path, tiny_table)
+    csv_path, meta_path, e2e_path = table_paths(out)
+    before = json.loads(meta_path.read_text())
+    result = recalibrate(ProfileSettings(**TINY, out=str(out)))
+    assert csv_path.read_bytes() == tiny_table["t.csv"]  # the entries stay
+    meta = json.loads(meta_path.read_text())
+    (rec,) = meta["recalibrations"]
+    same = lambda x, y: json.dumps(x, sort_keys=True) == json.dumps(y, sort_keys=True)  # noqa: E731 (NaN != NaN)
+    assert same(rec["previous"], before["calibration"]) and same(meta["calibration"], result.calibration.to_dict())
+    assert (tmp_path / rec["previous_e2e"]).read_bytes() == tiny_table["t.e2e.csv"]  # the old rows are kept
+    old, new = pd.read_csv(tmp_path / rec["previous_e2e"]), pd.read_csv(e2e_path)
+    assert list(new["widths"]) == list(old["widths"]) and list(new["role"]) == list(old["role"])  # the same configs
+    assert (new["median_ms"] > 0).all() and not new["median_ms"].equals(old["median_ms"])  # timed again
+    fit = new[new["role"] == "fit"]
+    a, _, b = fit_calibration(list(fit["sum_ms"]), [0.0] * len(fit), list(fit["median_ms"]))
+    assert (result.calibration.a, result.calibration.b) == pytest.approx((a, b))  # refitted on the new rows
+    assert same({k: v for k, v in meta.items() if k not in ("calibration", "recalibrations")},
+                {k: v for k, v in before.items() if k != "calibration"})
+    assert rec["conditions"]["start"]["probe_ms"] > 0 and rec["seconds"] > 0
+    assert LatencyTable.load(out).calibration.a == pytest.approx(a)
+    recalibrate(ProfileSettings(**TINY, out=str(out)))
+    assert len(json.loads(meta_path.read_text())["recalibrations"]) == 2
+    assert not list(tmp_path.glob(".*"))  # no work file left
+
+
+def test_recalibrate_refuses_a_missing_incomplete_or_other_setup_table_in_one_line_touching_nothing(
+        tiny_table, tmp_path, capsys):
+    argv = ["profile", *TINY_ARGS, "--recalibrate", "--out"]
+    assert main(argv + [str(tmp_path / "none.csv")]) == 2
+    assert "no latency table at" in capsys.readouterr().err
+    out = _put(tmp_path, tiny_table)
+    meta_path = table_paths(out)[1]
+    for change, says in ((dict(backend_version="0.0"), "another setup (backend_version '0.0'"),
+                         (dict(status="measuring"), "is not complete")):
+        meta_path.write_text(json.dumps({**json.loads(tiny_table["t.json"]), **change}))
+        files = _snapshot(out)
+        assert main(argv + [str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert says in err and "\n" not in err and err.startswith("hwslim profile: error:")
+        assert _snapshot(out) == files and sorted(p.name for p in tmp_path.iterdir()) == sorted(tiny_table)
+
+
+def test_cli_recalibrate_says_how_the_fit_moved(tiny_table, tmp_path, capsys):
+    out = _put(tmp_path, tiny_table)
+    assert main(["profile", *TINY_ARGS, "--recalibrate", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    kept = json.loads(table_paths(out)[1].read_text())["recalibrations"][0]["previous_e2e"]
+    assert "recalibrated: a " in text and " -> " in text and f"kept in {kept}" in text
+    assert f"table: {out}" in text
 
 
 @pytest.mark.parametrize("fit", [(0.0, None, 1.0), (-2.0, None, 0.0), (float("nan"), None, 0.0),

@@ -44,6 +44,10 @@ def register(sub) -> None:
     p.add_argument("--quick", action="store_true", help="a short measurement protocol (smoke tests; noisier)")
     p.add_argument("--force", action="store_true", help="start over where --out holds a table of other settings (measured beside it; "
                         "the old table is replaced only once the new one is complete)")
+    p.add_argument("--recalibrate", action="store_true",
+                   help="the table these options name exists and is complete: time its calibration configs again "
+                        "now and refit its calibration, keeping its entries (minutes; for when the machine's speed "
+                        "moved since it was measured)")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
 
 
@@ -64,8 +68,13 @@ def run(args) -> int:
     On a GPU (`--device cuda`) it uses TensorRT when it imports, else PyTorch/cuDNN
     (`--backend torch`, CUDA graphs and events) with a one-line notice.
 
+    `--recalibrate` keeps a complete table's entries and times only its calibration
+    configs again, refitting `a` and `b`: a shared machine's speed moves by a few percent
+    over hours, and the predictions with it.
+
     Examples:
       hwslim profile --device cpu --model resnet20 --width-mult 0.5 --input-size 32
+      hwslim profile --device cpu --model resnet20 --width-mult 0.5 --input-size 32 --recalibrate
       hwslim profile --device cuda --backend torch --batch 32
     """
     import torch
@@ -96,6 +105,8 @@ def run(args) -> int:
     busy = busy_note()
     if busy:
         header += f"\nwarning: {busy}"
+    if args.recalibrate:
+        return _recalibrate(settings, args, with_header(header))
     result = profile(settings, progress=not args.json, log=with_header(header))
     summary = result.summary()
     notes = []
@@ -124,6 +135,32 @@ def run(args) -> int:
 
 LOADED = 0.5  # load average per core above which measurements are warned about
 POOR_WITHIN_10 = 0.9  # held-out share within +-10% below which a table is warned about
+
+
+def _recalibrate(settings, args, log) -> int:
+    from hwslim.profile import recalibrate
+
+    result = recalibrate(settings, progress=not args.json, log=log)
+    summary = result.summary()
+    before = result.meta["recalibrations"][-1]
+    prev = before.get("previous") or {}
+    held = prev.get("holdout") or {}
+    poor = calibration_note(summary, settings.threads or 1, os.cpu_count() or 1)
+    if poor:
+        print(poor.replace("Measure it again (--force)", "Recalibrate it again or measure it again (--force)"),
+              file=sys.stderr)
+    if args.json:
+        print(json.dumps({**summary, "previous": prev}, sort_keys=True))
+        return 0
+    print_table([{k: v for k, v in summary.items() if k not in ("table", "conditions_changed", "measured", "reused")}])
+    w5, now5 = held.get("within_5pct"), summary.get("within_5pct")
+    print(f"recalibrated: a {prev.get('a', float('nan')):.4g} -> {result.calibration.a:.4g}, "
+          f"b {prev.get('b', float('nan')):.4g} -> {result.calibration.b:.4g} ms"
+          + (f" (held-out configs within +-5%: {w5:.0%} then, {now5:.0%} now)" if None not in (w5, now5) else "")
+          + (f"; the previous end-to-end rows are kept in {before['previous_e2e']}" if before.get("previous_e2e")
+             else ""))
+    print(f"table: {summary['table']}")
+    return 0
 
 
 def calibration_note(summary: dict, threads: int, cores: int) -> str | None:
