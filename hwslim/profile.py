@@ -599,9 +599,10 @@ def recalibrate(settings: ProfileSettings, progress: bool = False,
                 log: Callable[[str], None] | None = None) -> ProfileResult:
     """Time a complete table's calibration configs end to end again, now, and refit its calibration.
 
-    A shared or virtual machine's speed moves by a few percent over hours (2-5% between a
-    table and its check on this project's development VMs), and a table's predictions move
-    with the level its calibration was fitted at; the entries' relative times hold. This
+    A shared or virtual machine's speed moves (2-5% between a table and its check on this
+    project's development VMs, once 21% within ten minutes), and a table's predictions move
+    with the level its calibration was fitted at; the entries' relative times hold. It fits
+    the level of the minutes it runs in: for a lasting change, not a passing spell. This
     times the table's fit and held-out configs again (the same ones: its ``calibration_plan``)
     and refits ``a``, ``a_depthwise`` and ``b``, in minutes where the entries took tens of
     them; the entries stay. The previous end-to-end rows are kept beside the table as
