@@ -142,13 +142,13 @@ def _recalibrate(settings, args, log) -> int:
 
     result = recalibrate(settings, progress=not args.json, log=log)
     summary = result.summary()
-    before = result.meta["recalibrations"][-1]
-    prev = before.get("previous") or {}
+    record = result.meta["recalibrations"][-1]
+    prev = record.get("previous") or {}
     held = prev.get("holdout") or {}
-    poor = calibration_note(summary, settings.threads or 1, os.cpu_count() or 1)
+    poor = calibration_note(summary, settings.threads or 1, os.cpu_count() or 1,
+                            remedy="Recalibrate it again or measure it again (--force)")
     if poor:
-        print(poor.replace("Measure it again (--force)", "Recalibrate it again or measure it again (--force)"),
-              file=sys.stderr)
+        print(poor, file=sys.stderr)
     if args.json:
         print(json.dumps({**summary, "previous": prev}, sort_keys=True))
         return 0
@@ -157,13 +157,14 @@ def _recalibrate(settings, args, log) -> int:
     print(f"recalibrated: a {prev.get('a', float('nan')):.4g} -> {result.calibration.a:.4g}, "
           f"b {prev.get('b', float('nan')):.4g} -> {result.calibration.b:.4g} ms"
           + (f" (held-out configs within +-5%: {w5:.0%} then, {now5:.0%} now)" if None not in (w5, now5) else "")
-          + (f"; the previous end-to-end rows are kept in {before['previous_e2e']}" if before.get("previous_e2e")
+          + (f"; the previous end-to-end rows are kept in {record['previous_e2e']}" if record.get("previous_e2e")
              else ""))
     print(f"table: {summary['table']}")
     return 0
 
 
-def calibration_note(summary: dict, threads: int, cores: int) -> str | None:
+def calibration_note(summary: dict, threads: int, cores: int,
+                     remedy: str = "Measure it again (--force)") -> str | None:
     """A warning when the table's own held-out configs show it does not predict this machine.
 
     Measured on the 2-core development machine: with ``--threads 2`` the runtime needs both
@@ -179,7 +180,7 @@ def calibration_note(summary: dict, threads: int, cores: int) -> str | None:
            " Usually the machine was busy or changing while it was measured.")
     return (f"warning: the table predicts only {w10:.0%} of its {n} held-out configs within +-10% "
             f"(Spearman {summary.get('spearman', float('nan')):.2f}): its predictions do not hold on this machine "
-            f"as it was.{why} Measure it again (--force) before relying on it.")
+            f"as it was.{why} {remedy} before relying on it.")
 
 
 def busy_note() -> str | None:
