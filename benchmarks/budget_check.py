@@ -49,15 +49,15 @@ def budgets_between(lo: float, hi: float, fractions: list[float]) -> list[float]
 def run_model(name: str, args, log) -> list[dict]:
     import torch
 
-    from hwslim.checkpoint import load_checkpoint, save_checkpoint
-    from hwslim.data import synthetic_data_info
-    from hwslim.evaluator import Scoring
-    from hwslim.export import ExportOptions, export_model
-    from hwslim.latency import LatencyTable
+    from hwslim.importing.checkpoint import load_checkpoint, save_checkpoint
+    from hwslim.importing.data import synthetic_data_info
+    from hwslim.search.evaluator import Scoring
+    from hwslim.export.exporter import ExportOptions, export_model
+    from hwslim.latency.table import LatencyTable
     from hwslim.models import create_model
-    from hwslim.profile import ProfileSettings, profile
-    from hwslim.search import Budget, greedy_search
-    from hwslim.verify import verify_model
+    from hwslim.latency.profile import ProfileSettings, profile
+    from hwslim.search.greedy import Budget, greedy_search
+    from hwslim.latency.verify import verify_model
 
     width, size, search_images = MODELS[name]
     search_images = args.search_images or search_images

@@ -26,7 +26,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from benchmarks.common import print_table, write_csv  # noqa: E402
-from hwslim.latency import LatencyTable, _fit_two, _loo_rms, fit_line, table_paths  # noqa: E402
+from hwslim.latency.table import LatencyTable, _fit_two, _loo_rms, fit_line, table_paths  # noqa: E402
 from hwslim.models import create_model  # noqa: E402
 
 

@@ -53,7 +53,7 @@ def write_csv(rows: list[dict], name: str) -> Path:
 
 
 def print_table(rows: list[dict], columns: list[str] | None = None) -> None:
-    from hwslim.cli import print_table as _pt
+    from hwslim.core.report import print_table as _pt
 
     _pt(rows, columns)
 

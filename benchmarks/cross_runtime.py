@@ -66,8 +66,8 @@ def common_budgets(ranges: dict[str, tuple[float, float]], fractions: list[float
 
 def table_for(runtime: str, args, net, log):
     """The runtime's table: ``--table``, else ``--table-dir``'s, measured there when missing."""
-    from hwslim.latency import LatencyTable, default_table_path
-    from hwslim.profile import ProfileSettings, profile
+    from hwslim.latency.table import LatencyTable, default_table_path
+    from hwslim.latency.profile import ProfileSettings, profile
     from profilers import backend_class
 
     if runtime in args.table:
@@ -91,12 +91,12 @@ def table_for(runtime: str, args, net, log):
 def run(args, log) -> list[dict]:
     import torch
 
-    from hwslim.checkpoint import load_checkpoint, save_checkpoint
-    from hwslim.data import synthetic_data_info
+    from hwslim.importing.checkpoint import load_checkpoint, save_checkpoint
+    from hwslim.importing.data import synthetic_data_info
     from hwslim.models import create_model
-    from hwslim.profile import measure_configs
-    from hwslim.search import Budget, greedy_search
-    from profilers.base import Profiler
+    from hwslim.latency.profile import measure_configs
+    from hwslim.search.greedy import Budget, greedy_search
+    from profilers import profiler_for_table
 
     width, size = MODELS[args.model]
     work = Path(args.work)
@@ -143,7 +143,7 @@ def run(args, log) -> list[dict]:
         import os
 
         before = os.getloadavg()[0]
-        prof = Profiler.from_table(table)
+        prof = profiler_for_table(table)
         try:
             log(f"measuring {len(distinct)} configs end to end on {rt}")
             timings = measure_configs(prof, net, distinct, args.batch, size, rounds=args.rounds,

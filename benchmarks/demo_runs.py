@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from anywhere as a script
 
 from benchmarks.common import busy_neighbor, print_table, write_csv  # noqa: E402
-from hwslim.conditions import machine_conditions  # noqa: E402
+from hwslim.latency.conditions import machine_conditions  # noqa: E402
 
 
 def run_demo(out: Path, quick: bool) -> tuple[dict, float]:

@@ -107,14 +107,14 @@ _INPLACE = {None: None, "relu": torch.relu_, "relu6": lambda t: t.clamp_(0.0, 6.
 
 def _width(full: int, frac: float) -> int:
     """The grid width nearest ``frac`` of ``full``, by the project's one rounding rule."""
-    from hwslim.rounding import make_divisible
+    from hwslim.core.rounding import make_divisible
 
     return full if frac == 1.0 else min(full, make_divisible(full * frac))
 
 
 def layer_rows(batch: int, dtypes: list[str], rep_ms: int, ceil: dict[str, float]) -> list[dict]:
     from hwslim.kernels import conv_bn_act, fold_bn
-    from hwslim.slimmable import SlimmableConv2d, SlimmableConvBN
+    from hwslim.core.slimmable import SlimmableConv2d, SlimmableConvBN
 
     rows = []
     for name, k, stride, cin_max, cout_max, h, dw, act, res in LAYERS:
@@ -183,7 +183,7 @@ PAIRS = [  # depthwise 3x3 + 1x1 project of MobileNetV2 1.5x blocks: (name, hidd
 def pair_rows(batch: int, dtypes: list[str], rep_ms: int, ceil: dict[str, float]) -> list[dict]:
     """Depthwise + project: PyTorch (2 SlimmableConvBN + act + add), two fused kernels, one fused kernel."""
     from hwslim.kernels import conv_bn_act, dw_project_bn_act, fold_bn
-    from hwslim.slimmable import SlimmableConv2d, SlimmableConvBN
+    from hwslim.core.slimmable import SlimmableConv2d, SlimmableConvBN
 
     rows = []
     for name, hidden, cout, h, stride, res in PAIRS:
@@ -247,7 +247,7 @@ class TorchStep:
     """The PyTorch path with the shared prefix computed once (like the evaluator's fast mode)."""
 
     def __init__(self, net, current, cands, x, bn: str) -> None:
-        from hwslim.graph import INPUT
+        from hwslim.core.graph import INPUT
 
         self.net, self.current, self.cands, self.x, self.bn = net, current, cands, x, bn
         first = {u: idx[0] for u, idx in net.unit_nodes().items()}
@@ -265,7 +265,7 @@ class TorchStep:
 
     @torch.no_grad()
     def __call__(self) -> list[torch.Tensor]:
-        from hwslim.graph import run_graph
+        from hwslim.core.graph import run_graph
 
         net = self.net
         self._mode()

@@ -29,7 +29,7 @@ scaled by it (what is left is the table's own error; the headline numbers are un
 Every row records the condition (``--condition quiet|busy``; ``--busy-neighbor`` starts a
 process spinning on another core before anything is measured and stops it at the end),
 the CPU, its AVX-512 / AMX flags, the load before and after, and how the machine's speed
-probe compares with the table's (hwslim.conditions); the condition ends the file name.
+probe compares with the table's (hwslim.latency.conditions); the condition ends the file name.
 """
 from __future__ import annotations
 
@@ -46,11 +46,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere as a script
 
 from benchmarks.common import busy_neighbor, print_table, write_csv  # noqa: E402
-from hwslim.conditions import compare_to_table, measure_conditions  # noqa: E402
-from hwslim.errors import TableError  # noqa: E402
-from hwslim.latency import LatencyTable, accuracy, default_table_path, find_table, table_paths  # noqa: E402
+from hwslim.latency.conditions import compare_to_table, measure_conditions  # noqa: E402
+from hwslim.core.errors import TableError  # noqa: E402
+from hwslim.latency.table import LatencyTable, accuracy, default_table_path, find_table, table_paths  # noqa: E402
 from hwslim.models import create_model  # noqa: E402
-from hwslim.profile import ProfileSettings, measure_configs, profile  # noqa: E402
+from hwslim.latency.profile import ProfileSettings, measure_configs, profile  # noqa: E402
 from profilers import backend_class, default_backend, get_profiler  # noqa: E402
 from profilers.base import E2E_ROUNDS  # noqa: E402
 

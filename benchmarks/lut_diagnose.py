@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 
 from benchmarks.common import print_table, write_csv  # noqa: E402
-from hwslim.latency import LatencyTable, find_table  # noqa: E402
+from hwslim.latency.table import LatencyTable, find_table  # noqa: E402
 from hwslim.models import create_model  # noqa: E402
 from profilers import get_profiler  # noqa: E402
 from profilers.base import Timing  # noqa: E402
@@ -110,7 +110,7 @@ def main() -> int:
             npath = os.path.join(tmp, f"n{i}.onnx")
             with open(npath, "wb") as f:
                 f.write(network_model(specs).SerializeToString())
-            from hwslim.materialize import materialize
+            from hwslim.core.materialize import materialize
 
             epath = prof.write_model(materialize(net, cfg, fold_bn=True).eval(), Path(tmp) / f"e{i}", batch=batch,
                                      input_size=size)

@@ -4,7 +4,7 @@ A latency table predicts the machine as it was while it was measured; on a share
 machine, other tenants' memory traffic slows models whose weights and activations leave the
 core's caches, without any sign inside the guest (load average, other threads). This script
 times, in turn, every ``--every`` seconds for ``--seconds``: hwslim's speed probe
-(hwslim.conditions, what `verify` compares with the table's) and the exported full and
+(hwslim.latency.conditions, what `verify` compares with the table's) and the exported full and
 narrowest-uniform configs of ``--model``, and reports each one's spread over time and how
 well the probe follows the models (a probe that does not move when the models do cannot
 tell `verify` that the machine is slower than the table's).
@@ -29,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anyw
 import numpy as np  # noqa: E402
 
 from benchmarks.common import print_table, write_csv  # noqa: E402
-from hwslim.conditions import measure_conditions  # noqa: E402
-from hwslim.materialize import materialize  # noqa: E402
+from hwslim.latency.conditions import measure_conditions  # noqa: E402
+from hwslim.core.materialize import materialize  # noqa: E402
 from hwslim.models import create_model  # noqa: E402
 from profilers import get_profiler  # noqa: E402
 from profilers.base import sample  # noqa: E402

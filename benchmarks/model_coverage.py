@@ -140,10 +140,10 @@ def ort_run(path: Path, x: torch.Tensor) -> torch.Tensor:
 
 def check(name: str, size: int, configs: int, tmp: Path) -> dict:
     """One model through import, parity, costs and export; the row of the table."""
-    from hwslim.costs import model_costs
-    from hwslim.export import export_onnx
-    from hwslim.importer import ImportRefused, import_model
-    from hwslim.materialize import materialize
+    from hwslim.core.costs import model_costs
+    from hwslim.runtimes.onnx_file import export_onnx
+    from hwslim.importing.fx_trace import ImportRefused, import_model
+    from hwslim.core.materialize import materialize
 
     source, short = ("timm", name[5:]) if name.startswith("timm:") else ("torchvision", name)
     row: dict = {"source": source, "model": short, "status": "", "units": "", "fixed_units": "", "import_s": "",
@@ -185,7 +185,7 @@ def check(name: str, size: int, configs: int, tmp: Path) -> dict:
         return row
     row["units"] = len(net.units)
     if fixed:
-        from hwslim.importer import fixed_units
+        from hwslim.importing.fx_trace import fixed_units
 
         row["fixed_units"] = len(fixed_units(net))
     problems = []

@@ -1,6 +1,6 @@
 """How much does a busy neighbor move the machine-speed probe? The measurement behind the tolerances.
 
-``hwslim verify`` calls a verdict unreliable when the probe (hwslim.conditions: a fixed small
+``hwslim verify`` calls a verdict unreliable when the probe (hwslim.latency.conditions: a fixed small
 network timed with the table's backend, threads and clock) differs from the table's by more
 than ``PROBE_TOLERANCE``, or when the share of cores busy with other threads differs by
 ``OTHERS_SHARE``. This script alternates quiet phases and phases with a process spinning
@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere as a script
 
 from benchmarks.common import busy_neighbor, print_table, write_csv  # noqa: E402
-from hwslim.conditions import PROBE_TOLERANCE, measure_conditions  # noqa: E402
+from hwslim.latency.conditions import PROBE_TOLERANCE, measure_conditions  # noqa: E402
 from profilers import get_profiler  # noqa: E402
 
 

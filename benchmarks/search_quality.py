@@ -37,14 +37,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from the repo root
 
 from benchmarks.common import print_table, write_csv  # noqa: E402
-from hwslim.checkpoint import load_checkpoint  # noqa: E402
-from hwslim.data import search_split, validation_split  # noqa: E402
-from hwslim.evaluate import accuracy  # noqa: E402
-from hwslim.evaluator import Scoring  # noqa: E402
-from hwslim.export import export_onnx  # noqa: E402
-from hwslim.latency import LatencyTable  # noqa: E402
-from hwslim.materialize import materialize  # noqa: E402
-from hwslim.search import Budget, Target, config_costs, greedy_search, slim  # noqa: E402
+from hwslim.importing.checkpoint import load_checkpoint  # noqa: E402
+from hwslim.importing.data import search_split, validation_split  # noqa: E402
+from hwslim.core.accuracy import accuracy  # noqa: E402
+from hwslim.search.evaluator import Scoring  # noqa: E402
+from hwslim.runtimes.onnx_file import export_onnx  # noqa: E402
+from hwslim.latency.table import LatencyTable  # noqa: E402
+from hwslim.core.materialize import materialize  # noqa: E402
+from hwslim.search.greedy import Budget, Target, config_costs, greedy_search, slim  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -88,7 +88,7 @@ def main() -> None:
     if args.checkpoint:
         ckpt_path = Path(args.checkpoint)
     else:
-        from hwslim.train import TrainConfig, train
+        from hwslim.training.train import TrainConfig, train
 
         # the recipe measured for short CPU runs on synthetic data (tests/test_train.py)
         res = train(TrainConfig(model=args.model, width_mult=args.width_mult, input_size=args.input_size,
@@ -103,7 +103,7 @@ def main() -> None:
     if args.table:
         table_path = Path(args.table)
     else:
-        from hwslim.profile import ProfileSettings, profile
+        from hwslim.latency.profile import ProfileSettings, profile
 
         res = profile(ProfileSettings(device="cpu", model=net.name, width_mult=net.width_mult,
                                       input_size=net.input_size, threads=1, out=str(out / "table.csv"),
@@ -143,10 +143,10 @@ def main() -> None:
 
     xs, ys = search_split(ckpt, max_images=2000)  # BN recalibration images (spread over the split)
     xv, yv = validation_split(ckpt, max_images=args.val_images)
-    from profilers.base import Profiler
+    from profilers import profiler_for_table
 
     rows, scored = [], {}
-    with Profiler.from_table(table) as prof, tempfile.TemporaryDirectory() as tmp:
+    with profiler_for_table(table) as prof, tempfile.TemporaryDirectory() as tmp:
         for bi, b in enumerate(budgets):
             for name, cfgs in chosen.items():
                 cfg = cfgs[bi]

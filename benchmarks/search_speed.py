@@ -39,12 +39,12 @@ if str(ROOT) not in sys.path:  # run as `python benchmarks/search_speed.py` from
 import torch  # noqa: E402
 
 from benchmarks.common import print_table, write_csv  # noqa: E402
-from hwslim.checkpoint import Checkpoint, load_checkpoint  # noqa: E402
-from hwslim.data import search_split, synthetic_data_info  # noqa: E402
-from hwslim.evaluate import evaluate_configs_heldout  # noqa: E402
-from hwslim.evaluator import Scoring  # noqa: E402
+from hwslim.importing.checkpoint import Checkpoint, load_checkpoint  # noqa: E402
+from hwslim.importing.data import search_split, synthetic_data_info  # noqa: E402
+from hwslim.pipeline.heldout import evaluate_configs_heldout  # noqa: E402
+from hwslim.search.evaluator import Scoring  # noqa: E402
 from hwslim.models import create_model  # noqa: E402
-from hwslim.search import Budget, Step, config_costs, fill_budget, pick_steps, slim  # noqa: E402
+from hwslim.search.greedy import Budget, Step, config_costs, fill_budget, pick_steps, slim  # noqa: E402
 
 SECTIONS = ("walk", "levers", "heldout", "fill")
 # every candidate on every image, BN recalibrated on all of them (in the default chunks)
@@ -151,7 +151,7 @@ def main() -> None:
     x, y = search_split(ckpt, max_images=args.images)
     table = None
     if args.table:
-        from hwslim.latency import LatencyTable
+        from hwslim.latency.table import LatencyTable
 
         table = LatencyTable.load(args.table)
         table.check_compatible(net)

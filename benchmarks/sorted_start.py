@@ -5,13 +5,13 @@ before fine-tuning, in the recorded result". For each seed:
 
 1. train a plain (non-slimmable) small ResNet, defined below, on the built-in synthetic
    data (16 px, 10 classes): ordinary SGD, cross-entropy, one width;
-2. import it (:func:`hwslim.importer.import_model`) twice: channels as trained, and
-   sorted by importance (:func:`hwslim.importance.sort_channels`; the full network is
+2. import it (:func:`hwslim.importing.fx_trace.import_model`) twice: channels as trained, and
+   sorted by importance (:func:`hwslim.importing.importance.sort_channels`; the full network is
    the same function either way);
 3. score widest, uniform 9/12, 6/12, 3/12 and narrowest on the validation images, each
    after BN recalibration, *before any fine-tuning* (the same scoring ``hwslim train``
    does at the end);
-4. fine-tune each start with the library's training (``hwslim.train``: the sandwich rule
+4. fine-tune each start with the library's training (``hwslim.training.train``: the sandwich rule
    with in-place distillation, ``init=`` the trained weights, ``sort=`` True or False)
    for one short run, and score again.
 
@@ -104,10 +104,10 @@ def pretrain(data, seed: int, epochs: int, batch: int, lr: float) -> nn.Module:
 
 
 def run_seed(seed: int, args, tmp: Path) -> list[dict]:
-    from hwslim.data import build_data, validation_split
-    from hwslim.importance import sort_channels
-    from hwslim.importer import import_model
-    from hwslim.train import TrainConfig, evaluate_configs, final_configs, train
+    from hwslim.importing.data import build_data, validation_split
+    from hwslim.importing.importance import sort_channels
+    from hwslim.importing.fx_trace import import_model
+    from hwslim.training.train import TrainConfig, evaluate_configs, final_configs, train
 
     spec = f"synthetic:{args.train_images}"
     data = build_data(spec, INPUT_SIZE, search_size=SEARCH, seed=seed, num_val=NUM_VAL)

@@ -9,7 +9,7 @@ CPU, its core count and the load average around each run.
 Workloads (the CPU recipes the README uses):
 
 * ``train``: one sandwich step of ``hwslim train`` (widest + narrowest + 2 random
-  configs, forward and backward), ResNet-20 at 32 px, batch 128 (``hwslim.train``);
+  configs, forward and backward), ResNet-20 at 32 px, batch 128 (``hwslim.training.train``);
 * ``search``: one greedy step of ``hwslim search`` (every unit's candidate scored on
   256 search images with BN recalibrated, the fast evaluator), ResNet-20 at 32 px;
 * ``export``: one ``hwslim export`` (BN recalibration on 512 images, BN folding, ONNX
@@ -41,8 +41,8 @@ def _load() -> float:
 
 def _train_steps(warmup: int, timed: int) -> list[float]:
 
-    from hwslim import distributed
-    from hwslim.train import TrainConfig, _Run, sandwich_configs
+    from hwslim.training import distributed
+    from hwslim.training.train import TrainConfig, _Run, sandwich_configs
 
     with tempfile.TemporaryDirectory() as d:
         cfg = TrainConfig(model="resnet20", data="synthetic:1280", epochs=1, out=d, input_size=32, batch_size=128,
@@ -64,8 +64,8 @@ def _train_steps(warmup: int, timed: int) -> list[float]:
 
 
 def _supernet_ckpt():
-    from hwslim.checkpoint import Checkpoint
-    from hwslim.data import synthetic_data_info
+    from hwslim.importing.checkpoint import Checkpoint
+    from hwslim.importing.data import synthetic_data_info
     from hwslim.models import create_model
 
     net = create_model("resnet20", input_size=32)
@@ -73,8 +73,8 @@ def _supernet_ckpt():
 
 
 def _search_steps(warmup: int, timed: int) -> list[float]:
-    from hwslim.data import search_split
-    from hwslim.evaluator import StepEvaluator
+    from hwslim.importing.data import search_split
+    from hwslim.search.evaluator import StepEvaluator
 
     ckpt = _supernet_ckpt()
     net = ckpt.model
@@ -93,7 +93,7 @@ def _search_steps(warmup: int, timed: int) -> list[float]:
 
 
 def _export_steps(warmup: int, timed: int) -> list[float]:
-    from hwslim.export import ExportOptions, export_model
+    from hwslim.export.exporter import ExportOptions, export_model
 
     ckpt = _supernet_ckpt()
     cfg = ckpt.model.uniform_config(8)

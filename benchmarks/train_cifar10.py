@@ -5,7 +5,7 @@ a CIFAR ResNet supernet reaches >= 92% top-1 on the CIFAR-10 test split (all 10,
 images) and the uniform half-width config (every unit at 6/12 of its width) >= 88%, each
 after BN recalibration; uniform 9/12, 3/12 and the narrowest are reported too.
 
-Recipe (all through ``hwslim.train``): ResNet-20 at width multiplier 4 (64-128-256
+Recipe (all through ``hwslim.training.train``): ResNet-20 at width multiplier 4 (64-128-256
 channels, so half width is a 2x ResNet-20), sandwich rule with 2 random configs and
 in-place distillation, SGD Nesterov, batch 512, peak LR 0.4 after 2 warm-up epochs then
 cosine, label smoothing 0.1 for the widest, weight decay 5e-4 (none on BN/biases). The
@@ -42,7 +42,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from the repo root
 from benchmarks.common import print_table, write_csv  # noqa: E402
 
-from hwslim.train import TrainConfig, train  # noqa: E402
+from hwslim.training.train import TrainConfig, train  # noqa: E402
 
 DATA = "/work/shared/data/cifar10"
 BUDGET_S = 600.0

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import importlib
 import sys
-from typing import Any
+from typing import Any, Mapping
+
+from hwslim.core.errors import TableError
 
 from profilers.base import Profiler, ProfilerError, Protocol, Timing
 
@@ -89,5 +91,21 @@ def get_profiler(device: str, backend: str | None = None, **settings: Any) -> Pr
     return cls(**{k: v for k, v in settings.items() if v is not None})
 
 
+def profiler_for_table(table) -> Profiler:
+    """The profiler with the settings a table (or its metadata dict) was measured with."""
+    meta = table if isinstance(table, Mapping) else table.meta
+    where = getattr(table, "path", None) or "latency table"
+    try:
+        settings = meta.get("settings") or {}
+        if not isinstance(settings, Mapping):
+            raise TypeError(f"settings is {type(settings).__name__}, not an object")
+        return get_profiler(meta["device"], meta["backend"], **dict(settings))
+    except KeyError as e:
+        raise TableError(f"{where}: metadata lacks {e}; re-run hwslim profile") from None
+    except (TypeError, ValueError) as e:
+        raise TableError(f"{where}: metadata holds settings this hwslim cannot use ({e}); "
+                         f"re-run hwslim profile") from None
+
+
 __all__ = ["BACKENDS", "Profiler", "ProfilerError", "Protocol", "Timing", "available_backends",
-           "backend_class", "default_backend", "get_profiler"]
+           "backend_class", "default_backend", "get_profiler", "profiler_for_table"]

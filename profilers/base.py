@@ -4,7 +4,7 @@ A backend (ONNX Runtime on the CPU here; torch CUDA and TensorRT on GPUs) subcla
 :class:`Profiler` and implements a few ``_impl`` methods; the public methods wrap them
 (Polygraphy's pattern) so every backend shares the measurement protocol:
 
-* :meth:`Profiler.time_entry` times one table entry (a :class:`~hwslim.graph.LayerSpec`,
+* :meth:`Profiler.time_entry` times one table entry (a :class:`~hwslim.core.graph.LayerSpec`,
   i.e. the fused unit ``act(bn(conv(x)) [+ skip])``, a pool or the classifier) and
   re-measures it while its spread is too wide; what stays wide is flagged ``noisy``.
 * :meth:`Profiler.measure_entries` times many entries. Its default loops
@@ -19,7 +19,7 @@ A backend (ONNX Runtime on the CPU here; torch CUDA and TensorRT on GPUs) subcla
 * :meth:`Profiler.probe` times a fixed small network (:func:`probe_specs`): the
   machine-speed probe that tables record and ``hwslim verify`` repeats, so a change of
   the machine's speed between the table and the check is measured, not guessed
-  (:mod:`hwslim.conditions`).
+  (:mod:`hwslim.latency.conditions`).
 
 A backend implements: ``is_available``, ``unavailable_reason``, ``machine_name``,
 ``_backend_metadata`` (``device_name``, ``backend_version``, plus e.g. driver, CUDA,
@@ -47,8 +47,8 @@ from typing import Any, Callable, ClassVar, Iterable, Iterator, Mapping, Sequenc
 
 import numpy as np
 
-from hwslim.errors import HwslimError
-from hwslim.graph import LayerSpec
+from hwslim.core.errors import HwslimError
+from hwslim.core.graph import LayerSpec
 
 
 class ProfilerError(HwslimError):
@@ -171,8 +171,8 @@ def probe_specs() -> list[LayerSpec]:
     larger models do: a memory-bound neighbor process slowed it by 4-15% there, where a
     28x28 version (in L2) moved by less than 1%.
     """
-    from hwslim.graph import layer_spec
-    from hwslim.ops import Conv
+    from hwslim.core.graph import layer_spec
+    from hwslim.core.ops import Conv
 
     c, size = PROBE_CHANNELS, PROBE_SIZE
     return [layer_spec("probe/expand", Conv(1, act="relu6"), c, size, out=3 * c, inputs=["x"]),
@@ -185,7 +185,7 @@ class Profiler:
     """Base class of latency backends. Subclasses set ``backend``/``device`` and the ``_impl``s.
 
     Settings are keyword arguments (``threads``, ``dtype``, ``protocol`` and any a
-    backend adds); :meth:`settings` returns them and :meth:`from_table` rebuilds a
+    backend adds); :meth:`settings` returns them and :func:`profilers.profiler_for_table` rebuilds a
     profiler from a table's metadata, so a table can be extended or checked with the
     setup that measured it.
     """
@@ -294,12 +294,12 @@ class Profiler:
         raise NotImplementedError
 
     def write_model(self, net, path, *, batch: int = 1, input_size: int | None = None):
-        """Write a materialized network (:class:`~hwslim.materialize.PlainNet`) as the file
+        """Write a materialized network (:class:`~hwslim.core.materialize.PlainNet`) as the file
         :meth:`time_onnx` runs, at ``path`` with this backend's suffix; return its path.
         ONNX by default; a backend that does not run ONNX (ExecuTorch: ``.pte``) overrides it."""
         from pathlib import Path
 
-        from hwslim.export import export_onnx
+        from hwslim.runtimes.onnx_file import export_onnx
 
         return export_onnx(net, Path(path).with_suffix(".onnx"), batch=batch, input_size=input_size)
 
@@ -317,7 +317,7 @@ class Profiler:
         return self.backend
 
     def settings(self) -> dict[str, Any]:
-        """Keyword arguments that rebuild this profiler (see :meth:`from_table`)."""
+        """Keyword arguments that rebuild this profiler (see :func:`profilers.profiler_for_table`)."""
         return {"threads": self.threads, "dtype": self.dtype, "protocol": asdict(self.protocol),
                 "e2e_protocol": asdict(self.e2e_protocol)}
 
@@ -382,7 +382,7 @@ class Profiler:
         None where the backend cannot run it.
 
         ``between()`` is called about every 10 ms between two runs (outside the timed
-        region): :func:`hwslim.conditions.measure_conditions` counts the machine's other
+        region): :func:`hwslim.latency.conditions.measure_conditions` counts the machine's other
         running threads there, while the probe runs.
         """
         import tempfile
@@ -407,7 +407,7 @@ class Profiler:
     def _probe_runner(self, specs: Sequence[LayerSpec], workdir: str) -> Callable[[], float]:
         """A timed call of the probe network (``specs``), in the backend's own model format: the
         ONNX model by default (a backend that runs another format overrides this)."""
-        from hwslim.onnx_build import network_model
+        from hwslim.core.onnx_build import network_model
 
         path = f"{workdir}/probe.onnx"
         with open(path, "wb") as f:
@@ -432,26 +432,6 @@ class Profiler:
         while runs.rounds_left:
             runs.round(turn)
         return runs.timings()
-
-    @classmethod
-    def from_table(cls, table) -> "Profiler":
-        """The profiler with the settings a table (or its metadata dict) was measured with."""
-        from profilers import get_profiler
-
-        from hwslim.errors import TableError
-
-        meta = table if isinstance(table, Mapping) else table.meta
-        where = getattr(table, "path", None) or "latency table"
-        try:
-            settings = meta.get("settings") or {}
-            if not isinstance(settings, Mapping):
-                raise TypeError(f"settings is {type(settings).__name__}, not an object")
-            return get_profiler(meta["device"], meta["backend"], **dict(settings))
-        except KeyError as e:
-            raise TableError(f"{where}: metadata lacks {e}; re-run hwslim profile") from None
-        except (TypeError, ValueError) as e:
-            raise TableError(f"{where}: metadata holds settings this hwslim cannot use ({e}); "
-                             f"re-run hwslim profile") from None
 
     def __enter__(self) -> "Profiler":
         return self

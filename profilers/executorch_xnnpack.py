@@ -1,16 +1,16 @@
 """ExecuTorch with the XNNPACK delegate on the CPU (the mobile CPU path): the ``executorch`` backend.
 
 Programs are lowered from ``torch.export`` with ``XnnpackPartitioner``
-(:mod:`hwslim.executorch_build`) and run through ``executorch.runtime``; XNNPACK computes
+(:mod:`hwslim.runtimes.executorch_program`) and run through ``executorch.runtime``; XNNPACK computes
 on ExecuTorch's process-wide thread pool, sized to ``threads`` (default 1) before every
 measurement.
 
 **Entries inside networks (the default for tables).** Each designed network (see
-:func:`hwslim.profile.design_configs`) is lowered once and run with ETDump on: the XNNPACK
+:func:`hwslim.latency.profile.design_configs`) is lowered once and run with ETDump on: the XNNPACK
 delegate reports every operator it runs (``"Convolution (NHWC, F32) IGEMM #2"``, in whole
 microseconds), in the order its runtime created them from the delegate's nodes. The names
 carry no link to the graph, but the order does: the nodes are read while lowering
-(:func:`hwslim.executorch_build.lower_traced`), each with the submodule it came from, and
+(:func:`hwslim.runtimes.executorch_program.lower_traced`), each with the submodule it came from, and
 the runtime's operators are matched to them in order (:func:`match_operators`; a node the
 runtime fused into its neighbour, such as a clamp after an add, has no operator of its
 own). A layout transpose the delegate inserted is charged to the layer that consumes its
@@ -46,12 +46,12 @@ from typing import Any, Callable, ClassVar, Sequence
 import torch
 from torch import nn
 
-from hwslim.graph import LayerSpec
+from hwslim.core.graph import LayerSpec
 from profilers.base import Profiler, ProfilerError, Timing, sample
 from profilers.ort import cpu_clock, cpu_model, network_runs_for
 
 INSTALL = "pip install 'hwslim[executorch]'"
-# delegate node kinds (hwslim.executorch_build.XnnNode.kind) whose runtime operators are named
+# delegate node kinds (hwslim.runtimes.executorch_program.XnnNode.kind) whose runtime operators are named
 # otherwise: a 1x1 convolution runs as a GEMM, a global average pooling as a mean
 OPERATOR_NAMES = {"Conv2d": ("Convolution", "Fully Connected"), "DepthwiseConv2d": ("Convolution",),
                   "ConvTranspose2d": ("Deconvolution",), "GlobalAvgPooling2d": ("Mean", "Global Average Pooling"),
@@ -157,7 +157,7 @@ class ExecuTorchProfiler(Profiler):
         self.clock = cpu_clock(clock, self.threads)
         self.in_network = bool(in_network)
         self.network_runs = network_runs_for(self.protocol, network_runs)
-        from hwslim import executorch_build as etb
+        from hwslim.runtimes import executorch_program as etb
 
         try:
             etb.require()

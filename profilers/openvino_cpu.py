@@ -20,7 +20,7 @@ here). A layer with no executed node in a network (DenseNet's concatenations, do
 place) costs 0 there. A counter is not the last run's time but the node's running
 average since compile, in whole microseconds (measured: a conv read 54, 35, 25, 20,
 17 us over its first five runs, then settled at 6-7 us): so each designed network (see
-:func:`hwslim.profile.design_configs`) gives one mean per layer over ``network_runs``
+:func:`hwslim.latency.profile.design_configs`) gives one mean per layer over ``network_runs``
 runs after warm-up, from the counters before and after them
 (:meth:`OpenVinoProfiler.profile_network`), and an entry's time is the median over
 the networks it was timed in (``--contexts``).
@@ -45,7 +45,7 @@ from typing import Any, Callable, ClassVar, Sequence
 
 import numpy as np
 
-from hwslim.graph import LayerSpec
+from hwslim.core.graph import LayerSpec
 from profilers.base import Profiler, ProfilerError, Timing, sample
 from profilers.ort import cpu_clock, cpu_model, network_runs_for
 
@@ -208,7 +208,7 @@ class OpenVinoProfiler(Profiler):
 
     # -- timing ----------------------------------------------------------------------------
     def _time_entry(self, spec: LayerSpec) -> Timing:
-        from hwslim.onnx_build import entry_model
+        from hwslim.core.onnx_build import entry_model
 
         try:
             model = entry_model(spec)
@@ -252,7 +252,7 @@ class OpenVinoProfiler(Profiler):
         network (0 where none of its nodes ran), the sum of its nodes'. A mean, not a
         median: a busy machine's preemptions land in it (measure tables on a quiet one).
         """
-        from hwslim.onnx_build import network_model
+        from hwslim.core.onnx_build import network_model
 
         try:
             model = network_model(specs)

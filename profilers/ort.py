@@ -5,7 +5,7 @@ default 1), ``inter_op_num_threads=1``, sequential execution, ``ORT_ENABLE_ALL``
 and outputs are bound once through IOBinding, so a timed run is just the run.
 
 **Entries inside networks (the default for tables).** Given designed networks (see
-:func:`hwslim.profile.design_configs`), each is built with ``onnx.helper`` from its
+:func:`hwslim.latency.profile.design_configs`), each is built with ``onnx.helper`` from its
 layer specs (random weights), run with ONNX Runtime's profiler on, and every executed
 kernel is charged to its layer (:meth:`OrtProfiler.profile_network`): a layer's time is
 what it costs where it really runs, with the layout its neighbours leave, its weights
@@ -42,8 +42,8 @@ from typing import Any, Callable, ClassVar, Sequence
 
 import numpy as np
 
-from hwslim.conditions import cpu_model  # noqa: F401  (re-exported: benchmarks and tables name the CPU by it)
-from hwslim.graph import LayerSpec
+from hwslim.core.machine import cpu_model  # noqa: F401  (re-exported: benchmarks and tables name the CPU by it)
+from hwslim.core.graph import LayerSpec
 from profilers.base import Profiler, ProfilerError, Timing, sample
 
 NCHWC = "com.microsoft.nchwc"
@@ -85,12 +85,12 @@ def entry_model(spec: LayerSpec):
     """A standalone ONNX model computing what ``spec`` computes in the exported network.
 
     Input ``x`` (plus one per further input: a residual, a concat part), output ``y``;
-    the nodes are the operator's own (:meth:`hwslim.ops.Op.onnx`). Further inputs pass
+    the nodes are the operator's own (:meth:`hwslim.core.ops.Op.onnx`). Further inputs pass
     through a 1x1 max pool standing for the layer that produces them in a network (in
     the blocked layout, which lets ONNX Runtime fuse a residual add into the conv);
     :func:`in_network_layout` removes it again.
     """
-    from hwslim.onnx_build import entry_model as build
+    from hwslim.core.onnx_build import entry_model as build
 
     try:
         return build(spec, feed_marker=SKIP_FEED)
@@ -100,8 +100,8 @@ def entry_model(spec: LayerSpec):
 
 def network_model(specs: Sequence[LayerSpec]):
     """The ONNX model of a whole network given as layer specs (random weights), as
-    :func:`hwslim.onnx_build.network_model` builds it from the operators."""
-    from hwslim.onnx_build import network_model as build
+    :func:`hwslim.core.onnx_build.network_model` builds it from the operators."""
+    from hwslim.core.onnx_build import network_model as build
 
     try:
         return build(specs)
@@ -111,8 +111,8 @@ def network_model(specs: Sequence[LayerSpec]):
 
 def probe_spec() -> LayerSpec:
     """A small 1x1 conv + ReLU (8 -> 8 channels at 4x4): what reveals the NCHWc block."""
-    from hwslim.graph import layer_spec
-    from hwslim.ops import Conv
+    from hwslim.core.graph import layer_spec
+    from hwslim.core.ops import Conv
 
     return layer_spec("probe", Conv(1, act="relu"), 8, 4, out=8)
 

@@ -1,7 +1,7 @@
 """cuDNN through PyTorch on a CUDA GPU: the ``torch_cuda`` backend (``--backend torch``).
 
 **What an entry is.** The plain PyTorch ops the materialized network runs for that
-layer (:class:`~hwslim.materialize.PlainNet` with BN folded, under no_grad):
+layer (:class:`~hwslim.core.materialize.PlainNet` with BN folded, under no_grad):
 ``conv2d`` with the folded-BN bias, then the residual ``add_`` and the activation in
 place (``relu_`` / ``clamp_(0, 6)``); ``max_pool2d``; ``adaptive_avg_pool2d`` +
 ``flatten``; ``linear``. Random weights (timing does not depend on values) in the
@@ -47,7 +47,7 @@ import random
 from dataclasses import dataclass, replace
 from typing import Any, Callable, ClassVar, Iterator, Sequence
 
-from hwslim.graph import LayerSpec
+from hwslim.core.graph import LayerSpec
 from profilers.base import Profiler, ProfilerError, Protocol, Timing, sample
 
 DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
@@ -112,7 +112,7 @@ def onnx_callable(model, input_shape: Sequence[int], device: str = "cuda", dtype
     Mul, Div, Sigmoid, HardSwish, HardSigmoid, Erf, Concat, MaxPool, AveragePool,
     GlobalAveragePool, Flatten, Gemm, plus Constant/Identity/Cast (Cast is a
     no-op: everything runs in ``dtype``). Element-wise ops run in place where their
-    input has no other reader, as :func:`hwslim.graph.run_graph` does, so the kernels
+    input has no other reader, as :func:`hwslim.core.graph.run_graph` does, so the kernels
     are the ones the materialized network launches. The input is random, bound once.
     """
     torch = _torch()

@@ -8,12 +8,12 @@ the entry graphs, the network builder) are tested on the CPU; everything that to
 **Why whole networks.** Building an engine takes seconds, so one engine per table entry
 (~2,000 for MobileNetV2 1.5x) is impractical, and a layer alone is not what TensorRT
 runs anyway (it fuses across layers and picks layouts per neighbour). Instead the
-profile driver hands this backend *designed networks* (``hwslim.profile.design_configs``:
+profile driver hands this backend *designed networks* (``hwslim.latency.profile.design_configs``:
 configs that together contain every entry, each entry in ``contexts`` of them). Per
 network:
 
 1. materialize it from its layer specs with random weights and write it with
-   :func:`hwslim.export.export_onnx` (static shapes, the table's batch);
+   :func:`hwslim.runtimes.onnx_file.export_onnx` (static shapes, the table's batch);
 2. build an engine with the deployment precision, ``ProfilingVerbosity.DETAILED`` and
    the timing cache shared by every build of the run (and kept on disk across runs);
 3. run it with torch CUDA tensors as I/O (``set_tensor_address`` +
@@ -33,7 +33,7 @@ plain enqueues between CUDA events, no profiler attached), ``e2e = a * sum + b``
   TensorRT 11 removed every precision flag (networks are strongly typed), so fp16 must
   be in the graph: :func:`onnx_to_fp16` rewrites the exported ONNX (fp16 weights and
   compute, fp32 input and output through Cast nodes) before parsing.
-  (:func:`hwslim.tensorrt_build.precision_plan` is the one place that decides.)
+  (:func:`hwslim.runtimes.tensorrt_engine.precision_plan` is the one place that decides.)
 * inspector JSON: TensorRT 11 replaced ``"Bindings"`` with ``"I/O Tensors"`` and split
   ``"Format/Datatype"``; the parser reads only layer names, types, tensor names and
   ``"Metadata"``, which both keep.
@@ -55,7 +55,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterator, Sequence
 
-from hwslim.graph import LayerSpec
+from hwslim.core.graph import LayerSpec
 from profilers.base import Profiler, ProfilerError, Timing, sample
 
 TRT_DTYPES = ("float32", "float16")
@@ -75,16 +75,16 @@ def trt_major(version: str) -> int:
 
 # -- ONNX graphs ------------------------------------------------------------------------------------------
 def plain_net_from_specs(specs: Sequence[LayerSpec], seed: int = 0):
-    """A :class:`~hwslim.materialize.PlainNet` computing ``specs`` with random weights (BN folded).
+    """A :class:`~hwslim.core.materialize.PlainNet` computing ``specs`` with random weights (BN folded).
 
     The same module tree ``materialize(..., fold_bn=True)`` produces, so ``export_onnx``
     writes the same graph (and the same node names) as for a real materialized config.
     """
     import torch
 
-    from hwslim.materialize import PlainNet
+    from hwslim.core.materialize import PlainNet
 
-    from hwslim.materialize import plain_layers
+    from hwslim.core.materialize import plain_layers
 
     torch.manual_seed(seed)
     layers = plain_layers(specs)
@@ -102,7 +102,7 @@ def entry_onnx(spec: LayerSpec, seed: int = 0):
 
     Only used for entries timed alone (``in_network=False`` or entries no network held).
     """
-    from hwslim.onnx_build import entry_model
+    from hwslim.core.onnx_build import entry_model
 
     try:
         return entry_model(spec)
@@ -244,7 +244,7 @@ class TrtProfiler(Profiler):
         if not torch.cuda.is_available():
             raise ProfilerError("backend 'trt' needs a CUDA GPU; PyTorch sees none")
         self._trt_mod = _trt()
-        from hwslim.tensorrt_build import default_timing_cache, precision_plan
+        from hwslim.runtimes.tensorrt_engine import default_timing_cache, precision_plan
 
         self.major = trt_major(self._trt_mod.__version__)
         if self.major < 10:
@@ -406,7 +406,7 @@ class TrtProfiler(Profiler):
         whose times include an estimated share of a Myelin node."""
         import onnx
 
-        from hwslim.export import export_onnx
+        from hwslim.runtimes.onnx_file import export_onnx
         from profilers.trt_attribution import (onnx_node_owners, onnx_op_types, onnx_order,
                                                parse_engine_information, plan_attribution, runs_from_callbacks)
 

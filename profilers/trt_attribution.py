@@ -7,9 +7,9 @@ inserts layers of its own: layout/precision conversions (``"Reformatting CopyNod
 Input Tensor 0 to <layer>"``, type ``Reformat`` or ``NoOp``) and reshapes around a
 Gemm (``"reshape_before_/fc/Gemm"``). ``IProfiler.report_layer_time(name, ms)`` reports
 times under those *engine* layer names. This module turns them into milliseconds per
-:class:`~hwslim.graph.LayerSpec` in three steps:
+:class:`~hwslim.core.graph.LayerSpec` in three steps:
 
-1. **ONNX node -> spec** (:func:`onnx_node_owners`). :func:`hwslim.export.export_onnx`
+1. **ONNX node -> spec** (:func:`onnx_node_owners`). :func:`hwslim.runtimes.onnx_file.export_onnx`
    names the nodes of module calls after the layer (``/l2b0/conv1/Conv``,
    ``/fc/Gemm``) but the functional ones anonymously (``/Relu_7``, ``/Add_3``,
    ``/Clip_12``, ``/GlobalAveragePool``, ``/Flatten``). So ownership is traced through
@@ -51,7 +51,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
-from hwslim.graph import INPUT, LayerSpec
+from hwslim.core.graph import INPUT, LayerSpec
 
 _ONNX_LAYER = re.compile(r"\[ONNX Layer: ([^\]|]*?)\s*(?:\|[^\]]*)?\]")
 _FOREIGN = re.compile(r"\{ForeignNode\[(.*)\]\}")

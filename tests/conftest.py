@@ -37,9 +37,9 @@ def make_table():
 
     Each entry's median is ``1e-3 + 1e-8 * MACs`` ms, so narrower configs predict faster; no timing.
     """
-    from hwslim.costs import macs
-    from hwslim.latency import LatencyTable, new_meta
-    from hwslim.profile import enumerate_entries
+    from hwslim.core.costs import macs
+    from hwslim.latency.table import LatencyTable, new_meta
+    from hwslim.latency.entries import enumerate_entries
     from profilers import get_profiler
     from profilers.base import Timing
 

@@ -23,13 +23,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from hwslim.checkpoint import save_checkpoint
+from hwslim.importing.checkpoint import save_checkpoint
 from hwslim.cli import main
-from hwslim.data import synthetic_data_info
-from hwslim.export import ExportOptions, export_model
-from hwslim.latency import LatencyTable, new_meta, table_paths
+from hwslim.importing.data import synthetic_data_info
+from hwslim.export.exporter import ExportOptions, export_model
+from hwslim.latency.table import LatencyTable, new_meta, table_paths
 from hwslim.models import create_model
-from hwslim.profile import enumerate_entries
+from hwslim.latency.entries import enumerate_entries
 from profilers import get_profiler
 from profilers.base import Timing
 
@@ -62,7 +62,7 @@ def ws(tmp_path_factory):
     (d / "cfg_offgrid.json").write_text(cfg.with_widths(wide).to_json())
     export_model(d / "ck.pt", d / "cfg.json", d / "m.onnx", ExportOptions(table=d / "t.csv", check_images=2,
                                                                           calib_images=0))
-    from hwslim.train import TrainConfig, train
+    from hwslim.training.train import TrainConfig, train
 
     n = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -50,7 +50,7 @@ def test_bad_numbers_exit_2_with_one_line(argv, capsys):
 
 
 def test_cost_uses_the_configs_input_size(tmp_path, capsys):
-    from hwslim.config import ChannelConfig
+    from hwslim.core.config import ChannelConfig
     from hwslim.models import create_model
 
     net = create_model("resnet20")

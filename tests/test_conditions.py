@@ -1,4 +1,4 @@
-"""hwslim.conditions: what a table was measured under, measured again and compared.
+"""hwslim.latency.conditions: what a table was measured under, measured again and compared.
 
 The probe and the machine readings are real measurements on this machine; "another
 machine" and "a busier machine" are tables whose recorded conditions are edited (data),
@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from hwslim.conditions import (KERNEL_FLAGS, PROBE_TOLERANCE, Conditions, compare, compare_to_table, cpu_flags,
+from hwslim.latency.conditions import (KERNEL_FLAGS, PROBE_TOLERANCE, Conditions, compare, compare_to_table, cpu_flags,
                                cpu_model, drift, machine_conditions, measure_conditions, table_conditions)
-from hwslim.latency import LatencyTable, table_paths
-from hwslim.profile import ProfileSettings, _borrow_entries, profile
+from hwslim.latency.table import LatencyTable, table_paths
+from hwslim.latency.profile import ProfileSettings, _borrow_entries, profile
 from profilers import get_profiler
 
 SMALL = dict(model="resnet20", width_mult=0.25, input_size=8)

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from hwslim.cli import main
-from hwslim.config import SCHEMA_VERSION, ChannelConfig
-from hwslim.errors import ConfigError
+from hwslim.core.config import SCHEMA_VERSION, ChannelConfig
+from hwslim.core.errors import ConfigError
 from hwslim.models import create_model
 
 

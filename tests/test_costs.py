@@ -4,11 +4,11 @@ import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from hwslim.costs import activation_trace, macs, model_costs, params, peak_activation_bytes
-from hwslim.graph import INPUT, layer_specs
-from hwslim.materialize import materialize
+from hwslim.core.costs import activation_trace, macs, model_costs, params, peak_activation_bytes
+from hwslim.core.graph import INPUT, layer_specs
+from hwslim.core.materialize import materialize
 from hwslim.models import create_model, list_models
-from hwslim.supernet import GraphBuilder
+from hwslim.core.supernet import GraphBuilder
 
 
 def test_hand_computed_costs():

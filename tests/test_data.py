@@ -4,8 +4,8 @@ import pytest
 import torch
 from PIL import Image
 
-from hwslim.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from hwslim.data import (
+from hwslim.importing.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from hwslim.importing.data import (
     SYNTHETIC_MEAN,
     SYNTHETIC_STD,
     DataError,
@@ -20,7 +20,7 @@ from hwslim.data import (
     synthetic_images,
     validation_split,
 )
-from hwslim.errors import HwslimError
+from hwslim.core.errors import HwslimError
 from hwslim.models import create_model
 
 
@@ -218,7 +218,7 @@ def test_large_inputs_stream_with_random_resized_crops(tmp_path):
 
 
 def test_balanced_subset_is_class_balanced_seeded_and_fills_short_classes():
-    from hwslim.data import balanced_subset
+    from hwslim.importing.data import balanced_subset
 
     labels = torch.tensor([0] * 50 + [1] * 30 + [2] * 4)
     a = balanced_subset(labels, 11, seed=0)

@@ -8,8 +8,8 @@ import onnx
 import pytest
 
 from hwslim.cli import main
-from hwslim.demo import budgets_between
-from hwslim.export import config_from_metadata, onnx_metadata
+from hwslim.pipeline.demo import budgets_between
+from hwslim.runtimes.onnx_file import config_from_metadata, onnx_metadata
 
 
 def test_budgets_between():
@@ -55,7 +55,7 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
 
 def test_force_starts_from_scratch_and_keeps_other_files(tmp_path, capsys):
     """--force once reused the old table (profiling resumed a complete one): it must measure again."""
-    from hwslim.demo import OUTPUTS
+    from hwslim.pipeline.demo import OUTPUTS
 
     out = tmp_path / "demo"
     out.mkdir()
@@ -105,8 +105,8 @@ def test_out_that_is_a_file_is_a_user_error(tmp_path, capsys):
 
 def test_json_stdout_is_only_the_json_object(tmp_path, capsys, monkeypatch):
     """Whatever the pipeline prints (training's per-epoch lines, progress) stays off stdout with --json."""
-    import hwslim.demo
-    from hwslim.demo import DemoResult
+    import hwslim.pipeline.demo
+    from hwslim.pipeline.demo import DemoResult
 
     seen = {}
 
@@ -117,7 +117,7 @@ def test_json_stdout_is_only_the_json_object(tmp_path, capsys, monkeypatch):
         return DemoResult(tmp_path, [{"budget_ms": 1.0}], tmp_path / "p.png", tmp_path / "c.pt", tmp_path / "t.csv",
                           {"total": 1.0})
 
-    monkeypatch.setattr(hwslim.demo, "run_demo", fake_run_demo)
+    monkeypatch.setattr(hwslim.pipeline.demo, "run_demo", fake_run_demo)
     assert main(["demo", "--quick", "--out", str(tmp_path / "d"), "--json"]) == 0
     cap = capsys.readouterr()
     assert json.loads(cap.out)["rows"] == [{"budget_ms": 1.0}] and cap.out.count("\n") == 1
@@ -138,7 +138,7 @@ def test_accuracy_latency_plot_keeps_search_and_heldout_apart_labels_budgets_and
     import matplotlib.pyplot as plt
     import pandas as pd
 
-    from hwslim.demo import accuracy_latency_figure, plot_accuracy_latency
+    from hwslim.pipeline.demo import accuracy_latency_figure, plot_accuracy_latency
 
     path = pd.DataFrame({"latency_ms": [0.20, 0.17, 0.14, 0.12], "acc": [0.80, 0.79, 0.76, 0.70]})
     uniform = [{"latency_ms": 0.05 + 0.015 * i, "acc": 0.3 + 0.04 * i} for i in range(12)]

@@ -7,11 +7,11 @@ import json
 import pytest
 import torch
 
-from hwslim.checkpoint import load_checkpoint, save_checkpoint
+from hwslim.importing.checkpoint import load_checkpoint, save_checkpoint
 from hwslim.cli import main
-from hwslim.data import search_split, synthetic_data_info, validation_split
-from hwslim.evaluate import accuracy
-from hwslim.export import ExportOptions, export_model
+from hwslim.importing.data import search_split, synthetic_data_info, validation_split
+from hwslim.core.accuracy import accuracy
+from hwslim.export.exporter import ExportOptions, export_model
 from hwslim.models import create_model
 
 

@@ -1,4 +1,4 @@
-"""The ExecuTorch backend (profilers.executorch_xnnpack), .pte export (hwslim.executorch_build) and verify on it.
+"""The ExecuTorch backend (profilers.executorch_xnnpack), .pte export (hwslim.runtimes.executorch_program) and verify on it.
 
 Real ExecuTorch where ``pip install 'hwslim[executorch]'`` installed it (it is not part of the
 ``dev`` extra: about 460 MB of dependencies, and each entry takes 1-2 s to lower); without it,
@@ -14,16 +14,17 @@ import sys
 import pytest
 import torch
 
-from hwslim.checkpoint import save_checkpoint
+from hwslim.importing.checkpoint import save_checkpoint
 from hwslim.cli import main
-from hwslim.export import ExportOptions, export_model, max_relative_error
-from hwslim.graph import layer_spec
-from hwslim.latency import LatencyTable, new_meta
-from hwslim.materialize import materialize
+from hwslim.export.exporter import ExportOptions, export_model
+from hwslim.runtimes.onnx_file import max_relative_error
+from hwslim.core.graph import layer_spec
+from hwslim.latency.table import LatencyTable, new_meta
+from hwslim.core.materialize import materialize
 from hwslim.models import create_model
-from hwslim.ops import Conv
-from hwslim.profile import measure_config
-from hwslim.verify import verify_model
+from hwslim.core.ops import Conv
+from hwslim.latency.profile import measure_config
+from hwslim.latency.verify import verify_model
 from profilers import get_profiler
 from profilers.base import Protocol, Timing
 
@@ -140,7 +141,7 @@ def test_export_executorch_writes_a_checked_program_and_verify_measures_it(setup
     side = json.loads(res.sidecar.read_text())
     assert side["executorch_program"] == str(res.path.resolve()) and json.loads(side["config"])["widths"] == cfg.widths
     # independent parity check of the written program
-    from hwslim.executorch_build import run_program
+    from hwslim.runtimes.executorch_program import run_program
 
     x = torch.randn(3, 3, 8, 8)
     net.eval()
@@ -190,7 +191,7 @@ def test_export_executorch_refuses_fp16_dynamic_batch_and_non_pte(setup, tmp_pat
 def test_the_speed_probe_runs_as_a_pte_program():
     """The conditions probe (what profile records and verify compares) is lowered to .pte: ExecuTorch
     runs no ONNX, and a program given as bytes must outlive its runs (it once ran freed memory)."""
-    from hwslim.conditions import measure_conditions
+    from hwslim.latency.conditions import measure_conditions
 
     with get_profiler("cpu", "executorch") as prof:
         first = measure_conditions(prof)

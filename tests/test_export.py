@@ -1,4 +1,4 @@
-"""hwslim.export and hwslim.tensorrt_build: checked ONNX export with provenance; TensorRT build logic."""
+"""hwslim.export.exporter and hwslim.runtimes.tensorrt_engine: checked ONNX export with provenance; TensorRT build logic."""
 from __future__ import annotations
 
 import json
@@ -12,15 +12,15 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from hwslim.checkpoint import load_checkpoint, save_checkpoint
+from hwslim.importing.checkpoint import load_checkpoint, save_checkpoint
 from hwslim.cli import main
-from hwslim.config import ChannelConfig
-from hwslim.errors import ConfigError, OutputExistsError
-from hwslim.export import (ExportCheckError, ExportOptions, config_from_metadata, export_model, export_onnx,
-                           max_relative_error, onnx_metadata, sha256_file)
-from hwslim.materialize import materialize
+from hwslim.core.config import ChannelConfig
+from hwslim.core.errors import ConfigError, OutputExistsError
+from hwslim.export.exporter import ExportCheckError, ExportOptions, export_model
+from hwslim.runtimes.onnx_file import config_from_metadata, export_onnx, max_relative_error, onnx_metadata, sha256_file
+from hwslim.core.materialize import materialize
 from hwslim.models import create_model
-from hwslim.tensorrt_build import (INSTALL_HINT, EngineSpec, TensorRTError, find_builder, parse_trtexec_version,
+from hwslim.runtimes.tensorrt_engine import (INSTALL_HINT, EngineSpec, TensorRTError, find_builder, parse_trtexec_version,
                                    precision_plan, trtexec_command)
 
 
@@ -360,9 +360,9 @@ def test_tensorrt_engine_matches_pytorch(setup, tmp_path):
 
 
 def test_export_with_checkpoint_data_recalibrates_bn_and_checks_real_images(tmp_path):
-    from hwslim.data import search_split, synthetic_data_info
-    from hwslim.evaluate import batches
-    from hwslim.slimmable import recalibrate_bn
+    from hwslim.importing.data import search_split, synthetic_data_info
+    from hwslim.core.accuracy import batches
+    from hwslim.core.slimmable import recalibrate_bn
 
     net = create_model("resnet20")
     info = synthetic_data_info(num_train=200, num_search=64, input_size=32, num_val=40)
@@ -389,8 +389,8 @@ def _bn_state(net):
 
 def test_export_leaves_the_callers_supernet_as_it_was(tmp_path):
     """Recalibrating BN for the export must not overwrite the caller's statistics, mode or device."""
-    from hwslim.checkpoint import Checkpoint
-    from hwslim.data import synthetic_data_info
+    from hwslim.importing.checkpoint import Checkpoint
+    from hwslim.importing.data import synthetic_data_info
 
     net = create_model("resnet20", input_size=16)
     with torch.no_grad():
@@ -411,8 +411,8 @@ def test_export_leaves_the_callers_supernet_as_it_was(tmp_path):
 
 @pytest.mark.gpu
 def test_export_leaves_a_cuda_supernet_on_its_gpu(tmp_path):
-    from hwslim.checkpoint import Checkpoint
-    from hwslim.data import synthetic_data_info
+    from hwslim.importing.checkpoint import Checkpoint
+    from hwslim.importing.data import synthetic_data_info
 
     net = create_model("resnet20", input_size=16).cuda().eval()
     before = _bn_state(net)

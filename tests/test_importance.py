@@ -5,8 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from hwslim.importance import layout_perm, sort_channels, unit_importance
-from hwslim.importer import import_model
+from hwslim.importing.importance import layout_perm, sort_channels, unit_importance
+from hwslim.importing.fx_trace import import_model
 from hwslim.models import create_model
 
 

@@ -8,9 +8,9 @@ import torch
 import torchvision
 from torch import nn
 
-from hwslim.errors import ModelError
-from hwslim.importer import ImportRefused, import_model
-from hwslim.materialize import materialize
+from hwslim.core.errors import ModelError
+from hwslim.importing.fx_trace import ImportRefused, import_model
+from hwslim.core.materialize import materialize
 
 
 class SE(nn.Module):
@@ -97,7 +97,7 @@ def test_torchvision_models_import_with_parity(name):
 def test_resnet18_costs_equal_torchvisions():
     from torch.utils.flop_counter import FlopCounterMode
 
-    from hwslim.costs import model_costs
+    from hwslim.core.costs import model_costs
 
     theirs = torchvision.models.resnet18(weights=None).eval()
     net = import_model(theirs, torch.randn(1, 3, 224, 224))
@@ -131,10 +131,10 @@ def test_shufflenet_imports_with_the_units_of_its_shuffles_fixed(name, tmp_path)
     import onnxruntime as ort
     from torch.utils.flop_counter import FlopCounterMode
 
-    from hwslim.costs import model_costs
-    from hwslim.export import export_onnx
-    from hwslim.importer import fixed_units
-    from hwslim.supernet import SlimmableNet
+    from hwslim.core.costs import model_costs
+    from hwslim.runtimes.onnx_file import export_onnx
+    from hwslim.importing.fx_trace import fixed_units
+    from hwslim.core.supernet import SlimmableNet
 
     torch.manual_seed(0)
     theirs = _randomize(torchvision.models.get_model(name, weights=None))
@@ -243,7 +243,7 @@ def test_when_torch_export_fails_too_the_refusal_names_both():
 @pytest.mark.parametrize("name", ["mobilenet_v3_small", "shufflenet_v2_x0_5"])
 def test_torch_export_path_builds_what_the_fx_path_builds(name, monkeypatch):
     """One importer: the exported ATen graph, rewritten, groups into the same operators and units."""
-    import hwslim.importer
+    import hwslim.importing.fx_trace
 
     torch.manual_seed(0)
     theirs = _randomize(torchvision.models.get_model(name, weights=None))
@@ -253,7 +253,7 @@ def test_torch_export_path_builds_what_the_fx_path_builds(name, monkeypatch):
     def fx_fails(self, root, *args, **kwargs):
         raise torch.fx.proxy.TraceError("as for a forward fx cannot trace")
 
-    monkeypatch.setattr(hwslim.importer._Tracer, "trace", fx_fails)
+    monkeypatch.setattr(hwslim.importing.fx_trace._Tracer, "trace", fx_fails)
     by_export = import_model(theirs, x[:1], fix_unsupported=True)
     assert (by_fx.graph.meta["traced_by"], by_export.graph.meta["traced_by"]) == ("torch.fx", "torch.export")
 
@@ -309,7 +309,7 @@ def test_users_own_model_end_to_end(tmp_path, monkeypatch, capsys):
     import sys
 
     from hwslim.cli import main
-    from hwslim.data import build_data
+    from hwslim.importing.data import build_data
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "user_cnn_e2e.py").write_text(USER_FILE)

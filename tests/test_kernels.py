@@ -23,11 +23,11 @@ import torch.nn.functional as F  # noqa: E402
 pytest.importorskip("triton")
 
 from hwslim import kernels  # noqa: E402
-from hwslim.graph import INPUT, run_graph  # noqa: E402
+from hwslim.core.graph import INPUT, run_graph  # noqa: E402
 from hwslim.kernels import conv as K  # noqa: E402
 from hwslim.models.registry import create_model  # noqa: E402
-from hwslim.slimmable import recalibrate_bn  # noqa: E402
-from hwslim.supernet import GraphBuilder, SlimmableNet  # noqa: E402
+from hwslim.core.slimmable import recalibrate_bn  # noqa: E402
+from hwslim.core.supernet import GraphBuilder, SlimmableNet  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ON_GPU = DEVICE == "cuda"
@@ -440,8 +440,8 @@ def test_full_size_fused_depthwise_project_on_gpu(hidden, cout, h, stride, dtype
 
 def test_search_evaluator_with_triton_kernels_matches_torch():
     """The search's StepEvaluator gives the same scores through the kernels as through PyTorch."""
-    from hwslim.evaluator import StepEvaluator
-    from hwslim.graph import INPUT as _IN
+    from hwslim.search.evaluator import StepEvaluator
+    from hwslim.core.graph import INPUT as _IN
 
     torch.manual_seed(0)
     g = GraphBuilder()

@@ -12,11 +12,11 @@ import torch
 from dataclasses import replace
 
 from hwslim.cli import main
-from hwslim.errors import TableError
-from hwslim.latency import (COLUMNS, Calibration, LatencyTable, RowWriter, accuracy, default_table_path, find_table,
+from hwslim.core.errors import TableError
+from hwslim.latency.table import (COLUMNS, Calibration, LatencyTable, RowWriter, accuracy, default_table_path, find_table,
                             fit_calibration, fit_line, new_meta, read_rows, spearman, table_paths)
 from hwslim.models import create_model
-from hwslim.supernet import SlimmableNet
+from hwslim.core.supernet import SlimmableNet
 from profilers import get_profiler
 from profilers.base import Timing
 
@@ -118,7 +118,7 @@ def test_compatible_setup_passes_and_others_are_refused_in_one_line(net, machine
                                          "\\(it was measured for resnet20 x0.25 at 16px\\)"):
         table.check_compatible(other, batch=1)
     # a table serves any graph whose layer shapes it holds: a graph of the same layers under another name
-    from hwslim.profile import enumerate_entries
+    from hwslim.latency.entries import enumerate_entries
 
     full = LatencyTable(table.meta, {s.signature(): Timing(0.01, 0.001, 0.011, 20) for s in enumerate_entries(net)})
     renamed = SlimmableNet(replace(net.graph, name="my_resnet"))
@@ -248,7 +248,7 @@ def test_fit_line_falls_back_to_proportional_where_noise_tilts_the_slope():
 
 def test_tables_are_found_from_any_directory_in_the_documented_order(net, machine_meta, tmp_path, monkeypatch):
     """--table-dir, then $HWSLIM_TABLE_DIR, then ~/.cache/hwslim/latency_tables ($XDG_CACHE_HOME); not the cwd."""
-    from hwslim.latency import table_dir, table_search_path, user_table_dir
+    from hwslim.latency.table import table_dir, table_search_path, user_table_dir
 
     monkeypatch.delenv("HWSLIM_TABLE_DIR", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
@@ -278,9 +278,9 @@ def test_tables_are_found_from_any_directory_in_the_documented_order(net, machin
 
 def test_search_device_cpu_finds_the_profiled_table_from_another_directory(tmp_path, monkeypatch, capsys,
                                                                            make_table):
-    from hwslim.checkpoint import save_checkpoint
-    from hwslim.data import synthetic_data_info
-    from hwslim.latency import LatencyTable
+    from hwslim.importing.checkpoint import save_checkpoint
+    from hwslim.importing.data import synthetic_data_info
+    from hwslim.latency.table import LatencyTable
 
     monkeypatch.delenv("HWSLIM_TABLE_DIR", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
@@ -303,7 +303,7 @@ def test_tables_at_other_threads_batches_and_backends_are_told_apart(tmp_path, m
     """Real (quick) tables at the settings users deploy with: 2 threads and batch 8 under ONNX
     Runtime, and OpenVINO at 1 thread, batch 1. Each records its setting; find_table picks by them;
     check_compatible refuses each table for any other setting."""
-    from hwslim.profile import ProfileSettings, profile
+    from hwslim.latency.profile import ProfileSettings, profile
     from profilers import available_backends
 
     monkeypatch.setenv("HWSLIM_TABLE_DIR", str(tmp_path))

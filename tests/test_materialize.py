@@ -4,10 +4,10 @@ import pytest
 import torch
 from torch import nn
 
-from hwslim.costs import model_costs
-from hwslim.materialize import materialize
+from hwslim.core.costs import model_costs
+from hwslim.core.materialize import materialize
 from hwslim.models import create_model, list_models
-from hwslim.slimmable import PlainSE
+from hwslim.core.slimmable import PlainSE
 
 SMALL = {name: 64 for name in list_models() if create_model(name).input_size == 224}  # 224 px models at 64 px
 

@@ -12,12 +12,13 @@ import json
 import pytest
 import torch
 
-from hwslim.checkpoint import load_checkpoint
+from hwslim.importing.checkpoint import load_checkpoint
 from hwslim.cli import main
-from hwslim.graph import INPUT
-from hwslim.latency import LatencyTable, table_paths
-from hwslim.models import list_models, load_model
-from hwslim.supernet import GraphBuilder, SlimmableNet
+from hwslim.core.graph import INPUT
+from hwslim.latency.table import LatencyTable, table_paths
+from hwslim.models import list_models
+from hwslim.importing.specs import load_model
+from hwslim.core.supernet import GraphBuilder, SlimmableNet
 
 
 def custom_graph() -> dict:

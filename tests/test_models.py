@@ -6,8 +6,8 @@ import torch
 import torchvision
 from torch.utils.flop_counter import FlopCounterMode
 
-from hwslim.costs import model_costs
-from hwslim.errors import ModelError
+from hwslim.core.costs import model_costs
+from hwslim.core.errors import ModelError
 from hwslim.models import create_model, list_models
 
 
@@ -45,7 +45,7 @@ def test_reference_numbers():
 @pytest.mark.parametrize("name", NEW_FAMILIES)
 def test_outputs_equal_torchvisions_with_its_weights(name):
     """torchvision's model, random weights and BN statistics, copied in: the same logits."""
-    from hwslim.models.weights import copy_weights_in_order
+    from hwslim.importing.weights import copy_weights_in_order
 
     theirs = getattr(torchvision.models, name)(weights=None).eval()
     with torch.no_grad():

@@ -1,4 +1,4 @@
-"""The OpenVINO backend (profilers.openvino_cpu), IR export (hwslim.openvino_build) and verify on it.
+"""The OpenVINO backend (profilers.openvino_cpu), IR export (hwslim.runtimes.openvino_ir) and verify on it.
 
 Real OpenVINO on this CPU (the ``dev`` extra installs it); the shared conformance tests in
 test_profilers.py run on it too. Quick protocols: seconds, and the numbers mean little.
@@ -11,14 +11,15 @@ import sys
 import pytest
 import torch
 
-from hwslim.checkpoint import save_checkpoint
+from hwslim.importing.checkpoint import save_checkpoint
 from hwslim.cli import main
-from hwslim.errors import TableError
-from hwslim.export import ExportOptions, export_model, max_relative_error
-from hwslim.latency import LatencyTable
+from hwslim.core.errors import TableError
+from hwslim.export.exporter import ExportOptions, export_model
+from hwslim.runtimes.onnx_file import max_relative_error
+from hwslim.latency.table import LatencyTable
 from hwslim.models import create_model
-from hwslim.profile import ProfileSettings, profile
-from hwslim.verify import verify_model
+from hwslim.latency.profile import ProfileSettings, profile
+from hwslim.latency.verify import verify_model
 from profilers import get_profiler
 from profilers.base import Protocol
 
@@ -86,7 +87,7 @@ def test_counters_are_running_averages_and_the_warm_up_is_taken_out():
     profile_network's per-run mean excludes the warm-up, so it is below the first run's reading."""
     net = create_model("resnet20", width_mult=1.0, input_size=32)
     specs = net.layer_specs(net.full_config())
-    from hwslim.onnx_build import network_model
+    from hwslim.core.onnx_build import network_model
 
     with get_profiler("cpu", "openvino", protocol=QUICK) as prof:
         run = prof._request(prof.compile(network_model(specs), perf_count=True))  # one run
@@ -158,7 +159,7 @@ def test_export_openvino_writes_a_checked_ir_with_provenance(exported):
     compiled = ov.Core().compile_model(str(xml), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     got = torch.cat([torch.from_numpy(compiled(x[i:i + 1].numpy())[compiled.output(0)]) for i in range(3)])
     assert max_relative_error(got, ref) <= 1e-4
-    from hwslim.openvino_build import ir_metadata
+    from hwslim.runtimes.openvino_ir import ir_metadata
 
     meta = ir_metadata(xml)
     assert json.loads(meta["config"])["widths"] == cfg.widths and meta["checkpoint_sha256"]

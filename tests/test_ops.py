@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from hwslim.costs import activation_trace, model_costs
-from hwslim.evaluator import StepEvaluator, mixing_start
-from hwslim.export import export_onnx
-from hwslim.graph import INPUT, layer_spec
-from hwslim.materialize import materialize
-from hwslim.ops import OPS, Conv, SqueezeExcite
-from hwslim.supernet import GraphBuilder, SlimmableNet
+from hwslim.core.costs import activation_trace, model_costs
+from hwslim.search.evaluator import StepEvaluator, mixing_start
+from hwslim.runtimes.onnx_file import export_onnx
+from hwslim.core.graph import INPUT, layer_spec
+from hwslim.core.materialize import materialize
+from hwslim.core.ops import OPS, Conv, SqueezeExcite
+from hwslim.core.supernet import GraphBuilder, SlimmableNet
 
 
 def every_op_net(input_size: int = 16) -> SlimmableNet:
@@ -60,7 +60,7 @@ def test_every_registered_operator_is_in_the_test_network():
 
 
 def test_sorting_channels_keeps_every_operators_function():
-    from hwslim.importance import sort_channels
+    from hwslim.importing.importance import sort_channels
 
     net = every_op_net()
     x = torch.randn(2, 3, 16, 16)
@@ -83,7 +83,7 @@ def test_in_place_ops_never_write_into_a_tensor_still_read():
 
 
 def test_shuffle_and_slice_move_fixed_channels():
-    from hwslim.ops import ChannelShuffle, ChannelSlice, Slice
+    from hwslim.core.ops import ChannelShuffle, ChannelSlice, Slice
 
     x = torch.arange(6.0).view(1, 6, 1, 1)
     y = ChannelShuffle(2).run(None, [x], Slice())
@@ -162,7 +162,7 @@ def test_designed_network_of_every_operator_runs_in_onnx_runtime():
     import onnx
     import onnxruntime as ort
 
-    from hwslim.onnx_build import network_model
+    from hwslim.core.onnx_build import network_model
 
     net = every_op_net()
     specs = net.layer_specs(net.random_config(random.Random(5)))

@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from hwslim.cli import main
-from hwslim.errors import HwslimError
-from hwslim.latency import COLUMNS, LatencyTable, fit_calibration, read_rows, table_paths
+from hwslim.core.errors import HwslimError
+from hwslim.latency.table import COLUMNS, LatencyTable, fit_calibration, read_rows, table_paths
 from hwslim.models import create_model
-from hwslim.profile import (CalibrationError, ProfileSettings, SettingsError, calibration_configs, design_configs,
-                            enumerate_entries, profile, recalibrate)
+from hwslim.latency.profile import CalibrationError, ProfileSettings, SettingsError, calibration_configs, design_configs, profile, recalibrate
+from hwslim.latency.entries import enumerate_entries
 
 SMALL = dict(model="resnet20", width_mult=0.25, input_size=16)
 SMALL_ARGS = ["--model", "resnet20", "--width-mult", "0.25", "--input-size", "16"]
@@ -230,7 +230,7 @@ def test_forced_rerun_that_fails_keeps_the_old_table_and_one_that_completes_repl
                                                                                         monkeypatch):
     out = _put(tmp_path, tiny_table)
     other = ProfileSettings(**{**TINY, "input_size": 12}, out=str(out), force=True)
-    monkeypatch.setattr("hwslim.profile.fit_calibration", lambda *a: (-1.0, None, 0.0))
+    monkeypatch.setattr("hwslim.latency.profile.fit_calibration", lambda *a: (-1.0, None, 0.0))
     with pytest.raises(CalibrationError, match="degenerate.*stays incomplete"):
         profile(other)
     assert _snapshot(out) == tiny_table  # the old table is whole; the new one waits beside it
@@ -302,7 +302,7 @@ def test_cli_recalibrate_says_how_the_fit_moved(tiny_table, tmp_path, capsys):
                                  (float("inf"), None, 0.0)])
 def test_a_degenerate_calibration_leaves_the_table_incomplete(tmp_path, monkeypatch, fit):
     out = tmp_path / "d.csv"
-    monkeypatch.setattr("hwslim.profile.fit_calibration", lambda *a: fit)
+    monkeypatch.setattr("hwslim.latency.profile.fit_calibration", lambda *a: fit)
     with pytest.raises(CalibrationError, match="degenerate"):
         profile(ProfileSettings(**TINY, out=str(out), in_network=False))
     assert json.loads(table_paths(out)[1].read_text())["status"] == "measuring"

@@ -6,12 +6,12 @@ import onnx
 import pytest
 import torch
 
-from hwslim.graph import LayerSpec, layer_spec
-from hwslim.materialize import materialize
+from hwslim.core.graph import LayerSpec, layer_spec
+from hwslim.core.materialize import materialize
 from hwslim.models import create_model
-from hwslim.ops import (Act, Add, AvgPool, BatchNorm, Concat, Conv, GlobalAvgPool, Linear, MaxPool,
+from hwslim.core.ops import (Act, Add, AvgPool, BatchNorm, Concat, Conv, GlobalAvgPool, Linear, MaxPool,
                         SqueezeExcite)
-from profilers import available_backends, backend_class, get_profiler
+from profilers import available_backends, backend_class, get_profiler, profiler_for_table
 from profilers.base import Profiler, ProfilerError, Protocol, Timing
 
 BACKENDS = available_backends()
@@ -94,7 +94,7 @@ def test_metadata_identifies_the_setup_and_rebuilds_the_profiler(profiler):
     assert profiler.mismatches(meta) == []
     assert profiler.mismatches({**meta, "device_name": "another CPU"}) == [
         f"device_name 'another CPU' (here: {meta['device_name']!r})"]
-    again = Profiler.from_table(meta)
+    again = profiler_for_table(meta)
     try:
         assert type(again) is type(profiler) and again.settings() == profiler.settings()
     finally:
@@ -171,7 +171,9 @@ def test_entries_run_in_the_layout_they_have_inside_a_network():
             assert [n.op_type for n in edited.graph.node] == ["Conv"]  # add and act fused, no layout changes
         narrow = layer_spec("pw", Conv(1, act="relu6"), 8, 14, out=64)
         ops = [n.op_type for n in in_network_layout(prof._optimized(entry_model(narrow)), block).graph.node]
-        assert ops == ["ReorderOutput", "Conv"]  # a narrow input arrives through one conversion
+        # 8 channels, fewer than an AVX-512 block of 16, arrive through one conversion; with AVX2's
+        # block of 8 (AMD EPYC here) they are a whole block and need none
+        assert ops == (["ReorderOutput", "Conv"] if block > 8 else ["Conv"])
         assert prof.time_entry(spec).median_ms > 0
 
 

@@ -7,10 +7,10 @@ import onnx
 import pytest
 import torch
 
-from hwslim.export import export_onnx
-from hwslim.graph import layer_spec
-from hwslim.ops import Concat, Conv, GlobalAvgPool, Linear, MaxPool, SqueezeExcite
-from hwslim.materialize import materialize
+from hwslim.runtimes.onnx_file import export_onnx
+from hwslim.core.graph import layer_spec
+from hwslim.core.ops import Concat, Conv, GlobalAvgPool, Linear, MaxPool, SqueezeExcite
+from hwslim.core.materialize import materialize
 from hwslim.models import create_model
 from profilers import available_backends, get_profiler
 from profilers.base import Protocol, Timing

@@ -14,7 +14,7 @@ def _python_blocks() -> list[str]:
 
 
 def test_python_api_example_runs_the_supernet_at_a_config_and_explains_the_parameter_count(capsys):
-    from hwslim.costs import model_costs
+    from hwslim.core.costs import model_costs
 
     (block,) = _python_blocks()
     assert "net.using(cfg)" in block  # `net(x, cfg)` is not the API: the example shows the one that is

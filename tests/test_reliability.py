@@ -11,12 +11,12 @@ import pandas as pd
 import pytest
 import torch
 
-from hwslim.checkpoint import save_checkpoint
+from hwslim.importing.checkpoint import save_checkpoint
 from hwslim.cli import main
-from hwslim.data import synthetic_data_info
+from hwslim.importing.data import synthetic_data_info
 from hwslim.models import create_model
-from hwslim.outputs import OutputError, check_output, remove_stale_temporaries
-from hwslim.train import TrainConfig, train
+from hwslim.core.outputs import OutputError, check_output, remove_stale_temporaries
+from hwslim.training.train import TrainConfig, train
 
 TINY = dict(model="resnet20", data="synthetic:300", width_mult=0.5, input_size=8, batch_size=32, search_size=44,
             synthetic_val=64, calib_images=64, progress=False)
@@ -51,8 +51,8 @@ def ckpt_path(tmp_path_factory):
 
 def _params_budget(ckpt_path) -> str:
     """A budget a few greedy steps below the full config."""
-    from hwslim.checkpoint import load_checkpoint
-    from hwslim.costs import model_costs
+    from hwslim.importing.checkpoint import load_checkpoint
+    from hwslim.core.costs import model_costs
 
     net = load_checkpoint(ckpt_path).model
     return f"{0.7 * model_costs(net).params / 1e6:.6f}"
@@ -138,7 +138,7 @@ def test_full_disk_while_saving_the_search_state(ckpt_path, searched, tmp_path, 
     (out / "search_state.json").write_text(json.dumps(state, sort_keys=True))
     before = _digests(out)
     (out / f".search_state.json.tmp{os.getpid()}").symlink_to(FULL)  # the next state write hits a full disk
-    import hwslim.search as search_mod
+    import hwslim.search.greedy as search_mod
 
     monkeypatch.setattr(search_mod, "remove_stale_temporaries", lambda folder: [])  # keep the link in place
     assert _search(ckpt_path, out, "--resume") == 2
@@ -200,7 +200,7 @@ def test_full_disk_while_saving_a_checkpoint(finished_run, tmp_path, capsys, mon
     out = tmp_path / "r"
     shutil.copytree(finished_run, out)
     before = _digests(out)
-    import hwslim.train as train_mod
+    import hwslim.training.train as train_mod
 
     monkeypatch.setattr(train_mod, "remove_stale_temporaries", lambda folder: [])  # keep the link below in place
     (out / f".checkpoint.pt.tmp{os.getpid()}").symlink_to(FULL)  # the next checkpoint write hits a full disk

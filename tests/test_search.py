@@ -8,18 +8,18 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from hwslim.checkpoint import load_checkpoint, save_checkpoint
+from hwslim.importing.checkpoint import load_checkpoint, save_checkpoint
 from hwslim.cli import main
-from hwslim.config import ChannelConfig
-from hwslim.costs import model_costs
-from hwslim.data import search_split, synthetic_data_info
-from hwslim.errors import BudgetError, HwslimError, OutputExistsError
-from hwslim.evaluator import Score, StepEvaluator
+from hwslim.core.config import ChannelConfig
+from hwslim.core.costs import model_costs
+from hwslim.importing.data import search_split, synthetic_data_info
+from hwslim.core.errors import BudgetError, HwslimError, OutputExistsError
+from hwslim.search.evaluator import Score, StepEvaluator
 from hwslim.models import create_model
-from hwslim.latency import Calibration, LatencyTable, new_meta
-from hwslim.profile import enumerate_entries
-from hwslim.search import Budget, Target, config_costs, greedy_search, slim, targets_of
-from hwslim.slimmable import recalibrate_bn
+from hwslim.latency.table import Calibration, LatencyTable, new_meta
+from hwslim.latency.entries import enumerate_entries
+from hwslim.search.greedy import Budget, Target, config_costs, greedy_search, slim, targets_of
+from hwslim.core.slimmable import recalibrate_bn
 from profilers import get_profiler
 from profilers.base import Timing
 
@@ -207,7 +207,7 @@ def test_walk_jumps_to_a_known_config_below_the_narrowest():
 
 def test_fill_spends_the_slack_by_best_gain_per_cost():
     """The grow-back on the hand-made table: within budget, each step the best gain per cost, until nothing fits."""
-    from hwslim.search import fill_budget, pick_steps
+    from hwslim.search.greedy import fill_budget, pick_steps
 
     with torch.device("meta"):
         net = create_model("resnet20")
@@ -345,7 +345,7 @@ def test_fast_evaluator_scores_equal_reference_on_mobilenet():
 
 
 def test_default_chunk_holds_up_to_1000_images_of_32_px_worth_of_pixels():
-    from hwslim.evaluator import Scoring, default_chunk
+    from hwslim.search.evaluator import Scoring, default_chunk
 
     assert default_chunk(torch.empty(1, 3, 32, 32)) == 1000
     assert default_chunk(torch.empty(1, 3, 16, 16)) == 1000
@@ -358,7 +358,7 @@ def test_default_chunk_holds_up_to_1000_images_of_32_px_worth_of_pixels():
 def test_chunks_are_channels_last_and_score_as_plain_images_do():
     """The evaluator stores its image chunks channels-last (PyTorch's CPU convolutions and
     train-mode BN run them about twice as fast): the scores are those of a plain pass."""
-    from hwslim.evaluate import preserved_bn_stats
+    from hwslim.core.accuracy import preserved_bn_stats
 
     torch.manual_seed(0)
     net = create_model("mobilenet_v2_cifar", width_mult=0.35)
@@ -452,7 +452,7 @@ def test_torchrun_style_sharding_gives_the_same_decisions(ckpt_path, tmp_path):
 
 def test_proposals_step_over_latency_plateaus():
     """A runtime that pads channels to blocks of 16 makes 32 -> 24 free; the proposal skips to 16."""
-    from hwslim.search import _shrink
+    from hwslim.search.greedy import _shrink
 
     with torch.device("meta"):
         net = create_model("resnet20")
@@ -483,7 +483,7 @@ def test_force_uses_a_table_from_another_device(ckpt_path, tmp_path, capsys, mak
     """`--table <another device's table> --force`: the compatibility check runs once, with --force."""
     ckpt = load_checkpoint(ckpt_path)
     table = make_table(ckpt.model, tmp_path / "other.csv", device_name="Some Other CPU")
-    from hwslim.latency import LatencyTable
+    from hwslim.latency.table import LatencyTable
 
     full = LatencyTable.load(table).predict_ms(ckpt.model.layer_specs(ckpt.model.full_config()))
     budget = f"{0.9 * full:.4f}"
@@ -519,7 +519,7 @@ def test_mixed_budgets_json_names_the_written_files_and_paths_have_no_double_sla
 def test_search_shows_progress_with_a_total_and_labels_its_plot(ckpt_path, tmp_path, capsys):
     import matplotlib.pyplot as plt
 
-    from hwslim.search import path_figure
+    from hwslim.search.greedy import path_figure
 
     ckpt = load_checkpoint(ckpt_path)
     full = config_costs(ckpt.model, ckpt.model.full_config())
@@ -564,7 +564,7 @@ def _dead_tail(net, unit: str) -> None:
 def test_halving_picks_what_full_scoring_picks_when_the_margin_is_clear():
     """Every candidate screened on a spread quarter of the split, the best 3 scored on all of it: on a
     supernet where one shrink is free and the others cost accuracy, the walk is full scoring's."""
-    from hwslim.evaluator import Halving, Scoring
+    from hwslim.search.evaluator import Halving, Scoring
 
     torch.manual_seed(3)
     net = create_model("resnet20", input_size=16)
@@ -599,7 +599,7 @@ def test_halving_picks_what_full_scoring_picks_when_the_margin_is_clear():
 
 def test_halving_ranks_by_the_callers_rule_on_the_screening_images():
     """The screen sees the current config too (the rank's base); the rest get None; few candidates: full alone."""
-    from hwslim.evaluator import Halving
+    from hwslim.search.evaluator import Halving
 
     calls = []
 

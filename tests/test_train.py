@@ -10,13 +10,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from hwslim.checkpoint import load_checkpoint
+from hwslim.importing.checkpoint import load_checkpoint
 from hwslim.cli import main
-from hwslim.data import search_split
-from hwslim.errors import OutputExistsError
+from hwslim.importing.data import search_split
+from hwslim.core.errors import OutputExistsError
 from hwslim.models import create_model
-from hwslim.slimmable import SlimmableBatchNorm2d, SlimmableConv2d
-from hwslim.train import (
+from hwslim.core.slimmable import SlimmableBatchNorm2d, SlimmableConv2d
+from hwslim.training.train import (
     TrainConfig,
     TrainError,
     param_groups,
@@ -363,8 +363,8 @@ def _trained_weights(tmp_path, monkeypatch):
 
 
 def test_init_starts_from_the_trained_weights_with_channels_sorted(tmp_path, monkeypatch):
-    from hwslim.importance import sort_channels
-    from hwslim.importer import import_model
+    from hwslim.importing.importance import sort_channels
+    from hwslim.importing.fx_trace import import_model
 
     user, weights = _trained_weights(tmp_path, monkeypatch)
     want = import_model(user, torch.randn(1, 3, 8, 8), keep="^side$")
@@ -462,7 +462,7 @@ def _cached_torchvision_weights(tmp_path, monkeypatch, name: str = "squeezenet1_
 
 @pytest.mark.parametrize("weights", ["IMAGENET1K_V1", "SqueezeNet1_1_Weights.IMAGENET1K_V1", "DEFAULT"])
 def test_init_by_torchvision_weights_name_reads_torch_hubs_cache(tmp_path, monkeypatch, weights):
-    from hwslim.models import load_model
+    from hwslim.importing.specs import load_model
 
     theirs = _cached_torchvision_weights(tmp_path, monkeypatch)
     net = load_model("torchvision:squeezenet1_1", input_size=32, init=weights)

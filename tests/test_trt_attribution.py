@@ -7,10 +7,10 @@ from pathlib import Path
 import onnx
 import pytest
 
-from hwslim.export import export_onnx
-from hwslim.graph import layer_spec
-from hwslim.ops import Conv
-from hwslim.materialize import materialize
+from hwslim.runtimes.onnx_file import export_onnx
+from hwslim.core.graph import layer_spec
+from hwslim.core.ops import Conv
+from hwslim.core.materialize import materialize
 from hwslim.models import create_model
 from profilers.trt_attribution import (EngineLayer, average_from_trtexec_profile, onnx_node_owners,
                                        onnx_nodes_in_name, onnx_op_types, onnx_order, parse_engine_information,

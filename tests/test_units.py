@@ -1,7 +1,7 @@
 import pytest
 
-from hwslim.rounding import make_divisible
-from hwslim.units import GRID_STEPS, ChannelUnit, step_width, width_grid
+from hwslim.core.rounding import make_divisible
+from hwslim.core.units import GRID_STEPS, ChannelUnit, step_width, width_grid
 
 
 @pytest.mark.parametrize("value,divisor,expected", [

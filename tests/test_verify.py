@@ -1,19 +1,20 @@
-"""hwslim.verify: an exported model measured on its table's backend, against its budget."""
+"""hwslim.latency.verify: an exported model measured on its table's backend, against its budget."""
 from __future__ import annotations
 
 import json
 
 import pytest
 
-from hwslim.checkpoint import save_checkpoint
+from hwslim.importing.checkpoint import save_checkpoint
 from hwslim.cli import main
-from hwslim.errors import ConfigError
-from hwslim.export import ExportOptions, export_model, export_onnx
-from hwslim.latency import LatencyTable
-from hwslim.materialize import materialize
+from hwslim.core.errors import ConfigError
+from hwslim.export.exporter import ExportOptions, export_model
+from hwslim.runtimes.onnx_file import export_onnx
+from hwslim.latency.table import LatencyTable
+from hwslim.core.materialize import materialize
 from hwslim.models import create_model
-from hwslim.profile import ProfileSettings, profile
-from hwslim.verify import VerifyResult, budget_from_config, verify_model
+from hwslim.latency.profile import ProfileSettings, profile
+from hwslim.latency.verify import VerifyResult, budget_from_config, verify_model
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +62,8 @@ def test_budget_holds_within_tolerance(table_path, exported):
 
 
 def test_exit_status_a_confident_over_wins_then_unreliable(table_path, exported):
-    from hwslim.conditions import Conditions, compare
-    from hwslim.verify import exit_status
+    from hwslim.latency.conditions import Conditions, compare
+    from hwslim.latency.verify import exit_status
 
     _, cfg, path = exported
     steady = compare(Conditions(probe_ms=1.0), Conditions(probe_ms=1.0))
@@ -153,7 +154,7 @@ def _edited_table(src, dst_dir, edit):
     """A copy of the table at ``src`` with its recorded conditions edited (data, not a mock)."""
     import shutil
 
-    from hwslim.latency import table_paths
+    from hwslim.latency.table import table_paths
 
     dst_dir.mkdir()
     for p in table_paths(src):
@@ -206,7 +207,7 @@ def test_a_busier_machine_than_the_tables_gives_an_unreliable_verdict_and_exit_3
 
 
 def test_conditions_that_match_the_tables_give_a_confident_verdict(table_path, exported, tmp_path):
-    from hwslim.conditions import Conditions
+    from hwslim.latency.conditions import Conditions
 
     _, _, path = exported
     table = _edited_table(table_path, tmp_path / "t", lambda start: None)

@@ -1,7 +1,7 @@
 """The ``hwslim`` command. Each subcommand lives in its own module here and is thin:
 parse, build the library's objects, call the library, print a table (or ``--json``).
 
-A user error (:class:`hwslim.errors.HwslimError`) prints one line on stderr and exits 2.
+A user error (:class:`hwslim.core.errors.HwslimError`) prints one line on stderr and exits 2.
 A reader that closes stdout early (``hwslim models --json | head -1``) ends the command
 quietly with status 141, as a tool killed by SIGPIPE reports (128 + 13).
 """
@@ -13,7 +13,8 @@ import os
 import sys
 
 from hwslim import __version__
-from hwslim.errors import HwslimError
+from hwslim.core.errors import HwslimError
+from hwslim.core.report import print_table  # noqa: F401  (the commands print with it)
 
 # subcommand -> module under hwslim.cli that defines register(subparsers)
 COMMANDS = ["models", "cost", "train", "profile", "search", "export", "verify", "eval", "demo"]
@@ -79,7 +80,7 @@ EXIT_CLOSED_PIPE = 128 + 13  # what a shell reports for a process killed by SIGP
 def main(argv: list[str] | None = None) -> int:
     """Run one command. Exit status: 0 done, 1 a budget not met (verify), 2 a user error
     (one line on stderr), 130 interrupted (one line), 141 its stdout was closed (``| head``)."""
-    from hwslim import interrupt
+    from hwslim.core import interrupt
 
     words = sys.argv[1:] if argv is None else argv
     command = f"hwslim {words[0]}" if words and words[0] in COMMANDS else "hwslim"  # named before parsing
@@ -184,7 +185,7 @@ FIX_UNSUPPORTED_HELP = ("imported models: units that reach a channel shuffle or 
 
 def note_fixed_units(net, log=None) -> None:
     """Say on stderr (or through ``log``) which units ``--fix-unsupported`` kept fixed, if any."""
-    from hwslim.importer import fixed_units_note
+    from hwslim.importing.fx_trace import fixed_units_note
 
     note = fixed_units_note(net)
     if note is not None:
@@ -200,25 +201,8 @@ def add_command(sub, name: str, func, doc: str | None) -> argparse.ArgumentParse
     return p
 
 
-def print_table(rows: list[dict], columns: list[str] | None = None, file=None) -> None:
-    """Print ``rows`` as a fixed-width table."""
-    file = file or sys.stdout
-    if not rows:
-        return
-    columns = columns or list(rows[0])
-    cells = [[_fmt(r.get(c, "")) for c in columns] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
-    print("  ".join(c.rjust(w) for c, w in zip(columns, widths)), file=file)
-    for row in cells:
-        print("  ".join(v.rjust(w) for v, w in zip(row, widths)), file=file)
 
 
-def _fmt(v) -> str:
-    if isinstance(v, float):
-        return f"{v:.4g}" if abs(v) < 1e5 else f"{v:,.0f}"
-    if isinstance(v, int) and not isinstance(v, bool):
-        return f"{v:,}"
-    return str(v)
 
 
 if __name__ == "__main__":

@@ -6,11 +6,11 @@ import torch
 
 from hwslim.cli import (FIX_UNSUPPORTED_HELP, add_command, note_fixed_units, positive_float, positive_int,
                         print_table)
-from hwslim.config import ChannelConfig
-from hwslim.costs import model_costs
-from hwslim.errors import ConfigError
-from hwslim.models import load_model
-from hwslim.resources import check_inference
+from hwslim.core.config import ChannelConfig
+from hwslim.core.costs import model_costs
+from hwslim.core.errors import ConfigError
+from hwslim.importing.specs import load_model
+from hwslim.core.resources import check_inference
 
 
 def register(sub) -> None:
@@ -36,7 +36,7 @@ def run(args) -> int:
 
     MACs count conv and linear layers; parameters include BatchNorm's weight and bias;
     peak activation memory is the most activation bytes alive at once in execution
-    order (see hwslim.costs). With --table, also the latency that table predicts.
+    order (see hwslim.core.costs). With --table, also the latency that table predicts.
     """
     config = ChannelConfig.load(args.config) if args.config else None
     name = args.model or (config.model if config else None)
@@ -54,7 +54,7 @@ def run(args) -> int:
     costs = model_costs(net, config, input_size=input_size, batch=args.batch, dtype=args.dtype)
     out = costs.as_dict()
     if args.table:
-        from hwslim.latency import LatencyTable
+        from hwslim.latency.table import LatencyTable
 
         table = LatencyTable.load(args.table)
         table.check_compatible(net, batch=args.batch, input_size=input_size, dtype=args.dtype,

@@ -38,8 +38,8 @@ def run(args) -> int:
     Example:
       hwslim demo --out hwslim-demo
     """
-    from hwslim.demo import DemoOptions, run_demo
-    from hwslim.outputs import check_output
+    from hwslim.pipeline.demo import DemoOptions, run_demo
+    from hwslim.core.outputs import check_output
 
     check_output(args.out, kind="dir")
     quiet = args.json

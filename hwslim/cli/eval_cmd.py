@@ -37,14 +37,14 @@ def run(args) -> int:
       hwslim eval --checkpoint runs/r20/checkpoint.pt --config search/config_latency_ms_*.json
       hwslim eval r20_0.5ms.onnx
     """
-    from hwslim.checkpoint import load_checkpoint
-    from hwslim.verify import metadata_int
-    from hwslim.config import ChannelConfig
-    from hwslim.costs import model_costs
-    from hwslim.errors import ConfigError
-    from hwslim.evaluate import evaluate_configs_heldout, heldout_split, onnx_top1
-    from hwslim.export import config_from_metadata, sha256_file
-    from hwslim.verify import resolve_model
+    from hwslim.importing.checkpoint import load_checkpoint
+    from hwslim.latency.verify import metadata_int
+    from hwslim.core.config import ChannelConfig
+    from hwslim.core.costs import model_costs
+    from hwslim.core.errors import ConfigError
+    from hwslim.pipeline.heldout import evaluate_configs_heldout, heldout_split, onnx_top1
+    from hwslim.runtimes.onnx_file import config_from_metadata, sha256_file
+    from hwslim.latency.verify import resolve_model
 
     # `--config a.json b.json model.onnx`: argparse gives the ONNX file to --config; it is a model
     args.models = list(args.models) + [c for c in args.config if c.endswith(".onnx")]

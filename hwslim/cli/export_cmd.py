@@ -11,7 +11,7 @@ from hwslim.cli import add_command, nonneg_int, positive_float, positive_int, se
 
 def opset_type(text: str) -> int:
     """argparse type: an ONNX opset this hwslim can write (17 .. the installed onnx's newest)."""
-    from hwslim.export import MIN_OPSET, max_opset
+    from hwslim.runtimes.onnx_file import MIN_OPSET, max_opset
 
     try:
         v = int(text)
@@ -76,12 +76,12 @@ def run(args) -> int:
       hwslim export --checkpoint runs/r20/checkpoint.pt --config search/config_latency_ms_0.5.json \\
           --out r20_0.5ms.onnx --verify      # --verify: the table the search used, from the config
     """
-    from hwslim.checkpoint import load_checkpoint
-    from hwslim.config import ChannelConfig
-    from hwslim.errors import ConfigError
-    from hwslim.export import ExportOptions, export_model
-    from hwslim.outputs import check_output
-    from hwslim.resources import check_fits, inference_bytes
+    from hwslim.importing.checkpoint import load_checkpoint
+    from hwslim.core.config import ChannelConfig
+    from hwslim.core.errors import ConfigError
+    from hwslim.export.exporter import ExportOptions, export_model
+    from hwslim.core.outputs import check_output
+    from hwslim.core.resources import check_fits, inference_bytes
 
     check_output(args.out, kind="file")  # before anything is loaded
     set_threads(args.threads)
@@ -104,7 +104,7 @@ def run(args) -> int:
                "lower --batch")
     tbl = None
     if args.verify:  # everything --verify needs is checked before anything is written
-        from hwslim.verify import table_for
+        from hwslim.latency.verify import table_for
 
         tbl = table_for(table, ckpt.model, config, batch=args.batch, budget_ms=args.budget_ms,
                         force=args.force_table)
@@ -133,7 +133,7 @@ def run(args) -> int:
         print(f"wrote {res.path}" + (f" (and {', '.join(map(str, beside))})" if beside else ""))
     status = 0
     if args.verify:
-        from hwslim.verify import exit_status, verify_model
+        from hwslim.latency.verify import exit_status, verify_model
 
         with quiet:
             # the IR or program itself where the table's backend runs it, else its ONNX source
@@ -146,7 +146,7 @@ def run(args) -> int:
         print(json.dumps(out, sort_keys=True))
         return status
     if args.verify:
-        from hwslim.verify import print_verify
+        from hwslim.latency.verify import print_verify
 
         print_verify([v])
     return status

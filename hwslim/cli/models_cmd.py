@@ -6,8 +6,9 @@ import torch
 
 from hwslim.cli import (FIX_UNSUPPORTED_HELP, add_command, note_fixed_units, positive_float, positive_int,
                         print_table)
-from hwslim.costs import model_costs
-from hwslim.models import create_model, list_models, load_model
+from hwslim.core.costs import model_costs
+from hwslim.models import create_model, list_models
+from hwslim.importing.specs import load_model
 
 
 def register(sub) -> None:

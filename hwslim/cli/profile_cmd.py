@@ -79,10 +79,10 @@ def run(args) -> int:
     """
     import torch
 
-    from hwslim.models import load_model
-    from hwslim.outputs import check_output
-    from hwslim.profile import DEFAULT_MODEL, ProfileSettings, profile
-    from hwslim.resources import check_inference
+    from hwslim.importing.specs import load_model
+    from hwslim.core.outputs import check_output
+    from hwslim.latency.profile import DEFAULT_MODEL, ProfileSettings, profile
+    from hwslim.core.resources import check_inference
 
     if args.out is not None:
         check_output(args.out, kind="file")
@@ -138,7 +138,7 @@ POOR_WITHIN_10 = 0.9  # held-out share within +-10% below which a table is warne
 
 
 def _recalibrate(settings, args, log) -> int:
-    from hwslim.profile import recalibrate
+    from hwslim.latency.profile import recalibrate
 
     result = recalibrate(settings, progress=not args.json, log=log)
     summary = result.summary()

@@ -12,8 +12,8 @@ from hwslim.cli import (
     threads_note,
     with_header,
 )
-from hwslim.errors import HwslimError
-from hwslim.evaluator import (
+from hwslim.core.errors import HwslimError
+from hwslim.search.evaluator import (
     CHUNK_IMAGES,
     DEFAULT_BN,
     DEFAULT_KEEP,
@@ -21,7 +21,7 @@ from hwslim.evaluator import (
     MIN_CHUNK_IMAGES,
     Scoring,
 )
-from hwslim.search import (
+from hwslim.search.greedy import (
     CRITERIA,
     DEFAULT_CRITERION,
     DEFAULT_FILL_STEPS,
@@ -126,9 +126,9 @@ def run(args) -> int:
     """
     import torch
 
-    from hwslim.checkpoint import load_checkpoint
-    from hwslim.outputs import check_output
-    from hwslim.resources import check_inference
+    from hwslim.importing.checkpoint import load_checkpoint
+    from hwslim.core.outputs import check_output
+    from hwslim.core.resources import check_inference
 
     check_output(args.out, kind="dir")  # before anything is loaded or scored
     budgets = [Budget(kind, v) for kind, values in (("latency_ms", args.latency_ms), ("memory_mb", args.memory_mb),
@@ -158,7 +158,7 @@ def run(args) -> int:
     check_inference(ckpt.model, batch=args.batch)
     table = None
     if any(b.kind == "latency_ms" for b in budgets):
-        from hwslim.latency import LatencyTable, find_table
+        from hwslim.latency.table import LatencyTable, find_table
 
         if args.table:
             table = LatencyTable.load(args.table)
@@ -175,7 +175,7 @@ def run(args) -> int:
                            fill=not args.no_fill, fill_steps=args.fill_steps)
     files = result.files or [None] * len(result.configs)
     if args.json:  # each config as its file holds it, and where that file is
-        from hwslim.config import ChannelConfig
+        from hwslim.core.config import ChannelConfig
 
         print(json.dumps([{**ChannelConfig.load(f).to_dict(), "file": str(f)} if f is not None else c.to_dict()
                           for c, f in zip(result.configs, files)], indent=2, sort_keys=True))

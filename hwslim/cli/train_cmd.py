@@ -108,10 +108,10 @@ def run(args) -> int:
       hwslim train --model resnet20 --width-mult 0.5 --input-size 16 \\
           --data synthetic:3000 --epochs 4 --batch-size 64 --out runs/demo
     """
-    from hwslim.train import TrainConfig, train
+    from hwslim.training.train import TrainConfig, train
 
     if args.resume and args.force:
-        from hwslim.errors import HwslimError
+        from hwslim.core.errors import HwslimError
 
         raise HwslimError("--resume and --force contradict each other; pick one")
     names = [f for f in TrainConfig.__dataclass_fields__ if f != "synthetic_val"]

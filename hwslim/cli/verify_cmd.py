@@ -39,12 +39,12 @@ def run(args) -> int:
     Example:
       hwslim verify r20_0.5ms.onnx --table latency_tables/cpu-amd-epyc/resnet20-x1-32px-b1-ort-t1-float32.csv
     """
-    from hwslim.errors import ConfigError
-    from hwslim.verify import exit_status, print_verify, verify_model
+    from hwslim.core.errors import ConfigError
+    from hwslim.latency.verify import exit_status, print_verify, verify_model
 
     if not 0 <= args.tolerance < float("inf"):
         raise ConfigError(f"--tolerance must be >= 0, got {args.tolerance:g}")
-    from hwslim.latency import LatencyTable
+    from hwslim.latency.table import LatencyTable
 
     table = LatencyTable.load(args.table)  # once, and refused before any measurement
     # with --json, stdout carries the JSON lines only: anything the library prints goes to stderr

@@ -15,7 +15,7 @@ kernels, and runs one config at a time. This package replaces that for conv node
   running statistics, from each batch's statistics, or recalibrated per config
   (:func:`multi_calibrate`), matching the search evaluator's BN modes.
 
-The PyTorch path (``SlimmableNet.forward`` / :func:`hwslim.graph.run_graph`) stays the
+The PyTorch path (``SlimmableNet.forward`` / :func:`hwslim.core.graph.run_graph`) stays the
 reference. Triton is imported only when a kernel is used; :func:`available` and
 :func:`supports` tell a caller (the search's evaluator) whether to switch::
 
@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from hwslim.errors import HwslimError
+from hwslim.core.errors import HwslimError
 
 __all__ = [
     "KernelUnavailableError", "available", "check_device", "interpreting", "kernel_node", "supports",
@@ -88,7 +88,7 @@ KERNEL_ACTS = (None, "relu", "relu6")
 def kernel_node(node) -> bool:
     """Whether the fused conv kernels compute ``node``: a BN conv, dense or depthwise, with
     ReLU/ReLU6 or no activation and an optional residual (the Triton kernels' operator set)."""
-    from hwslim.ops import Conv
+    from hwslim.core.ops import Conv
 
     op = node.op
     return (isinstance(op, Conv) and op.bn and not op.bias and op.group_width in (None, 1)
@@ -98,7 +98,7 @@ def kernel_node(node) -> bool:
 def torch_node(node) -> bool:
     """Whether the runner computes ``node`` with PyTorch on its (multi-config, zero-padded)
     tensors: channel-wise pools, and a classifier without activation."""
-    from hwslim.ops import GlobalAvgPool, Linear, MaxPool
+    from hwslim.core.ops import GlobalAvgPool, Linear, MaxPool
 
     op = node.op
     return isinstance(op, MaxPool) or (isinstance(op, GlobalAvgPool) and op.flatten) or \
@@ -107,7 +107,7 @@ def torch_node(node) -> bool:
 
 def unsupported(model: torch.nn.Module) -> str | None:
     """The first node the fused runner cannot compute, described in words (None: all can)."""
-    from hwslim.supernet import SlimmableNet
+    from hwslim.core.supernet import SlimmableNet
 
     if not isinstance(model, SlimmableNet):
         return f"{type(model).__name__} is not an hwslim supernet"

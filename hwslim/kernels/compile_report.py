@@ -87,15 +87,15 @@ def layer_case(kind: str, dtype: str, k: int, stride: int, cin: int, cout: int, 
                 srn=cout * oh * oh, src=1, srh=oh * cout, srw=cout, syn=cout * oh * oh, syc=1, syh=oh * cout,
                 syw=cout, s_bn=0, cin_arg=cin, cout_arg=cout, T_MAX=1000, M_KEY=1 << 20, N_KEY=256, K_KEY=256)
     spatial = ("sxn", "sxh", "sxw", "srn", "srh", "srw", "syn", "syh", "syw")
-    vec = K._pow2_align(*(vals[s] for s in spatial))
+    vec = K.pow2_align(*(vals[s] for s in spatial))
     for s in spatial:
         vals[s] //= vec
     ptrs = dict(x_ptr=pt, w_ptr=pt, scale_ptr=None if stats else "*fp32", shift_ptr=None if stats else "*fp32",
                 res_ptr=pt, y_ptr=pt, meta_ptr="*i32" if multi else None, part_ptr="*fp32" if stats else None)
     const = dict(KSIZE=k, STRIDE=stride, PAD=(k - 1) // 2, ACT=2, HAS_RES=residual, MULTI=multi,
                  DOT={"fp32": 0, "bf16": 1}[dtype], PRECISION="tf32", STATS=stats, BN_SLICE=False, VEC=vec,
-                 W_ALIGN=K._pow2_align(cin, cout), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k)
-    cc = _compile(K._dw_kernel if dw else K._conv_kernel, vals, ptrs, const, cfg.num_warps, cfg.num_stages, arch)
+                 W_ALIGN=K.pow2_align(cin, cout), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k)
+    cc = _compile(K.dw_kernel if dw else K.conv_kernel, vals, ptrs, const, cfg.num_warps, cfg.num_stages, arch)
     return analyse(cc)
 
 
@@ -109,7 +109,7 @@ def dw_project_case(dtype: str, stride: int, hidden: int, cout: int, h: int, cfg
                 srw=cout, syn=cout * oh * oh, syc=1, syh=oh * cout, syw=cout, s_bn_d=0, s_bn=0, cin_arg=hidden,
                 cout_arg=cout, M_KEY=1 << 20, N_KEY=256, K_KEY=256)
     spatial = ("shn", "shh", "shw", "srn", "srh", "srw", "syn", "syh", "syw")
-    vec = K._pow2_align(*(vals[s] for s in spatial))
+    vec = K.pow2_align(*(vals[s] for s in spatial))
     for s in spatial:
         vals[s] //= vec
     ptrs = dict(h_ptr=pt, wd_ptr=pt, dscale_ptr="*fp32", dshift_ptr="*fp32", wp_ptr=pt, scale_ptr="*fp32",
@@ -117,8 +117,8 @@ def dw_project_case(dtype: str, stride: int, hidden: int, cout: int, h: int, cfg
                 dmeta_ptr="*i32" if multi else None)
     const = dict(KSIZE=3, STRIDE=stride, PAD=1, ACT_D=2, ACT=0, HAS_RES=residual, MULTI=multi,
                  DOT={"fp32": 0, "bf16": 1}[dtype], PRECISION="tf32", BN_SLICE=False, VEC=vec,
-                 W_ALIGN=K._pow2_align(hidden, cout), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k)
-    cc = _compile(K._dw_project_kernel, vals, ptrs, const, cfg.num_warps, cfg.num_stages, arch)
+                 W_ALIGN=K.pow2_align(hidden, cout), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k)
+    cc = _compile(K.dw_project_kernel, vals, ptrs, const, cfg.num_warps, cfg.num_stages, arch)
     return analyse(cc)
 
 
@@ -141,7 +141,7 @@ FUSED_CASES = [  # (name, stride, hidden, cout, h, extra): depthwise 3x3 + proje
 
 
 def main(argv: list[str] | None = None) -> int:
-    from hwslim.cli import print_table
+    from hwslim.core.report import print_table
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arch", type=int, default=90, help="compute capability x10 (90: H100/H200)")
@@ -150,13 +150,13 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for dtype in args.dtypes.split(","):
         for name, kind, k, stride, cin, cout, h, extra in CASES:
-            for cfg in K._config_list(kind == "dw", cin)[:3]:
+            for cfg in K.config_list(kind == "dw", cin)[:3]:
                 r = layer_case(kind, dtype, k, stride, cin, cout, h, cfg, arch=args.arch, **extra)
                 rows.append({"layer": name, "dtype": dtype,
                              "tile": f"{cfg.block_m}x{cfg.block_n}x{cfg.block_k} w{cfg.num_warps} s{cfg.num_stages}",
                              **r})
         for name, stride, hidden, cout, h, extra in FUSED_CASES:
-            for cfg in K._DW_PROJECT_CONFIGS[:3]:
+            for cfg in K.DW_PROJECT_CONFIGS[:3]:
                 r = dw_project_case(dtype, stride, hidden, cout, h, cfg, arch=args.arch, **extra)
                 rows.append({"layer": name, "dtype": dtype,
                              "tile": f"{cfg.block_m}x{cfg.block_n}x{cfg.block_k} w{cfg.num_warps} s{cfg.num_stages}",

@@ -9,7 +9,7 @@ sliced copy. ``scale``/``shift`` are the eval-mode BatchNorm folded per channel
 
 Kernels:
 
-* ``_conv_kernel``: a dense conv (groups=1, any square kernel, stride, padding) as an
+* ``conv_kernel``: a dense conv (groups=1, any square kernel, stride, padding) as an
   implicit GEMM: M = output pixels (n, oh, ow), N = output channels, K = input channels
   x kernel taps. A program owns a ``BLOCK_M x BLOCK_N`` output tile; for each tap it
   loops over the *active* input channels in ``BLOCK_K`` steps and feeds ``tl.dot``
@@ -17,10 +17,10 @@ Kernels:
   program index runs over output-channel tiles fastest, so the programs that share one
   activation tile run back to back and read it from L2, while the whole weight
   (at most a few MB) stays resident.
-* ``_dw_kernel``: a depthwise conv (groups = channels), memory-bound: a program owns
+* ``dw_kernel``: a depthwise conv (groups = channels), memory-bound: a program owns
   ``BLOCK_M`` output pixels x ``BLOCK_N`` channels, loads channel-contiguous rows
   (16-byte vectors when the tensor is channels-last) and does the taps with FMAs.
-* ``_dw_project_kernel``: a depthwise conv + BN + act feeding a 1x1 conv, fused: the
+* ``dw_project_kernel``: a depthwise conv + BN + act feeding a 1x1 conv, fused: the
   depthwise output is computed tile by tile in registers and never stored
   (:func:`dw_project_bn_act`).
 * ``STATS=True`` variants of the first two plus ``_bn_act_kernel``: BatchNorm with the
@@ -111,7 +111,7 @@ def _epilogue(acc, offs_m, offs_n, m_ok, n_img, oh, ow, sl, pid_m, cout, B, C_OU
 
 
 @triton.jit
-def _conv_kernel(
+def conv_kernel(
     x_ptr, w_ptr, scale_ptr, shift_ptr, res_ptr, y_ptr, meta_ptr,
     B, H, W, OH, OW, C_OUT_ALLOC,
     sxn, sxc, sxh, sxw, sw0, sw1, sw2, sw3, srn, src, srh, srw, syn, syc, syh, syw, s_bn,
@@ -193,7 +193,7 @@ def _conv_kernel(
 
 
 @triton.jit
-def _dw_kernel(
+def dw_kernel(
     x_ptr, w_ptr, scale_ptr, shift_ptr, res_ptr, y_ptr, meta_ptr,
     B, H, W, OH, OW, C_OUT_ALLOC,
     sxn, sxc, sxh, sxw, sw0, sw1, sw2, sw3, srn, src, srh, srw, syn, syc, syh, syw, s_bn,
@@ -221,7 +221,7 @@ def _dw_kernel(
         rs = 0
         bn_row = 0
 
-    sxn, sxh, sxw = sxn * VEC, sxh * VEC, sxw * VEC  # hints, as in _conv_kernel
+    sxn, sxh, sxw = sxn * VEC, sxh * VEC, sxw * VEC  # hints, as in conv_kernel
     srn, srh, srw = srn * VEC, srh * VEC, srw * VEC
     syn, syh, syw = syn * VEC, syh * VEC, syw * VEC
     if W_ALIGN > 1:
@@ -277,7 +277,7 @@ def _bn_act_kernel(
         cout = cout_arg
         rs = 0
         bn_row = 0
-    srn, srh, srw = srn * VEC, srh * VEC, srw * VEC  # hints, as in _conv_kernel
+    srn, srh, srw = srn * VEC, srh * VEC, srw * VEC  # hints, as in conv_kernel
     syn, syh, syw = syn * VEC, syh * VEC, syw * VEC
     if W_ALIGN > 1:
         cout = (cout // W_ALIGN) * W_ALIGN
@@ -298,7 +298,7 @@ def _bn_act_kernel(
 
 
 @triton.jit
-def _dw_project_kernel(
+def dw_project_kernel(
     h_ptr, wd_ptr, dscale_ptr, dshift_ptr, wp_ptr, scale_ptr, shift_ptr, res_ptr, y_ptr, meta_ptr, dmeta_ptr,
     B, H, W, OH, OW, C_OUT_ALLOC,
     shn, shc, shh, shw, swd0, swd2, swd3, swp0, swp1, srn, src, srh, srw, syn, syc, syh, syw, s_bn_d, s_bn,
@@ -337,7 +337,7 @@ def _dw_project_kernel(
         rs = 0
         bn_row = 0
         bn_row_d = 0
-    shn, shh, shw = shn * VEC, shh * VEC, shw * VEC  # hints, as in _conv_kernel
+    shn, shh, shw = shn * VEC, shh * VEC, shw * VEC  # hints, as in conv_kernel
     srn, srh, srw = srn * VEC, srh * VEC, srw * VEC
     syn, syh, syw = syn * VEC, syh * VEC, syw * VEC
     if W_ALIGN > 1:
@@ -464,19 +464,19 @@ def _tuned(kernel, configs: list[BlockConfig]):
     return triton.autotune(_triton_configs(configs), key=_KEYS, pre_hook=_zero_part)(kernel)
 
 
-_conv_tuned = _tuned(_conv_kernel, _DENSE_CONFIGS) if AUTOTUNE else None
-_conv_small_tuned = _tuned(_conv_kernel, _SMALL_CIN_CONFIGS) if AUTOTUNE else None
+_conv_tuned = _tuned(conv_kernel, _DENSE_CONFIGS) if AUTOTUNE else None
+_conv_small_tuned = _tuned(conv_kernel, _SMALL_CIN_CONFIGS) if AUTOTUNE else None
 # Fused depthwise + 1x1: the depthwise taps run per K step, so small K steps and shallow
 # pipelines; these compile without spills for bf16 and fp32 on sm_90 (compile_report).
-_DW_PROJECT_CONFIGS = [
+DW_PROJECT_CONFIGS = [
     BlockConfig(64, 64, 16, 4, 2), BlockConfig(64, 32, 16, 4, 2), BlockConfig(128, 64, 16, 8, 2),
     BlockConfig(128, 128, 16, 8, 2), BlockConfig(128, 64, 32, 8, 2), BlockConfig(64, 64, 32, 4, 2),
     BlockConfig(128, 64, 16, 4, 2),
 ]
-_dw_project_tuned = triton.autotune(_triton_configs(_DW_PROJECT_CONFIGS),
+_dw_project_tuned = triton.autotune(_triton_configs(DW_PROJECT_CONFIGS),
                                     key=["M_KEY", "N_KEY", "K_KEY", "KSIZE", "STRIDE", "HAS_RES", "DOT"]
-                                    )(_dw_project_kernel) if AUTOTUNE else None
-_dw_tuned = _tuned(_dw_kernel, _DW_CONFIGS) if AUTOTUNE else None
+                                    )(dw_project_kernel) if AUTOTUNE else None
+_dw_tuned = _tuned(dw_kernel, _DW_CONFIGS) if AUTOTUNE else None
 
 
 def _bucket(n: int) -> int:
@@ -484,7 +484,7 @@ def _bucket(n: int) -> int:
     return 1 << max(int(n) - 1, 0).bit_length()
 
 
-def _config_list(depthwise: bool, cin_max: int) -> list[BlockConfig]:
+def config_list(depthwise: bool, cin_max: int) -> list[BlockConfig]:
     return _DW_CONFIGS if depthwise else (_SMALL_CIN_CONFIGS if cin_max <= SMALL_CIN else _DENSE_CONFIGS)
 
 
@@ -533,7 +533,7 @@ class _Call:
     w_align: int = 1  # multi-config: a power of two dividing every width in meta
 
 
-def _pow2_align(*values: int, cap: int = 16) -> int:
+def pow2_align(*values: int, cap: int = 16) -> int:
     """Largest power of two up to ``cap`` dividing every value (a divisibility hint)."""
     a = cap
     while a > 1 and any(v % a for v in values):
@@ -558,7 +558,7 @@ def _min_block_m(c: _Call) -> int:
     if c.config is not None:
         return c.config.block_m
     if AUTOTUNE:
-        return min(b.block_m for b in _config_list(c.depthwise, c.cin_max))
+        return min(b.block_m for b in config_list(c.depthwise, c.cin_max))
     return _default_config(c.depthwise, 0, c.cin_max).block_m
 
 
@@ -574,7 +574,7 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, s
     res = residual if residual is not None else out  # never read when HAS_RES is False
     s_bn = scale.stride(0) if scale is not None and scale.dim() == 2 else 0
     t_max = part.shape[1] if part is not None else 0
-    vec = _pow2_align(*(st for t in (x, res, out) for i, st in enumerate(t.stride()) if i != 1))
+    vec = pow2_align(*(st for t in (x, res, out) for i, st in enumerate(t.stride()) if i != 1))
     args = (x, weight, scale, shift, res, out, meta,
             c.batch, h, w, oh, ow, c_alloc,
             *_div_strides(x, vec), *weight.stride(), *_div_strides(res, vec), *_div_strides(out, vec), s_bn,
@@ -582,7 +582,7 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, s
     const = dict(KSIZE=k, STRIDE=c.stride, PAD=c.padding, ACT=ACT_CODES[c.act], HAS_RES=residual is not None,
                  MULTI=meta is not None, DOT=_dot_code(x.dtype), PRECISION=_precision(c.tf32),
                  STATS=part is not None, BN_SLICE=c.bn_slice, VEC=vec,
-                 W_ALIGN=c.w_align if meta is not None else _pow2_align(c.cin, c.cout))
+                 W_ALIGN=c.w_align if meta is not None else pow2_align(c.cin, c.cout))
     tuned = _dw_tuned if c.depthwise else (_conv_small_tuned if c.cin_max <= SMALL_CIN else _conv_tuned)
     if c.config is None and tuned is not None:
         def grid(meta_):
@@ -590,7 +590,7 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, s
         tuned[grid](*args, **const)
         return
     cfg = c.config or _default_config(c.depthwise, c_alloc, c.cin_max)
-    kernel = _dw_kernel if c.depthwise else _conv_kernel
+    kernel = dw_kernel if c.depthwise else conv_kernel
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(c_alloc, cfg.block_n), c.slices)
     kernel[grid](*args, **const, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
@@ -755,7 +755,7 @@ def dw_project_bn_act(x: torch.Tensor, dw_weight: torch.Tensor, dw_scale: torch.
     if meta is None:
         cin, _ = _single_widths(x, dw_weight, cin, None, True, dw_scale.shape[-1])
         _, cout = _single_widths(x[:, :cin], weight, cin, cout, False, scale.shape[-1])
-        batch, slices, c_alloc, cin_max, align = n, 1, cout, cin, _pow2_align(cin, cout)
+        batch, slices, c_alloc, cin_max, align = n, 1, cout, cin, pow2_align(cin, cout)
         _check_residual(residual, n, cout, oh, ow)
         cin_arg, cout_arg = cin, cout
     else:
@@ -769,7 +769,7 @@ def dw_project_bn_act(x: torch.Tensor, dw_weight: torch.Tensor, dw_scale: torch.
     out = torch.empty((slices * batch, c_alloc, oh, ow), device=x.device, dtype=x.dtype,
                       memory_format=torch.channels_last)
     res = residual if residual is not None else out
-    vec = _pow2_align(*(st for t in (x, res, out) for i, st in enumerate(t.stride()) if i != 1))
+    vec = pow2_align(*(st for t in (x, res, out) for i, st in enumerate(t.stride()) if i != 1))
     s_bn_d = dw_scale.stride(0) if dw_scale.dim() == 2 else 0
     s_bn = scale.stride(0) if scale.dim() == 2 else 0
     dot = _dot_code(x.dtype)
@@ -790,7 +790,7 @@ def dw_project_bn_act(x: torch.Tensor, dw_weight: torch.Tensor, dw_scale: torch.
         return out
     cfg = config or (INTERPRETER_CONFIG if INTERPRETED else BlockConfig(64, 64, 16, 4, 2))
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(c_alloc, cfg.block_n), slices)
-    _dw_project_kernel[grid](*args, **const, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+    dw_project_kernel[grid](*args, **const, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
                              num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
 
@@ -863,12 +863,12 @@ def bn_act_(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, *, act: s
     res = residual if residual is not None else y
     cfg = INTERPRETER_CONFIG if INTERPRETED else _BN_ACT_CONFIG
     grid = (triton.cdiv(batch * oh * ow, cfg.block_m) * triton.cdiv(c_alloc, cfg.block_n), slices)
-    vec = _pow2_align(*(st for t in (y, res) for i, st in enumerate(t.stride()) if i != 1))
+    vec = pow2_align(*(st for t in (y, res) for i, st in enumerate(t.stride()) if i != 1))
     _bn_act_kernel[grid](y, scale, shift, res, meta, batch, oh, ow, c_alloc, *_div_strides(res, vec),
                          *_div_strides(y, vec), scale.stride(0) if scale.dim() == 2 else 0, c_alloc,
                          ACT=ACT_CODES[act], HAS_RES=residual is not None, MULTI=meta is not None,
                          BN_SLICE=bn_per_slice, VEC=vec,
-                         W_ALIGN=_check_align(width_align, c_alloc) if meta is not None else _pow2_align(c_alloc),
+                         W_ALIGN=_check_align(width_align, c_alloc) if meta is not None else pow2_align(c_alloc),
                          BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps)
     return y
 

@@ -1,10 +1,10 @@
-"""Run a :class:`~hwslim.supernet.SlimmableNet` with the fused Triton conv kernels.
+"""Run a :class:`~hwslim.core.supernet.SlimmableNet` with the fused Triton conv kernels.
 
 Two entry points, both reading the supernet's full-width weights in place (no slicing
 copies) and never touching its parameters or buffers:
 
 * :func:`triton_forward` runs one config. It executes ``model.nodes`` like
-  :func:`hwslim.graph.run_graph`, conv nodes through one fused kernel each
+  :func:`hwslim.core.graph.run_graph`, conv nodes through one fused kernel each
   (``act(bn(conv(x)) + residual)``; a depthwise conv and the 1x1 conv reading it as one
   kernel with ``fuse=True``), max-pool / global pool / classifier through torch.
   It has run_graph's ``start``/``stop``/``env`` resumption, and its environments hold
@@ -24,7 +24,7 @@ BatchNorm, as the search's evaluator needs it (``bn=``):
   that also reduces per-channel statistics, then one in-place normalize+residual+act
   kernel);
 * a :class:`MultiBN` from :func:`multi_calibrate`: recalibrated statistics per config
-  (the exact cumulative average that :func:`hwslim.slimmable.recalibrate_bn` computes),
+  (the exact cumulative average that :func:`hwslim.core.slimmable.recalibrate_bn` computes),
   folded per slice.
 
 Logits are float32 whatever the activation dtype (bf16/fp16 inputs run the convs in
@@ -39,14 +39,14 @@ from typing import Iterable, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
-from hwslim.config import ChannelConfig
-from hwslim.costs import layer_macs, macs
-from hwslim.graph import INPUT, Node, last_uses, resolve
+from hwslim.core.config import ChannelConfig
+from hwslim.core.costs import layer_macs, macs
+from hwslim.core.graph import INPUT, Node, last_uses, resolve
 from hwslim.kernels import KernelUnavailableError, check_device, kernel_node, torch_node, unsupported
-from hwslim.ops import Slice
-from hwslim.kernels.conv import (META_COLUMNS, _pow2_align, batch_bn_scale_shift, bn_act_, conv_bn_act,
+from hwslim.core.ops import Slice
+from hwslim.kernels.conv import (META_COLUMNS, pow2_align, batch_bn_scale_shift, bn_act_, conv_bn_act,
                                  conv_bn_act_multi, conv_stats, dw_project_bn_act, fold_bn)
-from hwslim.supernet import SlimmableNet
+from hwslim.core.supernet import SlimmableNet
 
 # model -> {node name: (bn version key, scale, shift)}; weak so models can be freed
 _FOLD_CACHE: "weakref.WeakKeyDictionary[SlimmableNet, dict]" = weakref.WeakKeyDictionary()
@@ -83,7 +83,7 @@ def folded_bn(model: SlimmableNet) -> dict[str, tuple[torch.Tensor, torch.Tensor
 def _require(model: SlimmableNet, x: torch.Tensor, single: bool = False) -> None:
     """Refuse a model the runner cannot compute (``single``: one config, where other nodes fall
     back to PyTorch, so only a supernet is needed)."""
-    from hwslim.supernet import SlimmableNet as _Net
+    from hwslim.core.supernet import SlimmableNet as _Net
 
     why = unsupported(model) if not single else (None if isinstance(model, _Net) else "not an hwslim supernet")
     if why is not None:
@@ -105,7 +105,7 @@ def _linear(model: SlimmableNet, node: Node, feat: torch.Tensor) -> torch.Tensor
 
 
 def _pool(node: Node, inp: torch.Tensor) -> torch.Tensor:
-    from hwslim.ops import GlobalAvgPool
+    from hwslim.core.ops import GlobalAvgPool
 
     if isinstance(node.op, GlobalAvgPool):
         return inp.mean(dim=(2, 3), dtype=torch.float32)  # fp32 features for the classifier
@@ -203,7 +203,7 @@ def triton_forward(model: SlimmableNet, x: torch.Tensor | None, config: ChannelC
                    tf32: bool | None = None) -> torch.Tensor | dict[str, torch.Tensor]:
     """Logits of ``model`` at ``config`` (default: its current config).
 
-    Same contract as :func:`hwslim.graph.run_graph`: runs ``nodes[start:stop]``; with
+    Same contract as :func:`hwslim.core.graph.run_graph`: runs ``nodes[start:stop]``; with
     ``stop`` set it returns the environment (live tensors by name) that a later call
     resumes with ``start=stop, env=env`` (``x`` may then be None). ``bn`` is
     ``"running"`` (eval mode) or ``"batch"`` (train-mode statistics of this batch; the
@@ -336,7 +336,7 @@ def plan_multi(model: SlimmableNet, configs: Sequence[ChannelConfig],
             key = (cin, cout, in_map[j], res_map[j], 0)
             smap.append(keys.setdefault(key, len(keys)))
         rows = tuple(keys)
-        align = _pow2_align(*(w for r in rows for w in r[:2]))
+        align = pow2_align(*(w for r in rows for w in r[:2]))
         steps.append(NodeStep(tuple(smap), rows, len(table), max(r[1] for r in rows), max(r[0] for r in rows),
                               align))
         table.extend(rows)
@@ -352,7 +352,7 @@ class MultiBN:
     """Recalibrated BN of every config of a plan: per conv node, folded ``(S, C)`` rows.
 
     Row s of node ``name`` is slice s's eval-mode ``(scale, shift)``, from running
-    statistics estimated like :func:`hwslim.slimmable.recalibrate_bn` does (reset, then
+    statistics estimated like :func:`hwslim.core.slimmable.recalibrate_bn` does (reset, then
     the cumulative average over the calibration batches of each batch's mean and
     unbiased variance). ``mean``/``var`` keep those statistics, for inspection.
     """
@@ -484,7 +484,7 @@ def step_logits(model: SlimmableNet, chunks: Sequence[torch.Tensor], configs: Se
 
     ``bn``: ``"recal"`` (recalibrate each config's BN over all ``chunks``, or over
     ``calib_chunks`` when given, as
-    :func:`hwslim.slimmable.recalibrate_bn` does, then eval mode), ``"batch"`` (each chunk
+    :func:`hwslim.core.slimmable.recalibrate_bn` does, then eval mode), ``"batch"`` (each chunk
     normalized by its own statistics) or ``"running"`` (the supernet's statistics).
     Returns one ``(K, chunk, classes)`` float32 tensor per chunk; config k's scores come
     from ``[out[k] for out in result]``. One plan, one calibration pass and one pass per

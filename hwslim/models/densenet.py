@@ -10,10 +10,10 @@ features, the growth rate), and ``tr{i}`` (each transition's output).
 """
 from __future__ import annotations
 
-from hwslim.graph import INPUT
+from hwslim.core.graph import INPUT
 from hwslim.models.registry import register_model
-from hwslim.rounding import DEFAULT_DIVISOR, make_divisible
-from hwslim.supernet import GraphBuilder, SlimmableNet
+from hwslim.core.rounding import DEFAULT_DIVISOR, make_divisible
+from hwslim.core.supernet import GraphBuilder, SlimmableNet
 
 
 def _densenet(name: str, growth: int, blocks: tuple[int, ...], init_features: int, bn_size: int,

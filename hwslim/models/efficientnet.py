@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import math
 
-from hwslim.graph import INPUT
+from hwslim.core.graph import INPUT
 from hwslim.models.registry import register_model
-from hwslim.rounding import DEFAULT_DIVISOR, make_divisible
-from hwslim.supernet import GraphBuilder, SlimmableNet
+from hwslim.core.rounding import DEFAULT_DIVISOR, make_divisible
+from hwslim.core.supernet import GraphBuilder, SlimmableNet
 
 # t: expansion, k: kernel, s: first stride, c: output channels, n: layers (torchvision's B0 table)
 _B0 = [

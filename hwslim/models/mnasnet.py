@@ -7,10 +7,10 @@ residual adds), ``b{i}/hidden`` (each block's expansion) and ``head``.
 """
 from __future__ import annotations
 
-from hwslim.graph import INPUT
+from hwslim.core.graph import INPUT
 from hwslim.models.registry import register_model
-from hwslim.rounding import DEFAULT_DIVISOR, make_divisible
-from hwslim.supernet import GraphBuilder, SlimmableNet
+from hwslim.core.rounding import DEFAULT_DIVISOR, make_divisible
+from hwslim.core.supernet import GraphBuilder, SlimmableNet
 
 _DEPTHS = [32, 16, 24, 40, 80, 96, 192, 320]
 # c: output channels, k: kernel, s: first stride, t: expansion, n: repeats (torchvision's _stack calls)

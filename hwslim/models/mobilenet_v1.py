@@ -6,10 +6,10 @@ each depthwise-separable block's pointwise conv (the next depthwise conv is tied
 """
 from __future__ import annotations
 
-from hwslim.graph import INPUT
+from hwslim.core.graph import INPUT
 from hwslim.models.registry import register_model
-from hwslim.rounding import DEFAULT_DIVISOR, make_divisible
-from hwslim.supernet import GraphBuilder, SlimmableNet
+from hwslim.core.rounding import DEFAULT_DIVISOR, make_divisible
+from hwslim.core.supernet import GraphBuilder, SlimmableNet
 
 # c: pointwise output channels, s: depthwise stride
 _SETTING = [

@@ -10,9 +10,9 @@ through its depthwise conv) and ``head`` (the last 1x1 conv).
 from __future__ import annotations
 
 from hwslim.models.registry import register_model
-from hwslim.rounding import DEFAULT_DIVISOR, make_divisible
-from hwslim.supernet import GraphBuilder, SlimmableNet
-from hwslim.graph import INPUT
+from hwslim.core.rounding import DEFAULT_DIVISOR, make_divisible
+from hwslim.core.supernet import GraphBuilder, SlimmableNet
+from hwslim.core.graph import INPUT
 
 # t: expansion, c: output channels, n: repeats, s: first stride (torchvision's table)
 _IMAGENET_SETTING = [

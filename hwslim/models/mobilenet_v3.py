@@ -10,10 +10,10 @@ expansion, tied through its depthwise conv), ``b{i}/se`` (its SE reduce width),
 """
 from __future__ import annotations
 
-from hwslim.graph import INPUT
+from hwslim.core.graph import INPUT
 from hwslim.models.registry import register_model
-from hwslim.rounding import DEFAULT_DIVISOR, make_divisible
-from hwslim.supernet import GraphBuilder, SlimmableNet
+from hwslim.core.rounding import DEFAULT_DIVISOR, make_divisible
+from hwslim.core.supernet import GraphBuilder, SlimmableNet
 
 # k: kernel, e: expanded channels, c: output channels, se: squeeze-excite, a: activation, s: stride
 _LARGE = [

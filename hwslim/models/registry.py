@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from typing import Callable
 
-from hwslim.errors import ModelError
-from hwslim.supernet import SlimmableNet
+from hwslim.core.errors import ModelError
+from hwslim.core.supernet import SlimmableNet
 
 _MODELS: dict[str, Callable[..., SlimmableNet]] = {}
 # torchvision's names for a zoo model at a fixed multiplier: name -> (model, default kwargs)

@@ -9,10 +9,10 @@ the width) and ``{b}/se`` (SE reduce width, a quarter of the block's input width
 """
 from __future__ import annotations
 
-from hwslim.graph import INPUT
+from hwslim.core.graph import INPUT
 from hwslim.models.registry import register_model
-from hwslim.rounding import DEFAULT_DIVISOR, make_divisible
-from hwslim.supernet import GraphBuilder, SlimmableNet
+from hwslim.core.rounding import DEFAULT_DIVISOR, make_divisible
+from hwslim.core.supernet import GraphBuilder, SlimmableNet
 
 
 def _regnet(name: str, depth: int, w_0: int, w_a: float, w_m: float, group_width: int, se_ratio: float,

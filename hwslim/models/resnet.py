@@ -10,10 +10,10 @@ the shape changes, so every shortcut is an ordinary, slimmable conv.
 """
 from __future__ import annotations
 
-from hwslim.graph import INPUT
+from hwslim.core.graph import INPUT
 from hwslim.models.registry import register_model
-from hwslim.rounding import DEFAULT_DIVISOR, make_divisible
-from hwslim.supernet import GraphBuilder, SlimmableNet
+from hwslim.core.rounding import DEFAULT_DIVISOR, make_divisible
+from hwslim.core.supernet import GraphBuilder, SlimmableNet
 
 # planes, blocks, first stride (torchvision's resnet50 layers; output = planes * 4)
 _RESNET50 = [

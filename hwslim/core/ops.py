@@ -1,0 +1,952 @@
+"""Operators: one class per kind of graph node, answering everything hwslim asks of it.
+
+A graph (:mod:`hwslim.core.graph`) is a list of nodes; each node holds one operator (an
+instance of a class below, with its static attributes: kernel, stride, activation...)
+plus the names of the tensors it reads and the units that set its widths. Every
+consumer asks the operator, never compares names:
+
+* structure: :meth:`Op.out_layout` (which units make up the output's channels) and
+  :meth:`Op.out_hw` (spatial size);
+* costs: :meth:`Op.macs`, :meth:`Op.params` (of a concrete :class:`~hwslim.core.graph.LayerSpec`)
+  and, for the activation-memory scan, :attr:`Op.inplace` / :attr:`Op.view`;
+* latency tables: :meth:`Op.signature` (``None``: free, never timed) and
+  :meth:`Op.onnx` (the nodes a profiler's designed network and an entry model hold);
+* execution: :meth:`Op.build` (the supernet's slimmable module), :meth:`Op.run`
+  (sliced to the current widths), :meth:`Op.plain` (the materialized module holding
+  only the kept channels), :meth:`Op.run_plain`, :meth:`Op.folded`;
+* channel units: :attr:`Op.mixes` (output channels depend on several input channels:
+  the search's fast evaluator shares computation only up to such a node),
+  :meth:`Op.unit_ties` (which widths must stay equal) and :attr:`Op.pins` (channels
+  change position, so every unit the node reads stays fixed: a channel shuffle, a slice);
+* channel order (a trained start, :mod:`hwslim.importing.importance`): :meth:`Op.importance` (scores
+  of the channels the node's weights produce) and :meth:`Op.permute` (reorder its weights
+  for permuted input, output and inner channels, leaving the function unchanged).
+
+Adding an operator is one class here (registered with :func:`register_op`) plus its
+tests; see "Adding an operator" in the README.
+
+Activations are data too: :data:`ACTIVATIONS` maps a name to its PyTorch function, its
+in-place form and its ONNX nodes.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, replace
+from typing import TYPE_CHECKING, Any, ClassVar, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hwslim.core.activations import ACTIVATIONS, apply_act, check_act, fresh  # noqa: F401  (ops are built from these)
+from hwslim.core.slimmable import PlainSE, SlimmableConv2d, SlimmableConvBN, SlimmableSE, sliced_batch_norm
+
+if TYPE_CHECKING:
+    from hwslim.core.onnx_build import OnnxGraph
+# "LayerSpec" and "Node" in annotations are hwslim.core.graph's, which imports this module: an
+# operator only reads their fields, so they are named here, not imported (no import cycle).
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+# -- the execution context the supernet hands an op ------------------------------------------------
+@dataclass
+class Slice:
+    """Active widths of one node in the supernet: what :meth:`Op.run` slices to.
+
+    ``index`` is the kept channels of the first input, as positions in its full-width
+    layout (None: the first ``x.shape[1]`` channels), ``out`` the output width (ops that
+    set it), ``mid`` an inner width (SE's reduce width).
+    """
+
+    out: int | None = None
+    mid: int | None = None
+    index: torch.Tensor | None = None
+    inplace: bool = False
+    training: bool = False
+
+
+# -- registry -------------------------------------------------------------------------------------
+OPS: dict[str, type["Op"]] = {}
+
+
+def register_op(cls: type["Op"]) -> type["Op"]:
+    if cls.kind in OPS:
+        raise ValueError(f"operator kind {cls.kind!r} registered twice")
+    OPS[cls.kind] = cls
+    return cls
+
+
+def op_from_dict(d: dict[str, Any]) -> "Op":
+    d = dict(d)
+    kind = d.pop("kind", None)
+    if kind not in OPS:
+        raise ValueError(f"unknown operator kind {kind!r}; this hwslim knows {sorted(OPS)}")
+    return OPS[kind](**d)
+
+
+@dataclass(frozen=True)
+class Op:
+    """Base class. Subclasses are frozen dataclasses whose fields are the static attributes."""
+
+    kind: ClassVar[str] = "op"
+    arity: ClassVar[int | None] = 1  # number of inputs (None: any >= 1)
+    sets_width: ClassVar[bool] = False  # output channels come from the node's ``out`` unit
+    has_mid: ClassVar[bool] = False  # needs the node's ``mid`` unit
+    mixes: ClassVar[bool] = False  # an output channel depends on several input channels
+    inplace: ClassVar[bool] = False  # may compute into input 0 when that tensor dies here
+    view: ClassVar[bool] = False  # the output shares input 0's memory (no new activation bytes)
+    flattens: ClassVar[bool] = False  # output is (N, C)
+    fuses_residual: ClassVar[bool] = False  # a second input is added before the activation
+    # the output's channels are not the input's channels in order (a channel shuffle, a slice of
+    # the channels): slimming a unit it reads would move channels to other positions, so every
+    # channel it reads must be fixed (the importer fixes such units with ``fix_unsupported``)
+    pins: ClassVar[bool] = False
+
+    # -- JSON ---------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, **asdict(self)}
+
+    # -- structure ----------------------------------------------------------------------------
+    def out_layout(self, node: "Node", layouts: Sequence[tuple]) -> tuple:
+        """The units (or fixed counts) of the output's channels, given the inputs' layouts."""
+        if self.sets_width:
+            return (node.out,)
+        return layouts[0]
+
+    def check_inputs(self, name: str, layouts: Sequence[tuple]) -> None:
+        if self.arity is not None and len(layouts) != self.arity:
+            raise ValueError(f"{name}: {self.kind} takes {self.arity} input(s), got {len(layouts)}")
+
+    def out_hw(self, hw: Sequence[tuple[int, int]]) -> tuple[int, int]:
+        return hw[0]
+
+    def unit_ties(self, node: "Node", layouts: Sequence[tuple]) -> list[tuple]:
+        """Pairs of layouts that must have equal widths (checked on every config)."""
+        return []
+
+    def groups(self, cin: int) -> int:
+        return 1
+
+    @property
+    def quantum(self) -> int:
+        """What the width of the unit this operator runs on must be a multiple of (a group width)."""
+        return 1
+
+    # -- costs --------------------------------------------------------------------------------
+    def macs(self, s: "LayerSpec") -> int:
+        return 0
+
+    def params(self, s: "LayerSpec") -> int:
+        return 0
+
+    # -- latency tables ------------------------------------------------------------------------
+    def signature(self, s: "LayerSpec") -> tuple | None:
+        """The table key columns (see :data:`hwslim.core.graph.SIGNATURE_FIELDS`); None: not timed."""
+        return (self.kind, 0, 1, 0, 1, s.in_h, s.in_w, s.cin, s.cout, "none", False, s.batch, "")
+
+    def onnx(self, s: "LayerSpec", g: "OnnxGraph", inputs: Sequence[str], out: str) -> None:
+        raise NotImplementedError(f"operator {self.kind!r} has no ONNX form")
+
+    # -- execution ------------------------------------------------------------------------------
+    def build(self, node: "Node", cin: int, cout: int, mid: int) -> nn.Module | None:
+        """The supernet's module at full width (None: no weights)."""
+        return None
+
+    def run(self, module: nn.Module | None, xs: Sequence[torch.Tensor], ctx: Slice) -> torch.Tensor:
+        raise NotImplementedError
+
+    def plain(self, s: "LayerSpec", src: nn.Module | None) -> nn.Module | None:
+        """The materialized module of ``s``: a copy of ``src``'s kept channels (random if None)."""
+        return None
+
+    def run_plain(self, module: nn.Module | None, xs: Sequence[torch.Tensor], s: "LayerSpec",
+                  inplace: bool, training: bool) -> torch.Tensor:
+        return self.run(module, xs, Slice(inplace=inplace, training=training))
+
+    def folded(self, s: "LayerSpec", module: nn.Module | None) -> tuple["Op", nn.Module | None]:
+        """The op and module with BatchNorm folded (inference); unchanged by default."""
+        return self, module
+
+    # -- channel order ----------------------------------------------------------------------------
+    def importance(self, module: nn.Module | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Scores of the channels this node's weights produce: (its output's channels over the
+        output's full layout, its inner ``mid`` channels); None where it has none (weightless ops)."""
+        return None, None
+
+    def permute(self, module: nn.Module | None, node: "Node", in_perms: Sequence[torch.Tensor | None],
+                out_perm: torch.Tensor | None, mid_perm: torch.Tensor | None = None) -> None:
+        """Reorder ``module``'s weights, in place, for inputs whose channels were reordered.
+
+        A permutation ``p`` says that new channel ``i`` is old channel ``p[i]``.
+        ``in_perms[k]``: input k's channels over its full layout (features, channel-major,
+        for a flattened input); ``out_perm`` / ``mid_perm``: the node's ``out`` / ``mid``
+        unit. None: unchanged. An op whose output follows its input (a grouped conv, SE,
+        BatchNorm) reorders its output by ``in_perms[0]``. After every node has been
+        permuted consistently, the network computes what it did before.
+        """
+        if module is not None:
+            raise NotImplementedError(f"operator {self.kind!r} cannot reorder its weights' channels")
+
+
+def _conv_out(size: int, kernel: int, stride: int, padding: int) -> int:
+    return (size + 2 * padding - kernel) // stride + 1
+
+
+def _ceil_out(size: int, kernel: int, stride: int, padding: int) -> int:
+    """PyTorch's pooling output size with ``ceil_mode=True``: a last window must start inside the input."""
+    out = -(-(size + 2 * padding - kernel) // stride) + 1
+    if (out - 1) * stride >= size + padding:
+        out -= 1
+    return out
+
+
+def _take(t: torch.Tensor | None, index: torch.Tensor | None, n: int, dim: int = 0) -> torch.Tensor | None:
+    """The kept channels of a full-width parameter: ``index`` if given, else the first ``n``."""
+    if t is None:
+        return None
+    if index is not None:
+        return t.index_select(dim, index.to(t.device))
+    return t.narrow(dim, 0, n)
+
+
+def spec_index(s: "LayerSpec") -> torch.Tensor | None:
+    """The kept input channels (features, for a flattened map) of ``s`` in its full-width layout
+    (None: the first ``cin``)."""
+    if len(s.in_parts) <= 1:
+        return None
+    k = s.in_per_channel
+    return torch.cat([torch.arange(off * k, (off + w) * k) for off, w in s.in_parts])
+
+
+# -- reordering channels (shared by the ops with weights) ----------------------------------------------
+@torch.no_grad()
+def _permute_(t: torch.Tensor | None, perm: torch.Tensor | None, dim: int = 0) -> None:
+    """Reorder ``t`` along ``dim`` in place: new index i holds old index ``perm[i]``."""
+    if t is None or perm is None:
+        return
+    if len(perm) != t.shape[dim]:
+        raise ValueError(f"a permutation of {len(perm)} channels for a dimension of {t.shape[dim]}")
+    t.copy_(t.index_select(dim, perm.to(t.device)))
+
+
+def _permute_bn(bn: nn.BatchNorm2d | None, perm: torch.Tensor | None) -> None:
+    if bn is not None:
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            _permute_(getattr(bn, name), perm)
+
+
+def _filter_norms(w: torch.Tensor) -> torch.Tensor:
+    """L2 norm of each output filter (row) of a weight."""
+    return w.detach().float().flatten(1).norm(dim=1).cpu()
+
+
+
+
+def _plain_bn(src: nn.BatchNorm2d | None, c: int, index: torch.Tensor | None) -> nn.BatchNorm2d:
+    bn = nn.BatchNorm2d(c)
+    if src is not None:
+        bn.eps, bn.momentum = src.eps, src.momentum if src.momentum is not None else 0.1
+        with torch.no_grad():
+            for name in ("weight", "bias", "running_mean", "running_var"):
+                getattr(bn, name).copy_(_take(getattr(src, name), index, c))
+            bn.num_batches_tracked.copy_(src.num_batches_tracked)
+        bn = bn.to(src.weight.device, src.weight.dtype)
+    return bn
+
+
+# -- convolution -------------------------------------------------------------------------------------
+@register_op
+@dataclass(frozen=True)
+class Conv(Op):
+    """``act(bn(conv(x)) [+ skip])``: the unit a runtime executes as one fused kernel.
+
+    ``group_width`` None is a dense conv; otherwise the conv is grouped with
+    ``group_width`` input channels per group and its output tied to its input width
+    (``1``: depthwise; RegNet / ResNeXt: 8, 16...), so its width moves in multiples of
+    the group width and the group count follows the width. ``bn`` False with ``bias``
+    True is a plain biased conv (SE's convs, detection heads...). A second input is a
+    residual added before the activation.
+    """
+
+    kind: ClassVar[str] = "conv"
+    arity: ClassVar[int | None] = None
+    fuses_residual: ClassVar[bool] = True
+    kernel: int = 1
+    stride: int = 1
+    padding: int = 0
+    group_width: int | None = None
+    act: str | None = None
+    bn: bool = True
+    bias: bool = False
+    eps: float = 1e-5  # BatchNorm's epsilon (MobileNetV3: 1e-3)
+
+    def __post_init__(self) -> None:
+        check_act(self.act)
+
+    @property
+    def tied(self) -> bool:
+        return self.group_width is not None
+
+    @property
+    def mixes(self) -> bool:  # type: ignore[override]
+        return not self.tied
+
+    @property
+    def sets_width(self) -> bool:  # type: ignore[override]
+        return not self.tied
+
+    def check_inputs(self, name: str, layouts: Sequence[tuple]) -> None:
+        if len(layouts) not in (1, 2):
+            raise ValueError(f"{name}: conv takes an input and an optional residual, got {len(layouts)} inputs")
+
+    def unit_ties(self, node, layouts):
+        return [(self.out_layout(node, layouts), layouts[1])] if len(layouts) == 2 else []
+
+    def out_hw(self, hw):
+        h, w = hw[0]
+        return (_conv_out(h, self.kernel, self.stride, self.padding), _conv_out(w, self.kernel, self.stride,
+                                                                                self.padding))
+
+    def groups(self, cin: int) -> int:
+        return 1 if self.group_width is None else max(1, cin // self.group_width)
+
+    @property
+    def quantum(self) -> int:  # type: ignore[override]
+        return self.group_width or 1
+
+    @property
+    def depthwise(self) -> bool:
+        return self.group_width == 1
+
+    def macs(self, s):
+        return s.batch * s.cout * (s.cin // s.groups) * self.kernel * self.kernel * s.out_h * s.out_w
+
+    def params(self, s):
+        n = s.cout * (s.cin // s.groups) * self.kernel * self.kernel
+        return n + (s.cout if self.bias else 0) + (2 * s.cout if self.bn else 0)
+
+    def signature(self, s):
+        # BN folds into the conv and a bias is free, so they do not change the runtime kernel
+        return ("conv", self.kernel, self.stride, self.padding, s.groups, s.in_h, s.in_w, s.cin, s.cout,
+                self.act or "none", len(s.inputs) > 1, s.batch, "")
+
+    def onnx(self, s, g, inputs, out):
+        fan_in = s.cin // s.groups * self.kernel * self.kernel
+        w = g.weight(f"{s.name}.weight", (s.cout, s.cin // s.groups, self.kernel, self.kernel), 1 / math.sqrt(fan_in))
+        b = g.weight(f"{s.name}.bias", (s.cout,), 0.1)
+        cur = g.tmp(s.name, "conv", last=len(inputs) == 1 and self.act is None, out=out)
+        g.node("Conv", [inputs[0], w, b], [cur], f"{s.name}::conv", kernel_shape=[self.kernel] * 2,
+               strides=[self.stride] * 2, pads=[self.padding] * 4, group=s.groups)
+        if len(inputs) > 1:
+            nxt = g.tmp(s.name, "add", last=self.act is None, out=out)
+            g.node("Add", [cur, inputs[1]], [nxt], f"{s.name}::add")
+            cur = nxt
+        if self.act is not None:
+            ACTIVATIONS[self.act].emit(g, cur, out, f"{s.name}::act")
+
+    def build(self, node, cin, cout, mid):
+        conv = SlimmableConv2d(cin, cin if self.tied else cout, self.kernel, self.stride, self.padding,
+                               bias=self.bias, group_width=self.group_width)
+        return SlimmableConvBN(conv, bn=self.bn, eps=self.eps)
+
+    def run(self, module, xs, ctx):
+        y = module(xs[0], ctx.out, ctx.index, ctx.training)
+        return self._tail(y, xs, fresh())
+
+    def _tail(self, y, xs, inplace):  # y is the conv's own output: writable without autograd
+        if len(xs) > 1:
+            y = y.add_(xs[1]) if inplace else y + xs[1]
+        return apply_act(self.act, y, inplace)
+
+    def plain(self, s, src):
+        index = spec_index(s)
+        conv = nn.Conv2d(s.cin, s.cout, self.kernel, self.stride, self.padding, groups=s.groups, bias=self.bias)
+        if src is None:
+            return nn.Sequential(conv, nn.BatchNorm2d(s.cout, eps=self.eps)) if self.bn else conv
+        with torch.no_grad():
+            w = src.conv.weight
+            if self.tied:  # rows follow the kept input channels
+                conv.weight.copy_(_take(w, index, s.cout))
+                out_index = index
+            else:
+                conv.weight.copy_(_take(w[: s.cout], index, s.cin, dim=1))
+                out_index = None
+            if self.bias:
+                conv.bias.copy_(_take(src.conv.bias, out_index, s.cout))
+        conv = conv.to(w.device, w.dtype)
+        if not self.bn:
+            return conv
+        return nn.Sequential(conv, _plain_bn(src.bn, s.cout, out_index))
+
+    def run_plain(self, module, xs, s, inplace, training):
+        return self._tail(module(xs[0]), xs, fresh())
+
+    def importance(self, module):  # |BN scale|, else the filters' L2 norms
+        if self.bn:
+            return module.bn.weight.detach().float().abs().cpu(), None
+        return _filter_norms(module.conv.weight), None
+
+    def permute(self, module, node, in_perms, out_perm, mid_perm=None):
+        conv, p_in = module.conv, in_perms[0]
+        if self.tied:  # the output is the input's channels: whole groups move, their filters with them
+            g = self.group_width
+            if p_in is not None and g > 1 and not torch.equal(
+                    p_in.view(-1, g), p_in.view(-1, g)[:, :1] + torch.arange(g, device=p_in.device)):
+                raise ValueError(f"{node.name}: a grouped conv's channels can move only in whole groups of {g}")
+            rows = p_in
+        else:
+            _permute_(conv.weight, p_in, 1)
+            rows = out_perm
+        _permute_(conv.weight, rows)
+        _permute_(conv.bias, rows)
+        _permute_bn(module.bn, rows)
+
+    def folded(self, s, module):
+        if not self.bn:
+            return self, module
+        from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+        conv, bn = module[0], module[1]
+        return replace(self, bn=False, bias=True), fuse_conv_bn_eval(conv.eval(), bn.eval())
+
+
+# -- squeeze-and-excitation -----------------------------------------------------------------------------
+@register_op
+@dataclass(frozen=True)
+class SqueezeExcite(Op):
+    """``x * gate(expand(act(reduce(avgpool(x)))))``: the reduce width is the node's ``mid`` unit.
+
+    Both 1x1 convs have biases (torchvision's ``SqueezeExcitation``, timm's ``SEModule``);
+    ``gate`` is ``sigmoid`` (EfficientNet, RegNet) or ``hardsigmoid`` (MobileNetV3).
+    """
+
+    kind: ClassVar[str] = "se"
+    has_mid: ClassVar[bool] = True
+    mixes: ClassVar[bool] = True
+    inplace: ClassVar[bool] = True
+    act: str = "relu"
+    gate: str = "sigmoid"
+
+    def __post_init__(self) -> None:
+        check_act(self.act)
+        check_act(self.gate, "gate")
+
+    def macs(self, s):
+        return s.batch * 2 * s.cin * s.mid
+
+    def params(self, s):
+        return 2 * s.cin * s.mid + s.mid + s.cin
+
+    def signature(self, s):
+        return ("se", 1, 1, 0, 1, s.in_h, s.in_w, s.cin, s.cout, self.act, False, s.batch,
+                f"mid={s.mid};gate={self.gate}")
+
+    def onnx(self, s, g, inputs, out):
+        n, x = s.name, inputs[0]
+        g.node("GlobalAveragePool", [x], [f"{n}::pool"], f"{n}::pool")
+        w1 = g.weight(f"{n}.fc1.weight", (s.mid, s.cin, 1, 1), 1 / math.sqrt(s.cin))
+        w2 = g.weight(f"{n}.fc2.weight", (s.cin, s.mid, 1, 1), 1 / math.sqrt(s.mid))
+        g.node("Conv", [f"{n}::pool", w1, g.weight(f"{n}.fc1.bias", (s.mid,), 0.1)], [f"{n}::fc1"], f"{n}::fc1",
+               kernel_shape=[1, 1])
+        ACTIVATIONS[self.act].emit(g, f"{n}::fc1", f"{n}::act", f"{n}::act")
+        g.node("Conv", [f"{n}::act", w2, g.weight(f"{n}.fc2.bias", (s.cin,), 0.1)], [f"{n}::fc2"], f"{n}::fc2",
+               kernel_shape=[1, 1])
+        ACTIVATIONS[self.gate].emit(g, f"{n}::fc2", f"{n}::gate", f"{n}::gate")
+        g.node("Mul", [x, f"{n}::gate"], [out], f"{n}::mul")
+
+    def build(self, node, cin, cout, mid):
+
+        return SlimmableSE(cin, mid)
+
+    def run(self, module, xs, ctx):
+        x = xs[0]
+        scale = module.scale(x, ctx.mid, ctx.index, self.act, self.gate)
+        return x.mul_(scale) if ctx.inplace else x * scale
+
+    def plain(self, s, src):
+
+        m = PlainSE(s.cin, s.mid)
+        if src is not None:
+            index = spec_index(s)
+            with torch.no_grad():
+                m.fc1.weight.copy_(_take(src.fc1.weight[: s.mid], index, s.cin, dim=1))
+                m.fc1.bias.copy_(src.fc1.bias[: s.mid])
+                m.fc2.weight.copy_(_take(src.fc2.weight[:, : s.mid], index, s.cin))
+                m.fc2.bias.copy_(_take(src.fc2.bias, index, s.cin))
+            m = m.to(src.fc1.weight.device, src.fc1.weight.dtype)
+        return m
+
+    def importance(self, module):  # the gate scales its input: only the reduce channels are its own
+        return None, _filter_norms(module.fc1.weight)
+
+    def permute(self, module, node, in_perms, out_perm, mid_perm=None):
+        p = in_perms[0]  # the output follows the input
+        _permute_(module.fc1.weight, p, 1)
+        _permute_(module.fc1.weight, mid_perm)
+        _permute_(module.fc1.bias, mid_perm)
+        _permute_(module.fc2.weight, mid_perm, 1)
+        _permute_(module.fc2.weight, p)
+        _permute_(module.fc2.bias, p)
+
+    def run_plain(self, module, xs, s, inplace, training):
+        x = xs[0]
+        f = fresh()
+        scale = apply_act(self.gate, module.fc2(apply_act(self.act, module.fc1(x.mean((2, 3), keepdim=True)), f)), f)
+        return x.mul_(scale) if inplace else x * scale
+
+
+# -- element-wise and channel-wise ops ---------------------------------------------------------------------
+@register_op
+@dataclass(frozen=True)
+class Add(Op):
+    """``act(a + b [+ ...])``: a standalone element-wise add (its inputs' widths are tied)."""
+
+    kind: ClassVar[str] = "add"
+    arity: ClassVar[int | None] = None
+    inplace: ClassVar[bool] = True
+    act: str | None = None
+
+    def __post_init__(self) -> None:
+        check_act(self.act)
+
+    def check_inputs(self, name, layouts):
+        if len(layouts) < 2:
+            raise ValueError(f"{name}: add takes at least two inputs, got {len(layouts)}")
+
+    def unit_ties(self, node, layouts):
+        return [(layouts[0], other) for other in layouts[1:]]
+
+    def signature(self, s):
+        return ("add", 0, 1, 0, 1, s.in_h, s.in_w, s.cin, s.cout, self.act or "none", False, s.batch,
+                f"n={len(s.inputs)}")
+
+    def onnx(self, s, g, inputs, out):
+        cur = inputs[0]
+        for k, other in enumerate(inputs[1:], start=1):
+            last = k == len(inputs) - 1 and self.act is None
+            nxt = out if last else f"{s.name}::add{k}"
+            g.node("Add", [cur, other], [nxt], f"{s.name}::add{k}")
+            cur = nxt
+        if self.act is not None:
+            ACTIVATIONS[self.act].emit(g, cur, out, f"{s.name}::act")
+
+    def run(self, module, xs, ctx):
+        y = xs[0]
+        for k, other in enumerate(xs[1:]):
+            y = y.add_(other) if (ctx.inplace or (k > 0 and fresh())) else y + other
+        return apply_act(self.act, y, ctx.inplace or fresh())
+
+
+@register_op
+@dataclass(frozen=True)
+class Act(Op):
+    """A standalone activation."""
+
+    kind: ClassVar[str] = "act"
+    inplace: ClassVar[bool] = True
+    act: str = "relu"
+
+    def __post_init__(self) -> None:
+        check_act(self.act)
+
+    def signature(self, s):
+        return ("act", 0, 1, 0, 1, s.in_h, s.in_w, s.cin, s.cout, self.act, False, s.batch, "")
+
+    def onnx(self, s, g, inputs, out):
+        ACTIVATIONS[self.act].emit(g, inputs[0], out, f"{s.name}::act")
+
+    def run(self, module, xs, ctx):
+        return apply_act(self.act, xs[0], ctx.inplace)
+
+
+@register_op
+@dataclass(frozen=True)
+class BatchNorm(Op):
+    """``act(bn(x))`` on its own (pre-activation blocks: DenseNet's norm-relu-conv)."""
+
+    kind: ClassVar[str] = "bn"
+    act: str | None = None
+    eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        check_act(self.act)
+
+    def params(self, s):
+        return 2 * s.cin
+
+    def signature(self, s):
+        return ("bn", 0, 1, 0, 1, s.in_h, s.in_w, s.cin, s.cout, self.act or "none", False, s.batch, "")
+
+    def onnx(self, s, g, inputs, out):
+        c = s.cin
+        scale = g.weight(f"{s.name}.scale", (1, c, 1, 1), 0.1)
+        shift = g.weight(f"{s.name}.shift", (1, c, 1, 1), 0.1)
+        cur = f"{s.name}::mul"
+        g.node("Mul", [inputs[0], scale], [cur], f"{s.name}::mul")
+        nxt = out if self.act is None else f"{s.name}::add"
+        g.node("Add", [cur, shift], [nxt], f"{s.name}::add")
+        if self.act is not None:
+            ACTIVATIONS[self.act].emit(g, nxt, out, f"{s.name}::act")
+
+    def build(self, node, cin, cout, mid):
+        return nn.BatchNorm2d(cin, eps=self.eps)
+
+    def run(self, module, xs, ctx):
+        return apply_act(self.act, sliced_batch_norm(module, xs[0], ctx.index, ctx.training), fresh())
+
+    def plain(self, s, src):
+        return _plain_bn(src, s.cin, spec_index(s)) if src is not None else nn.BatchNorm2d(s.cin, eps=self.eps)
+
+    def importance(self, module):
+        return module.weight.detach().float().abs().cpu(), None
+
+    def permute(self, module, node, in_perms, out_perm, mid_perm=None):
+        _permute_bn(module, in_perms[0])
+
+    def run_plain(self, module, xs, s, inplace, training):
+        return apply_act(self.act, module(xs[0]), fresh())
+
+
+@register_op
+@dataclass(frozen=True)
+class Concat(Op):
+    """Channel concatenation: the output's channels are its parts' channels, in order."""
+
+    kind: ClassVar[str] = "concat"
+    arity: ClassVar[int | None] = None
+
+    def check_inputs(self, name, layouts):
+        if len(layouts) < 1:
+            raise ValueError(f"{name}: concat needs inputs")
+
+    def out_layout(self, node, layouts):
+        return tuple(ref for lay in layouts for ref in lay)
+
+    def out_hw(self, hw):
+        if len(set(hw)) != 1:
+            raise ValueError(f"concat of tensors of different sizes {list(hw)}")
+        return hw[0]
+
+    def signature(self, s):
+        return ("concat", 0, 1, 0, 1, s.in_h, s.in_w, s.cin, s.cout, "none", False, s.batch,
+                "parts=" + "+".join(str(c) for c in s.in_channels))
+
+    def onnx(self, s, g, inputs, out):
+        g.node("Concat", list(inputs), [out], f"{s.name}::concat", axis=1)
+
+    def run(self, module, xs, ctx):
+        return torch.cat(list(xs), 1)
+
+
+class _Pool(Op):
+    def out_hw(self, hw):
+        h, w = hw[0]
+        return (_conv_out(h, self.kernel, self.stride, self.padding), _conv_out(w, self.kernel, self.stride,
+                                                                                self.padding))
+
+    def signature(self, s):
+        return (self.kind, self.kernel, self.stride, self.padding, s.cin, s.in_h, s.in_w, s.cin, s.cout, "none",
+                False, s.batch, "")
+
+
+@register_op
+@dataclass(frozen=True)
+class MaxPool(_Pool):
+    """Max pooling; ``ceil_mode`` as PyTorch's (a last partial window counts; GoogLeNet, SqueezeNet)."""
+
+    kind: ClassVar[str] = "maxpool"
+    kernel: int = 2
+    stride: int = 2
+    padding: int = 0
+    ceil_mode: bool = False
+
+    def out_hw(self, hw):
+        if not self.ceil_mode:
+            return super().out_hw(hw)
+        return tuple(_ceil_out(n, self.kernel, self.stride, self.padding) for n in hw[0])
+
+    def signature(self, s):
+        sig = super().signature(s)
+        return sig[:-1] + ("ceil",) if self.ceil_mode else sig
+
+    def onnx(self, s, g, inputs, out):
+        g.node("MaxPool", [inputs[0]], [out], f"{s.name}::pool", kernel_shape=[self.kernel] * 2,
+               strides=[self.stride] * 2, pads=[self.padding] * 4, ceil_mode=int(self.ceil_mode))
+
+    def run(self, module, xs, ctx):
+        return F.max_pool2d(xs[0], self.kernel, self.stride, self.padding, ceil_mode=self.ceil_mode)
+
+
+@register_op
+@dataclass(frozen=True)
+class AvgPool(_Pool):
+    """Average pooling (zero padding counted, PyTorch's default ``count_include_pad=True``)."""
+
+    kind: ClassVar[str] = "avgpool"
+    kernel: int = 2
+    stride: int = 2
+    padding: int = 0
+
+    def onnx(self, s, g, inputs, out):
+        g.node("AveragePool", [inputs[0]], [out], f"{s.name}::pool", kernel_shape=[self.kernel] * 2,
+               strides=[self.stride] * 2, pads=[self.padding] * 4, count_include_pad=1)
+
+    def run(self, module, xs, ctx):
+        return F.avg_pool2d(xs[0], self.kernel, self.stride, self.padding)
+
+
+@register_op
+@dataclass(frozen=True)
+class GlobalAvgPool(Op):
+    """Global average pooling; ``flatten`` gives (N, C) for a classifier."""
+
+    kind: ClassVar[str] = "gap"
+    flatten: bool = True
+
+    @property
+    def flattens(self) -> bool:  # type: ignore[override]
+        return self.flatten
+
+    def out_hw(self, hw):
+        return (1, 1)
+
+    def signature(self, s):
+        # the old tables' key for a flattening global pool: kernel = input height
+        return ("gap", s.in_h, 1, 0, s.cin, s.in_h, s.in_w, s.cin, s.cout, "none", False, s.batch,
+                "" if self.flatten else "keepdim")
+
+    def onnx(self, s, g, inputs, out):
+        if not self.flatten:
+            g.node("GlobalAveragePool", [inputs[0]], [out], f"{s.name}::gap")
+            return
+        g.node("GlobalAveragePool", [inputs[0]], [f"{s.name}::gap"], f"{s.name}::gap")
+        g.node("Flatten", [f"{s.name}::gap"], [out], f"{s.name}::flatten", axis=1)
+
+    def run(self, module, xs, ctx):
+        y = F.adaptive_avg_pool2d(xs[0], 1)
+        return torch.flatten(y, 1) if self.flatten else y
+
+
+@register_op
+@dataclass(frozen=True)
+class Flatten(Op):
+    """(N, C, H, W) -> (N, C*H*W), channel-major: a view, free.
+
+    Each channel becomes H*W consecutive features (VGG, AlexNet: 512 x 7 x 7 into a
+    linear layer), so keeping channel c keeps features ``c*H*W .. (c+1)*H*W - 1`` and the
+    linear layer reading it slices its weights that way (``LayerSpec.in_per_channel``).
+    """
+
+    kind: ClassVar[str] = "flatten"
+    view: ClassVar[bool] = True
+    flattens: ClassVar[bool] = True
+
+    def out_hw(self, hw):
+        return (1, 1)
+
+    def signature(self, s):
+        return None
+
+    def onnx(self, s, g, inputs, out):
+        g.node("Flatten", [inputs[0]], [out], f"{s.name}::flatten", axis=1)
+
+    def run(self, module, xs, ctx):
+        return torch.flatten(xs[0], 1)
+
+
+@register_op
+@dataclass(frozen=True)
+class Dropout(Op):
+    """Dropout: identity at inference (free), active while training."""
+
+    kind: ClassVar[str] = "dropout"
+    view: ClassVar[bool] = True
+    p: float = 0.0
+
+    def signature(self, s):
+        return None
+
+    def onnx(self, s, g, inputs, out):
+        g.node("Identity", [inputs[0]], [out], f"{s.name}::identity")
+
+    def run(self, module, xs, ctx):
+        return F.dropout(xs[0], self.p, True) if ctx.training and self.p > 0 else xs[0]
+
+
+# -- channel bookkeeping on fixed channels (ShuffleNetV2; imported with --fix-unsupported) ----------
+class _Pinned(Op):
+    """An op that moves channels to other positions: it reads fixed channels only (:attr:`Op.pins`)."""
+
+    pins: ClassVar[bool] = True
+
+    def check_inputs(self, name, layouts):
+        super().check_inputs(name, layouts)
+        units = [r for lay in layouts for r in lay if not isinstance(r, int)]
+        if units:
+            raise ValueError(f"{name}: a {self.kind} moves channels to other positions, so it reads fixed channels "
+                             f"only; it reads unit(s) {', '.join(map(repr, units))}")
+
+    def out_layout(self, node, layouts):
+        return (self.out_channels(sum(layouts[0])),)
+
+    def out_channels(self, cin: int) -> int:
+        return cin
+
+
+@register_op
+@dataclass(frozen=True)
+class ChannelShuffle(_Pinned):
+    """ShuffleNet's channel shuffle: ``x.view(N, g, C/g, H, W).transpose(1, 2).reshape(N, C, H, W)``.
+
+    Output channel ``j`` is input channel ``(j % g) * C/g + j // g``: the ``g`` groups are
+    interleaved. Its input's channels are fixed (:attr:`Op.pins`); no MACs, no weights.
+    """
+
+    kind: ClassVar[str] = "shuffle"
+    n_groups: int = 2
+
+    def check_inputs(self, name, layouts):
+        super().check_inputs(name, layouts)
+        if self.n_groups < 1 or sum(layouts[0]) % self.n_groups:
+            raise ValueError(f"{name}: a shuffle of {sum(layouts[0])} channels in {self.n_groups} groups")
+
+    def signature(self, s):
+        return ("shuffle", 0, 1, 0, self.n_groups, s.in_h, s.in_w, s.cin, s.cout, "none", False, s.batch, "")
+
+    def onnx(self, s, g, inputs, out):
+        n, c, k = s.name, s.cin, self.n_groups
+        g.node("Reshape", [inputs[0], g.ints(f"{n}::split_shape", [0, k, c // k, s.in_h, s.in_w])], [f"{n}::split"],
+               f"{n}::split")
+        g.node("Transpose", [f"{n}::split"], [f"{n}::t"], f"{n}::transpose", perm=[0, 2, 1, 3, 4])
+        g.node("Reshape", [f"{n}::t", g.ints(f"{n}::shape", [0, c, s.in_h, s.in_w])], [out], f"{n}::merge")
+
+    def run(self, module, xs, ctx):
+        x = xs[0]
+        n, c, h, w = x.shape
+        return x.reshape(n, self.n_groups, c // self.n_groups, h, w).transpose(1, 2).reshape(n, c, h, w)
+
+
+@register_op
+@dataclass(frozen=True)
+class ChannelSlice(_Pinned):
+    """Channels ``start .. stop - 1`` of the input: ``x[:, start:stop]``, one part of a ``chunk`` or ``split``.
+
+    A view (no new activation bytes in PyTorch; ONNX Runtime copies it). Its input's
+    channels are fixed (:attr:`Op.pins`): a narrower input would shift which channels
+    fall in the range.
+    """
+
+    kind: ClassVar[str] = "slice"
+    view: ClassVar[bool] = True
+    start: int = 0
+    stop: int = 1
+
+    def check_inputs(self, name, layouts):
+        super().check_inputs(name, layouts)
+        if not 0 <= self.start < self.stop <= sum(layouts[0]):
+            raise ValueError(f"{name}: channels {self.start}..{self.stop - 1} of a tensor of {sum(layouts[0])}")
+
+    def out_channels(self, cin):
+        return self.stop - self.start
+
+    def signature(self, s):
+        return ("slice", 0, 1, 0, 1, s.in_h, s.in_w, s.cin, s.cout, "none", False, s.batch, f"start={self.start}")
+
+    def onnx(self, s, g, inputs, out):
+        n = s.name
+        g.node("Slice", [inputs[0], g.ints(f"{n}::start", [self.start]), g.ints(f"{n}::stop", [self.stop]),
+                         g.ints("slice.axis1", [1])], [out], f"{n}::slice")
+
+    def run(self, module, xs, ctx):
+        return xs[0].narrow(1, self.start, self.stop - self.start)
+
+
+@register_op
+@dataclass(frozen=True)
+class Linear(Op):
+    """``act(x @ W.T + b)`` on (N, C) features; its output width is the node's ``out``."""
+
+    kind: ClassVar[str] = "linear"
+    sets_width: ClassVar[bool] = True
+    mixes: ClassVar[bool] = True
+    flattens: ClassVar[bool] = True
+    act: str | None = None
+    dropout: float = 0.0  # applied to the input while training (torchvision's classifier dropout)
+
+    def __post_init__(self) -> None:
+        check_act(self.act)
+
+    def out_hw(self, hw):
+        return (1, 1)
+
+    def macs(self, s):
+        return s.batch * s.cin * s.cout
+
+    def params(self, s):
+        return s.cin * s.cout + s.cout
+
+    def signature(self, s):
+        return ("linear", 1, 1, 0, 1, 1, 1, s.cin, s.cout, self.act or "none", False, s.batch, "")
+
+    def onnx(self, s, g, inputs, out):
+        w = g.weight(f"{s.name}.weight", (s.cout, s.cin), 0.01)
+        b = g.weight(f"{s.name}.bias", (s.cout,), 0.0)
+        cur = out if self.act is None else f"{s.name}::gemm"
+        g.node("Gemm", [inputs[0], w, b], [cur], f"{s.name}::gemm", transB=1)
+        if self.act is not None:
+            ACTIVATIONS[self.act].emit(g, cur, out, f"{s.name}::act")
+
+    def build(self, node, cin, cout, mid):
+        return nn.Linear(cin, cout)
+
+    def run(self, module, xs, ctx):
+        x = xs[0]
+        if ctx.training and self.dropout:
+            x = F.dropout(x, self.dropout, True)
+        out = ctx.out if ctx.out is not None else module.out_features
+        w = _take(module.weight[:out], ctx.index, x.shape[1], dim=1)
+        return apply_act(self.act, F.linear(x, w, module.bias[:out]), fresh())
+
+    def importance(self, module):
+        return _filter_norms(module.weight), None
+
+    def permute(self, module, node, in_perms, out_perm, mid_perm=None):
+        _permute_(module.weight, in_perms[0], 1)  # features: a flattened map's positions per channel
+        _permute_(module.weight, out_perm)
+        _permute_(module.bias, out_perm)
+
+    def plain(self, s, src):
+        lin = nn.Linear(s.cin, s.cout)
+        if src is not None:
+            with torch.no_grad():
+                lin.weight.copy_(_take(src.weight[: s.cout], spec_index(s), s.cin, dim=1))
+                lin.bias.copy_(src.bias[: s.cout])
+            lin = lin.to(src.weight.device, src.weight.dtype)
+        return lin
+
+    def run_plain(self, module, xs, s, inplace, training):
+        x = xs[0]
+        if training and self.dropout:
+            x = F.dropout(x, self.dropout, True)
+        return apply_act(self.act, module(x), fresh())
+
+
+__all__ = ["ACTIVATIONS", "OPS", "Act", "Add", "AvgPool", "BatchNorm", "ChannelShuffle", "ChannelSlice",
+           "Concat", "Conv", "Dropout",
+           "Flatten", "GlobalAvgPool", "Linear", "MaxPool", "Op", "Slice", "SqueezeExcite", "apply_act",
+           "op_from_dict", "register_op", "spec_index"]

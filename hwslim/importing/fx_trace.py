@@ -1,0 +1,947 @@
+"""Import a user's ``nn.Module``: trace it, map it onto hwslim's operators, find its channel units.
+
+``import_model(module, example_input)`` returns a :class:`~hwslim.core.supernet.SlimmableNet`
+that at its full config computes what ``module`` computes (eval mode), with the module's
+weights copied in::
+
+    >>> import torchvision
+    >>> net = import_model(torchvision.models.resnet18(), torch.randn(1, 3, 224, 224))
+    >>> net.units["layer1/0/conv1"].grid            # doctest: +SKIP
+    (8, 16, 24, 32, 40, 48, 56, 64)
+
+How:
+
+1. **Trace** with ``torch.fx.symbolic_trace`` and record every tensor's shape
+   (``ShapeProp`` on the example input). Where fx cannot trace the forward (Python
+   control flow on a tensor's shape), ``torch.export`` records it on the example input
+   and its ATen graph is rewritten into the same form (:mod:`hwslim.importing.torch_export`); a branch
+   on a shape then follows the example's shape.
+2. **Group** the traced nodes into hwslim operators: a conv with the BatchNorm after it,
+   the residual add after that and the activation after both (the fused unit a runtime
+   executes); the squeeze-and-excitation pattern (pool, 1x1 conv, activation, 1x1 conv,
+   gate, multiply); standalone BatchNorm/activation/add; concatenation; pools; flatten;
+   linear (with its activation); ShuffleNet's channel shuffle (view, transpose, view)
+   and slices of the channels (``chunk``, ``split``, ``x[:, a:b]``). Dropout, identity
+   and stochastic depth are the identity at inference. Anything else is refused with the
+   graph node, the module type, the source line and what is missing (:class:`ImportRefused`).
+3. **Units** come from a union-find over channel dimensions: a dense conv or linear
+   layer starts a new one; a depthwise or grouped conv keeps its input's (a grouped
+   conv's width then moves in multiples of its group width); both sides of an add, a
+   residual or SE's multiply are merged; a concatenation's channels are its parts'.
+   Fixed, never slimmed: the image channels, the network's outputs, and the outputs of
+   modules whose qualified name matches ``keep``. A shuffle or slice moves channels to
+   other positions, so the units it reads or feeds cannot slim: with ``fix_unsupported``
+   they are fixed and listed (:func:`fixed_units`), else the import is refused.
+4. **Weights** are copied module by module; the supernet's unit names follow the module
+   that first produces the unit (``layer1.0.conv1`` -> ``layer1/0/conv1``).
+"""
+from __future__ import annotations
+
+import operator
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from hwslim.core.errors import ModelError
+from hwslim.core.graph import INPUT, Graph, Node, UnitDef
+from hwslim.core.ops import (Act, Add, AvgPool, BatchNorm, ChannelShuffle, ChannelSlice, Concat, Conv, Flatten,
+                        GlobalAvgPool, Linear, MaxPool, Op, SqueezeExcite)
+
+
+class ImportRefused(ModelError):
+    """The module has an operation hwslim cannot express (or cannot slim): it names the node."""
+
+
+# -- what fx nodes are ---------------------------------------------------------------------------------
+_ACT_MODULES: dict[type, str] = {nn.ReLU: "relu", nn.ReLU6: "relu6", nn.Hardswish: "hardswish",
+                                 nn.Hardsigmoid: "hardsigmoid", nn.SiLU: "silu", nn.Sigmoid: "sigmoid",
+                                 nn.GELU: "gelu"}
+_ACT_FUNCTIONS: dict[Any, str] = {F.relu: "relu", torch.relu: "relu", F.relu6: "relu6", F.hardswish: "hardswish",
+                                  F.hardsigmoid: "hardsigmoid", F.silu: "silu", torch.sigmoid: "sigmoid",
+                                  F.sigmoid: "sigmoid", F.gelu: "gelu", torch.relu_: "relu", F.relu_: "relu"}
+_ACT_METHODS = {"relu": "relu", "relu_": "relu", "sigmoid": "sigmoid", "sigmoid_": "sigmoid"}
+_IDENTITY_MODULES = (nn.Identity,)
+_ADD = (operator.add, operator.iadd, torch.add)
+_MUL = (operator.mul, operator.imul, torch.mul)
+_SPLITS = {torch.chunk: "chunk", torch.split: "split", torch.tensor_split: "tensor_split"}  # and their methods
+_RESHAPES = ("view", "reshape", "flatten")
+
+
+def _stochastic_depth():
+    try:
+        from torchvision.ops import stochastic_depth
+        return stochastic_depth
+    except ImportError:  # pragma: no cover - torchvision is a dependency
+        return None
+
+
+def _pair(v) -> int | None:
+    """A square kernel/stride/padding as one int, else None."""
+    if isinstance(v, int):
+        return v
+    if isinstance(v, (tuple, list)) and len(v) == 2 and v[0] == v[1]:
+        return int(v[0])
+    return None
+
+
+def _scope(node: fx.Node) -> str:
+    """The qualified name of the module whose forward made ``node`` ('' at the top level)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    last = list(stack.values())[-1]
+    return str(last[0] if isinstance(last, tuple) else last)
+
+
+def _where(node: fx.Node, gm: fx.GraphModule) -> str:
+    """``node 'layer1.0.conv1' (Conv2d, torchvision/models/resnet.py:92)`` for messages."""
+    what = type(gm.get_submodule(node.target)).__name__ if node.op == "call_module" else \
+        getattr(node.target, "__name__", str(node.target))
+    stack = node.meta.get("stack_trace") or ""
+    line = ""
+    for m in re.finditer(r'File "([^"]+)", line (\d+)', stack):
+        if not re.search(r"site-packages/torch/", m.group(1)):  # torch's own frames (the tracer, containers)
+            line = f", {m.group(1).split('site-packages/')[-1]}:{m.group(2)}"
+    return f"node {node.name!r} ({what}{line})"
+
+
+class _Tracer(fx.Tracer):
+    """``symbolic_trace``'s tracer, with every BatchNorm2d, Conv2d and Linear kept whole.
+
+    Subclasses of them (timm's ``Linear``; ``BatchNormAct2d``: a BatchNorm with its activation inside;
+    ``Conv2dSame``: TensorFlow's input-dependent padding) would otherwise be traced into
+    ``F.batch_norm`` on attributes, or fail on the padding's control flow; kept whole, the
+    importer maps the ones it understands and refuses the others by name.
+    """
+
+    record_stack_traces = True  # refusals name the source line
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, (nn.BatchNorm2d, nn.Conv2d, nn.Linear)) or super().is_leaf_module(m, qualname)
+
+
+def _module_act(m: nn.Module) -> str | None:
+    """The activation an activation module computes (None: not one hwslim knows).
+
+    Known classes are looked up; any other module (timm's ``Sigmoid``, ``GELU``...) is
+    traced on its own and recognized when its forward is exactly one known activation.
+    """
+    if isinstance(m, nn.GELU):
+        return "gelu" if m.approximate == "none" else None
+    if isinstance(m, nn.Hardtanh) and (m.min_val, m.max_val) == (0.0, 6.0):
+        return "relu6"
+    if type(m) in _ACT_MODULES:
+        return _ACT_MODULES[type(m)]
+    if type(m).__module__.startswith("torch.nn") or any(True for _ in m.parameters()):
+        return None
+    try:
+        nodes = [n for n in fx.symbolic_trace(m).graph.nodes if n.op not in ("placeholder", "output")]
+    except Exception:  # not traceable on its own: not a plain activation
+        return None
+    if len(nodes) != 1 or nodes[0].op == "call_module":
+        return None
+    n = nodes[0]
+    if n.op == "call_function":
+        if n.target is F.gelu and n.kwargs.get("approximate", "none") != "none":
+            return None
+        return _ACT_FUNCTIONS.get(n.target)
+    return _ACT_METHODS.get(n.target) if n.op == "call_method" else None
+
+
+def _is_plain(m: nn.Module, base: type) -> bool:
+    """``m`` computes what ``base`` computes: its class keeps ``base.forward``, or its own forward
+    traces to the one call ``base.forward`` makes on the same parameters and settings (timm's
+    ``Linear``, which only adds a TorchScript branch)."""
+    if type(m).forward is base.forward:
+        return True
+    calls = {nn.Linear: (F.linear, ()), nn.Conv2d: (F.conv2d, ("stride", "padding", "dilation", "groups"))}
+    if base not in calls:
+        return False
+    fn, settings = calls[base]
+    try:
+        nodes = [n for n in fx.symbolic_trace(m).graph.nodes if n.op not in ("placeholder", "output", "get_attr")]
+    except Exception:  # input-dependent control flow: not the plain layer
+        return False
+    if len(nodes) != 1 or nodes[0].op != "call_function" or nodes[0].target is not fn:
+        return False
+    args = list(nodes[0].args) + [nodes[0].kwargs.get(k) for k in ("bias",) if k in nodes[0].kwargs]
+    params = [a.target if isinstance(a, fx.Node) and a.op == "get_attr" else a for a in args[1:3]]
+    if params[:1] != ["weight"] or (len(params) > 1 and params[1] not in ("bias", None)):
+        return False
+    return all(_pair(a) == _pair(getattr(m, k)) or a == getattr(m, k) for a, k in zip(args[3:], settings))
+
+
+@dataclass
+class _Group:
+    """hwslim operator made of one or more fx nodes."""
+
+    op: Op | None  # None: the identity (an alias of its input)
+    members: list[fx.Node]
+    inputs: list[fx.Node]  # fx nodes whose values it reads, in operator order
+    modules: dict[str, nn.Module] = field(default_factory=dict)  # role -> module holding the weights
+    out_channels: int = 0
+    mid: int = 0
+    name: str = ""
+    base: str = ""  # the name to give it (default: its first node's module path or fx name)
+    what: str = ""  # an operator that moves channels (ChannelShuffle, ChannelSlice): what it was in the module
+
+    @property
+    def last(self) -> fx.Node:
+        return self.members[-1]
+
+
+class _Importer:
+    def __init__(self, module: nn.Module, example: torch.Tensor, keep: str | None, name: str | None,
+                 fix_unsupported: bool = False) -> None:
+        self.module = module.eval()
+        self.example = example
+        self.fix_unsupported = fix_unsupported
+        self.fixed_units: dict[str, dict[str, Any]] = {}  # unit -> width, and the operator that fixed it
+        try:
+            self.keep = re.compile(keep) if keep else None
+        except re.error as e:
+            raise ImportRefused(f"--keep {keep!r} is not a regular expression ({e})") from None
+        self.name = name or type(module).__name__.lower()
+        self.traced_by = "torch.fx"
+        try:
+            self.gm = fx.GraphModule(self.module, _Tracer().trace(self.module))
+        except Exception as e:  # fx raises many kinds for Python control flow on tensors
+            fx_error = _first_line(e)
+            try:  # torch.export runs the forward instead: a branch on a shape follows the example's
+                from hwslim.importing.torch_export import exported_graph
+
+                self.gm = exported_graph(self.module, example)
+                self.traced_by = "torch.export"
+            except Exception as e2:
+                raise ImportRefused(f"torch.fx cannot trace {type(module).__name__} ({fx_error}), nor can "
+                                    f"torch.export ({_first_line(e2)}); make its forward free of control flow that "
+                                    "depends on tensor values") from None
+        from torch.fx.passes.shape_prop import ShapeProp
+
+        self.drop_identities()
+        try:
+            with torch.no_grad():
+                ShapeProp(self.gm).propagate(example)
+        except Exception as e:
+            raise ImportRefused(f"running {type(module).__name__} on the example input failed "
+                                f"({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
+        self.nodes = list(self.gm.graph.nodes)
+        self.users = {n: list(n.users) for n in self.nodes}
+        self.consumed: set[fx.Node] = set()
+        self.groups: list[_Group] = []
+        self.alias: dict[fx.Node, fx.Node] = {}  # identity nodes -> the node whose value they carry
+
+    # -- helpers --------------------------------------------------------------------------------------
+    def drop_identities(self) -> None:
+        """Remove the modules and calls that are the identity at inference (dropout, ``nn.Identity``,
+        stochastic depth): fx records them, torch.export does not; without them both graphs group
+        alike and a conv fuses the activation behind an identity (timm's ``drop_block``).
+        (``contiguous()`` stays: a ``view`` after it needs it.)"""
+        graph = self.gm.graph
+        for n in list(graph.nodes):
+            if n.op in ("call_module", "call_function") and self.is_identity(n):
+                args = [a for a in n.args if isinstance(a, fx.Node)]
+                if args:
+                    n.replace_all_uses_with(args[0])
+                    graph.erase_node(n)
+        self.gm.recompile()
+
+    def mod(self, n: fx.Node) -> nn.Module | None:
+        return self.gm.get_submodule(n.target) if n.op == "call_module" else None
+
+    def shape(self, n: fx.Node) -> tuple[int, ...]:
+        tm = n.meta.get("tensor_meta")
+        if tm is None or not hasattr(tm, "shape"):
+            raise ImportRefused(f"{_where(n, self.gm)} does not produce one tensor")
+        return tuple(tm.shape)
+
+    def act_of(self, n: fx.Node) -> str | None:
+        m = self.mod(n)
+        if m is not None:
+            return _module_act(m)
+        if n.op == "call_function":
+            if n.target is F.gelu and n.kwargs.get("approximate", "none") != "none":
+                return None
+            if n.target is F.hardtanh and tuple(n.args[1:3]) == (0.0, 6.0):
+                return "relu6"
+            return _ACT_FUNCTIONS.get(n.target)
+        if n.op == "call_method":
+            return _ACT_METHODS.get(n.target)
+        return None
+
+    def sole_user(self, n: fx.Node) -> fx.Node | None:
+        u = self.users[n]
+        return u[0] if len(u) == 1 and u[0] not in self.consumed else None
+
+    def tensor_args(self, n: fx.Node) -> list[fx.Node]:
+        return [a for a in n.args if isinstance(a, fx.Node)]
+
+    def is_identity(self, n: fx.Node) -> bool:
+        m = self.mod(n)
+        if m is not None:
+            return isinstance(m, (*_IDENTITY_MODULES, nn.Dropout, nn.Dropout2d)) or type(m).__name__ == "StochasticDepth"
+        if n.op == "call_function":
+            return n.target in (F.dropout, F.dropout2d, _stochastic_depth()) and n.target is not None
+        if n.op == "call_method":
+            return n.target in ("contiguous", "clone")
+        return False
+
+    def add_operands(self, n: fx.Node) -> list[fx.Node] | None:
+        """The two tensors of a plain element-wise add, else None."""
+        if n.op != "call_function" or n.target not in _ADD or n.kwargs.get("alpha", 1) != 1:
+            return None
+        args = self.tensor_args(n)
+        return args if len(args) == 2 and len(n.args) == 2 else None
+
+    # -- 1. groups ------------------------------------------------------------------------------------
+    def group(self) -> None:
+        for n in self.nodes:  # SE first: its convs must not become ordinary conv groups
+            if n.op == "call_function" and n.target in _MUL:
+                self.try_se(n)
+        for n in self.nodes:
+            if n in self.consumed or n.op in ("placeholder", "output", "get_attr"):
+                continue
+            self.one(n)
+
+    def consume(self, *ns: fx.Node) -> None:
+        self.consumed.update(ns)
+
+    def back(self, n: fx.Node | None, via: list[fx.Node]) -> fx.Node | None:
+        """``n``'s first tensor input, stepping over identity nodes that only it reads (added to ``via``)."""
+        args = self.tensor_args(n) if n is not None else []
+        if not args:
+            return None
+        a = args[0]
+        while self.is_identity(a) and len(self.users[a]) == 1:
+            via.append(a)
+            a = self.tensor_args(a)[0]
+        return a
+
+    def through_identities(self, n: fx.Node) -> fx.Node:
+        while self.is_identity(n):
+            n = self.tensor_args(n)[0]
+        return n
+
+    def try_se(self, mul: fx.Node) -> None:
+        args = self.tensor_args(mul)
+        if len(args) != 2:
+            return
+        for x, gate in (args, args[::-1]):
+            via: list[fx.Node] = []
+            gate_act = self.act_of(gate)
+            if gate_act not in ("sigmoid", "hardsigmoid"):
+                continue
+            fc2 = self.back(gate, via)
+            if fc2 is None or not isinstance(self.mod(fc2), nn.Conv2d):
+                continue
+            act = self.back(fc2, via)
+            inner = self.act_of(act) if act is not None else None
+            if inner is None:
+                continue
+            fc1 = self.back(act, via)
+            if fc1 is None or not isinstance(self.mod(fc1), nn.Conv2d):
+                continue
+            pool = self.back(fc1, via)
+            if pool is None or not self.is_global_pool(pool, keepdim=True) or \
+                    self.through_identities(self.tensor_args(pool)[0]) is not self.through_identities(x):
+                continue
+            chain = [pool, fc1, act, fc2, gate, mul]
+            if any(len(self.users[c]) != 1 for c in chain[:-1]):
+                continue
+            m1, m2 = self.mod(fc1), self.mod(fc2)
+            if any(_pair(m.kernel_size) != 1 or m.groups != 1 or m.bias is None or not _is_plain(m, nn.Conv2d)
+                   for m in (m1, m2)):
+                continue
+            chain = via + chain
+            self.consume(*chain)
+            self.groups.append(_Group(SqueezeExcite(inner, gate_act), chain, [x], {"fc1": m1, "fc2": m2},
+                                      out_channels=self.shape(mul)[1], mid=m1.out_channels))
+            return
+
+    def is_global_pool(self, n: fx.Node, keepdim: bool) -> bool:
+        m = self.mod(n)
+        if isinstance(m, nn.AdaptiveAvgPool2d):
+            return _pair(m.output_size) == 1
+        if n.op == "call_function" and n.target is F.adaptive_avg_pool2d:
+            return _pair(n.args[1] if len(n.args) > 1 else n.kwargs.get("output_size")) == 1
+        if n.op == "call_method" and n.target == "mean":
+            dims = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")
+            kd = n.kwargs.get("keepdim", n.args[2] if len(n.args) > 2 else False)
+            return tuple(sorted(d % 4 for d in dims)) == (2, 3) and bool(kd) == keepdim if isinstance(
+                dims, (tuple, list)) else False
+        return False
+
+    def refuse(self, n: fx.Node, missing: str) -> ImportRefused:
+        return ImportRefused(f"{_where(n, self.gm)}: hwslim has no operator for {missing}")
+
+    def one(self, n: fx.Node) -> None:
+        m = self.mod(n)
+        if self.is_identity(n):
+            self.alias[n] = self.tensor_args(n)[0]
+            return
+        if isinstance(m, nn.Conv2d):
+            return self.conv(n, m)
+        if isinstance(m, nn.BatchNorm2d):
+            return self.bn(n, m)
+        if isinstance(m, nn.Linear):
+            return self.linear(n, m)
+        act = self.act_of(n)
+        if act is not None:
+            self.consume(n)
+            self.groups.append(_Group(Act(act), [n], self.tensor_args(n)[:1], out_channels=self.shape(n)[1]))
+            return
+        ops = self.add_operands(n)
+        if ops is not None:
+            members, act = [n], None
+            u = self.sole_user(n)
+            if u is not None and self.act_of(u):
+                act = self.act_of(u)
+                members.append(u)
+            self.consume(*members)
+            self.groups.append(_Group(Add(act), members, ops, out_channels=self.shape(n)[1]))
+            return
+        if n.op == "call_function" and n.target is torch.cat:
+            parts = n.args[0]
+            dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", 0)
+            if dim not in (1, -3) or not all(isinstance(p, fx.Node) for p in parts):
+                raise self.refuse(n, f"a concatenation along dimension {dim} (only channels, dim 1)")
+            self.consume(n)
+            self.groups.append(_Group(Concat(), [n], list(parts), out_channels=self.shape(n)[1]))
+            return
+        if isinstance(m, nn.MaxPool2d) or (n.op == "call_function" and n.target is F.max_pool2d):
+            return self.pool(n, m, MaxPool)
+        if isinstance(m, nn.AvgPool2d) or (n.op == "call_function" and n.target is F.avg_pool2d):
+            return self.pool(n, m, AvgPool)
+        if self.is_global_pool(n, keepdim=True):
+            return self.simple(n, GlobalAvgPool(flatten=False))
+        if self.is_global_pool(n, keepdim=False):
+            return self.simple(n, GlobalAvgPool(flatten=True))
+        if isinstance(m, nn.AdaptiveAvgPool2d) or (n.op == "call_function" and n.target is F.adaptive_avg_pool2d):
+            x = self.tensor_args(n)[0]
+            if self.shape(n) == self.shape(x):  # VGG/AlexNet at their input size: the identity
+                self.alias[n] = x
+                return
+            raise self.refuse(n, f"adaptive average pooling to {tuple(self.shape(n)[2:])} from "
+                                 f"{tuple(self.shape(x)[2:])}")
+        if self.try_shuffle(n) or self.try_split(n) or self.try_slice(n):
+            return
+        if self.is_flatten(n):
+            return self.simple(n, Flatten())
+        if isinstance(m, nn.BatchNorm1d):
+            raise self.refuse(n, "BatchNorm1d")
+        if "tensor_meta" not in n.meta:
+            return  # shape arithmetic (x.size(0) for a flatten): no tensor of its own
+        what = (type(m).__name__ if m is not None else getattr(n.target, "__name__", str(n.target)))
+        reason = {"view": "a reshape that mixes channels", "reshape": "a reshape that mixes channels",
+                  "transpose": "a transpose (channel shuffle)", "permute": "a permute (channels-last blocks)",
+                  "chunk": "splitting channels (chunk)", "split": "splitting channels (split)",
+                  "split_with_sizes": "splitting channels (split)", "tensor_split": "splitting channels (split)",
+                  "getitem": "indexing or slicing a tensor (x[:, a:b])", "layer_norm": "LayerNorm",
+                  "interpolate": "resizing (interpolate)", "Upsample": "resizing (Upsample)",
+                  "pad": "explicit padding (F.pad)", "leaky_relu": "the activation leaky_relu",
+                  "LeakyReLU": "the activation LeakyReLU",
+                  "LayerNorm": "LayerNorm", "LayerNorm2d": "LayerNorm"}.get(what, f"{what}")
+        raise self.refuse(n, reason)
+
+    # -- channels that move: ShuffleNetV2's shuffle and split (fixed units, --fix-unsupported) ----------
+    def is_call(self, n: fx.Node, names: tuple[str, ...], functions: tuple = ()) -> bool:
+        return (n.op == "call_method" and n.target in names) or (n.op == "call_function" and n.target in functions)
+
+    def try_shuffle(self, n: fx.Node) -> bool:
+        """``x.view(N, g, C/g, H, W)``, ``transpose(1, 2)`` (or ``permute(0, 2, 1, 3, 4)``), ``contiguous()``,
+        back to ``(N, C, H, W)`` by ``view``/``reshape``/``flatten(1, 2)``: a channel shuffle of g groups."""
+        if not self.is_call(n, ("view", "reshape"), (torch.reshape,)) or \
+                not hasattr(n.meta.get("tensor_meta"), "shape"):
+            return False
+        x = self.tensor_args(n)[0]
+        xs, ys = self.shape(x), self.shape(n)
+        if len(xs) != 4 or len(ys) != 5 or ys[0] != xs[0] or ys[3:] != xs[2:] or ys[1] * ys[2] != xs[1]:
+            return False
+        t = self.sole_user(n)
+        if t is None:
+            return False
+        if self.is_call(t, ("transpose",), (torch.transpose,)):
+            swapped = {d % 5 for d in t.args[1:3]} == {1, 2}
+        elif self.is_call(t, ("permute",), (torch.permute,)):
+            dims = t.args[1] if len(t.args) == 2 and isinstance(t.args[1], (tuple, list)) else t.args[1:]
+            swapped = [d % 5 for d in dims] == [0, 2, 1, 3, 4]
+        else:
+            return False
+        members, u = [n, t], self.sole_user(t)
+        while swapped and u is not None and self.is_identity(u):
+            members.append(u)
+            u = self.sole_user(u)
+        if not swapped or u is None or not self.is_call(u, _RESHAPES, (torch.reshape, torch.flatten)) or \
+                not hasattr(u.meta.get("tensor_meta"), "shape") or self.shape(u) != xs:
+            return False
+        members.append(u)
+        self.consume(*members)
+        self.groups.append(_Group(ChannelShuffle(ys[1]), members, [x], out_channels=xs[1],
+                                  base=_clean(_scope(n)) + "/shuffle" if _scope(n) else "shuffle",
+                                  what="a channel shuffle"))
+        return True
+
+    def try_split(self, n: fx.Node) -> bool:
+        """``x.chunk(k, 1)``, ``x.split(sizes, 1)``, ``tensor_split`` read part by part: channel slices."""
+        names = tuple(_SPLITS.values())
+        if not self.is_call(n, names, tuple(_SPLITS)):
+            return False
+        x = self.tensor_args(n)[0]
+        dim = n.kwargs.get("dim", n.args[2] if len(n.args) > 2 else 0)
+        metas = n.meta.get("tensor_meta")
+        users = self.users[n]
+        if not isinstance(dim, int) or len(self.shape(x)) != 4 or dim % 4 != 1 or not isinstance(metas, (tuple, list)) \
+                or not all(u.op == "call_function" and u.target is operator.getitem and isinstance(u.args[1], int)
+                           for u in users):
+            return False  # refused below, by name
+        offsets = [0]
+        for m in metas:
+            offsets.append(offsets[-1] + int(m.shape[1]))
+        self.consume(n)
+        scope = _clean(_scope(n))
+        what = _SPLITS.get(n.target, n.target)
+        for u in users:
+            k = u.args[1] % len(metas)
+            self.consume(u)
+            self.groups.append(_Group(ChannelSlice(offsets[k], offsets[k + 1]), [u], [x],
+                                      out_channels=offsets[k + 1] - offsets[k],
+                                      base=f"{scope}/{what}{k}" if scope else f"{what}{k}",
+                                      what=f"a channel split ({what})"))
+        return True
+
+    def try_slice(self, n: fx.Node) -> bool:
+        """``x[:, a:b]`` (trailing full slices allowed) or ``x.narrow(1, a, length)``: a channel slice."""
+        if n.op == "call_function" and n.target is operator.getitem:
+            x, idx = n.args[0], n.args[1]
+            if not isinstance(x, fx.Node) or not hasattr(x.meta.get("tensor_meta"), "shape") or \
+                    len(self.shape(x)) != 4 or not isinstance(idx, tuple) or len(idx) < 2:
+                return False
+            full = slice(None)
+            rest = list(idx[2:])
+            if rest and rest[-1] is Ellipsis:
+                rest.pop()
+            sl = idx[1]
+            if idx[0] != full or any(r != full for r in rest) or not isinstance(sl, slice) or sl.step not in (None, 1) \
+                    or not all(v is None or isinstance(v, int) for v in (sl.start, sl.stop)):
+                return False
+            start, stop, _ = sl.indices(self.shape(x)[1])
+        elif self.is_call(n, ("narrow",), (torch.narrow,)):
+            x = self.tensor_args(n)[0]
+            dim, start, length = (list(n.args[1:4]) + [None] * 3)[:3]
+            if not all(isinstance(v, int) for v in (dim, start, length)) or len(self.shape(x)) != 4 or dim % 4 != 1:
+                return False
+            start, stop = start % self.shape(x)[1], start % self.shape(x)[1] + length
+        else:
+            return False
+        if stop <= start:
+            return False
+        if (start, stop) == (0, self.shape(x)[1]):  # every channel: the identity at any width (torch.export drops it)
+            self.alias[n] = x
+            return True
+        scope = _clean(_scope(n))
+        self.consume(n)
+        self.groups.append(_Group(ChannelSlice(start, stop), [n], [x], out_channels=stop - start,
+                                  base=f"{scope}/slice" if scope else "slice", what="a channel slice (x[:, a:b])"))
+        return True
+
+    def is_flatten(self, n: fx.Node) -> bool:
+        m = self.mod(n)
+        ok_shape = hasattr(n.meta.get("tensor_meta"), "shape") and len(self.shape(n)) == 2
+        if isinstance(m, nn.Flatten):
+            return m.start_dim == 1 and m.end_dim == -1
+        if n.op == "call_function" and n.target is torch.flatten:
+            return ok_shape and (n.args[1] if len(n.args) > 1 else n.kwargs.get("start_dim", 0)) == 1
+        if n.op == "call_method" and n.target in ("flatten", "view", "reshape"):
+            x = self.tensor_args(n)[0]
+            return ok_shape and len(self.shape(x)) == 4 and self.shape(n)[0] == self.shape(x)[0]
+        return False
+
+    def simple(self, n: fx.Node, op: Op) -> None:
+        self.consume(n)
+        self.groups.append(_Group(op, [n], self.tensor_args(n)[:1], out_channels=self.shape(n)[1]))
+
+    def pool(self, n: fx.Node, m: nn.Module | None, cls) -> None:
+        names = ("kernel_size", "stride", "padding") + (("dilation", "ceil_mode") if cls is MaxPool else
+                                                         ("ceil_mode", "count_include_pad", "divisor_override"))
+        if m is not None:
+            opt = {k: getattr(m, k) for k in names}
+        else:
+            opt = dict(zip(names, n.args[1:]))
+            opt.update({k: v for k, v in n.kwargs.items() if k in names})
+        k = _pair(opt["kernel_size"])
+        s = _pair(opt.get("stride") or opt["kernel_size"])  # stride None or () means the kernel
+        p = _pair(opt.get("padding", 0))
+        ceil = bool(opt.get("ceil_mode", False))
+        if None not in (k, s, p) and ceil and cls is AvgPool:
+            # ceil mode changes nothing when the windows tile the input exactly (timm's ResNet-D
+            # shortcut: AvgPool2d(2, 2, ceil_mode=True) on an even size)
+            x = self.tensor_args(n)[0]
+            ceil = self.shape(n)[2:] != tuple((h + 2 * p - k) // s + 1 for h in self.shape(x)[2:])
+        extra_ok = _pair(opt.get("dilation", 1)) == 1 and opt.get("divisor_override") is None and \
+            (opt.get("count_include_pad", True) or p == 0)  # without padding there is nothing to count
+        if None in (k, s, p) or not extra_ok or (ceil and cls is AvgPool):
+            raise self.refuse(n, "this pooling (non-square, dilated, ceil-mode average or a custom divisor)")
+        self.simple(n, cls(k, s, p, ceil) if cls is MaxPool else cls(k, s, p))
+
+    def norm_act(self, n: fx.Node, m: nn.BatchNorm2d) -> str | None:
+        """The activation inside a BatchNorm2d subclass (timm's ``BatchNormAct2d``: ``act(drop(bn(x)))``);
+        None for a plain BatchNorm or an identity activation. Refuses a BatchNorm it cannot read."""
+        if not (m.affine and m.track_running_stats):
+            raise self.refuse(n, "BatchNorm without affine parameters or running statistics")
+        if _is_plain(m, nn.BatchNorm2d):
+            return None
+        act, drop = getattr(m, "act", None), getattr(m, "drop", None)
+        if isinstance(act, nn.Module) and isinstance(drop, (nn.Identity, nn.Dropout)):
+            if isinstance(act, nn.Identity):
+                return None
+            name = _module_act(act)
+            if name is not None:
+                return name
+            raise self.refuse(n, f"the activation {type(act).__name__} inside {type(m).__name__}")
+        raise self.refuse(n, f"{type(m).__name__} (a BatchNorm2d with its own forward that is not "
+                             "batch norm, dropout, activation)")
+
+    def conv(self, n: fx.Node, m: nn.Conv2d) -> None:
+        if not _is_plain(m, nn.Conv2d):
+            raise self.refuse(n, f"{type(m).__name__} (a Conv2d with its own forward, e.g. TensorFlow 'same' "
+                                 "padding that depends on the input size)")
+        k, s, p = _pair(m.kernel_size), _pair(m.stride), _pair(m.padding)
+        if None in (k, s, p) or _pair(m.dilation) != 1 or m.padding_mode != "zeros" or isinstance(m.padding, str):
+            raise self.refuse(n, f"a convolution with kernel {m.kernel_size}, stride {m.stride}, padding "
+                                 f"{m.padding!r}, dilation {m.dilation}, padding mode {m.padding_mode!r} (hwslim's "
+                                 "are square, undilated, zero-padded)")
+        cin, cout, g = m.in_channels, m.out_channels, m.groups
+        group_width = None
+        if g > 1:
+            if cin != cout:
+                raise self.refuse(n, f"a grouped convolution whose output ({cout}) differs from its input ({cin})")
+            group_width = cin // g
+        members, modules = [n], {"conv": m}
+        tail, bn_eps, act = n, 1e-5, None
+        u = self.sole_user(tail)
+        if u is not None and isinstance(self.mod(u), nn.BatchNorm2d):
+            modules["bn"] = self.mod(u)
+            bn_eps = modules["bn"].eps
+            act = self.norm_act(u, modules["bn"])
+            members.append(u)
+            tail = u
+        residual = None
+        u = self.sole_user(tail)
+        if act is None and u is not None and self.add_operands(u) is not None:
+            a, b = self.add_operands(u)
+            other = b if a is tail else a
+            if other is not tail and self.shape(other) == self.shape(u):
+                residual = other
+                members.append(u)
+                tail = u
+        u = self.sole_user(tail)
+        if act is None and u is not None and self.act_of(u) is not None:
+            act = self.act_of(u)
+            members.append(u)
+        self.consume(*members)
+        op = Conv(k, s, p, group_width, act, "bn" in modules, m.bias is not None, bn_eps)
+        self.groups.append(_Group(op, members, [self.tensor_args(n)[0]] + ([residual] if residual is not None else []),
+                                  modules, out_channels=cout))
+
+    def bn(self, n: fx.Node, m: nn.BatchNorm2d) -> None:
+        members, act = [n], self.norm_act(n, m)
+        u = self.sole_user(n)
+        if act is None and u is not None and self.act_of(u) is not None:
+            act = self.act_of(u)
+            members.append(u)
+        self.consume(*members)
+        self.groups.append(_Group(BatchNorm(act, m.eps), members, [self.tensor_args(n)[0]], {"bn": m},
+                                  out_channels=m.num_features))
+
+    def linear(self, n: fx.Node, m: nn.Linear) -> None:
+        if not _is_plain(m, nn.Linear):
+            raise self.refuse(n, f"{type(m).__name__} (a Linear with its own forward)")
+        if m.bias is None:
+            raise self.refuse(n, "a linear layer without a bias")
+        x = self.tensor_args(n)[0]
+        if len(self.shape(x)) != 2:
+            raise self.refuse(n, f"a linear layer on a {len(self.shape(x))}-D tensor (channels-last blocks)")
+        members, act = [n], None
+        u = self.sole_user(n)
+        if u is not None and self.act_of(u) is not None:
+            act = self.act_of(u)
+            members.append(u)
+        self.consume(*members)
+        self.groups.append(_Group(Linear(act), members, [x], {"linear": m},
+                                  out_channels=m.out_features))
+
+    # -- 2. emission order, names, units --------------------------------------------------------------
+    def resolve(self, n: fx.Node) -> fx.Node:
+        while n in self.alias:
+            n = self.alias[n]
+        return n
+
+    def build(self) -> tuple[Graph, dict[str, dict[str, nn.Module]]]:
+        order = {n: i for i, n in enumerate(self.nodes)}
+        groups = sorted(self.groups, key=lambda g: order[g.last])
+        placeholder = next(n for n in self.nodes if n.op == "placeholder")
+        (out_node,) = [n for n in self.nodes if n.op == "output"]
+        result = out_node.args[0]
+        if not isinstance(result, fx.Node):
+            raise ImportRefused(f"{type(self.module).__name__} returns {type(result).__name__}, not one tensor")
+        producer: dict[fx.Node, _Group] = {}
+        for g in groups:
+            producer[g.last] = g
+        used: set[str] = {INPUT}
+        tensor_of: dict[fx.Node, str] = {placeholder: INPUT}
+        for g in groups:
+            first = g.members[0]
+            if g.base:
+                base = g.base
+            elif isinstance(g.op, SqueezeExcite):  # named after the module holding its convs, not its pool
+                first = g.members[1]
+                base = _clean(str(first.target).rpartition(".")[0] or first.target)
+            else:
+                base = _clean(first.target if first.op == "call_module" else first.name)
+            name = base
+            k = 1
+            while name in used:
+                k += 1
+                name = f"{base}_{k}"
+            used.add(name)
+            g.name = name
+            tensor_of[g.last] = name
+
+        def tensor(n: fx.Node) -> str:
+            n = self.resolve(n)
+            if n not in tensor_of:
+                raise ImportRefused(f"{_where(n, self.gm)}: its value is used but was folded into another "
+                                    "operator; hwslim cannot split it")
+            return tensor_of[n]
+
+        # union-find over unit variables
+        parent: dict[int, int] = {}
+        quantum: dict[int, int] = {}
+        width: dict[int, int] = {}
+        owner: dict[int, str] = {}
+        fixed: set[int] = set()
+
+        def new(w: int, who: str, q: int = 1) -> int:
+            v = len(parent)
+            parent[v], quantum[v], width[v], owner[v] = v, q, w, who
+            return v
+
+        def find(v: int) -> int:
+            while parent[v] != v:
+                parent[v] = parent[parent[v]]
+                v = parent[v]
+            return v
+
+        def union(a: int, b: int) -> None:
+            a, b = find(a), find(b)
+            if a == b:
+                return
+            if width[a] != width[b]:
+                raise ImportRefused(f"channels of {owner[a]!r} ({width[a]}) and {owner[b]!r} ({width[b]}) are "
+                                    "combined element-wise but differ in count")
+            lo, hi = (a, b) if a < b else (b, a)
+            parent[hi] = lo
+            quantum[lo] = _lcm(quantum[lo], quantum[hi])
+            if hi in fixed:
+                fixed.add(lo)
+
+        image = new(int(self.example.shape[1]), INPUT)
+        fixed.add(image)
+        layout: dict[str, list[int]] = {INPUT: [image]}
+        mids: dict[str, int] = {}
+        made: set[int] = set()  # the variables a layer's weights produce (would-be units)
+        pinned: list[tuple[int, _Group]] = []  # variables an operator that moves channels reads or writes
+        for g in groups:  # the operators say how channels flow and which must stay equal
+            ins = tuple(tensor(x) for x in g.inputs)
+            in_lays = [tuple(layout[t]) for t in ins]
+            out = new(g.out_channels, g.name) if g.op.sets_width else None
+            mid = new(g.mid, f"{g.name}/mid") if g.op.has_mid else None
+            made.update(v for v in (out, mid) if v is not None)
+            node = Node(g.name, g.op, ins, out, mid)
+            if g.op.pins:  # its channels change position: what it reads and writes stays fixed
+                lay = [new(g.out_channels, g.name)]
+                pinned += [(v, g) for lay_in in in_lays for v in lay_in] + [(lay[0], g)]
+            else:
+                lay = list(g.op.out_layout(node, in_lays))
+            if g.op.quantum > 1:  # a grouped conv: its unit moves in whole groups
+                if len(in_lays[0]) != 1:
+                    raise ImportRefused(f"{g.name}: a grouped convolution reading a concatenation")
+                r = find(in_lays[0][0])
+                quantum[r] = _lcm(quantum[r], g.op.quantum)
+            for a_lay, b_lay in g.op.unit_ties(node, in_lays):  # element-wise: equal channel units
+                if len(a_lay) != len(b_lay):
+                    raise ImportRefused(f"{g.name}: combines tensors made of different channel groups")
+                for a, b in zip(a_lay, b_lay):
+                    union(a, b)
+            if mid is not None:
+                mids[g.name] = mid
+            if self.keep is not None and self.keep.search(_dotted(g)):
+                fixed.update(lay)
+            layout[g.name] = lay
+        for v in layout[tensor(result)]:  # the network's outputs (the classes) are never slimmed
+            fixed.add(v)
+        self.fix_pinned(pinned, made, fixed, find, owner, width)
+
+        roots = sorted({find(v) for v in parent})
+        fixed_roots = {find(v) for v in fixed}
+        names: dict[int, str] = {}
+        units: dict[str, UnitDef] = {}
+        for r in roots:
+            if r in fixed_roots:
+                continue
+            nm = owner[r]
+            names[r] = nm
+            units[nm] = UnitDef(width[r], quantum[r])
+
+        def ref(v: int):
+            r = find(v)
+            return names.get(r, width[r])
+
+        nodes, weights = [], {}
+        for g in groups:
+            ins = tuple(tensor(x) for x in g.inputs)
+            out = ref(layout[g.name][0]) if g.op.sets_width else None
+            mid = ref(mids[g.name]) if g.name in mids else None
+            nodes.append(Node(g.name, g.op, ins, out, mid))
+            if g.modules:
+                weights[g.name] = g.modules
+        if tensor(result) != nodes[-1].name:
+            raise ImportRefused(f"the output of {type(self.module).__name__} is not its last operator's")
+        num_classes = int(self.shape(result)[1])
+        meta: dict[str, Any] = {"imported_from": type(self.module).__qualname__, "traced_by": self.traced_by}
+        if self.fixed_units:
+            meta["fixed_units"] = self.fixed_units
+        graph = Graph(self.name, nodes, units, int(self.example.shape[-1]), num_classes,
+                      int(self.example.shape[1]), 1.0, 8, meta)
+        return graph, weights
+
+    def fix_pinned(self, pinned, made, fixed, find, owner, width) -> None:
+        """Fix the units that reach an operator that moves channels (with ``fix_unsupported``), else refuse."""
+        fixed_anyway = {find(v) for v in fixed}
+        by: dict[int, _Group] = {}
+        for v, g in pinned:
+            if find(v) not in fixed_anyway:
+                by.setdefault(find(v), g)
+        units: dict[str, tuple[int, _Group]] = {}
+        for r, g in sorted(by.items()):
+            members = [v for v in made if find(v) == r]
+            if members:  # a class made of such operators' outputs only is no unit of the module's
+                units[owner[min(members)]] = (width[r], g)
+        fixed.update(by)
+        if not units:
+            return
+        if not self.fix_unsupported:
+            first = min((g for _, g in units.values()), key=lambda g: self.nodes.index(g.members[0]))
+            names = list(units)
+            listed = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+            raise ImportRefused(f"{_where(first.members[0], self.gm)}: hwslim has no slimmable operator for "
+                                f"{first.what}, which moves channels to other positions; {len(names)} unit(s) "
+                                f"reaching such operations would have to keep their width ({listed}); pass "
+                                "--fix-unsupported to import with them fixed")
+        self.fixed_units = {u: {"width": w, "by": g.name, "what": g.what} for u, (w, g) in units.items()}
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return f"{type(e).__name__}: {' '.join(lines[0].split())[:160]}" if lines else type(e).__name__
+
+
+def _lcm(a: int, b: int) -> int:
+    import math
+
+    return a * b // math.gcd(a, b)
+
+
+def _clean(target: Any) -> str:
+    """A module path or fx name as a node name: ``layer1.0.conv1`` -> ``layer1/0/conv1``."""
+    return re.sub(r"[^A-Za-z0-9_/]", "/", str(target).replace(".", "/")).strip("/") or "node"
+
+
+def _dotted(g: _Group) -> str:
+    first = g.members[0]
+    return str(first.target) if first.op == "call_module" else first.name
+
+
+@torch.no_grad()
+def _copy_weights(net, weights: dict[str, dict[str, nn.Module]]) -> None:
+    for name, mods in weights.items():
+        dst = net.layers[name]
+        if "conv" in mods:
+            src = mods["conv"]
+            dst.conv.weight.copy_(src.weight)
+            if src.bias is not None:
+                dst.conv.bias.copy_(src.bias)
+            if "bn" in mods:
+                _copy_bn(dst.bn, mods["bn"])
+        elif "bn" in mods:
+            _copy_bn(dst, mods["bn"])
+        elif "linear" in mods:
+            dst.weight.copy_(mods["linear"].weight)
+            dst.bias.copy_(mods["linear"].bias)
+        elif "fc1" in mods:
+            for role in ("fc1", "fc2"):
+                getattr(dst, role).weight.copy_(mods[role].weight)
+                getattr(dst, role).bias.copy_(mods[role].bias)
+
+
+def _copy_bn(dst: nn.BatchNorm2d, src: nn.BatchNorm2d) -> None:
+    for attr in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+        getattr(dst, attr).copy_(getattr(src, attr))
+    dst.eps = src.eps
+    dst.momentum = src.momentum
+
+
+def import_model(module: nn.Module, example_input: torch.Tensor, *, name: str | None = None,
+                 keep: str | None = None, divisor: int = 8, fix_unsupported: bool = False):
+    """The slimmable supernet of ``module`` (see the module docstring), with its weights.
+
+    ``keep``: a regular expression; modules whose qualified name matches it keep their
+    output channels. ``name``: the supernet's name (default: the module's class name).
+    ``fix_unsupported``: units that reach an operation that moves channels to other
+    positions (a channel shuffle, a slice or split of the channels) keep their width and
+    are listed in ``net.graph.meta["fixed_units"]`` (:func:`fixed_units`); without it
+    such a module is refused, naming the first such node.
+    Raises :class:`ImportRefused` (one line: the node, the module type and source line,
+    what is missing) for what hwslim cannot express; nothing is built then.
+    """
+    from dataclasses import replace
+
+    from hwslim.core.supernet import SlimmableNet
+
+    if not isinstance(module, nn.Module):
+        raise ImportRefused(f"expected an nn.Module, got {type(module).__name__}")
+    example = example_input.detach().to("cpu")
+    if example.dim() != 4 or example.shape[-1] != example.shape[-2]:
+        raise ImportRefused(f"the example input must be (N, C, S, S) images, got shape {tuple(example.shape)}")
+    was_training = module.training
+    try:
+        imp = _Importer(module, example, keep, name, fix_unsupported)
+        imp.group()
+        graph, weights = imp.build()
+    finally:
+        module.train(was_training)
+    net = SlimmableNet(replace(graph, divisor=divisor))
+    _copy_weights(net, weights)
+    return net.eval()
+
+
+def fixed_units(net) -> dict[str, dict[str, Any]]:
+    """The units an import with ``fix_unsupported`` kept fixed: name -> width, the operator that fixed it."""
+    return dict(net.graph.meta.get("fixed_units") or {})
+
+
+def fixed_units_note(net) -> str | None:
+    """One line for the CLI: which units ``--fix-unsupported`` kept fixed (None: none)."""
+    fixed = fixed_units(net)
+    if not fixed:
+        return None
+    kinds = sorted({f["what"].split(" (")[0] for f in fixed.values()})
+    return (f"--fix-unsupported: {len(fixed)} unit(s) reaching {' and '.join(kinds)} keep their width, "
+            f"{len(net.units)} slim: " + ", ".join(f"{u} ({f['width']})" for u, f in fixed.items()))
+
+
+__all__ = ["ImportRefused", "fixed_units", "fixed_units_note", "import_model"]

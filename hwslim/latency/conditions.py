@@ -1,0 +1,336 @@
+"""The conditions a latency was measured under, and whether two of them compare.
+
+A latency measured on a shared machine depends on more than the model: the CPU and
+the vector instructions it has (AVX-512 and AMX change ONNX Runtime's kernels), its
+clock, and what else runs. :func:`measure_conditions` records them:
+
+* ``cpu``, ``flags`` (the kernel-relevant ones of :data:`KERNEL_FLAGS`), ``cores``,
+  ``mhz`` and ``governor`` where the system shows them;
+* ``load_1min``: the 1-minute load average (what ``uptime`` shows; it lags by a minute
+  and counts the measuring process itself once it has run a while);
+* ``others_running``: the mean number of *other* threads running or waiting to run,
+  sampled (``/proc/loadavg`` minus this process's running threads) while the probe
+  runs: a neighbor spinning on one core counts 1.0, at once;
+* ``probe_ms``: the median time of a fixed small network (:func:`profilers.base.probe_specs`)
+  timed with the table's backend, threads and clock: the machine's speed, measured.
+
+``hwslim profile`` records them at the start and at the end of a table
+(``meta["conditions"]``) and notes a change between the two; ``hwslim verify``,
+``hwslim export --verify`` and ``hwslim demo`` measure them again before measuring a
+model and :func:`compare_to_table`: when the probe differs by more than
+:data:`PROBE_TOLERANCE`, the share of the cores busy with other threads by
+:data:`OTHERS_SHARE` (for older tables, which record only the load average:
+:data:`LOAD_SHARE`), or the CPU differs, the verdict is unreliable, and one line says
+why::
+
+    machine busier than when the table was measured (probe 1.31x slower, load 2.1 vs 1.0): verdict unreliable
+
+The tolerances are measured on the 2-core development machine (AMD EPYC, KVM; see
+``latency_tables/README.md``): repeated probes there agree within 0.5%, and a neighbor
+process spinning on the other core moved the probe (thread CPU time) by 0-4%.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import math
+import os
+import statistics
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Mapping, Sequence
+
+from hwslim.core.machine import (KERNEL_FLAGS, cpu_flags, cpu_governor, cpu_mhz, cpu_model, load_1min,  # noqa: F401
+                                 others_running)
+
+# the probe may differ by this much (relative) before a verdict is called unreliable: 10x the
+# spread of repeated probes on a quiet machine, above what a neighbor on another core did to
+# the thread-CPU-time clock on the development machine (0-4%)
+PROBE_TOLERANCE = 0.05
+# the share of the cores busy with other threads (sampled during the probe, capped at all of
+# them) may differ by this much: on 2 cores, 0.8 threads; a neighbor spinning on one core is 1.0
+OTHERS_SHARE = 0.4
+# the same for the 1-minute load average, where a table records nothing else (older tables)
+LOAD_SHARE = 0.5
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+@dataclass(frozen=True)
+class Conditions:
+    """What a measurement ran under (see the module docstring); None: not known."""
+
+    cpu: str | None = None
+    flags: tuple[str, ...] | None = None
+    cores: int | None = None
+    mhz: float | None = None
+    governor: str | None = None
+    load_1min: float | None = None
+    others_running: float | None = None
+    probe_ms: float | None = None
+    probe_iqr_ms: float | None = None
+    probe_n: int | None = None
+    at: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["flags"] = None if self.flags is None else list(self.flags)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Any) -> "Conditions | None":
+        """Read recorded conditions; a value that is not what it should be reads as unknown."""
+        if not isinstance(d, Mapping):
+            return None
+
+        def number(key: str, positive: bool = False) -> float | None:
+            v = d.get(key)
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+            return float(v) if ok and (v > 0 or not positive) else None
+
+        def text(key: str) -> str | None:
+            v = d.get(key)
+            return v if isinstance(v, str) and v else None
+
+        flags = d.get("flags")
+        flags = tuple(flags) if isinstance(flags, list) and all(isinstance(f, str) for f in flags) else None
+        cores = number("cores", positive=True)
+        n = number("probe_n", positive=True)
+        return cls(cpu=text("cpu"), flags=flags, cores=int(cores) if cores else None, mhz=number("mhz", True),
+                   governor=text("governor"), load_1min=number("load_1min"),
+                   others_running=number("others_running"), probe_ms=number("probe_ms", positive=True),
+                   probe_iqr_ms=number("probe_iqr_ms"), probe_n=int(n) if n else None, at=text("at") or "")
+
+    def describe(self) -> str:
+        """One line for logs: ``AMD EPYC (avx2, avx512f), probe 0.255 ms, load 0.9``."""
+        parts = [f"{self.cpu or '?'}" + (f" ({', '.join(self.flags)})" if self.flags else "")]
+        if self.probe_ms is not None:
+            parts.append(f"probe {self.probe_ms:.3g} ms")
+        if self.others_running is not None:
+            parts.append(f"{self.others_running:.1f} other running threads")
+        if self.load_1min is not None:
+            parts.append(f"load {self.load_1min:.1f}")
+        return ", ".join(parts)
+
+
+def machine_conditions() -> Conditions:
+    """This machine's conditions now, without a probe (no backend needed)."""
+    return Conditions(cpu=cpu_model(), flags=cpu_flags(), cores=os.cpu_count(), mhz=cpu_mhz(),
+                      governor=cpu_governor(), load_1min=load_1min(), others_running=_mean_others(4),
+                      at=_now())
+
+
+def measure_conditions(profiler=None) -> Conditions:
+    """This machine's conditions now, with the probe timed by ``profiler`` (its backend,
+    threads and clock; a quarter of a second) and the other running threads sampled
+    meanwhile. Without a profiler, or where its backend has no probe: as
+    :func:`machine_conditions`."""
+    base = machine_conditions()
+    if profiler is None:
+        return base
+    seen: list[int] = []
+
+    def count() -> None:
+        n = others_running()
+        if n is not None:
+            seen.append(n)
+
+    t = profiler.probe(between=count)
+    if t is None:
+        return base
+    others = round(statistics.mean(seen), 2) if seen else base.others_running
+    return replace(base, others_running=others, probe_ms=round(t.median_ms, 6), probe_iqr_ms=round(t.iqr_ms, 6),
+                   probe_n=t.n, load_1min=load_1min())
+
+
+def _mean_others(n: int) -> float | None:
+    seen = [x for x in (others_running() for _ in range(n)) if x is not None]
+    return round(statistics.mean(seen), 2) if seen else None
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# -- comparing --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ConditionCheck:
+    """The comparison of the conditions now with a reference's (a table's, or a profile's start).
+
+    ``reasons`` is empty when they compare; otherwise :meth:`line` says how they differ.
+    ``details`` (probe ratio, load) are reported either way.
+    """
+
+    reasons: tuple[str, ...]
+    headline: str
+    details: tuple[str, ...]
+    probe_ratio: float | None = None  # now / reference
+    load_now: float | None = None
+    load_then: float | None = None
+    others_now: float | None = None
+    others_then: float | None = None
+    now: Conditions | None = None  # the conditions compared
+
+    @property
+    def reliable(self) -> bool:
+        return not self.reasons
+
+    @property
+    def summary(self) -> str:
+        """``machine busier than when the table was measured (probe 1.31x slower, load 2.1 vs 1.0)``"""
+        extra = [r for r in self.reasons if r not in self.details]
+        if not self.headline:  # only the reasons given from outside (the table's own change)
+            return "; ".join(extra) + (f"; now vs the table: {', '.join(self.details)}" if self.details else "")
+        inside = ", ".join(self.details) + ("; " if self.details and extra else "") + "; ".join(extra)
+        return f"{self.headline} ({inside})" if inside else self.headline
+
+    def line(self, consequence: str = "verdict unreliable") -> str:
+        """:attr:`summary` and what follows from it: ``...: verdict unreliable``."""
+        return f"{self.summary}: {consequence}"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"reliable": self.reliable, "reasons": list(self.reasons), "probe_ratio": self.probe_ratio,
+                "load_now": self.load_now, "load_then": self.load_then, "others_running_now": self.others_now,
+                "others_running_then": self.others_then, "probe_ms_now": self.now.probe_ms if self.now else None,
+                "note": None if self.reliable else self.line()}
+
+
+def compare(then: Conditions | None, now: Conditions, *, than: str = "when the table was measured",
+            same_cpu: bool = True, also: Sequence[str] = ()) -> ConditionCheck:
+    """Do the conditions ``now`` compare with ``then``? (``also``: further reasons not to trust.)
+
+    Unreliable when the CPU or its kernel flags or governor differ (``same_cpu``), the
+    probe is slower or faster by more than :data:`PROBE_TOLERANCE`, or the share of the
+    cores busy with other threads (each count capped at the core count: beyond it every
+    core is shared either way) differs by :data:`OTHERS_SHARE` or more (where either
+    side lacks the count: the 1-minute load, by :data:`LOAD_SHARE`).
+    """
+    then = then or Conditions()
+    reasons: list[str] = list(also)
+    busier = quieter = faster = busier_probe = False
+    details: list[str] = []
+    other_machine = False
+    if same_cpu and then.cpu and now.cpu and then.cpu != now.cpu:
+        reasons.append(f"table: {then.cpu}; here: {now.cpu}")
+        other_machine = True
+    elif same_cpu and then.flags is not None and now.flags is not None and set(then.flags) != set(now.flags):
+        gone, new = sorted(set(then.flags) - set(now.flags)), sorted(set(now.flags) - set(then.flags))
+        reasons.append("CPU flags differ" + (f" (missing here: {', '.join(gone)})" if gone else "")
+                       + (f" (new here: {', '.join(new)})" if new else ""))
+        other_machine = True
+    if then.governor and now.governor and then.governor != now.governor:
+        reasons.append(f"frequency governor {now.governor} vs {then.governor}")
+    ratio = None
+    if then.probe_ms and now.probe_ms:
+        ratio = now.probe_ms / then.probe_ms
+        details.append(f"probe {ratio:.2f}x slower" if ratio >= 1 else f"probe {1 / ratio:.2f}x faster")
+        if ratio > 1 + PROBE_TOLERANCE:
+            reasons.append(details[-1])
+            busier = busier_probe = True
+        elif ratio < 1 / (1 + PROBE_TOLERANCE):
+            reasons.append(details[-1])
+            faster = True
+    cores = now.cores or then.cores or os.cpu_count() or 1
+
+    def share_change(a: float, b: float) -> float:  # busy share of the cores, now minus then
+        return (min(a, cores) - min(b, cores)) / cores
+
+    if then.others_running is not None and now.others_running is not None:
+        d = share_change(now.others_running, then.others_running)
+        details.append(f"{now.others_running:.1f} vs {then.others_running:.1f} other running threads")
+        if abs(d) >= OTHERS_SHARE - 1e-9:
+            reasons.append(details[-1])
+            busier, quieter = busier or d > 0, quieter or d < 0
+        if now.load_1min is not None and then.load_1min is not None:
+            details.append(f"load {now.load_1min:.1f} vs {then.load_1min:.1f}")
+    elif then.load_1min is not None and now.load_1min is not None:
+        d = share_change(now.load_1min, then.load_1min)
+        details.append(f"load {now.load_1min:.1f} vs {then.load_1min:.1f}")
+        if abs(d) >= LOAD_SHARE - 1e-9:
+            reasons.append(details[-1])
+            busier, quieter = busier or d > 0, quieter or d < 0
+    # the probe is the measurement: its direction names the change; the threads only where it agrees
+    if other_machine:
+        headline = "another machine than the table's"
+    elif busier_probe or (busier and not faster):
+        headline = f"machine busier than {than}"
+    elif faster:
+        headline = f"machine faster than {than}"
+    elif quieter:
+        headline = f"machine quieter than {than}"
+    elif also and len(reasons) == len(also):
+        headline = ""
+    else:
+        headline = f"conditions differ from those {than}"
+    return ConditionCheck(tuple(reasons), headline, tuple(details), ratio, now.load_1min, then.load_1min,
+                          now.others_running, then.others_running, now)
+
+
+def _mean(values: Sequence[float | None]) -> float | None:
+    vals = [v for v in values if v is not None]
+    return round(statistics.mean(vals), 6) if vals else None
+
+
+def table_conditions(meta: Mapping[str, Any]) -> tuple[Conditions | None, str | None]:
+    """What a table was measured under (start and end merged: mean numbers) and the note
+    ``hwslim profile`` left when they changed while it measured (else None).
+
+    Tables from before conditions were recorded give what they have: the CPU (for CPU
+    tables) and the 1-minute load at start and end.
+    """
+    rec = meta.get("conditions")
+    if isinstance(rec, Mapping):
+        parts = [c for c in (Conditions.from_dict(rec.get("start")), Conditions.from_dict(rec.get("end")))
+                 if c is not None]
+        changed = rec.get("changed") if isinstance(rec.get("changed"), str) else None
+        if parts:
+            first = parts[0]
+            merged = Conditions(cpu=first.cpu, flags=first.flags, cores=first.cores, mhz=_mean([c.mhz for c in parts]),
+                                governor=first.governor, load_1min=_mean([c.load_1min for c in parts]),
+                                others_running=_mean([c.others_running for c in parts]),
+                                probe_ms=_mean([c.probe_ms for c in parts]),
+                                probe_iqr_ms=_mean([c.probe_iqr_ms for c in parts]), at=first.at)
+            return merged, changed
+    loads = meta.get("load_avg_1min")
+    load = None
+    if isinstance(loads, list):
+        load = _mean([float(v) for v in loads if isinstance(v, (int, float)) and not isinstance(v, bool)
+                      and math.isfinite(v) and v >= 0])
+    cpu = meta.get("device_name") if meta.get("device") == "cpu" and isinstance(meta.get("device_name"), str) else None
+    if cpu is None and load is None:
+        return None, None
+    return Conditions(cpu=cpu, load_1min=load), None
+
+
+def compare_to_table(meta: Mapping[str, Any], now: Conditions) -> ConditionCheck:
+    """:func:`compare` the conditions now with a table's (its metadata), including the change
+    ``hwslim profile`` noted while measuring it."""
+    then, changed = table_conditions(meta)
+    also = [f"conditions changed while the table was measured ({changed})"] if changed else []
+    return compare(then, now, also=also)
+
+
+def drift(start: Conditions, end: Conditions, what: str = "profiling") -> ConditionCheck:
+    """How the conditions changed between the start and the end of one measurement (a profile)."""
+    return compare(start, end, than=f"at the start of {what}", same_cpu=False)
+
+
+def conditions_for_table(table) -> Conditions:
+    """The conditions now, the probe timed with ``table``'s own backend and settings."""
+    from profilers import profiler_for_table
+
+    with profiler_for_table(table) as prof:
+        return measure_conditions(prof)
+
+
+__all__ = ["KERNEL_FLAGS", "LOAD_SHARE", "OTHERS_SHARE", "PROBE_TOLERANCE", "ConditionCheck", "Conditions",
+           "compare", "compare_to_table", "conditions_for_table", "cpu_flags", "cpu_model", "drift",
+           "machine_conditions", "measure_conditions", "table_conditions"]

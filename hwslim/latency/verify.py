@@ -1,0 +1,318 @@
+"""Does an exported model meet its budget on the device? Measure it and compare.
+
+:func:`verify_model` takes an ONNX file written by ``hwslim export`` and the latency
+table the config was searched with. It reads the channel config from the file's
+metadata, predicts the latency with the table (the same prediction the search used),
+measures the file end to end on the table's backend with the table's protocol
+(device, threads, precision, warm-up and repetitions: the profiler is rebuilt from
+the table's own settings, so the measurement is comparable to the table), and
+compares both with the budget::
+
+    >>> r = verify_model("r20_2ms.onnx", "tables/r20_cpu.json")     # doctest: +SKIP
+    >>> r.ok, r.predicted_ms, r.measured_ms, r.budget_ms            # doctest: +SKIP
+    (True, 1.93, 1.97, 2.0)
+
+The budget is ``budget_ms`` when given, else the latency budget the search recorded
+in the config (``meta["budget"]``). It *holds* when the measured median is at most
+``budget * (1 + tolerance)``; the default tolerance (3%) absorbs run-to-run noise of
+a shared machine. With no latency budget anywhere, the result only reports.
+
+Before measuring, the conditions are taken again (CPU, load, the machine-speed probe
+with the table's own settings; :mod:`hwslim.latency.conditions`) and compared with those the
+table recorded. When they differ markedly the verdict is ``UNRELIABLE`` instead of a
+confident OK or OVER, and one line says why (``machine busier than when the table was
+measured (probe 1.31x slower, ...): verdict unreliable``); ``hwslim verify`` then exits
+with status 3 (:data:`EXIT_UNRELIABLE`).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+from hwslim.core.config import ChannelConfig
+from hwslim.core.errors import ConfigError, TableError
+from hwslim.core.resources import check_inference
+
+DEFAULT_TOLERANCE = 0.03
+# exit status of `hwslim verify` / `export --verify` when no confident verdict was possible
+EXIT_UNRELIABLE = 3
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    """Predicted vs measured latency of one exported model, and its budget."""
+
+    model: Path
+    table: Path
+    config: ChannelConfig
+    backend: str
+    batch: int
+    predicted_ms: float
+    measured_ms: float  # median
+    iqr_ms: float
+    p90_ms: float
+    n: int
+    noisy: bool
+    budget_ms: float | None
+    tolerance: float
+    conditions: Any = None  # hwslim.latency.conditions.ConditionCheck: now vs the table's; None: not compared
+
+    @property
+    def ok(self) -> bool:
+        """The budget holds (or there is none), as measured; see :attr:`reliable`."""
+        return self.budget_ms is None or self.measured_ms <= self.budget_ms * (1 + self.tolerance)
+
+    @property
+    def reliable(self) -> bool:
+        """The conditions compare with the table's, so the measurement can be trusted against it."""
+        return self.conditions is None or self.conditions.reliable
+
+    @property
+    def verdict(self) -> str:
+        """``OK``, ``OVER``, ``UNRELIABLE`` (conditions differ from the table's) or ``no budget``."""
+        if self.budget_ms is None:
+            return "no budget"
+        if not self.reliable:
+            return "UNRELIABLE"
+        return "OK" if self.ok else "OVER"
+
+    @property
+    def prediction_error(self) -> float:
+        """(predicted - measured) / measured."""
+        return (self.predicted_ms - self.measured_ms) / self.measured_ms
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "model": str(self.model), "table": str(self.table), "backend": self.backend, "batch": self.batch,
+            "predicted_ms": self.predicted_ms, "measured_ms": self.measured_ms, "iqr_ms": self.iqr_ms,
+            "p90_ms": self.p90_ms, "n": self.n, "noisy": self.noisy, "budget_ms": self.budget_ms,
+            "tolerance": self.tolerance, "within_budget": self.ok,
+            "prediction_error_pct": 100 * self.prediction_error, "verdict": self.verdict, "reliable": self.reliable,
+            "conditions": None if self.conditions is None else self.conditions.as_dict(),
+        }
+
+
+def budget_from_config(config: ChannelConfig) -> float | None:
+    """The latency budget (ms) a search recorded in the config's meta, if any."""
+    b = config.meta.get("budget")
+    if isinstance(b, dict) and b.get("kind") == "latency_ms":
+        return float(b["value"])
+    return None
+
+
+def resolve_model(path: str | os.PathLike) -> tuple[Path, dict[str, str]]:
+    """The ONNX file to measure and its hwslim metadata.
+
+    ``path`` is an ONNX file from ``hwslim export``, or a TensorRT engine or OpenVINO IR
+    whose JSON provenance file (``ENGINE.json``, ``MODEL.xml.json``) names the ONNX it was
+    built from.
+    """
+    from hwslim.runtimes.onnx_file import onnx_metadata
+
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"model file {path} not found")
+    if path.suffix != ".onnx":
+        sidecar = path.with_name(path.name + ".json")
+        if not sidecar.is_file():
+            raise ConfigError(f"{path} is not an ONNX file and has no {sidecar.name} naming its ONNX source; "
+                              "give the .onnx file `hwslim export` wrote")
+        try:
+            source = json.loads(sidecar.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ConfigError(f"{sidecar} is not readable JSON ({type(e).__name__}); re-run hwslim export") from None
+        if not isinstance(source, dict) or not isinstance(source.get("onnx"), str) or not source["onnx"]:
+            raise ConfigError(f"{sidecar} does not name the ONNX file the engine was built from (no \"onnx\"); "
+                              "give the .onnx file `hwslim export` wrote")
+        path = Path(source["onnx"])
+        if not path.is_file():
+            raise ConfigError(f"{sidecar} names {path} as the engine's ONNX source, but it does not exist")
+    return path, onnx_metadata(path)
+
+
+# metadata numbers an exported model carries -> the smallest value that makes sense
+_META_INTS = {"batch": 1, "num_classes": 1, "divisor": 1}
+
+
+def metadata_int(meta: dict[str, str], key: str, source: str, default: int | None = None) -> int | None:
+    """A whole-number field of an exported model's hwslim metadata; ConfigError if garbled."""
+    if key not in meta:
+        return default
+    text = meta[key]
+    try:
+        v = int(text)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{source}: metadata hwslim.{key}={text!r} is not a whole number; "
+                          "re-export the model with `hwslim export`") from None
+    if v < _META_INTS.get(key, 1):
+        raise ConfigError(f"{source}: metadata hwslim.{key}={v} must be at least {_META_INTS.get(key, 1)}; "
+                          "re-export the model with `hwslim export`")
+    return v
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def check_budget(budget_ms: float | None) -> None:
+    """Refuse (ConfigError) a budget that is not a finite positive number."""
+    if budget_ms is not None and not (0 < float(budget_ms) < float("inf")):
+        raise ConfigError(f"--budget-ms must be a positive number, got {budget_ms:g}")
+
+
+def table_for(table: str | os.PathLike | Any, net, config: ChannelConfig, *, batch: int,
+              budget_ms: float | None = None, force: bool = False):
+    """The latency table to verify ``config`` of ``net`` against, checked before any work.
+
+    Loads ``table`` (a path, or an already loaded table), refuses one measured on another
+    setup (model, batch, input size; unless ``force``) and a budget that is not positive
+    (``budget_ms``, else the config's). ``hwslim export --verify`` runs this before it
+    writes anything, so a bad table or budget leaves existing files as they were.
+    """
+    from hwslim.latency.table import LatencyTable
+
+    tbl = table if not isinstance(table, (str, os.PathLike)) else LatencyTable.load(table)
+    net.validate(config)
+    tbl.check_compatible(net, batch=batch, input_size=config.input_size, force=force)
+    check_budget(budget_ms if budget_ms is not None else budget_from_config(config))
+    return tbl
+
+
+def profiler_for_table(table):
+    """A profiler measuring with the table's backend and protocol (its recorded settings)."""
+    from profilers import profiler_for_table
+
+    return profiler_for_table(table)
+
+
+def net_from_metadata(meta: Mapping[str, str], config, source: str):
+    """The supernet an exported model came from: its graph in the metadata (older files: the zoo)."""
+    from hwslim.core.errors import ConfigError
+    from hwslim.core.graph import GraphFormatError, graph_from_dict
+    from hwslim.models import create_model
+    from hwslim.core.supernet import SlimmableNet
+
+    extra = {k: metadata_int(meta, k, source) for k in ("num_classes", "divisor") if k in meta}
+    if "graph" not in meta:
+        return create_model(config.model, width_mult=config.width_mult, input_size=config.input_size, **extra)
+    try:
+        from dataclasses import replace
+
+        graph = replace(graph_from_dict(json.loads(meta["graph"])), input_size=int(config.input_size))
+        net = SlimmableNet.from_graph(graph)
+    except (ValueError, KeyError, TypeError, GraphFormatError) as e:
+        raise ConfigError(f"{source}: its hwslim.core.graph metadata is unusable ({type(e).__name__}: {e})") from None
+    for key, value in extra.items():
+        if getattr(net, key) != value:
+            raise ConfigError(f"{source}: its metadata says {key} {value} but its graph has {getattr(net, key)}; "
+                              "the file was edited: export it again")
+    return net
+
+
+def verify_model(model: str | os.PathLike, table: str | os.PathLike | Any, *, budget_ms: float | None = None,
+                 tolerance: float = DEFAULT_TOLERANCE, force: bool = False, progress: bool = False,
+                 log: Callable[[str], None] | None = None, conditions=None) -> VerifyResult:
+    """Predict (config from the model's metadata + table), measure on the table's backend, compare.
+
+    ``conditions`` (:class:`hwslim.latency.conditions.Conditions`) are this machine's, taken
+    with the table's profiler just before (callers verifying several models take them
+    once); by default they are measured here, before the model. With ``progress``, a
+    line saying what is measured goes to ``log`` (default: stderr, so that a caller's
+    stdout stays its own, e.g. ``--json``).
+    """
+    from hwslim.latency.conditions import compare_to_table, measure_conditions
+    import torch
+
+    from hwslim.runtimes.onnx_file import config_from_metadata
+
+    check_budget(budget_ms)
+    onnx_path, meta = resolve_model(model)
+    config = config_from_metadata(meta, str(onnx_path))
+    batch = metadata_int(meta, "batch", str(onnx_path), 1)
+    with torch.device("meta"):  # shapes only: no weights needed to predict
+        net = net_from_metadata(meta, config, str(onnx_path))
+    check_inference(net, config, batch=batch, input_size=config.input_size,
+                    what=f"measuring {onnx_path} (batch {batch:,} at {config.input_size}x{config.input_size} px)")
+    tbl = table_for(table, net, config, batch=batch, budget_ms=budget_ms, force=force)
+    table_path = Path(getattr(tbl, "path", None) or (table if isinstance(table, (str, os.PathLike)) else "<table>"))
+    predicted = float(tbl.predict_ms(net.layer_specs(config, batch=batch, input_size=config.input_size)))
+    if budget_ms is None:
+        budget_ms = budget_from_config(config)
+    profiler = profiler_for_table(tbl)
+    # the artifact itself where the backend reads it (OpenVINO IR on openvino), else its ONNX source
+    target = Path(model) if Path(model).suffix in profiler.model_suffixes else onnx_path
+    try:
+        if conditions is None:
+            conditions = measure_conditions(profiler)
+    except BaseException:
+        profiler.close()
+        raise
+    check = compare_to_table(tbl.meta, conditions)
+    if progress:
+        (log or _stderr)(f"measuring {target} end to end with {getattr(profiler, 'backend', '?')} "
+                         f"({getattr(profiler, 'threads', '?')} thread(s), the table's protocol) ...")
+    shape = (batch, net.in_channels, config.input_size, config.input_size)
+    try:
+        t = profiler.time_onnx(str(target), shape)
+    finally:
+        profiler.close()
+    backend = str(tbl.meta.get("backend", "?"))
+    if t.median_ms <= 0:
+        raise TableError(f"the {backend} profiler returned a non-positive time for {onnx_path}")
+    return VerifyResult(target, table_path, config, backend, batch, predicted, float(t.median_ms),
+                        float(t.iqr_ms), float(t.p90_ms), int(t.n), bool(t.noisy), budget_ms, tolerance, check)
+
+
+def exit_status(results: Sequence[VerifyResult]) -> int:
+    """0: every budget holds; 1: one is confidently over; 3 (:data:`EXIT_UNRELIABLE`): none is
+    over, but a verdict is unreliable (the conditions of its measurement differ from the table's).
+    A model without a budget has no verdict to doubt: it only reports."""
+    if any(r.verdict == "OVER" for r in results):
+        return 1
+    if any(r.verdict == "UNRELIABLE" for r in results):
+        return EXIT_UNRELIABLE
+    return 0
+
+
+def verify_rows(results: Sequence[VerifyResult]) -> list[dict[str, Any]]:
+    rows = []
+    for r in results:
+        rows.append({
+            "model": r.model.name,
+            "budget_ms": "-" if r.budget_ms is None else r.budget_ms,
+            "predicted_ms": r.predicted_ms,
+            "measured_ms": r.measured_ms,
+            "iqr_ms": r.iqr_ms,
+            "pred_err_%": 100 * r.prediction_error,
+            "verdict": r.verdict,
+        })
+    return rows
+
+
+def print_verify(results: Sequence[VerifyResult], file=None, log: Callable[[str], None] | None = None) -> None:
+    """Print predicted vs measured vs budget as a table (to ``file``, default stdout).
+
+    The notes after it (a noisy measurement, a budget that does not hold) go to ``log``;
+    by default to ``file`` when one is given, else to stderr.
+    """
+    from hwslim.core.report import print_table
+
+    print_table(verify_rows(results), file=file)
+    if log is None:
+        log = (lambda msg: print(msg, file=file)) if file is not None else _stderr
+    said = set()
+    for r in results:
+        if not r.reliable and r.conditions.line() not in said:  # one line, however many models it concerns
+            said.add(r.conditions.line())
+            log(r.conditions.line())
+    for r in results:
+        if r.noisy:
+            log(f"note: {r.model.name}: the measurement was noisy (IQR {r.iqr_ms:.3g} ms); "
+                "re-run on a quieter machine")
+        if r.budget_ms is not None and not r.ok and r.reliable:
+            log(f"{r.model.name}: measured {r.measured_ms:.3f} ms exceeds the budget {r.budget_ms:g} ms "
+                f"(+{100 * r.tolerance:g}% tolerance)")

@@ -1,0 +1,381 @@
+"""The whole pipeline in one command, on this CPU, with no download: ``hwslim demo``.
+
+1. **Train** a small slimmable supernet (ResNet-20 at 24 px) on the built-in
+   ``synthetic`` data (:mod:`hwslim.training.train`; sandwich rule, in-place distillation);
+2. **profile** this CPU for that model: an ONNX Runtime latency table, calibrated end to
+   end (:mod:`hwslim.latency.profile`);
+3. **search** it at three latency budgets between the narrowest and the full config's
+   predicted latency (:func:`hwslim.search.greedy.greedy_search`);
+4. **export** each config to ONNX, checked against PyTorch (:mod:`hwslim.export.exporter`);
+5. **measure** each exported model with the table's protocol and score it on held-out
+   images with ONNX Runtime (:mod:`hwslim.latency.verify`). The machine's conditions (load, a
+   speed probe; :mod:`hwslim.latency.conditions`) are taken first and compared with the
+   table's: where they differ, the verdicts are ``UNRELIABLE`` and one line says why;
+6. print budget / predicted / measured / accuracy / parameters, and save the
+   accuracy-latency plot.
+
+Everything lands in one folder (default ``hwslim-demo/``): ``train/checkpoint.pt``,
+``table/``, ``search/``, ``models/*.onnx``, ``results.csv``, ``demo.json`` (provenance)
+and ``accuracy_latency.png``. An existing non-empty folder is refused unless ``force``,
+which deletes the demo's own files there first (:data:`OUTPUTS`), so the run starts from
+scratch: a new training run and a new table. ``quick`` is a smoke run (a tinier model,
+one epoch, a short protocol) whose numbers mean little.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from hwslim import __version__
+from hwslim.core.config import atomic_write_text
+from hwslim.core.errors import BudgetError, ConfigError, OutputExistsError
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What the demo trains, profiles and searches."""
+
+    model: str
+    width_mult: float
+    input_size: int
+    data: str  # synthetic:N training images
+    search_size: int  # held out of training for the search
+    epochs: int
+    batch_size: int
+    lr: float
+    val_images: int  # synthetic validation images (accuracy of the exported models)
+    calib_images: int  # BN recalibration images for training's final evaluation
+    profile_quick: bool
+    calib_configs: int
+    holdout_configs: int
+    check_images: int  # ONNX Runtime vs PyTorch comparison at export
+    rounds: int  # interleaved end-to-end measurements per exported model
+    fractions: tuple[float, ...] = (0.3, 0.55, 0.8)
+    num_random: int | None = None  # random configs per training step (None: training's default, 2)
+
+
+# ResNet-20 at 24 px: 0.23 ms (narrowest) to 0.44 ms (full config) under ONNX Runtime on one
+# core of the 2-core development machine, twice the 16 px model's 0.11-0.20 ms, whose
+# layers of a few microseconds each were mostly per-kernel overhead and whole-microsecond
+# rounding. Training costs 2.25x as much per step, so each step trains one random config
+# besides the widest and narrowest instead of two (one seed: 86.5% widest, 84.0% narrowest
+# held-out top-1, against 59.2% / 49.4% with two; 32 px stayed at chance within the time).
+# Widths in multiples of 16: lr 0.1 and 0.2 stayed at chance at 16 px, 0.05 learns.
+FULL = Recipe("resnet20", 1.0, 24, "synthetic:2600", 200, 5, 64, 0.05, 1000, 500, False, 8, 8, 8, 3,
+              num_random=1)
+# A smoke run: a tinier model whose latencies (~0.03 ms) are mostly overhead, so budgets stay high.
+QUICK = Recipe("resnet20", 1.0, 8, "synthetic:300", 44, 1, 32, 0.05, 64, 64, True, 3, 2, 2, 1, (0.5, 0.7, 0.9))
+
+
+# what the demo writes in its folder; --force deletes these (and nothing else) before a run
+OUTPUTS = ("train", "table", "search", "models", "results.csv", "demo.json", "accuracy_latency.png")
+
+
+def clear_outputs(out: Path) -> None:
+    """Delete the demo's own files in ``out`` (:data:`OUTPUTS`): a forced run starts from scratch."""
+    import shutil
+
+    for name in OUTPUTS:
+        p = out / name
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        elif p.exists() or p.is_symlink():
+            p.unlink()
+
+
+@dataclass(frozen=True)
+class DemoOptions:
+    out: Path = Path("hwslim-demo")
+    quick: bool = False
+    force: bool = False
+    threads: int = 1  # ONNX Runtime intra-op threads for the table and the measurements
+    # PyTorch intra-op threads for training and search. These models are small: one thread
+    # loses little, and more threads than free cores makes PyTorch spin (10x slower measured
+    # on a busy 2-core machine).
+    torch_threads: int = 1
+    seed: int = 0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.threads < 1 or self.torch_threads < 1:
+            raise ConfigError(f"thread counts must be >= 1, got --threads {self.threads} "
+                              f"--torch-threads {self.torch_threads}")
+
+
+@dataclass
+class DemoResult:
+    out: Path
+    rows: list[dict[str, Any]]
+    plot: Path
+    checkpoint: Path
+    table: Path
+    seconds: dict[str, float] = field(default_factory=dict)
+    conditions: dict[str, Any] = field(default_factory=dict)  # now vs the table's (ConditionCheck.as_dict())
+
+
+def budgets_between(lo: float, hi: float, fractions) -> list[float]:
+    """Budgets (3 significant digits) at ``fractions`` of the way from ``lo`` to ``hi``."""
+    return [float(f"{lo + f * (hi - lo):.3g}") for f in fractions]
+
+
+def channel_divisor(threads: int = 1) -> int:
+    """The width divisor that suits ONNX Runtime on this CPU: its blocked-layout channel block.
+
+    ONNX Runtime pads channels to its NCHWc block (16 with AVX-512, 8 with AVX2), so
+    between two multiples of the block a narrower layer is no faster. Widths on the block
+    make every grid step of the search a real saving.
+    """
+    from profilers import get_profiler
+
+    from hwslim.core.rounding import DEFAULT_DIVISOR, DIVISORS
+
+    with get_profiler("cpu", "ort", threads=threads) as prof:
+        block = prof.nchwc_block() if hasattr(prof, "nchwc_block") else 0
+    return block if block in DIVISORS else DEFAULT_DIVISOR
+
+
+def onnx_accuracy(path: Path, images, labels, batch: int = 1) -> float:
+    """Top-1 (0..1) of an exported model on ``images`` with ONNX Runtime (its fixed batch)."""
+    import numpy as np
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = images.numpy()
+    n = len(x) // batch * batch
+    logits = np.concatenate([sess.run(None, {"input": x[i:i + batch]})[0] for i in range(0, n, batch)])
+    return float((logits.argmax(1) == labels[:n].numpy()).mean())
+
+
+def run_demo(opts: DemoOptions | None = None, log: Callable[[str], None] = print) -> DemoResult:
+    """Run the pipeline; see the module docstring."""
+    import torch
+
+    opts = opts or DemoOptions()
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, opts.torch_threads))
+    try:
+        return _run(opts, log)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _run(opts: DemoOptions, log: Callable[[str], None]) -> DemoResult:
+    from hwslim.importing.checkpoint import load_checkpoint
+    from hwslim.latency.conditions import compare_to_table, conditions_for_table
+    from hwslim.importing.data import validation_split
+    from hwslim.export.exporter import ExportOptions, export_model
+    from hwslim.latency.table import LatencyTable
+    from hwslim.latency.profile import ProfileSettings, profile
+    from hwslim.search.greedy import Budget, greedy_search
+    from hwslim.training.train import TrainConfig, train
+    from hwslim.latency.verify import verify_model
+
+    r = QUICK if opts.quick else FULL
+    out = Path(opts.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a folder; give a folder for the demo's files")
+    if out.exists() and any(out.iterdir()) and not opts.force:
+        raise OutputExistsError(f"{out} exists and is not empty; pass --force to run the demo there again "
+                                "(it replaces the demo's files) or give another --out")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        if opts.force:
+            clear_outputs(out)
+    except OSError as e:  # a parent is a file, no permission, ...
+        raise ConfigError(f"cannot create the --out folder {out} ({e.strerror or type(e).__name__}); "
+                          "give another --out") from None
+    seconds: dict[str, float] = {}
+    t_all = t = time.perf_counter()
+
+    divisor = channel_divisor(opts.threads)
+    log(f"[1/5] training a slimmable {r.model} x{r.width_mult:g} at {r.input_size}px on {r.data} "
+        f"({r.epochs} epochs; widths in multiples of {divisor}, ONNX Runtime's channel block here)")
+    trained = train(TrainConfig(
+        model=r.model, data=r.data, epochs=r.epochs, out=str(out / "train"), width_mult=r.width_mult,
+        divisor=divisor,
+        input_size=r.input_size, batch_size=r.batch_size, lr=r.lr, search_size=r.search_size, seed=opts.seed,
+        device="cpu", workers=0, calib_images=r.calib_images, synthetic_val=r.val_images,
+        num_random=r.num_random, progress=opts.progress, force=opts.force))
+    ckpt_path = Path(trained.checkpoint)
+    seconds["train"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    log(f"[2/5] profiling this CPU for it (ONNX Runtime, {opts.threads} thread(s))")
+    prof = profile(ProfileSettings(device="cpu", backend="ort", model=r.model, width_mult=r.width_mult,
+                                   input_size=r.input_size, threads=opts.threads,
+                                   out=str(out / "table" / "latency.csv"), calib_configs=r.calib_configs,
+                                   holdout_configs=r.holdout_configs, seed=opts.seed, force=opts.force,
+                                   quick=r.profile_quick), progress=opts.progress, log=log)
+    table_path = Path(prof.path)
+    table = LatencyTable.load(table_path)
+    seconds["profile"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    ckpt = load_checkpoint(ckpt_path)
+    net = ckpt.model
+    full = table.predict_ms(net.layer_specs(net.full_config()))
+    narrow = table.predict_ms(net.layer_specs(net.min_config()))
+    # On a noisy table (the quick run's tiny model) the full config can predict faster than
+    # the narrowest; budgets above the narrowest stay feasible either way.
+    top = max(full, 1.2 * narrow)
+    values = budgets_between(narrow, top, r.fractions)
+    log(f"[3/5] searching at {', '.join(f'{v:g}' for v in values)} ms (predicted: narrowest {narrow:.3f} ms, "
+        f"full {full:.3f} ms)")
+    # The greedy walk only takes steps that lower the predicted latency; on a noisy table
+    # it can stall above the narrowest config's latency. Budgets nearer the full config
+    # stay reachable, so on a stall the demo retries higher ones.
+    for retry in (None, (0.7, 0.8, 0.9), (0.85, 0.92, 0.99)):
+        if retry is not None:
+            values = budgets_between(narrow, top, retry)
+            log(f"note: {stall}; searching at {', '.join(f'{v:g}' for v in values)} ms instead")
+        try:
+            result = greedy_search(ckpt, [Budget("latency_ms", v) for v in values], table=table,
+                                   out_dir=out / "search", force=True, max_images=r.search_size,
+                                   progress=opts.progress, plot=True)
+            break
+        except BudgetError as e:
+            stall = e
+    else:
+        raise stall
+    seconds["search"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    log("[4/5] exporting each config to ONNX (checked against PyTorch)")
+    models = out / "models"
+    exported = []
+    for v, cfg in zip(values, result.configs):
+        res = export_model(ckpt, cfg, models / f"{r.model}_{v:g}ms.onnx",
+                           ExportOptions(force=opts.force, table=table_path, check_images=r.check_images,
+                                         calib_images=r.search_size))
+        exported.append((v, cfg, res))
+    seconds["export"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    log("[5/5] measuring the exported models and scoring them on held-out images")
+    now = conditions_for_table(table)  # before measuring: the verdicts hold only under the table's conditions
+    check = compare_to_table(table.meta, now)
+    log(f"conditions: {now.describe()}")
+    images, labels = validation_split(ckpt, max_images=r.val_images)
+    runs: dict[float, list] = {v: [] for v in values}
+    for _ in range(r.rounds):  # interleaved, so a slow spell of the machine hits every model alike
+        for v, _, res in exported:
+            runs[v].append(verify_model(res.path, table, budget_ms=v, conditions=now))
+    # and after: a machine that changed while the models were measured gives no confident verdict either
+    after = compare_to_table(table.meta, conditions_for_table(table))
+    if check.reliable and not after.reliable:
+        check = after
+    rows = []
+    for v, cfg, res in exported:
+        measured = statistics.median(x.measured_ms for x in runs[v])
+        first = runs[v][0]
+        rows.append({
+            "budget_ms": v,
+            "predicted_ms": round(first.predicted_ms, 4),
+            "measured_ms": round(measured, 4),
+            "verdict": ("UNRELIABLE" if not check.reliable else
+                        "OK" if measured <= v * (1 + first.tolerance) else "OVER"),
+            "accuracy_%": round(100 * onnx_accuracy(res.path, images, labels), 1),
+            "search_acc_%": round(100 * float(cfg.meta.get("search_acc", float("nan"))), 1),
+            "params": int(cfg.meta.get("params", 0)),
+            "macs": int(cfg.meta.get("macs", 0)),
+            "model": str(res.path.relative_to(out)),
+        })
+    seconds["measure"] = time.perf_counter() - t
+    seconds["total"] = time.perf_counter() - t_all
+
+    plot = plot_accuracy_latency(result, rows, values, out / "accuracy_latency.png",
+                                 title=f"{r.model} x{r.width_mult:g} {r.input_size}px, ONNX Runtime on this CPU")
+    conditions = {**check.as_dict(), "now": now.to_dict(), "after": after.now.to_dict(),
+                  "table": table.meta.get("conditions")}
+    _write_results(out, rows, r, opts, ckpt_path, table_path, seconds, conditions)
+    return DemoResult(out, rows, plot, ckpt_path, table_path, {k: round(s, 1) for k, s in seconds.items()},
+                      conditions)
+
+
+def _write_results(out: Path, rows, recipe: Recipe, opts: DemoOptions, ckpt: Path, table: Path,
+                   seconds: dict[str, float], conditions: dict[str, Any] | None = None) -> None:
+    import pandas as pd
+
+    provenance = {"produced_by": f"hwslim demo (hwslim {__version__})", "recipe": asdict(recipe),
+                  "quick": opts.quick, "threads": opts.threads, "checkpoint": str(ckpt.resolve()),
+                  "table": str(table.resolve()), "seconds": {k: round(s, 1) for k, s in seconds.items()},
+                  "conditions": conditions}
+    atomic_write_text(out / "demo.json", json.dumps({**provenance, "rows": rows}, indent=2, sort_keys=True) + "\n")
+    frame = pd.DataFrame(rows)
+    frame["produced_by"] = provenance["produced_by"]
+    frame["checkpoint"] = provenance["checkpoint"]
+    frame["table"] = provenance["table"]
+    atomic_write_text(out / "results.csv", frame.to_csv(index=False))
+
+
+def accuracy_latency_figure(result, rows, budgets, title: str = ""):
+    """Two panels on one latency axis, each with the budgets: the search's view (predicted
+    latency, search-split accuracy: greedy path, uniform widths, the chosen configs) and the
+    exported models' (measured latency, held-out accuracy; OVER marks a budget missed). The
+    two accuracies are on different images, so they are never drawn on one line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.6), sharex=True)
+    path = result.path
+    if len(path) and "latency_ms" in path:
+        left.plot(path["latency_ms"], 100 * path["acc"], "-", color="tab:blue", lw=1.2, label="greedy path")
+    uniform = [u for u in (result.uniform or []) if "latency_ms" in u]
+    if uniform:
+        left.plot([u["latency_ms"] for u in uniform], [100 * u["acc"] for u in uniform], "s--", color="tab:gray",
+                  ms=4, lw=1, label="uniform widths")
+    left.plot([r["predicted_ms"] for r in rows], [r["search_acc_%"] for r in rows], "o", color="tab:blue", ms=7,
+              mfc="none", label="chosen configs")
+    ok = [r for r in rows if r["verdict"] == "OK"]
+    over = [r for r in rows if r["verdict"] == "OVER"]
+    unsure = [r for r in rows if r["verdict"] not in ("OK", "OVER")]
+    right.plot([r["measured_ms"] for r in ok], [r["accuracy_%"] for r in ok], "o", color="tab:green", ms=8,
+               label="exported: within budget")
+    if unsure:
+        right.plot([r["measured_ms"] for r in unsure], [r["accuracy_%"] for r in unsure], "d", color="tab:orange",
+                   ms=8, label="exported: unreliable (conditions differ from the table's)")
+    if over:
+        right.plot([r["measured_ms"] for r in over], [r["accuracy_%"] for r in over], "X", color="tab:red", ms=10,
+                   label="exported: OVER budget")
+        for r in over:
+            right.annotate("OVER", (r["measured_ms"], r["accuracy_%"]), xytext=(6, 4), textcoords="offset points",
+                           color="tab:red", fontsize=8, fontweight="bold")
+    for ax in (left, right):
+        for i, b in enumerate(budgets):
+            ax.axvline(b, color="tab:red", ls=":", lw=1, label="latency budgets" if i == 0 else None)
+            ax.annotate(f"{b:g} ms", (b, 1.0), xycoords=("data", "axes fraction"), xytext=(2, -10),
+                        textcoords="offset points", fontsize=7, color="tab:red")
+        ax.grid(alpha=0.3)
+        ax.margins(y=0.2)
+        ax.legend(fontsize=8, loc="best")
+    left.set_title("search: predicted latency, search-split accuracy", fontsize=9)
+    left.set_xlabel("predicted latency (ms, batch 1, from the table)")
+    left.set_ylabel("search-split top-1 (%)")
+    right.set_title("exported ONNX models: measured latency, held-out accuracy", fontsize=9)
+    right.set_xlabel("measured latency (ms, batch 1)")
+    right.set_ylabel("held-out top-1 (%)")
+    right.tick_params(labelbottom=True)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def plot_accuracy_latency(result, rows, budgets, png: Path, title: str = "") -> Path:
+    """Save :func:`accuracy_latency_figure` as ``png`` (atomically)."""
+    import matplotlib.pyplot as plt
+
+    fig = accuracy_latency_figure(result, rows, budgets, title)
+    png.parent.mkdir(parents=True, exist_ok=True)
+    tmp = png.with_name(f".{png.name}.tmp.png")
+    fig.savefig(tmp, dpi=120, metadata={"Software": f"hwslim {__version__}", "Title": title,
+                                         "Description": "hwslim demo: accuracy vs latency"})
+    plt.close(fig)
+    tmp.replace(png)
+    return png

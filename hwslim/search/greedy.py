@@ -1,0 +1,766 @@
+"""Hardware-aware greedy slimming (AutoSlim, with real costs).
+
+Start at the full config. Each step, every unit that can shrink proposes its next
+narrower grid width that lowers the binding cost (one grid step for MACs, parameters
+and memory; more where a latency table is flat, see :func:`_shrink`); each proposal is scored on the
+checkpoint's held-out search split (:mod:`hwslim.search.evaluator`: BN statistics of the config's own, the
+shared prefix computed once, successive halving by default) and costed (latency from a table, peak
+activation memory, parameters, MACs: :func:`config_costs`). The step keeps the best
+proposal by the criterion, and the walk continues until every target holds. One walk
+yields a config for every target in a list: the first config on the path that meets it.
+
+Targets and constraints (:func:`targets_of`): the budget kind given several values
+yields one target per value; every other kind given is a constraint that each of
+those targets also meets (``latency_ms 20 15 10`` with ``memory_mb 5``: three configs,
+each within its latency and within 5 MB). Several values for two kinds are refused.
+
+Criteria:
+
+* ``acc``: the smallest accuracy drop (AutoSlim's rule);
+* ``acc-per-cost``: the smallest accuracy drop per unit of cost saved on the budget that
+  binds now, the unmet budget (of a target not met yet) with the largest cost/limit
+  ratio (NetAdapt's rule).
+
+Either way only proposals that lower the binding cost are considered, while any does
+(with a latency table a narrower layer is not always faster); when none does, the step
+takes the best proposal by accuracy. Ties go to the lower search loss, then the larger
+saving. Memory, parameter and MAC budgets below the narrowest config are refused up
+front. A latency table is not monotone (the narrowest config is not always the
+fastest): when the walk reaches the narrowest config with a target unmet, it jumps to
+the best-scoring uniform-width config that meets it and walks on; a target nothing seen
+meets is refused with the smallest cost found and the config that has it.
+
+After the walk, :func:`fill_budget` (pure too) spends each target's slack: the first
+config on the path that meets a budget often lies well under it, so units are widened
+back, best search-split accuracy gain per budget spent, while every budget holds.
+
+:func:`slim` is the pure driver (a scorer and a cost function in, the path out);
+:func:`greedy_search` loads the checkpoint's data, runs it with resume, and writes
+the outputs.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+from hwslim.core.config import ChannelConfig, atomic_write_text
+from hwslim.core.costs import spec_costs
+from hwslim.core.errors import BudgetError, HwslimError, OutputExistsError
+from hwslim.search.evaluator import Score, Scoring
+from hwslim.core.outputs import check_output, remove_stale_temporaries
+from hwslim.core.supernet import SlimmableNet
+
+BUDGET_KINDS = {  # kind -> (unit shown, cost key)
+    "latency_ms": "ms",
+    "memory_mb": "MB (10^6 bytes of peak activations)",
+    "params_m": "million parameters",
+    "macs_m": "million MACs",
+}
+# Costs that fall with every narrower width, so the narrowest config is their floor. A
+# measured latency table need not: a runtime may run 8 channels slower than 16.
+MONOTONE_KINDS = ("memory_mb", "params_m", "macs_m")
+CRITERIA = ("acc", "acc-per-cost")
+DEFAULT_FILL_STEPS = 20
+DEFAULT_CRITERION = "acc"
+
+
+@dataclass(frozen=True)
+class Budget:
+    kind: str
+    value: float
+
+    def __post_init__(self) -> None:
+        if self.kind not in BUDGET_KINDS:
+            raise HwslimError(f"unknown budget kind {self.kind!r}; expected one of {', '.join(BUDGET_KINDS)}")
+        if not (self.value > 0 and math.isfinite(self.value)):
+            raise BudgetError(f"{self.kind} budget must be a positive number, got {self.value}")
+
+    @property
+    def label(self) -> str:
+        return f"{self.kind}={self.value:g}"
+
+    def met(self, costs: Mapping[str, float]) -> bool:
+        return costs[self.kind] <= self.value
+
+
+@dataclass(frozen=True)
+class Target:
+    """One config to find: the first on the path meeting ``budget`` and every one of ``constraints``."""
+
+    budget: Budget
+    constraints: tuple[Budget, ...] = ()
+
+    @property
+    def budgets(self) -> tuple[Budget, ...]:
+        return (self.budget, *self.constraints)
+
+    @property
+    def label(self) -> str:
+        return " ".join(b.label for b in self.budgets)
+
+    def met(self, costs: Mapping[str, float]) -> bool:
+        return all(b.met(costs) for b in self.budgets)
+
+
+def targets_of(budgets: Sequence[Budget]) -> list[Target]:
+    """The configs to find for budgets as a user lists them (``--latency-ms 20 15 --memory-mb 5``).
+
+    The kind given several values yields one target per value; every other kind given
+    (one value each) is a constraint of every target. With one value per kind there is
+    one target (the first kind listed) constrained by the others. Several values for two
+    kinds are refused: which pairs to cross is the user's call, one search per value of
+    the second kind does it.
+
+        >>> [t.label for t in targets_of([Budget("latency_ms", 20), Budget("latency_ms", 10),
+        ...                               Budget("memory_mb", 5)])]
+        ['latency_ms=20 memory_mb=5', 'latency_ms=10 memory_mb=5']
+    """
+    by_kind: dict[str, list[Budget]] = {}
+    for b in dict.fromkeys(budgets):  # a repeated value is one target
+        by_kind.setdefault(b.kind, []).append(b)
+    multi = [k for k, bs in by_kind.items() if len(bs) > 1]
+    if len(multi) > 1:
+        raise BudgetError(f"several values for both {multi[0]} and {multi[1]}: give several values for one "
+                          "budget kind only (one config per value; each other kind is a constraint every config "
+                          "meets), or run one search per value of the other kind")
+    if not by_kind:
+        return []
+    lead = multi[0] if multi else next(iter(by_kind))
+    constraints = tuple(bs[0] for k, bs in by_kind.items() if k != lead)
+    return [Target(b, constraints) for b in by_kind[lead]]
+
+
+def _as_targets(budgets: Sequence[Budget | Target]) -> list[Target]:
+    return [b if isinstance(b, Target) else Target(b) for b in budgets]
+
+
+def config_costs(model: SlimmableNet, config: ChannelConfig, table=None, batch: int = 1) -> dict[str, float]:
+    """Every cost the search knows for ``config``: budget keys plus the raw counts."""
+    specs = model.layer_specs(config, batch=batch)
+    c = spec_costs(specs)
+    out = {"memory_mb": c.peak_activation_bytes / 1e6, "params_m": c.params / 1e6, "macs_m": c.macs / 1e6,
+           "peak_activation_bytes": c.peak_activation_bytes, "params": c.params, "macs": c.macs}
+    if table is not None:
+        out["latency_ms"] = table.predict_ms(specs)
+    return out
+
+
+@dataclass
+class Step:
+    """One point of the greedy path: the config after ``unit`` went from ``old`` to ``new``.
+
+    ``move``: ``start`` (the full config), ``shrink`` (a greedy step), ``jump`` (to a
+    known config that meets a target the walk could not reach, see :func:`slim`) or
+    ``widen`` (a step of :func:`fill_budget`).
+    """
+
+    step: int
+    unit: str | None
+    old: int | None
+    new: int | None
+    acc: float
+    loss: float
+    costs: dict[str, float]
+    binding: str | None = None
+    widths: dict[str, int] = field(default_factory=dict)
+    move: str = "shrink"
+
+    def row(self) -> dict:
+        return {"step": self.step, "unit": self.unit or "", "old": self.old, "new": self.new, "acc": self.acc,
+                "loss": self.loss, "binding": self.binding or "", "move": self.move, **self.costs}
+
+
+def _binding(budgets: Sequence[Budget], costs: Mapping[str, float]) -> Budget | None:
+    unmet = [b for b in budgets if not b.met(costs)]
+    return max(unmet, key=lambda b: costs[b.kind] / b.value) if unmet else None
+
+
+def slim(model: SlimmableNet, score_candidates: Callable[..., list[Score | None]],
+         score: Callable[[ChannelConfig], Score], cost_fn: Callable[[ChannelConfig], dict[str, float]],
+         budgets: Sequence[Budget | Target], *, criterion: str = DEFAULT_CRITERION, replay: Sequence[Step] = (),
+         on_step: Callable[[Step], None] | None = None,
+         known: Sequence[ChannelConfig] | None = None) -> list[Step]:
+    """The greedy walk, until every target has been met somewhere on the path.
+
+    ``budgets``: :class:`Target` s (a plain :class:`Budget` is a target of its own, see
+    :func:`targets_of` for budgets as a user gives them). ``replay`` (a saved path
+    prefix) is trusted and continued from.
+
+    ``score_candidates(current, candidates, rank=rank)`` scores a step's candidates
+    (``(unit, config)`` pairs); ``rank(base, i, score)`` is the criterion's sort key of
+    candidate ``i`` given the current config's score ``base`` on the same images, so a
+    scorer that prunes (:class:`hwslim.search.evaluator.Halving`: screen on a few images, score
+    the best few in full) ranks as the walk does and answers ``None`` for the rest.
+    ``score(config)`` scores one config in full (the start and jumps).
+
+    A measured latency table is not monotone: the narrowest config is not always the
+    fastest. When the walk reaches the narrowest config with targets still unmet, it
+    jumps to the best-scoring ``known`` config (default: the uniform-width configs, which
+    the search reports in ``uniform.csv``) that meets one of them and walks on from
+    there; when none does, the target is refused (:class:`BudgetError`) naming the
+    smallest cost seen and the config that has it. Every jump meets a target for good,
+    so the walk ends.
+    """
+    if criterion not in CRITERIA:
+        raise HwslimError(f"unknown criterion {criterion!r}; expected one of {', '.join(CRITERIA)}")
+    targets = _as_targets(budgets)
+    if replay:
+        path = list(replay)
+        config = model.config_of(path[-1].widths)
+    else:
+        config = model.full_config()
+        s = score(config)
+        path = [Step(0, None, None, None, s.acc, s.loss, cost_fn(config), widths=dict(config.widths), move="start")]
+        if on_step:
+            on_step(path[0])
+    pending = [t for t in targets if not any(t.met(st.costs) for st in path)]
+    while True:
+        current = path[-1]
+        pending = [t for t in pending if not t.met(current.costs)]
+        if not pending:
+            return path
+        # the current config misses every pending target, so some budget of theirs binds
+        binding = _binding([b for t in pending for b in t.budgets], current.costs)
+        assert binding is not None
+        candidates, costs = [], []
+        for u in model.units:
+            found = _shrink(model, config, u, binding.kind, current.costs[binding.kind], cost_fn)
+            if found is not None:
+                candidates.append((u, found[0]))
+                costs.append(found[1])
+        if not candidates:  # the narrowest config: continue from a known config that meets a pending target
+            known_costs = [(c, cost_fn(c)) for c in (model.uniform_configs() if known is None else known)]
+            step = _jump(score, known_costs, pending, len(path))
+            if step is None:
+                raise BudgetError(_refusal(pending[0], model, known_costs, path))
+            path.append(step)
+            config = model.config_of(step.widths)
+            if on_step:
+                on_step(step)
+            continue
+        # Prefer proposals that lower the binding cost; when none does (every unit is on a
+        # plateau to its narrowest width), take the best one anyway and walk on.
+        keep = [i for i, c in enumerate(costs) if c[binding.kind] < current.costs[binding.kind]]
+        per_cost = criterion == "acc-per-cost" and bool(keep)
+        keep = keep or list(range(len(candidates)))
+        saved = [current.costs[binding.kind] - costs[i][binding.kind] for i in keep]
+
+        def rank(base: Score, j: int, s: Score) -> tuple:
+            """The criterion's order (smaller first), given the current config's score on the same images."""
+            drop = base.acc - s.acc
+            return (drop / saved[j] if per_cost else drop, s.loss, -saved[j], j)
+
+        # a scorer that prunes (hwslim.search.evaluator.Halving) may leave out candidates: None
+        scores = score_candidates(config, [candidates[i] for i in keep], rank=rank)
+        base = Score(current.acc, current.loss)
+        j = min((j for j, sc in enumerate(scores) if sc is not None), key=lambda j: rank(base, j, scores[j]))
+        i = keep[j]
+        unit_name, config = candidates[i]
+        step = Step(len(path), unit_name, current.widths[unit_name], config.widths[unit_name], scores[j].acc,
+                    scores[j].loss, costs[i], binding.label, dict(config.widths))
+        path.append(step)
+        if on_step:
+            on_step(step)
+
+
+def _jump(score, known_costs, pending: Sequence[Target], index: int) -> Step | None:
+    """The best-scoring known config meeting a pending target, as a path step (None: none meets one)."""
+    fits = [(c, costs, next(t for t in pending if t.met(costs))) for c, costs in known_costs
+            if any(t.met(costs) for t in pending)]
+    if not fits:
+        return None
+    scored = [(score(c), c, costs, t) for c, costs, t in fits]
+    s, c, costs, t = max(scored, key=lambda x: (x[0].acc, -x[0].loss))  # max keeps the first of ties
+    return Step(index, None, None, None, s.acc, s.loss, costs, t.label, dict(c.widths), move="jump")
+
+
+def _describe(model: SlimmableNet, widths: Mapping[str, int], path: Sequence[Step]) -> str:
+    if dict(widths) == dict(model.min_config().widths):
+        return "the narrowest config"
+    for i, u in enumerate(model.uniform_configs(), start=1):
+        if dict(widths) == dict(u.widths):
+            return f"uniform width {i}/{len(model.uniform_configs())}"
+    step = next((s.step for s in path if s.widths == dict(widths)), None)
+    return f"step {step} of the greedy path" if step is not None else "a config given as known"
+
+
+def _refusal(target: Target, model: SlimmableNet, known_costs, path: Sequence[Step]) -> str:
+    """Why ``target`` cannot be met: the smallest cost over every config the search has seen."""
+    seen = [(dict(c.widths), costs) for c, costs in known_costs] + [(s.widths, s.costs) for s in path]
+    missed = [b for b in target.budgets if not any(b.met(costs) for _, costs in seen)]
+    if not missed:
+        return (f"no config the search has seen meets {' and '.join(b.label for b in target.budgets)} together "
+                "(each holds alone); relax one of them")
+    b = missed[0]
+    widths, costs = min(seen, key=lambda x: x[1][b.kind])
+    return (f"no config can meet {b.label}: the smallest achievable {b.kind} the search found is "
+            f"{costs[b.kind]:.4g} ({_describe(model, widths, path)}); raise the budget")
+
+
+def fill_budget(model: SlimmableNet,
+                score_candidates: Callable[..., list[Score | None]],
+                cost_fn: Callable[[ChannelConfig], dict[str, float]], start: Step, target: Budget | Target, *,
+                max_steps: int = DEFAULT_FILL_STEPS, on_step: Callable[[Step], None] | None = None) -> list[Step]:
+    """Spend the slack the walk's config ``start`` leaves under ``target``: a greedy grow-back.
+
+    The first config on the path that meets a budget often lies well under it (one grid
+    step of the binding unit can save a lot). Each step, every unit proposes its nearest
+    wider grid width with which every budget of ``target`` still holds; the proposals
+    are scored together, ``score_candidates(current, proposals, rank=rank)`` (as in
+    :func:`slim`) with each proposal *wider* than ``current`` in its unit, and the step keeps the largest accuracy gain
+    per unit of budget spent (the largest rise of cost/limit over the target's budgets;
+    a proposal that costs nothing, possible on a measured table, comes first), ties to
+    the larger loss drop per budget spent. Only proposals that improve the score (higher
+    accuracy, or the same accuracy and a lower loss) count. It stops when none fits or
+    improves, or after ``max_steps`` steps (each one pass over the units). Returns the
+    steps taken, numbered from 1 (``[]``: nothing fits); the last is the filled config.
+    """
+    (target,) = _as_targets([target])
+    steps: list[Step] = []
+    current, config = start, model.config_of(start.widths)
+    for n in range(1, max_steps + 1):
+        candidates, costs = [], []
+        for u in model.units:
+            found = _widen(model, config, u, target, cost_fn)
+            if found is not None:
+                candidates.append((u, found[0]))
+                costs.append(found[1])
+        if not candidates:
+            break
+        spent = [max((c[b.kind] - current.costs[b.kind]) / b.value for b in target.budgets) for c in costs]
+
+        def rank(base: Score, i: int, s: Score) -> tuple:
+            """Improvers first, free ones first, then the largest gain (then loss drop) per budget spent."""
+            gain, loss_drop = s.acc - base.acc, base.loss - s.loss
+            per = 1.0 if spent[i] <= 0 else spent[i]
+            return (gain < 0 or (gain == 0 and loss_drop <= 0), spent[i] > 0, -gain / per, -loss_drop / per, i)
+
+        scores = score_candidates(config, candidates, rank=rank)  # None: left out by a pruning scorer
+        base = Score(current.acc, current.loss)
+        ranked = sorted((rank(base, i, sc), i) for i, sc in enumerate(scores) if sc is not None)
+        if not ranked or ranked[0][0][0]:  # nothing improves the score
+            break
+        best = ranked[0][1]
+        unit, config = candidates[best]
+        current = Step(n, unit, current.widths[unit], config.widths[unit], scores[best].acc, scores[best].loss,
+                       costs[best], target.label, dict(config.widths), move="widen")
+        steps.append(current)
+        if on_step:
+            on_step(current)
+    return steps
+
+
+def _widen(model: SlimmableNet, config: ChannelConfig, unit: str, target: Target,
+           cost_fn) -> tuple[ChannelConfig, dict[str, float]] | None:
+    """Unit ``unit``'s grow-back proposal: its nearest wider grid width that keeps ``target`` met."""
+    grid = list(model.units[unit].grid)
+    for width in grid[grid.index(config.widths[unit]) + 1:]:
+        cand = config.replace(**{unit: width})
+        c = cost_fn(cand)
+        if target.met(c):
+            return cand, c
+        if all(b.kind in MONOTONE_KINDS for b in target.budgets if not b.met(c)):
+            return None  # only a latency table can fall again further up
+    return None
+
+
+def _shrink(model: SlimmableNet, config: ChannelConfig, unit: str, kind: str, current: float,
+            cost_fn) -> tuple[ChannelConfig, dict[str, float]] | None:
+    """Unit ``unit``'s proposal: its nearest narrower grid width that lowers ``kind``.
+
+    A measured latency table has plateaus: a runtime pads channels to its vector block
+    (ONNX Runtime's NCHWc block is 16 channels with AVX-512), so one 8-channel grid step
+    may save nothing while two do. Walking down to the first width that saves lets the
+    greedy step take such two-step moves. Costs that fall with every step (MACs,
+    parameters, memory) stop at one step, exactly AutoSlim's proposal. With no saving
+    width at all, the proposal is the plain one-step shrink (None at the narrowest).
+    """
+    first = None
+    width = config.widths[unit]
+    while (width := model.units[unit].narrower(width)) is not None:
+        cand = config.replace(**{unit: width})
+        c = cost_fn(cand)
+        if first is None:
+            first = (cand, c)
+        if c[kind] < current:
+            return cand, c
+    return first
+
+
+def check_feasible(model: SlimmableNet, budgets: Sequence[Budget | Target], cost_fn,
+                   latency_floor: float | None = None) -> dict[str, float]:
+    """Refuse budgets below their true floor; returns the narrowest config's costs.
+
+    For memory, parameters and MACs the narrowest config is the floor. A latency table
+    is not monotone, so the narrowest config is not the latency floor: a latency budget
+    is refused here only below ``latency_floor``, a bound no config can beat
+    (:meth:`hwslim.latency.table.LatencyTable.lower_bound_ms`); above it the walk reaches the
+    configs below the narrowest one's latency (:func:`slim`) and refuses only budgets
+    that no config it has seen meets.
+    """
+    floor = cost_fn(model.min_config())
+    for t in _as_targets(budgets):
+        for b in t.budgets:
+            if b.kind not in floor:
+                raise HwslimError(f"a {b.kind} budget needs a latency table: pass --table PATH or --device")
+            if b.kind in MONOTONE_KINDS and not b.met(floor):
+                raise BudgetError(f"no config can meet {b.label}: the smallest achievable {b.kind} on this "
+                                  f"supernet's grid is {floor[b.kind]:.4g} (the narrowest config); raise the budget")
+            if b.kind == "latency_ms" and latency_floor is not None and b.value < latency_floor:
+                raise BudgetError(f"no config can meet {b.label}: even every layer at its fastest width in the table "
+                                  f"adds up to {latency_floor:.4g} ms; raise the budget")
+    return floor
+
+
+def pick_steps(path: Sequence[Step], budgets: Sequence[Budget | Target]) -> list[Step]:
+    """For each target, the first step on the path that meets it (and all its constraints)."""
+    return [next(s for s in path if t.met(s.costs)) for t in _as_targets(budgets)]
+
+
+def pick_configs(model: SlimmableNet, path: Sequence[Step], budgets: Sequence[Budget | Target]) -> list[ChannelConfig]:
+    """For each target, the first config on the path that meets it, with its costs and accuracy in meta."""
+    targets = _as_targets(budgets)
+    return [model.config_of(step.widths, **_target_meta(t), search_step=step.step, search_acc=step.acc,
+                            **dict(step.costs))
+            for t, step in zip(targets, pick_steps(path, targets))]
+
+
+def _chosen_config(model: SlimmableNet, t: Target, walked: Step, filled: Sequence[Step]) -> ChannelConfig:
+    """The config for ``t``: the walk's, grown back by ``filled``; meta says what the filling did."""
+    final = filled[-1] if filled else walked
+    return model.config_of(final.widths, **_target_meta(t), search_step=walked.step, search_acc=final.acc,
+                           budget_used=final.costs[t.budget.kind] / t.budget.value,
+                           search_acc_unfilled=walked.acc,
+                           budget_used_unfilled=walked.costs[t.budget.kind] / t.budget.value,
+                           fill_steps=len(filled), **dict(final.costs))
+
+
+def _target_meta(t: Target) -> dict:
+    return {"budget": {"kind": t.budget.kind, "value": t.budget.value},
+            "constraints": [{"kind": b.kind, "value": b.value} for b in t.constraints]}
+
+
+# -- I/O layer ------------------------------------------------------------------------------------
+STATE_NAME = "search_state.json"
+OUTPUT_NAMES = (STATE_NAME, "path.csv", "uniform.csv", "search.png")
+
+
+def existing_outputs(out: Path) -> list[Path]:
+    """The files of ``out`` a search would write (or resume from) that already exist."""
+    if not out.is_dir():
+        return []
+    return [out / n for n in OUTPUT_NAMES if (out / n).exists()] + sorted(out.glob("config_*.json"))
+
+
+def _checked_replay(model: SlimmableNet, steps: list[Step], cost_fn, state_file: Path) -> list[Step]:
+    """The saved path, refused (one line) unless it is a walk this search could have made.
+
+    Every step must be one valid config of this supernet, the first the full config,
+    each next one narrowing exactly the unit it names; the costs are recomputed (so a
+    resumed path has exactly an uninterrupted run's values, in the same order) and must
+    equal the saved ones.
+    """
+    def bad(i: int, problem: str) -> HwslimError:
+        return HwslimError(f"{state_file}: step {i} {problem}; the file was edited or damaged: delete it or "
+                           "pass --force to start over")
+
+    if not steps:
+        raise bad(0, "is missing")
+    out: list[Step] = []
+    prev: dict[str, int] | None = None
+    for i, st in enumerate(steps):
+        if st.step != i:
+            raise bad(i, f"is numbered {st.step!r}")
+        if not isinstance(st.widths, dict) or not all(isinstance(v, int) and not isinstance(v, bool)
+                                                      for v in st.widths.values()):
+            raise bad(i, "has widths that are not whole numbers")
+        for name in ("acc", "loss"):
+            v = getattr(st, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 \
+                    or (name == "acc" and v > 1):
+                raise bad(i, f"has {name}={v!r}")
+        try:
+            config = model.validate(model.config_of(st.widths))
+        except HwslimError as e:
+            raise bad(i, f"is not a config of this supernet ({e})") from None
+        if st.move not in (("start",) if prev is None else ("shrink", "jump")):
+            raise bad(i, f"has move {st.move!r}")
+        if prev is None:
+            if st.widths != dict(model.full_config().widths) or st.unit is not None:
+                raise bad(i, "is not the full config")
+        elif st.move == "jump":  # to a known config meeting a budget the walk could not reach (slim)
+            if st.unit is not None:
+                raise bad(i, "is a jump that names a unit")
+        else:
+            changed = [u for u in st.widths if st.widths[u] != prev[u]]
+            if changed != [st.unit] or st.old != prev[st.unit] or st.new != st.widths[st.unit] \
+                    or not st.new < st.old:
+                raise bad(i, f"does not narrow exactly its unit {st.unit!r} from the step before")
+        costs = cost_fn(config)
+        saved = st.costs if isinstance(st.costs, dict) else {}
+        for k, v in costs.items():
+            have = saved.get(k)
+            if isinstance(have, bool) or not isinstance(have, (int, float)) or \
+                    not math.isclose(have, v, rel_tol=1e-9, abs_tol=1e-12):
+                raise bad(i, f"has {k}={have!r}, but that config's {k} is {v!r}")
+        out.append(Step(st.step, st.unit, st.old, st.new, float(st.acc), float(st.loss), costs,
+                        st.binding or None, dict(st.widths), move=st.move))
+        prev = st.widths
+    return out
+
+
+@dataclass
+class SearchResult:
+    configs: list[ChannelConfig]
+    path: "object"  # pandas.DataFrame
+    steps: list[Step]
+    out_dir: Path | None = None
+    uniform: list[dict] = field(default_factory=list)
+    files: list[Path] = field(default_factory=list)  # the config file of each target (when out_dir is given)
+    targets: list[Target] = field(default_factory=list)  # configs[i] is for targets[i]
+    fills: list[list[Step]] = field(default_factory=list)  # fills[i]: targets[i]'s grow-back steps
+
+
+def config_filename(target: Target) -> str:
+    return f"config_{target.budget.kind}_{target.budget.value:g}.json"
+
+
+def config_file(out_dir: str | Path, target: Target) -> Path:
+    """Where a search writes the config of ``target``: ``OUT/config_<kind>_<value>.json`` (its own budget)."""
+    return Path(out_dir) / config_filename(target)
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def greedy_search(checkpoint, budgets: Sequence[Budget], *, table=None, criterion: str = DEFAULT_CRITERION,
+                  out_dir: str | Path | None = None, resume: bool = False, force: bool = False,
+                  device: str = "cpu", scoring: Scoring | None = None,
+                  max_images: int | None = None, batch: int = 1, progress: bool = True,
+                  plot: bool = True, images=None, labels=None, force_table: bool = False,
+                  log: Callable[[str], None] | None = None, fill: bool = True,
+                  fill_steps: int = DEFAULT_FILL_STEPS) -> SearchResult:
+    """Search ``checkpoint``'s supernet for every target of ``budgets`` (:func:`targets_of`).
+
+    ``out_dir`` receives one ChannelConfig JSON per target (``config_<kind>_<value>.json``
+    after the target's own budget), ``path.csv`` (the whole walk), ``fill.csv`` (each
+    target's grow-back, :func:`fill_budget`, unless ``fill`` is False),
+    ``search_state.json`` (for ``resume``) and ``search.png``. The search split
+    comes from the checkpoint (``hwslim.importing.data.search_split``) unless ``images``/``labels``
+    are given. ``force_table`` uses a ``table`` measured on another setup (``--force``).
+    ``scoring`` (:class:`hwslim.search.evaluator.Scoring`, default its measured defaults) says how
+    configs are scored: the walk, the budget filling and the uniform-width configs alike.
+    ``log`` gets a line saying what is scored, once every check has passed.
+    """
+    import pandas as pd
+
+    from hwslim.search import distributed as dist
+
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    budgets = list(budgets)
+    if not budgets:
+        raise HwslimError("give at least one budget (--latency-ms, --memory-mb, --params-m or --macs-m)")
+    targets = targets_of(budgets)
+    scoring = Scoring() if scoring is None else scoring
+    model: SlimmableNet = checkpoint.model.to(device)
+    if table is not None:
+        table.check_compatible(model, batch=batch, force=force_table)
+    cost_fn = lambda cfg: config_costs(model, cfg, table, batch)  # noqa: E731
+    check_feasible(model, targets, cost_fn,
+                   table.lower_bound_ms(model, batch) if table is not None and any(
+                       b.kind == "latency_ms" for t in targets for b in t.budgets) else None)
+    out = Path(out_dir) if out_dir is not None else None
+    settings = {
+        "checkpoint": str(getattr(checkpoint, "path", "") or ""),
+        "checkpoint_sha256": _file_digest(checkpoint.path) if getattr(checkpoint, "path", None) else "",
+        "targets": [t.label for t in targets], "criterion": criterion, "scoring": asdict(scoring), "batch": batch,
+        "max_images": max_images,
+        "table": str(table.path) if table is not None and getattr(table, "path", None) else None,
+    }
+    replay: list[Step] = []
+    state_file = out / STATE_NAME if out is not None else None
+    if out is not None:
+        check_output(out, kind="dir")
+        remove_stale_temporaries(out)  # left by a search killed while saving its state
+    if state_file is not None and state_file.exists():
+        if resume:
+            try:
+                state = json.loads(state_file.read_text())
+                steps_saved = [Step(**st) for st in state["steps"]]
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+                raise HwslimError(f"{state_file} is not a readable search state ({type(e).__name__}); "
+                                  "delete it or pass --force to start over") from None
+            if state.get("settings") != settings:
+                raise HwslimError(f"{state_file} was written by a search with other settings; "
+                                  "start a new --out directory or repeat the original command")
+            replay = _checked_replay(model, steps_saved, cost_fn, state_file)
+        elif not force:
+            raise OutputExistsError(f"{out} already holds a search; pass --resume to continue it "
+                                    "or --force to start over")
+    elif out is not None:
+        found = existing_outputs(out)
+        if found and not force:  # outputs of a finished search whose state is gone, or anyone's files
+            raise OutputExistsError(f"{out} already holds {', '.join(p.name for p in found[:4])}"
+                                    f"{' ...' if len(found) > 4 else ''} (and no {STATE_NAME} to resume); "
+                                    "pass --force to replace them or give another --out")
+        if resume:
+            log(f"note: nothing to resume in {out} (no {STATE_NAME}): starting the search")
+    if images is None:
+        from hwslim.importing.data import search_split
+
+        images, labels = search_split(checkpoint, device=device, max_images=max_images)
+    chunk = scoring.chunk(images)
+    score_candidates, score = scoring.build(model, images.to(device), labels.to(device), wrap=dist.sharded)
+    del images  # the evaluators hold their own (channels-last) copy of the split
+    if log is not None and dist.is_writer():
+        log(f"searching {', '.join(b.label for b in budgets)} on {len(labels):,} search-split images: "
+            f"{scoring.describe(len(labels), chunk)}, {device}" + (f"; resuming after step {len(replay) - 1}" if replay else ""))
+    is_writer = dist.is_writer()
+
+    bar = None
+    full_costs = cost_fn(model.full_config())
+
+    def done_pct(costs: Mapping[str, float]) -> int:
+        """How far the walk is, in % of the way from the full config to the budget it meets last
+        (costs fall about evenly per step, so the bar's rate gives a fair ETA)."""
+        fracs = [min(1.0, max(0.0, (full_costs[b.kind] - costs[b.kind]) / (full_costs[b.kind] - b.value)))
+                 if full_costs[b.kind] > b.value else 1.0 for b in budgets]
+        return int(100 * min(fracs))
+
+    if progress and is_writer:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(desc="greedy search (% of the way to the budgets)", total=100, unit="%", dynamic_ncols=True,
+                   bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt}% [{elapsed}<{remaining}{postfix}]")
+        if replay:
+            bar.update(done_pct(replay[-1].costs))
+
+    steps: list[Step] = list(replay)
+
+    def on_step(step: Step) -> None:
+        steps.append(step)
+        if state_file is not None and is_writer:
+            atomic_write_text(state_file, json.dumps({"settings": settings, "steps": [asdict(s) for s in steps]},
+                                                     sort_keys=True))
+        if bar is not None:
+            shown = {k: round(step.costs[k], 3) for k in ("latency_ms", "memory_mb", "params_m", "macs_m")
+                     if k in step.costs}
+            bar.set_postfix(step=step.step, acc=f"{step.acc:.3f}", **shown)
+            bar.update(max(0, done_pct(step.costs) - bar.n))
+
+    try:
+        path = slim(model, score_candidates, score, cost_fn, targets, criterion=criterion, replay=replay,
+                    on_step=on_step)
+    finally:
+        if bar is not None:
+            bar.close()
+    walked = pick_steps(path, targets)
+    fills: list[list[Step]] = [[] for _ in targets]
+    if fill:
+        fill_bar = None
+        if progress and is_writer:
+            from tqdm.auto import tqdm
+
+            fill_bar = tqdm(total=len(targets), desc="filling the budgets (widening units back)", unit="config",
+                            dynamic_ncols=True)
+
+        def on_widen(step: Step) -> None:
+            if fill_bar is not None:
+                fill_bar.set_postfix(widened=step.step, acc=f"{step.acc:.3f}")
+
+        try:
+            fills = []
+            for st, t in zip(walked, targets):
+                fills.append(fill_budget(model, score_candidates, cost_fn, st, t, max_steps=fill_steps,
+                                         on_step=on_widen))
+                if fill_bar is not None:
+                    fill_bar.update(1)
+        finally:
+            if fill_bar is not None:
+                fill_bar.close()
+    configs = [_chosen_config(model, t, st, fl) for t, st, fl in zip(targets, walked, fills)]
+    frame = pd.DataFrame([s.row() for s in path])
+    result = SearchResult(configs, frame, path, out, files=[config_file(out, t) for t in targets] if out else [],
+                          targets=targets, fills=fills)
+    if out is not None and is_writer:
+        provenance = {"produced_by": "hwslim search", "checkpoint": settings["checkpoint"],
+                      "checkpoint_sha256": settings["checkpoint_sha256"], "table": settings["table"],
+                      "criterion": criterion, "bn": scoring.bn}
+        for t, cfg in zip(targets, configs):
+            cfg.with_meta(**provenance).save(config_file(out, t), force=True)
+        frame.to_csv(out / "path.csv", index=False)
+        if fill:
+            pd.DataFrame([{"target": t.label, **st.row()} for t, fl in zip(targets, fills) for st in fl],
+                         columns=["target", *path[0].row()]
+                         ).to_csv(out / "fill.csv", index=False)
+        if plot:
+            uniform = list(enumerate(model.uniform_configs(), start=1))
+            if progress:
+                from tqdm.auto import tqdm
+
+                uniform = tqdm(uniform, desc="scoring uniform-width configs (for search.png)", unit="config",
+                               dynamic_ncols=True)
+            result.uniform = [{"step": s, "acc": (sc := score(u)).acc, "loss": sc.loss, **cost_fn(u)}
+                              for s, u in uniform]
+            pd.DataFrame(result.uniform).to_csv(out / "uniform.csv", index=False)
+            plot_path(frame, pd.DataFrame(result.uniform), [t.budget for t in targets], out / "search.png",
+                      chosen=configs)
+    return result
+
+
+AXIS_LABELS = {  # budget kind -> axis label
+    "latency_ms": "latency (ms, predicted by the table)",
+    "memory_mb": "peak activation memory (MB)",
+    "params_m": "parameters (millions)",
+    "macs_m": "MACs (millions)",
+}
+
+
+def path_figure(path, uniform, budgets: Sequence[Budget], chosen: Sequence[ChannelConfig] = ()):
+    """The figure of :func:`plot_path` (a matplotlib Figure; the caller closes it)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kind = budgets[0].kind
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    ax.plot(path[kind], 100 * path["acc"], "-", lw=1.2, label="greedy path")
+    if uniform is not None and len(uniform):
+        ax.plot(uniform[kind], 100 * uniform["acc"], "s--", ms=4, label="uniform width")
+    for i, b in enumerate(b for b in budgets if b.kind == kind):
+        ax.axvline(b.value, color="grey", ls=":", lw=1, label="budgets" if i == 0 else None)
+        ax.annotate(f"{b.value:g}", (b.value, 1.0), xycoords=("data", "axes fraction"), xytext=(2, -10),
+                    textcoords="offset points", fontsize=8, color="grey")
+    if chosen:
+        ax.plot([c.meta[kind] for c in chosen], [100 * c.meta["search_acc"] for c in chosen], "o", ms=6,
+                mfc="none", label="chosen configs")
+    ax.set_xlabel(AXIS_LABELS[kind])
+    ax.set_ylabel("search-split accuracy (%)")
+    others = sorted({b.kind for b in budgets} - {kind})
+    if others:
+        ax.set_title(f"against {kind}; budgets on {', '.join(others)} are not drawn", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def plot_path(path, uniform, budgets: Sequence[Budget], png: Path, chosen: Sequence[ChannelConfig] = ()) -> Path:
+    """Accuracy against the first budget's cost along the path, with uniform-width and chosen configs."""
+    import matplotlib.pyplot as plt
+
+    fig = path_figure(path, uniform, budgets, chosen)
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+    return png

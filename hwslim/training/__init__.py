@@ -1,0 +1,1 @@
+"""Stage: training a slimmable supernet (sandwich rule, in-place distillation, DDP)."""
