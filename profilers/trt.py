@@ -56,7 +56,7 @@ from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterator, Sequence
 
 from hwslim.core.graph import LayerSpec
-from profilers.base import Profiler, ProfilerError, Timing, sample
+from profilers.base import Profiler, ProfilerError, Timing, plain_net_from_specs, sample
 
 TRT_DTYPES = ("float32", "float16")
 
@@ -74,29 +74,6 @@ def trt_major(version: str) -> int:
 
 
 # -- ONNX graphs ------------------------------------------------------------------------------------------
-def plain_net_from_specs(specs: Sequence[LayerSpec], seed: int = 0):
-    """A :class:`~hwslim.core.materialize.PlainNet` computing ``specs`` with random weights (BN folded).
-
-    The same module tree ``materialize(..., fold_bn=True)`` produces, so ``export_onnx``
-    writes the same graph (and the same node names) as for a real materialized config.
-    """
-    import torch
-
-    from hwslim.core.materialize import PlainNet
-
-    from hwslim.core.materialize import plain_layers
-
-    torch.manual_seed(seed)
-    layers = plain_layers(specs)
-    folded = []
-    for s in specs:  # BN folded, as materialize(..., fold_bn=True) leaves it
-        op, m = s.op.folded(s, layers[s.name].eval() if s.name in layers else None)
-        if m is not None:
-            layers[s.name] = m
-        folded.append(replace(s, op=op))
-    return PlainNet(folded, layers).eval()
-
-
 def entry_onnx(spec: LayerSpec, seed: int = 0):
     """A standalone ONNX model of one entry (input ``x``, one more per further input, output ``y``).
 
@@ -458,4 +435,4 @@ class TrtProfiler(Profiler):
         self._tmp.cleanup()
 
 
-__all__ = ["TrtProfiler", "entry_onnx", "onnx_to_fp16", "plain_net_from_specs", "trt_major"]
+__all__ = ["TrtProfiler", "entry_onnx", "onnx_to_fp16", "trt_major"]
