@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from profilers.ort import cpu_model
+from hwslim.core.machine import cpu_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -128,7 +128,7 @@ def main() -> None:
         worker(*args.worker)
         return
     from benchmarks.common import print_table, write_csv
-    from profilers.ort import cpu_model
+    from hwslim.core.machine import cpu_model
 
     samples: dict[tuple[str, str], list[float]] = {}
     loads: dict[tuple[str, str], list[float]] = {}

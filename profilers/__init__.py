@@ -9,7 +9,9 @@ without TensorRT or a GPU; a missing package is explained when that backend is u
     >>> prof = get_profiler("cpu", threads=1)      # the default CPU backend: ONNX Runtime
 
 To add a backend: a module here with a :class:`Profiler` subclass, and one line in
-``BACKENDS`` (name -> module, class, device). Its ``is_available()`` must be cheap. The
+``BACKENDS`` (name -> module, class, device); a backend living elsewhere (a plugin, a test's
+toy) is added with :func:`register_backend`. Its ``is_available()`` must be cheap. ``hwslim
+profile --backend`` offers what the registry holds. The
 module is never named like the package it wraps (``openvino_cpu.py``, not ``openvino.py``):
 run as a script, it would shadow that package.
 """
@@ -33,6 +35,24 @@ BACKENDS: dict[str, tuple[str, str, str]] = {
 }
 ALIASES = {"onnxruntime": "ort", "tensorrt": "trt", "torch": "torch_cuda"}
 DEVICES = ("cpu", "cuda")
+
+
+def register_backend(name: str, module: str, cls: str, device: str) -> None:
+    """Add backend ``name``: class ``cls`` of the importable ``module``, measuring ``device``.
+
+    Imported only when asked for, like the built-in ones; ``hwslim profile --backend`` offers
+    it from then on. A name already taken (a backend or an alias) is refused.
+    """
+    if device not in DEVICES:
+        raise ProfilerError(f"unknown device {device!r}; expected one of {', '.join(DEVICES)}")
+    if name in BACKENDS or name in ALIASES:
+        raise ProfilerError(f"backend {name!r} is already registered")
+    BACKENDS[name] = (module, cls, device)
+
+
+def backend_names(device: str) -> list[str]:
+    """The registered backends that measure ``device``, in order of preference."""
+    return [n for n, (_, _, dev) in BACKENDS.items() if dev == device]
 
 
 def backend_class(name: str) -> type[Profiler]:
@@ -66,7 +86,7 @@ def default_backend(device: str) -> str:
     """The preferred available backend for ``device`` (cpu: ort; cuda: trt, else torch_cuda)."""
     if device not in DEVICES:
         raise ProfilerError(f"unknown device {device!r}; expected one of {', '.join(DEVICES)}")
-    names = [n for n, (_, _, dev) in BACKENDS.items() if dev == device]
+    names = backend_names(device)
     for n in names:
         if _available(n):
             if n != names[0]:
@@ -107,5 +127,6 @@ def profiler_for_table(table) -> Profiler:
                          f"re-run hwslim profile") from None
 
 
-__all__ = ["BACKENDS", "Profiler", "ProfilerError", "Protocol", "Timing", "available_backends",
-           "backend_class", "default_backend", "get_profiler", "profiler_for_table"]
+__all__ = ["ALIASES", "BACKENDS", "DEVICES", "Profiler", "ProfilerError", "Protocol", "Timing", "available_backends",
+           "backend_class", "backend_names", "default_backend", "get_profiler", "profiler_for_table",
+           "register_backend"]

@@ -181,6 +181,27 @@ def probe_specs() -> list[LayerSpec]:
             layer_spec("probe/conv", Conv(3, 1, 1, act="relu"), c, size, out=c, inputs=["probe/project"])]
 
 
+def plain_net_from_specs(specs: Sequence[LayerSpec], seed: int = 0):
+    """A :class:`~hwslim.core.materialize.PlainNet` computing ``specs`` with random weights (BN folded).
+
+    The same module tree ``materialize(..., fold_bn=True)`` produces, so ``export_onnx``
+    writes the same graph (and the same node names) as for a real materialized config.
+    """
+    import torch
+
+    from hwslim.core.materialize import PlainNet, plain_layers
+
+    torch.manual_seed(seed)
+    layers = plain_layers(specs)
+    folded = []
+    for s in specs:  # BN folded, as materialize(..., fold_bn=True) leaves it
+        op, m = s.op.folded(s, layers[s.name].eval() if s.name in layers else None)
+        if m is not None:
+            layers[s.name] = m
+        folded.append(replace(s, op=op))
+    return PlainNet(folded, layers).eval()
+
+
 class Profiler:
     """Base class of latency backends. Subclasses set ``backend``/``device`` and the ``_impl``s.
 
@@ -512,4 +533,5 @@ class InterleavedRuns:
         return out
 
 
-__all__ = ["InterleavedRuns", "Profiler", "ProfilerError", "Protocol", "Timing", "probe_specs", "sample"]
+__all__ = ["InterleavedRuns", "Profiler", "ProfilerError", "Protocol", "Timing", "plain_net_from_specs", "probe_specs",
+           "sample"]

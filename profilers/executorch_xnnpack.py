@@ -35,11 +35,9 @@ Runtime; with more threads, wall-clock.
 from __future__ import annotations
 
 import importlib.metadata
-import importlib.util
 import os
-import tempfile
-import time
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Sequence
 
@@ -47,8 +45,8 @@ import torch
 from torch import nn
 
 from hwslim.core.graph import LayerSpec
-from profilers.base import Profiler, ProfilerError, Timing, sample
-from profilers.ort import cpu_clock, cpu_model, network_runs_for
+from profilers.base import ProfilerError, Timing, sample
+from profilers.cpu import CpuProfiler
 
 INSTALL = "pip install 'hwslim[executorch]'"
 # delegate node kinds (hwslim.runtimes.executorch_program.XnnNode.kind) whose runtime operators are named
@@ -142,21 +140,20 @@ def layer_of(owner: str | None, names: Sequence[str]) -> str | None:
     return None
 
 
-class ExecuTorchProfiler(Profiler):
+class ExecuTorchProfiler(CpuProfiler):
     """Times entries and whole ``.pte`` programs with ExecuTorch's XNNPACK delegate."""
 
     backend: ClassVar[str] = "executorch"
-    device: ClassVar[str] = "cpu"
     dtypes: ClassVar[tuple[str, ...]] = ("float32",)
-    identity_keys: ClassVar[tuple[str, ...]] = Profiler.identity_keys + ("clock", "delegate", "torch_version")
+    identity_keys: ClassVar[tuple[str, ...]] = CpuProfiler.identity_keys + ("delegate", "torch_version")
     model_suffixes: ClassVar[tuple[str, ...]] = (".pte",)
+    package: ClassVar[str] = "executorch"
+    missing: ClassVar[str] = f"the executorch package is not installed: {INSTALL}"
+    layer_center: ClassVar[str] = "iqm"  # whole-microsecond operator times: the interquartile mean is unbiased
 
-    def __init__(self, *, threads: int | None = None, dtype: str | None = None, protocol=None, e2e_protocol=None,
-                 clock: str | None = None, in_network: bool = True, network_runs: int | None = None) -> None:
-        super().__init__(threads=threads, dtype=dtype, protocol=protocol, e2e_protocol=e2e_protocol)
-        self.clock = cpu_clock(clock, self.threads)
-        self.in_network = bool(in_network)
-        self.network_runs = network_runs_for(self.protocol, network_runs)
+    def __init__(self, **settings: Any) -> None:
+        """``settings``: those of :class:`~profilers.cpu.CpuProfiler`."""
+        super().__init__(**settings)
         from hwslim.runtimes import executorch_program as etb
 
         try:
@@ -164,32 +161,13 @@ class ExecuTorchProfiler(Profiler):
         except etb.ExecuTorchError:
             raise ProfilerError(f"backend 'executorch' needs the executorch package: {INSTALL}") from None
         self._etb = etb
-        self._tmp = tempfile.TemporaryDirectory(prefix="hwslim-executorch-")
 
-    # -- identity --------------------------------------------------------------------------
-    @classmethod
-    def is_available(cls) -> bool:
-        return importlib.util.find_spec("executorch") is not None
+    def backend_version(self) -> str:
+        return importlib.metadata.version("executorch")
 
-    @classmethod
-    def unavailable_reason(cls) -> str:
-        return f"the executorch package is not installed: {INSTALL}"
-
-    @classmethod
-    def machine_name(cls) -> str:
-        return cpu_model()
-
-    def settings(self) -> dict[str, Any]:
-        return {**super().settings(), "clock": self.clock, "in_network": self.in_network,
-                "network_runs": self.network_runs}
-
-    def _backend_metadata(self) -> dict[str, Any]:
+    def _setup_metadata(self) -> dict[str, Any]:
         return {
-            "device_name": cpu_model(),
-            "cpu_count": os.cpu_count(),
-            "backend_version": importlib.metadata.version("executorch"),
             "torch_version": torch.__version__,  # programs are lowered through this torch.export
-            "clock": self.clock,
             "delegate": self._etb.PARTITIONER,
             "layer_times": ("XNNPACK's per-operator ETDump events inside designed networks, matched in order to "
                             "the delegate's nodes and their layers; one sample per run" if self.in_network
@@ -209,14 +187,7 @@ class ExecuTorchProfiler(Profiler):
     def _runner(self, program, inputs: list[torch.Tensor]) -> Callable[[], float]:
         self._etb.set_threads(self.threads)
         method = self._etb.load(program)
-        clock = time.thread_time_ns if self.clock == "thread_cpu" else time.perf_counter_ns
-        execute = method.execute
-
-        def timed() -> float:
-            t0 = clock()
-            execute(inputs)
-            return (clock() - t0) * 1e-6
-
+        timed = self._timed(partial(method.execute, inputs))
         timed._keep = (method, inputs, program)  # a program given as bytes is not copied by the runtime
         return timed
 
@@ -234,15 +205,6 @@ class ExecuTorchProfiler(Profiler):
         return Timing.from_samples(sample(self._runner(program, inputs), self.protocol))
 
     # -- entries inside whole networks ------------------------------------------------------
-    def _measure_entries(self, specs, networks):
-        if networks is None:
-            yield from super()._measure_entries(specs, None)
-            return
-        for spec, samples, _ in self._pool_networks(specs, networks, lambda n: (self.profile_network(n), set())):
-            # whole-microsecond operator times: the interquartile mean is unbiased
-            t = Timing.from_samples(samples, center="iqm")
-            yield spec, replace(t, noisy=t.median_ms > 0 and t.rel_iqr > self.protocol.max_rel_iqr)
-
     def profile_network(self, specs: Sequence[LayerSpec]) -> dict[str, list[float]]:
         """Per-layer times (ms, one sample per run) of one whole network, from ETDump.
 
@@ -333,6 +295,3 @@ class ExecuTorchProfiler(Profiler):
                                 f"not {p.suffix or 'this file'}")
         x = torch.randn(*input_shape, generator=torch.Generator().manual_seed(0))
         return self._runner(p, [x])
-
-    def close(self) -> None:
-        self._tmp.cleanup()

@@ -35,19 +35,17 @@ as for ONNX Runtime; with more threads, wall-clock (``clock="wall"``).
 """
 from __future__ import annotations
 
-import importlib.util
 import os
-import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Sequence
 
 import numpy as np
 
 from hwslim.core.graph import LayerSpec
-from profilers.base import Profiler, ProfilerError, Timing, sample
-from profilers.ort import cpu_clock, cpu_model, network_runs_for
+from hwslim.core.machine import cpu_model
+from profilers.base import ProfilerError, Timing, sample
+from profilers.cpu import CpuProfiler
 
 INSTALL = "pip install 'hwslim[openvino]'"
 # hwslim dtype -> OpenVINO inference precision, and the capability the CPU must report
@@ -92,22 +90,20 @@ def layer_owner(node_name: str, layers: Sequence[str]) -> str | None:
     return best[2] if best else None
 
 
-class OpenVinoProfiler(Profiler):
+class OpenVinoProfiler(CpuProfiler):
     """Times entries and whole models with OpenVINO's CPU plugin."""
 
     backend: ClassVar[str] = "openvino"
-    device: ClassVar[str] = "cpu"
     dtypes: ClassVar[tuple[str, ...]] = tuple(PRECISIONS)
-    identity_keys: ClassVar[tuple[str, ...]] = Profiler.identity_keys + ("clock", "inference_precision",
-                                                                          "performance_hint")
+    identity_keys: ClassVar[tuple[str, ...]] = CpuProfiler.identity_keys + ("inference_precision",
+                                                                             "performance_hint")
     model_suffixes: ClassVar[tuple[str, ...]] = MODEL_SUFFIXES
+    package: ClassVar[str] = "openvino"
+    missing: ClassVar[str] = f"the openvino package is not installed: {INSTALL}"
 
-    def __init__(self, *, threads: int | None = None, dtype: str | None = None, protocol=None, e2e_protocol=None,
-                 clock: str | None = None, in_network: bool = True, network_runs: int | None = None) -> None:
-        super().__init__(threads=threads, dtype=dtype, protocol=protocol, e2e_protocol=e2e_protocol)
-        self.clock = cpu_clock(clock, self.threads)
-        self.in_network = bool(in_network)
-        self.network_runs = network_runs_for(self.protocol, network_runs)
+    def __init__(self, **settings: Any) -> None:
+        """``settings``: those of :class:`~profilers.cpu.CpuProfiler`."""
+        super().__init__(**settings)
         self._ov = _ov()
         self._core = self._ov.Core()
         self.precision, cap = PRECISIONS[self.dtype]
@@ -115,32 +111,13 @@ class OpenVinoProfiler(Profiler):
         if cap not in self._caps:
             raise ProfilerError(f"OpenVINO's CPU plugin cannot run {self.dtype} on this CPU ({cpu_model()}: "
                                 f"capabilities {', '.join(self._caps)}); use --dtype float32")
-        self._tmp = tempfile.TemporaryDirectory(prefix="hwslim-openvino-")
         self._owners: dict[tuple, dict[str, str | None]] = {}
 
-    # -- identity --------------------------------------------------------------------------
-    @classmethod
-    def is_available(cls) -> bool:
-        return importlib.util.find_spec("openvino") is not None
+    def backend_version(self) -> str:
+        return self._ov.get_version()
 
-    @classmethod
-    def unavailable_reason(cls) -> str:
-        return f"the openvino package is not installed: {INSTALL}"
-
-    @classmethod
-    def machine_name(cls) -> str:
-        return cpu_model()
-
-    def settings(self) -> dict[str, Any]:
-        return {**super().settings(), "clock": self.clock, "in_network": self.in_network,
-                "network_runs": self.network_runs}
-
-    def _backend_metadata(self) -> dict[str, Any]:
+    def _setup_metadata(self) -> dict[str, Any]:
         return {
-            "device_name": cpu_model(),
-            "cpu_count": os.cpu_count(),
-            "backend_version": self._ov.get_version(),
-            "clock": self.clock,
             "inference_precision": self.precision,
             "performance_hint": "LATENCY",
             "optimization_capabilities": list(self._caps),
@@ -196,16 +173,6 @@ class OpenVinoProfiler(Profiler):
         run.request = req
         return run
 
-    def _timed(self, run: Callable[[], None]) -> Callable[[], float]:
-        clock = time.thread_time_ns if self.clock == "thread_cpu" else time.perf_counter_ns
-
-        def timed() -> float:
-            t0 = clock()
-            run()
-            return (clock() - t0) * 1e-6
-
-        return timed
-
     # -- timing ----------------------------------------------------------------------------
     def _time_entry(self, spec: LayerSpec) -> Timing:
         from hwslim.core.onnx_build import entry_model
@@ -225,15 +192,7 @@ class OpenVinoProfiler(Profiler):
             raise ProfilerError(f"{path}: OpenVINO reads {' or '.join(MODEL_SUFFIXES)} files here")
         return self._timed(self._request(self.compile(path, input_shape)))
 
-    # -- entries inside whole networks ------------------------------------------------------
-    def _measure_entries(self, specs, networks):
-        if networks is None:
-            yield from super()._measure_entries(specs, None)
-            return
-        for spec, samples, _ in self._pool_networks(specs, networks, lambda n: (self.profile_network(n), set())):
-            t = Timing.from_samples(samples)  # one mean per network the entry was timed in
-            yield spec, replace(t, noisy=t.median_ms > 0 and t.rel_iqr > self.protocol.max_rel_iqr)
-
+    # -- entries inside whole networks (one mean per network an entry was timed in) ----------
     def profile_network(self, specs: Sequence[LayerSpec]) -> dict[str, list[float]]:
         """Per-layer time (ms per run) of one whole network, from OpenVINO's counters.
 
@@ -304,6 +263,3 @@ class OpenVinoProfiler(Profiler):
             kernel = info.exec_type != "undef" and not info.exec_type.startswith("unknown")
             out[info.node_name] = (runs * avg_us + (runs - 1) / 2, avg_us, kernel)
         return out
-
-    def close(self) -> None:
-        self._tmp.cleanup()

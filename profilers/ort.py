@@ -32,43 +32,19 @@ microseconds; medians over many runs).
 """
 from __future__ import annotations
 
-import importlib.util
 import os
-import tempfile
-import time
-from pathlib import Path
 from dataclasses import replace
+from pathlib import Path
 from typing import Any, Callable, ClassVar, Sequence
 
 import numpy as np
 
-from hwslim.core.machine import cpu_model  # noqa: F401  (re-exported: benchmarks and tables name the CPU by it)
 from hwslim.core.graph import LayerSpec
 from profilers.base import Profiler, ProfilerError, Timing, sample
+from profilers.cpu import CpuProfiler
 
 NCHWC = "com.microsoft.nchwc"
 OPSET = 17
-CLOCKS = ("thread_cpu", "wall")
-
-
-def cpu_clock(clock: str | None, threads: int) -> str:
-    """The clock a CPU backend times with: ``thread_cpu`` for one thread (immune to the
-    process being descheduled), else ``wall``; an impossible choice is refused."""
-    clock = clock or ("thread_cpu" if threads == 1 else "wall")
-    if clock not in CLOCKS:
-        raise ProfilerError(f"clock must be one of {CLOCKS}, got {clock!r}")
-    if clock == "thread_cpu" and threads != 1:
-        raise ProfilerError("clock 'thread_cpu' measures one thread; use clock='wall' with threads > 1")
-    return clock
-
-
-def network_runs_for(protocol, network_runs: int | None) -> int:
-    """Runs of each designed network (every entry in it gets one sample per run): with the full
-    protocol 12, or more where the protocol asks for more samples than 4 networks of 12 give
-    (x 4 networks per entry = 48 samples from 4 separate moments of the machine)."""
-    if network_runs:
-        return int(network_runs)
-    return max(12, -(-protocol.min_reps // 4)) if protocol.min_reps >= 15 else max(protocol.min_reps, 1)
 SKIP_FEED = "skip_feed"
 
 
@@ -217,53 +193,31 @@ def _owners(graph, layers: Sequence[str]) -> dict[str, str]:
     return owner
 
 
-class OrtProfiler(Profiler):
+class OrtProfiler(CpuProfiler):
+    """Times entries and whole models with ONNX Runtime's CPU execution provider."""
+
     # 4 networks of 12 runs: an entry's 48 samples from 4 moments of the machine, where 2 of 24
     # came from 2, at the same table time (latency_tables/README.md, "What the layer sum misses")
     default_contexts: ClassVar[int] = 4
-    """Times entries and whole models with ONNX Runtime's CPU execution provider."""
-
     backend: ClassVar[str] = "ort"
-    device: ClassVar[str] = "cpu"
     dtypes: ClassVar[tuple[str, ...]] = ("float32",)
     identity_keys: ClassVar[tuple[str, ...]] = Profiler.identity_keys + ("nchwc_block", "clock")
+    package: ClassVar[str] = "onnxruntime"
+    missing: ClassVar[str] = "onnxruntime is not installed: pip install onnxruntime"
+    layer_center: ClassVar[str] = "iqm"  # whole-microsecond kernel times: the interquartile mean is unbiased
 
-    def __init__(self, *, threads: int | None = None, dtype: str | None = None, protocol=None, e2e_protocol=None,
-                 clock: str | None = None, in_network: bool = True, network_runs: int | None = None) -> None:
-        super().__init__(threads=threads, dtype=dtype, protocol=protocol, e2e_protocol=e2e_protocol)
-        self.clock = cpu_clock(clock, self.threads)
-        self.in_network = bool(in_network)
-        self.network_runs = network_runs_for(self.protocol, network_runs)
+    def __init__(self, **settings: Any) -> None:
+        """``settings``: those of :class:`~profilers.cpu.CpuProfiler`."""
+        super().__init__(**settings)
         self._ort = _ort()
-        self._tmp = tempfile.TemporaryDirectory(prefix="hwslim-ort-")
         self._block: int | None = None
         self._overhead: float | None = None
 
-    # -- identity --------------------------------------------------------------------------
-    @classmethod
-    def is_available(cls) -> bool:
-        return importlib.util.find_spec("onnxruntime") is not None
+    def backend_version(self) -> str:
+        return self._ort.__version__
 
-    @classmethod
-    def unavailable_reason(cls) -> str:
-        return "onnxruntime is not installed: pip install onnxruntime"
-
-    @classmethod
-    def machine_name(cls) -> str:
-        return cpu_model()
-
-    def settings(self) -> dict[str, Any]:
-        return {**super().settings(), "clock": self.clock, "in_network": self.in_network,
-                "network_runs": self.network_runs}
-
-    def _backend_metadata(self) -> dict[str, Any]:
-        return {
-            "device_name": cpu_model(),
-            "cpu_count": os.cpu_count(),
-            "backend_version": self._ort.__version__,
-            "clock": self.clock,
-            "nchwc_block": self.nchwc_block(),
-        }
+    def _setup_metadata(self) -> dict[str, Any]:
+        return {"nchwc_block": self.nchwc_block()}
 
     # -- sessions --------------------------------------------------------------------------
     def session_options(self, optimized_path: str | None = None):
@@ -343,16 +297,6 @@ class OrtProfiler(Profiler):
         run._keep = (keep, binding, session)  # the bound buffers live as long as the call
         return run
 
-    def _timed(self, run: Callable[[], None]) -> Callable[[], float]:
-        clock = time.thread_time_ns if self.clock == "thread_cpu" else time.perf_counter_ns
-
-        def timed() -> float:
-            t0 = clock()
-            run()
-            return (clock() - t0) * 1e-6
-
-        return timed
-
     def run_overhead_ms(self) -> float:
         """Median time of running a one-element graph: the per-run cost of the call itself."""
         if self._overhead is not None:
@@ -383,14 +327,9 @@ class OrtProfiler(Profiler):
         return self._timed(self._binding(session, {ins[0].name: input_shape}))
 
     # -- entries inside whole networks --------------------------------------------------------
-    def _measure_entries(self, specs, networks):
-        if networks is None:
-            yield from super()._measure_entries(specs, None)
-            return
-        for spec, samples, _ in self._pool_networks(specs, networks, lambda n: (self.profile_network(n), set())):
-            # whole-microsecond kernel times: the interquartile mean is unbiased
-            t = Timing.from_samples(samples, center="iqm")
-            yield spec, replace(t, noisy=t.rel_iqr > self.protocol.max_rel_iqr)
+    def _network_timing(self, samples: list[float]) -> Timing:
+        t = Timing.from_samples(samples, center=self.layer_center)  # an entry costing 0 us stays noisy here
+        return replace(t, noisy=t.rel_iqr > self.protocol.max_rel_iqr)
 
     def profile_network(self, specs: Sequence[LayerSpec]) -> dict[str, list[float]]:
         """Per-layer times (ms per run) of one whole network, from ONNX Runtime's profiler.
@@ -437,6 +376,3 @@ class OrtProfiler(Profiler):
             for i, d in enumerate(durs[: len(acc)]):
                 acc[i] += d
         return out
-
-    def close(self) -> None:
-        self._tmp.cleanup()

@@ -29,9 +29,11 @@ table's precision (fp32, fp16 or bf16), NCHW or channels-last.
   tighter result kept, else flagged ``noisy``.
 
 **End to end** (calibration, ``hwslim verify``): :meth:`TorchCudaProfiler.time_onnx`
-runs the exported ONNX model of the materialized network as the same PyTorch ops
-(:func:`onnx_callable`, an interpreter for the ops ``export_onnx`` writes), captured in
-one CUDA graph and timed with the same events/stream/replay protocol. So entries and
+runs the materialized network itself (:func:`network_callable`: each operator's plain
+module and ``run_plain``, so nothing here is written per operator): the ``.pt`` that
+:meth:`TorchCudaProfiler.write_model` saves, or the network an ONNX file from ``hwslim
+export`` describes in its metadata (:func:`load_network`), captured in one CUDA graph and
+timed with the same events/stream/replay protocol. So entries and
 whole networks are measured by one mechanism, and the calibration fit only has to
 absorb what really differs between them (caches, the gaps between kernels).
 
@@ -48,7 +50,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Callable, ClassVar, Iterator, Sequence
 
 from hwslim.core.graph import LayerSpec
-from profilers.base import Profiler, ProfilerError, Protocol, Timing, sample
+from profilers.base import Profiler, ProfilerError, Protocol, Timing, plain_net_from_specs, sample
 
 DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
 
@@ -103,192 +105,57 @@ def entry_callable(spec: LayerSpec, device: str = "cuda", dtype: str = "float32"
     return fn, int(tensors * elem)
 
 
-# -- whole exported models ----------------------------------------------------------------------------
-def onnx_callable(model, input_shape: Sequence[int], device: str = "cuda", dtype: str = "float32",
-                  channels_last: bool = False, seed: int = 0) -> Callable[[], Any]:
-    """A no-argument call running an ONNX graph written by ``export_onnx`` as PyTorch ops.
+# -- whole networks ------------------------------------------------------------------------------------
+def network_callable(net, input_shape: Sequence[int], device: str = "cuda", dtype: str = "float32",
+                     channels_last: bool = False, seed: int = 0) -> Callable[[], Any]:
+    """A no-argument call running a materialized network (:class:`~hwslim.core.materialize.PlainNet`).
 
-    Supports what the exporter emits for a plain hwslim network: Conv, Relu, Clip, Add,
-    Mul, Div, Sigmoid, HardSwish, HardSigmoid, Erf, Concat, MaxPool, AveragePool,
-    GlobalAveragePool, Flatten, Gemm, plus Constant/Identity/Cast (Cast is a
-    no-op: everything runs in ``dtype``). Element-wise ops run in place where their
-    input has no other reader, as :func:`hwslim.core.graph.run_graph` does, so the kernels
-    are the ones the materialized network launches. The input is random, bound once.
+    The network runs itself: each layer is its operator's plain module and ``run_plain``
+    (in place where its input has no other reader), so the kernels are the ones the
+    materialized network launches and every operator the core knows runs here. It is moved
+    to ``device`` and ``dtype`` (channels-last where asked); the input is random, made once.
     """
     torch = _torch()
-    import torch.nn.functional as F
-    from onnx import numpy_helper
-
-    if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
-        import onnx
-
-        model = onnx.load(str(model))
     dt = torch_dtype(dtype)
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    g = model.graph
-    consts: dict[str, Any] = {}
-    for init in g.initializer:
-        arr = numpy_helper.to_array(init)
-        t = torch.from_numpy(arr.copy()).to(device)
-        consts[init.name] = t.to(dt) if t.is_floating_point() else t
-    readers: dict[str, int] = {}
-    for n in g.node:
-        for t in n.input:
-            readers[t] = readers.get(t, 0) + 1
-    for o in g.output:
-        readers[o.name] = readers.get(o.name, 0) + 1
-    attrs = lambda n: {a.name: _attr(a) for a in n.attribute}  # noqa: E731
-    inputs = [i.name for i in g.input if i.name not in consts]
-    if len(inputs) != 1:
-        raise ProfilerError(f"expected one graph input, found {inputs}")
-    x0 = torch.randn(*input_shape, generator=torch.Generator().manual_seed(seed)).to(device=device, dtype=dt)
-    if x0.dim() == 4:
-        x0 = x0.contiguous(memory_format=fmt)
-    steps: list[Callable[[dict], None]] = []
-
-    for n in g.node:
-        a = attrs(n)
-        op, ins, out = n.op_type, list(n.input), n.output[0]
-        owned = bool(ins) and readers.get(ins[0], 0) == 1 and ins[0] not in consts and ins[0] not in inputs
-        if op == "Constant":
-            from onnx import numpy_helper as nh
-
-            t = torch.from_numpy(nh.to_array(n.attribute[0].t).copy()).to(device)
-            consts[out] = t.to(dt) if t.is_floating_point() else t
-            continue
-        if op == "Conv":
-            w = consts[ins[1]]
-            if channels_last and w.dim() == 4:
-                consts[ins[1]] = w.contiguous(memory_format=fmt)
-            pads = a.get("pads", [0, 0, 0, 0])
-            if len(pads) == 4 and (pads[0] != pads[2] or pads[1] != pads[3]):
-                raise ProfilerError(f"{n.name}: asymmetric padding is not supported")
-            steps.append(_conv_step(F, ins, out, consts, tuple(a.get("strides", [1, 1])), tuple(pads[:2]),
-                                    tuple(a.get("dilations", [1, 1])), int(a.get("group", 1))))
-        elif op == "Relu":
-            steps.append(_unary(ins[0], out, F.relu_ if owned else F.relu))
-        elif op == "Clip":
-            lo = float(consts[ins[1]].item()) if len(ins) > 1 and ins[1] else a.get("min", None)
-            hi = float(consts[ins[2]].item()) if len(ins) > 2 and ins[2] else a.get("max", None)
-            steps.append(_unary(ins[0], out, (lambda t, lo=lo, hi=hi: t.clamp_(lo, hi)) if owned
-                                else (lambda t, lo=lo, hi=hi: t.clamp(lo, hi))))
-        elif op == "Add":
-            steps.append(_add_step(ins, out, owned, consts))
-        elif op in ("Mul", "Div"):
-            steps.append(_binary_step(ins, out, owned, consts, op))
-        elif op in _UNARY:
-            steps.append(_unary(ins[0], out, _UNARY[op](F, torch, a)))
-        elif op == "Concat":
-            axis = int(a.get("axis", 1))
-            steps.append(lambda env, ins=ins, out=out, ax=axis: env.__setitem__(
-                out, torch.cat([env[t] if t in env else consts[t] for t in ins], ax)))
-        elif op == "AveragePool":
-            pads = a.get("pads", [0, 0, 0, 0])
-            k, s, p = tuple(a["kernel_shape"]), tuple(a.get("strides", [1, 1])), tuple(pads[:2])
-            inc = bool(a.get("count_include_pad", 0))
-            steps.append(_unary(ins[0], out, lambda t, k=k, s=s, p=p, i=inc: F.avg_pool2d(t, k, s, p,
-                                                                                           count_include_pad=i)))
-        elif op == "MaxPool":
-            pads = a.get("pads", [0, 0, 0, 0])
-            k, s, p = tuple(a["kernel_shape"]), tuple(a.get("strides", [1, 1])), tuple(pads[:2])
-            ceil = bool(a.get("ceil_mode", 0))
-            steps.append(_unary(ins[0], out, lambda t, k=k, s=s, p=p, c=ceil: F.max_pool2d(t, k, s, p, ceil_mode=c)))
-        elif op == "GlobalAveragePool":
-            steps.append(_unary(ins[0], out, lambda t: F.adaptive_avg_pool2d(t, 1)))
-        elif op == "Flatten":
-            axis = int(a.get("axis", 1))
-            steps.append(_unary(ins[0], out, lambda t, ax=axis: torch.flatten(t, ax)))
-        elif op == "Gemm":
-            if a.get("alpha", 1.0) != 1.0 or a.get("beta", 1.0) != 1.0 or a.get("transA", 0):
-                raise ProfilerError(f"{n.name}: only Gemm with alpha = beta = 1, transA = 0 is supported")
-            steps.append(_gemm_step(F, ins, out, consts, bool(a.get("transB", 0))))
-        elif op in ("Identity", "Cast"):
-            src = ins[0]
-            if src in consts:
-                consts[out] = consts[src]
-            else:
-                steps.append(_unary(src, out, lambda t: t))
-        else:
-            raise ProfilerError(f"{n.name}: ONNX op {op} is not supported by the torch_cuda backend")
-    result = g.output[0].name
-    name_in = inputs[0]
+    net = net.to(device=device, dtype=dt).eval()
+    x = torch.randn(*input_shape, generator=torch.Generator().manual_seed(seed)).to(device=device, dtype=dt)
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
 
     def run():
-        env = {name_in: x0}
-        for step in steps:
-            step(env)
-        return env[result]
+        with torch.no_grad():
+            return net(x)
 
     return run
 
 
-def _attr(a):
-    from onnx import helper
+def load_network(path):
+    """The materialized network a whole-model file holds: a ``.pt`` from
+    :meth:`TorchCudaProfiler.write_model`, or an ONNX file from ``hwslim export`` (rebuilt from
+    the graph and config in its metadata, random weights: timing does not depend on values)."""
+    from pathlib import Path
 
-    return helper.get_attribute_value(a)
+    torch = _torch()
+    path = Path(path)
+    if not path.is_file():
+        raise ProfilerError(f"model {path} not found")
+    if path.suffix == ".pt":
+        return torch.load(path, weights_only=False)  # written by write_model, never a user's file
+    import json
 
+    from hwslim.core.graph import graph_from_dict
+    from hwslim.core.materialize import materialize
+    from hwslim.core.supernet import SlimmableNet
+    from hwslim.runtimes.onnx_file import config_from_metadata, onnx_metadata
 
-_UNARY = {  # ONNX op -> (F, torch, attributes) -> function of one tensor
-    "Sigmoid": lambda F, torch, a: torch.sigmoid,
-    "HardSwish": lambda F, torch, a: F.hardswish,
-    "HardSigmoid": lambda F, torch, a: (lambda t, al=a.get("alpha", 0.2), be=a.get("beta", 0.5):
-                                        (t * al + be).clamp_(0.0, 1.0)),
-    "Erf": lambda F, torch, a: torch.erf,
-}
-
-
-def _binary_step(ins, out, owned, consts, op):
-    a, b = ins
-
-    def step(env):
-        x = env[a] if a in env else consts[a]
-        y = env[b] if b in env else consts[b]
-        if op == "Mul":
-            env[out] = x.mul_(y) if owned and _torch().broadcast_shapes(x.shape, y.shape) == x.shape else x * y
-        else:
-            env[out] = x / y
-
-    return step
-
-
-def _unary(src: str, out: str, f) -> Callable[[dict], None]:
-    def step(env):
-        env[out] = f(env[src])
-
-    return step
-
-
-def _conv_step(F, ins, out, consts, stride, padding, dilation, groups):
-    wname, bname, src = ins[1], (ins[2] if len(ins) > 2 and ins[2] else None), ins[0]
-
-    def step(env):
-        env[out] = F.conv2d(env[src], consts[wname], consts[bname] if bname else None, stride, padding, dilation,
-                            groups)
-
-    return step
-
-
-def _add_step(ins, out, owned, consts):
-    a, b = ins
-
-    def step(env):
-        x = env[a] if a in env else consts[a]
-        y = env[b] if b in env else consts[b]
-        env[out] = x.add_(y) if owned else x + y
-
-    return step
-
-
-def _gemm_step(F, ins, out, consts, trans_b):
-    src, wname = ins[0], ins[1]
-    bname = ins[2] if len(ins) > 2 and ins[2] else None
-
-    def step(env):
-        w = consts[wname]
-        bias = consts[bname] if bname else None
-        env[out] = F.linear(env[src], w, bias) if trans_b else (env[src] @ w + (bias if bias is not None else 0))
-
-    return step
+    meta = onnx_metadata(path)
+    if "graph" not in meta:
+        raise ProfilerError(f"{path}: backend 'torch_cuda' runs the network an ONNX file's hwslim metadata "
+                            f"describes, and this one has none; give the file `hwslim export` wrote")
+    config = config_from_metadata(meta, str(path))
+    net = SlimmableNet.from_graph(replace(graph_from_dict(json.loads(meta["graph"])), input_size=config.input_size))
+    return materialize(net, config, fold_bn=True).eval()
 
 
 # -- the timed unit -------------------------------------------------------------------------------------
@@ -315,6 +182,8 @@ class TorchCudaProfiler(Profiler):
     backend: ClassVar[str] = "torch_cuda"
     device: ClassVar[str] = "cuda"
     dtypes: ClassVar[tuple[str, ...]] = tuple(DTYPES)
+    # whole models: the materialized network itself (write_model), or an exported ONNX's network
+    model_suffixes: ClassVar[tuple[str, ...]] = (".pt", ".onnx")
     identity_keys: ClassVar[tuple[str, ...]] = Profiler.identity_keys + (
         "driver_version", "cuda_runtime", "cudnn_version", "channels_last", "allow_tf32", "cuda_graphs")
 
@@ -569,13 +438,25 @@ class TorchCudaProfiler(Profiler):
                     t = again if again.rel_iqr < t.rel_iqr else replace(t, noisy=True)
                 yield spec, t
 
-    def _onnx_runner(self, path: str, input_shape: tuple[int, ...]) -> Callable[[], float]:
+    def write_model(self, net, path, *, batch: int = 1, input_size: int | None = None):
+        """Save a materialized network (:class:`~hwslim.core.materialize.PlainNet`) at ``path`` with
+        suffix ``.pt``: :meth:`time_onnx` runs the network itself, as PyTorch ops."""
         from pathlib import Path
 
-        if not Path(path).is_file():
-            raise ProfilerError(f"ONNX model {path} not found")
-        fn = onnx_callable(path, input_shape, self._dev, self.dtype, self.channels_last, self.seed)
+        path = Path(path).with_suffix(".pt")
+        _torch().save(net, path)
+        return path
+
+    def _network_runner(self, net, input_shape: Sequence[int]) -> Callable[[], float]:
+        fn = network_callable(net, input_shape, self._dev, self.dtype, self.channels_last, self.seed)
         return self._runner(self._prepare(fn, pool=self._e2e_pool, protocol=self.e2e_protocol))
+
+    def _onnx_runner(self, path: str, input_shape: tuple[int, ...]) -> Callable[[], float]:
+        return self._network_runner(load_network(path), input_shape)
+
+    def _probe_runner(self, specs: Sequence[LayerSpec], workdir: str) -> Callable[[], float]:
+        s = specs[0]
+        return self._network_runner(plain_net_from_specs(specs), (1, s.cin, s.in_h, s.in_w))
 
     def close(self) -> None:
         if self._closed:
@@ -588,4 +469,4 @@ class TorchCudaProfiler(Profiler):
         self._closed = True
 
 
-__all__ = ["TorchCudaProfiler", "entry_callable", "onnx_callable", "torch_dtype"]
+__all__ = ["TorchCudaProfiler", "entry_callable", "load_network", "network_callable", "torch_dtype"]

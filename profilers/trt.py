@@ -56,7 +56,7 @@ from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterator, Sequence
 
 from hwslim.core.graph import LayerSpec
-from profilers.base import Profiler, ProfilerError, Timing, sample
+from profilers.base import Profiler, ProfilerError, Timing, plain_net_from_specs, sample
 
 TRT_DTYPES = ("float32", "float16")
 
@@ -74,29 +74,6 @@ def trt_major(version: str) -> int:
 
 
 # -- ONNX graphs ------------------------------------------------------------------------------------------
-def plain_net_from_specs(specs: Sequence[LayerSpec], seed: int = 0):
-    """A :class:`~hwslim.core.materialize.PlainNet` computing ``specs`` with random weights (BN folded).
-
-    The same module tree ``materialize(..., fold_bn=True)`` produces, so ``export_onnx``
-    writes the same graph (and the same node names) as for a real materialized config.
-    """
-    import torch
-
-    from hwslim.core.materialize import PlainNet
-
-    from hwslim.core.materialize import plain_layers
-
-    torch.manual_seed(seed)
-    layers = plain_layers(specs)
-    folded = []
-    for s in specs:  # BN folded, as materialize(..., fold_bn=True) leaves it
-        op, m = s.op.folded(s, layers[s.name].eval() if s.name in layers else None)
-        if m is not None:
-            layers[s.name] = m
-        folded.append(replace(s, op=op))
-    return PlainNet(folded, layers).eval()
-
-
 def entry_onnx(spec: LayerSpec, seed: int = 0):
     """A standalone ONNX model of one entry (input ``x``, one more per further input, output ``y``).
 
@@ -122,7 +99,7 @@ def onnx_to_fp16(model):
     import copy
 
     import numpy as np
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import TensorProto, numpy_helper
 
     m = copy.deepcopy(model)
     g = m.graph
@@ -136,32 +113,30 @@ def onnx_to_fp16(model):
                 if a.name == "value" and a.t.data_type == TensorProto.FLOAT:
                     a.t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(a.t).astype(np.float16), a.t.name))
     del g.value_info[:]
-    casts_in = []
-    for inp in g.input:
-        if inp.type.tensor_type.elem_type != TensorProto.FLOAT:
-            continue
-        half = f"{inp.name}_fp16"
-        for node in g.node:
-            for k, name in enumerate(node.input):
-                if name == inp.name:
-                    node.input[k] = half
-        casts_in.append(helper.make_node("Cast", [inp.name], [half], name=f"/cast_{inp.name}_fp16",
-                                         to=TensorProto.FLOAT16))
-    casts_out = []
-    for out in g.output:
-        if out.type.tensor_type.elem_type != TensorProto.FLOAT:
-            continue
-        half = f"{out.name}_fp16"
-        for node in g.node:
-            for k, name in enumerate(node.output):
-                if name == out.name:
-                    node.output[k] = half
-        casts_out.append(helper.make_node("Cast", [half], [out.name], name=f"/cast_{out.name}_fp32",
-                                          to=TensorProto.FLOAT))
+    casts_in = [_half_io(g.node, inp.name, inputs=True) for inp in g.input
+                if inp.type.tensor_type.elem_type == TensorProto.FLOAT]
+    casts_out = [_half_io(g.node, out.name, inputs=False) for out in g.output
+                 if out.type.tensor_type.elem_type == TensorProto.FLOAT]
     nodes = casts_in + list(g.node) + casts_out
     del g.node[:]
     g.node.extend(nodes)
     return m
+
+
+def _half_io(nodes, name: str, inputs: bool):
+    """Rename graph input (or output) ``name`` to ``name_fp16`` where ``nodes`` read (or write) it;
+    return the Cast node converting between the fp32 tensor and its fp16 copy."""
+    from onnx import TensorProto, helper
+
+    half = f"{name}_fp16"
+    for node in nodes:
+        ports = node.input if inputs else node.output
+        for k, t in enumerate(ports):
+            if t == name:
+                ports[k] = half
+    if inputs:
+        return helper.make_node("Cast", [name], [half], name=f"/cast_{name}_fp16", to=TensorProto.FLOAT16)
+    return helper.make_node("Cast", [half], [name], name=f"/cast_{name}_fp32", to=TensorProto.FLOAT)
 
 
 # -- TensorRT pieces (need the package and a GPU) ---------------------------------------------------------
@@ -458,4 +433,4 @@ class TrtProfiler(Profiler):
         self._tmp.cleanup()
 
 
-__all__ = ["TrtProfiler", "entry_onnx", "onnx_to_fp16", "plain_net_from_specs", "trt_major"]
+__all__ = ["TrtProfiler", "entry_onnx", "onnx_to_fp16", "trt_major"]

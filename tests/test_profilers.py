@@ -205,3 +205,30 @@ def test_interquartile_mean_removes_whole_microsecond_rounding_bias():
     assert Timing.from_samples(samples_ms, center="iqm").median_ms == pytest.approx(0.0024, abs=0.00005)
     with pytest.raises(ValueError):
         Timing.from_samples(samples_ms, center="mode")
+
+
+# -- a new backend is one module and its registry entry ------------------------------------------------
+def test_a_backend_registered_from_one_module_profiles_through_the_cli(tmp_path, monkeypatch, capsys):
+    import json
+
+    import profilers
+    from hwslim.cli import main
+    from hwslim.latency.table import LatencyTable
+
+    monkeypatch.setattr(profilers, "BACKENDS", dict(profilers.BACKENDS))  # the registration ends with the test
+    profilers.register_backend("toy", "toys.toy_backend", "ToyProfiler", "cpu")
+    with pytest.raises(ProfilerError, match="already registered"):
+        profilers.register_backend("toy", "toys.toy_backend", "ToyProfiler", "cpu")
+    with pytest.raises(ProfilerError, match="unknown device"):
+        profilers.register_backend("toy2", "toys.toy_backend", "ToyProfiler", "tpu")
+    assert "toy" in available_backends("cpu")
+    with pytest.raises(SystemExit):
+        main(["profile", "--help"])
+    assert "toy" in capsys.readouterr().out
+    out = tmp_path / "toy.csv"
+    assert main(["profile", "--backend", "toy", "--model", "resnet20", "--width-mult", "0.25", "--input-size", "8",
+                 "--quick", "--calib-configs", "3", "--holdout-configs", "1", "--out", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["table"] == str(out)
+    table = LatencyTable.load(out)
+    assert table.meta["backend"] == "toy" and table.meta["backend_version"].startswith("toy 1")
+    assert table.meta["device"] == "cpu" and len(table.entries) > 0

@@ -13,10 +13,10 @@ from hwslim.core.ops import Concat, Conv, GlobalAvgPool, Linear, MaxPool, Squeez
 from hwslim.core.materialize import materialize
 from hwslim.models import create_model
 from profilers import available_backends, get_profiler
-from profilers.base import Protocol, Timing
+from profilers.base import ProfilerError, Protocol, Timing, plain_net_from_specs
 from profilers.gpu_info import parse_smi_csv
-from profilers.torch_cuda import entry_callable, onnx_callable
-from profilers.trt import entry_onnx, onnx_to_fp16, plain_net_from_specs
+from profilers.torch_cuda import entry_callable, load_network, network_callable
+from profilers.trt import entry_onnx, onnx_to_fp16
 from profilers.trt_attribution import onnx_node_owners
 
 QUICK = Protocol.quick()
@@ -30,18 +30,31 @@ def _tiny(name: str = "mobilenet_v2", **kw):
 
 # -- CPU: what the backends build -------------------------------------------------------------------
 @pytest.mark.parametrize("model,kw", [("mobilenet_v2", dict(width_mult=0.35, input_size=32)),
+                                      ("mobilenet_v3_small", dict(width_mult=0.35, input_size=32)),
                                       ("resnet20", dict(width_mult=0.25, input_size=8))])
-def test_onnx_callable_computes_the_materialized_network(tmp_path, model, kw):
-    net, plain = _tiny(model, **kw)
+def test_network_built_from_specs_computes_what_its_onnx_model_does_in_onnx_runtime(tmp_path, model, kw):
+    import onnxruntime as ort
+
+    net, _ = _tiny(model, **kw)
     size = kw["input_size"]
-    path = export_onnx(plain, tmp_path / "m.onnx", batch=2, input_size=size)
-    run = onnx_callable(path, (2, 3, size, size), device="cpu", seed=3)
+    specs = net.layer_specs(net.uniform_configs()[3], batch=2, input_size=size)  # a narrower designed network
+    plain = plain_net_from_specs(specs, seed=1)
+    path = export_onnx(plain, tmp_path / "n.onnx", batch=2, input_size=size)
     x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(3))
+    want = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})[0]
+    got = network_callable(plain, (2, 3, size, size), device="cpu", seed=3)()
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-4, atol=1e-4)
+
+
+def test_whole_model_files_hold_the_network_torch_cuda_runs(tmp_path):
+    _, plain = _tiny("resnet20", width_mult=0.25, input_size=8)
+    torch.save(plain, tmp_path / "m.pt")  # what TorchCudaProfiler.write_model writes
+    x = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        want = plain(x)
-        got = run()
-    assert got.shape == want.shape
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(load_network(tmp_path / "m.pt")(x), plain(x))
+    bare = export_onnx(plain, tmp_path / "bare.onnx", input_size=8)  # no hwslim metadata: no network to run
+    with pytest.raises(ProfilerError, match="hwslim export"):
+        load_network(bare)
 
 
 def test_entry_callable_is_conv_bias_add_act():
@@ -177,7 +190,7 @@ def test_torch_cuda_measures_many_entries_and_whole_models(torch_prof, tmp_path)
     specs = net.layer_specs(net.full_config(), batch=1, input_size=8)
     got = dict((s.signature(), t) for s, t in torch_prof.measure_entries(specs))
     assert set(got) == {s.signature() for s in specs} and all(t.median_ms > 0 for t in got.values())
-    path = export_onnx(plain, tmp_path / "m.onnx", input_size=8)
+    path = torch_prof.write_model(plain, tmp_path / "m", input_size=8)
     t = torch_prof.time_onnx(path, (1, 3, 8, 8))
     assert 0 < t.median_ms < 100
 

@@ -10,11 +10,14 @@ from hwslim.cli import (FIX_UNSUPPORTED_HELP, add_command, nonneg_int, positive_
 
 def register(sub) -> None:
     p = add_command(sub, "profile", run, run.__doc__)
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="device to measure (default: cpu)")
-    p.add_argument("--backend", choices=["ort", "openvino", "executorch", "trt", "torch", "onnxruntime", "tensorrt",
-                                         "torch_cuda"],
-                   help="latency backend (cpu: ort, openvino or executorch; cuda: trt or torch); default on cuda: "
-                        "trt when TensorRT imports, else torch (with a one-line notice)")
+    from profilers import ALIASES, BACKENDS, DEVICES, backend_names
+
+    p.add_argument("--device", default="cpu", choices=DEVICES, help="device to measure (default: cpu)")
+    per_device = "; ".join(f"{d}: {', '.join(backend_names(d))}" for d in DEVICES)
+    aliases = ", ".join(f"{a} = {n}" for a, n in ALIASES.items())
+    p.add_argument("--backend", choices=[*BACKENDS, *ALIASES],
+                   help=f"latency backend ({per_device}; {aliases}); default: the first of its device's that can "
+                        "run here (on cuda: trt when TensorRT imports, else torch, with a one-line notice)")
     p.add_argument("--model", default=None, help="a zoo model, graph JSON file, checkpoint, torchvision:NAME, "
                                                  "timm:NAME or package.module:function (default: mobilenet_v2, "
                                                  "a 1.5x supernet)")
