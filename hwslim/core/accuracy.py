@@ -20,7 +20,6 @@ from hwslim.core.config import ChannelConfig
 from hwslim.core.slimmable import BN_TYPES, recalibrate_bn
 
 
-
 @contextlib.contextmanager
 def preserved_bn_stats(model: nn.Module) -> Iterator[None]:
     """Restore every BatchNorm's running statistics (and momentum) on exit."""
@@ -70,11 +69,3 @@ def accuracy(model, config: ChannelConfig | None, images: torch.Tensor, labels: 
         correct = count_correct(model, images, labels, batch_size)
     model.train(was_training)
     return correct / max(1, len(images))
-
-
-
-
-
-
-
-

@@ -79,7 +79,6 @@ def node_entries(net, batch: int = 1, input_size: int | None = None) -> list[dic
     return out
 
 
-
 def enumerate_entries(net, batch: int = 1, input_size: int | None = None) -> list[LayerSpec]:
     """One spec per distinct signature any config of ``net`` can produce (node order)."""
     seen: dict[tuple, LayerSpec] = {}
