@@ -134,7 +134,7 @@ def test_export_executorch_writes_a_checked_program_and_verify_measures_it(setup
     d, net, ckpt, cfg, cfg_path = setup
     table = _table(net, cfg, d / "t.csv")
     res = export_model(ckpt, cfg_path, d / "m.pte", ExportOptions(format="executorch", table=table, check_images=4))
-    assert res.format == "executorch" and res.executorch.startswith("ExecuTorch ")
+    assert res.format == "executorch" and res.runtime.startswith("ExecuTorch ")
     assert res.engine_error is not None and res.engine_error <= 1e-4
     for p in (res.path, d / "m.onnx", res.sidecar):
         assert p.is_file(), p

@@ -337,7 +337,7 @@ for a in "$@"; do case "$a" in --saveEngine=*) printf engine > "${{a#--saveEngin
     _, ckpt, _, cfg_path = setup
     out = tmp_path / "m.engine"
     res = export_model(ckpt, cfg_path, out, ExportOptions(format="tensorrt", fp16=True, dynamic_batch=True, batch=2))
-    assert out.read_bytes() == b"engine" and res.tensorrt == f"TensorRT 11.0.0 (trtexec at {script})"
+    assert out.read_bytes() == b"engine" and res.runtime == f"TensorRT 11.0.0 (trtexec at {script})"
     args = log.read_text().splitlines()
     assert "--fp16" not in args and "--optShapes=input:2x3x32x32" in args and "--minShapes=input:1x3x32x32" in args
     assert res.onnx_path == tmp_path / "m.onnx" and res.precision == "fp16"

@@ -150,7 +150,7 @@ def test_export_openvino_writes_a_checked_ir_with_provenance(exported):
     assert res.format == "openvino" and xml.suffix == ".xml"
     for p in (xml, xml.with_suffix(".bin"), xml.with_suffix(".onnx"), res.sidecar):
         assert p.is_file(), p
-    assert res.engine_error is not None and res.engine_error <= 1e-4 and res.openvino.startswith("OpenVINO ")
+    assert res.engine_error is not None and res.engine_error <= 1e-4 and res.runtime.startswith("OpenVINO ")
     # independent parity check: the saved IR vs the supernet at the config, on fresh inputs
     x = torch.randn(3, 3, 8, 8)
     net.eval()
