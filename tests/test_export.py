@@ -25,19 +25,9 @@ from hwslim.runtimes.tensorrt_engine import (INSTALL_HINT, EngineSpec, TensorRTE
 
 
 @pytest.fixture
-def setup(tmp_path):
+def setup(tmp_path, export_setup):
     """A small supernet checkpoint (no data recorded) and a non-uniform config of it."""
-    net = create_model("resnet20")
-    with torch.no_grad():  # non-trivial BN statistics, so folding them matters
-        for m in net.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
-    ckpt = save_checkpoint(tmp_path / "ck.pt", net)
-    widths = {u: unit.grid[i % len(unit.grid)] for i, (u, unit) in enumerate(net.units.items())}
-    cfg = net.config_of(widths, budget={"kind": "latency_ms", "value": 1.5})
-    cfg_path = cfg.save(tmp_path / "cfg.json")
-    return net, ckpt, cfg, cfg_path
+    return export_setup(tmp_path, 1.5)
 
 
 def _ort(path, x):
