@@ -78,9 +78,9 @@ def run(args) -> int:
                                               progress=not args.no_progress)
         evaluated_on[args.checkpoint] = on
         for (c, cfg), r in zip(configs, scored):
-            rows.append({"model": c, "kind": "config", "top1": r["top1"], "search_acc": percent(cfg.meta.get("search_acc")),
-                         "latency_ms": cfg.meta.get("latency_ms"), "params": r["params"], "macs": r["macs"],
-                         "checkpoint": args.checkpoint})
+            rows.append({"model": c, "kind": "config", "top1": r["top1"],
+                         "search_acc": percent(cfg.meta.get("search_acc")), "latency_ms": cfg.meta.get("latency_ms"),
+                         "params": r["params"], "macs": r["macs"], "checkpoint": args.checkpoint})
     exported, on = evaluate_exported(models, checkpoint, checkpoint=args.checkpoint, max_images=args.max_images,
                                      progress=not args.no_progress)
     rows += exported
