@@ -58,3 +58,55 @@ def make_table():
         return LatencyTable(m, entries).save(path)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def export_setup():
+    """``export_setup(folder, budget_ms, config=None, **model_kwargs)``: a resnet20 supernet with
+    non-trivial BN statistics (so folding them matters) saved as ``folder/ck.pt`` (no data
+    recorded), and a config of it with a latency budget saved as ``folder/cfg.json``:
+    non-uniform (unit i at grid step i) unless ``config(net)`` gives one.
+
+    Returns ``(net, checkpoint path, config, config path)``.
+    """
+    from hwslim.importing.checkpoint import save_checkpoint
+    from hwslim.models import create_model
+
+    def make(folder, budget_ms: float, config=None, **model_kwargs):
+        torch.manual_seed(0)
+        net = create_model("resnet20", **model_kwargs)
+        with torch.no_grad():
+            for m in net.modules():
+                if isinstance(m, torch.nn.BatchNorm2d):
+                    m.running_mean.uniform_(-0.5, 0.5)
+                    m.running_var.uniform_(0.5, 2.0)
+        ckpt = save_checkpoint(folder / "ck.pt", net)
+        if config is None:
+            cfg = net.config_of({u: unit.grid[i % len(unit.grid)] for i, (u, unit) in enumerate(net.units.items())})
+        else:
+            cfg = config(net)
+        cfg = cfg.with_meta(budget={"kind": "latency_ms", "value": budget_ms})
+        return net, ckpt, cfg, cfg.save(folder / "cfg.json")
+
+    return make
+
+
+@pytest.fixture
+def refused_without_extra(tmp_path, capsys):
+    """``refused_without_extra(name, checkpoint, config_path, out_name)``, with package ``name`` made
+    unimportable: ``hwslim profile --backend NAME`` and ``hwslim export --format NAME`` each exit 2
+    with one line naming the extra to install, and nothing is written into ``tmp_path``."""
+    from hwslim.cli import main
+
+    def check(name: str, ckpt, cfg_path, out_name: str) -> None:
+        hint = f"pip install 'hwslim[{name}]'"
+        for argv in (["profile", "--backend", name, "--model", "resnet20", "--width-mult", "0.5", "--input-size",
+                      "8", "--quick", "--out", str(tmp_path / "t.csv")],
+                     ["export", "--checkpoint", str(ckpt), "--config", str(cfg_path), "--format", name,
+                      "--out", str(tmp_path / out_name)]):
+            code = main(argv)
+            err = capsys.readouterr().err
+            assert code == 2 and err.count("\n") == 1 and hint in err, err
+        assert list(tmp_path.iterdir()) == []
+
+    return check

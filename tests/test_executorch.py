@@ -14,14 +14,12 @@ import sys
 import pytest
 import torch
 
-from hwslim.importing.checkpoint import save_checkpoint
 from hwslim.cli import main
 from hwslim.export.exporter import ExportOptions, export_model
 from hwslim.runtimes.onnx_file import max_relative_error
 from hwslim.core.graph import layer_spec
 from hwslim.latency.table import LatencyTable, new_meta
 from hwslim.core.materialize import materialize
-from hwslim.models import create_model
 from hwslim.core.ops import Conv
 from hwslim.latency.profile import measure_config
 from hwslim.latency.verify import verify_model
@@ -35,18 +33,11 @@ QUICK = Protocol.quick()
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, export_setup):
     d = tmp_path_factory.mktemp("et")
-    torch.manual_seed(0)
-    net = create_model("resnet20", width_mult=0.25, input_size=8)
-    with torch.no_grad():  # non-trivial BN statistics, so folding them matters
-        for m in net.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
-    ckpt = save_checkpoint(d / "ck.pt", net)
-    cfg = net.uniform_config(6).with_meta(budget={"kind": "latency_ms", "value": 1000.0})
-    return d, net, ckpt, cfg, cfg.save(d / "cfg.json")
+    net, ckpt, cfg, cfg_path = export_setup(d, 1000.0, lambda net: net.uniform_config(6), width_mult=0.25,
+                                            input_size=8)
+    return d, net, ckpt, cfg, cfg_path
 
 
 # Excerpts of what executorch 1.5.1 reported here (a MobileNetV3-Large SE block; ResNet-20's stem,
@@ -134,7 +125,7 @@ def test_export_executorch_writes_a_checked_program_and_verify_measures_it(setup
     d, net, ckpt, cfg, cfg_path = setup
     table = _table(net, cfg, d / "t.csv")
     res = export_model(ckpt, cfg_path, d / "m.pte", ExportOptions(format="executorch", table=table, check_images=4))
-    assert res.format == "executorch" and res.executorch.startswith("ExecuTorch ")
+    assert res.format == "executorch" and res.runtime.startswith("ExecuTorch ")
     assert res.engine_error is not None and res.engine_error <= 1e-4
     for p in (res.path, d / "m.onnx", res.sidecar):
         assert p.is_file(), p
@@ -158,21 +149,13 @@ def test_export_executorch_writes_a_checked_program_and_verify_measures_it(setup
     assert printed["pte_max_rel_error"] <= 1e-4 and printed["verify"]["backend"] == "executorch"
 
 
-def test_missing_executorch_is_one_line_naming_the_extra(setup, tmp_path, monkeypatch, capsys):
+def test_missing_executorch_is_one_line_naming_the_extra(setup, monkeypatch, refused_without_extra):
     """Real absence where it is not installed; ``import executorch`` failing otherwise."""
     _, _, ckpt, _, cfg_path = setup
     if HAVE:
         monkeypatch.setitem(sys.modules, "executorch", None)
         monkeypatch.setitem(sys.modules, "executorch.runtime", None)
-    code = main(["profile", "--backend", "executorch", "--model", "resnet20", "--width-mult", "0.5", "--input-size",
-                 "8", "--quick", "--out", str(tmp_path / "t.csv")])
-    err = capsys.readouterr().err
-    assert code == 2 and err.count("\n") == 1 and "pip install 'hwslim[executorch]'" in err, err
-    code = main(["export", "--checkpoint", str(ckpt), "--config", str(cfg_path), "--format", "executorch",
-                 "--out", str(tmp_path / "m.pte")])
-    err = capsys.readouterr().err
-    assert code == 2 and err.count("\n") == 1 and "pip install 'hwslim[executorch]'" in err, err
-    assert list(tmp_path.iterdir()) == []
+    refused_without_extra("executorch", ckpt, cfg_path, "m.pte")
 
 
 def test_export_executorch_refuses_fp16_dynamic_batch_and_non_pte(setup, tmp_path, capsys):

@@ -17,6 +17,7 @@ from hwslim.cli import main
 from hwslim.core.config import ChannelConfig
 from hwslim.core.errors import ConfigError, OutputExistsError
 from hwslim.export.exporter import ExportCheckError, ExportOptions, export_model
+from hwslim.export.formats import FORMATS
 from hwslim.runtimes.onnx_file import config_from_metadata, export_onnx, max_relative_error, onnx_metadata, sha256_file
 from hwslim.core.materialize import materialize
 from hwslim.models import create_model
@@ -25,19 +26,9 @@ from hwslim.runtimes.tensorrt_engine import (INSTALL_HINT, EngineSpec, TensorRTE
 
 
 @pytest.fixture
-def setup(tmp_path):
+def setup(tmp_path, export_setup):
     """A small supernet checkpoint (no data recorded) and a non-uniform config of it."""
-    net = create_model("resnet20")
-    with torch.no_grad():  # non-trivial BN statistics, so folding them matters
-        for m in net.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
-    ckpt = save_checkpoint(tmp_path / "ck.pt", net)
-    widths = {u: unit.grid[i % len(unit.grid)] for i, (u, unit) in enumerate(net.units.items())}
-    cfg = net.config_of(widths, budget={"kind": "latency_ms", "value": 1.5})
-    cfg_path = cfg.save(tmp_path / "cfg.json")
-    return net, ckpt, cfg, cfg_path
+    return export_setup(tmp_path, 1.5)
 
 
 def _ort(path, x):
@@ -266,6 +257,34 @@ def test_cli_number_arguments_are_checked(setup, tmp_path, capsys, bad):
     assert not (tmp_path / "x.onnx").exists()
 
 
+
+def test_a_new_format_is_its_module_and_one_registry_entry(setup, tmp_path, monkeypatch, capsys):
+    """tests/toys/toy_format.py, registered by one line, is exported through the library and the CLI."""
+    monkeypatch.setitem(FORMATS, "toy", ("toys.toy_format", "ReversedOnnxFormat"))
+    _, ckpt, _, cfg_path = setup
+    out = tmp_path / "m.xnno"
+    res = export_model(ckpt, cfg_path, out, ExportOptions(format="toy", check_images=4))
+    assert res.format == "toy" and res.runtime == "toy 1.0" and res.engine_error <= 1e-4
+    assert out.read_bytes() == (tmp_path / "m.onnx").read_bytes()[::-1] and res.onnx_path == tmp_path / "m.onnx"
+    side = json.loads(res.sidecar.read_text())
+    assert side["reversed_onnx"] == str(out.resolve()) and side["toy"] == "toy 1.0"
+    assert float(side["toy_max_rel_error"]) == pytest.approx(res.engine_error, rel=1e-3)
+    assert side["checkpoint_sha256"] == sha256_file(ckpt)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cfg.json", "ck.pt", "m.onnx", "m.xnno", "m.xnno.json"]
+
+    cli = ["export", "--checkpoint", str(ckpt), "--config", str(cfg_path), "--format", "toy", "--check-images", "2"]
+    assert main(cli + ["--out", str(tmp_path / "c.xnno"), "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["toy"] == "toy 1.0" and printed["toy_max_rel_error"] <= 1e-4
+    assert printed["provenance"] == str(tmp_path / "c.xnno.json")
+    assert main(cli + ["--out", str(tmp_path / "t.xnno")]) == 0
+    assert f"wrote {tmp_path / 't.xnno'} (and {tmp_path / 't.onnx'}, {tmp_path / 't.xnno.json'})" in \
+        capsys.readouterr().out
+    assert main(cli + ["--out", str(tmp_path / "t.onnx"), "--force"]) == 2
+    assert "give --out a .xnno path" in _one_line_error(capsys)
+    assert _exit_code(["export", "--help"]) == 0
+    assert "toy (the ONNX bytes reversed)" in " ".join(capsys.readouterr().out.split())
+
 # -- TensorRT: the logic around the build (TensorRT itself cannot run here) ---------------------------
 
 def test_precision_plan_by_tensorrt_version():
@@ -337,7 +356,7 @@ for a in "$@"; do case "$a" in --saveEngine=*) printf engine > "${{a#--saveEngin
     _, ckpt, _, cfg_path = setup
     out = tmp_path / "m.engine"
     res = export_model(ckpt, cfg_path, out, ExportOptions(format="tensorrt", fp16=True, dynamic_batch=True, batch=2))
-    assert out.read_bytes() == b"engine" and res.tensorrt == f"TensorRT 11.0.0 (trtexec at {script})"
+    assert out.read_bytes() == b"engine" and res.runtime == f"TensorRT 11.0.0 (trtexec at {script})"
     args = log.read_text().splitlines()
     assert "--fp16" not in args and "--optShapes=input:2x3x32x32" in args and "--minShapes=input:1x3x32x32" in args
     assert res.onnx_path == tmp_path / "m.onnx" and res.precision == "fp16"

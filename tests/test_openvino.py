@@ -11,7 +11,6 @@ import sys
 import pytest
 import torch
 
-from hwslim.importing.checkpoint import save_checkpoint
 from hwslim.cli import main
 from hwslim.core.errors import TableError
 from hwslim.export.exporter import ExportOptions, export_model
@@ -39,19 +38,9 @@ def table_path(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def exported(table_path, tmp_path_factory):
+def exported(table_path, tmp_path_factory, export_setup):
     d = tmp_path_factory.mktemp("ovmodel")
-    torch.manual_seed(0)
-    net = create_model("resnet20", width_mult=0.5, input_size=8)
-    with torch.no_grad():  # non-trivial BN statistics, so folding them matters
-        for m in net.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
-    ckpt = save_checkpoint(d / "ck.pt", net)
-    widths = {u: unit.grid[i % len(unit.grid)] for i, (u, unit) in enumerate(net.units.items())}
-    cfg = net.config_of(widths, budget={"kind": "latency_ms", "value": 1000.0})
-    cfg_path = cfg.save(d / "cfg.json")
+    net, ckpt, cfg, cfg_path = export_setup(d, 1000.0, width_mult=0.5, input_size=8)
     res = export_model(ckpt, cfg_path, d / "m.xml", ExportOptions(format="openvino", table=table_path,
                                                                   check_images=4))
     return net, cfg, ckpt, cfg_path, res
@@ -150,7 +139,7 @@ def test_export_openvino_writes_a_checked_ir_with_provenance(exported):
     assert res.format == "openvino" and xml.suffix == ".xml"
     for p in (xml, xml.with_suffix(".bin"), xml.with_suffix(".onnx"), res.sidecar):
         assert p.is_file(), p
-    assert res.engine_error is not None and res.engine_error <= 1e-4 and res.openvino.startswith("OpenVINO ")
+    assert res.engine_error is not None and res.engine_error <= 1e-4 and res.runtime.startswith("OpenVINO ")
     # independent parity check: the saved IR vs the supernet at the config, on fresh inputs
     x = torch.randn(3, 3, 8, 8)
     net.eval()
@@ -202,16 +191,8 @@ def test_export_openvino_refuses_fp16_and_non_xml(exported, tmp_path, capsys):
 
 
 # -- without the package --------------------------------------------------------------------------------
-def test_missing_openvino_is_one_line_naming_the_extra(exported, tmp_path, monkeypatch, capsys):
+def test_missing_openvino_is_one_line_naming_the_extra(exported, monkeypatch, refused_without_extra):
     """``import openvino`` failing (sys.modules entry None) as on an install without the extra."""
     *_, ckpt, cfg_path, _ = exported
     monkeypatch.setitem(sys.modules, "openvino", None)
-    code = main(["profile", "--backend", "openvino", "--model", "resnet20", "--width-mult", "0.5", "--input-size",
-                 "8", "--quick", "--out", str(tmp_path / "t.csv")])
-    err = capsys.readouterr().err
-    assert code == 2 and err.count("\n") == 1 and "pip install 'hwslim[openvino]'" in err, err
-    code = main(["export", "--checkpoint", str(ckpt), "--config", str(cfg_path), "--format", "openvino",
-                 "--out", str(tmp_path / "m.xml")])
-    err = capsys.readouterr().err
-    assert code == 2 and err.count("\n") == 1 and "pip install 'hwslim[openvino]'" in err, err
-    assert list(tmp_path.iterdir()) == []
+    refused_without_extra("openvino", ckpt, cfg_path, "m.xml")

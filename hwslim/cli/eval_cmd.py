@@ -38,13 +38,11 @@ def run(args) -> int:
       hwslim eval r20_0.5ms.onnx
     """
     from hwslim.importing.checkpoint import load_checkpoint
-    from hwslim.latency.verify import metadata_int
+    from hwslim.latency.verify import metadata_int, resolve_model
     from hwslim.core.config import ChannelConfig
-    from hwslim.core.costs import model_costs
     from hwslim.core.errors import ConfigError
-    from hwslim.pipeline.heldout import evaluate_configs_heldout, heldout_split, onnx_top1
-    from hwslim.runtimes.onnx_file import config_from_metadata, sha256_file
-    from hwslim.latency.verify import resolve_model
+    from hwslim.pipeline.heldout import evaluate_configs_heldout, evaluate_exported, percent
+    from hwslim.runtimes.onnx_file import config_from_metadata
 
     # `--config a.json b.json model.onnx`: argparse gives the ONNX file to --config; it is a model
     args.models = list(args.models) + [c for c in args.config if c.endswith(".onnx")]
@@ -80,39 +78,13 @@ def run(args) -> int:
                                               progress=not args.no_progress)
         evaluated_on[args.checkpoint] = on
         for (c, cfg), r in zip(configs, scored):
-            rows.append({"model": c, "kind": "config", "top1": r["top1"], "search_acc": _pct(cfg.meta.get("search_acc")),
-                         "latency_ms": cfg.meta.get("latency_ms"), "params": r["params"], "macs": r["macs"],
-                         "checkpoint": args.checkpoint})
-    bar = None
-    if models and not args.no_progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(models), desc="scoring ONNX models", unit="model", dynamic_ncols=True)
-    for given, path, meta in models:
-        cfg = config_from_metadata(meta, str(path))
-        ck = args.checkpoint or meta.get("checkpoint")
-        if not ck:
-            raise ConfigError(f"{path} names no checkpoint in its metadata; give --checkpoint CKPT")
-        ckpt = checkpoint(ck)
-        if not args.checkpoint and meta.get("checkpoint_sha256") and sha256_file(ck) != meta["checkpoint_sha256"]:
-            print(f"note: {ck} changed since {path} was exported; its data record is used for the held-out images",
-                  file=sys.stderr)
-        if int(ckpt.data.get("input_size", cfg.input_size)) != cfg.input_size:
-            raise ConfigError(f"{path} takes {cfg.input_size}px inputs but {ck}'s data is {ckpt.data['input_size']}px")
-        images, labels, on = heldout_split(ckpt, args.max_images)
-        on["bn"] = meta.get("bn_statistics", "as exported")
-        evaluated_on[str(given)] = on
-        top1 = onnx_top1(path, images, labels, batch=metadata_int(meta, "batch", str(path), 1),
-                         dynamic=meta.get("dynamic_batch") == "true")
-        ckpt.model.validate(cfg)
-        costs = model_costs(ckpt.model, cfg)
-        rows.append({"model": str(given), "kind": "onnx", "top1": round(100 * top1, 2),
-                     "search_acc": _pct(cfg.meta.get("search_acc")), "latency_ms": cfg.meta.get("latency_ms"),
-                     "params": costs.params, "macs": costs.macs, "checkpoint": ck})
-        if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
+            rows.append({"model": c, "kind": "config", "top1": r["top1"],
+                         "search_acc": percent(cfg.meta.get("search_acc")), "latency_ms": cfg.meta.get("latency_ms"),
+                         "params": r["params"], "macs": r["macs"], "checkpoint": args.checkpoint})
+    exported, on = evaluate_exported(models, checkpoint, checkpoint=args.checkpoint, max_images=args.max_images,
+                                     progress=not args.no_progress)
+    rows += exported
+    evaluated_on.update(on)
     if args.json:
         print(json.dumps({"results": rows, "evaluated_on": evaluated_on}, indent=2, sort_keys=True))
         return 0
@@ -123,6 +95,3 @@ def run(args) -> int:
                   "params": r["params"], "macs": r["macs"]} for r in rows])
     return 0
 
-
-def _pct(v) -> float | str:
-    return round(100 * float(v), 2) if v is not None else ""

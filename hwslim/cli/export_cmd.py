@@ -24,15 +24,15 @@ def opset_type(text: str) -> int:
 
 
 def register(sub) -> None:
+    from hwslim.export.formats import FORMATS, format_class
+
     p = add_command(sub, "export", run, run.__doc__)
     p.add_argument("--checkpoint", required=True, help="the supernet checkpoint (from `hwslim train`)")
     p.add_argument("--config", required=True, help="a ChannelConfig JSON (from `hwslim search`)")
-    p.add_argument("--format", default="onnx", choices=["onnx", "tensorrt", "openvino", "executorch"],
-                   help="onnx; tensorrt (an engine, built from the ONNX kept beside it); openvino (IR .xml + .bin, "
-                        "converted from the ONNX kept beside it; pip install 'hwslim[openvino]'); executorch (a .pte "
-                        "program, XNNPACK; the ONNX kept beside it; pip install 'hwslim[executorch]')")
+    formats = [format_class(name) for name in FORMATS]
+    p.add_argument("--format", default="onnx", choices=list(FORMATS), help="; ".join(f.help for f in formats))
     p.add_argument("--out", required=True,
-                   help="output file (.onnx; the engine: .engine/.plan; OpenVINO IR: .xml; ExecuTorch: .pte)")
+                   help=f"output file ({'; '.join(f.out_help for f in formats)})")
     p.add_argument("--batch", type=positive_int, default=1, help="batch size (the optimal one with --dynamic-batch)")
     p.add_argument("--dynamic-batch", action="store_true", help="a dynamic batch dimension")
     p.add_argument("--fp16", action="store_true",
@@ -76,69 +76,35 @@ def run(args) -> int:
       hwslim export --checkpoint runs/r20/checkpoint.pt --config search/config_latency_ms_0.5.json \\
           --out r20_0.5ms.onnx --verify      # --verify: the table the search used, from the config
     """
-    from hwslim.importing.checkpoint import load_checkpoint
     from hwslim.core.config import ChannelConfig
-    from hwslim.core.errors import ConfigError
-    from hwslim.export.exporter import ExportOptions, export_model
+    from hwslim.export.exporter import export_model
     from hwslim.core.outputs import check_output
-    from hwslim.core.resources import check_fits, inference_bytes
 
     check_output(args.out, kind="file")  # before anything is loaded
     set_threads(args.threads)
     config = ChannelConfig.load(args.config)
-    table = args.table
-    if args.verify and not table:  # the table the search used, as recorded in the config
-        table = config.meta.get("table")
-        if not table:
-            raise ConfigError("--verify needs --table TABLE (the config names no latency table)")
-    opts = ExportOptions(format=args.format, batch=args.batch, dynamic_batch=args.dynamic_batch, fp16=args.fp16,
-                         opset=args.opset, force=args.force, check_images=args.check_images,
-                         calib_images=args.calib_images, table=Path(table) if table else None)
-    ckpt = load_checkpoint(args.checkpoint)
-    ckpt.model.validate(config)
-    # the check runs the supernet and ONNX Runtime on batches of --batch images (and PyTorch keeps
-    # a copy of all of them): refuse a batch this machine cannot hold before any work
-    images = max(args.batch, args.check_images) * ckpt.model.in_channels * config.input_size ** 2 * 4
-    check_fits(2 * inference_bytes(ckpt.model, config, batch=args.batch, input_size=config.input_size) + 3 * images,
-               f"exporting {config.model} at {config.input_size}x{config.input_size} px with batch {args.batch:,}",
-               "lower --batch")
+    opts = _options(args, config)
+    ckpt = _load_checked(args, config)
     tbl = None
     if args.verify:  # everything --verify needs is checked before anything is written
         from hwslim.latency.verify import table_for
 
-        tbl = table_for(table, ckpt.model, config, batch=args.batch, budget_ms=args.budget_ms,
+        tbl = table_for(opts.table, ckpt.model, config, batch=args.batch, budget_ms=args.budget_ms,
                         force=args.force_table)
     # with --json, stdout carries the JSON object only: anything the library prints goes to stderr
     quiet = contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext()
     log = with_header(f"hwslim export: {threads_note(args.threads)}", (lambda msg: None) if args.json else print)
     with quiet:
         res = export_model(ckpt, Path(args.config), args.out, opts, log=log)
-    out = {"path": str(res.path), "onnx": str(res.onnx_path), "format": res.format, "precision": res.precision,
-           "max_rel_error": res.max_rel_error, "tolerance": res.tolerance, "check_inputs": res.check,
-           "bn_statistics": res.bn}
-    if res.sidecar:
-        out["provenance"] = str(res.sidecar)
-    if res.tensorrt:
-        out["tensorrt"] = res.tensorrt
-        out["engine_max_rel_error"] = res.engine_error
-    if res.openvino:
-        out["openvino"] = res.openvino
-        out["ir_max_rel_error"] = res.engine_error
-    if res.executorch:
-        out["executorch"] = res.executorch
-        out["pte_max_rel_error"] = res.engine_error
+    out = res.as_dict()
     if not args.json:
-        beside = [res.path.with_suffix(".bin")] if res.format == "openvino" else []
-        beside += [res.onnx_path, res.sidecar] if res.sidecar else []
-        print(f"wrote {res.path}" + (f" (and {', '.join(map(str, beside))})" if beside else ""))
+        print(f"wrote {res.path}" + (f" (and {', '.join(map(str, res.beside))})" if res.beside else ""))
     status = 0
     if args.verify:
         from hwslim.latency.verify import exit_status, verify_model
 
         with quiet:
-            # the IR or program itself where the table's backend runs it, else its ONNX source
-            v = verify_model(res.path if res.format in ("openvino", "executorch") else res.onnx_path, tbl,
-                             budget_ms=args.budget_ms, force=args.force_table,
+            v = verify_model(res.verify_path, tbl, budget_ms=args.budget_ms, force=args.force_table,
                              progress=not args.json)
         out["verify"] = v.as_dict()
         status = exit_status([v])
@@ -151,3 +117,33 @@ def run(args) -> int:
         print_verify([v])
     return status
 
+
+def _options(args, config):
+    """The ExportOptions of the command line; --verify without --table: the table the config names."""
+    from hwslim.core.errors import ConfigError
+    from hwslim.export.exporter import ExportOptions
+
+    table = args.table
+    if args.verify and not table:  # the table the search used, as recorded in the config
+        table = config.meta.get("table")
+        if not table:
+            raise ConfigError("--verify needs --table TABLE (the config names no latency table)")
+    return ExportOptions(format=args.format, batch=args.batch, dynamic_batch=args.dynamic_batch, fp16=args.fp16,
+                         opset=args.opset, force=args.force, check_images=args.check_images,
+                         calib_images=args.calib_images, table=Path(table) if table else None)
+
+
+def _load_checked(args, config):
+    """The checkpoint, once the config fits its supernet and the export fits this machine's memory."""
+    from hwslim.importing.checkpoint import load_checkpoint
+    from hwslim.core.resources import check_fits, inference_bytes
+
+    ckpt = load_checkpoint(args.checkpoint)
+    ckpt.model.validate(config)
+    # the check runs the supernet and ONNX Runtime on batches of --batch images (and PyTorch keeps
+    # a copy of all of them): refuse a batch this machine cannot hold before any work
+    images = max(args.batch, args.check_images) * ckpt.model.in_channels * config.input_size ** 2 * 4
+    check_fits(2 * inference_bytes(ckpt.model, config, batch=args.batch, input_size=config.input_size) + 3 * images,
+               f"exporting {config.model} at {config.input_size}x{config.input_size} px with batch {args.batch:,}",
+               "lower --batch")
+    return ckpt

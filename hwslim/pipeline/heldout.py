@@ -6,6 +6,10 @@ exported ONNX model is scored with ONNX Runtime under the export's session setti
 """
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
 import torch
 
 from hwslim.core.config import ChannelConfig
@@ -57,3 +61,62 @@ def onnx_top1(path, images: torch.Tensor, labels: torch.Tensor, batch: int = 1, 
         images = torch.cat([images, images[:1].expand(pad, *images.shape[1:])])
     logits = ort_outputs(path, images.float().contiguous(), batch, dynamic)[:n]
     return float((logits.argmax(1) == labels).float().mean()) if n else 0.0
+
+
+def evaluate_exported(models: list[tuple[str, Path, dict]], load: Callable[[str], Any], *,
+                      checkpoint: str | None = None, max_images: int | None = None,
+                      progress: bool = False) -> tuple[list[dict], dict[str, dict]]:
+    """Top-1 (%) and costs of exported ONNX models, as they are (BN recalibrated and folded at
+    export), with ONNX Runtime on the held-out split of the checkpoint their metadata names.
+
+    ``models`` are ``(as given, path, metadata)`` (:func:`hwslim.latency.verify.resolve_model`);
+    ``load`` loads a checkpoint by path (the caller's cache); ``checkpoint`` overrides the one
+    the metadata names. Returns ``(rows, evaluated_on)``, keyed by the model as given.
+    """
+    bar = None
+    if models and progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(models), desc="scoring ONNX models", unit="model", dynamic_ncols=True)
+    rows, evaluated_on = [], {}
+    for given, path, meta in models:
+        row, evaluated_on[str(given)] = _evaluate_one(given, path, meta, load, checkpoint, max_images)
+        rows.append(row)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    return rows, evaluated_on
+
+
+def _evaluate_one(given: str, path: Path, meta: dict, load: Callable[[str], Any], checkpoint: str | None,
+                  max_images: int | None) -> tuple[dict, dict]:
+    from hwslim.core.costs import model_costs
+    from hwslim.core.errors import ConfigError
+    from hwslim.latency.verify import metadata_int
+    from hwslim.runtimes.onnx_file import config_from_metadata, sha256_file
+
+    cfg = config_from_metadata(meta, str(path))
+    ck = checkpoint or meta.get("checkpoint")
+    if not ck:
+        raise ConfigError(f"{path} names no checkpoint in its metadata; give --checkpoint CKPT")
+    ckpt = load(ck)
+    if not checkpoint and meta.get("checkpoint_sha256") and sha256_file(ck) != meta["checkpoint_sha256"]:
+        print(f"note: {ck} changed since {path} was exported; its data record is used for the held-out images",
+              file=sys.stderr)
+    if int(ckpt.data.get("input_size", cfg.input_size)) != cfg.input_size:
+        raise ConfigError(f"{path} takes {cfg.input_size}px inputs but {ck}'s data is {ckpt.data['input_size']}px")
+    images, labels, on = heldout_split(ckpt, max_images)
+    on["bn"] = meta.get("bn_statistics", "as exported")
+    top1 = onnx_top1(path, images, labels, batch=metadata_int(meta, "batch", str(path), 1),
+                     dynamic=meta.get("dynamic_batch") == "true")
+    ckpt.model.validate(cfg)
+    costs = model_costs(ckpt.model, cfg)
+    return {"model": str(given), "kind": "onnx", "top1": round(100 * top1, 2),
+            "search_acc": percent(cfg.meta.get("search_acc")), "latency_ms": cfg.meta.get("latency_ms"),
+            "params": costs.params, "macs": costs.macs, "checkpoint": ck}, on
+
+
+def percent(v) -> float | str:
+    """A 0..1 fraction as a percentage with two decimals; ``""`` for none (a blank table cell)."""
+    return round(100 * float(v), 2) if v is not None else ""

@@ -1,0 +1,58 @@
+"""``--format executorch``: an ExecuTorch program (``.pte``, XNNPACK delegate) lowered from the plain network.
+
+The program is checked against PyTorch like the ONNX file (kept beside it), with the
+metadata in a JSON sidecar (:mod:`hwslim.runtimes.executorch_program`).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from hwslim.core.errors import ConfigError
+from hwslim.export.formats import ExportFiles, ExportFormat, ExportJob, ExportOptions
+
+
+class ExecuTorchFormat(ExportFormat):
+    """An fp32 ExecuTorch program of fixed batch."""
+
+    name = "executorch"
+    help = ("executorch (a .pte program, XNNPACK; the ONNX kept beside it; "
+            "pip install 'hwslim[executorch]')")
+    out_help = "ExecuTorch: .pte"
+    error_key = "pte_max_rel_error"
+    measures_artifact = True
+
+    @classmethod
+    def check_options(cls, options: ExportOptions) -> None:
+        if options.fp16 or options.dynamic_batch:
+            raise ConfigError(f"--format executorch writes an fp32 program of fixed batch; "
+                              f"{'--fp16' if options.fp16 else '--dynamic-batch'} is not supported")
+
+    def files(self) -> ExportFiles:
+        from hwslim.runtimes.executorch_program import pte_paths
+
+        if self.out.suffix != ".pte":
+            raise ConfigError(f"--format executorch writes an ExecuTorch program: give --out a .pte path, "
+                              f"not {self.out.name!r}")
+        onnx_path, sidecar = pte_paths(self.out)
+        return ExportFiles(onnx_path, sidecar, {"executorch_program": self.out})
+
+    def prepare(self) -> bool:
+        from hwslim.runtimes.executorch_program import version
+
+        self.runtime = version()  # refuse before any work when ExecuTorch is missing
+        return False
+
+    def build(self, onnx_path: Path, job: ExportJob) -> float:
+        from hwslim.runtimes.executorch_program import lower, run_program
+
+        self._program = lower(job.plain, [job.images[:job.options.batch]])
+        return job.parity("ExecuTorch", run_program(self._program, job.images, job.options.batch))
+
+    def save(self, meta: dict[str, str]) -> None:
+        tmp = self.temporaries()[0]
+        tmp.write_bytes(self._program)
+        os.replace(tmp, self.out)
+
+    def temporaries(self) -> list[Path]:
+        return [self.out.with_name(f".{self.out.name}.export{os.getpid()}")]

@@ -1,0 +1,160 @@
+"""Export formats behind one interface, registered by name like the profilers' ``BACKENDS``.
+
+Every export writes and checks an ONNX file first (:mod:`hwslim.export.exporter`); a
+format then builds its artifact from that ONNX file or from the plain network, checks it
+against PyTorch and renames it into place. Formats are peers, one module each, imported
+only when asked for; a module imports its runtime's package only inside its methods, so
+a missing package is explained only when that format is used::
+
+    >>> from hwslim.export.formats import FORMATS, format_class
+    >>> list(FORMATS)
+    ['onnx', 'tensorrt', 'openvino', 'executorch']
+    >>> format_class("openvino").out_help
+    'OpenVINO IR: .xml'
+
+To add a format: a module in ``hwslim/export/`` with an :class:`ExportFormat` subclass,
+and one line in ``FORMATS`` (name -> module, class). ``hwslim export --format``, its help
+and the ``--json`` keys come from here. The module is never named like the package it
+wraps (``openvino_format.py``, not ``openvino.py``).
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, ClassVar
+
+import torch
+from torch import nn
+
+from hwslim.core.errors import ConfigError, HwslimError
+from hwslim.runtimes.onnx_file import ONNX_OPSET, check_opset, max_relative_error
+
+FP32_TOLERANCE = 1e-4  # max relative error of ONNX Runtime vs PyTorch in fp32
+FP16_TOLERANCE = 1e-2
+
+# name -> (module, class); the order is the CLI's
+FORMATS: dict[str, tuple[str, str]] = {
+    "onnx": ("hwslim.export.onnx_format", "OnnxFormat"),
+    "tensorrt": ("hwslim.export.tensorrt_format", "TensorRTFormat"),
+    "openvino": ("hwslim.export.openvino_format", "OpenVinoFormat"),
+    "executorch": ("hwslim.export.executorch_format", "ExecuTorchFormat"),
+}
+
+
+class ExportCheckError(HwslimError):
+    """The exported model does not compute what the PyTorch model computes."""
+
+
+def format_class(name: str) -> type[ExportFormat]:
+    """The ExportFormat subclass registered as ``name`` (imports its module, not its runtime)."""
+    if name not in FORMATS:
+        raise ConfigError(f"unknown export format {name!r}; expected one of {', '.join(FORMATS)}")
+    module, cls = FORMATS[name]
+    return getattr(importlib.import_module(module), cls)
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """How to export. ``None`` means the default named in the field's comment."""
+
+    format: str = "onnx"  # a name in FORMATS: "onnx" | "tensorrt" | "openvino" | "executorch"
+    batch: int = 1
+    dynamic_batch: bool = False
+    fp16: bool = False
+    opset: int = ONNX_OPSET
+    force: bool = False  # overwrite existing outputs
+    check_images: int = 32  # images for the ONNX Runtime vs PyTorch comparison
+    calib_images: int = 512  # images to recalibrate BatchNorm at the config (0: keep the supernet's)
+    tolerance: float | None = None  # default FP32_TOLERANCE, or FP16_TOLERANCE with fp16
+    table: Path | None = None  # a latency table to name in the metadata (and to verify against)
+
+    def __post_init__(self) -> None:
+        fmt = format_class(self.format)
+        if self.batch < 1:
+            raise ConfigError(f"--batch must be >= 1, got {self.batch}")
+        fmt.check_options(self)
+        if self.check_images < 1:
+            raise ConfigError(f"--check-images must be >= 1, got {self.check_images}")
+        if self.calib_images < 0:
+            raise ConfigError(f"--calib-images must be >= 0, got {self.calib_images}")
+        check_opset(self.opset)
+
+
+@dataclass(frozen=True)
+class ExportFiles:
+    """Where an export writes: the ONNX file, and for other formats what lies beside the artifact."""
+
+    onnx: Path
+    sidecar: Path | None = None  # JSON provenance next to the artifact
+    named: dict[str, Path] = field(default_factory=dict)  # sidecar key -> file, e.g. {"engine": out}
+
+    def beside(self, out: Path) -> list[Path]:
+        """The files written besides ``out``, in the order ``hwslim export`` names them."""
+        extra = [p for p in self.named.values() if p != out]
+        return extra + [self.onnx, self.sidecar] if self.sidecar else extra
+
+
+@dataclass(frozen=True)
+class ExportJob:
+    """What a format builds its artifact from, and what it must match."""
+
+    plain: nn.Module  # the materialized network, BatchNorm folded, fp32
+    images: torch.Tensor  # the check images, at the config's input size
+    reference: torch.Tensor  # PyTorch's outputs on them
+    check: str  # what the images are, for messages
+    tolerance: float
+    options: ExportOptions
+    log: Callable[[str], None]
+
+    def parity(self, runtime: str, got: torch.Tensor) -> float:
+        """Max relative error of ``runtime``'s outputs against PyTorch's, logged; refused above the tolerance."""
+        err = max_relative_error(got, self.reference)
+        self.log(f"{runtime} vs PyTorch on {self.check}: max relative error {err:.2e} (tolerance {self.tolerance:.0e})")
+        if not err <= self.tolerance:
+            raise ExportCheckError(f"{runtime} and PyTorch disagree: max relative error {err:.3e} > "
+                                   f"{self.tolerance:.0e} on {self.check}; nothing was written")
+        return err
+
+
+class ExportFormat:
+    """One export format. The exporter calls, in order: :meth:`files`, :meth:`prepare` (before
+    any work), :meth:`build` (with the checked ONNX file still at a temporary name), then
+    :meth:`save` with the final metadata; :meth:`temporaries` are removed whatever happened.
+
+    ``runtime`` (what built the artifact, e.g. ``"OpenVINO 2025.1"``) is recorded in the
+    metadata under the format's name, and the artifact's error under ``error_key``.
+    """
+
+    name: ClassVar[str]
+    help: ClassVar[str]  # this format in ``--format``'s help
+    out_help: ClassVar[str]  # which file to give ``--out``
+    error_key: ClassVar[str] = ""  # metadata and --json key of the artifact's max relative error vs PyTorch
+    measures_artifact: ClassVar[bool] = False  # --verify times the artifact itself, not its ONNX source
+
+    def __init__(self, out: Path, options: ExportOptions) -> None:
+        self.out, self.options = out, options
+        self.runtime: str | None = None
+
+    @classmethod
+    def check_options(cls, options: ExportOptions) -> None:
+        """Refuse (ConfigError) options this format cannot honour."""
+
+    def files(self) -> ExportFiles:
+        """Where this export writes (ConfigError for an ``--out`` of the wrong kind)."""
+        raise NotImplementedError
+
+    def prepare(self) -> bool:
+        """Refuse when the runtime is missing, before any work; whether the ONNX graph is fp16."""
+        return self.options.fp16
+
+    def build(self, onnx_path: Path, job: ExportJob) -> float | None:
+        """Build the artifact (not yet in place) and check it; its max relative error, None if not run."""
+        return None
+
+    def save(self, meta: dict[str, str]) -> None:
+        """Write the artifact with ``meta`` and rename it into place."""
+
+    def temporaries(self) -> list[Path]:
+        """Files :meth:`build` or :meth:`save` may leave behind on failure."""
+        return []
