@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -20,12 +19,7 @@ from hwslim.training.finetune import FinetuneConfig, finetune
 from hwslim.training.train import TrainConfig, train
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -99,23 +93,26 @@ def test_the_checkpoint_exports_with_parity_and_eval_and_cost_take_it(supernet, 
     assert main(["cost", "--model", str(ckpt), "--config", str(config)]) == 0
 
 
+def _kill_9_after_the_first_epoch(args: list[str], metrics) -> None:
+    """Run ``hwslim ARGS`` in a process and SIGKILL it once ``metrics`` holds an epoch's row."""
+    code = f"import sys; from hwslim.cli import main; sys.exit(main({args!r}))"
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        started = time.time()
+        while not (metrics.exists() and metrics.read_text().strip()):
+            assert proc.poll() is None and time.time() - started < 120, "no epoch finished before the kill"
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+
+
 def test_resume_after_kill_9_gives_the_uninterrupted_weights(supernet, tmp_path):
     ckpt, config = supernet
     run = tmp_path / "killed"
     args = ["finetune", "--checkpoint", str(ckpt), "--config", str(config), "--epochs", "3", "--batch-size", "16",
             "--calib-images", "64", "--no-progress", "--out", str(run)]
-    code = f"import sys; from hwslim.cli import main; sys.exit(main({args!r}))"
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 120
-        while time.time() < deadline and proc.poll() is None:
-            if (run / "metrics.jsonl").exists() and (run / "metrics.jsonl").read_text().strip():
-                break
-            time.sleep(0.01)
-        assert proc.poll() is None, "finetune finished before it could be killed"
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait()
+    _kill_9_after_the_first_epoch(args, run / "metrics.jsonl")
     assert load_checkpoint(run / "checkpoint.pt").epoch < 3
     assert main([*args, "--resume"]) == 0
     straight = finetune(_cfg(supernet, tmp_path / "straight", epochs=3, batch_size=16), log=lambda s: None)
