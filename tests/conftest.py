@@ -30,6 +30,16 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture
+def one_thread():
+    """One PyTorch thread for the test: on a shared 2-core box, two OpenMP threads per op wait on
+    each other (15x slower measured). Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def make_table():
     """``make_table(net, path, **meta)``: a complete latency table for every shape ``net``'s grids can

@@ -201,6 +201,7 @@ S = ["search", "--checkpoint", CK, "--no-progress"]
 E = ["export", "--checkpoint", CK, "--config", CFG]
 TR = ["train", "--model", "resnet20", "--data", "synthetic:300", "--epochs", "1", "--width-mult", "0.5",
       "--input-size", "8", "--batch-size", "32", "--no-progress"]
+F = ["finetune", "--checkpoint", CK, "--config", CFG, "--epochs", "1", "--no-progress"]
 P = ["profile", "--model", "resnet20", "--width-mult", "0.5", "--input-size", "8", "--quick"]
 
 # (command line, the bad thing, exit status, fragment of the one line printed, setup or None)
@@ -429,6 +430,25 @@ CASES = [
     (["export", "--checkpoint", "{c}/ck.pt", "--config", CFG, "--out", "{c}/m.onnx"], "checkpoint without model",
      2, "no 'model'", _ckpt(lambda p: p.pop("model"))),
     (E + ["--out", "{c}/m.onnx", "--batch", "100000000"], "absurd batch", 2, "would need", None),
+    # finetune: every input checked before an epoch is spent
+    (["finetune", "--checkpoint", CK, "--config", "{c}/none.json", "--epochs", "1", "--out", "{c}/r"],
+     "missing config", 2, "not found", None),
+    (["finetune", "--checkpoint", CK, "--config", "{ws}/cfg_offgrid.json", "--epochs", "1", "--out", "{c}/r"],
+     "width off the grid", 2, "not on its grid", None),
+    (["finetune", "--checkpoint", CK, "--config", "{ws}/cfg_other.json", "--epochs", "1", "--out", "{c}/r"],
+     "config of another model", 2, "config is for model", None),
+    (["finetune", "--checkpoint", "{c}/none.pt", "--config", CFG, "--epochs", "1", "--out", "{c}/r"],
+     "missing checkpoint", 2, "not found", None),
+    (F + ["--out", "{c}/r", "--teacher", "{c}/none.pt"], "missing teacher", 2, "no such file", None),
+    (F + ["--out", "{c}/r", "--teacher-init", "w.pth"], "--teacher-init without a model teacher", 2,
+     "--teacher-init applies to a --teacher imported from PyTorch", None),
+    (F + ["--out", "{c}/r", "--teacher", CK, "--no-distill"], "a teacher and --no-distill", 2, "drop --teacher",
+     None),
+    (F + ["--out", "{c}/r", "--epochs", "0"], "0 epochs", 2, "at least 1", None),
+    (F + ["--out", "{c}/r", "--lr", "0"], "lr 0", 2, "positive number", None),
+    (F + ["--out", "{ws}/afile"], "--out is a file", 2, "is a file, not a directory", None),
+    (F + ["--out", "{ws}/run"], "--out holds a run", 2, "pass --resume to continue that run or --force", None),
+    (F + ["--out", "{c}/r", "--resume", "--force"], "--resume with --force", 2, "contradict", None),
     (E + ["--out", "{c}/m.onnx", "--batch", "0"], "batch 0", 2, "at least 1", None),
     (E + ["--out", "{c}/m.onnx", "--opset", "5"], "opset 5", 2, "must be between", None),
     (E + ["--out", "{c}/m.onnx", "--check-images", "0"], "0 check images", 2, "at least 1", None),

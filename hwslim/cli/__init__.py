@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import os
 import sys
 
@@ -17,7 +18,7 @@ from hwslim.core.errors import HwslimError
 from hwslim.core.report import print_table  # noqa: F401  (the commands print with it)
 
 # subcommand -> module under hwslim.cli that defines register(subparsers)
-COMMANDS = ["models", "cost", "train", "profile", "search", "export", "verify", "eval", "demo"]
+COMMANDS = ["models", "cost", "train", "finetune", "profile", "search", "export", "verify", "eval", "demo"]
 
 # PyTorch CPU threads for train, search, export, eval and profile unless --threads says
 # otherwise. Measured with benchmarks/threads.py on the 2-core development machine while
@@ -59,6 +60,17 @@ def positive_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
     if not (v > 0 and v != float("inf")):
         raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return v
+
+
+def nonneg_float(text: str) -> float:
+    """argparse type: a finite number >= 0."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(v) and v >= 0):
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
     return v
 
 

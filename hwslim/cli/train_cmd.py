@@ -1,23 +1,10 @@
 from __future__ import annotations
 
-import argparse
 import json
-import math
 import sys
 
-from hwslim.cli import (FIX_UNSUPPORTED_HELP, add_command, nonneg_int, positive_float, positive_int, print_table,
-                        set_threads, threads_note, with_header)
-
-
-def _nonneg_float(text: str) -> float:
-    """argparse type: a finite number >= 0."""
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not (math.isfinite(v) and v >= 0):
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
-    return v
+from hwslim.cli import (FIX_UNSUPPORTED_HELP, add_command, nonneg_float, nonneg_int, positive_float, positive_int,
+                        print_table, set_threads, threads_note, with_header)
 
 
 def register(sub) -> None:
@@ -45,25 +32,37 @@ def register(sub) -> None:
                    help="an imported model's modules whose qualified name matches keep their output channels")
     g.add_argument("--fix-unsupported", action="store_const", const=True, help=FIX_UNSUPPORTED_HELP)
     g = p.add_argument_group("recipe")
-    g.add_argument("--batch-size", type=positive_int, help="global batch size, split across processes (default 128)")
-    g.add_argument("--lr", type=positive_float, help="peak learning rate (default 0.1 x batch / 128)")
-    g.add_argument("--momentum", type=_nonneg_float, help="Nesterov momentum (default 0.9)")
-    g.add_argument("--weight-decay", type=_nonneg_float,
-                   help="on conv/linear weights only (default 5e-4 up to 64 px inputs, 4e-5 above)")
-    g.add_argument("--warmup-epochs", type=_nonneg_float,
-                   help="linear warm-up before the cosine decay (default min(5, 10%%))")
+    add_schedule_options(g, lr="0.1 x batch / 128", warmup="min(5, 10%%)")
     g.add_argument("--num-random", type=nonneg_int,
                    help="random configs per step besides widest and narrowest (default 2)")
     g.add_argument("--distill-from-start", dest="distill_after_warmup", action="store_const", const=False,
                    help="distill narrow configs from the first step (default: labels until warm-up ends)")
-    g.add_argument("--label-smoothing", type=_nonneg_float, help="for the widest config (default 0.1)")
+    g.add_argument("--label-smoothing", type=nonneg_float, help="for the widest config (default 0.1)")
     g.add_argument("--search-size", type=nonneg_int,
                    help="training images held out for `hwslim search` (default 10%%, at most 10,000)")
     g.add_argument("--train-subset", type=positive_int, metavar="N",
                    help="train on N images of the training set only (class-balanced, seeded by --seed; the search "
                         "split is held out of them), for any --data: try real data on a CPU in minutes")
     g.add_argument("--seed", type=int, help="seeds the split, shuffling, augmentation and configs (default 0)")
-    g = p.add_argument_group("execution")
+    add_execution_options(p.add_argument_group("execution"))
+    p.add_argument("--json", action="store_true",
+                   help="print the final accuracies as JSON on stdout (each epoch's metrics go to stderr)")
+
+
+def add_schedule_options(g, *, lr: str, warmup: str) -> None:
+    """Batch, learning rate and its schedule, momentum, weight decay: train's and finetune's
+    (``lr`` and ``warmup`` name each command's defaults)."""
+    g.add_argument("--batch-size", type=positive_int, help="global batch size, split across processes (default 128)")
+    g.add_argument("--lr", type=positive_float, help=f"peak learning rate (default {lr})")
+    g.add_argument("--momentum", type=nonneg_float, help="Nesterov momentum (default 0.9)")
+    g.add_argument("--weight-decay", type=nonneg_float,
+                   help="on conv/linear weights only (default 5e-4 up to 64 px inputs, 4e-5 above)")
+    g.add_argument("--warmup-epochs", type=nonneg_float,
+                   help=f"linear warm-up before the cosine decay (default {warmup})")
+
+
+def add_execution_options(g, *, scored: str = "widest/narrowest") -> None:
+    """Device, data loading, precision, scoring, progress, resume: train's and finetune's."""
     g.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when a GPU is visible")
     g.add_argument("--workers", type=nonneg_int, default=4,
                    help="image-decoding processes for large datasets (default 4; 0: in this process)")
@@ -73,7 +72,7 @@ def register(sub) -> None:
     g.add_argument("--calib-images", type=nonneg_int, default=2000,
                    help="images for BN recalibration (default 2000; 0: no recalibration)")
     g.add_argument("--eval-images", type=positive_int, help="validation images scored at the end (default: all)")
-    g.add_argument("--eval-every", type=nonneg_int, default=0, help="also score widest/narrowest every N epochs")
+    g.add_argument("--eval-every", type=nonneg_int, default=0, help=f"also score {scored} every N epochs")
     g.add_argument("--threads", type=positive_int, help="PyTorch CPU threads (default 1: measured fastest on a "
                                                           "shared machine, benchmarks/results/threads.csv)")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
@@ -81,8 +80,6 @@ def register(sub) -> None:
                    help="leave after this many epochs (for time-limited jobs); continue with --resume")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     g.add_argument("--force", action="store_true", help="start over even if --out holds a checkpoint")
-    p.add_argument("--json", action="store_true",
-                   help="print the final accuracies as JSON on stdout (each epoch's metrics go to stderr)")
 
 
 def run(args) -> int:
@@ -120,19 +117,25 @@ def run(args) -> int:
     set_threads(args.threads)
     # each epoch's metrics go to stderr (train()'s log): stdout holds only the result
     result = train(cfg, log=with_header(f"hwslim train: {threads_note(args.threads)}"))
+    return print_result(result, cfg.epochs, args.json)
+
+
+def print_result(result, epochs: int, as_json: bool) -> int:
+    """Print a training run's outcome: its checkpoint and final scores (a table or ``--json``), or
+    where it stopped (``--stop-after``). train's and finetune's."""
     if result.checkpoint is None:  # not rank 0
         return 0
-    if result.epochs < cfg.epochs:
-        note = (f"stopped after epoch {result.epochs} of {cfg.epochs}; continue with --resume "
+    if result.epochs < epochs:
+        note = (f"stopped after epoch {result.epochs} of {epochs}; continue with --resume "
                 f"(checkpoint: {result.checkpoint})")
-        if args.json:
+        if as_json:
             print(note, file=sys.stderr)
             print(json.dumps({"checkpoint": str(result.checkpoint), "epochs_done": result.epochs,
-                              "epochs": cfg.epochs, "final": []}, indent=2))
+                              "epochs": epochs, "final": []}, indent=2))
         else:
             print(note)
         return 0
-    if args.json:
+    if as_json:
         print(json.dumps({"checkpoint": str(result.checkpoint), "final": result.final,
                           "evaluated_on": result.evaluated_on}, indent=2))
     else:

@@ -67,3 +67,49 @@ def materialize(model, config: ChannelConfig | None = None, fold_bn: bool = Fals
     net = PlainNet(specs, layers, config)
     net.train(model.training and not fold_bn)
     return net
+
+
+_LOW = 4096  # probe values stay below 2**24, exact in float32 (the materialized layers copy through float32)
+
+
+def _float_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in module.state_dict().items() if v.is_floating_point()}
+
+
+@torch.no_grad()
+def slice_positions(model, config: ChannelConfig) -> dict[str, tuple[str, torch.Tensor]]:
+    """Where each weight of ``materialize(model, config)`` comes from in ``model``.
+
+    For every floating-point entry of the plain network's state dict: the supernet's
+    state-dict key and the flat positions in it (a LongTensor of the entry's shape). Found
+    by materializing a probe copy whose every element holds its own position, so no
+    operator needs an inverse of its slicing; two probes (high and low part) keep each
+    value exact.
+    """
+    import copy
+
+    probe = copy.deepcopy(model).cpu().double()
+    own = _float_tensors(probe)
+    keys = list(own)
+    parts = []
+    for layer in ("tensor", "high", "low"):
+        for i, (k, t) in enumerate(own.items()):
+            pos = torch.arange(t.numel(), dtype=torch.float64).view_as(t)
+            t.copy_(torch.full_like(t, i) if layer == "tensor" else pos // _LOW if layer == "high" else pos % _LOW)
+        parts.append(_float_tensors(materialize(probe, config)))
+    out = {}
+    for k in parts[0]:
+        which = parts[0][k].long().unique()
+        if len(which) != 1 or not torch.equal(parts[0][k], parts[0][k].round()):
+            raise ValueError(f"materialized {k} does not copy one supernet tensor")
+        out[k] = (keys[int(which)], (parts[1][k] * _LOW + parts[2][k]).long())
+    return out
+
+
+@torch.no_grad()
+def write_back(model, plain: nn.Module, positions: dict[str, tuple[str, torch.Tensor]]) -> None:
+    """Copy ``plain``'s weights (and BN statistics) into the slices of ``model`` they were cut from
+    (``positions`` from :func:`slice_positions`); every other element of ``model`` is left as it is."""
+    state, own = plain.state_dict(), model.state_dict()
+    for k, (src, pos) in positions.items():
+        own[src].view(-1)[pos.view(-1).to(own[src].device)] = state[k].detach().reshape(-1).to(own[src])

@@ -44,41 +44,32 @@ loss-scaler and RNG states are restored.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import numbers
 import random
 import re
 import sys
-import time
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from hwslim.training import distributed
-from hwslim.importing.checkpoint import load_checkpoint, save_checkpoint
 from hwslim.core.config import ChannelConfig
-from hwslim.importing.data import SMALL_INPUT, mix_seeds, build_data, validation_split
-from hwslim.core.errors import CheckpointError, HwslimError, OutputExistsError
-from hwslim.importing.specs import is_module_spec, load_model
 from hwslim.core.outputs import check_output, remove_stale_temporaries
 from hwslim.core.resources import check_training
-from hwslim.core.slimmable import BN_TYPES, SlimmableConv2d
 from hwslim.core.supernet import SlimmableNet
+from hwslim.importing.checkpoint import save_checkpoint
+from hwslim.importing.data import SMALL_INPUT, build_data, mix_seeds
+from hwslim.importing.specs import is_module_spec, load_model
+from hwslim.training import distributed
+# re-exported: train's own API since before the loop was shared with finetune
+from hwslim.training.loop import (EpochLoop, TrainError, evaluate_configs, param_groups,  # noqa: F401
+                                  warmup_cosine)
 
-CHECKPOINT_NAME = "checkpoint.pt"
-METRICS_NAME = "metrics.jsonl"
-RESULTS_NAME = "results.json"
 # uniform grid steps evaluated at the end besides widest (12) and narrowest: 3/4, 1/2, 1/4
 FINAL_UNIFORM_STEPS = (9, 6, 3)
-
-
-class TrainError(HwslimError):
-    """Training arguments that cannot work (or that contradict the run being resumed)."""
 
 
 @dataclass(frozen=True)
@@ -238,28 +229,6 @@ class TrainResult:
 
 
 # -- pieces ------------------------------------------------------------------------------
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Two groups: decayed weights, and BN parameters, biases and depthwise weights (no decay)."""
-    decay, no_decay = [], []
-    for m in model.modules():
-        for name, p in m.named_parameters(recurse=False):
-            if not p.requires_grad:
-                continue
-            skip = isinstance(m, BN_TYPES) or name == "bias" or (isinstance(m, SlimmableConv2d) and m.depthwise)
-            (no_decay if skip else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def warmup_cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
-    """LR factor per step: linear warm-up from ~0 to 1, then half a cosine down to 0."""
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
-    return factor
-
-
 def soft_cross_entropy(logits: torch.Tensor, target_probs: torch.Tensor) -> torch.Tensor:
     """Cross-entropy to a soft target: the in-place distillation loss (KL up to a constant)."""
     return -(target_probs * F.log_softmax(logits, dim=1)).sum(1).mean()
@@ -278,69 +247,18 @@ def final_configs(net: SlimmableNet) -> list[tuple[str, ChannelConfig]]:
     return out
 
 
-def evaluate_configs(net: SlimmableNet, configs: list[tuple[str, ChannelConfig]], images: torch.Tensor,
-                     labels: torch.Tensor, calib: torch.Tensor | None, batch_size: int = 256,
-                     progress: bool = False, desc: str = "scoring configs",
-                     calib_batch_size: int | None = None) -> list[dict[str, Any]]:
-    """Top-1 of each config after BN recalibration on ``calib`` (see :mod:`hwslim.core.accuracy`).
-
-    ``calib`` None: no recalibration (the running statistics training left). ``progress``:
-    a bar over the configs (with an ETA) on stderr.
-    """
-    from hwslim.core.costs import model_costs
-    from hwslim.core.accuracy import accuracy
-
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(configs), desc=desc, unit="config", dynamic_ncols=True)
-    rows = []
-    try:
-        for name, cfg in configs:
-            acc = accuracy(net, cfg, images, labels, calib_images=calib, batch_size=batch_size,
-                           calib_batch_size=calib_batch_size, recalibrate=calib is not None)
-            c = model_costs(net, cfg)
-            rows.append({"config": name, "top1": round(100 * acc, 2), "macs": c.macs, "params": c.params})
-            if bar is not None:
-                bar.update(1)
-    finally:
-        if bar is not None:
-            bar.close()
-    return rows
-
-
-def _rng_state(device: torch.device) -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(_as_tuple(state["python"]))
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def _as_tuple(x):
-    return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
-
-
 # -- the run -----------------------------------------------------------------------------
-class _Run:
-    """One training run on one rank: model, data, optimizer and the epoch loop."""
+class _Run(EpochLoop):
+    """One training run on one rank: the supernet, its data, and the sandwich step."""
+
+    TOP1_KEY = "train_top1_widest"
+    LOSS_KEYS = ("loss_widest", "loss_narrowest", "loss_random")
 
     def __init__(self, cfg: TrainConfig, world: distributed.World, log: Callable[[str], None]) -> None:
-        self.world = world
-        self.log = log
-        self.dev = world.device
-        out = Path(cfg.out)
-        self.ckpt_path, self.metrics_path = out / CHECKPOINT_NAME, out / METRICS_NAME
-        resumed = self._check_out_dir(cfg)
+        super().__init__(world, log, cfg.out)
+        resumed = self.check_out_dir(cfg)
         if resumed is not None:
-            cfg = self._merge_recorded(cfg, resumed.train_args)
+            cfg = self.merge_recorded(cfg, resumed.train_args)
         # the model fixes input size and class count; the data must fit them
         seed = 0 if cfg.seed is None else cfg.seed
         init = cfg.init if resumed is None else None  # a resumed run's weights come from its checkpoint
@@ -353,15 +271,10 @@ class _Run:
         net = load_model(cfg.model, width_mult=cfg.width_mult, input_size=cfg.input_size,
                          num_classes=cfg.num_classes, divisor=cfg.divisor, init=init, keep=cfg.keep,
                          fix_unsupported=bool(cfg.fix_unsupported))
-        fetch = cfg.download and world.distributed  # rank 0 downloads, the others wait, then read
-        if fetch and not world.is_main:
-            distributed.barrier(world)
-        self.data = build_data(cfg.data, net.input_size, search_size=cfg.search_size, seed=seed,
-                               download=cfg.download and world.is_main, device=self.dev, workers=cfg.workers,
-                               num_val=cfg.synthetic_val, train_subset=cfg.train_subset)
-        if fetch and world.is_main:
-            distributed.barrier(world)
-        n_cls = int(self.data.info["num_classes"])
+        data = open_data(cfg.data, net.input_size, world, search_size=cfg.search_size, seed=seed,
+                         download=cfg.download, workers=cfg.workers, num_val=cfg.synthetic_val,
+                         train_subset=cfg.train_subset)
+        n_cls = int(data.info["num_classes"])
         if cfg.num_classes is None and n_cls != net.num_classes:
             net = load_model(cfg.model, width_mult=cfg.width_mult, input_size=net.input_size,
                              num_classes=n_cls, divisor=cfg.divisor, init=init, keep=cfg.keep,
@@ -371,12 +284,6 @@ class _Run:
         cfg = cfg.resolved(net.input_size, net.num_classes)
         if cfg.batch_size % world.size:
             raise TrainError(f"--batch-size {cfg.batch_size} must be divisible by the {world.size} processes")
-        self.cfg = cfg
-        self.local_batch = cfg.batch_size // world.size
-        self.steps = self.data.steps_per_epoch(self.local_batch, world.size)
-        if self.steps < 1:
-            raise TrainError(f"{len(self.data)} training images make no full batch of {cfg.batch_size}; "
-                             "lower --batch-size")
         if world.is_main and net.graph.meta.get("fixed_units"):
             from hwslim.importing.fx_trace import fixed_units_note
 
@@ -391,94 +298,9 @@ class _Run:
                 log(f"started from {init}; channels sorted by importance in {moved} of {len(net.units)} units")
         elif init is not None and world.is_main:
             log(f"started from {init}; channels in their trained order (no sort)")
-        self.net = net.to(self.dev)
-        self.cuda = self.dev.type == "cuda"
-        if self.cuda and cfg.channels_last:
-            self.net = self.net.to(memory_format=torch.channels_last)
-        self.amp_dtype = None
-        if self.cuda and cfg.amp:
-            self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
-        self.opt = torch.optim.SGD(param_groups(self.net, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum,
-                                   nesterov=cfg.momentum > 0)
-        self.warm_steps = warm = int(round(cfg.warmup_epochs * self.steps))
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, warmup_cosine(cfg.epochs * self.steps, warm))
-        self.ddp: nn.Module = self.net
-        if world.distributed:
-            self.ddp = nn.parallel.DistributedDataParallel(
-                self.net, device_ids=[self.dev.index] if self.cuda else None)
-        self.start_epoch, self.history = 0, []
-        if resumed is not None:
-            self._restore(resumed)
+        self.setup_optimization(net, cfg, data, resumed)
 
-    # -- output directory and resume ------------------------------------------------------
-    def _check_out_dir(self, cfg: TrainConfig):
-        exists = self.ckpt_path.exists()
-        if cfg.resume:
-            if not exists:  # killed before its first checkpoint: there is nothing to lose, start it
-                if self.world.is_main:
-                    self.log(f"note: {self.ckpt_path} does not exist (no epoch was finished); starting the run")
-                return None
-            ckpt = load_checkpoint(self.ckpt_path, map_location="cpu")
-            if ckpt.training_state is None:
-                raise CheckpointError(f"{self.ckpt_path} holds no training state to resume from")
-            if cfg.epochs < int(ckpt.epoch):
-                raise TrainError(f"--epochs {cfg.epochs} is fewer than the {ckpt.epoch} epochs {self.ckpt_path} "
-                                 f"has done; give --epochs {ckpt.epoch} or more, or start a new run")
-            return ckpt
-        if exists and not cfg.force:
-            raise OutputExistsError(f"{self.ckpt_path} exists; pass --resume to continue that run or --force to "
-                                    "start over (it is replaced only when the first epoch is done)")
-        return None
-
-    def _merge_recorded(self, cfg: TrainConfig, recorded: dict[str, Any]) -> TrainConfig:
-        changes = {}
-        for k in TrainConfig.RECIPE:
-            mine, theirs = getattr(cfg, k), recorded.get(k)
-            if mine is not None and theirs is not None and mine != theirs:
-                raise TrainError(f"--resume: {k} is {theirs!r} in {self.ckpt_path} but {mine!r} now; "
-                                 "drop the option or start a new run")
-            changes[k] = theirs if theirs is not None else mine
-        return replace(cfg, **changes)
-
-    def _restore(self, ckpt) -> None:
-        state = ckpt.training_state
-        self.opt.load_state_dict(state["optimizer"])
-        self.sched.load_state_dict(state["scheduler"])
-        if state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
-        self.start_epoch = int(ckpt.epoch)
-        self.history = list(state.get("history", []))
-        _set_rng_state(state["rng"], self.dev)
-        if state.get("world_size", 1) != self.world.size and self.world.is_main:
-            self.log(f"note: resuming a {state.get('world_size')}-process run on {self.world.size}; "
-                     "batches are split differently from here on")
-        if self.world.is_main:  # the metrics file must match the checkpoint, not a later crashed epoch
-            self._write_metrics()
-
-    def _training_state(self, epoch: int) -> dict[str, Any]:
-        return {
-            "optimizer": self.opt.state_dict(),
-            "scheduler": self.sched.state_dict(),
-            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
-            "sampler": {"seed": self.cfg.seed, "epoch": epoch},  # DistributedSampler state: (seed, epoch)
-            "rng": _rng_state(self.dev),
-            "world_size": self.world.size,
-            "step": epoch * self.steps,
-            "history": self.history,
-        }
-
-    def _write_metrics(self) -> None:
-        from hwslim.core.config import atomic_write_text
-
-        atomic_write_text(self.metrics_path, "".join(json.dumps(h, sort_keys=True) + "\n" for h in self.history))
-
-    # -- one step and one epoch -------------------------------------------------------------
-    def _autocast(self):
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast("cuda", dtype=self.amp_dtype)
-
+    # -- one step ---------------------------------------------------------------------------
     def step(self, x: torch.Tensor, y: torch.Tensor, configs: list[ChannelConfig],
              distill: bool = True) -> dict[str, float]:
         """One sandwich step: forward/backward every config, one optimizer step.
@@ -495,7 +317,7 @@ class _Run:
             # DDP: reduce gradients once, after the last config's backward
             sync = contextlib.nullcontext() if last or not self.world.distributed else self.ddp.no_sync()
             with sync:
-                with self._autocast():
+                with self.autocast():
                     out = self.ddp(x)
                 out = out.float()
                 if teacher is None or not distill:
@@ -515,88 +337,27 @@ class _Run:
         return {"loss_widest": losses[0], "loss_narrowest": losses[1] if len(losses) > 1 else zero,
                 "loss_random": sum(losses[2:], zero) / max(1, len(losses) - 2), "correct": correct}
 
-    def epoch(self, epoch: int) -> dict[str, Any]:
-        cfg = self.cfg
-        self.net.train()
-        # every random draw of this epoch derives from (seed, epoch): resume reproduces it
-        torch.manual_seed(mix_seeds(cfg.seed, epoch, self.world.rank, 1))
-        rng = random.Random(mix_seeds(cfg.seed, epoch, 2))  # same on every rank: all ranks train the same configs
-        bar = self._bar(epoch)
-        keys = ("loss_widest", "loss_narrowest", "loss_random", "correct")
-        sums = {k: torch.zeros((), device=self.dev) for k in keys}
-        seen, t0 = 0, time.perf_counter()
-        for i, (x, y) in enumerate(self.data.batches(epoch, self.local_batch, self.world.rank, self.world.size,
-                                                     cfg.seed)):
-            # the widest's output is noise until it has learned something: before the
-            # warm-up ends, distilling it would teach the narrow configs noise and, through
-            # the shared weights, hold the widest back (slower start measured on synthetic data)
-            distill = not cfg.distill_after_warmup or epoch * self.steps + i >= self.warm_steps
-            if self.cuda and cfg.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            else:
-                x = x.contiguous()
-            r = self.step(x, y, sandwich_configs(self.net, cfg.num_random, rng), distill)
-            for k in sums:
-                sums[k] += r[k]  # on the device; read once per epoch (and for the progress bar)
-            seen += len(y)
-            if bar is not None:
-                bar.update(1)
-                if i % 20 == 0 or i == self.steps - 1:
-                    bar.set_postfix(loss=f"{float(r['loss_widest']):.3f}",
-                                    img_s=f"{seen * self.world.size / (time.perf_counter() - t0):.0f}",
-                                    lr=f"{self.sched.get_last_lr()[0]:.3g}")
-        if bar is not None:
-            bar.close()
-        sums = {k: float(v) for k, v in sums.items()}  # synchronizes: the epoch's time includes all its work
-        dt = time.perf_counter() - t0
-        row = {"epoch": epoch + 1, "lr": self.sched.get_last_lr()[0], "epoch_time_s": round(dt, 3),
-               "images_per_s": round(seen * self.world.size / dt, 1),
-               "train_top1_widest": round(100 * sums["correct"] / max(1, seen), 2)}
-        row.update({k: round(v / self.steps, 5) for k, v in sums.items() if k != "correct"})
-        return row
+    def batch_step(self, x: torch.Tensor, y: torch.Tensor, step: int, rng: random.Random) -> dict[str, Any]:
+        # the widest's output is noise until it has learned something: before the
+        # warm-up ends, distilling it would teach the narrow configs noise and, through
+        # the shared weights, hold the widest back (slower start measured on synthetic data)
+        distill = not self.cfg.distill_after_warmup or step >= self.warm_steps
+        return self.step(x, y, sandwich_configs(self.net, self.cfg.num_random, rng), distill)
 
-    def _bar(self, epoch: int):
-        if not (self.cfg.progress and self.world.is_main):
-            return None
-        from tqdm.auto import tqdm
+    def periodic_eval(self) -> dict[str, Any]:
+        net = self.net
+        rows = self.evaluate(net, [("widest", net.full_config()), ("narrowest", net.min_config())])
+        return {f"val_top1_{r['config']}": r["top1"] for r in rows}
 
-        return tqdm(total=self.steps, desc=f"epoch {epoch + 1}/{self.cfg.epochs}", unit="step", leave=False,
-                    dynamic_ncols=True)
-
-    # -- evaluation -------------------------------------------------------------------------
-    def evaluate(self, configs: list[tuple[str, ChannelConfig]], progress: bool = False) -> list[dict[str, Any]]:
-        cfg = self.cfg
-        if not hasattr(self, "_val"):
-            n = cfg.eval_images if cfg.eval_images is not None else (None if self.data.in_memory else 5000)
-            self._val = validation_split(self.data.info, self.dev, max_images=n)
-            # calib_images 0: score with the running statistics training left (no recalibration)
-            self._calib = self.data.calibration_images(cfg.calib_images, cfg.seed) if cfg.calib_images else None
-            if self.cuda and cfg.channels_last:
-                self._val = (self._val[0].contiguous(memory_format=torch.channels_last), self._val[1])
-                if self._calib is not None:
-                    self._calib = self._calib.contiguous(memory_format=torch.channels_last)
-        self.evaluated_on = {"split": self.data.info.get("val_split", "val"), "images": len(self._val[1]),
-                             "calib_images": 0 if self._calib is None else len(self._calib)}
-        with self._autocast():
-            n, split = len(self._val[1]), self.evaluated_on["split"]
-            return evaluate_configs(self.net, configs, *self._val, self._calib,
-                                    progress=progress and cfg.progress and self.world.is_main,
-                                    desc=f"scoring on {n:,} {split} images")
-
-    def used(self) -> dict[str, Any]:
-        """What this run actually uses where the arguments only ask (recorded instead of the request):
-        mixed precision and channels-last apply on CUDA only."""
-        return {"device": self.dev.type, "amp": self.amp_dtype is not None,
-                "amp_dtype": str(self.amp_dtype).removeprefix("torch.") if self.amp_dtype is not None else None,
-                "channels_last": self.cuda and self.cfg.channels_last,
-                "threads": torch.get_num_threads() if not self.cuda else None}
+    def save(self, epoch: int, args: dict[str, Any]) -> None:
+        save_checkpoint(self.ckpt_path, self.net, data=self.data.info, train_args=args, epoch=epoch,
+                        training_state=self.training_state(epoch))
 
     # -- the loop ---------------------------------------------------------------------------
     def run(self) -> TrainResult:
         cfg, world = self.cfg, self.world
-        args = {**{f.name: getattr(cfg, f.name) for f in fields(cfg)}, "world_size": world.size,
-                **self.used()}
-        end = cfg.epochs if cfg.stop_after is None else min(cfg.epochs, self.start_epoch + cfg.stop_after)
+        args = self.args()
+        end = self.end_epoch()
         if world.is_main:
             info = self.data.info
             subset = f" (a class-balanced subset of {info['train_subset']:,})" if info.get("train_subset") else ""
@@ -605,34 +366,32 @@ class _Run:
                      f"search; {self.steps} steps of {cfg.batch_size} per epoch, epochs {self.start_epoch + 1}-{end}"
                      f" of {cfg.epochs}; {self.dev.type}" + (f", {torch.get_num_threads()} PyTorch CPU thread(s)"
                                                               if not self.cuda else ""))
-        for epoch in range(self.start_epoch, end):
-            row = self.epoch(epoch)
-            if cfg.eval_every and (epoch + 1) % cfg.eval_every == 0 and world.is_main:
-                net = self.net
-                for r in self.evaluate([("widest", net.full_config()), ("narrowest", net.min_config())]):
-                    row[f"val_top1_{r['config']}"] = r["top1"]
-            self.history.append(row)
-            if world.is_main:
-                save_checkpoint(self.ckpt_path, self.net, data=self.data.info, train_args=args, epoch=epoch + 1,
-                                training_state=self._training_state(epoch + 1))
-                self._write_metrics()
-                self.log(json.dumps(row, sort_keys=True))
-            distributed.barrier(world)
+        self.run_epochs(end, args)
         final: list[dict[str, Any]] = []
         if end < cfg.epochs:  # stopped early: the run continues with --resume
             return TrainResult(self.net, self.ckpt_path if world.is_main else None, end, self.history, final)
         evaluated_on: dict[str, Any] = {}
         if world.is_main:
-            final = self.evaluate(final_configs(self.net), progress=True)
+            final = self.evaluate(self.net, final_configs(self.net), progress=True)
             evaluated_on = self.evaluated_on
-            from hwslim.core.config import atomic_write_text
-
-            atomic_write_text(Path(cfg.out) / RESULTS_NAME,
-                              json.dumps({"epochs": cfg.epochs, "final": final, "evaluated_on": evaluated_on,
-                                          "train_args": args}, indent=2, sort_keys=True) + "\n")
+            self.write_results({"epochs": cfg.epochs, "final": final, "evaluated_on": evaluated_on,
+                                "train_args": args})
         distributed.barrier(world)
         return TrainResult(self.net, self.ckpt_path if world.is_main else None, cfg.epochs, self.history, final,
                            evaluated_on)
+
+
+def open_data(spec: str, input_size: int, world: distributed.World, **kw: Any):
+    """:func:`hwslim.importing.data.build_data` on this rank's device; under torchrun with
+    ``download``, rank 0 downloads while the others wait, then they read."""
+    download = bool(kw.pop("download", False))
+    fetch = download and world.distributed
+    if fetch and not world.is_main:
+        distributed.barrier(world)
+    data = build_data(spec, input_size, download=download and world.is_main, device=world.device, **kw)
+    if fetch and world.is_main:
+        distributed.barrier(world)
+    return data
 
 
 def _log_stderr(line: str) -> None:
