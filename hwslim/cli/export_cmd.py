@@ -28,7 +28,8 @@ def register(sub) -> None:
 
     p = add_command(sub, "export", run, run.__doc__)
     p.add_argument("--checkpoint", required=True, help="the supernet checkpoint (from `hwslim train`)")
-    p.add_argument("--config", required=True, help="a ChannelConfig JSON (from `hwslim search`)")
+    p.add_argument("--config", help="a ChannelConfig JSON (from `hwslim search`; default for a checkpoint from "
+                                    "`hwslim finetune`: the config it was finetuned at)")
     formats = [format_class(name) for name in FORMATS]
     p.add_argument("--format", default="onnx", choices=list(FORMATS), help="; ".join(f.help for f in formats))
     p.add_argument("--out", required=True,
@@ -76,15 +77,14 @@ def run(args) -> int:
       hwslim export --checkpoint runs/r20/checkpoint.pt --config search/config_latency_ms_0.5.json \\
           --out r20_0.5ms.onnx --verify      # --verify: the table the search used, from the config
     """
-    from hwslim.core.config import ChannelConfig
     from hwslim.export.exporter import export_model
     from hwslim.core.outputs import check_output
 
     check_output(args.out, kind="file")  # before anything is loaded
     set_threads(args.threads)
-    config = ChannelConfig.load(args.config)
+    ckpt, config = _checkpoint_and_config(args)
     opts = _options(args, config)
-    ckpt = _load_checked(args, config)
+    _check_fits(args, ckpt, config)
     tbl = None
     if args.verify:  # everything --verify needs is checked before anything is written
         from hwslim.latency.verify import table_for
@@ -95,7 +95,7 @@ def run(args) -> int:
     quiet = contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext()
     log = with_header(f"hwslim export: {threads_note(args.threads)}", (lambda msg: None) if args.json else print)
     with quiet:
-        res = export_model(ckpt, Path(args.config), args.out, opts, log=log)
+        res = export_model(ckpt, Path(args.config) if args.config else config, args.out, opts, log=log)
     out = res.as_dict()
     if not args.json:
         print(f"wrote {res.path}" + (f" (and {', '.join(map(str, res.beside))})" if res.beside else ""))
@@ -133,17 +133,29 @@ def _options(args, config):
                          calib_images=args.calib_images, table=Path(table) if table else None)
 
 
-def _load_checked(args, config):
-    """The checkpoint, once the config fits its supernet and the export fits this machine's memory."""
-    from hwslim.importing.checkpoint import load_checkpoint
+def _checkpoint_and_config(args):
+    """The checkpoint and the config to export: --config, else the config a finetuned checkpoint records."""
+    from hwslim.core.config import ChannelConfig
+    from hwslim.core.errors import ConfigError
+    from hwslim.importing.checkpoint import finetuned_config, load_checkpoint
+
+    config = ChannelConfig.load(args.config) if args.config else None  # a bad config fails before loading
+    ckpt = load_checkpoint(args.checkpoint)
+    if config is None:
+        config = finetuned_config(ckpt)
+        if config is None:
+            raise ConfigError(f"{args.checkpoint} is a supernet: give --config (a config from `hwslim search`)")
+    ckpt.model.validate(config)
+    return ckpt, config
+
+
+def _check_fits(args, ckpt, config) -> None:
+    """Refuse an export this machine's memory cannot hold."""
     from hwslim.core.resources import check_fits, inference_bytes
 
-    ckpt = load_checkpoint(args.checkpoint)
-    ckpt.model.validate(config)
     # the check runs the supernet and ONNX Runtime on batches of --batch images (and PyTorch keeps
     # a copy of all of them): refuse a batch this machine cannot hold before any work
     images = max(args.batch, args.check_images) * ckpt.model.in_channels * config.input_size ** 2 * 4
     check_fits(2 * inference_bytes(ckpt.model, config, batch=args.batch, input_size=config.input_size) + 3 * images,
                f"exporting {config.model} at {config.input_size}x{config.input_size} px with batch {args.batch:,}",
                "lower --batch")
-    return ckpt

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from hwslim import __version__
+from hwslim.core.config import ChannelConfig
 from hwslim.core.errors import CheckpointError
 from hwslim.core.supernet import SlimmableNet
 
@@ -184,3 +185,15 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     model.to(map_location)
     return Checkpoint(model, payload.get("data", {}), payload.get("train_args", {}), payload.get("epoch", 0),
                       payload.get("training_state"), path)
+
+
+def finetuned_config(ckpt: Checkpoint) -> ChannelConfig | None:
+    """The config a checkpoint written by ``hwslim finetune`` was trained at (None for a supernet).
+
+    Only that config's weights in such a checkpoint are the finetuned network; ``export`` and
+    ``eval`` take it as the default config.
+    """
+    record = (ckpt.train_args or {}).get("finetune")
+    if not isinstance(record, dict) or not isinstance(record.get("config"), dict):
+        return None
+    return ChannelConfig.from_dict(record["config"], source=f"{ckpt.path or 'checkpoint'} (finetuned config)")
