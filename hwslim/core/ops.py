@@ -18,12 +18,15 @@ consumer asks the operator, never compares names:
   the search's fast evaluator shares computation only up to such a node),
   :meth:`Op.unit_ties` (which widths must stay equal) and :attr:`Op.pins` (channels
   change position, so every unit the node reads stays fixed: a channel shuffle, a slice);
+* importing a user's module (:mod:`hwslim.importing.fx_trace`): :meth:`Op.from_torch` (the op's
+  import rule: what it makes of a traced node), :attr:`Op.torch_modules`, :meth:`Op.load_weights`
+  and what it fuses after it (:attr:`Op.fuses_bn`, :attr:`Op.fuses_residual`, :attr:`Op.takes_act`);
 * channel order (a trained start, :mod:`hwslim.importing.importance`): :meth:`Op.importance` (scores
   of the channels the node's weights produce) and :meth:`Op.permute` (reorder its weights
   for permuted input, output and inner channels, leaving the function unchanged).
 
-Adding an operator is one class here (registered with :func:`register_op`) plus its
-tests; see "Adding an operator" in the README.
+Adding an operator is one class (here, or in a file of its own) registered with
+:func:`register_op`, plus its tests; see "Adding an operator" in the README.
 
 Activations are data too: :data:`ACTIVATIONS` maps a name to its PyTorch function, its
 in-place form and its ONNX nodes.
@@ -91,6 +94,17 @@ class Claim:
     inputs: list
     sources: dict[str, nn.Module] = field(default_factory=dict)
     mid: int = 0
+
+
+def _plain_layer(node: Any, site: ImportSite, base: type, what: str) -> nn.Module | None:
+    """The ``base`` layer ``node`` calls (None: it calls none); refused, saying ``what`` it is, when
+    its class's own forward does more than ``base``'s."""
+    m = site.module(node)
+    if not isinstance(m, base):
+        return None
+    if not site.is_plain(m, base):
+        raise site.refuse(node, f"{type(m).__name__} ({what})")
+    return m
 
 
 def square(v: Any) -> int | None:
@@ -382,12 +396,10 @@ class Conv(Op):
 
     @classmethod
     def from_torch(cls, node, site):
-        m = site.module(node)
-        if not isinstance(m, nn.Conv2d):
+        m = _plain_layer(node, site, nn.Conv2d, "a Conv2d with its own forward, e.g. TensorFlow 'same' padding "
+                                                "that depends on the input size")
+        if m is None:
             return None
-        if not site.is_plain(m, nn.Conv2d):
-            raise site.refuse(node, f"{type(m).__name__} (a Conv2d with its own forward, e.g. TensorFlow 'same' "
-                                    "padding that depends on the input size)")
         k, s, p = square(m.kernel_size), square(m.stride), square(m.padding)
         if None in (k, s, p) or square(m.dilation) != 1 or m.padding_mode != "zeros" or isinstance(m.padding, str):
             raise site.refuse(node, f"a convolution with kernel {m.kernel_size}, stride {m.stride}, padding "
@@ -1129,11 +1141,9 @@ class Linear(Op):
 
     @classmethod
     def from_torch(cls, node, site):
-        m = site.module(node)
-        if not isinstance(m, nn.Linear):
+        m = _plain_layer(node, site, nn.Linear, "a Linear with its own forward")
+        if m is None:
             return None
-        if not site.is_plain(m, nn.Linear):
-            raise site.refuse(node, f"{type(m).__name__} (a Linear with its own forward)")
         if m.bias is None:
             raise site.refuse(node, "a linear layer without a bias")
         x = site.tensor_args(node)[0]

@@ -16,7 +16,8 @@ How:
    control flow on a tensor's shape), ``torch.export`` records it on the example input
    and its ATen graph is rewritten into the same form (:mod:`hwslim.importing.torch_export`); a branch
    on a shape then follows the example's shape.
-2. **Group** the traced nodes into hwslim operators: a conv with the BatchNorm after it,
+2. **Group** the traced nodes into hwslim operators, asking each registered operator's import
+   rule (:meth:`~hwslim.core.ops.Op.from_torch`) in turn: a conv with the BatchNorm after it,
    the residual add after that and the activation after both (the fused unit a runtime
    executes); the squeeze-and-excitation pattern (pool, 1x1 conv, activation, 1x1 conv,
    gate, multiply); standalone BatchNorm/activation/add; concatenation; pools; flatten;
