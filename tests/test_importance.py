@@ -8,20 +8,12 @@ from torch import nn
 from hwslim.importing.importance import layout_perm, sort_channels, unit_importance
 from hwslim.importing.fx_trace import import_model
 from hwslim.models import create_model
+from fakes import randomize_bn
 
 
 def _randomize(module: nn.Module) -> nn.Module:
     """Trained-looking weights: distinct BN scales and statistics, non-zero biases."""
-    with torch.no_grad():
-        for m in module.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.2, 0.2)
-                m.running_var.uniform_(0.5, 1.5)
-                m.weight.uniform_(0.2, 1.5)
-                m.bias.uniform_(-0.2, 0.2)
-            elif isinstance(m, (nn.Conv2d, nn.Linear)) and m.bias is not None:
-                m.bias.uniform_(-0.1, 0.1)
-    return module.eval()
+    return randomize_bn(module, scale=(0.2, 1.5), biases=True)
 
 
 def _is_identity(p: torch.Tensor) -> bool:

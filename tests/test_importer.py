@@ -11,6 +11,7 @@ from torch import nn
 from hwslim.core.errors import ModelError
 from hwslim.importing.fx_trace import ImportRefused, import_model
 from hwslim.core.materialize import materialize
+from fakes import randomize_bn
 
 
 class SE(nn.Module):
@@ -46,14 +47,15 @@ class UserNet(nn.Module):
 
 
 def _randomize(module: nn.Module) -> nn.Module:
-    with torch.no_grad():
-        for m in module.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.2, 0.2)
-                m.running_var.uniform_(0.5, 1.5)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.2, 0.2)
-    return module.eval()
+    return randomize_bn(module)
+
+
+def _import_torchvision(name: str):
+    """A torchvision model with trained-looking BatchNorm, an input batch, and its import (shuffles fixed)."""
+    torch.manual_seed(0)
+    theirs = _randomize(torchvision.models.get_model(name, weights=None))
+    x = torch.randn(2, 3, 64, 64)
+    return theirs, x, import_model(theirs, x[:1], fix_unsupported=True)
 
 
 def test_user_model_imports_with_units_and_parity():
@@ -136,10 +138,7 @@ def test_shufflenet_imports_with_the_units_of_its_shuffles_fixed(name, tmp_path)
     from hwslim.importing.fx_trace import fixed_units
     from hwslim.core.supernet import SlimmableNet
 
-    torch.manual_seed(0)
-    theirs = _randomize(torchvision.models.get_model(name, weights=None))
-    x = torch.randn(2, 3, 64, 64)
-    net = import_model(theirs, x[:1], fix_unsupported=True)
+    theirs, x, net = _import_torchvision(name)
     fixed = fixed_units(net)
     assert [u.rpartition("/")[0] for u in fixed] == SHUFFLE_FIXED  # branch1/2, branch2/5: the convs before the cat
     assert {f["what"] for f in fixed.values()} == {"a channel shuffle"}
@@ -245,10 +244,7 @@ def test_torch_export_path_builds_what_the_fx_path_builds(name, monkeypatch):
     """One importer: the exported ATen graph, rewritten, groups into the same operators and units."""
     import hwslim.importing.fx_trace
 
-    torch.manual_seed(0)
-    theirs = _randomize(torchvision.models.get_model(name, weights=None))
-    x = torch.randn(2, 3, 64, 64)
-    by_fx = import_model(theirs, x[:1], fix_unsupported=True)
+    theirs, x, by_fx = _import_torchvision(name)
 
     def fx_fails(self, root, *args, **kwargs):
         raise torch.fx.proxy.TraceError("as for a forward fx cannot trace")
@@ -470,3 +466,25 @@ def test_timm_models_import_with_parity(name):
         want, got = theirs(x), net(x)
     assert (got - want).abs().max() <= 1e-4 * want.abs().max(), name
     assert len(net.units) > 10
+
+
+# sha256 of the graph JSON (node names, operators, units, grids) these imports gave at commit e1ed339,
+# before the import rules moved onto the operators: the importer's output must not change
+GRAPH_JSON_SHA256 = {
+    "resnet18": "9eacb6ccd6c23c7c81e0e2383318de360e89d769ee74be11d63935d7813623e2",
+    "mobilenet_v2": "6fc9a33842c0f0c3a33510043828c45fa71b858917c5898c609247f426a67964",
+    "mobilenet_v3_small": "deb9450d7aaf297fe41de8617bc3f1fd5a8c15cfd5d1ef398a6d5d9384eb2534",
+    "shufflenet_v2_x0_5": "349e703ed84893fe13d769fc72f1c8889e26410f2832ee13710aec4264c8f53e",
+}
+
+
+@pytest.mark.parametrize("name", sorted(GRAPH_JSON_SHA256))
+def test_imported_graph_json_is_unchanged(name):
+    import hashlib
+    import json
+
+    torch.manual_seed(0)
+    net = import_model(torchvision.models.get_model(name, weights=None), torch.randn(1, 3, 64, 64),
+                       fix_unsupported=name.startswith("shufflenet"))
+    assert hashlib.sha256(json.dumps(net.graph_dict(), sort_keys=True).encode()).hexdigest() == \
+        GRAPH_JSON_SHA256[name]

@@ -14,6 +14,7 @@ from hwslim.core.graph import INPUT, layer_spec
 from hwslim.core.materialize import materialize
 from hwslim.core.ops import OPS, Conv, SqueezeExcite
 from hwslim.core.supernet import GraphBuilder, SlimmableNet
+from fakes import randomize_bn
 
 
 def every_op_net(input_size: int = 16) -> SlimmableNet:
@@ -45,14 +46,7 @@ def every_op_net(input_size: int = 16) -> SlimmableNet:
     x = g.dropout("drop", x, 0.1)
     g.linear("fc", x, d, 10)
     net = SlimmableNet("every_op", g, width_mult=1.0, input_size=input_size, num_classes=10)
-    with torch.no_grad():  # non-trivial BN statistics, so slicing and folding are exercised
-        for m in net.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.2, 0.2)
-    return net.eval()
+    return randomize_bn(net, mean=0.5, var=(0.5, 2.0))  # non-trivial BN statistics: slicing and folding exercised
 
 
 def test_every_registered_operator_is_in_the_test_network():

@@ -18,12 +18,15 @@ consumer asks the operator, never compares names:
   the search's fast evaluator shares computation only up to such a node),
   :meth:`Op.unit_ties` (which widths must stay equal) and :attr:`Op.pins` (channels
   change position, so every unit the node reads stays fixed: a channel shuffle, a slice);
+* importing a user's module (:mod:`hwslim.importing.fx_trace`): :meth:`Op.from_torch` (the op's
+  import rule: what it makes of a traced node), :attr:`Op.torch_modules`, :meth:`Op.load_weights`
+  and what it fuses after it (:attr:`Op.fuses_bn`, :attr:`Op.fuses_residual`, :attr:`Op.takes_act`);
 * channel order (a trained start, :mod:`hwslim.importing.importance`): :meth:`Op.importance` (scores
   of the channels the node's weights produce) and :meth:`Op.permute` (reorder its weights
   for permuted input, output and inner channels, leaving the function unchanged).
 
-Adding an operator is one class here (registered with :func:`register_op`) plus its
-tests; see "Adding an operator" in the README.
+Adding an operator is one class (here, or in a file of its own) registered with
+:func:`register_op`, plus its tests; see "Adding an operator" in the README.
 
 Activations are data too: :data:`ACTIVATIONS` maps a name to its PyTorch function, its
 in-place form and its ONNX nodes.
@@ -31,8 +34,8 @@ in-place form and its ONNX nodes.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, replace
-from typing import TYPE_CHECKING, Any, ClassVar, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -46,20 +49,71 @@ if TYPE_CHECKING:
 # "LayerSpec" and "Node" in annotations are hwslim.core.graph's, which imports this module: an
 # operator only reads their fields, so they are named here, not imported (no import cycle).
 
+# -- importing a user's module: what an operator's import rule sees -----------------------------------
+class ImportSite(Protocol):
+    """What an operator's import rule (:meth:`Op.from_torch`) may ask the importer
+    (:mod:`hwslim.importing.fx_trace`) about a traced node. A node is a ``torch.fx.Node``, read by
+    its fields (``op``, ``target``, ``args``, ``kwargs``): the core does not depend on the importer."""
+
+    def module(self, n: Any) -> nn.Module | None:
+        """The module a ``call_module`` node calls (None for a function or method call)."""
+
+    def tensor_args(self, n: Any) -> list:
+        """The nodes among ``n``'s positional arguments."""
+
+    def shape(self, n: Any) -> tuple[int, ...]:
+        """The shape of ``n``'s value on the example input (refused if it is not one tensor)."""
+
+    def has_shape(self, n: Any) -> bool:
+        """Whether ``n``'s value is one tensor of known shape."""
+
+    def act_of(self, n: Any) -> str | None:
+        """The activation ``n`` computes (None: not one hwslim knows)."""
+
+    def add_operands(self, n: Any) -> list | None:
+        """The two tensors of a plain element-wise add, else None."""
+
+    def norm_act(self, n: Any, m: nn.BatchNorm2d) -> str | None:
+        """The activation inside a BatchNorm2d subclass (timm's ``BatchNormAct2d``); refuses what it cannot read."""
+
+    def is_plain(self, m: nn.Module, base: type) -> bool:
+        """``m`` computes what ``base`` computes (its own forward, if any, makes the same one call)."""
+
+    def refuse(self, n: Any, missing: str) -> Exception:
+        """The error to raise: ``n`` (module, source line) needs an operator hwslim lacks, ``missing``."""
 
 
+@dataclass
+class Claim:
+    """What an import rule makes of a traced node: the operator, the nodes whose values it reads
+    (in operator order), the modules whose weights :meth:`Op.load_weights` copies (role -> module)
+    and, for an op with an inner width, that width. The importer then fuses what follows it
+    (:attr:`Op.fuses_bn`, :attr:`Op.fuses_residual`, :attr:`Op.takes_act`)."""
+
+    op: "Op"
+    inputs: list
+    sources: dict[str, nn.Module] = field(default_factory=dict)
+    mid: int = 0
 
 
+def _plain_layer(node: Any, site: ImportSite, base: type, what: str) -> nn.Module | None:
+    """The ``base`` layer ``node`` calls (None: it calls none); refused, saying ``what`` it is, when
+    its class's own forward does more than ``base``'s."""
+    m = site.module(node)
+    if not isinstance(m, base):
+        return None
+    if not site.is_plain(m, base):
+        raise site.refuse(node, f"{type(m).__name__} ({what})")
+    return m
 
 
-
-
-
-
-
-
-
-
+def square(v: Any) -> int | None:
+    """A square kernel/stride/padding (an int or an equal pair) as one int, else None."""
+    if isinstance(v, int):
+        return v
+    if isinstance(v, (tuple, list)) and len(v) == 2 and v[0] == v[1]:
+        return int(v[0])
+    return None
 
 
 
@@ -116,6 +170,31 @@ class Op:
     # the channels): slimming a unit it reads would move channels to other positions, so every
     # channel it reads must be fixed (the importer fixes such units with ``fix_unsupported``)
     pins: ClassVar[bool] = False
+    # importing (hwslim.importing.fx_trace): module classes the tracer keeps whole, subclasses too, so
+    # that :meth:`from_torch` sees one call (else fx traces into their forward)
+    torch_modules: ClassVar[tuple[type, ...]] = ()
+    fuses_bn: ClassVar[bool] = False  # a BatchNorm right after it folds into it (:meth:`with_bn`)
+    takes_act: ClassVar[bool] = False  # an activation right after it folds into its ``act`` field
+
+    # -- importing -----------------------------------------------------------------------------
+    @classmethod
+    def from_torch(cls, node: Any, site: ImportSite) -> Claim | None:
+        """This operator's import rule: the :class:`Claim` it makes of a traced fx ``node``, None if
+        the node is not one of its kind; ``site.refuse(node, ...)`` for one of its kind it cannot express."""
+        return None
+
+    def with_act(self, act: str) -> "Op | None":
+        """This op with activation ``act`` fused after it (None: it takes none, or has one already)."""
+        return replace(self, act=act) if self.takes_act and self.act is None else None  # type: ignore[attr-defined]
+
+    def with_bn(self, eps: float) -> "Op":
+        """This op with a BatchNorm of epsilon ``eps`` folded in (ops with :attr:`fuses_bn`)."""
+        raise NotImplementedError(f"operator {self.kind!r} does not fuse a BatchNorm")
+
+    def load_weights(self, module: nn.Module | None, sources: dict[str, nn.Module]) -> None:
+        """Copy an imported module's weights (:attr:`Claim.sources`) into this op's supernet module."""
+        if sources:
+            raise NotImplementedError(f"operator {self.kind!r} cannot copy imported weights")
 
     # -- JSON ---------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -269,6 +348,20 @@ def _plain_bn(src: nn.BatchNorm2d | None, c: int, index: torch.Tensor | None) ->
     return bn
 
 
+@torch.no_grad()
+def _load(dst: nn.Module, src: nn.Module, names: Sequence[str] = ("weight", "bias")) -> None:
+    """Copy ``src``'s tensors ``names`` into ``dst``'s (a None bias stays as it is)."""
+    for name in names:
+        if getattr(src, name) is not None:
+            getattr(dst, name).copy_(getattr(src, name))
+
+
+def _load_bn(dst: nn.BatchNorm2d, src: nn.BatchNorm2d) -> None:
+    _load(dst, src, ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"))
+    dst.eps = src.eps
+    dst.momentum = src.momentum
+
+
 # -- convolution -------------------------------------------------------------------------------------
 @register_op
 @dataclass(frozen=True)
@@ -286,6 +379,9 @@ class Conv(Op):
     kind: ClassVar[str] = "conv"
     arity: ClassVar[int | None] = None
     fuses_residual: ClassVar[bool] = True
+    torch_modules: ClassVar[tuple[type, ...]] = (nn.Conv2d,)
+    fuses_bn: ClassVar[bool] = True
+    takes_act: ClassVar[bool] = True
     kernel: int = 1
     stride: int = 1
     padding: int = 0
@@ -297,6 +393,34 @@ class Conv(Op):
 
     def __post_init__(self) -> None:
         check_act(self.act)
+
+    @classmethod
+    def from_torch(cls, node, site):
+        m = _plain_layer(node, site, nn.Conv2d, "a Conv2d with its own forward, e.g. TensorFlow 'same' padding "
+                                                "that depends on the input size")
+        if m is None:
+            return None
+        k, s, p = square(m.kernel_size), square(m.stride), square(m.padding)
+        if None in (k, s, p) or square(m.dilation) != 1 or m.padding_mode != "zeros" or isinstance(m.padding, str):
+            raise site.refuse(node, f"a convolution with kernel {m.kernel_size}, stride {m.stride}, padding "
+                                    f"{m.padding!r}, dilation {m.dilation}, padding mode {m.padding_mode!r} (hwslim's "
+                                    "are square, undilated, zero-padded)")
+        group_width = None
+        if m.groups > 1:
+            if m.in_channels != m.out_channels:
+                raise site.refuse(node, f"a grouped convolution whose output ({m.out_channels}) differs from its "
+                                        f"input ({m.in_channels})")
+            group_width = m.in_channels // m.groups
+        op = cls(k, s, p, group_width, None, False, m.bias is not None)
+        return Claim(op, site.tensor_args(node)[:1], {"conv": m})
+
+    def with_bn(self, eps):
+        return replace(self, bn=True, eps=eps)
+
+    def load_weights(self, module, sources):
+        _load(module.conv, sources["conv"])
+        if "bn" in sources:
+            _load_bn(module.bn, sources["bn"])
 
     @property
     def tied(self) -> bool:
@@ -491,6 +615,10 @@ class SqueezeExcite(Op):
             m = m.to(src.fc1.weight.device, src.fc1.weight.dtype)
         return m
 
+    def load_weights(self, module, sources):
+        _load(module.fc1, sources["fc1"])
+        _load(module.fc2, sources["fc2"])
+
     def importance(self, module):  # the gate scales its input: only the reduce channels are its own
         return None, _filter_norms(module.fc1.weight)
 
@@ -519,10 +647,16 @@ class Add(Op):
     kind: ClassVar[str] = "add"
     arity: ClassVar[int | None] = None
     inplace: ClassVar[bool] = True
+    takes_act: ClassVar[bool] = True
     act: str | None = None
 
     def __post_init__(self) -> None:
         check_act(self.act)
+
+    @classmethod
+    def from_torch(cls, node, site):
+        operands = site.add_operands(node)
+        return Claim(cls(), operands) if operands is not None else None
 
     def check_inputs(self, name, layouts):
         if len(layouts) < 2:
@@ -564,6 +698,11 @@ class Act(Op):
     def __post_init__(self) -> None:
         check_act(self.act)
 
+    @classmethod
+    def from_torch(cls, node, site):
+        act = site.act_of(node)
+        return Claim(cls(act), site.tensor_args(node)[:1]) if act is not None else None
+
     def signature(self, s):
         return ("act", 0, 1, 0, 1, s.in_h, s.in_w, s.cin, s.cout, self.act, False, s.batch, "")
 
@@ -580,11 +719,23 @@ class BatchNorm(Op):
     """``act(bn(x))`` on its own (pre-activation blocks: DenseNet's norm-relu-conv)."""
 
     kind: ClassVar[str] = "bn"
+    torch_modules: ClassVar[tuple[type, ...]] = (nn.BatchNorm2d,)
+    takes_act: ClassVar[bool] = True
     act: str | None = None
     eps: float = 1e-5
 
     def __post_init__(self) -> None:
         check_act(self.act)
+
+    @classmethod
+    def from_torch(cls, node, site):
+        m = site.module(node)
+        if not isinstance(m, nn.BatchNorm2d):
+            return None
+        return Claim(cls(site.norm_act(node, m), m.eps), site.tensor_args(node)[:1], {"bn": m})
+
+    def load_weights(self, module, sources):
+        _load_bn(module, sources["bn"])
 
     def params(self, s):
         return 2 * s.cin
@@ -630,6 +781,16 @@ class Concat(Op):
     kind: ClassVar[str] = "concat"
     arity: ClassVar[int | None] = None
 
+    @classmethod
+    def from_torch(cls, node, site):
+        if node.op != "call_function" or node.target is not torch.cat:
+            return None
+        parts = node.args[0]
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+        if dim not in (1, -3) or not all(isinstance(p, type(node)) for p in parts):
+            raise site.refuse(node, f"a concatenation along dimension {dim} (only channels, dim 1)")
+        return Claim(cls(), list(parts))
+
     def check_inputs(self, name, layouts):
         if len(layouts) < 1:
             raise ValueError(f"{name}: concat needs inputs")
@@ -653,7 +814,41 @@ class Concat(Op):
         return torch.cat(list(xs), 1)
 
 
+@dataclass(frozen=True)
 class _Pool(Op):
+    """A square pooling window (``F.max_pool2d``, ``F.avg_pool2d``; their modules)."""
+
+    kernel: int = 2
+    stride: int = 2
+    padding: int = 0
+    torch_pool: ClassVar[tuple[type, Any]] = (nn.Module, None)  # the module class and function it claims
+    options: ClassVar[tuple[str, ...]] = ()  # their settings after kernel_size, stride, padding
+
+    @classmethod
+    def from_torch(cls, node, site):
+        m = site.module(node)
+        module_cls, fn = cls.torch_pool
+        if not isinstance(m, module_cls) and not (node.op == "call_function" and node.target is fn):
+            return None
+        names = ("kernel_size", "stride", "padding") + cls.options
+        if m is not None:
+            opt = {k: getattr(m, k) for k in names}
+        else:
+            opt = dict(zip(names, node.args[1:]))
+            opt.update({k: v for k, v in node.kwargs.items() if k in names})
+        k = square(opt["kernel_size"])
+        s = square(opt.get("stride") or opt["kernel_size"])  # stride None or () means the kernel
+        p = square(opt.get("padding", 0))
+        op = None if None in (k, s, p) else cls._imported(k, s, p, opt, node, site)
+        if op is None:
+            raise site.refuse(node, "this pooling (non-square, dilated, ceil-mode average or a custom divisor)")
+        return Claim(op, site.tensor_args(node)[:1])
+
+    @classmethod
+    def _imported(cls, k: int, s: int, p: int, opt: dict[str, Any], node: Any, site: ImportSite) -> "_Pool | None":
+        """The op for a square window with settings ``opt`` (None: one this op cannot express)."""
+        raise NotImplementedError
+
     def out_hw(self, hw):
         h, w = hw[0]
         return (_conv_out(h, self.kernel, self.stride, self.padding), _conv_out(w, self.kernel, self.stride,
@@ -670,10 +865,13 @@ class MaxPool(_Pool):
     """Max pooling; ``ceil_mode`` as PyTorch's (a last partial window counts; GoogLeNet, SqueezeNet)."""
 
     kind: ClassVar[str] = "maxpool"
-    kernel: int = 2
-    stride: int = 2
-    padding: int = 0
+    torch_pool: ClassVar[tuple[type, Any]] = (nn.MaxPool2d, F.max_pool2d)
+    options: ClassVar[tuple[str, ...]] = ("dilation", "ceil_mode")
     ceil_mode: bool = False
+
+    @classmethod
+    def _imported(cls, k, s, p, opt, node, site):
+        return cls(k, s, p, bool(opt.get("ceil_mode", False))) if square(opt.get("dilation", 1)) == 1 else None
 
     def out_hw(self, hw):
         if not self.ceil_mode:
@@ -698,9 +896,20 @@ class AvgPool(_Pool):
     """Average pooling (zero padding counted, PyTorch's default ``count_include_pad=True``)."""
 
     kind: ClassVar[str] = "avgpool"
-    kernel: int = 2
-    stride: int = 2
-    padding: int = 0
+    torch_pool: ClassVar[tuple[type, Any]] = (nn.AvgPool2d, F.avg_pool2d)
+    options: ClassVar[tuple[str, ...]] = ("ceil_mode", "count_include_pad", "divisor_override")
+
+    @classmethod
+    def _imported(cls, k, s, p, opt, node, site):
+        if opt.get("divisor_override") is not None or not (opt.get("count_include_pad", True) or p == 0):
+            return None  # without padding there is nothing to count
+        if opt.get("ceil_mode", False):
+            # ceil mode changes nothing when the windows tile the input exactly (timm's ResNet-D
+            # shortcut: AvgPool2d(2, 2, ceil_mode=True) on an even size)
+            x = site.tensor_args(node)[0]
+            if site.shape(node)[2:] != tuple((h + 2 * p - k) // s + 1 for h in site.shape(x)[2:]):
+                return None
+        return cls(k, s, p)
 
     def onnx(self, s, g, inputs, out):
         g.node("AveragePool", [inputs[0]], [out], f"{s.name}::pool", kernel_shape=[self.kernel] * 2,
@@ -717,6 +926,27 @@ class GlobalAvgPool(Op):
 
     kind: ClassVar[str] = "gap"
     flatten: bool = True
+
+    @classmethod
+    def from_torch(cls, node, site):
+        for keepdim in (True, False):
+            if cls.matches(node, site.module(node), keepdim):
+                return Claim(cls(flatten=not keepdim), site.tensor_args(node)[:1])
+        return None
+
+    @staticmethod
+    def matches(node: Any, module: nn.Module | None, keepdim: bool) -> bool:
+        """Whether the fx ``node`` (calling ``module``) pools globally, keeping (N, C, 1, 1) or not."""
+        if isinstance(module, nn.AdaptiveAvgPool2d):
+            return square(module.output_size) == 1 and keepdim
+        if node.op == "call_function" and node.target is F.adaptive_avg_pool2d:
+            return square(node.args[1] if len(node.args) > 1 else node.kwargs.get("output_size")) == 1 and keepdim
+        if node.op == "call_method" and node.target == "mean":
+            dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+            kd = node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 else False)
+            return isinstance(dims, (tuple, list)) and tuple(sorted(d % 4 for d in dims)) == (2, 3) and \
+                bool(kd) == keepdim
+        return False
 
     @property
     def flattens(self) -> bool:  # type: ignore[override]
@@ -755,6 +985,22 @@ class Flatten(Op):
     kind: ClassVar[str] = "flatten"
     view: ClassVar[bool] = True
     flattens: ClassVar[bool] = True
+
+    @classmethod
+    def from_torch(cls, node, site):
+        m = site.module(node)
+        if isinstance(m, nn.Flatten):
+            ok = m.start_dim == 1 and m.end_dim == -1
+        elif not (site.has_shape(node) and len(site.shape(node)) == 2):
+            ok = False
+        elif node.op == "call_function" and node.target is torch.flatten:
+            ok = (node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)) == 1
+        elif node.op == "call_method" and node.target in ("flatten", "view", "reshape"):
+            x = site.shape(site.tensor_args(node)[0])
+            ok = len(x) == 4 and site.shape(node)[0] == x[0]
+        else:
+            ok = False
+        return Claim(cls(), site.tensor_args(node)[:1]) if ok else None
 
     def out_hw(self, hw):
         return (1, 1)
@@ -885,11 +1131,28 @@ class Linear(Op):
     sets_width: ClassVar[bool] = True
     mixes: ClassVar[bool] = True
     flattens: ClassVar[bool] = True
+    torch_modules: ClassVar[tuple[type, ...]] = (nn.Linear,)
+    takes_act: ClassVar[bool] = True
     act: str | None = None
     dropout: float = 0.0  # applied to the input while training (torchvision's classifier dropout)
 
     def __post_init__(self) -> None:
         check_act(self.act)
+
+    @classmethod
+    def from_torch(cls, node, site):
+        m = _plain_layer(node, site, nn.Linear, "a Linear with its own forward")
+        if m is None:
+            return None
+        if m.bias is None:
+            raise site.refuse(node, "a linear layer without a bias")
+        x = site.tensor_args(node)[0]
+        if len(site.shape(x)) != 2:
+            raise site.refuse(node, f"a linear layer on a {len(site.shape(x))}-D tensor (channels-last blocks)")
+        return Claim(cls(), [x], {"linear": m})
+
+    def load_weights(self, module, sources):
+        _load(module, sources["linear"])
 
     def out_hw(self, hw):
         return (1, 1)

@@ -27,7 +27,7 @@ from hwslim.core.errors import ConfigError
 from hwslim.core.graph import (INPUT, Graph, LayerSpec, Node, UnitDef, Width, graph_from_dict, graph_to_dict,
                           last_uses, layer_specs, resolve, run_graph, tensor_infos)
 from hwslim.core.ops import (Act, Add, AvgPool, BatchNorm, ChannelShuffle, ChannelSlice, Concat, Conv, Dropout, Flatten,
-                        GlobalAvgPool, Linear, MaxPool, Slice, SqueezeExcite)
+                        GlobalAvgPool, Linear, MaxPool, Op, Slice, SqueezeExcite)
 from hwslim.core.rounding import DEFAULT_DIVISOR, DIVISORS
 from hwslim.core.units import GRID_STEPS, ChannelUnit
 
@@ -35,7 +35,8 @@ from hwslim.core.units import GRID_STEPS, ChannelUnit
 class GraphBuilder:
     """Collects units and nodes while a model file describes a network.
 
-    Each method adds one node and returns its output tensor's name. Channel widths are
+    :meth:`node` adds a node of any operator (the shorthands below, one per built-in operator, call
+    it) and returns its output tensor's name. Channel widths are
     unit names (declared with :meth:`unit`) or fixed ints; a node's input widths follow
     from the tensors it reads.
     """
@@ -87,7 +88,12 @@ class GraphBuilder:
         if cin is not None and self._layouts[x] != (cin,):
             raise ValueError(f"{name}: input {x!r} has channels {self._layouts[x]}, node expects {cin!r}")
 
-    # -- one method per operator --------------------------------------------------------------------
+    def node(self, name: str, op: Op, *inputs: str, out: Width | None = None, mid: Width | None = None) -> str:
+        """Add a node of any operator reading ``inputs``; ``out`` / ``mid``: its output / inner width,
+        for an op that sets one. The methods below are shorthands for the zoo's model files."""
+        return self.add_node(Node(name, op, tuple(inputs), out, mid))
+
+    # -- shorthands for the built-in operators --------------------------------------------------------
     def conv(self, name: str, x: str, cin: Width | None, cout: Width | None, kernel: int, stride: int = 1, *,
              depthwise: bool = False, group_width: int | None = None, act: str | None = "relu",
              residual: str | None = None, bn: bool = True, bias: bool = False, padding: int | None = None) -> str:
@@ -98,52 +104,52 @@ class GraphBuilder:
         pad = (kernel - 1) // 2 if padding is None else padding
         op = Conv(kernel, stride, pad, group_width, act, bn, bias, self.bn_eps)
         inputs = (x,) if residual is None else (x, residual)
-        return self.add_node(Node(name, op, inputs, None if group_width is not None else cout))
+        return self.node(name, op, *inputs, out=None if group_width is not None else cout)
 
     def se(self, name: str, x: str, mid: Width, act: str = "relu", gate: str = "sigmoid") -> str:
-        return self.add_node(Node(name, SqueezeExcite(act, gate), (x,), mid=mid))
+        return self.node(name, SqueezeExcite(act, gate), x, mid=mid)
 
     def add(self, name: str, *xs: str, act: str | None = None) -> str:
-        return self.add_node(Node(name, Add(act), tuple(xs)))
+        return self.node(name, Add(act), *xs)
 
     def concat(self, name: str, *xs: str) -> str:
-        return self.add_node(Node(name, Concat(), tuple(xs)))
+        return self.node(name, Concat(), *xs)
 
     def act(self, name: str, x: str, act: str) -> str:
-        return self.add_node(Node(name, Act(act), (x,)))
+        return self.node(name, Act(act), x)
 
     def bn(self, name: str, x: str, act: str | None = None) -> str:
-        return self.add_node(Node(name, BatchNorm(act, self.bn_eps), (x,)))
+        return self.node(name, BatchNorm(act, self.bn_eps), x)
 
     def shuffle(self, name: str, x: str, groups: int) -> str:
         """ShuffleNet's channel shuffle of ``groups`` groups (``x``'s channels must be fixed)."""
-        return self.add_node(Node(name, ChannelShuffle(groups), (x,)))
+        return self.node(name, ChannelShuffle(groups), x)
 
     def channel_slice(self, name: str, x: str, start: int, stop: int) -> str:
         """``x[:, start:stop]`` (``x``'s channels must be fixed)."""
-        return self.add_node(Node(name, ChannelSlice(start, stop), (x,)))
+        return self.node(name, ChannelSlice(start, stop), x)
 
     def maxpool(self, name: str, x: str, c: Width | None, kernel: int, stride: int, padding: int = 0) -> str:
         self._check_cin(name, x, c)
-        return self.add_node(Node(name, MaxPool(kernel, stride, padding), (x,)))
+        return self.node(name, MaxPool(kernel, stride, padding), x)
 
     def avgpool(self, name: str, x: str, kernel: int, stride: int, padding: int = 0) -> str:
-        return self.add_node(Node(name, AvgPool(kernel, stride, padding), (x,)))
+        return self.node(name, AvgPool(kernel, stride, padding), x)
 
     def gap(self, name: str, x: str, c: Width | None = None, flatten: bool = True) -> str:
         self._check_cin(name, x, c)
-        return self.add_node(Node(name, GlobalAvgPool(flatten), (x,)))
+        return self.node(name, GlobalAvgPool(flatten), x)
 
     def flatten(self, name: str, x: str) -> str:
-        return self.add_node(Node(name, Flatten(), (x,)))
+        return self.node(name, Flatten(), x)
 
     def dropout(self, name: str, x: str, p: float) -> str:
-        return self.add_node(Node(name, Dropout(p), (x,)))
+        return self.node(name, Dropout(p), x)
 
     def linear(self, name: str, x: str, cin: Width | None, cout: Width, dropout: float = 0.0,
                act: str | None = None) -> str:
         self._check_cin(name, x, cin)
-        return self.add_node(Node(name, Linear(act, dropout), (x,), cout))
+        return self.node(name, Linear(act, dropout), x, out=cout)
 
     def graph(self, name: str, *, input_size: int, num_classes: int, width_mult: float = 1.0,
               divisor: int = DEFAULT_DIVISOR, in_channels: int | None = None) -> Graph:

@@ -16,7 +16,8 @@ How:
    control flow on a tensor's shape), ``torch.export`` records it on the example input
    and its ATen graph is rewritten into the same form (:mod:`hwslim.importing.torch_export`); a branch
    on a shape then follows the example's shape.
-2. **Group** the traced nodes into hwslim operators: a conv with the BatchNorm after it,
+2. **Group** the traced nodes into hwslim operators, asking each registered operator's import
+   rule (:meth:`~hwslim.core.ops.Op.from_torch`) in turn: a conv with the BatchNorm after it,
    the residual add after that and the activation after both (the fused unit a runtime
    executes); the squeeze-and-excitation pattern (pool, 1x1 conv, activation, 1x1 conv,
    gate, multiply); standalone BatchNorm/activation/add; concatenation; pools; flatten;
@@ -37,6 +38,7 @@ How:
 """
 from __future__ import annotations
 
+import math
 import operator
 import re
 from dataclasses import dataclass, field
@@ -48,8 +50,7 @@ from torch import fx, nn
 
 from hwslim.core.errors import ModelError
 from hwslim.core.graph import INPUT, Graph, Node, UnitDef
-from hwslim.core.ops import (Act, Add, AvgPool, BatchNorm, ChannelShuffle, ChannelSlice, Concat, Conv, Flatten,
-                        GlobalAvgPool, Linear, MaxPool, Op, SqueezeExcite)
+from hwslim.core.ops import OPS, ChannelShuffle, ChannelSlice, Claim, GlobalAvgPool, Op, SqueezeExcite, square
 
 
 class ImportRefused(ModelError):
@@ -69,6 +70,15 @@ _ADD = (operator.add, operator.iadd, torch.add)
 _MUL = (operator.mul, operator.imul, torch.mul)
 _SPLITS = {torch.chunk: "chunk", torch.split: "split", torch.tensor_split: "tensor_split"}  # and their methods
 _RESHAPES = ("view", "reshape", "flatten")
+# what a refusal says hwslim lacks, by the module class or function name no operator claimed
+_REFUSALS = {"view": "a reshape that mixes channels", "reshape": "a reshape that mixes channels",
+             "transpose": "a transpose (channel shuffle)", "permute": "a permute (channels-last blocks)",
+             "chunk": "splitting channels (chunk)", "split": "splitting channels (split)",
+             "split_with_sizes": "splitting channels (split)", "tensor_split": "splitting channels (split)",
+             "getitem": "indexing or slicing a tensor (x[:, a:b])", "layer_norm": "LayerNorm",
+             "interpolate": "resizing (interpolate)", "Upsample": "resizing (Upsample)",
+             "pad": "explicit padding (F.pad)", "leaky_relu": "the activation leaky_relu",
+             "LeakyReLU": "the activation LeakyReLU", "LayerNorm": "LayerNorm", "LayerNorm2d": "LayerNorm"}
 
 
 def _stochastic_depth():
@@ -77,15 +87,6 @@ def _stochastic_depth():
         return stochastic_depth
     except ImportError:  # pragma: no cover - torchvision is a dependency
         return None
-
-
-def _pair(v) -> int | None:
-    """A square kernel/stride/padding as one int, else None."""
-    if isinstance(v, int):
-        return v
-    if isinstance(v, (tuple, list)) and len(v) == 2 and v[0] == v[1]:
-        return int(v[0])
-    return None
 
 
 def _scope(node: fx.Node) -> str:
@@ -110,7 +111,8 @@ def _where(node: fx.Node, gm: fx.GraphModule) -> str:
 
 
 class _Tracer(fx.Tracer):
-    """``symbolic_trace``'s tracer, with every BatchNorm2d, Conv2d and Linear kept whole.
+    """``symbolic_trace``'s tracer, with every module an operator claims (:attr:`Op.torch_modules`:
+    BatchNorm2d, Conv2d, Linear...) kept whole.
 
     Subclasses of them (timm's ``Linear``; ``BatchNormAct2d``: a BatchNorm with its activation inside;
     ``Conv2dSame``: TensorFlow's input-dependent padding) would otherwise be traced into
@@ -121,7 +123,8 @@ class _Tracer(fx.Tracer):
     record_stack_traces = True  # refusals name the source line
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, (nn.BatchNorm2d, nn.Conv2d, nn.Linear)) or super().is_leaf_module(m, qualname)
+        claimed = tuple(t for op in OPS.values() for t in op.torch_modules)
+        return isinstance(m, claimed) or super().is_leaf_module(m, qualname)
 
 
 def _module_act(m: nn.Module) -> str | None:
@@ -172,7 +175,7 @@ def _is_plain(m: nn.Module, base: type) -> bool:
     params = [a.target if isinstance(a, fx.Node) and a.op == "get_attr" else a for a in args[1:3]]
     if params[:1] != ["weight"] or (len(params) > 1 and params[1] not in ("bias", None)):
         return False
-    return all(_pair(a) == _pair(getattr(m, k)) or a == getattr(m, k) for a, k in zip(args[3:], settings))
+    return all(square(a) == square(getattr(m, k)) or a == getattr(m, k) for a, k in zip(args[3:], settings))
 
 
 @dataclass
@@ -182,7 +185,7 @@ class _Group:
     op: Op | None  # None: the identity (an alias of its input)
     members: list[fx.Node]
     inputs: list[fx.Node]  # fx nodes whose values it reads, in operator order
-    modules: dict[str, nn.Module] = field(default_factory=dict)  # role -> module holding the weights
+    sources: dict[str, nn.Module] = field(default_factory=dict)  # role -> module holding the weights
     out_channels: int = 0
     mid: int = 0
     name: str = ""
@@ -197,7 +200,7 @@ class _Group:
 class _Importer:
     def __init__(self, module: nn.Module, example: torch.Tensor, keep: str | None, name: str | None,
                  fix_unsupported: bool = False) -> None:
-        self.module = module.eval()
+        self.root = module.eval()
         self.example = example
         self.fix_unsupported = fix_unsupported
         self.fixed_units: dict[str, dict[str, Any]] = {}  # unit -> width, and the operator that fixed it
@@ -208,13 +211,13 @@ class _Importer:
         self.name = name or type(module).__name__.lower()
         self.traced_by = "torch.fx"
         try:
-            self.gm = fx.GraphModule(self.module, _Tracer().trace(self.module))
+            self.gm = fx.GraphModule(self.root, _Tracer().trace(self.root))
         except Exception as e:  # fx raises many kinds for Python control flow on tensors
             fx_error = _first_line(e)
             try:  # torch.export runs the forward instead: a branch on a shape follows the example's
                 from hwslim.importing.torch_export import exported_graph
 
-                self.gm = exported_graph(self.module, example)
+                self.gm = exported_graph(self.root, example)
                 self.traced_by = "torch.export"
             except Exception as e2:
                 raise ImportRefused(f"torch.fx cannot trace {type(module).__name__} ({fx_error}), nor can "
@@ -250,8 +253,15 @@ class _Importer:
                     graph.erase_node(n)
         self.gm.recompile()
 
-    def mod(self, n: fx.Node) -> nn.Module | None:
+    # -- what an operator's import rule may ask (hwslim.core.ops.ImportSite) ----------------------------
+    def module(self, n: fx.Node) -> nn.Module | None:
         return self.gm.get_submodule(n.target) if n.op == "call_module" else None
+
+    def has_shape(self, n: fx.Node) -> bool:
+        return hasattr(n.meta.get("tensor_meta"), "shape")
+
+    def is_plain(self, m: nn.Module, base: type) -> bool:
+        return _is_plain(m, base)
 
     def shape(self, n: fx.Node) -> tuple[int, ...]:
         tm = n.meta.get("tensor_meta")
@@ -260,7 +270,7 @@ class _Importer:
         return tuple(tm.shape)
 
     def act_of(self, n: fx.Node) -> str | None:
-        m = self.mod(n)
+        m = self.module(n)
         if m is not None:
             return _module_act(m)
         if n.op == "call_function":
@@ -281,7 +291,7 @@ class _Importer:
         return [a for a in n.args if isinstance(a, fx.Node)]
 
     def is_identity(self, n: fx.Node) -> bool:
-        m = self.mod(n)
+        m = self.module(n)
         if m is not None:
             return isinstance(m, (*_IDENTITY_MODULES, nn.Dropout, nn.Dropout2d)) or type(m).__name__ == "StochasticDepth"
         if n.op == "call_function":
@@ -336,116 +346,100 @@ class _Importer:
             if gate_act not in ("sigmoid", "hardsigmoid"):
                 continue
             fc2 = self.back(gate, via)
-            if fc2 is None or not isinstance(self.mod(fc2), nn.Conv2d):
+            if fc2 is None or not isinstance(self.module(fc2), nn.Conv2d):
                 continue
             act = self.back(fc2, via)
             inner = self.act_of(act) if act is not None else None
             if inner is None:
                 continue
             fc1 = self.back(act, via)
-            if fc1 is None or not isinstance(self.mod(fc1), nn.Conv2d):
+            if fc1 is None or not isinstance(self.module(fc1), nn.Conv2d):
                 continue
             pool = self.back(fc1, via)
-            if pool is None or not self.is_global_pool(pool, keepdim=True) or \
+            if pool is None or not GlobalAvgPool.matches(pool, self.module(pool), keepdim=True) or \
                     self.through_identities(self.tensor_args(pool)[0]) is not self.through_identities(x):
                 continue
             chain = [pool, fc1, act, fc2, gate, mul]
             if any(len(self.users[c]) != 1 for c in chain[:-1]):
                 continue
-            m1, m2 = self.mod(fc1), self.mod(fc2)
-            if any(_pair(m.kernel_size) != 1 or m.groups != 1 or m.bias is None or not _is_plain(m, nn.Conv2d)
+            m1, m2 = self.module(fc1), self.module(fc2)
+            if any(square(m.kernel_size) != 1 or m.groups != 1 or m.bias is None or not _is_plain(m, nn.Conv2d)
                    for m in (m1, m2)):
                 continue
             chain = via + chain
-            self.consume(*chain)
-            self.groups.append(_Group(SqueezeExcite(inner, gate_act), chain, [x], {"fc1": m1, "fc2": m2},
-                                      out_channels=self.shape(mul)[1], mid=m1.out_channels))
+            named = chain[1]  # named after the module holding its convs, not its pool
+            self.add_group(SqueezeExcite(inner, gate_act), chain, [x], {"fc1": m1, "fc2": m2}, mid=m1.out_channels,
+                           base=_clean(str(named.target).rpartition(".")[0] or named.target))
             return
-
-    def is_global_pool(self, n: fx.Node, keepdim: bool) -> bool:
-        m = self.mod(n)
-        if isinstance(m, nn.AdaptiveAvgPool2d):
-            return _pair(m.output_size) == 1
-        if n.op == "call_function" and n.target is F.adaptive_avg_pool2d:
-            return _pair(n.args[1] if len(n.args) > 1 else n.kwargs.get("output_size")) == 1
-        if n.op == "call_method" and n.target == "mean":
-            dims = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")
-            kd = n.kwargs.get("keepdim", n.args[2] if len(n.args) > 2 else False)
-            return tuple(sorted(d % 4 for d in dims)) == (2, 3) and bool(kd) == keepdim if isinstance(
-                dims, (tuple, list)) else False
-        return False
 
     def refuse(self, n: fx.Node, missing: str) -> ImportRefused:
         return ImportRefused(f"{_where(n, self.gm)}: hwslim has no operator for {missing}")
 
     def one(self, n: fx.Node) -> None:
-        m = self.mod(n)
+        """Group ``n``: the identity; else the first registered operator whose import rule claims it,
+        with what follows fused in; else an operation that moves channels; else refused by name."""
         if self.is_identity(n):
             self.alias[n] = self.tensor_args(n)[0]
             return
-        if isinstance(m, nn.Conv2d):
-            return self.conv(n, m)
-        if isinstance(m, nn.BatchNorm2d):
-            return self.bn(n, m)
-        if isinstance(m, nn.Linear):
-            return self.linear(n, m)
-        act = self.act_of(n)
-        if act is not None:
-            self.consume(n)
-            self.groups.append(_Group(Act(act), [n], self.tensor_args(n)[:1], out_channels=self.shape(n)[1]))
-            return
-        ops = self.add_operands(n)
-        if ops is not None:
-            members, act = [n], None
-            u = self.sole_user(n)
-            if u is not None and self.act_of(u):
-                act = self.act_of(u)
-                members.append(u)
-            self.consume(*members)
-            self.groups.append(_Group(Add(act), members, ops, out_channels=self.shape(n)[1]))
-            return
-        if n.op == "call_function" and n.target is torch.cat:
-            parts = n.args[0]
-            dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", 0)
-            if dim not in (1, -3) or not all(isinstance(p, fx.Node) for p in parts):
-                raise self.refuse(n, f"a concatenation along dimension {dim} (only channels, dim 1)")
-            self.consume(n)
-            self.groups.append(_Group(Concat(), [n], list(parts), out_channels=self.shape(n)[1]))
-            return
-        if isinstance(m, nn.MaxPool2d) or (n.op == "call_function" and n.target is F.max_pool2d):
-            return self.pool(n, m, MaxPool)
-        if isinstance(m, nn.AvgPool2d) or (n.op == "call_function" and n.target is F.avg_pool2d):
-            return self.pool(n, m, AvgPool)
-        if self.is_global_pool(n, keepdim=True):
-            return self.simple(n, GlobalAvgPool(flatten=False))
-        if self.is_global_pool(n, keepdim=False):
-            return self.simple(n, GlobalAvgPool(flatten=True))
-        if isinstance(m, nn.AdaptiveAvgPool2d) or (n.op == "call_function" and n.target is F.adaptive_avg_pool2d):
-            x = self.tensor_args(n)[0]
-            if self.shape(n) == self.shape(x):  # VGG/AlexNet at their input size: the identity
-                self.alias[n] = x
+        for op in OPS.values():
+            claim = op.from_torch(n, self)
+            if claim is not None:
+                self.fuse(n, claim)
                 return
-            raise self.refuse(n, f"adaptive average pooling to {tuple(self.shape(n)[2:])} from "
-                                 f"{tuple(self.shape(x)[2:])}")
-        if self.try_shuffle(n) or self.try_split(n) or self.try_slice(n):
+        if self.try_resize_identity(n) or self.try_shuffle(n) or self.try_split(n) or self.try_slice(n):
             return
-        if self.is_flatten(n):
-            return self.simple(n, Flatten())
-        if isinstance(m, nn.BatchNorm1d):
-            raise self.refuse(n, "BatchNorm1d")
         if "tensor_meta" not in n.meta:
             return  # shape arithmetic (x.size(0) for a flatten): no tensor of its own
+        m = self.module(n)
         what = (type(m).__name__ if m is not None else getattr(n.target, "__name__", str(n.target)))
-        reason = {"view": "a reshape that mixes channels", "reshape": "a reshape that mixes channels",
-                  "transpose": "a transpose (channel shuffle)", "permute": "a permute (channels-last blocks)",
-                  "chunk": "splitting channels (chunk)", "split": "splitting channels (split)",
-                  "split_with_sizes": "splitting channels (split)", "tensor_split": "splitting channels (split)",
-                  "getitem": "indexing or slicing a tensor (x[:, a:b])", "layer_norm": "LayerNorm",
-                  "interpolate": "resizing (interpolate)", "Upsample": "resizing (Upsample)",
-                  "pad": "explicit padding (F.pad)", "leaky_relu": "the activation leaky_relu",
-                  "LeakyReLU": "the activation LeakyReLU",
-                  "LayerNorm": "LayerNorm", "LayerNorm2d": "LayerNorm"}.get(what, f"{what}")
-        raise self.refuse(n, reason)
+        raise self.refuse(n, _REFUSALS.get(what, what))
+
+    def add_group(self, op: Op, members: list[fx.Node], inputs: list[fx.Node],
+                  sources: dict[str, nn.Module] | None = None, mid: int = 0, **naming: str) -> None:
+        self.consume(*members)
+        self.groups.append(_Group(op, members, inputs, sources or {}, out_channels=self.shape(members[-1])[1],
+                                  mid=mid, **naming))
+
+    def fuse(self, n: fx.Node, claim: Claim) -> None:
+        """Fold into a claimed node's operator what a runtime fuses after it, each only when it alone
+        reads the value before: a BatchNorm (:attr:`Op.fuses_bn`; a conv), then a residual add while it
+        has no activation (:attr:`Op.fuses_residual`), then an activation (:attr:`Op.takes_act`)."""
+        op, members, inputs, sources = claim.op, [n], list(claim.inputs), dict(claim.sources)
+        u = self.sole_user(n)
+        if op.fuses_bn and u is not None and isinstance(self.module(u), nn.BatchNorm2d):
+            bn = sources["bn"] = self.module(u)
+            act = self.norm_act(u, bn)
+            op = op.with_bn(bn.eps)
+            op = op.with_act(act) if act is not None else op
+            members.append(u)
+        u = self.sole_user(members[-1])
+        if op.fuses_residual and getattr(op, "act", None) is None and u is not None and \
+                self.add_operands(u) is not None:
+            a, b = self.add_operands(u)
+            other = b if a is members[-1] else a
+            if other is not members[-1] and self.shape(other) == self.shape(u):
+                inputs.append(other)
+                members.append(u)
+        u = self.sole_user(members[-1])
+        act = self.act_of(u) if u is not None else None
+        if act is not None and op.with_act(act) is not None:
+            op = op.with_act(act)
+            members.append(u)
+        self.add_group(op, members, inputs, sources, claim.mid)
+
+    def try_resize_identity(self, n: fx.Node) -> bool:
+        """Adaptive average pooling to the size it reads (VGG, AlexNet at their input size) is the
+        identity; to another size (not global: that is :class:`GlobalAvgPool`'s) it is refused."""
+        m = self.module(n)
+        if not isinstance(m, nn.AdaptiveAvgPool2d) and not (n.op == "call_function" and
+                                                             n.target is F.adaptive_avg_pool2d):
+            return False
+        x = self.tensor_args(n)[0]
+        if self.shape(n) != self.shape(x):
+            raise self.refuse(n, f"adaptive average pooling to {tuple(self.shape(n)[2:])} from "
+                                 f"{tuple(self.shape(x)[2:])}")
+        self.alias[n] = x
+        return True
 
     # -- channels that move: ShuffleNetV2's shuffle and split (fixed units, --fix-unsupported) ----------
     def is_call(self, n: fx.Node, names: tuple[str, ...], functions: tuple = ()) -> bool:
@@ -455,7 +449,7 @@ class _Importer:
         """``x.view(N, g, C/g, H, W)``, ``transpose(1, 2)`` (or ``permute(0, 2, 1, 3, 4)``), ``contiguous()``,
         back to ``(N, C, H, W)`` by ``view``/``reshape``/``flatten(1, 2)``: a channel shuffle of g groups."""
         if not self.is_call(n, ("view", "reshape"), (torch.reshape,)) or \
-                not hasattr(n.meta.get("tensor_meta"), "shape"):
+                not self.has_shape(n):
             return False
         x = self.tensor_args(n)[0]
         xs, ys = self.shape(x), self.shape(n)
@@ -476,13 +470,11 @@ class _Importer:
             members.append(u)
             u = self.sole_user(u)
         if not swapped or u is None or not self.is_call(u, _RESHAPES, (torch.reshape, torch.flatten)) or \
-                not hasattr(u.meta.get("tensor_meta"), "shape") or self.shape(u) != xs:
+                not self.has_shape(u) or self.shape(u) != xs:
             return False
         members.append(u)
-        self.consume(*members)
-        self.groups.append(_Group(ChannelShuffle(ys[1]), members, [x], out_channels=xs[1],
-                                  base=_clean(_scope(n)) + "/shuffle" if _scope(n) else "shuffle",
-                                  what="a channel shuffle"))
+        self.add_group(ChannelShuffle(ys[1]), members, [x],
+                       base=_clean(_scope(n)) + "/shuffle" if _scope(n) else "shuffle", what="a channel shuffle")
         return True
 
     def try_split(self, n: fx.Node) -> bool:
@@ -506,18 +498,15 @@ class _Importer:
         what = _SPLITS.get(n.target, n.target)
         for u in users:
             k = u.args[1] % len(metas)
-            self.consume(u)
-            self.groups.append(_Group(ChannelSlice(offsets[k], offsets[k + 1]), [u], [x],
-                                      out_channels=offsets[k + 1] - offsets[k],
-                                      base=f"{scope}/{what}{k}" if scope else f"{what}{k}",
-                                      what=f"a channel split ({what})"))
+            self.add_group(ChannelSlice(offsets[k], offsets[k + 1]), [u], [x],
+                           base=f"{scope}/{what}{k}" if scope else f"{what}{k}", what=f"a channel split ({what})")
         return True
 
     def try_slice(self, n: fx.Node) -> bool:
         """``x[:, a:b]`` (trailing full slices allowed) or ``x.narrow(1, a, length)``: a channel slice."""
         if n.op == "call_function" and n.target is operator.getitem:
             x, idx = n.args[0], n.args[1]
-            if not isinstance(x, fx.Node) or not hasattr(x.meta.get("tensor_meta"), "shape") or \
+            if not isinstance(x, fx.Node) or not self.has_shape(x) or \
                     len(self.shape(x)) != 4 or not isinstance(idx, tuple) or len(idx) < 2:
                 return False
             full = slice(None)
@@ -543,49 +532,9 @@ class _Importer:
             self.alias[n] = x
             return True
         scope = _clean(_scope(n))
-        self.consume(n)
-        self.groups.append(_Group(ChannelSlice(start, stop), [n], [x], out_channels=stop - start,
-                                  base=f"{scope}/slice" if scope else "slice", what="a channel slice (x[:, a:b])"))
+        self.add_group(ChannelSlice(start, stop), [n], [x], base=f"{scope}/slice" if scope else "slice",
+                       what="a channel slice (x[:, a:b])")
         return True
-
-    def is_flatten(self, n: fx.Node) -> bool:
-        m = self.mod(n)
-        ok_shape = hasattr(n.meta.get("tensor_meta"), "shape") and len(self.shape(n)) == 2
-        if isinstance(m, nn.Flatten):
-            return m.start_dim == 1 and m.end_dim == -1
-        if n.op == "call_function" and n.target is torch.flatten:
-            return ok_shape and (n.args[1] if len(n.args) > 1 else n.kwargs.get("start_dim", 0)) == 1
-        if n.op == "call_method" and n.target in ("flatten", "view", "reshape"):
-            x = self.tensor_args(n)[0]
-            return ok_shape and len(self.shape(x)) == 4 and self.shape(n)[0] == self.shape(x)[0]
-        return False
-
-    def simple(self, n: fx.Node, op: Op) -> None:
-        self.consume(n)
-        self.groups.append(_Group(op, [n], self.tensor_args(n)[:1], out_channels=self.shape(n)[1]))
-
-    def pool(self, n: fx.Node, m: nn.Module | None, cls) -> None:
-        names = ("kernel_size", "stride", "padding") + (("dilation", "ceil_mode") if cls is MaxPool else
-                                                         ("ceil_mode", "count_include_pad", "divisor_override"))
-        if m is not None:
-            opt = {k: getattr(m, k) for k in names}
-        else:
-            opt = dict(zip(names, n.args[1:]))
-            opt.update({k: v for k, v in n.kwargs.items() if k in names})
-        k = _pair(opt["kernel_size"])
-        s = _pair(opt.get("stride") or opt["kernel_size"])  # stride None or () means the kernel
-        p = _pair(opt.get("padding", 0))
-        ceil = bool(opt.get("ceil_mode", False))
-        if None not in (k, s, p) and ceil and cls is AvgPool:
-            # ceil mode changes nothing when the windows tile the input exactly (timm's ResNet-D
-            # shortcut: AvgPool2d(2, 2, ceil_mode=True) on an even size)
-            x = self.tensor_args(n)[0]
-            ceil = self.shape(n)[2:] != tuple((h + 2 * p - k) // s + 1 for h in self.shape(x)[2:])
-        extra_ok = _pair(opt.get("dilation", 1)) == 1 and opt.get("divisor_override") is None and \
-            (opt.get("count_include_pad", True) or p == 0)  # without padding there is nothing to count
-        if None in (k, s, p) or not extra_ok or (ceil and cls is AvgPool):
-            raise self.refuse(n, "this pooling (non-square, dilated, ceil-mode average or a custom divisor)")
-        self.simple(n, cls(k, s, p, ceil) if cls is MaxPool else cls(k, s, p))
 
     def norm_act(self, n: fx.Node, m: nn.BatchNorm2d) -> str | None:
         """The activation inside a BatchNorm2d subclass (timm's ``BatchNormAct2d``: ``act(drop(bn(x)))``);
@@ -605,75 +554,6 @@ class _Importer:
         raise self.refuse(n, f"{type(m).__name__} (a BatchNorm2d with its own forward that is not "
                              "batch norm, dropout, activation)")
 
-    def conv(self, n: fx.Node, m: nn.Conv2d) -> None:
-        if not _is_plain(m, nn.Conv2d):
-            raise self.refuse(n, f"{type(m).__name__} (a Conv2d with its own forward, e.g. TensorFlow 'same' "
-                                 "padding that depends on the input size)")
-        k, s, p = _pair(m.kernel_size), _pair(m.stride), _pair(m.padding)
-        if None in (k, s, p) or _pair(m.dilation) != 1 or m.padding_mode != "zeros" or isinstance(m.padding, str):
-            raise self.refuse(n, f"a convolution with kernel {m.kernel_size}, stride {m.stride}, padding "
-                                 f"{m.padding!r}, dilation {m.dilation}, padding mode {m.padding_mode!r} (hwslim's "
-                                 "are square, undilated, zero-padded)")
-        cin, cout, g = m.in_channels, m.out_channels, m.groups
-        group_width = None
-        if g > 1:
-            if cin != cout:
-                raise self.refuse(n, f"a grouped convolution whose output ({cout}) differs from its input ({cin})")
-            group_width = cin // g
-        members, modules = [n], {"conv": m}
-        tail, bn_eps, act = n, 1e-5, None
-        u = self.sole_user(tail)
-        if u is not None and isinstance(self.mod(u), nn.BatchNorm2d):
-            modules["bn"] = self.mod(u)
-            bn_eps = modules["bn"].eps
-            act = self.norm_act(u, modules["bn"])
-            members.append(u)
-            tail = u
-        residual = None
-        u = self.sole_user(tail)
-        if act is None and u is not None and self.add_operands(u) is not None:
-            a, b = self.add_operands(u)
-            other = b if a is tail else a
-            if other is not tail and self.shape(other) == self.shape(u):
-                residual = other
-                members.append(u)
-                tail = u
-        u = self.sole_user(tail)
-        if act is None and u is not None and self.act_of(u) is not None:
-            act = self.act_of(u)
-            members.append(u)
-        self.consume(*members)
-        op = Conv(k, s, p, group_width, act, "bn" in modules, m.bias is not None, bn_eps)
-        self.groups.append(_Group(op, members, [self.tensor_args(n)[0]] + ([residual] if residual is not None else []),
-                                  modules, out_channels=cout))
-
-    def bn(self, n: fx.Node, m: nn.BatchNorm2d) -> None:
-        members, act = [n], self.norm_act(n, m)
-        u = self.sole_user(n)
-        if act is None and u is not None and self.act_of(u) is not None:
-            act = self.act_of(u)
-            members.append(u)
-        self.consume(*members)
-        self.groups.append(_Group(BatchNorm(act, m.eps), members, [self.tensor_args(n)[0]], {"bn": m},
-                                  out_channels=m.num_features))
-
-    def linear(self, n: fx.Node, m: nn.Linear) -> None:
-        if not _is_plain(m, nn.Linear):
-            raise self.refuse(n, f"{type(m).__name__} (a Linear with its own forward)")
-        if m.bias is None:
-            raise self.refuse(n, "a linear layer without a bias")
-        x = self.tensor_args(n)[0]
-        if len(self.shape(x)) != 2:
-            raise self.refuse(n, f"a linear layer on a {len(self.shape(x))}-D tensor (channels-last blocks)")
-        members, act = [n], None
-        u = self.sole_user(n)
-        if u is not None and self.act_of(u) is not None:
-            act = self.act_of(u)
-            members.append(u)
-        self.consume(*members)
-        self.groups.append(_Group(Linear(act), members, [x], {"linear": m},
-                                  out_channels=m.out_features))
-
     # -- 2. emission order, names, units --------------------------------------------------------------
     def resolve(self, n: fx.Node) -> fx.Node:
         while n in self.alias:
@@ -681,29 +561,42 @@ class _Importer:
         return n
 
     def build(self) -> tuple[Graph, dict[str, dict[str, nn.Module]]]:
+        """The graph of the groups (in the order their values are made) and, per node, the modules
+        whose weights its operator copies (:meth:`Op.load_weights`)."""
         order = {n: i for i, n in enumerate(self.nodes)}
         groups = sorted(self.groups, key=lambda g: order[g.last])
-        placeholder = next(n for n in self.nodes if n.op == "placeholder")
         (out_node,) = [n for n in self.nodes if n.op == "output"]
         result = out_node.args[0]
         if not isinstance(result, fx.Node):
-            raise ImportRefused(f"{type(self.module).__name__} returns {type(result).__name__}, not one tensor")
-        producer: dict[fx.Node, _Group] = {}
-        for g in groups:
-            producer[g.last] = g
+            raise ImportRefused(f"{type(self.root).__name__} returns {type(result).__name__}, not one tensor")
+        tensor = self.name_groups(groups)
+        ch = _Channels()
+        layout, mids, made, pinned = self.channel_flow(groups, tensor, ch)
+        ch.fixed.update(layout[tensor(result)])  # the network's outputs (the classes) are never slimmed
+        self.fix_pinned(pinned, made, ch)
+        units, ref = ch.units()
+        nodes = [Node(g.name, g.op, tuple(tensor(x) for x in g.inputs),
+                      ref(layout[g.name][0]) if g.op.sets_width else None,
+                      ref(mids[g.name]) if g.name in mids else None) for g in groups]
+        if tensor(result) != nodes[-1].name:
+            raise ImportRefused(f"the output of {type(self.root).__name__} is not its last operator's")
+        meta: dict[str, Any] = {"imported_from": type(self.root).__qualname__, "traced_by": self.traced_by}
+        if self.fixed_units:
+            meta["fixed_units"] = self.fixed_units
+        graph = Graph(self.name, nodes, units, int(self.example.shape[-1]), int(self.shape(result)[1]),
+                      int(self.example.shape[1]), 1.0, 8, meta)
+        return graph, {g.name: g.sources for g in groups if g.sources}
+
+    def name_groups(self, groups: list[_Group]):
+        """Name every group (its ``base``, else its first node's module path or fx name; ``_2``... when
+        taken) and return the function from an fx node to the name of the tensor holding its value."""
+        placeholder = next(n for n in self.nodes if n.op == "placeholder")
         used: set[str] = {INPUT}
         tensor_of: dict[fx.Node, str] = {placeholder: INPUT}
         for g in groups:
             first = g.members[0]
-            if g.base:
-                base = g.base
-            elif isinstance(g.op, SqueezeExcite):  # named after the module holding its convs, not its pool
-                first = g.members[1]
-                base = _clean(str(first.target).rpartition(".")[0] or first.target)
-            else:
-                base = _clean(first.target if first.op == "call_module" else first.name)
-            name = base
-            k = 1
+            base = g.base or _clean(first.target if first.op == "call_module" else first.name)
+            name, k = base, 1
             while name in used:
                 k += 1
                 name = f"{base}_{k}"
@@ -717,121 +610,59 @@ class _Importer:
                 raise ImportRefused(f"{_where(n, self.gm)}: its value is used but was folded into another "
                                     "operator; hwslim cannot split it")
             return tensor_of[n]
+        return tensor
 
-        # union-find over unit variables
-        parent: dict[int, int] = {}
-        quantum: dict[int, int] = {}
-        width: dict[int, int] = {}
-        owner: dict[int, str] = {}
-        fixed: set[int] = set()
+    def channel_flow(self, groups: list[_Group], tensor, ch: "_Channels"):
+        """Run the operators over channel variables: which make new ones, which must stay equal.
 
-        def new(w: int, who: str, q: int = 1) -> int:
-            v = len(parent)
-            parent[v], quantum[v], width[v], owner[v] = v, q, w, who
-            return v
-
-        def find(v: int) -> int:
-            while parent[v] != v:
-                parent[v] = parent[parent[v]]
-                v = parent[v]
-            return v
-
-        def union(a: int, b: int) -> None:
-            a, b = find(a), find(b)
-            if a == b:
-                return
-            if width[a] != width[b]:
-                raise ImportRefused(f"channels of {owner[a]!r} ({width[a]}) and {owner[b]!r} ({width[b]}) are "
-                                    "combined element-wise but differ in count")
-            lo, hi = (a, b) if a < b else (b, a)
-            parent[hi] = lo
-            quantum[lo] = _lcm(quantum[lo], quantum[hi])
-            if hi in fixed:
-                fixed.add(lo)
-
-        image = new(int(self.example.shape[1]), INPUT)
-        fixed.add(image)
+        Returns each tensor's layout (variables), each node's inner variable, the variables a layer's
+        weights make (would-be units) and those an operator that moves channels reads or writes."""
+        image = ch.new(int(self.example.shape[1]), INPUT)
+        ch.fixed.add(image)
         layout: dict[str, list[int]] = {INPUT: [image]}
         mids: dict[str, int] = {}
-        made: set[int] = set()  # the variables a layer's weights produce (would-be units)
-        pinned: list[tuple[int, _Group]] = []  # variables an operator that moves channels reads or writes
-        for g in groups:  # the operators say how channels flow and which must stay equal
-            ins = tuple(tensor(x) for x in g.inputs)
-            in_lays = [tuple(layout[t]) for t in ins]
-            out = new(g.out_channels, g.name) if g.op.sets_width else None
-            mid = new(g.mid, f"{g.name}/mid") if g.op.has_mid else None
+        made: set[int] = set()
+        pinned: list[tuple[int, _Group]] = []
+        for g in groups:
+            in_lays = [tuple(layout[tensor(x)]) for x in g.inputs]
+            out = ch.new(g.out_channels, g.name) if g.op.sets_width else None
+            mid = ch.new(g.mid, f"{g.name}/mid") if g.op.has_mid else None
             made.update(v for v in (out, mid) if v is not None)
-            node = Node(g.name, g.op, ins, out, mid)
+            node = Node(g.name, g.op, tuple(tensor(x) for x in g.inputs), out, mid)
             if g.op.pins:  # its channels change position: what it reads and writes stays fixed
-                lay = [new(g.out_channels, g.name)]
+                lay = [ch.new(g.out_channels, g.name)]
                 pinned += [(v, g) for lay_in in in_lays for v in lay_in] + [(lay[0], g)]
             else:
                 lay = list(g.op.out_layout(node, in_lays))
             if g.op.quantum > 1:  # a grouped conv: its unit moves in whole groups
                 if len(in_lays[0]) != 1:
                     raise ImportRefused(f"{g.name}: a grouped convolution reading a concatenation")
-                r = find(in_lays[0][0])
-                quantum[r] = _lcm(quantum[r], g.op.quantum)
+                ch.in_multiples(in_lays[0][0], g.op.quantum)
             for a_lay, b_lay in g.op.unit_ties(node, in_lays):  # element-wise: equal channel units
                 if len(a_lay) != len(b_lay):
                     raise ImportRefused(f"{g.name}: combines tensors made of different channel groups")
                 for a, b in zip(a_lay, b_lay):
-                    union(a, b)
+                    ch.union(a, b)
             if mid is not None:
                 mids[g.name] = mid
             if self.keep is not None and self.keep.search(_dotted(g)):
-                fixed.update(lay)
+                ch.fixed.update(lay)
             layout[g.name] = lay
-        for v in layout[tensor(result)]:  # the network's outputs (the classes) are never slimmed
-            fixed.add(v)
-        self.fix_pinned(pinned, made, fixed, find, owner, width)
+        return layout, mids, made, pinned
 
-        roots = sorted({find(v) for v in parent})
-        fixed_roots = {find(v) for v in fixed}
-        names: dict[int, str] = {}
-        units: dict[str, UnitDef] = {}
-        for r in roots:
-            if r in fixed_roots:
-                continue
-            nm = owner[r]
-            names[r] = nm
-            units[nm] = UnitDef(width[r], quantum[r])
-
-        def ref(v: int):
-            r = find(v)
-            return names.get(r, width[r])
-
-        nodes, weights = [], {}
-        for g in groups:
-            ins = tuple(tensor(x) for x in g.inputs)
-            out = ref(layout[g.name][0]) if g.op.sets_width else None
-            mid = ref(mids[g.name]) if g.name in mids else None
-            nodes.append(Node(g.name, g.op, ins, out, mid))
-            if g.modules:
-                weights[g.name] = g.modules
-        if tensor(result) != nodes[-1].name:
-            raise ImportRefused(f"the output of {type(self.module).__name__} is not its last operator's")
-        num_classes = int(self.shape(result)[1])
-        meta: dict[str, Any] = {"imported_from": type(self.module).__qualname__, "traced_by": self.traced_by}
-        if self.fixed_units:
-            meta["fixed_units"] = self.fixed_units
-        graph = Graph(self.name, nodes, units, int(self.example.shape[-1]), num_classes,
-                      int(self.example.shape[1]), 1.0, 8, meta)
-        return graph, weights
-
-    def fix_pinned(self, pinned, made, fixed, find, owner, width) -> None:
+    def fix_pinned(self, pinned: list[tuple[int, _Group]], made: set[int], ch: "_Channels") -> None:
         """Fix the units that reach an operator that moves channels (with ``fix_unsupported``), else refuse."""
-        fixed_anyway = {find(v) for v in fixed}
+        fixed_anyway = {ch.find(v) for v in ch.fixed}
         by: dict[int, _Group] = {}
         for v, g in pinned:
-            if find(v) not in fixed_anyway:
-                by.setdefault(find(v), g)
+            if ch.find(v) not in fixed_anyway:
+                by.setdefault(ch.find(v), g)
         units: dict[str, tuple[int, _Group]] = {}
         for r, g in sorted(by.items()):
-            members = [v for v in made if find(v) == r]
+            members = [v for v in made if ch.find(v) == r]
             if members:  # a class made of such operators' outputs only is no unit of the module's
-                units[owner[min(members)]] = (width[r], g)
-        fixed.update(by)
+                units[ch.owner[min(members)]] = (ch.width[r], g)
+        ch.fixed.update(by)
         if not units:
             return
         if not self.fix_unsupported:
@@ -845,15 +676,61 @@ class _Importer:
         self.fixed_units = {u: {"width": w, "by": g.name, "what": g.what} for u, (w, g) in units.items()}
 
 
+class _Channels:
+    """Union-find over channel variables: a variable is the width some tensors' channels share; the
+    root of a class that is not fixed becomes a unit, named after the operator that made it first."""
+
+    def __init__(self) -> None:
+        self.parent: dict[int, int] = {}
+        self.quantum: dict[int, int] = {}
+        self.width: dict[int, int] = {}
+        self.owner: dict[int, str] = {}
+        self.fixed: set[int] = set()
+
+    def new(self, width: int, owner: str) -> int:
+        v = len(self.parent)
+        self.parent[v], self.quantum[v], self.width[v], self.owner[v] = v, 1, width, owner
+        return v
+
+    def find(self, v: int) -> int:
+        while self.parent[v] != v:
+            self.parent[v] = self.parent[self.parent[v]]
+            v = self.parent[v]
+        return v
+
+    def in_multiples(self, v: int, q: int) -> None:
+        r = self.find(v)
+        self.quantum[r] = math.lcm(self.quantum[r], q)
+
+    def union(self, a: int, b: int) -> None:
+        a, b = self.find(a), self.find(b)
+        if a == b:
+            return
+        if self.width[a] != self.width[b]:
+            raise ImportRefused(f"channels of {self.owner[a]!r} ({self.width[a]}) and {self.owner[b]!r} "
+                                f"({self.width[b]}) are combined element-wise but differ in count")
+        lo, hi = (a, b) if a < b else (b, a)
+        self.parent[hi] = lo
+        self.quantum[lo] = math.lcm(self.quantum[lo], self.quantum[hi])
+        if hi in self.fixed:
+            self.fixed.add(lo)
+
+    def units(self):
+        """The units (the classes not fixed) and the function from a variable to its unit's name or,
+        for a fixed one, its width."""
+        fixed_roots = {self.find(v) for v in self.fixed}
+        names = {r: self.owner[r] for r in sorted({self.find(v) for v in self.parent}) if r not in fixed_roots}
+        units = {nm: UnitDef(self.width[r], self.quantum[r]) for r, nm in names.items()}
+
+        def ref(v: int):
+            r = self.find(v)
+            return names.get(r, self.width[r])
+        return units, ref
+
+
 def _first_line(e: BaseException) -> str:
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
     return f"{type(e).__name__}: {' '.join(lines[0].split())[:160]}" if lines else type(e).__name__
-
-
-def _lcm(a: int, b: int) -> int:
-    import math
-
-    return a * b // math.gcd(a, b)
 
 
 def _clean(target: Any) -> str:
@@ -868,31 +745,9 @@ def _dotted(g: _Group) -> str:
 
 @torch.no_grad()
 def _copy_weights(net, weights: dict[str, dict[str, nn.Module]]) -> None:
-    for name, mods in weights.items():
-        dst = net.layers[name]
-        if "conv" in mods:
-            src = mods["conv"]
-            dst.conv.weight.copy_(src.weight)
-            if src.bias is not None:
-                dst.conv.bias.copy_(src.bias)
-            if "bn" in mods:
-                _copy_bn(dst.bn, mods["bn"])
-        elif "bn" in mods:
-            _copy_bn(dst, mods["bn"])
-        elif "linear" in mods:
-            dst.weight.copy_(mods["linear"].weight)
-            dst.bias.copy_(mods["linear"].bias)
-        elif "fc1" in mods:
-            for role in ("fc1", "fc2"):
-                getattr(dst, role).weight.copy_(mods[role].weight)
-                getattr(dst, role).bias.copy_(mods[role].bias)
-
-
-def _copy_bn(dst: nn.BatchNorm2d, src: nn.BatchNorm2d) -> None:
-    for attr in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
-        getattr(dst, attr).copy_(getattr(src, attr))
-    dst.eps = src.eps
-    dst.momentum = src.momentum
+    for node in net.nodes:
+        if node.name in weights:
+            node.op.load_weights(net.layers[node.name], weights[node.name])
 
 
 def import_model(module: nn.Module, example_input: torch.Tensor, *, name: str | None = None,

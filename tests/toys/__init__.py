@@ -1,0 +1,1 @@
+"""Operators defined outside hwslim, one file each, as a user would add one."""
