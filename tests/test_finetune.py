@@ -91,6 +91,21 @@ def test_the_checkpoint_exports_with_parity_and_eval_and_cost_take_it(supernet, 
     exported = json.loads(capsys.readouterr().out)["results"][0]["top1"]
     assert exported == at_config
     assert main(["cost", "--model", str(ckpt), "--config", str(config)]) == 0
+    # without --config, export takes the config the finetuned checkpoint records: the same model
+    again = tmp_path / "ft_default.onnx"
+    assert main(["export", "--checkpoint", str(ckpt), "--out", str(again)]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(again), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["results"][0]["top1"] == exported
+
+
+def test_a_supernet_without_config_is_refused_in_one_line(supernet, tmp_path, capsys):
+    ckpt, _ = supernet
+    out = tmp_path / "m.onnx"
+    assert main(["export", "--checkpoint", str(ckpt), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is a supernet: give --config" in err[0]
+    assert not out.exists()
 
 
 def _kill_9_after_the_first_epoch(args: list[str], metrics) -> None:
