@@ -659,41 +659,33 @@ def _scorers(checkpoint, model: SlimmableNet, budgets: Sequence[Budget], opts: S
 def _fill_budgets(model: SlimmableNet, score_candidates, cost_fn, walked: Sequence[Step],
                   targets: Sequence[Target], opts: SearchOptions, is_writer: bool) -> list[list[Step]]:
     """:func:`fill_budget` for every target, from its config on the walk, with a progress bar."""
-    bar = _progress_bar(opts.progress and is_writer, total=len(targets), unit="config",
-                        desc="filling the budgets (widening units back)")
+    fills = []
+    with _progress_bar(opts.progress and is_writer, total=len(targets), unit="config",
+                       desc="filling the budgets (widening units back)") as bar:
 
-    def on_widen(step: Step) -> None:
-        if bar is not None:
+        def on_widen(step: Step) -> None:
             bar.set_postfix(widened=step.step, acc=f"{step.acc:.3f}")
 
-    fills = []
-    try:
         for st, t in zip(walked, targets):
             fills.append(fill_budget(model, score_candidates, cost_fn, st, t, max_steps=opts.fill_steps,
                                      on_step=on_widen))
-            if bar is not None:
-                bar.update(1)
-    finally:
-        if bar is not None:
-            bar.close()
+            bar.update(1)
     return fills
 
 
 # -- progress --------------------------------------------------------------------------------------
 def _progress_bar(enabled: bool, **kw):
-    """A tqdm bar on stderr (None when not ``enabled``)."""
-    if not enabled:
-        return None
+    """A tqdm bar on stderr; one not ``enabled`` shows nothing."""
     from tqdm.auto import tqdm
 
-    return tqdm(dynamic_ncols=True, **kw)
+    return tqdm(disable=not enabled, dynamic_ncols=True, **kw)
 
 
 class WalkProgress:
     """The walk's progress bar: % of the way from the full config to the budget met last.
 
     Costs fall about evenly per step, so the bar's rate gives a fair ETA. A context
-    manager; a no-op unless ``enabled``.
+    manager; it shows nothing unless ``enabled``.
     """
 
     def __init__(self, full_costs: Mapping[str, float], budgets: Sequence[Budget], enabled: bool,
@@ -701,7 +693,7 @@ class WalkProgress:
         self.full_costs, self.budgets = full_costs, list(budgets)
         self.bar = _progress_bar(enabled, desc="greedy search (% of the way to the budgets)", total=100, unit="%",
                                  bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt}% [{elapsed}<{remaining}{postfix}]")
-        if self.bar is not None and replay:
+        if replay:
             self.bar.update(self.done_pct(replay[-1].costs))
 
     def done_pct(self, costs: Mapping[str, float]) -> int:
@@ -711,8 +703,6 @@ class WalkProgress:
         return int(100 * min(fracs))
 
     def update(self, step: Step) -> None:
-        if self.bar is None:
-            return
         shown = {k: round(step.costs[k], 3) for k in ("latency_ms", "memory_mb", "params_m", "macs_m")
                  if k in step.costs}
         self.bar.set_postfix(step=step.step, acc=f"{step.acc:.3f}", **shown)
@@ -722,8 +712,7 @@ class WalkProgress:
         return self
 
     def __exit__(self, *exc) -> None:
-        if self.bar is not None:
-            self.bar.close()
+        self.bar.close()
 
 
 # -- resume: the search state file -----------------------------------------------------------------
@@ -802,12 +791,8 @@ def _read_state(state_file: Path, settings: dict, model: SlimmableNet, cost_fn) 
 def score_uniform(model: SlimmableNet, score: Callable[[ChannelConfig], Score], cost_fn,
                   progress: bool = True) -> list[dict]:
     """The uniform-width configs, scored and costed (``uniform.csv``; drawn in ``search.png``)."""
-    uniform = list(enumerate(model.uniform_configs(), start=1))
-    if progress:
-        from tqdm.auto import tqdm
-
-        uniform = tqdm(uniform, desc="scoring uniform-width configs (for search.png)", unit="config",
-                       dynamic_ncols=True)
+    uniform = _progress_bar(progress, iterable=list(enumerate(model.uniform_configs(), start=1)),
+                            desc="scoring uniform-width configs (for search.png)", unit="config")
     return [{"step": s, "acc": (sc := score(u)).acc, "loss": sc.loss, **cost_fn(u)} for s, u in uniform]
 
 
