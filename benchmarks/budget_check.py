@@ -56,7 +56,7 @@ def run_model(name: str, args, log) -> list[dict]:
     from hwslim.latency.table import LatencyTable
     from hwslim.models import create_model
     from hwslim.latency.profile import ProfileSettings, profile
-    from hwslim.search.greedy import Budget, greedy_search
+    from hwslim.search.greedy import Budget, SearchOptions, greedy_search
     from hwslim.latency.verify import verify_model
 
     width, size, search_images = MODELS[name]
@@ -89,8 +89,9 @@ def run_model(name: str, args, log) -> list[dict]:
     log(f"{name}: predicted {narrow:.3f} ms (narrowest) .. {full:.3f} ms (full); budgets {values} ms")
 
     t1 = time.perf_counter()
-    result = greedy_search(ckpt, [Budget("latency_ms", v) for v in values], table=table, out_dir=work / "search",
-                           force=True, scoring=Scoring(bn="batch"), max_images=search_images, progress=True, plot=False)
+    result = greedy_search(ckpt, [Budget("latency_ms", v) for v in values],
+                           SearchOptions(out_dir=work / "search", force=True, scoring=Scoring(bn="batch"),
+                                         max_images=search_images, progress=True, plot=False), table=table)
     search_s = time.perf_counter() - t1
 
     exported = []

@@ -95,7 +95,7 @@ def run(args, log) -> list[dict]:
     from hwslim.importing.data import synthetic_data_info
     from hwslim.models import create_model
     from hwslim.latency.profile import measure_configs
-    from hwslim.search.greedy import Budget, greedy_search
+    from hwslim.search.greedy import Budget, SearchOptions, greedy_search
     from profilers import profiler_for_table
 
     width, size = MODELS[args.model]
@@ -126,10 +126,10 @@ def run(args, log) -> list[dict]:
     search_s = {}
     for rt, table in tables.items():
         t0 = time.perf_counter()
-        result = greedy_search(ckpt, [Budget("latency_ms", b) for b in budgets], table=table,
-                               out_dir=work / f"search_{rt}", force=True,
-                               max_images=args.search_images, batch=args.batch, progress=not args.quiet,
-                               plot=False, log=log)
+        result = greedy_search(ckpt, [Budget("latency_ms", b) for b in budgets],
+                               SearchOptions(out_dir=work / f"search_{rt}", force=True, max_images=args.search_images,
+                                             batch=args.batch, progress=not args.quiet, plot=False),
+                               table=table, log=log)
         search_s[rt] = round(time.perf_counter() - t0, 1)
         for b, cfg in zip(budgets, result.configs):
             chosen[(b, rt)] = cfg

@@ -44,7 +44,7 @@ from hwslim.search.evaluator import Scoring  # noqa: E402
 from hwslim.runtimes.onnx_file import export_onnx  # noqa: E402
 from hwslim.latency.table import LatencyTable  # noqa: E402
 from hwslim.core.materialize import materialize  # noqa: E402
-from hwslim.search.greedy import Budget, Target, config_costs, greedy_search, slim  # noqa: E402
+from hwslim.search.greedy import Budget, SearchOptions, Target, config_costs, greedy_search, slim  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -120,9 +120,9 @@ def main() -> None:
         runs["latency/acc bn=recal"] = dict(criterion="acc", scoring=Scoring(bn="recal"))
     for name, kw in runs.items():
         ts = time.time()
-        r = greedy_search(load_checkpoint(ckpt_path), budgets, table=table, out_dir=out / name.replace("/", "_")
-                          .replace(" ", "_").replace("=", "-"), force=True, progress=False, plot=False,
-                          max_images=args.max_images, **kw)
+        opts = SearchOptions(out_dir=out / name.replace("/", "_").replace(" ", "_").replace("=", "-"), force=True,
+                             progress=False, plot=False, max_images=args.max_images, **kw)
+        r = greedy_search(load_checkpoint(ckpt_path), budgets, opts, table=table)
         chosen[name] = r.configs
         chosen[f"{name} no-fill"] = [net.config_of(r.steps[c.meta["search_step"]].widths) for c in r.configs]
         widened = [c.meta["fill_steps"] for c in r.configs]

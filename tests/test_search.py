@@ -2,6 +2,7 @@ import json
 import os
 import re
 import socket
+from dataclasses import replace
 
 import pandas as pd
 import pytest
@@ -18,7 +19,7 @@ from hwslim.search.evaluator import Score, StepEvaluator
 from hwslim.models import create_model
 from hwslim.latency.table import Calibration, LatencyTable, new_meta
 from hwslim.latency.entries import enumerate_entries
-from hwslim.search.greedy import Budget, Target, config_costs, greedy_search, slim, targets_of
+from hwslim.search.greedy import Budget, SearchOptions, Target, config_costs, greedy_search, slim, targets_of
 from hwslim.core.slimmable import recalibrate_bn
 from profilers import get_profiler
 from profilers.base import Timing
@@ -51,17 +52,22 @@ def _layer_ms(spec) -> float:
     return round(t + (0.004 if spec.cout == 8 else 0.0) + 0.001, 6)
 
 
-@pytest.fixture(scope="module")
-def table_path(ckpt_path, tmp_path_factory):
-    """A complete latency table for the checkpoint's model, made like tests/test_latency.py makes one."""
-    net = load_checkpoint(ckpt_path).model
+def _hand_table(net) -> LatencyTable:
+    """A complete latency table of :func:`_layer_ms` for ``net``, in memory, made like tests/test_latency.py
+    makes one."""
     with get_profiler("cpu", "ort") as prof:
         machine = prof.metadata()
     entries = {s.signature(): Timing(_layer_ms(s), 0.0, _layer_ms(s), 20) for s in enumerate_entries(net)}
     meta = new_meta(machine, model=net.name, width_mult=net.width_mult, input_size=net.input_size, batch=1,
                     entries_expected=len(entries), method="in_network")
     meta.update(status="complete", calibration=Calibration(1.0, 0.0, 8, {"within_5pct": 1.0}).to_dict())
-    return LatencyTable(meta, entries).save(tmp_path_factory.mktemp("table") / "table.csv")
+    return LatencyTable(meta, entries)
+
+
+@pytest.fixture(scope="module")
+def table_path(ckpt_path, tmp_path_factory):
+    """The hand-made table for the checkpoint's model, saved."""
+    return _hand_table(load_checkpoint(ckpt_path).model).save(tmp_path_factory.mktemp("table") / "table.csv")
 
 
 def test_targets_of_budgets_as_the_user_lists_them():
@@ -147,13 +153,7 @@ def test_one_latency_and_one_params_budget_give_one_config_meeting_both(ckpt_pat
 
 def _table_cost(net):
     """The hand-made table for ``net`` (meta device), in memory, as a cost function."""
-    with get_profiler("cpu", "ort") as prof:
-        machine = prof.metadata()
-    entries = {s.signature(): Timing(_layer_ms(s), 0.0, _layer_ms(s), 20) for s in enumerate_entries(net)}
-    meta = new_meta(machine, model=net.name, width_mult=net.width_mult, input_size=net.input_size, batch=1,
-                    entries_expected=len(entries), method="in_network")
-    meta.update(status="complete", calibration=Calibration(1.0, 0.0, 8, {"within_5pct": 1.0}).to_dict())
-    table = LatencyTable(meta, entries)
+    table = _hand_table(net)
     return lambda c: config_costs(net, c, table)
 
 
@@ -254,8 +254,8 @@ def test_latency_below_the_narrowest_config_is_searched_not_refused(ckpt_path, t
     table = LatencyTable.load(table_path)
     narrow = config_costs(ckpt.model, ckpt.model.min_config(), table)["latency_ms"]
     budget = Budget("latency_ms", round(narrow * 0.985, 4))
-    res = greedy_search(ckpt, [budget], table=table, out_dir=tmp_path / "s", progress=False, max_images=16,
-                        fill=False)
+    res = greedy_search(ckpt, [budget], SearchOptions(out_dir=tmp_path / "s", progress=False, max_images=16,
+                                                      fill=False), table=table)
     (cfg,) = res.configs
     assert config_costs(ckpt.model, cfg, table)["latency_ms"] <= budget.value < narrow
     listed = pd.concat([pd.read_csv(tmp_path / "s" / "path.csv"), pd.read_csv(tmp_path / "s" / "uniform.csv")])
@@ -266,7 +266,7 @@ def test_budget_nothing_can_meet_is_refused_up_front(ckpt_path, tmp_path, capsys
     ckpt = load_checkpoint(ckpt_path)
     floor = model_costs(ckpt.model, ckpt.model.min_config()).params / 1e6
     with pytest.raises(BudgetError, match=f"smallest achievable params_m on this supernet's grid is {floor:.4g}"):
-        greedy_search(ckpt, [Budget("params_m", floor / 2)], out_dir=tmp_path / "s", progress=False)
+        greedy_search(ckpt, [Budget("params_m", floor / 2)], SearchOptions(out_dir=tmp_path / "s", progress=False))
     assert not (tmp_path / "s").exists()
     rc = main(["search", "--checkpoint", str(ckpt_path), "--params-m", "0.000001", "--out", str(tmp_path / "x")])
     err = capsys.readouterr().err.strip().splitlines()
@@ -310,7 +310,7 @@ def test_search_meets_every_budget_and_writes_outputs(ckpt_path, tmp_path, capsy
     assert len(uniform) == 12 and (uniform["macs_m"].diff().dropna() >= 0).all()
     # an existing search is not overwritten without --resume/--force
     with pytest.raises(OutputExistsError):
-        greedy_search(ckpt, macs[:1], out_dir=out, progress=False)
+        greedy_search(ckpt, macs[:1], SearchOptions(out_dir=out, progress=False))
 
 
 def test_fast_and_reference_evaluators_make_identical_decisions(ckpt_path):
@@ -377,14 +377,14 @@ def test_chunks_are_channels_last_and_score_as_plain_images_do():
 def test_resume_after_interruption_reaches_the_same_result(ckpt_path, tmp_path):
     ckpt = load_checkpoint(ckpt_path)
     budget = [Budget("params_m", config_costs(ckpt.model, ckpt.model.full_config())["params_m"] * 0.8)]
-    full = greedy_search(ckpt, budget, out_dir=tmp_path / "a", progress=False, plot=False, fill=False)
+    opts = SearchOptions(out_dir=tmp_path / "a", progress=False, plot=False, fill=False)
+    full = greedy_search(ckpt, budget, opts)
     # simulate a kill after step 2: the state file is written atomically after every step
     state_file = tmp_path / "a" / "search_state.json"
     state = json.loads(state_file.read_text())
     state["steps"] = state["steps"][:3]
     state_file.write_text(json.dumps(state))
-    resumed = greedy_search(load_checkpoint(ckpt_path), budget, out_dir=tmp_path / "a", resume=True,
-                            progress=False, plot=False, fill=False)
+    resumed = greedy_search(load_checkpoint(ckpt_path), budget, replace(opts, resume=True))
     assert [s.widths for s in resumed.steps] == [s.widths for s in full.steps]
     assert resumed.configs == full.configs
 
@@ -432,7 +432,7 @@ def _ddp_worker(rank, world, port, ckpt_path, out_file):
     try:
         ckpt = load_checkpoint(ckpt_path)
         budget = [Budget("macs_m", config_costs(ckpt.model, ckpt.model.full_config())["macs_m"] * 0.9)]
-        res = greedy_search(ckpt, budget, progress=False, plot=False)
+        res = greedy_search(ckpt, budget, SearchOptions(progress=False, plot=False))
         with open(f"{out_file}.{rank}", "w") as f:  # the walk, then the filled config
             json.dump([s.widths for s in res.steps] + [res.configs[0].widths], f)
     finally:
@@ -444,7 +444,7 @@ def test_torchrun_style_sharding_gives_the_same_decisions(ckpt_path, tmp_path):
     mp.spawn(_ddp_worker, args=(2, _free_port(), str(ckpt_path), str(out)), nprocs=2, join=True)
     ckpt = load_checkpoint(ckpt_path)
     budget = [Budget("macs_m", config_costs(ckpt.model, ckpt.model.full_config())["macs_m"] * 0.9)]
-    res = greedy_search(ckpt, budget, progress=False, plot=False)
+    res = greedy_search(ckpt, budget, SearchOptions(progress=False, plot=False))
     single = [s.widths for s in res.steps] + [res.configs[0].widths]
     assert json.loads(open(f"{out}.0").read()) == single
     assert json.loads(open(f"{out}.1").read()) == single
@@ -476,7 +476,7 @@ def test_corrupt_search_state_is_a_user_error(ckpt_path, tmp_path):
     ckpt = load_checkpoint(ckpt_path)
     budget = [Budget("params_m", config_costs(ckpt.model, ckpt.model.full_config())["params_m"] * 0.9)]
     with pytest.raises(HwslimError, match="not a readable search state"):
-        greedy_search(ckpt, budget, out_dir=out, resume=True, progress=False, plot=False)
+        greedy_search(ckpt, budget, SearchOptions(out_dir=out, resume=True, progress=False, plot=False))
 
 
 def test_force_uses_a_table_from_another_device(ckpt_path, tmp_path, capsys, make_table):

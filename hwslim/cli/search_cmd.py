@@ -26,6 +26,7 @@ from hwslim.search.greedy import (
     DEFAULT_CRITERION,
     DEFAULT_FILL_STEPS,
     Budget,
+    SearchOptions,
     greedy_search,
     targets_of,
 )
@@ -124,11 +125,9 @@ def run(args) -> int:
 
     Example: hwslim search --checkpoint runs/sn/checkpoint.pt --latency-ms 20 15 10 --memory-mb 5 --device cpu
     """
-    import torch
-
-    from hwslim.importing.checkpoint import load_checkpoint
     from hwslim.core.outputs import check_output
     from hwslim.core.resources import check_inference
+    from hwslim.importing.checkpoint import load_checkpoint
 
     check_output(args.out, kind="dir")  # before anything is loaded or scored
     budgets = [Budget(kind, v) for kind, values in (("latency_ms", args.latency_ms), ("memory_mb", args.memory_mb),
@@ -138,6 +137,25 @@ def run(args) -> int:
         raise HwslimError("give at least one budget: --latency-ms, --memory-mb, --params-m or --macs-m")
     targets_of(budgets)  # refuses several values for two kinds before anything is loaded
     set_threads(args.threads)
+    opts = _options(args)
+    ckpt = load_checkpoint(args.checkpoint)
+    check_inference(ckpt.model, batch=args.batch)
+    table = None
+    if any(b.kind == "latency_ms" for b in budgets):
+        from hwslim.latency.table import resolve_table
+
+        table = resolve_table(ckpt.model, table=args.table, device=args.device, batch=args.batch,
+                              root=args.table_dir, spec=args.checkpoint)
+    result = greedy_search(ckpt, budgets, opts, table=table,
+                           log=with_header(f"hwslim search: {threads_note(args.threads)}"))
+    _print_result(result, args)
+    return 0
+
+
+def _options(args) -> SearchOptions:
+    """The search's options from the flags, refusing the combinations that make no sense."""
+    import torch
+
     eval_device = args.eval_device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(eval_device)
@@ -154,32 +172,21 @@ def run(args) -> int:
         raise HwslimError("--calib-images is for --bn recal (--bn batch normalizes each chunk by its own statistics)")
     scoring = Scoring(bn=args.bn, mode=args.evaluator, kernels=args.kernels, keep=args.keep, batch_size=args.chunk,
                       calib_images=args.calib_images or None, screen_images=args.screen_images or None)
-    ckpt = load_checkpoint(args.checkpoint)
-    check_inference(ckpt.model, batch=args.batch)
-    table = None
-    if any(b.kind == "latency_ms" for b in budgets):
-        from hwslim.latency.table import LatencyTable, find_table
+    return SearchOptions(criterion=args.criterion, out_dir=args.out, resume=args.resume, force=args.force,
+                         device=eval_device, scoring=scoring, max_images=args.max_images, batch=args.batch,
+                         progress=not args.no_progress, force_table=args.force, fill=not args.no_fill,
+                         fill_steps=args.fill_steps)
 
-        if args.table:
-            table = LatencyTable.load(args.table)
-        elif args.device:
-            table = LatencyTable.load(find_table(args.device, ckpt.model, batch=args.batch, root=args.table_dir,
-                                                 spec=args.checkpoint))
-        else:
-            raise HwslimError("a --latency-ms budget needs --table PATH or --device cpu|cuda")
-    result = greedy_search(ckpt, budgets, table=table, criterion=args.criterion, out_dir=args.out,
-                           resume=args.resume, force=args.force, device=eval_device, scoring=scoring,
-                           max_images=args.max_images, batch=args.batch,
-                           progress=not args.no_progress, force_table=args.force,
-                           log=with_header(f"hwslim search: {threads_note(args.threads)}"),
-                           fill=not args.no_fill, fill_steps=args.fill_steps)
+
+def _print_result(result, args) -> None:
+    """The chosen configs: as JSON (``--json``: each as its file holds it, and where that file is) or a table."""
     files = result.files or [None] * len(result.configs)
-    if args.json:  # each config as its file holds it, and where that file is
+    if args.json:
         from hwslim.core.config import ChannelConfig
 
         print(json.dumps([{**ChannelConfig.load(f).to_dict(), "file": str(f)} if f is not None else c.to_dict()
                           for c, f in zip(result.configs, files)], indent=2, sort_keys=True))
-        return 0
+        return
     rows = []
     for t, c, f in zip(result.targets, result.configs, files):
         m = c.meta
@@ -193,4 +200,3 @@ def run(args) -> int:
         row.update(memory_mb=m["memory_mb"], params_m=m["params_m"], macs_m=m["macs_m"], file=str(f or "-"))
         rows.append(row)
     print_table(rows)
-    return 0

@@ -36,7 +36,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from hwslim import __version__
 from hwslim.core.config import atomic_write_text
-from hwslim.core.errors import TableError
+from hwslim.core.errors import HwslimError, TableError
 from hwslim.core.graph import SIGNATURE_FIELDS, LayerSpec
 
 FORMAT = "hwslim-latency-table"
@@ -781,6 +781,18 @@ def find_table(device: str, model, width_mult: float | None = None, *, batch: in
                      f"on {device} ({name}) in {', '.join(str(d) for d in searched)}; measure one with: {cmd}")
 
 
+def resolve_table(model, *, table: str | os.PathLike | None = None, device: str | None = None, batch: int = 1,
+                  root: str | os.PathLike | None = None, spec: str | None = None) -> LatencyTable:
+    """The latency table a search prices latency budgets with, loaded: the file ``table``
+    (``--table``), else this machine's table for ``model`` on ``device`` (``--device``:
+    :func:`find_table` with ``batch``, ``root`` and ``spec``). Neither given is refused."""
+    if table:
+        return LatencyTable.load(table)
+    if device:
+        return LatencyTable.load(find_table(device, model, batch=batch, root=root, spec=spec))
+    raise HwslimError("a --latency-ms budget needs --table PATH or --device cpu|cuda")
+
+
 __all__ = ["COLUMNS", "Calibration", "LatencyTable", "RowWriter", "accuracy", "default_table_path", "find_table",
-           "fit_calibration", "fit_line", "read_rows", "spearman", "table_dir", "table_name", "table_paths",
-           "table_search_path", "user_table_dir"]
+           "fit_calibration", "fit_line", "read_rows", "resolve_table", "spearman", "table_dir", "table_name",
+           "table_paths", "table_search_path", "user_table_dir"]

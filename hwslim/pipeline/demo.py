@@ -164,17 +164,36 @@ def run_demo(opts: DemoOptions | None = None, log: Callable[[str], None] = print
 
 
 def _run(opts: DemoOptions, log: Callable[[str], None]) -> DemoResult:
-    from hwslim.importing.checkpoint import load_checkpoint
-    from hwslim.latency.conditions import compare_to_table, conditions_for_table
-    from hwslim.importing.data import validation_split
-    from hwslim.export.exporter import ExportOptions, export_model
-    from hwslim.latency.table import LatencyTable
-    from hwslim.latency.profile import ProfileSettings, profile
-    from hwslim.search.greedy import Budget, greedy_search
-    from hwslim.training.train import TrainConfig, train
-    from hwslim.latency.verify import verify_model
-
+    """The demo's steps in order, each timed (``seconds``)."""
     r = QUICK if opts.quick else FULL
+    out = _prepare_out(opts)
+    seconds: dict[str, float] = {}
+    t_all = t = time.perf_counter()
+    ckpt_path = _train(r, opts, out, log)
+    seconds["train"] = time.perf_counter() - t
+    t = time.perf_counter()
+    table_path, table = _profile(r, opts, out, log)
+    seconds["profile"] = time.perf_counter() - t
+    t = time.perf_counter()
+    ckpt, values, result = _search(r, opts, out, ckpt_path, table, log)
+    seconds["search"] = time.perf_counter() - t
+    t = time.perf_counter()
+    exported = _export(r, opts, out, ckpt, values, result, table_path, log)
+    seconds["export"] = time.perf_counter() - t
+    t = time.perf_counter()
+    rows, conditions = _measure(r, out, ckpt, exported, table, log)
+    seconds["measure"] = time.perf_counter() - t
+    seconds["total"] = time.perf_counter() - t_all
+
+    plot = plot_accuracy_latency(result, rows, values, out / "accuracy_latency.png",
+                                 title=f"{r.model} x{r.width_mult:g} {r.input_size}px, ONNX Runtime on this CPU")
+    _write_results(out, rows, r, opts, ckpt_path, table_path, seconds, conditions)
+    return DemoResult(out, rows, plot, ckpt_path, table_path, {k: round(s, 1) for k, s in seconds.items()},
+                      conditions)
+
+
+def _prepare_out(opts: DemoOptions) -> Path:
+    """The demo's folder, created; refused when it holds other files (unless ``force``: the demo's own are cleared)."""
     out = Path(opts.out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file, not a folder; give a folder for the demo's files")
@@ -188,8 +207,12 @@ def _run(opts: DemoOptions, log: Callable[[str], None]) -> DemoResult:
     except OSError as e:  # a parent is a file, no permission, ...
         raise ConfigError(f"cannot create the --out folder {out} ({e.strerror or type(e).__name__}); "
                           "give another --out") from None
-    seconds: dict[str, float] = {}
-    t_all = t = time.perf_counter()
+    return out
+
+
+def _train(r: Recipe, opts: DemoOptions, out: Path, log: Callable[[str], None]) -> Path:
+    """Step 1: train the supernet, widths on ONNX Runtime's channel block; its checkpoint."""
+    from hwslim.training.train import TrainConfig, train
 
     divisor = channel_divisor(opts.threads)
     log(f"[1/5] training a slimmable {r.model} x{r.width_mult:g} at {r.input_size}px on {r.data} "
@@ -200,10 +223,14 @@ def _run(opts: DemoOptions, log: Callable[[str], None]) -> DemoResult:
         input_size=r.input_size, batch_size=r.batch_size, lr=r.lr, search_size=r.search_size, seed=opts.seed,
         device="cpu", workers=0, calib_images=r.calib_images, synthetic_val=r.val_images,
         num_random=r.num_random, progress=opts.progress, force=opts.force))
-    ckpt_path = Path(trained.checkpoint)
-    seconds["train"] = time.perf_counter() - t
+    return Path(trained.checkpoint)
 
-    t = time.perf_counter()
+
+def _profile(r: Recipe, opts: DemoOptions, out: Path, log: Callable[[str], None]):
+    """Step 2: this CPU's ONNX Runtime table for the model; its path and the table."""
+    from hwslim.latency.profile import ProfileSettings, profile
+    from hwslim.latency.table import LatencyTable
+
     log(f"[2/5] profiling this CPU for it (ONNX Runtime, {opts.threads} thread(s))")
     prof = profile(ProfileSettings(device="cpu", backend="ort", model=r.model, width_mult=r.width_mult,
                                    input_size=r.input_size, threads=opts.threads,
@@ -211,10 +238,15 @@ def _run(opts: DemoOptions, log: Callable[[str], None]) -> DemoResult:
                                    holdout_configs=r.holdout_configs, seed=opts.seed, force=opts.force,
                                    quick=r.profile_quick), progress=opts.progress, log=log)
     table_path = Path(prof.path)
-    table = LatencyTable.load(table_path)
-    seconds["profile"] = time.perf_counter() - t
+    return table_path, LatencyTable.load(table_path)
 
-    t = time.perf_counter()
+
+def _search(r: Recipe, opts: DemoOptions, out: Path, ckpt_path: Path, table, log: Callable[[str], None]):
+    """Step 3: search three latency budgets between the narrowest and the full config's;
+    the checkpoint, the budgets searched and the search's result."""
+    from hwslim.importing.checkpoint import load_checkpoint
+    from hwslim.search.greedy import Budget, SearchOptions, greedy_search
+
     ckpt = load_checkpoint(ckpt_path)
     net = ckpt.model
     full = table.predict_ms(net.layer_specs(net.full_config()))
@@ -225,6 +257,8 @@ def _run(opts: DemoOptions, log: Callable[[str], None]) -> DemoResult:
     values = budgets_between(narrow, top, r.fractions)
     log(f"[3/5] searching at {', '.join(f'{v:g}' for v in values)} ms (predicted: narrowest {narrow:.3f} ms, "
         f"full {full:.3f} ms)")
+    search_opts = SearchOptions(out_dir=out / "search", force=True, max_images=r.search_size,
+                                progress=opts.progress, plot=True)
     # The greedy walk only takes steps that lower the predicted latency; on a noisy table
     # it can stall above the narrowest config's latency. Budgets nearer the full config
     # stay reachable, so on a stall the demo retries higher ones.
@@ -233,17 +267,18 @@ def _run(opts: DemoOptions, log: Callable[[str], None]) -> DemoResult:
             values = budgets_between(narrow, top, retry)
             log(f"note: {stall}; searching at {', '.join(f'{v:g}' for v in values)} ms instead")
         try:
-            result = greedy_search(ckpt, [Budget("latency_ms", v) for v in values], table=table,
-                                   out_dir=out / "search", force=True, max_images=r.search_size,
-                                   progress=opts.progress, plot=True)
-            break
+            result = greedy_search(ckpt, [Budget("latency_ms", v) for v in values], search_opts, table=table)
+            return ckpt, values, result
         except BudgetError as e:
             stall = e
-    else:
-        raise stall
-    seconds["search"] = time.perf_counter() - t
+    raise stall
 
-    t = time.perf_counter()
+
+def _export(r: Recipe, opts: DemoOptions, out: Path, ckpt, values, result, table_path: Path,
+            log: Callable[[str], None]) -> list[tuple]:
+    """Step 4: each config to ONNX, checked against PyTorch; ``(budget, config, export result)`` each."""
+    from hwslim.export.exporter import ExportOptions, export_model
+
     log("[4/5] exporting each config to ONNX (checked against PyTorch)")
     models = out / "models"
     exported = []
@@ -252,15 +287,22 @@ def _run(opts: DemoOptions, log: Callable[[str], None]) -> DemoResult:
                            ExportOptions(force=opts.force, table=table_path, check_images=r.check_images,
                                          calib_images=r.search_size))
         exported.append((v, cfg, res))
-    seconds["export"] = time.perf_counter() - t
+    return exported
 
-    t = time.perf_counter()
+
+def _measure(r: Recipe, out: Path, ckpt, exported, table, log: Callable[[str], None]):
+    """Step 5: measure the exported models with the table's protocol and score them on held-out images,
+    under the machine's conditions checked before and after; the results' rows and the conditions."""
+    from hwslim.importing.data import validation_split
+    from hwslim.latency.conditions import compare_to_table, conditions_for_table
+    from hwslim.latency.verify import verify_model
+
     log("[5/5] measuring the exported models and scoring them on held-out images")
     now = conditions_for_table(table)  # before measuring: the verdicts hold only under the table's conditions
     check = compare_to_table(table.meta, now)
     log(f"conditions: {now.describe()}")
     images, labels = validation_split(ckpt, max_images=r.val_images)
-    runs: dict[float, list] = {v: [] for v in values}
+    runs: dict[float, list] = {v: [] for v, _, _ in exported}
     for _ in range(r.rounds):  # interleaved, so a slow spell of the machine hits every model alike
         for v, _, res in exported:
             runs[v].append(verify_model(res.path, table, budget_ms=v, conditions=now))
@@ -284,16 +326,9 @@ def _run(opts: DemoOptions, log: Callable[[str], None]) -> DemoResult:
             "macs": int(cfg.meta.get("macs", 0)),
             "model": str(res.path.relative_to(out)),
         })
-    seconds["measure"] = time.perf_counter() - t
-    seconds["total"] = time.perf_counter() - t_all
-
-    plot = plot_accuracy_latency(result, rows, values, out / "accuracy_latency.png",
-                                 title=f"{r.model} x{r.width_mult:g} {r.input_size}px, ONNX Runtime on this CPU")
     conditions = {**check.as_dict(), "now": now.to_dict(), "after": after.now.to_dict(),
                   "table": table.meta.get("conditions")}
-    _write_results(out, rows, r, opts, ckpt_path, table_path, seconds, conditions)
-    return DemoResult(out, rows, plot, ckpt_path, table_path, {k: round(s, 1) for k, s in seconds.items()},
-                      conditions)
+    return rows, conditions
 
 
 def _write_results(out: Path, rows, recipe: Recipe, opts: DemoOptions, ckpt: Path, table: Path,

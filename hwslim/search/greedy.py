@@ -35,8 +35,10 @@ config on the path that meets a budget often lies well under it, so units are wi
 back, best search-split accuracy gain per budget spent, while every budget holds.
 
 :func:`slim` is the pure driver (a scorer and a cost function in, the path out);
-:func:`greedy_search` loads the checkpoint's data, runs it with resume, and writes
-the outputs.
+:func:`greedy_search` (its options one :class:`SearchOptions`) runs it on a checkpoint
+in named steps: the costs checked (:func:`check_feasible`), the state to resume from
+(:class:`SearchState`), the scorers, the walk (:class:`WalkProgress` shows it), the
+filling, and the outputs (:func:`write_outputs`, :func:`write_plot`).
 """
 from __future__ import annotations
 
@@ -51,9 +53,10 @@ from typing import Callable, Mapping, Sequence
 from hwslim.core.config import ChannelConfig, atomic_write_text
 from hwslim.core.costs import spec_costs
 from hwslim.core.errors import BudgetError, HwslimError, OutputExistsError
-from hwslim.search.evaluator import Score, Scoring
 from hwslim.core.outputs import check_output, remove_stale_temporaries
 from hwslim.core.supernet import SlimmableNet
+from hwslim.search import distributed as dist
+from hwslim.search.evaluator import Score, Scoring
 
 BUDGET_KINDS = {  # kind -> (unit shown, cost key)
     "latency_ms": "ms",
@@ -209,15 +212,20 @@ def slim(model: SlimmableNet, score_candidates: Callable[..., list[Score | None]
     if criterion not in CRITERIA:
         raise HwslimError(f"unknown criterion {criterion!r}; expected one of {', '.join(CRITERIA)}")
     targets = _as_targets(budgets)
+    path: list[Step] = list(replay)
+
+    def take(step: Step) -> ChannelConfig:
+        path.append(step)
+        if on_step:
+            on_step(step)
+        return model.config_of(step.widths)
+
     if replay:
-        path = list(replay)
         config = model.config_of(path[-1].widths)
     else:
         config = model.full_config()
         s = score(config)
-        path = [Step(0, None, None, None, s.acc, s.loss, cost_fn(config), widths=dict(config.widths), move="start")]
-        if on_step:
-            on_step(path[0])
+        take(Step(0, None, None, None, s.acc, s.loss, cost_fn(config), widths=dict(config.widths), move="start"))
     pending = [t for t in targets if not any(t.met(st.costs) for st in path)]
     while True:
         current = path[-1]
@@ -227,45 +235,52 @@ def slim(model: SlimmableNet, score_candidates: Callable[..., list[Score | None]
         # the current config misses every pending target, so some budget of theirs binds
         binding = _binding([b for t in pending for b in t.budgets], current.costs)
         assert binding is not None
-        candidates, costs = [], []
-        for u in model.units:
-            found = _shrink(model, config, u, binding.kind, current.costs[binding.kind], cost_fn)
-            if found is not None:
-                candidates.append((u, found[0]))
-                costs.append(found[1])
+        candidates, costs = _proposals(model, config, _shrink, binding.kind, current.costs[binding.kind], cost_fn)
         if not candidates:  # the narrowest config: continue from a known config that meets a pending target
             known_costs = [(c, cost_fn(c)) for c in (model.uniform_configs() if known is None else known)]
             step = _jump(score, known_costs, pending, len(path))
             if step is None:
                 raise BudgetError(_refusal(pending[0], model, known_costs, path))
-            path.append(step)
-            config = model.config_of(step.widths)
-            if on_step:
-                on_step(step)
+            config = take(step)
             continue
         # Prefer proposals that lower the binding cost; when none does (every unit is on a
         # plateau to its narrowest width), take the best one anyway and walk on.
         keep = [i for i, c in enumerate(costs) if c[binding.kind] < current.costs[binding.kind]]
         per_cost = criterion == "acc-per-cost" and bool(keep)
         keep = keep or list(range(len(candidates)))
-        saved = [current.costs[binding.kind] - costs[i][binding.kind] for i in keep]
-
-        def rank(base: Score, j: int, s: Score) -> tuple:
-            """The criterion's order (smaller first), given the current config's score on the same images."""
-            drop = base.acc - s.acc
-            return (drop / saved[j] if per_cost else drop, s.loss, -saved[j], j)
-
+        rank = _criterion_rank(per_cost, [current.costs[binding.kind] - costs[i][binding.kind] for i in keep])
         # a scorer that prunes (hwslim.search.evaluator.Halving) may leave out candidates: None
         scores = score_candidates(config, [candidates[i] for i in keep], rank=rank)
         base = Score(current.acc, current.loss)
         j = min((j for j, sc in enumerate(scores) if sc is not None), key=lambda j: rank(base, j, scores[j]))
         i = keep[j]
         unit_name, config = candidates[i]
-        step = Step(len(path), unit_name, current.widths[unit_name], config.widths[unit_name], scores[j].acc,
-                    scores[j].loss, costs[i], binding.label, dict(config.widths))
-        path.append(step)
-        if on_step:
-            on_step(step)
+        take(Step(len(path), unit_name, current.widths[unit_name], config.widths[unit_name], scores[j].acc,
+                  scores[j].loss, costs[i], binding.label, dict(config.widths)))
+
+
+def _criterion_rank(per_cost: bool, saved: Sequence[float]) -> Callable[[Score, int, Score], tuple]:
+    """The criterion's order of a step's candidates (smaller first): ``rank(base, j, score)`` of candidate
+    ``j``, which saves ``saved[j]`` of the binding cost, given the current config's score ``base`` on the
+    same images."""
+    def rank(base: Score, j: int, s: Score) -> tuple:
+        drop = base.acc - s.acc
+        return (drop / saved[j] if per_cost else drop, s.loss, -saved[j], j)
+
+    return rank
+
+
+def _proposals(model: SlimmableNet, config: ChannelConfig, propose: Callable[..., tuple | None], *args
+               ) -> tuple[list[tuple[str, ChannelConfig]], list[dict[str, float]]]:
+    """Every unit's proposal from ``config`` as candidates and their costs: ``propose(model, config,
+    unit, *args)`` (:func:`_shrink`, :func:`_widen`) gives a config and its costs, or None."""
+    candidates, costs = [], []
+    for u in model.units:
+        found = propose(model, config, u, *args)
+        if found is not None:
+            candidates.append((u, found[0]))
+            costs.append(found[1])
+    return candidates, costs
 
 
 def _jump(score, known_costs, pending: Sequence[Target], index: int) -> Step | None:
@@ -324,12 +339,7 @@ def fill_budget(model: SlimmableNet,
     steps: list[Step] = []
     current, config = start, model.config_of(start.widths)
     for n in range(1, max_steps + 1):
-        candidates, costs = [], []
-        for u in model.units:
-            found = _widen(model, config, u, target, cost_fn)
-            if found is not None:
-                candidates.append((u, found[0]))
-                costs.append(found[1])
+        candidates, costs = _proposals(model, config, _widen, target, cost_fn)
         if not candidates:
             break
         spent = [max((c[b.kind] - current.costs[b.kind]) / b.value for b in target.budgets) for c in costs]
@@ -543,71 +553,210 @@ def _file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def greedy_search(checkpoint, budgets: Sequence[Budget], *, table=None, criterion: str = DEFAULT_CRITERION,
-                  out_dir: str | Path | None = None, resume: bool = False, force: bool = False,
-                  device: str = "cpu", scoring: Scoring | None = None,
-                  max_images: int | None = None, batch: int = 1, progress: bool = True,
-                  plot: bool = True, images=None, labels=None, force_table: bool = False,
-                  log: Callable[[str], None] | None = None, fill: bool = True,
-                  fill_steps: int = DEFAULT_FILL_STEPS) -> SearchResult:
+@dataclass(frozen=True)
+class SearchOptions:
+    """How :func:`greedy_search` runs. ``None`` means the default named in the field's comment."""
+
+    criterion: str = DEFAULT_CRITERION  # see CRITERIA
+    out_dir: str | Path | None = None  # None: write nothing (no resume either)
+    resume: bool = False  # continue the search whose state out_dir holds
+    force: bool = False  # start over even if out_dir holds a search or its outputs
+    device: str = "cpu"  # where the evaluations run
+    scoring: Scoring = field(default_factory=Scoring)  # how configs are scored (default: its measured defaults)
+    max_images: int | None = None  # at most this many search-split images; None: all
+    batch: int = 1  # the inference batch the budgets refer to
+    progress: bool = True  # progress bars on stderr
+    plot: bool = True  # score the uniform-width configs (uniform.csv) and draw search.png
+    force_table: bool = False  # use a table measured on another setup (--force)
+    fill: bool = True  # spend each target's slack (fill_budget)
+    fill_steps: int = DEFAULT_FILL_STEPS  # at most this many widening steps per target
+
+    @property
+    def out(self) -> Path | None:
+        return Path(self.out_dir) if self.out_dir is not None else None
+
+
+def greedy_search(checkpoint, budgets: Sequence[Budget], options: SearchOptions | None = None, *, table=None,
+                  images=None, labels=None, log: Callable[[str], None] | None = None) -> SearchResult:
     """Search ``checkpoint``'s supernet for every target of ``budgets`` (:func:`targets_of`).
 
-    ``out_dir`` receives one ChannelConfig JSON per target (``config_<kind>_<value>.json``
+    ``options.out_dir`` receives one ChannelConfig JSON per target (``config_<kind>_<value>.json``
     after the target's own budget), ``path.csv`` (the whole walk), ``fill.csv`` (each
     target's grow-back, :func:`fill_budget`, unless ``fill`` is False),
-    ``search_state.json`` (for ``resume``) and ``search.png``. The search split
-    comes from the checkpoint (``hwslim.importing.data.search_split``) unless ``images``/``labels``
-    are given. ``force_table`` uses a ``table`` measured on another setup (``--force``).
-    ``scoring`` (:class:`hwslim.search.evaluator.Scoring`, default its measured defaults) says how
-    configs are scored: the walk, the budget filling and the uniform-width configs alike.
+    ``search_state.json`` (for ``resume``, :class:`SearchState`) and ``search.png``. ``table``
+    (a latency table: ``predict_ms``, ``check_compatible``, ``lower_bound_ms``; the caller
+    loads it) prices latency budgets. The search split comes from the checkpoint
+    (``hwslim.importing.data.search_split``) unless ``images``/``labels`` are given.
     ``log`` gets a line saying what is scored, once every check has passed.
     """
     import pandas as pd
 
-    from hwslim.search import distributed as dist
-
+    opts = options or SearchOptions()
     log = log or (lambda msg: print(msg, file=sys.stderr))
     budgets = list(budgets)
     if not budgets:
         raise HwslimError("give at least one budget (--latency-ms, --memory-mb, --params-m or --macs-m)")
     targets = targets_of(budgets)
-    scoring = Scoring() if scoring is None else scoring
-    model: SlimmableNet = checkpoint.model.to(device)
+    model: SlimmableNet = checkpoint.model.to(opts.device)
+    cost_fn = _checked_costs(model, targets, table, opts)
+    state = SearchState.open(opts.out, search_settings(checkpoint, targets, opts, table), model, cost_fn,
+                             resume=opts.resume, force=opts.force, log=log)
+    score_candidates, score = _scorers(checkpoint, model, budgets, opts, images, labels, state.replay, log)
+    with WalkProgress(cost_fn(model.full_config()), budgets, opts.progress and dist.is_writer(),
+                      state.replay) as bar:
+
+        def on_step(step: Step) -> None:
+            state.record(step)
+            bar.update(step)
+
+        path = slim(model, score_candidates, score, cost_fn, targets, criterion=opts.criterion,
+                    replay=state.replay, on_step=on_step)
+    walked = pick_steps(path, targets)
+    fills = _fill_budgets(model, score_candidates, cost_fn, walked, targets, opts, dist.is_writer()) \
+        if opts.fill else [[] for _ in targets]
+    configs = [_chosen_config(model, t, st, fl) for t, st, fl in zip(targets, walked, fills)]
+    out = opts.out
+    result = SearchResult(configs, pd.DataFrame([s.row() for s in path]), path, out,
+                          files=[config_file(out, t) for t in targets] if out else [], targets=targets, fills=fills)
+    if out is not None and dist.is_writer():
+        write_outputs(result, state.settings, opts)
+        if opts.plot:
+            write_plot(result, score_uniform(model, score, cost_fn, opts.progress))
+    return result
+
+
+def _checked_costs(model: SlimmableNet, targets: Sequence[Target], table, opts: SearchOptions
+                   ) -> Callable[[ChannelConfig], dict[str, float]]:
+    """The search's cost function, once ``table`` fits the model and every target is within reach."""
     if table is not None:
-        table.check_compatible(model, batch=batch, force=force_table)
-    cost_fn = lambda cfg: config_costs(model, cfg, table, batch)  # noqa: E731
+        table.check_compatible(model, batch=opts.batch, force=opts.force_table)
+    cost_fn = lambda cfg: config_costs(model, cfg, table, opts.batch)  # noqa: E731
     check_feasible(model, targets, cost_fn,
-                   table.lower_bound_ms(model, batch) if table is not None and any(
+                   table.lower_bound_ms(model, opts.batch) if table is not None and any(
                        b.kind == "latency_ms" for t in targets for b in t.budgets) else None)
-    out = Path(out_dir) if out_dir is not None else None
-    settings = {
+    return cost_fn
+
+
+def _scorers(checkpoint, model: SlimmableNet, budgets: Sequence[Budget], opts: SearchOptions, images, labels,
+             replay: Sequence[Step], log: Callable[[str], None]) -> tuple[Callable, Callable]:
+    """``(score_candidates, score)`` on the search split (sharded under torchrun), and the line saying so."""
+    scoring = opts.scoring
+    if images is None:
+        from hwslim.importing.data import search_split
+
+        images, labels = search_split(checkpoint, device=opts.device, max_images=opts.max_images)
+    chunk = scoring.chunk(images)
+    score_candidates, score = scoring.build(model, images.to(opts.device), labels.to(opts.device),
+                                            wrap=dist.sharded)
+    del images  # the evaluators hold their own (channels-last) copy of the split
+    if dist.is_writer():
+        log(f"searching {', '.join(b.label for b in budgets)} on {len(labels):,} search-split images: "
+            f"{scoring.describe(len(labels), chunk)}, {opts.device}"
+            + (f"; resuming after step {len(replay) - 1}" if replay else ""))
+    return score_candidates, score
+
+
+def _fill_budgets(model: SlimmableNet, score_candidates, cost_fn, walked: Sequence[Step],
+                  targets: Sequence[Target], opts: SearchOptions, is_writer: bool) -> list[list[Step]]:
+    """:func:`fill_budget` for every target, from its config on the walk, with a progress bar."""
+    fills = []
+    with _progress_bar(opts.progress and is_writer, total=len(targets), unit="config",
+                       desc="filling the budgets (widening units back)") as bar:
+
+        def on_widen(step: Step) -> None:
+            bar.set_postfix(widened=step.step, acc=f"{step.acc:.3f}")
+
+        for st, t in zip(walked, targets):
+            fills.append(fill_budget(model, score_candidates, cost_fn, st, t, max_steps=opts.fill_steps,
+                                     on_step=on_widen))
+            bar.update(1)
+    return fills
+
+
+# -- progress --------------------------------------------------------------------------------------
+def _progress_bar(enabled: bool, **kw):
+    """A tqdm bar on stderr; one not ``enabled`` shows nothing."""
+    from tqdm.auto import tqdm
+
+    return tqdm(disable=not enabled, dynamic_ncols=True, **kw)
+
+
+class WalkProgress:
+    """The walk's progress bar: % of the way from the full config to the budget met last.
+
+    Costs fall about evenly per step, so the bar's rate gives a fair ETA. A context
+    manager; it shows nothing unless ``enabled``.
+    """
+
+    def __init__(self, full_costs: Mapping[str, float], budgets: Sequence[Budget], enabled: bool,
+                 replay: Sequence[Step] = ()) -> None:
+        self.full_costs, self.budgets = full_costs, list(budgets)
+        self.bar = _progress_bar(enabled, desc="greedy search (% of the way to the budgets)", total=100, unit="%",
+                                 bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt}% [{elapsed}<{remaining}{postfix}]")
+        if replay:
+            self.bar.update(self.done_pct(replay[-1].costs))
+
+    def done_pct(self, costs: Mapping[str, float]) -> int:
+        full = self.full_costs
+        fracs = [min(1.0, max(0.0, (full[b.kind] - costs[b.kind]) / (full[b.kind] - b.value)))
+                 if full[b.kind] > b.value else 1.0 for b in self.budgets]
+        return int(100 * min(fracs))
+
+    def update(self, step: Step) -> None:
+        shown = {k: round(step.costs[k], 3) for k in ("latency_ms", "memory_mb", "params_m", "macs_m")
+                 if k in step.costs}
+        self.bar.set_postfix(step=step.step, acc=f"{step.acc:.3f}", **shown)
+        self.bar.update(max(0, self.done_pct(step.costs) - self.bar.n))
+
+    def __enter__(self) -> WalkProgress:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.close()
+
+
+# -- resume: the search state file -----------------------------------------------------------------
+def search_settings(checkpoint, targets: Sequence[Target], opts: SearchOptions, table) -> dict:
+    """What a resumed search must share with the one that wrote the state (stored in it)."""
+    return {
         "checkpoint": str(getattr(checkpoint, "path", "") or ""),
         "checkpoint_sha256": _file_digest(checkpoint.path) if getattr(checkpoint, "path", None) else "",
-        "targets": [t.label for t in targets], "criterion": criterion, "scoring": asdict(scoring), "batch": batch,
-        "max_images": max_images,
+        "targets": [t.label for t in targets], "criterion": opts.criterion, "scoring": asdict(opts.scoring),
+        "batch": opts.batch, "max_images": opts.max_images,
         "table": str(table.path) if table is not None and getattr(table, "path", None) else None,
     }
-    replay: list[Step] = []
-    state_file = out / STATE_NAME if out is not None else None
-    if out is not None:
+
+
+class SearchState:
+    """``OUT/search_state.json``: a search's settings and its path so far, what ``resume`` continues.
+
+    :meth:`record` rewrites it atomically after every step (the writing process only), so
+    a search killed at any point resumes to the identical result. Without an output
+    folder it only keeps the steps.
+    """
+
+    def __init__(self, file: Path | None, settings: dict, replay: Sequence[Step] = ()) -> None:
+        self.file, self.settings = file, settings
+        self.replay: list[Step] = list(replay)  # the saved path a resumed search continues from
+        self.steps: list[Step] = list(replay)
+        self.writes = file is not None and dist.is_writer()
+
+    @classmethod
+    def open(cls, out: Path | None, settings: dict, model: SlimmableNet, cost_fn, *, resume: bool, force: bool,
+             log: Callable[[str], None]) -> SearchState:
+        """The state to continue from in ``out``, after refusing outputs that are not to be replaced."""
+        if out is None:
+            return cls(None, settings)
+        state_file = out / STATE_NAME
         check_output(out, kind="dir")
         remove_stale_temporaries(out)  # left by a search killed while saving its state
-    if state_file is not None and state_file.exists():
-        if resume:
-            try:
-                state = json.loads(state_file.read_text())
-                steps_saved = [Step(**st) for st in state["steps"]]
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
-                raise HwslimError(f"{state_file} is not a readable search state ({type(e).__name__}); "
-                                  "delete it or pass --force to start over") from None
-            if state.get("settings") != settings:
-                raise HwslimError(f"{state_file} was written by a search with other settings; "
-                                  "start a new --out directory or repeat the original command")
-            replay = _checked_replay(model, steps_saved, cost_fn, state_file)
-        elif not force:
-            raise OutputExistsError(f"{out} already holds a search; pass --resume to continue it "
-                                    "or --force to start over")
-    elif out is not None:
+        if state_file.exists():
+            if resume:
+                return cls(state_file, settings, _read_state(state_file, settings, model, cost_fn))
+            if not force:
+                raise OutputExistsError(f"{out} already holds a search; pass --resume to continue it "
+                                        "or --force to start over")
+            return cls(state_file, settings)
         found = existing_outputs(out)
         if found and not force:  # outputs of a finished search whose state is gone, or anyone's files
             raise OutputExistsError(f"{out} already holds {', '.join(p.name for p in found[:4])}"
@@ -615,107 +764,65 @@ def greedy_search(checkpoint, budgets: Sequence[Budget], *, table=None, criterio
                                     "pass --force to replace them or give another --out")
         if resume:
             log(f"note: nothing to resume in {out} (no {STATE_NAME}): starting the search")
-    if images is None:
-        from hwslim.importing.data import search_split
+        return cls(state_file, settings)
 
-        images, labels = search_split(checkpoint, device=device, max_images=max_images)
-    chunk = scoring.chunk(images)
-    score_candidates, score = scoring.build(model, images.to(device), labels.to(device), wrap=dist.sharded)
-    del images  # the evaluators hold their own (channels-last) copy of the split
-    if log is not None and dist.is_writer():
-        log(f"searching {', '.join(b.label for b in budgets)} on {len(labels):,} search-split images: "
-            f"{scoring.describe(len(labels), chunk)}, {device}" + (f"; resuming after step {len(replay) - 1}" if replay else ""))
-    is_writer = dist.is_writer()
+    def record(self, step: Step) -> None:
+        self.steps.append(step)
+        if self.writes:
+            atomic_write_text(self.file, json.dumps({"settings": self.settings,
+                                                     "steps": [asdict(s) for s in self.steps]}, sort_keys=True))
 
-    bar = None
-    full_costs = cost_fn(model.full_config())
 
-    def done_pct(costs: Mapping[str, float]) -> int:
-        """How far the walk is, in % of the way from the full config to the budget it meets last
-        (costs fall about evenly per step, so the bar's rate gives a fair ETA)."""
-        fracs = [min(1.0, max(0.0, (full_costs[b.kind] - costs[b.kind]) / (full_costs[b.kind] - b.value)))
-                 if full_costs[b.kind] > b.value else 1.0 for b in budgets]
-        return int(100 * min(fracs))
-
-    if progress and is_writer:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(desc="greedy search (% of the way to the budgets)", total=100, unit="%", dynamic_ncols=True,
-                   bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt}% [{elapsed}<{remaining}{postfix}]")
-        if replay:
-            bar.update(done_pct(replay[-1].costs))
-
-    steps: list[Step] = list(replay)
-
-    def on_step(step: Step) -> None:
-        steps.append(step)
-        if state_file is not None and is_writer:
-            atomic_write_text(state_file, json.dumps({"settings": settings, "steps": [asdict(s) for s in steps]},
-                                                     sort_keys=True))
-        if bar is not None:
-            shown = {k: round(step.costs[k], 3) for k in ("latency_ms", "memory_mb", "params_m", "macs_m")
-                     if k in step.costs}
-            bar.set_postfix(step=step.step, acc=f"{step.acc:.3f}", **shown)
-            bar.update(max(0, done_pct(step.costs) - bar.n))
-
+def _read_state(state_file: Path, settings: dict, model: SlimmableNet, cost_fn) -> list[Step]:
+    """The path saved in ``state_file``, refused unless its settings are ``settings`` (:func:`_checked_replay`)."""
     try:
-        path = slim(model, score_candidates, score, cost_fn, targets, criterion=criterion, replay=replay,
-                    on_step=on_step)
-    finally:
-        if bar is not None:
-            bar.close()
-    walked = pick_steps(path, targets)
-    fills: list[list[Step]] = [[] for _ in targets]
-    if fill:
-        fill_bar = None
-        if progress and is_writer:
-            from tqdm.auto import tqdm
+        state = json.loads(state_file.read_text())
+        steps_saved = [Step(**st) for st in state["steps"]]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise HwslimError(f"{state_file} is not a readable search state ({type(e).__name__}); "
+                          "delete it or pass --force to start over") from None
+    if state.get("settings") != settings:
+        raise HwslimError(f"{state_file} was written by a search with other settings; "
+                          "start a new --out directory or repeat the original command")
+    return _checked_replay(model, steps_saved, cost_fn, state_file)
 
-            fill_bar = tqdm(total=len(targets), desc="filling the budgets (widening units back)", unit="config",
-                            dynamic_ncols=True)
 
-        def on_widen(step: Step) -> None:
-            if fill_bar is not None:
-                fill_bar.set_postfix(widened=step.step, acc=f"{step.acc:.3f}")
+# -- outputs ---------------------------------------------------------------------------------------
+def score_uniform(model: SlimmableNet, score: Callable[[ChannelConfig], Score], cost_fn,
+                  progress: bool = True) -> list[dict]:
+    """The uniform-width configs, scored and costed (``uniform.csv``; drawn in ``search.png``)."""
+    uniform = _progress_bar(progress, iterable=list(enumerate(model.uniform_configs(), start=1)),
+                            desc="scoring uniform-width configs (for search.png)", unit="config")
+    return [{"step": s, "acc": (sc := score(u)).acc, "loss": sc.loss, **cost_fn(u)} for s, u in uniform]
 
-        try:
-            fills = []
-            for st, t in zip(walked, targets):
-                fills.append(fill_budget(model, score_candidates, cost_fn, st, t, max_steps=fill_steps,
-                                         on_step=on_widen))
-                if fill_bar is not None:
-                    fill_bar.update(1)
-        finally:
-            if fill_bar is not None:
-                fill_bar.close()
-    configs = [_chosen_config(model, t, st, fl) for t, st, fl in zip(targets, walked, fills)]
-    frame = pd.DataFrame([s.row() for s in path])
-    result = SearchResult(configs, frame, path, out, files=[config_file(out, t) for t in targets] if out else [],
-                          targets=targets, fills=fills)
-    if out is not None and is_writer:
-        provenance = {"produced_by": "hwslim search", "checkpoint": settings["checkpoint"],
-                      "checkpoint_sha256": settings["checkpoint_sha256"], "table": settings["table"],
-                      "criterion": criterion, "bn": scoring.bn}
-        for t, cfg in zip(targets, configs):
-            cfg.with_meta(**provenance).save(config_file(out, t), force=True)
-        frame.to_csv(out / "path.csv", index=False)
-        if fill:
-            pd.DataFrame([{"target": t.label, **st.row()} for t, fl in zip(targets, fills) for st in fl],
-                         columns=["target", *path[0].row()]
-                         ).to_csv(out / "fill.csv", index=False)
-        if plot:
-            uniform = list(enumerate(model.uniform_configs(), start=1))
-            if progress:
-                from tqdm.auto import tqdm
 
-                uniform = tqdm(uniform, desc="scoring uniform-width configs (for search.png)", unit="config",
-                               dynamic_ncols=True)
-            result.uniform = [{"step": s, "acc": (sc := score(u)).acc, "loss": sc.loss, **cost_fn(u)}
-                              for s, u in uniform]
-            pd.DataFrame(result.uniform).to_csv(out / "uniform.csv", index=False)
-            plot_path(frame, pd.DataFrame(result.uniform), [t.budget for t in targets], out / "search.png",
-                      chosen=configs)
-    return result
+def write_outputs(result: SearchResult, settings: Mapping, opts: SearchOptions) -> None:
+    """Write ``result`` to its ``out_dir``: the configs (with provenance from ``settings``,
+    :func:`search_settings`), ``path.csv`` and ``fill.csv`` (with ``opts.fill``)."""
+    import pandas as pd
+
+    out, targets, path = result.out_dir, result.targets, result.steps
+    provenance = {"produced_by": "hwslim search", "checkpoint": settings["checkpoint"],
+                  "checkpoint_sha256": settings["checkpoint_sha256"], "table": settings["table"],
+                  "criterion": opts.criterion, "bn": opts.scoring.bn}
+    for t, cfg in zip(targets, result.configs):
+        cfg.with_meta(**provenance).save(config_file(out, t), force=True)
+    result.path.to_csv(out / "path.csv", index=False)
+    if opts.fill:
+        pd.DataFrame([{"target": t.label, **st.row()} for t, fl in zip(targets, result.fills) for st in fl],
+                     columns=["target", *path[0].row()]
+                     ).to_csv(out / "fill.csv", index=False)
+
+
+def write_plot(result: SearchResult, uniform: list[dict]) -> None:
+    """Keep the scored uniform-width configs (:func:`score_uniform`) in ``result`` and write them to
+    its ``out_dir``: ``uniform.csv``, and ``search.png`` (:func:`plot_path`)."""
+    import pandas as pd
+
+    result.uniform = uniform
+    pd.DataFrame(uniform).to_csv(result.out_dir / "uniform.csv", index=False)
+    plot_path(result.path, pd.DataFrame(uniform), [t.budget for t in result.targets], result.out_dir / "search.png",
+              chosen=result.configs)
 
 
 AXIS_LABELS = {  # budget kind -> axis label
