@@ -66,6 +66,62 @@ META_COLUMNS = ("cin", "cout", "x_slice", "res_slice", "bn_row")
 
 
 @triton.jit
+def _tile_ids(C_OUT_ALLOC, BLOCK_N: tl.constexpr):
+    """This program's (slice, pixel tile, channel tile). Channel tiles run fastest, so
+    neighbouring programs share the activation tile and read it from L2."""
+    pid = tl.program_id(0)
+    n_tiles = tl.cdiv(C_OUT_ALLOC, BLOCK_N)
+    return tl.program_id(1), pid // n_tiles, pid % n_tiles
+
+
+@triton.jit
+def _pixels(pid_m, B, OH, OW, BLOCK_M: tl.constexpr):
+    """The output pixels of pixel tile ``pid_m``: (offsets, in range, image, row, column)."""
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rem = offs_m % (OH * OW)
+    return offs_m, offs_m < B * OH * OW, offs_m // (OH * OW), rem // OW, rem % OW
+
+
+@triton.jit
+def _aligned(c, W_ALIGN: tl.constexpr):
+    """``c`` rounded down to a multiple of ``W_ALIGN``: no value change (the host guarantees
+    the multiple), but a divisibility the compiler tracks, so channel masks stay uniform per vector."""
+    if W_ALIGN > 1:
+        c = (c // W_ALIGN) * W_ALIGN
+    return c
+
+
+@triton.jit
+def _act(y, ACT: tl.constexpr):
+    """The activation of code ``ACT`` (see ``ACT_CODES``)."""
+    if ACT == 1:
+        y = tl.maximum(y, 0.0)
+    elif ACT == 2:
+        y = tl.minimum(tl.maximum(y, 0.0), 6.0)
+    return y
+
+
+@triton.jit
+def _depthwise_taps(rows, offs_c, c_ok, m_ok, oh, ow, H, W, shh, shw, shc, w_ptr, sw0, sw2, sw3,
+                    KSIZE: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    """A depthwise conv's fp32 sums for BLOCK_M pixels (``rows``: their images' base
+    pointers) x BLOCK_C channels ``offs_c``, the taps done with FMAs."""
+    acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
+    for kh in tl.static_range(KSIZE):
+        ih = oh * STRIDE - PAD + kh
+        h_ok = m_ok & (ih >= 0) & (ih < H)
+        for kw in tl.static_range(KSIZE):
+            iw = ow * STRIDE - PAD + kw
+            ok = h_ok & (iw >= 0) & (iw < W)
+            xv = tl.load((rows + ih * shh + iw * shw)[:, None] + offs_c[None, :] * shc,
+                         mask=ok[:, None] & c_ok[None, :], other=0.0)
+            wv = tl.load(w_ptr + offs_c * sw0 + kh * sw2 + kw * sw3, mask=c_ok, other=0.0)
+            acc += xv.to(tl.float32) * wv.to(tl.float32)[None, :]
+    return acc
+
+
+@triton.jit
 def _epilogue(acc, offs_m, offs_n, m_ok, n_img, oh, ow, sl, pid_m, cout, B, C_OUT_ALLOC,
               scale_ptr, shift_ptr, bn_row, s_bn, res_ptr, rs, srn, src, srh, srw,
               y_ptr, syn, syc, syh, syw, part_ptr, T_MAX,
@@ -100,10 +156,7 @@ def _epilogue(acc, offs_m, offs_n, m_ok, n_img, oh, ow, sl, pid_m, cout, B, C_OU
             r_ptrs = res_ptr + r_row[:, None] * srn + offs_n[None, :] * src + (oh * srh + ow * srw)[:, None]
             r = tl.load(r_ptrs, mask=m_ok[:, None] & c_ok[None, :], other=0.0)
             y += r.to(tl.float32)
-        if ACT == 1:
-            y = tl.maximum(y, 0.0)
-        elif ACT == 2:
-            y = tl.minimum(tl.maximum(y, 0.0), 6.0)
+        y = _act(y, ACT)
     y = tl.where(c_ok[None, :], y, 0.0)  # padded channels are exact zeros
     y_row = (sl * B + n_img).to(tl.int64)
     y_ptrs = y_ptr + y_row[:, None] * syn + offs_n[None, :] * syc + (oh * syh + ow * syw)[:, None]
@@ -122,11 +175,7 @@ def conv_kernel(
     STATS: tl.constexpr, BN_SLICE: tl.constexpr, VEC: tl.constexpr, W_ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    sl = tl.program_id(1)
-    n_tiles = tl.cdiv(C_OUT_ALLOC, BLOCK_N)
-    pid_n = pid % n_tiles  # channel tiles fastest: neighbours share the activation tile
-    pid_m = pid // n_tiles
+    sl, pid_m, pid_n = _tile_ids(C_OUT_ALLOC, BLOCK_N)
     if MULTI:
         cin = tl.load(meta_ptr + sl * 5)
         cout = tl.load(meta_ptr + sl * 5 + 1)
@@ -146,20 +195,11 @@ def conv_kernel(
     sxn, sxh, sxw = sxn * VEC, sxh * VEC, sxw * VEC
     srn, srh, srw = srn * VEC, srh * VEC, srw * VEC
     syn, syh, syw = syn * VEC, syh * VEC, syw * VEC
-    if W_ALIGN > 1:
-        cin = (cin // W_ALIGN) * W_ALIGN  # the host guarantees it: no value change
-        cout = (cout // W_ALIGN) * W_ALIGN
-        C_OUT_ALLOC = (C_OUT_ALLOC // W_ALIGN) * W_ALIGN
+    cin, cout, C_OUT_ALLOC = _aligned(cin, W_ALIGN), _aligned(cout, W_ALIGN), _aligned(C_OUT_ALLOC, W_ALIGN)
 
-    M = B * OH * OW
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m, m_ok, n_img, oh, ow = _pixels(pid_m, B, OH, OW, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
-    m_ok = offs_m < M
-    n_img = offs_m // (OH * OW)
-    rem = offs_m % (OH * OW)
-    oh = rem // OW
-    ow = rem % OW
     x_rows = x_ptr + (xs * B + n_img).to(tl.int64) * sxn
     w_cols = w_ptr + offs_n.to(tl.int64) * sw0
     n_ok = offs_n < cout
@@ -205,11 +245,7 @@ def dw_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Depthwise: channel c reads input channel c only; BLOCK_M pixels x BLOCK_N channels."""
-    pid = tl.program_id(0)
-    sl = tl.program_id(1)
-    n_tiles = tl.cdiv(C_OUT_ALLOC, BLOCK_N)
-    pid_n = pid % n_tiles
-    pid_m = pid // n_tiles
+    sl, pid_m, pid_n = _tile_ids(C_OUT_ALLOC, BLOCK_N)
     if MULTI:
         c = tl.load(meta_ptr + sl * 5 + 1)
         xs = tl.load(meta_ptr + sl * 5 + 2)
@@ -224,31 +260,13 @@ def dw_kernel(
     sxn, sxh, sxw = sxn * VEC, sxh * VEC, sxw * VEC  # hints, as in conv_kernel
     srn, srh, srw = srn * VEC, srh * VEC, srw * VEC
     syn, syh, syw = syn * VEC, syh * VEC, syw * VEC
-    if W_ALIGN > 1:
-        c = (c // W_ALIGN) * W_ALIGN  # a divisibility hint the compiler tracks
-        C_OUT_ALLOC = (C_OUT_ALLOC // W_ALIGN) * W_ALIGN
+    c, C_OUT_ALLOC = _aligned(c, W_ALIGN), _aligned(C_OUT_ALLOC, W_ALIGN)
 
-    M = B * OH * OW
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m, m_ok, n_img, oh, ow = _pixels(pid_m, B, OH, OW, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_ok = offs_m < M
-    n_img = offs_m // (OH * OW)
-    rem = offs_m % (OH * OW)
-    oh = rem // OW
-    ow = rem % OW
-    c_ok = offs_n < c
     x_rows = x_ptr + (xs * B + n_img).to(tl.int64) * sxn
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kh in tl.static_range(KSIZE):
-        ih = oh * STRIDE - PAD + kh
-        h_ok = m_ok & (ih >= 0) & (ih < H)
-        for kw in tl.static_range(KSIZE):
-            iw = ow * STRIDE - PAD + kw
-            ok = h_ok & (iw >= 0) & (iw < W)
-            xv = tl.load((x_rows + ih * sxh + iw * sxw)[:, None] + offs_n[None, :] * sxc,
-                         mask=ok[:, None] & c_ok[None, :], other=0.0)
-            wv = tl.load(w_ptr + offs_n * sw0 + kh * sw2 + kw * sw3, mask=c_ok, other=0.0)
-            acc += xv.to(tl.float32) * wv.to(tl.float32)[None, :]
+    acc = _depthwise_taps(x_rows, offs_n, offs_n < c, m_ok, oh, ow, H, W, sxh, sxw, sxc, w_ptr, sw0, sw2, sw3,
+                          KSIZE, STRIDE, PAD, BLOCK_M, BLOCK_N)
 
     _epilogue(acc, offs_m, offs_n, m_ok, n_img, oh, ow, sl, pid_m, c, B, C_OUT_ALLOC,
               scale_ptr, shift_ptr, bn_row, s_bn, res_ptr, rs, srn, src, srh, srw,
@@ -264,11 +282,7 @@ def _bn_act_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """In place: ``y = act(y * scale + shift + residual)``, the second half of batch-stats BN."""
-    pid = tl.program_id(0)
-    sl = tl.program_id(1)
-    n_tiles = tl.cdiv(C_OUT_ALLOC, BLOCK_N)
-    pid_n = pid % n_tiles
-    pid_m = pid // n_tiles
+    sl, pid_m, pid_n = _tile_ids(C_OUT_ALLOC, BLOCK_N)
     if MULTI:
         cout = tl.load(meta_ptr + sl * 5 + 1)
         rs = tl.load(meta_ptr + sl * 5 + 3)
@@ -279,16 +293,9 @@ def _bn_act_kernel(
         bn_row = 0
     srn, srh, srw = srn * VEC, srh * VEC, srw * VEC  # hints, as in conv_kernel
     syn, syh, syw = syn * VEC, syh * VEC, syw * VEC
-    if W_ALIGN > 1:
-        cout = (cout // W_ALIGN) * W_ALIGN
-        C_OUT_ALLOC = (C_OUT_ALLOC // W_ALIGN) * W_ALIGN
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cout, C_OUT_ALLOC = _aligned(cout, W_ALIGN), _aligned(C_OUT_ALLOC, W_ALIGN)
+    offs_m, m_ok, n_img, oh, ow = _pixels(pid_m, B, OH, OW, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_ok = offs_m < B * OH * OW
-    n_img = offs_m // (OH * OW)
-    rem = offs_m % (OH * OW)
-    oh = rem // OW
-    ow = rem % OW
     y_row = (sl * B + n_img).to(tl.int64)
     y_ptrs = y_ptr + y_row[:, None] * syn + offs_n[None, :] * syc + (oh * syh + ow * syw)[:, None]
     acc = tl.load(y_ptrs, mask=m_ok[:, None] & (offs_n < C_OUT_ALLOC)[None, :], other=0.0).to(tl.float32)
@@ -317,11 +324,7 @@ def dw_project_kernel(
     ``meta`` rows are the 1x1 layer's slices; their ``x_slice`` indexes ``dmeta``, the
     depthwise layer's rows, whose ``x_slice`` indexes the input.
     """
-    pid = tl.program_id(0)
-    sl = tl.program_id(1)
-    n_tiles = tl.cdiv(C_OUT_ALLOC, BLOCK_N)
-    pid_n = pid % n_tiles
-    pid_m = pid // n_tiles
+    sl, pid_m, pid_n = _tile_ids(C_OUT_ALLOC, BLOCK_N)
     if MULTI:
         c = tl.load(meta_ptr + sl * 5)
         cout = tl.load(meta_ptr + sl * 5 + 1)
@@ -340,20 +343,11 @@ def dw_project_kernel(
     shn, shh, shw = shn * VEC, shh * VEC, shw * VEC  # hints, as in conv_kernel
     srn, srh, srw = srn * VEC, srh * VEC, srw * VEC
     syn, syh, syw = syn * VEC, syh * VEC, syw * VEC
-    if W_ALIGN > 1:
-        c = (c // W_ALIGN) * W_ALIGN
-        cout = (cout // W_ALIGN) * W_ALIGN
-        C_OUT_ALLOC = (C_OUT_ALLOC // W_ALIGN) * W_ALIGN
+    c, cout, C_OUT_ALLOC = _aligned(c, W_ALIGN), _aligned(cout, W_ALIGN), _aligned(C_OUT_ALLOC, W_ALIGN)
 
-    M = B * OH * OW
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m, m_ok, n_img, oh, ow = _pixels(pid_m, B, OH, OW, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
-    m_ok = offs_m < M
-    n_img = offs_m // (OH * OW)
-    rem = offs_m % (OH * OW)
-    oh = rem // OW
-    ow = rem % OW
     h_rows = h_ptr + (hs * B + n_img).to(tl.int64) * shn
     n_ok = offs_n < cout
     wp_cols = wp_ptr + offs_n.to(tl.int64) * swp0
@@ -362,24 +356,11 @@ def dw_project_kernel(
     for c0 in range(0, k_hi, BLOCK_K):
         ck = c0 + offs_k
         k_ok = ck < c
-        d = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-        for kh in tl.static_range(KSIZE):
-            ih = oh * STRIDE - PAD + kh
-            h_ok = m_ok & (ih >= 0) & (ih < H)
-            for kw in tl.static_range(KSIZE):
-                iw = ow * STRIDE - PAD + kw
-                ok = h_ok & (iw >= 0) & (iw < W)
-                xv = tl.load((h_rows + ih * shh + iw * shw)[:, None] + ck[None, :] * shc,
-                             mask=ok[:, None] & k_ok[None, :], other=0.0)
-                wv = tl.load(wd_ptr + ck * swd0 + kh * swd2 + kw * swd3, mask=k_ok, other=0.0)
-                d += xv.to(tl.float32) * wv.to(tl.float32)[None, :]
+        d = _depthwise_taps(h_rows, ck, k_ok, m_ok, oh, ow, H, W, shh, shw, shc, wd_ptr, swd0, swd2, swd3,
+                            KSIZE, STRIDE, PAD, BLOCK_M, BLOCK_K)
         dsc = tl.load(dscale_ptr + bn_row_d * s_bn_d + ck, mask=k_ok, other=0.0)
         dsh = tl.load(dshift_ptr + bn_row_d * s_bn_d + ck, mask=k_ok, other=0.0)
-        d = d * dsc[None, :] + dsh[None, :]
-        if ACT_D == 1:
-            d = tl.maximum(d, 0.0)
-        elif ACT_D == 2:
-            d = tl.minimum(tl.maximum(d, 0.0), 6.0)
+        d = _act(d * dsc[None, :] + dsh[None, :], ACT_D)
         b = tl.load(wp_cols[None, :] + ck[:, None] * swp1, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         # d is rounded to the activation dtype as the unfused path rounds its stored output
         if DOT == 1:
