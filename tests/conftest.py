@@ -30,6 +30,37 @@ def _seed():
     torch.manual_seed(0)
 
 
+def randomize_batchnorm_stats(model: torch.nn.Module, mean: float = 0.5, var: tuple[float, float] = (0.5, 2.0),
+                              bias: float = 0.2) -> torch.nn.Module:
+    """Give every BatchNorm2d of ``model`` random statistics and affine parameters (drawn from
+    the global RNG, in place), so that BN folding, slicing and weight copies are exercised: a
+    fresh BN is the identity and would hide them. Returns ``model``."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-mean, mean)
+                m.running_var.uniform_(*var)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-bias, bias)
+    return model
+
+
+@pytest.fixture(name="randomize_batchnorm_stats")
+def _randomize_batchnorm_stats_fixture():
+    """:func:`randomize_batchnorm_stats` for a test (``randomize_batchnorm_stats(model, mean=0.2, var=(0.5, 1.5))``)."""
+    return randomize_batchnorm_stats
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One intra-op thread for the test (``pytestmark = pytest.mark.usefixtures("one_torch_thread")``):
+    on a shared 2-core box, two OpenMP threads per op wait on each other (15x slower measured)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def make_table():
     """``make_table(net, path, **meta)``: a complete latency table for every shape ``net``'s grids can

@@ -43,18 +43,12 @@ def test_reference_numbers():
 
 
 @pytest.mark.parametrize("name", NEW_FAMILIES)
-def test_outputs_equal_torchvisions_with_its_weights(name):
+def test_outputs_equal_torchvisions_with_its_weights(name, randomize_batchnorm_stats):
     """torchvision's model, random weights and BN statistics, copied in: the same logits."""
     from hwslim.importing.weights import copy_weights_in_order
 
     theirs = getattr(torchvision.models, name)(weights=None).eval()
-    with torch.no_grad():
-        for m in theirs.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.2, 0.2)
-                m.running_var.uniform_(0.5, 1.5)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.2, 0.2)
+    randomize_batchnorm_stats(theirs, mean=0.2, var=(0.5, 1.5))
     ours = create_model(name, width_mult=1.0).eval()
     copy_weights_in_order(theirs, ours)
     x = torch.randn(2, 3, 224, 224)
