@@ -75,6 +75,22 @@ def _tile_ids(C_OUT_ALLOC, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
+def _meta_row(meta_ptr, row, cin_arg, cout_arg, MULTI: tl.constexpr, BN_SLICE: tl.constexpr):
+    """Row ``row`` of a multi-config ``meta`` table: (cin, cout, x_slice, res_slice, bn_row), see
+    ``META_COLUMNS``; a single config: the widths given, slice 0, BN row 0. A column the caller
+    leaves unused is a dead load, which the compiler drops."""
+    if MULTI:
+        cin = tl.load(meta_ptr + row * 5)
+        cout = tl.load(meta_ptr + row * 5 + 1)
+        xs = tl.load(meta_ptr + row * 5 + 2)
+        rs = tl.load(meta_ptr + row * 5 + 3)
+        bn_row = row if BN_SLICE else tl.load(meta_ptr + row * 5 + 4)
+    else:
+        cin, cout, xs, rs, bn_row = cin_arg, cout_arg, 0, 0, 0
+    return cin, cout, xs, rs, bn_row
+
+
+@triton.jit
 def _pixels(pid_m, B, OH, OW, BLOCK_M: tl.constexpr):
     """The output pixels of pixel tile ``pid_m``: (offsets, in range, image, row, column)."""
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -176,18 +192,7 @@ def conv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     sl, pid_m, pid_n = _tile_ids(C_OUT_ALLOC, BLOCK_N)
-    if MULTI:
-        cin = tl.load(meta_ptr + sl * 5)
-        cout = tl.load(meta_ptr + sl * 5 + 1)
-        xs = tl.load(meta_ptr + sl * 5 + 2)
-        rs = tl.load(meta_ptr + sl * 5 + 3)
-        bn_row = sl if BN_SLICE else tl.load(meta_ptr + sl * 5 + 4)
-    else:
-        cin = cin_arg
-        cout = cout_arg
-        xs = 0
-        rs = 0
-        bn_row = 0
+    cin, cout, xs, rs, bn_row = _meta_row(meta_ptr, sl, cin_arg, cout_arg, MULTI, BN_SLICE)
 
     # Hints (see _launch): the n/h/w strides arrive divided by VEC, and every active
     # width is a multiple of W_ALIGN, so channel rows load as 16-byte vectors and the
@@ -246,16 +251,7 @@ def dw_kernel(
 ):
     """Depthwise: channel c reads input channel c only; BLOCK_M pixels x BLOCK_N channels."""
     sl, pid_m, pid_n = _tile_ids(C_OUT_ALLOC, BLOCK_N)
-    if MULTI:
-        c = tl.load(meta_ptr + sl * 5 + 1)
-        xs = tl.load(meta_ptr + sl * 5 + 2)
-        rs = tl.load(meta_ptr + sl * 5 + 3)
-        bn_row = sl if BN_SLICE else tl.load(meta_ptr + sl * 5 + 4)
-    else:
-        c = cout_arg
-        xs = 0
-        rs = 0
-        bn_row = 0
+    _, c, xs, rs, bn_row = _meta_row(meta_ptr, sl, cin_arg, cout_arg, MULTI, BN_SLICE)
 
     sxn, sxh, sxw = sxn * VEC, sxh * VEC, sxw * VEC  # hints, as in conv_kernel
     srn, srh, srw = srn * VEC, srh * VEC, srw * VEC
@@ -283,14 +279,7 @@ def _bn_act_kernel(
 ):
     """In place: ``y = act(y * scale + shift + residual)``, the second half of batch-stats BN."""
     sl, pid_m, pid_n = _tile_ids(C_OUT_ALLOC, BLOCK_N)
-    if MULTI:
-        cout = tl.load(meta_ptr + sl * 5 + 1)
-        rs = tl.load(meta_ptr + sl * 5 + 3)
-        bn_row = sl if BN_SLICE else tl.load(meta_ptr + sl * 5 + 4)
-    else:
-        cout = cout_arg
-        rs = 0
-        bn_row = 0
+    _, cout, _, rs, bn_row = _meta_row(meta_ptr, sl, cout_arg, cout_arg, MULTI, BN_SLICE)
     srn, srh, srw = srn * VEC, srh * VEC, srw * VEC  # hints, as in conv_kernel
     syn, syh, syw = syn * VEC, syh * VEC, syw * VEC
     cout, C_OUT_ALLOC = _aligned(cout, W_ALIGN), _aligned(C_OUT_ALLOC, W_ALIGN)
@@ -325,21 +314,8 @@ def dw_project_kernel(
     depthwise layer's rows, whose ``x_slice`` indexes the input.
     """
     sl, pid_m, pid_n = _tile_ids(C_OUT_ALLOC, BLOCK_N)
-    if MULTI:
-        c = tl.load(meta_ptr + sl * 5)
-        cout = tl.load(meta_ptr + sl * 5 + 1)
-        ds = tl.load(meta_ptr + sl * 5 + 2)
-        rs = tl.load(meta_ptr + sl * 5 + 3)
-        bn_row = sl if BN_SLICE else tl.load(meta_ptr + sl * 5 + 4)
-        hs = tl.load(dmeta_ptr + ds * 5 + 2)
-        bn_row_d = ds if BN_SLICE else tl.load(dmeta_ptr + ds * 5 + 4)
-    else:
-        c = cin_arg
-        cout = cout_arg
-        hs = 0
-        rs = 0
-        bn_row = 0
-        bn_row_d = 0
+    c, cout, ds, rs, bn_row = _meta_row(meta_ptr, sl, cin_arg, cout_arg, MULTI, BN_SLICE)
+    _, _, hs, _, bn_row_d = _meta_row(dmeta_ptr, ds, cin_arg, cout_arg, MULTI, BN_SLICE)  # its depthwise row
     shn, shh, shw = shn * VEC, shh * VEC, shw * VEC  # hints, as in conv_kernel
     srn, srh, srw = srn * VEC, srh * VEC, srw * VEC
     syn, syh, syw = syn * VEC, syh * VEC, syw * VEC
