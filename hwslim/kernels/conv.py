@@ -91,11 +91,21 @@ def _meta_row(meta_ptr, row, cin_arg, cout_arg, MULTI: tl.constexpr, BN_SLICE: t
 
 
 @triton.jit
-def _pixels(pid_m, B, OH, OW, BLOCK_M: tl.constexpr):
-    """The output pixels of pixel tile ``pid_m``: (offsets, in range, image, row, column)."""
+def _tile_offsets(pid_m, pid_n, B, OH, OW, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The output pixels of pixel tile ``pid_m`` (offsets, in range, image, row, column) and
+    the output channels of channel tile ``pid_n``."""
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rem = offs_m % (OH * OW)
-    return offs_m, offs_m < B * OH * OW, offs_m // (OH * OW), rem // OW, rem % OW
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    return offs_m, offs_m < B * OH * OW, offs_m // (OH * OW), rem // OW, rem % OW, offs_n
+
+
+@triton.jit
+def _tap(o, k, size, ok, STRIDE: tl.constexpr, PAD: tl.constexpr):
+    """The input index that output index ``o`` reads at tap ``k``, and ``ok`` where it lies
+    inside the input (outside: zero padding)."""
+    i = o * STRIDE - PAD + k
+    return i, ok & (i >= 0) & (i < size)
 
 
 @triton.jit
@@ -125,11 +135,9 @@ def _depthwise_taps(rows, offs_c, c_ok, m_ok, oh, ow, H, W, shh, shw, shc, w_ptr
     pointers) x BLOCK_C channels ``offs_c``, the taps done with FMAs."""
     acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
     for kh in tl.static_range(KSIZE):
-        ih = oh * STRIDE - PAD + kh
-        h_ok = m_ok & (ih >= 0) & (ih < H)
+        ih, h_ok = _tap(oh, kh, H, m_ok, STRIDE, PAD)
         for kw in tl.static_range(KSIZE):
-            iw = ow * STRIDE - PAD + kw
-            ok = h_ok & (iw >= 0) & (iw < W)
+            iw, ok = _tap(ow, kw, W, h_ok, STRIDE, PAD)
             xv = tl.load((rows + ih * shh + iw * shw)[:, None] + offs_c[None, :] * shc,
                          mask=ok[:, None] & c_ok[None, :], other=0.0)
             wv = tl.load(w_ptr + offs_c * sw0 + kh * sw2 + kw * sw3, mask=c_ok, other=0.0)
@@ -141,8 +149,10 @@ def _depthwise_taps(rows, offs_c, c_ok, m_ok, oh, ow, H, W, shh, shw, shc, w_ptr
 def _epilogue(acc, offs_m, offs_n, m_ok, n_img, oh, ow, sl, pid_m, cout, B, C_OUT_ALLOC,
               scale_ptr, shift_ptr, bn_row, s_bn, res_ptr, rs, srn, src, srh, srw,
               y_ptr, syn, syc, syh, syw, part_ptr, T_MAX,
-              ACT: tl.constexpr, HAS_RES: tl.constexpr, STATS: tl.constexpr):
+              ACT: tl.constexpr, HAS_RES: tl.constexpr, STATS: tl.constexpr, VEC: tl.constexpr):
     """Finish an output tile and store it; channels past ``cout`` are stored as zeros.
+
+    The residual's and the output's n/h/w strides arrive divided by ``VEC`` (see conv_kernel).
 
     Folded BN (``STATS`` False): ``act(acc * scale + shift + residual)``.
     Batch statistics (``STATS`` True): store the raw conv output and this tile's
@@ -150,6 +160,8 @@ def _epilogue(acc, offs_m, offs_n, m_ok, n_img, oh, ow, sl, pid_m, cout, B, C_OU
     with Chan's formula loses no precision to cancellation); :func:`bn_act_` applies the
     BN, residual and activation once the statistics of all tiles are known.
     """
+    srn, srh, srw = srn * VEC, srh * VEC, srw * VEC
+    syn, syh, syw = syn * VEC, syh * VEC, syw * VEC
     c_ok = offs_n < cout
     if STATS:
         rowf = m_ok.to(tl.float32)
@@ -197,13 +209,10 @@ def conv_kernel(
     # Hints (see _launch): the n/h/w strides arrive divided by VEC, and every active
     # width is a multiple of W_ALIGN, so channel rows load as 16-byte vectors and the
     # channel masks are uniform per vector (cp.async pipelining stays possible).
-    sxn, sxh, sxw = sxn * VEC, sxh * VEC, sxw * VEC
-    srn, srh, srw = srn * VEC, srh * VEC, srw * VEC
-    syn, syh, syw = syn * VEC, syh * VEC, syw * VEC
+    sxn, sxh, sxw = sxn * VEC, sxh * VEC, sxw * VEC  # and the epilogue's, in _epilogue
     cin, cout, C_OUT_ALLOC = _aligned(cin, W_ALIGN), _aligned(cout, W_ALIGN), _aligned(C_OUT_ALLOC, W_ALIGN)
 
-    offs_m, m_ok, n_img, oh, ow = _pixels(pid_m, B, OH, OW, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m, m_ok, n_img, oh, ow, offs_n = _tile_offsets(pid_m, pid_n, B, OH, OW, BLOCK_M, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     x_rows = x_ptr + (xs * B + n_img).to(tl.int64) * sxn
     w_cols = w_ptr + offs_n.to(tl.int64) * sw0
@@ -213,11 +222,9 @@ def conv_kernel(
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for kh in tl.static_range(KSIZE):
-        ih = oh * STRIDE - PAD + kh
-        h_ok = m_ok & (ih >= 0) & (ih < H)
+        ih, h_ok = _tap(oh, kh, H, m_ok, STRIDE, PAD)
         for kw in tl.static_range(KSIZE):
-            iw = ow * STRIDE - PAD + kw
-            ok = h_ok & (iw >= 0) & (iw < W)
+            iw, ok = _tap(ow, kw, W, h_ok, STRIDE, PAD)
             a_base = x_rows + ih * sxh + iw * sxw
             w_base = w_cols + kh * sw2 + kw * sw3
             for c0 in range(0, k_hi, BLOCK_K):
@@ -234,7 +241,7 @@ def conv_kernel(
 
     _epilogue(acc, offs_m, offs_n, m_ok, n_img, oh, ow, sl, pid_m, cout, B, C_OUT_ALLOC,
               scale_ptr, shift_ptr, bn_row, s_bn, res_ptr, rs, srn, src, srh, srw,
-              y_ptr, syn, syc, syh, syw, part_ptr, T_MAX, ACT, HAS_RES, STATS)
+              y_ptr, syn, syc, syh, syw, part_ptr, T_MAX, ACT, HAS_RES, STATS, VEC)
 
 
 @triton.jit
@@ -254,19 +261,16 @@ def dw_kernel(
     _, c, xs, rs, bn_row = _meta_row(meta_ptr, sl, cin_arg, cout_arg, MULTI, BN_SLICE)
 
     sxn, sxh, sxw = sxn * VEC, sxh * VEC, sxw * VEC  # hints, as in conv_kernel
-    srn, srh, srw = srn * VEC, srh * VEC, srw * VEC
-    syn, syh, syw = syn * VEC, syh * VEC, syw * VEC
     c, C_OUT_ALLOC = _aligned(c, W_ALIGN), _aligned(C_OUT_ALLOC, W_ALIGN)
 
-    offs_m, m_ok, n_img, oh, ow = _pixels(pid_m, B, OH, OW, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m, m_ok, n_img, oh, ow, offs_n = _tile_offsets(pid_m, pid_n, B, OH, OW, BLOCK_M, BLOCK_N)
     x_rows = x_ptr + (xs * B + n_img).to(tl.int64) * sxn
     acc = _depthwise_taps(x_rows, offs_n, offs_n < c, m_ok, oh, ow, H, W, sxh, sxw, sxc, w_ptr, sw0, sw2, sw3,
                           KSIZE, STRIDE, PAD, BLOCK_M, BLOCK_N)
 
     _epilogue(acc, offs_m, offs_n, m_ok, n_img, oh, ow, sl, pid_m, c, B, C_OUT_ALLOC,
               scale_ptr, shift_ptr, bn_row, s_bn, res_ptr, rs, srn, src, srh, srw,
-              y_ptr, syn, syc, syh, syw, part_ptr, T_MAX, ACT, HAS_RES, STATS)
+              y_ptr, syn, syc, syh, syw, part_ptr, T_MAX, ACT, HAS_RES, STATS, VEC)
 
 
 @triton.jit
@@ -280,17 +284,15 @@ def _bn_act_kernel(
     """In place: ``y = act(y * scale + shift + residual)``, the second half of batch-stats BN."""
     sl, pid_m, pid_n = _tile_ids(C_OUT_ALLOC, BLOCK_N)
     _, cout, _, rs, bn_row = _meta_row(meta_ptr, sl, cout_arg, cout_arg, MULTI, BN_SLICE)
-    srn, srh, srw = srn * VEC, srh * VEC, srw * VEC  # hints, as in conv_kernel
-    syn, syh, syw = syn * VEC, syh * VEC, syw * VEC
+    yn, yh, yw = syn * VEC, syh * VEC, syw * VEC  # hints, as in conv_kernel
     cout, C_OUT_ALLOC = _aligned(cout, W_ALIGN), _aligned(C_OUT_ALLOC, W_ALIGN)
-    offs_m, m_ok, n_img, oh, ow = _pixels(pid_m, B, OH, OW, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m, m_ok, n_img, oh, ow, offs_n = _tile_offsets(pid_m, pid_n, B, OH, OW, BLOCK_M, BLOCK_N)
     y_row = (sl * B + n_img).to(tl.int64)
-    y_ptrs = y_ptr + y_row[:, None] * syn + offs_n[None, :] * syc + (oh * syh + ow * syw)[:, None]
+    y_ptrs = y_ptr + y_row[:, None] * yn + offs_n[None, :] * syc + (oh * yh + ow * yw)[:, None]
     acc = tl.load(y_ptrs, mask=m_ok[:, None] & (offs_n < C_OUT_ALLOC)[None, :], other=0.0).to(tl.float32)
     _epilogue(acc, offs_m, offs_n, m_ok, n_img, oh, ow, sl, pid_m, cout, B, C_OUT_ALLOC,
               scale_ptr, shift_ptr, bn_row, s_bn, res_ptr, rs, srn, src, srh, srw,
-              y_ptr, syn, syc, syh, syw, y_ptr, 0, ACT, HAS_RES, False)
+              y_ptr, syn, syc, syh, syw, y_ptr, 0, ACT, HAS_RES, False, VEC)
 
 
 @triton.jit
@@ -317,12 +319,9 @@ def dw_project_kernel(
     c, cout, ds, rs, bn_row = _meta_row(meta_ptr, sl, cin_arg, cout_arg, MULTI, BN_SLICE)
     _, _, hs, _, bn_row_d = _meta_row(dmeta_ptr, ds, cin_arg, cout_arg, MULTI, BN_SLICE)  # its depthwise row
     shn, shh, shw = shn * VEC, shh * VEC, shw * VEC  # hints, as in conv_kernel
-    srn, srh, srw = srn * VEC, srh * VEC, srw * VEC
-    syn, syh, syw = syn * VEC, syh * VEC, syw * VEC
     c, cout, C_OUT_ALLOC = _aligned(c, W_ALIGN), _aligned(cout, W_ALIGN), _aligned(C_OUT_ALLOC, W_ALIGN)
 
-    offs_m, m_ok, n_img, oh, ow = _pixels(pid_m, B, OH, OW, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m, m_ok, n_img, oh, ow, offs_n = _tile_offsets(pid_m, pid_n, B, OH, OW, BLOCK_M, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     h_rows = h_ptr + (hs * B + n_img).to(tl.int64) * shn
     n_ok = offs_n < cout
@@ -351,7 +350,7 @@ def dw_project_kernel(
 
     _epilogue(acc, offs_m, offs_n, m_ok, n_img, oh, ow, sl, pid_m, cout, B, C_OUT_ALLOC,
               scale_ptr, shift_ptr, bn_row, s_bn, res_ptr, rs, srn, src, srh, srw,
-              y_ptr, syn, syc, syh, syw, y_ptr, 0, ACT, HAS_RES, False)
+              y_ptr, syn, syc, syh, syw, y_ptr, 0, ACT, HAS_RES, False, VEC)
 
 
 # -- launch configurations ---------------------------------------------------------------
