@@ -95,9 +95,11 @@ def _tile_offsets(pid_m, pid_n, B, OH, OW, BLOCK_M: tl.constexpr, BLOCK_N: tl.co
     """The output pixels of pixel tile ``pid_m`` (offsets, in range, image, row, column) and
     the output channels of channel tile ``pid_n``."""
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rem = offs_m % (OH * OW)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    return offs_m, offs_m < B * OH * OW, offs_m // (OH * OW), rem // OW, rem % OW, offs_n
+    m_ok = offs_m < B * OH * OW
+    n_img = offs_m // (OH * OW)
+    rem = offs_m % (OH * OW)
+    return offs_m, m_ok, n_img, rem // OW, rem % OW, offs_n
 
 
 @triton.jit
