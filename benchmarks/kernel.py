@@ -235,12 +235,8 @@ def pair_rows(batch: int, dtypes: list[str], rep_ms: int, ceil: dict[str, float]
 
 # -- 3. one greedy step ---------------------------------------------------------------------------
 def greedy_candidates(net, current) -> list:
-    out = []
-    for u, unit in net.units.items():
-        i = unit.grid.index(current.widths[u])
-        if i > 0:
-            out.append(net.config_of({**current.widths, u: unit.grid[i - 1]}))
-    return out
+    steps = {u: unit.narrower(current.widths[u]) for u, unit in net.units.items()}
+    return [net.config_of({**current.widths, u: w}) for u, w in steps.items() if w is not None]
 
 
 class TorchStep:

@@ -31,9 +31,9 @@ def _seed():
 
 
 @pytest.fixture
-def one_thread():
-    """One PyTorch thread for the test: on a shared 2-core box, two OpenMP threads per op wait on
-    each other (15x slower measured). Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+def one_torch_thread():
+    """One intra-op thread for the test (``pytestmark = pytest.mark.usefixtures("one_torch_thread")``):
+    on a shared 2-core box, two OpenMP threads per op wait on each other (15x slower measured)."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -23,14 +23,7 @@ from hwslim.importing.data import (
 from hwslim.core.errors import HwslimError
 from hwslim.models import create_model
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # on a shared 2-core box, two OpenMP threads per op wait on each other
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_synthetic_is_deterministic_and_subsets_match():

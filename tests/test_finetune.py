@@ -19,7 +19,7 @@ from hwslim.training.finetune import FinetuneConfig, finetune
 from hwslim.training.train import TrainConfig, train
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -28,6 +28,7 @@ from hwslim.kernels import conv as K  # noqa: E402
 from hwslim.models.registry import create_model  # noqa: E402
 from hwslim.core.slimmable import recalibrate_bn  # noqa: E402
 from hwslim.core.supernet import GraphBuilder, SlimmableNet  # noqa: E402
+from fakes import randomize_bn  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ON_GPU = DEVICE == "cuda"
@@ -218,8 +219,17 @@ def test_bad_widths_and_inputs_raise():
 
 
 # -- the runner --------------------------------------------------------------------------------
-def tiny_net(device=DEVICE) -> SlimmableNet:
-    """Every node kind the zoo uses, at toy widths: convs 1x1/3x3/5x5, depthwise, residual, pool."""
+@pytest.fixture
+def tiny_net():
+    """``tiny_net(device)``: every node kind the zoo uses, at toy widths: convs 1x1/3x3/5x5, depthwise,
+    residual, pool; non-trivial BN so folding is exercised."""
+    def build(device=DEVICE) -> SlimmableNet:
+        return randomize_bn(_tiny_graph_net().to(device), mean=0.5, var=(0.5, 2.0))
+
+    return build
+
+
+def _tiny_graph_net() -> SlimmableNet:
     g = GraphBuilder()
     a, b, c = g.unit("a", 24), g.unit("b", 40), g.unit("c", 16)
     x = g.conv("stem", INPUT, 3, a, 3, 2, act="relu6")
@@ -230,15 +240,7 @@ def tiny_net(device=DEVICE) -> SlimmableNet:
     x = g.conv("down", x, a, c, 5, 2, act="relu")
     x = g.gap("gap", x, c)
     g.linear("fc", x, c, 10)
-    net = SlimmableNet("tiny", g, width_mult=1.0, input_size=12, num_classes=10).to(device)
-    with torch.no_grad():  # non-trivial BN so folding is exercised
-        for m in net.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.2, 0.2)
-    return net.eval()
+    return SlimmableNet("tiny", g, width_mult=1.0, input_size=12, num_classes=10)
 
 
 def float64_twin(net: SlimmableNet, make) -> SlimmableNet:
@@ -253,7 +255,7 @@ def pytorch_logits(twin: SlimmableNet, cfg, x: torch.Tensor, train_bn: bool = Fa
         return twin(x.double().cpu())
 
 
-def test_triton_forward_matches_supernet_and_resumes():
+def test_triton_forward_matches_supernet_and_resumes(tiny_net):
     net = tiny_net()
     twin = float64_twin(net, tiny_net)
     cfg = net.config_of({"a": 16, "b": 32, "c": 8})
@@ -276,7 +278,7 @@ def test_triton_forward_matches_supernet_and_resumes():
                    pytorch_logits(twin, cfg, x)) < 1e-4
 
 
-def test_triton_forward_batch_bn_matches_train_mode():
+def test_triton_forward_batch_bn_matches_train_mode(tiny_net):
     net = tiny_net()
     twin = float64_twin(net, tiny_net)
     cfg = net.min_config()
@@ -287,15 +289,11 @@ def test_triton_forward_batch_bn_matches_train_mode():
 
 def greedy_candidates(net: SlimmableNet, current):
     """One grid step narrower per unit, as one greedy step scores them."""
-    out = []
-    for u, unit in net.units.items():
-        i = unit.grid.index(current.widths[u])
-        if i > 0:
-            out.append(net.config_of({**current.widths, u: unit.grid[i - 1]}))
-    return out
+    steps = {u: unit.narrower(current.widths[u]) for u, unit in net.units.items()}
+    return [net.config_of({**current.widths, u: w}) for u, w in steps.items() if w is not None]
 
 
-def test_multi_forward_runs_a_greedy_step_in_one_pass():
+def test_multi_forward_runs_a_greedy_step_in_one_pass(tiny_net):
     net = tiny_net()
     twin = float64_twin(net, tiny_net)
     cands = greedy_candidates(net, net.full_config())
@@ -310,7 +308,7 @@ def test_multi_forward_runs_a_greedy_step_in_one_pass():
         assert rel_err(logits[k].cpu(), pytorch_logits(twin, cfg, x)) < 1e-4
 
 
-def test_multi_calibrate_matches_recalibrate_bn():
+def test_multi_calibrate_matches_recalibrate_bn(tiny_net):
     net = tiny_net()
     twin = float64_twin(net, tiny_net)
     cands = [net.config_of({"a": 8, "b": 40, "c": 16}), net.config_of({"a": 24, "b": 16, "c": 8})]
@@ -327,7 +325,7 @@ def test_multi_calibrate_matches_recalibrate_bn():
         assert rel_err(batch_logits[k].cpu(), pytorch_logits(twin, cfg, x, train_bn=True)) < 1e-4
 
 
-def test_step_logits_recal_matches_recalibrated_supernet():
+def test_step_logits_recal_matches_recalibrated_supernet(tiny_net):
     net = tiny_net()
     twin = float64_twin(net, tiny_net)
     cands = greedy_candidates(net, net.full_config())[:2]
@@ -342,7 +340,7 @@ def test_step_logits_recal_matches_recalibrated_supernet():
         kernels.step_logits(net, chunks, cands, bn="eval")
 
 
-def test_folded_bn_cache_follows_buffer_updates():
+def test_folded_bn_cache_follows_buffer_updates(tiny_net):
     net = tiny_net()
     before = kernels.folded_bn(net)["stem"][1].clone()
     with torch.no_grad():
@@ -351,7 +349,7 @@ def test_folded_bn_cache_follows_buffer_updates():
     assert not torch.allclose(before, after)
 
 
-def test_supports_and_device_checks():
+def test_supports_and_device_checks(tiny_net):
     assert kernels.supports(tiny_net())
     g = GraphBuilder()
     a = g.unit("a", 8)

@@ -9,6 +9,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from hwslim.core.costs import model_costs
 from hwslim.core.errors import ModelError
 from hwslim.models import create_model, list_models
+from fakes import randomize_bn
 
 
 def torchvision_counts(name: str) -> tuple[int, int]:
@@ -48,13 +49,7 @@ def test_outputs_equal_torchvisions_with_its_weights(name):
     from hwslim.importing.weights import copy_weights_in_order
 
     theirs = getattr(torchvision.models, name)(weights=None).eval()
-    with torch.no_grad():
-        for m in theirs.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.2, 0.2)
-                m.running_var.uniform_(0.5, 1.5)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.2, 0.2)
+    randomize_bn(theirs)
     ours = create_model(name, width_mult=1.0).eval()
     copy_weights_in_order(theirs, ours)
     x = torch.randn(2, 3, 224, 224)

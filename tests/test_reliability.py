@@ -21,14 +21,7 @@ from hwslim.training.train import TrainConfig, train
 TINY = dict(model="resnet20", data="synthetic:300", width_mult=0.5, input_size=8, batch_size=32, search_size=44,
             synthetic_val=64, calib_images=64, progress=False)
 FULL = Path("/dev/full")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _digests(folder: Path) -> dict[str, str]:

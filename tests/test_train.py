@@ -26,18 +26,12 @@ from hwslim.training.train import (
     warmup_cosine,
 )
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # on a shared 2-core box, two OpenMP threads per op wait on each other (15x slower measured)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 # a tiny run: 8x8 inputs, 256 training images, 8 steps per epoch
-TINY = dict(model="resnet20", data="synthetic:300", width_mult=0.5, input_size=8, batch_size=32, search_size=44,
-            synthetic_val=64, calib_images=64, progress=False)
+TINY_DATA = dict(data="synthetic:300", input_size=8, batch_size=32, search_size=44, synthetic_val=64, calib_images=64,
+                 progress=False)
+TINY = dict(model="resnet20", width_mult=0.5, **TINY_DATA)
 
 
 def test_param_groups_spare_bn_biases_and_depthwise_weights():
@@ -344,11 +338,16 @@ def build():
 '''
 
 
-def _trained_weights(tmp_path, monkeypatch):
-    """A user's model file in the working directory and its 'trained' state dict."""
-    (tmp_path / "trained_start_net.py").write_text(TRAINED_NET)
+def _user_module(tmp_path, monkeypatch, name: str, source: str) -> None:
+    """``source`` as the user's module ``name`` in the working directory, importable (``--model name:build``)."""
+    (tmp_path / f"{name}.py").write_text(source)
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
+
+
+def _trained_weights(tmp_path, monkeypatch):
+    """A user's model file in the working directory and its 'trained' state dict."""
+    _user_module(tmp_path, monkeypatch, "trained_start_net", TRAINED_NET)
     from trained_start_net import build
 
     user = build()
@@ -372,9 +371,8 @@ def test_init_starts_from_the_trained_weights_with_channels_sorted(tmp_path, mon
     assert not torch.equal(perms["block/0"], torch.arange(32))
     lines: list[str] = []
     # a learning rate of 1e-9: the weights after one epoch are the weights training started from
-    cfg = TrainConfig(model="trained_start_net:build", init=str(weights), keep="^side$", data="synthetic:300",
-                      input_size=8, batch_size=32, search_size=44, synthetic_val=64, calib_images=64, lr=1e-9,
-                      progress=False, epochs=1, out=str(tmp_path / "run"))
+    cfg = TrainConfig(model="trained_start_net:build", init=str(weights), keep="^side$", lr=1e-9, epochs=1,
+                      out=str(tmp_path / "run"), **TINY_DATA)
     result = train(cfg, log=lines.append)
     assert set(result.model.units) == {"stem/0", "block/0"}  # --keep: the side conv's output stays whole
     assert any("channels sorted by importance in 2 of 2 units" in line for line in lines)
@@ -424,13 +422,10 @@ def build():
 
 
 def test_fix_unsupported_trains_a_shuffled_net_and_is_recorded(tmp_path, monkeypatch):
-    (tmp_path / "shuffle_net.py").write_text(SHUFFLE_NET)
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.syspath_prepend(str(tmp_path))
+    _user_module(tmp_path, monkeypatch, "shuffle_net", SHUFFLE_NET)
     lines: list[str] = []
-    cfg = TrainConfig(model="shuffle_net:build", fix_unsupported=True, data="synthetic:300", input_size=8,
-                      batch_size=32, search_size=44, synthetic_val=64, calib_images=64, progress=False, epochs=1,
-                      out=str(tmp_path / "run"))
+    cfg = TrainConfig(model="shuffle_net:build", fix_unsupported=True, epochs=1, out=str(tmp_path / "run"),
+                      **TINY_DATA)
     result = train(cfg, log=lines.append)
     assert list(result.model.units) == ["branch/0"]  # the stem feeds the chunk, branch/3 the shuffle
     assert "--fix-unsupported: 2 unit(s) reaching a channel shuffle and a channel split keep their width, 1 slim: " \

@@ -66,11 +66,95 @@ META_COLUMNS = ("cin", "cout", "x_slice", "res_slice", "bn_row")
 
 
 @triton.jit
+def _tile_ids(C_OUT_ALLOC, BLOCK_N: tl.constexpr):
+    """This program's (slice, pixel tile, channel tile). Channel tiles run fastest, so
+    neighbouring programs share the activation tile and read it from L2."""
+    pid = tl.program_id(0)
+    n_tiles = tl.cdiv(C_OUT_ALLOC, BLOCK_N)
+    return tl.program_id(1), pid // n_tiles, pid % n_tiles
+
+
+@triton.jit
+def _meta_row(meta_ptr, row, cin_arg, cout_arg, MULTI: tl.constexpr, BN_SLICE: tl.constexpr):
+    """Row ``row`` of a multi-config ``meta`` table: (cin, cout, x_slice, res_slice, bn_row), see
+    ``META_COLUMNS``; a single config: the widths given, slice 0, BN row 0. A column the caller
+    leaves unused is a dead load, which the compiler drops."""
+    if MULTI:
+        cin = tl.load(meta_ptr + row * 5)
+        cout = tl.load(meta_ptr + row * 5 + 1)
+        xs = tl.load(meta_ptr + row * 5 + 2)
+        rs = tl.load(meta_ptr + row * 5 + 3)
+        bn_row = row if BN_SLICE else tl.load(meta_ptr + row * 5 + 4)
+    else:
+        cin, cout, xs, rs, bn_row = cin_arg, cout_arg, 0, 0, 0
+    return cin, cout, xs, rs, bn_row
+
+
+@triton.jit
+def _tile_offsets(pid_m, pid_n, B, OH, OW, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The output pixels of pixel tile ``pid_m`` (offsets, in range, image, row, column) and
+    the output channels of channel tile ``pid_n``."""
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = offs_m < B * OH * OW
+    n_img = offs_m // (OH * OW)
+    rem = offs_m % (OH * OW)
+    return offs_m, m_ok, n_img, rem // OW, rem % OW, offs_n
+
+
+@triton.jit
+def _tap(o, k, size, ok, STRIDE: tl.constexpr, PAD: tl.constexpr):
+    """The input index that output index ``o`` reads at tap ``k``, and ``ok`` where it lies
+    inside the input (outside: zero padding)."""
+    i = o * STRIDE - PAD + k
+    return i, ok & (i >= 0) & (i < size)
+
+
+@triton.jit
+def _aligned(c, W_ALIGN: tl.constexpr):
+    """``c`` rounded down to a multiple of ``W_ALIGN``: no value change (the host guarantees
+    the multiple), but a divisibility the compiler tracks, so channel masks stay uniform per vector."""
+    if W_ALIGN > 1:
+        c = (c // W_ALIGN) * W_ALIGN
+    return c
+
+
+@triton.jit
+def _act(y, ACT: tl.constexpr):
+    """The activation of code ``ACT`` (see ``ACT_CODES``)."""
+    if ACT == 1:
+        y = tl.maximum(y, 0.0)
+    elif ACT == 2:
+        y = tl.minimum(tl.maximum(y, 0.0), 6.0)
+    return y
+
+
+@triton.jit
+def _depthwise_taps(rows, offs_c, c_ok, m_ok, oh, ow, H, W, shh, shw, shc, w_ptr, sw0, sw2, sw3,
+                    KSIZE: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    """A depthwise conv's fp32 sums for BLOCK_M pixels (``rows``: their images' base
+    pointers) x BLOCK_C channels ``offs_c``, the taps done with FMAs."""
+    acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
+    for kh in tl.static_range(KSIZE):
+        ih, h_ok = _tap(oh, kh, H, m_ok, STRIDE, PAD)
+        for kw in tl.static_range(KSIZE):
+            iw, ok = _tap(ow, kw, W, h_ok, STRIDE, PAD)
+            xv = tl.load((rows + ih * shh + iw * shw)[:, None] + offs_c[None, :] * shc,
+                         mask=ok[:, None] & c_ok[None, :], other=0.0)
+            wv = tl.load(w_ptr + offs_c * sw0 + kh * sw2 + kw * sw3, mask=c_ok, other=0.0)
+            acc += xv.to(tl.float32) * wv.to(tl.float32)[None, :]
+    return acc
+
+
+@triton.jit
 def _epilogue(acc, offs_m, offs_n, m_ok, n_img, oh, ow, sl, pid_m, cout, B, C_OUT_ALLOC,
               scale_ptr, shift_ptr, bn_row, s_bn, res_ptr, rs, srn, src, srh, srw,
               y_ptr, syn, syc, syh, syw, part_ptr, T_MAX,
-              ACT: tl.constexpr, HAS_RES: tl.constexpr, STATS: tl.constexpr):
+              ACT: tl.constexpr, HAS_RES: tl.constexpr, STATS: tl.constexpr, VEC: tl.constexpr):
     """Finish an output tile and store it; channels past ``cout`` are stored as zeros.
+
+    The residual's and the output's n/h/w strides arrive divided by ``VEC`` (see conv_kernel).
 
     Folded BN (``STATS`` False): ``act(acc * scale + shift + residual)``.
     Batch statistics (``STATS`` True): store the raw conv output and this tile's
@@ -78,6 +162,8 @@ def _epilogue(acc, offs_m, offs_n, m_ok, n_img, oh, ow, sl, pid_m, cout, B, C_OU
     with Chan's formula loses no precision to cancellation); :func:`bn_act_` applies the
     BN, residual and activation once the statistics of all tiles are known.
     """
+    srn, srh, srw = srn * VEC, srh * VEC, srw * VEC
+    syn, syh, syw = syn * VEC, syh * VEC, syw * VEC
     c_ok = offs_n < cout
     if STATS:
         rowf = m_ok.to(tl.float32)
@@ -100,10 +186,7 @@ def _epilogue(acc, offs_m, offs_n, m_ok, n_img, oh, ow, sl, pid_m, cout, B, C_OU
             r_ptrs = res_ptr + r_row[:, None] * srn + offs_n[None, :] * src + (oh * srh + ow * srw)[:, None]
             r = tl.load(r_ptrs, mask=m_ok[:, None] & c_ok[None, :], other=0.0)
             y += r.to(tl.float32)
-        if ACT == 1:
-            y = tl.maximum(y, 0.0)
-        elif ACT == 2:
-            y = tl.minimum(tl.maximum(y, 0.0), 6.0)
+        y = _act(y, ACT)
     y = tl.where(c_ok[None, :], y, 0.0)  # padded channels are exact zeros
     y_row = (sl * B + n_img).to(tl.int64)
     y_ptrs = y_ptr + y_row[:, None] * syn + offs_n[None, :] * syc + (oh * syh + ow * syw)[:, None]
@@ -122,44 +205,17 @@ def conv_kernel(
     STATS: tl.constexpr, BN_SLICE: tl.constexpr, VEC: tl.constexpr, W_ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    sl = tl.program_id(1)
-    n_tiles = tl.cdiv(C_OUT_ALLOC, BLOCK_N)
-    pid_n = pid % n_tiles  # channel tiles fastest: neighbours share the activation tile
-    pid_m = pid // n_tiles
-    if MULTI:
-        cin = tl.load(meta_ptr + sl * 5)
-        cout = tl.load(meta_ptr + sl * 5 + 1)
-        xs = tl.load(meta_ptr + sl * 5 + 2)
-        rs = tl.load(meta_ptr + sl * 5 + 3)
-        bn_row = sl if BN_SLICE else tl.load(meta_ptr + sl * 5 + 4)
-    else:
-        cin = cin_arg
-        cout = cout_arg
-        xs = 0
-        rs = 0
-        bn_row = 0
+    sl, pid_m, pid_n = _tile_ids(C_OUT_ALLOC, BLOCK_N)
+    cin, cout, xs, rs, bn_row = _meta_row(meta_ptr, sl, cin_arg, cout_arg, MULTI, BN_SLICE)
 
     # Hints (see _launch): the n/h/w strides arrive divided by VEC, and every active
     # width is a multiple of W_ALIGN, so channel rows load as 16-byte vectors and the
     # channel masks are uniform per vector (cp.async pipelining stays possible).
-    sxn, sxh, sxw = sxn * VEC, sxh * VEC, sxw * VEC
-    srn, srh, srw = srn * VEC, srh * VEC, srw * VEC
-    syn, syh, syw = syn * VEC, syh * VEC, syw * VEC
-    if W_ALIGN > 1:
-        cin = (cin // W_ALIGN) * W_ALIGN  # the host guarantees it: no value change
-        cout = (cout // W_ALIGN) * W_ALIGN
-        C_OUT_ALLOC = (C_OUT_ALLOC // W_ALIGN) * W_ALIGN
+    sxn, sxh, sxw = sxn * VEC, sxh * VEC, sxw * VEC  # and the epilogue's, in _epilogue
+    cin, cout, C_OUT_ALLOC = _aligned(cin, W_ALIGN), _aligned(cout, W_ALIGN), _aligned(C_OUT_ALLOC, W_ALIGN)
 
-    M = B * OH * OW
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m, m_ok, n_img, oh, ow, offs_n = _tile_offsets(pid_m, pid_n, B, OH, OW, BLOCK_M, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
-    m_ok = offs_m < M
-    n_img = offs_m // (OH * OW)
-    rem = offs_m % (OH * OW)
-    oh = rem // OW
-    ow = rem % OW
     x_rows = x_ptr + (xs * B + n_img).to(tl.int64) * sxn
     w_cols = w_ptr + offs_n.to(tl.int64) * sw0
     n_ok = offs_n < cout
@@ -168,11 +224,9 @@ def conv_kernel(
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for kh in tl.static_range(KSIZE):
-        ih = oh * STRIDE - PAD + kh
-        h_ok = m_ok & (ih >= 0) & (ih < H)
+        ih, h_ok = _tap(oh, kh, H, m_ok, STRIDE, PAD)
         for kw in tl.static_range(KSIZE):
-            iw = ow * STRIDE - PAD + kw
-            ok = h_ok & (iw >= 0) & (iw < W)
+            iw, ok = _tap(ow, kw, W, h_ok, STRIDE, PAD)
             a_base = x_rows + ih * sxh + iw * sxw
             w_base = w_cols + kh * sw2 + kw * sw3
             for c0 in range(0, k_hi, BLOCK_K):
@@ -189,7 +243,7 @@ def conv_kernel(
 
     _epilogue(acc, offs_m, offs_n, m_ok, n_img, oh, ow, sl, pid_m, cout, B, C_OUT_ALLOC,
               scale_ptr, shift_ptr, bn_row, s_bn, res_ptr, rs, srn, src, srh, srw,
-              y_ptr, syn, syc, syh, syw, part_ptr, T_MAX, ACT, HAS_RES, STATS)
+              y_ptr, syn, syc, syh, syw, part_ptr, T_MAX, ACT, HAS_RES, STATS, VEC)
 
 
 @triton.jit
@@ -205,54 +259,20 @@ def dw_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Depthwise: channel c reads input channel c only; BLOCK_M pixels x BLOCK_N channels."""
-    pid = tl.program_id(0)
-    sl = tl.program_id(1)
-    n_tiles = tl.cdiv(C_OUT_ALLOC, BLOCK_N)
-    pid_n = pid % n_tiles
-    pid_m = pid // n_tiles
-    if MULTI:
-        c = tl.load(meta_ptr + sl * 5 + 1)
-        xs = tl.load(meta_ptr + sl * 5 + 2)
-        rs = tl.load(meta_ptr + sl * 5 + 3)
-        bn_row = sl if BN_SLICE else tl.load(meta_ptr + sl * 5 + 4)
-    else:
-        c = cout_arg
-        xs = 0
-        rs = 0
-        bn_row = 0
+    sl, pid_m, pid_n = _tile_ids(C_OUT_ALLOC, BLOCK_N)
+    _, c, xs, rs, bn_row = _meta_row(meta_ptr, sl, cin_arg, cout_arg, MULTI, BN_SLICE)
 
     sxn, sxh, sxw = sxn * VEC, sxh * VEC, sxw * VEC  # hints, as in conv_kernel
-    srn, srh, srw = srn * VEC, srh * VEC, srw * VEC
-    syn, syh, syw = syn * VEC, syh * VEC, syw * VEC
-    if W_ALIGN > 1:
-        c = (c // W_ALIGN) * W_ALIGN  # a divisibility hint the compiler tracks
-        C_OUT_ALLOC = (C_OUT_ALLOC // W_ALIGN) * W_ALIGN
+    c, C_OUT_ALLOC = _aligned(c, W_ALIGN), _aligned(C_OUT_ALLOC, W_ALIGN)
 
-    M = B * OH * OW
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_ok = offs_m < M
-    n_img = offs_m // (OH * OW)
-    rem = offs_m % (OH * OW)
-    oh = rem // OW
-    ow = rem % OW
-    c_ok = offs_n < c
+    offs_m, m_ok, n_img, oh, ow, offs_n = _tile_offsets(pid_m, pid_n, B, OH, OW, BLOCK_M, BLOCK_N)
     x_rows = x_ptr + (xs * B + n_img).to(tl.int64) * sxn
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kh in tl.static_range(KSIZE):
-        ih = oh * STRIDE - PAD + kh
-        h_ok = m_ok & (ih >= 0) & (ih < H)
-        for kw in tl.static_range(KSIZE):
-            iw = ow * STRIDE - PAD + kw
-            ok = h_ok & (iw >= 0) & (iw < W)
-            xv = tl.load((x_rows + ih * sxh + iw * sxw)[:, None] + offs_n[None, :] * sxc,
-                         mask=ok[:, None] & c_ok[None, :], other=0.0)
-            wv = tl.load(w_ptr + offs_n * sw0 + kh * sw2 + kw * sw3, mask=c_ok, other=0.0)
-            acc += xv.to(tl.float32) * wv.to(tl.float32)[None, :]
+    acc = _depthwise_taps(x_rows, offs_n, offs_n < c, m_ok, oh, ow, H, W, sxh, sxw, sxc, w_ptr, sw0, sw2, sw3,
+                          KSIZE, STRIDE, PAD, BLOCK_M, BLOCK_N)
 
     _epilogue(acc, offs_m, offs_n, m_ok, n_img, oh, ow, sl, pid_m, c, B, C_OUT_ALLOC,
               scale_ptr, shift_ptr, bn_row, s_bn, res_ptr, rs, srn, src, srh, srw,
-              y_ptr, syn, syc, syh, syw, part_ptr, T_MAX, ACT, HAS_RES, STATS)
+              y_ptr, syn, syc, syh, syw, part_ptr, T_MAX, ACT, HAS_RES, STATS, VEC)
 
 
 @triton.jit
@@ -264,37 +284,17 @@ def _bn_act_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """In place: ``y = act(y * scale + shift + residual)``, the second half of batch-stats BN."""
-    pid = tl.program_id(0)
-    sl = tl.program_id(1)
-    n_tiles = tl.cdiv(C_OUT_ALLOC, BLOCK_N)
-    pid_n = pid % n_tiles
-    pid_m = pid // n_tiles
-    if MULTI:
-        cout = tl.load(meta_ptr + sl * 5 + 1)
-        rs = tl.load(meta_ptr + sl * 5 + 3)
-        bn_row = sl if BN_SLICE else tl.load(meta_ptr + sl * 5 + 4)
-    else:
-        cout = cout_arg
-        rs = 0
-        bn_row = 0
-    srn, srh, srw = srn * VEC, srh * VEC, srw * VEC  # hints, as in conv_kernel
-    syn, syh, syw = syn * VEC, syh * VEC, syw * VEC
-    if W_ALIGN > 1:
-        cout = (cout // W_ALIGN) * W_ALIGN
-        C_OUT_ALLOC = (C_OUT_ALLOC // W_ALIGN) * W_ALIGN
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_ok = offs_m < B * OH * OW
-    n_img = offs_m // (OH * OW)
-    rem = offs_m % (OH * OW)
-    oh = rem // OW
-    ow = rem % OW
+    sl, pid_m, pid_n = _tile_ids(C_OUT_ALLOC, BLOCK_N)
+    _, cout, _, rs, bn_row = _meta_row(meta_ptr, sl, cout_arg, cout_arg, MULTI, BN_SLICE)
+    yn, yh, yw = syn * VEC, syh * VEC, syw * VEC  # hints, as in conv_kernel
+    cout, C_OUT_ALLOC = _aligned(cout, W_ALIGN), _aligned(C_OUT_ALLOC, W_ALIGN)
+    offs_m, m_ok, n_img, oh, ow, offs_n = _tile_offsets(pid_m, pid_n, B, OH, OW, BLOCK_M, BLOCK_N)
     y_row = (sl * B + n_img).to(tl.int64)
-    y_ptrs = y_ptr + y_row[:, None] * syn + offs_n[None, :] * syc + (oh * syh + ow * syw)[:, None]
+    y_ptrs = y_ptr + y_row[:, None] * yn + offs_n[None, :] * syc + (oh * yh + ow * yw)[:, None]
     acc = tl.load(y_ptrs, mask=m_ok[:, None] & (offs_n < C_OUT_ALLOC)[None, :], other=0.0).to(tl.float32)
     _epilogue(acc, offs_m, offs_n, m_ok, n_img, oh, ow, sl, pid_m, cout, B, C_OUT_ALLOC,
               scale_ptr, shift_ptr, bn_row, s_bn, res_ptr, rs, srn, src, srh, srw,
-              y_ptr, syn, syc, syh, syw, y_ptr, 0, ACT, HAS_RES, False)
+              y_ptr, syn, syc, syh, syw, y_ptr, 0, ACT, HAS_RES, False, VEC)
 
 
 @triton.jit
@@ -317,43 +317,14 @@ def dw_project_kernel(
     ``meta`` rows are the 1x1 layer's slices; their ``x_slice`` indexes ``dmeta``, the
     depthwise layer's rows, whose ``x_slice`` indexes the input.
     """
-    pid = tl.program_id(0)
-    sl = tl.program_id(1)
-    n_tiles = tl.cdiv(C_OUT_ALLOC, BLOCK_N)
-    pid_n = pid % n_tiles
-    pid_m = pid // n_tiles
-    if MULTI:
-        c = tl.load(meta_ptr + sl * 5)
-        cout = tl.load(meta_ptr + sl * 5 + 1)
-        ds = tl.load(meta_ptr + sl * 5 + 2)
-        rs = tl.load(meta_ptr + sl * 5 + 3)
-        bn_row = sl if BN_SLICE else tl.load(meta_ptr + sl * 5 + 4)
-        hs = tl.load(dmeta_ptr + ds * 5 + 2)
-        bn_row_d = ds if BN_SLICE else tl.load(dmeta_ptr + ds * 5 + 4)
-    else:
-        c = cin_arg
-        cout = cout_arg
-        hs = 0
-        rs = 0
-        bn_row = 0
-        bn_row_d = 0
+    sl, pid_m, pid_n = _tile_ids(C_OUT_ALLOC, BLOCK_N)
+    c, cout, ds, rs, bn_row = _meta_row(meta_ptr, sl, cin_arg, cout_arg, MULTI, BN_SLICE)
+    _, _, hs, _, bn_row_d = _meta_row(dmeta_ptr, ds, cin_arg, cout_arg, MULTI, BN_SLICE)  # its depthwise row
     shn, shh, shw = shn * VEC, shh * VEC, shw * VEC  # hints, as in conv_kernel
-    srn, srh, srw = srn * VEC, srh * VEC, srw * VEC
-    syn, syh, syw = syn * VEC, syh * VEC, syw * VEC
-    if W_ALIGN > 1:
-        c = (c // W_ALIGN) * W_ALIGN
-        cout = (cout // W_ALIGN) * W_ALIGN
-        C_OUT_ALLOC = (C_OUT_ALLOC // W_ALIGN) * W_ALIGN
+    c, cout, C_OUT_ALLOC = _aligned(c, W_ALIGN), _aligned(cout, W_ALIGN), _aligned(C_OUT_ALLOC, W_ALIGN)
 
-    M = B * OH * OW
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m, m_ok, n_img, oh, ow, offs_n = _tile_offsets(pid_m, pid_n, B, OH, OW, BLOCK_M, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
-    m_ok = offs_m < M
-    n_img = offs_m // (OH * OW)
-    rem = offs_m % (OH * OW)
-    oh = rem // OW
-    ow = rem % OW
     h_rows = h_ptr + (hs * B + n_img).to(tl.int64) * shn
     n_ok = offs_n < cout
     wp_cols = wp_ptr + offs_n.to(tl.int64) * swp0
@@ -362,24 +333,11 @@ def dw_project_kernel(
     for c0 in range(0, k_hi, BLOCK_K):
         ck = c0 + offs_k
         k_ok = ck < c
-        d = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-        for kh in tl.static_range(KSIZE):
-            ih = oh * STRIDE - PAD + kh
-            h_ok = m_ok & (ih >= 0) & (ih < H)
-            for kw in tl.static_range(KSIZE):
-                iw = ow * STRIDE - PAD + kw
-                ok = h_ok & (iw >= 0) & (iw < W)
-                xv = tl.load((h_rows + ih * shh + iw * shw)[:, None] + ck[None, :] * shc,
-                             mask=ok[:, None] & k_ok[None, :], other=0.0)
-                wv = tl.load(wd_ptr + ck * swd0 + kh * swd2 + kw * swd3, mask=k_ok, other=0.0)
-                d += xv.to(tl.float32) * wv.to(tl.float32)[None, :]
+        d = _depthwise_taps(h_rows, ck, k_ok, m_ok, oh, ow, H, W, shh, shw, shc, wd_ptr, swd0, swd2, swd3,
+                            KSIZE, STRIDE, PAD, BLOCK_M, BLOCK_K)
         dsc = tl.load(dscale_ptr + bn_row_d * s_bn_d + ck, mask=k_ok, other=0.0)
         dsh = tl.load(dshift_ptr + bn_row_d * s_bn_d + ck, mask=k_ok, other=0.0)
-        d = d * dsc[None, :] + dsh[None, :]
-        if ACT_D == 1:
-            d = tl.maximum(d, 0.0)
-        elif ACT_D == 2:
-            d = tl.minimum(tl.maximum(d, 0.0), 6.0)
+        d = _act(d * dsc[None, :] + dsh[None, :], ACT_D)
         b = tl.load(wp_cols[None, :] + ck[:, None] * swp1, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         # d is rounded to the activation dtype as the unfused path rounds its stored output
         if DOT == 1:
@@ -394,7 +352,7 @@ def dw_project_kernel(
 
     _epilogue(acc, offs_m, offs_n, m_ok, n_img, oh, ow, sl, pid_m, cout, B, C_OUT_ALLOC,
               scale_ptr, shift_ptr, bn_row, s_bn, res_ptr, rs, srn, src, srh, srw,
-              y_ptr, syn, syc, syh, syw, y_ptr, 0, ACT, HAS_RES, False)
+              y_ptr, syn, syc, syh, syw, y_ptr, 0, ACT, HAS_RES, False, VEC)
 
 
 # -- launch configurations ---------------------------------------------------------------

@@ -240,23 +240,22 @@ def compare(then: Conditions | None, now: Conditions, *, than: str = "when the t
             faster = True
     cores = now.cores or then.cores or os.cpu_count() or 1
 
-    def share_change(a: float, b: float) -> float:  # busy share of the cores, now minus then
-        return (min(a, cores) - min(b, cores)) / cores
+    def busy_share(a: float, b: float, what: str, threshold: float) -> None:
+        """Note ``what``; a reason where the busy share of the cores (now ``a``, then ``b``) moved by ``threshold``."""
+        nonlocal busier, quieter
+        d = (min(a, cores) - min(b, cores)) / cores
+        details.append(what)
+        if abs(d) >= threshold - 1e-9:
+            reasons.append(what)
+            busier, quieter = busier or d > 0, quieter or d < 0
 
     if then.others_running is not None and now.others_running is not None:
-        d = share_change(now.others_running, then.others_running)
-        details.append(f"{now.others_running:.1f} vs {then.others_running:.1f} other running threads")
-        if abs(d) >= OTHERS_SHARE - 1e-9:
-            reasons.append(details[-1])
-            busier, quieter = busier or d > 0, quieter or d < 0
+        busy_share(now.others_running, then.others_running,
+                   f"{now.others_running:.1f} vs {then.others_running:.1f} other running threads", OTHERS_SHARE)
         if now.load_1min is not None and then.load_1min is not None:
             details.append(f"load {now.load_1min:.1f} vs {then.load_1min:.1f}")
     elif then.load_1min is not None and now.load_1min is not None:
-        d = share_change(now.load_1min, then.load_1min)
-        details.append(f"load {now.load_1min:.1f} vs {then.load_1min:.1f}")
-        if abs(d) >= LOAD_SHARE - 1e-9:
-            reasons.append(details[-1])
-            busier, quieter = busier or d > 0, quieter or d < 0
+        busy_share(now.load_1min, then.load_1min, f"load {now.load_1min:.1f} vs {then.load_1min:.1f}", LOAD_SHARE)
     # the probe is the measurement: its direction names the change; the threads only where it agrees
     if other_machine:
         headline = "another machine than the table's"

@@ -365,11 +365,176 @@ def _seconds(value: Any) -> float:
     return v if v == v and v >= 0 else 0.0
 
 
+@dataclass
+class _Resumed:
+    """Where a run writes its table and what it keeps of an earlier run of the same table.
+
+    ``final``: with ``--force`` over another table, that table's paths; the new one is
+    measured beside them and replaces them once complete. ``recorded``: the conditions a
+    resumed table recorded; ``first``: those of its first run.
+    """
+
+    csv_path: Path
+    meta_path: Path
+    e2e_path: Path
+    final: tuple[Path, Path, Path] | None = None
+    spent_before: float = 0.0
+    recorded: dict | None = None
+    first: Any = None
+
+
+def _resume(settings: ProfileSettings, csv_path: Path, meta_path: Path, e2e_path: Path, meta: dict) -> _Resumed:
+    """Check the table already at ``csv_path`` against ``meta`` and take over what it keeps."""
+    from hwslim.latency.conditions import Conditions
+
+    run = _Resumed(csv_path, meta_path, e2e_path)
+    prepare_table_location(csv_path, meta_path, e2e_path, force=settings.force)
+    if not meta_path.exists():
+        return run
+    old = _read_old_meta(meta_path, csv_path, settings.force)
+    diff = _same_setup(old, meta) if old is not None else ["unreadable metadata"]
+    if diff and not settings.force:
+        raise TableError(f"{csv_path} holds a table measured with other settings ({'; '.join(diff[:3])}); "
+                         f"give another --out, or pass --force to measure it again from scratch")
+    if diff:
+        # the old table stays in place until the new one is complete
+        run.final = (csv_path, meta_path, e2e_path)
+        run.csv_path, run.meta_path, run.e2e_path = table_paths(csv_path.with_name(f".{csv_path.stem}.new.csv"))
+        partial = _read_old_meta(run.meta_path, run.csv_path, True) if run.meta_path.exists() else None
+        if partial is None or _same_setup(partial, meta):  # not a forced run of these settings: start over
+            for p in (run.csv_path, run.meta_path, run.e2e_path):
+                p.unlink(missing_ok=True)
+            partial = None
+        old = partial or {}
+    if not diff or run.final is not None and old:
+        meta["created"] = old.get("created", meta["created"])
+        run.spent_before = _seconds(old.get("profile_seconds"))
+        run.recorded = old.get("conditions") if isinstance(old.get("conditions"), dict) else None
+        run.first = Conditions.from_dict(run.recorded.get("start")) if run.recorded else None
+    return run
+
+
+def _start_conditions(profiler, first, log: Callable[[str], None]):
+    """The conditions now; a resumed table keeps those of its first run (warning where they differ)."""
+    from hwslim.latency.conditions import compare, measure_conditions
+
+    cond_start = measure_conditions(profiler)  # before measuring anything
+    log(f"conditions: {cond_start.describe()}")
+    if first is None:
+        return cond_start
+    check = compare(first, cond_start, than="when this table's first entries were measured")
+    if not check.reliable:
+        log(f"warning: {check.line('the resumed table may be unreliable')}")
+    return first
+
+
+def _done_entries(run: _Resumed, meta: dict, entries: Sequence[LayerSpec], cond_start,
+                  log: Callable[[str], None]) -> dict[tuple, Any]:
+    """The entries already measured: this table's rows, and those borrowed from other tables (appended)."""
+    done: dict[tuple, Any] = {}
+    if run.csv_path.exists():
+        rows, _ = read_rows(run.csv_path, COLUMNS)
+        done = {signature_from_row(r): timing_from_row(r) for r in rows}
+    meta["conditions"] = {"start": cond_start.to_dict()}
+    atomic_write_text(run.meta_path, json.dumps({**meta, "status": "measuring"}, indent=2, sort_keys=True) + "\n")
+    borrowed = _borrow_entries(run.csv_path, meta, {s.signature() for s in entries} - set(done), now=cond_start,
+                               log=log)
+    if borrowed:
+        with RowWriter(run.csv_path, COLUMNS) as writer:
+            for sig, timing in borrowed.items():
+                writer.append(entry_row(sig, timing))
+        done.update(borrowed)
+        log(f"reused {len(borrowed)} entries measured for other models with this setup "
+            f"(under {run.csv_path.parent})")
+    return done
+
+
+def _measure(settings: ProfileSettings, net, profiler, todo: list, done: dict, run: _Resumed, meta: dict,
+             progress: bool, log: Callable[[str], None]) -> dict[str, Any] | None:
+    """Time the ``todo`` entries into the table (and into ``done``), with the calibration rounds
+    spread over them; the calibration configs' timings, by config key, where they were spread."""
+    size = net.input_size
+    networks = None
+    if todo and profiler.in_network:
+        contexts = settings.contexts or (2 if settings.quick else profiler.default_contexts)
+        meta["contexts"] = contexts
+        configs = design_configs(net, {s.signature() for s in todo}, settings.batch, size, settings.seed,
+                                 contexts=contexts)
+        log(f"timing them inside {len(configs)} designed networks")
+        networks = (net.layer_specs(c, batch=settings.batch, input_size=size) for c in configs)
+    spread, measured = None, None
+    if todo:  # the calibration configs' end-to-end rounds, spread over the entries' measurement
+        plan, have = calibration_plan(net, settings, run.e2e_path)
+        cal = [c for _, c in plan if _config_key(c) not in have]
+        if cal:
+            log(f"calibration: timing {len(cal)} whole configs end to end in rounds spread over the entries")
+            spread = _SpreadCalibration(profiler, net, cal, settings.batch, size, progress=progress)
+    meta["calibration_plan"]["timed"] = "spread over the entries" if spread else "after the entries"
+    if spread is not None:  # in-network backends finish most entries late: follow their networks too
+        profiler.on_network = lambda n, total: spread.progress(n / total)
+    try:
+        bar = _bar(progress, len(todo), "entries")
+        with RowWriter(run.csv_path, COLUMNS) as writer:
+            for k, (spec, timing) in enumerate(profiler.measure_entries(todo, networks), 1):
+                writer.append(entry_row(spec, timing))
+                done[spec.signature()] = timing
+                bar.update(1)
+                if spread is not None:
+                    spread.progress(k / len(todo))
+        bar.close()
+        if spread is not None:
+            measured = {_config_key(c): t for c, t in zip(cal, spread.timings())}
+    finally:
+        profiler.on_network = None
+        if spread is not None:
+            spread.close()
+    return measured
+
+
+def _finish(settings: ProfileSettings, net, profiler, done: dict, measured_entries: bool, run: _Resumed,
+            meta: dict, cond_start, measured: dict[str, Any] | None, load_start: float | None,
+            start: float, progress: bool, log: Callable[[str], None]) -> tuple[Path, Calibration]:
+    """Calibrate, record the conditions and the time spent, write the metadata and put the
+    table in place: (its entries CSV, its calibration)."""
+    from hwslim.latency.conditions import drift, measure_conditions
+
+    table = LatencyTable(meta, done, run.csv_path)
+    e2e_before = run.e2e_path.stat().st_size if run.e2e_path.exists() else -1
+    calibration = calibrate(table, profiler, net, settings, run.e2e_path, progress=progress, log=log,
+                            measured=measured)
+    meta.update(status="complete", entries=len(done), noisy_entries=sum(t.noisy for t in done.values()),
+                calibration=calibration.to_dict(), finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    # a shared machine's load changes latencies: record it next to them
+    meta["load_avg_1min"] = [load_start, _load()]
+    cond_end = measure_conditions(profiler)
+    changed = drift(cond_start, cond_end)
+    measured_now = measured_entries or (run.e2e_path.stat().st_size if run.e2e_path.exists() else -1) != e2e_before
+    if not measured_now and isinstance(run.recorded, dict) and run.recorded.get("end"):
+        # nothing was measured in this run: the table's conditions stay those it was measured under
+        meta["conditions"] = run.recorded
+    else:
+        meta["conditions"] = {"start": cond_start.to_dict(), "end": cond_end.to_dict(),
+                              "changed": None if changed.reliable else changed.summary}
+    if measured_now and not changed.reliable:
+        log(f"warning: {changed.line('the table may be unreliable; measure it again (--force) when the machine is steady')}")
+    # time spent on this table over all (resumed) runs
+    meta["profile_seconds"] = round(run.spent_before + time.perf_counter() - start, 1)
+    atomic_write_text(run.meta_path, json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    if run.final is None:
+        return run.csv_path, calibration
+    # the new table is complete: it replaces the old one (metadata last)
+    for new_file, old_file in zip((run.csv_path, run.e2e_path, run.meta_path),
+                                  (run.final[0], run.final[2], run.final[1])):
+        if new_file.exists():
+            os.replace(new_file, old_file)
+        else:
+            old_file.unlink(missing_ok=True)
+    return run.final[0], calibration
+
+
 def profile(settings: ProfileSettings, progress: bool = False,
             log: Callable[[str], None] | None = None) -> ProfileResult:
     """Measure (or finish measuring) the table ``settings`` describe; see the module docstring."""
-    from hwslim.latency.conditions import Conditions, compare, drift, measure_conditions
-
     log = log or (lambda msg: None)
     start = time.perf_counter()
     load_start = _load()
@@ -379,128 +544,21 @@ def profile(settings: ProfileSettings, progress: bool = False,
         pmeta = profiler.metadata()
         entries = enumerate_entries(net, settings.batch, size)
         csv_path, meta_path, e2e_path, meta = _table_for(settings, net, profiler, pmeta, len(entries))
-        method = meta["method"]
         if hasattr(profiler, "run_overhead_ms"):
             meta["run_overhead_ms"] = profiler.run_overhead_ms()
         meta["calibration_plan"] = {"fit": settings.calib_configs, "holdout": settings.holdout_configs,
                                     "seed": settings.seed}
-        spent_before = 0.0
-        final = None  # with --force over another table: (the table's paths), measured beside them first
-        prepare_table_location(csv_path, meta_path, e2e_path, force=settings.force)
-        recorded = first = None  # a resumed table: the conditions it recorded, those of its first run
-        if meta_path.exists():
-            old = _read_old_meta(meta_path, csv_path, settings.force)
-            diff = _same_setup(old, meta) if old is not None else ["unreadable metadata"]
-            if diff and not settings.force:
-                raise TableError(f"{csv_path} holds a table measured with other settings ({'; '.join(diff[:3])}); "
-                                 f"give another --out, or pass --force to measure it again from scratch")
-            if diff:
-                # the old table stays in place until the new one is complete
-                final = (csv_path, meta_path, e2e_path)
-                csv_path, meta_path, e2e_path = table_paths(csv_path.with_name(f".{csv_path.stem}.new.csv"))
-                partial = _read_old_meta(meta_path, csv_path, True) if meta_path.exists() else None
-                if partial is None or _same_setup(partial, meta):  # not a forced run of these settings: start over
-                    for p in (csv_path, meta_path, e2e_path):
-                        p.unlink(missing_ok=True)
-                    partial = None
-                old = partial or {}
-            if not diff or final is not None and old:
-                meta["created"] = old.get("created", meta["created"])
-                spent_before = _seconds(old.get("profile_seconds"))
-                recorded = old.get("conditions") if isinstance(old.get("conditions"), dict) else None
-                first = Conditions.from_dict(recorded.get("start")) if recorded else None
-        cond_start = measure_conditions(profiler)  # before measuring anything
-        log(f"conditions: {cond_start.describe()}")
-        if first is not None:  # a resumed table keeps the conditions of its first run, compared with now
-            check = compare(first, cond_start, than="when this table's first entries were measured")
-            if not check.reliable:
-                log(f"warning: {check.line('the resumed table may be unreliable')}")
-            cond_start = first
-        done: dict[tuple, Any] = {}
-        if csv_path.exists():
-            rows, _ = read_rows(csv_path, COLUMNS)
-            done = {signature_from_row(r): timing_from_row(r) for r in rows}
-        meta["conditions"] = {"start": cond_start.to_dict()}
-        atomic_write_text(meta_path, json.dumps({**meta, "status": "measuring"}, indent=2, sort_keys=True) + "\n")
-
-        borrowed = _borrow_entries(csv_path, meta, {s.signature() for s in entries} - set(done), now=cond_start,
-                                   log=log)
-        if borrowed:
-            with RowWriter(csv_path, COLUMNS) as writer:
-                for sig, timing in borrowed.items():
-                    writer.append(entry_row(sig, timing))
-            done.update(borrowed)
-            log(f"reused {len(borrowed)} entries measured for other models with this setup "
-                f"(under {csv_path.parent})")
+        run = _resume(settings, csv_path, meta_path, e2e_path, meta)
+        cond_start = _start_conditions(profiler, run.first, log)
+        done = _done_entries(run, meta, entries, cond_start, log)
         todo = [s for s in entries if s.signature() not in done]
         random.Random(settings.seed).shuffle(todo)  # spread slow periods of a busy machine over layers
         reused = len(entries) - len(todo)
         log(f"{len(entries)} entries ({reused} already measured) for {net.name} x{net.width_mult:g} at {size}px, "
-            f"batch {settings.batch}, {profiler.backend} on {pmeta['device_name']} ({method})")
-        networks = None
-        if todo and profiler.in_network:
-            contexts = settings.contexts or (2 if settings.quick else profiler.default_contexts)
-            meta["contexts"] = contexts
-            configs = design_configs(net, {s.signature() for s in todo}, settings.batch, size, settings.seed,
-                                     contexts=contexts)
-            log(f"timing them inside {len(configs)} designed networks")
-            networks = (net.layer_specs(c, batch=settings.batch, input_size=size) for c in configs)
-        spread, measured = None, None
-        if todo:  # the calibration configs' end-to-end rounds, spread over the entries' measurement
-            plan, have = calibration_plan(net, settings, e2e_path)
-            cal = [c for _, c in plan if _config_key(c) not in have]
-            if cal:
-                log(f"calibration: timing {len(cal)} whole configs end to end in rounds spread over the entries")
-                spread = _SpreadCalibration(profiler, net, cal, settings.batch, size, progress=progress)
-        meta["calibration_plan"]["timed"] = "spread over the entries" if spread else "after the entries"
-        if spread is not None:  # in-network backends finish most entries late: follow their networks too
-            profiler.on_network = lambda n, total: spread.progress(n / total)
-        try:
-            bar = _bar(progress, len(todo), "entries")
-            with RowWriter(csv_path, COLUMNS) as writer:
-                for k, (spec, timing) in enumerate(profiler.measure_entries(todo, networks), 1):
-                    writer.append(entry_row(spec, timing))
-                    done[spec.signature()] = timing
-                    bar.update(1)
-                    if spread is not None:
-                        spread.progress(k / len(todo))
-            bar.close()
-            if spread is not None:
-                measured = {_config_key(c): t for c, t in zip(cal, spread.timings())}
-        finally:
-            profiler.on_network = None
-            if spread is not None:
-                spread.close()
-
-        table = LatencyTable(meta, done, csv_path)
-        e2e_before = e2e_path.stat().st_size if e2e_path.exists() else -1
-        calibration = calibrate(table, profiler, net, settings, e2e_path, progress=progress, log=log,
-                                measured=measured)
-        meta.update(status="complete", entries=len(done), noisy_entries=sum(t.noisy for t in done.values()),
-                    calibration=calibration.to_dict(), finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-        # a shared machine's load changes latencies: record it next to them
-        meta["load_avg_1min"] = [load_start, _load()]
-        cond_end = measure_conditions(profiler)
-        changed = drift(cond_start, cond_end)
-        measured_now = bool(todo) or (e2e_path.stat().st_size if e2e_path.exists() else -1) != e2e_before
-        if not measured_now and isinstance(recorded, dict) and recorded.get("end"):
-            # nothing was measured in this run: the table's conditions stay those it was measured under
-            meta["conditions"] = recorded
-        else:
-            meta["conditions"] = {"start": cond_start.to_dict(), "end": cond_end.to_dict(),
-                                  "changed": None if changed.reliable else changed.summary}
-        if measured_now and not changed.reliable:
-            log(f"warning: {changed.line('the table may be unreliable; measure it again (--force) when the machine is steady')}")
-        # time spent on this table over all (resumed) runs
-        meta["profile_seconds"] = round(spent_before + time.perf_counter() - start, 1)
-        atomic_write_text(meta_path, json.dumps(meta, indent=2, sort_keys=True) + "\n")
-        if final is not None:  # the new table is complete: it replaces the old one (metadata last)
-            for new_file, old_file in zip((csv_path, e2e_path, meta_path), (final[0], final[2], final[1])):
-                if new_file.exists():
-                    os.replace(new_file, old_file)
-                else:
-                    old_file.unlink(missing_ok=True)
-            csv_path = final[0]
+            f"batch {settings.batch}, {profiler.backend} on {pmeta['device_name']} ({meta['method']})")
+        measured = _measure(settings, net, profiler, todo, done, run, meta, progress, log)
+        csv_path, calibration = _finish(settings, net, profiler, done, bool(todo), run, meta, cond_start, measured,
+                                        load_start, start, progress, log)
         return ProfileResult(csv_path, len(done), len(todo), reused, meta["noisy_entries"],
                              time.perf_counter() - start, calibration, meta)
     finally:

@@ -11,6 +11,7 @@ features, the growth rate), and ``tr{i}`` (each transition's output).
 from __future__ import annotations
 
 from hwslim.core.graph import INPUT
+from hwslim.models.blocks import classifier
 from hwslim.models.registry import register_model
 from hwslim.core.rounding import DEFAULT_DIVISOR, make_divisible
 from hwslim.core.supernet import GraphBuilder, SlimmableNet
@@ -41,10 +42,8 @@ def _densenet(name: str, growth: int, blocks: tuple[int, ...], init_features: in
             x = g.avgpool(f"tr{i}/pool", h, 2, 2)
             channels //= 2
     x = g.bn("norm5", x, act="relu")
-    x = g.gap("pool", x)
-    g.linear("classifier", x, None, num_classes)
-    return SlimmableNet(name, g, width_mult=width_mult, input_size=input_size, num_classes=num_classes,
-                        divisor=divisor)
+    return classifier(g, name, x, None, num_classes, width_mult=width_mult, input_size=input_size,
+                      divisor=divisor)
 
 
 @register_model

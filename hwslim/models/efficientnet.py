@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 
-from hwslim.core.graph import INPUT
+from hwslim.models.blocks import classifier, conv_head, inverted_residual, stem
 from hwslim.models.registry import register_model
 from hwslim.core.rounding import DEFAULT_DIVISOR, make_divisible
 from hwslim.core.supernet import GraphBuilder, SlimmableNet
@@ -33,32 +33,21 @@ _B0 = [
 def _efficientnet(name: str, width_mult: float, depth_mult: float, num_classes: int, input_size: int,
                   divisor: int, dropout: float) -> SlimmableNet:
     g = GraphBuilder()
-    cin = g.unit("stem", make_divisible(32 * width_mult))
-    x = g.conv("stem", INPUT, 3, cin, 3, 2, act="silu")
+    cin, x = stem(g, 32, width_mult, 3, 2, act="silu")
     block = 0
     for stage, (t, k, s, c, n) in enumerate(_B0, start=1):
         cout = g.unit(f"s{stage}", make_divisible(c * width_mult))
         for i in range(int(math.ceil(n * depth_mult))):
             stride, residual = (s, None) if i == 0 else (1, x)
-            width_in = g.units[cin]
-            h, hidden = x, cin
-            exp = make_divisible(width_in * t)
-            if exp != width_in:
-                hidden = g.unit(f"b{block}/hidden", exp)
-                h = g.conv(f"b{block}/expand", h, cin, hidden, 1, act="silu")
-            h = g.conv(f"b{block}/dw", h, hidden, None, k, stride, depthwise=True, act="silu")
-            h = g.se(f"b{block}/se", h, g.unit(f"b{block}/se", max(1, width_in // 4)), act="silu", gate="sigmoid")
             if residual is not None and cout != cin:
                 raise AssertionError("a repeated EfficientNet block keeps its stage's width")
-            x = g.conv(f"b{block}/project", h, hidden, cout, 1, act=None, residual=residual)
+            width_in = g.units[cin]
+            x = inverted_residual(g, f"b{block}", x, cin, cout, make_divisible(width_in * t), k, stride, "silu",
+                                  residual=residual, se_width=max(1, width_in // 4), se_act="silu")
             cin, block = cout, block + 1
-    head = g.unit("head", 4 * g.units[cin])
-    x = g.conv("head", x, cin, head, 1, act="silu")
-    x = g.gap("pool", x, head)
-    g.linear("classifier", x, head, num_classes, dropout=dropout)
-    return SlimmableNet(name, g, width_mult=width_mult, input_size=input_size, num_classes=num_classes,
-                        divisor=divisor)
-
+    head, x = conv_head(g, x, cin, 4 * g.units[cin], act="silu")
+    return classifier(g, name, x, head, num_classes, width_mult=width_mult, input_size=input_size,
+                      divisor=divisor, dropout=dropout)
 
 @register_model
 def efficientnet_b0(width_mult: float = 1.0, num_classes: int = 1000, input_size: int = 224,

@@ -7,21 +7,22 @@ residual adds), ``b{i}/hidden`` (each block's expansion) and ``head``.
 """
 from __future__ import annotations
 
-from hwslim.core.graph import INPUT
+from hwslim.models.blocks import classifier, conv_head, inverted_residual, stem
 from hwslim.models.registry import register_model
 from hwslim.core.rounding import DEFAULT_DIVISOR, make_divisible
 from hwslim.core.supernet import GraphBuilder, SlimmableNet
 
+# torchvision's _get_depths: the stem, the separable conv, then each stack's output channels
 _DEPTHS = [32, 16, 24, 40, 80, 96, 192, 320]
-# c: output channels, k: kernel, s: first stride, t: expansion, n: repeats (torchvision's _stack calls)
+# k: kernel, s: first stride, t: expansion, n: repeats (torchvision's _stack calls; c from _DEPTHS[2:])
 _STACKS = [
-    # c, k, s, t, n
-    [24, 3, 2, 3, 3],
-    [40, 5, 2, 3, 3],
-    [80, 5, 2, 6, 3],
-    [96, 3, 1, 6, 2],
-    [192, 5, 2, 6, 4],
-    [320, 3, 1, 6, 1],
+    # k, s, t, n
+    [3, 2, 3, 3],
+    [5, 2, 3, 3],
+    [5, 2, 6, 3],
+    [3, 1, 6, 2],
+    [5, 2, 6, 4],
+    [3, 1, 6, 1],
 ]
 
 
@@ -30,23 +31,17 @@ def mnasnet(width_mult: float = 1.5, num_classes: int = 1000, input_size: int = 
             divisor: int = DEFAULT_DIVISOR, dropout: float = 0.2) -> SlimmableNet:
     """MNasNet 224x224 (torchvision's mnasnet1_0 at width_mult=1.0)."""
     g = GraphBuilder()
-    stem = g.unit("stem", make_divisible(32 * width_mult))
-    x = g.conv("stem", INPUT, 3, stem, 3, 2)
-    x = g.conv("stem/dw", x, stem, None, 3, 1, depthwise=True)
-    cin = g.unit("sep", make_divisible(16 * width_mult))
-    x = g.conv("stem/pw", x, stem, cin, 1, act=None)
+    sep, x = stem(g, _DEPTHS[0], width_mult, 3, 2)
+    x = g.conv("stem/dw", x, sep, None, 3, 1, depthwise=True)
+    cin = g.unit("sep", make_divisible(_DEPTHS[1] * width_mult))
+    x = g.conv("stem/pw", x, sep, cin, 1, act=None)
     block = 0
-    for stage, (c, k, s, t, n) in enumerate(_STACKS, start=1):
+    for stage, (c, (k, s, t, n)) in enumerate(zip(_DEPTHS[2:], _STACKS), start=1):
         cout = g.unit(f"s{stage}", make_divisible(c * width_mult))
         for i in range(n):
-            hidden = g.unit(f"b{block}/hidden", g.units[cin] * t)
-            h = g.conv(f"b{block}/expand", x, cin, hidden, 1)
-            h = g.conv(f"b{block}/dw", h, hidden, None, k, s if i == 0 else 1, depthwise=True)
-            x = g.conv(f"b{block}/project", h, hidden, cout, 1, act=None, residual=x if i > 0 else None)
+            x = inverted_residual(g, f"b{block}", x, cin, cout, g.units[cin] * t, k, s if i == 0 else 1, "relu",
+                                  residual=x if i > 0 else None)
             cin, block = cout, block + 1
-    head = g.unit("head", make_divisible(1280 * max(1.0, width_mult)))
-    x = g.conv("head", x, cin, head, 1)
-    x = g.gap("pool", x, head)
-    g.linear("classifier", x, head, num_classes, dropout=dropout)
-    return SlimmableNet("mnasnet", g, width_mult=width_mult, input_size=input_size,
-                        num_classes=num_classes, divisor=divisor)
+    head, x = conv_head(g, x, cin, make_divisible(1280 * max(1.0, width_mult)), act="relu")
+    return classifier(g, "mnasnet", x, head, num_classes, width_mult=width_mult, input_size=input_size,
+                      divisor=divisor, dropout=dropout)

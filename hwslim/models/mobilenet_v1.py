@@ -6,7 +6,7 @@ each depthwise-separable block's pointwise conv (the next depthwise conv is tied
 """
 from __future__ import annotations
 
-from hwslim.core.graph import INPUT
+from hwslim.models.blocks import classifier, stem
 from hwslim.models.registry import register_model
 from hwslim.core.rounding import DEFAULT_DIVISOR, make_divisible
 from hwslim.core.supernet import GraphBuilder, SlimmableNet
@@ -35,14 +35,11 @@ def mobilenet_v1(width_mult: float = 1.5, num_classes: int = 1000, input_size: i
                  divisor: int = DEFAULT_DIVISOR) -> SlimmableNet:
     """MobileNetV1 for 224x224 (AutoSlim starts from a 1.5x supernet)."""
     g = GraphBuilder()
-    cin = g.unit("stem", make_divisible(32 * width_mult))
-    x = g.conv("stem", INPUT, 3, cin, 3, 2)
+    cin, x = stem(g, 32, width_mult, 3, 2)
     for i, (c, s) in enumerate(_SETTING, start=1):
         cout = g.unit(f"c{i}", make_divisible(c * width_mult))
         x = g.conv(f"b{i}/dw", x, cin, None, 3, s, depthwise=True)
         x = g.conv(f"b{i}/pw", x, cin, cout, 1)
         cin = cout
-    x = g.gap("pool", x, cin)
-    g.linear("classifier", x, cin, num_classes)
-    return SlimmableNet("mobilenet_v1", g, width_mult=width_mult, input_size=input_size,
-                        num_classes=num_classes, divisor=divisor)
+    return classifier(g, "mobilenet_v1", x, cin, num_classes, width_mult=width_mult, input_size=input_size,
+                      divisor=divisor)

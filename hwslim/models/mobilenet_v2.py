@@ -9,10 +9,10 @@ through its depthwise conv) and ``head`` (the last 1x1 conv).
 """
 from __future__ import annotations
 
+from hwslim.models.blocks import classifier, conv_head, inverted_residual, stem
 from hwslim.models.registry import register_model
 from hwslim.core.rounding import DEFAULT_DIVISOR, make_divisible
 from hwslim.core.supernet import GraphBuilder, SlimmableNet
-from hwslim.core.graph import INPUT
 
 # t: expansion, c: output channels, n: repeats, s: first stride (torchvision's table)
 _IMAGENET_SETTING = [
@@ -26,45 +26,24 @@ _IMAGENET_SETTING = [
     [6, 320, 1, 1],
 ]
 # CIFAR (32x32): stem stride 1 and the 24-channel stage stride 1, so the last map is 4x4.
-_CIFAR_SETTING = [
-    # t, c, n, s
-    [1, 16, 1, 1],
-    [6, 24, 2, 1],
-    [6, 32, 3, 2],
-    [6, 64, 4, 2],
-    [6, 96, 3, 1],
-    [6, 160, 3, 2],
-    [6, 320, 1, 1],
-]
+_CIFAR_SETTING = [_IMAGENET_SETTING[0], [6, 24, 2, 1], *_IMAGENET_SETTING[2:]]
 
 
 def _mobilenet_v2(name: str, setting: list[list[int]], stem_stride: int, width_mult: float, num_classes: int,
                   input_size: int, divisor: int, dropout: float = 0.2) -> SlimmableNet:
     g = GraphBuilder()
-    stem = g.unit("stem", make_divisible(32 * width_mult))
-    x = g.conv("stem", INPUT, 3, stem, 3, stem_stride, act="relu6")
-    cin, block = stem, 0
+    cin, x = stem(g, 32, width_mult, 3, stem_stride, act="relu6")
+    block = 0
     for stage, (t, c, n, s) in enumerate(setting, start=1):
         cout = g.unit(f"s{stage}", make_divisible(c * width_mult))
         for i in range(n):
-            stride = s if i == 0 else 1
-            residual = x if i > 0 else None  # repeats keep stride 1 and the stage's unit
-            h = x
-            if t != 1:
-                hidden = g.unit(f"b{block}/hidden", int(round(g.units[cin] * t)))
-                h = g.conv(f"b{block}/expand", h, cin, hidden, 1, act="relu6")
-            else:
-                hidden = cin
-            h = g.conv(f"b{block}/dw", h, hidden, None, 3, stride, depthwise=True, act="relu6")
-            x = g.conv(f"b{block}/project", h, hidden, cout, 1, act=None, residual=residual)
+            # repeats keep stride 1 and the stage's unit
+            x = inverted_residual(g, f"b{block}", x, cin, cout, int(round(g.units[cin] * t)), 3, s if i == 0 else 1,
+                                  "relu6", residual=x if i > 0 else None)
             cin, block = cout, block + 1
-    head = g.unit("head", make_divisible(1280 * max(1.0, width_mult)))
-    x = g.conv("head", x, cin, head, 1, act="relu6")
-    x = g.gap("pool", x, head)
-    g.linear("classifier", x, head, num_classes, dropout=dropout)
-    return SlimmableNet(name, g, width_mult=width_mult, input_size=input_size, num_classes=num_classes,
-                        divisor=divisor)
-
+    head, x = conv_head(g, x, cin, make_divisible(1280 * max(1.0, width_mult)), act="relu6")
+    return classifier(g, name, x, head, num_classes, width_mult=width_mult, input_size=input_size,
+                      divisor=divisor, dropout=dropout)
 
 @register_model
 def mobilenet_v2(width_mult: float = 1.5, num_classes: int = 1000, input_size: int = 224,

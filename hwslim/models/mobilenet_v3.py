@@ -10,7 +10,7 @@ expansion, tied through its depthwise conv), ``b{i}/se`` (its SE reduce width),
 """
 from __future__ import annotations
 
-from hwslim.core.graph import INPUT
+from hwslim.models.blocks import conv_head, inverted_residual, stem
 from hwslim.models.registry import register_model
 from hwslim.core.rounding import DEFAULT_DIVISOR, make_divisible
 from hwslim.core.supernet import GraphBuilder, SlimmableNet
@@ -54,8 +54,7 @@ def _mobilenet_v3(name: str, setting: list, last_channel: int, width_mult: float
                   input_size: int, divisor: int, dropout: float = 0.2) -> SlimmableNet:
     g = GraphBuilder(bn_eps=1e-3)  # torchvision's MobileNetV3 BatchNorm
     adjust = lambda c: make_divisible(c * width_mult)  # noqa: E731  (torchvision's adjust_channels)
-    cin = g.unit("stem", adjust(16))
-    x = g.conv("stem", INPUT, 3, cin, 3, 2, act="hardswish")
+    cin, x = stem(g, 16, width_mult, 3, 2, act="hardswish")
     stage = 0
     for i, (k, e, c, se, act, s) in enumerate(setting):
         exp, cout_w = adjust(e), adjust(c)
@@ -65,24 +64,16 @@ def _mobilenet_v3(name: str, setting: list, last_channel: int, width_mult: float
         else:
             stage += 1
             cout = g.unit(f"s{stage}", cout_w)
-        h, hidden = x, cin
-        if exp != g.units[cin]:
-            hidden = g.unit(f"b{i}/hidden", exp)
-            h = g.conv(f"b{i}/expand", h, cin, hidden, 1, act=act)
-        h = g.conv(f"b{i}/dw", h, hidden, None, k, s, depthwise=True, act=act)
-        if se:
-            h = g.se(f"b{i}/se", h, g.unit(f"b{i}/se", make_divisible(exp // 4, 8)), act="relu", gate="hardsigmoid")
-        x = g.conv(f"b{i}/project", h, hidden, cout, 1, act=None, residual=x if residual else None)
+        x = inverted_residual(g, f"b{i}", x, cin, cout, exp, k, s, act, residual=x if residual else None,
+                              se_width=make_divisible(exp // 4, 8) if se else None, se_gate="hardsigmoid")
         cin = cout
-    head = g.unit("head", 6 * g.units[cin])
-    x = g.conv("head", x, cin, head, 1, act="hardswish")
+    head, x = conv_head(g, x, cin, 6 * g.units[cin], act="hardswish")
     x = g.gap("pool", x, head)
     hidden = g.unit("pre_logits", adjust(last_channel))
     x = g.linear("pre_logits", x, head, hidden, act="hardswish")
     g.linear("classifier", x, hidden, num_classes, dropout=dropout)
     return SlimmableNet(name, g, width_mult=width_mult, input_size=input_size, num_classes=num_classes,
                         divisor=divisor)
-
 
 @register_model
 def mobilenet_v3_large(width_mult: float = 1.0, num_classes: int = 1000, input_size: int = 224,

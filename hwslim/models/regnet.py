@@ -9,7 +9,7 @@ the width) and ``{b}/se`` (SE reduce width, a quarter of the block's input width
 """
 from __future__ import annotations
 
-from hwslim.core.graph import INPUT
+from hwslim.models.blocks import classifier, stem
 from hwslim.models.registry import register_model
 from hwslim.core.rounding import DEFAULT_DIVISOR, make_divisible
 from hwslim.core.supernet import GraphBuilder, SlimmableNet
@@ -25,8 +25,7 @@ def _regnet(name: str, depth: int, w_0: int, w_a: float, w_m: float, group_width
                                               se_ratio=se_ratio)
         stages = list(params._get_expanded_params())
     g = GraphBuilder()
-    cin = g.unit("stem", make_divisible(32 * width_mult))
-    x = g.conv("stem", INPUT, 3, cin, 3, 2, act="relu")
+    cin, x = stem(g, 32, width_mult, 3, 2)
     for stage, (w_out, stride, n, gw, bm) in enumerate(stages, start=1):
         w_out = make_divisible(w_out * width_mult, gw) if width_mult != 1.0 else w_out
         cout = g.unit(f"s{stage}", w_out)
@@ -42,10 +41,8 @@ def _regnet(name: str, depth: int, w_0: int, w_a: float, w_m: float, group_width
             h = g.se(f"{b}/se", h, g.unit(f"{b}/se", int(round(se_ratio * width_in))), act="relu", gate="sigmoid")
             x = g.conv(f"{b}/c", h, mid, cout, 1, act="relu", residual=skip)
             cin = cout
-    x = g.gap("pool", x, cin)
-    g.linear("fc", x, cin, num_classes)
-    return SlimmableNet(name, g, width_mult=width_mult, input_size=input_size, num_classes=num_classes,
-                        divisor=divisor)
+    return classifier(g, name, x, cin, num_classes, width_mult=width_mult, input_size=input_size,
+                      divisor=divisor, fc="fc")
 
 
 @register_model

@@ -11,6 +11,7 @@ the shape changes, so every shortcut is an ordinary, slimmable conv.
 from __future__ import annotations
 
 from hwslim.core.graph import INPUT
+from hwslim.models.blocks import classifier, stem
 from hwslim.models.registry import register_model
 from hwslim.core.rounding import DEFAULT_DIVISOR, make_divisible
 from hwslim.core.supernet import GraphBuilder, SlimmableNet
@@ -40,8 +41,7 @@ def resnet50(width_mult: float = 1.0, num_classes: int = 1000, input_size: int =
              divisor: int = DEFAULT_DIVISOR) -> SlimmableNet:
     """ResNet-50 v1.5 for 224x224 (AutoSlim starts from 1.0x)."""
     g = GraphBuilder()
-    cin = g.unit("stem", make_divisible(64 * width_mult))
-    x = g.conv("stem", INPUT, 3, cin, 7, 2)
+    cin, x = stem(g, 64, width_mult, 7, 2)
     x = g.maxpool("maxpool", x, cin, 3, 2, 1)
     for stage, (planes, n, s) in enumerate(_RESNET50, start=1):
         p = make_divisible(planes * width_mult)
@@ -49,10 +49,8 @@ def resnet50(width_mult: float = 1.0, num_classes: int = 1000, input_size: int =
         for i in range(n):
             x = _bottleneck(g, f"l{stage}b{i}", x, cin, cout, p, s if i == 0 else 1)
             cin = cout
-    x = g.gap("pool", x, cin)
-    g.linear("fc", x, cin, num_classes)
-    return SlimmableNet("resnet50", g, width_mult=width_mult, input_size=input_size,
-                        num_classes=num_classes, divisor=divisor)
+    return classifier(g, "resnet50", x, cin, num_classes, width_mult=width_mult, input_size=input_size,
+                      divisor=divisor, fc="fc")
 
 
 def _cifar_resnet(name: str, depth: int, width_mult: float, num_classes: int, input_size: int,
@@ -74,10 +72,8 @@ def _cifar_resnet(name: str, depth: int, width_mult: float, num_classes: int, in
             skip = x if cin == cout else g.conv(f"{blk}/shortcut", x, cin, cout, 1, stride, act=None)
             x = g.conv(f"{blk}/conv2", h, mid, cout, 3, act="relu", residual=skip)
             cin = cout
-    x = g.gap("pool", x, cin)
-    g.linear("fc", x, cin, num_classes)
-    return SlimmableNet(name, g, width_mult=width_mult, input_size=input_size, num_classes=num_classes,
-                        divisor=divisor)
+    return classifier(g, name, x, cin, num_classes, width_mult=width_mult, input_size=input_size,
+                      divisor=divisor, fc="fc")
 
 
 @register_model
