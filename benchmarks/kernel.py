@@ -155,21 +155,38 @@ def layer_rows(batch: int, dtypes: list[str], rep_ms: int, ceil: dict[str, float
                                 + weight[:cout].numel() * (cin / cin_max if not dw else 1))
                 flops = 2 * batch * oh * oh * cout * (1 if dw else cin) * k * k
                 peak = ceil["bf16_tflops" if dtype == torch.bfloat16 else "tf32_tflops"]
-                times = {}
-                for path, fn in (("torch eager", torch_path), ("triton", triton_path)):
-                    times[path] = _bench(fn, rep_ms)
-                    times[path + " graph"] = _bench(_graph(fn), rep_ms)
-                best_torch = min(times["torch eager"], times["torch eager graph"])
-                for path, t in times.items():
-                    gbps, tflops = bytes_ / t / 1e6, flops / t / 1e9
-                    fb, ff = gbps / ceil["bw_gbps"], tflops / peak
-                    rows.append({"part": "layer", "name": name, "dtype": dname, "path": path.replace(" eager graph",
-                                 " graph"), "cin": cin, "cout": cout, "batch": batch, "ms": t, "gbps": gbps,
-                                 "tflops": tflops, "frac": max(fb, ff), "bound": "bw" if fb >= ff else "flop",
-                                 "speedup": best_torch / t, "note": f"rel_err={err:.1e}" if path == "triton" else ""})
+                times = _time_paths((("torch eager", torch_path), ("triton", triton_path)), rep_ms)
+                rows += _rate_rows(times, bytes_, flops, ceil["bw_gbps"], peak, "triton", f"rel_err={err:.1e}",
+                                   {"part": "layer", "name": name, "dtype": dname, "cin": cin, "cout": cout,
+                                    "batch": batch})
                 del x, r
             del module
             torch.cuda.empty_cache()
+    return rows
+
+
+def _time_paths(paths, rep_ms: float) -> dict[str, float]:
+    """Median ms of each (name, fn), eager and replayed as a CUDA graph ("NAME graph")."""
+    times = {}
+    for path, fn in paths:
+        times[path] = _bench(fn, rep_ms)
+        times[path + " graph"] = _bench(_graph(fn), rep_ms)
+    return times
+
+
+def _rate_rows(times: dict[str, float], bytes_: float, flops: float, bw_gbps: float, peak_tflops: float,
+               checked: str, note: str, fields: dict) -> list[dict]:
+    """One row per timed path: achieved GB/s and TFLOP/s, the fraction of the roofline, the
+    bound, the speed-up over the best PyTorch path; ``note`` on the ``checked`` path."""
+    best_torch = min(times["torch eager"], times["torch eager graph"])
+    rows = []
+    for path, t in times.items():
+        gbps, tflops = bytes_ / t / 1e6, flops / t / 1e9
+        fb, ff = gbps / bw_gbps, tflops / peak_tflops
+        rows.append({**{k: fields[k] for k in ("part", "name", "dtype")}, "path": path.replace(" eager graph", " graph"),
+                     **{k: fields[k] for k in ("cin", "cout", "batch")}, "ms": t, "gbps": gbps, "tflops": tflops,
+                     "frac": max(fb, ff), "bound": "bw" if fb >= ff else "flop", "speedup": best_torch / t,
+                     "note": note if path == checked else ""})
     return rows
 
 
@@ -216,18 +233,11 @@ def pair_rows(batch: int, dtypes: list[str], rep_ms: int, ceil: dict[str, float]
             bytes_ = elt * (x.numel() + batch * cout * oh * oh * (2 if res else 1))  # fused floor: no hidden
             flops = 2 * batch * oh * oh * hidden * (9 + cout)
             peak = ceil["bf16_tflops" if dtype == torch.bfloat16 else "tf32_tflops"]
-            times = {}
-            for path, fn in (("torch eager", torch_path), ("triton 2 kernels", two_kernels), ("triton fused", fused)):
-                times[path] = _bench(fn, rep_ms)
-                times[path + " graph"] = _bench(_graph(fn), rep_ms)
-            best_torch = min(times["torch eager"], times["torch eager graph"])
-            for path, t in times.items():
-                gbps, tflops = bytes_ / t / 1e6, flops / t / 1e9
-                fb, ff = gbps / ceil["bw_gbps"], tflops / peak
-                rows.append({"part": "pair", "name": name, "dtype": dname, "path": path.replace(" eager graph", " graph"),
-                             "cin": hidden, "cout": cout, "batch": batch, "ms": t, "gbps": gbps, "tflops": tflops,
-                             "frac": max(fb, ff), "bound": "bw" if fb >= ff else "flop", "speedup": best_torch / t,
-                             "note": f"rel_err={err:.1e}" if path == "triton fused" else ""})
+            times = _time_paths((("torch eager", torch_path), ("triton 2 kernels", two_kernels),
+                                 ("triton fused", fused)), rep_ms)
+            rows += _rate_rows(times, bytes_, flops, ceil["bw_gbps"], peak, "triton fused", f"rel_err={err:.1e}",
+                               {"part": "pair", "name": name, "dtype": dname, "cin": hidden, "cout": cout,
+                                "batch": batch})
             del dw, pj, x, r
             torch.cuda.empty_cache()
     return rows
