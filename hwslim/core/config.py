@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from hwslim.core import jsonio
 from hwslim.core.errors import ConfigError, OutputExistsError
 
 SCHEMA_VERSION = 1
@@ -95,9 +96,11 @@ class ChannelConfig:
     @classmethod
     def from_json(cls, text: str, source: str = "config") -> "ChannelConfig":
         try:
-            data = json.loads(text)
+            data = jsonio.loads(text)
         except json.JSONDecodeError as e:
             raise ConfigError(f"{source}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        except ValueError as e:  # too deep, or bytes that are not UTF-8
+            raise ConfigError(f"{source}: not valid JSON ({e})") from None
         return cls.from_dict(data, source)
 
     def save(self, path: str | os.PathLike, force: bool = False) -> Path:

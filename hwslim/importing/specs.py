@@ -14,15 +14,44 @@ A model is data (a graph, see
 """
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 from pathlib import Path
 
+from hwslim.core import jsonio
 from hwslim.models import create_model
 
 
 def _is_file_spec(spec: str) -> bool:
     return spec.endswith((".json", ".pt", ".pth")) or "/" in spec or Path(spec).is_file()
+
+
+def import_user_module(source: str):
+    """The module ``source`` of a ``module:callable`` spec.
+
+    Found on ``sys.path`` as it stands, or else in the current directory (a model file
+    beside the user): the cwd is added only for that import, after everything installed
+    (so an ``onnxruntime.py`` lying there never shadows the real package), and
+    ``sys.path`` is restored afterwards. A module that calls ``sys.exit`` while being
+    imported is refused (ImportError), never a silent exit.
+    """
+    import importlib
+    import importlib.util
+    import os
+    import sys
+
+    try:
+        found = importlib.util.find_spec(source) is not None
+    except (ImportError, ValueError):  # a parent package that is missing or not a package
+        found = False
+    saved = list(sys.path)
+    if not found:
+        sys.path.append(os.getcwd())
+    try:
+        return importlib.import_module(source)
+    except SystemExit as e:
+        raise ImportError(f"importing it called sys.exit({e.code!r})") from None
+    finally:
+        sys.path[:] = saved
 
 
 def module_from_spec(spec: str, init: str | None = None):
@@ -32,7 +61,6 @@ def module_from_spec(spec: str, init: str | None = None):
     (``IMAGENET1K_V1``, ``DEFAULT``; those download).
     """
     import importlib
-    import sys
 
     import torch
     from torch import nn
@@ -62,10 +90,8 @@ def module_from_spec(spec: str, init: str | None = None):
         else:
             if "" in (source, name):
                 raise ModelError(f"model {spec!r}: expected package.module:function")
-            if "" not in sys.path and "." not in sys.path:
-                sys.path.insert(0, "")  # a model file in the current directory
             try:
-                mod = importlib.import_module(source)
+                mod = import_user_module(source)
             except Exception as e:
                 raise ModelError(f"model {spec!r}: cannot import {source!r} ({type(e).__name__}: "
                                  f"{str(e).splitlines()[0][:120] if str(e) else ''})") from None
@@ -77,6 +103,9 @@ def module_from_spec(spec: str, init: str | None = None):
             except Exception as e:
                 raise ModelError(f"model {spec!r}: calling {name}() failed ({type(e).__name__}: "
                                  f"{str(e).splitlines()[0][:120] if str(e) else ''})") from None
+            except SystemExit as e:  # never a silent exit 0 with nothing done
+                raise ModelError(f"model {spec!r}: calling {name}() called sys.exit({e.code!r}); a model builder "
+                                 "must return an nn.Module") from None
     except ModelError:
         raise
     except Exception as e:  # a weights download without network, a broken model builder
@@ -179,8 +208,8 @@ def load_model(spec: str, *, width_mult: float | None = None, input_size: int | 
                          "or a checkpoint)")
     if path.suffix == ".json":
         try:
-            data = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            data = jsonio.load(path)
+        except (OSError, ValueError) as e:  # ValueError: malformed, not UTF-8 or too deep
             raise ModelError(f"{path}: not a readable graph JSON file ({type(e).__name__})") from None
     else:
         from hwslim.importing.checkpoint import read_graph

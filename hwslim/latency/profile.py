@@ -43,6 +43,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
+from hwslim.core import jsonio
 from hwslim.core.config import ChannelConfig, atomic_write_text
 from hwslim.core.errors import HwslimError, TableError
 from hwslim.core.graph import LayerSpec, Node
@@ -325,7 +326,7 @@ def _borrow_entries(csv_path: Path, meta: dict, wanted: set, now=None,
         if other_csv == csv_path or not other_csv.is_file() or other.name.startswith("."):
             continue
         try:
-            old = json.loads(other.read_text(encoding="utf-8"))
+            old = jsonio.load(other)
             if not isinstance(old, dict) or _same_setup(old, setup):
                 continue
             check = compare_to_table(old, now) if now is not None else None
@@ -346,7 +347,7 @@ def _borrow_entries(csv_path: Path, meta: dict, wanted: set, now=None,
 def _read_old_meta(meta_path: Path, csv_path: Path, force: bool) -> dict | None:
     """The metadata already at ``meta_path``; None where it is unreadable and ``force`` is set."""
     try:
-        old = json.loads(meta_path.read_text(encoding="utf-8"))
+        old = jsonio.load(meta_path)
         if not isinstance(old, dict):
             raise ValueError("not a JSON object")
         return old

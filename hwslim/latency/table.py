@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from hwslim import __version__
+from hwslim.core import jsonio
 from hwslim.core.config import atomic_write_text
 from hwslim.core.errors import HwslimError, TableError
 from hwslim.core.graph import SIGNATURE_FIELDS, LayerSpec
@@ -493,8 +494,8 @@ class LatencyTable:
             missing = csv_path if not csv_path.exists() else meta_path
             raise TableError(f"latency table {missing} not found (run `hwslim profile` to measure one)")
         try:
-            meta = json.loads(meta_path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            meta = jsonio.load(meta_path)
+        except (OSError, ValueError) as e:  # ValueError: malformed, not UTF-8 or too deep
             raise TableError(f"latency table metadata {meta_path} is unreadable ({e})") from None
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             raise TableError(f"{meta_path} is not a hwslim latency table")

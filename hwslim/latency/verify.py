@@ -26,13 +26,13 @@ with status 3 (:data:`EXIT_UNRELIABLE`).
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+from hwslim.core import jsonio
 from hwslim.core.config import ChannelConfig
 from hwslim.core.errors import ConfigError, TableError
 from hwslim.core.resources import check_inference
@@ -122,8 +122,8 @@ def resolve_model(path: str | os.PathLike) -> tuple[Path, dict[str, str]]:
             raise ConfigError(f"{path} is not an ONNX file and has no {sidecar.name} naming its ONNX source; "
                               "give the .onnx file `hwslim export` wrote")
         try:
-            source = json.loads(sidecar.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            source = jsonio.load(sidecar)
+        except (OSError, ValueError) as e:  # ValueError: malformed, not UTF-8 or too deep
             raise ConfigError(f"{sidecar} is not readable JSON ({type(e).__name__}); re-run hwslim export") from None
         if not isinstance(source, dict) or not isinstance(source.get("onnx"), str) or not source["onnx"]:
             raise ConfigError(f"{sidecar} does not name the ONNX file the engine was built from (no \"onnx\"); "
@@ -202,7 +202,7 @@ def net_from_metadata(meta: Mapping[str, str], config, source: str):
     try:
         from dataclasses import replace
 
-        graph = replace(graph_from_dict(json.loads(meta["graph"])), input_size=int(config.input_size))
+        graph = replace(graph_from_dict(jsonio.loads(meta["graph"])), input_size=int(config.input_size))
         net = SlimmableNet.from_graph(graph)
     except (ValueError, KeyError, TypeError, GraphFormatError) as e:
         raise ConfigError(f"{source}: its hwslim.core.graph metadata is unusable ({type(e).__name__}: {e})") from None

@@ -50,6 +50,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
+from hwslim.core import jsonio
 from hwslim.core.config import ChannelConfig, atomic_write_text
 from hwslim.core.costs import spec_costs
 from hwslim.core.errors import BudgetError, HwslimError, OutputExistsError
@@ -776,9 +777,9 @@ class SearchState:
 def _read_state(state_file: Path, settings: dict, model: SlimmableNet, cost_fn) -> list[Step]:
     """The path saved in ``state_file``, refused unless its settings are ``settings`` (:func:`_checked_replay`)."""
     try:
-        state = json.loads(state_file.read_text())
+        state = jsonio.load(state_file)
         steps_saved = [Step(**st) for st in state["steps"]]
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+    except (OSError, ValueError, KeyError, TypeError) as e:  # ValueError: malformed or too deep JSON
         raise HwslimError(f"{state_file} is not a readable search state ({type(e).__name__}); "
                           "delete it or pass --force to start over") from None
     if state.get("settings") != settings:
