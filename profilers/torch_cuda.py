@@ -143,8 +143,6 @@ def load_network(path):
         raise ProfilerError(f"model {path} not found")
     if path.suffix == ".pt":
         return torch.load(path, weights_only=False)  # written by write_model, never a user's file
-    import json
-
     from hwslim.core.graph import graph_from_dict
     from hwslim.core.materialize import materialize
     from hwslim.core.supernet import SlimmableNet

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from hwslim.core.outputs import refuse_directory, temporary_path
 from hwslim.core import jsonio
 from hwslim.core.errors import ConfigError, OutputExistsError
 
@@ -126,8 +127,9 @@ class ChannelConfig:
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file and a rename."""
     path = Path(path)
+    refuse_directory(path)  # named as such, not as a failed rename of its temporary
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = temporary_path(path)
     try:
         with open(tmp, "w") as f:
             f.write(text)

@@ -19,6 +19,7 @@ from typing import Mapping
 
 import torch
 
+from hwslim.core.outputs import temporary_path
 from hwslim.core.config import ChannelConfig
 from hwslim.core.errors import ConfigError
 from hwslim.core.materialize import PlainNet
@@ -67,7 +68,7 @@ def export_onnx(net: PlainNet, path: str | os.PathLike, *, batch: int = 1, input
     x = torch.randn(batch, first.cin, size, size, device=device)
     was_training = net.training
     net.eval()
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = temporary_path(path)
     dynamic_axes = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if dynamic_batch else None
     try:
         with warnings.catch_warnings():

@@ -57,7 +57,7 @@ import torch
 import torch.nn.functional as F
 
 from hwslim.core.config import ChannelConfig
-from hwslim.core.outputs import check_output, remove_stale_temporaries
+from hwslim.core.outputs import check_output, owned, remove_stale_temporaries
 from hwslim.core.resources import check_training
 from hwslim.core.supernet import SlimmableNet
 from hwslim.importing.checkpoint import save_checkpoint
@@ -411,9 +411,10 @@ def train(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> TrainRe
         raise TypeError(f"train() takes a TrainConfig, got {type(cfg).__name__}")
     cfg.validate()
     out = check_output(cfg.out, kind="dir")  # before an epoch is spent
-    remove_stale_temporaries(out)  # left by a run killed while saving
-    world = distributed.setup(cfg.device)
-    try:
-        return _Run(cfg, world, log or _log_stderr).run()
-    finally:
-        distributed.teardown(world)
+    with owned(out):  # one run per output folder: a second one is refused, resumes included
+        remove_stale_temporaries(out)  # left by a run killed while saving
+        world = distributed.setup(cfg.device)
+        try:
+            return _Run(cfg, world, log or _log_stderr).run()
+        finally:
+            distributed.teardown(world)
