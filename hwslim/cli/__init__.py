@@ -11,6 +11,7 @@ import argparse
 import importlib
 import math
 import os
+import re
 import sys
 
 from hwslim import __version__
@@ -35,13 +36,25 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _int_at_least(low: int, what: str):
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
+def parse_number(text: str, whole: bool = False) -> float | int:
+    """The one reader of every numeric flag: plain decimal notation only.
+
+    Python's ``int``/``float`` also take ``0_04`` (read as 4), ``inf``, ``nan`` and
+    surrounding spaces; a flag value like that is a typo, refused here (ArgumentTypeError).
+    """
+    text = text.strip()
+    if not _NUMBER.fullmatch(text) or whole and not re.fullmatch(r"[+-]?\d+", text):
+        raise argparse.ArgumentTypeError(f"expected {'a whole number' if whole else 'a number'}, got {text!r}")
+    return int(text) if whole else float(text)
+
+
+def _int_at_least(low: int | None, what: str):
     def parse(text: str) -> int:
-        try:
-            v = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-        if v < low:
+        v = parse_number(text, whole=True)
+        if low is not None and v < low:
             raise argparse.ArgumentTypeError(f"must be {what}, got {v}")
         return v
 
@@ -50,25 +63,20 @@ def _int_at_least(low: int, what: str):
 
 positive_int = _int_at_least(1, "at least 1")  # argparse type: an integer >= 1
 nonneg_int = _int_at_least(0, "0 or more")  # argparse type: an integer >= 0
+whole_int = _int_at_least(None, "")  # argparse type: any integer (a seed)
 
 
 def positive_float(text: str) -> float:
     """argparse type: a finite number > 0."""
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not (v > 0 and v != float("inf")):
+    v = parse_number(text)
+    if not (v > 0 and math.isfinite(v)):
         raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
     return v
 
 
 def nonneg_float(text: str) -> float:
     """argparse type: a finite number >= 0."""
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    v = parse_number(text)
     if not (math.isfinite(v) and v >= 0):
         raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
     return v

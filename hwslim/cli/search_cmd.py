@@ -35,12 +35,12 @@ from hwslim.search.greedy import (
 def register(sub) -> None:
     p = add_command(sub, "search", run, run.__doc__)
     p.add_argument("--checkpoint", required=True, help="a supernet checkpoint written by `hwslim train`")
-    p.add_argument("--latency-ms", type=positive_float, nargs="+", default=[], metavar="MS",
+    p.add_argument("--latency-ms", type=positive_float, nargs="+", action="extend", default=[], metavar="MS",
                    help="latency budgets in ms, predicted by a latency table")
-    p.add_argument("--memory-mb", type=positive_float, nargs="+", default=[], metavar="MB",
+    p.add_argument("--memory-mb", type=positive_float, nargs="+", action="extend", default=[], metavar="MB",
                    help="peak activation memory budgets in MB (10^6 bytes)")
-    p.add_argument("--params-m", type=positive_float, nargs="+", default=[], metavar="M", help="parameter budgets in millions")
-    p.add_argument("--macs-m", type=positive_float, nargs="+", default=[], metavar="M",
+    p.add_argument("--params-m", type=positive_float, nargs="+", action="extend", default=[], metavar="M", help="parameter budgets in millions")
+    p.add_argument("--macs-m", type=positive_float, nargs="+", action="extend", default=[], metavar="M",
                    help="MAC budgets in millions. The kind given several values gives one config per value; "
                         "each other kind (one value) is a constraint every config meets; several values for "
                         "two kinds are refused")
