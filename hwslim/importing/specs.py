@@ -169,6 +169,11 @@ def is_module_spec(spec: str) -> bool:
     return ":" in spec and not _is_file_spec(spec)
 
 
+# an imported module is traced by running it on an example input; above this many bytes of input its size is
+# checked against the machine's memory first (on a 224 px trace), so a huge --input-size is refused, not allocated
+PROBE_ABOVE_BYTES = 64 << 20
+
+
 def load_model(spec: str, *, width_mult: float | None = None, input_size: int | None = None,
                num_classes: int | None = None, divisor: int | None = None, init: str | None = None,
                keep: str | None = None, fix_unsupported: bool = False):
@@ -183,6 +188,10 @@ def load_model(spec: str, *, width_mult: float | None = None, input_size: int | 
     from hwslim.core.graph import GraphFormatError, graph_from_dict
     from hwslim.core.supernet import SlimmableNet
 
+    if not is_module_spec(spec) and (keep is not None or fix_unsupported):  # as README says: refused, not ignored
+        flag = "--keep" if keep is not None else "--fix-unsupported"
+        raise ModelError(f"{flag} applies to a model imported from PyTorch (--model torchvision:NAME, "
+                         f"timm:NAME or package.module:callable), not {spec!r}")
     if is_module_spec(spec):
         import torch
 
@@ -193,7 +202,14 @@ def load_model(spec: str, *, width_mult: float | None = None, input_size: int | 
         with torch.device("cpu"):  # the module's own weights, even when shapes are asked on "meta"
             module = module_from_spec(spec, init)
             size = input_size or 224
-            net = import_model(module, torch.randn(1, 3, size, size), name=spec.replace(":", "_").replace(".", "_"),
+            name = spec.replace(":", "_").replace(".", "_")
+            if 3 * size * size * 4 > PROBE_ABOVE_BYTES:  # tracing runs the forward: check the memory it needs first
+                from hwslim.core.resources import check_inference
+
+                probe = import_model(module, torch.randn(1, 3, 224, 224), name=name, keep=keep,
+                                     divisor=divisor or 8, fix_unsupported=fix_unsupported)
+                check_inference(probe, input_size=size, what=f"importing {spec} at {size}x{size} px")
+            net = import_model(module, torch.randn(1, 3, size, size), name=name,
                                keep=keep, divisor=divisor or 8, fix_unsupported=fix_unsupported)
         if num_classes is not None and int(num_classes) != net.num_classes:
             raise ModelError(f"{spec} has {net.num_classes} classes, not {num_classes}")

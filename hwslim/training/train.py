@@ -177,10 +177,9 @@ class TrainConfig:
         if self.sort is not None and self.init is None:
             raise TrainError("--no-sort applies to a start from trained weights; add --init WEIGHTS")
         if self.keep is not None:
-            try:
-                re.compile(self.keep)
-            except re.error as e:
-                raise TrainError(f"--keep {self.keep!r} is not a regular expression ({e})") from None
+            from hwslim.importing.fx_trace import compile_keep
+
+            compile_keep(self.keep)
 
     def resolved(self, input_size: int, num_classes: int) -> "TrainConfig":
         """Fill defaults that depend on the model's input size and the data."""
