@@ -67,6 +67,8 @@ def module_from_spec(spec: str, init: str | None = None):
     from hwslim.core.errors import ModelError
 
     source, _, name = spec.partition(":")
+    if init is not None and Path(init).is_dir():
+        raise ModelError(f"--init {init} is a directory; give a state-dict file")
     weights_name = init if init is not None and not Path(init).is_file() else None
     if init is not None and weights_name is not None and source not in ("torchvision", "timm"):
         raise ModelError(f"--init {init}: no such file (a weights name works only for torchvision: and timm: models)")
@@ -113,17 +115,45 @@ def module_from_spec(spec: str, init: str | None = None):
     if not isinstance(module, nn.Module):
         raise ModelError(f"model {spec!r}: {name}() returned {type(module).__name__}, not an nn.Module")
     if init is not None and weights_name is None:
-        try:
-            state = torch.load(init, map_location="cpu", weights_only=True)
-        except Exception:
-            raise ModelError(f"--init {init}: not a readable PyTorch state-dict file") from None
-        if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-            state = state["state_dict"]
-        try:
-            module.load_state_dict(state)
-        except (RuntimeError, TypeError, AttributeError) as e:
-            raise ModelError(f"--init {init} does not fit {spec} ({str(e).splitlines()[0][:160]})") from None
+        load_init(module, init, spec)
     return module
+
+
+def load_init(module, init: str, spec: str) -> None:
+    """Load the state-dict file ``init`` into ``module``, or ModelError (one line) naming what is wrong:
+    the first keys missing or unexpected and the first shapes that differ, weights that are not finite."""
+    import warnings
+
+    import torch
+
+    from hwslim.core.errors import ModelError
+
+    try:
+        with warnings.catch_warnings():  # torch warns about legacy pickles before refusing them
+            warnings.simplefilter("ignore")
+            state = torch.load(init, map_location="cpu", weights_only=True)
+    except Exception:
+        raise ModelError(f"--init {init}: not a readable PyTorch state-dict file") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelError(f"--init {init}: not a state dict (a mapping of parameter names to tensors)")
+    own = module.state_dict()
+    problems = [f"{what} {_first(keys)}" for what, keys in (
+        ("missing", [k for k in own if k not in state]), ("unexpected", [k for k in state if k not in own]),
+        ("shapes differ (file vs model):", [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+                                            for k, v in own.items() if k in state and state[k].shape != v.shape]))
+        if keys]
+    if problems:
+        raise ModelError(f"--init {init} does not fit {spec}: {'; '.join(problems)}")
+    bad = next((k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+    if bad is not None:
+        raise ModelError(f"--init {init}: {bad} holds NaN or infinite values; nothing can be trained from it")
+    module.load_state_dict(state)
+
+
+def _first(names: list[str], n: int = 3) -> str:
+    return ", ".join(names[:n]) + (f" (+{len(names) - n} more)" if len(names) > n else "")
 
 
 def _torchvision_weights(name: str, weights_name: str):
