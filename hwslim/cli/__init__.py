@@ -36,14 +36,15 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?|[+-]?(nan|inf|infinity)", re.I)
 
 
 def parse_number(text: str, whole: bool = False) -> float | int:
     """The one reader of every numeric flag: plain decimal notation only.
 
-    Python's ``int``/``float`` also take ``0_04`` (read as 4), ``inf``, ``nan`` and
-    surrounding spaces; a flag value like that is a typo, refused here (ArgumentTypeError).
+    Python's ``int``/``float`` also take ``0_04`` (read as 4) and other spellings; a flag
+    value like that is a typo, refused here (ArgumentTypeError). ``nan`` and ``inf`` are
+    read, so that the flag's own range check names them.
     """
     text = text.strip()
     if not _NUMBER.fullmatch(text) or whole and not re.fullmatch(r"[+-]?\d+", text):

@@ -156,6 +156,7 @@ def check_graph(model, path: Path, meta: Mapping[str, str]) -> None:
     weights = {i.name for i in model.graph.initializer}
     inputs = [i for i in model.graph.input if i.name not in weights]
     want = {"batch": meta.get("batch"), "size": str(cfg.input_size), "classes": meta.get("num_classes")}
+    want = {k: v for k, v in want.items() if str(v).isdigit()}  # a garbled number is refused by its own reader
     shape = _dims(inputs[0]) if len(inputs) == 1 else []
     found = {"batch": shape[0] if len(shape) == 4 else None, "size": shape[2] if len(shape) == 4 else None,
              "classes": (_dims(model.graph.output[0]) + [None, None])[1] if len(model.graph.output) == 1 else None}
@@ -163,7 +164,7 @@ def check_graph(model, path: Path, meta: Mapping[str, str]) -> None:
         raise ConfigError(f"{path}: its graph takes {len(inputs)} input(s) of rank {len(shape)}, not the one image "
                           "batch its hwslim metadata describes; re-export the model")
     for key, value in found.items():
-        if value is not None and want[key] is not None and str(value) != str(want[key]) and not (
+        if value is not None and key in want and str(value) != want[key] and not (
                 key == "batch" and meta.get("dynamic_batch") == "true"):
             raise ConfigError(f"{path}: its graph has {key} {value} but its hwslim metadata says {want[key]}: "
                               "not the graph that was exported; re-export the model")
