@@ -623,6 +623,8 @@ def _py(name: str, body: str):
     return _write(f"../{name}.py", body)
 
 
+SEQ = "import torch.nn as nn\ndef build():\n    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), " \
+      "nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))\n"
 TINY_TR = ["train", "--model", TINY, "--data", "synthetic:100", "--epochs", "1", "--input-size", "8",
            "--batch-size", "16", "--no-progress", "--out", "{c}/r"]
 RECAL = P + ["--out", T, "--recalibrate"]
@@ -655,9 +657,9 @@ CASES += [
     (RECAL, "calibration_plan.seed true", 2, "calibration_plan.seed", _plan(fit=16, holdout=16, seed=True)),
     (RECAL, "calibration_plan a string", 2, "calibration_plan is not a JSON object",
      _copy_table(edit_meta=_meta_set("calibration_plan", "all"))),
-    (["verify", "{c}/m.onnx", "--table", TAB], "metadata batch 10^12", 2, "must be from 1 to",
-     _onnx_meta(batch=str(10**12))),
-    (["eval", "{c}/m.onnx"], "metadata batch 10^12 [eval]", 2, "must be from 1 to", _onnx_meta(batch=str(10**12))),
+    (["eval", "{c}/m.onnx"], "metadata batch 10^12 [eval]", 2, "would need", _onnx_meta(batch=str(10**12))),
+    (["eval", "{c}/m.onnx"], "metadata batch 10^12, dynamic [eval]", 2, "would need",
+     _onnx_meta(batch=str(10**12), dynamic_batch="true")),
     (["verify", "{c}/m.onnx", "--table", TAB], "metadata of another graph (input size)", 2,
      "not the graph that was exported", _onnx_config(input_size=32)),
     (["eval", "{c}/m.onnx"], "metadata of another graph [eval]", 2, "not the graph that was exported",
@@ -678,7 +680,7 @@ CASES += [
     (S + ["--latency-ms", "1", "--device", "cpu", "--table-dir", "{c}/none"], "--table-dir missing", 2,
      "No such file", None),
     (E + ["--out", "/proc/m.onnx"], "--out under /proc", 2, "not writable", None),
-    (TR[:-2] + ["--out", "/sys/hwslim-run"], "--out under /sys", 2, "not writable", None),
+    (TR + ["--out", "/sys/hwslim-run"], "--out under /sys", 2, "not writable", None),
     (S + ["--params-m", "0.1", "--out", "/proc/hwslim-s"], "--out under /proc [search]", 2, "not writable", None),
     (P + ["--out", "/proc/t.csv"], "--out under /proc [profile]", 2, "not writable", None),
     (TINY_TR + ["--init", "{c}"], "--init a directory", 2, "is a directory", None),
@@ -689,7 +691,7 @@ CASES += [
     # tracebacks: sizes, regular expressions, a model torch.fx cannot run
     (["cost", "--model", TINY, "--input-size", "100000"], "--input-size 100000 of an imported model", 2,
      "memory", None),
-    (["cost", "--model", TINY, "--keep", "a{99999999999}"], "--keep repetition overflow", 2,
+    (["cost", "--model", TINY, "--keep", "a{{99999999999}}"], "--keep repetition overflow", 2,
      "not a usable regular expression", None),
     (["cost", "--model", "gray_cnn:build"], "first conv takes 1 channel", 2, "expected input", _py("gray_cnn", GRAY)),
     # silent acceptance
@@ -699,7 +701,8 @@ CASES += [
      "applies to a model imported", None),
     (["cost", "--model", CK, "--keep", "conv"], "--keep on a checkpoint", 2, "applies to a model imported", None),
     (P + ["--keep", "conv"], "--keep on a zoo model [profile]", 2, "applies to a model imported", None),
-    (["cost", "--model", TINY, "--keep", ".*"], "--keep fixing every unit", 2, "nothing is left to slim", None),
+    (["cost", "--model", "seq_cnn:build", "--keep", ".*"], "--keep fixing every unit", 2, "nothing is left to slim",
+     _py("seq_cnn", SEQ)),
     (["cost", "--model", TINY, "--keep", "no_such_module"], "--keep matching nothing", 2, "matches no module",
      None),
     (TINY_TR + ["--init", "{c}/init.pt"], "--init with NaN weights", 2, "NaN", _state_dict("nan")),
@@ -725,7 +728,7 @@ CASES += [
      _py("quits_early", "import sys\nsys.exit(0)\n")),
     # multi-line: every refusal before the first progress bar, torch's warning silenced
     (["eval", "--checkpoint", CK, "--config", CFG, "{c}/m.onnx"], "a bad ONNX after a good config [eval]", 2,
-     "must be from 1 to", _onnx_meta(batch=str(10**12))),
+     "would need", _onnx_meta(batch=str(10**12))),
     (TINY_TR + ["--init", "{c}/init.pt"], "--init a legacy pickle", 2, "not a readable PyTorch state-dict",
      _state_dict("pickle")),
 ]

@@ -59,6 +59,8 @@ def model_info(model: SlimmableNet) -> dict[str, Any]:
 
 
 def _read_payload(path: Path, map_location: str | torch.device = "cpu") -> dict:
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a directory, not a checkpoint file")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} not found")
     try:

@@ -509,6 +509,8 @@ class LatencyTable:
     @classmethod
     def load(cls, path: str | os.PathLike, *, allow_incomplete: bool = False) -> "LatencyTable":
         """Read a table (give the .csv, the .json or the stem). Missing or corrupt: TableError."""
+        if Path(path).is_dir():
+            raise TableError(f"latency table {path} is a directory; give the table's .csv file")
         csv_path, meta_path, _ = table_paths(path)
         if not meta_path.exists() or not csv_path.exists():
             missing = csv_path if not csv_path.exists() else meta_path

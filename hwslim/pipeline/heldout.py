@@ -99,8 +99,10 @@ def check_exported(path: Path, meta: dict, load: Callable[[str], Any], checkpoin
     from hwslim.latency.verify import metadata_int
     from hwslim.runtimes.onnx_file import config_from_metadata
 
+    from hwslim.core.resources import check_inference
+
     cfg = config_from_metadata(meta, str(path))
-    metadata_int(meta, "batch", str(path), 1)
+    batch = metadata_int(meta, "batch", str(path), 1)
     ck = checkpoint or meta.get("checkpoint")
     if not ck:
         raise ConfigError(f"{path} names no checkpoint in its metadata; give --checkpoint CKPT")
@@ -108,6 +110,8 @@ def check_exported(path: Path, meta: dict, load: Callable[[str], Any], checkpoin
     if int(ckpt.data.get("input_size", cfg.input_size)) != cfg.input_size:
         raise ConfigError(f"{path} takes {cfg.input_size}px inputs but {ck}'s data is {ckpt.data['input_size']}px")
     ckpt.model.validate(cfg)
+    check_inference(ckpt.model, cfg, batch=batch, input_size=cfg.input_size,  # the batch is allocated as padding
+                    what=f"scoring {path} (batch {batch:,} at {cfg.input_size}x{cfg.input_size} px)")
     return cfg, ck, ckpt
 
 

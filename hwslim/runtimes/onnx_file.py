@@ -140,7 +140,7 @@ def check_graph(model, path: Path, meta: Mapping[str, str]) -> None:
     """Refuse (ConfigError, one line) an ONNX file no runtime should be handed: external data
     outside its own folder (ONNX Runtime would read any file it names), or, where it carries
     hwslim's metadata, a graph that is not the one the metadata describes (another input
-    size, batch or class count: a crafted file or one edited after export)."""
+    size or class count: a crafted file or one edited after export)."""
     import onnx
 
     folder = path.resolve().parent
@@ -155,17 +155,15 @@ def check_graph(model, path: Path, meta: Mapping[str, str]) -> None:
     cfg = config_from_metadata(meta, str(path))
     weights = {i.name for i in model.graph.initializer}
     inputs = [i for i in model.graph.input if i.name not in weights]
-    want = {"batch": meta.get("batch"), "size": str(cfg.input_size), "classes": meta.get("num_classes")}
+    want = {"size": str(cfg.input_size), "classes": meta.get("num_classes")}  # the batch: its reader's checks
     want = {k: v for k, v in want.items() if str(v).isdigit()}  # a garbled number is refused by its own reader
     shape = _dims(inputs[0]) if len(inputs) == 1 else []
-    found = {"batch": shape[0] if len(shape) == 4 else None, "size": shape[2] if len(shape) == 4 else None,
-             "classes": (_dims(model.graph.output[0]) + [None, None])[1] if len(model.graph.output) == 1 else None}
     if len(shape) != 4 or len(model.graph.output) != 1:
         raise ConfigError(f"{path}: its graph takes {len(inputs)} input(s) of rank {len(shape)}, not the one image "
                           "batch its hwslim metadata describes; re-export the model")
+    found = {"size": shape[2], "classes": (_dims(model.graph.output[0]) + [None, None])[1]}
     for key, value in found.items():
-        if value is not None and key in want and str(value) != want[key] and not (
-                key == "batch" and meta.get("dynamic_batch") == "true"):
+        if value is not None and key in want and str(value) != want[key]:
             raise ConfigError(f"{path}: its graph has {key} {value} but its hwslim metadata says {want[key]}: "
                               "not the graph that was exported; re-export the model")
 
