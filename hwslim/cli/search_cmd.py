@@ -39,7 +39,8 @@ def register(sub) -> None:
                    help="latency budgets in ms, predicted by a latency table")
     p.add_argument("--memory-mb", type=positive_float, nargs="+", action="extend", default=[], metavar="MB",
                    help="peak activation memory budgets in MB (10^6 bytes)")
-    p.add_argument("--params-m", type=positive_float, nargs="+", action="extend", default=[], metavar="M", help="parameter budgets in millions")
+    p.add_argument("--params-m", type=positive_float, nargs="+", action="extend", default=[], metavar="M",
+                   help="parameter budgets in millions")
     p.add_argument("--macs-m", type=positive_float, nargs="+", action="extend", default=[], metavar="M",
                    help="MAC budgets in millions. The kind given several values gives one config per value; "
                         "each other kind (one value) is a constraint every config meets; several values for "

@@ -19,6 +19,7 @@ import fcntl
 import hashlib
 import os
 import re
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -193,11 +194,11 @@ def check_output(path: str | os.PathLike | None, *, kind: str, flag: str = "--ou
     if kind == "file" and p.exists() and not os.access(p, os.W_OK):
         raise OutputError(f"{flag} {p} is read-only")
     try:
-        fs = os.statvfs(existing)
-        free = fs.f_bavail * fs.f_frsize
+        pseudo = os.statvfs(existing).f_blocks == 0  # /proc, /sys: a kernel interface, not a disk
+        free = shutil.disk_usage(existing).free
     except OSError:
-        fs, free = None, None
-    if fs is not None and fs.f_blocks == 0:  # /proc, /sys: a kernel interface, not a disk
+        pseudo, free = False, None
+    if pseudo:
         raise OutputError(f"{flag} {p}: {existing} is not writable (a special filesystem such as /proc or /sys, "
                           "which holds no files); give a location on a disk")
     if free is not None and free < MIN_FREE_BYTES:

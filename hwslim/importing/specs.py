@@ -60,8 +60,6 @@ def module_from_spec(spec: str, init: str | None = None):
     ``init``: a state-dict file to load into it, or (torchvision, timm) a weights name
     (``IMAGENET1K_V1``, ``DEFAULT``; those download).
     """
-
-    import torch
     from torch import nn
 
     from hwslim.core.errors import ModelError

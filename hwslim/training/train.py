@@ -47,7 +47,6 @@ import contextlib
 import math
 import numbers
 import random
-import re
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
