@@ -29,8 +29,9 @@ from hwslim.core.errors import HwslimError
 
 # below this many free bytes the disk counts as full: no checkpoint or table would fit
 MIN_FREE_BYTES = 1 << 20
-# temporaries of atomic writes: .NAME.tmp<pid> (config, checkpoint) and .NAME.export<pid>[.onnx] (export)
-_TEMPORARY = re.compile(r"^\..+\.(?:tmp|export)(\d+)(?:\.onnx)?$")
+# temporaries of atomic writes (temporary_path): .NAME.tmp<pid> (config, checkpoint, table) and
+# .NAME.export<pid>[.onnx|.xml|.bin] (export); NAME is a hash for names too long to carry
+_TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?:tmp|export)(?P<pid>\d+)(?:\.onnx|\.xml|\.bin)?$")
 
 
 class OutputError(HwslimError):
@@ -86,7 +87,7 @@ def describe_os_error(e: OSError) -> str:
     name = next((n for n in names if not _TEMPORARY.match(Path(n).name)), None)
     if name is None and names:  # only a temporary was named: the file it stood for
         tmp = Path(names[0])
-        name = str(tmp.with_name(re.sub(r"^\.|\.(?:tmp|export)\d+(?:\.onnx)?$", "", tmp.name)))
+        name = str(tmp.with_name(_TEMPORARY.match(tmp.name).group("name")))
     what = e.strerror or str(e)
     hint = _HINT.get(e.errno)
     return (f"{what}{f': {name}' if name else ''}{f' ({hint})' if hint else ''}; "
@@ -115,7 +116,8 @@ def _holder(fd: int) -> str:
 
 @contextmanager
 def owned(path: str | os.PathLike, *, flag: str = "--out") -> Iterator[Path]:
-    """Within the block this process owns the output ``path`` (a folder or a file).
+    """Within the block this process owns the output ``path`` (a folder or a file); ``flag`` names
+    it in the refusal (the option that gave it, or words such as ``"the table"``).
 
     A second run (another process) is refused with :class:`OutputBusyError` naming the
     first one's pid, before it writes anything. Re-entrant within a process; workers of a
@@ -139,8 +141,9 @@ def owned(path: str | os.PathLike, *, flag: str = "--out") -> Iterator[Path]:
         except BlockingIOError:
             who = _holder(fd)
             os.close(fd)
+            other = f" or give another {flag}" if flag.startswith("--") else ""
             raise OutputBusyError(f"{flag} {path} is being written by another hwslim run ({who}); wait for it "
-                                  f"to finish or give another {flag}") from None
+                                  f"to finish{other}") from None
         try:  # the previous owner may have removed the file between our open and our lock
             if os.fstat(fd).st_ino == os.stat(lock).st_ino:
                 break
@@ -227,7 +230,7 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
         return removed
     for p in folder.iterdir():
         m = _TEMPORARY.match(p.name)
-        if m and not _alive(int(m.group(1))) and (p.is_file() or p.is_symlink()):
+        if m and not _alive(int(m.group("pid"))) and (p.is_file() or p.is_symlink()):
             try:
                 p.unlink()
                 removed.append(p)

@@ -383,7 +383,7 @@ def profile(settings: ProfileSettings, progress: bool = False,
         pmeta = profiler.metadata()
         entries = enumerate_entries(net, settings.batch, size)
         csv_path, meta_path, e2e_path, meta = _table_for(settings, net, profiler, pmeta, len(entries))
-        lock.enter_context(owned(csv_path))  # one run per table: rows are appended only under it
+        lock.enter_context(owned(csv_path, flag="--out" if settings.out else "the table"))  # rows: only under it
         method = meta["method"]
         if hasattr(profiler, "run_overhead_ms"):
             meta["run_overhead_ms"] = profiler.run_overhead_ms()
@@ -564,7 +564,7 @@ def recalibrate(settings: ProfileSettings, progress: bool = False,
     try:
         pmeta = profiler.metadata()
         csv_path, meta_path, e2e_path, now = _table_for(settings, net, profiler, pmeta, 0)
-        lock.enter_context(owned(csv_path))  # one run per table: a profile or another recalibration waits
+        lock.enter_context(owned(csv_path, flag="--out" if settings.out else "the table"))  # one run per table
         again = "measure it first with the same hwslim profile command, without --recalibrate"
         if not meta_path.exists() or not csv_path.exists():
             raise TableError(f"no latency table at {csv_path} to recalibrate; {again}")
