@@ -36,7 +36,7 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?|[+-]?(nan|inf|infinity)", re.I)
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?|[+-]?(nan|inf|infinity)", re.I | re.A)
 
 
 def parse_number(text: str, whole: bool = False) -> float | int:
@@ -47,7 +47,7 @@ def parse_number(text: str, whole: bool = False) -> float | int:
     read, so that the flag's own range check names them.
     """
     text = text.strip()
-    if not _NUMBER.fullmatch(text) or whole and not re.fullmatch(r"[+-]?\d+", text):
+    if not _NUMBER.fullmatch(text) or whole and not re.fullmatch(r"[+-]?\d+", text, re.A):
         raise argparse.ArgumentTypeError(f"expected {'a whole number' if whole else 'a number'}, got {text!r}")
     return int(text) if whole else float(text)
 
@@ -167,7 +167,10 @@ def drop_cwd_from_path() -> None:
     last); hwslim's own source tree, when that is the working directory, stays."""
     if sys.flags.safe_path or not sys.path:
         return
-    cwd = os.path.realpath(os.getcwd())
+    try:
+        cwd = os.path.realpath(os.getcwd())
+    except OSError:  # the working directory was deleted: nothing there to import
+        return
     source_tree = os.path.dirname(os.path.dirname(os.path.dirname(os.path.realpath(__file__))))  # hwslim/cli/..
     if os.path.realpath(sys.path[0] or ".") == cwd and cwd != source_tree:
         del sys.path[0]
