@@ -20,6 +20,7 @@ import hashlib
 import os
 import re
 import shutil
+import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -106,6 +107,18 @@ def _lock_file(path: Path) -> Path:
 _held: dict[Path, int] = {}  # lock files this process holds -> nesting depth
 
 
+def _worker_rank() -> int:
+    """This process's rank in a distributed run: its process group's when one is joined (torch is
+    then imported already), else torchrun's ``RANK``; 0 outside one."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    try:
+        return int(os.environ.get("RANK", "0") or 0)
+    except ValueError:
+        return 0
+
+
 def _holder(fd: int) -> str:
     try:
         text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
@@ -121,9 +134,9 @@ def owned(path: str | os.PathLike, *, flag: str = "--out") -> Iterator[Path]:
 
     A second run (another process) is refused with :class:`OutputBusyError` naming the
     first one's pid, before it writes anything. Re-entrant within a process; workers of a
-    distributed run (``RANK`` > 0) share their rank 0's ownership and take nothing.
+    distributed run (rank > 0) share their rank 0's ownership and take nothing.
     """
-    if int(os.environ.get("RANK", "0") or 0) > 0:
+    if _worker_rank() > 0:
         yield Path(path)
         return
     lock = _lock_file(Path(path))
