@@ -49,6 +49,7 @@ import random
 from dataclasses import dataclass, replace
 from typing import Any, Callable, ClassVar, Iterator, Sequence
 
+from hwslim.core import jsonio
 from hwslim.core.graph import LayerSpec
 from profilers.base import Profiler, ProfilerError, Protocol, Timing, plain_net_from_specs, sample
 
@@ -142,8 +143,6 @@ def load_network(path):
         raise ProfilerError(f"model {path} not found")
     if path.suffix == ".pt":
         return torch.load(path, weights_only=False)  # written by write_model, never a user's file
-    import json
-
     from hwslim.core.graph import graph_from_dict
     from hwslim.core.materialize import materialize
     from hwslim.core.supernet import SlimmableNet
@@ -154,7 +153,7 @@ def load_network(path):
         raise ProfilerError(f"{path}: backend 'torch_cuda' runs the network an ONNX file's hwslim metadata "
                             f"describes, and this one has none; give the file `hwslim export` wrote")
     config = config_from_metadata(meta, str(path))
-    net = SlimmableNet.from_graph(replace(graph_from_dict(json.loads(meta["graph"])), input_size=config.input_size))
+    net = SlimmableNet.from_graph(replace(graph_from_dict(jsonio.loads(meta["graph"])), input_size=config.input_size))
     return materialize(net, config, fold_bn=True).eval()
 
 

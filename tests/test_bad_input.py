@@ -531,6 +531,209 @@ CASES = [
 ]
 
 
+# -- round 2 (issue 30), by class: crafted files, deep JSON, symlinks, special filesystems, silent acceptance
+DEEP = "[" * 100_000 + "]" * 100_000  # json.loads recursed into a RecursionError on this
+TINY = "hwslim.examples.tiny_cnn:build"
+
+
+def _onnx_config(**changes):
+    """The workspace ONNX model with fields of its config metadata changed (another graph's metadata)."""
+    def make(c: Path, ws: Path) -> None:
+        import onnx
+
+        from hwslim.runtimes.onnx_file import onnx_metadata
+
+        cfg = json.loads(onnx_metadata(ws / "m.onnx")["config"])
+        cfg.update(changes)
+        _onnx_meta(config=json.dumps(cfg))(c, ws)
+        onnx.checker.check_model(str(c / "m.onnx"))
+    return make
+
+
+def _onnx_external(location: str):
+    """The workspace ONNX model with its first weight's data 'kept' in ``location``."""
+    def make(c: Path, ws: Path) -> None:
+        import onnx
+
+        model = onnx.load(str(ws / "m.onnx"))
+        init = model.graph.initializer[0]
+        init.ClearField("raw_data")
+        init.data_location = onnx.TensorProto.EXTERNAL
+        init.external_data.add(key="location", value=location)
+        onnx.save(model, str(c / "m.onnx"))
+    return make
+
+
+def _plan(**plan):
+    """A copy of the workspace table whose calibration_plan is crafted."""
+    return _copy_table(edit_meta=_meta_set("calibration_plan", plan))
+
+
+def _state_dict(kind: str):
+    """A state-dict file for the tiny example model: 'nan' weights, 'other' shapes, 'keys' off, 'pickle'."""
+    def make(c: Path, ws: Path) -> None:
+        import pickle
+
+        from hwslim.examples.tiny_cnn import build
+
+        sd = build().state_dict()
+        first = next(iter(sd))
+        if kind == "nan":
+            sd[first].view(-1)[0] = float("nan")
+        elif kind == "other":
+            sd[first] = torch.zeros(3, *sd[first].shape[1:])
+        elif kind == "keys":
+            sd["not.a.layer"] = torch.zeros(1)
+            del sd[first]
+        if kind == "pickle":  # a legacy pickle with an object weights_only refuses (torch warns first)
+            with open(c / "init.pt", "wb") as f:
+                pickle.dump({"x": object()}, f)
+            return
+        torch.save(sd, c / "init.pt")
+    return make
+
+
+def _symlink(name: str, target: str):
+    def make(c: Path, ws: Path) -> None:
+        (c / name).symlink_to(target)
+    return make
+
+
+def _loop(c: Path, ws: Path) -> None:
+    (c / "loop1").symlink_to(c / "loop2")
+    (c / "loop2").symlink_to(c / "loop1")
+
+
+def _ckpt_dir_run(c: Path, ws: Path) -> None:
+    shutil.copytree(ws / "run", c / "run")
+    (c / "run" / "checkpoint.pt").unlink()
+    (c / "run" / "checkpoint.pt").mkdir()
+
+
+def _cfg_at(size: int):
+    def make(c: Path, ws: Path) -> None:
+        cfg = json.loads((ws / "cfg.json").read_text())
+        cfg["input_size"] = size
+        (c / "cfg.json").write_text(json.dumps(cfg))
+    return make
+
+
+def _py(name: str, body: str):
+    """A module the case imports as --model NAME:build, written into the working directory."""
+    return _write(f"../{name}.py", body)
+
+
+SEQ = "import torch.nn as nn\ndef build():\n    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), " \
+      "nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))\n"
+TINY_TR = ["train", "--model", TINY, "--data", "synthetic:100", "--epochs", "1", "--input-size", "8",
+           "--batch-size", "16", "--no-progress", "--out", "{c}/r"]
+RECAL = P + ["--out", T, "--recalibrate"]
+GRAY = "import torch.nn as nn\ndef build():\n    return nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), " \
+       "nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))\n"
+
+CASES += [
+    # deep JSON: one reader with a depth limit for every JSON hwslim reads
+    (["cost", "--config", "{c}/deep.json"], "config nested 100,000 deep", 2, "nested more than",
+     _write("deep.json", DEEP)),
+    (["cost", "--model", "{c}/deep.json"], "graph file nested 100,000 deep", 2, "not a readable graph JSON",
+     _write("deep.json", DEEP)),
+    (["verify", ONNX, "--table", T], "table metadata nested 100,000 deep", 2, "unreadable",
+     _both(_copy_table(), _write("t.json", DEEP))),
+    (S + ["--params-m", "0.1", "--out", "{c}/s", "--resume"], "search state nested 100,000 deep", 2,
+     "not a readable search state", _state(DEEP)),
+    (["verify", "{c}/m.onnx", "--table", TAB], "ONNX config metadata nested 100,000 deep", 2, "nested more than",
+     _onnx_meta(config=DEEP)),
+    (["eval", "{c}/m.onnx"], "ONNX config metadata nested deep [eval]", 2, "nested more than",
+     _onnx_meta(config=DEEP)),
+    (["verify", "{c}/m.engine", "--table", TAB], "engine sidecar nested 100,000 deep", 2, "not readable JSON",
+     _engine(DEEP)),
+    (RECAL, "table metadata nested deep [recalibrate]", 2, "not a latency table's metadata",
+     _both(_copy_table(), _write("t.json", DEEP))),
+    # crafted metadata fields
+    (RECAL, "calibration_plan.fit 10^9", 2, "calibration_plan.fit must be a whole number", _plan(fit=10**9)),
+    (RECAL, "calibration_plan.fit 'abc'", 2, "calibration_plan.fit", _plan(fit="abc")),
+    (RECAL, "calibration_plan.holdout a list", 2, "calibration_plan.holdout", _plan(fit=16, holdout=[1, 2])),
+    (RECAL, "calibration_plan.seed NaN", 2, "calibration_plan.seed", _plan(fit=16, holdout=16, seed=float("nan"))),
+    (RECAL, "calibration_plan.seed true", 2, "calibration_plan.seed", _plan(fit=16, holdout=16, seed=True)),
+    (RECAL, "calibration_plan a string", 2, "calibration_plan is not a JSON object",
+     _copy_table(edit_meta=_meta_set("calibration_plan", "all"))),
+    (["eval", "{c}/m.onnx"], "metadata batch 10^12 [eval]", 2, "would need", _onnx_meta(batch=str(10**12))),
+    (["eval", "{c}/m.onnx"], "metadata batch 10^12, dynamic [eval]", 2, "would need",
+     _onnx_meta(batch=str(10**12), dynamic_batch="true")),
+    (["verify", "{c}/m.onnx", "--table", TAB], "metadata of another graph (input size)", 2,
+     "not the graph that was exported", _onnx_config(input_size=32)),
+    (["eval", "{c}/m.onnx"], "metadata of another graph [eval]", 2, "not the graph that was exported",
+     _onnx_config(input_size=32)),
+    (["verify", "{c}/m.onnx", "--table", TAB], "metadata of another graph (classes)", 2,
+     "not the graph that was exported", _onnx_meta(num_classes="7")),
+    (["verify", "{c}/m.onnx", "--table", TAB], "external data outside the model's folder", 2,
+     "outside the model's folder", _onnx_external("../../../../etc/passwd")),
+    (["eval", "{c}/m.onnx"], "external data at an absolute path [eval]", 2, "outside the model's folder",
+     _onnx_external("/etc/passwd")),
+    # symlinks and special filesystems
+    (E + ["--out", "{c}/m.onnx"], "--out a dangling symlink of the user's", 2, "exists; pass --force",
+     _symlink("m.onnx", "nowhere.onnx")),
+    (S + ["--latency-ms", "1", "--device", "cpu", "--table-dir", "{c}/loop1"], "--table-dir a symlink loop", 2,
+     "symlink loop", _loop),
+    (S + ["--latency-ms", "1", "--device", "cpu", "--table-dir", "{ws}/afile"], "--table-dir a file", 2,
+     "is a file", None),
+    (S + ["--latency-ms", "1", "--device", "cpu", "--table-dir", "{c}/none"], "--table-dir missing", 2,
+     "No such file", None),
+    (E + ["--out", "/proc/m.onnx"], "--out under /proc", 2, "not writable", None),
+    (TR + ["--out", "/sys/hwslim-run"], "--out under /sys", 2, "not writable", None),
+    (S + ["--params-m", "0.1", "--out", "/proc/hwslim-s"], "--out under /proc [search]", 2, "not writable", None),
+    (P + ["--out", "/proc/t.csv"], "--out under /proc [profile]", 2, "not writable", None),
+    (TINY_TR + ["--init", "{c}"], "--init a directory", 2, "is a directory", None),
+    (S + ["--latency-ms", "1", "--table", "{c}"], "--table a directory", 2, "directory", None),
+    (["cost", "--model", "resnet20", "--width-mult", "0.5", "--input-size", "8", "--table", "{c}"],
+     "--table a directory [cost]", 2, "directory", None),
+    (TR + ["--out", "{c}/run", "--resume"], "checkpoint.pt a directory", 2, "is a directory", _ckpt_dir_run),
+    # tracebacks: sizes, regular expressions, a model torch.fx cannot run
+    (["cost", "--model", TINY, "--input-size", "100000"], "--input-size 100000 of an imported model", 2,
+     "memory", None),
+    (["cost", "--model", TINY, "--keep", "a{{99999999999}}"], "--keep repetition overflow", 2,
+     "not a usable regular expression", None),
+    (["cost", "--model", "gray_cnn:build"], "first conv takes 1 channel", 2, "expected input", _py("gray_cnn", GRAY)),
+    # silent acceptance
+    (["cost", "--model", "resnet20", "--keep", "conv"], "--keep on a zoo model", 2, "applies to a model imported",
+     None),
+    (["cost", "--model", "resnet20", "--fix-unsupported"], "--fix-unsupported on a zoo model", 2,
+     "applies to a model imported", None),
+    (["cost", "--model", CK, "--keep", "conv"], "--keep on a checkpoint", 2, "applies to a model imported", None),
+    (P + ["--keep", "conv"], "--keep on a zoo model [profile]", 2, "applies to a model imported", None),
+    (["cost", "--model", "seq_cnn:build", "--keep", ".*"], "--keep fixing every unit", 2, "nothing is left to slim",
+     _py("seq_cnn", SEQ)),
+    (["cost", "--model", TINY, "--keep", "no_such_module"], "--keep matching nothing", 2, "matches no module",
+     None),
+    (TINY_TR + ["--init", "{c}/init.pt"], "--init with NaN weights", 2, "NaN", _state_dict("nan")),
+    (S + ["--params-m", "0_04"], "underscore in a number", 2, "expected a number", None),
+    (S + ["--params-m", "0.04", "--params-m", "0.05", "--macs-m", "1", "--macs-m", "2"],
+     "repeated budget flags add up", 2, "several values", None),
+    (S + ["--params-m", "0.1", "--table", "{c}/missing.csv"], "--table without a latency budget", 2,
+     "prices --latency-ms budgets", None),
+    (P + ["--seed", "1_0"], "underscore in a seed", 2, "expected a whole number", None),
+    (["verify", ONNX, "--table", TAB, "--tolerance", "0_1"], "underscore in a tolerance", 2, "expected a number",
+     None),
+    (["eval", "--checkpoint", CK, "--config", "{c}/cfg.json"], "config at another input size [eval]", 2,
+     "config at 16px", _cfg_at(16)),
+    # misleading messages
+    (TINY_TR + ["--init", "{c}/init.pt"], "--init with other shapes", 2, "shapes differ", _state_dict("other")),
+    (TINY_TR + ["--init", "{c}/init.pt"], "--init with missing and extra keys", 2, "unexpected not.a.layer",
+     _state_dict("keys")),
+    # hang and wrong exit
+    (["cost", "--model", "sys:exit"], "--model sys:exit", 2, "sys.exit", None),
+    (["cost", "--model", "quits:build"], "a builder calling sys.exit(0)", 2, "sys.exit(0)",
+     _py("quits", "import sys\ndef build():\n    sys.exit(0)\n")),
+    (["cost", "--model", "quits_early:build"], "a module calling sys.exit(0) on import", 2, "sys.exit(0)",
+     _py("quits_early", "import sys\nsys.exit(0)\n")),
+    # multi-line: every refusal before the first progress bar, torch's warning silenced
+    (["eval", "--checkpoint", CK, "--config", CFG, "{c}/m.onnx"], "a bad ONNX after a good config [eval]", 2,
+     "would need", _onnx_meta(batch=str(10**12))),
+    (TINY_TR + ["--init", "{c}/init.pt"], "--init a legacy pickle", 2, "not a readable PyTorch state-dict",
+     _state_dict("pickle")),
+]
+
+
 def _snapshot(*roots: Path) -> dict[str, str]:
     out = {}
     for root in roots:

@@ -11,6 +11,7 @@ import argparse
 import importlib
 import math
 import os
+import re
 import sys
 
 from hwslim import __version__
@@ -35,13 +36,26 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _int_at_least(low: int, what: str):
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?|[+-]?(nan|inf|infinity)", re.I | re.A)
+
+
+def parse_number(text: str, whole: bool = False) -> float | int:
+    """The one reader of every numeric flag: plain decimal notation only.
+
+    Python's ``int``/``float`` also take ``0_04`` (read as 4) and other spellings; a flag
+    value like that is a typo, refused here (ArgumentTypeError). ``nan`` and ``inf`` are
+    read, so that the flag's own range check names them.
+    """
+    text = text.strip()
+    if not _NUMBER.fullmatch(text) or whole and not re.fullmatch(r"[+-]?\d+", text, re.A):
+        raise argparse.ArgumentTypeError(f"expected {'a whole number' if whole else 'a number'}, got {text!r}")
+    return int(text) if whole else float(text)
+
+
+def _int_at_least(low: int | None, what: str):
     def parse(text: str) -> int:
-        try:
-            v = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-        if v < low:
+        v = parse_number(text, whole=True)
+        if low is not None and v < low:
             raise argparse.ArgumentTypeError(f"must be {what}, got {v}")
         return v
 
@@ -50,25 +64,20 @@ def _int_at_least(low: int, what: str):
 
 positive_int = _int_at_least(1, "at least 1")  # argparse type: an integer >= 1
 nonneg_int = _int_at_least(0, "0 or more")  # argparse type: an integer >= 0
+whole_int = _int_at_least(None, "")  # argparse type: any integer (a seed)
 
 
 def positive_float(text: str) -> float:
     """argparse type: a finite number > 0."""
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not (v > 0 and v != float("inf")):
+    v = parse_number(text)
+    if not (v > 0 and math.isfinite(v)):
         raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
     return v
 
 
 def nonneg_float(text: str) -> float:
     """argparse type: a finite number >= 0."""
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    v = parse_number(text)
     if not (math.isfinite(v) and v >= 0):
         raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
     return v
@@ -91,7 +100,8 @@ EXIT_CLOSED_PIPE = 128 + 13  # what a shell reports for a process killed by SIGP
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command. Exit status: 0 done, 1 a budget not met (verify), 2 a user error
-    (one line on stderr), 130 interrupted (one line), 141 its stdout was closed (``| head``)."""
+    (one line on stderr), 130 interrupted (one line; 143 for SIGTERM), 141 its stdout was
+    closed (``| head``)."""
     from hwslim.core import interrupt
 
     words = sys.argv[1:] if argv is None else argv
@@ -101,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
             parser = build_parser()  # imports torch: Ctrl-C here is handled too
             args = parser.parse_args(argv)  # --help writes to stdout too
             command = f"hwslim {args.command}"
-            status = int(args.func(args) or 0)
+            status = _run(args)
             sys.stdout.flush()  # a reader that left shows up here, not in the interpreter's exit flush
             return status
         except BrokenPipeError:
@@ -110,20 +120,31 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{command}: error: {e}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:
-            print(f"{command}: interrupted", file=sys.stderr)
-            return 130
+            print(f"{command}: {interrupt.what()}", file=sys.stderr)
+            return interrupt.exit_status()
         except OSError as e:
             if interrupt.received():
-                print(f"{command}: interrupted", file=sys.stderr)
-                return 130
+                print(f"{command}: {interrupt.what()}", file=sys.stderr)
+                return interrupt.exit_status()
             # a full disk or a directory that went away mid-run: earlier outputs are intact
             print(f"{command}: error: {_os_error(e)}", file=sys.stderr)
             return 2
         except Exception:
             if interrupt.received():  # a library turned the interrupt into another exception
-                print(f"{command}: interrupted", file=sys.stderr)
-                return 130
+                print(f"{command}: {interrupt.what()}", file=sys.stderr)
+                return interrupt.exit_status()
             raise
+
+
+def _run(args) -> int:
+    """The command's status. A SystemExit from code the command ran for the user (a model
+    builder calling ``sys.exit``) is a user error, never a silent exit 0: argparse's own
+    exits (``--help``, usage errors) happen while parsing, before this."""
+    try:
+        return int(args.func(args) or 0)
+    except SystemExit as e:
+        raise HwslimError(f"code run for this command called sys.exit({e.code!r}) (a model builder or a module "
+                          "named on the command line?); nothing was done") from None
 
 
 def entry() -> int:
@@ -132,16 +153,33 @@ def entry() -> int:
     with a signal status: its work is done and its files are written."""
     import signal
 
+    drop_cwd_from_path()
     code = main()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     return code
 
 
+def drop_cwd_from_path() -> None:
+    """``python -m hwslim`` puts the working directory first on ``sys.path``, so a file there
+    named like a package (``onnxruntime.py``) would run instead of it: take it off. A model
+    file there still imports (:func:`hwslim.importing.specs.import_user_module` looks there
+    last); hwslim's own source tree, when that is the working directory, stays."""
+    if sys.flags.safe_path or not sys.path:
+        return
+    try:
+        cwd = os.path.realpath(os.getcwd())
+    except OSError:  # the working directory was deleted: nothing there to import
+        return
+    source_tree = os.path.dirname(os.path.dirname(os.path.dirname(os.path.realpath(__file__))))  # hwslim/cli/..
+    if os.path.realpath(sys.path[0] or ".") == cwd and cwd != source_tree:
+        del sys.path[0]
+
+
 def _os_error(e: OSError) -> str:
-    what = e.strerror or str(e)
-    if e.filename is not None:
-        return f"{what}: {e.filename} (files written before it are intact)"
-    return f"{what} (files written before it are intact)"
+    from hwslim.core.outputs import describe_os_error
+
+    return describe_os_error(e)
 
 
 def _stdout_closed() -> int:

@@ -38,11 +38,10 @@ def run(args) -> int:
       hwslim eval r20_0.5ms.onnx
     """
     from hwslim.importing.checkpoint import load_checkpoint
-    from hwslim.latency.verify import metadata_int, resolve_model
+    from hwslim.latency.verify import resolve_model
     from hwslim.core.config import ChannelConfig
     from hwslim.core.errors import ConfigError
-    from hwslim.pipeline.heldout import evaluate_configs_heldout, evaluate_exported, percent
-    from hwslim.runtimes.onnx_file import config_from_metadata
+    from hwslim.pipeline.heldout import check_exported, evaluate_configs_heldout, evaluate_exported, percent
 
     # `--config a.json b.json model.onnx`: argparse gives the ONNX file to --config; it is a model
     args.models = list(args.models) + [c for c in args.config if c.endswith(".onnx")]
@@ -63,11 +62,14 @@ def run(args) -> int:
         return ckpts[path]
 
     if args.checkpoint:
-        for _, cfg in configs:  # a config for another model or off the grid: one line, before any work
-            checkpoint(args.checkpoint).model.validate(cfg)
-    for _, path, meta in models:
-        config_from_metadata(meta, str(path))
-        metadata_int(meta, "batch", str(path), 1)
+        for c, cfg in configs:  # a config for another model, size or off the grid: one line, before any work
+            ckpt = checkpoint(args.checkpoint)
+            ckpt.model.validate(cfg)
+            if int(ckpt.data.get("input_size", cfg.input_size)) != cfg.input_size:
+                raise ConfigError(f"{c} is a config at {cfg.input_size}px, but {args.checkpoint}'s data is "
+                                  f"{ckpt.data['input_size']}px; give a config searched on this checkpoint")
+    for _, path, meta in models:  # every refusal before the first progress bar
+        check_exported(path, meta, checkpoint, args.checkpoint)
     print(f"hwslim eval: {threads_note(args.threads)}", file=sys.stderr)
 
     rows, evaluated_on = [], {}

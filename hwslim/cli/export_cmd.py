@@ -6,17 +6,15 @@ import json
 import sys
 from pathlib import Path
 
-from hwslim.cli import add_command, nonneg_int, positive_float, positive_int, set_threads, threads_note, with_header
+from hwslim.cli import (add_command, nonneg_int, parse_number, positive_float, positive_int, set_threads, threads_note,
+                        with_header)
 
 
 def opset_type(text: str) -> int:
     """argparse type: an ONNX opset this hwslim can write (17 .. the installed onnx's newest)."""
     from hwslim.runtimes.onnx_file import MIN_OPSET, max_opset
 
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    v = parse_number(text, whole=True)
     if not MIN_OPSET <= v <= max_opset():
         raise argparse.ArgumentTypeError(f"must be between {MIN_OPSET} and {max_opset()} "
                                          f"(the newest the installed onnx supports), got {v}")

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from hwslim.cli import add_command, nonneg_float, positive_int, set_threads, threads_note, with_header
+from hwslim.cli import add_command, nonneg_float, positive_int, whole_int, set_threads, threads_note, with_header
 from hwslim.cli.train_cmd import add_execution_options, add_schedule_options, print_result
 
 
@@ -28,7 +28,7 @@ def register(sub) -> None:
     add_schedule_options(g, lr="0.01 x batch / 128; 0.1 x with --from-scratch",
                          warmup="0; min(5, 10%%) with --from-scratch")
     g.add_argument("--label-smoothing", type=nonneg_float, help="with --no-distill (default 0.1)")
-    g.add_argument("--seed", type=int, help="seeds the shuffling, augmentation and a --from-scratch start (default 0)")
+    g.add_argument("--seed", type=whole_int, help="seeds the shuffling, augmentation and a --from-scratch start (default 0)")
     add_execution_options(p.add_argument_group("execution"), scored="the config")
     p.add_argument("--json", action="store_true",
                    help="print the final accuracies as JSON on stdout (each epoch's metrics go to stderr)")

@@ -5,7 +5,7 @@ import os
 import sys
 
 from hwslim.cli import (FIX_UNSUPPORTED_HELP, add_command, nonneg_int, positive_float, positive_int, print_table,
-                        set_threads, threads_note, with_header)
+                        set_threads, threads_note, whole_int, with_header)
 
 
 def register(sub) -> None:
@@ -38,7 +38,7 @@ def register(sub) -> None:
     p.add_argument("--calib-configs", type=positive_int, default=16,
                    help="whole configs the calibration is fitted on (at least 3)")
     p.add_argument("--holdout-configs", type=nonneg_int, default=16, help="other whole configs it is checked on")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=whole_int, default=0)
     p.add_argument("--contexts", type=positive_int,
                    help="designed networks each entry is timed in (backends that time inside networks; "
                         "default: ONNX Runtime 4, the others 2; with --quick 2)")

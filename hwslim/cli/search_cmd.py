@@ -35,12 +35,13 @@ from hwslim.search.greedy import (
 def register(sub) -> None:
     p = add_command(sub, "search", run, run.__doc__)
     p.add_argument("--checkpoint", required=True, help="a supernet checkpoint written by `hwslim train`")
-    p.add_argument("--latency-ms", type=positive_float, nargs="+", default=[], metavar="MS",
+    p.add_argument("--latency-ms", type=positive_float, nargs="+", action="extend", default=[], metavar="MS",
                    help="latency budgets in ms, predicted by a latency table")
-    p.add_argument("--memory-mb", type=positive_float, nargs="+", default=[], metavar="MB",
+    p.add_argument("--memory-mb", type=positive_float, nargs="+", action="extend", default=[], metavar="MB",
                    help="peak activation memory budgets in MB (10^6 bytes)")
-    p.add_argument("--params-m", type=positive_float, nargs="+", default=[], metavar="M", help="parameter budgets in millions")
-    p.add_argument("--macs-m", type=positive_float, nargs="+", default=[], metavar="M",
+    p.add_argument("--params-m", type=positive_float, nargs="+", action="extend", default=[], metavar="M",
+                   help="parameter budgets in millions")
+    p.add_argument("--macs-m", type=positive_float, nargs="+", action="extend", default=[], metavar="M",
                    help="MAC budgets in millions. The kind given several values gives one config per value; "
                         "each other kind (one value) is a constraint every config meets; several values for "
                         "two kinds are refused")
@@ -136,6 +137,9 @@ def run(args) -> int:
     if not budgets:
         raise HwslimError("give at least one budget: --latency-ms, --memory-mb, --params-m or --macs-m")
     targets_of(budgets)  # refuses several values for two kinds before anything is loaded
+    if args.table and not any(b.kind == "latency_ms" for b in budgets):  # never silently ignored
+        raise HwslimError(f"--table {args.table} prices --latency-ms budgets, and this search has none; drop "
+                          "--table or add a --latency-ms budget")
     set_threads(args.threads)
     opts = _options(args)
     ckpt = load_checkpoint(args.checkpoint)
@@ -168,6 +172,10 @@ def _options(args) -> SearchOptions:
     if args.table_dir and not args.device:
         raise HwslimError("--table-dir is where --device looks for this machine's table; add --device cpu|cuda "
                           "(or give the table itself with --table)")
+    if args.table_dir:
+        from hwslim.latency.table import checked_table_dir
+
+        checked_table_dir(args.table_dir, "--table-dir", must_exist=True)  # never a silent fallback
     if args.bn == "batch" and args.calib_images is not None:
         raise HwslimError("--calib-images is for --bn recal (--bn batch normalizes each chunk by its own statistics)")
     scoring = Scoring(bn=args.bn, mode=args.evaluator, kernels=args.kernels, keep=args.keep, batch_size=args.chunk,

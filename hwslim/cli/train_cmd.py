@@ -4,7 +4,7 @@ import json
 import sys
 
 from hwslim.cli import (FIX_UNSUPPORTED_HELP, add_command, nonneg_float, nonneg_int, positive_float, positive_int,
-                        print_table, set_threads, threads_note, with_header)
+                        print_table, whole_int, set_threads, threads_note, with_header)
 
 
 def register(sub) -> None:
@@ -22,7 +22,7 @@ def register(sub) -> None:
     g.add_argument("--width-mult", type=positive_float, help="supernet width multiplier (model default if omitted)")
     g.add_argument("--input-size", type=positive_int, help="input resolution (model default if omitted)")
     g.add_argument("--num-classes", type=positive_int, help="classifier outputs (default: the data's class count)")
-    g.add_argument("--divisor", type=int, choices=(8, 16, 32), help="channel rounding divisor (default 8)")
+    g.add_argument("--divisor", type=positive_int, choices=(8, 16, 32), help="channel rounding divisor (default 8)")
     g.add_argument("--init", metavar="WEIGHTS",
                    help="start an imported model from trained weights: a state-dict file, or a torchvision/timm "
                         "weights name (IMAGENET1K_V1; downloads); its channels are sorted by importance first")
@@ -43,7 +43,7 @@ def register(sub) -> None:
     g.add_argument("--train-subset", type=positive_int, metavar="N",
                    help="train on N images of the training set only (class-balanced, seeded by --seed; the search "
                         "split is held out of them), for any --data: try real data on a CPU in minutes")
-    g.add_argument("--seed", type=int, help="seeds the split, shuffling, augmentation and configs (default 0)")
+    g.add_argument("--seed", type=whole_int, help="seeds the split, shuffling, augmentation and configs (default 0)")
     add_execution_options(p.add_argument_group("execution"))
     p.add_argument("--json", action="store_true",
                    help="print the final accuracies as JSON on stdout (each epoch's metrics go to stderr)")

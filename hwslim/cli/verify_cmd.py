@@ -4,7 +4,7 @@ import contextlib
 import json
 import sys
 
-from hwslim.cli import add_command, positive_float
+from hwslim.cli import add_command, nonneg_float, positive_float
 
 
 def register(sub) -> None:
@@ -15,7 +15,7 @@ def register(sub) -> None:
     p.add_argument("--table", required=True, help="the latency table the configs were searched with")
     p.add_argument("--budget-ms", type=positive_float,
                    help="the budget (default: the latency budget in each model's config)")
-    p.add_argument("--tolerance", type=float, default=0.03,
+    p.add_argument("--tolerance", type=nonneg_float, default=0.03,
                    help="the budget holds if measured <= budget * (1 + tolerance) (default 0.03)")
     p.add_argument("--force", action="store_true", help="use a table measured on another setup")
     p.add_argument("--json", action="store_true", help="print one JSON object per model")

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from hwslim.core.outputs import refuse_directory, temporary_path
+from hwslim.core import jsonio
 from hwslim.core.errors import ConfigError, OutputExistsError
 
 SCHEMA_VERSION = 1
@@ -95,9 +97,11 @@ class ChannelConfig:
     @classmethod
     def from_json(cls, text: str, source: str = "config") -> "ChannelConfig":
         try:
-            data = json.loads(text)
+            data = jsonio.loads(text)
         except json.JSONDecodeError as e:
             raise ConfigError(f"{source}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        except ValueError as e:  # too deep, or bytes that are not UTF-8
+            raise ConfigError(f"{source}: not valid JSON ({e})") from None
         return cls.from_dict(data, source)
 
     def save(self, path: str | os.PathLike, force: bool = False) -> Path:
@@ -123,8 +127,9 @@ class ChannelConfig:
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file and a rename."""
     path = Path(path)
+    refuse_directory(path)  # named as such, not as a failed rename of its temporary
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = temporary_path(path)
     try:
         with open(tmp, "w") as f:
             f.write(text)

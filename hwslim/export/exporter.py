@@ -24,6 +24,7 @@ from torch import nn
 
 from hwslim import __version__
 from hwslim.core.config import ChannelConfig, atomic_write_text
+from hwslim.core.outputs import owned, remove_stale_temporaries, temporary_path
 from hwslim.core.errors import HwslimError, OutputExistsError
 from hwslim.core.materialize import PlainNet
 from hwslim.export.formats import (FP16_TOLERANCE, FP32_TOLERANCE, ExportCheckError, ExportFormat, ExportJob,
@@ -179,7 +180,7 @@ def _check_outputs(paths: list[Path], force: bool) -> None:
     for p in paths:
         if p.is_dir():
             raise OutputExistsError(f"{p} is a directory; give a file path for --out (e.g. {p / 'model.onnx'})")
-        if p.exists() and not force:
+        if (p.exists() or p.is_symlink()) and not force:  # a dangling symlink is the user's too
             raise OutputExistsError(f"{p} exists; pass --force to overwrite it")
 
 
@@ -214,7 +215,8 @@ def export_model(checkpoint, config: ChannelConfig | str | os.PathLike, out: str
     was_training = model.training
     try:
         with preserved_bn_stats(model):
-            return _export_model(ckpt, config, Path(out), options or ExportOptions(), log or (lambda msg: None))
+            with owned(out):  # one export per output file
+                return _export_model(ckpt, config, Path(out), options or ExportOptions(), log or (lambda msg: None))
     finally:
         model.to(home)
         model.train(was_training)
@@ -232,6 +234,7 @@ def _export_model(ckpt, config: ChannelConfig | str | os.PathLike, out: Path, op
     fmt = format_class(opts.format)(out, opts)
     files = fmt.files()
     _check_outputs([out, *files.beside(out)], opts.force)
+    remove_stale_temporaries(out.parent)  # left by an export killed while writing
     onnx_fp16 = fmt.prepare()  # refuses before any work when the format's runtime is missing
     precision = "fp16" if opts.fp16 else "fp32"
     tolerance = opts.tolerance if opts.tolerance is not None else (FP16_TOLERANCE if onnx_fp16 else FP32_TOLERANCE)
@@ -291,7 +294,7 @@ def _write(fmt: ExportFormat, onnx_path: Path, job: ExportJob, meta: dict[str, s
            onnx_fp16: bool) -> tuple[float, float | None]:
     """Write the checked ONNX file and the format's artifact at temporary names, rename them into
     place only once every check passed; the ONNX and the artifact's max relative errors."""
-    tmp = onnx_path.with_name(f".{onnx_path.name}.export{os.getpid()}.onnx")
+    tmp = temporary_path(onnx_path, "export", ".onnx")
     try:
         err = _write_onnx(tmp, job, meta, onnx_fp16)
         artifact_err = fmt.build(tmp, job)

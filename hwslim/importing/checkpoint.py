@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from hwslim import __version__
+from hwslim.core.outputs import refuse_directory, temporary_path
 from hwslim.core.config import ChannelConfig
 from hwslim.core.errors import CheckpointError
 from hwslim.core.supernet import SlimmableNet
@@ -58,6 +59,8 @@ def model_info(model: SlimmableNet) -> dict[str, Any]:
 
 
 def _read_payload(path: Path, map_location: str | torch.device = "cpu") -> dict:
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a directory, not a checkpoint file")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} not found")
     try:
@@ -117,7 +120,8 @@ def save_checkpoint(path: str | os.PathLike, model: SlimmableNet, *, data: dict 
     }
     if training_state is not None:
         payload["training_state"] = training_state
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    refuse_directory(path)  # named as such, not as a failed rename of its temporary
+    tmp = temporary_path(path)
     try:
         torch.save(payload, tmp)
         os.replace(tmp, path)

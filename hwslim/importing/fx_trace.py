@@ -38,6 +38,8 @@ How:
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import math
 import operator
 import re
@@ -204,10 +206,8 @@ class _Importer:
         self.example = example
         self.fix_unsupported = fix_unsupported
         self.fixed_units: dict[str, dict[str, Any]] = {}  # unit -> width, and the operator that fixed it
-        try:
-            self.keep = re.compile(keep) if keep else None
-        except re.error as e:
-            raise ImportRefused(f"--keep {keep!r} is not a regular expression ({e})") from None
+        self.keep = compile_keep(keep) if keep else None
+        self.kept = 0  # groups --keep matched
         self.name = name or type(module).__name__.lower()
         self.traced_by = "torch.fx"
         try:
@@ -226,12 +226,13 @@ class _Importer:
         from torch.fx.passes.shape_prop import ShapeProp
 
         self.drop_identities()
-        try:
-            with torch.no_grad():
+        try:  # ShapeProp prints the traceback of a failing node itself: the refusal is the one line
+            with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
                 ShapeProp(self.gm).propagate(example)
         except Exception as e:
-            raise ImportRefused(f"running {type(module).__name__} on the example input failed "
-                                f"({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
+            cause = e.__cause__ or e  # ShapeProp wraps the node's own error
+            raise ImportRefused(f"running {type(module).__name__} on the example input {tuple(example.shape)} failed "
+                                f"({type(cause).__name__}: {str(cause).splitlines()[0][:160]})") from None
         self.nodes = list(self.gm.graph.nodes)
         self.users = {n: list(n.users) for n in self.nodes}
         self.consumed: set[fx.Node] = set()
@@ -647,6 +648,7 @@ class _Importer:
                 mids[g.name] = mid
             if self.keep is not None and self.keep.search(_dotted(g)):
                 ch.fixed.update(lay)
+                self.kept += 1
             layout[g.name] = lay
         return layout, mids, made, pinned
 
@@ -780,8 +782,22 @@ def import_model(module: nn.Module, example_input: torch.Tensor, *, name: str | 
     finally:
         module.train(was_training)
     net = SlimmableNet(replace(graph, divisor=divisor))
+    if keep and not imp.kept:
+        raise ImportRefused(f"--keep {keep!r} matches no module of {imp.name} (it is searched in qualified module "
+                            "names such as layer1.0.conv1); nothing would be kept")
+    if keep and not net.units:
+        raise ImportRefused(f"--keep {keep!r} keeps every unit of {imp.name} at its width: nothing is left to slim")
     _copy_weights(net, weights)
     return net.eval()
+
+
+def compile_keep(keep: str) -> "re.Pattern[str]":
+    """``--keep``'s regular expression, or ImportRefused (one line) for one Python cannot compile
+    (``(``, or ``a{99999999999}``, whose repetition overflows)."""
+    try:
+        return re.compile(keep)
+    except (re.error, OverflowError, RecursionError, ValueError) as e:
+        raise ImportRefused(f"--keep {keep!r} is not a usable regular expression ({e})") from None
 
 
 def fixed_units(net) -> dict[str, dict[str, Any]]:

@@ -14,15 +14,44 @@ A model is data (a graph, see
 """
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 from pathlib import Path
 
+from hwslim.core import jsonio
 from hwslim.models import create_model
 
 
 def _is_file_spec(spec: str) -> bool:
     return spec.endswith((".json", ".pt", ".pth")) or "/" in spec or Path(spec).is_file()
+
+
+def import_user_module(source: str):
+    """The module ``source`` of a ``module:callable`` spec.
+
+    Found on ``sys.path`` as it stands, or else in the current directory (a model file
+    beside the user): the cwd is added only for that import, after everything installed
+    (so an ``onnxruntime.py`` lying there never shadows the real package), and
+    ``sys.path`` is restored afterwards. A module that calls ``sys.exit`` while being
+    imported is refused (ImportError), never a silent exit.
+    """
+    import importlib
+    import importlib.util
+    import os
+    import sys
+
+    try:
+        found = importlib.util.find_spec(source) is not None
+    except (ImportError, ValueError):  # a parent package that is missing or not a package
+        found = False
+    saved = list(sys.path)
+    if not found:
+        sys.path.append(os.getcwd())
+    try:
+        return importlib.import_module(source)
+    except SystemExit as e:
+        raise ImportError(f"importing it called sys.exit({e.code!r})") from None
+    finally:
+        sys.path[:] = saved
 
 
 def module_from_spec(spec: str, init: str | None = None):
@@ -31,15 +60,13 @@ def module_from_spec(spec: str, init: str | None = None):
     ``init``: a state-dict file to load into it, or (torchvision, timm) a weights name
     (``IMAGENET1K_V1``, ``DEFAULT``; those download).
     """
-    import importlib
-    import sys
-
-    import torch
     from torch import nn
 
     from hwslim.core.errors import ModelError
 
     source, _, name = spec.partition(":")
+    if init is not None and Path(init).is_dir():
+        raise ModelError(f"--init {init} is a directory; give a state-dict file")
     weights_name = init if init is not None and not Path(init).is_file() else None
     if init is not None and weights_name is not None and source not in ("torchvision", "timm"):
         raise ModelError(f"--init {init}: no such file (a weights name works only for torchvision: and timm: models)")
@@ -62,10 +89,8 @@ def module_from_spec(spec: str, init: str | None = None):
         else:
             if "" in (source, name):
                 raise ModelError(f"model {spec!r}: expected package.module:function")
-            if "" not in sys.path and "." not in sys.path:
-                sys.path.insert(0, "")  # a model file in the current directory
             try:
-                mod = importlib.import_module(source)
+                mod = import_user_module(source)
             except Exception as e:
                 raise ModelError(f"model {spec!r}: cannot import {source!r} ({type(e).__name__}: "
                                  f"{str(e).splitlines()[0][:120] if str(e) else ''})") from None
@@ -77,6 +102,9 @@ def module_from_spec(spec: str, init: str | None = None):
             except Exception as e:
                 raise ModelError(f"model {spec!r}: calling {name}() failed ({type(e).__name__}: "
                                  f"{str(e).splitlines()[0][:120] if str(e) else ''})") from None
+            except SystemExit as e:  # never a silent exit 0 with nothing done
+                raise ModelError(f"model {spec!r}: calling {name}() called sys.exit({e.code!r}); a model builder "
+                                 "must return an nn.Module") from None
     except ModelError:
         raise
     except Exception as e:  # a weights download without network, a broken model builder
@@ -85,17 +113,45 @@ def module_from_spec(spec: str, init: str | None = None):
     if not isinstance(module, nn.Module):
         raise ModelError(f"model {spec!r}: {name}() returned {type(module).__name__}, not an nn.Module")
     if init is not None and weights_name is None:
-        try:
-            state = torch.load(init, map_location="cpu", weights_only=True)
-        except Exception:
-            raise ModelError(f"--init {init}: not a readable PyTorch state-dict file") from None
-        if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-            state = state["state_dict"]
-        try:
-            module.load_state_dict(state)
-        except (RuntimeError, TypeError, AttributeError) as e:
-            raise ModelError(f"--init {init} does not fit {spec} ({str(e).splitlines()[0][:160]})") from None
+        load_init(module, init, spec)
     return module
+
+
+def load_init(module, init: str, spec: str) -> None:
+    """Load the state-dict file ``init`` into ``module``, or ModelError (one line) naming what is wrong:
+    the first keys missing or unexpected and the first shapes that differ, weights that are not finite."""
+    import warnings
+
+    import torch
+
+    from hwslim.core.errors import ModelError
+
+    try:
+        with warnings.catch_warnings():  # torch warns about legacy pickles before refusing them
+            warnings.simplefilter("ignore")
+            state = torch.load(init, map_location="cpu", weights_only=True)
+    except Exception:
+        raise ModelError(f"--init {init}: not a readable PyTorch state-dict file") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelError(f"--init {init}: not a state dict (a mapping of parameter names to tensors)")
+    own = module.state_dict()
+    problems = [f"{what} {_first(keys)}" for what, keys in (
+        ("missing", [k for k in own if k not in state]), ("unexpected", [k for k in state if k not in own]),
+        ("shapes differ (file vs model):", [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+                                            for k, v in own.items() if k in state and state[k].shape != v.shape]))
+        if keys]
+    if problems:
+        raise ModelError(f"--init {init} does not fit {spec}: {'; '.join(problems)}")
+    bad = next((k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+    if bad is not None:
+        raise ModelError(f"--init {init}: {bad} holds NaN or infinite values; nothing can be trained from it")
+    module.load_state_dict(state)
+
+
+def _first(names: list[str], n: int = 3) -> str:
+    return ", ".join(names[:n]) + (f" (+{len(names) - n} more)" if len(names) > n else "")
 
 
 def _torchvision_weights(name: str, weights_name: str):
@@ -141,6 +197,11 @@ def is_module_spec(spec: str) -> bool:
     return ":" in spec and not _is_file_spec(spec)
 
 
+# an imported module is traced by running it on an example input; above this many bytes of input its size is
+# checked against the machine's memory first (on a 224 px trace), so a huge --input-size is refused, not allocated
+PROBE_ABOVE_BYTES = 64 << 20
+
+
 def load_model(spec: str, *, width_mult: float | None = None, input_size: int | None = None,
                num_classes: int | None = None, divisor: int | None = None, init: str | None = None,
                keep: str | None = None, fix_unsupported: bool = False):
@@ -155,6 +216,10 @@ def load_model(spec: str, *, width_mult: float | None = None, input_size: int | 
     from hwslim.core.graph import GraphFormatError, graph_from_dict
     from hwslim.core.supernet import SlimmableNet
 
+    if not is_module_spec(spec) and (keep is not None or fix_unsupported):  # as README says: refused, not ignored
+        flag = "--keep" if keep is not None else "--fix-unsupported"
+        raise ModelError(f"{flag} applies to a model imported from PyTorch (--model torchvision:NAME, "
+                         f"timm:NAME or package.module:callable), not {spec!r}")
     if is_module_spec(spec):
         import torch
 
@@ -165,7 +230,14 @@ def load_model(spec: str, *, width_mult: float | None = None, input_size: int | 
         with torch.device("cpu"):  # the module's own weights, even when shapes are asked on "meta"
             module = module_from_spec(spec, init)
             size = input_size or 224
-            net = import_model(module, torch.randn(1, 3, size, size), name=spec.replace(":", "_").replace(".", "_"),
+            name = spec.replace(":", "_").replace(".", "_")
+            if 3 * size * size * 4 > PROBE_ABOVE_BYTES:  # tracing runs the forward: check the memory it needs first
+                from hwslim.core.resources import check_inference
+
+                probe = import_model(module, torch.randn(1, 3, 224, 224), name=name, keep=keep,
+                                     divisor=divisor or 8, fix_unsupported=fix_unsupported)
+                check_inference(probe, input_size=size, what=f"importing {spec} at {size}x{size} px")
+            net = import_model(module, torch.randn(1, 3, size, size), name=name,
                                keep=keep, divisor=divisor or 8, fix_unsupported=fix_unsupported)
         if num_classes is not None and int(num_classes) != net.num_classes:
             raise ModelError(f"{spec} has {net.num_classes} classes, not {num_classes}")
@@ -179,8 +251,8 @@ def load_model(spec: str, *, width_mult: float | None = None, input_size: int | 
                          "or a checkpoint)")
     if path.suffix == ".json":
         try:
-            data = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            data = jsonio.load(path)
+        except (OSError, ValueError) as e:  # ValueError: malformed, not UTF-8 or too deep
             raise ModelError(f"{path}: not a readable graph JSON file ({type(e).__name__})") from None
     else:
         from hwslim.importing.checkpoint import read_graph

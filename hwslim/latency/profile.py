@@ -39,10 +39,13 @@ import os
 import random
 import tempfile
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
+from hwslim.core import jsonio
+from hwslim.core.outputs import owned
 from hwslim.core.config import ChannelConfig, atomic_write_text
 from hwslim.core.errors import HwslimError, TableError
 from hwslim.core.graph import LayerSpec, Node
@@ -325,7 +328,7 @@ def _borrow_entries(csv_path: Path, meta: dict, wanted: set, now=None,
         if other_csv == csv_path or not other_csv.is_file() or other.name.startswith("."):
             continue
         try:
-            old = json.loads(other.read_text(encoding="utf-8"))
+            old = jsonio.load(other)
             if not isinstance(old, dict) or _same_setup(old, setup):
                 continue
             check = compare_to_table(old, now) if now is not None else None
@@ -346,7 +349,7 @@ def _borrow_entries(csv_path: Path, meta: dict, wanted: set, now=None,
 def _read_old_meta(meta_path: Path, csv_path: Path, force: bool) -> dict | None:
     """The metadata already at ``meta_path``; None where it is unreadable and ``force`` is set."""
     try:
-        old = json.loads(meta_path.read_text(encoding="utf-8"))
+        old = jsonio.load(meta_path)
         if not isinstance(old, dict):
             raise ValueError("not a JSON object")
         return old
@@ -540,10 +543,12 @@ def profile(settings: ProfileSettings, progress: bool = False,
     load_start = _load()
     net, profiler = _open(settings, log)
     size = net.input_size
+    lock = ExitStack()
     try:
         pmeta = profiler.metadata()
         entries = enumerate_entries(net, settings.batch, size)
         csv_path, meta_path, e2e_path, meta = _table_for(settings, net, profiler, pmeta, len(entries))
+        lock.enter_context(owned(csv_path, flag="--out" if settings.out else "the table"))  # rows: only under it
         if hasattr(profiler, "run_overhead_ms"):
             meta["run_overhead_ms"] = profiler.run_overhead_ms()
         meta["calibration_plan"] = {"fit": settings.calib_configs, "holdout": settings.holdout_configs,
@@ -562,6 +567,7 @@ def profile(settings: ProfileSettings, progress: bool = False,
         return ProfileResult(csv_path, len(done), len(todo), reused, meta["noisy_entries"],
                              time.perf_counter() - start, calibration, meta)
     finally:
+        lock.close()
         profiler.close()
 
 
@@ -612,9 +618,11 @@ def recalibrate(settings: ProfileSettings, progress: bool = False,
     start = time.perf_counter()
     load_start = _load()
     net, profiler = _open(settings, log)
+    lock = ExitStack()
     try:
         pmeta = profiler.metadata()
         csv_path, meta_path, e2e_path, now = _table_for(settings, net, profiler, pmeta, 0)
+        lock.enter_context(owned(csv_path, flag="--out" if settings.out else "the table"))  # one run per table
         again = "measure it first with the same hwslim profile command, without --recalibrate"
         if not meta_path.exists() or not csv_path.exists():
             raise TableError(f"no latency table at {csv_path} to recalibrate; {again}")
@@ -627,10 +635,7 @@ def recalibrate(settings: ProfileSettings, progress: bool = False,
             raise TableError(f"{csv_path} was measured with another setup ({'; '.join(diff[:3])}); a recalibration "
                              f"refits a table's level on the setup it was measured with; {again}")
         table = LatencyTable.load(csv_path)
-        plan = old.get("calibration_plan") if isinstance(old.get("calibration_plan"), dict) else {}
-        same_plan = replace(settings, calib_configs=int(plan.get("fit", settings.calib_configs)),
-                            holdout_configs=int(plan.get("holdout", settings.holdout_configs)),
-                            seed=int(plan.get("seed", settings.seed)))
+        same_plan = replace(settings, **recorded_plan(old.get("calibration_plan"), settings, meta_path))
         cond_start = measure_conditions(profiler)
         log(f"conditions: {cond_start.describe()}")
         new_e2e = e2e_path.with_name(f".{e2e_path.name}.recalibrating.csv")
@@ -663,7 +668,33 @@ def recalibrate(settings: ProfileSettings, progress: bool = False,
         return ProfileResult(csv_path, len(table.entries), 0, len(table.entries), int(meta.get("noisy_entries") or 0),
                              time.perf_counter() - start, calibration, meta)
     finally:
+        lock.close()
         profiler.close()
+
+
+# a recorded plan beyond this many configs is crafted: a real one has tens (default 16 + 16)
+MAX_PLAN_CONFIGS = 1000
+
+
+def recorded_plan(plan: Any, settings: ProfileSettings, meta_path: Path) -> dict[str, int]:
+    """The ``calibration_plan`` a table's metadata records, as ProfileSettings fields; a field
+    missing keeps ``settings``' value. A value of the wrong type or out of range (a crafted
+    file: ``fit`` of 10^9 would time a billion configs) is refused with one line naming the
+    field and the file, never a flag the user did not give."""
+    if plan is None:
+        plan = {}
+    if not isinstance(plan, dict):
+        raise TableError(f"{meta_path}: calibration_plan is not a JSON object; measure the table again (--force)")
+    bounds = {"fit": ("calib_configs", 3, MAX_PLAN_CONFIGS), "holdout": ("holdout_configs", 0, MAX_PLAN_CONFIGS),
+              "seed": ("seed", 0, 2**32 - 1)}
+    out = {}
+    for key, (field_name, low, high) in bounds.items():
+        value = plan.get(key, getattr(settings, field_name))
+        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+            raise TableError(f"{meta_path}: calibration_plan.{key} must be a whole number from {low} to {high}, "
+                             f"got {value!r}; measure the table again (--force)")
+        out[field_name] = value
+    return out
 
 
 def calibration_plan(net, settings: ProfileSettings, e2e_path: Path) -> tuple[list, dict[str, dict]]:

@@ -25,16 +25,19 @@ Rows are appended one at a time with flush + fsync (profiling is resumable after
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
 import math
 import os
 import re
+import stat
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from hwslim import __version__
+from hwslim.core import jsonio
 from hwslim.core.config import atomic_write_text
 from hwslim.core.errors import HwslimError, TableError
 from hwslim.core.graph import SIGNATURE_FIELDS, LayerSpec
@@ -67,7 +70,25 @@ def table_dir() -> Path:
     :func:`user_table_dir`; both are on :func:`table_search_path`, so the table is found
     from any working directory."""
     env = os.environ.get("HWSLIM_TABLE_DIR", "")
-    return Path(env).expanduser() if env else user_table_dir()
+    return checked_table_dir(env, "$HWSLIM_TABLE_DIR") if env else user_table_dir()
+
+
+def checked_table_dir(path: str | os.PathLike, what: str, must_exist: bool = False) -> Path:
+    """``path`` (``--table-dir``, ``$HWSLIM_TABLE_DIR``) as a folder of tables, or TableError (one
+    line) when it is a file, a symlink loop, or (``must_exist``) missing: a table is never
+    silently looked up or written somewhere else instead."""
+    p = Path(path).expanduser()
+    try:
+        is_dir = stat.S_ISDIR(os.stat(p).st_mode)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise TableError(f"{what} {path} is a symlink loop; give a directory") from None
+        if must_exist or e.errno != errno.ENOENT:
+            raise TableError(f"{what} {path}: {e.strerror}; give a directory of latency tables") from None
+        return p
+    if not is_dir:
+        raise TableError(f"{what} {path} is a file, not a directory of latency tables")
+    return p
 
 
 def table_search_path(root: str | os.PathLike | None = None) -> list[Path]:
@@ -76,8 +97,8 @@ def table_search_path(root: str | os.PathLike | None = None) -> list[Path]:
     and hwslim's own ``latency_tables/``. Never the working directory."""
     env = os.environ.get("HWSLIM_TABLE_DIR", "")
     out: list[Path] = []
-    for d in (Path(root).expanduser() if root is not None else None, Path(env).expanduser() if env else None,
-              user_table_dir(), PACKAGE_TABLE_DIR):
+    for d in (checked_table_dir(root, "--table-dir", must_exist=True) if root is not None else None,
+              checked_table_dir(env, "$HWSLIM_TABLE_DIR") if env else None, user_table_dir(), PACKAGE_TABLE_DIR):
         if d is not None and d.resolve() not in [o.resolve() for o in out]:
             out.append(d)
     return out
@@ -488,13 +509,15 @@ class LatencyTable:
     @classmethod
     def load(cls, path: str | os.PathLike, *, allow_incomplete: bool = False) -> "LatencyTable":
         """Read a table (give the .csv, the .json or the stem). Missing or corrupt: TableError."""
+        if Path(path).is_dir():
+            raise TableError(f"latency table {path} is a directory; give the table's .csv file")
         csv_path, meta_path, _ = table_paths(path)
         if not meta_path.exists() or not csv_path.exists():
             missing = csv_path if not csv_path.exists() else meta_path
             raise TableError(f"latency table {missing} not found (run `hwslim profile` to measure one)")
         try:
-            meta = json.loads(meta_path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            meta = jsonio.load(meta_path)
+        except (OSError, ValueError) as e:  # ValueError: malformed, not UTF-8 or too deep
             raise TableError(f"latency table metadata {meta_path} is unreadable ({e})") from None
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             raise TableError(f"{meta_path} is not a hwslim latency table")
@@ -795,4 +818,4 @@ def resolve_table(model, *, table: str | os.PathLike | None = None, device: str 
 
 __all__ = ["COLUMNS", "Calibration", "LatencyTable", "RowWriter", "accuracy", "default_table_path", "find_table",
            "fit_calibration", "fit_line", "read_rows", "resolve_table", "spearman", "table_dir", "table_name",
-           "table_paths", "table_search_path", "user_table_dir"]
+           "table_paths", "table_search_path", "user_table_dir", "checked_table_dir"]

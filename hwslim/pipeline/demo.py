@@ -32,6 +32,7 @@ from typing import Any, Callable
 
 from hwslim import __version__
 from hwslim.core.config import atomic_write_text
+from hwslim.core.outputs import owned
 from hwslim.core.errors import BudgetError, ConfigError, OutputExistsError
 
 
@@ -158,7 +159,8 @@ def run_demo(opts: DemoOptions | None = None, log: Callable[[str], None] = print
     before = torch.get_num_threads()
     torch.set_num_threads(max(1, opts.torch_threads))
     try:
-        return _run(opts, log)
+        with owned(opts.out, flag="--out"):  # one demo per folder
+            return _run(opts, log)
     finally:
         torch.set_num_threads(before)
 

@@ -73,6 +73,8 @@ def evaluate_exported(models: list[tuple[str, Path, dict]], load: Callable[[str]
     ``load`` loads a checkpoint by path (the caller's cache); ``checkpoint`` overrides the one
     the metadata names. Returns ``(rows, evaluated_on)``, keyed by the model as given.
     """
+    for given, path, meta in models:  # every refusal before the progress bar starts
+        check_exported(path, meta, load, checkpoint)
     bar = None
     if models and progress:
         from tqdm.auto import tqdm
@@ -89,28 +91,44 @@ def evaluate_exported(models: list[tuple[str, Path, dict]], load: Callable[[str]
     return rows, evaluated_on
 
 
-def _evaluate_one(given: str, path: Path, meta: dict, load: Callable[[str], Any], checkpoint: str | None,
-                  max_images: int | None) -> tuple[dict, dict]:
-    from hwslim.core.costs import model_costs
+def check_exported(path: Path, meta: dict, load: Callable[[str], Any], checkpoint: str | None):
+    """Refuse (one line) an exported model that cannot be scored: no config or checkpoint in its
+    metadata, a config that does not fit the checkpoint's supernet or data size, a garbled batch.
+    Returns ``(config, checkpoint path, checkpoint)``."""
     from hwslim.core.errors import ConfigError
     from hwslim.latency.verify import metadata_int
-    from hwslim.runtimes.onnx_file import config_from_metadata, sha256_file
+    from hwslim.runtimes.onnx_file import config_from_metadata
+
+    from hwslim.core.resources import check_inference
 
     cfg = config_from_metadata(meta, str(path))
+    batch = metadata_int(meta, "batch", str(path), 1)
     ck = checkpoint or meta.get("checkpoint")
     if not ck:
         raise ConfigError(f"{path} names no checkpoint in its metadata; give --checkpoint CKPT")
     ckpt = load(ck)
+    if int(ckpt.data.get("input_size", cfg.input_size)) != cfg.input_size:
+        raise ConfigError(f"{path} takes {cfg.input_size}px inputs but {ck}'s data is {ckpt.data['input_size']}px")
+    ckpt.model.validate(cfg)
+    check_inference(ckpt.model, cfg, batch=batch, input_size=cfg.input_size,  # the batch is allocated as padding
+                    what=f"scoring {path} (batch {batch:,} at {cfg.input_size}x{cfg.input_size} px)")
+    return cfg, ck, ckpt
+
+
+def _evaluate_one(given: str, path: Path, meta: dict, load: Callable[[str], Any], checkpoint: str | None,
+                  max_images: int | None) -> tuple[dict, dict]:
+    from hwslim.core.costs import model_costs
+    from hwslim.latency.verify import metadata_int
+    from hwslim.runtimes.onnx_file import sha256_file
+
+    cfg, ck, ckpt = check_exported(path, meta, load, checkpoint)
     if not checkpoint and meta.get("checkpoint_sha256") and sha256_file(ck) != meta["checkpoint_sha256"]:
         print(f"note: {ck} changed since {path} was exported; its data record is used for the held-out images",
               file=sys.stderr)
-    if int(ckpt.data.get("input_size", cfg.input_size)) != cfg.input_size:
-        raise ConfigError(f"{path} takes {cfg.input_size}px inputs but {ck}'s data is {ckpt.data['input_size']}px")
     images, labels, on = heldout_split(ckpt, max_images)
     on["bn"] = meta.get("bn_statistics", "as exported")
     top1 = onnx_top1(path, images, labels, batch=metadata_int(meta, "batch", str(path), 1),
                      dynamic=meta.get("dynamic_batch") == "true")
-    ckpt.model.validate(cfg)
     costs = model_costs(ckpt.model, cfg)
     return {"model": str(given), "kind": "onnx", "top1": round(100 * top1, 2),
             "search_acc": percent(cfg.meta.get("search_acc")), "latency_ms": cfg.meta.get("latency_ms"),

@@ -19,6 +19,7 @@ from typing import Mapping
 
 import torch
 
+from hwslim.core.outputs import temporary_path
 from hwslim.core.config import ChannelConfig
 from hwslim.core.errors import ConfigError
 from hwslim.core.materialize import PlainNet
@@ -67,7 +68,7 @@ def export_onnx(net: PlainNet, path: str | os.PathLike, *, batch: int = 1, input
     x = torch.randn(batch, first.cin, size, size, device=device)
     was_training = net.training
     net.eval()
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = temporary_path(path)
     dynamic_axes = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if dynamic_batch else None
     try:
         with warnings.catch_warnings():
@@ -130,7 +131,46 @@ def onnx_metadata(path: str | os.PathLike) -> dict[str, str]:
         raise ConfigError(f"model file {path} not found") from None
     except Exception as e:  # protobuf decode errors have no common base
         raise ConfigError(f"{path} is not a readable ONNX file ({type(e).__name__})") from None
-    return {p.key[len(META_PREFIX):]: p.value for p in model.metadata_props if p.key.startswith(META_PREFIX)}
+    meta = {p.key[len(META_PREFIX):]: p.value for p in model.metadata_props if p.key.startswith(META_PREFIX)}
+    check_graph(model, Path(path), meta)
+    return meta
+
+
+def check_graph(model, path: Path, meta: Mapping[str, str]) -> None:
+    """Refuse (ConfigError, one line) an ONNX file no runtime should be handed: external data
+    outside its own folder (ONNX Runtime would read any file it names), or, where it carries
+    hwslim's metadata, a graph that is not the one the metadata describes (another input
+    size or class count: a crafted file or one edited after export)."""
+    import onnx
+
+    folder = path.resolve().parent
+    for init in model.graph.initializer:
+        if init.data_location == onnx.TensorProto.EXTERNAL:
+            loc = next((e.value for e in init.external_data if e.key == "location"), "")
+            if not (folder / loc).resolve().is_relative_to(folder):
+                raise ConfigError(f"{path}: tensor {init.name!r} keeps its data in {loc!r}, outside the model's "
+                                  "folder; refused (re-export the model)")
+    if "config" not in meta:
+        return
+    cfg = config_from_metadata(meta, str(path))
+    weights = {i.name for i in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in weights]
+    want = {"size": str(cfg.input_size), "classes": meta.get("num_classes")}  # the batch: its reader's checks
+    want = {k: v for k, v in want.items() if str(v).isdigit()}  # a garbled number is refused by its own reader
+    shape = _dims(inputs[0]) if len(inputs) == 1 else []
+    if len(shape) != 4 or len(model.graph.output) != 1:
+        raise ConfigError(f"{path}: its graph takes {len(inputs)} input(s) of rank {len(shape)}, not the one image "
+                          "batch its hwslim metadata describes; re-export the model")
+    found = {"size": shape[2], "classes": (_dims(model.graph.output[0]) + [None, None])[1]}
+    for key, value in found.items():
+        if value is not None and key in want and str(value) != want[key]:
+            raise ConfigError(f"{path}: its graph has {key} {value} but its hwslim metadata says {want[key]}: "
+                              "not the graph that was exported; re-export the model")
+
+
+def _dims(value_info) -> list[int | None]:
+    """The dimensions of an ONNX input or output; None for a symbolic (dynamic) one."""
+    return [d.dim_value if d.HasField("dim_value") else None for d in value_info.type.tensor_type.shape.dim]
 
 
 def config_from_metadata(meta: Mapping[str, str], source: str = "model") -> ChannelConfig:

@@ -42,6 +42,7 @@ filling, and the outputs (:func:`write_outputs`, :func:`write_plot`).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -50,10 +51,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
+from hwslim.core import jsonio
 from hwslim.core.config import ChannelConfig, atomic_write_text
 from hwslim.core.costs import spec_costs
 from hwslim.core.errors import BudgetError, HwslimError, OutputExistsError
-from hwslim.core.outputs import check_output, remove_stale_temporaries
+from hwslim.core.outputs import check_output, owned, remove_stale_temporaries
 from hwslim.core.supernet import SlimmableNet
 from hwslim.search import distributed as dist
 from hwslim.search.evaluator import Score, Scoring
@@ -589,8 +591,6 @@ def greedy_search(checkpoint, budgets: Sequence[Budget], options: SearchOptions 
     (``hwslim.importing.data.search_split``) unless ``images``/``labels`` are given.
     ``log`` gets a line saying what is scored, once every check has passed.
     """
-    import pandas as pd
-
     opts = options or SearchOptions()
     log = log or (lambda msg: print(msg, file=sys.stderr))
     budgets = list(budgets)
@@ -599,6 +599,15 @@ def greedy_search(checkpoint, budgets: Sequence[Budget], options: SearchOptions 
     targets = targets_of(budgets)
     model: SlimmableNet = checkpoint.model.to(opts.device)
     cost_fn = _checked_costs(model, targets, table, opts)
+    with owned(opts.out) if opts.out is not None else contextlib.nullcontext():  # one search per folder
+        return _search(checkpoint, model, budgets, targets, cost_fn, opts, table, images, labels, log)
+
+
+def _search(checkpoint, model: SlimmableNet, budgets: Sequence[Budget], targets: Sequence[Target], cost_fn,
+            opts: SearchOptions, table, images, labels, log: Callable[[str], None]) -> SearchResult:
+    """The steps of :func:`greedy_search` once its inputs passed their checks and it owns its folder."""
+    import pandas as pd
+
     state = SearchState.open(opts.out, search_settings(checkpoint, targets, opts, table), model, cost_fn,
                              resume=opts.resume, force=opts.force, log=log)
     score_candidates, score = _scorers(checkpoint, model, budgets, opts, images, labels, state.replay, log)
@@ -776,9 +785,9 @@ class SearchState:
 def _read_state(state_file: Path, settings: dict, model: SlimmableNet, cost_fn) -> list[Step]:
     """The path saved in ``state_file``, refused unless its settings are ``settings`` (:func:`_checked_replay`)."""
     try:
-        state = json.loads(state_file.read_text())
+        state = jsonio.load(state_file)
         steps_saved = [Step(**st) for st in state["steps"]]
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+    except (OSError, ValueError, KeyError, TypeError) as e:  # ValueError: malformed or too deep JSON
         raise HwslimError(f"{state_file} is not a readable search state ({type(e).__name__}); "
                           "delete it or pass --force to start over") from None
     if state.get("settings") != settings:

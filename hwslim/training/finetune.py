@@ -42,7 +42,7 @@ from torch import nn
 
 from hwslim.core.config import ChannelConfig
 from hwslim.core.materialize import materialize, slice_positions, write_back
-from hwslim.core.outputs import check_output, remove_stale_temporaries
+from hwslim.core.outputs import check_output, owned, remove_stale_temporaries
 from hwslim.core.supernet import SlimmableNet
 from hwslim.importing.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from hwslim.importing.data import SMALL_INPUT, mix_seeds
@@ -310,12 +310,13 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], None] | None = None) -> T
     out = check_output(cfg.out, kind="dir")
     if (out / CHECKPOINT_NAME).resolve() == Path(cfg.checkpoint).resolve():  # even with --force: it is the input
         raise TrainError(f"--out {cfg.out} holds the supernet being finetuned; give another directory")
-    remove_stale_temporaries(out)
-    world = distributed.setup(cfg.device)
-    try:
-        return _Finetune(cfg, world, log or _log_stderr, supernet, config, teacher, record).run()
-    finally:
-        distributed.teardown(world)
+    with owned(out):  # one run per output folder
+        remove_stale_temporaries(out)
+        world = distributed.setup(cfg.device)
+        try:
+            return _Finetune(cfg, world, log or _log_stderr, supernet, config, teacher, record).run()
+        finally:
+            distributed.teardown(world)
 
 
 __all__ = ["FinetuneConfig", "finetune", "load_inputs", "load_teacher"]

@@ -268,6 +268,12 @@ class EpochLoop:
         if bar is not None:
             bar.close()
         sums = {k: float(v) for k, v in sums.items()}  # synchronizes: the epoch's time includes all its work
+        diverged = [k for k in self.LOSS_KEYS if not math.isfinite(sums[k])]
+        if diverged:  # before this epoch is saved: the last good checkpoint stays
+            kept = (f"{self.ckpt_path} keeps the last good epoch" if self.ckpt_path.exists()
+                    else "no epoch was saved")
+            raise TrainError(f"epoch {epoch + 1}: the training loss became {sums[diverged[0]]} ({diverged[0]}); "
+                             f"training stopped and {kept}. Lower --lr, or check the data and the starting weights")
         dt = time.perf_counter() - t0
         row = {"epoch": epoch + 1, "lr": self.sched.get_last_lr()[0], "epoch_time_s": round(dt, 3),
                "images_per_s": round(seen * self.world.size / dt, 1),

@@ -47,7 +47,6 @@ import contextlib
 import math
 import numbers
 import random
-import re
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -57,7 +56,7 @@ import torch
 import torch.nn.functional as F
 
 from hwslim.core.config import ChannelConfig
-from hwslim.core.outputs import check_output, remove_stale_temporaries
+from hwslim.core.outputs import check_output, owned, remove_stale_temporaries
 from hwslim.core.resources import check_training
 from hwslim.core.supernet import SlimmableNet
 from hwslim.importing.checkpoint import save_checkpoint
@@ -177,10 +176,9 @@ class TrainConfig:
         if self.sort is not None and self.init is None:
             raise TrainError("--no-sort applies to a start from trained weights; add --init WEIGHTS")
         if self.keep is not None:
-            try:
-                re.compile(self.keep)
-            except re.error as e:
-                raise TrainError(f"--keep {self.keep!r} is not a regular expression ({e})") from None
+            from hwslim.importing.fx_trace import compile_keep
+
+            compile_keep(self.keep)
 
     def resolved(self, input_size: int, num_classes: int) -> "TrainConfig":
         """Fill defaults that depend on the model's input size and the data."""
@@ -411,9 +409,10 @@ def train(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> TrainRe
         raise TypeError(f"train() takes a TrainConfig, got {type(cfg).__name__}")
     cfg.validate()
     out = check_output(cfg.out, kind="dir")  # before an epoch is spent
-    remove_stale_temporaries(out)  # left by a run killed while saving
-    world = distributed.setup(cfg.device)
-    try:
-        return _Run(cfg, world, log or _log_stderr).run()
-    finally:
-        distributed.teardown(world)
+    with owned(out):  # one run per output folder: a second one is refused, resumes included
+        remove_stale_temporaries(out)  # left by a run killed while saving
+        world = distributed.setup(cfg.device)
+        try:
+            return _Run(cfg, world, log or _log_stderr).run()
+        finally:
+            distributed.teardown(world)
