@@ -143,8 +143,10 @@ def test_accuracy_latency_plot_keeps_search_and_heldout_apart_labels_budgets_and
     path = pd.DataFrame({"latency_ms": [0.20, 0.17, 0.14, 0.12], "acc": [0.80, 0.79, 0.76, 0.70]})
     uniform = [{"latency_ms": 0.05 + 0.015 * i, "acc": 0.3 + 0.04 * i} for i in range(12)]
     result = SimpleNamespace(path=path, uniform=uniform)
-    rows = [{"predicted_ms": 0.168, "measured_ms": 0.171, "verdict": "OK", "accuracy_%": 77.0, "search_acc_%": 79.0},
-            {"predicted_ms": 0.139, "measured_ms": 0.152, "verdict": "OVER", "accuracy_%": 74.0, "search_acc_%": 76.0}]
+    rows = [{"budget_ms": 0.17, "predicted_ms": 0.168, "measured_ms": 0.171, "verdict": "OK", "accuracy_%": 77.0,
+             "search_acc_%": 79.0},
+            {"budget_ms": 0.14, "predicted_ms": 0.139, "measured_ms": 0.152, "verdict": "OVER", "accuracy_%": 74.0,
+             "search_acc_%": 76.0}]
     fig = accuracy_latency_figure(result, rows, [0.17, 0.14])
     search, deployed = fig.axes
     assert "predicted" in search.get_xlabel() and "search-split" in search.get_ylabel()
@@ -153,7 +155,14 @@ def test_accuracy_latency_plot_keeps_search_and_heldout_apart_labels_budgets_and
                                                                        "chosen configs", "latency budgets"]
     assert [t.get_text() for t in deployed.get_legend().get_texts()] == ["exported: within budget",
                                                                          "exported: OVER budget", "latency budgets"]
-    assert {t.get_text() for t in deployed.texts} == {"OVER", "0.17 ms", "0.14 ms"}
+    # each exported point names its budget; the budget lines are labelled too
+    assert {t.get_text() for t in deployed.texts} == {"0.17 ms budget", "0.14 ms budget, OVER", "0.17 ms", "0.14 ms"}
+    plt.close(fig)
+    # the legend lists only the verdicts shown
+    unsure = [{**r, "verdict": "UNRELIABLE"} for r in rows]
+    fig = accuracy_latency_figure(result, unsure, [0.17, 0.14])
+    assert [t.get_text() for t in fig.axes[1].get_legend().get_texts()] == [
+        "exported: unreliable, conditions differ from the table's", "latency budgets"]
     plt.close(fig)
     png = plot_accuracy_latency(result, rows, [0.17, 0.14], tmp_path / "a.png", title="test")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

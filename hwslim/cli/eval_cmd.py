@@ -64,7 +64,7 @@ def run(args) -> int:
 
     if args.checkpoint:
         for _, cfg in configs:  # a config for another model or off the grid: one line, before any work
-            checkpoint(args.checkpoint).model.validate(cfg)
+            checkpoint(args.checkpoint).check_config(cfg)
     for _, path, meta in models:
         config_from_metadata(meta, str(path))
         metadata_int(meta, "batch", str(path), 1)

@@ -145,7 +145,7 @@ def _checkpoint_and_config(args):
         config = finetuned_config(ckpt)
         if config is None:
             raise ConfigError(f"{args.checkpoint} is a supernet: give --config (a config from `hwslim search`)")
-    ckpt.model.validate(config)
+    ckpt.check_config(config)
     return ckpt, config
 
 

@@ -8,7 +8,7 @@ a missing package is explained only when that format is used::
 
     >>> from hwslim.export.formats import FORMATS, format_class
     >>> list(FORMATS)
-    ['onnx', 'tensorrt', 'openvino', 'executorch']
+    ['onnx', 'tensorrt', 'openvino', 'executorch', 'torch']
     >>> format_class("openvino").out_help
     'OpenVINO IR: .xml'
 
@@ -39,6 +39,7 @@ FORMATS: dict[str, tuple[str, str]] = {
     "tensorrt": ("hwslim.export.tensorrt_format", "TensorRTFormat"),
     "openvino": ("hwslim.export.openvino_format", "OpenVinoFormat"),
     "executorch": ("hwslim.export.executorch_format", "ExecuTorchFormat"),
+    "torch": ("hwslim.export.torch_format", "TorchExportFormat"),
 }
 
 
@@ -58,7 +59,7 @@ def format_class(name: str) -> type[ExportFormat]:
 class ExportOptions:
     """How to export. ``None`` means the default named in the field's comment."""
 
-    format: str = "onnx"  # a name in FORMATS: "onnx" | "tensorrt" | "openvino" | "executorch"
+    format: str = "onnx"  # a name in FORMATS: "onnx" | "tensorrt" | "openvino" | "executorch" | "torch"
     batch: int = 1
     dynamic_batch: bool = False
     fp16: bool = False

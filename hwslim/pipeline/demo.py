@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from hwslim import __version__
+from hwslim.core.version import __version__
 from hwslim.core.config import atomic_write_text
 from hwslim.core.errors import BudgetError, ConfigError, OutputExistsError
 
@@ -299,36 +299,51 @@ def _measure(r: Recipe, out: Path, ckpt, exported, table, log: Callable[[str], N
 
     log("[5/5] measuring the exported models and scoring them on held-out images")
     now = conditions_for_table(table)  # before measuring: the verdicts hold only under the table's conditions
-    check = compare_to_table(table.meta, now)
-    log(f"conditions: {now.describe()}")
+    check = compare_to_table(table.meta, now, when="before measuring")
+    log(f"conditions before measuring: {now.describe()}")
     images, labels = validation_split(ckpt, max_images=r.val_images)
     runs: dict[float, list] = {v: [] for v, _, _ in exported}
     for _ in range(r.rounds):  # interleaved, so a slow spell of the machine hits every model alike
         for v, _, res in exported:
             runs[v].append(verify_model(res.path, table, budget_ms=v, conditions=now))
     # and after: a machine that changed while the models were measured gives no confident verdict either
-    after = compare_to_table(table.meta, conditions_for_table(table))
+    later = conditions_for_table(table)
+    after = compare_to_table(table.meta, later, when="after measuring")
+    log(f"conditions after measuring: {later.describe()}")
     if check.reliable and not after.reliable:
         check = after
-    rows = []
-    for v, cfg, res in exported:
-        measured = statistics.median(x.measured_ms for x in runs[v])
-        first = runs[v][0]
-        rows.append({
-            "budget_ms": v,
-            "predicted_ms": round(first.predicted_ms, 4),
-            "measured_ms": round(measured, 4),
-            "verdict": ("UNRELIABLE" if not check.reliable else
-                        "OK" if measured <= v * (1 + first.tolerance) else "OVER"),
-            "accuracy_%": round(100 * onnx_accuracy(res.path, images, labels), 1),
-            "search_acc_%": round(100 * float(cfg.meta.get("search_acc", float("nan"))), 1),
-            "params": int(cfg.meta.get("params", 0)),
-            "macs": int(cfg.meta.get("macs", 0)),
-            "model": str(res.path.relative_to(out)),
-        })
-    conditions = {**check.as_dict(), "now": now.to_dict(), "after": after.now.to_dict(),
+    rows = [_row(v, cfg, res, runs[v], check, out, onnx_accuracy(res.path, images, labels))
+            for v, cfg, res in exported]
+    conditions = {**check.as_dict(), "now": now.to_dict(), "after": later.to_dict(),
                   "table": table.meta.get("conditions")}
     return rows, conditions
+
+
+def _row(budget: float, cfg, res, runs, check, out: Path, accuracy: float) -> dict[str, Any]:
+    """One exported model's row: its budget, the medians of its rounds (p50, p90, their ratio to the
+    budget), the verdict and the one line that says why a verdict is not OK."""
+    p50 = statistics.median(x.measured_ms for x in runs)
+    p90 = statistics.median(x.p90_ms for x in runs)
+    first = runs[0]
+    ratio = p50 / budget
+    verdict = "UNRELIABLE" if not check.reliable else "OK" if ratio <= 1 + first.tolerance else "OVER"
+    numbers = f"measured p50 {p50:.3f} ms, p90 {p90:.3f} ms, {ratio:.2f}x its {budget:g} ms budget"
+    message = {"OK": None, "OVER": f"{res.path.name}: OVER: {numbers}, above the {100 * first.tolerance:g}% tolerance",
+               "UNRELIABLE": f"{res.path.name}: UNRELIABLE: {numbers}; {check.line()}"}[verdict]
+    return {
+        "budget_ms": budget,
+        "predicted_ms": round(first.predicted_ms, 4),
+        "measured_ms": round(p50, 4),
+        "p90_ms": round(p90, 4),
+        "x_budget": round(ratio, 3),
+        "verdict": verdict,
+        "accuracy_%": round(100 * accuracy, 1),
+        "search_acc_%": round(100 * float(cfg.meta.get("search_acc", float("nan"))), 1),
+        "params": int(cfg.meta.get("params", 0)),
+        "macs": int(cfg.meta.get("macs", 0)),
+        "model": str(res.path.relative_to(out)),
+        "message": message,
+    }
 
 
 def _write_results(out: Path, rows, recipe: Recipe, opts: DemoOptions, ckpt: Path, table: Path,
@@ -359,7 +374,7 @@ def accuracy_latency_figure(result, rows, budgets, title: str = ""):
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.6), sharex=True)
     path = result.path
-    if len(path) and "latency_ms" in path:
+    if len(path) and "latency_ms" in path:  # (each series is drawn, and so in the legend, only when it has points)
         left.plot(path["latency_ms"], 100 * path["acc"], "-", color="tab:blue", lw=1.2, label="greedy path")
     uniform = [u for u in (result.uniform or []) if "latency_ms" in u]
     if uniform:
@@ -367,20 +382,20 @@ def accuracy_latency_figure(result, rows, budgets, title: str = ""):
                   ms=4, lw=1, label="uniform widths")
     left.plot([r["predicted_ms"] for r in rows], [r["search_acc_%"] for r in rows], "o", color="tab:blue", ms=7,
               mfc="none", label="chosen configs")
-    ok = [r for r in rows if r["verdict"] == "OK"]
-    over = [r for r in rows if r["verdict"] == "OVER"]
-    unsure = [r for r in rows if r["verdict"] not in ("OK", "OVER")]
-    right.plot([r["measured_ms"] for r in ok], [r["accuracy_%"] for r in ok], "o", color="tab:green", ms=8,
-               label="exported: within budget")
-    if unsure:
-        right.plot([r["measured_ms"] for r in unsure], [r["accuracy_%"] for r in unsure], "d", color="tab:orange",
-                   ms=8, label="exported: unreliable (conditions differ from the table's)")
-    if over:
-        right.plot([r["measured_ms"] for r in over], [r["accuracy_%"] for r in over], "X", color="tab:red", ms=10,
-                   label="exported: OVER budget")
-        for r in over:
-            right.annotate("OVER", (r["measured_ms"], r["accuracy_%"]), xytext=(6, 4), textcoords="offset points",
-                           color="tab:red", fontsize=8, fontweight="bold")
+    kinds = (("OK", "o", "tab:green", 8, "exported: within budget"),
+             ("UNRELIABLE", "d", "tab:orange", 8, "exported: unreliable, conditions differ from the table's"),
+             ("OVER", "X", "tab:red", 10, "exported: OVER budget"))
+    for verdict, marker, colour, size, label in kinds:  # only the verdicts shown enter the legend
+        shown = [r for r in rows if r["verdict"] == verdict]
+        if shown:
+            right.plot([r["measured_ms"] for r in shown], [r["accuracy_%"] for r in shown], marker, color=colour,
+                       ms=size, label=label)
+    for r in rows:  # each exported model says which budget it was searched for
+        text = (f"{r['budget_ms']:g} ms budget" if "budget_ms" in r else "") + (", OVER" if r["verdict"] == "OVER" else "")
+        right.annotate(text.lstrip(", "), (r["measured_ms"], r["accuracy_%"]), xytext=(6, 4),
+                       textcoords="offset points", fontsize=7,
+                       color="tab:red" if r["verdict"] == "OVER" else "black",
+                       fontweight="bold" if r["verdict"] == "OVER" else "normal")
     for ax in (left, right):
         for i, b in enumerate(budgets):
             ax.axvline(b, color="tab:red", ls=":", lw=1, label="latency budgets" if i == 0 else None)
