@@ -21,8 +21,9 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "--out", str(out), "--no-progress"]) == 0
     printed = capsys.readouterr().out
-    for column in ("budget_ms", "predicted_ms", "measured_ms", "accuracy_%", "params"):
+    for column in ("budget_ms", "predicted_ms", "measured_ms", "p90_ms", "x_budget", "accuracy_%", "params"):
         assert column in printed
+    assert "--quick: a smoke run" in printed and "mean nothing" in printed  # its numbers say so
     assert (out / "train" / "checkpoint.pt").is_file()
     assert (out / "accuracy_latency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with open(out / "results.csv") as f:
@@ -48,6 +49,18 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     assert cond["now"]["probe_ms"] > 0 and cond["table"]["start"]["probe_ms"] > 0
     assert all((r["verdict"] == "UNRELIABLE") == (not cond["reliable"]) for r in rows)
     assert ("verdict unreliable" in printed) == (not cond["reliable"])
+    for r in rows:  # beside every verdict: p50, p90, their ratio to the budget; one line where it is not OK
+        assert float(r["p90_ms"]) > 0 and float(r["x_budget"]) == pytest.approx(float(r["measured_ms"]) /
+                                                                               float(r["budget_ms"]), rel=1e-3)
+        if r["verdict"] == "UNRELIABLE":  # one sentence naming the one probe that decided, as in demo.json
+            assert r["message"] in printed and r["message"].endswith(cond["note"])
+            assert r["message"].count("verdict unreliable") == 1 and "((" not in r["message"]
+            probes = ("before measuring", "after measuring", "the table's machine changed while it was measured")
+            assert sum(p in r["message"] for p in probes) == 1
+        else:
+            assert r["message"] in ("", None) or r["verdict"] == "OVER"
+    # the conditions line shows the probe that decided: before, and after the measurements
+    assert "conditions before measuring: " in printed and "conditions after measuring: " in printed
     # a second run refuses to overwrite the first one
     assert main(["demo", "--quick", "--out", str(out), "--no-progress"]) == 2
     assert "--force" in capsys.readouterr().err
@@ -129,7 +142,8 @@ def test_help_states_a_measured_duration(capsys):
     with pytest.raises(SystemExit):
         main(["demo", "--help"])
     text = capsys.readouterr().out
-    assert "5 minutes" not in text and "about a minute" not in text and "100 s of CPU time" in text
+    assert "5 minutes" not in text and "about a minute" not in text and "well under a minute" not in text
+    assert "100 s of CPU time" in text and "mean nothing" in text
 
 
 def test_accuracy_latency_plot_keeps_search_and_heldout_apart_labels_budgets_and_marks_over(tmp_path):

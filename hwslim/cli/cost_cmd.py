@@ -24,7 +24,8 @@ def register(sub) -> None:
     p.add_argument("--config", help="a ChannelConfig JSON file (default: the full-width config)")
     p.add_argument("--input-size", type=positive_int, help="input height and width (default: the config's or model's)")
     p.add_argument("--batch", type=positive_int, default=1,
-                   help="inference batch: the costs (and a table's latency) are for this many images at once (default 1)")
+                   help="inference batch: the costs, and a table's latency, are for this many images at once "
+                        "(default 1)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--table", help="a latency table: adds the predicted latency_ms")
     p.add_argument("--force-table", action="store_true", help="use a latency table measured on another setup")

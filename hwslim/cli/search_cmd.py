@@ -144,14 +144,14 @@ def run(args) -> int:
     ckpt = load_checkpoint(args.checkpoint)
     check_inference(ckpt.model, batch=args.batch)
     table = None
-    log = with_header(f"hwslim search: {threads_note(args.threads)}")
+    header = f"hwslim search: {threads_note(args.threads)}"
     if any(b.kind == "latency_ms" for b in budgets):
         from hwslim.latency.table import resolve_table
 
         table = resolve_table(ckpt.model, table=args.table, device=args.device, batch=args.batch,
                               root=args.table_dir, spec=args.checkpoint)
-        log(f"latency table: {table.path}")
-    result = greedy_search(ckpt, budgets, opts, table=table, log=log)
+        header += f"\nlatency table: {table.path}"  # which table priced the budgets, once it passed its checks
+    result = greedy_search(ckpt, budgets, opts, table=table, log=with_header(header))
     _print_result(result, args)
     return 0
 

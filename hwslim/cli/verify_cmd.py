@@ -45,7 +45,8 @@ def run(args) -> int:
 
     Example (after the README's workflow):
       hwslim verify r20_0.5ms.onnx
-      hwslim verify r20_0.5ms.onnx --table ~/.cache/hwslim/latency_tables/cpu-<this cpu>/resnet20-x1-32px-b1-ort-t1-float32.csv
+      hwslim verify r20_0.5ms.onnx --table \
+          ~/.cache/hwslim/latency_tables/cpu-<this cpu>/resnet20-x1-32px-b1-ort-t1-float32.csv
     """
     from hwslim.core.errors import ConfigError
     from hwslim.latency.verify import exit_status, print_verify, recorded_table, verify_model

@@ -118,6 +118,19 @@ class ExportJob:
         return err
 
 
+def fp32_fixed_batch_only(name: str, options: ExportOptions) -> None:
+    """Refuse (ConfigError) --fp16 and --dynamic-batch for a format that writes an fp32 program of fixed batch."""
+    if options.fp16 or options.dynamic_batch:
+        raise ConfigError(f"--format {name} writes an fp32 program of fixed batch; "
+                          f"{'--fp16' if options.fp16 else '--dynamic-batch'} is not supported")
+
+
+def out_suffix(out: Path, suffix: str, name: str, what: str) -> None:
+    """Refuse (ConfigError) an ``--out`` whose suffix is not the format's."""
+    if out.suffix != suffix:
+        raise ConfigError(f"--format {name} writes {what}: give --out a {suffix} path, not {out.name!r}")
+
+
 class ExportFormat:
     """One export format. The exporter calls, in order: :meth:`files`, :meth:`prepare` (before
     any work), :meth:`build` (with the checked ONNX file still at a temporary name), then

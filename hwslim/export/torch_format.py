@@ -11,8 +11,7 @@ import json
 import os
 from pathlib import Path
 
-from hwslim.core.errors import ConfigError
-from hwslim.export.formats import ExportFiles, ExportFormat, ExportJob, ExportOptions
+from hwslim.export.formats import ExportFiles, ExportFormat, ExportJob, ExportOptions, fp32_fixed_batch_only, out_suffix
 
 
 class TorchExportFormat(ExportFormat):
@@ -25,14 +24,10 @@ class TorchExportFormat(ExportFormat):
 
     @classmethod
     def check_options(cls, options: ExportOptions) -> None:
-        if options.fp16 or options.dynamic_batch:
-            raise ConfigError(f"--format torch writes an fp32 program of fixed batch; "
-                              f"{'--fp16' if options.fp16 else '--dynamic-batch'} is not supported")
+        fp32_fixed_batch_only(cls.name, options)
 
     def files(self) -> ExportFiles:
-        if self.out.suffix != ".pt2":
-            raise ConfigError(f"--format torch writes a torch.export program: give --out a .pt2 path, "
-                              f"not {self.out.name!r}")
+        out_suffix(self.out, ".pt2", self.name, "a torch.export program")
         return ExportFiles(self.out.with_suffix(".onnx"), self.out.with_name(self.out.name + ".json"),
                            {"torch_program": self.out})
 

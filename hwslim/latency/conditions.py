@@ -23,7 +23,7 @@ model and :func:`compare_to_table`: when the probe differs by more than
 :data:`LOAD_SHARE`), or the CPU differs, the verdict is unreliable, and one line says
 why, naming the one difference that decided and its numbers::
 
-    the speed probe before measuring ran 1.31x slower than when the table was measured (1.31 vs 1.00 ms): verdict unreliable
+    the speed probe before measuring ran 1.31x slower than when the table was measured (1.31 vs 1 ms): verdict unreliable
 
 The tolerances are measured on the 2-core development machine (AMD EPYC, KVM; see
 ``latency_tables/README.md``): repeated probes there agree within 0.5%, and a neighbor
