@@ -135,7 +135,7 @@ def test_verify_help_example_uses_no_committed_amd_table(capsys):
 
 
 @pytest.mark.parametrize("argv,hint", [
-    (["search", "--checkpoint", "c.pt", "--lantency-ms", "1"], "unrecognized argument --lantency-ms; did you mean "
+    (["search", "--checkpoint", "c.pt", "--lantency-ms", "1"], "unrecognized arguments: --lantency-ms; did you mean "
                                                                "'--latency-ms'?"),
     (["search", "--chekpoint", "c.pt", "--params-m", "1"], "did you mean '--checkpoint'?"),  # before "required"
     (["cost", "--model", "resnet20", "--bach", "2"], "did you mean '--batch'?"),

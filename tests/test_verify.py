@@ -226,3 +226,15 @@ def test_conditions_that_match_the_tables_give_a_confident_verdict(table_path, e
     assert r.reliable and r.verdict == "OK" and r.conditions.probe_ratio == 1.0
     over = verify_model(path, table, conditions=same, budget_ms=r.measured_ms / 10)
     assert over.verdict == "OVER" and over.reliable
+
+
+def test_verify_finds_the_table_itself_as_export_verify_does(table_path, exported, tmp_path, capsys):
+    """No --table: the one the model's metadata records (hwslim export writes it), said on stderr."""
+    from hwslim.latency.verify import recorded_table
+
+    _, cfg, path = exported
+    assert recorded_table(path) == table_path.resolve()
+    assert main(["verify", str(path), "--json"]) in (0, 3)
+    cap = capsys.readouterr()
+    assert json.loads(cap.out)["table"] == str(table_path.resolve())
+    assert f"{path}: measured against {table_path.resolve()}" in cap.err

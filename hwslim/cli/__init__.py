@@ -57,7 +57,7 @@ class _Parser(argparse.ArgumentParser):
         for word in self._words:
             name = word.split("=", 1)[0]
             if name.startswith("--") and name not in self._option_string_actions and did_you_mean(name, flags):
-                message = f"unrecognized argument {name};{did_you_mean(name, flags)}"
+                message = f"unrecognized arguments: {name};{did_you_mean(name, flags)}"
                 break
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 

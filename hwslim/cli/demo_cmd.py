@@ -7,8 +7,8 @@ from pathlib import Path
 
 from hwslim.cli import add_command, positive_int, print_table
 
-# measured on the 2-core development machine at load 7 (tests/test_demo.py runs it)
-QUICK_NOTE = "its accuracies and verdicts mean nothing (about 40 s)"
+# measured on the 2-core development machine at load 8 to 9 (tests/test_demo.py runs it three times)
+QUICK_NOTE = "its accuracies and verdicts mean nothing (25 to 40 s)"
 
 
 def register(sub) -> None:

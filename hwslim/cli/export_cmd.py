@@ -58,7 +58,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    """Export a searched config as a plain, smaller network: ONNX, a TensorRT engine, OpenVINO IR or ExecuTorch.
+    """Export a searched config as a plain, smaller network: ONNX, TensorRT, OpenVINO, ExecuTorch or torch.
 
     The supernet's weights are sliced to the config's channels, BatchNorm is
     recalibrated at the config on the search split (as the search scored it) and

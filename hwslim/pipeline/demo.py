@@ -175,7 +175,7 @@ def _run(opts: DemoOptions, log: Callable[[str], None]) -> DemoResult:
     ckpt_path = _train(r, opts, out, log)
     seconds["train"] = time.perf_counter() - t
     t = time.perf_counter()
-    table_path, table = _profile(r, opts, out, log)
+    table_path, table = _profile(r, opts, out, ckpt_path, log)
     seconds["profile"] = time.perf_counter() - t
     t = time.perf_counter()
     ckpt, values, result = _search(r, opts, out, ckpt_path, table, log)
@@ -229,13 +229,14 @@ def _train(r: Recipe, opts: DemoOptions, out: Path, log: Callable[[str], None]) 
     return Path(trained.checkpoint)
 
 
-def _profile(r: Recipe, opts: DemoOptions, out: Path, log: Callable[[str], None]):
-    """Step 2: this CPU's ONNX Runtime table for the model; its path and the table."""
+def _profile(r: Recipe, opts: DemoOptions, out: Path, ckpt_path: Path, log: Callable[[str], None]):
+    """Step 2: this CPU's ONNX Runtime table for the trained supernet (its grids and its classifier,
+    20 classes wide); its path and the table."""
     from hwslim.latency.profile import ProfileSettings, profile
     from hwslim.latency.table import LatencyTable
 
     log(f"[2/5] profiling this CPU for it (ONNX Runtime, {opts.threads} thread(s))")
-    prof = profile(ProfileSettings(device="cpu", backend="ort", model=r.model, width_mult=r.width_mult,
+    prof = profile(ProfileSettings(device="cpu", backend="ort", model=str(ckpt_path), width_mult=r.width_mult,
                                    input_size=r.input_size, threads=opts.threads,
                                    out=str(out / "table" / "latency.csv"), calib_configs=r.calib_configs,
                                    holdout_configs=r.holdout_configs, seed=opts.seed, force=opts.force,
