@@ -54,7 +54,7 @@ def test_readme_python_api_example_returns_modules_configs_and_a_torch_program(t
     (block,) = _python_blocks(README)
     ns: dict = {}
     exec(compile(block, str(README), "exec"), ns)
-    configs, small, x, result = ns["configs"], ns["small"], ns["x"], ns["result"]
+    configs, small, result = ns["configs"], ns["small"], ns["result"]
     assert len(configs) == 2 and all(isinstance(c, ChannelConfig) for c in configs)
     assert isinstance(small, torch.nn.Module) and not any(isinstance(m, torch.nn.BatchNorm2d) for m in small.modules())
     assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in build().parameters())

@@ -28,9 +28,10 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    """The whole pipeline on this CPU, offline: about 100 s of CPU time (2.6 minutes on a busy 2-core machine).
+    """The whole pipeline on this CPU, offline: 452 s measured on a 2-core machine at load 7 to 8.
 
-    Trains a small slimmable supernet (ResNet-20, 24 px) on the built-in synthetic data,
+    Training is 344 s of that; a quiet machine takes less. Trains a small slimmable
+    supernet (ResNet-20, 24 px) on the built-in synthetic data (20 classes),
     profiles this CPU for it (ONNX Runtime latency table), searches it at three latency
     budgets, exports each config to ONNX (checked against PyTorch), measures every
     exported model with the table's protocol, and prints budget, predicted and

@@ -3,6 +3,7 @@ the "did you mean" of a mistyped name."""
 from __future__ import annotations
 
 import sys
+from typing import Iterable
 
 
 def print_table(rows: list[dict], columns: list[str] | None = None, file=None) -> None:
@@ -26,7 +27,7 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def did_you_mean(word: str, choices) -> str:
+def did_you_mean(word: str, choices: Iterable[object]) -> str:
     """`` did you mean 'resnet20'?`` for the closest of ``choices`` to a mistyped ``word`` (else empty)."""
     import difflib
 
