@@ -7,12 +7,15 @@ stays cheap (PEP 562)::
     net = hwslim.load("runs/r20/checkpoint.pt")          # .supernet, .module(config), .configs(), .costs()
     small = net.module("search/config_latency_ms_0.5.json")  # a plain nn.Module, BatchNorm folded
     supernet = hwslim.import_model(my_module, example_input)
-    configs = hwslim.search("runs/r20/checkpoint.pt", params_m=[0.2, 0.1])
-    hwslim.export("runs/r20/checkpoint.pt", configs[0], "r20.pt2", format="torch")
+    configs = hwslim.search_configs("runs/r20/checkpoint.pt", params_m=[0.2, 0.1])
+    hwslim.export_model("runs/r20/checkpoint.pt", configs[0], "r20.pt2", format="torch")
+
+(``search_configs`` and ``export_model``, not ``search`` and ``export``: those names are the
+stages' subpackages, which replace a package attribute of their name when imported.)
 """
 from hwslim.core.version import __version__
 
-_API = ("load", "import_model", "search", "export")
+_API = ("load", "import_model", "search_configs", "export_model")
 
 
 def __getattr__(name: str):

@@ -39,7 +39,7 @@ def test_python_api_example_runs_the_supernet_at_a_config_and_explains_the_param
 
 
 def test_readme_python_api_example_returns_modules_configs_and_a_torch_program(tmp_path, monkeypatch, capsys):
-    """README "The Python API": hwslim.import_model / load / search / export, after the "Your own
+    """README "The Python API": hwslim.import_model / load / search_configs / export_model, after the "Your own
     model" commands (here their checkpoint is written directly: an imported, untrained tiny CNN)."""
     import hwslim
     from hwslim.core.config import ChannelConfig
@@ -54,13 +54,23 @@ def test_readme_python_api_example_returns_modules_configs_and_a_torch_program(t
     (block,) = _python_blocks(README)
     ns: dict = {}
     exec(compile(block, str(README), "exec"), ns)
-    configs, small, result = ns["configs"], ns["small"], ns["result"]
+    configs, small, result, program, x = (ns[k] for k in ("configs", "small", "result", "program", "x"))
     assert len(configs) == 2 and all(isinstance(c, ChannelConfig) for c in configs)
     assert isinstance(small, torch.nn.Module) and not any(isinstance(m, torch.nn.BatchNorm2d) for m in small.modules())
     assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in build().parameters())
     assert result.path == Path("tiny.pt2") and (tmp_path / "tiny.pt2").is_file()
     assert result.engine_error is not None and result.engine_error < 1e-4  # the program checked against PyTorch
+    with torch.no_grad():  # module() recalibrates BN at the config as export does: the same network
+        assert torch.allclose(program(x), small(x), atol=1e-5, rtol=1e-4)
+    raw = ns["net"].module(configs[-1], calib_images=0)  # the supernet's statistics: the supernet at the config
+    supernet = ns["net"].supernet.eval()
+    with torch.no_grad(), supernet.using(configs[-1]):
+        assert torch.allclose(raw(x), supernet(x), atol=1e-5, rtol=1e-4)
     out = capsys.readouterr().out
     assert "channel units" in out and "Costs(" in out
-    # the attributes are lazy: `import hwslim` alone imports no torch-heavy module of the API
-    assert set(hwslim.__all__) >= {"load", "import_model", "search", "export"} and "load" in dir(hwslim)
+    # the attributes are lazy (PEP 562), and none is shadowed by a subpackage imported meanwhile
+    import hwslim.export.exporter  # noqa: F401  (sets hwslim.export, the subpackage)
+    import hwslim.search.greedy  # noqa: F401
+
+    assert set(hwslim.__all__) >= {"load", "import_model", "search_configs", "export_model"} and "load" in dir(hwslim)
+    assert all(callable(getattr(hwslim, name)) for name in ("load", "import_model", "search_configs", "export_model"))
