@@ -412,7 +412,7 @@ CASES = [
      "--calib-images is for --bn recal", None),
     (S + ["--params-m", "1", "--screen-images", "half"], "screen images not a number", 2, "expected a whole number",
      None),
-    (S + ["--params-m", "1", "--keep", "0"], "keep 0 candidates", 2, "at least 1", None),
+    (S + ["--params-m", "1", "--keep-candidates", "0"], "keep 0 candidates", 2, "at least 1", None),
     (S + ["--params-m", "1", "--chunk", "0"], "chunk of 0 images", 2, "at least 1", None),
     # export
     (E + ["--out", "{ws}/m.onnx"], "existing output, no --force", 2, "exists; pass --force", None),

@@ -77,3 +77,83 @@ def test_a_closed_stdout_ends_quietly(argv):
     assert "Traceback" not in p.stderr and "BrokenPipeError" not in p.stderr and "Exception ignored" not in p.stderr
     assert p.stderr == ""
     assert p.returncode == 141
+
+
+# -- flags mean one thing everywhere (first contact, round 2) --------------------------------------
+def _refused(argv, capsys) -> str:
+    """The one line of a command line refused as a usage error (exit 2)."""
+    try:
+        code = main(argv)
+    except SystemExit as e:  # argparse exits through SystemExit
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+@pytest.mark.parametrize("argv,new", [
+    (["search", "--checkpoint", "c.pt", "--params-m", "1", "--keep", "3"], "--keep-candidates"),  # a count, not a REGEX
+    (["verify", "m.onnx", "--force"], "--force-table"),  # --force replaces outputs everywhere else
+    (["cost", "--model", "resnet20", "--force"], "--force-table"),
+])
+def test_old_spellings_that_changed_meaning_are_refused_naming_the_new_flag(argv, new, capsys):
+    err = _refused(argv, capsys)
+    old = argv[[i for i, a in enumerate(argv) if a in ("--keep", "--force")][0]]
+    assert f"{old} is now {new}: " in err
+
+
+def test_search_splits_force_from_force_table_and_keep_from_keep_candidates(capsys):
+    with pytest.raises(SystemExit):
+        main(["search", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--force-table" in text and "--keep-candidates K" in text
+    assert "--force start over even if --out holds a search --force-table use a latency table" in text
+    assert "--keep K" not in text
+
+
+@pytest.mark.parametrize("command", ["cost", "profile"])
+def test_batch_has_help_in_cost_and_profile(command, capsys):
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--batch BATCH inference batch" in text
+
+
+def test_profile_out_help_names_where_it_really_writes(capsys):
+    with pytest.raises(SystemExit):
+        main(["profile", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "Default: ~/.cache/hwslim/latency_tables/<device>-<device name>/<model and settings>.csv" in text
+    assert "default: latency_tables/" not in text
+
+
+def test_verify_help_example_uses_no_committed_amd_table(capsys):
+    with pytest.raises(SystemExit):
+        main(["verify", "--help"])
+    text = capsys.readouterr().out
+    assert "cpu-amd" not in text and "hwslim verify r20_0.5ms.onnx\n" in text
+
+
+@pytest.mark.parametrize("argv,hint", [
+    (["search", "--checkpoint", "c.pt", "--lantency-ms", "1"], "unrecognized arguments: --lantency-ms; did you mean "
+                                                               "'--latency-ms'?"),
+    (["search", "--chekpoint", "c.pt", "--params-m", "1"], "did you mean '--checkpoint'?"),  # before "required"
+    (["cost", "--model", "resnet20", "--bach", "2"], "did you mean '--batch'?"),
+])
+def test_a_mistyped_flag_gets_a_did_you_mean(argv, hint, capsys):
+    assert hint in _refused(argv, capsys)
+
+
+@pytest.mark.parametrize("name,hint", [("resnet2", "resnet20"), ("mobilenetv2", "mobilenet_v2")])
+def test_a_mistyped_model_name_gets_a_did_you_mean(name, hint, capsys):
+    assert main(["cost", "--model", name]) == 2
+    assert f"unknown model {name!r}; did you mean {hint!r}? available: " in capsys.readouterr().err
+
+
+def test_cost_units_lists_the_channel_units(capsys):
+    assert main(["cost", "--model", "resnet20", "--units"]) == 0
+    out = capsys.readouterr().out
+    assert "12 channel units" in out and "l3b2/mid" in out and "8 16 24 32 40 48 56 64" in out
+    assert main(["cost", "--model", "resnet20", "--units", "--json"]) == 0
+    units = json.loads(capsys.readouterr().out)["units"]
+    assert len(units) == 12 and {"unit", "width", "max", "grid"} <= set(units[0])

@@ -87,32 +87,59 @@ def test_the_same_conditions_compare():
 
 
 def test_a_busier_machine_makes_the_verdict_unreliable_and_says_why_in_one_line():
-    check = compare(_c(), _c(probe_ms=1.31, others_running=1.0, load_1min=2.1))
+    check = compare(_c(), _c(probe_ms=1.31, others_running=1.0, load_1min=2.1), when="before measuring")
     assert not check.reliable
-    assert check.line() == ("machine busier than when the table was measured (probe 1.31x slower, "
-                            "1.0 vs 0.0 other running threads, load 2.1 vs 1.0): verdict unreliable")
+    # one plain sentence: the one probe that decided, its numbers, no nested parentheses
+    assert check.line() == ("the speed probe before measuring ran 1.31x slower than when the table was measured "
+                            "(1.31 vs 1 ms): verdict unreliable")
+    assert len(check.reasons) == 2  # the threads differ too: recorded in as_dict(), not a second message
     # a neighbor on one of two cores is enough, even where the probe does not notice it
-    assert not compare(_c(), _c(others_running=1.0)).reliable
+    neighbor = compare(_c(), _c(others_running=1.0))
+    assert neighbor.line() == ("1.0 other threads were running against 0.0 when the table was measured, on 2 cores: "
+                               "verdict unreliable")
     # beyond every core busy, more threads change nothing the share can tell
     assert compare(_c(others_running=4.4), _c(others_running=5.0)).reliable
     faster = compare(_c(), _c(probe_ms=0.5))
-    assert not faster.reliable and faster.line().startswith("machine faster than when the table was measured "
-                                                            "(probe 2.00x faster")
+    assert not faster.reliable and faster.line().startswith("the speed probe ran 2.00x faster than when the table "
+                                                            "was measured (0.5 vs 1 ms)")
     quieter = compare(_c(others_running=1.0), _c())
-    assert quieter.line().startswith("machine quieter than")
-    # the probe names the change where the threads disagree: it is the measurement
-    assert compare(_c(others_running=2.0), _c(others_running=1.0, probe_ms=2.0)).line().startswith("machine busier")
-    assert compare(_c(), _c(others_running=1.0, probe_ms=0.5)).line().startswith("machine faster")
-    assert compare(_c(governor="performance"), _c(governor="powersave")).line().startswith(
-        "conditions differ from those when the table was measured (probe 1.00x slower")
+    assert quieter.line().startswith("0.0 other threads were running against 1.0 when the table was measured")
+    # the probe decides where the threads disagree: it is the measurement
+    assert compare(_c(others_running=2.0), _c(others_running=1.0, probe_ms=2.0)).line().startswith(
+        "the speed probe ran 2.00x slower")
+    assert compare(_c(), _c(others_running=1.0, probe_ms=0.5)).line().startswith("the speed probe ran 2.00x faster")
+    assert compare(_c(governor="performance"), _c(governor="powersave")).line() == (
+        "the CPU frequency governor is powersave, it was performance when the table was measured: verdict unreliable")
+
+
+def test_no_message_contradicts_its_numbers():
+    """The first-contact report: "busier (probe 1.41x slower, 3.1 vs 3.1 threads, load 3.8 vs 3.9)" while the
+    conditions line showed the probe faster. Every message names one condition and only what its numbers show."""
+    import itertools
+
+    for probe, others, load in itertools.product((0.5, 0.95, 1.0, 1.2, 2.0), (0.0, 0.5, 1.0, 3.1), (0.5, 3.8, 3.9)):
+        check = compare(_c(others_running=1.0, load_1min=3.9), _c(probe_ms=probe, others_running=others,
+                                                                   load_1min=load))
+        if check.reliable:
+            continue
+        line = check.line()
+        assert line.count("(") <= 1 and "((" not in line and line.count(")") == line.count("(")
+        assert not any(w in line for w in ("busier", "quieter", "machine faster"))
+        if "slower" in line:
+            assert probe > 1
+        if "faster" in line:
+            assert probe < 1
+        if "other threads" in line:
+            assert abs(others - 1.0) >= 0.8 and 0.95 <= probe <= 1.05
 
 
 def test_another_cpu_or_other_flags_are_another_machine():
     other = compare(_c(), _c(cpu="Intel Xeon"))
-    assert not other.reliable and other.line().startswith("another machine than the table's")
-    assert "table: AMD EPYC; here: Intel Xeon" in other.line()
+    assert not other.reliable and other.line() == ("the table was measured on AMD EPYC, this machine is Intel Xeon: "
+                                                   "verdict unreliable")
     flags = compare(_c(), _c(flags=("avx2", "avx512f", "amx_tile")))
-    assert not flags.reliable and "new here: amx_tile" in flags.line()
+    assert not flags.reliable and flags.line() == ("this CPU's kernel flags differ from the table's: new here amx_tile: "
+                                                   "verdict unreliable")
 
 
 def test_tables_without_recorded_conditions_compare_their_load():
@@ -121,7 +148,8 @@ def test_tables_without_recorded_conditions_compare_their_load():
     assert then == Conditions(cpu="AMD EPYC", load_1min=1.0) and changed is None
     assert compare_to_table(old, _c(others_running=None, load_1min=1.4)).reliable
     busy = compare_to_table(old, _c(others_running=None, load_1min=2.5))
-    assert not busy.reliable and "load 2.5 vs 1.0" in busy.line()
+    assert not busy.reliable and busy.line() == ("the load average was 2.5 against 1.0 when the table was measured, "
+                                                 "on 2 cores: verdict unreliable")
     assert table_conditions({"device": "cuda"}) == (None, None)
 
 
@@ -140,16 +168,13 @@ def test_a_table_measured_while_the_machine_changed_gives_no_confident_verdict(t
     start = Conditions.from_dict(meta["conditions"]["start"])
     slower = Conditions.from_dict({**meta["conditions"]["start"], "probe_ms": start.probe_ms * 1.2})
     moved = drift(start, slower)
-    assert not moved.reliable and moved.summary.startswith("machine busier than at the start of profiling "
-                                                           "(probe 1.20x slower")
+    assert not moved.reliable and moved.summary.startswith("the speed probe at the end of profiling ran 1.20x slower "
+                                                           "than at the start of profiling (")
     meta["conditions"] = {"start": start.to_dict(), "end": start.to_dict(), "changed": moved.summary}
     check = compare_to_table(meta, start)
     assert not check.reliable
-    assert check.line().startswith("conditions changed while the table was measured (machine busier than at the "
-                                   "start of profiling (probe 1.20x slower")
-    assert check.line().endswith("; now vs the table: probe 1.00x slower, "
-                                 f"{start.others_running:.1f} vs {start.others_running:.1f} other running threads, "
-                                 f"load {start.load_1min:.1f} vs {start.load_1min:.1f}: verdict unreliable")
+    assert check.line() == (f"the table's machine changed while it was measured: {moved.summary}: verdict unreliable")
+    assert check.line().count("(") == 1  # one sentence, one level of parentheses
     meta["conditions"]["changed"] = None
     assert compare_to_table(meta, start).reliable
 
@@ -170,7 +195,7 @@ def test_entries_are_borrowed_only_from_tables_measured_under_the_same_condition
     here = tmp_path / "faster" / "other.csv"
     said = []
     assert _borrow_entries(here, meta, wanted, now=now, log=said.append) == {}
-    assert len(said) == 1 and said[0].startswith("not reusing entries of r20.csv: machine busier than when the "
-                                                 "table was measured (probe 2.00x slower")
+    assert len(said) == 1 and said[0].startswith("not reusing entries of r20.csv: the speed probe ran 2.00x "
+                                                 "slower than when the table was measured (")
     edited_copy(table, tmp_path / "same", steady)
     assert set(_borrow_entries(tmp_path / "same" / "other.csv", meta, wanted, now=now)) == wanted

@@ -63,6 +63,24 @@ def test_parse_data_spec(tmp_path):
         parse_data_spec("synthetic:lots")
 
 
+def test_synthetic_class_count_is_part_of_the_spec_and_rebuilt_from_the_checkpoint():
+    """The demo's task, synthetic:N:20, where width matters; the default stays the 10-class task."""
+    spec = parse_data_spec("synthetic:2600:20")
+    assert (spec.num_train, spec.num_classes) == (2600, 20) and parse_data_spec("synthetic:500").num_classes is None
+    x, y = synthetic_images(range(600), seed=3, input_size=16, classes=20)
+    assert set(y.tolist()) == set(range(20))
+    x10, y10 = synthetic_images(range(600), seed=3, input_size=16)  # the default: the same 10-class images as before
+    assert torch.equal((x10, y10)[1], synthetic_images(range(600), seed=3, input_size=16, classes=10)[1])
+    data = build_data("synthetic:300:20", 16, search_size=30)
+    assert data.info["num_classes"] == 20 and len(data.info["classes"]) == 20
+    ckpt = Checkpoint(create_model("resnet20", width_mult=0.25, input_size=16, num_classes=20), data=data.info)
+    xs, ys = search_split(ckpt)  # rebuilt with the 20 classes it was generated with
+    assert len(xs) == 30 and int(ys.max()) < 20
+    for bad, match in (("synthetic:300:1", "C >= 2"), ("synthetic:300:many", "integer C")):
+        with pytest.raises(DataError, match=match):
+            parse_data_spec(bad)
+
+
 def test_search_split_is_a_seeded_partition_of_the_training_set():
     train, search = carve_search_split(100, 10, seed=1)
     assert len(search) == 10 and len(train) == 90

@@ -21,8 +21,9 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "--out", str(out), "--no-progress"]) == 0
     printed = capsys.readouterr().out
-    for column in ("budget_ms", "predicted_ms", "measured_ms", "accuracy_%", "params"):
+    for column in ("budget_ms", "predicted_ms", "measured_ms", "p90_ms", "x_budget", "accuracy_%", "params"):
         assert column in printed
+    assert "--quick: a smoke run" in printed and "mean nothing" in printed  # its numbers say so
     assert (out / "train" / "checkpoint.pt").is_file()
     assert (out / "accuracy_latency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with open(out / "results.csv") as f:
@@ -48,6 +49,18 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     assert cond["now"]["probe_ms"] > 0 and cond["table"]["start"]["probe_ms"] > 0
     assert all((r["verdict"] == "UNRELIABLE") == (not cond["reliable"]) for r in rows)
     assert ("verdict unreliable" in printed) == (not cond["reliable"])
+    for r in rows:  # beside every verdict: p50, p90, their ratio to the budget; one line where it is not OK
+        assert float(r["p90_ms"]) > 0 and float(r["x_budget"]) == pytest.approx(float(r["measured_ms"]) /
+                                                                               float(r["budget_ms"]), rel=1e-3)
+        if r["verdict"] == "UNRELIABLE":  # one sentence naming the one probe that decided, as in demo.json
+            assert r["message"] in printed and r["message"].endswith(cond["note"])
+            assert r["message"].count("verdict unreliable") == 1 and "((" not in r["message"]
+            probes = ("before measuring", "after measuring", "the table's machine changed while it was measured")
+            assert sum(p in r["message"] for p in probes) == 1
+        else:
+            assert r["message"] in ("", None) or r["verdict"] == "OVER"
+    # the conditions line shows the probe that decided: before, and after the measurements
+    assert "conditions before measuring: " in printed and "conditions after measuring: " in printed
     # a second run refuses to overwrite the first one
     assert main(["demo", "--quick", "--out", str(out), "--no-progress"]) == 2
     assert "--force" in capsys.readouterr().err
@@ -128,8 +141,9 @@ def test_json_stdout_is_only_the_json_object(tmp_path, capsys, monkeypatch):
 def test_help_states_a_measured_duration(capsys):
     with pytest.raises(SystemExit):
         main(["demo", "--help"])
-    text = capsys.readouterr().out
-    assert "5 minutes" not in text and "about a minute" not in text and "100 s of CPU time" in text
+    text = " ".join(capsys.readouterr().out.split())
+    assert "5 minutes" not in text and "about a minute" not in text and "well under a minute" not in text
+    assert "452 s measured on a 2-core machine at load 7 to 8" in text and "mean nothing" in text
 
 
 def test_accuracy_latency_plot_keeps_search_and_heldout_apart_labels_budgets_and_marks_over(tmp_path):
@@ -143,8 +157,10 @@ def test_accuracy_latency_plot_keeps_search_and_heldout_apart_labels_budgets_and
     path = pd.DataFrame({"latency_ms": [0.20, 0.17, 0.14, 0.12], "acc": [0.80, 0.79, 0.76, 0.70]})
     uniform = [{"latency_ms": 0.05 + 0.015 * i, "acc": 0.3 + 0.04 * i} for i in range(12)]
     result = SimpleNamespace(path=path, uniform=uniform)
-    rows = [{"predicted_ms": 0.168, "measured_ms": 0.171, "verdict": "OK", "accuracy_%": 77.0, "search_acc_%": 79.0},
-            {"predicted_ms": 0.139, "measured_ms": 0.152, "verdict": "OVER", "accuracy_%": 74.0, "search_acc_%": 76.0}]
+    rows = [{"budget_ms": 0.17, "predicted_ms": 0.168, "measured_ms": 0.171, "verdict": "OK", "accuracy_%": 77.0,
+             "search_acc_%": 79.0},
+            {"budget_ms": 0.14, "predicted_ms": 0.139, "measured_ms": 0.152, "verdict": "OVER", "accuracy_%": 74.0,
+             "search_acc_%": 76.0}]
     fig = accuracy_latency_figure(result, rows, [0.17, 0.14])
     search, deployed = fig.axes
     assert "predicted" in search.get_xlabel() and "search-split" in search.get_ylabel()
@@ -153,7 +169,14 @@ def test_accuracy_latency_plot_keeps_search_and_heldout_apart_labels_budgets_and
                                                                        "chosen configs", "latency budgets"]
     assert [t.get_text() for t in deployed.get_legend().get_texts()] == ["exported: within budget",
                                                                          "exported: OVER budget", "latency budgets"]
-    assert {t.get_text() for t in deployed.texts} == {"OVER", "0.17 ms", "0.14 ms"}
+    # each exported point names its budget; the budget lines are labelled too
+    assert {t.get_text() for t in deployed.texts} == {"0.17 ms budget", "0.14 ms budget, OVER", "0.17 ms", "0.14 ms"}
+    plt.close(fig)
+    # the legend lists only the verdicts shown
+    unsure = [{**r, "verdict": "UNRELIABLE"} for r in rows]
+    fig = accuracy_latency_figure(result, unsure, [0.17, 0.14])
+    assert [t.get_text() for t in fig.axes[1].get_legend().get_texts()] == [
+        "exported: unreliable, conditions differ from the table's", "latency budgets"]
     plt.close(fig)
     png = plot_accuracy_latency(result, rows, [0.17, 0.14], tmp_path / "a.png", title="test")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

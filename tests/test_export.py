@@ -440,3 +440,52 @@ def test_export_leaves_a_cuda_supernet_on_its_gpu(tmp_path):
     assert next(net.parameters()).is_cuda and all(b.is_cuda for b in net.buffers())
     after = _bn_state(net)
     assert all(torch.equal(before[k], after[k]) for k in before) and not net.training
+
+
+def test_a_config_paired_with_another_checkpoint_names_the_checkpoint_it_was_searched_on(tmp_path, export_setup,
+                                                                                         capsys):
+    """Not "unit 's3': width 56 is not on its grid": the config records its checkpoint's sha256, so say that."""
+    from hwslim.runtimes.onnx_file import sha256_file
+
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    _, ck_a, cfg_a, _ = export_setup(tmp_path / "a", 1.0)
+    _, ck_b, _, _ = export_setup(tmp_path / "b", 1.0, divisor=16)  # another grid: the config does not fit it
+    sha = sha256_file(ck_a)
+    cfg = cfg_a.with_meta(checkpoint=str(ck_a), checkpoint_sha256=sha).save(tmp_path / "cfg.json")
+    expected = (f"this config was searched on checkpoint ck.pt, sha256 {sha[:12]}, not on {ck_b}: "
+                "give that checkpoint, or search this one")
+    for argv in (["export", "--checkpoint", str(ck_b), "--config", str(cfg), "--out", str(tmp_path / "m.onnx")],
+                 ["eval", "--checkpoint", str(ck_b), "--config", str(cfg)]):
+        assert _exit_code(argv) == 2
+        assert _one_line_error(capsys) == f"hwslim {argv[0]}: error: {expected}"
+    assert not (tmp_path / "m.onnx").exists()
+    # a config that records no checkpoint keeps the grid's own message
+    bare = cfg_a.save(tmp_path / "bare.json")
+    argv = ["export", "--checkpoint", str(ck_b), "--config", str(bare), "--out", str(tmp_path / "m.onnx")]
+    assert _exit_code(argv) == 2
+    assert "is not on its grid" in _one_line_error(capsys)
+
+
+def test_format_torch_writes_a_torch_export_program_that_matches_the_supernet(setup, tmp_path, capsys):
+    """--format torch: one module in hwslim/export/, one FORMATS entry; the .pt2 runs without hwslim."""
+    from hwslim.export.formats import FORMATS
+
+    net, ckpt, cfg, cfg_path = setup
+    assert FORMATS["torch"] == ("hwslim.export.torch_format", "TorchExportFormat")
+    out = tmp_path / "m.pt2"
+    assert main(["export", "--checkpoint", str(ckpt), "--config", str(cfg_path), "--out", str(out), "--format", "torch",
+                 "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["pt2_max_rel_error"] <= 1e-4
+    assert out.is_file() and out.with_suffix(".onnx").is_file() and (tmp_path / "m.pt2.json").is_file()
+    extra = {"hwslim.json": ""}
+    program = torch.export.load(str(out), extra_files=extra).module()
+    assert json.loads(extra["hwslim.json"])["config"]  # the provenance travels inside the program
+    x = torch.randn(1, 3, cfg.input_size, cfg.input_size)
+    net.eval()
+    with torch.no_grad(), net.using(cfg):
+        ref = net(x)
+    assert torch.allclose(program(x), ref, atol=1e-4, rtol=1e-4)
+    assert _exit_code(["export", "--checkpoint", str(ckpt), "--config", str(cfg_path), "--out",
+                       str(tmp_path / "m.onnx"), "--format", "torch"]) == 2
+    assert "give --out a .pt2 path" in _one_line_error(capsys)

@@ -189,7 +189,7 @@ def test_cost_adds_latency_ms_from_a_table(net, machine_meta, tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["latency_ms"] == pytest.approx(2.0 * _expected_sum(net.layer_specs(net.full_config())) + 0.1)
     assert main(argv + ["--batch", "2"]) == 2
-    assert "--force" in capsys.readouterr().err
+    assert "--force-table" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("edit,problem", [

@@ -491,8 +491,12 @@ def test_force_uses_a_table_from_another_device(ckpt_path, tmp_path, capsys, mak
             "--no-progress", "--max-images", "16", "--threads", "1", "--out"]
     assert main(argv + [str(tmp_path / "refused")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "Some Other CPU" in err[0] and "--force" in err[0]
-    assert main(argv + [str(tmp_path / "forced"), "--force"]) == 0
+    assert len(err) == 1 and "Some Other CPU" in err[0] and "--force-table" in err[0]
+    # --force starts over; it no longer also takes another setup's table (one flag, one meaning)
+    assert main(argv + [str(tmp_path / "refused"), "--force"]) == 2
+    assert "--force-table" in capsys.readouterr().err
+    assert main(argv + [str(tmp_path / "forced"), "--force-table"]) == 0
+    assert f"latency table: {table}" in capsys.readouterr().err  # search says which table priced the budgets
     cfg = ChannelConfig.load(tmp_path / "forced" / f"config_latency_ms_{float(budget):g}.json")
     assert cfg.meta["latency_ms"] <= float(budget)
 

@@ -181,29 +181,39 @@ def test_a_busier_machine_than_the_tables_gives_an_unreliable_verdict_and_exit_3
     r = verify_model(path, table)
     assert r.ok and not r.reliable and r.verdict == "UNRELIABLE"  # within the budget as measured, but not trusted
     assert 1.5 < r.conditions.probe_ratio < 2.7  # 2x, give or take this machine's noise
-    assert r.conditions.line().startswith("machine busier than when the table was measured (probe ")
-    assert r.conditions.line().endswith(": verdict unreliable")
+    probe = "the speed probe before measuring ran "
+    assert r.conditions.line().startswith(probe) and " slower than when the table was measured (" in r.conditions.line()
+    assert r.conditions.line().endswith(" ms): verdict unreliable")
+    # beside the verdict: the measured p50 and p90 and their ratio to the budget, in one line naming the probe
+    assert r.message == (f"m.onnx: UNRELIABLE: measured p50 {r.measured_ms:.3f} ms, p90 {r.p90_ms:.3f} ms, "
+                         f"{r.measured_ms / r.budget_ms:.2f}x its {r.budget_ms:g} ms budget; {r.conditions.line()}")
     d = r.as_dict()
     assert d["verdict"] == "UNRELIABLE" and d["reliable"] is False and d["conditions"]["probe_ratio"] > 1.5
+    assert d["p50_ms"] == r.measured_ms and d["p90_ms"] == r.p90_ms and d["budget_ratio"] == r.measured_ms / r.budget_ms
+    assert d["message"] == r.message and d["conditions"]["decided_by"] == r.conditions.summary
     assert main(["verify", str(path), "--table", str(table)]) == 3
     cap = capsys.readouterr()
-    assert "UNRELIABLE" in cap.out
+    assert "UNRELIABLE" in cap.out and "p90_ms" in cap.out and "x_budget" in cap.out
     lines = [x for x in cap.err.splitlines() if "verdict unreliable" in x]
-    assert len(lines) == 1 and lines[0].startswith("machine busier than when the table was measured (probe ")
-    # several models: one line for all of them
-    assert main(["verify", str(path), str(path), "--table", str(table)]) == 3
-    assert capsys.readouterr().err.count("verdict unreliable") == 1
+    assert len(lines) == 1 and lines[0].startswith("m.onnx: UNRELIABLE: measured p50 ") and probe in lines[0]
+    # several models: one line per verdict, each naming the one probe that decided it
+    assert main(["verify", str(path), str(path), "--table", str(table), "--json"]) == 3
+    docs = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert [d["verdict"] for d in docs] == ["UNRELIABLE"] * 2
+    assert all(d["message"].count("verdict unreliable") == 1 and d["p90_ms"] >= d["p50_ms"] for d in docs)
     ckpt = save_checkpoint(tmp_path / "ck.pt", net)
     cfg_path = cfg.save(tmp_path / "cfg.json")
     assert main(["export", "--checkpoint", str(ckpt), "--config", str(cfg_path), "--out", str(tmp_path / "v.onnx"),
                  "--check-images", "2", "--verify", "--table", str(table)]) == 3
-    assert "machine busier than when the table was measured" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "v.onnx: UNRELIABLE: measured p50 " in err and "the speed probe before measuring ran " in err
 
     def slower(start):
         start.update(probe_ms=start["probe_ms"] * 2, others_running=None, load_1min=None)
 
     r = verify_model(path, _edited_table(table_path, tmp_path / "t2", slower))
-    assert r.verdict == "UNRELIABLE" and r.conditions.line().startswith("machine faster than when the table")
+    assert r.verdict == "UNRELIABLE" and r.conditions.line().startswith("the speed probe before measuring ran ")
+    assert " faster than when the table was measured (" in r.conditions.line()  # measured faster: says faster
 
 
 def test_conditions_that_match_the_tables_give_a_confident_verdict(table_path, exported, tmp_path):
@@ -216,3 +226,15 @@ def test_conditions_that_match_the_tables_give_a_confident_verdict(table_path, e
     assert r.reliable and r.verdict == "OK" and r.conditions.probe_ratio == 1.0
     over = verify_model(path, table, conditions=same, budget_ms=r.measured_ms / 10)
     assert over.verdict == "OVER" and over.reliable
+
+
+def test_verify_finds_the_table_itself_as_export_verify_does(table_path, exported, tmp_path, capsys):
+    """No --table: the one the model's metadata records (hwslim export writes it), said on stderr."""
+    from hwslim.latency.verify import recorded_table
+
+    _, cfg, path = exported
+    assert recorded_table(path) == table_path.resolve()
+    assert main(["verify", str(path), "--json"]) in (0, 3)
+    cap = capsys.readouterr()
+    assert json.loads(cap.out)["table"] == str(table_path.resolve())
+    assert f"{path}: measured against {table_path.resolve()}" in cap.err

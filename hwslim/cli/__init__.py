@@ -14,7 +14,7 @@ import os
 import re
 import sys
 
-from hwslim import __version__
+from hwslim.core.version import __version__
 from hwslim.core.errors import HwslimError
 from hwslim.core.report import print_table  # noqa: F401  (the commands print with it)
 
@@ -30,9 +30,36 @@ DEFAULT_THREADS = 1
 
 
 class _Parser(argparse.ArgumentParser):
-    """Usage errors on one line (exit 2), like every other user error."""
+    """Usage errors on one line (exit 2), like every other user error; a mistyped flag gets a
+    "did you mean" naming the nearest of the command's own flags."""
+
+    _words: list[str] = []
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        self._words = list(sys.argv[1:] if args is None else args)  # what error() looks through for typos
+        return super().parse_known_args(args, namespace)
+
+    def parse_args(self, args=None, namespace=None):  # type: ignore[override]
+        """As argparse's, but a word no command knows is refused by the command it was given to."""
+        ns, extras = self.parse_known_args(args, namespace)
+        if extras:
+            command = self._commands().get(getattr(ns, "command", None), self)
+            command.error(f"unrecognized arguments: {' '.join(extras)}")
+        return ns
+
+    def _commands(self) -> dict[str, "_Parser"]:
+        subs = [a for a in self._actions if isinstance(a, argparse._SubParsersAction)]
+        return dict(subs[0].choices) if subs else {}
 
     def error(self, message: str):  # type: ignore[override]
+        from hwslim.core.report import did_you_mean
+
+        flags = [a for a in self._option_string_actions if a.startswith("--")]
+        for word in self._words:
+            name = word.split("=", 1)[0]
+            if name.startswith("--") and name not in self._option_string_actions and did_you_mean(name, flags):
+                message = f"unrecognized arguments: {name};{did_you_mean(name, flags)}"
+                break
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
@@ -50,6 +77,17 @@ def parse_number(text: str, whole: bool = False) -> float | int:
     if not _NUMBER.fullmatch(text) or whole and not re.fullmatch(r"[+-]?\d+", text, re.A):
         raise argparse.ArgumentTypeError(f"expected {'a whole number' if whole else 'a number'}, got {text!r}")
     return int(text) if whole else float(text)
+
+
+def retired(parser: argparse.ArgumentParser, old: str, new: str, meaning: str) -> None:
+    """Refuse ``old``, a flag whose meaning moved to ``new``, with one line naming the new flag
+    (exit 2): a command line written for the old meaning must not run with another one."""
+
+    class Refuse(argparse.Action):
+        def __call__(self, p, namespace, values, option_string=None):
+            p.error(f"{old} is now {new}: {meaning}")
+
+    parser.add_argument(old, nargs="?", action=Refuse, help=argparse.SUPPRESS)
 
 
 def _int_at_least(low: int | None, what: str):

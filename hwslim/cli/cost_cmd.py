@@ -5,7 +5,7 @@ import json
 import torch
 
 from hwslim.cli import (FIX_UNSUPPORTED_HELP, add_command, note_fixed_units, positive_float, positive_int,
-                        print_table)
+                        print_table, retired)
 from hwslim.core.config import ChannelConfig
 from hwslim.core.costs import model_costs
 from hwslim.core.errors import ConfigError
@@ -23,16 +23,24 @@ def register(sub) -> None:
     p.add_argument("--width-mult", type=positive_float, help="supernet width multiplier (default: the model's)")
     p.add_argument("--config", help="a ChannelConfig JSON file (default: the full-width config)")
     p.add_argument("--input-size", type=positive_int, help="input height and width (default: the config's or model's)")
-    p.add_argument("--batch", type=positive_int, default=1)
+    p.add_argument("--batch", type=positive_int, default=1,
+                   help="inference batch: the costs, and a table's latency, are for this many images at once "
+                        "(default 1)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--table", help="a latency table: adds the predicted latency_ms")
-    p.add_argument("--force", action="store_true", help="use a latency table measured on another setup")
+    p.add_argument("--force-table", action="store_true", help="use a latency table measured on another setup")
+    retired(p, "--force", "--force-table", "use a latency table measured on another setup; --force only ever "
+                                           "means starting over, replacing outputs")
+    p.add_argument("--units", action="store_true",
+                   help="also list the channel units: each group of channels that slims together, its width at "
+                        "the config and the widths it can take")
     p.add_argument("--json", action="store_true",
-                   help="print one JSON object (keys macs, params, peak_activation_bytes[, latency_ms])")
+                   help="print one JSON object (keys macs, params, peak_activation_bytes[, latency_ms][, units])")
 
 
 def run(args) -> int:
-    """Print MACs, parameters and peak activation bytes of a model at a channel config.
+    """Print MACs, parameters and peak activation bytes of a model at a channel config
+    (--units: and its channel units, the widths each can take).
 
     MACs count conv and linear layers; parameters include BatchNorm's weight and bias;
     peak activation memory is the most activation bytes alive at once in execution
@@ -58,11 +66,18 @@ def run(args) -> int:
 
         table = LatencyTable.load(args.table)
         table.check_compatible(net, batch=args.batch, input_size=input_size, dtype=args.dtype,
-                               force=args.force)
+                               force=args.force_table)
         specs = net.layer_specs(config, batch=args.batch, input_size=input_size)
         out["latency_ms"] = table.predict_ms(specs)
+    widths = (config or net.full_config()).widths
+    units = [{"unit": name, "width": widths[name], "max": unit.max_width, "grid": " ".join(map(str, unit.grid))}
+             for name, unit in net.units.items()]
     if args.json:
-        print(json.dumps(out, sort_keys=True))
-    else:
-        print_table([{"model": net.name, "width_mult": net.width_mult, **out}])
+        print(json.dumps({**out, "units": units} if args.units else out, sort_keys=True))
+        return 0
+    print_table([{"model": net.name, "width_mult": net.width_mult, **out}])
+    if args.units:
+        print(f"\n{len(units)} channel units (channels that must keep one width: both sides of an add, a "
+              "depthwise conv's input and output):")
+        print_table(units)
     return 0

@@ -64,7 +64,7 @@ def run(args) -> int:
     if args.checkpoint:
         for c, cfg in configs:  # a config for another model, size or off the grid: one line, before any work
             ckpt = checkpoint(args.checkpoint)
-            ckpt.model.validate(cfg)
+            ckpt.check_config(cfg)
             if int(ckpt.data.get("input_size", cfg.input_size)) != cfg.input_size:
                 raise ConfigError(f"{c} is a config at {cfg.input_size}px, but {args.checkpoint}'s data is "
                                   f"{ckpt.data['input_size']}px; give a config searched on this checkpoint")

@@ -56,7 +56,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    """Export a searched config as a plain, smaller network: ONNX, a TensorRT engine, OpenVINO IR or ExecuTorch.
+    """Export a searched config as a plain, smaller network: ONNX, TensorRT, OpenVINO, ExecuTorch or torch.
 
     The supernet's weights are sliced to the config's channels, BatchNorm is
     recalibrated at the config on the search split (as the search scored it) and
@@ -143,7 +143,7 @@ def _checkpoint_and_config(args):
         config = finetuned_config(ckpt)
         if config is None:
             raise ConfigError(f"{args.checkpoint} is a supernet: give --config (a config from `hwslim search`)")
-    ckpt.model.validate(config)
+    ckpt.check_config(config)
     return ckpt, config
 
 

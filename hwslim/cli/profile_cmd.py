@@ -25,7 +25,8 @@ def register(sub) -> None:
     p.add_argument("--fix-unsupported", action="store_true", help=FIX_UNSUPPORTED_HELP)
     p.add_argument("--width-mult", type=positive_float, help="supernet width multiplier (default: the model's)")
     p.add_argument("--input-size", type=positive_int, help="input height and width (default: the model's)")
-    p.add_argument("--batch", type=positive_int, default=1)
+    p.add_argument("--batch", type=positive_int, default=1,
+                   help="inference batch the table is measured at: a setting of the table, as deployed (default 1)")
     p.add_argument("--threads", type=positive_int,
                    help="intra-op threads of the runtime being measured: a setting of the table, as deployed "
                         "(default 1)")
@@ -34,7 +35,9 @@ def register(sub) -> None:
                         "bfloat16 (trt: float32, float16)")
     p.add_argument("--channels-last", action="store_true",
                    help="torch backend: channels-last (NHWC) tensors, as fp16/bf16 deployments use")
-    p.add_argument("--out", help="table path (.csv; default: latency_tables/<device>/<model and settings>.csv)")
+    p.add_argument("--out", help="table path, a .csv. Default: ~/.cache/hwslim/latency_tables/<device>-<device name>/"
+                                 "<model and settings>.csv; $HWSLIM_TABLE_DIR replaces ~/.cache/hwslim/latency_tables "
+                                 "and $XDG_CACHE_HOME replaces ~/.cache when set. search --device finds it there")
     p.add_argument("--calib-configs", type=positive_int, default=16,
                    help="whole configs the calibration is fitted on (at least 3)")
     p.add_argument("--holdout-configs", type=nonneg_int, default=16, help="other whole configs it is checked on")

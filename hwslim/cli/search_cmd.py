@@ -8,6 +8,7 @@ from hwslim.cli import (
     positive_float,
     positive_int,
     print_table,
+    retired,
     set_threads,
     threads_note,
     with_header,
@@ -61,8 +62,8 @@ def register(sub) -> None:
                    help=f"at most N widening steps per config when filling the budget (default {DEFAULT_FILL_STEPS})")
     p.add_argument("--out", default="search_out", help="output directory (default: search_out)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted search in --out")
-    p.add_argument("--force", action="store_true", help="start over even if --out holds a search; "
-                                                        "use a table measured on another setup")
+    p.add_argument("--force", action="store_true", help="start over even if --out holds a search")
+    p.add_argument("--force-table", action="store_true", help="use a latency table measured on another setup")
     p.add_argument("--batch", type=positive_int, default=1, help="inference batch the budgets refer to (default 1)")
     s = p.add_argument_group("scoring (defaults measured with benchmarks/search_speed.py)")
     s.add_argument("--bn", choices=["recal", "batch"], default=DEFAULT_BN,
@@ -79,10 +80,12 @@ def register(sub) -> None:
                         f"1,000-image chunk kept the decisions of --bn recal 9 times in 10, chunks of 250 5 times)")
     s.add_argument("--screen-images", type=nonneg_int, default=DEFAULT_SCREEN_IMAGES, metavar="N",
                    help=f"successive halving: score every candidate of a step on N images spread over the "
-                        f"search split, and only the best --keep on all of them (default {DEFAULT_SCREEN_IMAGES}; "
+                        f"search split, and only the best --keep-candidates on all of them (default {DEFAULT_SCREEN_IMAGES}; "
                         f"0: every candidate on every image)")
-    s.add_argument("--keep", type=positive_int, default=DEFAULT_KEEP, metavar="K",
+    s.add_argument("--keep-candidates", type=positive_int, default=DEFAULT_KEEP, metavar="K",
                    help=f"candidates per step scored on the whole split after screening (default {DEFAULT_KEEP})")
+    retired(p, "--keep", "--keep-candidates", "the candidates scored on the whole split; elsewhere --keep is a "
+                                              "REGEX of modules that keep their width")
     s.add_argument("--evaluator", choices=["fast", "reference"], default="fast",
                    help="fast shares each step's common computation; reference runs every candidate in full")
     s.add_argument("--kernels", choices=["torch", "triton"], default="torch",
@@ -120,7 +123,7 @@ def run(args) -> int:
 
     Scoring (the walk's candidates and the filling's widenings alike): every candidate
     is screened on 200 search-split images and the best 4 are scored on the whole split
-    (successive halving: --screen-images, --keep), each chunk of up to 1,000 images
+    (successive halving: --screen-images, --keep-candidates), each chunk of up to 1,000 images
     normalized by its own BN statistics (--bn, --chunk); --screen-images 0 --bn recal scores every
     candidate in full with BN recalibrated, as before (about 3x slower).
 
@@ -145,13 +148,14 @@ def run(args) -> int:
     ckpt = load_checkpoint(args.checkpoint)
     check_inference(ckpt.model, batch=args.batch)
     table = None
+    header = f"hwslim search: {threads_note(args.threads)}"
     if any(b.kind == "latency_ms" for b in budgets):
         from hwslim.latency.table import resolve_table
 
         table = resolve_table(ckpt.model, table=args.table, device=args.device, batch=args.batch,
                               root=args.table_dir, spec=args.checkpoint)
-    result = greedy_search(ckpt, budgets, opts, table=table,
-                           log=with_header(f"hwslim search: {threads_note(args.threads)}"))
+        header += f"\nlatency table: {table.path}"  # which table priced the budgets, once it passed its checks
+    result = greedy_search(ckpt, budgets, opts, table=table, log=with_header(header))
     _print_result(result, args)
     return 0
 
@@ -178,11 +182,11 @@ def _options(args) -> SearchOptions:
         checked_table_dir(args.table_dir, "--table-dir", must_exist=True)  # never a silent fallback
     if args.bn == "batch" and args.calib_images is not None:
         raise HwslimError("--calib-images is for --bn recal (--bn batch normalizes each chunk by its own statistics)")
-    scoring = Scoring(bn=args.bn, mode=args.evaluator, kernels=args.kernels, keep=args.keep, batch_size=args.chunk,
+    scoring = Scoring(bn=args.bn, mode=args.evaluator, kernels=args.kernels, keep=args.keep_candidates, batch_size=args.chunk,
                       calib_images=args.calib_images or None, screen_images=args.screen_images or None)
     return SearchOptions(criterion=args.criterion, out_dir=args.out, resume=args.resume, force=args.force,
                          device=eval_device, scoring=scoring, max_images=args.max_images, batch=args.batch,
-                         progress=not args.no_progress, force_table=args.force, fill=not args.no_fill,
+                         progress=not args.no_progress, force_table=args.force_table, fill=not args.no_fill,
                          fill_steps=args.fill_steps)
 
 

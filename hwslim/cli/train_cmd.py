@@ -13,7 +13,7 @@ def register(sub) -> None:
                    help="zoo model name (see `hwslim models`), a graph JSON file, or a PyTorch model to import: "
                         "torchvision:NAME | timm:NAME | package.module:callable")
     p.add_argument("--data", required=True,
-                   help="synthetic[:N] | cifar10[:ROOT] | cifar100[:ROOT] | "
+                   help="synthetic[:N[:C]] (N images, C classes, default 10) | cifar10[:ROOT] | cifar100[:ROOT] | "
                         "an ImageFolder dir (train/ + val/ or test/)")
     p.add_argument("--epochs", type=positive_int, required=True,
                    help="total epochs (on --resume: train up to this many)")

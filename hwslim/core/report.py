@@ -1,7 +1,9 @@
-"""Fixed-width text tables: what the CLI, ``hwslim verify`` and the kernel reports print."""
+"""Fixed-width text tables: what the CLI, ``hwslim verify`` and the kernel reports print; and
+the "did you mean" of a mistyped name."""
 from __future__ import annotations
 
 import sys
+from typing import Iterable
 
 
 def print_table(rows: list[dict], columns: list[str] | None = None, file=None) -> None:
@@ -23,3 +25,11 @@ def _fmt(v) -> str:
     if isinstance(v, int) and not isinstance(v, bool):
         return f"{v:,}"
     return str(v)
+
+
+def did_you_mean(word: str, choices: Iterable[object]) -> str:
+    """`` did you mean 'resnet20'?`` for the closest of ``choices`` to a mistyped ``word`` (else empty)."""
+    import difflib
+
+    close = difflib.get_close_matches(word, [str(c) for c in choices], n=1, cutoff=0.6)
+    return f" did you mean {close[0]!r}?" if close else ""

@@ -8,8 +8,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from hwslim.core.errors import ConfigError
-from hwslim.export.formats import ExportFiles, ExportFormat, ExportJob, ExportOptions
+from hwslim.export.formats import ExportFiles, ExportFormat, ExportJob, ExportOptions, fp32_fixed_batch_only, out_suffix
 
 
 class ExecuTorchFormat(ExportFormat):
@@ -24,16 +23,12 @@ class ExecuTorchFormat(ExportFormat):
 
     @classmethod
     def check_options(cls, options: ExportOptions) -> None:
-        if options.fp16 or options.dynamic_batch:
-            raise ConfigError(f"--format executorch writes an fp32 program of fixed batch; "
-                              f"{'--fp16' if options.fp16 else '--dynamic-batch'} is not supported")
+        fp32_fixed_batch_only(cls.name, options)
 
     def files(self) -> ExportFiles:
         from hwslim.runtimes.executorch_program import pte_paths
 
-        if self.out.suffix != ".pte":
-            raise ConfigError(f"--format executorch writes an ExecuTorch program: give --out a .pte path, "
-                              f"not {self.out.name!r}")
+        out_suffix(self.out, ".pte", self.name, "an ExecuTorch program")
         onnx_path, sidecar = pte_paths(self.out)
         return ExportFiles(onnx_path, sidecar, {"executorch_program": self.out})
 

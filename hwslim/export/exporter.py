@@ -22,7 +22,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
-from hwslim import __version__
+from hwslim.core.version import __version__
 from hwslim.core.config import ChannelConfig, atomic_write_text
 from hwslim.core.outputs import owned, remove_stale_temporaries, temporary_path
 from hwslim.core.errors import HwslimError, OutputExistsError

@@ -8,7 +8,7 @@ a missing package is explained only when that format is used::
 
     >>> from hwslim.export.formats import FORMATS, format_class
     >>> list(FORMATS)
-    ['onnx', 'tensorrt', 'openvino', 'executorch']
+    ['onnx', 'tensorrt', 'openvino', 'executorch', 'torch']
     >>> format_class("openvino").out_help
     'OpenVINO IR: .xml'
 
@@ -39,6 +39,7 @@ FORMATS: dict[str, tuple[str, str]] = {
     "tensorrt": ("hwslim.export.tensorrt_format", "TensorRTFormat"),
     "openvino": ("hwslim.export.openvino_format", "OpenVinoFormat"),
     "executorch": ("hwslim.export.executorch_format", "ExecuTorchFormat"),
+    "torch": ("hwslim.export.torch_format", "TorchExportFormat"),
 }
 
 
@@ -58,7 +59,7 @@ def format_class(name: str) -> type[ExportFormat]:
 class ExportOptions:
     """How to export. ``None`` means the default named in the field's comment."""
 
-    format: str = "onnx"  # a name in FORMATS: "onnx" | "tensorrt" | "openvino" | "executorch"
+    format: str = "onnx"  # a name in FORMATS: "onnx" | "tensorrt" | "openvino" | "executorch" | "torch"
     batch: int = 1
     dynamic_batch: bool = False
     fp16: bool = False
@@ -115,6 +116,19 @@ class ExportJob:
             raise ExportCheckError(f"{runtime} and PyTorch disagree: max relative error {err:.3e} > "
                                    f"{self.tolerance:.0e} on {self.check}; nothing was written")
         return err
+
+
+def fp32_fixed_batch_only(name: str, options: ExportOptions) -> None:
+    """Refuse (ConfigError) --fp16 and --dynamic-batch for a format that writes an fp32 program of fixed batch."""
+    if options.fp16 or options.dynamic_batch:
+        raise ConfigError(f"--format {name} writes an fp32 program of fixed batch; "
+                          f"{'--fp16' if options.fp16 else '--dynamic-batch'} is not supported")
+
+
+def out_suffix(out: Path, suffix: str, name: str, what: str) -> None:
+    """Refuse (ConfigError) an ``--out`` whose suffix is not the format's."""
+    if out.suffix != suffix:
+        raise ConfigError(f"--format {name} writes {what}: give --out a {suffix} path, not {out.name!r}")
 
 
 class ExportFormat:

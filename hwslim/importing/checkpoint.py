@@ -26,8 +26,8 @@ from typing import Any
 
 import torch
 
-from hwslim import __version__
 from hwslim.core.outputs import refuse_directory, temporary_path
+from hwslim.core.version import __version__
 from hwslim.core.config import ChannelConfig
 from hwslim.core.errors import CheckpointError
 from hwslim.core.supernet import SlimmableNet
@@ -44,6 +44,27 @@ class Checkpoint:
     epoch: int = 0
     training_state: dict[str, Any] | None = None
     path: Path | None = None
+
+    def check_config(self, config: ChannelConfig) -> ChannelConfig:
+        """:meth:`SlimmableNet.validate` ``config`` for this checkpoint's supernet. Where it does not
+        fit and the config records another checkpoint (``checkpoint_sha256``, written by the search),
+        the one line names that checkpoint instead of the first unit off the grid: the likely
+        mistake is the pairing, not the config."""
+        from hwslim.core.errors import ConfigError
+
+        try:
+            return self.model.validate(config)
+        except ConfigError:
+            sha = config.meta.get("checkpoint_sha256")
+            if not isinstance(sha, str) or not sha or self.path is None:
+                raise
+            from hwslim.runtimes.onnx_file import sha256_file
+
+            if sha256_file(self.path) == sha:
+                raise
+            name = Path(str(config.meta.get("checkpoint") or "?")).name
+            raise ConfigError(f"this config was searched on checkpoint {name}, sha256 {sha[:12]}, not on "
+                              f"{self.path}: give that checkpoint, or search this one") from None
 
 
 def model_info(model: SlimmableNet) -> dict[str, Any]:

@@ -75,7 +75,11 @@ def module_from_spec(spec: str, init: str | None = None):
             import torchvision
 
             if name not in torchvision.models.list_models():
-                raise ModelError(f"torchvision has no model {name!r}; see torchvision.models.list_models()")
+                from hwslim.core.report import did_you_mean
+
+                raise ModelError(f"torchvision has no model {name!r};"
+                                 f"{did_you_mean(name, torchvision.models.list_models())} "
+                                 "see torchvision.models.list_models()")
             weights = _torchvision_weights(name, weights_name) if weights_name is not None else None
             module = torchvision.models.get_model(name, weights=weights)
         elif source == "timm":

@@ -21,9 +21,9 @@ model and :func:`compare_to_table`: when the probe differs by more than
 :data:`PROBE_TOLERANCE`, the share of the cores busy with other threads by
 :data:`OTHERS_SHARE` (for older tables, which record only the load average:
 :data:`LOAD_SHARE`), or the CPU differs, the verdict is unreliable, and one line says
-why::
+why, naming the one difference that decided and its numbers::
 
-    machine busier than when the table was measured (probe 1.31x slower, load 2.1 vs 1.0): verdict unreliable
+    the speed probe before measuring ran 1.31x slower than when the table was measured (1.31 vs 1 ms): verdict unreliable
 
 The tolerances are measured on the 2-core development machine (AMD EPYC, KVM; see
 ``latency_tables/README.md``): repeated probes there agree within 0.5%, and a neighbor
@@ -165,12 +165,13 @@ def _now() -> str:
 class ConditionCheck:
     """The comparison of the conditions now with a reference's (a table's, or a profile's start).
 
-    ``reasons`` is empty when they compare; otherwise :meth:`line` says how they differ.
-    ``details`` (probe ratio, load) are reported either way.
+    ``reasons`` is empty when they compare; otherwise it lists every difference found, each a
+    plain sentence, the one that decides first (:attr:`summary`): another CPU, a table measured
+    while its machine changed, the frequency governor, the speed probe, the other running
+    threads, the load average. ``details`` (probe ratio, threads, load) are reported either way.
     """
 
     reasons: tuple[str, ...]
-    headline: str
     details: tuple[str, ...]
     probe_ratio: float | None = None  # now / reference
     load_now: float | None = None
@@ -185,91 +186,77 @@ class ConditionCheck:
 
     @property
     def summary(self) -> str:
-        """``machine busier than when the table was measured (probe 1.31x slower, load 2.1 vs 1.0)``"""
-        extra = [r for r in self.reasons if r not in self.details]
-        if not self.headline:  # only the reasons given from outside (the table's own change)
-            return "; ".join(extra) + (f"; now vs the table: {', '.join(self.details)}" if self.details else "")
-        inside = ", ".join(self.details) + ("; " if self.details and extra else "") + "; ".join(extra)
-        return f"{self.headline} ({inside})" if inside else self.headline
+        """The one difference that decided: ``the speed probe ran 1.31x slower than when the table
+        was measured (1.31 vs 1.00 ms)``; empty when the conditions compare."""
+        return self.reasons[0] if self.reasons else ""
 
     def line(self, consequence: str = "verdict unreliable") -> str:
         """:attr:`summary` and what follows from it: ``...: verdict unreliable``."""
         return f"{self.summary}: {consequence}"
 
     def as_dict(self) -> dict[str, Any]:
-        return {"reliable": self.reliable, "reasons": list(self.reasons), "probe_ratio": self.probe_ratio,
+        return {"reliable": self.reliable, "reasons": list(self.reasons), "decided_by": self.summary or None,
+                "probe_ratio": self.probe_ratio,
                 "load_now": self.load_now, "load_then": self.load_then, "others_running_now": self.others_now,
                 "others_running_then": self.others_then, "probe_ms_now": self.now.probe_ms if self.now else None,
                 "note": None if self.reliable else self.line()}
 
 
+def _machine_reasons(then: Conditions, now: Conditions, same_cpu: bool) -> list[str]:
+    """Another CPU or other kernel flags, as one sentence."""
+    if same_cpu and then.cpu and now.cpu and then.cpu != now.cpu:
+        return [f"the table was measured on {then.cpu}, this machine is {now.cpu}"]
+    if same_cpu and then.flags is not None and now.flags is not None and set(then.flags) != set(now.flags):
+        gone, new = sorted(set(then.flags) - set(now.flags)), sorted(set(now.flags) - set(then.flags))
+        parts = ([f"missing here {', '.join(gone)}"] if gone else []) + ([f"new here {', '.join(new)}"] if new else [])
+        return ["this CPU's kernel flags differ from the table's: " + "; ".join(parts)]
+    return []
+
+
 def compare(then: Conditions | None, now: Conditions, *, than: str = "when the table was measured",
-            same_cpu: bool = True, also: Sequence[str] = ()) -> ConditionCheck:
+            when: str = "", same_cpu: bool = True, also: Sequence[str] = ()) -> ConditionCheck:
     """Do the conditions ``now`` compare with ``then``? (``also``: further reasons not to trust.)
 
     Unreliable when the CPU or its kernel flags or governor differ (``same_cpu``), the
     probe is slower or faster by more than :data:`PROBE_TOLERANCE`, or the share of the
     cores busy with other threads (each count capped at the core count: beyond it every
     core is shared either way) differs by :data:`OTHERS_SHARE` or more (where either
-    side lacks the count: the 1-minute load, by :data:`LOAD_SHARE`).
+    side lacks the count: the 1-minute load, by :data:`LOAD_SHARE`). ``when`` says when
+    ``now`` was taken (``"before measuring"``): each reason is one sentence naming that
+    probe and its numbers, never a direction the numbers do not show.
     """
     then = then or Conditions()
-    reasons: list[str] = list(also)
-    busier = quieter = faster = busier_probe = False
-    details: list[str] = []
-    other_machine = False
-    if same_cpu and then.cpu and now.cpu and then.cpu != now.cpu:
-        reasons.append(f"table: {then.cpu}; here: {now.cpu}")
-        other_machine = True
-    elif same_cpu and then.flags is not None and now.flags is not None and set(then.flags) != set(now.flags):
-        gone, new = sorted(set(then.flags) - set(now.flags)), sorted(set(now.flags) - set(then.flags))
-        reasons.append("CPU flags differ" + (f" (missing here: {', '.join(gone)})" if gone else "")
-                       + (f" (new here: {', '.join(new)})" if new else ""))
-        other_machine = True
+    at = f" {when}" if when else ""
+    reasons = _machine_reasons(then, now, same_cpu) + list(also)
     if then.governor and now.governor and then.governor != now.governor:
-        reasons.append(f"frequency governor {now.governor} vs {then.governor}")
+        reasons.append(f"the CPU frequency governor is {now.governor}, it was {then.governor} {than}")
+    details: list[str] = []
     ratio = None
     if then.probe_ms and now.probe_ms:
         ratio = now.probe_ms / then.probe_ms
         details.append(f"probe {ratio:.2f}x slower" if ratio >= 1 else f"probe {1 / ratio:.2f}x faster")
-        if ratio > 1 + PROBE_TOLERANCE:
-            reasons.append(details[-1])
-            busier = busier_probe = True
-        elif ratio < 1 / (1 + PROBE_TOLERANCE):
-            reasons.append(details[-1])
-            faster = True
+        if ratio > 1 + PROBE_TOLERANCE or ratio < 1 / (1 + PROBE_TOLERANCE):
+            how = f"{ratio:.2f}x slower" if ratio >= 1 else f"{1 / ratio:.2f}x faster"
+            reasons.append(f"the speed probe{at} ran {how} than {than} "
+                           f"({now.probe_ms:.3g} vs {then.probe_ms:.3g} ms)")
     cores = now.cores or then.cores or os.cpu_count() or 1
 
-    def busy_share(a: float, b: float, what: str, threshold: float) -> None:
-        """Note ``what``; a reason where the busy share of the cores (now ``a``, then ``b``) moved by ``threshold``."""
-        nonlocal busier, quieter
-        d = (min(a, cores) - min(b, cores)) / cores
-        details.append(what)
-        if abs(d) >= threshold - 1e-9:
-            reasons.append(what)
-            busier, quieter = busier or d > 0, quieter or d < 0
+    def share_change(a: float, b: float) -> float:  # busy share of the cores, now minus then
+        return (min(a, cores) - min(b, cores)) / cores
 
     if then.others_running is not None and now.others_running is not None:
-        busy_share(now.others_running, then.others_running,
-                   f"{now.others_running:.1f} vs {then.others_running:.1f} other running threads", OTHERS_SHARE)
+        details.append(f"{now.others_running:.1f} vs {then.others_running:.1f} other running threads")
+        if abs(share_change(now.others_running, then.others_running)) >= OTHERS_SHARE - 1e-9:
+            reasons.append(f"{now.others_running:.1f} other threads were running{at} against "
+                           f"{then.others_running:.1f} {than}, on {cores} cores")
         if now.load_1min is not None and then.load_1min is not None:
             details.append(f"load {now.load_1min:.1f} vs {then.load_1min:.1f}")
     elif then.load_1min is not None and now.load_1min is not None:
-        busy_share(now.load_1min, then.load_1min, f"load {now.load_1min:.1f} vs {then.load_1min:.1f}", LOAD_SHARE)
-    # the probe is the measurement: its direction names the change; the threads only where it agrees
-    if other_machine:
-        headline = "another machine than the table's"
-    elif busier_probe or (busier and not faster):
-        headline = f"machine busier than {than}"
-    elif faster:
-        headline = f"machine faster than {than}"
-    elif quieter:
-        headline = f"machine quieter than {than}"
-    elif also and len(reasons) == len(also):
-        headline = ""
-    else:
-        headline = f"conditions differ from those {than}"
-    return ConditionCheck(tuple(reasons), headline, tuple(details), ratio, now.load_1min, then.load_1min,
+        details.append(f"load {now.load_1min:.1f} vs {then.load_1min:.1f}")
+        if abs(share_change(now.load_1min, then.load_1min)) >= LOAD_SHARE - 1e-9:
+            reasons.append(f"the load average was {now.load_1min:.1f}{at} against {then.load_1min:.1f} {than}, "
+                           f"on {cores} cores")
+    return ConditionCheck(tuple(reasons), tuple(details), ratio, now.load_1min, then.load_1min,
                           now.others_running, then.others_running, now)
 
 
@@ -309,17 +296,17 @@ def table_conditions(meta: Mapping[str, Any]) -> tuple[Conditions | None, str | 
     return Conditions(cpu=cpu, load_1min=load), None
 
 
-def compare_to_table(meta: Mapping[str, Any], now: Conditions) -> ConditionCheck:
+def compare_to_table(meta: Mapping[str, Any], now: Conditions, when: str = "") -> ConditionCheck:
     """:func:`compare` the conditions now with a table's (its metadata), including the change
-    ``hwslim profile`` noted while measuring it."""
+    ``hwslim profile`` noted while measuring it; ``when``: when ``now`` was taken (``"before measuring"``)."""
     then, changed = table_conditions(meta)
-    also = [f"conditions changed while the table was measured ({changed})"] if changed else []
-    return compare(then, now, also=also)
+    also = [f"the table's machine changed while it was measured: {changed}"] if changed else []
+    return compare(then, now, when=when, also=also)
 
 
 def drift(start: Conditions, end: Conditions, what: str = "profiling") -> ConditionCheck:
     """How the conditions changed between the start and the end of one measurement (a profile)."""
-    return compare(start, end, than=f"at the start of {what}", same_cpu=False)
+    return compare(start, end, than=f"at the start of {what}", when=f"at the end of {what}", same_cpu=False)
 
 
 def conditions_for_table(table) -> Conditions:

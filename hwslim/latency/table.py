@@ -36,8 +36,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from hwslim import __version__
 from hwslim.core import jsonio
+from hwslim.core.version import __version__
 from hwslim.core.config import atomic_write_text
 from hwslim.core.errors import HwslimError, TableError
 from hwslim.core.graph import SIGNATURE_FIELDS, LayerSpec
@@ -709,7 +709,7 @@ class LatencyTable:
         if diff:
             where = self.path or "latency table"
             raise TableError(f"{where} was measured with {'; '.join(diff)}; measure a table for this setup "
-                             f"with `hwslim profile`, or pass --force to use it anyway")
+                             f"with `hwslim profile`, or pass --force-table to use it anyway")
 
     def __len__(self) -> int:
         return len(self.entries)

@@ -20,13 +20,14 @@ a shared machine. With no latency budget anywhere, the result only reports.
 Before measuring, the conditions are taken again (CPU, load, the machine-speed probe
 with the table's own settings; :mod:`hwslim.latency.conditions`) and compared with those the
 table recorded. When they differ markedly the verdict is ``UNRELIABLE`` instead of a
-confident OK or OVER, and one line says why (``machine busier than when the table was
-measured (probe 1.31x slower, ...): verdict unreliable``); ``hwslim verify`` then exits
-with status 3 (:data:`EXIT_UNRELIABLE`). Unless the model is far over its budget: a
-measurement above :data:`CLEARLY_OVER` times the budget (with its tolerance) is ``OVER``
-(exit 1) however the conditions differ, since no plausible change of the machine's
-speed level (a busy or throttled machine runs tens of percent slower, not 2x) could
-turn it into OK.
+confident OK or OVER, and one line per verdict gives the measured p50 and p90, their
+ratio to the budget and the one difference that decided (``the speed probe before
+measuring ran 1.31x slower than when the table was measured (1.31 vs 1.00 ms): verdict
+unreliable``); ``hwslim verify`` then exits with status 3 (:data:`EXIT_UNRELIABLE`).
+Unless the model is far over its budget: a measurement above :data:`CLEARLY_OVER` times
+the budget (with its tolerance) is ``OVER`` (exit 1) however the conditions differ, since
+no plausible change of the machine's speed level (a busy or throttled machine runs tens of
+percent slower, not 2x) could turn it into OK.
 """
 from __future__ import annotations
 
@@ -93,6 +94,24 @@ class VerifyResult:
         return "OK" if self.ok else "OVER"
 
     @property
+    def budget_ratio(self) -> float | None:
+        """measured median / budget: above 1 + tolerance is over (None: no budget)."""
+        return None if self.budget_ms is None else self.measured_ms / self.budget_ms
+
+    @property
+    def message(self) -> str | None:
+        """One line for a verdict that is not OK: the model, its numbers and the one thing that decided it."""
+        if self.verdict not in ("UNRELIABLE", "OVER"):
+            return None
+        numbers = (f"measured p50 {self.measured_ms:.3f} ms, p90 {self.p90_ms:.3f} ms, "
+                   f"{self.budget_ratio:.2f}x its {self.budget_ms:g} ms budget")
+        if self.verdict == "OVER":
+            why = "" if self.reliable else (f"; more than {CLEARLY_OVER:g}x over, which no change of the machine's "
+                                            "conditions explains, so OVER although they differ from the table's")
+            return f"{self.model.name}: OVER: {numbers}, above the {100 * self.tolerance:g}% tolerance{why}"
+        return f"{self.model.name}: UNRELIABLE: {numbers}; {self.conditions.line()}"
+
+    @property
     def prediction_error(self) -> float:
         """(predicted - measured) / measured."""
         return (self.predicted_ms - self.measured_ms) / self.measured_ms
@@ -100,8 +119,9 @@ class VerifyResult:
     def as_dict(self) -> dict[str, Any]:
         return {
             "model": str(self.model), "table": str(self.table), "backend": self.backend, "batch": self.batch,
-            "predicted_ms": self.predicted_ms, "measured_ms": self.measured_ms, "iqr_ms": self.iqr_ms,
-            "p90_ms": self.p90_ms, "n": self.n, "noisy": self.noisy, "budget_ms": self.budget_ms,
+            "predicted_ms": self.predicted_ms, "measured_ms": self.measured_ms, "p50_ms": self.measured_ms,
+            "iqr_ms": self.iqr_ms, "p90_ms": self.p90_ms, "budget_ratio": self.budget_ratio, "message": self.message,
+            "n": self.n, "noisy": self.noisy, "budget_ms": self.budget_ms,
             "tolerance": self.tolerance, "within_budget": self.ok,
             "prediction_error_pct": 100 * self.prediction_error, "verdict": self.verdict, "reliable": self.reliable,
             "conditions": None if self.conditions is None else self.conditions.as_dict(),
@@ -225,6 +245,26 @@ def net_from_metadata(meta: Mapping[str, str], config, source: str):
     return net
 
 
+def recorded_table(model: str | os.PathLike) -> Path:
+    """The latency table to verify an exported model against, found as ``export --verify`` finds
+    it: the table its metadata records (``hwslim export`` writes it), else the one its config was
+    searched with, else this machine's CPU table for its model (:func:`find_table`)."""
+    import torch
+
+    from hwslim.latency.table import find_table
+    from hwslim.runtimes.onnx_file import config_from_metadata
+
+    onnx_path, meta = resolve_model(model)
+    config = config_from_metadata(meta, str(onnx_path))
+    for recorded in (meta.get("table"), config.meta.get("table")):
+        if isinstance(recorded, str) and recorded and Path(recorded).is_file():
+            return Path(recorded)
+    with torch.device("meta"):
+        net = net_from_metadata(meta, config, str(onnx_path))
+    return find_table("cpu", net, batch=metadata_int(meta, "batch", str(onnx_path), 1),
+                      input_size=config.input_size, spec=config.model)
+
+
 def verify_model(model: str | os.PathLike, table: str | os.PathLike | Any, *, budget_ms: float | None = None,
                  tolerance: float = DEFAULT_TOLERANCE, force: bool = False, progress: bool = False,
                  log: Callable[[str], None] | None = None, conditions=None) -> VerifyResult:
@@ -263,7 +303,7 @@ def verify_model(model: str | os.PathLike, table: str | os.PathLike | Any, *, bu
     except BaseException:
         profiler.close()
         raise
-    check = compare_to_table(tbl.meta, conditions)
+    check = compare_to_table(tbl.meta, conditions, when="before measuring")
     if progress:
         (log or _stderr)(f"measuring {target} end to end with {getattr(profiler, 'backend', '?')} "
                          f"({getattr(profiler, 'threads', '?')} thread(s), the table's protocol) ...")
@@ -297,10 +337,11 @@ def verify_rows(results: Sequence[VerifyResult]) -> list[dict[str, Any]]:
             "model": r.model.name,
             "budget_ms": "-" if r.budget_ms is None else r.budget_ms,
             "predicted_ms": r.predicted_ms,
-            "measured_ms": r.measured_ms,
-            "iqr_ms": r.iqr_ms,
-            "pred_err_%": 100 * r.prediction_error,
+            "measured_ms": r.measured_ms,  # the median, p50
+            "p90_ms": r.p90_ms,
+            "x_budget": "-" if r.budget_ratio is None else r.budget_ratio,
             "verdict": r.verdict,
+            "pred_err_%": 100 * r.prediction_error,
         })
     return rows
 
@@ -316,17 +357,9 @@ def print_verify(results: Sequence[VerifyResult], file=None, log: Callable[[str]
     print_table(verify_rows(results), file=file)
     if log is None:
         log = (lambda msg: print(msg, file=file)) if file is not None else _stderr
-    said = set()
-    for r in results:
-        if not r.reliable and r.conditions.line() not in said:  # one line, however many models it concerns
-            said.add(r.conditions.line())
-            log(r.conditions.line())
-    for r in results:
+    for r in results:  # one line per verdict that is not OK, naming what decided it
+        if r.message:
+            log(r.message)
         if r.noisy:
-            log(f"note: {r.model.name}: the measurement was noisy (IQR {r.iqr_ms:.3g} ms); "
+            log(f"note: {r.model.name}: the measurement was noisy, IQR {r.iqr_ms:.3g} ms; "
                 "re-run on a quieter machine")
-        if r.verdict == "OVER":
-            log(f"{r.model.name}: measured {r.measured_ms:.3f} ms exceeds the budget {r.budget_ms:g} ms "
-                f"(+{100 * r.tolerance:g}% tolerance)" + ("" if r.reliable else
-                f"; more than {CLEARLY_OVER:g}x over, which no change of the machine's conditions explains, "
-                "so OVER although they differ from the table's"))

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Callable
 
 from hwslim.core.errors import ModelError
+from hwslim.core.report import did_you_mean
 from hwslim.core.supernet import SlimmableNet
 
 _MODELS: dict[str, Callable[..., SlimmableNet]] = {}
@@ -32,7 +33,9 @@ def model_builder(name: str) -> Callable[..., SlimmableNet]:
     try:
         return _MODELS[name]
     except KeyError:
-        raise ModelError(f"unknown model {name!r}; available: {', '.join(list_models())}") from None
+        raise ModelError(f"unknown model {name!r};{did_you_mean(name, [*list_models(), *_ALIASES])} "
+                         f"available: {', '.join(list_models())}") from None
+
 
 
 def create_model(name: str, **kwargs) -> SlimmableNet:

@@ -123,7 +123,7 @@ class StepEvaluator:
         if kernels not in KERNELS:
             raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
         if kernels == "triton":
-            from hwslim import kernels as _k
+            import hwslim.kernels as _k
 
             _k.check_device(images.device)
             why = _k.unsupported(model)

@@ -569,7 +569,7 @@ class SearchOptions:
     batch: int = 1  # the inference batch the budgets refer to
     progress: bool = True  # progress bars on stderr
     plot: bool = True  # score the uniform-width configs (uniform.csv) and draw search.png
-    force_table: bool = False  # use a table measured on another setup (--force)
+    force_table: bool = False  # use a table measured on another setup (--force-table)
     fill: bool = True  # spend each target's slack (fill_budget)
     fill_steps: int = DEFAULT_FILL_STEPS  # at most this many widening steps per target
 

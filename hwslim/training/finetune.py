@@ -133,7 +133,7 @@ def load_inputs(cfg: FinetuneConfig) -> tuple[Checkpoint, ChannelConfig]:
     """The supernet checkpoint and the config, the config checked against its grid (one-line errors)."""
     ckpt = load_checkpoint(cfg.checkpoint)
     config = ChannelConfig.load(cfg.config)
-    ckpt.model.validate(config)  # another model's config, or a width off the grid
+    ckpt.check_config(config)  # another model's config, a width off the grid, another checkpoint's config
     if config.input_size != ckpt.model.input_size:
         raise TrainError(f"{cfg.config} is for {config.input_size} px inputs; the supernet {cfg.checkpoint} trains "
                          f"at {ckpt.model.input_size} px")

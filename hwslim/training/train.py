@@ -293,7 +293,10 @@ class _Run(EpochLoop):
 
             moved = sum(not torch.equal(p, torch.arange(len(p))) for p in sort_channels(net).values())
             if world.is_main:
-                log(f"started from {init}; channels sorted by importance in {moved} of {len(net.units)} units")
+                log(f"started from {init}; channels sorted by importance in {moved} of {len(net.units)} units: "
+                    f"each unit's most important channels now come first, so a narrower width keeps the best "
+                    f"ones; {len(net.units) - moved} units were already in that order. The network computes "
+                    "exactly what it did")
         elif init is not None and world.is_main:
             log(f"started from {init}; channels in their trained order (no sort)")
         self.setup_optimization(net, cfg, data, resumed)
