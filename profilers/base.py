@@ -213,6 +213,7 @@ class Profiler:
 
     backend: ClassVar[str] = ""
     device: ClassVar[str] = ""
+    missing: ClassVar[str] = "its package or device is missing"  # what unavailable_reason says
     dtypes: ClassVar[tuple[str, ...]] = ("float32",)
     # True: the backend times entries inside whole networks when given some (see measure_entries)
     in_network: ClassVar[bool] = False
@@ -248,8 +249,8 @@ class Profiler:
 
     @classmethod
     def unavailable_reason(cls) -> str:
-        """Why :meth:`is_available` is False, in a few words a user can act on."""
-        return "its package or device is missing"
+        """Why :meth:`is_available` is False, in a few words a user can act on (:attr:`missing`)."""
+        return cls.missing
 
     @classmethod
     def machine_name(cls) -> str:

@@ -48,9 +48,7 @@ class CpuProfiler(Profiler):
 
     device: ClassVar[str] = "cpu"
     identity_keys: ClassVar[tuple[str, ...]] = Profiler.identity_keys + ("clock",)
-    # the package is_available looks for, and what unavailable_reason tells the user
-    package: ClassVar[str] = ""
-    missing: ClassVar[str] = ""
+    package: ClassVar[str] = ""  # the package is_available looks for (``missing`` says how to install it)
     # how an entry's per-run samples inside networks are summarized (Timing.from_samples)
     layer_center: ClassVar[str] = "median"
 
@@ -66,10 +64,6 @@ class CpuProfiler(Profiler):
     @classmethod
     def is_available(cls) -> bool:
         return importlib.util.find_spec(cls.package) is not None
-
-    @classmethod
-    def unavailable_reason(cls) -> str:
-        return cls.missing
 
     @classmethod
     def machine_name(cls) -> str:
@@ -92,6 +86,14 @@ class CpuProfiler(Profiler):
                 "clock": self.clock, **self._setup_metadata()}
 
     # -- timing ----------------------------------------------------------------------------
+    def _entry(self, build: Callable[[], Any], spec, errors: tuple[type[BaseException], ...] = (NotImplementedError,)):
+        """``build()``: the program that times entry ``spec``; one line naming the entry where this
+        backend cannot express it (``errors``)."""
+        try:
+            return build()
+        except errors as e:
+            raise ProfilerError(f"backend {self.backend!r} cannot time {spec.name!r}: {e}") from None
+
     def _timed(self, run: Callable[[], Any]) -> Callable[[], float]:
         """``run`` as a call returning its time in ms on the profiler's clock."""
         clock = time.thread_time_ns if self.clock == "thread_cpu" else time.perf_counter_ns

@@ -193,15 +193,9 @@ class ExecuTorchProfiler(CpuProfiler):
 
     # -- timing ----------------------------------------------------------------------------
     def _time_entry(self, spec: LayerSpec) -> Timing:
-        try:
-            entry = _Entry(spec)
-        except NotImplementedError as e:
-            raise ProfilerError(f"backend 'executorch' cannot time {spec.name!r}: {e}") from None
+        entry = self._entry(lambda: _Entry(spec), spec)
         inputs = entry_inputs(spec)
-        try:
-            program = self._etb.lower(entry, inputs)
-        except self._etb.ExecuTorchError as e:
-            raise ProfilerError(f"backend 'executorch' cannot time {spec.name!r}: {e}") from None
+        program = self._entry(lambda: self._etb.lower(entry, inputs), spec, (self._etb.ExecuTorchError,))
         return Timing.from_samples(sample(self._runner(program, inputs), self.protocol))
 
     # -- entries inside whole networks ------------------------------------------------------

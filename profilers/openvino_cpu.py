@@ -177,10 +177,7 @@ class OpenVinoProfiler(CpuProfiler):
     def _time_entry(self, spec: LayerSpec) -> Timing:
         from hwslim.core.onnx_build import entry_model
 
-        try:
-            model = entry_model(spec)
-        except NotImplementedError as e:
-            raise ProfilerError(f"backend 'openvino' cannot time {spec.name!r}: {e}") from None
+        model = self._entry(lambda: entry_model(spec), spec)
         timed = self._timed(self._request(self.compile(model)))
         return Timing.from_samples(sample(timed, self.protocol))
 

@@ -180,6 +180,7 @@ class TorchCudaProfiler(Profiler):
 
     backend: ClassVar[str] = "torch_cuda"
     device: ClassVar[str] = "cuda"
+    missing: ClassVar[str] = "PyTorch sees no CUDA GPU (torch.cuda.is_available() is False)"
     dtypes: ClassVar[tuple[str, ...]] = tuple(DTYPES)
     # whole models: the materialized network itself (write_model), or an exported ONNX's network
     model_suffixes: ClassVar[tuple[str, ...]] = (".pt", ".onnx")
@@ -229,10 +230,6 @@ class TorchCudaProfiler(Profiler):
             return _torch().cuda.is_available()
         except Exception:
             return False
-
-    @classmethod
-    def unavailable_reason(cls) -> str:
-        return "PyTorch sees no CUDA GPU (torch.cuda.is_available() is False)"
 
     @classmethod
     def machine_name(cls) -> str:

@@ -108,7 +108,8 @@ class VerifyResult:
         if self.verdict == "OVER":
             why = "" if self.reliable else (f"; more than {CLEARLY_OVER:g}x over, which no change of the machine's "
                                             "conditions explains, so OVER although they differ from the table's")
-            return f"{self.model.name}: OVER: {numbers}, above the {100 * self.tolerance:g}% tolerance{why}"
+            return (f"{self.model.name}: OVER: {numbers}; the median exceeds the budget by more than the "
+                    f"{100 * self.tolerance:g}% tolerance{why}")
         return f"{self.model.name}: UNRELIABLE: {numbers}; {self.conditions.line()}"
 
     @property
