@@ -31,9 +31,10 @@ class SlimmableConv2d(nn.Conv2d):
     ``channels / group_width``.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
-                 padding: int = 0, bias: bool = False, group_width: int | None = None,
-                 depthwise: bool = False) -> None:
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int],
+                 stride: int | tuple[int, int] = 1, padding: int | tuple[int, int] = 0, bias: bool = False,
+                 group_width: int | None = None, depthwise: bool = False,
+                 dilation: int | tuple[int, int] = 1) -> None:
         if depthwise:
             group_width = 1
         groups = 1
@@ -42,7 +43,7 @@ class SlimmableConv2d(nn.Conv2d):
                 raise ValueError(f"a grouped conv needs in == out channels, a multiple of the group width "
                                  f"{group_width}; got {in_channels} and {out_channels}")
             groups = in_channels // group_width
-        super().__init__(in_channels, out_channels, kernel_size, stride, padding, groups=groups, bias=bias)
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups=groups, bias=bias)
         self.group_width = group_width
 
     @property

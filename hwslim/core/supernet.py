@@ -220,7 +220,8 @@ class SlimmableNet(nn.Module):
                 nn.init.zeros_(m.bias)
             elif isinstance(m, nn.Linear):
                 nn.init.normal_(m.weight, 0, 0.01)
-                nn.init.zeros_(m.bias)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
 
     # -- configs ------------------------------------------------------------------------
     def config_of(self, widths: Mapping[str, int], **meta) -> ChannelConfig:
