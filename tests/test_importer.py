@@ -488,3 +488,147 @@ def test_imported_graph_json_is_unchanged(name):
                        fix_unsupported=name.startswith("shufflenet"))
     assert hashlib.sha256(json.dumps(net.graph_dict(), sort_keys=True).encode()).hexdigest() == \
         GRAPH_JSON_SHA256[name]
+
+
+class LinearSE(nn.Module):
+    """An SE built from Linear layers without bias, its gate viewed back and expanded (a common idiom)."""
+
+    def __init__(self, c: int, r: int = 4) -> None:
+        super().__init__()
+        self.fc = nn.Sequential(nn.Linear(c, c // r, bias=False), nn.ReLU(inplace=True),
+                                nn.Linear(c // r, c, bias=False), nn.Sigmoid())
+
+    def forward(self, x):
+        b, c, _, _ = x.size()
+        y = nn.functional.adaptive_avg_pool2d(x, 1).view(b, c)
+        return x * self.fc(y).view(b, c, 1, 1).expand_as(x)
+
+
+class IdiomNet(nn.Module):
+    """The layers and idioms detectors, segmenters and hand-written classifiers use."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding="same", bias=False), nn.BatchNorm2d(16), nn.LeakyReLU(0.1))
+        self.wide = nn.Conv2d(16, 16, (1, 5), padding=(0, 4), dilation=(1, 2))
+        self.prelu, self.gn = nn.PReLU(16), nn.GroupNorm(4, 16)
+        self.down, self.elu = nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ELU()
+        self.up, self.proj = nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(32, 16, 1)
+        self.atrous = nn.Sequential(nn.Conv2d(16, 16, 3, padding=2, dilation=2, bias=False), nn.BatchNorm2d(16),
+                                    nn.GELU())
+        self.gate = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(16, 16, 1), nn.Sigmoid())
+        self.se = LinearSE(16)
+        self.bn1d, self.fc = nn.BatchNorm1d(16), nn.Linear(16, 10, bias=False)
+
+    def forward(self, x):
+        x = self.stem(x)
+        y = self.gn(self.prelu(self.wide(x))).add(x)
+        z = self.proj(self.up(self.elu(self.down(y))))
+        y = y + 0.2 * nn.functional.interpolate(self.atrous(z), size=y.shape[-2:], mode="bilinear")
+        y = self.se(y * self.gate(y))
+        y.add_(x)  # y holds the sum from here on
+        y = nn.functional.avg_pool2d(y * 0.5 + 0, y.size()[3])  # the kernel from the input size: global
+        return self.fc(self.bn1d(y.view(y.size(0), -1)))
+
+
+@pytest.mark.parametrize("path", ["torch.fx", "torch.export"])
+def test_detector_and_segmenter_idioms_import_with_parity(path, monkeypatch, tmp_path):
+    """Upsampling, dilated and 1xk convs, 'same' padding, LeakyReLU/ELU/GELU/PReLU, GroupNorm (its unit
+    in multiples of its group size), BatchNorm1d, a gate of two branches, an SE of Linear layers
+    without bias, scalar arithmetic, ``y.add(x)``/``y.add_(x)`` and a pool as large as its input:
+    equal to the module at full width, supernet = materialized = ONNX Runtime at narrow configs."""
+    import numpy as np
+    import onnxruntime as ort
+
+    import hwslim.importing.fx_trace
+    from hwslim.core.costs import model_costs
+    from hwslim.runtimes.onnx_file import export_onnx
+
+    if path == "torch.export":
+        def fx_fails(self, root, *args, **kwargs):
+            raise torch.fx.proxy.TraceError("as for a forward fx cannot trace")
+        monkeypatch.setattr(hwslim.importing.fx_trace._Tracer, "trace", fx_fails)
+    torch.manual_seed(0)
+    theirs = _randomize(IdiomNet()).eval()
+    x = torch.randn(2, 3, 32, 32)
+    net = import_model(theirs, x[:1])
+    assert net.graph.meta["traced_by"] == path
+    kinds = {n.op.kind for n in net.nodes}
+    assert {"resize", "prelu", "gn", "mul", "scale", "unflatten"} <= kinds
+    # torch.export records the pool's kernel as a number: an ordinary pool there, a global one on the fx path
+    assert ("avgpool" in kinds) == (path == "torch.export")
+    assert net.graph.units["stem/0"].quantum == 4  # GroupNorm's groups of 4 channels
+    assert model_costs(net, net.full_config()).params == sum(p.numel() for p in theirs.parameters())
+    with torch.no_grad():
+        want = theirs(x)
+        assert (net(x) - want).abs().max() <= 1e-5 * want.abs().max()
+    for seed in range(2):
+        cfg = net.random_config(random.Random(seed))
+        with torch.no_grad(), net.using(cfg):
+            sliced = net(x)
+        plain = materialize(net, cfg, fold_bn=True).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(plain(x), sliced, rtol=1e-4, atol=1e-5)
+        onnx_path = export_onnx(plain, tmp_path / f"m{seed}.onnx", batch=2, input_size=32)
+        got = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"]).run(
+            None, {"input": x.numpy()})[0]
+        assert np.abs(got - sliced.numpy()).max() <= 1e-4 * np.abs(sliced.numpy()).max()
+
+
+def test_frozen_batch_norm_folds_into_its_conv():
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    torch.manual_seed(0)
+    bn = FrozenBatchNorm2d(8)
+    bn.weight.uniform_(0.5, 2)
+    bn.running_mean.uniform_(-1, 1)
+    bn.running_var.uniform_(0.5, 2)
+    theirs = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), bn, nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
+    x = torch.randn(2, 3, 16, 16)
+    net = import_model(theirs, x[:1])
+    assert [(n.op.kind, n.op.bn, n.op.act) for n in net.nodes] == [("conv", True, "relu"), ("conv", False, None)]
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), theirs(x), rtol=1e-5, atol=1e-5)
+
+
+class SharedConv(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.block = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        return self.block(torch.relu(self.block(x)))
+
+
+@pytest.mark.parametrize("path", ["torch.fx", "torch.export"])
+def test_a_module_called_twice_is_refused_by_name_not_split(path, monkeypatch):
+    import hwslim.importing.fx_trace
+
+    if path == "torch.export":
+        def fx_fails(self, root, *args, **kwargs):
+            raise torch.fx.proxy.TraceError("as for a forward fx cannot trace")
+        monkeypatch.setattr(hwslim.importing.fx_trace._Tracer, "trace", fx_fails)
+    with pytest.raises(ImportRefused, match=r"^module 'block' \(Conv2d\) is called 2 times in one forward \(block, "
+                                            r"block_2\): hwslim would split its one set of weights"):
+        import_model(SharedConv(), torch.randn(1, 3, 16, 16))
+
+
+def test_a_refusal_on_the_torch_export_path_names_the_module_not_the_aten_operator(monkeypatch):
+    import hwslim.importing.fx_trace
+
+    def fx_fails(self, root, *args, **kwargs):
+        raise torch.fx.proxy.TraceError("as for a forward fx cannot trace")
+    monkeypatch.setattr(hwslim.importing.fx_trace._Tracer, "trace", fx_fails)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Sequential(nn.Identity(), nn.LayerNorm([8, 16, 16])))
+    with pytest.raises(ImportRefused, match=r"^module '1\.1' \(LayerNorm\): hwslim has no operator for LayerNorm$"):
+        import_model(model, torch.randn(1, 3, 16, 16))
+
+
+def test_a_wrong_input_size_is_one_line_with_its_cause(capfd):
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Flatten(), nn.Linear(8 * 32 * 32, 10))
+    with pytest.raises(ImportRefused) as err:
+        import_model(model, torch.randn(1, 3, 224, 224))
+    msg = str(err.value)
+    assert "\n" not in msg and "mat1 and mat2 shapes cannot be multiplied" in msg and "--input-size" in msg
+    assert "Traceback" not in capfd.readouterr().err  # torch's ShapeProp prints one; it is dropped

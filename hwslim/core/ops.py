@@ -78,8 +78,9 @@ class ImportSite(Protocol):
     def add_operands(self, n: Any) -> list | None:
         """The two tensors of a plain element-wise add, else None."""
 
-    def norm_act(self, n: Any, m: nn.BatchNorm2d) -> str | None:
-        """The activation inside a BatchNorm2d subclass (timm's ``BatchNormAct2d``); refuses what it cannot read."""
+    def norm_act(self, n: Any, m: nn.Module) -> str | None:
+        """The activation inside a BatchNorm2d subclass (timm's ``BatchNormAct2d``; None for a
+        FrozenBatchNorm2d); refuses what it cannot read."""
 
     def is_plain(self, m: nn.Module, base: type) -> bool:
         """``m`` computes what ``base`` computes (its own forward, if any, makes the same one call)."""
@@ -848,8 +849,7 @@ class BatchNorm(Op):
             return Claim(cls(None, m.eps), x, {"bn": m})
         if not is_batch_norm(m):
             return None
-        act = None if _qualname(type(m)) == FROZEN_BN else site.norm_act(node, m)
-        return Claim(cls(act, m.eps), x, {"bn": m})
+        return Claim(cls(site.norm_act(node, m), m.eps), x, {"bn": m})
 
     def load_weights(self, module, sources):
         _load_bn(module, sources["bn"])

@@ -50,7 +50,9 @@ from torch import fx, nn
 
 from hwslim.core.errors import ModelError
 from hwslim.core.graph import INPUT, Graph, Node, UnitDef
-from hwslim.core.ops import OPS, ChannelShuffle, ChannelSlice, Claim, GlobalAvgPool, Op, SqueezeExcite, square
+from hwslim.core.activations import LEAKY_SLOPES, leaky_name
+from hwslim.core.ops import (OPS, ChannelShuffle, ChannelSlice, Claim, GlobalAvgPool, Op, SqueezeExcite, is_batch_norm,
+                             square)
 
 
 class ImportRefused(ModelError):
@@ -76,9 +78,9 @@ _REFUSALS = {"view": "a reshape that mixes channels", "reshape": "a reshape that
              "chunk": "splitting channels (chunk)", "split": "splitting channels (split)",
              "split_with_sizes": "splitting channels (split)", "tensor_split": "splitting channels (split)",
              "getitem": "indexing or slicing a tensor (x[:, a:b])", "layer_norm": "LayerNorm",
-             "interpolate": "resizing (interpolate)", "Upsample": "resizing (Upsample)",
-             "pad": "explicit padding (F.pad)", "leaky_relu": "the activation leaky_relu",
-             "LeakyReLU": "the activation LeakyReLU", "LayerNorm": "LayerNorm", "LayerNorm2d": "LayerNorm"}
+             "pad": "explicit padding (F.pad)", "leaky_relu": "the activation leaky_relu with this slope",
+             "LeakyReLU": "the activation LeakyReLU with this slope", "LayerNorm": "LayerNorm",
+             "LayerNorm2d": "LayerNorm"}
 
 
 def _stochastic_depth():
@@ -99,15 +101,37 @@ def _scope(node: fx.Node) -> str:
 
 
 def _where(node: fx.Node, gm: fx.GraphModule) -> str:
-    """``node 'layer1.0.conv1' (Conv2d, torchvision/models/resnet.py:92)`` for messages."""
-    what = type(gm.get_submodule(node.target)).__name__ if node.op == "call_module" else \
-        getattr(node.target, "__name__", str(node.target))
+    """``node 'layer1.0.conv1' (Conv2d, torchvision/models/resnet.py:92)`` for messages; an ATen operator
+    torch.export left is named by the module that called it: ``module 'model.10' (Upsample, ...)``."""
     stack = node.meta.get("stack_trace") or ""
     line = ""
     for m in re.finditer(r'File "([^"]+)", line (\d+)', stack):
         if not re.search(r"site-packages/torch/", m.group(1)):  # torch's own frames (the tracer, containers)
             line = f", {m.group(1).split('site-packages/')[-1]}:{m.group(2)}"
-    return f"node {node.name!r} ({what}{line})"
+    caller = _aten_caller(node)
+    if caller is not None:
+        return f"module {caller[0] or '(the model)'!r} ({caller[1]}{line})"
+    return f"node {node.name!r} ({_what(node, gm)}{line})"
+
+
+def _aten_caller(node: fx.Node) -> tuple[str, str] | None:
+    """(qualified name, class name) of the module whose forward called ``node``, when ``node`` is an
+    ATen operator torch.export recorded (its name says nothing to the model's author), else None."""
+    if node.op != "call_function" or not isinstance(node.target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+        return None
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return None
+    path, cls = list(stack.values())[-1]
+    return str(path), str(getattr(cls, "__name__", cls)).rpartition(".")[2]
+
+
+def _what(node: fx.Node, gm: fx.GraphModule) -> str:
+    """The module class or function (tensor method) a node calls; for an ATen operator, its caller's class."""
+    if node.op == "call_module":
+        return type(gm.get_submodule(node.target)).__name__
+    caller = _aten_caller(node)
+    return caller[1] if caller is not None else getattr(node.target, "__name__", str(node.target))
 
 
 class _Tracer(fx.Tracer):
@@ -124,7 +148,9 @@ class _Tracer(fx.Tracer):
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         claimed = tuple(t for op in OPS.values() for t in op.torch_modules)
-        return isinstance(m, claimed) or super().is_leaf_module(m, qualname)
+        named = {t for op in OPS.values() for t in op.torch_module_names}
+        return isinstance(m, claimed) or f"{type(m).__module__}.{type(m).__qualname__}" in named or \
+            super().is_leaf_module(m, qualname)
 
 
 def _module_act(m: nn.Module) -> str | None:
@@ -137,6 +163,10 @@ def _module_act(m: nn.Module) -> str | None:
         return "gelu" if m.approximate == "none" else None
     if isinstance(m, nn.Hardtanh) and (m.min_val, m.max_val) == (0.0, 6.0):
         return "relu6"
+    if isinstance(m, nn.LeakyReLU):
+        return _leaky(m.negative_slope)
+    if isinstance(m, nn.ELU):
+        return "elu" if m.alpha == 1.0 else None
     if type(m) in _ACT_MODULES:
         return _ACT_MODULES[type(m)]
     if type(m).__module__.startswith("torch.nn") or any(True for _ in m.parameters()):
@@ -149,10 +179,30 @@ def _module_act(m: nn.Module) -> str | None:
         return None
     n = nodes[0]
     if n.op == "call_function":
-        if n.target is F.gelu and n.kwargs.get("approximate", "none") != "none":
-            return None
-        return _ACT_FUNCTIONS.get(n.target)
+        return _function_act(n)
     return _ACT_METHODS.get(n.target) if n.op == "call_method" else None
+
+
+def _leaky(slope: float) -> str | None:
+    return leaky_name(slope) if slope in LEAKY_SLOPES else None
+
+
+def _arg(n: fx.Node, i: int, name: str, default: Any) -> Any:
+    """Argument ``i`` (keyword ``name``) of a call."""
+    return n.args[i] if len(n.args) > i else n.kwargs.get(name, default)
+
+
+def _function_act(n: fx.Node) -> str | None:
+    """The activation a ``call_function`` node computes (None: not one hwslim knows)."""
+    if n.target is F.gelu:
+        return "gelu" if n.kwargs.get("approximate", "none") == "none" else None
+    if n.target is F.hardtanh:
+        return "relu6" if tuple(n.args[1:3]) == (0.0, 6.0) else None
+    if n.target is F.leaky_relu:
+        return _leaky(_arg(n, 1, "negative_slope", 0.01))
+    if n.target is F.elu:
+        return "elu" if _arg(n, 1, "alpha", 1.0) == 1.0 else None
+    return _ACT_FUNCTIONS.get(n.target)
 
 
 def _is_plain(m: nn.Module, base: type) -> bool:
@@ -223,15 +273,9 @@ class _Importer:
                 raise ImportRefused(f"torch.fx cannot trace {type(module).__name__} ({fx_error}), nor can "
                                     f"torch.export ({_first_line(e2)}); make its forward free of control flow that "
                                     "depends on tensor values") from None
-        from torch.fx.passes.shape_prop import ShapeProp
-
         self.drop_identities()
-        try:
-            with torch.no_grad():
-                ShapeProp(self.gm).propagate(example)
-        except Exception as e:
-            raise ImportRefused(f"running {type(module).__name__} on the example input failed "
-                                f"({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
+        self.follow_in_place()
+        _propagate(self.gm, example, type(module).__name__)
         self.nodes = list(self.gm.graph.nodes)
         self.users = {n: list(n.users) for n in self.nodes}
         self.consumed: set[fx.Node] = set()
@@ -253,12 +297,29 @@ class _Importer:
                     graph.erase_node(n)
         self.gm.recompile()
 
+    def follow_in_place(self) -> None:
+        """After ``y.add_(x)`` (a tensor method ending in ``_``), ``y`` holds the result: later readers of
+        ``y`` read that node, so a graph whose values are never overwritten computes the same."""
+        order = {n: i for i, n in enumerate(self.gm.graph.nodes)}
+        for n in list(self.gm.graph.nodes):
+            if n.op != "call_method" or not n.target.endswith("_") or n.target.startswith("_") or \
+                    not n.args or not isinstance(n.args[0], fx.Node):
+                continue
+            y = n.args[0]
+            for user in list(y.users):
+                if order[user] > order[n]:
+                    user.replace_input_with(y, n)
+        self.gm.recompile()
+
     # -- what an operator's import rule may ask (hwslim.core.ops.ImportSite) ----------------------------
     def module(self, n: fx.Node) -> nn.Module | None:
         return self.gm.get_submodule(n.target) if n.op == "call_module" else None
 
     def has_shape(self, n: fx.Node) -> bool:
         return hasattr(n.meta.get("tensor_meta"), "shape")
+
+    def value(self, v: Any) -> Any:
+        return fx.node.map_arg(v, lambda n: n.meta.get("hwslim_value"))
 
     def is_plain(self, m: nn.Module, base: type) -> bool:
         return _is_plain(m, base)
@@ -274,11 +335,7 @@ class _Importer:
         if m is not None:
             return _module_act(m)
         if n.op == "call_function":
-            if n.target is F.gelu and n.kwargs.get("approximate", "none") != "none":
-                return None
-            if n.target is F.hardtanh and tuple(n.args[1:3]) == (0.0, 6.0):
-                return "relu6"
-            return _ACT_FUNCTIONS.get(n.target)
+            return _function_act(n)
         if n.op == "call_method":
             return _ACT_METHODS.get(n.target)
         return None
@@ -301,8 +358,10 @@ class _Importer:
         return False
 
     def add_operands(self, n: fx.Node) -> list[fx.Node] | None:
-        """The two tensors of a plain element-wise add, else None."""
-        if n.op != "call_function" or n.target not in _ADD or n.kwargs.get("alpha", 1) != 1:
+        """The two tensors of a plain element-wise add (``x + y``, ``torch.add``, ``y.add(x)``, ``y.add_(x)``),
+        else None."""
+        called = (n.op == "call_function" and n.target in _ADD) or (n.op == "call_method" and n.target in ("add", "add_"))
+        if not called or n.kwargs.get("alpha", 1) != 1:
             return None
         args = self.tensor_args(n)
         return args if len(args) == 2 and len(n.args) == 2 else None
@@ -386,12 +445,11 @@ class _Importer:
             if claim is not None:
                 self.fuse(n, claim)
                 return
-        if self.try_resize_identity(n) or self.try_shuffle(n) or self.try_split(n) or self.try_slice(n):
+        if self.try_resize_identity(n) or self.try_broadcast(n) or self.try_shuffle(n) or self.try_split(n) or self.try_slice(n):
             return
         if "tensor_meta" not in n.meta:
             return  # shape arithmetic (x.size(0) for a flatten): no tensor of its own
-        m = self.module(n)
-        what = (type(m).__name__ if m is not None else getattr(n.target, "__name__", str(n.target)))
+        what = _what(n, self.gm)
         raise self.refuse(n, _REFUSALS.get(what, what))
 
     def add_group(self, op: Op, members: list[fx.Node], inputs: list[fx.Node],
@@ -406,7 +464,7 @@ class _Importer:
         has no activation (:attr:`Op.fuses_residual`), then an activation (:attr:`Op.takes_act`)."""
         op, members, inputs, sources = claim.op, [n], list(claim.inputs), dict(claim.sources)
         u = self.sole_user(n)
-        if op.fuses_bn and u is not None and isinstance(self.module(u), nn.BatchNorm2d):
+        if op.fuses_bn and u is not None and is_batch_norm(self.module(u)):
             bn = sources["bn"] = self.module(u)
             act = self.norm_act(u, bn)
             op = op.with_bn(bn.eps)
@@ -439,6 +497,19 @@ class _Importer:
             raise self.refuse(n, f"adaptive average pooling to {tuple(self.shape(n)[2:])} from "
                                  f"{tuple(self.shape(x)[2:])}")
         self.alias[n] = x
+        return True
+
+    def try_broadcast(self, n: fx.Node) -> bool:
+        """``gate.expand_as(x)`` of an (N, C, 1, 1) gate that only products read: the gate itself (a
+        product broadcasts it)."""
+        if not self.is_call(n, ("expand_as", "expand")) or not self.has_shape(n):
+            return False
+        g = self.tensor_args(n)[0]
+        if not self.has_shape(g) or len(self.shape(g)) != 4 or self.shape(g)[2:] != (1, 1) or \
+                self.shape(g)[:2] != self.shape(n)[:2] or \
+                not all(self.is_call(u, ("mul", "mul_"), _MUL) for u in self.users[n]):
+            return False
+        self.alias[n] = g
         return True
 
     # -- channels that move: ShuffleNetV2's shuffle and split (fixed units, --fix-unsupported) ----------
@@ -539,6 +610,8 @@ class _Importer:
     def norm_act(self, n: fx.Node, m: nn.BatchNorm2d) -> str | None:
         """The activation inside a BatchNorm2d subclass (timm's ``BatchNormAct2d``: ``act(drop(bn(x)))``);
         None for a plain BatchNorm or an identity activation. Refuses a BatchNorm it cannot read."""
+        if not isinstance(m, nn.BatchNorm2d):
+            return None  # torchvision's FrozenBatchNorm2d: affine, fixed statistics, nothing inside
         if not (m.affine and m.track_running_stats):
             raise self.refuse(n, "BatchNorm without affine parameters or running statistics")
         if _is_plain(m, nn.BatchNorm2d):
@@ -570,6 +643,7 @@ class _Importer:
         if not isinstance(result, fx.Node):
             raise ImportRefused(f"{type(self.root).__name__} returns {type(result).__name__}, not one tensor")
         tensor = self.name_groups(groups)
+        self.refuse_shared(groups)
         ch = _Channels()
         layout, mids, made, pinned = self.channel_flow(groups, tensor, ch)
         ch.fixed.update(layout[tensor(result)])  # the network's outputs (the classes) are never slimmed
@@ -586,6 +660,26 @@ class _Importer:
         graph = Graph(self.name, nodes, units, int(self.example.shape[-1]), int(self.shape(result)[1]),
                       int(self.example.shape[1]), 1.0, 8, meta)
         return graph, {g.name: g.sources for g in groups if g.sources}
+
+    def refuse_shared(self, groups: list[_Group]) -> None:
+        """A module called more than once in one forward (one set of weights) would become independent
+        layers, its weights split to train apart: refused, naming it."""
+        def key(m: nn.Module) -> int:  # torch.export may hand a plain layer holding the same parameters
+            return id(getattr(m, "weight", None) if getattr(m, "weight", None) is not None else m)
+
+        calls: dict[int, list[_Group]] = {}
+        for g in groups:
+            for k in {key(m) for m in g.sources.values()}:
+                calls.setdefault(k, []).append(g)
+        shared = [(k, gs) for k, gs in calls.items() if len(gs) > 1]
+        if not shared:
+            return
+        k, gs = shared[0]
+        names = {key(m): (name, type(m).__name__) for name, m in self.root.named_modules(remove_duplicate=False)}
+        name, cls = names.get(k, ("?", "module"))
+        raise ImportRefused(f"module {name!r} ({cls}) is called {len(gs)} times in one forward "
+                            f"({', '.join(g.name for g in gs)}): hwslim would split its one set of weights into "
+                            f"{len(gs)} independent layers; give each call its own module")
 
     def name_groups(self, groups: list[_Group]):
         """Name every group (its ``base``, else its first node's module path or fx name; ``_2``... when
@@ -728,9 +822,38 @@ class _Channels:
         return units, ref
 
 
-def _first_line(e: BaseException) -> str:
+def _propagate(gm: fx.GraphModule, example: torch.Tensor, what: str) -> None:
+    """Record every node's value shape (``tensor_meta``) and every shape expression's ints
+    (``x.size()[3]``: a pooling kernel) by running ``gm`` on ``example``.
+
+    A failure is one line with its cause (torch's ShapeProp prints a traceback and wraps the
+    cause: both are dropped), and suggests another input size, the usual reason."""
+    import contextlib
+    import io
+
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    class _Values(ShapeProp):
+        def run_node(self, n: fx.Node) -> Any:
+            result = super().run_node(n)
+            if isinstance(result, int) or (isinstance(result, (tuple, list)) and result and
+                                           all(isinstance(v, int) for v in result)):
+                n.meta["hwslim_value"] = result if isinstance(result, int) else tuple(result)
+            return result
+
+    try:
+        with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
+            _Values(gm).propagate(example)
+    except Exception as e:
+        cause = e.__cause__ or e
+        size = "x".join(map(str, example.shape[2:]))
+        raise ImportRefused(f"running {what} on a {size} example input failed ({_first_line(cause, 400)}); "
+                            "if it expects another input size, pass --input-size") from None
+
+
+def _first_line(e: BaseException, limit: int = 160) -> str:
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    return f"{type(e).__name__}: {' '.join(lines[0].split())[:160]}" if lines else type(e).__name__
+    return f"{type(e).__name__}: {' '.join(lines[0].split())[:limit]}" if lines else type(e).__name__
 
 
 def _clean(target: Any) -> str:
