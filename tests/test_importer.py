@@ -632,3 +632,19 @@ def test_a_wrong_input_size_is_one_line_with_its_cause(capfd):
     msg = str(err.value)
     assert "\n" not in msg and "mat1 and mat2 shapes cannot be multiplied" in msg and "--input-size" in msg
     assert "Traceback" not in capfd.readouterr().err  # torch's ShapeProp prints one; it is dropped
+
+
+def test_json_output_is_only_json_when_the_model_builder_prints(tmp_path, monkeypatch, capsys):
+    import json
+
+    from hwslim.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "chatty_cnn.py").write_text(
+        "from torch import nn\n\n\ndef build():\n    print('chatty_cnn summary: 2 layers')\n"
+        "    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert main(["cost", "--model", "chatty_cnn:build", "--input-size", "16", "--json"]) == 0
+    out, err = capsys.readouterr()
+    json.loads(out)
+    assert "chatty_cnn summary" in err

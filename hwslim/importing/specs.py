@@ -14,7 +14,10 @@ A model is data (a graph, see
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -25,6 +28,16 @@ def _is_file_spec(spec: str) -> bool:
     return spec.endswith((".json", ".pt", ".pth")) or "/" in spec or Path(spec).is_file()
 
 
+def _prints_to_stderr(fn):
+    """A model builder's prints (Ultralytics' summary line) go to stderr: stdout is the CLI's (``--json``)."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with contextlib.redirect_stdout(sys.stderr):
+            return fn(*args, **kwargs)
+    return wrapper
+
+
+@_prints_to_stderr
 def module_from_spec(spec: str, init: str | None = None):
     """The ``nn.Module`` a ``torchvision:NAME``, ``timm:NAME`` or ``module:callable`` spec names.
 
