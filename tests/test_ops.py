@@ -12,8 +12,8 @@ from hwslim.search.evaluator import StepEvaluator, mixing_start
 from hwslim.runtimes.onnx_file import export_onnx
 from hwslim.core.graph import INPUT, layer_spec
 from hwslim.core.materialize import materialize
-from hwslim.core.ops import (OPS, Conv, GroupNorm, Linear, MaxPool, Mul, PReLU, Resize, Scale, SqueezeExcite,
-                             Unflatten)
+from hwslim.core.ops import (OPS, ChannelPart, Conv, GroupNorm, Linear, MaxPool, Mul, PReLU, Resize, Scale,
+                             SqueezeExcite, Unflatten)
 from hwslim.core.supernet import GraphBuilder, SlimmableNet
 from fakes import randomize_bn
 
@@ -21,7 +21,8 @@ from fakes import randomize_bn
 def every_op_net(input_size: int = 16) -> SlimmableNet:
     """A small network using every registered operator (and a conv without BN, with a bias)."""
     g = GraphBuilder()
-    a, b, r, c, d = g.unit("a", 16, quantum=4), g.unit("b", 32, quantum=8), g.unit("r", 8), g.unit("c", 16), g.unit("d", 24)
+    a, b, r = g.unit("a", 16, quantum=4), g.unit("b", 32, quantum=8), g.unit("r", 8)
+    c, d = g.unit("c", 16), g.unit("d", 24)
     h0 = g.conv("stem", INPUT, 3, a, 3, 2, act="hardswish")
     h = g.conv("expand", h0, a, b, 1, act="silu")
     h = g.conv("group", h, b, None, 3, group_width=8, act="relu6")
@@ -43,6 +44,10 @@ def every_op_net(input_size: int = 16) -> SlimmableNet:
     x = g.concat("cat", x, side)  # channels: a then c
     x = g.bn("bn", x, act="sigmoid")
     x = g.conv("mix", x, None, d, 1, act="relu")  # reads the concatenation
+    # a conv's output in two equal parts (C2f's chunk): the unit r slims in pairs
+    halves = g.node("halves", Conv(1, act="silu", parts=2), x, out=r)
+    halfsum = g.add("halfsum", g.node("half0", ChannelPart(0), halves), g.node("half1", ChannelPart(1), halves))
+    x = g.conv("unhalve", halfsum, r, d, 1, act="relu", residual=x)
     # ShuffleNetV2's bookkeeping on fixed channels: slices (views), a shuffle, and an in-place
     # activation on a slice while the tensor it is a view of is still read later
     f = g.conv("fixed", x, d, 16, 1, act=None)
@@ -303,5 +308,6 @@ def test_windows_resampling_and_weighted_norms_costs_and_table_keys_by_hand():
     assert gn.groups == 4 and gn.op.params(gn) == 32 and gn.op.quantum == 4
     assert PReLU().params(layer_spec("p", PReLU(), 16, 8)) == 16 and PReLU(shared=True).params(gn) == 1
     lin = layer_spec("l", Linear(bias=False), 16, 1, out=10, flat=True)
-    assert lin.op.params(lin) == 160 and "bias" not in Linear().to_dict() and Linear(bias=False).to_dict()["bias"] is False
+    assert lin.op.params(lin) == 160 and "bias" not in Linear().to_dict()
+    assert Linear(bias=False).to_dict()["bias"] is False
     assert MaxPool(2, 2, 1, dilation=2).out_hw([(16, 16)]) == (8, 8) and "dilation" not in MaxPool(2, 2).to_dict()

@@ -150,13 +150,15 @@ class Slice:
     """Active widths of one node in the supernet: what :meth:`Op.run` slices to.
 
     ``index`` is the kept channels of the first input, as positions in its full-width
-    layout (None: the first ``x.shape[1]`` channels), ``out`` the output width (ops that
-    set it), ``mid`` an inner width (SE's reduce width).
+    layout (None: the first ``x.shape[1]`` channels), ``parts`` the widths of that layout's
+    parts (None: one part), ``out`` the output width (ops that set it), ``mid`` an inner
+    width (SE's reduce width).
     """
 
     out: int | None = None
     mid: int | None = None
     index: torch.Tensor | None = None
+    parts: tuple[int, ...] | None = None
     inplace: bool = False
     training: bool = False
 
@@ -494,10 +496,15 @@ class Conv(_Window, Op):
     bias: bool = False
     eps: float = 1e-5  # BatchNorm's epsilon (MobileNetV3: 1e-3)
     dilation: int | tuple[int, int] = optional(1)
+    # the output is ``parts`` equal parts, each as wide as the node's ``out`` unit, each keeping its first
+    # channels: a split into equal parts (YOLOv8's C2f chunk) then slims the unit in whole sets of parts
+    parts: int = optional(1)
 
     def __post_init__(self) -> None:
         check_act(self.act)
         self._compact_window()
+        if self.parts > 1 and self.tied:
+            raise ValueError("a grouped conv's output follows its input: it has no parts of its own")
 
     @classmethod
     def from_torch(cls, node, site):
@@ -543,6 +550,16 @@ class Conv(_Window, Op):
     def check_inputs(self, name: str, layouts: Sequence[tuple]) -> None:
         if len(layouts) not in (1, 2):
             raise ValueError(f"{name}: conv takes an input and an optional residual, got {len(layouts)} inputs")
+
+    def out_layout(self, node, layouts):
+        return (node.out,) * self.parts if self.sets_width else layouts[0]
+
+    def _rows(self, full: int, width: int, device: torch.device) -> torch.Tensor | None:
+        """The kept filters of an output in parts: the first ``width`` of each part of ``full`` (None: a prefix)."""
+        if self.parts == 1 or width == full:
+            return None
+        starts = torch.arange(self.parts, device=device)[:, None] * full
+        return (starts + torch.arange(width, device=device)).reshape(-1)
 
     def unit_ties(self, node, layouts):
         return [(self.out_layout(node, layouts), layouts[1])] if len(layouts) == 2 else []
@@ -595,12 +612,17 @@ class Conv(_Window, Op):
 
     def build(self, node, cin, cout, mid):
         k, st, p, d = self.window()
-        conv = SlimmableConv2d(cin, cin if self.tied else cout, k, st, p, bias=self.bias,
+        conv = SlimmableConv2d(cin, cin if self.tied else cout * self.parts, k, st, p, bias=self.bias,
                                group_width=self.group_width, dilation=d)
         return SlimmableConvBN(conv, bn=self.bn, eps=self.eps)
 
     def run(self, module, xs, ctx):
-        y = module(xs[0], ctx.out, ctx.index, ctx.training)
+        out, rows = ctx.out, None
+        if self.parts > 1:
+            full = module.conv.out_channels // self.parts
+            rows = self._rows(full, full if out is None else out, xs[0].device)
+            out = None if rows is None else len(rows)
+        y = module(xs[0], out, ctx.index, ctx.training, rows)
         return self._tail(y, xs, fresh())
 
     def _tail(self, y, xs, inplace):  # y is the conv's own output: writable without autograd
@@ -620,8 +642,8 @@ class Conv(_Window, Op):
                 conv.weight.copy_(_take(w, index, s.cout))
                 out_index = index
             else:
-                conv.weight.copy_(_take(w[: s.cout], index, s.cin, dim=1))
-                out_index = None
+                out_index = self._rows(len(w) // self.parts, s.cout // self.parts, w.device)
+                conv.weight.copy_(_take(_take(w, out_index, s.cout), index, s.cin, dim=1))
             if self.bias:
                 conv.bias.copy_(_take(src.conv.bias, out_index, s.cout))
         conv = conv.to(w.device, w.dtype)
@@ -645,6 +667,8 @@ class Conv(_Window, Op):
         else:
             _permute_(conv.weight, p_in, 1)
             rows = out_perm
+            if out_perm is not None and self.parts > 1:  # every part moves as the unit does
+                rows = torch.cat([out_perm + k * len(out_perm) for k in range(self.parts)])
         _permute_(conv.weight, rows)
         _permute_(conv.bias, rows)
         _permute_bn(module.bn, rows)
@@ -1653,6 +1677,45 @@ class Unflatten(Op):
         return x.reshape(*x.shape, 1, 1)
 
 
+@register_op
+@dataclass(frozen=True)
+class ChannelPart(Op):
+    """Part ``part`` of a tensor made of parts (a conv's output in equal parts, a concatenation): one
+    piece of an equal ``chunk``/``split`` along the channels, slimmable. Its output is that part's
+    kept channels; a view (ONNX Runtime copies it)."""
+
+    kind: ClassVar[str] = "part"
+    view: ClassVar[bool] = True
+    part: int = 0
+
+    def check_inputs(self, name, layouts):
+        super().check_inputs(name, layouts)
+        if not 0 <= self.part < len(layouts[0]):
+            raise ValueError(f"{name}: part {self.part} of a tensor of {len(layouts[0])} part(s)")
+
+    def out_layout(self, node, layouts):
+        return (layouts[0][self.part],)
+
+    def _range(self, widths: Sequence[int]) -> tuple[int, int]:
+        return sum(widths[: self.part]), widths[self.part]
+
+    def signature(self, s):
+        return ("part", 0, 1, 0, 1, s.in_h, s.in_w, s.cin, s.cout, "none", False, s.batch, f"part={self.part}")
+
+    def onnx(self, s, g, inputs, out):
+        start, width = self._range([w for _, w in s.in_parts])
+        g.node("Slice", [inputs[0], g.ints(f"{s.name}::start", [start]), g.ints(f"{s.name}::stop", [start + width]),
+                         g.ints("slice.axis1", [1])], [out], f"{s.name}::slice")
+
+    def run(self, module, xs, ctx):
+        start, width = self._range(ctx.parts) if ctx.parts is not None else (0, xs[0].shape[1])
+        return xs[0].narrow(1, start, width)
+
+    def run_plain(self, module, xs, s, inplace, training):
+        start, width = self._range([w for _, w in s.in_parts])
+        return xs[0].narrow(1, start, width)
+
+
 _SCALAR_OPS = {"add": (operator.add, operator.iadd, torch.add), "mul": (operator.mul, operator.imul, torch.mul),
                "sub": (operator.sub, operator.isub, torch.sub), "truediv": (operator.truediv, torch.div)}
 
@@ -1666,11 +1729,12 @@ def _is_binary(node: Any, methods: tuple[str, ...], functions: tuple, any_args: 
 
 def _check_whole_groups(p: torch.Tensor | None, g: int, name: str, what: str) -> None:
     """Refuse a permutation that moves channels other than in whole groups of ``g``."""
-    if p is not None and g > 1 and not torch.equal(p.view(-1, g), p.view(-1, g)[:, :1] + torch.arange(g, device=p.device)):
+    blocks = None if p is None else p.view(-1, g)
+    if g > 1 and blocks is not None and not torch.equal(blocks, blocks[:, :1] + torch.arange(g, device=p.device)):
         raise ValueError(f"{name}: {what}'s channels can move only in whole groups of {g}")
 
 
-__all__ = ["ACTIVATIONS", "OPS", "Act", "Add", "AvgPool", "BatchNorm", "ChannelShuffle", "ChannelSlice",
-           "Concat", "Conv", "Dropout", "Flatten", "GlobalAvgPool", "GroupNorm", "Linear", "MaxPool", "Mul", "Op",
-           "PReLU", "Resize", "Scale", "Slice", "SqueezeExcite", "Unflatten", "apply_act", "op_from_dict",
+__all__ = ["ACTIVATIONS", "OPS", "Act", "Add", "AvgPool", "BatchNorm", "ChannelPart", "ChannelShuffle", "ChannelSlice",
+           "Claim", "Concat", "Conv", "Dropout", "Flatten", "GlobalAvgPool", "GroupNorm", "Linear", "MaxPool", "Mul",
+           "Op", "PReLU", "Resize", "Scale", "Slice", "SqueezeExcite", "Unflatten", "apply_act", "op_from_dict",
            "register_op", "spec_index"]

@@ -41,7 +41,7 @@ from __future__ import annotations
 import math
 import operator
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -51,8 +51,8 @@ from torch import fx, nn
 from hwslim.core.errors import ModelError
 from hwslim.core.graph import INPUT, Graph, Node, UnitDef
 from hwslim.core.activations import LEAKY_SLOPES, leaky_name
-from hwslim.core.ops import (OPS, ChannelShuffle, ChannelSlice, Claim, GlobalAvgPool, Op, SqueezeExcite, is_batch_norm,
-                             square)
+from hwslim.core.ops import (OPS, ChannelPart, ChannelShuffle, ChannelSlice, Claim, Conv, GlobalAvgPool, Op,
+                             SqueezeExcite, is_batch_norm, square)
 
 
 class ImportRefused(ModelError):
@@ -360,8 +360,7 @@ class _Importer:
     def add_operands(self, n: fx.Node) -> list[fx.Node] | None:
         """The two tensors of a plain element-wise add (``x + y``, ``torch.add``, ``y.add(x)``, ``y.add_(x)``),
         else None."""
-        called = (n.op == "call_function" and n.target in _ADD) or (n.op == "call_method" and n.target in ("add", "add_"))
-        if not called or n.kwargs.get("alpha", 1) != 1:
+        if not self.is_call(n, ("add", "add_"), _ADD) or n.kwargs.get("alpha", 1) != 1:
             return None
         args = self.tensor_args(n)
         return args if len(args) == 2 and len(n.args) == 2 else None
@@ -445,7 +444,8 @@ class _Importer:
             if claim is not None:
                 self.fuse(n, claim)
                 return
-        if self.try_resize_identity(n) or self.try_broadcast(n) or self.try_shuffle(n) or self.try_split(n) or self.try_slice(n):
+        if self.try_resize_identity(n) or self.try_broadcast(n) or self.try_shuffle(n) or self.try_split(n) or \
+                self.try_slice(n):
             return
         if "tensor_meta" not in n.meta:
             return  # shape arithmetic (x.size(0) for a flatten): no tensor of its own
@@ -567,10 +567,28 @@ class _Importer:
         self.consume(n)
         scope = _clean(_scope(n))
         what = _SPLITS.get(n.target, n.target)
+        if self.split_into_parts(x, [int(m.shape[1]) for m in metas]):
+            for u in users:
+                k = u.args[1] % len(metas)
+                self.add_group(ChannelPart(k), [u], [x], base=f"{scope}/{what}{k}" if scope else f"{what}{k}")
+            return True
         for u in users:
             k = u.args[1] % len(metas)
             self.add_group(ChannelSlice(offsets[k], offsets[k + 1]), [u], [x],
                            base=f"{scope}/{what}{k}" if scope else f"{what}{k}", what=f"a channel split ({what})")
+        return True
+
+    def split_into_parts(self, x: fx.Node, sizes: list[int]) -> bool:
+        """Whether a split of ``x`` into ``sizes`` can slim: equal parts of a dense conv's output that
+        only the split reads (C2f's ``cv1(x).chunk(2, 1)``). That conv then makes its output in parts
+        (:attr:`Conv.parts`), each as wide as its unit: the unit slims in whole sets of parts."""
+        x = self.resolve(x)
+        conv = next((g for g in self.groups if g.last is x), None)
+        if conv is None or len(sizes) < 2 or len(set(sizes)) != 1 or len(self.users[x]) != 1 or \
+                not isinstance(conv.op, Conv) or not conv.op.sets_width or conv.op.parts != 1 or len(conv.inputs) != 1:
+            return False
+        conv.op = replace(conv.op, parts=len(sizes))
+        conv.out_channels = sizes[0]
         return True
 
     def try_slice(self, n: fx.Node) -> bool:
@@ -638,28 +656,43 @@ class _Importer:
         whose weights its operator copies (:meth:`Op.load_weights`)."""
         order = {n: i for i, n in enumerate(self.nodes)}
         groups = sorted(self.groups, key=lambda g: order[g.last])
-        (out_node,) = [n for n in self.nodes if n.op == "output"]
-        result = out_node.args[0]
-        if not isinstance(result, fx.Node):
-            raise ImportRefused(f"{type(self.root).__name__} returns {type(result).__name__}, not one tensor")
+        results = self.outputs()
         tensor = self.name_groups(groups)
         self.refuse_shared(groups)
         ch = _Channels()
         layout, mids, made, pinned = self.channel_flow(groups, tensor, ch)
-        ch.fixed.update(layout[tensor(result)])  # the network's outputs (the classes) are never slimmed
+        for _, r in results:  # the network's outputs (the classes, a detector's levels) are never slimmed
+            ch.fixed.update(layout[tensor(r)])
         self.fix_pinned(pinned, made, ch)
         units, ref = ch.units()
         nodes = [Node(g.name, g.op, tuple(tensor(x) for x in g.inputs),
                       ref(layout[g.name][0]) if g.op.sets_width else None,
                       ref(mids[g.name]) if g.name in mids else None) for g in groups]
-        if tensor(result) != nodes[-1].name:
+        several = len(results) > 1 or results[0][0] != ""
+        if not several and tensor(results[0][1]) != nodes[-1].name:
             raise ImportRefused(f"the output of {type(self.root).__name__} is not its last operator's")
         meta: dict[str, Any] = {"imported_from": type(self.root).__qualname__, "traced_by": self.traced_by}
         if self.fixed_units:
             meta["fixed_units"] = self.fixed_units
-        graph = Graph(self.name, nodes, units, int(self.example.shape[-1]), int(self.shape(result)[1]),
-                      int(self.example.shape[1]), 1.0, 8, meta)
+        outputs = tuple((k, tensor(r)) for k, r in results) if several else ()
+        graph = Graph(self.name, nodes, units, int(self.example.shape[-1]), int(self.shape(results[0][1])[1]),
+                      int(self.example.shape[1]), 1.0, 8, meta, outputs)
         return graph, {g.name: g.sources for g in groups if g.sources}
+
+    def outputs(self) -> list[tuple[Any, fx.Node]]:
+        """What the module returns: ``[("", node)]`` for one tensor; (position or key, node) pairs for a
+        tuple, list or dict of tensors (every one keeps its width)."""
+        (out_node,) = [n for n in self.nodes if n.op == "output"]
+        result = out_node.args[0]
+        if isinstance(result, fx.Node):
+            return [("", result)]
+        pairs = list(result.items()) if isinstance(result, dict) else \
+            list(enumerate(result)) if isinstance(result, (tuple, list)) else []
+        if not pairs or not all(isinstance(v, fx.Node) and self.has_shape(v) and isinstance(k, (int, str))
+                                for k, v in pairs):
+            raise ImportRefused(f"{type(self.root).__name__} returns {type(result).__name__}, not one tensor nor a "
+                                "tuple, list or dict of tensors")
+        return pairs
 
     def refuse_shared(self, groups: list[_Group]) -> None:
         """A module called more than once in one forward (one set of weights) would become independent
@@ -886,7 +919,6 @@ def import_model(module: nn.Module, example_input: torch.Tensor, *, name: str | 
     Raises :class:`ImportRefused` (one line: the node, the module type and source line,
     what is missing) for what hwslim cannot express; nothing is built then.
     """
-    from dataclasses import replace
 
     from hwslim.core.supernet import SlimmableNet
 

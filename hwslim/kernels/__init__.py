@@ -92,7 +92,8 @@ def kernel_node(node) -> bool:
 
     op = node.op
     return (isinstance(op, Conv) and op.bn and not op.bias and op.group_width in (None, 1)
-            and op.act in KERNEL_ACTS and len(node.inputs) <= 2 and op.square_window)
+            and op.act in KERNEL_ACTS and len(node.inputs) <= 2 and op.square_window
+            and op.parts == 1)
 
 
 def torch_node(node) -> bool:
