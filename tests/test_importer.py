@@ -8,6 +8,7 @@ import torch
 import torchvision
 from torch import nn
 
+from benchmarks.idioms import LinearSE
 from hwslim.core.errors import ModelError
 from hwslim.importing.fx_trace import ImportRefused, import_model
 from hwslim.core.materialize import materialize
@@ -491,20 +492,6 @@ def test_imported_graph_json_is_unchanged(name):
                        fix_unsupported=name.startswith("shufflenet"))
     assert hashlib.sha256(json.dumps(net.graph_dict(), sort_keys=True).encode()).hexdigest() == \
         GRAPH_JSON_SHA256[name]
-
-
-class LinearSE(nn.Module):
-    """An SE built from Linear layers without bias, its gate viewed back and expanded (a common idiom)."""
-
-    def __init__(self, c: int, r: int = 4) -> None:
-        super().__init__()
-        self.fc = nn.Sequential(nn.Linear(c, c // r, bias=False), nn.ReLU(inplace=True),
-                                nn.Linear(c // r, c, bias=False), nn.Sigmoid())
-
-    def forward(self, x):
-        b, c, _, _ = x.size()
-        y = nn.functional.adaptive_avg_pool2d(x, 1).view(b, c)
-        return x * self.fc(y).view(b, c, 1, 1).expand_as(x)
 
 
 class IdiomNet(nn.Module):
