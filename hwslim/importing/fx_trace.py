@@ -20,16 +20,21 @@ How:
    rule (:meth:`~hwslim.core.ops.Op.from_torch`) in turn: a conv with the BatchNorm after it,
    the residual add after that and the activation after both (the fused unit a runtime
    executes); the squeeze-and-excitation pattern (pool, 1x1 conv, activation, 1x1 conv,
-   gate, multiply); standalone BatchNorm/activation/add; concatenation; pools; flatten;
+   gate, multiply); standalone BatchNorm/GroupNorm/PReLU/activation/add; a product of two
+   branches (a gate); scalar arithmetic; upsampling; concatenation; pools; flatten;
    linear (with its activation); ShuffleNet's channel shuffle (view, transpose, view)
-   and slices of the channels (``chunk``, ``split``, ``x[:, a:b]``). Dropout, identity
-   and stochastic depth are the identity at inference. Anything else is refused with the
-   graph node, the module type, the source line and what is missing (:class:`ImportRefused`).
+   and slices of the channels (``chunk``, ``split``, ``x[:, a:b]``): an equal split of a
+   dense conv's output makes that conv's output in parts, each slimmable (YOLOv8's C2f).
+   Dropout, identity and stochastic depth are the identity at inference; after
+   ``y.add_(x)``, ``y`` reads the sum. Anything else is refused with the graph node, the
+   module type, the source line and what is missing (:class:`ImportRefused`); so is a
+   module called more than once (its weights would be split into independent layers).
 3. **Units** come from a union-find over channel dimensions: a dense conv or linear
    layer starts a new one; a depthwise or grouped conv keeps its input's (a grouped
    conv's width then moves in multiples of its group width); both sides of an add, a
    residual or SE's multiply are merged; a concatenation's channels are its parts'.
-   Fixed, never slimmed: the image channels, the network's outputs, and the outputs of
+   Fixed, never slimmed: the image channels, the network's outputs (every one of a
+   tuple, list or dict of them), and the outputs of
    modules whose qualified name matches ``keep``. A shuffle or slice moves channels to
    other positions, so the units it reads or feeds cannot slim: with ``fix_unsupported``
    they are fixed and listed (:func:`fixed_units`), else the import is refused.

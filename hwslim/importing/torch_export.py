@@ -12,8 +12,10 @@ form the fx path produces, so one importer groups both:
   own forward does more than the one call (timm's ``BatchNormAct2d``, whose activation
   ATen records as a node of its own) is replaced by the plain layer holding the same
   parameters;
-* activations, adds, multiplies, pooling, concatenation, reshapes, slices and splits
-  become the ``torch`` / ``torch.nn.functional`` calls or tensor methods fx records;
+* PReLU and GroupNorm calls on a module's parameters become calls of that module;
+* activations, adds, multiplies, pooling, upsampling (at the size the example gives),
+  concatenation, reshapes, slices and splits become the ``torch`` /
+  ``torch.nn.functional`` calls or tensor methods fx records;
 * any other ATen operator stays as it is, and the importer refuses it by name.
 
 Every node keeps its source line (``stack_trace``) and module (``nn_module_stack``), so
