@@ -768,7 +768,8 @@ class _Importer:
                 lay = list(g.op.out_layout(node, in_lays))
             if g.op.quantum > 1:  # a grouped conv: its unit moves in whole groups
                 if len(in_lays[0]) != 1:
-                    raise ImportRefused(f"{g.name}: a grouped convolution reading a concatenation")
+                    raise ImportRefused(f"{g.name}: a {g.op.kind} in groups of {g.op.quantum} channels reading a "
+                                        "concatenation")
                 ch.in_multiples(in_lays[0][0], g.op.quantum)
             for a_lay, b_lay in g.op.unit_ties(node, in_lays):  # element-wise: equal channel units
                 if len(a_lay) != len(b_lay):

@@ -56,8 +56,6 @@ _FUNCTIONS: dict[Any, tuple[Callable, Callable | None]] = {
     aten.hardtanh: (F.hardtanh, _Same), aten.hardtanh_: (F.hardtanh, _Same),
     aten.gelu: (F.gelu, _Same),
     aten.leaky_relu: (F.leaky_relu, _Same), aten.leaky_relu_: (F.leaky_relu, _Same),
-    aten.elu: (F.elu, lambda x, alpha=1.0, scale=1.0, input_scale=1.0: (x, alpha) if scale == input_scale == 1
-               else (x, None)),  # a scaled ELU (SELU) reads as an unknown alpha: refused
     aten.mul: (operator.mul, _Same), aten.mul_: (operator.mul, _Same),
     aten.sub: (operator.sub, _Same), aten.div: (operator.truediv, _Same),
     aten.adaptive_avg_pool2d: (F.adaptive_avg_pool2d, _Same),
@@ -217,6 +215,8 @@ class _Rewriter:
             align = bool(args[2]) if mode == "bilinear" and len(args) > 2 else None
             return self.emit(n, "call_function", F.interpolate, args[:1],
                              {"size": tuple(n.meta["val"].shape[2:]), "mode": mode, "align_corners": align})
+        elif p is aten.elu and all(v == 1 for v in args[2:4]):  # not scaled (SELU's form stays ATen)
+            return self.emit(n, "call_function", F.elu, args[:2])
         elif p is aten.slice and _whole(*args, **kwargs):
             return self.emit(n, "call_method", "contiguous", args[:1])  # x[:] on some dimension: the identity
         elif p in _FUNCTIONS:
