@@ -752,3 +752,34 @@ def test_segmenters_and_detector_backbones_with_several_outputs_import_with_pari
     assert len(outs) == len(sliced)
     for o, s in zip(outs, sliced.values()):
         assert np.abs(o - s.numpy()).max() <= 1e-4 * np.abs(s.numpy()).max()
+
+
+class GhostBlock(nn.Module):
+    """GhostNet's block: a conv's output and its cheap depthwise copy, concatenated, plus the block's input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 32, 3, 2, 1, bias=False), nn.BatchNorm2d(32), nn.ReLU())
+        self.primary = nn.Sequential(nn.Conv2d(32, 16, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.cheap = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1, groups=16, bias=False), nn.BatchNorm2d(16),
+                                   nn.ReLU())
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
+
+    def forward(self, x):
+        x = self.stem(x)
+        h = self.primary(x)
+        return self.head(torch.cat([h, self.cheap(h)], 1) + x)
+
+
+def test_a_conv_added_to_two_equal_halves_makes_its_output_in_halves():
+    torch.manual_seed(0)
+    theirs = _randomize(GhostBlock()).eval()
+    x = torch.randn(2, 3, 32, 32)
+    net = import_model(theirs, x[:1])
+    assert next(n for n in net.nodes if n.name == "stem/0").op.parts == 2 and list(net.units) == ["stem/0"]
+    assert net.units["stem/0"].max_width == 16  # each half; the ghost's halves share it
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), theirs(x), rtol=1e-5, atol=1e-5)
+    cfg = net.config_of({"stem/0": 8})
+    with torch.no_grad(), net.using(cfg):
+        torch.testing.assert_close(materialize(net, cfg, fold_bn=True).eval()(x), net(x), rtol=1e-4, atol=1e-5)

@@ -664,8 +664,14 @@ class _Importer:
         results = self.outputs()
         tensor = self.name_groups(groups)
         self.refuse_shared(groups)
-        ch = _Channels()
-        layout, mids, made, pinned = self.channel_flow(groups, tensor, ch)
+        for _ in range(len(groups) + 1):
+            ch = _Channels()
+            try:
+                layout, mids, made, pinned = self.channel_flow(groups, tensor, ch)
+                break
+            except _Resplit as r:  # a conv's output added to a tensor in parts: make that output in parts too
+                r.group.op = replace(r.group.op, parts=r.parts)
+                r.group.out_channels //= r.parts
         for _, r in results:  # the network's outputs (the classes, a detector's levels) are never slimmed
             ch.fixed.update(layout[tensor(r)])
         self.fix_pinned(pinned, made, ch)
@@ -755,9 +761,12 @@ class _Importer:
         mids: dict[str, int] = {}
         made: set[int] = set()
         pinned: list[tuple[int, _Group]] = []
+        creator: dict[int, _Group] = {}
         for g in groups:
             in_lays = [tuple(layout[tensor(x)]) for x in g.inputs]
             out = ch.new(g.out_channels, g.name) if g.op.sets_width else None
+            if out is not None:
+                creator[out] = g
             mid = ch.new(g.mid, f"{g.name}/mid") if g.op.has_mid else None
             made.update(v for v in (out, mid) if v is not None)
             node = Node(g.name, g.op, tuple(tensor(x) for x in g.inputs), out, mid)
@@ -773,7 +782,7 @@ class _Importer:
                 ch.in_multiples(in_lays[0][0], g.op.quantum)
             for a_lay, b_lay in g.op.unit_ties(node, in_lays):  # element-wise: equal channel units
                 if len(a_lay) != len(b_lay):
-                    raise ImportRefused(f"{g.name}: combines tensors made of different channel groups")
+                    raise _resplit(g, a_lay, b_lay, creator, ch)
                 for a, b in zip(a_lay, b_lay):
                     ch.union(a, b)
             if mid is not None:
@@ -807,6 +816,27 @@ class _Importer:
                                 f"reaching such operations would have to keep their width ({listed}); pass "
                                 "--fix-unsupported to import with them fixed")
         self.fixed_units = {u: {"width": w, "by": g.name, "what": g.what} for u, (w, g) in units.items()}
+
+
+class _Resplit(Exception):
+    """Channel flow must start again with ``group``'s conv making its output in ``parts`` parts."""
+
+    def __init__(self, group: _Group, parts: int) -> None:
+        super().__init__(group.name)
+        self.group, self.parts = group, parts
+
+
+def _resplit(g: _Group, a: tuple, b: tuple, creator: dict[int, _Group], ch: "_Channels") -> Exception:
+    """What to raise when ``g`` combines element-wise a tensor of one channel variable with one of
+    several equal parts (GhostNet: a conv's output plus a concatenation of two halves): start again
+    with that conv's output in as many parts (:attr:`Conv.parts`), else refuse."""
+    one, many = (a, b) if len(a) == 1 else (b, a)
+    conv = creator.get(one[0]) if len(one) == 1 else None
+    widths = {ch.width[v] for v in many}
+    if conv is not None and isinstance(conv.op, Conv) and conv.op.sets_width and conv.op.parts == 1 and \
+            len(widths) == 1 and conv.out_channels == len(many) * widths.pop():
+        return _Resplit(conv, len(many))
+    return ImportRefused(f"{g.name}: combines tensors made of different channel groups")
 
 
 class _Channels:
