@@ -14,6 +14,14 @@ eval mode at 224 px:
 4. **slim + export**: at 3 random configs, ``materialize`` then ``export_onnx``, run in
    ONNX Runtime against the supernet at that config (pass: <= 1e-4 relative).
 
+Beyond classifiers (issue 29): ``--detseg`` runs torchvision's segmenters whole (their dict
+output) and its detectors' backbone with its FPN (the box heads' post-processing is no network
+layer), with random weights and no download; ``--idioms`` runs small modules written the way
+people write them (PReLU, GroupNorm, 'same' padding, an SE of Linear layers, ``y.add_(x)``, a
+conv called twice...); timm's and Ultralytics' models run when those optional packages are
+installed (never hwslim dependencies). A model with several outputs is compared output by
+output, in PyTorch and in ONNX Runtime.
+
 A row is ``ok`` only when all four hold. A model refused only because some units reach
 an operation that moves channels (ShuffleNetV2's channel shuffle and split) is imported
 again with ``fix_unsupported=True`` (``--fix-unsupported`` on the CLI): those units keep
@@ -24,6 +32,7 @@ others at batch 2; ONNX Runtime always at batch 1.
     python -m benchmarks.model_coverage                    # everything: 6 min on 2 idle cores, 25 under load
     python -m benchmarks.model_coverage --quick            # one model per family, 1 config
     python -m benchmarks.model_coverage --models resnet18 timm:regnety_002
+    python -m benchmarks.model_coverage --detseg --idioms --size 160 --name model_coverage_detseg
     python -m benchmarks.model_coverage --models shufflenet_v2_x0_5 shufflenet_v2_x1_0 shufflenet_v2_x1_5 \
         shufflenet_v2_x2_0 --name model_coverage_fixed
 """
@@ -57,6 +66,13 @@ TIMM_MODELS = ("resnet18", "resnet50", "resnet50d", "seresnet50", "resnext26ts",
                "tinynet_a", "regnetx_002", "regnety_002", "regnety_004", "regnety_008", "regnetz_b16",
                "rexnet_100", "ghostnet_100", "mixnet_s", "densenet121", "dla34", "cspdarknet53", "dpn68",
                "hrnet_w18_small")
+# detection and segmentation: segmenters whole, detectors' backbone + FPN; then the optional extras
+DETSEG = ("seg:lraspp_mobilenet_v3_large", "seg:deeplabv3_mobilenet_v3_large", "seg:fcn_resnet50",
+          "det:ssdlite320_mobilenet_v3_large", "det:fasterrcnn_mobilenet_v3_large_fpn", "det:retinanet_resnet50_fpn")
+DETSEG_TIMM = ("ghostnet_100", "mixnet_s", "rexnet_100", "cspresnet50", "ese_vovnet19b_dw", "hrnet_w18_small",
+               "mobileone_s0", "ghostnetv2_100")
+DETSEG_ULTRALYTICS = ("yolov8n", "yolov8s", "yolo11n", "yolo11s", "yolov8n-cls", "yolov8n-seg", "yolo11n-cls",
+                      "yolo11n-seg")
 QUICK = ("resnet18", "resnext50_32x4d", "mobilenet_v2", "mobilenet_v3_small", "mnasnet0_5", "efficientnet_b0",
          "regnet_x_400mf", "regnet_y_400mf", "densenet121", "googlenet", "shufflenet_v2_x0_5", "squeezenet1_1",
          "vgg11_bn", "alexnet", "convnext_tiny", "timm:resnet50d", "timm:efficientnet_b0", "timm:regnety_002",
@@ -67,16 +83,43 @@ def torchvision_cnns() -> list[str]:
     return [m for m in torchvision.models.list_models(module=torchvision.models) if not m.startswith(NOT_CNN)]
 
 
+def detseg_names() -> list[str]:
+    """Issue 29's list: torchvision's (always), timm's and Ultralytics' (when installed)."""
+    import importlib.util
+
+    names = list(DETSEG)
+    for package, models in (("timm", DETSEG_TIMM), ("ultralytics", DETSEG_ULTRALYTICS)):
+        if importlib.util.find_spec(package) is None:
+            print(f"{package} is not installed: its models are not run", file=sys.stderr)
+        else:
+            names += [f"{package}:{m}" for m in models]
+    return names
+
+
 def not_cnns() -> list[str]:
     return [m for m in torchvision.models.list_models(module=torchvision.models) if m.startswith(NOT_CNN)]
 
 
 def builder(name: str) -> Callable[[], nn.Module]:
-    """``name`` ("resnet18" from torchvision, "timm:resnet18" from timm) as a constructor with random weights."""
-    if name.startswith("timm:"):
+    """``name`` ("resnet18" from torchvision, "timm:resnet18" from timm, "seg:", "det:", "idiom:",
+    "ultralytics:") as a constructor with random weights."""
+    source, _, short = name.partition(":")
+    if source == "timm":
         import timm
 
-        return lambda: timm.create_model(name[5:], pretrained=False)
+        return lambda: timm.create_model(short, pretrained=False)
+    if source == "seg":
+        return lambda: torchvision.models.get_model(short, weights=None, weights_backbone=None)
+    if source == "det":
+        return lambda: torchvision.models.get_model(short, weights=None, weights_backbone=None).backbone
+    if source == "idiom":
+        from benchmarks.idioms import IDIOMS
+
+        return IDIOMS[short]
+    if source == "ultralytics":
+        from ultralytics import YOLO
+
+        return lambda: YOLO(f"{short}.yaml").model  # built from its yaml: random weights, no download
     kw = {"init_weights": False} if name in ("googlenet", "inception_v3") else {}  # skip scipy's slow init
     return lambda: torchvision.models.get_model(name, weights=None, **kw)
 
@@ -120,22 +163,40 @@ def reference_costs(build: Callable[[], nn.Module], built: nn.Module, size: int)
             m(torch.empty(1, 3, size, size, device="meta"))
     finally:
         handle.remove()
-    run = {id(p): p.numel() for mod in called for p in mod.parameters(recurse=False)}
+    run = {id(p): p.numel() for mod in called for p in _weights(mod)}
     return Reference(counter.get_total_flops() // 2, sum(p.numel() for p in m.parameters()), sum(run.values()))
 
 
-def rel_diff(got: torch.Tensor, want: torch.Tensor) -> float:
-    return float((got - want).abs().max() / want.abs().max().clamp_min(1e-12))
+def _weights(mod: nn.Module) -> list[torch.Tensor]:
+    """A module's own parameters; a FrozenBatchNorm2d's scale and shift too (buffers there, trained
+    parameters of the BatchNorm hwslim imports it as)."""
+    frozen = type(mod).__name__ == "FrozenBatchNorm2d"
+    return list(mod.parameters(recurse=False)) + ([mod.weight, mod.bias] if frozen else [])
 
 
-def ort_run(path: Path, x: torch.Tensor) -> torch.Tensor:
+def tensors(y) -> list[torch.Tensor]:
+    """A model's output(s) as a list: one tensor, or a tuple, list or dict of them."""
+    if isinstance(y, torch.Tensor):
+        return [y]
+    return [t for v in (y.values() if isinstance(y, dict) else y) for t in tensors(v)]
+
+
+def rel_diff(got, want) -> float:
+    """The worst output's max abs difference relative to its largest magnitude."""
+    got, want = tensors(got), tensors(want)
+    if len(got) != len(want):
+        raise ValueError(f"{len(got)} outputs, expected {len(want)}")
+    return max(float((g - w).abs().max() / w.abs().max().clamp_min(1e-12)) for g, w in zip(got, want))
+
+
+def ort_run(path: Path, x: torch.Tensor) -> list[torch.Tensor]:
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.intra_op_num_threads = torch.get_num_threads()
     so.inter_op_num_threads = 1
     sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    return torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0])
+    return [torch.from_numpy(o) for o in sess.run(None, {sess.get_inputs()[0].name: x.numpy()})]
 
 
 def check(name: str, size: int, configs: int, tmp: Path) -> dict:
@@ -145,7 +206,8 @@ def check(name: str, size: int, configs: int, tmp: Path) -> dict:
     from hwslim.importing.fx_trace import ImportRefused, import_model
     from hwslim.core.materialize import materialize
 
-    source, short = ("timm", name[5:]) if name.startswith("timm:") else ("torchvision", name)
+    source, _, short = name.rpartition(":")
+    source = source or "torchvision"
     row: dict = {"source": source, "model": short, "status": "", "units": "", "fixed_units": "", "import_s": "",
                  "full_rel": "",
                  "ort_rel": "", "params_ref": "", "params_hw": "", "macs_ref": "", "macs_hw": "", "batch": "",
@@ -242,6 +304,8 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--configs", type=int, default=None, help="random configs through ONNX Runtime (default 3)")
     ap.add_argument("--no-timm", action="store_true", help="torchvision only")
+    ap.add_argument("--detseg", action="store_true", help="detection and segmentation models (issue 29's list)")
+    ap.add_argument("--idioms", action="store_true", help="small modules written as people write them")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--name", default="model_coverage", help="CSV name under benchmarks/results/")
     args = ap.parse_args()
@@ -249,6 +313,12 @@ def main() -> None:
     configs = args.configs if args.configs is not None else (1 if args.quick else 3)
     if args.models:
         names = args.models
+    elif args.detseg or args.idioms:
+        names = detseg_names() if args.detseg else []
+        if args.idioms:
+            from benchmarks.idioms import IDIOMS
+
+            names += [f"idiom:{k}" for k in IDIOMS]
     elif args.quick:
         names = list(QUICK)
     else:
@@ -260,7 +330,7 @@ def main() -> None:
                 names += [f"timm:{m}" for m in TIMM_MODELS]
             except ImportError:
                 print("timm is not installed (pip install hwslim[timm]): its models are not run", file=sys.stderr)
-    if not args.models:
+    if not (args.models or args.detseg or args.idioms):
         print(f"not CNNs, left out: {', '.join(not_cnns())}")
     rows = []
     load0 = os.getloadavg()[0]
@@ -282,7 +352,7 @@ def main() -> None:
         for r in fails:
             print(f"  {r['source']}:{r['model']}: {r['status']}: {r['reason']}")
     print()
-    for source in ("torchvision", "timm"):
+    for source in dict.fromkeys(r["source"] for r in rows):
         mine = [r for r in rows if r["source"] == source]
         if mine:
             ok = sum(r["status"] == "ok" for r in mine)

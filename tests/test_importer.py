@@ -8,6 +8,7 @@ import torch
 import torchvision
 from torch import nn
 
+from benchmarks.idioms import LinearSE
 from hwslim.core.errors import ModelError
 from hwslim.importing.fx_trace import ImportRefused, import_model
 from hwslim.core.materialize import materialize
@@ -433,21 +434,24 @@ def test_unknown_layers_inside_known_classes_are_refused_by_name():
     with pytest.raises(ImportRefused, match=r"no operator for SameConv \(a Conv2d with its own forward"):
         import_model(odd, torch.randn(1, 3, 16, 16))
 
-    class Mixed(nn.Module):  # MixNet's split of the channels between kernels: the split is named
-        def __init__(self):
+    class Mixed(nn.Module):  # MixNet's split of the channels between kernels: an unequal split is named
+        def __init__(self, sizes=(4, 12)):
             super().__init__()
+            self.sizes = list(sizes)
             self.stem = nn.Conv2d(3, 16, 1)
-            self.k3, self.k5 = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 5, padding=2)
+            self.k3, self.k5 = nn.Conv2d(sizes[0], 8, 3, padding=1), nn.Conv2d(sizes[1], 8, 5, padding=2)
             self.head = nn.Linear(16, 4)
 
         def forward(self, x):
-            a, b = torch.split(self.stem(x), [8, 8], 1)
+            a, b = torch.split(self.stem(x), self.sizes, 1)
             return self.head(torch.cat([self.k3(a), self.k5(b)], 1).mean((2, 3)))
 
     with pytest.raises(ImportRefused, match=r"node 'getitem' \(getitem, .*test_importer\.py:\d+\): .*a channel split "
                                             r"\(split\).*1 unit\(s\).*\(stem\); pass --fix-unsupported"):
         import_model(Mixed(), torch.randn(1, 3, 8, 8))
     assert list(import_model(Mixed(), torch.randn(1, 3, 8, 8), fix_unsupported=True).units) == ["k3", "k5"]
+    equal = import_model(Mixed((8, 8)), torch.randn(1, 3, 8, 8))  # equal halves of a conv: they slim in pairs
+    assert list(equal.units) == ["stem", "k3", "k5"] and equal.nodes[0].op.parts == 2
     pool = nn.Sequential(nn.Conv2d(3, 8, 1), nn.AvgPool2d(2, 2, ceil_mode=True), nn.Flatten(), nn.Linear(8 * 4 * 4, 4))
     with pytest.raises(ImportRefused, match="ceil-mode average"):  # odd size: the last window is partial
         import_model(pool, torch.randn(1, 3, 7, 7))
@@ -488,3 +492,294 @@ def test_imported_graph_json_is_unchanged(name):
                        fix_unsupported=name.startswith("shufflenet"))
     assert hashlib.sha256(json.dumps(net.graph_dict(), sort_keys=True).encode()).hexdigest() == \
         GRAPH_JSON_SHA256[name]
+
+
+class IdiomNet(nn.Module):
+    """The layers and idioms detectors, segmenters and hand-written classifiers use."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding="same", bias=False), nn.BatchNorm2d(16),
+                                  nn.LeakyReLU(0.1))
+        self.wide = nn.Conv2d(16, 16, (1, 5), padding=(0, 4), dilation=(1, 2))
+        self.prelu, self.gn = nn.PReLU(16), nn.GroupNorm(4, 16)
+        self.down, self.elu = nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ELU()
+        self.up, self.proj = nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(32, 16, 1)
+        self.atrous = nn.Sequential(nn.Conv2d(16, 16, 3, padding=2, dilation=2, bias=False), nn.BatchNorm2d(16),
+                                    nn.GELU())
+        self.gate = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(16, 16, 1), nn.Sigmoid())
+        self.se = LinearSE(16)
+        self.bn1d, self.fc = nn.BatchNorm1d(16), nn.Linear(16, 10, bias=False)
+
+    def forward(self, x):
+        x = self.stem(x)
+        y = self.gn(self.prelu(self.wide(x))).add(x)
+        z = self.proj(self.up(self.elu(self.down(y))))
+        y = y + 0.2 * nn.functional.interpolate(self.atrous(z), size=y.shape[-2:], mode="bilinear")
+        y = self.se(y * self.gate(y))
+        y.add_(x)  # y holds the sum from here on
+        y = nn.functional.avg_pool2d(y * 0.5 + 0, y.size()[3])  # the kernel from the input size: global
+        return self.fc(self.bn1d(y.view(y.size(0), -1)))
+
+
+@pytest.mark.parametrize("path", ["torch.fx", "torch.export"])
+def test_detector_and_segmenter_idioms_import_with_parity(path, monkeypatch, tmp_path):
+    """Upsampling, dilated and 1xk convs, 'same' padding, LeakyReLU/ELU/GELU/PReLU, GroupNorm (its unit
+    in multiples of its group size), BatchNorm1d, a gate of two branches, an SE of Linear layers
+    without bias, scalar arithmetic, ``y.add(x)``/``y.add_(x)`` and a pool as large as its input:
+    equal to the module at full width, supernet = materialized = ONNX Runtime at narrow configs."""
+    import numpy as np
+    import onnxruntime as ort
+
+    import hwslim.importing.fx_trace
+    from hwslim.core.costs import model_costs
+    from hwslim.runtimes.onnx_file import export_onnx
+
+    if path == "torch.export":
+        def fx_fails(self, root, *args, **kwargs):
+            raise torch.fx.proxy.TraceError("as for a forward fx cannot trace")
+        monkeypatch.setattr(hwslim.importing.fx_trace._Tracer, "trace", fx_fails)
+    torch.manual_seed(0)
+    theirs = _randomize(IdiomNet()).eval()
+    x = torch.randn(2, 3, 32, 32)
+    net = import_model(theirs, x[:1])
+    assert net.graph.meta["traced_by"] == path
+    kinds = {n.op.kind for n in net.nodes}
+    assert {"resize", "prelu", "gn", "mul", "scale", "unflatten"} <= kinds
+    # torch.export records the pool's kernel as a number: an ordinary pool there, a global one on the fx path
+    assert ("avgpool" in kinds) == (path == "torch.export")
+    assert net.graph.units["stem/0"].quantum == 4  # GroupNorm's groups of 4 channels
+    assert model_costs(net, net.full_config()).params == sum(p.numel() for p in theirs.parameters())
+    with torch.no_grad():
+        want = theirs(x)
+        assert (net(x) - want).abs().max() <= 1e-5 * want.abs().max()
+    for seed in range(2):
+        cfg = net.random_config(random.Random(seed))
+        with torch.no_grad(), net.using(cfg):
+            sliced = net(x)
+        plain = materialize(net, cfg, fold_bn=True).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(plain(x), sliced, rtol=1e-4, atol=1e-5)
+        onnx_path = export_onnx(plain, tmp_path / f"m{seed}.onnx", batch=2, input_size=32)
+        got = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"]).run(
+            None, {"input": x.numpy()})[0]
+        assert np.abs(got - sliced.numpy()).max() <= 1e-4 * np.abs(sliced.numpy()).max()
+
+
+def test_frozen_batch_norm_folds_into_its_conv():
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    torch.manual_seed(0)
+    bn = FrozenBatchNorm2d(8)
+    bn.weight.uniform_(0.5, 2)
+    bn.running_mean.uniform_(-1, 1)
+    bn.running_var.uniform_(0.5, 2)
+    theirs = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), bn, nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
+    x = torch.randn(2, 3, 16, 16)
+    net = import_model(theirs, x[:1])
+    assert [(n.op.kind, n.op.bn, n.op.act) for n in net.nodes] == [("conv", True, "relu"), ("conv", False, None)]
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), theirs(x), rtol=1e-5, atol=1e-5)
+
+
+class SharedConv(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.block = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        return self.block(torch.relu(self.block(x)))
+
+
+@pytest.mark.parametrize("path", ["torch.fx", "torch.export"])
+def test_a_module_called_twice_is_refused_by_name_not_split(path, monkeypatch):
+    import hwslim.importing.fx_trace
+
+    if path == "torch.export":
+        def fx_fails(self, root, *args, **kwargs):
+            raise torch.fx.proxy.TraceError("as for a forward fx cannot trace")
+        monkeypatch.setattr(hwslim.importing.fx_trace._Tracer, "trace", fx_fails)
+    with pytest.raises(ImportRefused, match=r"^module 'block' \(Conv2d\) is called 2 times in one forward \(block, "
+                                            r"block_2\): hwslim would split its one set of weights"):
+        import_model(SharedConv(), torch.randn(1, 3, 16, 16))
+
+
+def test_a_refusal_on_the_torch_export_path_names_the_module_not_the_aten_operator(monkeypatch):
+    import hwslim.importing.fx_trace
+
+    def fx_fails(self, root, *args, **kwargs):
+        raise torch.fx.proxy.TraceError("as for a forward fx cannot trace")
+    monkeypatch.setattr(hwslim.importing.fx_trace._Tracer, "trace", fx_fails)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Sequential(nn.Identity(), nn.LayerNorm([8, 16, 16])))
+    with pytest.raises(ImportRefused, match=r"^module '1\.1' \(LayerNorm\): hwslim has no operator for LayerNorm$"):
+        import_model(model, torch.randn(1, 3, 16, 16))
+
+
+def test_a_wrong_input_size_is_one_line_with_its_cause(capfd):
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Flatten(), nn.Linear(8 * 32 * 32, 10))
+    with pytest.raises(ImportRefused) as err:
+        import_model(model, torch.randn(1, 3, 224, 224))
+    msg = str(err.value)
+    assert "\n" not in msg and "mat1 and mat2 shapes cannot be multiplied" in msg and "--input-size" in msg
+    assert "Traceback" not in capfd.readouterr().err  # torch's ShapeProp prints one; it is dropped
+
+
+def test_json_output_is_only_json_when_the_model_builder_prints(tmp_path, monkeypatch, capsys):
+    import json
+
+    from hwslim.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "chatty_cnn.py").write_text(
+        "from torch import nn\n\n\ndef build():\n    print('chatty_cnn summary: 2 layers')\n"
+        "    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),\n"
+        "                         nn.Linear(8, 4))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert main(["cost", "--model", "chatty_cnn:build", "--input-size", "16", "--json"]) == 0
+    out, err = capsys.readouterr()
+    json.loads(out)
+    assert "chatty_cnn summary" in err
+
+
+class _Conv(nn.Module):
+    """Ultralytics' Conv: conv, BatchNorm, SiLU."""
+
+    def __init__(self, c1: int, c2: int, k: int = 1, s: int = 1) -> None:
+        super().__init__()
+        self.conv, self.bn, self.act = nn.Conv2d(c1, c2, k, s, k // 2, bias=False), nn.BatchNorm2d(c2), nn.SiLU()
+
+    def forward(self, x):
+        return self.act(self.bn(self.conv(x)))
+
+
+class _Bottleneck(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.cv1, self.cv2 = _Conv(c, c, 3), _Conv(c, c, 3)
+
+    def forward(self, x):
+        return x + self.cv2(self.cv1(x))
+
+
+class C2f(nn.Module):
+    """YOLOv8's C2f block as Ultralytics writes it: ``cv1``'s output chunked in two halves."""
+
+    def __init__(self, c1: int, c2: int, n: int = 1) -> None:
+        super().__init__()
+        self.c = c2 // 2
+        self.cv1, self.cv2 = _Conv(c1, 2 * self.c), _Conv((2 + n) * self.c, c2)
+        self.m = nn.ModuleList(_Bottleneck(self.c) for _ in range(n))
+
+    def forward(self, x):
+        y = list(self.cv1(x).chunk(2, 1))
+        y.extend(m(y[-1]) for m in self.m)
+        return self.cv2(torch.cat(y, 1))
+
+
+def test_an_equal_chunk_of_a_convs_output_slims_in_pairs_without_fix_unsupported(tmp_path):
+    """C2f: ``cv1``'s two halves keep equal widths (its unit slims in pairs); nothing is fixed."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from hwslim.importing.importance import sort_channels
+    from hwslim.runtimes.onnx_file import export_onnx
+
+    torch.manual_seed(0)
+    theirs = _randomize(nn.Sequential(_Conv(3, 16, 3, 2), C2f(16, 32, 2), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                      nn.Linear(32, 10))).eval()
+    x = torch.randn(2, 3, 32, 32)
+    net = import_model(theirs, x[:1])
+    assert "fixed_units" not in net.graph.meta
+    cv1 = next(n for n in net.nodes if n.name == "1/cv1/conv")
+    assert cv1.op.parts == 2 and net.units["1/cv1/conv"].max_width == 16
+    assert [n.op.kind for n in net.nodes].count("part") == 2
+    with torch.no_grad():
+        want = theirs(x)
+        assert (net(x) - want).abs().max() <= 1e-5 * want.abs().max()
+    cfg = net.config_of({**net.full_config().widths, "1/cv1/conv": 8, "1/cv2/conv": 16})
+    with torch.no_grad(), net.using(cfg):
+        sliced = net(x)
+    spec = {s.name: s for s in net.layer_specs(cfg)}["1/cv1/conv"]
+    assert spec.cout == 16 and spec.op.macs(spec) == 16 * 16 * 16 * 16  # two halves of 8
+    plain = materialize(net, cfg, fold_bn=True).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x), sliced, rtol=1e-4, atol=1e-5)
+    got = ort.InferenceSession(str(export_onnx(plain, tmp_path / "c2f.onnx", batch=2, input_size=32)),
+                               providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})[0]
+    assert np.abs(got - sliced.numpy()).max() <= 1e-4 * np.abs(sliced.numpy()).max()
+    sort_channels(net)  # a trained start: the halves' filters move with their unit
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["lraspp_mobilenet_v3_large", "fasterrcnn_mobilenet_v3_large_fpn"])
+def test_segmenters_and_detector_backbones_with_several_outputs_import_with_parity(name, tmp_path):
+    """LRASPP (dilated convs, a gate, bilinear upsampling, a dict output) and Faster R-CNN's backbone with
+    its FPN (top-down nearest upsampling, three levels out): every output keeps its width, and each
+    output matches the module, and ONNX Runtime at a narrow config."""
+    import json
+
+    import numpy as np
+    import onnxruntime as ort
+
+    from hwslim.core.supernet import SlimmableNet
+    from hwslim.runtimes.onnx_file import export_onnx
+    from torchvision.models import detection, segmentation
+
+    torch.manual_seed(0)
+    if name.startswith("lraspp"):
+        theirs = segmentation.lraspp_mobilenet_v3_large(weights=None, weights_backbone=None)
+    else:
+        theirs = detection.fasterrcnn_mobilenet_v3_large_fpn(weights=None, weights_backbone=None).backbone
+    theirs = _randomize(theirs).eval()
+    x = torch.randn(2, 3, 96, 96)
+    net = import_model(theirs, x[:1])
+    with torch.no_grad():
+        want, got = theirs(x), net(x)
+    assert isinstance(got, dict) and list(got) == list(want)
+    for k in want:
+        assert (got[k] - want[k]).abs().max() <= 1e-5 * want[k].abs().max(), k
+    again = SlimmableNet.from_graph(json.loads(json.dumps(net.graph_dict())))
+    assert again.outputs == net.outputs and len(net.outputs) == len(want)
+    cfg = net.random_config(random.Random(0))
+    with torch.no_grad(), net.using(cfg):
+        sliced = net(x)
+    assert [v.shape[1] for v in sliced.values()] == [v.shape[1] for v in want.values()]  # outputs keep their width
+    plain = materialize(net, cfg, fold_bn=True).eval()
+    outs = ort.InferenceSession(str(export_onnx(plain, tmp_path / "m.onnx", batch=2, input_size=96)),
+                                providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})
+    assert len(outs) == len(sliced)
+    for o, s in zip(outs, sliced.values()):
+        assert np.abs(o - s.numpy()).max() <= 1e-4 * np.abs(s.numpy()).max()
+
+
+class GhostBlock(nn.Module):
+    """GhostNet's block: a conv's output and its cheap depthwise copy, concatenated, plus the block's input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 32, 3, 2, 1, bias=False), nn.BatchNorm2d(32), nn.ReLU())
+        self.primary = nn.Sequential(nn.Conv2d(32, 16, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.cheap = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1, groups=16, bias=False), nn.BatchNorm2d(16),
+                                   nn.ReLU())
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
+
+    def forward(self, x):
+        x = self.stem(x)
+        h = self.primary(x)
+        return self.head(torch.cat([h, self.cheap(h)], 1) + x)
+
+
+def test_a_conv_added_to_two_equal_halves_makes_its_output_in_halves():
+    torch.manual_seed(0)
+    theirs = _randomize(GhostBlock()).eval()
+    x = torch.randn(2, 3, 32, 32)
+    net = import_model(theirs, x[:1])
+    assert next(n for n in net.nodes if n.name == "stem/0").op.parts == 2 and list(net.units) == ["stem/0"]
+    assert net.units["stem/0"].max_width == 16  # each half; the ghost's halves share it
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), theirs(x), rtol=1e-5, atol=1e-5)
+    cfg = net.config_of({"stem/0": 8})
+    with torch.no_grad(), net.using(cfg):
+        torch.testing.assert_close(materialize(net, cfg, fold_bn=True).eval()(x), net(x), rtol=1e-4, atol=1e-5)

@@ -12,7 +12,8 @@ from hwslim.search.evaluator import StepEvaluator, mixing_start
 from hwslim.runtimes.onnx_file import export_onnx
 from hwslim.core.graph import INPUT, layer_spec
 from hwslim.core.materialize import materialize
-from hwslim.core.ops import OPS, Conv, SqueezeExcite
+from hwslim.core.ops import (OPS, ChannelPart, Conv, GroupNorm, Linear, MaxPool, Mul, PReLU, Resize, Scale,
+                             SqueezeExcite, Unflatten)
 from hwslim.core.supernet import GraphBuilder, SlimmableNet
 from fakes import randomize_bn
 
@@ -20,18 +21,33 @@ from fakes import randomize_bn
 def every_op_net(input_size: int = 16) -> SlimmableNet:
     """A small network using every registered operator (and a conv without BN, with a bias)."""
     g = GraphBuilder()
-    a, b, r, c, d = g.unit("a", 16), g.unit("b", 32, quantum=8), g.unit("r", 8), g.unit("c", 16), g.unit("d", 24)
+    a, b, r = g.unit("a", 16, quantum=4), g.unit("b", 32, quantum=8), g.unit("r", 8)
+    c, d = g.unit("c", 16), g.unit("d", 24)
     h0 = g.conv("stem", INPUT, 3, a, 3, 2, act="hardswish")
     h = g.conv("expand", h0, a, b, 1, act="silu")
     h = g.conv("group", h, b, None, 3, group_width=8, act="relu6")
     h = g.se("se", h, r, act="relu", gate="hardsigmoid")
     h = g.conv("project", h, b, a, 1, act=None)
     x = g.add("add", h, h0, act="relu")
+    # resampling, dilated and 1xk windows, normalizations with weights, a gate built from Linear layers
+    u = g.node("up", Resize(2), x)
+    u = g.node("wide", Conv((1, 3), 1, (0, 2), act="elu", dilation=(1, 2)), u, out=a)
+    u = g.node("dmp", MaxPool(2, 2, 1, dilation=2), u)
+    u = g.node("gn", GroupNorm(4), g.node("prelu", PReLU(), u))
+    u = g.avgpool("down", g.node("bilinear", Resize((2, 2), "bilinear", align_corners=True), u), 2, 2)
+    gate = g.node("sfc1", Linear("relu", bias=False), g.bn("bn1d", g.gap("sgap", u)), out=r)
+    gate = g.node("sfc2", Linear("sigmoid", bias=False), gate, out=a)
+    u = g.node("gate", Mul(), u, g.node("unflat", Unflatten(), gate))
+    x = g.add("add2", x, g.node("scaled", Scale(0.5, 0.1), u), act="leaky_relu0.1")
     side = g.conv("side", x, a, c, 3, act=None, bn=False, bias=True)
     side = g.act("side_act", side, "gelu")
     x = g.concat("cat", x, side)  # channels: a then c
     x = g.bn("bn", x, act="sigmoid")
     x = g.conv("mix", x, None, d, 1, act="relu")  # reads the concatenation
+    # a conv's output in two equal parts (C2f's chunk): the unit r slims in pairs
+    halves = g.node("halves", Conv(1, act="silu", parts=2), x, out=r)
+    halfsum = g.add("halfsum", g.node("half0", ChannelPart(0), halves), g.node("half1", ChannelPart(1), halves))
+    x = g.conv("unhalve", halfsum, r, d, 1, act="relu", residual=x)
     # ShuffleNetV2's bookkeeping on fixed channels: slices (views), a shuffle, and an in-place
     # activation on a slice while the tensor it is a view of is still read later
     f = g.conv("fixed", x, d, 16, 1, act=None)
@@ -274,3 +290,24 @@ def test_flatten_of_a_spatial_map_keeps_each_channels_positions(tmp_path):
     fast = StepEvaluator(net, images, labels, mode="fast", batch_size=16).score_candidates(net.full_config(), cands)
     ref = StepEvaluator(net, images, labels, mode="reference", batch_size=16).score_candidates(net.full_config(), cands)
     assert fast[0].loss == pytest.approx(ref[0].loss, rel=1e-4)
+
+
+def test_windows_resampling_and_weighted_norms_costs_and_table_keys_by_hand():
+    """A 1x5 dilated conv counts 5 taps; its key keeps the height's columns and says the rest in
+    ``extra``; a square undilated conv's JSON and key are as before (stored graphs and tables)."""
+    wide = layer_spec("w", Conv((1, 5), 1, (0, 4), dilation=(1, 2)), 8, 16, out=4)
+    assert (wide.out_h, wide.out_w) == (16, 16) and wide.op.macs(wide) == 4 * 8 * 5 * 256
+    assert wide.signature()[1:4] == (1, 1, 0) and wide.signature()[-1] == "k=1x5;p=0x4;d=1x2"
+    assert Conv(3, 1, 1).to_dict() == {"kind": "conv", "kernel": 3, "stride": 1, "padding": 1, "group_width": None,
+                                       "act": None, "bn": True, "bias": False, "eps": 1e-5}
+    assert Conv((3, 3), (1, 1), [1, 1]) == Conv(3, 1, 1) and layer_spec("c", Conv(3, 1, 1), 8, 8, out=8).signature() \
+        == ("conv", 3, 1, 1, 1, 8, 8, 8, 8, "none", False, 1, "")
+    up = layer_spec("u", Resize((2, 4), "bilinear"), 8, 6)
+    assert (up.out_h, up.out_w) == (12, 24) and up.op.macs(up) == 0 and up.signature()[-1] == "bilinear;s=2x4"
+    gn = layer_spec("g", GroupNorm(4), 16, 8)
+    assert gn.groups == 4 and gn.op.params(gn) == 32 and gn.op.quantum == 4
+    assert PReLU().params(layer_spec("p", PReLU(), 16, 8)) == 16 and PReLU(shared=True).params(gn) == 1
+    lin = layer_spec("l", Linear(bias=False), 16, 1, out=10, flat=True)
+    assert lin.op.params(lin) == 160 and "bias" not in Linear().to_dict()
+    assert Linear(bias=False).to_dict()["bias"] is False
+    assert MaxPool(2, 2, 1, dilation=2).out_hw([(16, 16)]) == (8, 8) and "dilation" not in MaxPool(2, 2).to_dict()

@@ -44,6 +44,20 @@ def _gelu(g: "OnnxGraph", x: str, y: str, name: str) -> None:  # exact (erf) for
     g.node("Mul", [f"{name}.m", g.const("gelu.half", 0.5)], [y], name)
 
 
+# LeakyReLU's negative slopes hwslim knows: PyTorch's default, and those detectors use (YOLO: 0.1)
+LEAKY_SLOPES = (0.01, 0.1, 0.2)
+
+
+def leaky_name(slope: float) -> str:
+    """The activation name of LeakyReLU with ``slope``: ``leaky_relu`` (0.01), ``leaky_relu0.1``..."""
+    return "leaky_relu" if slope == 0.01 else f"leaky_relu{slope:g}"
+
+
+def _leaky(slope: float) -> Activation:
+    return Activation(leaky_name(slope), lambda t: F.leaky_relu(t, slope), lambda t: F.leaky_relu_(t, slope),
+                      lambda g, x, y, n: g.node("LeakyRelu", [x], [y], n, alpha=slope), lambda: nn.LeakyReLU(slope))
+
+
 ACTIVATIONS: dict[str, Activation] = {a.name: a for a in (
     Activation("relu", F.relu, F.relu_, lambda g, x, y, n: g.node("Relu", [x], [y], n), nn.ReLU),
     Activation("relu6", F.relu6, lambda t: t.clamp_(0.0, 6.0), lambda g, x, y, n: _clip(g, x, y, n, 0.0, 6.0),
@@ -56,6 +70,8 @@ ACTIVATIONS: dict[str, Activation] = {a.name: a for a in (
     Activation("sigmoid", torch.sigmoid, torch.sigmoid_, lambda g, x, y, n: g.node("Sigmoid", [x], [y], n),
                nn.Sigmoid),
     Activation("gelu", F.gelu, None, _gelu, nn.GELU),
+    Activation("elu", F.elu, F.elu_, lambda g, x, y, n: g.node("Elu", [x], [y], n, alpha=1.0), nn.ELU),
+    *(_leaky(slope) for slope in LEAKY_SLOPES),
 )}
 
 

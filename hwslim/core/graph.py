@@ -30,6 +30,7 @@ import torch
 from hwslim.core.ops import Op, op_from_dict
 
 Width = Union[str, int]  # a unit name, or a fixed channel count
+Key = Union[str, int]  # an output's key: a dict's key, or a position in a tuple
 Layout = tuple  # of Width
 INPUT = "input"  # the name of the network's input tensor
 GRAPH_FORMAT = "hwslim-graph"
@@ -202,14 +203,24 @@ def layer_specs(nodes: Sequence[Node], widths: Mapping[str, int], input_size: in
     return specs
 
 
-def last_uses(nodes: Sequence[Node | LayerSpec]) -> dict[str, int]:
-    """Index of the last node reading each tensor (the output: its producer's index)."""
+def last_uses(nodes: Sequence[Node | LayerSpec], outputs: Sequence[tuple[Key, str]] = ()) -> dict[str, int]:
+    """Index of the last node reading each tensor (the output: its producer's index; the outputs of a
+    network with several: past the last node, so none is freed or overwritten)."""
     last: dict[str, int] = {}
     for i, n in enumerate(nodes):
         for t in n.inputs:
             last[t] = i
     last.setdefault(nodes[-1].name, len(nodes) - 1)
+    for _, t in outputs:
+        last[t] = len(nodes)
     return last
+
+
+def collect_outputs(env: Mapping[str, Any], outputs: Sequence[tuple[Key, str]]) -> tuple | dict:
+    """A network's several outputs, as its module returned them: a dict (str keys) or a tuple."""
+    if all(isinstance(k, str) for k, _ in outputs):
+        return {k: env[t] for k, t in outputs}
+    return tuple(env[t] for _, t in outputs)
 
 
 def can_overwrite(env: Mapping[str, torch.Tensor], name: str, i: int, free_after: Mapping[str, int],
@@ -240,14 +251,16 @@ LayerFn = Callable[[Any, list, bool], torch.Tensor]
 
 def run_graph(nodes: Sequence[Node | LayerSpec], layer: LayerFn, x: torch.Tensor | None, start: int = 0,
               env: dict[str, torch.Tensor] | None = None, stop: int | None = None,
-              free_after: Mapping[str, int] | None = None) -> torch.Tensor | dict:
+              free_after: Mapping[str, int] | None = None, outputs: Sequence[tuple[Key, str]] = ()
+              ) -> torch.Tensor | tuple | dict:
     """Execute ``nodes[start:stop]``; ``layer(node, inputs, inplace)`` computes one node.
 
     ``inplace`` says the node may write into its first input (see :func:`can_overwrite`).
     Tensors are dropped after their last reader, so memory follows the liveness model
     of :func:`hwslim.core.costs.peak_activation_bytes`. With ``stop`` set, returns the
     environment (live tensors) so a later call can resume from there; this is how the
-    search computes a shared prefix once for many candidates.
+    search computes a shared prefix once for many candidates. ``outputs``: a network with several
+    outputs (:attr:`Graph.outputs`) returns them all (:func:`collect_outputs`), else the last node's.
     """
     env = {INPUT: x} if env is None else dict(env)
     borrowed = frozenset(env)
@@ -265,7 +278,7 @@ def run_graph(nodes: Sequence[Node | LayerSpec], layer: LayerFn, x: torch.Tensor
                 env.pop(t, None)
     if stop < len(nodes):
         return env
-    return env[nodes[-1].name]
+    return collect_outputs(env, outputs) if outputs else env[nodes[-1].name]
 
 
 # -- serialization --------------------------------------------------------------------------------
@@ -290,6 +303,8 @@ class Graph:
     width_mult: float = 1.0
     divisor: int = 8
     meta: dict[str, Any] = field(default_factory=dict)
+    # several outputs (a detector's levels, a segmenter's dict): (key, tensor) pairs; () : the last node's
+    outputs: tuple[tuple[Key, str], ...] = ()
 
 
 def graph_to_dict(g: Graph, grids: Mapping[str, Sequence[int]] | None = None) -> dict[str, Any]:
@@ -300,7 +315,8 @@ def graph_to_dict(g: Graph, grids: Mapping[str, Sequence[int]] | None = None) ->
             units[u]["grid"] = list(grids[u])
     return {"format": GRAPH_FORMAT, "version": GRAPH_VERSION, "name": g.name, "width_mult": g.width_mult,
             "input_size": g.input_size, "in_channels": g.in_channels, "num_classes": g.num_classes,
-            "divisor": g.divisor, "units": units, "nodes": [n.to_dict() for n in g.nodes], "meta": dict(g.meta)}
+            "divisor": g.divisor, "units": units, "nodes": [n.to_dict() for n in g.nodes], "meta": dict(g.meta),
+            **({"outputs": [[k, t] for k, t in g.outputs]} if g.outputs else {})}
 
 
 class GraphFormatError(ValueError):
@@ -316,9 +332,10 @@ def graph_from_dict(d: Mapping[str, Any]) -> Graph:
     try:
         units = {u: UnitDef(int(v["max_width"]), int(v.get("quantum", 1))) for u, v in d["units"].items()}
         nodes = [Node.from_dict(n) for n in d["nodes"]]
+        outputs = tuple((k if isinstance(k, str) else int(k), str(t)) for k, t in d.get("outputs") or ())
         return Graph(str(d["name"]), nodes, units, int(d["input_size"]), int(d["num_classes"]),
                      int(d.get("in_channels", 3)), float(d.get("width_mult", 1.0)), int(d.get("divisor", 8)),
-                     dict(d.get("meta") or {}))
+                     dict(d.get("meta") or {}), outputs)
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise GraphFormatError(f"malformed graph ({type(e).__name__}: {e})") from None
 

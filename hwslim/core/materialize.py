@@ -15,26 +15,27 @@ import torch
 from torch import nn
 
 from hwslim.core.config import ChannelConfig
-from hwslim.core.graph import LayerSpec, last_uses, run_graph
+from hwslim.core.graph import Key, LayerSpec, last_uses, run_graph
 
 
 class PlainNet(nn.Module):
     """An ordinary network described by concrete layer specs (the output of materialize)."""
 
     def __init__(self, specs: Sequence[LayerSpec], layers: dict[str, nn.Module],
-                 config: ChannelConfig | None = None) -> None:
+                 config: ChannelConfig | None = None, outputs: Sequence[tuple[Key, str]] = ()) -> None:
         super().__init__()
         self.specs = tuple(specs)
         self.layers = nn.ModuleDict(layers)
         self.config = config
-        self._free_after = last_uses(self.specs)
+        self.outputs = tuple(outputs)  # a network with several outputs (Graph.outputs)
+        self._free_after = last_uses(self.specs, self.outputs)
 
     def _layer(self, spec: LayerSpec, xs: list[torch.Tensor], inplace: bool) -> torch.Tensor:
         module = self.layers[spec.name] if spec.name in self.layers else None
         return spec.op.run_plain(module, xs, spec, inplace, self.training)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return run_graph(self.specs, self._layer, x, free_after=self._free_after)
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple | dict:
+        return run_graph(self.specs, self._layer, x, free_after=self._free_after, outputs=self.outputs)
 
 
 def plain_layers(specs: Sequence[LayerSpec], model=None) -> dict[str, nn.Module]:
@@ -64,7 +65,7 @@ def materialize(model, config: ChannelConfig | None = None, fold_bn: bool = Fals
                 layers[s.name] = m
             folded.append(replace(s, op=op))
         specs = folded
-    net = PlainNet(specs, layers, config)
+    net = PlainNet(specs, layers, config, model.outputs)
     net.train(model.training and not fold_bn)
     return net
 

@@ -41,20 +41,22 @@ class OnnxGraph:
         return name
 
     def const(self, name: str, value: float) -> str:
-        from onnx import numpy_helper
+        return self._constant(name, np.array(value, dtype=np.float32))
 
-        if name not in self._names:
-            self._names.add(name)
-            self.inits.append(numpy_helper.from_array(np.array(value, dtype=np.float32), name))
-        return name
+    def floats(self, name: str, values: Sequence[float]) -> str:
+        """A float32 initializer (resize scales, fixed parameters), added once per name."""
+        return self._constant(name, np.array(list(values), dtype=np.float32))
 
     def ints(self, name: str, values: Sequence[int]) -> str:
         """An int64 initializer (shapes, slice bounds), added once per name."""
+        return self._constant(name, np.array(list(values), dtype=np.int64))
+
+    def _constant(self, name: str, arr: np.ndarray) -> str:
         from onnx import numpy_helper
 
         if name not in self._names:
             self._names.add(name)
-            self.inits.append(numpy_helper.from_array(np.array(list(values), dtype=np.int64), name))
+            self.inits.append(numpy_helper.from_array(arr, name))
         return name
 
     def node(self, op_type: str, inputs: Sequence[str], outputs: Sequence[str], name: str, **attrs: Any) -> None:

@@ -34,7 +34,8 @@ in-place form and its ONNX nodes.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, replace
+import operator
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, Sequence
 
 import torch
@@ -67,14 +68,19 @@ class ImportSite(Protocol):
     def has_shape(self, n: Any) -> bool:
         """Whether ``n``'s value is one tensor of known shape."""
 
+    def value(self, v: Any) -> Any:
+        """An argument's value on the example input: ``v`` itself, or the int (or ints) a shape expression
+        node evaluates to (``x.size()[3]``, ``x.shape[2:]``); None for another node."""
+
     def act_of(self, n: Any) -> str | None:
         """The activation ``n`` computes (None: not one hwslim knows)."""
 
     def add_operands(self, n: Any) -> list | None:
         """The two tensors of a plain element-wise add, else None."""
 
-    def norm_act(self, n: Any, m: nn.BatchNorm2d) -> str | None:
-        """The activation inside a BatchNorm2d subclass (timm's ``BatchNormAct2d``); refuses what it cannot read."""
+    def norm_act(self, n: Any, m: nn.Module) -> str | None:
+        """The activation inside a BatchNorm2d subclass (timm's ``BatchNormAct2d``; None for a
+        FrozenBatchNorm2d); refuses what it cannot read."""
 
     def is_plain(self, m: nn.Module, base: type) -> bool:
         """``m`` computes what ``base`` computes (its own forward, if any, makes the same one call)."""
@@ -107,6 +113,27 @@ def _plain_layer(node: Any, site: ImportSite, base: type, what: str) -> nn.Modul
     return m
 
 
+def optional(default: Any) -> Any:
+    """A field added after graphs were stored: left out of the graph JSON at its default, so every
+    stored graph (and its sha256) stays as it was."""
+    return field(default=default, metadata={"optional": True})
+
+
+def pair(v: Any) -> tuple[int, int] | None:
+    """A kernel/stride/padding/dilation (an int or an (h, w) pair) as an (h, w) pair, else None."""
+    if isinstance(v, int):
+        return (v, v)
+    if isinstance(v, (tuple, list)) and len(v) == 2 and all(isinstance(x, int) for x in v):
+        return (int(v[0]), int(v[1]))
+    return None
+
+
+def _compact(v: Any) -> int | tuple[int, int]:
+    """An equal pair as one int (a square window reads, and serializes, as before), else a tuple."""
+    h, w = pair(v) or (v, v)
+    return h if h == w else (h, w)
+
+
 def square(v: Any) -> int | None:
     """A square kernel/stride/padding (an int or an equal pair) as one int, else None."""
     if isinstance(v, int):
@@ -123,13 +150,15 @@ class Slice:
     """Active widths of one node in the supernet: what :meth:`Op.run` slices to.
 
     ``index`` is the kept channels of the first input, as positions in its full-width
-    layout (None: the first ``x.shape[1]`` channels), ``out`` the output width (ops that
-    set it), ``mid`` an inner width (SE's reduce width).
+    layout (None: the first ``x.shape[1]`` channels), ``parts`` the widths of that layout's
+    parts (None: one part), ``out`` the output width (ops that set it), ``mid`` an inner
+    width (SE's reduce width).
     """
 
     out: int | None = None
     mid: int | None = None
     index: torch.Tensor | None = None
+    parts: tuple[int, ...] | None = None
     inplace: bool = False
     training: bool = False
 
@@ -173,6 +202,7 @@ class Op:
     # importing (hwslim.importing.fx_trace): module classes the tracer keeps whole, subclasses too, so
     # that :meth:`from_torch` sees one call (else fx traces into their forward)
     torch_modules: ClassVar[tuple[type, ...]] = ()
+    torch_module_names: ClassVar[tuple[str, ...]] = ()  # the same, by qualified name (no import of their package)
     fuses_bn: ClassVar[bool] = False  # a BatchNorm right after it folds into it (:meth:`with_bn`)
     takes_act: ClassVar[bool] = False  # an activation right after it folds into its ``act`` field
 
@@ -198,7 +228,12 @@ class Op:
 
     # -- JSON ---------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, **asdict(self)}
+        """``kind`` and the fields; a field made with :func:`optional` is left out at its default."""
+        d = asdict(self)
+        for f in fields(self):
+            if f.metadata.get("optional") and d[f.name] == f.default:
+                del d[f.name]
+        return {"kind": self.kind, **d}
 
     # -- structure ----------------------------------------------------------------------------
     def out_layout(self, node: "Node", layouts: Sequence[tuple]) -> tuple:
@@ -282,8 +317,49 @@ class Op:
             raise NotImplementedError(f"operator {self.kind!r} cannot reorder its weights' channels")
 
 
-def _conv_out(size: int, kernel: int, stride: int, padding: int) -> int:
-    return (size + 2 * padding - kernel) // stride + 1
+def _conv_out(size: int, kernel: int, stride: int, padding: int, dilation: int = 1) -> int:
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+class _Window:
+    """A sliding window's geometry (a conv's, a pool's): ``kernel``, ``stride``, ``padding`` and
+    ``dilation``, each one int (square) or an (h, w) pair: 1x5 kernels, dilated convs."""
+
+    def _compact_window(self) -> None:
+        for name in ("kernel", "stride", "padding", "dilation"):
+            if hasattr(self, name):
+                object.__setattr__(self, name, _compact(getattr(self, name)))
+
+    def window(self) -> tuple[tuple[int, int], ...]:
+        """(kernel, stride, padding, dilation) as (h, w) pairs."""
+        return tuple(pair(getattr(self, n, 1)) for n in ("kernel", "stride", "padding", "dilation"))
+
+    @property
+    def square_window(self) -> bool:
+        """A square, undilated window: what the tables' kernel/stride/padding columns say in full."""
+        return all(isinstance(getattr(self, n, 1), int) for n in ("kernel", "stride", "padding")) and \
+            getattr(self, "dilation", 1) == 1
+
+    def window_out_hw(self, hw: tuple[int, int]) -> tuple[int, int]:
+        k, s, p, d = self.window()
+        return (_conv_out(hw[0], k[0], s[0], p[0], d[0]), _conv_out(hw[1], k[1], s[1], p[1], d[1]))
+
+    def window_key(self) -> tuple[tuple[int, int, int], str]:
+        """The table's (kernel, stride, padding) columns (the height's) and what the ``extra`` column
+        adds for another window: ``"k=1x5;d=2"`` ("" for a square undilated one)."""
+        k, s, p, d = self.window()
+        extra = [f"{name}={a[0]}x{a[1]}" for name, a in (("k", k), ("s", s), ("p", p)) if a[0] != a[1]]
+        if d != (1, 1):
+            extra.append(f"d={d[0]}x{d[1]}" if d[0] != d[1] else f"d={d[0]}")
+        return (k[0], s[0], p[0]), ";".join(extra)
+
+    def window_attrs(self) -> dict[str, Any]:
+        """The ONNX Conv/MaxPool attributes of the window (``dilations`` only when dilated)."""
+        k, s, p, d = self.window()
+        attrs: dict[str, Any] = {"kernel_shape": list(k), "strides": list(s), "pads": [p[0], p[1], p[0], p[1]]}
+        if d != (1, 1):
+            attrs["dilations"] = list(d)
+        return attrs
 
 
 def _ceil_out(size: int, kernel: int, stride: int, padding: int) -> int:
@@ -301,6 +377,11 @@ def _take(t: torch.Tensor | None, index: torch.Tensor | None, n: int, dim: int =
     if index is not None:
         return t.index_select(dim, index.to(t.device))
     return t.narrow(dim, 0, n)
+
+
+def _channel_shape(s: "LayerSpec") -> tuple[int, ...]:
+    """The shape of a per-channel ONNX constant that broadcasts over ``s``'s input: (1, C) or (1, C, 1, 1)."""
+    return (1, s.cin) if s.in_flat else (1, s.cin, 1, 1)
 
 
 def spec_index(s: "LayerSpec") -> torch.Tensor | None:
@@ -329,6 +410,12 @@ def _permute_bn(bn: nn.BatchNorm2d | None, perm: torch.Tensor | None) -> None:
             _permute_(getattr(bn, name), perm)
 
 
+def _same_padding(kernel: tuple[int, int], dilation: tuple[int, int]) -> tuple[int, int] | None:
+    """``padding='same'`` as explicit padding (None where it is uneven: an even kernel)."""
+    total = [d * (k - 1) for k, d in zip(kernel, dilation)]
+    return None if any(t % 2 for t in total) else (total[0] // 2, total[1] // 2)
+
+
 def _filter_norms(w: torch.Tensor) -> torch.Tensor:
     """L2 norm of each output filter (row) of a weight."""
     return w.detach().float().flatten(1).norm(dim=1).cpu()
@@ -336,8 +423,9 @@ def _filter_norms(w: torch.Tensor) -> torch.Tensor:
 
 
 
-def _plain_bn(src: nn.BatchNorm2d | None, c: int, index: torch.Tensor | None) -> nn.BatchNorm2d:
-    bn = nn.BatchNorm2d(c)
+def _plain_bn(src: nn.BatchNorm2d | None, c: int, index: torch.Tensor | None,
+              cls: type[nn.modules.batchnorm._BatchNorm] = nn.BatchNorm2d) -> nn.BatchNorm2d:
+    bn = cls(c)
     if src is not None:
         bn.eps, bn.momentum = src.eps, src.momentum if src.momentum is not None else 0.1
         with torch.no_grad():
@@ -356,16 +444,32 @@ def _load(dst: nn.Module, src: nn.Module, names: Sequence[str] = ("weight", "bia
             getattr(dst, name).copy_(getattr(src, name))
 
 
-def _load_bn(dst: nn.BatchNorm2d, src: nn.BatchNorm2d) -> None:
-    _load(dst, src, ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"))
+def _load_bn(dst: nn.BatchNorm2d, src: nn.Module) -> None:
+    """Copy a BatchNorm's affine parameters and statistics (a FrozenBatchNorm2d has no counter nor momentum)."""
+    _load(dst, src, ("weight", "bias", "running_mean", "running_var"))
+    if hasattr(src, "num_batches_tracked"):
+        _load(dst, src, ("num_batches_tracked",))
     dst.eps = src.eps
-    dst.momentum = src.momentum
+    dst.momentum = getattr(src, "momentum", dst.momentum)
+
+
+FROZEN_BN = "torchvision.ops.misc.FrozenBatchNorm2d"  # torchvision's detectors' BatchNorm with fixed statistics
+
+
+def is_batch_norm(m: nn.Module | None) -> bool:
+    """A 2-D BatchNorm in eval mode's sense: ``nn.BatchNorm2d`` (subclasses too) or torchvision's
+    ``FrozenBatchNorm2d`` (named, so the core does not import torchvision)."""
+    return isinstance(m, nn.BatchNorm2d) or (m is not None and _qualname(type(m)) == FROZEN_BN)
+
+
+def _qualname(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 # -- convolution -------------------------------------------------------------------------------------
 @register_op
 @dataclass(frozen=True)
-class Conv(Op):
+class Conv(_Window, Op):
     """``act(bn(conv(x)) [+ skip])``: the unit a runtime executes as one fused kernel.
 
     ``group_width`` None is a dense conv; otherwise the conv is grouped with
@@ -373,7 +477,8 @@ class Conv(Op):
     (``1``: depthwise; RegNet / ResNeXt: 8, 16...), so its width moves in multiples of
     the group width and the group count follows the width. ``bn`` False with ``bias``
     True is a plain biased conv (SE's convs, detection heads...). A second input is a
-    residual added before the activation.
+    residual added before the activation. ``kernel``, ``stride``, ``padding`` and ``dilation``
+    are one int or an (h, w) pair (1x5 kernels, dilated convs of segmentation heads).
     """
 
     kind: ClassVar[str] = "conv"
@@ -382,17 +487,24 @@ class Conv(Op):
     torch_modules: ClassVar[tuple[type, ...]] = (nn.Conv2d,)
     fuses_bn: ClassVar[bool] = True
     takes_act: ClassVar[bool] = True
-    kernel: int = 1
-    stride: int = 1
-    padding: int = 0
+    kernel: int | tuple[int, int] = 1
+    stride: int | tuple[int, int] = 1
+    padding: int | tuple[int, int] = 0
     group_width: int | None = None
     act: str | None = None
     bn: bool = True
     bias: bool = False
     eps: float = 1e-5  # BatchNorm's epsilon (MobileNetV3: 1e-3)
+    dilation: int | tuple[int, int] = optional(1)
+    # the output is ``parts`` equal parts, each as wide as the node's ``out`` unit, each keeping its first
+    # channels: a split into equal parts (YOLOv8's C2f chunk) then slims the unit in whole sets of parts
+    parts: int = optional(1)
 
     def __post_init__(self) -> None:
         check_act(self.act)
+        self._compact_window()
+        if self.parts > 1 and self.tied:
+            raise ValueError("a grouped conv's output follows its input: it has no parts of its own")
 
     @classmethod
     def from_torch(cls, node, site):
@@ -400,18 +512,19 @@ class Conv(Op):
                                                 "that depends on the input size")
         if m is None:
             return None
-        k, s, p = square(m.kernel_size), square(m.stride), square(m.padding)
-        if None in (k, s, p) or square(m.dilation) != 1 or m.padding_mode != "zeros" or isinstance(m.padding, str):
-            raise site.refuse(node, f"a convolution with kernel {m.kernel_size}, stride {m.stride}, padding "
-                                    f"{m.padding!r}, dilation {m.dilation}, padding mode {m.padding_mode!r} (hwslim's "
-                                    "are square, undilated, zero-padded)")
+        k, s, d = pair(m.kernel_size), pair(m.stride), pair(m.dilation)
+        p = _same_padding(k, d) if m.padding == "same" else (0, 0) if m.padding == "valid" else pair(m.padding)
+        if p is None or m.padding_mode != "zeros":
+            raise site.refuse(node, f"a convolution with kernel {m.kernel_size}, padding {m.padding!r}, dilation "
+                                    f"{m.dilation}, padding mode {m.padding_mode!r} (hwslim's are zero-padded, "
+                                    "the same on both sides)")
         group_width = None
         if m.groups > 1:
             if m.in_channels != m.out_channels:
                 raise site.refuse(node, f"a grouped convolution whose output ({m.out_channels}) differs from its "
                                         f"input ({m.in_channels})")
             group_width = m.in_channels // m.groups
-        op = cls(k, s, p, group_width, None, False, m.bias is not None)
+        op = cls(k, s, p, group_width, None, False, m.bias is not None, dilation=d)
         return Claim(op, site.tensor_args(node)[:1], {"conv": m})
 
     def with_bn(self, eps):
@@ -438,13 +551,21 @@ class Conv(Op):
         if len(layouts) not in (1, 2):
             raise ValueError(f"{name}: conv takes an input and an optional residual, got {len(layouts)} inputs")
 
+    def out_layout(self, node, layouts):
+        return (node.out,) * self.parts if self.sets_width else layouts[0]
+
+    def _rows(self, full: int, width: int, device: torch.device) -> torch.Tensor | None:
+        """The kept filters of an output in parts: the first ``width`` of each part of ``full`` (None: a prefix)."""
+        if self.parts == 1 or width == full:
+            return None
+        starts = torch.arange(self.parts, device=device)[:, None] * full
+        return (starts + torch.arange(width, device=device)).reshape(-1)
+
     def unit_ties(self, node, layouts):
         return [(self.out_layout(node, layouts), layouts[1])] if len(layouts) == 2 else []
 
     def out_hw(self, hw):
-        h, w = hw[0]
-        return (_conv_out(h, self.kernel, self.stride, self.padding), _conv_out(w, self.kernel, self.stride,
-                                                                                self.padding))
+        return self.window_out_hw(hw[0])
 
     def groups(self, cin: int) -> int:
         return 1 if self.group_width is None else max(1, cin // self.group_width)
@@ -457,25 +578,31 @@ class Conv(Op):
     def depthwise(self) -> bool:
         return self.group_width == 1
 
+    @property
+    def taps(self) -> int:
+        """Weights per filter and input channel: kernel height times width."""
+        (kh, kw), *_ = self.window()
+        return kh * kw
+
     def macs(self, s):
-        return s.batch * s.cout * (s.cin // s.groups) * self.kernel * self.kernel * s.out_h * s.out_w
+        return s.batch * s.cout * (s.cin // s.groups) * self.taps * s.out_h * s.out_w
 
     def params(self, s):
-        n = s.cout * (s.cin // s.groups) * self.kernel * self.kernel
+        n = s.cout * (s.cin // s.groups) * self.taps
         return n + (s.cout if self.bias else 0) + (2 * s.cout if self.bn else 0)
 
     def signature(self, s):
         # BN folds into the conv and a bias is free, so they do not change the runtime kernel
-        return ("conv", self.kernel, self.stride, self.padding, s.groups, s.in_h, s.in_w, s.cin, s.cout,
-                self.act or "none", len(s.inputs) > 1, s.batch, "")
+        (k, st, p), extra = self.window_key()
+        return ("conv", k, st, p, s.groups, s.in_h, s.in_w, s.cin, s.cout, self.act or "none", len(s.inputs) > 1,
+                s.batch, extra)
 
     def onnx(self, s, g, inputs, out):
-        fan_in = s.cin // s.groups * self.kernel * self.kernel
-        w = g.weight(f"{s.name}.weight", (s.cout, s.cin // s.groups, self.kernel, self.kernel), 1 / math.sqrt(fan_in))
+        fan_in = s.cin // s.groups * self.taps
+        w = g.weight(f"{s.name}.weight", (s.cout, s.cin // s.groups, *self.window()[0]), 1 / math.sqrt(fan_in))
         b = g.weight(f"{s.name}.bias", (s.cout,), 0.1)
         cur = g.tmp(s.name, "conv", last=len(inputs) == 1 and self.act is None, out=out)
-        g.node("Conv", [inputs[0], w, b], [cur], f"{s.name}::conv", kernel_shape=[self.kernel] * 2,
-               strides=[self.stride] * 2, pads=[self.padding] * 4, group=s.groups)
+        g.node("Conv", [inputs[0], w, b], [cur], f"{s.name}::conv", group=s.groups, **self.window_attrs())
         if len(inputs) > 1:
             nxt = g.tmp(s.name, "add", last=self.act is None, out=out)
             g.node("Add", [cur, inputs[1]], [nxt], f"{s.name}::add")
@@ -484,12 +611,18 @@ class Conv(Op):
             ACTIVATIONS[self.act].emit(g, cur, out, f"{s.name}::act")
 
     def build(self, node, cin, cout, mid):
-        conv = SlimmableConv2d(cin, cin if self.tied else cout, self.kernel, self.stride, self.padding,
-                               bias=self.bias, group_width=self.group_width)
+        k, st, p, d = self.window()
+        conv = SlimmableConv2d(cin, cin if self.tied else cout * self.parts, k, st, p, bias=self.bias,
+                               group_width=self.group_width, dilation=d)
         return SlimmableConvBN(conv, bn=self.bn, eps=self.eps)
 
     def run(self, module, xs, ctx):
-        y = module(xs[0], ctx.out, ctx.index, ctx.training)
+        out, rows = ctx.out, None
+        if self.parts > 1:
+            full = module.conv.out_channels // self.parts
+            rows = self._rows(full, full if out is None else out, xs[0].device)
+            out = None if rows is None else len(rows)
+        y = module(xs[0], out, ctx.index, ctx.training, rows)
         return self._tail(y, xs, fresh())
 
     def _tail(self, y, xs, inplace):  # y is the conv's own output: writable without autograd
@@ -499,7 +632,8 @@ class Conv(Op):
 
     def plain(self, s, src):
         index = spec_index(s)
-        conv = nn.Conv2d(s.cin, s.cout, self.kernel, self.stride, self.padding, groups=s.groups, bias=self.bias)
+        k, st, p, d = self.window()
+        conv = nn.Conv2d(s.cin, s.cout, k, st, p, d, groups=s.groups, bias=self.bias)
         if src is None:
             return nn.Sequential(conv, nn.BatchNorm2d(s.cout, eps=self.eps)) if self.bn else conv
         with torch.no_grad():
@@ -508,8 +642,8 @@ class Conv(Op):
                 conv.weight.copy_(_take(w, index, s.cout))
                 out_index = index
             else:
-                conv.weight.copy_(_take(w[: s.cout], index, s.cin, dim=1))
-                out_index = None
+                out_index = self._rows(len(w) // self.parts, s.cout // self.parts, w.device)
+                conv.weight.copy_(_take(_take(w, out_index, s.cout), index, s.cin, dim=1))
             if self.bias:
                 conv.bias.copy_(_take(src.conv.bias, out_index, s.cout))
         conv = conv.to(w.device, w.dtype)
@@ -528,14 +662,13 @@ class Conv(Op):
     def permute(self, module, node, in_perms, out_perm, mid_perm=None):
         conv, p_in = module.conv, in_perms[0]
         if self.tied:  # the output is the input's channels: whole groups move, their filters with them
-            g = self.group_width
-            if p_in is not None and g > 1 and not torch.equal(
-                    p_in.view(-1, g), p_in.view(-1, g)[:, :1] + torch.arange(g, device=p_in.device)):
-                raise ValueError(f"{node.name}: a grouped conv's channels can move only in whole groups of {g}")
+            _check_whole_groups(p_in, self.group_width, node.name, "a grouped conv")
             rows = p_in
         else:
             _permute_(conv.weight, p_in, 1)
             rows = out_perm
+            if out_perm is not None and self.parts > 1:  # every part moves as the unit does
+                rows = torch.cat([out_perm + k * len(out_perm) for k in range(self.parts)])
         _permute_(conv.weight, rows)
         _permute_(conv.bias, rows)
         _permute_bn(module.bn, rows)
@@ -716,10 +849,12 @@ class Act(Op):
 @register_op
 @dataclass(frozen=True)
 class BatchNorm(Op):
-    """``act(bn(x))`` on its own (pre-activation blocks: DenseNet's norm-relu-conv)."""
+    """``act(bn(x))`` on its own (pre-activation blocks: DenseNet's norm-relu-conv); on (N, C) features
+    it is a BatchNorm1d (a classifier head's)."""
 
     kind: ClassVar[str] = "bn"
     torch_modules: ClassVar[tuple[type, ...]] = (nn.BatchNorm2d,)
+    torch_module_names: ClassVar[tuple[str, ...]] = (FROZEN_BN,)
     takes_act: ClassVar[bool] = True
     act: str | None = None
     eps: float = 1e-5
@@ -730,9 +865,15 @@ class BatchNorm(Op):
     @classmethod
     def from_torch(cls, node, site):
         m = site.module(node)
-        if not isinstance(m, nn.BatchNorm2d):
+        x = site.tensor_args(node)[:1]
+        if isinstance(m, nn.BatchNorm1d):
+            if len(site.shape(x[0])) != 2 or not (m.affine and m.track_running_stats):
+                raise site.refuse(node, "BatchNorm1d on a sequence, or without affine parameters or running "
+                                        "statistics (hwslim's normalizes (N, C) features)")
+            return Claim(cls(None, m.eps), x, {"bn": m})
+        if not is_batch_norm(m):
             return None
-        return Claim(cls(site.norm_act(node, m), m.eps), site.tensor_args(node)[:1], {"bn": m})
+        return Claim(cls(site.norm_act(node, m), m.eps), x, {"bn": m})
 
     def load_weights(self, module, sources):
         _load_bn(module, sources["bn"])
@@ -744,9 +885,9 @@ class BatchNorm(Op):
         return ("bn", 0, 1, 0, 1, s.in_h, s.in_w, s.cin, s.cout, self.act or "none", False, s.batch, "")
 
     def onnx(self, s, g, inputs, out):
-        c = s.cin
-        scale = g.weight(f"{s.name}.scale", (1, c, 1, 1), 0.1)
-        shift = g.weight(f"{s.name}.shift", (1, c, 1, 1), 0.1)
+        shape = _channel_shape(s)
+        scale = g.weight(f"{s.name}.scale", shape, 0.1)
+        shift = g.weight(f"{s.name}.shift", shape, 0.1)
         cur = f"{s.name}::mul"
         g.node("Mul", [inputs[0], scale], [cur], f"{s.name}::mul")
         nxt = out if self.act is None else f"{s.name}::add"
@@ -761,7 +902,8 @@ class BatchNorm(Op):
         return apply_act(self.act, sliced_batch_norm(module, xs[0], ctx.index, ctx.training), fresh())
 
     def plain(self, s, src):
-        return _plain_bn(src, s.cin, spec_index(s)) if src is not None else nn.BatchNorm2d(s.cin, eps=self.eps)
+        cls = nn.BatchNorm1d if s.in_flat else nn.BatchNorm2d
+        return _plain_bn(src, s.cin, spec_index(s), cls) if src is not None else cls(s.cin, eps=self.eps)
 
     def importance(self, module):
         return module.weight.detach().float().abs().cpu(), None
@@ -815,14 +957,18 @@ class Concat(Op):
 
 
 @dataclass(frozen=True)
-class _Pool(Op):
-    """A square pooling window (``F.max_pool2d``, ``F.avg_pool2d``; their modules)."""
+class _Pool(_Window, Op):
+    """A pooling window (``F.max_pool2d``, ``F.avg_pool2d``; their modules): ``kernel``, ``stride``
+    and ``padding`` are one int or an (h, w) pair."""
 
-    kernel: int = 2
-    stride: int = 2
-    padding: int = 0
+    kernel: int | tuple[int, int] = 2
+    stride: int | tuple[int, int] = 2
+    padding: int | tuple[int, int] = 0
     torch_pool: ClassVar[tuple[type, Any]] = (nn.Module, None)  # the module class and function it claims
     options: ClassVar[tuple[str, ...]] = ()  # their settings after kernel_size, stride, padding
+
+    def __post_init__(self) -> None:
+        self._compact_window()
 
     @classmethod
     def from_torch(cls, node, site):
@@ -836,27 +982,32 @@ class _Pool(Op):
         else:
             opt = dict(zip(names, node.args[1:]))
             opt.update({k: v for k, v in node.kwargs.items() if k in names})
-        k = square(opt["kernel_size"])
-        s = square(opt.get("stride") or opt["kernel_size"])  # stride None or () means the kernel
-        p = square(opt.get("padding", 0))
+        derived = isinstance(opt["kernel_size"], torch.fx.Node)  # F.avg_pool2d(x, x.size()[3])
+        opt = {k: site.value(v) for k, v in opt.items()}
+        k = pair(opt["kernel_size"])
+        s = pair(opt.get("stride") or opt["kernel_size"])  # stride None or () means the kernel
+        p = pair(opt.get("padding", 0))
+        x = site.tensor_args(node)[0]
+        if derived and k == tuple(site.shape(x)[2:]) and s == k and p == (0, 0):
+            return Claim(GlobalAvgPool(flatten=False), [x])  # a window as large as the input, at any size
         op = None if None in (k, s, p) else cls._imported(k, s, p, opt, node, site)
         if op is None:
-            raise site.refuse(node, "this pooling (non-square, dilated, ceil-mode average or a custom divisor)")
-        return Claim(op, site.tensor_args(node)[:1])
+            raise site.refuse(node, "this pooling (ceil-mode average, average without counting padding, or a "
+                                    "custom divisor)")
+        return Claim(op, [x])
 
     @classmethod
-    def _imported(cls, k: int, s: int, p: int, opt: dict[str, Any], node: Any, site: ImportSite) -> "_Pool | None":
-        """The op for a square window with settings ``opt`` (None: one this op cannot express)."""
+    def _imported(cls, k: tuple[int, int], s: tuple[int, int], p: tuple[int, int], opt: dict[str, Any], node: Any,
+                  site: ImportSite) -> "_Pool | None":
+        """The op for a window (``(h, w)`` pairs) with settings ``opt`` (None: one this op cannot express)."""
         raise NotImplementedError
 
     def out_hw(self, hw):
-        h, w = hw[0]
-        return (_conv_out(h, self.kernel, self.stride, self.padding), _conv_out(w, self.kernel, self.stride,
-                                                                                self.padding))
+        return self.window_out_hw(hw[0])
 
     def signature(self, s):
-        return (self.kind, self.kernel, self.stride, self.padding, s.cin, s.in_h, s.in_w, s.cin, s.cout, "none",
-                False, s.batch, "")
+        (k, st, p), extra = self.window_key()
+        return (self.kind, k, st, p, s.cin, s.in_h, s.in_w, s.cin, s.cout, "none", False, s.batch, extra)
 
 
 @register_op
@@ -868,26 +1019,28 @@ class MaxPool(_Pool):
     torch_pool: ClassVar[tuple[type, Any]] = (nn.MaxPool2d, F.max_pool2d)
     options: ClassVar[tuple[str, ...]] = ("dilation", "ceil_mode")
     ceil_mode: bool = False
+    dilation: int | tuple[int, int] = optional(1)
 
     @classmethod
     def _imported(cls, k, s, p, opt, node, site):
-        return cls(k, s, p, bool(opt.get("ceil_mode", False))) if square(opt.get("dilation", 1)) == 1 else None
+        d = pair(opt.get("dilation") or 1)
+        return None if d is None else cls(k, s, p, bool(opt.get("ceil_mode", False)), d)
 
     def out_hw(self, hw):
         if not self.ceil_mode:
             return super().out_hw(hw)
-        return tuple(_ceil_out(n, self.kernel, self.stride, self.padding) for n in hw[0])
+        k, s, p, d = self.window()
+        return tuple(_ceil_out(n, d[i] * (k[i] - 1) + 1, s[i], p[i]) for i, n in enumerate(hw[0]))
 
     def signature(self, s):
         sig = super().signature(s)
-        return sig[:-1] + ("ceil",) if self.ceil_mode else sig
+        return sig[:-1] + (";".join(x for x in (sig[-1], "ceil") if x),) if self.ceil_mode else sig
 
     def onnx(self, s, g, inputs, out):
-        g.node("MaxPool", [inputs[0]], [out], f"{s.name}::pool", kernel_shape=[self.kernel] * 2,
-               strides=[self.stride] * 2, pads=[self.padding] * 4, ceil_mode=int(self.ceil_mode))
+        g.node("MaxPool", [inputs[0]], [out], f"{s.name}::pool", ceil_mode=int(self.ceil_mode), **self.window_attrs())
 
     def run(self, module, xs, ctx):
-        return F.max_pool2d(xs[0], self.kernel, self.stride, self.padding, ceil_mode=self.ceil_mode)
+        return F.max_pool2d(xs[0], self.kernel, self.stride, self.padding, self.dilation, ceil_mode=self.ceil_mode)
 
 
 @register_op
@@ -901,19 +1054,19 @@ class AvgPool(_Pool):
 
     @classmethod
     def _imported(cls, k, s, p, opt, node, site):
-        if opt.get("divisor_override") is not None or not (opt.get("count_include_pad", True) or p == 0):
+        if opt.get("divisor_override") is not None or not (opt.get("count_include_pad", True) or p == (0, 0)):
             return None  # without padding there is nothing to count
         if opt.get("ceil_mode", False):
             # ceil mode changes nothing when the windows tile the input exactly (timm's ResNet-D
             # shortcut: AvgPool2d(2, 2, ceil_mode=True) on an even size)
             x = site.tensor_args(node)[0]
-            if site.shape(node)[2:] != tuple((h + 2 * p - k) // s + 1 for h in site.shape(x)[2:]):
+            if site.shape(node)[2:] != tuple((h + 2 * p[i] - k[i]) // s[i] + 1
+                                             for i, h in enumerate(site.shape(x)[2:])):
                 return None
         return cls(k, s, p)
 
     def onnx(self, s, g, inputs, out):
-        g.node("AveragePool", [inputs[0]], [out], f"{s.name}::pool", kernel_shape=[self.kernel] * 2,
-               strides=[self.stride] * 2, pads=[self.padding] * 4, count_include_pad=1)
+        g.node("AveragePool", [inputs[0]], [out], f"{s.name}::pool", count_include_pad=1, **self.window_attrs())
 
     def run(self, module, xs, ctx):
         return F.avg_pool2d(xs[0], self.kernel, self.stride, self.padding)
@@ -1135,6 +1288,7 @@ class Linear(Op):
     takes_act: ClassVar[bool] = True
     act: str | None = None
     dropout: float = 0.0  # applied to the input while training (torchvision's classifier dropout)
+    bias: bool = optional(True)
 
     def __post_init__(self) -> None:
         check_act(self.act)
@@ -1144,12 +1298,10 @@ class Linear(Op):
         m = _plain_layer(node, site, nn.Linear, "a Linear with its own forward")
         if m is None:
             return None
-        if m.bias is None:
-            raise site.refuse(node, "a linear layer without a bias")
         x = site.tensor_args(node)[0]
         if len(site.shape(x)) != 2:
             raise site.refuse(node, f"a linear layer on a {len(site.shape(x))}-D tensor (channels-last blocks)")
-        return Claim(cls(), [x], {"linear": m})
+        return Claim(cls(bias=m.bias is not None), [x], {"linear": m})
 
     def load_weights(self, module, sources):
         _load(module, sources["linear"])
@@ -1161,21 +1313,21 @@ class Linear(Op):
         return s.batch * s.cin * s.cout
 
     def params(self, s):
-        return s.cin * s.cout + s.cout
+        return s.cin * s.cout + (s.cout if self.bias else 0)
 
     def signature(self, s):
         return ("linear", 1, 1, 0, 1, 1, 1, s.cin, s.cout, self.act or "none", False, s.batch, "")
 
     def onnx(self, s, g, inputs, out):
         w = g.weight(f"{s.name}.weight", (s.cout, s.cin), 0.01)
-        b = g.weight(f"{s.name}.bias", (s.cout,), 0.0)
+        b = [g.weight(f"{s.name}.bias", (s.cout,), 0.0)] if self.bias else []
         cur = out if self.act is None else f"{s.name}::gemm"
-        g.node("Gemm", [inputs[0], w, b], [cur], f"{s.name}::gemm", transB=1)
+        g.node("Gemm", [inputs[0], w, *b], [cur], f"{s.name}::gemm", transB=1)
         if self.act is not None:
             ACTIVATIONS[self.act].emit(g, cur, out, f"{s.name}::act")
 
     def build(self, node, cin, cout, mid):
-        return nn.Linear(cin, cout)
+        return nn.Linear(cin, cout, bias=self.bias)
 
     def run(self, module, xs, ctx):
         x = xs[0]
@@ -1183,7 +1335,7 @@ class Linear(Op):
             x = F.dropout(x, self.dropout, True)
         out = ctx.out if ctx.out is not None else module.out_features
         w = _take(module.weight[:out], ctx.index, x.shape[1], dim=1)
-        return apply_act(self.act, F.linear(x, w, module.bias[:out]), fresh())
+        return apply_act(self.act, F.linear(x, w, None if module.bias is None else module.bias[:out]), fresh())
 
     def importance(self, module):
         return _filter_norms(module.weight), None
@@ -1194,11 +1346,12 @@ class Linear(Op):
         _permute_(module.bias, out_perm)
 
     def plain(self, s, src):
-        lin = nn.Linear(s.cin, s.cout)
+        lin = nn.Linear(s.cin, s.cout, bias=self.bias)
         if src is not None:
             with torch.no_grad():
                 lin.weight.copy_(_take(src.weight[: s.cout], spec_index(s), s.cin, dim=1))
-                lin.bias.copy_(src.bias[: s.cout])
+                if self.bias:
+                    lin.bias.copy_(src.bias[: s.cout])
             lin = lin.to(src.weight.device, src.weight.dtype)
         return lin
 
@@ -1209,7 +1362,379 @@ class Linear(Op):
         return apply_act(self.act, module(x), fresh())
 
 
-__all__ = ["ACTIVATIONS", "OPS", "Act", "Add", "AvgPool", "BatchNorm", "ChannelShuffle", "ChannelSlice",
-           "Concat", "Conv", "Dropout",
-           "Flatten", "GlobalAvgPool", "Linear", "MaxPool", "Op", "Slice", "SqueezeExcite", "apply_act",
-           "op_from_dict", "register_op", "spec_index"]
+# -- resampling, normalization with weights, element-wise combinations (detectors, segmenters) ---------------
+@register_op
+@dataclass(frozen=True)
+class Resize(Op):
+    """Nearest or bilinear upsampling by a whole factor per side (``nn.Upsample``, ``F.interpolate``:
+    an FPN's top-down path, YOLO's neck, a segmenter's output). ``scale``: one int or (h, w).
+
+    Imported from the sizes the example input gives, so ``size=`` and ``scale_factor=`` read the
+    same; no MACs (like pooling), no weights; channel-wise.
+    """
+
+    kind: ClassVar[str] = "resize"
+    modes: ClassVar[tuple[str, ...]] = ("nearest", "bilinear")
+    scale: int | tuple[int, int] = 2
+    mode: str = "nearest"
+    align_corners: bool = False  # bilinear only
+
+    def __post_init__(self) -> None:
+        if self.mode not in self.modes:
+            raise ValueError(f"resize mode {self.mode!r}; expected one of {list(self.modes)}")
+        object.__setattr__(self, "scale", _compact(self.scale))
+
+    @classmethod
+    def from_torch(cls, node, site):
+        m = site.module(node)
+        if isinstance(m, nn.Upsample):
+            mode, align = m.mode, m.align_corners
+        elif node.op == "call_function" and node.target is F.interpolate:
+            opt = dict(zip(("size", "scale_factor", "mode", "align_corners"), node.args[1:]), **node.kwargs)
+            mode, align = opt.get("mode", "nearest"), opt.get("align_corners")
+            if opt.get("antialias"):
+                raise site.refuse(node, "resizing with antialias")
+        else:
+            return None
+        x = site.tensor_args(node)[0]
+        (ih, iw), (oh, ow) = site.shape(x)[2:], site.shape(node)[2:]
+        if mode not in cls.modes or oh % ih or ow % iw:
+            raise site.refuse(node, f"resizing {ih}x{iw} to {oh}x{ow} ({mode}; hwslim's: nearest or bilinear "
+                                    "upsampling by whole factors)")
+        return Claim(cls((oh // ih, ow // iw), mode, bool(align) and mode == "bilinear"), [x])
+
+    def out_hw(self, hw):
+        sh, sw = pair(self.scale)
+        return (hw[0][0] * sh, hw[0][1] * sw)
+
+    def signature(self, s):
+        sh, sw = pair(self.scale)
+        extra = [self.mode] + ([f"s={sh}x{sw}"] if sh != sw else []) + (["align_corners"] if self.align_corners else [])
+        return ("resize", sh, 1, 0, 1, s.in_h, s.in_w, s.cin, s.cout, "none", False, s.batch, ";".join(extra))
+
+    def onnx(self, s, g, inputs, out):
+        sh, sw = pair(self.scale)
+        scales = g.floats(f"resize.scales.{sh}x{sw}", [1.0, 1.0, float(sh), float(sw)])
+        if self.mode == "nearest":  # PyTorch's nearest: floor(dst / scale)
+            attrs = dict(mode="nearest", coordinate_transformation_mode="asymmetric", nearest_mode="floor")
+        else:
+            attrs = dict(mode="linear", coordinate_transformation_mode="align_corners" if self.align_corners
+                         else "half_pixel")
+        g.node("Resize", [inputs[0], "", scales], [out], f"{s.name}::resize", **attrs)
+
+    def run(self, module, xs, ctx):
+        return F.interpolate(xs[0], scale_factor=pair(self.scale), mode=self.mode,
+                             align_corners=self.align_corners if self.mode == "bilinear" else None)
+
+
+@register_op
+@dataclass(frozen=True)
+class PReLU(Op):
+    """``max(x, 0) + a[c] * min(x, 0)`` with a learned slope per channel (``shared``: one slope): the
+    slopes follow the channels they scale, so they slim with the unit."""
+
+    kind: ClassVar[str] = "prelu"
+    shared: bool = False
+
+    @classmethod
+    def from_torch(cls, node, site):
+        m = site.module(node)
+        if not isinstance(m, nn.PReLU):
+            return None
+        return Claim(cls(m.num_parameters == 1), site.tensor_args(node)[:1], {"prelu": m})
+
+    def load_weights(self, module, sources):
+        _load(module, sources["prelu"], ("weight",))
+
+    def params(self, s):
+        return 1 if self.shared else s.cin
+
+    def signature(self, s):
+        return ("prelu", 0, 1, 0, 1, s.in_h, s.in_w, s.cin, s.cout, "none", False, s.batch,
+                "shared" if self.shared else "")
+
+    def onnx(self, s, g, inputs, out):
+        shape = (1,) if self.shared else _channel_shape(s)[1:]
+        g.node("PRelu", [inputs[0], g.weight(f"{s.name}.slope", shape, 0.1)], [out], f"{s.name}::prelu")
+
+    def build(self, node, cin, cout, mid):
+        return nn.PReLU(1 if self.shared else cin)
+
+    def _slopes(self, w: torch.Tensor, index: torch.Tensor | None, c: int) -> torch.Tensor:
+        return w if self.shared else _take(w, index, c)
+
+    def run(self, module, xs, ctx):
+        return F.prelu(xs[0], self._slopes(module.weight, ctx.index, xs[0].shape[1]))
+
+    def plain(self, s, src):
+        m = nn.PReLU(1 if self.shared else s.cin)
+        if src is not None:
+            with torch.no_grad():
+                m.weight.copy_(self._slopes(src.weight, spec_index(s), s.cin))
+            m = m.to(src.weight.device, src.weight.dtype)
+        return m
+
+    def run_plain(self, module, xs, s, inplace, training):
+        return module(xs[0])
+
+    def permute(self, module, node, in_perms, out_perm, mid_perm=None):
+        if not self.shared:
+            _permute_(module.weight, in_perms[0])
+
+
+@register_op
+@dataclass(frozen=True)
+class GroupNorm(Op):
+    """``nn.GroupNorm`` in groups of ``group_size`` channels: its unit keeps a multiple of the group
+    size (the group count follows the width, as a grouped conv's)."""
+
+    kind: ClassVar[str] = "gn"
+    mixes: ClassVar[bool] = True  # a channel's output depends on its group's
+    group_size: int = 1
+    eps: float = 1e-5
+
+    @classmethod
+    def from_torch(cls, node, site):
+        m = site.module(node)
+        if not isinstance(m, nn.GroupNorm):
+            return None
+        if not m.affine:
+            raise site.refuse(node, "GroupNorm without affine parameters")
+        return Claim(cls(m.num_channels // m.num_groups, m.eps), site.tensor_args(node)[:1], {"gn": m})
+
+    def load_weights(self, module, sources):
+        _load(module, sources["gn"])
+
+    @property
+    def quantum(self) -> int:  # type: ignore[override]
+        return self.group_size
+
+    def groups(self, cin: int) -> int:
+        return max(1, cin // self.group_size)
+
+    def params(self, s):
+        return 2 * s.cin
+
+    def signature(self, s):
+        return ("gn", 0, 1, 0, s.groups, s.in_h, s.in_w, s.cin, s.cout, "none", False, s.batch, "")
+
+    def onnx(self, s, g, inputs, out):
+        n, k = s.name, s.groups
+        g.node("Reshape", [inputs[0], g.ints(f"{n}::grouped_shape", [0, k, -1])], [f"{n}::grouped"], f"{n}::group")
+        g.node("InstanceNormalization", [f"{n}::grouped", g.floats(f"{n}::ones", [1.0] * k),
+                                         g.floats(f"{n}::zeros", [0.0] * k)], [f"{n}::norm"], f"{n}::norm",
+               epsilon=self.eps)
+        g.node("Reshape", [f"{n}::norm", g.ints(f"{n}::shape", [0, s.cin, s.in_h, s.in_w])], [f"{n}::ungrouped"],
+               f"{n}::ungroup")
+        g.node("Mul", [f"{n}::ungrouped", g.weight(f"{n}.weight", (1, s.cin, 1, 1), 0.1)], [f"{n}::mul"],
+               f"{n}::mul")
+        g.node("Add", [f"{n}::mul", g.weight(f"{n}.bias", (1, s.cin, 1, 1), 0.1)], [out], f"{n}::add")
+
+    def build(self, node, cin, cout, mid):
+        return nn.GroupNorm(cin // self.group_size, cin, self.eps)
+
+    def run(self, module, xs, ctx):
+        x = xs[0]
+        c = x.shape[1]
+        return F.group_norm(x, c // self.group_size, _take(module.weight, ctx.index, c),
+                            _take(module.bias, ctx.index, c), self.eps)
+
+    def plain(self, s, src):
+        m = nn.GroupNorm(s.cin // self.group_size, s.cin, self.eps)
+        if src is not None:
+            with torch.no_grad():
+                for name in ("weight", "bias"):
+                    getattr(m, name).copy_(_take(getattr(src, name), spec_index(s), s.cin))
+            m = m.to(src.weight.device, src.weight.dtype)
+        return m
+
+    def run_plain(self, module, xs, s, inplace, training):
+        return module(xs[0])
+
+    def importance(self, module):
+        return module.weight.detach().float().abs().cpu(), None
+
+    def permute(self, module, node, in_perms, out_perm, mid_perm=None):
+        _check_whole_groups(in_perms[0], self.group_size, node.name, "a GroupNorm")
+        for name in ("weight", "bias"):
+            _permute_(getattr(module, name), in_perms[0])
+
+
+@register_op
+@dataclass(frozen=True)
+class Mul(Op):
+    """``a * b`` of two branches, channel by channel: a gate (LRASPP's, an SE built from Linear layers
+    or one conv: ``b`` is (N, C, 1, 1)) or an element-wise product. Both inputs' widths are tied."""
+
+    kind: ClassVar[str] = "mul"
+    arity: ClassVar[int | None] = 2
+    inplace: ClassVar[bool] = True
+
+    @classmethod
+    def from_torch(cls, node, site):
+        if not _is_binary(node, ("mul", "mul_"), (operator.mul, operator.imul, torch.mul)):
+            return None
+        xs = site.tensor_args(node)
+        if len(xs) != 2 or not all(site.has_shape(x) and x.op != "get_attr" for x in xs):
+            return None  # a product with a parameter (a layer scale) is refused by name
+        a, b = sorted(xs, key=lambda x: site.shape(x) != site.shape(node))  # the full-size one first
+        sa, sb = site.shape(a), site.shape(b)
+        if sa != site.shape(node) or len(sa) not in (2, 4) or sb[:2] != sa[:2] or \
+                not (sb == sa or (len(sb) == 4 and sb[2:] == (1, 1))):
+            raise site.refuse(node, f"a product of tensors shaped {sa} and {sb} (hwslim's: channel by channel, "
+                                    "the second the same size or (N, C, 1, 1))")
+        return Claim(cls(), [a, b])
+
+    def unit_ties(self, node, layouts):
+        return [(layouts[0], layouts[1])]
+
+    def signature(self, s):
+        gate = s.in_sizes[1:] == ((1, 1),) and (s.in_h, s.in_w) != (1, 1)
+        return ("mul", 0, 1, 0, 1, s.in_h, s.in_w, s.cin, s.cout, "none", False, s.batch, "gate" if gate else "")
+
+    def onnx(self, s, g, inputs, out):
+        g.node("Mul", list(inputs), [out], f"{s.name}::mul")
+
+    def run(self, module, xs, ctx):
+        return xs[0].mul_(xs[1]) if ctx.inplace else xs[0] * xs[1]
+
+
+@register_op
+@dataclass(frozen=True)
+class Scale(Op):
+    """``x * mul + add`` with constants: ``x + 0`` (MobileOne), ``0.2 * y`` (a scaled residual), ``x / 2``."""
+
+    kind: ClassVar[str] = "scale"
+    inplace: ClassVar[bool] = True
+    mul: float = 1.0
+    add: float = 0.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "mul", float(self.mul))
+        object.__setattr__(self, "add", float(self.add))
+
+    @classmethod
+    def from_torch(cls, node, site):
+        name = next((k for k, fns in _SCALAR_OPS.items() if _is_binary(node, (k, k + "_"), fns)), None)
+        args = list(node.args)
+        if name is None or node.kwargs or sum(isinstance(a, torch.fx.Node) for a in args) != 1:
+            return None
+        x, c = (args[0], args[1]) if isinstance(args[0], torch.fx.Node) else (args[1], args[0])
+        if isinstance(c, bool) or not isinstance(c, (int, float)) or not site.has_shape(x):
+            return None
+        first = x is args[0]
+        ops = {"add": cls(1.0, c), "mul": cls(c), "sub": cls(1.0, -c) if first else cls(-1.0, c),
+               "truediv": cls(1.0 / c) if first and c else None}  # c / x is not linear
+        return Claim(ops[name], [x]) if ops[name] is not None else None
+
+    def signature(self, s):
+        return ("scale", 0, 1, 0, 1, s.in_h, s.in_w, s.cin, s.cout, "none", False, s.batch, "")
+
+    def onnx(self, s, g, inputs, out):
+        cur = inputs[0]
+        if self.mul != 1.0:
+            nxt = out if self.add == 0.0 else f"{s.name}::mul"
+            g.node("Mul", [cur, g.const(f"{s.name}.mul", self.mul)], [nxt], f"{s.name}::mul")
+            cur = nxt
+        if self.add != 0.0 or cur == inputs[0]:
+            g.node("Add", [cur, g.const(f"{s.name}.add", self.add)], [out], f"{s.name}::add")
+
+    def run(self, module, xs, ctx):
+        x = xs[0]
+        if ctx.inplace:
+            return x.mul_(self.mul).add_(self.add)
+        return x * self.mul + self.add if self.mul != 1.0 else x + self.add
+
+
+@register_op
+@dataclass(frozen=True)
+class Unflatten(Op):
+    """(N, C) -> (N, C, 1, 1): ``y.view(N, C, 1, 1)`` before a gate multiplies a map (an SE built from
+    Linear layers). Free; channel-wise."""
+
+    kind: ClassVar[str] = "unflatten"
+
+    @classmethod
+    def from_torch(cls, node, site):
+        if not _is_binary(node, ("view", "reshape", "unflatten"), (torch.reshape,), any_args=True) or \
+                not site.has_shape(node):
+            return None
+        x = site.tensor_args(node)[0]
+        xs, ys = site.shape(x), site.shape(node)
+        return Claim(cls(), [x]) if len(xs) == 2 and ys == (*xs, 1, 1) else None
+
+    def out_hw(self, hw):
+        return (1, 1)
+
+    def signature(self, s):
+        return None
+
+    def onnx(self, s, g, inputs, out):
+        g.node("Reshape", [inputs[0], g.ints("unflatten.shape", [0, -1, 1, 1])], [out], f"{s.name}::reshape")
+
+    def run(self, module, xs, ctx):
+        x = xs[0]
+        return x.reshape(*x.shape, 1, 1)
+
+
+@register_op
+@dataclass(frozen=True)
+class ChannelPart(Op):
+    """Part ``part`` of a tensor made of parts (a conv's output in equal parts, a concatenation): one
+    piece of an equal ``chunk``/``split`` along the channels, slimmable. Its output is that part's
+    kept channels; a view (ONNX Runtime copies it)."""
+
+    kind: ClassVar[str] = "part"
+    view: ClassVar[bool] = True
+    part: int = 0
+
+    def check_inputs(self, name, layouts):
+        super().check_inputs(name, layouts)
+        if not 0 <= self.part < len(layouts[0]):
+            raise ValueError(f"{name}: part {self.part} of a tensor of {len(layouts[0])} part(s)")
+
+    def out_layout(self, node, layouts):
+        return (layouts[0][self.part],)
+
+    def _range(self, widths: Sequence[int]) -> tuple[int, int]:
+        return sum(widths[: self.part]), widths[self.part]
+
+    def signature(self, s):
+        return ("part", 0, 1, 0, 1, s.in_h, s.in_w, s.cin, s.cout, "none", False, s.batch, f"part={self.part}")
+
+    def onnx(self, s, g, inputs, out):
+        start, width = self._range([w for _, w in s.in_parts])
+        g.node("Slice", [inputs[0], g.ints(f"{s.name}::start", [start]), g.ints(f"{s.name}::stop", [start + width]),
+                         g.ints("slice.axis1", [1])], [out], f"{s.name}::slice")
+
+    def run(self, module, xs, ctx):
+        start, width = self._range(ctx.parts) if ctx.parts is not None else (0, xs[0].shape[1])
+        return xs[0].narrow(1, start, width)
+
+    def run_plain(self, module, xs, s, inplace, training):
+        start, width = self._range([w for _, w in s.in_parts])
+        return xs[0].narrow(1, start, width)
+
+
+_SCALAR_OPS = {"add": (operator.add, operator.iadd, torch.add), "mul": (operator.mul, operator.imul, torch.mul),
+               "sub": (operator.sub, operator.isub, torch.sub), "truediv": (operator.truediv, torch.div)}
+
+
+def _is_binary(node: Any, methods: tuple[str, ...], functions: tuple, any_args: bool = False) -> bool:
+    """``node`` calls one of ``functions`` or tensor ``methods`` (with two arguments unless ``any_args``)."""
+    called = (node.op == "call_method" and node.target in methods) or \
+        (node.op == "call_function" and node.target in functions)
+    return called and (any_args or len(node.args) == 2)
+
+
+def _check_whole_groups(p: torch.Tensor | None, g: int, name: str, what: str) -> None:
+    """Refuse a permutation that moves channels other than in whole groups of ``g``."""
+    blocks = None if p is None else p.view(-1, g)
+    if g > 1 and blocks is not None and not torch.equal(blocks, blocks[:, :1] + torch.arange(g, device=p.device)):
+        raise ValueError(f"{name}: {what}'s channels can move only in whole groups of {g}")
+
+
+__all__ = ["ACTIVATIONS", "OPS", "Act", "Add", "AvgPool", "BatchNorm", "ChannelPart", "ChannelShuffle", "ChannelSlice",
+           "Claim", "Concat", "Conv", "Dropout", "Flatten", "GlobalAvgPool", "GroupNorm", "Linear", "MaxPool", "Mul",
+           "Op", "PReLU", "Resize", "Scale", "Slice", "SqueezeExcite", "Unflatten", "apply_act", "op_from_dict",
+           "register_op", "spec_index"]

@@ -31,9 +31,10 @@ class SlimmableConv2d(nn.Conv2d):
     ``channels / group_width``.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
-                 padding: int = 0, bias: bool = False, group_width: int | None = None,
-                 depthwise: bool = False) -> None:
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int],
+                 stride: int | tuple[int, int] = 1, padding: int | tuple[int, int] = 0, bias: bool = False,
+                 group_width: int | None = None, depthwise: bool = False,
+                 dilation: int | tuple[int, int] = 1) -> None:
         if depthwise:
             group_width = 1
         groups = 1
@@ -42,27 +43,29 @@ class SlimmableConv2d(nn.Conv2d):
                 raise ValueError(f"a grouped conv needs in == out channels, a multiple of the group width "
                                  f"{group_width}; got {in_channels} and {out_channels}")
             groups = in_channels // group_width
-        super().__init__(in_channels, out_channels, kernel_size, stride, padding, groups=groups, bias=bias)
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups=groups, bias=bias)
         self.group_width = group_width
 
     @property
     def depthwise(self) -> bool:
         return self.group_width == 1
 
-    def active_weight(self, cin: int, cout: int | None, index: torch.Tensor | None = None
-                      ) -> tuple[torch.Tensor, torch.Tensor | None, int]:
-        """(weight, bias, groups) for the given active widths (views unless ``index`` gathers)."""
+    def active_weight(self, cin: int, cout: int | None, index: torch.Tensor | None = None,
+                      rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+        """(weight, bias, groups) for the given active widths (views unless ``index`` gathers); ``rows``:
+        the kept filters of a dense conv when they are not the first ``cout`` (an output in parts)."""
         if self.group_width is not None:
             weight = self.weight[:cin] if index is None else self.weight[index]
             bias = None if self.bias is None else (self.bias[:cin] if index is None else self.bias[index])
             return weight, bias, cin // self.group_width
         cout = self.out_channels if cout is None else cout
-        weight = self.weight[:cout, :cin] if index is None else self.weight[:cout].index_select(1, index)
-        return weight, None if self.bias is None else self.bias[:cout], 1
+        w = self.weight[:cout] if rows is None else self.weight.index_select(0, rows)
+        bias = None if self.bias is None else (self.bias[:cout] if rows is None else self.bias[rows])
+        return (w[:, :cin] if index is None else w.index_select(1, index)), bias, 1
 
     def forward(self, x: torch.Tensor, out_channels: int | None = None,
-                index: torch.Tensor | None = None) -> torch.Tensor:
-        weight, bias, groups = self.active_weight(x.shape[1], out_channels, index)
+                index: torch.Tensor | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
+        weight, bias, groups = self.active_weight(x.shape[1], out_channels, index, rows)
         return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, groups)
 
 
@@ -102,12 +105,14 @@ class SlimmableConvBN(nn.Module):
         self.bn = SlimmableBatchNorm2d(conv.out_channels, eps=eps) if bn else None
 
     def forward(self, x: torch.Tensor, out_channels: int | None = None, index: torch.Tensor | None = None,
-                training: bool | None = None) -> torch.Tensor:
-        y = self.conv(x, out_channels, index)
+                training: bool | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
+        y = self.conv(x, out_channels, index, rows)
         if self.bn is None:
             return y
-        if index is not None and self.conv.group_width is not None:  # tied output: the kept channels
-            return sliced_batch_norm(self.bn, y, index, self.training if training is None else training)
+        if rows is None and index is not None and self.conv.group_width is not None:  # tied: the kept channels
+            rows = index
+        if rows is not None:
+            return sliced_batch_norm(self.bn, y, rows, self.training if training is None else training)
         return self.bn(y)
 
 

@@ -196,7 +196,8 @@ class SlimmableNet(nn.Module):
             if m is not None:
                 modules[n.name] = m
         self.layers = nn.ModuleDict(modules)
-        self._free_after = last_uses(self.nodes)
+        self.outputs = tuple(graph.outputs)  # several outputs: (key, tensor) pairs; () : the last node's
+        self._free_after = last_uses(self.nodes, self.outputs)
         self._index_cache: dict[tuple, torch.Tensor] = {}
         self._widths: dict[str, int] = dict(self._max)
         self._init_weights()
@@ -220,7 +221,8 @@ class SlimmableNet(nn.Module):
                 nn.init.zeros_(m.bias)
             elif isinstance(m, nn.Linear):
                 nn.init.normal_(m.weight, 0, 0.01)
-                nn.init.zeros_(m.bias)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
 
     # -- configs ------------------------------------------------------------------------
     def config_of(self, widths: Mapping[str, int], **meta) -> ChannelConfig:
@@ -334,13 +336,15 @@ class SlimmableNet(nn.Module):
         idx = self._index(node.inputs[0])
         if idx is not None:
             idx = idx.to(xs[0].device)
+        lay = self._infos[node.inputs[0]].layout
         ctx = Slice(out=None if node.out is None else resolve(node.out, self._widths),
                     mid=None if node.mid is None else resolve(node.mid, self._widths),
-                    index=idx, inplace=inplace, training=self.training)
+                    index=idx, parts=tuple(resolve(r, self._widths) for r in lay) if len(lay) > 1 else None,
+                    inplace=inplace, training=self.training)
         return node.op.run(self.layers[node.name] if node.name in self.layers else None, xs, ctx)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return run_graph(self.nodes, self._layer, x, free_after=self._free_after)
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple | dict:
+        return run_graph(self.nodes, self._layer, x, free_after=self._free_after, outputs=self.outputs)
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, width_mult={self.width_mult:g}, units={len(self.units)}"

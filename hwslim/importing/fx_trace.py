@@ -20,16 +20,21 @@ How:
    rule (:meth:`~hwslim.core.ops.Op.from_torch`) in turn: a conv with the BatchNorm after it,
    the residual add after that and the activation after both (the fused unit a runtime
    executes); the squeeze-and-excitation pattern (pool, 1x1 conv, activation, 1x1 conv,
-   gate, multiply); standalone BatchNorm/activation/add; concatenation; pools; flatten;
+   gate, multiply); standalone BatchNorm/GroupNorm/PReLU/activation/add; a product of two
+   branches (a gate); scalar arithmetic; upsampling; concatenation; pools; flatten;
    linear (with its activation); ShuffleNet's channel shuffle (view, transpose, view)
-   and slices of the channels (``chunk``, ``split``, ``x[:, a:b]``). Dropout, identity
-   and stochastic depth are the identity at inference. Anything else is refused with the
-   graph node, the module type, the source line and what is missing (:class:`ImportRefused`).
+   and slices of the channels (``chunk``, ``split``, ``x[:, a:b]``): an equal split of a
+   dense conv's output makes that conv's output in parts, each slimmable (YOLOv8's C2f).
+   Dropout, identity and stochastic depth are the identity at inference; after
+   ``y.add_(x)``, ``y`` reads the sum. Anything else is refused with the graph node, the
+   module type, the source line and what is missing (:class:`ImportRefused`); so is a
+   module called more than once (its weights would be split into independent layers).
 3. **Units** come from a union-find over channel dimensions: a dense conv or linear
    layer starts a new one; a depthwise or grouped conv keeps its input's (a grouped
    conv's width then moves in multiples of its group width); both sides of an add, a
    residual or SE's multiply are merged; a concatenation's channels are its parts'.
-   Fixed, never slimmed: the image channels, the network's outputs, and the outputs of
+   Fixed, never slimmed: the image channels, the network's outputs (every one of a
+   tuple, list or dict of them), and the outputs of
    modules whose qualified name matches ``keep``. A shuffle or slice moves channels to
    other positions, so the units it reads or feeds cannot slim: with ``fix_unsupported``
    they are fixed and listed (:func:`fixed_units`), else the import is refused.
@@ -43,7 +48,7 @@ import io
 import math
 import operator
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -52,7 +57,9 @@ from torch import fx, nn
 
 from hwslim.core.errors import ModelError
 from hwslim.core.graph import INPUT, Graph, Node, UnitDef
-from hwslim.core.ops import OPS, ChannelShuffle, ChannelSlice, Claim, GlobalAvgPool, Op, SqueezeExcite, square
+from hwslim.core.activations import LEAKY_SLOPES, leaky_name
+from hwslim.core.ops import (OPS, ChannelPart, ChannelShuffle, ChannelSlice, Claim, Conv, GlobalAvgPool, Op,
+                             SqueezeExcite, is_batch_norm, square)
 
 
 class ImportRefused(ModelError):
@@ -78,9 +85,9 @@ _REFUSALS = {"view": "a reshape that mixes channels", "reshape": "a reshape that
              "chunk": "splitting channels (chunk)", "split": "splitting channels (split)",
              "split_with_sizes": "splitting channels (split)", "tensor_split": "splitting channels (split)",
              "getitem": "indexing or slicing a tensor (x[:, a:b])", "layer_norm": "LayerNorm",
-             "interpolate": "resizing (interpolate)", "Upsample": "resizing (Upsample)",
-             "pad": "explicit padding (F.pad)", "leaky_relu": "the activation leaky_relu",
-             "LeakyReLU": "the activation LeakyReLU", "LayerNorm": "LayerNorm", "LayerNorm2d": "LayerNorm"}
+             "pad": "explicit padding (F.pad)", "leaky_relu": "the activation leaky_relu with this slope",
+             "LeakyReLU": "the activation LeakyReLU with this slope", "LayerNorm": "LayerNorm",
+             "LayerNorm2d": "LayerNorm"}
 
 
 def _stochastic_depth():
@@ -101,15 +108,37 @@ def _scope(node: fx.Node) -> str:
 
 
 def _where(node: fx.Node, gm: fx.GraphModule) -> str:
-    """``node 'layer1.0.conv1' (Conv2d, torchvision/models/resnet.py:92)`` for messages."""
-    what = type(gm.get_submodule(node.target)).__name__ if node.op == "call_module" else \
-        getattr(node.target, "__name__", str(node.target))
+    """``node 'layer1.0.conv1' (Conv2d, torchvision/models/resnet.py:92)`` for messages; an ATen operator
+    torch.export left is named by the module that called it: ``module 'model.10' (Upsample, ...)``."""
     stack = node.meta.get("stack_trace") or ""
     line = ""
     for m in re.finditer(r'File "([^"]+)", line (\d+)', stack):
         if not re.search(r"site-packages/torch/", m.group(1)):  # torch's own frames (the tracer, containers)
             line = f", {m.group(1).split('site-packages/')[-1]}:{m.group(2)}"
-    return f"node {node.name!r} ({what}{line})"
+    caller = _aten_caller(node)
+    if caller is not None:
+        return f"module {caller[0] or '(the model)'!r} ({caller[1]}{line})"
+    return f"node {node.name!r} ({_what(node, gm)}{line})"
+
+
+def _aten_caller(node: fx.Node) -> tuple[str, str] | None:
+    """(qualified name, class name) of the module whose forward called ``node``, when ``node`` is an
+    ATen operator torch.export recorded (its name says nothing to the model's author), else None."""
+    if node.op != "call_function" or not isinstance(node.target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+        return None
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return None
+    path, cls = list(stack.values())[-1]
+    return str(path), str(getattr(cls, "__name__", cls)).rpartition(".")[2]
+
+
+def _what(node: fx.Node, gm: fx.GraphModule) -> str:
+    """The module class or function (tensor method) a node calls; for an ATen operator, its caller's class."""
+    if node.op == "call_module":
+        return type(gm.get_submodule(node.target)).__name__
+    caller = _aten_caller(node)
+    return caller[1] if caller is not None else getattr(node.target, "__name__", str(node.target))
 
 
 class _Tracer(fx.Tracer):
@@ -126,7 +155,9 @@ class _Tracer(fx.Tracer):
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         claimed = tuple(t for op in OPS.values() for t in op.torch_modules)
-        return isinstance(m, claimed) or super().is_leaf_module(m, qualname)
+        named = {t for op in OPS.values() for t in op.torch_module_names}
+        return isinstance(m, claimed) or f"{type(m).__module__}.{type(m).__qualname__}" in named or \
+            super().is_leaf_module(m, qualname)
 
 
 def _module_act(m: nn.Module) -> str | None:
@@ -139,6 +170,10 @@ def _module_act(m: nn.Module) -> str | None:
         return "gelu" if m.approximate == "none" else None
     if isinstance(m, nn.Hardtanh) and (m.min_val, m.max_val) == (0.0, 6.0):
         return "relu6"
+    if isinstance(m, nn.LeakyReLU):
+        return _leaky(m.negative_slope)
+    if isinstance(m, nn.ELU):
+        return "elu" if m.alpha == 1.0 else None
     if type(m) in _ACT_MODULES:
         return _ACT_MODULES[type(m)]
     if type(m).__module__.startswith("torch.nn") or any(True for _ in m.parameters()):
@@ -151,10 +186,30 @@ def _module_act(m: nn.Module) -> str | None:
         return None
     n = nodes[0]
     if n.op == "call_function":
-        if n.target is F.gelu and n.kwargs.get("approximate", "none") != "none":
-            return None
-        return _ACT_FUNCTIONS.get(n.target)
+        return _function_act(n)
     return _ACT_METHODS.get(n.target) if n.op == "call_method" else None
+
+
+def _leaky(slope: float) -> str | None:
+    return leaky_name(slope) if slope in LEAKY_SLOPES else None
+
+
+def _arg(n: fx.Node, i: int, name: str, default: Any) -> Any:
+    """Argument ``i`` (keyword ``name``) of a call."""
+    return n.args[i] if len(n.args) > i else n.kwargs.get(name, default)
+
+
+def _function_act(n: fx.Node) -> str | None:
+    """The activation a ``call_function`` node computes (None: not one hwslim knows)."""
+    if n.target is F.gelu:
+        return "gelu" if n.kwargs.get("approximate", "none") == "none" else None
+    if n.target is F.hardtanh:
+        return "relu6" if tuple(n.args[1:3]) == (0.0, 6.0) else None
+    if n.target is F.leaky_relu:
+        return _leaky(_arg(n, 1, "negative_slope", 0.01))
+    if n.target is F.elu:
+        return "elu" if _arg(n, 1, "alpha", 1.0) == 1.0 else None
+    return _ACT_FUNCTIONS.get(n.target)
 
 
 def _is_plain(m: nn.Module, base: type) -> bool:
@@ -223,16 +278,9 @@ class _Importer:
                 raise ImportRefused(f"torch.fx cannot trace {type(module).__name__} ({fx_error}), nor can "
                                     f"torch.export ({_first_line(e2)}); make its forward free of control flow that "
                                     "depends on tensor values") from None
-        from torch.fx.passes.shape_prop import ShapeProp
-
         self.drop_identities()
-        try:  # ShapeProp prints the traceback of a failing node itself: the refusal is the one line
-            with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
-                ShapeProp(self.gm).propagate(example)
-        except Exception as e:
-            cause = e.__cause__ or e  # ShapeProp wraps the node's own error
-            raise ImportRefused(f"running {type(module).__name__} on the example input {tuple(example.shape)} failed "
-                                f"({type(cause).__name__}: {str(cause).splitlines()[0][:160]})") from None
+        self.follow_in_place()
+        _propagate(self.gm, example, type(module).__name__)
         self.nodes = list(self.gm.graph.nodes)
         self.users = {n: list(n.users) for n in self.nodes}
         self.consumed: set[fx.Node] = set()
@@ -254,12 +302,29 @@ class _Importer:
                     graph.erase_node(n)
         self.gm.recompile()
 
+    def follow_in_place(self) -> None:
+        """After ``y.add_(x)`` (a tensor method ending in ``_``), ``y`` holds the result: later readers of
+        ``y`` read that node, so a graph whose values are never overwritten computes the same."""
+        order = {n: i for i, n in enumerate(self.gm.graph.nodes)}
+        for n in list(self.gm.graph.nodes):
+            if n.op != "call_method" or not n.target.endswith("_") or n.target.startswith("_") or \
+                    not n.args or not isinstance(n.args[0], fx.Node):
+                continue
+            y = n.args[0]
+            for user in list(y.users):
+                if order[user] > order[n]:
+                    user.replace_input_with(y, n)
+        self.gm.recompile()
+
     # -- what an operator's import rule may ask (hwslim.core.ops.ImportSite) ----------------------------
     def module(self, n: fx.Node) -> nn.Module | None:
         return self.gm.get_submodule(n.target) if n.op == "call_module" else None
 
     def has_shape(self, n: fx.Node) -> bool:
         return hasattr(n.meta.get("tensor_meta"), "shape")
+
+    def value(self, v: Any) -> Any:
+        return fx.node.map_arg(v, lambda n: n.meta.get("hwslim_value"))
 
     def is_plain(self, m: nn.Module, base: type) -> bool:
         return _is_plain(m, base)
@@ -275,11 +340,7 @@ class _Importer:
         if m is not None:
             return _module_act(m)
         if n.op == "call_function":
-            if n.target is F.gelu and n.kwargs.get("approximate", "none") != "none":
-                return None
-            if n.target is F.hardtanh and tuple(n.args[1:3]) == (0.0, 6.0):
-                return "relu6"
-            return _ACT_FUNCTIONS.get(n.target)
+            return _function_act(n)
         if n.op == "call_method":
             return _ACT_METHODS.get(n.target)
         return None
@@ -302,8 +363,9 @@ class _Importer:
         return False
 
     def add_operands(self, n: fx.Node) -> list[fx.Node] | None:
-        """The two tensors of a plain element-wise add, else None."""
-        if n.op != "call_function" or n.target not in _ADD or n.kwargs.get("alpha", 1) != 1:
+        """The two tensors of a plain element-wise add (``x + y``, ``torch.add``, ``y.add(x)``, ``y.add_(x)``),
+        else None."""
+        if not self.is_call(n, ("add", "add_"), _ADD) or n.kwargs.get("alpha", 1) != 1:
             return None
         args = self.tensor_args(n)
         return args if len(args) == 2 and len(n.args) == 2 else None
@@ -387,12 +449,12 @@ class _Importer:
             if claim is not None:
                 self.fuse(n, claim)
                 return
-        if self.try_resize_identity(n) or self.try_shuffle(n) or self.try_split(n) or self.try_slice(n):
+        if self.try_resize_identity(n) or self.try_broadcast(n) or self.try_shuffle(n) or self.try_split(n) or \
+                self.try_slice(n):
             return
         if "tensor_meta" not in n.meta:
             return  # shape arithmetic (x.size(0) for a flatten): no tensor of its own
-        m = self.module(n)
-        what = (type(m).__name__ if m is not None else getattr(n.target, "__name__", str(n.target)))
+        what = _what(n, self.gm)
         raise self.refuse(n, _REFUSALS.get(what, what))
 
     def add_group(self, op: Op, members: list[fx.Node], inputs: list[fx.Node],
@@ -407,7 +469,7 @@ class _Importer:
         has no activation (:attr:`Op.fuses_residual`), then an activation (:attr:`Op.takes_act`)."""
         op, members, inputs, sources = claim.op, [n], list(claim.inputs), dict(claim.sources)
         u = self.sole_user(n)
-        if op.fuses_bn and u is not None and isinstance(self.module(u), nn.BatchNorm2d):
+        if op.fuses_bn and u is not None and is_batch_norm(self.module(u)):
             bn = sources["bn"] = self.module(u)
             act = self.norm_act(u, bn)
             op = op.with_bn(bn.eps)
@@ -440,6 +502,19 @@ class _Importer:
             raise self.refuse(n, f"adaptive average pooling to {tuple(self.shape(n)[2:])} from "
                                  f"{tuple(self.shape(x)[2:])}")
         self.alias[n] = x
+        return True
+
+    def try_broadcast(self, n: fx.Node) -> bool:
+        """``gate.expand_as(x)`` of an (N, C, 1, 1) gate that only products read: the gate itself (a
+        product broadcasts it)."""
+        if not self.is_call(n, ("expand_as", "expand")) or not self.has_shape(n):
+            return False
+        g = self.tensor_args(n)[0]
+        if not self.has_shape(g) or len(self.shape(g)) != 4 or self.shape(g)[2:] != (1, 1) or \
+                self.shape(g)[:2] != self.shape(n)[:2] or \
+                not all(self.is_call(u, ("mul", "mul_"), _MUL) for u in self.users[n]):
+            return False
+        self.alias[n] = g
         return True
 
     # -- channels that move: ShuffleNetV2's shuffle and split (fixed units, --fix-unsupported) ----------
@@ -497,10 +572,28 @@ class _Importer:
         self.consume(n)
         scope = _clean(_scope(n))
         what = _SPLITS.get(n.target, n.target)
+        if self.split_into_parts(x, [int(m.shape[1]) for m in metas]):
+            for u in users:
+                k = u.args[1] % len(metas)
+                self.add_group(ChannelPart(k), [u], [x], base=f"{scope}/{what}{k}" if scope else f"{what}{k}")
+            return True
         for u in users:
             k = u.args[1] % len(metas)
             self.add_group(ChannelSlice(offsets[k], offsets[k + 1]), [u], [x],
                            base=f"{scope}/{what}{k}" if scope else f"{what}{k}", what=f"a channel split ({what})")
+        return True
+
+    def split_into_parts(self, x: fx.Node, sizes: list[int]) -> bool:
+        """Whether a split of ``x`` into ``sizes`` can slim: equal parts of a dense conv's output that
+        only the split reads (C2f's ``cv1(x).chunk(2, 1)``). That conv then makes its output in parts
+        (:attr:`Conv.parts`), each as wide as its unit: the unit slims in whole sets of parts."""
+        x = self.resolve(x)
+        conv = next((g for g in self.groups if g.last is x), None)
+        if conv is None or len(sizes) < 2 or len(set(sizes)) != 1 or len(self.users[x]) != 1 or \
+                not isinstance(conv.op, Conv) or not conv.op.sets_width or conv.op.parts != 1 or len(conv.inputs) != 1:
+            return False
+        conv.op = replace(conv.op, parts=len(sizes))
+        conv.out_channels = sizes[0]
         return True
 
     def try_slice(self, n: fx.Node) -> bool:
@@ -540,6 +633,8 @@ class _Importer:
     def norm_act(self, n: fx.Node, m: nn.BatchNorm2d) -> str | None:
         """The activation inside a BatchNorm2d subclass (timm's ``BatchNormAct2d``: ``act(drop(bn(x)))``);
         None for a plain BatchNorm or an identity activation. Refuses a BatchNorm it cannot read."""
+        if not isinstance(m, nn.BatchNorm2d):
+            return None  # torchvision's FrozenBatchNorm2d: affine, fixed statistics, nothing inside
         if not (m.affine and m.track_running_stats):
             raise self.refuse(n, "BatchNorm without affine parameters or running statistics")
         if _is_plain(m, nn.BatchNorm2d):
@@ -566,27 +661,69 @@ class _Importer:
         whose weights its operator copies (:meth:`Op.load_weights`)."""
         order = {n: i for i, n in enumerate(self.nodes)}
         groups = sorted(self.groups, key=lambda g: order[g.last])
-        (out_node,) = [n for n in self.nodes if n.op == "output"]
-        result = out_node.args[0]
-        if not isinstance(result, fx.Node):
-            raise ImportRefused(f"{type(self.root).__name__} returns {type(result).__name__}, not one tensor")
+        results = self.outputs()
         tensor = self.name_groups(groups)
-        ch = _Channels()
-        layout, mids, made, pinned = self.channel_flow(groups, tensor, ch)
-        ch.fixed.update(layout[tensor(result)])  # the network's outputs (the classes) are never slimmed
+        self.refuse_shared(groups)
+        for _ in range(len(groups) + 1):
+            ch = _Channels()
+            try:
+                layout, mids, made, pinned = self.channel_flow(groups, tensor, ch)
+                break
+            except _Resplit as r:  # a conv's output added to a tensor in parts: make that output in parts too
+                r.group.op = replace(r.group.op, parts=r.parts)
+                r.group.out_channels //= r.parts
+        for _, r in results:  # the network's outputs (the classes, a detector's levels) are never slimmed
+            ch.fixed.update(layout[tensor(r)])
         self.fix_pinned(pinned, made, ch)
         units, ref = ch.units()
         nodes = [Node(g.name, g.op, tuple(tensor(x) for x in g.inputs),
                       ref(layout[g.name][0]) if g.op.sets_width else None,
                       ref(mids[g.name]) if g.name in mids else None) for g in groups]
-        if tensor(result) != nodes[-1].name:
+        several = len(results) > 1 or results[0][0] != ""
+        if not several and tensor(results[0][1]) != nodes[-1].name:
             raise ImportRefused(f"the output of {type(self.root).__name__} is not its last operator's")
         meta: dict[str, Any] = {"imported_from": type(self.root).__qualname__, "traced_by": self.traced_by}
         if self.fixed_units:
             meta["fixed_units"] = self.fixed_units
-        graph = Graph(self.name, nodes, units, int(self.example.shape[-1]), int(self.shape(result)[1]),
-                      int(self.example.shape[1]), 1.0, 8, meta)
+        outputs = tuple((k, tensor(r)) for k, r in results) if several else ()
+        graph = Graph(self.name, nodes, units, int(self.example.shape[-1]), int(self.shape(results[0][1])[1]),
+                      int(self.example.shape[1]), 1.0, 8, meta, outputs)
         return graph, {g.name: g.sources for g in groups if g.sources}
+
+    def outputs(self) -> list[tuple[Any, fx.Node]]:
+        """What the module returns: ``[("", node)]`` for one tensor; (position or key, node) pairs for a
+        tuple, list or dict of tensors (every one keeps its width)."""
+        (out_node,) = [n for n in self.nodes if n.op == "output"]
+        result = out_node.args[0]
+        if isinstance(result, fx.Node):
+            return [("", result)]
+        pairs = list(result.items()) if isinstance(result, dict) else \
+            list(enumerate(result)) if isinstance(result, (tuple, list)) else []
+        if not pairs or not all(isinstance(v, fx.Node) and self.has_shape(v) and isinstance(k, (int, str))
+                                for k, v in pairs):
+            raise ImportRefused(f"{type(self.root).__name__} returns {type(result).__name__}, not one tensor nor a "
+                                "tuple, list or dict of tensors")
+        return pairs
+
+    def refuse_shared(self, groups: list[_Group]) -> None:
+        """A module called more than once in one forward (one set of weights) would become independent
+        layers, its weights split to train apart: refused, naming it."""
+        def key(m: nn.Module) -> int:  # torch.export may hand a plain layer holding the same parameters
+            return id(getattr(m, "weight", None) if getattr(m, "weight", None) is not None else m)
+
+        calls: dict[int, list[_Group]] = {}
+        for g in groups:
+            for k in {key(m) for m in g.sources.values()}:
+                calls.setdefault(k, []).append(g)
+        shared = [(k, gs) for k, gs in calls.items() if len(gs) > 1]
+        if not shared:
+            return
+        k, gs = shared[0]
+        names = {key(m): (name, type(m).__name__) for name, m in self.root.named_modules(remove_duplicate=False)}
+        name, cls = names.get(k, ("?", "module"))
+        raise ImportRefused(f"module {name!r} ({cls}) is called {len(gs)} times in one forward "
+                            f"({', '.join(g.name for g in gs)}): hwslim would split its one set of weights into "
+                            f"{len(gs)} independent layers; give each call its own module")
 
     def name_groups(self, groups: list[_Group]):
         """Name every group (its ``base``, else its first node's module path or fx name; ``_2``... when
@@ -624,9 +761,12 @@ class _Importer:
         mids: dict[str, int] = {}
         made: set[int] = set()
         pinned: list[tuple[int, _Group]] = []
+        creator: dict[int, _Group] = {}
         for g in groups:
             in_lays = [tuple(layout[tensor(x)]) for x in g.inputs]
             out = ch.new(g.out_channels, g.name) if g.op.sets_width else None
+            if out is not None:
+                creator[out] = g
             mid = ch.new(g.mid, f"{g.name}/mid") if g.op.has_mid else None
             made.update(v for v in (out, mid) if v is not None)
             node = Node(g.name, g.op, tuple(tensor(x) for x in g.inputs), out, mid)
@@ -637,11 +777,12 @@ class _Importer:
                 lay = list(g.op.out_layout(node, in_lays))
             if g.op.quantum > 1:  # a grouped conv: its unit moves in whole groups
                 if len(in_lays[0]) != 1:
-                    raise ImportRefused(f"{g.name}: a grouped convolution reading a concatenation")
+                    raise ImportRefused(f"{g.name}: a {g.op.kind} in groups of {g.op.quantum} channels reading a "
+                                        "concatenation")
                 ch.in_multiples(in_lays[0][0], g.op.quantum)
             for a_lay, b_lay in g.op.unit_ties(node, in_lays):  # element-wise: equal channel units
                 if len(a_lay) != len(b_lay):
-                    raise ImportRefused(f"{g.name}: combines tensors made of different channel groups")
+                    raise _resplit(g, a_lay, b_lay, creator, ch)
                 for a, b in zip(a_lay, b_lay):
                     ch.union(a, b)
             if mid is not None:
@@ -676,6 +817,27 @@ class _Importer:
                                 f"reaching such operations would have to keep their width ({listed}); pass "
                                 "--fix-unsupported to import with them fixed")
         self.fixed_units = {u: {"width": w, "by": g.name, "what": g.what} for u, (w, g) in units.items()}
+
+
+class _Resplit(Exception):
+    """Channel flow must start again with ``group``'s conv making its output in ``parts`` parts."""
+
+    def __init__(self, group: _Group, parts: int) -> None:
+        super().__init__(group.name)
+        self.group, self.parts = group, parts
+
+
+def _resplit(g: _Group, a: tuple, b: tuple, creator: dict[int, _Group], ch: "_Channels") -> Exception:
+    """What to raise when ``g`` combines element-wise a tensor of one channel variable with one of
+    several equal parts (GhostNet: a conv's output plus a concatenation of two halves): start again
+    with that conv's output in as many parts (:attr:`Conv.parts`), else refuse."""
+    one, many = (a, b) if len(a) == 1 else (b, a)
+    conv = creator.get(one[0]) if len(one) == 1 else None
+    widths = {ch.width[v] for v in many}
+    if conv is not None and isinstance(conv.op, Conv) and conv.op.sets_width and conv.op.parts == 1 and \
+            len(widths) == 1 and conv.out_channels == len(many) * widths.pop():
+        return _Resplit(conv, len(many))
+    return ImportRefused(f"{g.name}: combines tensors made of different channel groups")
 
 
 class _Channels:
@@ -730,9 +892,35 @@ class _Channels:
         return units, ref
 
 
-def _first_line(e: BaseException) -> str:
+def _propagate(gm: fx.GraphModule, example: torch.Tensor, what: str) -> None:
+    """Record every node's value shape (``tensor_meta``) and every shape expression's ints
+    (``x.size()[3]``: a pooling kernel) by running ``gm`` on ``example``.
+
+    A failure is one line with its cause (torch's ShapeProp prints a traceback and wraps the
+    cause: both are dropped), and suggests another input size, the usual reason."""
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    class _Values(ShapeProp):
+        def run_node(self, n: fx.Node) -> Any:
+            result = super().run_node(n)
+            if isinstance(result, int) or (isinstance(result, (tuple, list)) and result and
+                                           all(isinstance(v, int) for v in result)):
+                n.meta["hwslim_value"] = result if isinstance(result, int) else tuple(result)
+            return result
+
+    try:
+        with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
+            _Values(gm).propagate(example)
+    except Exception as e:
+        cause = e.__cause__ or e
+        size = "x".join(map(str, example.shape[2:]))
+        raise ImportRefused(f"running {what} on a {size} example input failed ({_first_line(cause, 400)}); "
+                            "if it expects another input size, pass --input-size") from None
+
+
+def _first_line(e: BaseException, limit: int = 160) -> str:
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    return f"{type(e).__name__}: {' '.join(lines[0].split())[:160]}" if lines else type(e).__name__
+    return f"{type(e).__name__}: {' '.join(lines[0].split())[:limit]}" if lines else type(e).__name__
 
 
 def _clean(target: Any) -> str:
@@ -765,7 +953,6 @@ def import_model(module: nn.Module, example_input: torch.Tensor, *, name: str | 
     Raises :class:`ImportRefused` (one line: the node, the module type and source line,
     what is missing) for what hwslim cannot express; nothing is built then.
     """
-    from dataclasses import replace
 
     from hwslim.core.supernet import SlimmableNet
 

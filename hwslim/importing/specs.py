@@ -14,6 +14,9 @@ A model is data (a graph, see
 """
 from __future__ import annotations
 
+import contextlib
+import functools
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -54,6 +57,16 @@ def import_user_module(source: str):
         sys.path[:] = saved
 
 
+def _prints_to_stderr(fn):
+    """A model builder's prints (Ultralytics' summary line) go to stderr: stdout is the CLI's (``--json``)."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with contextlib.redirect_stdout(sys.stderr):
+            return fn(*args, **kwargs)
+    return wrapper
+
+
+@_prints_to_stderr
 def module_from_spec(spec: str, init: str | None = None):
     """The ``nn.Module`` a ``torchvision:NAME``, ``timm:NAME`` or ``module:callable`` spec names.
 

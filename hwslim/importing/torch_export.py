@@ -12,8 +12,10 @@ form the fx path produces, so one importer groups both:
   own forward does more than the one call (timm's ``BatchNormAct2d``, whose activation
   ATen records as a node of its own) is replaced by the plain layer holding the same
   parameters;
-* activations, adds, multiplies, pooling, concatenation, reshapes, slices and splits
-  become the ``torch`` / ``torch.nn.functional`` calls or tensor methods fx records;
+* PReLU and GroupNorm calls on a module's parameters become calls of that module;
+* activations, adds, multiplies, pooling, upsampling (at the size the example gives),
+  concatenation, reshapes, slices and splits become the ``torch`` /
+  ``torch.nn.functional`` calls or tensor methods fx records;
 * any other ATen operator stays as it is, and the importer refuses it by name.
 
 Every node keeps its source line (``stack_trace``) and module (``nn_module_stack``), so
@@ -53,7 +55,9 @@ _FUNCTIONS: dict[Any, tuple[Callable, Callable | None]] = {
     aten.silu: (F.silu, _Same), aten.silu_: (F.silu, _Same),
     aten.hardtanh: (F.hardtanh, _Same), aten.hardtanh_: (F.hardtanh, _Same),
     aten.gelu: (F.gelu, _Same),
+    aten.leaky_relu: (F.leaky_relu, _Same), aten.leaky_relu_: (F.leaky_relu, _Same),
     aten.mul: (operator.mul, _Same), aten.mul_: (operator.mul, _Same),
+    aten.sub: (operator.sub, _Same), aten.div: (operator.truediv, _Same),
     aten.adaptive_avg_pool2d: (F.adaptive_avg_pool2d, _Same),
     aten.max_pool2d: (F.max_pool2d, _Same),  # (x, kernel, stride, padding, dilation, ceil_mode): F's order
     aten.avg_pool2d: (F.avg_pool2d, _Same),  # (x, kernel, stride, padding, ceil, count_include_pad, divisor)
@@ -74,11 +78,16 @@ _METHODS: dict[Any, tuple[str, Callable | None]] = {
     aten.split: ("split", _Same),
     aten.split_with_sizes: ("split", _Same),
     aten.narrow: ("narrow", _Same),
+    aten.expand_as: ("expand_as", _Same),
+    aten.expand: ("expand", lambda x, size, **kw: (x, *size)),
     aten.clone: ("contiguous", lambda x, **kw: (x,)),
     aten.contiguous: ("contiguous", lambda x, **kw: (x,)),
     aten.alias: ("contiguous", lambda x: (x,)),
     aten.detach: ("contiguous", lambda x: (x,)),
 }
+
+
+_Refused = object()  # what a module replacement returns for a call it cannot express
 
 
 def _packet(target):
@@ -132,9 +141,11 @@ class _Rewriter:
                 new.meta[key] = n.meta[key]
         return new
 
-    def layer(self, n: fx.Node, kind: type, weight, make: Callable[[nn.Module], nn.Module | None]) -> fx.Node | None:
+    def layer(self, n: fx.Node, kind: type | tuple[type, ...], weight,
+              make: Callable[[nn.Module], Any]) -> fx.Node | None:
         """``n`` as a call of the ``kind`` module owning ``weight``: the module itself when its settings
-        match the call (``make`` returns None for it), else a plain ``kind`` holding its parameters."""
+        match the call (``make`` returns None for it), else a plain ``kind`` holding its parameters
+        (``_Refused``: none; ``n`` stays an ATen call, refused by name)."""
         path = self.owner(weight)
         if not path:
             return None
@@ -145,6 +156,8 @@ class _Rewriter:
         if not isinstance(m, kind):
             return None
         replacement = make(m)
+        if replacement is _Refused:
+            return None
         self.modules[path] = m if replacement is None else replacement
         return self.emit(n, "call_module", path, (n.args[0],))
 
@@ -182,15 +195,28 @@ class _Rewriter:
             new = self.layer(n, nn.Linear, args[1], lambda m: _linear_replacement(m, n))
             if new is not None:
                 return new
+        elif p in (aten.prelu, aten._prelu_kernel, aten.group_norm):  # their modules' own forward: one call
+            kind, weight = (nn.GroupNorm, args[2]) if p is aten.group_norm else (nn.PReLU, args[1])
+            new = self.layer(n, kind, weight, lambda m: None if _is_forward_of(m, kind) else _Refused)
+            if new is not None:
+                return new
         elif p in (aten.batch_norm, aten._native_batch_norm_legit_no_training):
             weight = args[1] if args[1] is not None else args[3]
             training = args[5] if p is aten.batch_norm else False
             if not training:
-                new = self.layer(n, nn.BatchNorm2d, weight, lambda m: _bn_replacement(m, n, p))
+                new = self.layer(n, (nn.BatchNorm2d, nn.BatchNorm1d), weight, lambda m: _bn_replacement(m, n, p))
                 if new is not None:
                     return new if p is aten.batch_norm else (new, None, None)
         elif p in (aten.add, aten.add_) and kwargs.get("alpha", 1) == 1 and len(args) == 2:
             return self.emit(n, "call_function", operator.add, args)
+        elif p in (aten.upsample_nearest2d, aten.upsample_bilinear2d):
+            # the size the example gives: the importer reads the factor from the shapes
+            mode = "nearest" if p is aten.upsample_nearest2d else "bilinear"
+            align = bool(args[2]) if mode == "bilinear" and len(args) > 2 else None
+            return self.emit(n, "call_function", F.interpolate, args[:1],
+                             {"size": tuple(n.meta["val"].shape[2:]), "mode": mode, "align_corners": align})
+        elif p is aten.elu and all(v == 1 for v in args[2:4]):  # not scaled (SELU's form stays ATen)
+            return self.emit(n, "call_function", F.elu, args[:2])
         elif p is aten.slice and _whole(*args, **kwargs):
             return self.emit(n, "call_method", "contiguous", args[:1])  # x[:] on some dimension: the identity
         elif p in _FUNCTIONS:
@@ -250,9 +276,10 @@ def _linear_replacement(m: nn.Linear, n: fx.Node) -> nn.Module | None:
 
 def _bn_replacement(m: nn.BatchNorm2d, n: fx.Node, p) -> nn.Module | None:
     eps = n.args[7] if p is aten.batch_norm else n.args[6]
-    if _is_forward_of(m, nn.BatchNorm2d) and eps == m.eps and m.affine and m.track_running_stats:
+    cls = nn.BatchNorm1d if isinstance(m, nn.BatchNorm1d) else nn.BatchNorm2d
+    if _is_forward_of(m, cls) and eps == m.eps and m.affine and m.track_running_stats:
         return None
-    bn = nn.BatchNorm2d(m.num_features, eps=eps, affine=m.affine, track_running_stats=m.track_running_stats)
+    bn = cls(m.num_features, eps=eps, affine=m.affine, track_running_stats=m.track_running_stats)
     for name in ("weight", "bias"):
         if getattr(m, name, None) is not None:
             setattr(bn, name, getattr(m, name))

@@ -86,13 +86,14 @@ KERNEL_ACTS = (None, "relu", "relu6")
 
 
 def kernel_node(node) -> bool:
-    """Whether the fused conv kernels compute ``node``: a BN conv, dense or depthwise, with
+    """Whether the fused conv kernels compute ``node``: a square undilated BN conv, dense or depthwise, with
     ReLU/ReLU6 or no activation and an optional residual (the Triton kernels' operator set)."""
     from hwslim.core.ops import Conv
 
     op = node.op
     return (isinstance(op, Conv) and op.bn and not op.bias and op.group_width in (None, 1)
-            and op.act in KERNEL_ACTS and len(node.inputs) <= 2)
+            and op.act in KERNEL_ACTS and len(node.inputs) <= 2 and op.square_window
+            and op.parts == 1)
 
 
 def torch_node(node) -> bool:
