@@ -59,6 +59,17 @@ def _import_torchvision(name: str):
     return theirs, x, import_model(theirs, x[:1], fix_unsupported=True)
 
 
+
+def _same_function(original: nn.Module, net, x: torch.Tensor, seed: int = 0) -> None:
+    """The imported supernet computes what ``original`` computes at full width, and its
+    materialized network what the supernet computes at a random config (of ``seed``)."""
+    with torch.no_grad():
+        want, got = original(x), net(x)
+    assert (got - want).abs().max() <= 1e-4 * want.abs().max()
+    cfg = net.random_config(random.Random(seed))
+    with torch.no_grad(), net.using(cfg):
+        torch.testing.assert_close(materialize(net, cfg).eval()(x), net(x), rtol=1e-5, atol=1e-6)
+
 def test_user_model_imports_with_units_and_parity():
     torch.manual_seed(0)
     user = _randomize(UserNet())
@@ -70,12 +81,7 @@ def test_user_model_imports_with_units_and_parity():
     assert "stem/0" in net.units and "project/0" not in net.units
     assert net.units["expand/0"].divisor == 8 and net.units["expand/0"].grid == (8, 16, 24, 32)
     assert net.num_classes == 10 and "head" not in net.units  # the classes are never slimmed
-    with torch.no_grad():
-        want, got = user(x), net(x)
-    assert (got - want).abs().max() <= 1e-4 * want.abs().max()
-    cfg = net.random_config(random.Random(0))
-    with torch.no_grad(), net.using(cfg):
-        torch.testing.assert_close(materialize(net, cfg).eval()(x), net(x), rtol=1e-5, atol=1e-6)
+    _same_function(user, net, x)
 
 
 def test_keep_fixes_the_named_modules():
@@ -217,12 +223,7 @@ def test_where_fx_cannot_trace_torch_export_imports_it(size, branch):
                                               "flatten", "linear"]
     assert list(net.units) == ["stem/0", branch, "se/mid", "side"]  # the branch the example's size takes
     assert net.nodes[3].op.act == "relu" and len(net.nodes[3].inputs) == 2  # bn + residual + relu fused
-    with torch.no_grad():
-        want, got = theirs(x), net(x)
-    assert (got - want).abs().max() <= 1e-4 * want.abs().max()
-    cfg = net.random_config(random.Random(0))
-    with torch.no_grad(), net.using(cfg):
-        torch.testing.assert_close(materialize(net, cfg).eval()(x), net(x), rtol=1e-5, atol=1e-6)
+    _same_function(theirs, net, x)
 
 
 def test_when_torch_export_fails_too_the_refusal_names_both():
@@ -411,12 +412,7 @@ def test_timm_patterns_import_with_parity():
     stem, dw, _, pool, _, conv3 = net.nodes[:6]
     assert (stem.op.act, dw.op.act, pool.op.kernel, conv3.op.act) == ("silu", "hardswish", 2, "relu")
     assert len(conv3.inputs) == 2  # bn3's identity act lets the shortcut fuse: act(bn(conv) + down)
-    with torch.no_grad():
-        want, got = theirs(x), net(x)
-    assert (got - want).abs().max() <= 1e-4 * want.abs().max()
-    cfg = net.random_config(random.Random(1))
-    with torch.no_grad(), net.using(cfg):
-        torch.testing.assert_close(materialize(net, cfg).eval()(x), net(x), rtol=1e-5, atol=1e-6)
+    _same_function(theirs, net, x, seed=1)
 
 
 def test_unknown_layers_inside_known_classes_are_refused_by_name():

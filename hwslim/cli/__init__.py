@@ -79,6 +79,13 @@ def parse_number(text: str, whole: bool = False) -> float | int:
     return int(text) if whole else float(text)
 
 
+def add_import_options(p: argparse.ArgumentParser) -> None:
+    """``--keep``, ``--fix-unsupported`` and ``--width-mult``: how a ``--model`` is imported or built."""
+    p.add_argument("--keep", metavar="REGEX", help="imported models: modules whose name matches keep their width")
+    p.add_argument("--fix-unsupported", action="store_true", help=FIX_UNSUPPORTED_HELP)
+    p.add_argument("--width-mult", type=positive_float, help="supernet width multiplier (default: the model's)")
+
+
 def retired(parser: argparse.ArgumentParser, old: str, new: str, meaning: str) -> None:
     """Refuse ``old``, a flag whose meaning moved to ``new``, with one line naming the new flag
     (exit 2): a command line written for the old meaning must not run with another one."""

@@ -4,7 +4,7 @@ import json
 
 import torch
 
-from hwslim.cli import (FIX_UNSUPPORTED_HELP, add_command, note_fixed_units, positive_float, positive_int,
+from hwslim.cli import (add_command, add_import_options, note_fixed_units, positive_int,
                         print_table, retired)
 from hwslim.core.config import ChannelConfig
 from hwslim.core.costs import model_costs
@@ -18,9 +18,7 @@ def register(sub) -> None:
     p.add_argument("--model", help="a zoo model (`hwslim models`), a graph JSON file, a checkpoint, "
                                    "torchvision:NAME, timm:NAME or package.module:function; taken from --config "
                                    "if omitted (zoo models only)")
-    p.add_argument("--keep", metavar="REGEX", help="imported models: modules whose name matches keep their width")
-    p.add_argument("--fix-unsupported", action="store_true", help=FIX_UNSUPPORTED_HELP)
-    p.add_argument("--width-mult", type=positive_float, help="supernet width multiplier (default: the model's)")
+    add_import_options(p)
     p.add_argument("--config", help="a ChannelConfig JSON file (default: the full-width config)")
     p.add_argument("--input-size", type=positive_int, help="input height and width (default: the config's or model's)")
     p.add_argument("--batch", type=positive_int, default=1,

@@ -4,7 +4,7 @@ import json
 import os
 import sys
 
-from hwslim.cli import (FIX_UNSUPPORTED_HELP, add_command, nonneg_int, positive_float, positive_int, print_table,
+from hwslim.cli import (add_command, add_import_options, nonneg_int, positive_int, print_table,
                         set_threads, threads_note, whole_int, with_header)
 
 
@@ -21,9 +21,7 @@ def register(sub) -> None:
     p.add_argument("--model", default=None, help="a zoo model, graph JSON file, checkpoint, torchvision:NAME, "
                                                  "timm:NAME or package.module:function (default: mobilenet_v2, "
                                                  "a 1.5x supernet)")
-    p.add_argument("--keep", metavar="REGEX", help="imported models: modules whose name matches keep their width")
-    p.add_argument("--fix-unsupported", action="store_true", help=FIX_UNSUPPORTED_HELP)
-    p.add_argument("--width-mult", type=positive_float, help="supernet width multiplier (default: the model's)")
+    add_import_options(p)
     p.add_argument("--input-size", type=positive_int, help="input height and width (default: the model's)")
     p.add_argument("--batch", type=positive_int, default=1,
                    help="inference batch the table is measured at: a setting of the table, as deployed (default 1)")
