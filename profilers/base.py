@@ -181,6 +181,20 @@ def probe_specs() -> list[LayerSpec]:
             layer_spec("probe/conv", Conv(3, 1, 1, act="relu"), c, size, out=c, inputs=["probe/project"])]
 
 
+def cuda_ms_per_call(stream, call: Callable[[], Any], n: int, events=None) -> float:
+    """GPU milliseconds per call of ``call``: ``n`` calls between two CUDA events recorded on
+    ``stream`` (the GPU backends' one timing loop; ``events``: a (start, end) pair to reuse)."""
+    import torch
+
+    start, end = events or (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+    start.record(stream)
+    for _ in range(n):
+        call()
+    end.record(stream)
+    end.synchronize()
+    return start.elapsed_time(end) / n
+
+
 def plain_net_from_specs(specs: Sequence[LayerSpec], seed: int = 0):
     """A :class:`~hwslim.core.materialize.PlainNet` computing ``specs`` with random weights (BN folded).
 

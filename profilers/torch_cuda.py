@@ -51,7 +51,7 @@ from typing import Any, Callable, ClassVar, Iterator, Sequence
 
 from hwslim.core import jsonio
 from hwslim.core.graph import LayerSpec
-from profilers.base import Profiler, ProfilerError, Protocol, Timing, plain_net_from_specs, sample
+from profilers.base import Profiler, ProfilerError, Protocol, Timing, cuda_ms_per_call, plain_net_from_specs, sample
 
 DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
 
@@ -302,15 +302,9 @@ class TorchCudaProfiler(Profiler):
     def _launch_ms(self, unit: _Unit, reps: int = 3) -> float:
         """GPU milliseconds of one launch of ``unit`` (mean of ``reps``, after one untimed)."""
         torch = _torch()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         with torch.cuda.stream(self._stream):
             unit.launch()
-            start.record(self._stream)
-            for _ in range(reps):
-                unit.launch()
-            end.record(self._stream)
-        end.synchronize()
-        return start.elapsed_time(end) / reps
+            return cuda_ms_per_call(self._stream, unit.launch, reps)
 
     def _inner_for(self, per_call_ms: float) -> int:
         return int(min(2000, max(1, round(self.target_replay_ms / max(per_call_ms, 1e-4)))))

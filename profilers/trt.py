@@ -56,7 +56,7 @@ from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterator, Sequence
 
 from hwslim.core.graph import LayerSpec
-from profilers.base import Profiler, ProfilerError, Timing, plain_net_from_specs, sample
+from profilers.base import Profiler, ProfilerError, Timing, cuda_ms_per_call, plain_net_from_specs, sample
 
 TRT_DTYPES = ("float32", "float16")
 
@@ -340,22 +340,12 @@ class TrtProfiler(Profiler):
         self._stream.wait_stream(torch.cuda.current_stream())
         for _ in range(max(2, protocol.warmup_runs)):
             eng.enqueue()
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record(self._stream)
-        for _ in range(3):
-            eng.enqueue()
-        e.record(self._stream)
-        e.synchronize()
-        per = max(s.elapsed_time(e) / 3, 1e-4)
+        events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+        per = max(cuda_ms_per_call(self._stream, eng.enqueue, 3, events), 1e-4)
         inner = int(min(1000, max(1, round(self.target_replay_ms / per))))
 
         def run() -> float:
-            s.record(self._stream)
-            for _ in range(inner):
-                eng.enqueue()
-            e.record(self._stream)
-            e.synchronize()
-            return s.elapsed_time(e) / inner
+            return cuda_ms_per_call(self._stream, eng.enqueue, inner, events)
 
         run._engine = eng
         return run

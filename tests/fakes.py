@@ -20,3 +20,23 @@ def randomize_bn(module: nn.Module, *, mean: float = 0.2, var: tuple[float, floa
             elif biases and isinstance(m, (nn.Conv2d, nn.Linear)) and m.bias is not None:
                 m.bias.uniform_(-0.1, 0.1)
     return module.eval()
+
+
+class UserBlocks(nn.Module):
+    """The body of a user's own CNN, shared by the importer's tests: a stem, a grouped block with
+    SE and a residual, then a concatenation with a side branch (``features``). Subclasses add
+    their pooling and classifier; ``se`` is the test's own SE module class."""
+
+    def __init__(self, se: type[nn.Module], expand_act: type[nn.Module], group_act: type[nn.Module]) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.expand = nn.Sequential(nn.Conv2d(16, 32, 1, bias=False), nn.BatchNorm2d(32), expand_act())
+        self.group = nn.Sequential(nn.Conv2d(32, 32, 3, 1, 1, groups=4, bias=False), nn.BatchNorm2d(32), group_act())
+        self.se = se(32, 8)
+        self.project = nn.Sequential(nn.Conv2d(32, 16, 1, bias=False), nn.BatchNorm2d(16))
+        self.side = nn.Conv2d(16, 8, 3, padding=1)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = torch.relu(self.project(self.se(self.group(self.expand(x)))) + x)
+        return torch.cat([x, torch.relu(self.side(x))], 1)

@@ -8,7 +8,7 @@ from torch import nn
 from hwslim.importing.importance import layout_perm, sort_channels, unit_importance
 from hwslim.importing.fx_trace import import_model
 from hwslim.models import create_model
-from fakes import randomize_bn
+from fakes import UserBlocks, randomize_bn
 
 
 def _randomize(module: nn.Module) -> nn.Module:
@@ -53,27 +53,18 @@ class SE(nn.Module):
         return x * torch.sigmoid(self.fc2(torch.relu(self.fc1(x.mean((2, 3), keepdim=True)))))
 
 
-class UserNet(nn.Module):
+class UserNet(UserBlocks):
     """SE, a grouped conv (groups of 8), a residual, a concatenation, a biased conv without BN,
     a 4x4 map flattened into a hidden linear layer, then the classifier."""
 
     def __init__(self) -> None:
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
-        self.expand = nn.Sequential(nn.Conv2d(16, 32, 1, bias=False), nn.BatchNorm2d(32), nn.ReLU())
-        self.group = nn.Sequential(nn.Conv2d(32, 32, 3, 1, 1, groups=4, bias=False), nn.BatchNorm2d(32), nn.ReLU())
-        self.se = SE(32, 8)
-        self.project = nn.Sequential(nn.Conv2d(32, 16, 1, bias=False), nn.BatchNorm2d(16))
-        self.side = nn.Conv2d(16, 8, 3, padding=1)
+        super().__init__(SE, nn.ReLU, nn.ReLU)
         self.pool = nn.AvgPool2d(4)
         self.hidden = nn.Linear(24 * 4 * 4, 32)
         self.head = nn.Linear(32, 10)
 
     def forward(self, x):
-        x = self.stem(x)
-        x = torch.relu(self.project(self.se(self.group(self.expand(x)))) + x)
-        x = torch.cat([x, torch.relu(self.side(x))], 1)
-        return self.head(torch.relu(self.hidden(torch.flatten(self.pool(x), 1))))
+        return self.head(torch.relu(self.hidden(torch.flatten(self.pool(self.features(x)), 1))))
 
 
 def test_sorting_an_imported_model_keeps_its_function():

@@ -12,7 +12,7 @@ from benchmarks.idioms import LinearSE
 from hwslim.core.errors import ModelError
 from hwslim.importing.fx_trace import ImportRefused, import_model
 from hwslim.core.materialize import materialize
-from fakes import randomize_bn
+from fakes import UserBlocks, randomize_bn
 
 
 class SE(nn.Module):
@@ -25,25 +25,16 @@ class SE(nn.Module):
         return x * torch.sigmoid(self.fc2(torch.relu(self.fc1(self.pool(x)))))
 
 
-class UserNet(nn.Module):
+class UserNet(UserBlocks):
     """A user's own CNN: stem, a grouped block with SE and a residual, a concat, a classifier."""
 
     def __init__(self, classes: int = 10) -> None:
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
-        self.expand = nn.Sequential(nn.Conv2d(16, 32, 1, bias=False), nn.BatchNorm2d(32), nn.Hardswish())
-        self.group = nn.Sequential(nn.Conv2d(32, 32, 3, 1, 1, groups=4, bias=False), nn.BatchNorm2d(32), nn.ReLU6())
-        self.se = SE(32, 8)
-        self.project = nn.Sequential(nn.Conv2d(32, 16, 1, bias=False), nn.BatchNorm2d(16))
-        self.side = nn.Conv2d(16, 8, 3, padding=1)
+        super().__init__(SE, nn.Hardswish, nn.ReLU6)
         self.pool = nn.MaxPool2d(2)
         self.head = nn.Linear(24, classes)
 
     def forward(self, x):
-        x = self.stem(x)
-        x = torch.relu(self.project(self.se(self.group(self.expand(x)))) + x)
-        x = torch.cat([x, torch.relu(self.side(x))], 1)
-        x = self.pool(x)
+        x = self.pool(self.features(x))
         return self.head(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
 
 

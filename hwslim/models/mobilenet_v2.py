@@ -45,6 +45,7 @@ def _mobilenet_v2(name: str, setting: list[list[int]], stem_stride: int, width_m
     return classifier(g, name, x, head, num_classes, width_mult=width_mult, input_size=input_size,
                       divisor=divisor, dropout=dropout)
 
+
 @register_model
 def mobilenet_v2(width_mult: float = 1.5, num_classes: int = 1000, input_size: int = 224,
                  divisor: int = DEFAULT_DIVISOR) -> SlimmableNet:

@@ -75,6 +75,7 @@ def _mobilenet_v3(name: str, setting: list, last_channel: int, width_mult: float
     return SlimmableNet(name, g, width_mult=width_mult, input_size=input_size, num_classes=num_classes,
                         divisor=divisor)
 
+
 @register_model
 def mobilenet_v3_large(width_mult: float = 1.0, num_classes: int = 1000, input_size: int = 224,
                        divisor: int = DEFAULT_DIVISOR) -> SlimmableNet:
