@@ -70,7 +70,14 @@ from hwslim.importing.checkpoint import load_checkpoint, save_checkpoint
 from hwslim.importing.data import build_data, search_split, validation_split
 from hwslim.latency.table import LatencyTable
 from hwslim.runtimes.onnx_file import export_onnx
-from hwslim.search.greedy import Budget, SearchOptions, config_costs, greedy_search
+from hwslim.search.greedy import (
+    CRITERIA,
+    DEFAULT_CRITERION,
+    Budget,
+    SearchOptions,
+    config_costs,
+    greedy_search,
+)
 from hwslim.training import distributed
 from hwslim.training.finetune import FinetuneConfig, load_teacher
 from hwslim.training.loop import EpochLoop
@@ -128,9 +135,9 @@ class Size:
         return "; ".join(notes) or "none"
 
 
-QUICK = Size(models=("resnet20",), fractions=(0.65,), epochs=1, train_images=256, batch_size=64, test_images=400,
-             search_images=150, select_images=150, calib_images=128, score_images=64, tp_ratios=(0.2, 0.35),
-             mo_flops=(60,), mo_divisors=(8,), rounds=4)
+QUICK = Size(models=("resnet20",), fractions=(0.65,), epochs=1, train_images=128, batch_size=64, test_images=200,
+             search_images=40, select_images=100, calib_images=64, score_images=32, tp_ratios=(0.3,),
+             mo_flops=(60,), mo_divisors=(8,), rounds=2)
 
 # the run reported in docs/peers.md: about 45 minutes on the loaded 2-core CPU
 REDUCED = Size(models=("resnet20",), epochs=1, train_images=4000, search_images=1000, select_images=1000,
@@ -219,8 +226,12 @@ def modelopt_candidates(full: nn.Module, size: Size, x: torch.Tensor, calib: tor
             m = copy.deepcopy(full)
             cfg = {"data_loader": loader, "collect_func": lambda b: b, "checkpoint": str(work / f"fastnas_d{div}.pth"),
                    "score_func": lambda mod: float(plain_correct(mod, *score).float().mean()), "verbose": False}
-            with _quiet():
-                sub, _ = mtp.prune(m, mode=mode, constraints={"flops": f"{flops}%"}, dummy_input=x, config=cfg)
+            try:
+                with _quiet():
+                    sub, _ = mtp.prune(m, mode=mode, constraints={"flops": f"{flops}%"}, dummy_input=x, config=cfg)
+            except ValueError:  # "NOT all constraints can be satisfied within the search space"
+                print(f"modelopt: FLOPs {flops}% is out of reach with divisor {div}", flush=True)
+                continue
             out.append(Candidate("modelopt", f"fastnas divisor={div}", flops, sub))
     return out
 
@@ -244,17 +255,18 @@ class _quiet:
 
 # -- measurement ---------------------------------------------------------------------------------
 def latency_table(model: str, net, work: Path, quick: bool) -> tuple[LatencyTable, str]:
-    """The committed ORT table of this CPU if it matches this machine, else one profiled here (about a minute)."""
+    """The committed ORT table of this CPU if it matches this machine, else one profiled here (about a
+    minute); ``quick`` (a smoke test) takes the committed one whatever the machine."""
     table = LatencyTable.load(ROOT / TABLES[model])
     try:
-        table.check_compatible(net, batch=1)
+        table.check_compatible(net, batch=1, force=quick)
         return table, f"committed {TABLES[model]}"
     except TableError as e:
         print(f"{TABLES[model]} does not match this machine ({str(e).split(';')[0].split(' with ')[-1]}): "
               "profiling a table here", flush=True)
     path = work / "table.csv"
     cmd = [sys.executable, "-m", "hwslim", "profile", "--model", model, "--input-size", str(net.input_size),
-           "--threads", "1", "--out", str(path), "--force"] + (["--quick"] if quick else [])
+           "--threads", "1", "--out", str(path), "--force"]
     subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     return LatencyTable.load(path), "profiled here (hwslim profile --threads 1)"
 
@@ -355,34 +367,45 @@ def paired(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
     return 100 * float(d.mean()), 100 * float(d.std() / len(d) ** 0.5)
 
 
+PEERS = ("torch-pruning", "modelopt", "uniform")
+
+
+def peer_candidates(net, full: nn.Module, methods: tuple[str, ...], size: Size, calib: torch.Tensor, search_ckpt,
+                    work: Path, log) -> tuple[list[Candidate], dict[str, float]]:
+    """Every candidate network of the peers in ``methods`` and each method's wall time."""
+    x1 = torch.randn(1, 3, net.input_size, net.input_size)
+    makers = {"torch-pruning": lambda: torch_pruning_candidates(full, size, x1),
+              "modelopt": lambda: modelopt_candidates(full, size, x1, calib,
+                                                      search_split(search_ckpt, max_images=size.score_images), work),
+              "uniform": lambda: [Candidate("uniform", "uniform", i + 1, materialize(net, u).eval(), u)
+                                  for i, u in enumerate(net.uniform_configs()[:-1])]}
+    cands, timings = [], {}
+    for method in methods:
+        if method in makers:
+            ts = time.time()
+            made = makers[method]()
+            timings[method] = time.time() - ts
+            log(f"{method}: {len(made)} candidates in {timings[method]:.0f} s")
+            cands += made
+    return cands, timings
+
+
 def run_model(model: str, size: Size, args, out: Path) -> list[dict]:
+    """Every method's pick per budget for ``model``, finetuned per seed and scored: the result rows."""
     t0 = time.time()
     work = out / model
     work.mkdir(parents=True, exist_ok=True)
     search_ckpt, ft_path = bench_checkpoints(model, size, out, args.data)
     net = search_ckpt.model.float().eval()
     shape = (1, 3, net.input_size, net.input_size)
-    x1 = torch.randn(*shape)
     full = materialize(net, net.full_config()).eval()
     table, table_note = latency_table(model, net, work, args.quick)
     xs, ys = search_split(search_ckpt, max_images=size.select_images)
     calib = build_data(str(args.data), net.input_size, search_size=0, seed=1,
                        train_subset=size.calib_images).calibration_images(size.calib_images)
     log = lambda msg: print(f"[{model} {time.time() - t0:5.0f} s] {msg}", flush=True)
-    timings: dict[str, float] = {}
 
-    # candidates of every method
-    ts = time.time()
-    cands = torch_pruning_candidates(full, size, x1)
-    timings["torch-pruning"] = time.time() - ts
-    log(f"torch-pruning: {len(cands)} candidates in {timings['torch-pruning']:.0f} s")
-    ts = time.time()
-    mo = modelopt_candidates(full, size, x1, calib, search_split(search_ckpt, max_images=size.score_images), work)
-    timings["modelopt"] = time.time() - ts
-    log(f"modelopt: {len(mo)} candidates in {timings['modelopt']:.0f} s")
-    cands += mo
-    cands += [Candidate("uniform", "uniform", i + 1, materialize(net, u).eval(), u)
-              for i, u in enumerate(net.uniform_configs()[:-1])]
+    cands, timings = peer_candidates(net, full, args.methods, size, calib, search_ckpt, work, log)
     with profiler_for_table(table) as prof:
         ms = measure(prof, [full] + [c.module for c in cands], shape, max(4, size.rounds // 2), work)
     full_ms0 = ms[0]
@@ -395,7 +418,8 @@ def run_model(model: str, size: Size, args, out: Path) -> list[dict]:
     budgets = [Budget("latency_ms", round(f * pred_full, 4)) for f in size.fractions]
     ts = time.time()
     res = greedy_search(search_ckpt, budgets, SearchOptions(out_dir=work / "search", force=True, progress=False,
-                                                           plot=False, max_images=size.search_images),
+                                                           plot=False, max_images=size.search_images,
+                                                           criterion=args.criterion),
                         table=table, log=lambda m: None)
     timings["hwslim"] = time.time() - ts
     log(f"hwslim search: {len(res.steps) - 1} steps in {timings['hwslim']:.0f} s")
@@ -406,10 +430,11 @@ def run_model(model: str, size: Size, args, out: Path) -> list[dict]:
 
     picks: list[tuple[float, Candidate]] = []
     for f, cfg in zip(size.fractions, res.configs):
-        budget_ms = f * full_ms0
-        picks.append((f, Candidate("hwslim", "latency/acc", f, materialize(net, cfg).eval(), cfg)))
-        for method in ("torch-pruning", "modelopt", "uniform"):
-            c = select([c for c in cands if c.method == method], budget_ms, top1)
+        picks.append((f, Candidate("hwslim", f"latency/{args.criterion}", f, materialize(net, cfg).eval(), cfg)))
+        for method in PEERS:
+            if method not in args.methods:
+                continue
+            c = select([c for c in cands if c.method == method], f * full_ms0, top1)
             if c is None:
                 log(f"{method}: nothing within {f:.0%} of the full latency")
             else:
@@ -430,10 +455,10 @@ def run_model(model: str, size: Size, args, out: Path) -> list[dict]:
     rows = []
     sup_epochs = int(search_ckpt.train_args.get("epochs", 0))
     for seed in size.seeds:
-        correct: dict[tuple[float, str], torch.Tensor] = {}
         ts = time.time()
         ft = hwslim_finetune(ft_path, net.full_config(), size, seed, work / f"ft_s{seed}" / "full", args.threads)
         ref = plain_correct(ft, xv, yv)
+        correct: dict[tuple[float, str], torch.Tensor] = {}
         for f, c in picks:
             d = work / f"ft_s{seed}" / f"{c.method}_{f:.2f}"
             if c.config is not None:
@@ -441,6 +466,8 @@ def run_model(model: str, size: Size, args, out: Path) -> list[dict]:
             else:
                 trained = plain_finetune(ft_path, c.module, size, seed, d)
             correct[(f, c.method)] = plain_correct(trained, xv, yv)
+        torch.save({"labels": yv, "full": ref, **{f"{k[1]}@{k[0]}": v for k, v in correct.items()}},
+                   work / f"correct_s{seed}.pt")  # per-image results: paired tests against another run
         log(f"seed {seed}: {len(picks) + 1} networks finetuned and scored in {time.time() - ts:.0f} s")
         rows += result_rows(model, seed, picks, correct, ref, full_ms, size, sup_epochs, timings, len(yv))
     return [{**r, "table": table_note} for r in rows]
@@ -501,6 +528,9 @@ def main() -> None:
     ap.add_argument("--train-images", type=int, help="finetuning images per epoch (0: all 45,000)")
     ap.add_argument("--test-images", type=int)
     ap.add_argument("--search-images", type=int, help="search-split images hwslim's search scores on")
+    ap.add_argument("--methods", nargs="+", default=("hwslim",) + PEERS, choices=("hwslim",) + PEERS,
+                    help="hwslim and the full model always run")
+    ap.add_argument("--criterion", default=DEFAULT_CRITERION, choices=CRITERIA, help="hwslim's greedy rule")
     ap.add_argument("--data", type=Path, default=DATA, help="CIFAR-10 as an ImageFolder tree")
     ap.add_argument("--threads", type=int, default=1, help="PyTorch threads (1: fastest on the loaded 2-core machine)")
     ap.add_argument("--out", type=Path, default=Path("runs/peers"))
