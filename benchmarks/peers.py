@@ -254,9 +254,12 @@ class _quiet:
 
 
 # -- measurement ---------------------------------------------------------------------------------
-def latency_table(model: str, net, work: Path, quick: bool) -> tuple[LatencyTable, str]:
+def latency_table(model: str, net, work: Path, quick: bool, table_path: Path | None = None
+                  ) -> tuple[LatencyTable, str]:
     """The committed ORT table of this CPU if it matches this machine, else one profiled here (about a
     minute); ``quick`` (a smoke test) takes the committed one whatever the machine."""
+    if table_path is not None:
+        return LatencyTable.load(table_path), str(table_path)
     table = LatencyTable.load(ROOT / TABLES[model])
     try:
         table.check_compatible(net, batch=1, force=quick)
@@ -399,7 +402,7 @@ def run_model(model: str, size: Size, args, out: Path) -> list[dict]:
     net = search_ckpt.model.float().eval()
     shape = (1, 3, net.input_size, net.input_size)
     full = materialize(net, net.full_config()).eval()
-    table, table_note = latency_table(model, net, work, args.quick)
+    table, table_note = latency_table(model, net, work, args.quick, args.table)
     xs, ys = search_split(search_ckpt, max_images=size.select_images)
     calib = build_data(str(args.data), net.input_size, search_size=0, seed=1,
                        train_subset=size.calib_images).calibration_images(size.calib_images)
@@ -527,10 +530,12 @@ def main() -> None:
     ap.add_argument("--epochs", type=int)
     ap.add_argument("--train-images", type=int, help="finetuning images per epoch (0: all 45,000)")
     ap.add_argument("--test-images", type=int)
-    ap.add_argument("--search-images", type=int, help="search-split images hwslim's search scores on")
+    ap.add_argument("--search-images", type=int, help="search-split images hwslim's search scores on (0: all)")
     ap.add_argument("--methods", nargs="+", default=("hwslim",) + PEERS, choices=("hwslim",) + PEERS,
                     help="hwslim and the full model always run")
     ap.add_argument("--criterion", default=DEFAULT_CRITERION, choices=CRITERIA, help="hwslim's greedy rule")
+    ap.add_argument("--table", type=Path, help="the latency table (one model; default: the committed one if it "
+                                               "matches this machine, else one profiled here)")
     ap.add_argument("--data", type=Path, default=DATA, help="CIFAR-10 as an ImageFolder tree")
     ap.add_argument("--threads", type=int, default=1, help="PyTorch threads (1: fastest on the loaded 2-core machine)")
     ap.add_argument("--out", type=Path, default=Path("runs/peers"))
@@ -543,8 +548,10 @@ def main() -> None:
         raise SystemExit(2)
     size = QUICK if args.quick else REDUCED if args.reduced else Size()
     given = {"models": args.models and tuple(args.models), "seeds": args.seeds and tuple(args.seeds),
-             "epochs": args.epochs, "test_images": args.test_images, "search_images": args.search_images}
+             "epochs": args.epochs, "test_images": args.test_images}
     size = replace(size, **{k: v for k, v in given.items() if v is not None})
+    if args.search_images is not None:
+        size = replace(size, search_images=args.search_images or None)
     if args.train_images is not None:
         size = replace(size, train_images=args.train_images or None)
     torch.set_num_threads(args.threads)

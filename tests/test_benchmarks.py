@@ -48,7 +48,7 @@ def test_cross_runtime_runs_end_to_end_as_a_smoke_run():
     assert "configs over budget on a runtime they were not searched for:" in proc.stdout
 
 
-def test_peers_runs_end_to_end_as_a_smoke_run():
+def test_peers_runs_end_to_end_as_a_smoke_run(tmp_path):
     """``benchmarks/peers.py --quick``: every method picked, finetuned and scored at one budget, nothing
     written. Needs the peers (``pip install 'hwslim[peers]'``) and the shared CIFAR-10 copy."""
     import os
@@ -67,7 +67,7 @@ def test_peers_runs_end_to_end_as_a_smoke_run():
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": str(root)}
     proc = subprocess.run([sys.executable, str(root / "benchmarks" / "peers.py"), "--quick", "--no-write",
-                           "--out", str(root / "runs" / "peers_quick")], capture_output=True, text=True, env=env,
+                           "--out", str(tmp_path)], capture_output=True, text=True, env=env,
                           cwd=root, timeout=900, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
     for method in ("hwslim", "torch-pruning", "uniform", "full"):
