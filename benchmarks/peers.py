@@ -488,7 +488,8 @@ def result_rows(model: str, seed: int, picks, correct, ref, full_ms: float, size
                 "select_top1": None if sel is None else round(100 * sel, 2),
                 "test_top1": round(100 * acc, 2), "test_se": round(100 * (acc * (1 - acc) / n) ** 0.5, 2),
                 "test_images": n, "supernet_epochs": sup_epochs, "finetune_epochs": size.epochs,
-                "finetune_images": ft_images, "search_s": round(timings.get(method, 0.0), 1)}
+                "finetune_images": ft_images, "search_s": round(timings.get(method, 0.0), 1),
+                "hwslim_minus": "", "paired_se": ""}  # vs hwslim: filled for the other methods
 
     rows = [row(1.0, "full", "", "", full_ms, None, ref)]
     for f, c in picks:
@@ -513,8 +514,8 @@ def summary(rows: list[dict]) -> list[dict]:
         out.append({"model": model, "budget": b, "method": method, "variant": rs[0]["variant"],
                     "latency_ratio": mean("latency_ratio"), "top1": mean("test_top1"),
                     "se": round(mean("test_se") / len(rs) ** 0.5, 2),
-                    "hwslim_minus": mean("hwslim_minus") if "hwslim_minus" in rs[0] else "",
-                    "paired_se": round(mean("paired_se") / len(rs) ** 0.5, 2) if "paired_se" in rs[0] else "",
+                    "hwslim_minus": mean("hwslim_minus") if rs[0]["hwslim_minus"] != "" else "",
+                    "paired_se": round(mean("paired_se") / len(rs) ** 0.5, 2) if rs[0]["paired_se"] != "" else "",
                     "compute": f"{rs[0]['supernet_epochs']} sn ep + {rs[0]['finetune_epochs']} x "
                                f"{rs[0]['finetune_images']:,} img"})
     return out
