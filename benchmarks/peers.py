@@ -35,8 +35,12 @@ and 75% of the full model's *measured* latency):
 Run from the repository root (needs ``pip install 'hwslim[peers]'``)::
 
     python benchmarks/peers.py --quick          # smoke test, under a minute
-    python benchmarks/peers.py                  # both networks, about 2 hours on a 2-core CPU
-    python benchmarks/peers.py --models resnet20 --epochs 1 --train-images 5000   # a reduced run
+    python benchmarks/peers.py                  # both networks, 1 epoch on 5,000 images: about 2 hours (*)
+    python benchmarks/peers.py --reduced        # the run in docs/peers.md: ResNet-20 only, 39 minutes
+    python benchmarks/peers.py --train-images 0 --epochs 5 --seeds 0 1 2   # the full protocol (a GPU)
+
+(*) estimated from the reduced run (39 minutes for ResNet-20 on the 2-core CPU at load 5-10)
+for a quiet 2-core CPU; MobileNetV2-CIFAR trains about 2.5x slower and has not been timed.
 
 Results: a table per network and ``benchmarks/results/peers_<models>[_<tag>].csv``, every
 row stamped with the machine, the load average and what was reduced.
@@ -115,8 +119,8 @@ class Size:
     models: tuple[str, ...] = ("resnet20", "mobilenet_v2_cifar")
     fractions: tuple[float, ...] = (0.55, 0.65, 0.75)
     seeds: tuple[int, ...] = (0,)
-    epochs: int = 2
-    train_images: int | None = 10_000  # finetuning images per epoch (class-balanced subset); None: the 45,000
+    epochs: int = 1
+    train_images: int | None = 5_000  # finetuning images per epoch (class-balanced subset); None: the 45,000
     batch_size: int = 128
     test_images: int | None = None  # None: all 10,000
     search_images: int | None = None  # hwslim's search split images (None: as `hwslim search`)
