@@ -5,7 +5,7 @@ MobileNetV2-CIFAR, the supernets of ``benchmarks/assets``) and each latency budg
 and 75% of the full model's *measured* latency):
 
 * **methods**: ``hwslim`` (the latency-aware search on the committed ONNX Runtime table of
-  this CPU, then ``hwslim finetune``); ``torch-pruning`` (magnitude and group-norm
+  this CPU when it matches the machine, else on one profiled here, then ``hwslim finetune``); ``torch-pruning`` (magnitude and group-norm
   importance, round_to 8 and 16, global and local pruning, a swept pruning ratio);
   ``modelopt`` (FastNAS, channel divisor 8 and 16, a swept FLOPs target); ``uniform`` (the
   supernet's uniform widths); and the ``full`` model as the reference.
