@@ -46,3 +46,29 @@ def test_cross_runtime_runs_end_to_end_as_a_smoke_run():
                           capture_output=True, text=True, env=env, cwd=root, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "configs over budget on a runtime they were not searched for:" in proc.stdout
+
+
+def test_peers_runs_end_to_end_as_a_smoke_run(tmp_path):
+    """``benchmarks/peers.py --quick``: every method picked, finetuned and scored at one budget, nothing
+    written. Needs the peers (``pip install 'hwslim[peers]'``) and the shared CIFAR-10 copy."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import pytest
+
+    from benchmarks.peers import DATA, peers_missing
+
+    if peers_missing():
+        pytest.skip(peers_missing())
+    if not DATA.is_dir():
+        pytest.skip(f"no CIFAR-10 ImageFolder tree at {DATA} (benchmarks only)")
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    proc = subprocess.run([sys.executable, str(root / "benchmarks" / "peers.py"), "--quick", "--no-write",
+                           "--out", str(tmp_path)], capture_output=True, text=True, env=env,
+                          cwd=root, timeout=900, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for method in ("hwslim", "torch-pruning", "uniform", "full"):
+        assert f" {method} " in proc.stdout
