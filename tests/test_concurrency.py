@@ -195,12 +195,15 @@ def test_an_export_removes_stale_temporaries_of_killed_exports(ck, tmp_path):
     assert not any(s.exists() for s in stale)
 
 
-def test_a_legal_250_byte_output_name_is_written(ck, tmp_path):
-    name = "m" * 245 + ".onnx"
+@pytest.mark.parametrize("fmt, suffix", [("onnx", ".onnx"), ("openvino", ".xml"), ("torch", ".pt2")])
+def test_a_legal_250_byte_output_name_is_written(ck, tmp_path, fmt, suffix):
+    if fmt == "openvino":
+        pytest.importorskip("openvino")
+    name = "m" * 245 + suffix
     assert main(["export", "--checkpoint", str(ck / "ck.pt"), "--config", str(ck / "cfg.json"), "--out",
-                 str(tmp_path / name), "--check-images", "2", "--calib-images", "0"]) == 0
+                 str(tmp_path / name), "--format", fmt, "--check-images", "2", "--calib-images", "0"]) == 0
     assert (tmp_path / name).is_file()
-    assert len(temporary_path(tmp_path / name, "export", ".onnx").name) < 255
+    assert len(temporary_path(tmp_path / name, "export", suffix).name) < 255
     assert remove_stale_temporaries(tmp_path) == []
 
 

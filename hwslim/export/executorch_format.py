@@ -50,4 +50,4 @@ class ExecuTorchFormat(ExportFormat):
         os.replace(tmp, self.out)
 
     def temporaries(self) -> list[Path]:
-        return [self.out.with_name(f".{self.out.name}.export{os.getpid()}")]
+        return [self.temporary()]

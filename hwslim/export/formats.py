@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from hwslim.core.errors import ConfigError, HwslimError
+from hwslim.core.outputs import temporary_path
 from hwslim.runtimes.onnx_file import ONNX_OPSET, check_opset, max_relative_error
 
 FP32_TOLERANCE = 1e-4  # max relative error of ONNX Runtime vs PyTorch in fp32
@@ -172,3 +173,8 @@ class ExportFormat:
     def temporaries(self) -> list[Path]:
         """Files :meth:`build` or :meth:`save` may leave behind on failure."""
         return []
+
+    def temporary(self, suffix: str = "") -> Path:
+        """Where the artifact is written before it is renamed into place (short even for a
+        long output name; :func:`hwslim.core.outputs.temporary_path`)."""
+        return temporary_path(self.out.with_suffix("") if suffix else self.out, "export", suffix)

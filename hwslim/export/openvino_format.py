@@ -65,4 +65,4 @@ class OpenVinoFormat(ExportFormat):
         return [self._tmp_xml(), self._tmp_xml().with_suffix(".bin")]
 
     def _tmp_xml(self) -> Path:
-        return self.out.with_name(f".{self.out.stem}.export{os.getpid()}.xml")
+        return self.temporary(".xml")

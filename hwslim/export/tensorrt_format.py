@@ -49,7 +49,7 @@ class TensorRTFormat(ExportFormat):
         os.replace(self.temporaries()[0], self.out)
 
     def temporaries(self) -> list[Path]:
-        return [self.out.with_name(f".{self.out.name}.export{os.getpid()}")]
+        return [self.temporary()]
 
     def _engine_error(self, job: ExportJob) -> float | None:
         """Engine vs PyTorch, when the engine can run here (Python API and a GPU); else None."""

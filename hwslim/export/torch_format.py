@@ -55,4 +55,4 @@ class TorchExportFormat(ExportFormat):
         os.replace(tmp, self.out)
 
     def temporaries(self) -> list[Path]:
-        return [self.out.with_name(f".{self.out.name}.export{os.getpid()}")]
+        return [self.temporary()]
