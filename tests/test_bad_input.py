@@ -789,7 +789,7 @@ def test_readme_states_the_promise_the_harness_checks():
 
 # -- Ctrl-C: in a subprocess, at several moments of start-up and of export's lazy imports ------
 def _interrupt(argv, delay: float, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     p = subprocess.Popen([sys.executable, "-m", "hwslim", *argv], cwd=cwd, env=env, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True)
     time.sleep(delay)

@@ -27,7 +27,7 @@ from hwslim.importing.data import synthetic_data_info
 from hwslim.models import create_model
 
 ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
 MODEL = ["--model", "resnet20", "--width-mult", "0.25", "--input-size", "8"]
 TRAIN = ["train", *MODEL, "--data", "synthetic:200", "--batch-size", "32", "--no-progress"]
 
@@ -221,12 +221,14 @@ def test_temporaries_of_long_names_are_short_and_recognised_as_stale(tmp_path):
 HIJACK = "open({marker!r}, 'w').write('executed')\nraise SystemExit(0)\n"
 
 
-def test_modules_in_the_working_directory_never_shadow_packages(ck, tmp_path):
+@pytest.mark.parametrize("pythonpath_tail", ["", os.pathsep])  # an empty $PYTHONPATH entry means the cwd too
+def test_modules_in_the_working_directory_never_shadow_packages(ck, tmp_path, pythonpath_tail):
     marker = tmp_path / "EXECUTED"
     for name in ("onnxruntime", "numpy", "torch", "onnx", "tqdm"):
         (tmp_path / f"{name}.py").write_text(HIJACK.format(marker=str(marker)))
+    env = {**ENV, "PYTHONPATH": ENV["PYTHONPATH"] + pythonpath_tail}
     r = _hwslim(["export", "--checkpoint", ck / "ck.pt", "--config", ck / "cfg.json", "--out", tmp_path / "m.onnx",
-                 "--check-images", "2", "--calib-images", "0"], tmp_path)  # imports all of them, runs ONNX Runtime
+                 "--check-images", "2", "--calib-images", "0"], tmp_path, env=env)  # imports all of them, runs ORT
     assert not marker.exists(), "a module in the working directory was executed"
     assert r.returncode == 0, r.stderr
 

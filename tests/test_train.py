@@ -427,9 +427,10 @@ def test_fix_unsupported_trains_a_shuffled_net_and_is_recorded(tmp_path, monkeyp
     cfg = TrainConfig(model="shuffle_net:build", fix_unsupported=True, epochs=1, out=str(tmp_path / "run"),
                       **TINY_DATA)
     result = train(cfg, log=lines.append)
-    assert list(result.model.units) == ["branch/0"]  # the stem feeds the chunk, branch/3 the shuffle
-    assert "--fix-unsupported: 2 unit(s) reaching a channel shuffle and a channel split keep their width, 1 slim: " \
-           "stem/0 (16), branch/3 (8)" in lines
+    # the stem's output is chunked in two equal parts (8 channels each, one unit), branch/3 feeds the shuffle
+    assert list(result.model.units) == ["branch/0"]
+    assert "--fix-unsupported: 2 unit(s) reaching a channel shuffle keep their width, 1 slim: " \
+           "stem/0 (8), branch/3 (8)" in lines
     assert load_checkpoint(tmp_path / "run" / "checkpoint.pt").train_args["fix_unsupported"] is True
     resumed = train(replace(cfg, fix_unsupported=None, epochs=2, resume=True), log=lines.append)
     assert list(resumed.model.units) == ["branch/0"]

@@ -206,19 +206,20 @@ def entry() -> int:
 
 
 def drop_cwd_from_path() -> None:
-    """``python -m hwslim`` puts the working directory first on ``sys.path``, so a file there
+    """``python -m hwslim`` puts the working directory first on ``sys.path`` (and an empty
+    entry of ``$PYTHONPATH``, as in ``PYTHONPATH=/x:``, puts it there too), so a file there
     named like a package (``onnxruntime.py``) would run instead of it: take it off. A model
     file there still imports (:func:`hwslim.importing.specs.import_user_module` looks there
     last); hwslim's own source tree, when that is the working directory, stays."""
-    if sys.flags.safe_path or not sys.path:
+    if not sys.path:
         return
     try:
         cwd = os.path.realpath(os.getcwd())
     except OSError:  # the working directory was deleted: nothing there to import
         return
     source_tree = os.path.dirname(os.path.dirname(os.path.dirname(os.path.realpath(__file__))))  # hwslim/cli/..
-    if os.path.realpath(sys.path[0] or ".") == cwd and cwd != source_tree:
-        del sys.path[0]
+    if cwd != source_tree:
+        sys.path[:] = [p for p in sys.path if os.path.realpath(p or ".") != cwd]
 
 
 def _os_error(e: OSError) -> str:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import io
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -199,8 +200,11 @@ def _torchvision_weights(name: str, weights_name: str):
                          f"{', '.join(w.name for w in enum)}, DEFAULT)") from None
     cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(weights.url).path))
     if not os.path.isfile(cached):
+        said = io.StringIO()  # torch.hub's "Downloading: ..." line: shown once the download worked
         try:
-            weights.get_state_dict(progress=False, check_hash=True)  # downloads into the cache
+            with contextlib.redirect_stdout(said):
+                weights.get_state_dict(progress=False, check_hash=True)  # downloads into the cache
+            print(said.getvalue(), end="", file=sys.stderr)
         except Exception as e:
             raise ModelError(f"--init {weights_name}: {type(weights).__name__}.{weights.name} is not in torch.hub's "
                              f"cache and downloading it failed ({type(e).__name__}: {' '.join(str(e).split())[:100]}); "
