@@ -9,6 +9,7 @@ import time
 
 import pytest
 import torch
+from torch import nn
 
 from hwslim.cli import main
 from hwslim.core.config import ChannelConfig
@@ -205,3 +206,25 @@ def test_from_scratch_no_distill_and_a_model_teacher_run(supernet, tmp_path, tea
     finetune(_cfg(supernet, tmp_path / "model", teacher="ft_teachers:good"), log=lambda s: None)
     assert load_checkpoint(tmp_path / "model" / "checkpoint.pt").train_args["finetune"]["teacher"] == \
         "ft_teachers:good"
+
+
+def test_a_supernet_teacher_teaches_with_its_widest_configs_own_bn_statistics(supernet, tmp_path, monkeypatch):
+    """The supernet's running statistics are shared by every config it trained: the widest teacher's
+    are re-estimated on training images before it teaches (a weak supernet's shared ones made the
+    README workflow's finetune collapse to chance)."""
+    from hwslim.core.accuracy import batches
+    from hwslim.core.slimmable import recalibrate_bn
+    from hwslim.training import finetune as ft
+
+    monkeypatch.setattr(ft._Finetune, "run", lambda self: self)  # the run as set up, before its first step
+    run = finetune(_cfg(supernet, tmp_path / "t"), log=lambda s: None)
+    shared = load_checkpoint(supernet[0]).model
+    expected = load_checkpoint(supernet[0]).model
+    expected.set_config(expected.full_config())
+    recalibrate_bn(expected, batches(run.data.calibration_images(64, run.cfg.seed), 128))
+    bn = lambda net: [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]  # noqa: E731
+    for got, want, old in zip(bn(run.teacher), bn(expected), bn(shared)):
+        torch.testing.assert_close(got.running_var, want.running_var)
+        torch.testing.assert_close(got.running_mean, want.running_mean)
+    assert not torch.equal(bn(run.teacher)[0].running_var, bn(shared)[0].running_var)
+    assert not run.teacher.training

@@ -40,9 +40,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hwslim.core.accuracy import batches
 from hwslim.core.config import ChannelConfig
 from hwslim.core.materialize import materialize, slice_positions, write_back
 from hwslim.core.outputs import check_output, owned, remove_stale_temporaries
+from hwslim.core.slimmable import recalibrate_bn
 from hwslim.core.supernet import SlimmableNet
 from hwslim.importing.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from hwslim.importing.data import SMALL_INPUT, mix_seeds
@@ -224,6 +226,18 @@ class _Finetune(EpochLoop):
         if self.teacher is not None and self.cuda and cfg.channels_last:
             self.teacher = self.teacher.to(memory_format=torch.channels_last)
         self.setup_optimization(materialize(start, config), cfg, data, resumed)
+        if isinstance(self.teacher, SlimmableNet):
+            self._recalibrate_teacher(cfg)
+
+    def _recalibrate_teacher(self, cfg: FinetuneConfig) -> None:
+        """A supernet's running BatchNorm statistics are shared by every config it trained, so they
+        fit none: the teacher's own (its widest config's) are estimated on training images first,
+        as every evaluation of a config does. Without this a weak supernet's widest config teaches
+        confident nonsense (measured: a 2-epoch ResNet-20 finetuned from 19.0% to 10.0%)."""
+        images = self.data.calibration_images(cfg.calib_images or 2000, cfg.seed).to(self.dev)
+        with torch.no_grad():
+            recalibrate_bn(self.teacher, batches(images, 128))
+        self.teacher.eval()
 
     def batch_step(self, x: torch.Tensor, y: torch.Tensor, step: int, rng) -> dict[str, Any]:
         """One step: the student learns the teacher's soft output (or the labels without a teacher)."""
