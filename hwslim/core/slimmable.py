@@ -11,7 +11,7 @@ torch.Size([1, 24, 8, 8])
 """
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -148,15 +148,25 @@ class PlainSE(nn.Module):
 BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
+def batch_inputs(batch: Any) -> Any:
+    """The network input of a batch as data loaders give it: the first item of a tuple or list
+    (``(images, targets)``), else the batch itself."""
+    return batch[0] if isinstance(batch, (tuple, list)) else batch
+
+
 @torch.no_grad()
-def recalibrate_bn(model: nn.Module, batches: Iterable[torch.Tensor], num_batches: int | None = None) -> int:
+def recalibrate_bn(model: nn.Module, batches: Iterable[Any], num_batches: int | None = None,
+                   inputs: Callable[[Any], Any] | None = None) -> int:
     """Re-estimate every BatchNorm's running statistics for the model's current config.
 
     Resets the statistics, then runs ``batches`` in train mode with a cumulative moving
     average (``momentum=None``), so the result is the exact mean over the batches seen.
     Channels the current config does not use are reset too: recalibrate again before
-    evaluating another config. Returns the number of batches used.
+    evaluating another config. ``batches``: any iterable (a DataLoader); ``inputs(batch)``
+    gives the network's input (default :func:`batch_inputs`; move it to the device there).
+    Returns the number of batches used.
     """
+    inputs = inputs or batch_inputs
     bns = [m for m in model.modules() if isinstance(m, BN_TYPES)]
     saved = [(m, m.momentum) for m in bns]
     was_training = model.training
@@ -169,9 +179,7 @@ def recalibrate_bn(model: nn.Module, batches: Iterable[torch.Tensor], num_batche
         for x in batches:
             if num_batches is not None and n >= num_batches:
                 break
-            if isinstance(x, (tuple, list)):
-                x = x[0]
-            model(x)
+            model(inputs(x))
             n += 1
     finally:
         for m, momentum in saved:

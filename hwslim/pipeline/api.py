@@ -17,18 +17,19 @@ import copy
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from torch import nn
 
-from hwslim.core.accuracy import batches
+from hwslim.core.accuracy import batches, preserved_bn_stats
 from hwslim.core.config import ChannelConfig
 from hwslim.core.costs import Costs, model_costs
 from hwslim.core.materialize import materialize
-from hwslim.core.slimmable import recalibrate_bn
+from hwslim.core import slimmable
 from hwslim.core.supernet import SlimmableNet
 from hwslim.importing.checkpoint import Checkpoint, finetuned_config, load_checkpoint
 from hwslim.pipeline.heldout import EXPORT_CALIB_BATCH
+from hwslim.training.sandwich import sandwich_step  # noqa: F401  (the API's training step)
 
 PathLike = str | os.PathLike
 
@@ -72,12 +73,41 @@ class Loaded:
         if calib is not None:
             net = copy.deepcopy(net)
             with net.using(cfg):
-                recalibrate_bn(net, batches(calib, EXPORT_CALIB_BATCH))
+                slimmable.recalibrate_bn(net, batches(calib, EXPORT_CALIB_BATCH))
         return materialize(net.eval(), cfg, fold_bn=fold_bn).eval()
 
     def costs(self, config: ChannelConfig | PathLike | None = None) -> Costs:
         """MACs, parameters (BatchNorm counted) and peak activation bytes at ``config``."""
         return model_costs(self.supernet, self.config(config))
+
+
+def _checkpoint(checkpoint: PathLike | Checkpoint | SlimmableNet) -> Checkpoint:
+    """A checkpoint file, a loaded one, or a supernet in memory (your own training loop's)."""
+    if isinstance(checkpoint, Checkpoint):
+        return checkpoint
+    if isinstance(checkpoint, SlimmableNet):
+        return Checkpoint(checkpoint)
+    return load_checkpoint(checkpoint)
+
+
+def save(supernet: SlimmableNet, path: PathLike, *, epoch: int = 0, train_args: dict[str, Any] | None = None) -> Path:
+    """Save a supernet you trained (:func:`sandwich_step`) as an hwslim checkpoint, atomically: ``hwslim
+    cost``, ``export`` and :func:`load` take it; it records no training data, so ``hwslim search`` needs
+    your ``score_fn`` (:func:`search_configs`)."""
+    from hwslim.importing.checkpoint import save_checkpoint
+
+    return save_checkpoint(path, supernet, epoch=epoch, train_args=train_args)
+
+
+def recalibrate_bn(supernet: SlimmableNet, batches: Iterable[Any], config: ChannelConfig | None = None, *,
+                   inputs: Callable[[Any], Any] | None = None, num_batches: int | None = None) -> int:
+    """Set the supernet's BatchNorm running statistics to ``config``'s own (default: its current config),
+    estimated on ``batches`` (any iterable: your DataLoader; ``inputs(batch)`` gives the network's input,
+    default ``batch[0]`` of a tuple or list), at most ``num_batches`` of them. A config the supernet
+    never ran exactly has no valid statistics of its own: do this before evaluating or using it.
+    Returns the number of batches used. See :func:`hwslim.core.slimmable.recalibrate_bn`."""
+    with supernet.using(config if config is not None else supernet.config):
+        return slimmable.recalibrate_bn(supernet, batches, num_batches, inputs)
 
 
 def load(checkpoint: PathLike) -> Loaded:
@@ -94,34 +124,58 @@ def import_model(module: nn.Module, example_input, **options: Any) -> SlimmableN
     return _import(module, example_input, **options)
 
 
-def search_configs(checkpoint: PathLike | Checkpoint, *, latency_ms: Sequence[float] = (),
+def search_configs(checkpoint: PathLike | Checkpoint | SlimmableNet, *, latency_ms: Sequence[float] = (),
                    memory_mb: Sequence[float] = (), params_m: Sequence[float] = (), macs_m: Sequence[float] = (),
                    table: PathLike | None = None, out: PathLike | None = None,
+                   score_fn: Callable[[nn.Module], float] | None = None, calib: Iterable[Any] | None = None,
+                   inputs: Callable[[Any], Any] | None = None, calib_batches: int | None = None,
                    **options: Any) -> list[ChannelConfig]:
     """``hwslim search`` from Python: one config per value of the budget kind given several values
     (each value a number or a list), the other kinds constraints. ``table``: the latency table for
     ``latency_ms``; ``out``: where to write the configs and plots (None: nothing is written);
-    ``options``: further :class:`hwslim.search.greedy.SearchOptions` fields."""
+    ``options``: further :class:`hwslim.search.greedy.SearchOptions` fields.
+
+    ``score_fn(model) -> float`` (higher is better: mAP, mIoU, a negative loss) scores each
+    candidate instead of top-1 on the checkpoint's search split; the model it gets is the
+    supernet at the candidate's config in eval mode, its BatchNorm recalibrated first on
+    ``calib`` (a re-iterable of batches, your DataLoader; ``inputs``, ``calib_batches`` as
+    :func:`recalibrate_bn`). ``checkpoint`` may then be the supernet itself."""
     from hwslim.latency.table import LatencyTable
+    from hwslim.search.evaluator import ScoreFnScoring
     from hwslim.search.greedy import Budget, SearchOptions, greedy_search
 
-    ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
+    ckpt = _checkpoint(checkpoint)
     kinds = {"latency_ms": latency_ms, "memory_mb": memory_mb, "params_m": params_m, "macs_m": macs_m}
     budgets = [Budget(kind, float(v)) for kind, values in kinds.items()
                for v in (values if isinstance(values, (list, tuple)) else [values])]
+    if score_fn is not None:
+        options["scoring"] = ScoreFnScoring(score_fn, calib, inputs, calib_batches)
     opts = SearchOptions(out_dir=out, plot=out is not None, **{"progress": False, **options})
     tbl = LatencyTable.load(table) if table is not None else None
     return greedy_search(ckpt, budgets, opts, table=tbl).configs
 
 
-def export_model(checkpoint: PathLike | Checkpoint, config: ChannelConfig | PathLike, out: PathLike, **options: Any):
+def export_model(checkpoint: PathLike | Checkpoint | SlimmableNet, config: ChannelConfig | PathLike, out: PathLike,
+                 *, calib: Iterable[Any] | None = None, inputs: Callable[[Any], Any] | None = None,
+                 calib_batches: int | None = None, **options: Any):
     """``hwslim export`` from Python: the plain network at ``config`` written to ``out`` and checked
     against PyTorch (``options``: :class:`hwslim.export.formats.ExportOptions` fields, e.g.
-    ``format="torch"``); returns the :class:`hwslim.export.exporter.ExportResult`."""
+    ``format="torch"``); returns the :class:`hwslim.export.exporter.ExportResult`.
+
+    ``calib`` (your batches, as :func:`recalibrate_bn`): the BatchNorm statistics at ``config``
+    are estimated on them instead of on the checkpoint's search split; the supernet's own are
+    restored afterwards. ``checkpoint`` may be the supernet itself."""
     from hwslim.export.exporter import ExportOptions
     from hwslim.export.exporter import export_model as export
 
-    return export(checkpoint, config, Path(out), ExportOptions(**options))
+    ckpt = _checkpoint(checkpoint)
+    if calib is None:
+        return export(ckpt, config, Path(out), ExportOptions(**options))
+    cfg = config if isinstance(config, ChannelConfig) else ChannelConfig.load(config)
+    with preserved_bn_stats(ckpt.model):
+        recalibrate_bn(ckpt.model, calib, ckpt.check_config(cfg), inputs=inputs, num_batches=calib_batches)
+        return export(ckpt, cfg, Path(out), ExportOptions(**{**options, "calib_images": 0}))
 
 
-__all__ = ["Loaded", "export_model", "import_model", "load", "search_configs"]
+__all__ = ["Loaded", "export_model", "import_model", "load", "recalibrate_bn", "sandwich_step", "save",
+           "search_configs"]

@@ -47,18 +47,21 @@ PyTorch (``"torch"``) is the default and the reference.
 """
 from __future__ import annotations
 
+import math
 import warnings
-from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, ClassVar, Iterable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from hwslim.core.config import ChannelConfig
 from hwslim.importing.data import spread
 from hwslim.core.accuracy import preserved_bn_stats
+from hwslim.core.errors import HwslimError
 from hwslim.core.graph import INPUT, run_graph
-from hwslim.core.slimmable import BN_TYPES
+from hwslim.core.slimmable import BN_TYPES, recalibrate_bn
 from hwslim.core.supernet import SlimmableNet
 
 # Defaults of hwslim search, measured with benchmarks/search_speed.py (see the README's Search section).
@@ -360,6 +363,7 @@ class Scoring:
     calib_images: int | None = None
     screen_images: int | None = DEFAULT_SCREEN_IMAGES
     keep: int = DEFAULT_KEEP
+    uses_split: ClassVar[bool] = True  # scores on the checkpoint's search split (images, labels)
 
     def build(self, model: SlimmableNet, images: torch.Tensor, labels: torch.Tensor,
               wrap: Callable[[Callable], Callable] = lambda f: f
@@ -380,6 +384,10 @@ class Scoring:
                                calib_images=None if calib is None or calib >= len(idx) else calib)
         return Halving(wrap(screen.score_candidates), wrap(full.score_candidates), self.keep), full.score
 
+    def settings(self) -> dict[str, Any]:
+        """What a resumed search must share (JSON)."""
+        return asdict(self)
+
     def chunk(self, images: torch.Tensor) -> int:
         """Images per chunk on ``images``: ``batch_size``, else :func:`default_chunk`."""
         return self.batch_size if self.batch_size is not None else default_chunk(images)
@@ -396,6 +404,93 @@ class Scoring:
         how = (f"each candidate screened on {self.screen_images:,} images, the best {self.keep} scored on all "
                f"{n:,}" if self.screen_images and self.screen_images < n else f"each candidate scored on {n:,} images")
         return f"{how} ({bn}; {self.mode} evaluator)"
+
+
+class ScoreFnEvaluator:
+    """Scores configs of ``model`` with the user's ``score_fn(model) -> float`` (higher is better:
+    mAP, mIoU, a negative validation loss), for any task and output structure.
+
+    Each config runs as the supernet at that config, in eval mode, under ``torch.no_grad``;
+    its BatchNorm statistics are recalibrated first on ``calib`` (any re-iterable of batches,
+    a DataLoader; ``inputs(batch)`` gives the network's input, default ``batch[0]`` of a tuple;
+    at most ``calib_batches`` of them), or are the supernet's running statistics without
+    ``calib``. The supernet's own statistics, config and mode are restored after every call.
+    A :class:`Score` carries the score in ``acc`` (what the search maximizes) and 0 as ``loss``
+    (a score function gives one number, so ties keep the greedy walk's order).
+    """
+
+    def __init__(self, model: SlimmableNet, score_fn: Callable[[nn.Module], float], *, calib: Iterable | None = None,
+                 inputs: Callable[[Any], Any] | None = None, calib_batches: int | None = None) -> None:
+        if not callable(score_fn):
+            raise HwslimError(f"score_fn must be a callable score_fn(model) -> float, got {type(score_fn).__name__}")
+        if calib is not None and iter(calib) is calib:
+            raise HwslimError("calib must be re-iterable (a DataLoader or a list of batches), not an iterator: "
+                              "BN is recalibrated once per scored config")
+        if calib_batches is not None and calib_batches < 1:
+            raise HwslimError(f"calib_batches must be at least 1, got {calib_batches}")
+        self.model, self.score_fn, self.calib, self.inputs, self.calib_batches = (
+            model, score_fn, calib, inputs, calib_batches)
+
+    @torch.no_grad()
+    def score(self, config: ChannelConfig) -> Score:
+        """``score_fn`` of the supernet at ``config``, BN recalibrated on ``calib`` first."""
+        model = self.model
+        was_training = model.training
+        try:
+            with model.using(config), preserved_bn_stats(model):
+                if self.calib is not None:
+                    recalibrate_bn(model, self.calib, self.calib_batches, self.inputs)
+                model.eval()
+                value = self.score_fn(model)
+        finally:
+            model.train(was_training)
+        try:
+            value = float(value)
+        except (TypeError, ValueError):
+            raise HwslimError(f"score_fn returned {type(value).__name__}, not a number") from None
+        if not math.isfinite(value):
+            raise HwslimError(f"score_fn returned {value}; it must be a finite number (higher is better)")
+        return Score(value, 0.0)
+
+    def score_candidates(self, current: ChannelConfig, candidates: Candidates,
+                         rank: Rank | None = None) -> list[Score]:
+        """Every candidate scored in full (a score function has no cheaper screening)."""
+        return [self.score(cfg) for _, cfg in candidates]
+
+
+@dataclass(frozen=True)
+class ScoreFnScoring:
+    """A search scored by the user's function (:class:`ScoreFnEvaluator`) instead of top-1 on the
+    checkpoint's search split: what :class:`hwslim.search.greedy.SearchOptions` takes as ``scoring``
+    for detection, segmentation or any task."""
+
+    score_fn: Callable[[nn.Module], float]
+    calib: Iterable | None = None  # batches for BN recalibration per config (None: running statistics)
+    inputs: Callable[[Any], Any] | None = None  # inputs(batch) -> the network's input
+    calib_batches: int | None = None  # at most this many calibration batches (None: all)
+    uses_split: ClassVar[bool] = False  # scores without the checkpoint's search split
+
+    @property
+    def bn(self) -> str:
+        return "recal" if self.calib is not None else "running"
+
+    def build(self, model: SlimmableNet, wrap: Callable[[Callable], Callable] = lambda f: f
+              ) -> tuple[Callable[..., list[Score | None]], Callable[[ChannelConfig], Score]]:
+        """``(score_candidates, score)``, as :meth:`Scoring.build`."""
+        ev = ScoreFnEvaluator(model, self.score_fn, calib=self.calib, inputs=self.inputs,
+                              calib_batches=self.calib_batches)
+        return wrap(ev.score_candidates), ev.score
+
+    def settings(self) -> dict[str, Any]:
+        """What a resumed search must share (JSON): the function's name, the BN calibration."""
+        fn = self.score_fn
+        return {"score_fn": f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', type(fn).__name__)}",
+                "bn": self.bn, "calib_batches": self.calib_batches}
+
+    def describe(self) -> str:
+        bn = ("BN recalibrated per config on the calibration batches" if self.calib is not None
+              else "the supernet's running BN statistics")
+        return f"each candidate scored by {self.settings()['score_fn']} ({bn})"
 
 
 def mixing_start(model: SlimmableNet, unit: str) -> int:

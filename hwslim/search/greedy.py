@@ -58,7 +58,7 @@ from hwslim.core.errors import BudgetError, HwslimError, OutputExistsError
 from hwslim.core.outputs import check_output, owned, remove_stale_temporaries
 from hwslim.core.supernet import SlimmableNet
 from hwslim.search import distributed as dist
-from hwslim.search.evaluator import Score, Scoring
+from hwslim.search.evaluator import Score, ScoreFnScoring, Scoring
 
 BUDGET_KINDS = {  # kind -> (unit shown, cost key)
     "latency_ms": "ms",
@@ -564,7 +564,9 @@ class SearchOptions:
     resume: bool = False  # continue the search whose state out_dir holds
     force: bool = False  # start over even if out_dir holds a search or its outputs
     device: str = "cpu"  # where the evaluations run
-    scoring: Scoring = field(default_factory=Scoring)  # how configs are scored (default: its measured defaults)
+    # how configs are scored: Scoring (top-1 on the search split; default: its measured defaults) or
+    # ScoreFnScoring (the user's score_fn)
+    scoring: Scoring | ScoreFnScoring = field(default_factory=Scoring)
     max_images: int | None = None  # at most this many search-split images; None: all
     batch: int = 1  # the inference batch the budgets refer to
     progress: bool = True  # progress bars on stderr
@@ -648,8 +650,15 @@ def _checked_costs(model: SlimmableNet, targets: Sequence[Target], table, opts: 
 
 def _scorers(checkpoint, model: SlimmableNet, budgets: Sequence[Budget], opts: SearchOptions, images, labels,
              replay: Sequence[Step], log: Callable[[str], None]) -> tuple[Callable, Callable]:
-    """``(score_candidates, score)`` on the search split (sharded under torchrun), and the line saying so."""
+    """``(score_candidates, score)`` on the search split (sharded under torchrun), and the line saying so;
+    a scoring that does not use the split (:class:`hwslim.search.evaluator.ScoreFnScoring`) scores its own way."""
     scoring = opts.scoring
+    resuming = f"; resuming after step {len(replay) - 1}" if replay else ""
+    if not scoring.uses_split:
+        score_candidates, score = scoring.build(model, wrap=dist.sharded)
+        if dist.is_writer():
+            log(f"searching {', '.join(b.label for b in budgets)}: {scoring.describe()}, {opts.device}{resuming}")
+        return score_candidates, score
     if images is None:
         from hwslim.importing.data import search_split
 
@@ -660,8 +669,7 @@ def _scorers(checkpoint, model: SlimmableNet, budgets: Sequence[Budget], opts: S
     del images  # the evaluators hold their own (channels-last) copy of the split
     if dist.is_writer():
         log(f"searching {', '.join(b.label for b in budgets)} on {len(labels):,} search-split images: "
-            f"{scoring.describe(len(labels), chunk)}, {opts.device}"
-            + (f"; resuming after step {len(replay) - 1}" if replay else ""))
+            f"{scoring.describe(len(labels), chunk)}, {opts.device}{resuming}")
     return score_candidates, score
 
 
@@ -730,7 +738,7 @@ def search_settings(checkpoint, targets: Sequence[Target], opts: SearchOptions, 
     return {
         "checkpoint": str(getattr(checkpoint, "path", "") or ""),
         "checkpoint_sha256": _file_digest(checkpoint.path) if getattr(checkpoint, "path", None) else "",
-        "targets": [t.label for t in targets], "criterion": opts.criterion, "scoring": asdict(opts.scoring),
+        "targets": [t.label for t in targets], "criterion": opts.criterion, "scoring": opts.scoring.settings(),
         "batch": opts.batch, "max_images": opts.max_images,
         "table": str(table.path) if table is not None and getattr(table, "path", None) else None,
     }

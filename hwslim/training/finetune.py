@@ -52,7 +52,8 @@ from hwslim.importing.specs import is_module_spec, module_from_spec
 from hwslim.runtimes.onnx_file import sha256_file
 from hwslim.training import distributed
 from hwslim.training.loop import CHECKPOINT_NAME, EpochLoop, TrainError
-from hwslim.training.train import TrainConfig, TrainResult, open_data, soft_cross_entropy
+from hwslim.training.sandwich import soft_cross_entropy
+from hwslim.training.train import TrainConfig, TrainResult, open_data
 
 WIDEST_TEACHER = "the supernet's widest config"
 

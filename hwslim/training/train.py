@@ -1,6 +1,7 @@
 """Slimmable supernet training: the sandwich rule with in-place distillation.
 
-Each step runs the same batch through several channel configs and sums their
+Each step (:func:`hwslim.training.sandwich.sandwich_step`, the step the Python API gives any
+task) runs the same batch through several channel configs and sums their
 gradients before one optimizer step (Yu & Huang's *sandwich rule*, as AutoSlim trains):
 
 1. the **widest** config, learning from the labels (label smoothing 0.1);
@@ -43,7 +44,6 @@ loss-scaler and RNG states are restored.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import numbers
 import random
@@ -66,6 +66,7 @@ from hwslim.training import distributed
 # re-exported: train's own API since before the loop was shared with finetune
 from hwslim.training.loop import (EpochLoop, TrainError, evaluate_configs, param_groups,  # noqa: F401
                                   warmup_cosine)
+from hwslim.training.sandwich import sandwich_configs, sandwich_step, soft_cross_entropy  # noqa: F401
 
 # uniform grid steps evaluated at the end besides widest (12) and narrowest: 3/4, 1/2, 1/4
 FINAL_UNIFORM_STEPS = (9, 6, 3)
@@ -227,16 +228,6 @@ class TrainResult:
 
 
 # -- pieces ------------------------------------------------------------------------------
-def soft_cross_entropy(logits: torch.Tensor, target_probs: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy to a soft target: the in-place distillation loss (KL up to a constant)."""
-    return -(target_probs * F.log_softmax(logits, dim=1)).sum(1).mean()
-
-
-def sandwich_configs(net: SlimmableNet, num_random: int, rng: random.Random) -> list[ChannelConfig]:
-    """[widest, narrowest, num_random random per-unit configs]: the configs of one step."""
-    return [net.full_config(), net.min_config()] + [net.random_config(rng) for _ in range(num_random)]
-
-
 def final_configs(net: SlimmableNet) -> list[tuple[str, ChannelConfig]]:
     """The configs reported at the end: widest, a few uniform widths, narrowest."""
     out = [("widest", net.full_config())]
@@ -302,41 +293,19 @@ class _Run(EpochLoop):
         self.setup_optimization(net, cfg, data, resumed)
 
     # -- one step ---------------------------------------------------------------------------
-    def step(self, x: torch.Tensor, y: torch.Tensor, configs: list[ChannelConfig],
-             distill: bool = True) -> dict[str, float]:
-        """One sandwich step: forward/backward every config, one optimizer step.
+    def _label_loss(self, out: torch.Tensor, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return F.cross_entropy(out, batch[1], label_smoothing=self.cfg.label_smoothing)
 
-        ``configs[0]`` (the widest) learns from the labels; the others from its soft
-        output when ``distill``, else from the labels too.
-        """
-        self.opt.zero_grad(set_to_none=True)
-        # losses stay on the device: reading them every step would stall the GPU's queue
-        teacher, losses, correct = None, [], None
-        for i, cfg in enumerate(configs):
-            self.net.set_config(cfg)
-            last = i == len(configs) - 1
-            # DDP: reduce gradients once, after the last config's backward
-            sync = contextlib.nullcontext() if last or not self.world.distributed else self.ddp.no_sync()
-            with sync:
-                with self.autocast():
-                    out = self.ddp(x)
-                out = out.float()
-                if teacher is None or not distill:
-                    loss = F.cross_entropy(out, y, label_smoothing=self.cfg.label_smoothing)
-                else:
-                    loss = soft_cross_entropy(out, teacher)
-                if teacher is None:
-                    teacher = F.softmax(out.detach(), dim=1)
-                    correct = (out.detach().argmax(1) == y).sum()
-                self.scaler.scale(loss).backward()
-            losses.append(loss.detach())
-        self.net.set_config(configs[0])
-        self.scaler.step(self.opt)
-        self.scaler.update()
+    def step(self, x: torch.Tensor, y: torch.Tensor, configs: list[ChannelConfig],
+             distill: bool = True) -> dict[str, Any]:
+        """One sandwich step (:func:`hwslim.training.sandwich.sandwich_step`): ``configs[0]`` (the
+        widest) learns from the labels (label smoothing), the others from its soft output when
+        ``distill``, else from the labels too."""
+        r = sandwich_step(self.ddp, (x, y), self._label_loss, self.opt, configs=configs, distill=distill,
+                          scaler=self.scaler, autocast=self.autocast)
         self.sched.step()
-        zero = torch.zeros((), device=losses[0].device)
-        return {"loss_widest": losses[0], "loss_narrowest": losses[1] if len(losses) > 1 else zero,
-                "loss_random": sum(losses[2:], zero) / max(1, len(losses) - 2), "correct": correct}
+        return {"loss_widest": r.widest, "loss_narrowest": r.narrowest, "loss_random": r.random,
+                "correct": (r.output.argmax(1) == y).sum()}
 
     def batch_step(self, x: torch.Tensor, y: torch.Tensor, step: int, rng: random.Random) -> dict[str, Any]:
         # the widest's output is noise until it has learned something: before the
