@@ -8,6 +8,13 @@ stays cheap. Each is a thin front on the library's own functions, the ones the C
     >>> configs = hwslim.search_configs("runs/r20/checkpoint.pt", params_m=0.1)   # [ChannelConfig]
     >>> hwslim.export_model("runs/r20/checkpoint.pt", configs[0], "r20.onnx")   # ExportResult
 
+Your own training loop, any task (README "Your own training loop", docs/training.md)::
+
+    >>> supernet = hwslim.import_model(MySegmenter(), torch.randn(1, 3, 256, 256))   # doctest: +SKIP
+    >>> r = hwslim.sandwich_step(supernet, batch, my_loss, optimizer)     # in your loop
+    >>> configs = hwslim.search_configs(supernet, params_m=1.0, score_fn=my_miou, calib=loader)
+    >>> hwslim.export_model(supernet, configs[0], "seg.onnx", calib=loader)
+
 Not ``hwslim.search`` / ``hwslim.export``: those are the stages' subpackages, and importing a
 subpackage sets the package attribute of its name, so a function there would be replaced.
 """

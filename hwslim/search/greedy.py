@@ -34,6 +34,11 @@ After the walk, :func:`fill_budget` (pure too) spends each target's slack: the f
 config on the path that meets a budget often lies well under it, so units are widened
 back, best search-split accuracy gain per budget spent, while every budget holds.
 
+Any task: ``SearchOptions(scoring=ScoreFnScoring(score_fn, calib))`` scores each proposal
+with the user's ``score_fn(model) -> float`` (mAP, mIoU, a negative loss) instead of top-1
+on the search split (:class:`hwslim.search.evaluator.ScoreFnEvaluator`; its score is a
+step's ``acc``).
+
 :func:`slim` is the pure driver (a scorer and a cost function in, the path out);
 :func:`greedy_search` (its options one :class:`SearchOptions`) runs it on a checkpoint
 in named steps: the costs checked (:func:`check_feasible`), the state to resume from
