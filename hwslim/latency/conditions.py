@@ -25,6 +25,12 @@ why, naming the one difference that decided and its numbers::
 
     the speed probe before measuring ran 1.31x slower than when the table was measured (1.31 vs 1 ms): verdict unreliable
 
+For a table with a reference level (format 3) the comparison is ``corrected``: the
+measurement is brought to the table's level by a reference timed beside it, so the probe,
+the other threads, the load and the governor are reported but decide nothing; what
+decides is another CPU, or the reference itself (:func:`reference_reasons`:
+:data:`MAX_LEVEL_CHANGE`, :data:`REFERENCE_DISAGREEMENT`).
+
 The tolerances are measured on the 2-core development machine (AMD EPYC, KVM; see
 ``latency_tables/README.md``): repeated probes there agree within 0.5%, and a neighbor
 process spinning on the other core moved the probe (thread CPU time) by 0-4%.

@@ -23,6 +23,12 @@
    are random configs of random width ranges (narrow to wide), never the uniform ones,
    so the uniform widths stay available as a held-out check.
 
+Every time is measured against a reference (:func:`profilers.base.reference_specs`): its
+level is timed at the start (``meta["reference"]``) and the reference again between the
+designed networks, the entries timed alone and the calibration turns; each time is brought
+to the level by the reference times beside it, so the table is in reference units: ms at
+its level, whatever the machine's speed did meanwhile (:meth:`profilers.base.Profiler.use_reference`).
+
 The conditions the table is measured under (CPU and its flags, load, a machine-speed
 probe; :mod:`hwslim.latency.conditions`) are taken at the start and at the end and recorded in
 ``meta["conditions"]``; when they changed markedly in between (the probe, the other

@@ -17,6 +17,14 @@ in the config (``meta["budget"]``). It *holds* when the measured median is at mo
 ``budget * (1 + tolerance)``; the default tolerance (3%) absorbs run-to-run noise of
 a shared machine. With no latency budget anywhere, the result only reports.
 
+A table with a reference level (format 3, :attr:`hwslim.latency.table.LatencyTable.reference_level_ms`)
+is checked at that level: the model is timed in rounds with the reference beside it
+(:func:`measure_at_level`) and its median brought to the table's level (``at_level_ms``);
+the verdict is taken on that, and a change of the machine's speed is corrected rather than
+doubted. UNRELIABLE then means the correction cannot be trusted: another CPU, a reference
+level more than :data:`hwslim.latency.conditions.MAX_LEVEL_CHANGE` away, or references that
+moved apart (:data:`hwslim.latency.conditions.REFERENCE_DISAGREEMENT`). For older tables:
+
 Before measuring, the conditions are taken again (CPU, load, the machine-speed probe
 with the table's own settings; :mod:`hwslim.latency.conditions`) and compared with those the
 table recorded. When they differ markedly the verdict is ``UNRELIABLE`` instead of a
