@@ -125,6 +125,9 @@ def evaluate(args, model: str) -> tuple[dict, list[dict]]:
         if not check.reliable:
             print(f"{model}: {check.line('accuracy measured under other conditions than the table')}", file=sys.stderr)
         t0 = time.perf_counter()
+        # a table with a reference level (format 3): the configs are timed with the reference beside
+        # them and brought to the table's level, as `hwslim verify` does (older tables: as measured)
+        prof.use_reference(table.reference_level_ms)
         # interleaved rounds: every config sees the same mix of quiet and busy spells of the machine
         timings = measure_configs(prof, net, [c for _, c in configs] + [c for c, _ in then], args.batch, size,
                                   rounds=args.rounds, progress=True)

@@ -64,9 +64,12 @@ class Timing:
     p90_ms: float
     n: int
     noisy: bool = False
+    # the reference's time adjacent to these samples (ms, :class:`ReferenceRunner`); None: not timed
+    ref_ms: float | None = None
 
     @classmethod
-    def from_samples(cls, samples_ms: Sequence[float], noisy: bool = False, center: str = "median") -> "Timing":
+    def from_samples(cls, samples_ms: Sequence[float], noisy: bool = False, center: str = "median",
+                     ref_ms: float | None = None) -> "Timing":
         """Summarize samples; ``center="iqm"`` stores the interquartile mean as ``median_ms``.
 
         The interquartile mean (the mean of the samples between the quartiles) suits
@@ -85,7 +88,8 @@ class Timing:
             q50 = float(mid.mean()) if mid.size else q50
         elif center != "median":
             raise ValueError(f"center must be 'median' or 'iqm', got {center!r}")
-        return cls(float(q50), float(q75 - q25), float(q90), int(a.size), bool(noisy))
+        return cls(float(q50), float(q75 - q25), float(q90), int(a.size), bool(noisy),
+                   None if ref_ms is None else float(ref_ms))
 
     @property
     def rel_iqr(self) -> float:
@@ -181,6 +185,112 @@ def probe_specs() -> list[LayerSpec]:
             layer_spec("probe/conv", Conv(3, 1, 1, act="relu"), c, size, out=c, inputs=["probe/project"])]
 
 
+# The reference: timed between the timed runs of a table, a check or a benchmark (duet measurement).
+# Each reference is sampled this many times per timing (after one discarded run: the network timed
+# before it has evicted its weights from the caches); the median is the reference's time.
+REFERENCE_RUNS = 5
+# timed entries (alone) or whole-model turns (InterleavedRuns) between two timings of the reference
+REFERENCE_EVERY = 4
+
+
+def reference_specs() -> dict[str, list[LayerSpec]]:
+    """The reference networks: the probe network (:func:`probe_specs`) cut in its two kinds of work.
+
+    * ``dense``: the probe's dense 3x3 conv (32 -> 32 channels at 56x56, ReLU): compute-bound,
+      the kind of layer that dominates ResNets;
+    * ``dwpw``: the probe's inverted residual block (1x1 expand to 96, depthwise 3x3, 1x1
+      project): the depthwise part is memory-bound, as in MobileNets.
+
+    Two, because one shape does not follow every layer: on a shared 2-core Xeon (issue 34) a
+    slow spell moved MobileNetV2 (depthwise-heavy) in step with the probe within +-2.5%, but
+    ResNet-18 (dense) by up to 5.5% more. A time is normalized by the *sum* of the two (about
+    the probe's time, 0.5 ms each on one core of the development machine), not weighted per
+    layer class: one number per timing keeps tables and checks simple, and where the two
+    disagree by more than :data:`hwslim.latency.conditions.REFERENCE_DISAGREEMENT` a
+    verdict is not corrected but called unreliable. Both at 56x56, so their 1.2 MB of
+    activations overflow a 1 MB L2 cache and feel contention for it, as the models do.
+    """
+    from hwslim.core.graph import layer_spec
+    from hwslim.core.ops import Conv
+
+    c, size = PROBE_CHANNELS, PROBE_SIZE
+    dwpw = [layer_spec("ref/expand", Conv(1, act="relu6"), c, size, out=3 * c, inputs=["x"]),
+            layer_spec("ref/dw", Conv(3, 1, 1, group_width=1, act="relu6"), 3 * c, size, inputs=["ref/expand"]),
+            layer_spec("ref/project", Conv(1), 3 * c, size, out=c, inputs=["ref/dw"])]
+    dense = [layer_spec("ref/conv", Conv(3, 1, 1, act="relu"), c, size, out=c, inputs=["x"])]
+    return {"dense": dense, "dwpw": dwpw}
+
+
+REFERENCE_DESCRIPTION = ("dense: 3x3 conv 32->32 ch at 56x56 + relu; dwpw: 1x1 32->96 + relu6, depthwise 3x3, "
+                         f"1x1 96->32, at 56x56; each the median of {REFERENCE_RUNS} runs, time = their sum")
+
+
+@dataclass(frozen=True)
+class ReferenceTime:
+    """One timing of the reference networks: ms of each (``parts``, by name) and their sum."""
+
+    parts: tuple[tuple[str, float], ...]
+
+    @property
+    def ms(self) -> float:
+        return float(sum(v for _, v in self.parts))
+
+    def as_dict(self) -> dict[str, float]:
+        return dict(self.parts)
+
+
+class ReferenceRunner:
+    """The reference networks (:func:`reference_specs`) loaded with a profiler's backend, threads
+    and clock (its :meth:`Profiler._probe_runner`, as the probe), warmed up, ready to be timed
+    between timed runs: :meth:`time` takes 2 x 6 runs (about 6 ms on the development machine)."""
+
+    def __init__(self, profiler: "Profiler") -> None:
+        import os
+        import tempfile
+
+        self._dir = tempfile.TemporaryDirectory(prefix="hwslim-reference-")
+        self.runners: dict[str, Callable[[], float]] = {}
+        for name, specs in reference_specs().items():
+            os.makedirs(f"{self._dir.name}/{name}")
+            self.runners[name] = profiler._probe_runner(specs, f"{self._dir.name}/{name}")
+        warm = profiler.probe_protocol()
+        for run in self.runners.values():
+            sample(run, replace(warm, budget_ms=0.0, min_reps=0, max_reps=0))  # warm-up only
+
+    def time(self) -> ReferenceTime:
+        """Each reference's median of :data:`REFERENCE_RUNS` runs, after one discarded run."""
+        parts = []
+        for name, run in self.runners.items():
+            run()
+            parts.append((name, float(np.median([run() for _ in range(REFERENCE_RUNS)]))))
+        return ReferenceTime(tuple(parts))
+
+    def level(self, budget_ms: float = 250.0) -> ReferenceTime:
+        """The reference's level now: timings repeated for ``budget_ms``, each part's median."""
+        seen: list[ReferenceTime] = []
+        deadline = time.perf_counter() + budget_ms / 1e3
+        while len(seen) < 5 or time.perf_counter() < deadline:
+            seen.append(self.time())
+        return ReferenceTime(tuple((name, float(np.median([dict(t.parts)[name] for t in seen])))
+                                   for name in self.runners))
+
+    def close(self) -> None:
+        self.runners.clear()  # loaded networks first, then their files
+        self._dir.cleanup()
+
+
+def normalized(samples_ms: Sequence[float], level_ms: float | None, before: float | None,
+               after: float | None) -> tuple[list[float], float | None]:
+    """``samples_ms`` brought to the reference level ``level_ms``: scaled by ``level_ms / adjacent``,
+    where ``adjacent`` is the mean of the reference times just ``before`` and ``after`` them;
+    and that adjacent time. Unchanged (and None) where there is no level or no reference time."""
+    times = [t for t in (before, after) if t is not None]
+    if level_ms is None or not times:
+        return list(samples_ms), None
+    adjacent = sum(times) / len(times)
+    return [x * level_ms / adjacent for x in samples_ms], adjacent
+
+
 def cuda_ms_per_call(stream, call: Callable[[], Any], n: int, events=None) -> float:
     """GPU milliseconds per call of ``call``: ``n`` calls between two CUDA events recorded on
     ``stream`` (the GPU backends' one timing loop; ``events``: a (start, end) pair to reuse)."""
@@ -238,6 +348,10 @@ class Profiler:
     # called as on_network(done, total) after each designed network _pool_networks ran (or
     # skipped): hwslim profile spreads its calibration rounds by it
     on_network: Callable[[int, int], None] | None = None
+    # the reference level times are brought to (use_reference); None: raw times
+    reference_level_ms: float | None = None
+    _reference: "ReferenceRunner | None" = None
+    _no_reference: bool = False
     # metadata keys that must match for a table to be valid on this setup
     identity_keys: ClassVar[tuple[str, ...]] = ("device", "device_name", "backend", "backend_version",
                                                 "threads", "dtype")
@@ -285,19 +399,38 @@ class Profiler:
 
         ``networks`` (only passed when the backend sets ``in_network``) are whole networks,
         as the layer specs of one config each, that together contain every entry: a
-        backend may time entries inside them. The default times each entry alone.
+        backend may time entries inside them. The default times each entry alone
+        (:meth:`_entries_alone`).
         """
-        for spec in specs:
-            yield spec, self.time_entry(spec)
+        yield from self._entries_alone(specs)
+
+    def _entries_alone(self, specs: Iterable[LayerSpec]) -> Iterator[tuple[LayerSpec, Timing]]:
+        """Each entry timed alone (:meth:`time_entry`); with a reference level set
+        (:meth:`use_reference`), the reference is timed between every :data:`REFERENCE_EVERY`
+        entries and each entry's times are brought to the level by the mean of the reference
+        times before and after its group."""
+        specs = list(specs)
+        before = self._reference_ms()
+        for k in range(0, len(specs), REFERENCE_EVERY):
+            group = [(spec, self.time_entry(spec)) for spec in specs[k:k + REFERENCE_EVERY]]
+            after = self._reference_ms()
+            for spec, t in group:
+                (med, iqr, p90), ref = normalized([t.median_ms, t.iqr_ms, t.p90_ms], self.reference_level_ms,
+                                                  before, after)
+                yield spec, replace(t, median_ms=med, iqr_ms=iqr, p90_ms=p90, ref_ms=ref)
+            before = after
 
     def _pool_networks(self, specs: Sequence[LayerSpec], networks: Iterable[Sequence[LayerSpec]],
                        profile: Callable[[list[LayerSpec]], tuple[Mapping[str, list[float]], set[str]]]
-                       ) -> Iterator[tuple[LayerSpec, list[float], bool]]:
+                       ) -> Iterator[tuple[LayerSpec, list[float], bool, float | None]]:
         """The schedule in-network backends share: run each designed network once with
         ``profile`` (per-layer samples, plus names whose time was estimated), pool an
         entry's samples over every network containing it, and yield ``(spec, samples,
-        estimated)`` as soon as the last such network has run. Networks holding no entry
-        still pending are skipped."""
+        estimated, ref_ms)`` as soon as the last such network has run. Networks holding no
+        entry still pending are skipped. With a reference level set (:meth:`use_reference`),
+        the reference is timed between the networks and each network's samples are brought
+        to the level by the mean of the reference times just before and after it
+        (:func:`normalized`); ``ref_ms`` is the mean of those adjacent times (else None)."""
         wanted = {s.signature() for s in specs}
         networks = [list(n) for n in networks]
         last: dict[tuple, int] = {}  # an entry is final after the last network containing it
@@ -306,24 +439,32 @@ class Profiler:
                 if s.signature() in wanted:
                     last[s.signature()] = i
         pooled: dict[tuple, list[float]] = {}
+        refs: dict[tuple, list[float]] = {}
         estimated: set[tuple] = set()
+        before = self._reference_ms()
         for i, net_specs in enumerate(networks):
             if self.on_network is not None and i:
                 self.on_network(i, len(networks))
             if not any(last.get(s.signature(), -1) >= i for s in net_specs):
                 continue
             samples, flagged = profile(net_specs)
+            after = self._reference_ms()
             for spec in net_specs:
                 sig = spec.signature()
                 if sig in last and samples.get(spec.name):
-                    pooled.setdefault(sig, []).extend(samples[spec.name])
+                    scaled, ref = normalized(samples[spec.name], self.reference_level_ms, before, after)
+                    pooled.setdefault(sig, []).extend(scaled)
+                    if ref is not None:
+                        refs.setdefault(sig, []).append(ref)
                     if spec.name in flagged:
                         estimated.add(sig)
+            before = after
             for spec in net_specs:
                 sig = spec.signature()
                 if last.get(sig) == i and sig in pooled:
                     del last[sig]
-                    yield spec, pooled.pop(sig), sig in estimated
+                    adjacent = refs.pop(sig, None)
+                    yield spec, pooled.pop(sig), sig in estimated, float(np.mean(adjacent)) if adjacent else None
 
     def _onnx_runner(self, path: str, input_shape: tuple[int, ...]) -> Callable[[], float]:
         """Load an ONNX model, bind its input once; return a call that runs it once and returns ms."""
@@ -397,10 +538,9 @@ class Profiler:
             if spec.signature() not in done:
                 done.add(spec.signature())
                 yield spec, timing
-        for spec in specs:  # whatever the networks did not contain
-            if spec.signature() not in done:
-                done.add(spec.signature())
-                yield spec, self.time_entry(spec)
+        rest = [s for s in specs if s.signature() not in done]  # whatever the networks did not contain
+        for spec, timing in self._entries_alone({s.signature(): s for s in rest}.values()):
+            yield spec, timing
 
     def time_onnx(self, path, input_shape: Sequence[int]) -> Timing:
         """Time a whole ONNX model end to end (the input is bound once, random data)."""
@@ -449,6 +589,36 @@ class Profiler:
         with open(path, "wb") as f:
             f.write(network_model(specs).SerializeToString())
         return self._onnx_runner(path, (1, specs[0].cin, specs[0].in_h, specs[0].in_w))
+
+    def reference_runner(self) -> "ReferenceRunner | None":
+        """The reference networks (:func:`reference_specs`) loaded with this profiler's backend,
+        threads and clock, once per profiler; None where the backend cannot run them (as :meth:`probe`)."""
+        if self._reference is None and not self._no_reference:
+            try:
+                self._reference = ReferenceRunner(self)
+            except NotImplementedError:
+                self._no_reference = True
+        return self._reference
+
+    def measure_reference(self) -> ReferenceTime | None:
+        """The reference's level now (:meth:`ReferenceRunner.level`: a quarter of a second); None
+        where the backend cannot run it. A table records it and measures in its units."""
+        runner = self.reference_runner()
+        return None if runner is None else runner.level()
+
+    def use_reference(self, level_ms: float | None) -> None:
+        """From now on, bring the times measured for a table (entries alone or in networks,
+        :class:`InterleavedRuns`) to the reference level ``level_ms`` (the reference's ms at the
+        table's level): each time is scaled by ``level_ms / adjacent reference time``, so a
+        change of the machine's speed while a table is measured cancels out. None: raw times."""
+        self.reference_level_ms = None if level_ms is None else float(level_ms)
+
+    def _reference_ms(self) -> float | None:
+        """The reference timed now (ms); None without a level (:meth:`use_reference`) or a reference."""
+        if self.reference_level_ms is None:
+            return None
+        runner = self.reference_runner()
+        return None if runner is None else runner.time().ms
 
     def time_onnx_many(self, models: Sequence[tuple[Any, Sequence[int]]], rounds: int = E2E_ROUNDS,
                        seed: int = 0, on_progress: Callable[[int, int], None] | None = None) -> list[Timing]:
@@ -500,6 +670,12 @@ class InterleavedRuns:
     measures the entries, so the fit compares whole models and layers timed over the
     same stretch of the machine's time (a slow spell while the entries were measured,
     or while the whole models were, no longer scales the whole table).
+
+    With a reference level set on the profiler (:meth:`Profiler.use_reference`) the
+    reference networks join the rounds: they are timed before each round and after every
+    :data:`REFERENCE_EVERY` models' turns, and each turn's samples are brought to the level
+    by the mean of the reference times around it (:meth:`timings`; :meth:`raw_timings` keeps
+    the times as measured, :meth:`reference_ms` the reference's median time meanwhile).
     """
 
     def __init__(self, profiler: "Profiler", models: Sequence[tuple[Any, Sequence[int]]], rounds: int = E2E_ROUNDS,
@@ -513,6 +689,11 @@ class InterleavedRuns:
         self.per_round = replace(p, warmup_runs=0, warmup_ms=0.0, budget_ms=p.budget_ms / self.rounds,
                                  min_reps=max(1, -(-p.min_reps // self.rounds)), max_reps=max(1, p.max_reps // self.rounds))
         self.samples: list[list[float]] = [[] for _ in self.runners]
+        self.scaled: list[list[float]] = [[] for _ in self.runners]  # brought to the reference level
+        self.refs: list[list[float]] = [[] for _ in self.runners]  # adjacent reference time of each turn
+        self.reference_times: list[ReferenceTime] = []
+        self.level_ms = profiler.reference_level_ms
+        self._reference = profiler.reference_runner() if self.level_ms is not None else None
         self.rounds_done = 0
         self._turns = 0
         self._order = list(range(len(self.runners)))
@@ -527,6 +708,12 @@ class InterleavedRuns:
         if on_turn is not None:
             on_turn(self._turns)
 
+    def _reference_ms(self) -> float | None:
+        if self._reference is None:
+            return None
+        self.reference_times.append(self._reference.time())
+        return self.reference_times[-1].ms
+
     def warm_up(self, on_turn: Callable[[int], None] | None = None) -> None:
         for run in self.runners:
             sample(run, replace(self.protocol, budget_ms=0.0, min_reps=0, max_reps=0))  # warm-up only
@@ -535,18 +722,43 @@ class InterleavedRuns:
     def round(self, on_turn: Callable[[int], None] | None = None) -> None:
         """One turn of every model, in a fresh random order (``on_turn(turns so far)`` after each)."""
         self._rng.shuffle(self._order)
-        for i in self._order:
-            self.samples[i] += sample(self.runners[i], self.per_round)
-            self._turn(on_turn)
+        before = self._reference_ms()
+        for k in range(0, len(self._order), REFERENCE_EVERY):
+            group = []
+            for i in self._order[k:k + REFERENCE_EVERY]:
+                group.append((i, sample(self.runners[i], self.per_round)))
+                self._turn(on_turn)
+            after = self._reference_ms()
+            for i, got in group:
+                self.samples[i] += got
+                scaled, ref = normalized(got, self.level_ms, before, after)
+                self.scaled[i] += scaled
+                if ref is not None:
+                    self.refs[i].append(ref)
+            before = after
         self.rounds_done += 1
 
+    def _summary(self, samples: Sequence[float], ref_ms: float | None = None) -> Timing:
+        t = Timing.from_samples(samples, ref_ms=ref_ms)
+        return replace(t, noisy=t.rel_iqr > self.protocol.max_rel_iqr)
+
     def timings(self) -> list[Timing]:
-        out = []
-        for s in self.samples:
-            t = Timing.from_samples(s)
-            out.append(replace(t, noisy=t.rel_iqr > self.protocol.max_rel_iqr))
-        return out
+        """Each model's Timing, at the reference level where one is set (its ``ref_ms``: the mean
+        adjacent reference time), else as measured."""
+        return [self._summary(s, float(np.mean(r)) if r else None) for s, r in zip(self.scaled, self.refs)]
+
+    def raw_timings(self) -> list[Timing]:
+        """Each model's Timing as measured (not brought to the reference level)."""
+        return [self._summary(s) for s in self.samples]
+
+    def reference_ms(self) -> ReferenceTime | None:
+        """The reference's median time (each part's) over the rounds; None where it was not timed."""
+        if not self.reference_times:
+            return None
+        names = [n for n, _ in self.reference_times[0].parts]
+        return ReferenceTime(tuple((n, float(np.median([t.as_dict()[n] for t in self.reference_times])))
+                                   for n in names))
 
 
-__all__ = ["InterleavedRuns", "Profiler", "ProfilerError", "Protocol", "Timing", "plain_net_from_specs", "probe_specs",
-           "sample"]
+__all__ = ["REFERENCE_DESCRIPTION", "InterleavedRuns", "Profiler", "ProfilerError", "Protocol", "ReferenceRunner",
+           "ReferenceTime", "Timing", "normalized", "plain_net_from_specs", "probe_specs", "reference_specs", "sample"]

@@ -118,10 +118,10 @@ class CpuProfiler(Profiler):
 
     def _measure_entries(self, specs, networks):
         if networks is None:
-            yield from super()._measure_entries(specs, None)
+            yield from self._entries_alone(specs)
             return
-        for spec, samples, _ in self._pool_networks(specs, networks, lambda n: (self.profile_network(n), set())):
-            yield spec, self._network_timing(samples)
+        for spec, samples, _, ref in self._pool_networks(specs, networks, lambda n: (self.profile_network(n), set())):
+            yield spec, replace(self._network_timing(samples), ref_ms=ref)
 
     def close(self) -> None:
         self._tmp.cleanup()

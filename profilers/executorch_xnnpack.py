@@ -273,12 +273,14 @@ class ExecuTorchProfiler(CpuProfiler):
         where it cannot be lowered there is no probe (NotImplementedError)."""
         s = specs[0]
         x = torch.randn(1, s.cin, s.in_h, s.in_w, generator=torch.Generator().manual_seed(0))
-        if getattr(self, "_probe_program", None) is None:
+        programs = self.__dict__.setdefault("_probe_programs", {})  # the probe and the references
+        key = tuple(spec.name for spec in specs)
+        if key not in programs:
             try:
-                self._probe_program = self._etb.lower(_Network(specs).eval(), [x])
+                programs[key] = self._etb.lower(_Network(specs).eval(), [x])
             except self._etb.ExecuTorchError as e:
                 raise NotImplementedError(f"the probe cannot be lowered: {e}") from None
-        return self._runner(self._probe_program, [x])
+        return self._runner(programs[key], [x])
 
     def _onnx_runner(self, path: str, input_shape: tuple[int, ...]) -> Callable[[], float]:
         p = Path(path)

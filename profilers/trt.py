@@ -413,8 +413,8 @@ class TrtProfiler(Profiler):
         if networks is None:
             yield from super()._measure_entries(specs, None)
             return
-        for spec, samples, split in self._pool_networks(specs, networks, self.profile_network):
-            t = Timing.from_samples(samples)
+        for spec, samples, split, ref in self._pool_networks(specs, networks, self.profile_network):
+            t = Timing.from_samples(samples, ref_ms=ref)
             self.split_entries += split
             yield spec, replace(t, noisy=t.rel_iqr > self.protocol.max_rel_iqr)
 

@@ -164,7 +164,10 @@ def test_profile_records_the_conditions_at_start_and_end(table):
 
 
 def test_a_table_measured_while_the_machine_changed_gives_no_confident_verdict(table):
+    # a table without a reference level (format 2): a table with one is corrected instead
+    # (tests/test_reference_timing.py)
     meta = json.loads(table_paths(table)[1].read_text())
+    meta.pop("reference")
     start = Conditions.from_dict(meta["conditions"]["start"])
     slower = Conditions.from_dict({**meta["conditions"]["start"], "probe_ms": start.probe_ms * 1.2})
     moved = drift(start, slower)
@@ -180,13 +183,17 @@ def test_a_table_measured_while_the_machine_changed_gives_no_confident_verdict(t
 
 
 def test_entries_are_borrowed_only_from_tables_measured_under_the_same_conditions(table, tmp_path):
+    # tables without a reference level (format 2); tables with one lend rescaled entries whatever
+    # the probe said (tests/test_reference_timing.py)
     def halve_probe(meta):
         meta["conditions"]["changed"] = None
+        meta.pop("reference")
         for k in ("start", "end"):
             meta["conditions"][k]["probe_ms"] /= 2
 
     def steady(meta):
         meta["conditions"]["changed"] = None
+        meta.pop("reference")
 
     lender = edited_copy(table, tmp_path / "faster", halve_probe)
     meta = LatencyTable.load(lender).meta

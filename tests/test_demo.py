@@ -55,7 +55,8 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
         if r["verdict"] == "UNRELIABLE":  # one sentence naming the one probe that decided, as in demo.json
             assert r["message"] in printed and r["message"].endswith(cond["note"])
             assert r["message"].count("verdict unreliable") == 1 and "((" not in r["message"]
-            probes = ("before measuring", "after measuring", "the table's machine changed while it was measured")
+            probes = ("before measuring", "after measuring", "the table's machine changed while it was measured",
+                      "timed beside the model")
             assert sum(p in r["message"] for p in probes) == 1
         else:
             assert r["message"] in ("", None) or r["verdict"] == "OVER"

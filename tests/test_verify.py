@@ -162,6 +162,9 @@ def _edited_table(src, dst_dir, edit):
             shutil.copy(p, dst_dir / p.name)
     meta_path = table_paths(dst_dir / src.name)[1]
     meta = json.loads(meta_path.read_text())
+    # a table without a reference level (format 2), whose verdicts the probe decides; tables with one
+    # are corrected to their level (tests/test_reference_timing.py)
+    meta.pop("reference")
     meta["conditions"]["changed"] = None
     edit(meta["conditions"]["start"])
     meta["conditions"]["end"] = meta["conditions"]["start"]
@@ -238,3 +241,22 @@ def test_verify_finds_the_table_itself_as_export_verify_does(table_path, exporte
     cap = capsys.readouterr()
     assert json.loads(cap.out)["table"] == str(table_path.resolve())
     assert f"{path}: measured against {table_path.resolve()}" in cap.err
+
+
+def test_a_table_with_a_reference_is_verified_at_its_level(table_path, exported):
+    """A table measured by this hwslim records its reference level; verify times the model with the
+    reference beside it and takes the verdict on the median brought to that level."""
+    from hwslim.latency.table import LatencyTable
+
+    _, _, path = exported
+    r = verify_model(path, table_path)
+    level = LatencyTable.load(table_path).reference_level_ms
+    assert level > 0 and r.level_table_ms == level and r.level_now_ms > 0
+    assert r.conditions.level_ratio == pytest.approx(r.level_now_ms / level, rel=1e-9)
+    # each turn is scaled by the reference beside it: about measured x level / level now
+    assert r.at_level_ms == pytest.approx(r.measured_ms * level / r.level_now_ms, rel=0.25)
+    assert r.judged_ms == r.at_level_ms and r.budget_ratio == r.at_level_ms / r.budget_ms
+    d = r.as_dict()
+    assert d["at_table_level_ms"] == r.at_level_ms and d["reference_table_ms"] == level
+    # the speed probe is no reason: only the references' own change or disagreement is
+    assert r.verdict == "OK" or "timed beside the model" in r.message

@@ -23,6 +23,12 @@
    are random configs of random width ranges (narrow to wide), never the uniform ones,
    so the uniform widths stay available as a held-out check.
 
+Every time is measured against a reference (:func:`profilers.base.reference_specs`): its
+level is timed at the start (``meta["reference"]``) and the reference again between the
+designed networks, the entries timed alone and the calibration turns; each time is brought
+to the level by the reference times beside it, so the table is in reference units: ms at
+its level, whatever the machine's speed did meanwhile (:meth:`profilers.base.Profiler.use_reference`).
+
 The conditions the table is measured under (CPU and its flags, load, a machine-speed
 probe; :mod:`hwslim.latency.conditions`) are taken at the start and at the end and recorded in
 ``meta["conditions"]``; when they changed markedly in between (the probe, the other
@@ -50,9 +56,10 @@ from hwslim.core.config import ChannelConfig, atomic_write_text
 from hwslim.core.errors import HwslimError, TableError
 from hwslim.core.graph import LayerSpec, Node
 from hwslim.latency.entries import enumerate_entries, node_entries, spec_fn
-from hwslim.latency.table import (COLUMNS, E2E_COLUMNS, Calibration, LatencyTable, RowWriter, accuracy,
-                            default_table_path, entry_row, fit_calibration, new_meta, prepare_table_location, read_rows, signature_from_row,
-                            table_paths, timing_from_row)
+from hwslim.latency.table import (COLUMNS, E2E_COLUMNS, FORMAT_VERSION, Calibration, LatencyTable, RowWriter,
+                                  accuracy, default_table_path, entry_row, fit_calibration, new_meta,
+                                  prepare_table_location, read_rows, reference_meta, signature_from_row, table_paths,
+                                  timing_fields, timing_from_row)
 from hwslim.core.units import GRID_STEPS
 
 if TYPE_CHECKING:
@@ -336,14 +343,56 @@ def _borrow_entries(csv_path: Path, meta: dict, wanted: set, now=None,
                 if log is not None:
                     log(f"not reusing entries of {other_csv.name}: {check.line('measured under other conditions')}")
                 continue
+            scale = _level_scale(meta, old)
+            if scale is None:
+                continue
             rows, _ = read_rows(other_csv, COLUMNS)
             for r in rows:
                 sig = signature_from_row(r)
                 if sig in wanted and sig not in found:
-                    found[sig] = timing_from_row(r)
+                    t = timing_from_row(r)
+                    found[sig] = replace(t, median_ms=t.median_ms * scale, iqr_ms=t.iqr_ms * scale,
+                                         p90_ms=t.p90_ms * scale)
         except (OSError, UnicodeDecodeError, ValueError, KeyError, TableError):
             continue  # a table that cannot be read lends nothing
     return found
+
+
+def _level_scale(meta: Mapping[str, Any], other: Mapping[str, Any]) -> float | None:
+    """The factor that brings another table's times to this one's reference level: 1 where
+    neither has a reference (times as measured, as before references), None (lends nothing)
+    where one has a reference and the other not, or their references differ."""
+    mine, theirs = meta.get("reference"), other.get("reference")
+    if mine is None and theirs is None:
+        return 1.0
+    if not isinstance(mine, dict) or not isinstance(theirs, dict) or mine.get("networks") != theirs.get("networks"):
+        return None
+    try:
+        return float(mine["level_ms"]) / float(theirs["level_ms"])
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+        return None
+
+
+def _use_reference(profiler, run: "_Resumed", meta: dict, log: Callable[[str], None]) -> None:
+    """Set the reference level the table's times are brought to (:meth:`Profiler.use_reference`):
+    a resumed table keeps its own; a new one measures it now (``meta["reference"]``). A table
+    an older hwslim started without a reference is finished without one (times as measured)."""
+    from profilers.base import REFERENCE_DESCRIPTION
+
+    if run.resumed and run.reference is None:
+        log("note: this table was started by an older hwslim, without a reference: it is finished as it was "
+            "begun, with times as measured; measure it again with --force for times in reference units")
+        return
+    if run.reference is not None:
+        meta["reference"] = run.reference
+    else:
+        level = profiler.measure_reference()
+        if level is None:  # a backend that cannot run the reference: times as measured
+            return
+        meta["reference"] = reference_meta(level, REFERENCE_DESCRIPTION)
+    profiler.use_reference(meta["reference"]["level_ms"])
+    log(f"reference level {meta['reference']['level_ms']:.4g} ms: every time is brought to it "
+        f"by the reference timed beside it")
 
 
 def _read_old_meta(meta_path: Path, csv_path: Path, force: bool) -> dict | None:
@@ -384,6 +433,8 @@ class _Resumed:
     spent_before: float = 0.0
     recorded: dict | None = None
     first: Any = None
+    resumed: bool = False  # an earlier run of this table is continued
+    reference: dict | None = None  # the reference that earlier run recorded
 
 
 def _resume(settings: ProfileSettings, csv_path: Path, meta_path: Path, e2e_path: Path, meta: dict) -> _Resumed:
@@ -414,6 +465,8 @@ def _resume(settings: ProfileSettings, csv_path: Path, meta_path: Path, e2e_path
         run.spent_before = _seconds(old.get("profile_seconds"))
         run.recorded = old.get("conditions") if isinstance(old.get("conditions"), dict) else None
         run.first = Conditions.from_dict(run.recorded.get("start")) if run.recorded else None
+        run.resumed = run.csv_path.exists() and run.csv_path.stat().st_size > 0
+        run.reference = old.get("reference") if isinstance(old.get("reference"), dict) else None
     return run
 
 
@@ -518,7 +571,9 @@ def _finish(settings: ProfileSettings, net, profiler, done: dict, measured_entri
     else:
         meta["conditions"] = {"start": cond_start.to_dict(), "end": cond_end.to_dict(),
                               "changed": None if changed.reliable else changed.summary}
-    if measured_now and not changed.reliable:
+    if measured_now and not changed.reliable and meta.get("reference"):
+        log(f"note: {changed.line('its times were brought to the reference level as they were measured')}")
+    elif measured_now and not changed.reliable:
         log(f"warning: {changed.line('the table may be unreliable; measure it again (--force) when the machine is steady')}")
     # time spent on this table over all (resumed) runs
     meta["profile_seconds"] = round(run.spent_before + time.perf_counter() - start, 1)
@@ -555,6 +610,7 @@ def profile(settings: ProfileSettings, progress: bool = False,
                                     "seed": settings.seed}
         run = _resume(settings, csv_path, meta_path, e2e_path, meta)
         cond_start = _start_conditions(profiler, run.first, log)
+        _use_reference(profiler, run, meta, log)
         done = _done_entries(run, meta, entries, cond_start, log)
         todo = [s for s in entries if s.signature() not in done]
         random.Random(settings.seed).shuffle(todo)  # spread slow periods of a busy machine over layers
@@ -638,6 +694,7 @@ def recalibrate(settings: ProfileSettings, progress: bool = False,
         same_plan = replace(settings, **recorded_plan(old.get("calibration_plan"), settings, meta_path))
         cond_start = measure_conditions(profiler)
         log(f"conditions: {cond_start.describe()}")
+        reference = _recalibration_reference(profiler, old, log)
         new_e2e = e2e_path.with_name(f".{e2e_path.name}.recalibrating.csv")
         new_e2e.unlink(missing_ok=True)  # a killed recalibration starts over: it takes minutes
         log(f"recalibrating {csv_path.name}: its {same_plan.calib_configs + same_plan.holdout_configs} calibration "
@@ -662,6 +719,8 @@ def recalibrate(settings: ProfileSettings, progress: bool = False,
             "conditions": {"start": cond_start.to_dict(), "end": cond_end.to_dict(),
                            "changed": None if changed.reliable else changed.summary}}]
         meta["calibration"] = calibration.to_dict()
+        if reference is not None:
+            meta.update(reference=reference, format_version=max(FORMAT_VERSION, int(meta.get("format_version", 0))))
         atomic_write_text(meta_path, json.dumps(meta, indent=2, sort_keys=True) + "\n")
         if not changed.reliable:
             log(f"warning: {changed.line('the recalibration may be unreliable; run it again when the machine is steady')}")
@@ -670,6 +729,26 @@ def recalibrate(settings: ProfileSettings, progress: bool = False,
     finally:
         lock.close()
         profiler.close()
+
+
+def _recalibration_reference(profiler, old: Mapping[str, Any], log: Callable[[str], None]) -> dict | None:
+    """The reference a recalibration times the whole configs against: the table's own level; for
+    a table without one (format 1 and 2) the level now, which converts it: its entries keep
+    their relative times and the refitted calibration maps them to ms at that level."""
+    from profilers.base import REFERENCE_DESCRIPTION
+
+    ref = old.get("reference")
+    if isinstance(ref, dict) and ref.get("networks") == REFERENCE_DESCRIPTION:
+        profiler.use_reference(ref["level_ms"])
+        return ref
+    level = profiler.measure_reference()
+    if level is None:
+        return None
+    ref = reference_meta(level, REFERENCE_DESCRIPTION)
+    profiler.use_reference(ref["level_ms"])
+    log(f"converting the table to reference units: the whole configs are timed against the reference, "
+        f"its level now ({ref['level_ms']:.4g} ms) becomes the table's")
+    return ref
 
 
 # a recorded plan beyond this many configs is crafted: a real one has tens (default 16 + 16)
@@ -789,8 +868,7 @@ def calibrate(table: LatencyTable, profiler, net, settings: ProfileSettings, e2e
             for role, cfg in todo:
                 t = measured[_config_key(cfg)]
                 s = table.sum_ms(net.layer_specs(cfg, batch=batch, input_size=size))
-                row = {"role": role, "widths": _config_key(cfg), "sum_ms": f"{s:.6f}", "median_ms": f"{t.median_ms:.6f}",
-                       "iqr_ms": f"{t.iqr_ms:.6f}", "p90_ms": f"{t.p90_ms:.6f}", "n": t.n, "noisy": int(t.noisy)}
+                row = {"role": role, "widths": _config_key(cfg), "sum_ms": f"{s:.6f}", **timing_fields(t)}
                 writer.append(row)
                 have[row["widths"]] = row
     results: dict[str, tuple[list, list, list]] = {"fit": ([], [], []), "holdout": ([], [], [])}

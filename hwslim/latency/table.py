@@ -43,12 +43,19 @@ from hwslim.core.errors import HwslimError, TableError
 from hwslim.core.graph import SIGNATURE_FIELDS, LayerSpec
 
 FORMAT = "hwslim-latency-table"
-FORMAT_VERSION = 2
-READ_VERSIONS = (1, 2)  # version 1 had no ``extra`` signature column (its rows read as extra="")
-TIMING_FIELDS = ("median_ms", "iqr_ms", "p90_ms", "n", "noisy")
+FORMAT_VERSION = 3
+# version 1 had no ``extra`` signature column (its rows read as extra=""); versions 1 and 2 no reference:
+# their times are as measured (``ref_ms`` reads as empty, :attr:`LatencyTable.reference_level_ms` is None)
+READ_VERSIONS = (1, 2, 3)
+# ``ref_ms``: the reference's time adjacent to the row's samples, as measured (the row's times are
+# at the table's reference level: as measured x level / ref_ms)
+TIMING_FIELDS = ("median_ms", "iqr_ms", "p90_ms", "n", "noisy", "ref_ms")
 COLUMNS = SIGNATURE_FIELDS + TIMING_FIELDS
-COLUMNS_V1 = tuple(f for f in COLUMNS if f != "extra")
-E2E_COLUMNS = ("role", "widths", "sum_ms", "median_ms", "iqr_ms", "p90_ms", "n", "noisy")
+COLUMNS_V2 = COLUMNS[:-1]
+COLUMNS_V1 = tuple(f for f in COLUMNS_V2 if f != "extra")
+E2E_COLUMNS = ("role", "widths", "sum_ms", "median_ms", "iqr_ms", "p90_ms", "n", "noisy", "ref_ms")
+# the columns files of older versions have, by the columns of this version
+OLDER_COLUMNS = {COLUMNS: (COLUMNS_V2, COLUMNS_V1), E2E_COLUMNS: (E2E_COLUMNS[:-1],)}
 _INT_FIELDS = {"kernel", "stride", "padding", "groups", "in_h", "in_w", "cin", "cout", "batch"}
 # metadata that must match the use: name -> how the mismatch is described
 SETUP_KEYS = ("model", "width_mult", "input_size", "batch", "dtype")
@@ -138,8 +145,16 @@ def table_paths(path: str | os.PathLike) -> tuple[Path, Path, Path]:
 def timing_from_row(row: Mapping[str, str]):
     from profilers.base import Timing
 
+    ref = row.get("ref_ms") or ""
     return Timing(float(row["median_ms"]), float(row["iqr_ms"]), float(row["p90_ms"]), int(row["n"]),
-                  str(row["noisy"]) in ("1", "True", "true"))
+                  str(row["noisy"]) in ("1", "True", "true"), float(ref) if ref else None)
+
+
+def timing_fields(timing) -> dict[str, Any]:
+    """A Timing as the CSV's timing columns (:data:`TIMING_FIELDS`; ``ref_ms`` empty where not timed)."""
+    ref = getattr(timing, "ref_ms", None)
+    return {"median_ms": f"{timing.median_ms:.6f}", "iqr_ms": f"{timing.iqr_ms:.6f}", "p90_ms": f"{timing.p90_ms:.6f}",
+            "n": timing.n, "noisy": int(timing.noisy), "ref_ms": "" if ref is None else f"{ref:.6f}"}
 
 
 def signature_from_row(row: Mapping[str, Any]) -> tuple:
@@ -162,8 +177,7 @@ def entry_row(spec_or_sig: LayerSpec | tuple, timing) -> dict[str, Any]:
     sig = spec_or_sig.signature() if isinstance(spec_or_sig, LayerSpec) else spec_or_sig
     row = dict(zip(SIGNATURE_FIELDS, sig))
     row["residual"] = int(row["residual"])
-    row.update(median_ms=f"{timing.median_ms:.6f}", iqr_ms=f"{timing.iqr_ms:.6f}", p90_ms=f"{timing.p90_ms:.6f}",
-               n=timing.n, noisy=int(timing.noisy))
+    row.update(timing_fields(timing))
     return row
 
 
@@ -178,10 +192,10 @@ def read_rows(path: str | os.PathLike, columns: Sequence[str]) -> tuple[list[dic
     lines = data[:end].decode("utf-8", errors="replace").splitlines(keepends=True)
     if not lines:
         return [], 0
-    header = next(csv.reader([lines[0]]))
-    if tuple(columns) == COLUMNS and tuple(header) == COLUMNS_V1:
-        columns = COLUMNS_V1  # a version-1 table: no extra column
-    elif tuple(header) != tuple(columns):
+    header = tuple(next(csv.reader([lines[0]])))
+    if header in OLDER_COLUMNS.get(tuple(columns), ()):
+        columns = header  # an older version's file: its rows lack the newer columns
+    elif header != tuple(columns):
         raise TableError(f"{path}: unexpected columns {header[:4]}...; not a hwslim table file")
     rows, good = [], len(lines[0].encode())
     for line in lines[1:]:
@@ -206,12 +220,12 @@ class RowWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.exists() and self.path.stat().st_size:
             rows, good = read_rows(self.path, self.columns)
-            if self.columns == COLUMNS and _header(self.path) == COLUMNS_V1:  # upgrade a version-1 table
+            if _header(self.path) != self.columns:  # upgrade an older version's file
                 buf = io.StringIO()
                 w = csv.writer(buf, lineterminator="\n")
-                w.writerow(COLUMNS)
+                w.writerow(self.columns)
                 for r in rows:
-                    w.writerow([r.get(c, "") for c in COLUMNS])
+                    w.writerow([r.get(c, "") for c in self.columns])
                 atomic_write_text(self.path, buf.getvalue())
                 _, good = read_rows(self.path, self.columns)
             with open(self.path, "r+b") as f:  # cut a torn last row before appending
@@ -440,6 +454,8 @@ def _check_entries(rows: Sequence[Mapping[str, str]], csv_path: Path) -> dict[tu
                 raise bad(f"{name}={row[name]} is not a finite number, 0 or more")
         if t.n < 1:
             raise bad(f"n={row['n']} is not a sample count")
+        if t.ref_ms is not None and not (math.isfinite(t.ref_ms) and t.ref_ms > 0):
+            raise bad(f"ref_ms={row['ref_ms']} is not a time (a finite number above 0)")
         if any(isinstance(v, int) and v < 0 for v in sig):
             raise bad("a negative size in its key")
         if sig in entries:
@@ -476,6 +492,9 @@ def _check_meta(meta: Mapping[str, Any], meta_path: Path) -> None:
     if "dtype" in settings and settings["dtype"] is not None and settings["dtype"] != meta["dtype"]:
         raise bad(f"is inconsistent (dtype={meta['dtype']!r} but settings.dtype={settings['dtype']!r})")
     _check_protocol_values(settings, bad)
+    ref = meta.get("reference")
+    if ref is not None and not (isinstance(ref, dict) and _is_number(ref.get("level_ms")) and ref["level_ms"] > 0):
+        raise bad(f"has reference={ref!r}, not an object with a positive level_ms")
     if not _is_number(meta.get("width_mult")) or meta["width_mult"] <= 0:
         raise bad(f"has width_mult={meta.get('width_mult')!r}, not a positive number")
     cal = meta.get("calibration")
@@ -559,6 +578,14 @@ class LatencyTable:
     @property
     def calibration(self) -> Calibration | None:
         return Calibration.from_dict(self.meta.get("calibration"))
+
+    @property
+    def reference_level_ms(self) -> float | None:
+        """The reference's time (ms) at this table's level: its times and predictions are ms at
+        that level (``meta["reference"]``, :func:`reference_meta`); None for tables measured
+        before hwslim timed a reference (format 1 and 2): their times are as measured."""
+        ref = self.meta.get("reference")
+        return float(ref["level_ms"]) if isinstance(ref, dict) and _is_number(ref.get("level_ms")) else None
 
     def missing(self, specs: Iterable[LayerSpec]) -> list[LayerSpec]:
         return [s for s in specs if (sig := s.signature()) is not None and sig not in self.entries]
@@ -759,6 +786,13 @@ def new_meta(profiler_meta: Mapping[str, Any], *, model: str, width_mult: float,
     return meta
 
 
+def reference_meta(level, description: str) -> dict[str, Any]:
+    """``meta["reference"]``: the reference's level (a :class:`profilers.base.ReferenceTime`: ms of
+    each part and their sum) the table's times are in, and what the reference is."""
+    return {"level_ms": round(level.ms, 6), "parts_ms": {k: round(v, 6) for k, v in level.parts},
+            "networks": description}
+
+
 def find_table(device: str, model, width_mult: float | None = None, *, batch: int = 1,
                input_size: int | None = None, threads: int | None = None, backend: str | None = None,
                dtype: str | None = None, root: str | os.PathLike | None = None, spec: str | None = None) -> Path:
@@ -816,6 +850,6 @@ def resolve_table(model, *, table: str | os.PathLike | None = None, device: str 
     raise HwslimError("a --latency-ms budget needs --table PATH or --device cpu|cuda")
 
 
-__all__ = ["COLUMNS", "Calibration", "LatencyTable", "RowWriter", "accuracy", "default_table_path", "find_table",
+__all__ = ["COLUMNS", "E2E_COLUMNS", "Calibration", "reference_meta", "timing_fields", "LatencyTable", "RowWriter", "accuracy", "default_table_path", "find_table",
            "fit_calibration", "fit_line", "read_rows", "resolve_table", "spearman", "table_dir", "table_name",
            "table_paths", "table_search_path", "user_table_dir", "checked_table_dir"]

@@ -17,6 +17,14 @@ in the config (``meta["budget"]``). It *holds* when the measured median is at mo
 ``budget * (1 + tolerance)``; the default tolerance (3%) absorbs run-to-run noise of
 a shared machine. With no latency budget anywhere, the result only reports.
 
+A table with a reference level (format 3, :attr:`hwslim.latency.table.LatencyTable.reference_level_ms`)
+is checked at that level: the model is timed in rounds with the reference beside it
+(:func:`measure_at_level`) and its median brought to the table's level (``at_level_ms``);
+the verdict is taken on that, and a change of the machine's speed is corrected rather than
+doubted. UNRELIABLE then means the correction cannot be trusted: another CPU, a reference
+level more than :data:`hwslim.latency.conditions.MAX_LEVEL_CHANGE` away, or references that
+moved apart (:data:`hwslim.latency.conditions.REFERENCE_DISAGREEMENT`). For older tables:
+
 Before measuring, the conditions are taken again (CPU, load, the machine-speed probe
 with the table's own settings; :mod:`hwslim.latency.conditions`) and compared with those the
 table recorded. When they differ markedly the verdict is ``UNRELIABLE`` instead of a
@@ -68,11 +76,26 @@ class VerifyResult:
     budget_ms: float | None
     tolerance: float
     conditions: Any = None  # hwslim.latency.conditions.ConditionCheck: now vs the table's; None: not compared
+    # the median brought to the table's reference level (None: the table has no reference; the
+    # verdict is then on measured_ms), the reference's time now and at the table's level
+    at_level_ms: float | None = None
+    level_now_ms: float | None = None
+    level_table_ms: float | None = None
+
+    @property
+    def judged_ms(self) -> float:
+        """The median the verdict is taken on: at the table's reference level where it has one."""
+        return self.measured_ms if self.at_level_ms is None else self.at_level_ms
+
+    @property
+    def level_ratio(self) -> float | None:
+        """The reference's time now / at the table's level (1.3: the machine runs 1.3x slower)."""
+        return None if self.level_now_ms is None or not self.level_table_ms else self.level_now_ms / self.level_table_ms
 
     @property
     def ok(self) -> bool:
-        """The budget holds (or there is none), as measured; see :attr:`reliable`."""
-        return self.budget_ms is None or self.measured_ms <= self.budget_ms * (1 + self.tolerance)
+        """The budget holds (or there is none), as judged (:attr:`judged_ms`); see :attr:`reliable`."""
+        return self.budget_ms is None or self.judged_ms <= self.budget_ms * (1 + self.tolerance)
 
     @property
     def reliable(self) -> bool:
@@ -82,7 +105,7 @@ class VerifyResult:
     @property
     def clearly_over(self) -> bool:
         """Measured over :data:`CLEARLY_OVER` times the budget: OVER whatever the conditions."""
-        return self.budget_ms is not None and self.measured_ms > CLEARLY_OVER * self.budget_ms * (1 + self.tolerance)
+        return self.budget_ms is not None and self.judged_ms > CLEARLY_OVER * self.budget_ms * (1 + self.tolerance)
 
     @property
     def verdict(self) -> str:
@@ -95,8 +118,8 @@ class VerifyResult:
 
     @property
     def budget_ratio(self) -> float | None:
-        """measured median / budget: above 1 + tolerance is over (None: no budget)."""
-        return None if self.budget_ms is None else self.measured_ms / self.budget_ms
+        """judged median / budget: above 1 + tolerance is over (None: no budget)."""
+        return None if self.budget_ms is None else self.judged_ms / self.budget_ms
 
     @property
     def message(self) -> str | None:
@@ -104,7 +127,9 @@ class VerifyResult:
         if self.verdict not in ("UNRELIABLE", "OVER"):
             return None
         numbers = (f"measured p50 {self.measured_ms:.3f} ms, p90 {self.p90_ms:.3f} ms, "
-                   f"{self.budget_ratio:.2f}x its {self.budget_ms:g} ms budget")
+                   + (f"{self.at_level_ms:.3f} ms at the table's level (the reference ran {self.level_ratio:.2f}x "
+                      f"its time there), " if self.at_level_ms is not None and self.level_ratio else "")
+                   + f"{self.budget_ratio:.2f}x its {self.budget_ms:g} ms budget")
         if self.verdict == "OVER":
             why = "" if self.reliable else (f"; more than {CLEARLY_OVER:g}x over, which no change of the machine's "
                                             "conditions explains, so OVER although they differ from the table's")
@@ -114,8 +139,8 @@ class VerifyResult:
 
     @property
     def prediction_error(self) -> float:
-        """(predicted - measured) / measured."""
-        return (self.predicted_ms - self.measured_ms) / self.measured_ms
+        """(predicted - judged) / judged: both at the table's level."""
+        return (self.predicted_ms - self.judged_ms) / self.judged_ms
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -126,6 +151,8 @@ class VerifyResult:
             "tolerance": self.tolerance, "within_budget": self.ok,
             "prediction_error_pct": 100 * self.prediction_error, "verdict": self.verdict, "reliable": self.reliable,
             "conditions": None if self.conditions is None else self.conditions.as_dict(),
+            "at_table_level_ms": self.at_level_ms, "reference_now_ms": self.level_now_ms,
+            "reference_table_ms": self.level_table_ms, "level_ratio": self.level_ratio,
         }
 
 
@@ -298,26 +325,44 @@ def verify_model(model: str | os.PathLike, table: str | os.PathLike | Any, *, bu
     profiler = profiler_for_table(tbl)
     # the artifact itself where the backend reads it (OpenVINO IR on openvino), else its ONNX source
     target = Path(model) if Path(model).suffix in profiler.model_suffixes else onnx_path
-    try:
-        if conditions is None:
-            conditions = measure_conditions(profiler)
-    except BaseException:
-        profiler.close()
-        raise
-    check = compare_to_table(tbl.meta, conditions, when="before measuring")
     if progress:
         (log or _stderr)(f"measuring {target} end to end with {getattr(profiler, 'backend', '?')} "
                          f"({getattr(profiler, 'threads', '?')} thread(s), the table's protocol) ...")
     shape = (batch, net.in_channels, config.input_size, config.input_size)
+    level = getattr(tbl, "reference_level_ms", None)
     try:
-        t = profiler.time_onnx(str(target), shape)
+        if conditions is None:
+            conditions = measure_conditions(profiler)
+        t, at_level, ref_now = measure_at_level(profiler, target, shape, level)
     finally:
         profiler.close()
+    check = compare_to_table(tbl.meta, conditions, when="before measuring",
+                             reference_now=None if ref_now is None else ref_now.as_dict())
     backend = str(tbl.meta.get("backend", "?"))
     if t.median_ms <= 0:
         raise TableError(f"the {backend} profiler returned a non-positive time for {onnx_path}")
     return VerifyResult(target, table_path, config, backend, batch, predicted, float(t.median_ms),
-                        float(t.iqr_ms), float(t.p90_ms), int(t.n), bool(t.noisy), budget_ms, tolerance, check)
+                        float(t.iqr_ms), float(t.p90_ms), int(t.n), bool(t.noisy), budget_ms, tolerance, check,
+                        at_level_ms=None if at_level is None else float(at_level.median_ms),
+                        level_now_ms=None if ref_now is None else ref_now.ms, level_table_ms=level)
+
+
+def measure_at_level(profiler, target: str | os.PathLike, shape: Sequence[int], level_ms: float | None):
+    """Time a model end to end: ``(timing as measured, timing at the level, the reference's time
+    now)``. With a table's reference level (``level_ms``) the model is timed in interleaved
+    rounds with the reference beside it (:class:`profilers.base.InterleavedRuns`), each turn
+    brought to the level by the reference times around it; without one (older tables, or a
+    backend that cannot run the reference), as before: ``(timing, None, None)``."""
+    from profilers.base import InterleavedRuns
+
+    if level_ms is None or profiler.reference_runner() is None:
+        return profiler.time_onnx(str(target), shape), None, None
+    profiler.use_reference(level_ms)
+    runs = InterleavedRuns(profiler, [(str(target), shape)])
+    runs.warm_up()
+    while runs.rounds_left:
+        runs.round()
+    return runs.raw_timings()[0], runs.timings()[0], runs.reference_ms()
 
 
 def exit_status(results: Sequence[VerifyResult]) -> int:
@@ -338,7 +383,9 @@ def verify_rows(results: Sequence[VerifyResult]) -> list[dict[str, Any]]:
             "model": r.model.name,
             "budget_ms": "-" if r.budget_ms is None else r.budget_ms,
             "predicted_ms": r.predicted_ms,
-            "measured_ms": r.measured_ms,  # the median, p50
+            "measured_ms": r.measured_ms,  # the median, p50, as measured
+            "level_x": "-" if r.level_ratio is None else r.level_ratio,  # the reference now / at the table's level
+            "at_level_ms": "-" if r.at_level_ms is None else r.at_level_ms,  # measured_ms at the table's level
             "p90_ms": r.p90_ms,
             "x_budget": "-" if r.budget_ratio is None else r.budget_ratio,
             "verdict": r.verdict,
