@@ -83,7 +83,7 @@ from hwslim.search.greedy import (
     greedy_search,
 )
 from hwslim.training import distributed
-from hwslim.training.finetune import FinetuneConfig, load_teacher
+from hwslim.training.finetune import FinetuneConfig, load_teacher, prepare_teacher
 from hwslim.training.loop import EpochLoop
 from hwslim.training.train import open_data, soft_cross_entropy
 from profilers import profiler_for_table
@@ -98,6 +98,7 @@ PEERS_MISSING = ("the peers are not installed: pip install 'hwslim[peers]' (torc
                  "nvidia-modelopt==0.47.0; ModelOpt on CPU also needs requests huggingface_hub torchprofile==0.0.4)")
 TP_RATIOS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5)
 MO_FLOPS = (40, 50, 60, 70, 80, 90)
+FT_CALIB_IMAGES = 1000  # training images the finetuning teacher's BN statistics are estimated on (every method)
 
 
 def peers_missing() -> str | None:
@@ -308,7 +309,8 @@ def select(cands: list[Candidate], budget_ms: float, top1: Callable[[nn.Module],
 def finetune_recipe(ckpt_path: Path, size: Size, seed: int, out: Path) -> FinetuneConfig:
     """The FinetuneConfig of a peer's training: ``hwslim finetune``'s, with its defaults."""
     return FinetuneConfig(checkpoint=str(ckpt_path), config="-", epochs=size.epochs, out=str(out), seed=seed,
-                          batch_size=size.batch_size, device="cpu", progress=False, force=True, calib_images=0)
+                          batch_size=size.batch_size, device="cpu", progress=False, force=True,
+                          calib_images=FT_CALIB_IMAGES)
 
 
 def hwslim_finetune(ckpt_path: Path, config, size: Size, seed: int, out: Path, threads: int) -> nn.Module:
@@ -319,7 +321,7 @@ def hwslim_finetune(ckpt_path: Path, config, size: Size, seed: int, out: Path, t
     cmd = [sys.executable, "-m", "hwslim", "finetune", "--checkpoint", str(ckpt_path), "--config", str(cfg_path),
            "--epochs", str(size.epochs), "--out", str(out / "run"), "--seed", str(seed), "--batch-size",
            str(size.batch_size), "--device", "cpu", "--threads", str(threads), "--eval-images", "100",
-           "--calib-images", "100", "--no-progress", "--force"]
+           "--calib-images", str(FT_CALIB_IMAGES), "--no-progress", "--force"]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env={**os.environ, "PYTHONPATH": str(ROOT)})
     if proc.returncode != 0:
         raise SystemExit(f"hwslim finetune failed:\n{proc.stderr[-3000:]}")
@@ -341,6 +343,7 @@ def plain_finetune(ckpt_path: Path, module: nn.Module, size: Size, seed: int, ou
         loop = PlainFinetune(world, lambda line: None, out)
         loop.teacher = teacher
         loop.setup_optimization(copy.deepcopy(module), cfg, data, None)
+        prepare_teacher(teacher, data, cfg, "cpu")  # as hwslim finetune does: the same teacher for every method
         loop.run_epochs(cfg.epochs, loop.args())
         return loop.net.eval()
     finally:

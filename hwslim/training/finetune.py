@@ -180,6 +180,24 @@ def load_teacher(cfg: FinetuneConfig, supernet: SlimmableNet) -> tuple[nn.Module
     return teacher, name
 
 
+def prepare_teacher(teacher: nn.Module | None, data, cfg: FinetuneConfig, device: torch.device | str) -> None:
+    """Ready a supernet teacher to teach: its own (its widest config's) BatchNorm statistics.
+
+    A supernet's running BatchNorm statistics are shared by every config it trained, so they
+    fit none: the teacher's are estimated on ``cfg.calib_images`` training images of ``data``
+    first, as every evaluation of a config does. Without this a weak supernet's widest config
+    teaches confident nonsense (measured: a 2-epoch ResNet-20 finetuned from 19.0% to 10.0%).
+    Every trainer distilling from :func:`load_teacher` calls this (``hwslim finetune``, and the
+    peers benchmark's finetuning of pruned modules): one teacher for all. Other teachers (a
+    checkpoint's own, a user's module) are used as they are."""
+    if not isinstance(teacher, SlimmableNet):
+        return
+    images = data.calibration_images(cfg.calib_images or 2000, cfg.seed).to(device)
+    with torch.no_grad():
+        recalibrate_bn(teacher, batches(images, 128))
+    teacher.eval()
+
+
 def provenance(cfg: FinetuneConfig, config: ChannelConfig, teacher: str | None) -> dict[str, Any]:
     """What ``train_args["finetune"]`` records: config, supernet (path, sha256), budget, teacher, epochs."""
     return {"config": config.to_dict(), "config_path": str(Path(cfg.config).resolve()),
@@ -227,18 +245,7 @@ class _Finetune(EpochLoop):
         if self.teacher is not None and self.cuda and cfg.channels_last:
             self.teacher = self.teacher.to(memory_format=torch.channels_last)
         self.setup_optimization(materialize(start, config), cfg, data, resumed)
-        if isinstance(self.teacher, SlimmableNet):
-            self._recalibrate_teacher(cfg)
-
-    def _recalibrate_teacher(self, cfg: FinetuneConfig) -> None:
-        """A supernet's running BatchNorm statistics are shared by every config it trained, so they
-        fit none: the teacher's own (its widest config's) are estimated on training images first,
-        as every evaluation of a config does. Without this a weak supernet's widest config teaches
-        confident nonsense (measured: a 2-epoch ResNet-20 finetuned from 19.0% to 10.0%)."""
-        images = self.data.calibration_images(cfg.calib_images or 2000, cfg.seed).to(self.dev)
-        with torch.no_grad():
-            recalibrate_bn(self.teacher, batches(images, 128))
-        self.teacher.eval()
+        prepare_teacher(self.teacher, data, cfg, self.dev)
 
     def batch_step(self, x: torch.Tensor, y: torch.Tensor, step: int, rng) -> dict[str, Any]:
         """One step: the student learns the teacher's soft output (or the labels without a teacher)."""
