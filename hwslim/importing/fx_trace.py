@@ -260,6 +260,7 @@ class _Importer:
         self.root = module.eval()
         self.example = example
         self.fix_unsupported = fix_unsupported
+        self.output_mode = "full"  # set by import_model: "raw" when a detector's decoding was cut off
         self.fixed_units: dict[str, dict[str, Any]] = {}  # unit -> width, and the operator that fixed it
         self.keep = compile_keep(keep) if keep else None
         self.kept = 0  # groups --keep matched
@@ -683,6 +684,8 @@ class _Importer:
         if not several and tensor(results[0][1]) != nodes[-1].name:
             raise ImportRefused(f"the output of {type(self.root).__name__} is not its last operator's")
         meta: dict[str, Any] = {"imported_from": type(self.root).__qualname__, "traced_by": self.traced_by}
+        if self.output_mode != "full":
+            meta["outputs"] = self.output_mode
         if self.fixed_units:
             meta["fixed_units"] = self.fixed_units
         outputs = tuple((k, tensor(r)) for k, r in results) if several else ()
@@ -941,7 +944,7 @@ def _copy_weights(net, weights: dict[str, dict[str, nn.Module]]) -> None:
 
 
 def import_model(module: nn.Module, example_input: torch.Tensor, *, name: str | None = None,
-                 keep: str | None = None, divisor: int = 8, fix_unsupported: bool = False):
+                 keep: str | None = None, divisor: int = 8, fix_unsupported: bool = False, outputs: str = "full"):
     """The slimmable supernet of ``module`` (see the module docstring), with its weights.
 
     ``keep``: a regular expression; modules whose qualified name matches it keep their
@@ -949,7 +952,9 @@ def import_model(module: nn.Module, example_input: torch.Tensor, *, name: str | 
     ``fix_unsupported``: units that reach an operation that moves channels to other
     positions (a channel shuffle, a slice or split of the channels) keep their width and
     are listed in ``net.graph.meta["fixed_units"]`` (:func:`fixed_units`); without it
-    such a module is refused, naming the first such node.
+    such a module is refused, naming the first such node. ``outputs="raw"``: a detector's
+    decoding is left out and its raw head maps are the outputs
+    (:func:`hwslim.importing.raw_outputs.raw_outputs`; recorded as ``net.graph.meta["outputs"]``).
     Raises :class:`ImportRefused` (one line: the node, the module type and source line,
     what is missing) for what hwslim cannot express; nothing is built then.
     """
@@ -958,12 +963,19 @@ def import_model(module: nn.Module, example_input: torch.Tensor, *, name: str | 
 
     if not isinstance(module, nn.Module):
         raise ImportRefused(f"expected an nn.Module, got {type(module).__name__}")
+    from hwslim.importing.raw_outputs import raw_outputs
+
+    try:
+        module = raw_outputs(module, outputs)
+    except ModelError as e:
+        raise ImportRefused(str(e)) from None
     example = example_input.detach().to("cpu")
     if example.dim() != 4 or example.shape[-1] != example.shape[-2]:
         raise ImportRefused(f"the example input must be (N, C, S, S) images, got shape {tuple(example.shape)}")
     was_training = module.training
     try:
         imp = _Importer(module, example, keep, name, fix_unsupported)
+        imp.output_mode = outputs
         imp.group()
         graph, weights = imp.build()
     finally:
