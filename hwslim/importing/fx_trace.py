@@ -115,7 +115,7 @@ def _where(node: fx.Node, gm: fx.GraphModule) -> str:
     for m in re.finditer(r'File "([^"]+)", line (\d+)', stack):
         if not re.search(r"site-packages/torch/", m.group(1)):  # torch's own frames (the tracer, containers)
             line = f", {m.group(1).split('site-packages/')[-1]}:{m.group(2)}"
-    caller = _aten_caller(node)
+    caller = _aten_caller(node) or (_caller(node) if node.meta.get("hwslim_exported") else None)
     if caller is not None:
         return f"module {caller[0] or '(the model)'!r} ({caller[1]}{line})"
     return f"node {node.name!r} ({_what(node, gm)}{line})"
@@ -125,6 +125,13 @@ def _aten_caller(node: fx.Node) -> tuple[str, str] | None:
     """(qualified name, class name) of the module whose forward called ``node``, when ``node`` is an
     ATen operator torch.export recorded (its name says nothing to the model's author), else None."""
     if node.op != "call_function" or not isinstance(node.target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+        return None
+    return _caller(node)
+
+
+def _caller(node: fx.Node) -> tuple[str, str] | None:
+    """(qualified name, class name) of the innermost module whose forward made ``node``, if recorded."""
+    if node.op == "call_module":
         return None
     stack = node.meta.get("nn_module_stack") or {}
     if not stack:

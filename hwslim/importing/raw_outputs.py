@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import sys
-import types
 
 import torch
 from torch import nn
@@ -59,7 +58,11 @@ def raw_outputs(module: nn.Module, outputs: str = "raw") -> nn.Module:
     for m in raw.modules():
         for cls, forward in heads:
             if isinstance(m, cls):
-                m.forward = types.MethodType(forward, m)  # this copy only: the user's module is unchanged
+                # this copy only (the user's module is unchanged); a subclass, not an instance attribute:
+                # torch.export then records the head's submodules under their qualified names
+                base = type(m)
+                m.__class__ = type(base.__name__, (base,), {"forward": forward, "__module__": base.__module__,
+                                                            "__qualname__": base.__qualname__})
                 found += 1
                 break
     if not found:

@@ -139,6 +139,7 @@ class _Rewriter:
         for key in ("stack_trace", "nn_module_stack"):
             if key in n.meta:
                 new.meta[key] = n.meta[key]
+        new.meta["hwslim_exported"] = True  # a refusal names its module: the node's name is torch.export's
         return new
 
     def layer(self, n: fx.Node, kind: type | tuple[type, ...], weight,
