@@ -12,7 +12,7 @@ from hwslim.search.evaluator import StepEvaluator, mixing_start
 from hwslim.runtimes.onnx_file import export_onnx
 from hwslim.core.graph import INPUT, layer_spec
 from hwslim.core.materialize import materialize
-from hwslim.core.ops import (OPS, ChannelPart, Conv, GroupNorm, Linear, MaxPool, Mul, PReLU, Resize, Scale,
+from hwslim.core.ops import (OPS, Attention, ChannelPart, Conv, GroupNorm, Linear, MaxPool, Mul, PReLU, Resize, Scale,
                              SqueezeExcite, Unflatten)
 from hwslim.core.supernet import GraphBuilder, SlimmableNet
 from fakes import randomize_bn
@@ -51,6 +51,7 @@ def every_op_net(input_size: int = 16) -> SlimmableNet:
     # ShuffleNetV2's bookkeeping on fixed channels: slices (views), a shuffle, and an in-place
     # activation on a slice while the tensor it is a view of is still read later
     f = g.conv("fixed", x, d, 16, 1, act=None)
+    f = g.node("attn", Attention(num_heads=2, key_dim=4), f)  # YOLO11's C2PSA attention: fixed width
     lo, hi = g.channel_slice("lo", f, 0, 8), g.channel_slice("hi", f, 8, 16)
     hi = g.act("hi_act", hi, "hardswish")
     f = g.shuffle("shuffle", g.concat("cat2", lo, hi, f), 4)

@@ -115,7 +115,9 @@ def _where(node: fx.Node, gm: fx.GraphModule) -> str:
     for m in re.finditer(r'File "([^"]+)", line (\d+)', stack):
         if not re.search(r"site-packages/torch/", m.group(1)):  # torch's own frames (the tracer, containers)
             line = f", {m.group(1).split('site-packages/')[-1]}:{m.group(2)}"
-    caller = _aten_caller(node) or (_caller(node) if node.meta.get("hwslim_exported") else None)
+    caller = _aten_caller(node)
+    if node.meta.get("hwslim_exported"):  # torch.export names nodes after ATen operators: name the module
+        caller = (str(node.target), _what(node, gm)) if node.op == "call_module" else _caller(node)
     if caller is not None:
         return f"module {caller[0] or '(the model)'!r} ({caller[1]}{line})"
     return f"node {node.name!r} ({_what(node, gm)}{line})"
@@ -280,7 +282,8 @@ class _Importer:
             try:  # torch.export runs the forward instead: a branch on a shape follows the example's
                 from hwslim.importing.torch_export import exported_graph
 
-                self.gm = exported_graph(self.root, example)
+                whole = frozenset(t for op in OPS.values() for t in op.torch_module_names)
+                self.gm = exported_graph(self.root, example, whole)
                 self.traced_by = "torch.export"
             except Exception as e2:
                 raise ImportRefused(f"torch.fx cannot trace {type(module).__name__} ({fx_error}), nor can "
@@ -468,6 +471,8 @@ class _Importer:
     def add_group(self, op: Op, members: list[fx.Node], inputs: list[fx.Node],
                   sources: dict[str, nn.Module] | None = None, mid: int = 0, **naming: str) -> None:
         self.consume(*members)
+        if op.pins and "what" not in naming:  # an operator claimed whole (YOLO11's attention): named in the note
+            naming["what"] = f"an {op.kind} block"
         self.groups.append(_Group(op, members, inputs, sources or {}, out_channels=self.shape(members[-1])[1],
                                   mid=mid, **naming))
 
