@@ -140,3 +140,22 @@ def test_raw_outputs_leaves_the_users_model_as_it_was():
     with torch.no_grad():
         y = model(torch.randn(1, 3, SIZE, SIZE))
     assert isinstance(y, tuple) and y[0].shape == (1, 84, 336)  # decoded boxes and scores, as before
+
+
+def test_cli_imports_with_outputs_raw_and_records_it(tmp_path, monkeypatch, capsys):
+    import json
+
+    from hwslim.cli import main
+
+    (tmp_path / "yolo_user.py").write_text("def build():\n    from ultralytics import YOLO\n\n"
+                                           "    return YOLO('yolov8n.yaml', verbose=False).model\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert main(["cost", "--model", "yolo_user:build", "--outputs", "raw", "--input-size", "128", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["params"] == 3_157_184
+    assert main(["models", "--graph", "yolo_user:build", "--outputs", "raw", "--input-size", "128"]) == 0
+    assert json.loads(capsys.readouterr().out)["meta"]["outputs"] == "raw"  # a checkpoint's graph records it
+    assert main(["cost", "--model", "resnet18", "--outputs", "raw"]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.endswith("--outputs raw applies to a model imported from PyTorch (--model torchvision:NAME, "
+                         "timm:NAME or package.module:callable), not 'resnet18'")
