@@ -92,8 +92,7 @@ def run(args) -> int:
         check_output(args.out, kind="file")
     with torch.device("meta"):  # shapes only: refuse sizes this machine cannot run before any work
         shapes = load_model(args.model or DEFAULT_MODEL, width_mult=args.width_mult, input_size=args.input_size,
-                            keep=args.keep, fix_unsupported=args.fix_unsupported,
-                            outputs=args.outputs)
+                            keep=args.keep, fix_unsupported=args.fix_unsupported, outputs=args.outputs)
     check_inference(shapes, batch=args.batch, input_size=args.input_size,
                     dtype=args.dtype if args.dtype in ("float16", "bfloat16") else "float32")
     set_threads(None)  # PyTorch only builds the networks here; the runtime's threads are the table's setting

@@ -1870,7 +1870,7 @@ def _check_whole_groups(p: torch.Tensor | None, g: int, name: str, what: str) ->
         raise ValueError(f"{name}: {what}'s channels can move only in whole groups of {g}")
 
 
-__all__ = ["ACTIVATIONS", "OPS", "Act", "Add", "Attention", "AvgPool", "BatchNorm", "ChannelPart", "ChannelShuffle", "ChannelSlice",
-           "Claim", "Concat", "Conv", "Dropout", "Flatten", "GlobalAvgPool", "GroupNorm", "Linear", "MaxPool", "Mul",
-           "Op", "PReLU", "PlainAttention", "Resize", "Scale", "Slice", "SqueezeExcite", "Unflatten", "apply_act", "op_from_dict",
-           "register_op", "spec_index"]
+__all__ = ["ACTIVATIONS", "OPS", "Act", "Add", "Attention", "AvgPool", "BatchNorm", "ChannelPart", "ChannelShuffle",
+           "ChannelSlice", "Claim", "Concat", "Conv", "Dropout", "Flatten", "GlobalAvgPool", "GroupNorm", "Linear",
+           "MaxPool", "Mul", "Op", "PReLU", "PlainAttention", "Resize", "Scale", "Slice", "SqueezeExcite",
+           "Unflatten", "apply_act", "op_from_dict", "register_op", "spec_index"]
