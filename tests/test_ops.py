@@ -12,8 +12,8 @@ from hwslim.search.evaluator import StepEvaluator, mixing_start
 from hwslim.runtimes.onnx_file import export_onnx
 from hwslim.core.graph import INPUT, layer_spec
 from hwslim.core.materialize import materialize
-from hwslim.core.ops import (OPS, Attention, ChannelPart, Conv, GroupNorm, Linear, MaxPool, Mul, PReLU, Resize, Scale,
-                             SqueezeExcite, Unflatten)
+from hwslim.core.ops import (OPS, Attention, ChannelPart, Conv, ConvTranspose, GroupNorm, Linear, MaxPool, Mul, PReLU,
+                             Resize, Scale, SqueezeExcite, Unflatten)
 from hwslim.core.supernet import GraphBuilder, SlimmableNet
 from fakes import randomize_bn
 
@@ -39,6 +39,8 @@ def every_op_net(input_size: int = 16) -> SlimmableNet:
     gate = g.node("sfc2", Linear("sigmoid", bias=False), gate, out=a)
     u = g.node("gate", Mul(), u, g.node("unflat", Unflatten(), gate))
     x = g.add("add2", x, g.node("scaled", Scale(0.5, 0.1), u), act="leaky_relu0.1")
+    # a learned upsampling (YOLOv8-seg's prototypes), pooled back and added
+    x = g.add("add3", x, g.maxpool("deconv_pool", g.node("deconv", ConvTranspose(2, 2, act="relu"), x, out=a), a, 2, 2))
     side = g.conv("side", x, a, c, 3, act=None, bn=False, bias=True)
     side = g.act("side_act", side, "gelu")
     x = g.concat("cat", x, side)  # channels: a then c

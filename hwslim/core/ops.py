@@ -1362,6 +1362,97 @@ class Linear(Op):
         return apply_act(self.act, module(x), fresh())
 
 
+@register_op
+@dataclass(frozen=True)
+class ConvTranspose(Op):
+    """``act(conv_transpose2d(x, W, b, stride))``: a learned upsampling, dense and unpadded (YOLOv8-seg's
+    mask prototypes: kernel 2, stride 2). Its output width is the node's ``out``; the weight is
+    (in, out, k, k), so its input channels are rows and its output channels columns."""
+
+    kind: ClassVar[str] = "deconv"
+    sets_width: ClassVar[bool] = True
+    mixes: ClassVar[bool] = True
+    torch_modules: ClassVar[tuple[type, ...]] = (nn.ConvTranspose2d,)
+    takes_act: ClassVar[bool] = True
+    kernel: int = 2
+    stride: int = 2
+    act: str | None = None
+    bias: bool = True
+
+    def __post_init__(self) -> None:
+        check_act(self.act)
+
+    @classmethod
+    def from_torch(cls, node, site):
+        m = site.module(node)
+        if not isinstance(m, nn.ConvTranspose2d):
+            return None
+        k, st = square(m.kernel_size), square(m.stride)
+        if type(m).forward is not nn.ConvTranspose2d.forward or len(node.args) != 1 or node.kwargs or k is None or \
+                st is None or square(m.padding) != 0 or square(m.output_padding) != 0 or \
+                square(m.dilation) != 1 or m.groups != 1 or m.padding_mode != "zeros":
+            raise site.refuse(node, f"{type(m).__name__} (padded, grouped, dilated, non-square or with an "
+                                    "output size; a plain one maps)")
+        return Claim(cls(k, st, bias=m.bias is not None), site.tensor_args(node)[:1], {"deconv": m})
+
+    def load_weights(self, module, sources):
+        _load(module, sources["deconv"])
+
+    def out_hw(self, hw):
+        return tuple((v - 1) * self.stride + self.kernel for v in hw[0])
+
+    def macs(self, s):
+        return s.batch * s.cin * s.cout * self.kernel ** 2 * s.in_h * s.in_w
+
+    def params(self, s):
+        return s.cin * s.cout * self.kernel ** 2 + (s.cout if self.bias else 0)
+
+    def signature(self, s):
+        return ("deconv", self.kernel, self.stride, 0, 1, s.in_h, s.in_w, s.cin, s.cout, self.act or "none", False,
+                s.batch, "")
+
+    def onnx(self, s, g, inputs, out):
+        k = self.kernel
+        w = g.weight(f"{s.name}.weight", (s.cin, s.cout, k, k), 1 / math.sqrt(s.cin * k * k))
+        b = [g.weight(f"{s.name}.bias", (s.cout,), 0.1)] if self.bias else []
+        cur = out if self.act is None else f"{s.name}::deconv"
+        g.node("ConvTranspose", [inputs[0], w, *b], [cur], f"{s.name}::deconv", kernel_shape=[k, k],
+               strides=[self.stride, self.stride])
+        if self.act is not None:
+            ACTIVATIONS[self.act].emit(g, cur, out, f"{s.name}::act")
+
+    def build(self, node, cin, cout, mid):
+        return nn.ConvTranspose2d(cin, cout, self.kernel, self.stride, bias=self.bias)
+
+    def run(self, module, xs, ctx):
+        x = xs[0]
+        out = ctx.out if ctx.out is not None else module.out_channels
+        w = _take(module.weight[:, :out], ctx.index, x.shape[1])
+        b = None if module.bias is None else module.bias[:out]
+        return apply_act(self.act, F.conv_transpose2d(x, w, b, self.stride), fresh())
+
+    def importance(self, module):
+        return _filter_norms(module.weight.transpose(0, 1)), None
+
+    def permute(self, module, node, in_perms, out_perm, mid_perm=None):
+        _permute_(module.weight, in_perms[0])
+        _permute_(module.weight, out_perm, 1)
+        _permute_(module.bias, out_perm)
+
+    def plain(self, s, src):
+        m = nn.ConvTranspose2d(s.cin, s.cout, self.kernel, self.stride, bias=self.bias)
+        if src is not None:
+            with torch.no_grad():
+                m.weight.copy_(_take(src.weight[:, : s.cout], spec_index(s), s.cin))
+                if self.bias:
+                    m.bias.copy_(src.bias[: s.cout])
+            m = m.to(src.weight.device, src.weight.dtype)
+        return m
+
+    def run_plain(self, module, xs, s, inplace, training):
+        return apply_act(self.act, module(xs[0]), fresh())
+
+
 # -- resampling, normalization with weights, element-wise combinations (detectors, segmenters) ---------------
 @register_op
 @dataclass(frozen=True)
@@ -1871,6 +1962,6 @@ def _check_whole_groups(p: torch.Tensor | None, g: int, name: str, what: str) ->
 
 
 __all__ = ["ACTIVATIONS", "OPS", "Act", "Add", "Attention", "AvgPool", "BatchNorm", "ChannelPart", "ChannelShuffle",
-           "ChannelSlice", "Claim", "Concat", "Conv", "Dropout", "Flatten", "GlobalAvgPool", "GroupNorm", "Linear",
+           "ChannelSlice", "Claim", "Concat", "Conv", "ConvTranspose", "Dropout", "Flatten", "GlobalAvgPool", "GroupNorm", "Linear",
            "MaxPool", "Mul", "Op", "PReLU", "PlainAttention", "Resize", "Scale", "Slice", "SqueezeExcite",
            "Unflatten", "apply_act", "op_from_dict", "register_op", "spec_index"]

@@ -219,6 +219,10 @@ class _Rewriter:
             new = self.layer(n, nn.Conv2d, args[1], lambda m: _conv_replacement(m, n))
             if new is not None:
                 return new
+        elif p is aten.conv_transpose2d:  # the module's own call: its settings are the ATen call's
+            new = self.layer(n, nn.ConvTranspose2d, args[1], lambda m: _deconv_replacement(m, n))
+            if new is not None:
+                return new
         elif p is aten.linear:
             new = self.layer(n, nn.Linear, args[1], lambda m: _linear_replacement(m, n))
             if new is not None:
@@ -289,6 +293,16 @@ def _conv_replacement(m: nn.Conv2d, n: fx.Node) -> nn.Module | None:
     if bias_used:
         conv.bias = m.bias
     return conv
+
+
+def _deconv_replacement(m: nn.ConvTranspose2d, n: fx.Node) -> Any:
+    """None (call ``m`` itself) when ``n`` is ``m``'s own forward with its settings, else ``_Refused``."""
+    args = list(n.args) + [None] * 8
+    stride, padding, output_padding, groups, dilation = (args[3] or 1), (args[4] or 0), (args[5] or 0), \
+        (args[6] or 1), (args[7] or 1)
+    same = _same(stride, m.stride) and _same(padding, m.padding) and _same(output_padding, m.output_padding) and \
+        groups == m.groups and _same(dilation, m.dilation) and (args[2] is not None) == (m.bias is not None)
+    return None if same and _is_forward_of(m, nn.ConvTranspose2d) else _Refused
 
 
 def _linear_replacement(m: nn.Linear, n: fx.Node) -> nn.Module | None:
