@@ -1962,6 +1962,6 @@ def _check_whole_groups(p: torch.Tensor | None, g: int, name: str, what: str) ->
 
 
 __all__ = ["ACTIVATIONS", "OPS", "Act", "Add", "Attention", "AvgPool", "BatchNorm", "ChannelPart", "ChannelShuffle",
-           "ChannelSlice", "Claim", "Concat", "Conv", "ConvTranspose", "Dropout", "Flatten", "GlobalAvgPool", "GroupNorm", "Linear",
-           "MaxPool", "Mul", "Op", "PReLU", "PlainAttention", "Resize", "Scale", "Slice", "SqueezeExcite",
-           "Unflatten", "apply_act", "op_from_dict", "register_op", "spec_index"]
+           "ChannelSlice", "Claim", "Concat", "Conv", "ConvTranspose", "Dropout", "Flatten", "GlobalAvgPool",
+           "GroupNorm", "Linear", "MaxPool", "Mul", "Op", "PReLU", "PlainAttention", "Resize", "Scale", "Slice",
+           "SqueezeExcite", "Unflatten", "apply_act", "op_from_dict", "register_op", "spec_index"]
