@@ -172,3 +172,14 @@ def test_cli_imports_with_outputs_raw_and_records_it(tmp_path, monkeypatch, caps
     (line,) = capsys.readouterr().err.splitlines()
     assert line.endswith("--outputs raw applies to a model imported from PyTorch (--model torchvision:NAME, "
                          "timm:NAME or package.module:callable), not 'resnet18'")
+
+
+def test_train_config_checks_and_records_outputs():
+    from hwslim.training.train import TrainConfig, TrainError
+
+    run = {"data": "synthetic:100", "epochs": 1, "out": "unused"}
+    with pytest.raises(TrainError, match=r"^--outputs raw applies to a model imported from PyTorch"):
+        TrainConfig(model="resnet18", outputs="raw", **run).validate()
+    with pytest.raises(TrainError, match=r"^--outputs must be 'full' or 'raw', got 'decoded'"):
+        TrainConfig(model="yolo_user:build", outputs="decoded", **run).validate()
+    assert TrainConfig(model="yolo_user:build", outputs="raw", **run).recipe()["outputs"] == "raw"  # kept in the checkpoint

@@ -24,7 +24,9 @@ How:
    branches (a gate); scalar arithmetic; upsampling; concatenation; pools; flatten;
    linear (with its activation); ShuffleNet's channel shuffle (view, transpose, view)
    and slices of the channels (``chunk``, ``split``, ``x[:, a:b]``): an equal split of a
-   dense conv's output makes that conv's output in parts, each slimmable (YOLOv8's C2f).
+   dense conv's output makes that conv's output in parts, each slimmable (YOLOv8's C2f);
+   a transposed conv (a learned upsampling); YOLO11's attention, kept whole as one
+   fixed-width operator.
    Dropout, identity and stochastic depth are the identity at inference; after
    ``y.add_(x)``, ``y`` reads the sum. Anything else is refused with the graph node, the
    module type, the source line and what is missing (:class:`ImportRefused`); so is a
