@@ -19,7 +19,7 @@ output) and its detectors' backbone with its FPN (the box heads' post-processing
 layer), with random weights and no download; ``--idioms`` runs small modules written the way
 people write them (PReLU, GroupNorm, 'same' padding, an SE of Linear layers, ``y.add_(x)``, a
 conv called twice...); timm's and Ultralytics' models run when those optional packages are
-installed (never hwslim dependencies). A model with several outputs is compared output by
+installed (never hwslim dependencies; Ultralytics' with the raw head, ``--outputs raw``). A model with several outputs is compared output by
 output, in PyTorch and in ONNX Runtime.
 
 A row is ``ok`` only when all four hold. A model refused only because some units reach
@@ -119,7 +119,11 @@ def builder(name: str) -> Callable[[], nn.Module]:
     if source == "ultralytics":
         from ultralytics import YOLO
 
-        return lambda: YOLO(f"{short}.yaml").model  # built from its yaml: random weights, no download
+        from hwslim.importing.raw_outputs import raw_outputs
+
+        # built from its yaml (random weights, no download), with the raw head (--outputs raw): the
+        # per-level maps, a Classify head's logits; the decoding is left out as deployment flows do
+        return lambda: raw_outputs(YOLO(f"{short}.yaml", verbose=False).model)
     kw = {"init_weights": False} if name in ("googlenet", "inception_v3") else {}  # skip scipy's slow init
     return lambda: torchvision.models.get_model(name, weights=None, **kw)
 
@@ -154,7 +158,8 @@ def reference_costs(build: Callable[[], nn.Module], built: nn.Module, size: int)
     try:
         with torch.device("meta"):
             m = build().eval()
-    except NotImplementedError:  # a constructor that computes with tensors (RegNet's widths): copy the built one
+    except (NotImplementedError, RuntimeError):  # a constructor that computes with tensors (RegNet's widths,
+        # Ultralytics' strides: .item() on meta): copy the built one
         m = copy.deepcopy(built).to("meta").eval()
     called: list[nn.Module] = []
     handle = nn.modules.module.register_module_forward_hook(lambda mod, i, o: called.append(mod))

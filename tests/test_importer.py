@@ -770,3 +770,24 @@ def test_a_conv_added_to_two_equal_halves_makes_its_output_in_halves():
     cfg = net.config_of({"stem/0": 8})
     with torch.no_grad(), net.using(cfg):
         torch.testing.assert_close(materialize(net, cfg, fold_bn=True).eval()(x), net(x), rtol=1e-4, atol=1e-5)
+
+
+def test_a_transposed_conv_upsamples_and_slims():
+    """A learned x2 upsampling (``nn.ConvTranspose2d(k=2, s=2)``): its output channels are a unit; a
+    padded one is refused by name."""
+    net_in = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1), nn.ReLU(), nn.ConvTranspose2d(16, 24, 2, 2), nn.ReLU(),
+                           nn.Conv2d(24, 8, 1)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    net = import_model(net_in, x[:1])
+    assert [n.op.kind for n in net.nodes] == ["conv", "deconv", "conv"] and net.nodes[1].op.act == "relu"
+    assert list(net.units) == ["0", "2"]
+    with torch.no_grad():
+        assert torch.equal(net(x), net_in(x))
+        cfg = net.config_of({"0": 8, "2": 16})
+        with net.using(cfg):
+            want = net(x)
+        assert torch.allclose(materialize(net, cfg).eval()(x), want, atol=1e-6)
+    padded = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ConvTranspose2d(16, 8, 3, 2, padding=1)).eval()
+    with pytest.raises(ImportRefused,
+                       match=r"^node '_1' \(ConvTranspose2d\): .*ConvTranspose2d \(padded, grouped, dilated"):
+        import_model(padded, x[:1])

@@ -12,8 +12,8 @@ from hwslim.search.evaluator import StepEvaluator, mixing_start
 from hwslim.runtimes.onnx_file import export_onnx
 from hwslim.core.graph import INPUT, layer_spec
 from hwslim.core.materialize import materialize
-from hwslim.core.ops import (OPS, ChannelPart, Conv, GroupNorm, Linear, MaxPool, Mul, PReLU, Resize, Scale,
-                             SqueezeExcite, Unflatten)
+from hwslim.core.ops import (OPS, Attention, ChannelPart, Conv, ConvTranspose, GroupNorm, Linear, MaxPool, Mul, PReLU,
+                             Resize, Scale, SqueezeExcite, Unflatten)
 from hwslim.core.supernet import GraphBuilder, SlimmableNet
 from fakes import randomize_bn
 
@@ -39,6 +39,8 @@ def every_op_net(input_size: int = 16) -> SlimmableNet:
     gate = g.node("sfc2", Linear("sigmoid", bias=False), gate, out=a)
     u = g.node("gate", Mul(), u, g.node("unflat", Unflatten(), gate))
     x = g.add("add2", x, g.node("scaled", Scale(0.5, 0.1), u), act="leaky_relu0.1")
+    # a learned upsampling (YOLOv8-seg's prototypes), pooled back and added
+    x = g.add("add3", x, g.maxpool("deconv_pool", g.node("deconv", ConvTranspose(2, 2, act="relu"), x, out=a), a, 2, 2))
     side = g.conv("side", x, a, c, 3, act=None, bn=False, bias=True)
     side = g.act("side_act", side, "gelu")
     x = g.concat("cat", x, side)  # channels: a then c
@@ -51,6 +53,7 @@ def every_op_net(input_size: int = 16) -> SlimmableNet:
     # ShuffleNetV2's bookkeeping on fixed channels: slices (views), a shuffle, and an in-place
     # activation on a slice while the tensor it is a view of is still read later
     f = g.conv("fixed", x, d, 16, 1, act=None)
+    f = g.node("attn", Attention(num_heads=2, key_dim=4), f)  # YOLO11's C2PSA attention: fixed width
     lo, hi = g.channel_slice("lo", f, 0, 8), g.channel_slice("hi", f, 8, 16)
     hi = g.act("hi_act", hi, "hardswish")
     f = g.shuffle("shuffle", g.concat("cat2", lo, hi, f), 4)

@@ -80,9 +80,12 @@ def parse_number(text: str, whole: bool = False) -> float | int:
 
 
 def add_import_options(p: argparse.ArgumentParser) -> None:
-    """``--keep``, ``--fix-unsupported`` and ``--width-mult``: how a ``--model`` is imported or built."""
+    """``--keep``, ``--fix-unsupported``, ``--outputs`` and ``--width-mult``: how a ``--model`` is imported or built."""
+    from hwslim.importing.raw_outputs import OUTPUTS, OUTPUTS_HELP
+
     p.add_argument("--keep", metavar="REGEX", help="imported models: modules whose name matches keep their width")
     p.add_argument("--fix-unsupported", action="store_true", help=FIX_UNSUPPORTED_HELP)
+    p.add_argument("--outputs", choices=OUTPUTS, default="full", help=OUTPUTS_HELP)
     p.add_argument("--width-mult", type=positive_float, help="supernet width multiplier (default: the model's)")
 
 

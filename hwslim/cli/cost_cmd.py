@@ -52,7 +52,7 @@ def run(args) -> int:
     input_size = args.input_size if args.input_size is not None else (config.input_size if config else None)
     with torch.device("meta"):
         net = load_model(name, width_mult=width_mult, input_size=input_size, keep=args.keep,
-                         fix_unsupported=args.fix_unsupported)
+                         fix_unsupported=args.fix_unsupported, outputs=args.outputs)
     note_fixed_units(net)
     if config is not None:
         net.validate(config)

@@ -8,6 +8,7 @@ from hwslim.cli import (FIX_UNSUPPORTED_HELP, add_command, note_fixed_units, pos
                         print_table)
 from hwslim.core.costs import model_costs
 from hwslim.models import create_model, list_models
+from hwslim.importing.raw_outputs import OUTPUTS, OUTPUTS_HELP
 from hwslim.importing.specs import load_model
 
 
@@ -22,6 +23,7 @@ def register(sub) -> None:
     p.add_argument("--keep", metavar="REGEX",
                    help="with --graph of an imported model: modules whose name matches keep their width")
     p.add_argument("--fix-unsupported", action="store_true", help="with --graph: " + FIX_UNSUPPORTED_HELP)
+    p.add_argument("--outputs", choices=OUTPUTS, default="full", help="with --graph: " + OUTPUTS_HELP)
 
 
 def run(args) -> int:
@@ -29,7 +31,7 @@ def run(args) -> int:
     if args.graph:
         with torch.device("meta"):
             net = load_model(args.graph, width_mult=args.width_mult, input_size=args.input_size, keep=args.keep,
-                             fix_unsupported=args.fix_unsupported)
+                             fix_unsupported=args.fix_unsupported, outputs=args.outputs)
         note_fixed_units(net)
         print(json.dumps(net.graph_dict(), indent=1, sort_keys=True))
         return 0

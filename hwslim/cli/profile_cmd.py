@@ -92,7 +92,7 @@ def run(args) -> int:
         check_output(args.out, kind="file")
     with torch.device("meta"):  # shapes only: refuse sizes this machine cannot run before any work
         shapes = load_model(args.model or DEFAULT_MODEL, width_mult=args.width_mult, input_size=args.input_size,
-                            keep=args.keep, fix_unsupported=args.fix_unsupported)
+                            keep=args.keep, fix_unsupported=args.fix_unsupported, outputs=args.outputs)
     check_inference(shapes, batch=args.batch, input_size=args.input_size,
                     dtype=args.dtype if args.dtype in ("float16", "bfloat16") else "float32")
     set_threads(None)  # PyTorch only builds the networks here; the runtime's threads are the table's setting
@@ -105,7 +105,7 @@ def run(args) -> int:
         input_size=args.input_size, batch=args.batch, threads=args.threads, dtype=args.dtype, out=args.out,
         calib_configs=args.calib_configs, holdout_configs=args.holdout_configs, seed=args.seed, force=args.force,
         quick=args.quick, in_network=False if args.isolated else None, contexts=args.contexts,
-        channels_last=args.channels_last, keep=args.keep, fix_unsupported=args.fix_unsupported)
+        channels_last=args.channels_last, keep=args.keep, fix_unsupported=args.fix_unsupported, outputs=args.outputs)
     busy = busy_note()
     if busy:
         header += f"\nwarning: {busy}"

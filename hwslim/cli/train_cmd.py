@@ -5,6 +5,7 @@ import sys
 
 from hwslim.cli import (FIX_UNSUPPORTED_HELP, add_command, nonneg_float, nonneg_int, positive_float, positive_int,
                         print_table, whole_int, set_threads, threads_note, with_header)
+from hwslim.importing.raw_outputs import OUTPUTS, OUTPUTS_HELP
 
 
 def register(sub) -> None:
@@ -31,6 +32,7 @@ def register(sub) -> None:
     g.add_argument("--keep", metavar="REGEX",
                    help="an imported model's modules whose qualified name matches keep their output channels")
     g.add_argument("--fix-unsupported", action="store_const", const=True, help=FIX_UNSUPPORTED_HELP)
+    g.add_argument("--outputs", choices=OUTPUTS, help=OUTPUTS_HELP)
     g = p.add_argument_group("recipe")
     add_schedule_options(g, lr="0.1 x batch / 128", warmup="min(5, 10%%)")
     g.add_argument("--num-random", type=nonneg_int,

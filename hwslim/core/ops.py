@@ -1362,6 +1362,97 @@ class Linear(Op):
         return apply_act(self.act, module(x), fresh())
 
 
+@register_op
+@dataclass(frozen=True)
+class ConvTranspose(Op):
+    """``act(conv_transpose2d(x, W, b, stride))``: a learned upsampling, dense and unpadded (YOLOv8-seg's
+    mask prototypes: kernel 2, stride 2). Its output width is the node's ``out``; the weight is
+    (in, out, k, k), so its input channels are rows and its output channels columns."""
+
+    kind: ClassVar[str] = "deconv"
+    sets_width: ClassVar[bool] = True
+    mixes: ClassVar[bool] = True
+    torch_modules: ClassVar[tuple[type, ...]] = (nn.ConvTranspose2d,)
+    takes_act: ClassVar[bool] = True
+    kernel: int = 2
+    stride: int = 2
+    act: str | None = None
+    bias: bool = True
+
+    def __post_init__(self) -> None:
+        check_act(self.act)
+
+    @classmethod
+    def from_torch(cls, node, site):
+        m = site.module(node)
+        if not isinstance(m, nn.ConvTranspose2d):
+            return None
+        k, st = square(m.kernel_size), square(m.stride)
+        if type(m).forward is not nn.ConvTranspose2d.forward or len(node.args) != 1 or node.kwargs or k is None or \
+                st is None or square(m.padding) != 0 or square(m.output_padding) != 0 or \
+                square(m.dilation) != 1 or m.groups != 1 or m.padding_mode != "zeros":
+            raise site.refuse(node, f"{type(m).__name__} (padded, grouped, dilated, non-square or with an "
+                                    "output size; a plain one maps)")
+        return Claim(cls(k, st, bias=m.bias is not None), site.tensor_args(node)[:1], {"deconv": m})
+
+    def load_weights(self, module, sources):
+        _load(module, sources["deconv"])
+
+    def out_hw(self, hw):
+        return tuple((v - 1) * self.stride + self.kernel for v in hw[0])
+
+    def macs(self, s):
+        return s.batch * s.cin * s.cout * self.kernel ** 2 * s.in_h * s.in_w
+
+    def params(self, s):
+        return s.cin * s.cout * self.kernel ** 2 + (s.cout if self.bias else 0)
+
+    def signature(self, s):
+        return ("deconv", self.kernel, self.stride, 0, 1, s.in_h, s.in_w, s.cin, s.cout, self.act or "none", False,
+                s.batch, "")
+
+    def onnx(self, s, g, inputs, out):
+        k = self.kernel
+        w = g.weight(f"{s.name}.weight", (s.cin, s.cout, k, k), 1 / math.sqrt(s.cin * k * k))
+        b = [g.weight(f"{s.name}.bias", (s.cout,), 0.1)] if self.bias else []
+        cur = out if self.act is None else f"{s.name}::deconv"
+        g.node("ConvTranspose", [inputs[0], w, *b], [cur], f"{s.name}::deconv", kernel_shape=[k, k],
+               strides=[self.stride, self.stride])
+        if self.act is not None:
+            ACTIVATIONS[self.act].emit(g, cur, out, f"{s.name}::act")
+
+    def build(self, node, cin, cout, mid):
+        return nn.ConvTranspose2d(cin, cout, self.kernel, self.stride, bias=self.bias)
+
+    def run(self, module, xs, ctx):
+        x = xs[0]
+        out = ctx.out if ctx.out is not None else module.out_channels
+        w = _take(module.weight[:, :out], ctx.index, x.shape[1])
+        b = None if module.bias is None else module.bias[:out]
+        return apply_act(self.act, F.conv_transpose2d(x, w, b, self.stride), fresh())
+
+    def importance(self, module):
+        return _filter_norms(module.weight.transpose(0, 1)), None
+
+    def permute(self, module, node, in_perms, out_perm, mid_perm=None):
+        _permute_(module.weight, in_perms[0])
+        _permute_(module.weight, out_perm, 1)
+        _permute_(module.bias, out_perm)
+
+    def plain(self, s, src):
+        m = nn.ConvTranspose2d(s.cin, s.cout, self.kernel, self.stride, bias=self.bias)
+        if src is not None:
+            with torch.no_grad():
+                m.weight.copy_(_take(src.weight[:, : s.cout], spec_index(s), s.cin))
+                if self.bias:
+                    m.bias.copy_(src.bias[: s.cout])
+            m = m.to(src.weight.device, src.weight.dtype)
+        return m
+
+    def run_plain(self, module, xs, s, inplace, training):
+        return apply_act(self.act, module(xs[0]), fresh())
+
+
 # -- resampling, normalization with weights, element-wise combinations (detectors, segmenters) ---------------
 @register_op
 @dataclass(frozen=True)
@@ -1716,6 +1807,142 @@ class ChannelPart(Op):
         return xs[0].narrow(1, start, width)
 
 
+ULTRALYTICS_ATTENTION = "ultralytics.nn.modules.block.Attention"  # YOLO11's C2PSA attention (by name: no import)
+
+
+def _conv_bn(cin: int, cout: int, kernel: int, groups: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, kernel, 1, kernel // 2, groups=groups, bias=False), nn.BatchNorm2d(cout))
+
+
+class PlainAttention(nn.Module):
+    """YOLO11's attention (Ultralytics ``Attention`` in ``C2PSA``) at its one width: a 1x1 ``qkv``
+    conv, multi-head softmax attention over the pixels, a depthwise 3x3 ``pe`` of the values added,
+    a 1x1 ``proj``; each conv with its BatchNorm (one conv with a bias once folded)."""
+
+    def __init__(self, c: int, num_heads: int, key_dim: int) -> None:
+        super().__init__()
+        self.num_heads, self.key_dim, self.head_dim = num_heads, key_dim, c // num_heads
+        self.qkv = _conv_bn(c, c + 2 * num_heads * key_dim, 1)
+        self.pe = _conv_bn(c, c, 3, c)
+        self.proj = _conv_bn(c, c, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # Ultralytics' own order of operations: equal results
+        b, c, h, w = x.shape
+        q, k, v = self.qkv(x).view(b, self.num_heads, 2 * self.key_dim + self.head_dim, h * w).split(
+            [self.key_dim, self.key_dim, self.head_dim], dim=2)
+        attn = ((q * self.key_dim ** -0.5).transpose(-2, -1) @ k).softmax(dim=-1)
+        return self.proj((v @ attn.transpose(-2, -1)).view(b, c, h, w) + self.pe(v.reshape(b, c, h, w)))
+
+
+@register_op
+@dataclass(frozen=True)
+class Attention(_Pinned):
+    """Multi-head self-attention over the pixels, as YOLO11's ``C2PSA`` computes it (:class:`PlainAttention`).
+
+    A fixed-width layer: its heads split the channels, so what it reads and writes keeps its
+    width (:attr:`Op.pins`; the importer fixes and lists those units with ``fix_unsupported``).
+    Costs: its three convs (BatchNorm parameters counted) and the two matrix products.
+    """
+
+    kind: ClassVar[str] = "attention"
+    mixes: ClassVar[bool] = True
+    torch_module_names: ClassVar[tuple[str, ...]] = (ULTRALYTICS_ATTENTION,)
+    num_heads: int = 1
+    key_dim: int = 8
+
+    @classmethod
+    def from_torch(cls, node, site):
+        m = site.module(node)
+        if m is None or _qualname(type(m)) != ULTRALYTICS_ATTENTION:
+            return None
+        convs = [getattr(m, k, None) for k in ("qkv", "pe", "proj")]
+        if getattr(m, "format", None) is not None or not all(
+                isinstance(getattr(c, "conv", None), nn.Conv2d) and is_batch_norm(getattr(c, "bn", None)) and
+                isinstance(getattr(c, "act", None), nn.Identity) for c in convs):
+            raise site.refuse(node, f"{type(m).__name__} (an attention whose convs are not conv + BatchNorm)")
+        sources = {f"{k}.{part}": getattr(c, part) for k, c in zip(("qkv", "pe", "proj"), convs)
+                   for part in ("conv", "bn")}
+        return Claim(cls(m.num_heads, m.key_dim), site.tensor_args(node)[:1], sources)
+
+    def check_inputs(self, name, layouts):
+        super().check_inputs(name, layouts)
+        if self.num_heads < 1 or self.key_dim < 1 or sum(layouts[0]) % self.num_heads:
+            raise ValueError(f"{name}: attention over {sum(layouts[0])} channels in {self.num_heads} heads")
+
+    def _qkv(self, c: int) -> int:
+        return c + 2 * self.num_heads * self.key_dim
+
+    def macs(self, s):
+        n = s.in_h * s.in_w
+        convs = n * s.cin * (self._qkv(s.cin) + 9 + s.cin)
+        return s.batch * (convs + self.num_heads * n * n * self.key_dim + s.cin * n * n)
+
+    def params(self, s):
+        c, h = s.cin, self._qkv(s.cin)
+        return c * h + 2 * h + 9 * c + 2 * c + c * c + 2 * c
+
+    def signature(self, s):
+        return ("attention", 1, 1, 0, self.num_heads, s.in_h, s.in_w, s.cin, s.cout, "none", False, s.batch,
+                f"key={self.key_dim}")
+
+    def onnx(self, s, g, inputs, out):
+        n, c, nh, kd, hw = s.name, s.cin, self.num_heads, self.key_dim, s.in_h * s.in_w
+        hd, qkv = c // nh, self._qkv(s.cin)
+
+        def conv(name: str, x: str, cout: int, k: int, groups: int, y: str) -> None:
+            w = g.weight(f"{n}.{name}.weight", (cout, c // groups, k, k), 1 / math.sqrt(c // groups * k * k))
+            g.node("Conv", [x, w, g.weight(f"{n}.{name}.bias", (cout,), 0.1)], [y], f"{n}::{name}", group=groups,
+                   kernel_shape=[k, k], pads=[k // 2] * 4)
+        conv("qkv", inputs[0], qkv, 1, 1, f"{n}::qkv")
+        g.node("Reshape", [f"{n}::qkv", g.ints(f"{n}::heads", [0, nh, 2 * kd + hd, hw])], [f"{n}::h"], f"{n}::heads")
+        g.node("Split", [f"{n}::h", g.ints(f"{n}::sizes", [kd, kd, hd])], [f"{n}::q", f"{n}::k", f"{n}::v"],
+               f"{n}::split", axis=2)
+        g.node("Mul", [f"{n}::q", g.const(f"{n}::scale", kd ** -0.5)], [f"{n}::qs"], f"{n}::scale")
+        g.node("Transpose", [f"{n}::qs"], [f"{n}::qt"], f"{n}::qt", perm=[0, 1, 3, 2])
+        g.node("MatMul", [f"{n}::qt", f"{n}::k"], [f"{n}::logits"], f"{n}::qk")
+        g.node("Softmax", [f"{n}::logits"], [f"{n}::attn"], f"{n}::softmax", axis=-1)
+        g.node("Transpose", [f"{n}::attn"], [f"{n}::attn_t"], f"{n}::attn_t", perm=[0, 1, 3, 2])
+        g.node("MatMul", [f"{n}::v", f"{n}::attn_t"], [f"{n}::av"], f"{n}::av")
+        image = g.ints(f"{n}::image", [0, c, s.in_h, s.in_w])
+        g.node("Reshape", [f"{n}::av", image], [f"{n}::y"], f"{n}::y")
+        g.node("Reshape", [f"{n}::v", image], [f"{n}::vi"], f"{n}::vi")
+        conv("pe", f"{n}::vi", c, 3, c, f"{n}::pe")
+        g.node("Add", [f"{n}::y", f"{n}::pe"], [f"{n}::sum"], f"{n}::add")
+        conv("proj", f"{n}::sum", c, 1, 1, out)
+
+    def build(self, node, cin, cout, mid):
+        return PlainAttention(cin, self.num_heads, self.key_dim)
+
+    def run(self, module, xs, ctx):
+        return module(xs[0])
+
+    def plain(self, s, src):
+        import copy
+
+        return copy.deepcopy(src) if src is not None else PlainAttention(s.cin, self.num_heads, self.key_dim)
+
+    def folded(self, s, module):
+        from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+        import copy
+
+        m = copy.deepcopy(module)
+        for k in ("qkv", "pe", "proj"):
+            seq = getattr(m, k)
+            if len(seq) == 2:
+                setattr(m, k, nn.Sequential(fuse_conv_bn_eval(seq[0].eval(), seq[1].eval())))
+        return self, m
+
+    def load_weights(self, module, sources):
+        for k in ("qkv", "pe", "proj"):
+            _load(getattr(module, k)[0], sources[f"{k}.conv"])
+            _load_bn(getattr(module, k)[1], sources[f"{k}.bn"])
+
+    def permute(self, module, node, in_perms, out_perm, mid_perm=None):
+        if any(p is not None for p in (*in_perms, out_perm)):  # fixed channels are never reordered
+            raise NotImplementedError(f"{node.name}: an attention's channels keep their order")
+
+
 _SCALAR_OPS = {"add": (operator.add, operator.iadd, torch.add), "mul": (operator.mul, operator.imul, torch.mul),
                "sub": (operator.sub, operator.isub, torch.sub), "truediv": (operator.truediv, torch.div)}
 
@@ -1734,7 +1961,7 @@ def _check_whole_groups(p: torch.Tensor | None, g: int, name: str, what: str) ->
         raise ValueError(f"{name}: {what}'s channels can move only in whole groups of {g}")
 
 
-__all__ = ["ACTIVATIONS", "OPS", "Act", "Add", "AvgPool", "BatchNorm", "ChannelPart", "ChannelShuffle", "ChannelSlice",
-           "Claim", "Concat", "Conv", "Dropout", "Flatten", "GlobalAvgPool", "GroupNorm", "Linear", "MaxPool", "Mul",
-           "Op", "PReLU", "Resize", "Scale", "Slice", "SqueezeExcite", "Unflatten", "apply_act", "op_from_dict",
-           "register_op", "spec_index"]
+__all__ = ["ACTIVATIONS", "OPS", "Act", "Add", "Attention", "AvgPool", "BatchNorm", "ChannelPart", "ChannelShuffle",
+           "ChannelSlice", "Claim", "Concat", "Conv", "ConvTranspose", "Dropout", "Flatten", "GlobalAvgPool",
+           "GroupNorm", "Linear", "MaxPool", "Mul", "Op", "PReLU", "PlainAttention", "Resize", "Scale", "Slice",
+           "SqueezeExcite", "Unflatten", "apply_act", "op_from_dict", "register_op", "spec_index"]

@@ -24,7 +24,9 @@ How:
    branches (a gate); scalar arithmetic; upsampling; concatenation; pools; flatten;
    linear (with its activation); ShuffleNet's channel shuffle (view, transpose, view)
    and slices of the channels (``chunk``, ``split``, ``x[:, a:b]``): an equal split of a
-   dense conv's output makes that conv's output in parts, each slimmable (YOLOv8's C2f).
+   dense conv's output makes that conv's output in parts, each slimmable (YOLOv8's C2f);
+   a transposed conv (a learned upsampling); YOLO11's attention, kept whole as one
+   fixed-width operator.
    Dropout, identity and stochastic depth are the identity at inference; after
    ``y.add_(x)``, ``y`` reads the sum. Anything else is refused with the graph node, the
    module type, the source line and what is missing (:class:`ImportRefused`); so is a
@@ -116,6 +118,8 @@ def _where(node: fx.Node, gm: fx.GraphModule) -> str:
         if not re.search(r"site-packages/torch/", m.group(1)):  # torch's own frames (the tracer, containers)
             line = f", {m.group(1).split('site-packages/')[-1]}:{m.group(2)}"
     caller = _aten_caller(node)
+    if node.meta.get("hwslim_exported"):  # torch.export names nodes after ATen operators: name the module
+        caller = (str(node.target), _what(node, gm)) if node.op == "call_module" else _caller(node)
     if caller is not None:
         return f"module {caller[0] or '(the model)'!r} ({caller[1]}{line})"
     return f"node {node.name!r} ({_what(node, gm)}{line})"
@@ -125,6 +129,13 @@ def _aten_caller(node: fx.Node) -> tuple[str, str] | None:
     """(qualified name, class name) of the module whose forward called ``node``, when ``node`` is an
     ATen operator torch.export recorded (its name says nothing to the model's author), else None."""
     if node.op != "call_function" or not isinstance(node.target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+        return None
+    return _caller(node)
+
+
+def _caller(node: fx.Node) -> tuple[str, str] | None:
+    """(qualified name, class name) of the innermost module whose forward made ``node``, if recorded."""
+    if node.op == "call_module":
         return None
     stack = node.meta.get("nn_module_stack") or {}
     if not stack:
@@ -260,6 +271,7 @@ class _Importer:
         self.root = module.eval()
         self.example = example
         self.fix_unsupported = fix_unsupported
+        self.output_mode = "full"  # set by import_model: "raw" when a detector's decoding was cut off
         self.fixed_units: dict[str, dict[str, Any]] = {}  # unit -> width, and the operator that fixed it
         self.keep = compile_keep(keep) if keep else None
         self.kept = 0  # groups --keep matched
@@ -272,7 +284,8 @@ class _Importer:
             try:  # torch.export runs the forward instead: a branch on a shape follows the example's
                 from hwslim.importing.torch_export import exported_graph
 
-                self.gm = exported_graph(self.root, example)
+                whole = frozenset(t for op in OPS.values() for t in op.torch_module_names)
+                self.gm = exported_graph(self.root, example, whole)
                 self.traced_by = "torch.export"
             except Exception as e2:
                 raise ImportRefused(f"torch.fx cannot trace {type(module).__name__} ({fx_error}), nor can "
@@ -460,6 +473,8 @@ class _Importer:
     def add_group(self, op: Op, members: list[fx.Node], inputs: list[fx.Node],
                   sources: dict[str, nn.Module] | None = None, mid: int = 0, **naming: str) -> None:
         self.consume(*members)
+        if op.pins and "what" not in naming:  # an operator claimed whole (YOLO11's attention): named in the note
+            naming["what"] = f"an {op.kind} block"
         self.groups.append(_Group(op, members, inputs, sources or {}, out_channels=self.shape(members[-1])[1],
                                   mid=mid, **naming))
 
@@ -683,6 +698,8 @@ class _Importer:
         if not several and tensor(results[0][1]) != nodes[-1].name:
             raise ImportRefused(f"the output of {type(self.root).__name__} is not its last operator's")
         meta: dict[str, Any] = {"imported_from": type(self.root).__qualname__, "traced_by": self.traced_by}
+        if self.output_mode != "full":
+            meta["outputs"] = self.output_mode
         if self.fixed_units:
             meta["fixed_units"] = self.fixed_units
         outputs = tuple((k, tensor(r)) for k, r in results) if several else ()
@@ -941,7 +958,7 @@ def _copy_weights(net, weights: dict[str, dict[str, nn.Module]]) -> None:
 
 
 def import_model(module: nn.Module, example_input: torch.Tensor, *, name: str | None = None,
-                 keep: str | None = None, divisor: int = 8, fix_unsupported: bool = False):
+                 keep: str | None = None, divisor: int = 8, fix_unsupported: bool = False, outputs: str = "full"):
     """The slimmable supernet of ``module`` (see the module docstring), with its weights.
 
     ``keep``: a regular expression; modules whose qualified name matches it keep their
@@ -949,7 +966,9 @@ def import_model(module: nn.Module, example_input: torch.Tensor, *, name: str | 
     ``fix_unsupported``: units that reach an operation that moves channels to other
     positions (a channel shuffle, a slice or split of the channels) keep their width and
     are listed in ``net.graph.meta["fixed_units"]`` (:func:`fixed_units`); without it
-    such a module is refused, naming the first such node.
+    such a module is refused, naming the first such node. ``outputs="raw"``: a detector's
+    decoding is left out and its raw head maps are the outputs
+    (:func:`hwslim.importing.raw_outputs.raw_outputs`; recorded as ``net.graph.meta["outputs"]``).
     Raises :class:`ImportRefused` (one line: the node, the module type and source line,
     what is missing) for what hwslim cannot express; nothing is built then.
     """
@@ -958,12 +977,19 @@ def import_model(module: nn.Module, example_input: torch.Tensor, *, name: str | 
 
     if not isinstance(module, nn.Module):
         raise ImportRefused(f"expected an nn.Module, got {type(module).__name__}")
+    from hwslim.importing.raw_outputs import raw_outputs
+
+    try:
+        module = raw_outputs(module, outputs)
+    except ModelError as e:
+        raise ImportRefused(str(e)) from None
     example = example_input.detach().to("cpu")
     if example.dim() != 4 or example.shape[-1] != example.shape[-2]:
         raise ImportRefused(f"the example input must be (N, C, S, S) images, got shape {tuple(example.shape)}")
     was_training = module.training
     try:
         imp = _Importer(module, example, keep, name, fix_unsupported)
+        imp.output_mode = outputs
         imp.group()
         graph, weights = imp.build()
     finally:

@@ -225,20 +225,22 @@ PROBE_ABOVE_BYTES = 64 << 20
 
 def load_model(spec: str, *, width_mult: float | None = None, input_size: int | None = None,
                num_classes: int | None = None, divisor: int | None = None, init: str | None = None,
-               keep: str | None = None, fix_unsupported: bool = False):
+               keep: str | None = None, fix_unsupported: bool = False, outputs: str = "full"):
     """The supernet a ``--model`` spec names (see the module docstring), on the current device.
 
     For a zoo name the keyword arguments are the builder's (``None``: its default). A
     graph file or checkpoint fixes the architecture: ``input_size`` and ``divisor`` may
     be changed, ``width_mult``/``num_classes`` must match it if given. ``keep`` and
-    ``fix_unsupported`` apply to an imported module (:func:`hwslim.importing.fx_trace.import_model`).
+    ``fix_unsupported`` and ``outputs`` ("raw": a detector's raw head maps) apply to an imported
+    module (:func:`hwslim.importing.fx_trace.import_model`); a graph file or checkpoint already
+    records them.
     """
     from hwslim.core.errors import ModelError
     from hwslim.core.graph import GraphFormatError, graph_from_dict
     from hwslim.core.supernet import SlimmableNet
 
-    if not is_module_spec(spec) and (keep is not None or fix_unsupported):  # as README says: refused, not ignored
-        flag = "--keep" if keep is not None else "--fix-unsupported"
+    if not is_module_spec(spec) and (keep is not None or fix_unsupported or outputs != "full"):  # refused, not ignored
+        flag = "--keep" if keep is not None else "--fix-unsupported" if fix_unsupported else f"--outputs {outputs}"
         raise ModelError(f"{flag} applies to a model imported from PyTorch (--model torchvision:NAME, "
                          f"timm:NAME or package.module:callable), not {spec!r}")
     if is_module_spec(spec):
@@ -256,10 +258,12 @@ def load_model(spec: str, *, width_mult: float | None = None, input_size: int | 
                 from hwslim.core.resources import check_inference
 
                 probe = import_model(module, torch.randn(1, 3, 224, 224), name=name, keep=keep,
-                                     divisor=divisor or 8, fix_unsupported=fix_unsupported)
+                                     divisor=divisor or 8, fix_unsupported=fix_unsupported,
+                               outputs=outputs)
                 check_inference(probe, input_size=size, what=f"importing {spec} at {size}x{size} px")
             net = import_model(module, torch.randn(1, 3, size, size), name=name,
-                               keep=keep, divisor=divisor or 8, fix_unsupported=fix_unsupported)
+                               keep=keep, divisor=divisor or 8, fix_unsupported=fix_unsupported,
+                               outputs=outputs)
         if num_classes is not None and int(num_classes) != net.num_classes:
             raise ModelError(f"{spec} has {net.num_classes} classes, not {num_classes}")
         return net

@@ -16,6 +16,7 @@ form the fx path produces, so one importer groups both:
 * activations, adds, multiplies, pooling, upsampling (at the size the example gives),
   concatenation, reshapes, slices and splits become the ``torch`` /
   ``torch.nn.functional`` calls or tensor methods fx records;
+* a module an operator claims by class name (YOLO11's ``Attention``) becomes one call of it;
 * any other ATen operator stays as it is, and the importer refuses it by name.
 
 Every node keeps its source line (``stack_trace``) and module (``nn_module_stack``), so
@@ -95,9 +96,11 @@ def _packet(target):
 
 
 class _Rewriter:
-    def __init__(self, module: nn.Module, ep) -> None:
+    def __init__(self, module: nn.Module, ep, whole: frozenset[str] = frozenset()) -> None:
         self.module = module
         self.ep = ep
+        self.whole: dict[fx.Node, tuple[str, fx.Node]] = {}  # a kept module's output node -> (its path, its input)
+        self.inside: set[fx.Node] = set()  # the other nodes of the modules kept whole
         self.graph = fx.Graph()
         self.env: dict[fx.Node, Any] = {}
         self.modules: dict[str, nn.Module] = {}  # call_module targets -> the module the rewritten graph calls
@@ -139,6 +142,7 @@ class _Rewriter:
         for key in ("stack_trace", "nn_module_stack"):
             if key in n.meta:
                 new.meta[key] = n.meta[key]
+        new.meta["hwslim_exported"] = True  # a refusal names its module: the node's name is torch.export's
         return new
 
     def layer(self, n: fx.Node, kind: type | tuple[type, ...], weight,
@@ -161,6 +165,25 @@ class _Rewriter:
         self.modules[path] = m if replacement is None else replacement
         return self.emit(n, "call_module", path, (n.args[0],))
 
+    def keep_whole(self, whole: frozenset[str]) -> None:
+        """Each call of a module whose class (qualified name) is in ``whole`` becomes one call of that
+        module, as the fx tracer keeps it (:attr:`hwslim.core.ops.Op.torch_module_names`), when it
+        reads one tensor and one value leaves it; else its nodes stay, refused by name if unmapped."""
+        calls: dict[str, list[fx.Node]] = {}
+        for n in self.ep.graph.nodes:
+            for path, cls in (n.meta.get("nn_module_stack") or {}).values() if n.op == "call_function" else ():
+                if (cls if isinstance(cls, str) else f"{cls.__module__}.{cls.__qualname__}") in whole:
+                    calls.setdefault(str(path), []).append(n)  # the outermost such module
+                    break
+        for path, members in calls.items():
+            inside = set(members)
+            reads = list(dict.fromkeys(a for m in members for a in m.all_input_nodes if a not in inside and
+                                       a.name not in self.params and a.name not in self.constants))
+            leaves = [m for m in members if any(u not in inside for u in m.users)]
+            if len(reads) == 1 and len(leaves) == 1:
+                self.whole[leaves[0]] = (path, reads[0])
+                self.inside |= inside - {leaves[0]}
+
     # -- the rewrite ---------------------------------------------------------------------------------
     def run(self) -> fx.GraphModule:
         for n in self.ep.graph.nodes:
@@ -176,7 +199,12 @@ class _Rewriter:
                 continue
             if n.op != "call_function":
                 raise ValueError(f"unexpected {n.op} node {n.name!r} in the exported graph")
-            self.env[n] = self.node(n)
+            if n in self.whole:
+                path, x = self.whole[n]
+                self.modules[path] = self.module.get_submodule(path)
+                self.env[n] = self.emit(n, "call_module", path, (x,))
+            elif n not in self.inside:
+                self.env[n] = self.node(n)
         return fx.GraphModule(self.modules, self.graph)
 
     def node(self, n: fx.Node) -> Any:
@@ -189,6 +217,10 @@ class _Rewriter:
             return self.emit(n, "call_function", operator.getitem, args)
         if p is aten.conv2d:
             new = self.layer(n, nn.Conv2d, args[1], lambda m: _conv_replacement(m, n))
+            if new is not None:
+                return new
+        elif p is aten.conv_transpose2d:  # the module's own call: its settings are the ATen call's
+            new = self.layer(n, nn.ConvTranspose2d, args[1], lambda m: _deconv_replacement(m, n))
             if new is not None:
                 return new
         elif p is aten.linear:
@@ -263,6 +295,16 @@ def _conv_replacement(m: nn.Conv2d, n: fx.Node) -> nn.Module | None:
     return conv
 
 
+def _deconv_replacement(m: nn.ConvTranspose2d, n: fx.Node) -> Any:
+    """None (call ``m`` itself) when ``n`` is ``m``'s own forward with its settings, else ``_Refused``."""
+    args = list(n.args) + [None] * 8
+    stride, padding, output_padding, groups, dilation = (args[3] or 1), (args[4] or 0), (args[5] or 0), \
+        (args[6] or 1), (args[7] or 1)
+    same = _same(stride, m.stride) and _same(padding, m.padding) and _same(output_padding, m.output_padding) and \
+        groups == m.groups and _same(dilation, m.dilation) and (args[2] is not None) == (m.bias is not None)
+    return None if same and _is_forward_of(m, nn.ConvTranspose2d) else _Refused
+
+
 def _linear_replacement(m: nn.Linear, n: fx.Node) -> nn.Module | None:
     bias_used = len(n.args) > 2 and n.args[2] is not None
     if bias_used == (m.bias is not None) and _is_forward_of(m, nn.Linear):
@@ -289,9 +331,10 @@ def _bn_replacement(m: nn.BatchNorm2d, n: fx.Node, p) -> nn.Module | None:
     return bn.eval()
 
 
-def exported_graph(module: nn.Module, example: torch.Tensor) -> fx.GraphModule:
+def exported_graph(module: nn.Module, example: torch.Tensor, whole: frozenset[str] = frozenset()) -> fx.GraphModule:
     """``module`` exported with ``torch.export`` on ``example`` (eval mode), rewritten as the graph
-    ``torch.fx`` would have recorded (see the module docstring). Raises what torch.export raises."""
+    ``torch.fx`` would have recorded (see the module docstring); each call of a module whose class's
+    qualified name is in ``whole`` is one call of it. Raises what torch.export raises."""
     import contextlib
     import io
     import logging
@@ -307,7 +350,9 @@ def exported_graph(module: nn.Module, example: torch.Tensor) -> fx.GraphModule:
             ep = torch.export.export(module.eval(), (example,))
     finally:
         logging.disable(before)
-    return _Rewriter(module, ep).run()
+    rewriter = _Rewriter(module, ep)
+    rewriter.keep_whole(whole)
+    return rewriter.run()
 
 
 __all__ = ["exported_graph"]

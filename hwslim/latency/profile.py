@@ -92,6 +92,7 @@ class ProfileSettings:
     channels_last: bool = False  # torch_cuda: NHWC tensors
     keep: str | None = None  # imported models: modules whose name matches keep their width
     fix_unsupported: bool = False  # imported models: units reaching a channel shuffle or slice keep their width
+    outputs: str = "full"  # imported models: "raw" leaves a detector's decoding out
 
     def __post_init__(self) -> None:
         """Refuse impossible settings before anything is measured or any file is touched."""
@@ -634,7 +635,8 @@ def _open(settings: ProfileSettings, log: Callable[[str], None]):
     from profilers import get_profiler
 
     net = load_model(settings.model, width_mult=settings.width_mult, input_size=settings.input_size,
-                     keep=settings.keep, fix_unsupported=settings.fix_unsupported).eval()
+                     keep=settings.keep, fix_unsupported=settings.fix_unsupported,
+                     outputs=settings.outputs).eval()
     if fixed_units_note(net) is not None:
         log(fixed_units_note(net))
     return net, get_profiler(settings.device, settings.backend, **_settings_kwargs(settings))

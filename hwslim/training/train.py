@@ -95,6 +95,7 @@ class TrainConfig:
     init: str | None = None  # a state-dict file, or a torchvision/timm weights name (IMAGENET1K_V1; downloads)
     keep: str | None = None  # a regular expression over the module's qualified names
     fix_unsupported: bool | None = None  # units reaching a channel shuffle or slice keep their width (default: refuse)
+    outputs: str | None = None  # "raw": a detector's raw head maps are the outputs (default "full")
     sort: bool | None = None  # sort the --init weights' channels by importance (default True; False: measure it)
     # optimization (recipe)
     batch_size: int | None = None  # global, across all ranks; default 128
@@ -125,7 +126,8 @@ class TrainConfig:
 
     RECIPE = ("model", "data", "width_mult", "input_size", "num_classes", "divisor", "batch_size", "lr", "momentum",
               "weight_decay", "warmup_epochs", "num_random", "label_smoothing", "search_size", "seed",
-              "distill_after_warmup", "train_subset", "init", "keep", "sort", "fix_unsupported")
+              "distill_after_warmup", "train_subset", "init", "keep", "sort", "fix_unsupported",
+              "outputs")
 
     def validate(self) -> None:
         """Raise :class:`TrainError` for a value no run can use (before anything is read or written)."""
@@ -171,8 +173,10 @@ class TrainConfig:
                         else "zoo models and graph files start from random weights")
                 raise TrainError(f"--{name} applies to a model imported from PyTorch (--model torchvision:NAME, "
                                  f"timm:NAME or package.module:callable), not {self.model!r}; {what}")
-        if self.fix_unsupported and not is_module_spec(self.model):
-            raise TrainError(f"--fix-unsupported applies to a model imported from PyTorch (--model torchvision:NAME, "
+        check("outputs", self.outputs in (None, "full", "raw"), "'full' or 'raw'")
+        if (self.fix_unsupported or self.outputs not in (None, "full")) and not is_module_spec(self.model):
+            flag = "--fix-unsupported" if self.fix_unsupported else f"--outputs {self.outputs}"
+            raise TrainError(f"{flag} applies to a model imported from PyTorch (--model torchvision:NAME, "
                              f"timm:NAME or package.module:callable), not {self.model!r}")
         if self.sort is not None and self.init is None:
             raise TrainError("--no-sort applies to a start from trained weights; add --init WEIGHTS")
@@ -254,12 +258,12 @@ class _Run(EpochLoop):
         with torch.device("meta"):  # refuse sizes this machine cannot train before any allocation
             shapes = load_model(cfg.model, width_mult=cfg.width_mult, input_size=cfg.input_size,
                                 num_classes=cfg.num_classes, divisor=cfg.divisor, keep=cfg.keep,
-                                fix_unsupported=bool(cfg.fix_unsupported))
+                                fix_unsupported=bool(cfg.fix_unsupported), outputs=cfg.outputs or "full")
         check_training(shapes, batch=max(1, (cfg.batch_size or 128) // world.size))
         torch.manual_seed(mix_seeds(seed, 99))  # the initial weights follow the seed too
         net = load_model(cfg.model, width_mult=cfg.width_mult, input_size=cfg.input_size,
                          num_classes=cfg.num_classes, divisor=cfg.divisor, init=init, keep=cfg.keep,
-                         fix_unsupported=bool(cfg.fix_unsupported))
+                         fix_unsupported=bool(cfg.fix_unsupported), outputs=cfg.outputs or "full")
         data = open_data(cfg.data, net.input_size, world, search_size=cfg.search_size, seed=seed,
                          download=cfg.download, workers=cfg.workers, num_val=cfg.synthetic_val,
                          train_subset=cfg.train_subset)
@@ -267,7 +271,7 @@ class _Run(EpochLoop):
         if cfg.num_classes is None and n_cls != net.num_classes:
             net = load_model(cfg.model, width_mult=cfg.width_mult, input_size=net.input_size,
                              num_classes=n_cls, divisor=cfg.divisor, init=init, keep=cfg.keep,
-                             fix_unsupported=bool(cfg.fix_unsupported))
+                             fix_unsupported=bool(cfg.fix_unsupported), outputs=cfg.outputs or "full")
         elif n_cls > net.num_classes:
             raise TrainError(f"the data has {n_cls} classes but --num-classes is {net.num_classes}")
         cfg = cfg.resolved(net.input_size, net.num_classes)
