@@ -215,22 +215,41 @@ def test_a_change_too_large_or_too_uneven_is_unreliable():
     assert "at the table's level (the reference ran" in r.message
 
 
+def _v2_copy(tmp_path: Path, start_ms: float, end_ms: float) -> Path:
+    """A copy of a committed table (converted to format 3 by :func:`convert_from_probe`) made back
+    into the format-2 table it was: no ``ref_ms`` column, no reference, the given probes."""
+    src = Path(__file__).resolve().parent.parent / "latency_tables" / "cpu-amd-epyc" / "resnet20-x1-32px-b1-ort-t1-float32"
+    shutil.copy(f"{src}.e2e.csv", tmp_path / "t.e2e.csv")
+    with open(f"{src}.csv", newline="") as f, open(tmp_path / "t.csv", "w", newline="") as out:
+        w = csv.writer(out, lineterminator="\n")
+        for row in csv.reader(f):
+            w.writerow(row[:-1])  # the ref_ms column off
+    meta = json.loads(Path(f"{src}.json").read_text())
+    meta.pop("reference")
+    meta["format_version"] = 2
+    meta["conditions"]["start"]["probe_ms"], meta["conditions"]["end"]["probe_ms"] = start_ms, end_ms
+    (tmp_path / "t.json").write_text(json.dumps(meta))
+    return tmp_path / "t.csv"
+
+
 def test_old_format_tables_load_and_predict_as_measured(tmp_path):
     """A format-2 table (no ref_ms column, no reference) loads; its level is unknown (None)."""
-    committed = sorted((Path(__file__).resolve().parent.parent / "latency_tables").glob("*/*-ort-t1-float32.csv"))[0]
+    committed = _v2_copy(tmp_path, 1.0, 1.0)
     table = LatencyTable.load(committed)
     assert table.reference_level_ms is None and table.meta["format_version"] == 2
     with open(committed, newline="") as f:
         assert "ref_ms" not in next(csv.reader(f))
     assert all(t.ref_ms is None for t in table.entries.values())
     # written back, the same entries in this version's columns (ref_ms empty), the same predictions
+    (tmp_path / "copy").mkdir()
     for p in table_paths(committed):
-        shutil.copy(p, tmp_path / p.name)
-    copy = LatencyTable.load(tmp_path / committed.name)
-    copy.save(tmp_path / committed.name)
-    with open(tmp_path / committed.name, newline="") as f:
+        shutil.copy(p, tmp_path / "copy" / p.name)
+    committed = tmp_path / "copy" / committed.name
+    copy = LatencyTable.load(committed)
+    copy.save(committed)
+    with open(committed, newline="") as f:
         assert tuple(next(csv.reader(f))) == COLUMNS
-    again = LatencyTable.load(tmp_path / committed.name)
+    again = LatencyTable.load(committed)
     assert again.entries == table.entries and again.reference_level_ms is None
 
 
@@ -277,3 +296,29 @@ def test_the_real_reference_runs_quickly_with_onnx_runtime():
         took = time.perf_counter() - t0
     assert dict(t.parts).keys() == set(reference_specs()) and all(v > 0 for _, v in t.parts)
     assert took < 0.5  # tens of ms on a quiet core; generous for a shared, busy one
+
+
+def test_convert_from_probe_keeps_the_table_and_takes_the_level_from_its_probes(tmp_path):
+    from hwslim.latency.table import convert_from_probe
+
+    path = _v2_copy(tmp_path, 1.00, 1.02)
+    before = LatencyTable.load(path)
+    assert before.reference_level_ms is None
+    convert_from_probe(path)
+    after = LatencyTable.load(path)
+    assert after.reference_level_ms == pytest.approx(1.01)
+    assert after.meta["format_version"] == 3 and after.meta["reference"]["from_probe"] == {"start_ms": 1.0, "end_ms": 1.02}
+    assert {k: t.median_ms for k, t in after.entries.items()} == {k: t.median_ms for k, t in before.entries.items()}
+    net = create_model("resnet20", input_size=32)
+    specs = net.layer_specs(net.min_config())
+    assert after.predict_ms(specs) == before.predict_ms(specs)
+
+
+def test_convert_from_probe_refuses_a_table_measured_across_a_speed_change(tmp_path):
+    from hwslim.core.errors import TableError
+    from hwslim.latency.table import convert_from_probe
+
+    path = _v2_copy(tmp_path, 1.00, 1.10)
+    with pytest.raises(TableError, match="across a change of the machine's speed"):
+        convert_from_probe(path)
+    assert LatencyTable.load(path).reference_level_ms is None  # untouched

@@ -793,6 +793,45 @@ def reference_meta(level, description: str) -> dict[str, Any]:
             "networks": description}
 
 
+# how far the probe recorded at a format-2 table's start and end may differ for its level to be taken
+# from them (:func:`convert_from_probe`): the table must not have been measured across a speed change
+PROBE_AGREEMENT = 0.05
+
+
+def convert_from_probe(path: str | os.PathLike) -> Path:
+    """Convert a table measured before hwslim timed a reference (format 1 or 2) to reference units
+    where it cannot be measured again: its level is taken from the machine-speed probe recorded at
+    the start and end of its profile (``meta["conditions"]``).
+
+    The probe network is the reference's two networks run as one (:func:`profilers.base.reference_specs`
+    cuts it in two): on the 2-core AMD EPYC development VM the sum of the two timed apart was
+    0.997x the probe at load 2.6 and 1.04x at load 4.4 (medians of 12 and 30 interleaved pairs),
+    so a converted level is good to about 4%. The entries and the calibration are kept as they
+    are (the table was measured at that level); only the metadata gains ``reference`` (marked
+    ``from_probe``, without per-network parts, so no disagreement check applies). On the table's
+    own machine ``hwslim profile ... --recalibrate`` is better: it measures the reference.
+    Refused (TableError) for a table that has a reference, recorded no probe, or whose two probes
+    differ by more than :data:`PROBE_AGREEMENT` (measured across a change of the machine's speed)."""
+    table = LatencyTable.load(path)
+    if table.reference_level_ms is not None:
+        raise TableError(f"{table.path} is already in reference units (level {table.reference_level_ms:.4g} ms)")
+    cond = table.meta.get("conditions") or {}
+    probes = [float(cond[k]["probe_ms"]) for k in ("start", "end")
+              if isinstance(cond.get(k), dict) and _is_number(cond[k].get("probe_ms")) and cond[k]["probe_ms"] > 0]
+    if len(probes) < 2:
+        raise TableError(f"{table.path} recorded no speed probe at its start and end; measure it again on its "
+                         "machine (hwslim profile ... --recalibrate converts it there)")
+    if max(probes) / min(probes) - 1 > PROBE_AGREEMENT:
+        raise TableError(f"{table.path} was measured across a change of the machine's speed (probe {probes[0]:.3f} "
+                         f"-> {probes[1]:.3f} ms); measure it again on its machine")
+    level = sum(probes) / len(probes)
+    table.meta["reference"] = {"level_ms": round(level, 6), "networks": "the machine-speed probe recorded with the "
+                               "table (the reference's two networks run as one: within about 4% of their sum)",
+                               "from_probe": {"start_ms": probes[0], "end_ms": probes[1]}}
+    table.meta["format_version"] = FORMAT_VERSION
+    return table.save(table.path)
+
+
 def find_table(device: str, model, width_mult: float | None = None, *, batch: int = 1,
                input_size: int | None = None, threads: int | None = None, backend: str | None = None,
                dtype: str | None = None, root: str | os.PathLike | None = None, spec: str | None = None) -> Path:
@@ -850,6 +889,6 @@ def resolve_table(model, *, table: str | os.PathLike | None = None, device: str 
     raise HwslimError("a --latency-ms budget needs --table PATH or --device cpu|cuda")
 
 
-__all__ = ["COLUMNS", "E2E_COLUMNS", "Calibration", "reference_meta", "timing_fields", "LatencyTable", "RowWriter", "accuracy", "default_table_path", "find_table",
+__all__ = ["COLUMNS", "E2E_COLUMNS", "Calibration", "reference_meta", "convert_from_probe", "timing_fields", "LatencyTable", "RowWriter", "accuracy", "default_table_path", "find_table",
            "fit_calibration", "fit_line", "read_rows", "resolve_table", "spearman", "table_dir", "table_name",
            "table_paths", "table_search_path", "user_table_dir", "checked_table_dir"]
