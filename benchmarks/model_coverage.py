@@ -26,7 +26,8 @@ A row is ``ok`` only when all four hold. A model refused only because some units
 an operation that moves channels (ShuffleNetV2's channel shuffle and split) is imported
 again with ``fix_unsupported=True`` (``--fix-unsupported`` on the CLI): those units keep
 their width (column ``fixed_units``), the others slim, and the row is ``ok-fixed`` when
-all four checks hold. Heavy models (over 4 GMACs) run their parity at batch 1, the
+all four checks hold. A known fixed-width operator (YOLO11's attention) fixes its units by
+itself: the row is ``ok``, with those units counted in ``fixed_units``. Heavy models (over 4 GMACs) run their parity at batch 1, the
 others at batch 2; ONNX Runtime always at batch 1.
 
     python -m benchmarks.model_coverage                    # everything: 6 min on 2 idle cores, 25 under load
@@ -251,9 +252,9 @@ def check(name: str, size: int, configs: int, tmp: Path) -> dict:
                           f"({Path(tb.filename).name}:{tb.lineno})")
         return row
     row["units"] = len(net.units)
-    if fixed:
-        from hwslim.importing.fx_trace import fixed_units
+    from hwslim.importing.fx_trace import fixed_units
 
+    if fixed_units(net):  # --fix-unsupported's, or a fixed-width operator's (an attention) by itself
         row["fixed_units"] = len(fixed_units(net))
     problems = []
     try:

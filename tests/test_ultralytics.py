@@ -103,17 +103,19 @@ def test_classifier_imports_with_its_logits():
 
 
 def test_c2psa_attention_is_imported_fixed_and_listed():
+    """A known fixed-width operator fixes the units it reads and writes by itself: no --fix-unsupported."""
     model = yolo("yolo11n")
     x = torch.randn(1, 3, SIZE, SIZE)
-    with pytest.raises(ImportRefused) as e:
-        import_model(model, x, outputs="raw")
-    msg = str(e.value)
-    assert "\n" not in msg and msg.startswith("module 'model.10.m.0.attn' (Attention, ultralytics/nn/modules/")
-    assert "--fix-unsupported" in msg
-    net = import_model(model, x, outputs="raw", fix_unsupported=True)
+    net = import_model(model, x, outputs="raw")
     assert [n.name for n in net.nodes if n.op.kind == "attention"] == ["model/10/m/0/attn"]
-    assert list(fixed_units(net)) == ["model/10/cv1/conv"]
-    assert "an attention block keep their width" in fixed_units_note(net)
+    assert fixed_units(net) == {"model/10/cv1/conv": {"width": 128, "by": "model/10/m/0/attn",
+                                                      "what": "an attention block",
+                                                      "module": "module 'model.10.m.0.attn' (Attention)"}}
+    assert "model/10/cv1/conv" not in net.units and len(net.units) == 59
+    assert fixed_units_note(net) == ("1 unit(s) fixed by the fixed-width operator they reach, 59 slim: "
+                                     "model/10/cv1/conv (128: an attention block, module 'model.10.m.0.attn' "
+                                     "(Attention))")
+    assert fixed_units(import_model(model, x, outputs="raw", fix_unsupported=True)) == fixed_units(net)
     with torch.no_grad():
         assert all(torch.equal(g, w) for g, w in zip(net(x), raw_outputs(model)(x)))
     macs, params = reference(raw_outputs(model))
@@ -138,6 +140,25 @@ def test_segmenter_imports_with_its_mask_prototypes():
     macs, params = reference(raw_outputs(model))
     specs = net.layer_specs()
     assert (sum(s.op.macs(s) for s in specs), sum(s.op.params(s) for s in specs)) == (macs, params)
+
+
+def test_cost_units_lists_the_attentions_unit_as_fixed(tmp_path, monkeypatch, capsys):
+    import json
+
+    from hwslim.cli import main
+
+    (tmp_path / "y11_user.py").write_text("def build():\n    from ultralytics import YOLO\n\n"
+                                          "    return YOLO('yolo11n.yaml', verbose=False).model\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    args = ["cost", "--model", "y11_user:build", "--outputs", "raw", "--input-size", str(SIZE), "--units"]
+    assert main([*args, "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["fixed_units"] == [{"unit": "model/10/cv1/conv", "width": 128, "fixed":
+                                               "an attention block, module 'model.10.m.0.attn' (Attention)"}]
+    assert "model/10/cv1/conv (128: an attention block, module 'model.10.m.0.attn' (Attention))" in err
+    assert main(args) == 0
+    assert "1 fixed unit(s) (they keep their width):" in capsys.readouterr().out
 
 
 def test_refusals_are_one_line_naming_the_module():

@@ -283,7 +283,8 @@ FIX_UNSUPPORTED_HELP = ("imported models: units that reach a channel shuffle or 
 
 
 def note_fixed_units(net, log=None) -> None:
-    """Say on stderr (or through ``log``) which units ``--fix-unsupported`` kept fixed, if any."""
+    """Say on stderr (or through ``log``) which units the import kept fixed (a fixed-width operator's,
+    or ``--fix-unsupported``'s), if any."""
     from hwslim.importing.fx_trace import fixed_units_note
 
     note = fixed_units_note(net)

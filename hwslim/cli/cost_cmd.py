@@ -33,7 +33,8 @@ def register(sub) -> None:
                    help="also list the channel units: each group of channels that slims together, its width at "
                         "the config and the widths it can take")
     p.add_argument("--json", action="store_true",
-                   help="print one JSON object (keys macs, params, peak_activation_bytes[, latency_ms][, units])")
+                   help="print one JSON object (keys macs, params, peak_activation_bytes[, latency_ms][, units"
+                        "[, fixed_units]])")
 
 
 def run(args) -> int:
@@ -70,12 +71,19 @@ def run(args) -> int:
     widths = (config or net.full_config()).widths
     units = [{"unit": name, "width": widths[name], "max": unit.max_width, "grid": " ".join(map(str, unit.grid))}
              for name, unit in net.units.items()]
+    from hwslim.importing.fx_trace import fixed_unit_rows
+
+    fixed = fixed_unit_rows(net)  # imported models: units an operator (or --fix-unsupported) keeps at one width
     if args.json:
-        print(json.dumps({**out, "units": units} if args.units else out, sort_keys=True))
+        listed = {"units": units, **({"fixed_units": fixed} if fixed else {})}
+        print(json.dumps({**out, **listed} if args.units else out, sort_keys=True))
         return 0
     print_table([{"model": net.name, "width_mult": net.width_mult, **out}])
     if args.units:
         print(f"\n{len(units)} channel units (channels that must keep one width: both sides of an add, a "
               "depthwise conv's input and output):")
         print_table(units)
+        if fixed:
+            print(f"\n{len(fixed)} fixed unit(s) (they keep their width):")
+            print_table(fixed)
     return 0

@@ -199,6 +199,10 @@ class Op:
     # the channels): slimming a unit it reads would move channels to other positions, so every
     # channel it reads must be fixed (the importer fixes such units with ``fix_unsupported``)
     pins: ClassVar[bool] = False
+    # a known operator of fixed width (an attention block: its heads split the channels) among those that
+    # pin: the importer fixes the units it reads and writes by itself and lists them, naming the module;
+    # ``fix_unsupported`` is the user's permission for the operators that move channels in other ways
+    fixed_width: ClassVar[bool] = False
     # importing (hwslim.importing.fx_trace): module classes the tracer keeps whole, subclasses too, so
     # that :meth:`from_torch` sees one call (else fx traces into their forward)
     torch_modules: ClassVar[tuple[type, ...]] = ()
@@ -1840,12 +1844,14 @@ class Attention(_Pinned):
     """Multi-head self-attention over the pixels, as YOLO11's ``C2PSA`` computes it (:class:`PlainAttention`).
 
     A fixed-width layer: its heads split the channels, so what it reads and writes keeps its
-    width (:attr:`Op.pins`; the importer fixes and lists those units with ``fix_unsupported``).
+    width (:attr:`Op.pins`); a known one (:attr:`Op.fixed_width`): the importer fixes and lists
+    those units by itself, no ``fix_unsupported`` needed.
     Costs: its three convs (BatchNorm parameters counted) and the two matrix products.
     """
 
     kind: ClassVar[str] = "attention"
     mixes: ClassVar[bool] = True
+    fixed_width: ClassVar[bool] = True
     torch_module_names: ClassVar[tuple[str, ...]] = (ULTRALYTICS_ATTENTION,)
     num_heads: int = 1
     key_dim: int = 8

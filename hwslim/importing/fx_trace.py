@@ -144,6 +144,12 @@ def _caller(node: fx.Node) -> tuple[str, str] | None:
     return str(path), str(getattr(cls, "__name__", cls)).rpartition(".")[2]
 
 
+def _module_of(node: fx.Node, gm: fx.GraphModule) -> str:
+    """``module 'model.10.m.0.attn' (Attention)``: the module a claimed node is (the list of fixed units)."""
+    caller = (str(node.target), _what(node, gm)) if node.op == "call_module" else _caller(node)
+    return f"module {caller[0] or '(the model)'!r} ({caller[1]})" if caller else f"node {node.name!r}"
+
+
 def _what(node: fx.Node, gm: fx.GraphModule) -> str:
     """The module class or function (tensor method) a node calls; for an ATen operator, its caller's class."""
     if node.op == "call_module":
@@ -811,12 +817,15 @@ class _Importer:
         return layout, mids, made, pinned
 
     def fix_pinned(self, pinned: list[tuple[int, _Group]], made: set[int], ch: "_Channels") -> None:
-        """Fix the units that reach an operator that moves channels (with ``fix_unsupported``), else refuse."""
+        """Fix the units that reach an operator that moves channels: by themselves where it is a known
+        fixed-width operator (:attr:`Op.fixed_width`, an attention block), with ``fix_unsupported``
+        for the others, else refuse naming the first such operator."""
         fixed_anyway = {ch.find(v) for v in ch.fixed}
         by: dict[int, _Group] = {}
         for v, g in pinned:
-            if ch.find(v) not in fixed_anyway:
-                by.setdefault(ch.find(v), g)
+            r = ch.find(v)
+            if r not in fixed_anyway and (r not in by or (by[r].op.fixed_width and not g.op.fixed_width)):
+                by[r] = g  # a unit an unknown operator also reaches needs the user's permission
         units: dict[str, tuple[int, _Group]] = {}
         for r, g in sorted(by.items()):
             members = [v for v in made if ch.find(v) == r]
@@ -825,15 +834,18 @@ class _Importer:
         ch.fixed.update(by)
         if not units:
             return
-        if not self.fix_unsupported:
-            first = min((g for _, g in units.values()), key=lambda g: self.nodes.index(g.members[0]))
-            names = list(units)
+        unknown = {u: (w, g) for u, (w, g) in units.items() if not g.op.fixed_width}
+        if unknown and not self.fix_unsupported:
+            first = min((g for _, g in unknown.values()), key=lambda g: self.nodes.index(g.members[0]))
+            names = list(unknown)
             listed = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
             raise ImportRefused(f"{_where(first.members[0], self.gm)}: hwslim has no slimmable operator for "
                                 f"{first.what}, which moves channels to other positions; {len(names)} unit(s) "
                                 f"reaching such operations would have to keep their width ({listed}); pass "
                                 "--fix-unsupported to import with them fixed")
-        self.fixed_units = {u: {"width": w, "by": g.name, "what": g.what} for u, (w, g) in units.items()}
+        self.fixed_units = {u: {"width": w, "by": g.name, "what": g.what,
+                                **({"module": _module_of(g.members[0], self.gm)} if g.op.fixed_width else {})}
+                            for u, (w, g) in units.items()}
 
 
 class _Resplit(Exception):
@@ -1014,18 +1026,34 @@ def compile_keep(keep: str) -> "re.Pattern[str]":
 
 
 def fixed_units(net) -> dict[str, dict[str, Any]]:
-    """The units an import with ``fix_unsupported`` kept fixed: name -> width, the operator that fixed it."""
+    """The units the import kept fixed: name -> width, the operator that fixed it (and, for a known
+    fixed-width operator that fixed them by itself, ``module``: the module it is)."""
     return dict(net.graph.meta.get("fixed_units") or {})
 
 
+def fixed_unit_rows(net) -> list[dict[str, Any]]:
+    """The fixed units as rows (``hwslim cost --units``): unit, width, and why it is fixed."""
+    return [{"unit": u, "width": f["width"],
+             "fixed": f"{f['what']}, {f['module']}" if f.get("module") else f"--fix-unsupported: {f['what']}"}
+            for u, f in fixed_units(net).items()]
+
+
 def fixed_units_note(net) -> str | None:
-    """One line for the CLI: which units ``--fix-unsupported`` kept fixed (None: none)."""
+    """One line for the CLI: which units the import kept fixed, and why (None: none)."""
     fixed = fixed_units(net)
     if not fixed:
         return None
-    kinds = sorted({f["what"].split(" (")[0] for f in fixed.values()})
-    return (f"--fix-unsupported: {len(fixed)} unit(s) reaching {' and '.join(kinds)} keep their width, "
-            f"{len(net.units)} slim: " + ", ".join(f"{u} ({f['width']})" for u, f in fixed.items()))
+    known = {u: f for u, f in fixed.items() if f.get("module")}
+    asked = {u: f for u, f in fixed.items() if u not in known}
+    notes = []
+    if asked:
+        kinds = sorted({f["what"].split(" (")[0] for f in asked.values()})
+        notes.append(f"--fix-unsupported: {len(asked)} unit(s) reaching {' and '.join(kinds)} keep their width, "
+                     f"{len(net.units)} slim: " + ", ".join(f"{u} ({f['width']})" for u, f in asked.items()))
+    if known:
+        notes.append(f"{len(known)} unit(s) fixed by the fixed-width operator they reach, {len(net.units)} slim: " +
+                     ", ".join(f"{u} ({f['width']}: {f['what']}, {f['module']})" for u, f in known.items()))
+    return "; ".join(notes)
 
 
-__all__ = ["ImportRefused", "fixed_units", "fixed_units_note", "import_model"]
+__all__ = ["ImportRefused", "fixed_unit_rows", "fixed_units", "fixed_units_note", "import_model"]
