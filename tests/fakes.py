@@ -40,3 +40,27 @@ class UserBlocks(nn.Module):
         x = self.stem(x)
         x = torch.relu(self.project(self.se(self.group(self.expand(x)))) + x)
         return torch.cat([x, torch.relu(self.side(x))], 1)
+
+
+def check_random_configs(net, x: torch.Tensor, tmp_path, seeds: int = 2) -> None:
+    """At ``seeds`` random configs: the materialized network (BN folded) equals the supernet, and so
+    does its ONNX file in ONNX Runtime (1e-4 relative)."""
+    import random
+
+    import numpy as np
+    import onnxruntime as ort
+
+    from hwslim.core.materialize import materialize
+    from hwslim.runtimes.onnx_file import export_onnx
+
+    for seed in range(seeds):
+        cfg = net.random_config(random.Random(seed))
+        with torch.no_grad(), net.using(cfg):
+            sliced = net(x)
+        plain = materialize(net, cfg, fold_bn=True).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(plain(x), sliced, rtol=1e-4, atol=1e-5)
+        onnx_path = export_onnx(plain, tmp_path / f"m{seed}.onnx", batch=x.shape[0], input_size=x.shape[-1])
+        got = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"]).run(
+            None, {"input": x.numpy()})[0]
+        assert np.abs(got - sliced.numpy()).max() <= 1e-4 * np.abs(sliced.numpy()).max()

@@ -12,7 +12,7 @@ from benchmarks.idioms import LinearSE
 from hwslim.core.errors import ModelError
 from hwslim.importing.fx_trace import ImportRefused, import_model
 from hwslim.core.materialize import materialize
-from fakes import UserBlocks, randomize_bn
+from fakes import UserBlocks, check_random_configs, randomize_bn
 
 
 class SE(nn.Module):
@@ -515,12 +515,8 @@ def test_detector_and_segmenter_idioms_import_with_parity(path, monkeypatch, tmp
     in multiples of its group size), BatchNorm1d, a gate of two branches, an SE of Linear layers
     without bias, scalar arithmetic, ``y.add(x)``/``y.add_(x)`` and a pool as large as its input:
     equal to the module at full width, supernet = materialized = ONNX Runtime at narrow configs."""
-    import numpy as np
-    import onnxruntime as ort
-
     import hwslim.importing.fx_trace
     from hwslim.core.costs import model_costs
-    from hwslim.runtimes.onnx_file import export_onnx
 
     if path == "torch.export":
         def fx_fails(self, root, *args, **kwargs):
@@ -540,17 +536,7 @@ def test_detector_and_segmenter_idioms_import_with_parity(path, monkeypatch, tmp
     with torch.no_grad():
         want = theirs(x)
         assert (net(x) - want).abs().max() <= 1e-5 * want.abs().max()
-    for seed in range(2):
-        cfg = net.random_config(random.Random(seed))
-        with torch.no_grad(), net.using(cfg):
-            sliced = net(x)
-        plain = materialize(net, cfg, fold_bn=True).eval()
-        with torch.no_grad():
-            torch.testing.assert_close(plain(x), sliced, rtol=1e-4, atol=1e-5)
-        onnx_path = export_onnx(plain, tmp_path / f"m{seed}.onnx", batch=2, input_size=32)
-        got = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"]).run(
-            None, {"input": x.numpy()})[0]
-        assert np.abs(got - sliced.numpy()).max() <= 1e-4 * np.abs(sliced.numpy()).max()
+    check_random_configs(net, x, tmp_path)
 
 
 def test_frozen_batch_norm_folds_into_its_conv():

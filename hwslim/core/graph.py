@@ -37,6 +37,15 @@ GRAPH_FORMAT = "hwslim-graph"
 GRAPH_VERSION = 1
 
 
+def same_channels(a: Layout, b: Layout) -> bool:
+    """Whether two layouts can be combined element-wise: the same units part by part, or fixed
+    channels only, as many in all (ReXNet's partial residual adds a slice to a concatenation)."""
+    a, b = tuple(a), tuple(b)
+    if a == b:
+        return True
+    return all(isinstance(w, int) for w in a + b) and sum(a) == sum(b)
+
+
 @dataclass(frozen=True)
 class Node:
     """One step of a supernet's graph."""
@@ -161,7 +170,7 @@ def tensor_infos(nodes: Sequence[Node], input_size: int | tuple[int, int], in_ch
         layouts = [t.layout for t in ins]
         n.op.check_inputs(n.name, layouts)
         for a, b in n.op.unit_ties(n, layouts):
-            if tuple(a) != tuple(b):
+            if not same_channels(a, b):
                 raise ValueError(f"{n.name}: inputs with different channel units {tuple(a)} and {tuple(b)} "
                                  f"cannot be combined element-wise")
         if n.name in infos:

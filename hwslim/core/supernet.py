@@ -25,7 +25,7 @@ from torch import nn
 from hwslim.core.config import ChannelConfig
 from hwslim.core.errors import ConfigError
 from hwslim.core.graph import (INPUT, Graph, LayerSpec, Node, UnitDef, Width, graph_from_dict, graph_to_dict,
-                          last_uses, layer_specs, resolve, run_graph, tensor_infos)
+                          last_uses, layer_specs, resolve, run_graph, same_channels, tensor_infos)
 from hwslim.core.ops import (Act, Add, AvgPool, BatchNorm, ChannelShuffle, ChannelSlice, Concat, Conv, Dropout, Flatten,
                         GlobalAvgPool, Linear, MaxPool, Op, Slice, SqueezeExcite)
 from hwslim.core.rounding import DEFAULT_DIVISOR, DIVISORS
@@ -77,7 +77,7 @@ class GraphBuilder:
         layouts = [self._layouts[t] for t in node.inputs]
         node.op.check_inputs(node.name, layouts)
         for a, b in node.op.unit_ties(node, layouts):
-            if tuple(a) != tuple(b):
+            if not same_channels(a, b):
                 raise ValueError(f"{node.name}: cannot combine channels of units {tuple(a)} and {tuple(b)} "
                                  "element-wise; give both the same unit")
         self.nodes.append(node)

@@ -122,7 +122,9 @@ def _where(node: fx.Node, gm: fx.GraphModule) -> str:
         caller = (str(node.target), _what(node, gm)) if node.op == "call_module" else _caller(node)
     if caller is not None:
         return f"module {caller[0] or '(the model)'!r} ({caller[1]}{line})"
-    return f"node {node.name!r} ({_what(node, gm)}{line})"
+    owner = _caller(node)  # a function or method inside a submodule's forward: name that module too
+    inside = f"module {owner[0]!r} ({owner[1]}), " if owner is not None and owner[0] else ""
+    return f"{inside}node {node.name!r} ({_what(node, gm)}{line})"
 
 
 def _aten_caller(node: fx.Node) -> tuple[str, str] | None:
@@ -265,6 +267,7 @@ class _Group:
     name: str = ""
     base: str = ""  # the name to give it (default: its first node's module path or fx name)
     what: str = ""  # an operator that moves channels (ChannelShuffle, ChannelSlice): what it was in the module
+    sliced: ChannelSlice | None = None  # a slice read as a whole part of its input (ChannelPart), per flow
 
     @property
     def last(self) -> fx.Node:
@@ -787,6 +790,7 @@ class _Importer:
         creator: dict[int, _Group] = {}
         for g in groups:
             in_lays = [tuple(layout[tensor(x)]) for x in g.inputs]
+            self.read_part(g, in_lays, ch)
             out = ch.new(g.out_channels, g.name) if g.op.sets_width else None
             if out is not None:
                 creator[out] = g
@@ -805,7 +809,13 @@ class _Importer:
                 ch.in_multiples(in_lays[0][0], g.op.quantum)
             for a_lay, b_lay in g.op.unit_ties(node, in_lays):  # element-wise: equal channel units
                 if len(a_lay) != len(b_lay):
-                    raise _resplit(g, a_lay, b_lay, creator, ch)
+                    resplit = _resplit(a_lay, b_lay, creator, ch)
+                    if resplit is not None:
+                        raise resplit
+                    # parts that do not line up (ReXNet's partial residual x[:, :c] + shortcut): fixed
+                    g.what = g.what or f"a {g.op.kind} of tensors made of different channel groups"
+                    pinned += [(v, g) for v in a_lay + b_lay]
+                    continue
                 for a, b in zip(a_lay, b_lay):
                     ch.union(a, b)
             if mid is not None:
@@ -815,6 +825,21 @@ class _Importer:
                 self.kept += 1
             layout[g.name] = lay
         return layout, mids, made, pinned
+
+    def read_part(self, g: _Group, in_lays: list[tuple], ch: "_Channels") -> None:
+        """A channel slice or split that takes exactly one part of a tensor in parts (MixNet's split of
+        a concatenation along its own parts) is that part, slimmable (:class:`ChannelPart`); else it
+        stays a slice, its channels fixed. Decided again in every flow: parts change on a resplit."""
+        if g.sliced is None and not isinstance(g.op, ChannelSlice):
+            return
+        g.sliced = g.sliced or g.op
+        g.op = g.sliced
+        starts = [0]
+        for v in in_lays[0]:
+            starts.append(starts[-1] + ch.width[ch.find(v)])
+        k = starts.index(g.op.start) if g.op.start in starts else len(starts)
+        if len(in_lays[0]) > 1 and k + 1 < len(starts) and starts[k + 1] == g.op.stop:
+            g.op = ChannelPart(k)
 
     def fix_pinned(self, pinned: list[tuple[int, _Group]], made: set[int], ch: "_Channels") -> None:
         """Fix the units that reach an operator that moves channels: by themselves where it is a known
@@ -856,17 +881,17 @@ class _Resplit(Exception):
         self.group, self.parts = group, parts
 
 
-def _resplit(g: _Group, a: tuple, b: tuple, creator: dict[int, _Group], ch: "_Channels") -> Exception:
-    """What to raise when ``g`` combines element-wise a tensor of one channel variable with one of
-    several equal parts (GhostNet: a conv's output plus a concatenation of two halves): start again
-    with that conv's output in as many parts (:attr:`Conv.parts`), else refuse."""
+def _resplit(a: tuple, b: tuple, creator: dict[int, _Group], ch: "_Channels") -> _Resplit | None:
+    """When an element-wise op combines a tensor of one channel variable with one of several equal
+    parts (GhostNet: a conv's output plus a concatenation of two halves): start again with that
+    conv's output in as many parts (:attr:`Conv.parts`); None when no conv can (its channels are fixed)."""
     one, many = (a, b) if len(a) == 1 else (b, a)
     conv = creator.get(one[0]) if len(one) == 1 else None
     widths = {ch.width[v] for v in many}
     if conv is not None and isinstance(conv.op, Conv) and conv.op.sets_width and conv.op.parts == 1 and \
             len(widths) == 1 and conv.out_channels == len(many) * widths.pop():
         return _Resplit(conv, len(many))
-    return ImportRefused(f"{g.name}: combines tensors made of different channel groups")
+    return None
 
 
 class _Channels:
