@@ -201,3 +201,13 @@ def test_yolov8n_raw_head_exports_three_levels_with_parity(v8n, tmp_path, capsys
     out = json.loads(capsys.readouterr().out)
     assert out["max_rel_error"] < 1e-4
     assert [o.name for o in onnx.load(str(tmp_path / "cli.onnx")).graph.output] == names
+
+
+def test_output_names_are_identifiers_or_numbered():
+    """A torchvision backbone's OrderedDict keys "0", "1"... are no names torch's ONNX exporter
+    takes ("Invalid name: '0'" refused SSDLite's backbone): such outputs are numbered instead."""
+    from hwslim.runtimes.onnx_file import OUTPUT_NAME, output_names
+
+    assert output_names(()) == [OUTPUT_NAME]
+    assert output_names((("0", "a"), ("1", "b"))) == ["output0", "output1"]
+    assert output_names((("boxes", "a"), ("scores", "b"))) == ["boxes", "scores"]

@@ -42,11 +42,12 @@ INPUT_NAME, OUTPUT_NAME = "input", "logits"
 def output_names(outputs: Sequence[tuple[Key, str]] = ()) -> list[str]:
     """The ONNX graph outputs of a network whose several outputs are ``outputs`` (:attr:`Graph.outputs`):
     ``[OUTPUT_NAME]`` for one (as every file exported before), a dict's keys where they are distinct
-    non-empty names other than the input's, else ``output0 .. output{N-1}`` in the module's order."""
+    identifiers other than the input's, else ``output0 .. output{N-1}`` in the module's order (a
+    torchvision backbone's keys "0", "1"... are refused by torch's ONNX exporter as names)."""
     if not outputs:
         return [OUTPUT_NAME]
     keys = [k for k, _ in outputs]
-    if all(isinstance(k, str) and k for k in keys) and len(set(keys)) == len(keys) and INPUT_NAME not in keys:
+    if all(isinstance(k, str) and k.isidentifier() for k in keys) and len(set(keys)) == len(keys) and INPUT_NAME not in keys:
         return list(keys)
     return [f"output{i}" for i in range(len(outputs))]
 
