@@ -541,6 +541,7 @@ def main() -> None:
     ap.add_argument("--search-images", type=int, help="search-split images hwslim's search scores on (0: all)")
     ap.add_argument("--methods", nargs="+", default=("hwslim",) + PEERS, choices=("hwslim",) + PEERS,
                     help="hwslim and the full model always run")
+    ap.add_argument("--mo-divisors", type=int, nargs="+", help="ModelOpt FastNAS channel divisors (default 8 16)")
     ap.add_argument("--criterion", default=DEFAULT_CRITERION, choices=CRITERIA, help="hwslim's greedy rule")
     ap.add_argument("--table", type=Path, help="the latency table (one model; default: the committed one if it "
                                                "matches this machine, else one profiled here)")
@@ -560,6 +561,8 @@ def main() -> None:
     size = replace(size, **{k: v for k, v in given.items() if v is not None})
     if args.search_images is not None:
         size = replace(size, search_images=args.search_images or None)
+    if args.mo_divisors:
+        size = replace(size, mo_divisors=tuple(args.mo_divisors))
     if args.train_images is not None:
         size = replace(size, train_images=args.train_images or None)
     torch.set_num_threads(args.threads)
