@@ -41,7 +41,8 @@ def run(args) -> int:
     from hwslim.latency.verify import resolve_model
     from hwslim.core.config import ChannelConfig
     from hwslim.core.errors import ConfigError
-    from hwslim.pipeline.heldout import check_exported, evaluate_configs_heldout, evaluate_exported, percent
+    from hwslim.pipeline.heldout import (check_classifier, check_exported, evaluate_configs_heldout,
+                                         evaluate_exported, percent)
 
     # `--config a.json b.json model.onnx`: argparse gives the ONNX file to --config; it is a model
     args.models = list(args.models) + [c for c in args.config if c.endswith(".onnx")]
@@ -64,6 +65,7 @@ def run(args) -> int:
     if args.checkpoint:
         for c, cfg in configs:  # a config for another model, size or off the grid: one line, before any work
             ckpt = checkpoint(args.checkpoint)
+            check_classifier(len(ckpt.model.outputs), args.checkpoint)
             ckpt.check_config(cfg)
             if int(ckpt.data.get("input_size", cfg.input_size)) != cfg.input_size:
                 raise ConfigError(f"{c} is a config at {cfg.input_size}px, but {args.checkpoint}'s data is "

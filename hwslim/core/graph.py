@@ -223,6 +223,14 @@ def collect_outputs(env: Mapping[str, Any], outputs: Sequence[tuple[Key, str]]) 
     return tuple(env[t] for _, t in outputs)
 
 
+def flatten_outputs(out: torch.Tensor | tuple | list | Mapping[Any, torch.Tensor]) -> list[torch.Tensor]:
+    """A network's outputs as a list, in the order :attr:`Graph.outputs` names them: ``[out]`` for one
+    tensor, the values of a tuple, list or dict (:func:`collect_outputs` builds them in that order)."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    return list(out.values()) if isinstance(out, Mapping) else list(out)
+
+
 def can_overwrite(env: Mapping[str, torch.Tensor], name: str, i: int, free_after: Mapping[str, int],
                   inputs: Sequence[str], borrowed: frozenset[str] | set[str] = frozenset(),
                   held: frozenset[int] | set[int] = frozenset()) -> bool:

@@ -20,6 +20,7 @@ class ExecuTorchFormat(ExportFormat):
     out_help = "ExecuTorch: .pte"
     error_key = "pte_max_rel_error"
     measures_artifact = True
+    several_outputs = False  # run_program reads one output: refused before any work, not checked half
 
     @classmethod
     def check_options(cls, options: ExportOptions) -> None:

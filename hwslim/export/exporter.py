@@ -25,11 +25,13 @@ from torch import nn
 from hwslim.core.version import __version__
 from hwslim.core.config import ChannelConfig, atomic_write_text
 from hwslim.core.outputs import owned, remove_stale_temporaries, temporary_path
-from hwslim.core.errors import HwslimError, OutputExistsError
+from hwslim.core.errors import ConfigError, HwslimError, OutputExistsError
 from hwslim.core.materialize import PlainNet
 from hwslim.export.formats import (FP16_TOLERANCE, FP32_TOLERANCE, ExportCheckError, ExportFormat, ExportJob,
                                    ExportOptions, format_class)
-from hwslim.runtimes.onnx_file import META_PREFIX, export_onnx, ort_outputs, remove_temporaries, sha256_file
+from hwslim.core.graph import flatten_outputs
+from hwslim.runtimes.onnx_file import (META_PREFIX, export_onnx, ort_outputs, output_names, outputs_metadata,
+                                       remove_temporaries, sha256_file)
 
 
 @dataclass(frozen=True)
@@ -75,10 +77,12 @@ class _HalfGraph(nn.Module):
     def __init__(self, net: PlainNet) -> None:
         super().__init__()
         self.net = copy.deepcopy(net).half()
-        self.specs = net.specs
+        self.specs, self.outputs = net.specs, net.outputs
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x.half()).float()
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        outs = [o.float() for o in flatten_outputs(self.net(x.half()))]
+        return tuple(outs) if self.outputs else outs[0]
+
 
 def provenance(ckpt, config: ChannelConfig, opts: ExportOptions, *, precision: str,
                config_path: Path | None = None) -> dict[str, str]:
@@ -99,6 +103,7 @@ def provenance(ckpt, config: ChannelConfig, opts: ExportOptions, *, precision: s
         "dynamic_batch": str(bool(opts.dynamic_batch)).lower(),
         "precision": precision,
         "opset": str(opts.opset),
+        **outputs_metadata(model.outputs),  # several outputs: each one's key and graph output
     }
     if ckpt.path is not None:
         meta["checkpoint"] = str(Path(ckpt.path).resolve())
@@ -232,6 +237,10 @@ def _export_model(ckpt, config: ChannelConfig | str | os.PathLike, out: Path, op
     net = ckpt.model.cpu().eval()
     net.validate(cfg)
     fmt = format_class(opts.format)(out, opts)
+    if len(net.outputs) > 1 and not fmt.several_outputs:
+        raise ConfigError(f"--format {opts.format} exports a network with one output; this one has "
+                          f"{len(net.outputs)} ({', '.join(output_names(net.outputs))}): use --format onnx, openvino "
+                          "or torch")
     files = fmt.files()
     _check_outputs([out, *files.beside(out)], opts.force)
     remove_stale_temporaries(out.parent)  # left by an export killed while writing
@@ -246,8 +255,9 @@ def _export_model(ckpt, config: ChannelConfig | str | os.PathLike, out: Path, op
     meta = provenance(ckpt, cfg, opts, precision=precision, config_path=config_path)
     meta["bn_statistics"] = bn
     with torch.no_grad(), net.using(cfg):
-        reference = torch.cat([net(images[i:i + 64]) for i in range(0, len(images), 64)])
-    job = ExportJob(plain, images, reference, check, tolerance, opts, log)
+        runs = [flatten_outputs(net(images[i:i + 64])) for i in range(0, len(images), 64)]
+    reference = tuple(torch.cat(parts) for parts in zip(*runs))  # one tensor per output
+    job = ExportJob(plain, images, reference, check, tolerance, opts, log, tuple(output_names(net.outputs)))
     err, artifact_err = _write(fmt, files.onnx, job, meta, onnx_fp16)
     if files.sidecar is not None:
         named = {k: str(p.resolve()) for k, p in files.named.items()}

@@ -22,14 +22,14 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, ClassVar
+from typing import Callable, ClassVar, Sequence
 
 import torch
 from torch import nn
 
 from hwslim.core.errors import ConfigError, HwslimError
 from hwslim.core.outputs import temporary_path
-from hwslim.runtimes.onnx_file import ONNX_OPSET, check_opset, max_relative_error
+from hwslim.runtimes.onnx_file import ONNX_OPSET, OUTPUT_NAME, check_opset, max_relative_error
 
 FP32_TOLERANCE = 1e-4  # max relative error of ONNX Runtime vs PyTorch in fp32
 FP16_TOLERANCE = 1e-2
@@ -103,18 +103,29 @@ class ExportJob:
 
     plain: nn.Module  # the materialized network, BatchNorm folded, fp32
     images: torch.Tensor  # the check images, at the config's input size
-    reference: torch.Tensor  # PyTorch's outputs on them
+    reference: tuple[torch.Tensor, ...]  # PyTorch's outputs on them, one per output (flatten_outputs' order)
     check: str  # what the images are, for messages
     tolerance: float
     options: ExportOptions
     log: Callable[[str], None]
+    names: tuple[str, ...] = (OUTPUT_NAME,)  # the graph output of each (output_names)
 
-    def parity(self, runtime: str, got: torch.Tensor) -> float:
-        """Max relative error of ``runtime``'s outputs against PyTorch's, logged; refused above the tolerance."""
-        err = max_relative_error(got, self.reference)
-        self.log(f"{runtime} vs PyTorch on {self.check}: max relative error {err:.2e} (tolerance {self.tolerance:.0e})")
+    def parity(self, runtime: str, got: torch.Tensor | Sequence[torch.Tensor]) -> float:
+        """Max relative error of ``runtime``'s outputs against PyTorch's, each output against its own
+        scale (a detector's box and class maps differ by orders of magnitude), logged; refused above
+        the tolerance, naming the output. Returns the largest."""
+        got = [got] if isinstance(got, torch.Tensor) else list(got)
+        if len(got) != len(self.reference):
+            raise ExportCheckError(f"{runtime} returned {len(got)} output(s) where PyTorch returns "
+                                   f"{len(self.reference)}; nothing was written")
+        errs = [max_relative_error(g, r) for g, r in zip(got, self.reference)]
+        worst = max(range(len(errs)), key=lambda i: (not errs[i] <= self.tolerance, errs[i]))  # NaN counts as worst
+        err, which = errs[worst], (f" ({self.names[worst]})" if len(errs) > 1 else "")
+        each = f"; per output {', '.join(f'{n} {e:.2e}' for n, e in zip(self.names, errs))}" if len(errs) > 1 else ""
+        self.log(f"{runtime} vs PyTorch on {self.check}: max relative error {err:.2e} (tolerance "
+                 f"{self.tolerance:.0e}){each}")
         if not err <= self.tolerance:
-            raise ExportCheckError(f"{runtime} and PyTorch disagree: max relative error {err:.3e} > "
+            raise ExportCheckError(f"{runtime} and PyTorch disagree{which}: max relative error {err:.3e} > "
                                    f"{self.tolerance:.0e} on {self.check}; nothing was written")
         return err
 
@@ -146,6 +157,7 @@ class ExportFormat:
     out_help: ClassVar[str]  # which file to give ``--out``
     error_key: ClassVar[str] = ""  # metadata and --json key of the artifact's max relative error vs PyTorch
     measures_artifact: ClassVar[bool] = False  # --verify times the artifact itself, not its ONNX source
+    several_outputs: ClassVar[bool] = True  # writes and checks a network with several outputs
 
     def __init__(self, out: Path, options: ExportOptions) -> None:
         self.out, self.options = out, options

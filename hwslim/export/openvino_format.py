@@ -46,12 +46,12 @@ class OpenVinoFormat(ExportFormat):
         return False
 
     def build(self, onnx_path: Path, job: ExportJob) -> float:
-        from hwslim.runtimes.openvino_ir import run_model, to_model
+        from hwslim.runtimes.openvino_ir import run_outputs, to_model
 
         self._ir = to_model(onnx_path)
         opts = job.options
-        got = run_model(self._ir, job.images.numpy(), opts.batch, opts.dynamic_batch)
-        return job.parity("OpenVINO", torch.from_numpy(got))
+        got = run_outputs(self._ir, job.images.numpy(), opts.batch, opts.dynamic_batch)
+        return job.parity("OpenVINO", [torch.from_numpy(g) for g in got])
 
     def save(self, meta: dict[str, str]) -> None:
         from hwslim.runtimes.openvino_ir import save_ir

@@ -1,7 +1,8 @@
 """``--format torch``: a ``torch.export`` program (``.pt2``) of the plain network, for PyTorch deployments.
 
 The program is the materialized network (BatchNorm folded, fp32, fixed batch) as
-``torch.export`` captures it; ``torch.export.load(path).module()`` runs it without hwslim.
+``torch.export`` captures it; ``torch.export.load(path).module()`` runs it without hwslim
+and returns what the network returns (a tuple or dict for several outputs).
 It is checked against PyTorch like the ONNX file (kept beside it), and the metadata goes
 into the program's ``extra_files`` (``hwslim.json``) and a JSON sidecar.
 """
@@ -11,6 +12,7 @@ import json
 import os
 from pathlib import Path
 
+from hwslim.core.graph import flatten_outputs
 from hwslim.export.formats import ExportFiles, ExportFormat, ExportJob, ExportOptions, fp32_fixed_batch_only, out_suffix
 
 
@@ -44,8 +46,9 @@ class TorchExportFormat(ExportFormat):
         self._program = torch.export.export(job.plain.eval(), (job.images[:batch],))
         run = self._program.module()
         with torch.no_grad():
-            got = torch.cat([run(job.images[i:i + batch]) for i in range(0, len(job.images) // batch * batch, batch)])
-        return job.parity("torch.export", got)
+            runs = [flatten_outputs(run(job.images[i:i + batch]))
+                    for i in range(0, len(job.images) // batch * batch, batch)]
+        return job.parity("torch.export", [torch.cat(parts) for parts in zip(*runs)])
 
     def save(self, meta: dict[str, str]) -> None:
         import torch

@@ -39,6 +39,7 @@ def evaluate_configs_heldout(ckpt, configs: list[tuple[str, ChannelConfig]], *, 
     from hwslim.training.train import evaluate_configs
 
     net = ckpt.model
+    check_classifier(len(net.outputs), str(ckpt.path or net.name))
     for _, cfg in configs:
         net.validate(cfg)
     images, labels, on = heldout_split(ckpt, max_images)
@@ -59,7 +60,7 @@ def onnx_top1(path, images: torch.Tensor, labels: torch.Tensor, batch: int = 1, 
     pad = 0 if dynamic else (-n) % batch
     if pad:
         images = torch.cat([images, images[:1].expand(pad, *images.shape[1:])])
-    logits = ort_outputs(path, images.float().contiguous(), batch, dynamic)[:n]
+    logits = ort_outputs(path, images.float().contiguous(), batch, dynamic)[0][:n]
     return float((logits.argmax(1) == labels).float().mean()) if n else 0.0
 
 
@@ -91,16 +92,29 @@ def evaluate_exported(models: list[tuple[str, Path, dict]], load: Callable[[str]
     return rows, evaluated_on
 
 
+def check_classifier(outputs: int, what: str) -> None:
+    """Refuse (ConfigError, one line) a model with several outputs: held-out top-1 scores a
+    classifier's one output of logits; a detector or segmenter is scored by the user's own
+    ``score_fn`` (:func:`hwslim.search_configs`)."""
+    from hwslim.core.errors import ConfigError
+
+    if outputs > 1:
+        raise ConfigError(f"{what} has {outputs} outputs: hwslim eval scores a classifier's top-1 on one output of "
+                          "logits; score a detector or segmenter with your own metric (hwslim.search_configs "
+                          "score_fn=..., or the exported model in your evaluation code)")
+
+
 def check_exported(path: Path, meta: dict, load: Callable[[str], Any], checkpoint: str | None):
     """Refuse (one line) an exported model that cannot be scored: no config or checkpoint in its
     metadata, a config that does not fit the checkpoint's supernet or data size, a garbled batch.
     Returns ``(config, checkpoint path, checkpoint)``."""
     from hwslim.core.errors import ConfigError
     from hwslim.latency.verify import metadata_int
-    from hwslim.runtimes.onnx_file import config_from_metadata
+    from hwslim.runtimes.onnx_file import config_from_metadata, metadata_outputs
 
     from hwslim.core.resources import check_inference
 
+    check_classifier(len(metadata_outputs(meta, str(path))), str(path))
     cfg = config_from_metadata(meta, str(path))
     batch = metadata_int(meta, "batch", str(path), 1)
     ck = checkpoint or meta.get("checkpoint")

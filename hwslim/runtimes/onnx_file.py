@@ -2,7 +2,9 @@
 and running them with ONNX Runtime.
 
 ``export_onnx`` writes the plain network (BatchNorm folded) with input ``input`` and
-output ``logits``. It uses PyTorch's TorchScript-based exporter, which is about 15x
+output ``logits``; a network with several outputs (a detector's levels, a segmenter's
+dict) gets one graph output each, named by :func:`output_names` and recorded in the
+metadata (:func:`outputs_metadata`, read back by :func:`metadata_outputs`). It uses PyTorch's TorchScript-based exporter, which is about 15x
 faster than the torch.export-based one on these graphs (0.26 s vs 4 s for a
 MobileNetV2, measured on the 2-core CPU machine), and falls back to the latter where
 the former is unavailable. Both give the same graph after ONNX Runtime's optimizer.
@@ -12,16 +14,19 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import json
 import os
 import warnings
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import torch
+from torch import nn
 
 from hwslim.core.outputs import temporary_path
 from hwslim.core.config import ChannelConfig
 from hwslim.core.errors import ConfigError
+from hwslim.core.graph import Key, flatten_outputs
 from hwslim.core.materialize import PlainNet
 
 
@@ -32,6 +37,53 @@ MIN_OPSET = 17
 
 
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
+
+
+def output_names(outputs: Sequence[tuple[Key, str]] = ()) -> list[str]:
+    """The ONNX graph outputs of a network whose several outputs are ``outputs`` (:attr:`Graph.outputs`):
+    ``[OUTPUT_NAME]`` for one (as every file exported before), a dict's keys where they are distinct
+    non-empty names other than the input's, else ``output0 .. output{N-1}`` in the module's order."""
+    if not outputs:
+        return [OUTPUT_NAME]
+    keys = [k for k, _ in outputs]
+    if all(isinstance(k, str) and k for k in keys) and len(set(keys)) == len(keys) and INPUT_NAME not in keys:
+        return list(keys)
+    return [f"output{i}" for i in range(len(outputs))]
+
+
+def outputs_metadata(outputs: Sequence[tuple[Key, str]] = ()) -> dict[str, str]:
+    """The metadata that records several outputs: ``{"outputs": JSON [[key, graph output], ...]}``, the
+    module's key (a dict's key or a tuple's position) of each graph output; ``{}`` for one output."""
+    if not outputs:
+        return {}
+    return {"outputs": json.dumps([[k, n] for (k, _), n in zip(outputs, output_names(outputs))])}
+
+
+def metadata_outputs(meta: Mapping[str, str], source: str = "model") -> list[tuple[Key, str]]:
+    """(key, graph output name) of each output an exported model records (:func:`outputs_metadata`);
+    ``[("", OUTPUT_NAME)]`` for a model with one output."""
+    if "outputs" not in meta:
+        return [("", OUTPUT_NAME)]
+    try:
+        pairs = [(k, str(n)) for k, n in json.loads(meta["outputs"])]
+        if not pairs or not all(isinstance(k, (str, int)) for k, _ in pairs):
+            raise ValueError
+    except (ValueError, TypeError):
+        raise ConfigError(f"{source}: its hwslim metadata 'outputs' is not a list of [key, name] pairs; "
+                          "re-export the model") from None
+    return pairs
+
+
+class FlatOutputs(nn.Module):
+    """``net`` returning its several outputs as one flat tuple (:func:`flatten_outputs`): what the
+    exporters write as one graph output each, whatever the module returned (a dict, a list...)."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(flatten_outputs(self.net(x)))
 
 
 def max_opset() -> int:
@@ -69,18 +121,21 @@ def export_onnx(net: PlainNet, path: str | os.PathLike, *, batch: int = 1, input
     was_training = net.training
     net.eval()
     tmp = temporary_path(path)
-    dynamic_axes = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if dynamic_batch else None
+    outputs = tuple(getattr(net, "outputs", ()))
+    names = output_names(outputs)
+    module = FlatOutputs(net) if outputs else net
+    dynamic_axes = {n: {0: "batch"} for n in (INPUT_NAME, *names)} if dynamic_batch else None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             try:
-                torch.onnx.export(net, (x,), str(tmp), dynamo=False, opset_version=opset,
-                                  input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], dynamic_axes=dynamic_axes)
+                torch.onnx.export(module, (x,), str(tmp), dynamo=False, opset_version=opset,
+                                  input_names=[INPUT_NAME], output_names=names, dynamic_axes=dynamic_axes)
             except (TypeError, RuntimeError, AttributeError):
                 dyn = {"x": {0: torch.export.Dim("batch")}} if dynamic_batch else None
                 remove_temporaries(tmp)  # whatever the failed first attempt left
-                torch.onnx.export(net, (x,), str(tmp), dynamo=True, opset_version=max(opset, 18),
-                                  input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], dynamic_shapes=dyn,
+                torch.onnx.export(module, (x,), str(tmp), dynamo=True, opset_version=max(opset, 18),
+                                  input_names=[INPUT_NAME], output_names=names, dynamic_shapes=dyn,
                                   external_data=False)
         os.replace(tmp, path)
     finally:
@@ -140,7 +195,8 @@ def check_graph(model, path: Path, meta: Mapping[str, str]) -> None:
     """Refuse (ConfigError, one line) an ONNX file no runtime should be handed: external data
     outside its own folder (ONNX Runtime would read any file it names), or, where it carries
     hwslim's metadata, a graph that is not the one the metadata describes (another input
-    size or class count: a crafted file or one edited after export)."""
+    size, other outputs, or, for a classifier's one output, another class count: a crafted
+    file or one edited after export)."""
     import onnx
 
     folder = path.resolve().parent
@@ -158,10 +214,17 @@ def check_graph(model, path: Path, meta: Mapping[str, str]) -> None:
     want = {"size": str(cfg.input_size), "classes": meta.get("num_classes")}  # the batch: its reader's checks
     want = {k: v for k, v in want.items() if str(v).isdigit()}  # a garbled number is refused by its own reader
     shape = _dims(inputs[0]) if len(inputs) == 1 else []
-    if len(shape) != 4 or len(model.graph.output) != 1:
+    if len(shape) != 4:
         raise ConfigError(f"{path}: its graph takes {len(inputs)} input(s) of rank {len(shape)}, not the one image "
                           "batch its hwslim metadata describes; re-export the model")
-    found = {"size": shape[2], "classes": (_dims(model.graph.output[0]) + [None, None])[1]}
+    names = [n for _, n in metadata_outputs(meta, str(path))]
+    graph_names = [o.name for o in model.graph.output]
+    if len(graph_names) != len(names) or (len(names) > 1 and graph_names != names):
+        raise ConfigError(f"{path}: its graph's outputs are {graph_names}, not the "
+                          f"{names} its hwslim metadata describes; re-export the model")
+    found = {"size": shape[2]}
+    if len(names) == 1:  # a classifier's logits: the class count (several outputs keep their own widths)
+        found["classes"] = (_dims(model.graph.output[0]) + [None, None])[1]
     for key, value in found.items():
         if value is not None and key in want and str(value) != want[key]:
             raise ConfigError(f"{path}: its graph has {key} {value} but its hwslim metadata says {want[key]}: "
@@ -180,7 +243,10 @@ def config_from_metadata(meta: Mapping[str, str], source: str = "model") -> Chan
     return ChannelConfig.from_json(meta["config"], source=f"{source} (metadata)")
 
 
-def ort_outputs(path: Path, images: torch.Tensor, batch: int, dynamic: bool):
+def ort_outputs(path: Path, images: torch.Tensor, batch: int, dynamic: bool) -> list[torch.Tensor]:
+    """Every graph output of the ONNX file at ``path`` on ``images`` (in batches of ``batch``, or all at
+    once for a dynamic batch), in the graph's order: one tensor for a classifier's logits, one per
+    output of a network with several."""
     import numpy as np
     import onnxruntime as ort
 
@@ -188,6 +254,5 @@ def ort_outputs(path: Path, images: torch.Tensor, batch: int, dynamic: bool):
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL  # what deployment runs
     sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     step = len(images) if dynamic else batch
-    outs = [sess.run([OUTPUT_NAME], {INPUT_NAME: images[i:i + step].numpy()})[0]
-            for i in range(0, len(images), step)]
-    return torch.from_numpy(np.concatenate(outs))
+    runs = [sess.run(None, {INPUT_NAME: images[i:i + step].numpy()}) for i in range(0, len(images), step)]
+    return [torch.from_numpy(np.concatenate(parts)) for parts in zip(*runs)]

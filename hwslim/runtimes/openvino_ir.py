@@ -75,8 +75,14 @@ def convert(onnx_path: str | os.PathLike, xml_path: str | os.PathLike,
 
 
 def run_model(model, images: np.ndarray, batch: int, dynamic: bool = False, precision: str = "f32") -> np.ndarray:
-    """Outputs of ``model`` (an ``openvino.Model`` or an IR/ONNX path) on ``images`` (N, C, H, W),
+    """The (first) output of ``model`` (an ``openvino.Model`` or an IR/ONNX path) on ``images`` (N, C, H, W),
     run in batches of ``batch`` on the CPU at ``precision`` (``f32``: the parity check)."""
+    return run_outputs(model, images, batch, dynamic, precision)[0]
+
+
+def run_outputs(model, images: np.ndarray, batch: int, dynamic: bool = False,
+                precision: str = "f32") -> list[np.ndarray]:
+    """Every output of ``model`` on ``images``, in the model's order (its ONNX graph's), as :func:`run_model`."""
     ov = require()
     core = ov.Core()
     src = str(model) if isinstance(model, (str, os.PathLike)) else model
@@ -85,9 +91,9 @@ def run_model(model, images: np.ndarray, batch: int, dynamic: bool = False, prec
     except Exception as e:
         raise OpenVinoError(f"OpenVINO could not compile the model: {str(e).splitlines()[0][:200]}") from None
     step = len(images) if dynamic else batch
-    outs = [compiled(np.ascontiguousarray(images[i:i + step], dtype=np.float32))[compiled.output(0)]
+    runs = [compiled(np.ascontiguousarray(images[i:i + step], dtype=np.float32))
             for i in range(0, len(images), step)]
-    return np.concatenate(outs)
+    return [np.concatenate([r[out] for r in runs]) for out in compiled.outputs]
 
 
 def ir_metadata(xml_path: str | os.PathLike) -> dict[str, str]:
@@ -99,5 +105,5 @@ def ir_metadata(xml_path: str | os.PathLike) -> dict[str, str]:
     return {str(k): str(v.astype(str)) for k, v in model.get_rt_info(["hwslim"]).astype(dict).items()}
 
 
-__all__ = ["INSTALL_HINT", "OpenVinoError", "convert", "ir_metadata", "ir_paths", "require", "run_model", "save_ir",
+__all__ = ["INSTALL_HINT", "OpenVinoError", "convert", "ir_metadata", "ir_paths", "require", "run_model", "run_outputs", "save_ir",
            "to_model", "version"]

@@ -289,6 +289,11 @@ class EngineRunner:
         return table[self.engine.get_tensor_dtype(name)]
 
     def __call__(self, x):
+        """The engine's (first) output on ``x``."""
+        return self.run(x)[self.outputs[0]]
+
+    def run(self, x) -> dict:
+        """Every output of the engine on ``x``, by its name (the ONNX graph output's)."""
         torch = self._torch
         name = self.inputs[0]
         x = x.to(device="cuda", dtype=self._torch_dtype(name)).contiguous()
@@ -303,4 +308,4 @@ class EngineRunner:
         if not self.context.execute_async_v3(self.stream.cuda_stream):
             raise TensorRTError("TensorRT failed to run the engine")
         self.stream.synchronize()
-        return outs[self.outputs[0]]
+        return outs
