@@ -72,3 +72,54 @@ def test_peers_runs_end_to_end_as_a_smoke_run(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     for method in ("hwslim", "torch-pruning", "uniform", "full"):
         assert f" {method} " in proc.stdout
+
+
+def test_shapes_det_is_deterministic_and_its_boxes_are_the_drawn_extents():
+    from benchmarks.shapes_det import make_split
+
+    images, targets = make_split(6, size=96, seed=3, split="val")
+    again, targets2 = make_split(6, size=96, seed=3, split="val")
+    assert images.dtype == again.dtype == __import__("torch").uint8 and images.shape == (6, 3, 96, 96)
+    assert bool((images == again).all()) and all(bool((a["boxes"] == b["boxes"]).all()) for a, b in zip(targets, targets2))
+    assert not bool((make_split(6, size=96, seed=3, split="train")[0] == images).all())  # splits differ
+    for t in targets:
+        b = t["boxes"]
+        assert 1 <= len(b) <= 4 and bool((b[:, :2] >= 0).all() and (b[:, 2:] <= 96).all() and (b[:, 2:] > b[:, :2]).all())
+        assert bool(((t["labels"] >= 0) & (t["labels"] < 4)).all())
+
+
+def test_yolo_proof_decodes_raw_maps_as_ultralytics_does_and_runs_as_a_smoke_run(tmp_path):
+    """The raw maps of the imported YOLOv8n, put in Detect's training format, decode to exactly
+    Ultralytics' own eval output; ``benchmarks/yolo_proof.py --quick`` runs end to end (train,
+    table, search, measure, export with parity), nothing written."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import pytest
+    import torch
+
+    from benchmarks.yolo_proof import YoloTask, build_yolo, head_dict, missing
+
+    if missing():
+        pytest.skip(missing())
+    import hwslim
+
+    model = build_yolo(4, 0).eval()
+    task = YoloTask(model)
+    net = hwslim.import_model(model, torch.randn(1, 3, 64, 64), outputs="raw")
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        want = model(x)[0]  # (2, 4 + 4 classes, anchors): decoded xywh boxes and class probabilities
+        got = task.detect._inference(head_dict(net(x), task.reg_max, task.nc))
+    assert got.shape == want.shape == (2, 8, 84) and torch.allclose(got, want, atol=1e-4)
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    proc = subprocess.run([sys.executable, str(root / "benchmarks" / "yolo_proof.py"), "--quick", "--work",
+                           str(tmp_path)], capture_output=True, text=True, env=env, cwd=root, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    hw = next(line.split() for line in lines if line.split()[:1] == ["hwslim"])
+    assert float(hw[-1]) < 1e-4  # the exported ONNX model's outputs match PyTorch's
+    assert "wrote" not in proc.stdout
