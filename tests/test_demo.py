@@ -47,7 +47,9 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     # the verdicts are confident only where the conditions compare with the table's, and say so
     cond = provenance["conditions"]
     assert cond["now"]["probe_ms"] > 0 and cond["table"]["start"]["probe_ms"] > 0
-    assert all((r["verdict"] == "UNRELIABLE") == (not cond["reliable"]) for r in rows)
+    # (unless the only doubt is references that moved unevenly and each alone gives the same verdict)
+    assert all((r["verdict"] == "UNRELIABLE") <= (not cond["reliable"]) for r in rows)
+    assert all(r["verdict"] == "UNRELIABLE" or cond["reliable"] or cond["only_uneven"] for r in rows)
     assert ("verdict unreliable" in printed) == (not cond["reliable"])
     for r in rows:  # beside every verdict: p50, p90, their ratio to the budget; one line where it is not OK
         assert float(r["p90_ms"]) > 0 and float(r["x_budget"]) == pytest.approx(float(r["measured_ms"]) /
@@ -59,7 +61,7 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
                       "timed beside the model")
             assert sum(p in r["message"] for p in probes) == 1
         else:
-            assert r["message"] in ("", None) or r["verdict"] == "OVER"
+            assert r["message"] in ("", None) or r["verdict"] == "OVER" or "by each reference alone" in r["message"]
     # the conditions line shows the probe that decided: before, and after the measurements
     assert "conditions before measuring: " in printed and "conditions after measuring: " in printed
     # a second run refuses to overwrite the first one

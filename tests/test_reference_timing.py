@@ -203,16 +203,31 @@ def test_a_change_too_large_or_too_uneven_is_unreliable():
     assert why[0].startswith("the references timed beside the model moved unevenly since the table (dense 1.30x, "
                              "dwpw 1.05x: 24% apart, more than 20%)")
     assert reference_reasons(_meta_with_reference()["reference"], {"dense": 0.59, "dwpw": 0.5})[1] == []
-    # measured on a machine whose dense kernels slowed 1.4x and the rest 1.1x: UNRELIABLE, one line
+    # measured on a machine whose dense kernels slowed 1.4x and the rest 1.1x (the model among them)
     prof = SteppedMachine(step_at=0, step=1.1, dense_step=STEP)
     raw, at_level, ref_now = measure_at_level(prof, "1.0", (1, 3, 8, 8), 1.0)
     check = compare_to_table(_meta_with_reference(), Conditions(), reference_now=ref_now.as_dict())
-    assert not check.reliable and "moved unevenly" in check.summary
-    r = VerifyResult(Path("m.onnx"), Path("t.csv"), None, "ort", 1, 1.0, raw.median_ms, raw.iqr_ms, raw.p90_ms,
-                     raw.n, False, 1.5, 0.03, check, at_level_ms=at_level.median_ms, level_now_ms=ref_now.ms,
-                     level_table_ms=1.0)
+    assert not check.reliable and "moved unevenly" in check.summary and check.only_uneven
+    assert dict(check.reference_ratios) == pytest.approx({"dense": 1.4, "dwpw": 1.1}, rel=0.02)
+
+    def verdict(budget: float) -> VerifyResult:
+        return VerifyResult(Path("m.onnx"), Path("t.csv"), None, "ort", 1, 1.0, raw.median_ms, raw.iqr_ms,
+                            raw.p90_ms, raw.n, False, budget, 0.03, check, at_level_ms=at_level.median_ms,
+                            level_now_ms=ref_now.ms, level_table_ms=1.0)
+
+    # brought to the table's level by the sum (0.88 ms), by the dense reference alone (0.79 ms) or by
+    # the depthwise block alone (1.0 ms, the truth here): the verdict is confident where all agree
+    r = verdict(1.5)
+    assert r.judged_ms == pytest.approx(0.88, rel=0.03)
+    assert r.judged_range == pytest.approx((1.1 / 1.4, 1.0), rel=0.03)
+    assert r.verdict == "OK" and r.bracketed and r.message.startswith("m.onnx: OK: 0.7")
+    assert "by each reference alone" in r.message and "moved unevenly" in r.message
+    assert r.as_dict()["at_table_level_range_ms"] == pytest.approx([1.1 / 1.4, 1.0], rel=0.03)
+    r = verdict(0.7)  # over by either: OVER
+    assert r.verdict == "OVER" and "over by each reference alone" in r.message
+    r = verdict(0.9)  # within by the dense reference, over by the depthwise one: no confident verdict
     assert r.verdict == "UNRELIABLE" and r.message.endswith("not trustworthy: verdict unreliable")
-    assert "at the table's level (the reference ran" in r.message
+    assert "at the table's level (the reference ran" in r.message and not r.ok
 
 
 def _v2_copy(tmp_path: Path, start_ms: float, end_ms: float) -> Path:

@@ -69,6 +69,9 @@ MAX_LEVEL_CHANGE = 2.0
 #   line at most 8% for w from 0.1 to 0.9, where uncorrected it is off by the whole level
 #   change. Neighbors do move the two apart: on the shared 2-core AMD EPYC VM (load 4.6-5.7),
 #   the dense / dwpw ratio of quarter-second reference levels ranged over 31% within 40 s.
+#   Beyond this line a model's time is brought to the table's level by each reference alone as
+#   well: the model follows neither exactly, but lies between them, so a verdict both give is
+#   still confident (hwslim.latency.verify.VerifyResult.judged_range); only one they split is not.
 REFERENCE_DISAGREEMENT = 0.20
 
 
@@ -200,6 +203,15 @@ class ConditionCheck:
     others_then: float | None = None
     now: Conditions | None = None  # the conditions compared
     level_ratio: float | None = None  # the reference's time now / at the table's level (corrected checks)
+    # each reference's time now / at the table's level, by name (corrected checks)
+    reference_ratios: tuple[tuple[str, float], ...] = ()
+    uneven: str | None = None  # the reason, among ``reasons``, saying the references moved unevenly
+
+    @property
+    def only_uneven(self) -> bool:
+        """The one thing against the conditions is that the references moved unevenly: a verdict
+        that holds by each reference alone is still confident (``hwslim.latency.verify``)."""
+        return self.uneven is not None and all(r == self.uneven for r in self.reasons)
 
     @property
     def reliable(self) -> bool:
@@ -218,6 +230,7 @@ class ConditionCheck:
     def as_dict(self) -> dict[str, Any]:
         return {"reliable": self.reliable, "reasons": list(self.reasons), "decided_by": self.summary or None,
                 "probe_ratio": self.probe_ratio, "level_ratio": self.level_ratio,
+                "reference_ratios": dict(self.reference_ratios) or None, "only_uneven": self.only_uneven,
                 "load_now": self.load_now, "load_then": self.load_then, "others_running_now": self.others_now,
                 "others_running_then": self.others_then, "probe_ms_now": self.now.probe_ms if self.now else None,
                 "note": None if self.reliable else self.line()}
@@ -336,17 +349,38 @@ def compare_to_table(meta: Mapping[str, Any], now: Conditions, when: str = "",
     ref = meta.get("reference")
     corrected = isinstance(ref, Mapping)
     also = [f"the table's machine changed while it was measured: {changed}"] if changed and not corrected else []
-    level_ratio = None
+    level_ratio, ratios = None, {}
     if corrected and reference_now:
         level_ratio, more = reference_reasons(ref, reference_now)
+        ratios = reference_ratios(ref, reference_now)
         also += more
-    return replace(compare(then, now, when=when, also=also, corrected=corrected), level_ratio=level_ratio)
+    return replace(compare(then, now, when=when, also=also, corrected=corrected), level_ratio=level_ratio,
+                   reference_ratios=tuple(ratios.items()), uneven=uneven_reason(ratios))
+
+
+def reference_ratios(table_ref: Mapping[str, Any], now_parts: Mapping[str, float]) -> dict[str, float]:
+    """Each reference's time now / at a table's level (``table_ref``: ``meta["reference"]``), by name."""
+    then = table_ref.get("parts_ms") if isinstance(table_ref.get("parts_ms"), Mapping) else {}
+    return {k: now_parts[k] / float(then[k]) for k in now_parts if k in then and float(then[k]) > 0}
+
+
+def uneven_reason(ratios: Mapping[str, float]) -> str | None:
+    """Why the references' ratios (:func:`reference_ratios`) make the correction by their sum
+    untrustworthy: they differ by more than :data:`REFERENCE_DISAGREEMENT`; None where they do not."""
+    if len(ratios) < 2:
+        return None
+    gap = max(ratios.values()) / min(ratios.values()) - 1
+    if gap <= REFERENCE_DISAGREEMENT:
+        return None
+    each = ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items())
+    return (f"the references timed beside the model moved unevenly since the table ({each}: {100 * gap:.0f}% apart, "
+            f"more than {100 * REFERENCE_DISAGREEMENT:g}%), so the correction to the table's level is not trustworthy")
 
 
 def reference_reasons(table_ref: Mapping[str, Any], now_parts: Mapping[str, float]) -> tuple[float, list[str]]:
     """The reference's level now against a table's (now / then) and why correcting by it is not
     trustworthy: a change beyond :data:`MAX_LEVEL_CHANGE`, or references that moved apart by
-    more than :data:`REFERENCE_DISAGREEMENT`. ``table_ref``: ``meta["reference"]``."""
+    more than :data:`REFERENCE_DISAGREEMENT` (:func:`uneven_reason`). ``table_ref``: ``meta["reference"]``."""
     ratio = sum(now_parts.values()) / float(table_ref["level_ms"])
     reasons = []
     if ratio > MAX_LEVEL_CHANGE or ratio < 1 / MAX_LEVEL_CHANGE:
@@ -354,15 +388,8 @@ def reference_reasons(table_ref: Mapping[str, Any], now_parts: Mapping[str, floa
         reasons.append(f"the reference timed beside the model ran {how} than at the table's level ({sum(now_parts.values()):.3g} vs "
                        f"{float(table_ref['level_ms']):.3g} ms), beyond the {MAX_LEVEL_CHANGE:g}x a correction "
                        f"to the table's level is trusted for")
-    then = table_ref.get("parts_ms") if isinstance(table_ref.get("parts_ms"), Mapping) else {}
-    parts = {k: now_parts[k] / float(then[k]) for k in now_parts if k in then and float(then[k]) > 0}
-    if len(parts) >= 2 and max(parts.values()) / min(parts.values()) - 1 > REFERENCE_DISAGREEMENT:
-        each = ", ".join(f"{k} {v:.2f}x" for k, v in parts.items())
-        gap = max(parts.values()) / min(parts.values()) - 1
-        reasons.append(f"the references timed beside the model moved unevenly since the table ({each}: {100 * gap:.0f}% apart, more "
-                       f"than {100 * REFERENCE_DISAGREEMENT:g}%), so the correction to the table's level is "
-                       f"not trustworthy")
-    return ratio, reasons
+    uneven = uneven_reason(reference_ratios(table_ref, now_parts))
+    return ratio, reasons + ([uneven] if uneven else [])
 
 
 def drift(start: Conditions, end: Conditions, what: str = "profiling") -> ConditionCheck:
@@ -379,6 +406,7 @@ def conditions_for_table(table) -> Conditions:
 
 
 __all__ = ["KERNEL_FLAGS", "LOAD_SHARE", "MAX_LEVEL_CHANGE", "OTHERS_SHARE", "PROBE_TOLERANCE",
-           "REFERENCE_DISAGREEMENT", "reference_reasons", "ConditionCheck", "Conditions",
+           "REFERENCE_DISAGREEMENT", "reference_ratios", "reference_reasons", "uneven_reason", "ConditionCheck",
+           "Conditions",
            "compare", "compare_to_table", "conditions_for_table", "cpu_flags", "cpu_model", "drift",
            "machine_conditions", "measure_conditions", "table_conditions"]

@@ -93,9 +93,33 @@ class VerifyResult:
         return None if self.level_now_ms is None or not self.level_table_ms else self.level_now_ms / self.level_table_ms
 
     @property
+    def judged_range(self) -> tuple[float, float]:
+        """Where the judged median lies: :attr:`judged_ms` twice, except where the references moved
+        unevenly since the table (``conditions.uneven``): the model's time then follows neither
+        exactly but lies between the two, so the median brought to the table's level by each
+        reference alone bounds it (:data:`hwslim.latency.conditions.REFERENCE_DISAGREEMENT`)."""
+        c = self.conditions
+        ratios = [v for _, v in getattr(c, "reference_ratios", ())]
+        if self.at_level_ms is None or not self.level_ratio or not getattr(c, "uneven", None) or not ratios:
+            return self.judged_ms, self.judged_ms
+        # at_level_ms is the median brought down by the references' sum (level_ratio); by one alone:
+        return self.at_level_ms * self.level_ratio / max(ratios), self.at_level_ms * self.level_ratio / min(ratios)
+
+    @property
+    def limit_ms(self) -> float | None:
+        """The budget with its tolerance (None: no budget)."""
+        return None if self.budget_ms is None else self.budget_ms * (1 + self.tolerance)
+
+    @property
     def ok(self) -> bool:
-        """The budget holds (or there is none), as judged (:attr:`judged_ms`); see :attr:`reliable`."""
-        return self.budget_ms is None or self.judged_ms <= self.budget_ms * (1 + self.tolerance)
+        """The budget holds (or there is none), as judged (the top of :attr:`judged_range`); see
+        :attr:`reliable`."""
+        return self.limit_ms is None or self.judged_range[1] <= self.limit_ms
+
+    @property
+    def bracketed(self) -> bool:
+        """The references moved unevenly, yet the verdict is the same by each alone: confident."""
+        return bracketed(self.judged_range, self.limit_ms, self.conditions)
 
     @property
     def reliable(self) -> bool:
@@ -105,16 +129,12 @@ class VerifyResult:
     @property
     def clearly_over(self) -> bool:
         """Measured over :data:`CLEARLY_OVER` times the budget: OVER whatever the conditions."""
-        return self.budget_ms is not None and self.judged_ms > CLEARLY_OVER * self.budget_ms * (1 + self.tolerance)
+        return self.limit_ms is not None and self.judged_range[0] > CLEARLY_OVER * self.limit_ms
 
     @property
     def verdict(self) -> str:
         """``OK``, ``OVER``, ``UNRELIABLE`` (conditions differ from the table's) or ``no budget``."""
-        if self.budget_ms is None:
-            return "no budget"
-        if not self.reliable and not self.clearly_over:
-            return "UNRELIABLE"
-        return "OK" if self.ok else "OVER"
+        return verdict_of(self.judged_range, self.limit_ms, self.conditions)
 
     @property
     def budget_ratio(self) -> float | None:
@@ -123,7 +143,13 @@ class VerifyResult:
 
     @property
     def message(self) -> str | None:
-        """One line for a verdict that is not OK: the model, its numbers and the one thing that decided it."""
+        """One line for a verdict that is not OK, or is OK by each reference alone (:attr:`bracketed`):
+        the model, its numbers and the one thing that decided it."""
+        if self.verdict == "OK" and self.bracketed:
+            lo, hi = self.judged_range
+            return (f"{self.model.name}: OK: {lo:.3f}-{hi:.3f} ms at the table's level by each reference alone, within "
+                    f"its {self.budget_ms:g} ms budget and {100 * self.tolerance:g}% tolerance either way; "
+                    f"{self.conditions.uneven.split(', so ')[0]}")
         if self.verdict not in ("UNRELIABLE", "OVER"):
             return None
         numbers = (f"measured p50 {self.measured_ms:.3f} ms, p90 {self.p90_ms:.3f} ms, "
@@ -131,8 +157,10 @@ class VerifyResult:
                       f"its time there), " if self.at_level_ms is not None and self.level_ratio else "")
                    + f"{self.budget_ratio:.2f}x its {self.budget_ms:g} ms budget")
         if self.verdict == "OVER":
-            why = "" if self.reliable else (f"; more than {CLEARLY_OVER:g}x over, which no change of the machine's "
-                                            "conditions explains, so OVER although they differ from the table's")
+            why = "" if self.reliable else (
+                f"; over by each reference alone, although {self.conditions.uneven.split(', so ')[0]}"
+                if self.bracketed else f"; more than {CLEARLY_OVER:g}x over, which no change of the machine's "
+                                       "conditions explains, so OVER although they differ from the table's")
             return (f"{self.model.name}: OVER: {numbers}; the median exceeds the budget by more than the "
                     f"{100 * self.tolerance:g}% tolerance{why}")
         return f"{self.model.name}: UNRELIABLE: {numbers}; {self.conditions.line()}"
@@ -153,7 +181,31 @@ class VerifyResult:
             "conditions": None if self.conditions is None else self.conditions.as_dict(),
             "at_table_level_ms": self.at_level_ms, "reference_now_ms": self.level_now_ms,
             "reference_table_ms": self.level_table_ms, "level_ratio": self.level_ratio,
+            "at_table_level_range_ms": list(self.judged_range) if self.bracketed else None,
         }
+
+
+def bracketed(judged_range: tuple[float, float], limit_ms: float | None, conditions) -> bool:
+    """The only doubt about ``conditions`` is that the references moved unevenly, and the judged
+    median is on the same side of ``limit_ms`` (a budget with its tolerance) by each reference alone."""
+    lo, hi = judged_range
+    return (conditions is not None and conditions.only_uneven and limit_ms is not None
+            and (hi <= limit_ms or lo > limit_ms))
+
+
+def verdict_of(judged_range: tuple[float, float], limit_ms: float | None, conditions) -> str:
+    """``OK``, ``OVER``, ``UNRELIABLE`` or ``no budget`` for a median judged at the table's level
+    (:attr:`VerifyResult.judged_range`) against ``limit_ms``, under ``conditions`` (a
+    :class:`hwslim.latency.conditions.ConditionCheck` or None): confident where the conditions
+    compare with the table's, where the references moved unevenly but each alone gives the same
+    verdict (:func:`bracketed`), or where the median is over :data:`CLEARLY_OVER` times the limit."""
+    if limit_ms is None:
+        return "no budget"
+    lo, hi = judged_range
+    reliable = conditions is None or conditions.reliable
+    if not reliable and lo <= CLEARLY_OVER * limit_ms and not bracketed(judged_range, limit_ms, conditions):
+        return "UNRELIABLE"
+    return "OK" if hi <= limit_ms else "OVER"
 
 
 def budget_from_config(config: ChannelConfig) -> float | None:
