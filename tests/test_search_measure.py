@@ -154,3 +154,21 @@ def test_measure_without_a_latency_budget_or_with_another_machines_table_is_refu
 
 def test_options_without_measure_compare_equal_to_the_defaults():
     assert replace(SearchOptions(), measure=None) == SearchOptions()
+
+
+def test_a_correction_beyond_its_range_is_capped_and_said(ckpt_path, table_path, tmp_path):
+    """A machine 1.5x slower than its table: the correction stops at the cap, with a note, and the
+    tightening after the chosen config measured over does the rest."""
+    table = LatencyTable.load(table_path)
+    ckpt = load_checkpoint(ckpt_path)
+    timer = config_timer(table, ckpt.model)
+    budget = round(0.8 * _full_ms(ckpt_path, table), 5)
+    lines = []
+    res = greedy_search(ckpt, [Budget("latency_ms", budget)],
+                        SearchOptions(progress=False, plot=False, max_images=16,
+                                      measure=lambda configs: [1.5 * ms for ms in timer(configs)]),
+                        table=table, log=lines.append)
+    fit = res.configs[0].meta["measured"]
+    assert fit["capped"] and fit["correction"] == CORRECTION_RANGE[1] and fit["raw_correction"] > 1.3
+    assert any("capped to 1.25" in line for line in lines)
+    assert fit["table_budget_ms"] <= budget / CORRECTION_RANGE[1] + 1e-12

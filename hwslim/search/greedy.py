@@ -548,7 +548,15 @@ def fit_to_measured(model: SlimmableNet, path: list[Step], targets: Sequence[Tar
                 f"prediction; correction capped to {ks[i][0]:g} (re-profile the table on this machine)")
     table_ms = {i: max(budget[i] / ks[i][0], floor_ms) for i in lat}
     corrected = [(_with_latency(t, table_ms[i]) if i in table_ms else t) for i, t in enumerate(targets)]
-    path = walk_on(path, corrected)
+
+    def go_on(path: list[Step], corrected: Sequence[Target]) -> list[Step]:
+        try:
+            return walk_on(path, corrected)
+        except BudgetError as e:  # a budget the table would reach, but not fitted to the times
+            raise BudgetError(f"--measure: fitted to end-to-end times, the table's budgets became "
+                              f"{', '.join(f'{table_ms[i]:.4g}' for i in lat)} ms; {e}") from None
+
+    path = go_on(path, corrected)
     walked, fills = pick_fill(path, corrected)
 
     def timed(ids: Sequence[int]) -> dict[int, tuple[float, float]]:
@@ -562,7 +570,7 @@ def fit_to_measured(model: SlimmableNet, path: list[Step], targets: Sequence[Tar
         for i in redo:
             table_ms[i] = max(table_ms[i] * budget[i] / times[i][0], floor_ms)
             corrected[i] = _with_latency(targets[i], table_ms[i])
-        path = walk_on(path, corrected)
+        path = go_on(path, corrected)
         again = pick_fill(path, [corrected[i] for i in redo])
         for j, i in enumerate(redo):
             walked[i], fills[i] = again[0][j], again[1][j]
