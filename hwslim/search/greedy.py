@@ -34,6 +34,10 @@ After the walk, :func:`fill_budget` (pure too) spends each target's slack: the f
 config on the path that meets a budget often lies well under it, so units are widened
 back, best search-split accuracy gain per budget spent, while every budget holds.
 
+With ``SearchOptions.measure`` (``hwslim search --measure``), :func:`fit_to_measured` fits each
+latency budget to end-to-end times before the pick and fill: the table proposes, the machine
+disposes (the search never runs a profiler; the caller's ``measure`` does).
+
 Any task: ``SearchOptions(scoring=ScoreFnScoring(score_fn, calib))`` scores each proposal
 with the user's ``score_fn(model) -> float`` (mAP, mIoU, a negative loss) instead of top-1
 on the search split (:class:`hwslim.search.evaluator.ScoreFnEvaluator`; its score is a
