@@ -15,7 +15,11 @@ and 75% of the full model's *measured* latency):
   *measured* latency fits and that scores best on the search split (BN recalibrated on
   training images) is kept. (Per variant only the least pruned fitting candidate is scored:
   more pruning of the same variant only loses accuracy.) hwslim's budget is the same
-  fraction of the table's predicted full latency: a user asks for "65% of my model".
+  fraction of the full model's latency measured in the same run (at the table's level,
+  ``hwslim.latency.verify.config_timer``), met with ``hwslim search --measure``: the table
+  proposes, end-to-end times near each budget correct it (``fit_to_measured``).
+  ``--hwslim-table-only``: the fraction of the table's predicted full latency, the table
+  alone (how the earlier results were made).
 * **same measurement**: every network (hwslim's configs materialized, the peers' pruned
   modules) is exported with ``hwslim.runtimes.onnx_file.export_onnx`` and timed with the
   table's ONNX Runtime profiler, all in the same interleaved rounds
@@ -73,6 +77,7 @@ from hwslim.core.slimmable import recalibrate_bn
 from hwslim.importing.checkpoint import load_checkpoint, save_checkpoint
 from hwslim.importing.data import build_data, search_split, validation_split
 from hwslim.latency.table import LatencyTable
+from hwslim.latency.verify import config_timer
 from hwslim.runtimes.onnx_file import export_onnx
 from hwslim.search.greedy import (
     CRITERIA,
@@ -423,16 +428,23 @@ def run_model(model: str, size: Size, args, out: Path) -> list[dict]:
         c.measured_ms = m
     log(f"measured {len(ms)} networks (full {full_ms0:.3f} ms)")
 
-    # hwslim: the search on the table, each budget the same fraction of the table's full latency
-    pred_full = config_costs(net, net.full_config(), table)["latency_ms"]
-    budgets = [Budget("latency_ms", round(f * pred_full, 4)) for f in size.fractions]
+    # hwslim: each budget the fraction of the full model's latency, measured at the table's level (--measure)
+    # or, --hwslim-table-only, predicted by the table
     ts = time.time()
+    timer = None if args.hwslim_table_only else config_timer(table, net)
+    full_level = config_costs(net, net.full_config(), table)["latency_ms"] if timer is None else \
+        timer([net.full_config()])[0]
+    budgets = [Budget("latency_ms", round(f * full_level, 4)) for f in size.fractions]
     res = greedy_search(search_ckpt, budgets, SearchOptions(out_dir=work / "search", force=True, progress=False,
                                                            plot=False, max_images=size.search_images,
-                                                           criterion=args.criterion, force_table=args.quick),
-                        table=table, log=lambda m: None)
+                                                           criterion=args.criterion, force_table=args.quick,
+                                                           measure=timer),
+                        table=table, log=log if timer is not None else lambda m: None)
     timings["hwslim"] = time.time() - ts
-    log(f"hwslim search: {len(res.steps) - 1} steps in {timings['hwslim']:.0f} s")
+    log(f"hwslim search{'' if timer is None else ' --measure'}: {len(res.steps) - 1} steps in "
+        f"{timings['hwslim']:.0f} s; budgets {[b.value for b in budgets]} ms at the table's level "
+        f"(full model {'predicted' if timer is None else 'measured'} {full_level:.4g} ms)")
+    variant = f"latency/{args.criterion}" + ("" if timer is None else " measured")
 
     # per budget: each method's pick
     def top1(m):
@@ -440,7 +452,7 @@ def run_model(model: str, size: Size, args, out: Path) -> list[dict]:
 
     picks: list[tuple[float, Candidate]] = []
     for f, cfg in zip(size.fractions, res.configs):
-        picks.append((f, Candidate("hwslim", f"latency/{args.criterion}", f, materialize(net, cfg).eval(), cfg)))
+        picks.append((f, Candidate("hwslim", variant, f, materialize(net, cfg).eval(), cfg)))
         for method in PEERS:
             if method not in args.methods:
                 continue
@@ -543,6 +555,10 @@ def main() -> None:
                     help="hwslim and the full model always run")
     ap.add_argument("--mo-divisors", type=int, nargs="+", help="ModelOpt FastNAS channel divisors (default 8 16)")
     ap.add_argument("--criterion", default=DEFAULT_CRITERION, choices=CRITERIA, help="hwslim's greedy rule")
+    ap.add_argument("--hwslim-table-only", action="store_true",
+                    help="hwslim's budgets as fractions of the table's predicted full latency, met on the table "
+                         "alone (the earlier results); default: fractions of the full model's measured latency, "
+                         "met with hwslim search --measure")
     ap.add_argument("--table", type=Path, help="the latency table (one model; default: the committed one if it "
                                                "matches this machine, else one profiled here)")
     ap.add_argument("--data", type=Path, default=DATA, help="CIFAR-10 as an ImageFolder tree")

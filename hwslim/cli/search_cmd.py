@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 from hwslim.cli import (
     add_command,
@@ -60,6 +61,13 @@ def register(sub) -> None:
                         "widening units while every budget holds (best accuracy gain per budget spent)")
     p.add_argument("--fill-steps", type=positive_int, default=DEFAULT_FILL_STEPS, metavar="N",
                    help=f"at most N widening steps per config when filling the budget (default {DEFAULT_FILL_STEPS})")
+    p.add_argument("--measure", action="store_true",
+                   help="fit each --latency-ms budget to end-to-end times on this machine: after the walk, time "
+                        "a few of its configs predicted near the budget and the full model with the table's "
+                        "profiler (at the table's level), divide the budget by their median measured/predicted "
+                        "(capped to 0.8-1.25) for the pick and fill, time the chosen configs and tighten once "
+                        "any that measures over; each config records budget, predicted and measured ms and the "
+                        "correction (a minute or so more)")
     p.add_argument("--out", default="search_out", help="output directory (default: search_out)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted search in --out")
     p.add_argument("--force", action="store_true", help="start over even if --out holds a search")
@@ -140,6 +148,9 @@ def run(args) -> int:
     if not budgets:
         raise HwslimError("give at least one budget: --latency-ms, --memory-mb, --params-m or --macs-m")
     targets_of(budgets)  # refuses several values for two kinds before anything is loaded
+    if args.measure and not any(b.kind == "latency_ms" for b in budgets):
+        raise HwslimError("--measure fits --latency-ms budgets to end-to-end measurements, and this search has "
+                          "none; add a --latency-ms budget or drop --measure")
     if args.table and not any(b.kind == "latency_ms" for b in budgets):  # never silently ignored
         raise HwslimError(f"--table {args.table} prices --latency-ms budgets, and this search has none; drop "
                           "--table or add a --latency-ms budget")
@@ -155,6 +166,10 @@ def run(args) -> int:
         table = resolve_table(ckpt.model, table=args.table, device=args.device, batch=args.batch,
                               root=args.table_dir, spec=args.checkpoint)
         header += f"\nlatency table: {table.path}"  # which table priced the budgets, once it passed its checks
+        if args.measure:
+            from hwslim.latency.verify import config_timer
+
+            opts = replace(opts, measure=config_timer(table, ckpt.model, batch=args.batch))
     result = greedy_search(ckpt, budgets, opts, table=table, log=with_header(header))
     _print_result(result, args)
     return 0
@@ -209,6 +224,10 @@ def _print_result(result, args) -> None:
                        widened=m["fill_steps"])
         if "latency_ms" in m:
             row["latency_ms"] = m["latency_ms"]
+        if "measured" in m:  # --measure: at the table's level
+            fit = m["measured"]
+            row.update(measured_ms=fit["measured_ms"], correction=fit["correction"],
+                       table_budget_ms=fit["table_budget_ms"])
         row.update(memory_mb=m["memory_mb"], params_m=m["params_m"], macs_m=m["macs_m"], file=str(f or "-"))
         rows.append(row)
     print_table(rows)

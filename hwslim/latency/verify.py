@@ -301,6 +301,28 @@ def profiler_for_table(table):
     return profiler_for_table(table)
 
 
+def config_timer(table, net, *, batch: int = 1, input_size: int | None = None, rounds: int | None = None
+                 ) -> Callable[[Sequence[ChannelConfig]], list[float]]:
+    """``time(configs) -> [ms]``: configs of ``net`` timed end to end on ``table``'s backend with its
+    protocol, interleaved (:func:`hwslim.latency.profile.measure_configs`), each median at the table's
+    reference level (:meth:`profilers.base.Profiler.use_reference`; as measured for a table without one),
+    so the times compare with the table's predictions. ``hwslim search --measure`` fits its latency
+    budgets to them (``SearchOptions.measure``): the search may not run a profiler itself."""
+    import copy
+
+    from hwslim.latency.profile import measure_configs
+
+    def time_configs(configs: Sequence[ChannelConfig]) -> list[float]:
+        # the search may have moved the supernet to a GPU; the profiler exports from the CPU
+        cpu_net = net if all(p.device.type == "cpu" for p in net.parameters()) else copy.deepcopy(net).cpu()
+        with profiler_for_table(table) as prof:
+            prof.use_reference(table.reference_level_ms)
+            return [t.median_ms for t in measure_configs(prof, cpu_net, list(configs), batch, input_size,
+                                                         rounds=rounds)]
+
+    return time_configs
+
+
 def net_from_metadata(meta: Mapping[str, str], config, source: str):
     """The supernet an exported model came from: its graph in the metadata (older files: the zoo)."""
     from hwslim.core.errors import ConfigError

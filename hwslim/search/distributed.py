@@ -40,3 +40,18 @@ def sharded(score_candidates: Callable) -> Callable:
         return scores
 
     return run
+
+
+def from_writer(fn: Callable) -> Callable:
+    """Wrap ``fn`` so only rank 0 runs it and every rank gets its answer (a measurement: each
+    rank timing on its own would give each its own decisions)."""
+
+    def run(*args, **kw):
+        rank, world = _world()
+        if world == 1:
+            return fn(*args, **kw)
+        out = [fn(*args, **kw) if rank == 0 else None]
+        dist.broadcast_object_list(out, src=0)
+        return out[0]
+
+    return run

@@ -34,6 +34,10 @@ After the walk, :func:`fill_budget` (pure too) spends each target's slack: the f
 config on the path that meets a budget often lies well under it, so units are widened
 back, best search-split accuracy gain per budget spent, while every budget holds.
 
+With ``SearchOptions.measure`` (``hwslim search --measure``), :func:`fit_to_measured` fits each
+latency budget to end-to-end times before the pick and fill: the table proposes, the machine
+disposes (the search never runs a profiler; the caller's ``measure`` does).
+
 Any task: ``SearchOptions(scoring=ScoreFnScoring(score_fn, calib))`` scores each proposal
 with the user's ``score_fn(model) -> float`` (mAP, mIoU, a negative loss) instead of top-1
 on the search split (:class:`hwslim.search.evaluator.ScoreFnEvaluator`; its score is a
@@ -51,6 +55,7 @@ import contextlib
 import hashlib
 import json
 import math
+import statistics
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -462,6 +467,135 @@ def _target_meta(t: Target) -> dict:
             "constraints": [{"kind": b.kind, "value": b.value} for b in t.constraints]}
 
 
+# -- latency budgets fitted to end-to-end measurements ---------------------------------------------
+NEAR_BUDGET = 0.12  # the path's configs predicted within this fraction of a budget fit its correction
+NEAR_POINTS = (3, 5)  # at least (the nearest, however far) and at most this many of them
+# measured/predicted is capped to this range (and the cap said): a table that far off is re-profiled, not patched
+CORRECTION_RANGE = (0.8, 1.25)
+
+
+@dataclass(frozen=True)
+class MeasuredBudget:
+    """How one target's latency budget was fitted to end-to-end measurements (:func:`fit_to_measured`);
+    every time in ms at the table's level. ``config.meta["measured"]`` holds :meth:`meta`."""
+
+    budget_ms: float  # the latency budget as given
+    correction: float  # k: median measured / predicted over the path's configs near the budget, capped
+    raw_correction: float  # k before the cap
+    points: int  # the configs k is the median over
+    table_budget_ms: float  # the table's budget the pick and fill met: budget / k (tightened when redone)
+    predicted_ms: float  # the chosen config's, by the table
+    measured_ms: float  # the chosen config's, timed end to end
+    full_measured_ms: float  # the full model's, timed in the same rounds
+    redone: bool  # the first pick measured over the budget: its table budget tightened by measured/budget
+
+    @property
+    def capped(self) -> bool:
+        return self.correction != self.raw_correction
+
+    def meta(self) -> dict:
+        return {**asdict(self), "capped": self.capped}
+
+
+def _latency_ms(t: Target) -> float | None:
+    """``t``'s latency budget (its own or a constraint's) in ms; None: it has none."""
+    return next((b.value for b in t.budgets if b.kind == "latency_ms"), None)
+
+
+def _with_latency(t: Target, ms: float) -> Target:
+    """``t`` with its latency budget set to ``ms``."""
+    def swap(b: Budget) -> Budget:
+        return Budget("latency_ms", ms) if b.kind == "latency_ms" else b
+
+    return Target(swap(t.budget), tuple(swap(b) for b in t.constraints))
+
+
+def _near(path: Sequence[Step], budget_ms: float) -> list[Step]:
+    """The path's configs predicted nearest ``budget_ms`` (:data:`NEAR_BUDGET`, :data:`NEAR_POINTS`)."""
+    unique = {json.dumps(s.widths, sort_keys=True): s for s in path}.values()
+    off = lambda s: abs(math.log(s.costs["latency_ms"] / budget_ms))  # noqa: E731
+    ranked = sorted(unique, key=off)
+    least, most = NEAR_POINTS
+    return ranked[:max(least, sum(off(s) <= math.log1p(NEAR_BUDGET) for s in ranked[:most]))]
+
+
+def fit_to_measured(model: SlimmableNet, path: list[Step], targets: Sequence[Target],
+                    measure: Callable[[Sequence[ChannelConfig]], list[float]],
+                    walk_on: Callable[[list[Step], Sequence[Target]], list[Step]],
+                    pick_fill: Callable[[list[Step], Sequence[Target]], tuple[list[Step], list[list[Step]]]],
+                    floor_ms: float, log: Callable[[str], None]):
+    """The table proposes, the machine disposes: each latency budget fitted to end-to-end times.
+
+    The walk priced every config by the table. For each target's latency budget B, a few
+    configs of the path predicted near B (:func:`_near`) and the full model are timed
+    together (``measure``: ms at the table's level); k, the median of measured/predicted
+    over them, is the table's local error, capped to :data:`CORRECTION_RANGE`. The pick
+    and fill (``pick_fill``) then meet B/k on the table (never below ``floor_ms``, the
+    table's lower bound), the walk going on (``walk_on``) where B/k lies beyond it. The
+    chosen configs are timed once more with the full model; one measured over B has its
+    table budget tightened by measured/B and is picked, filled and timed once again.
+    Returns ``(path, walked, fills, fitted)``, ``fitted[i]`` a :class:`MeasuredBudget`
+    (None: target i has no latency budget).
+    """
+    full, key = model.full_config(), lambda widths: json.dumps(widths, sort_keys=True)  # noqa: E731
+    lat = [i for i, t in enumerate(targets) if _latency_ms(t) is not None]
+    budget = {i: _latency_ms(targets[i]) for i in lat}
+    near = {i: _near(path, budget[i]) for i in lat}
+    configs = {key(s.widths): model.config_of(s.widths) for i in lat for s in near[i]}
+    ms = dict(zip(configs, measure(list(configs.values()) + [full])))
+    ks = {}
+    for i in lat:
+        raw = statistics.median(ms[key(s.widths)] / s.costs["latency_ms"] for s in near[i])
+        ks[i] = (min(max(raw, CORRECTION_RANGE[0]), CORRECTION_RANGE[1]), raw)
+        if ks[i][0] != raw:
+            log(f"note: {targets[i].label}: the configs near the budget measured {raw:.3g}x the table's "
+                f"prediction; correction capped to {ks[i][0]:g} (re-profile the table on this machine)")
+    table_ms = {i: max(budget[i] / ks[i][0], floor_ms) for i in lat}
+    corrected = [(_with_latency(t, table_ms[i]) if i in table_ms else t) for i, t in enumerate(targets)]
+
+    def go_on(path: list[Step], corrected: Sequence[Target]) -> list[Step]:
+        try:
+            return walk_on(path, corrected)
+        except BudgetError as e:  # a budget the table would reach, but not fitted to the times
+            raise BudgetError(f"--measure: fitted to end-to-end times, the table's budgets became "
+                              f"{', '.join(f'{table_ms[i]:.4g}' for i in lat)} ms; {e}") from None
+
+    path = go_on(path, corrected)
+    walked, fills = pick_fill(path, corrected)
+
+    def timed(ids: Sequence[int]) -> dict[int, tuple[float, float]]:
+        """The chosen configs of ``ids`` timed with the full model: ``{i: (config ms, full ms)}``."""
+        got = measure([full] + [model.config_of((fills[i][-1] if fills[i] else walked[i]).widths) for i in ids])
+        return {i: (m, got[0]) for i, m in zip(ids, got[1:])}
+
+    times = timed(lat)
+    redo = [i for i in lat if times[i][0] > budget[i]]
+    if redo:
+        for i in redo:
+            table_ms[i] = max(table_ms[i] * budget[i] / times[i][0], floor_ms)
+            corrected[i] = _with_latency(targets[i], table_ms[i])
+        path = go_on(path, corrected)
+        again = pick_fill(path, [corrected[i] for i in redo])
+        for j, i in enumerate(redo):
+            walked[i], fills[i] = again[0][j], again[1][j]
+        times.update(timed(redo))
+    fitted: list[MeasuredBudget | None] = [None] * len(targets)
+    for i in lat:
+        final = fills[i][-1] if fills[i] else walked[i]
+        fitted[i] = MeasuredBudget(budget[i], ks[i][0], ks[i][1], len(near[i]), table_ms[i],
+                                   final.costs["latency_ms"], times[i][0], times[i][1], i in redo)
+        log(_fitted_line(targets[i], fitted[i]))
+    return path, walked, fills, fitted
+
+
+def _fitted_line(t: Target, m: MeasuredBudget) -> str:
+    return (f"{t.label}: measured/predicted {m.correction:.3f} near the budget ({m.points} configs"
+            f"{', capped' if m.capped else ''}), table budget {m.table_budget_ms:.4g} ms"
+            f"{' (tightened once: the first pick measured over)' if m.redone else ''}; chosen config "
+            f"predicted {m.predicted_ms:.4g} ms, measured {m.measured_ms:.4g} ms "
+            f"({m.measured_ms / m.budget_ms:.3f} of the budget; full model {m.full_measured_ms:.4g} ms)")
+
+
 # -- I/O layer ------------------------------------------------------------------------------------
 STATE_NAME = "search_state.json"
 OUTPUT_NAMES = (STATE_NAME, "path.csv", "uniform.csv", "search.png")
@@ -579,6 +713,10 @@ class SearchOptions:
     force_table: bool = False  # use a table measured on another setup (--force-table)
     fill: bool = True  # spend each target's slack (fill_budget)
     fill_steps: int = DEFAULT_FILL_STEPS  # at most this many widening steps per target
+    # ``measure(configs) -> [ms]``: configs timed end to end, at the table's level
+    # (hwslim.latency.verify.config_timer); the latency budgets are then fitted to these times
+    # (fit_to_measured). None: the table's predictions alone
+    measure: Callable[[Sequence[ChannelConfig]], list[float]] | None = None
 
     @property
     def out(self) -> Path | None:
@@ -604,6 +742,9 @@ def greedy_search(checkpoint, budgets: Sequence[Budget], options: SearchOptions 
     if not budgets:
         raise HwslimError("give at least one budget (--latency-ms, --memory-mb, --params-m or --macs-m)")
     targets = targets_of(budgets)
+    if opts.measure is not None and (table is None or not any(_latency_ms(t) for t in targets)):
+        raise HwslimError("--measure fits latency budgets to end-to-end measurements, and this search has no "
+                          "--latency-ms budget priced by a table; add one or drop --measure")
     model: SlimmableNet = checkpoint.model.to(opts.device)
     cost_fn = _checked_costs(model, targets, table, opts)
     with owned(opts.out) if opts.out is not None else contextlib.nullcontext():  # one search per folder
@@ -627,10 +768,22 @@ def _search(checkpoint, model: SlimmableNet, budgets: Sequence[Budget], targets:
 
         path = slim(model, score_candidates, score, cost_fn, targets, criterion=opts.criterion,
                     replay=state.replay, on_step=on_step)
-    walked = pick_steps(path, targets)
-    fills = _fill_budgets(model, score_candidates, cost_fn, walked, targets, opts, dist.is_writer()) \
-        if opts.fill else [[] for _ in targets]
+    def pick_fill(path: list[Step], ts: Sequence[Target]) -> tuple[list[Step], list[list[Step]]]:
+        walked = pick_steps(path, ts)
+        return walked, (_fill_budgets(model, score_candidates, cost_fn, walked, ts, opts, dist.is_writer())
+                        if opts.fill else [[] for _ in ts])
+
+    if opts.measure is None:
+        walked, fills = pick_fill(path, targets)
+        fitted: list[MeasuredBudget | None] = [None] * len(targets)
+    else:
+        walk_on = lambda p, ts: slim(model, score_candidates, score, cost_fn, ts,  # noqa: E731
+                                     criterion=opts.criterion, replay=p, on_step=state.record)
+        path, walked, fills, fitted = fit_to_measured(
+            model, path, targets, dist.from_writer(opts.measure), walk_on, pick_fill,
+            table.lower_bound_ms(model, opts.batch), log if dist.is_writer() else lambda msg: None)
     configs = [_chosen_config(model, t, st, fl) for t, st, fl in zip(targets, walked, fills)]
+    configs = [c if m is None else c.with_meta(measured=m.meta()) for c, m in zip(configs, fitted)]
     out = opts.out
     result = SearchResult(configs, pd.DataFrame([s.row() for s in path]), path, out,
                           files=[config_file(out, t) for t in targets] if out else [], targets=targets, fills=fills)
