@@ -6,7 +6,9 @@
 2. **profile** this CPU for the trained supernet: an ONNX Runtime latency table, calibrated end to
    end (:mod:`hwslim.latency.profile`);
 3. **search** it at three latency budgets between the narrowest and the full config's
-   predicted latency (:func:`hwslim.search.greedy.greedy_search`);
+   predicted latency (:func:`hwslim.search.greedy.greedy_search`), each budget fitted to
+   end-to-end times of the walk's configs near it, as ``hwslim search --measure`` does (a
+   quick table's small error would otherwise decide the verdicts);
 4. **export** each config to ONNX, checked against PyTorch (:mod:`hwslim.export.exporter`);
 5. **measure** each exported model with the table's protocol and score it on held-out
    images with ONNX Runtime (:mod:`hwslim.latency.verify`). The machine's conditions (load, a
@@ -254,6 +256,7 @@ def _search(r: Recipe, opts: DemoOptions, out: Path, ckpt_path: Path, table, log
     """Step 3: search three latency budgets between the narrowest and the full config's;
     the checkpoint, the budgets searched and the search's result."""
     from hwslim.importing.checkpoint import load_checkpoint
+    from hwslim.latency.verify import config_timer
     from hwslim.search.greedy import Budget, SearchOptions, greedy_search
 
     ckpt = load_checkpoint(ckpt_path)
@@ -267,7 +270,7 @@ def _search(r: Recipe, opts: DemoOptions, out: Path, ckpt_path: Path, table, log
     log(f"[3/5] searching at {', '.join(f'{v:g}' for v in values)} ms (predicted: narrowest {narrow:.3f} ms, "
         f"full {full:.3f} ms)")
     search_opts = SearchOptions(out_dir=out / "search", force=True, max_images=r.search_size,
-                                progress=opts.progress, plot=True)
+                                progress=opts.progress, plot=True, measure=config_timer(table, net))
     # The greedy walk only takes steps that lower the predicted latency; on a noisy table
     # it can stall above the narrowest config's latency. Budgets nearer the full config
     # stay reachable, so on a stall the demo retries higher ones.
