@@ -84,6 +84,25 @@ def test_sandwich_step_trains_every_width_with_the_users_loss_and_distills_the_n
     assert not torch.equal(supernet.layers["c1"].conv.weight[:8], narrow_w)
 
 
+def test_sandwich_step_clips_the_summed_gradient_norm_only_when_asked(supernet):
+    batch, lr = _batch(2), 0.1
+    configs = [supernet.full_config(), supernet.min_config()]
+    supernet.train()
+    start = {k: v.clone() for k, v in supernet.state_dict().items()}
+    steps = {}
+    for clip in (None, 0.01):
+        supernet.load_state_dict(start)
+        before = [p.detach().clone() for p in supernet.parameters()]
+        opt = torch.optim.SGD(supernet.parameters(), lr=lr)  # plain SGD: the step is lr times the gradient
+        r = hwslim.sandwich_step(supernet, batch, _loss, opt, configs=configs, inputs=_image, clip_grad_norm=clip)
+        step = torch.cat([(b - p.detach()).flatten() for b, p in zip(before, supernet.parameters())])
+        steps[clip] = (r.grad_norm, float(step.norm()) / lr)
+    assert steps[None][0] is None  # the default: no clipping, no norm reported
+    norm, clipped_step = steps[0.01]
+    assert float(norm) == pytest.approx(steps[None][1], rel=1e-4) and float(norm) > 0.1  # the norm before clipping
+    assert clipped_step == pytest.approx(0.01, rel=1e-3)  # the step taken with the clipped gradients
+
+
 def test_default_distillation_is_kl_on_logits_and_mse_on_maps_per_output():
     torch.manual_seed(0)
     s = {"seg": torch.randn(2, 3, 4, 4), "aux": (torch.randn(2, 5), torch.randn(2, 7))}

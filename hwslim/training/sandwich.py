@@ -91,11 +91,13 @@ def sandwich_configs(net: SlimmableNet, num_random: int, rng: random.Random) -> 
 @dataclass(frozen=True)
 class StepResult:
     """What one :func:`sandwich_step` did: each config's loss (detached, on the model's device:
-    reading one waits for the device), the configs, and the widest config's outputs (detached)."""
+    reading one waits for the device), the configs, the widest config's outputs (detached), and
+    the gradients' total norm before clipping (``clip_grad_norm``; None without it)."""
 
     losses: tuple[torch.Tensor, ...]
     configs: tuple[ChannelConfig, ...]
     output: Any
+    grad_norm: torch.Tensor | None = None
 
     @property
     def widest(self) -> torch.Tensor:
@@ -131,7 +133,8 @@ def sandwich_step(model: nn.Module, batch: Any, loss_fn: LossFn, optimizer: torc
                   configs: Sequence[ChannelConfig] | None = None, distill: bool = True,
                   distill_fn: DistillFn | None = None, inputs: Callable[[Any], Any] | None = None,
                   scaler: torch.amp.GradScaler | None = None,
-                  autocast: Callable[[], contextlib.AbstractContextManager] | None = None) -> StepResult:
+                  autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
+                  clip_grad_norm: float | None = None) -> StepResult:
     """One optimizer step of the supernet ``model`` (or its DistributedDataParallel) on ``batch``.
 
     ``loss_fn(outputs, batch)`` is the task's loss (it takes its targets from ``batch``);
@@ -141,8 +144,13 @@ def sandwich_step(model: nn.Module, batch: Any, loss_fn: LossFn, optimizer: torc
     ``loss_fn`` and teaches the others through ``distill_fn`` (default :func:`distill_loss`)
     when ``distill``. Outputs are cast to float32 before the losses (mixed precision);
     ``scaler``/``autocast``: a GradScaler and an autocast context factory, for CUDA.
+    ``clip_grad_norm``: clip the summed gradients' total norm to this before the step (a
+    detector's trainer does, e.g. Ultralytics' at 10: one bad batch otherwise throws AdamW
+    off); the norm before clipping is ``StepResult.grad_norm``. Default: no clipping.
     Under DDP gradients are reduced once, after the last config's backward. The supernet
-    is left at ``configs[0]``. The caller steps its LR scheduler.
+    is left at ``configs[0]``. The caller steps its LR scheduler and puts the model in
+    train mode (``import_model`` returns it in eval mode: BatchNorm would then normalize
+    with its initial statistics and the network barely learns).
     """
     net = supernet_of(model)
     configs = list(configs) if configs is not None else sandwich_configs(net, num_random, rng or _torch_seeded_rng())
@@ -165,9 +173,14 @@ def sandwich_step(model: nn.Module, batch: Any, loss_fn: LossFn, optimizer: torc
             (scaler.scale(loss) if scaler is not None else loss).backward()
         losses.append(loss.detach())
     net.set_config(configs[0])
+    grad_norm = None
+    if clip_grad_norm is not None:
+        if scaler is not None:
+            scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+        grad_norm = nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm).detach()
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()
     else:
         optimizer.step()
-    return StepResult(tuple(losses), tuple(configs), teacher)
+    return StepResult(tuple(losses), tuple(configs), teacher, grad_norm)
