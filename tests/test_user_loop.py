@@ -103,6 +103,19 @@ def test_sandwich_step_clips_the_summed_gradient_norm_only_when_asked(supernet):
     assert clipped_step == pytest.approx(0.01, rel=1e-3)  # the step taken with the clipped gradients
 
 
+def test_sandwich_step_warns_when_the_supernet_is_in_eval_mode(supernet):
+    import warnings
+
+    opt = torch.optim.SGD(supernet.parameters(), lr=0.0)
+    supernet.eval()  # as hwslim.import_model returns it: BatchNorm would keep its initial statistics
+    with pytest.warns(UserWarning, match=r"eval mode .* call model\.train\(\)"):
+        hwslim.sandwich_step(supernet, _batch(2), _loss, opt, inputs=_image)
+    supernet.train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        hwslim.sandwich_step(supernet, _batch(2), _loss, opt, inputs=_image)
+
+
 def test_default_distillation_is_kl_on_logits_and_mse_on_maps_per_output():
     torch.manual_seed(0)
     s = {"seg": torch.randn(2, 3, 4, 4), "aux": (torch.randn(2, 5), torch.randn(2, 7))}
@@ -186,6 +199,7 @@ def test_save_and_export_a_supernet_trained_in_the_users_loop(tmp_path, capsys):
     loader = [(b["image"], b["mask"]) for b in (_batch(i) for i in range(3))]
     opt = torch.optim.SGD(net.parameters(), lr=0.02, momentum=0.9)
     loader = [(x, x.argmax(1)) for x, _ in loader]  # full-resolution masks
+    net.train()
     for batch in loader:
         hwslim.sandwich_step(net, batch, lambda out, b: F.cross_entropy(out, b[1]), opt)
     cfg = net.uniform_config(6)

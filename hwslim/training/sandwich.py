@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
@@ -153,6 +154,10 @@ def sandwich_step(model: nn.Module, batch: Any, loss_fn: LossFn, optimizer: torc
     with its initial statistics and the network barely learns).
     """
     net = supernet_of(model)
+    if not model.training and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules()):
+        warnings.warn("sandwich_step: the supernet is in eval mode (hwslim.import_model returns it so), so its "
+                      "BatchNorm layers normalize with fixed statistics and it barely learns; call model.train() "
+                      "before training", stacklevel=2)
     configs = list(configs) if configs is not None else sandwich_configs(net, num_random, rng or _torch_seeded_rng())
     x = (inputs or batch_inputs)(batch)
     distill_fn = distill_fn or distill_loss
