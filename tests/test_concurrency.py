@@ -265,14 +265,16 @@ def test_the_json_reader_refuses_deep_nesting_and_reads_brackets_in_strings():
 
 
 def test_far_over_budget_is_over_even_when_the_conditions_differ():
-    from types import SimpleNamespace
-
     from hwslim.core.config import ChannelConfig
+    from hwslim.latency.conditions import ConditionCheck
     from hwslim.latency.verify import CLEARLY_OVER, VerifyResult, exit_status
+
+    differ = ConditionCheck(reasons=("the speed probe ran 1.31x slower than when the table was measured",),
+                            details=())
 
     def result(measured):
         return VerifyResult(Path("m.onnx"), Path("t.csv"), ChannelConfig("resnet20", 1.0, 32, {}), "ort", 1, 0.05,
-                            measured, 0.0, measured, 10, False, 0.0001, 0.03, SimpleNamespace(reliable=False))
+                            measured, 0.0, measured, 10, False, 0.0001, 0.03, differ)
 
     assert result(0.0479).verdict == "OVER" and exit_status([result(0.0479)]) == 1  # 479x over
     near = result(0.0001 * 1.03 * CLEARLY_OVER * 0.99)
