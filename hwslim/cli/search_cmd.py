@@ -65,8 +65,8 @@ def register(sub) -> None:
                    help="fit each --latency-ms budget to end-to-end times on this machine: after the walk, time "
                         "a few of its configs predicted near the budget and the full model with the table's "
                         "profiler (at the table's level), divide the budget by their median measured/predicted "
-                        "(capped to 0.8-1.25) for the pick and fill, time the chosen configs and tighten once "
-                        "any that measures over; each config records budget, predicted and measured ms and the "
+                        "(capped to 0.8-1.25) for the pick and fill, time the chosen configs and tighten "
+                        "any that measures over (up to 3 times); each config records budget, predicted and measured ms and the "
                         "correction (a minute or so more)")
     p.add_argument("--out", default="search_out", help="output directory (default: search_out)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted search in --out")

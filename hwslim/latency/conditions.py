@@ -73,6 +73,8 @@ MAX_LEVEL_CHANGE = 2.0
 #   well: the model follows neither exactly, but lies between them, so a verdict both give is
 #   still confident (hwslim.latency.verify.VerifyResult.judged_range); only one they split is not.
 REFERENCE_DISAGREEMENT = 0.20
+# what follows from references that moved apart, ending :func:`uneven_reason`'s sentence
+UNEVEN_CONSEQUENCE = ", so the correction to the table's level is not trustworthy"
 
 
 
@@ -206,6 +208,12 @@ class ConditionCheck:
     # each reference's time now / at the table's level, by name (corrected checks)
     reference_ratios: tuple[tuple[str, float], ...] = ()
     uneven: str | None = None  # the reason, among ``reasons``, saying the references moved unevenly
+
+    @property
+    def uneven_move(self) -> str | None:
+        """:attr:`uneven` without its consequence: how the references moved apart (for a verdict
+        that stands anyway, :func:`hwslim.latency.verify.bracketed`)."""
+        return None if self.uneven is None else self.uneven.removesuffix(UNEVEN_CONSEQUENCE)
 
     @property
     def only_uneven(self) -> bool:
@@ -374,7 +382,7 @@ def uneven_reason(ratios: Mapping[str, float]) -> str | None:
         return None
     each = ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items())
     return (f"the references timed beside the model moved unevenly since the table ({each}: {100 * gap:.0f}% apart, "
-            f"more than {100 * REFERENCE_DISAGREEMENT:g}%), so the correction to the table's level is not trustworthy")
+            f"more than {100 * REFERENCE_DISAGREEMENT:g}%){UNEVEN_CONSEQUENCE}")
 
 
 def reference_reasons(table_ref: Mapping[str, Any], now_parts: Mapping[str, float]) -> tuple[float, list[str]]:
@@ -406,7 +414,7 @@ def conditions_for_table(table) -> Conditions:
 
 
 __all__ = ["KERNEL_FLAGS", "LOAD_SHARE", "MAX_LEVEL_CHANGE", "OTHERS_SHARE", "PROBE_TOLERANCE",
-           "REFERENCE_DISAGREEMENT", "reference_ratios", "reference_reasons", "uneven_reason", "ConditionCheck",
+           "REFERENCE_DISAGREEMENT", "UNEVEN_CONSEQUENCE", "reference_ratios", "reference_reasons", "uneven_reason", "ConditionCheck",
            "Conditions",
            "compare", "compare_to_table", "conditions_for_table", "cpu_flags", "cpu_model", "drift",
            "machine_conditions", "measure_conditions", "table_conditions"]

@@ -149,7 +149,7 @@ class VerifyResult:
             lo, hi = self.judged_range
             return (f"{self.model.name}: OK: {lo:.3f}-{hi:.3f} ms at the table's level by each reference alone, within "
                     f"its {self.budget_ms:g} ms budget and {100 * self.tolerance:g}% tolerance either way; "
-                    f"{self.conditions.uneven.split(', so ')[0]}")
+                    f"{self.conditions.uneven_move}")
         if self.verdict not in ("UNRELIABLE", "OVER"):
             return None
         numbers = (f"measured p50 {self.measured_ms:.3f} ms, p90 {self.p90_ms:.3f} ms, "
@@ -158,7 +158,7 @@ class VerifyResult:
                    + f"{self.budget_ratio:.2f}x its {self.budget_ms:g} ms budget")
         if self.verdict == "OVER":
             why = "" if self.reliable else (
-                f"; over by each reference alone, although {self.conditions.uneven.split(', so ')[0]}"
+                f"; over by each reference alone, although {self.conditions.uneven_move}"
                 if self.bracketed else f"; more than {CLEARLY_OVER:g}x over, which no change of the machine's "
                                        "conditions explains, so OVER although they differ from the table's")
             return (f"{self.model.name}: OVER: {numbers}; the median exceeds the budget by more than the "

@@ -348,7 +348,7 @@ def _row(budget: float, cfg, res, runs, check, out: Path, accuracy: float) -> di
     lo, hi = (statistics.median(x.judged_range[i] for x in runs) for i in (0, 1))
     verdict = verdict_of((lo, hi), limit, check)
     numbers = f"measured p50 {p50:.3f} ms, p90 {p90:.3f} ms, {ratio:.2f}x its {budget:g} ms budget"
-    either = (f"; {lo:.3f}-{hi:.3f} ms by each reference alone, although {check.uneven.split(', so ')[0]}"
+    either = (f"; {lo:.3f}-{hi:.3f} ms by each reference alone, although {check.uneven_move}"
               if bracketed((lo, hi), limit, check) else "")
     message = {"OK": f"{res.path.name}: OK: {numbers}{either}" if either else None,
                "OVER": f"{res.path.name}: OVER: {numbers}, above the {100 * first.tolerance:g}% tolerance{either}",
