@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -228,3 +229,35 @@ def test_a_supernet_teacher_teaches_with_its_widest_configs_own_bn_statistics(su
         torch.testing.assert_close(got.running_mean, want.running_mean)
     assert not torch.equal(bn(run.teacher)[0].running_var, bn(shared)[0].running_var)
     assert not run.teacher.training
+
+
+def test_search_finetune_epochs_chains_finetune_per_config_and_resumes_without_redoing(supernet, tmp_path, capsys):
+    from hwslim.search.greedy import config_costs
+
+    ckpt, _ = supernet
+    net = load_checkpoint(ckpt).model
+    full = config_costs(net, net.full_config())["params_m"]
+    out = tmp_path / "search"
+    args = ["search", "--checkpoint", str(ckpt), "--params-m", f"{0.8 * full:.5f}", f"{0.5 * full:.5f}",
+            "--out", str(out), "--no-progress", "--finetune-epochs", "1", "--json"]
+    assert main(args) == 0
+    picked = json.loads(capsys.readouterr().out)
+    assert len(picked) == 2
+    for p in picked:
+        run = p["finetuned"]
+        saved = load_checkpoint(run["checkpoint"])
+        # each run finetuned its own config, recorded as `hwslim finetune` records it
+        assert saved.train_args["finetune"]["config"]["widths"] == p["widths"]
+        assert saved.train_args["finetune"]["teacher"] == "the supernet's widest config"
+        assert 0.0 <= run["finetuned_top1"] <= 100.0 and 0.0 <= run["before_top1"] <= 100.0
+    first = {p["finetuned"]["checkpoint"]: Path(p["finetuned"]["checkpoint"]).stat().st_mtime_ns
+             for p in picked}
+    # again without --resume or --force: refused in one line before any search, the runs untouched
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "already holds a finetuned run; pass --resume" in err[0]
+    # --resume: the finished runs are kept, not trained again
+    assert main(args + ["--resume"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert [p["finetuned"] for p in again] == [p["finetuned"] for p in picked]
+    assert {k: Path(k).stat().st_mtime_ns for k in first} == first

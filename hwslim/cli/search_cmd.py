@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from pathlib import Path
 
 from hwslim.cli import (
     add_command,
@@ -69,6 +70,12 @@ def register(sub) -> None:
                         "any that measures over (up to 3 times); each config records budget, predicted and measured ms and the "
                         "correction (a minute or so more)")
     p.add_argument("--out", default="search_out", help="output directory (default: search_out)")
+    p.add_argument("--finetune-epochs", type=positive_int, metavar="N",
+                   help="then finetune each chosen config for N epochs as a network of its own, as `hwslim "
+                        "finetune` does by default (the supernet's weights at the config, distilled from its "
+                        "widest config), into OUT/finetuned/NAME/ (export it with --checkpoint "
+                        "OUT/finetuned/NAME/checkpoint.pt --config OUT/config_NAME.json); --resume and --force "
+                        "apply to these runs too")
     p.add_argument("--resume", action="store_true", help="continue an interrupted search in --out")
     p.add_argument("--force", action="store_true", help="start over even if --out holds a search")
     p.add_argument("--force-table", action="store_true", help="use a latency table measured on another setup")
@@ -142,6 +149,8 @@ def run(args) -> int:
     from hwslim.importing.checkpoint import load_checkpoint
 
     check_output(args.out, kind="dir")  # before anything is loaded or scored
+    if args.finetune_epochs:
+        _check_finetune_outputs(args)
     budgets = [Budget(kind, v) for kind, values in (("latency_ms", args.latency_ms), ("memory_mb", args.memory_mb),
                                                     ("params_m", args.params_m), ("macs_m", args.macs_m))
                for v in values]
@@ -170,9 +179,64 @@ def run(args) -> int:
             from hwslim.latency.verify import config_timer
 
             opts = replace(opts, measure=config_timer(table, ckpt.model, batch=args.batch))
-    result = greedy_search(ckpt, budgets, opts, table=table, log=with_header(header))
-    _print_result(result, args)
+    log = with_header(header)
+    result = greedy_search(ckpt, budgets, opts, table=table, log=log)
+    if not args.json:
+        _print_result(result, args)
+    finetuned = _finetune_all(result.files, args, log) if args.finetune_epochs else None
+    if args.json:
+        _print_result(result, args, finetuned)
+    elif finetuned:
+        print(f"\nfinetuned for {args.finetune_epochs} epoch(s) (validation top-1 %, before: the supernet's shared "
+              "weights):")
+        print_table(finetuned)
     return 0
+
+
+FINETUNED = "finetuned"  # OUT/finetuned/NAME/: search --finetune-epochs' runs, one per config
+
+
+def _finetune_dir(out, config_file) -> Path:
+    return Path(out) / FINETUNED / Path(config_file).stem.removeprefix("config_")
+
+
+def _check_finetune_outputs(args) -> None:
+    """Refuse, before the search, finetuned runs of an earlier search that neither --resume nor --force names."""
+    from hwslim.training.loop import CHECKPOINT_NAME
+
+    found = sorted((Path(args.out) / FINETUNED).glob(f"*/{CHECKPOINT_NAME}"))
+    if found and not (args.resume or args.force):
+        raise HwslimError(f"{found[0].parent} already holds a finetuned run; pass --resume to continue them, "
+                          "--force to start over, or give another --out")
+
+
+def _finetune_all(files, args, log) -> list[dict]:
+    """``hwslim finetune`` with its defaults for every config the search wrote (``--finetune-epochs``):
+    per config, its validation top-1 before (shared weights) and after, and the finetuned checkpoint."""
+    from hwslim.core import jsonio
+    from hwslim.training.finetune import FinetuneConfig, finetune
+
+    rows = []
+    for f in files:
+        out = _finetune_dir(args.out, f)
+        try:  # a finished run (its results written) is kept on --resume; anything else is (re)run
+            done = jsonio.load(out / "results.json") if args.resume else {}
+        except (OSError, ValueError):
+            done = {}
+        if isinstance(done, dict) and done.get("epochs") == args.finetune_epochs and isinstance(done.get("final"), list):
+            log(f"{out}: already finetuned for {args.finetune_epochs} epoch(s); kept")
+            final = done["final"]
+        else:
+            cfg = FinetuneConfig(checkpoint=args.checkpoint, config=str(f), epochs=args.finetune_epochs,
+                                 out=str(out), progress=not args.no_progress, resume=args.resume, force=args.force,
+                                 device=None if args.eval_device is None else args.eval_device.split(":")[0])
+            cfg.validate()
+            result = finetune(cfg, log=log)
+            final = result.final
+        top1 = {r["config"]: r["top1"] for r in final}
+        rows.append({"config": str(f), "before_top1": top1.get("supernet (shared weights)"),
+                     "finetuned_top1": top1.get("finetuned"), "checkpoint": str(out / "checkpoint.pt")})
+    return rows
 
 
 def _options(args) -> SearchOptions:
@@ -205,14 +269,17 @@ def _options(args) -> SearchOptions:
                          fill_steps=args.fill_steps)
 
 
-def _print_result(result, args) -> None:
-    """The chosen configs: as JSON (``--json``: each as its file holds it, and where that file is) or a table."""
+def _print_result(result, args, finetuned: list[dict] | None = None) -> None:
+    """The chosen configs: as JSON (``--json``: each as its file holds it, where that file is and, with
+    --finetune-epochs, its finetuned run) or a table."""
     files = result.files or [None] * len(result.configs)
     if args.json:
         from hwslim.core.config import ChannelConfig
 
-        print(json.dumps([{**ChannelConfig.load(f).to_dict(), "file": str(f)} if f is not None else c.to_dict()
-                          for c, f in zip(result.configs, files)], indent=2, sort_keys=True))
+        runs = [{"finetuned": {k: v for k, v in r.items() if k != "config"}} for r in finetuned or ()]
+        print(json.dumps([{**(ChannelConfig.load(f).to_dict() if f is not None else c.to_dict()),
+                           **({"file": str(f)} if f is not None else {}), **(runs[i] if runs else {})}
+                          for i, (c, f) in enumerate(zip(result.configs, files))], indent=2, sort_keys=True))
         return
     rows = []
     for t, c, f in zip(result.targets, result.configs, files):
