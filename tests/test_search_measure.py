@@ -179,3 +179,30 @@ def test_a_correction_beyond_its_range_is_capped_and_said(ckpt_path, table_path,
     assert fit["capped"] and fit["correction"] == CORRECTION_RANGE[1] and fit["raw_correction"] > 1.3
     assert any("capped to 1.25" in line for line in lines)
     assert fit["table_budget_ms"] <= budget / CORRECTION_RANGE[1] + 1e-12
+
+
+def test_an_over_tightened_pick_is_loosened_by_bisection_and_the_best_fitting_pick_kept(ckpt_path, table_path,
+                                                                                           tmp_path):
+    """Scripted end-to-end times (the fit's logic alone): the first picks measure 12% over their
+    predictions, every other config as predicted. Tightening by measured/budget overshoots (the
+    pick lands near 0.89 of the budget), so the bracket [0.89, 1] is bisected with what is left of
+    the re-picks; the kept pick is the most accurate that measured within the budget."""
+    table = LatencyTable.load(table_path)
+    net = load_checkpoint(ckpt_path).model
+    budget = round(0.6 * _full_ms(ckpt_path, table), 5)
+    calls = []
+
+    def measure(configs):
+        calls.append(len(configs))
+        scale = 1.12 if len(calls) == 2 else 1.0  # call 1: near the budget; 2: the first picks
+        return [scale * config_costs(net, c, table)["latency_ms"] for c in configs]
+
+    ckpt = load_checkpoint(ckpt_path)
+    opts = SearchOptions(out_dir=tmp_path / "s", progress=False, plot=False, max_images=16, measure=measure)
+    res = greedy_search(ckpt, [Budget("latency_ms", budget)], opts, table=table, log=lambda m: None)
+    fit = res.configs[0].meta["measured"]
+    assert fit["correction"] == 1.0 and fit["tightened"] == 1 and fit["loosened"] == MAX_TIGHTENINGS - 1
+    assert len(calls) == 2 + MAX_TIGHTENINGS
+    # kept: a pick timed after the first (those measure as predicted), within the budget
+    assert fit["measured_ms"] == pytest.approx(fit["predicted_ms"]) and fit["measured_ms"] <= budget
+    assert budget / 1.12 <= fit["table_budget_ms"] < budget

@@ -66,9 +66,9 @@ def register(sub) -> None:
                    help="fit each --latency-ms budget to end-to-end times on this machine: after the walk, time "
                         "a few of its configs predicted near the budget and the full model with the table's "
                         "profiler (at the table's level), divide the budget by their median measured/predicted "
-                        "(capped to 0.8-1.25) for the pick and fill, time the chosen configs and tighten "
-                        "any that measures over (up to 3 times); each config records budget, predicted and measured ms and the "
-                        "correction (a minute or so more)")
+                        "(capped to 0.8-1.25) for the pick and fill, time the chosen configs and re-pick any that "
+                        "measures over (or, once bracketed, well under) the budget, up to 3 times; each config records "
+                        "budget, predicted and measured ms and the correction (a minute or so more)")
     p.add_argument("--out", default="search_out", help="output directory (default: search_out)")
     p.add_argument("--finetune-epochs", type=positive_int, metavar="N",
                    help="then finetune each chosen config for N epochs as a network of its own, as `hwslim "

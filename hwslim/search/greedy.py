@@ -472,8 +472,10 @@ NEAR_BUDGET = 0.12  # the path's configs predicted within this fraction of a bud
 NEAR_POINTS = (3, 5)  # at least (the nearest, however far) and at most this many of them
 # measured/predicted is capped to this range (and the cap said): a table that far off is re-profiled, not patched
 CORRECTION_RANGE = (0.8, 1.25)
-# a pick measured over its budget is tightened and picked again at most this many times
+# picks re-made per budget after the first, at most: a pick measured over its budget is tightened, one
+# under LOOSE_FIT of it while a tighter-than-needed bracket is known is loosened (bisection in log space)
 MAX_TIGHTENINGS = 3
+LOOSE_FIT = 0.97
 
 
 @dataclass(frozen=True)
@@ -489,10 +491,13 @@ class MeasuredBudget:
     predicted_ms: float  # the chosen config's, by the table
     measured_ms: float  # the chosen config's, timed end to end
     full_measured_ms: float  # the full model's, timed in the same rounds
-    # times the pick measured over the budget and its table budget was tightened by measured/budget
-    # (at most MAX_TIGHTENINGS: the fill widens what the table prices low, so its picks lean on the
-    # table's errors, and one tightening was not always enough)
+    # times a pick measured over the budget and the table budget was tightened: by measured/budget, or
+    # to the middle of the bracket once a fitting pick is known (the fill widens what the table prices
+    # low, so its picks lean on the table's errors, and one tightening was not always enough)
     tightened: int
+    # times a pick measured under LOOSE_FIT of the budget after a tightening and the table budget was
+    # loosened to the middle of the bracket (tightenings + loosenings <= MAX_TIGHTENINGS)
+    loosened: int = 0
 
     @property
     def capped(self) -> bool:
@@ -538,7 +543,11 @@ def fit_to_measured(model: SlimmableNet, path: list[Step], targets: Sequence[Tar
     and fill (``pick_fill``) then meet B/k on the table (never below ``floor_ms``, the
     table's lower bound), the walk going on (``walk_on``) where B/k lies beyond it. The
     chosen configs are timed once more with the full model; one measured over B has its
-    table budget tightened by measured/B and is picked, filled and timed once again.
+    table budget tightened by measured/B and is picked, filled and timed again; once a pick
+    has measured over and one within, a pick under :data:`LOOSE_FIT` of B (tightened too far)
+    or over B moves the table budget to the bracket's geometric middle instead, up to
+    :data:`MAX_TIGHTENINGS` re-picks in all. Kept: the most accurate pick (search split) that
+    measured within B, or the last one when none did.
     Returns ``(path, walked, fills, fitted)``, ``fitted[i]`` a :class:`MeasuredBudget`
     (None: target i has no latency budget).
     """
@@ -574,25 +583,49 @@ def fit_to_measured(model: SlimmableNet, path: list[Step], targets: Sequence[Tar
         return {i: (m, got[0]) for i, m in zip(ids, got[1:])}
 
     times = timed(lat)
-    tightened = dict.fromkeys(lat, 0)
+    # per target: every pick timed, (table budget, walked, fill, (ms, full ms)); the bracket of table
+    # budgets whose picks measured over (hi) and within (lo) the budget
+    tried = {i: [(table_ms[i], walked[i], fills[i], times[i])] for i in lat}
+    hi: dict[int, float] = {}
+    lo: dict[int, float] = {}
+    tightened, loosened = dict.fromkeys(lat, 0), dict.fromkeys(lat, 0)
     for _ in range(MAX_TIGHTENINGS):
-        redo = [i for i in lat if times[i][0] > budget[i]]
+        redo = []
+        for i in lat:
+            m = times[i][0]
+            if m > budget[i]:  # over: tighten, to the bracket's middle once a fitting pick is known
+                hi[i] = table_ms[i]
+                new = math.sqrt(lo[i] * hi[i]) if i in lo else table_ms[i] * budget[i] / m
+                tightened[i] += 1
+            elif m < budget[i] * LOOSE_FIT and i in hi:  # an over-tightened pick: loosen to the middle
+                lo[i] = table_ms[i]
+                new = math.sqrt(lo[i] * hi[i])
+                loosened[i] += 1
+            else:
+                if m <= budget[i]:
+                    lo[i] = table_ms[i]
+                continue
+            table_ms[i] = max(new, floor_ms)
+            corrected[i] = _with_latency(targets[i], table_ms[i])
+            redo.append(i)
         if not redo:
             break
-        for i in redo:
-            table_ms[i] = max(table_ms[i] * budget[i] / times[i][0], floor_ms)
-            corrected[i] = _with_latency(targets[i], table_ms[i])
-            tightened[i] += 1
         path = go_on(path, corrected)
         again = pick_fill(path, [corrected[i] for i in redo])
         for j, i in enumerate(redo):
             walked[i], fills[i] = again[0][j], again[1][j]
         times.update(timed(redo))
+        for i in redo:
+            tried[i].append((table_ms[i], walked[i], fills[i], times[i]))
     fitted: list[MeasuredBudget | None] = [None] * len(targets)
     for i in lat:
+        # the most accurate pick (search split) that measured within the budget; none: the last
+        fits = [t for t in tried[i] if t[3][0] <= budget[i]]
+        table_ms[i], walked[i], fills[i], times[i] = max(  # ties: the looser table budget
+            fits, key=lambda t: ((t[2][-1] if t[2] else t[1]).acc, t[0])) if fits else tried[i][-1]
         final = fills[i][-1] if fills[i] else walked[i]
         fitted[i] = MeasuredBudget(budget[i], ks[i][0], ks[i][1], len(near[i]), table_ms[i],
-                                   final.costs["latency_ms"], times[i][0], times[i][1], tightened[i])
+                                   final.costs["latency_ms"], times[i][0], times[i][1], tightened[i], loosened[i])
         log(_fitted_line(targets[i], fitted[i]))
     return path, walked, fills, fitted
 
@@ -600,7 +633,8 @@ def fit_to_measured(model: SlimmableNet, path: list[Step], targets: Sequence[Tar
 def _fitted_line(t: Target, m: MeasuredBudget) -> str:
     return (f"{t.label}: measured/predicted {m.correction:.3f} near the budget ({m.points} configs"
             f"{', capped' if m.capped else ''}), table budget {m.table_budget_ms:.4g} ms"
-            f"{f' (tightened {m.tightened}x: the pick measured over)' if m.tightened else ''}; chosen config "
+            f"{f' (re-picked {m.tightened + m.loosened}x: {m.tightened} over, {m.loosened} well under)' if m.tightened else ''}"
+            f"; chosen config "
             f"predicted {m.predicted_ms:.4g} ms, measured {m.measured_ms:.4g} ms "
             f"({m.measured_ms / m.budget_ms:.3f} of the budget; full model {m.full_measured_ms:.4g} ms)"
             f"{f'; still over after {m.tightened} tightenings' if m.measured_ms > m.budget_ms else ''}")
