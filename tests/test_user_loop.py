@@ -205,6 +205,8 @@ def test_save_and_export_a_supernet_trained_in_the_users_loop(tmp_path, capsys):
     cfg = net.uniform_config(6)
     result = hwslim.export_model(net, cfg, tmp_path / "seg.onnx", calib=loader)
     assert result.max_rel_error < 1e-4
+    assert result.bn.startswith("recalibrated at this config on the caller's batches")  # as recorded
+    assert result.metadata["bn_statistics"] == result.bn
     hwslim.recalibrate_bn(net, loader, cfg)  # what the export did: the config's own statistics
     x = loader[0][0][:1]
     with torch.no_grad(), net.using(cfg):

@@ -248,7 +248,7 @@ def _export_model(ckpt, config: ChannelConfig | str | os.PathLike, out: Path, op
     precision = "fp16" if opts.fp16 else "fp32"
     tolerance = opts.tolerance if opts.tolerance is not None else (FP16_TOLERANCE if onnx_fp16 else FP32_TOLERANCE)
 
-    bn = _bn_statistics(ckpt, net, cfg, opts.calib_images)
+    bn = opts.bn_source or _bn_statistics(ckpt, net, cfg, opts.calib_images)
     log(f"BatchNorm: {bn}")
     plain = materialize(net, cfg, fold_bn=True).eval()
     images, check = _check_images(ckpt, net, cfg, opts)

@@ -70,6 +70,9 @@ class ExportOptions:
     calib_images: int = 512  # images to recalibrate BatchNorm at the config (0: keep the supernet's)
     tolerance: float | None = None  # default FP32_TOLERANCE, or FP16_TOLERANCE with fp16
     table: Path | None = None  # a latency table to name in the metadata (and to verify against)
+    # where the caller already set the BatchNorm statistics at the config (hwslim.export_model(calib=)):
+    # recorded as bn_statistics, and nothing recalibrated; None: calib_images decides
+    bn_source: str | None = None
 
     def __post_init__(self) -> None:
         fmt = format_class(self.format)

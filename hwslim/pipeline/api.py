@@ -181,7 +181,8 @@ def export_model(checkpoint: PathLike | Checkpoint | SlimmableNet, config: Chann
     cfg = config if isinstance(config, ChannelConfig) else ChannelConfig.load(config)
     with preserved_bn_stats(ckpt.model):
         recalibrate_bn(ckpt.model, calib, ckpt.check_config(cfg), inputs=inputs, num_batches=calib_batches)
-        return export(ckpt, cfg, Path(out), ExportOptions(**{**options, "calib_images": 0}))
+        note = f"recalibrated at this config on the caller's batches (calib=, {calib_batches or 'all'} batches)"
+        return export(ckpt, cfg, Path(out), ExportOptions(**{**options, "calib_images": 0, "bn_source": note}))
 
 
 __all__ = ["Loaded", "export_model", "import_model", "load", "recalibrate_bn", "sandwich_step", "save",
