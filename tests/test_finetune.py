@@ -261,3 +261,13 @@ def test_search_finetune_epochs_chains_finetune_per_config_and_resumes_without_r
     again = json.loads(capsys.readouterr().out)
     assert [p["finetuned"] for p in again] == [p["finetuned"] for p in picked]
     assert {k: Path(k).stat().st_mtime_ns for k in first} == first
+    # a run of another config (the search picked again) is refused, not reported as this config's
+    results = Path(picked[0]["finetuned"]["checkpoint"]).parent / "results.json"
+    doc = json.loads(results.read_text())
+    doc["finetune"]["config"]["widths"] = {k: 8 for k in doc["finetune"]["config"]["widths"]}
+    results.write_text(json.dumps(doc))
+    assert main(args + ["--resume"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    # (the search's own lines come first: which config it picks is known only after it)
+    assert "holds a finetuned run of another config" in err[-1] and "--force" in err[-1]
+    assert not any("Traceback" in line for line in err)

@@ -206,3 +206,5 @@ def test_an_over_tightened_pick_is_loosened_by_bisection_and_the_best_fitting_pi
     # kept: a pick timed after the first (those measure as predicted), within the budget
     assert fit["measured_ms"] == pytest.approx(fit["predicted_ms"]) and fit["measured_ms"] <= budget
     assert budget / 1.12 <= fit["table_budget_ms"] < budget
+    # the recorded fields are the kept config's
+    assert config_costs(net, res.configs[0], table)["latency_ms"] == pytest.approx(fit["predicted_ms"])

@@ -108,8 +108,9 @@ def register(sub) -> None:
                         "not yet measured on a GPU, so torch stays the default)")
     s.add_argument("--max-images", type=positive_int, help="use at most this many search-split images "
                                                            "(spread over the split)")
-    p.add_argument("--eval-device", default=None, help="where to run the search's evaluations "
-                                                        "(default: cuda if available, else cpu)")
+    p.add_argument("--eval-device", default=None, help="where to run the search's evaluations (and "
+                                                        "--finetune-epochs' training; default: cuda if "
+                                                        "available, else cpu)")
     p.add_argument("--threads", type=positive_int, help="PyTorch CPU threads for the evaluations (default 1: measured "
                                                           "fastest on a shared machine, benchmarks/results/threads.csv)")
     p.add_argument("--no-progress", action="store_true")
@@ -183,6 +184,8 @@ def run(args) -> int:
     result = greedy_search(ckpt, budgets, opts, table=table, log=log)
     if not args.json:
         _print_result(result, args)
+    if args.finetune_epochs:
+        ckpt.model.cpu()  # each finetuning run loads the supernet itself
     finetuned = _finetune_all(result.files, args, log) if args.finetune_epochs else None
     if args.json:
         _print_result(result, args, finetuned)
@@ -214,28 +217,38 @@ def _finetune_all(files, args, log) -> list[dict]:
     """``hwslim finetune`` with its defaults for every config the search wrote (``--finetune-epochs``):
     per config, its validation top-1 before (shared weights) and after, and the finetuned checkpoint."""
     from hwslim.core import jsonio
+    from hwslim.core.config import ChannelConfig
+    from hwslim.importing.checkpoint import load_checkpoint
     from hwslim.training.finetune import FinetuneConfig, finetune
+    from hwslim.training.loop import CHECKPOINT_NAME, RESULTS_NAME
 
     rows = []
     for f in files:
         out = _finetune_dir(args.out, f)
+        ckpt, widths = out / CHECKPOINT_NAME, ChannelConfig.load(f).widths
         try:  # a finished run (its results written) is kept on --resume; anything else is (re)run
-            done = jsonio.load(out / "results.json") if args.resume else {}
+            done = jsonio.load(out / RESULTS_NAME) if args.resume and ckpt.exists() else {}
         except (OSError, ValueError):
             done = {}
-        if isinstance(done, dict) and done.get("epochs") == args.finetune_epochs and isinstance(done.get("final"), list):
+        final = done.get("final") if isinstance(done, dict) else None
+        finished = (isinstance(final, list) and done.get("epochs") == args.finetune_epochs
+                    and all(isinstance(r, dict) and {"config", "top1"} <= r.keys() for r in final))
+        if args.resume and ckpt.exists():  # a run of another config (the search picked again) is not continued
+            record = done.get("finetune") if finished else load_checkpoint(ckpt).train_args.get("finetune")
+            if (record or {}).get("config", {}).get("widths") != widths:
+                raise HwslimError(f"{out} holds a finetuned run of another config than {f} (the search picked "
+                                  "again); pass --force to replace it, or give another --out")
+        if finished:
             log(f"{out}: already finetuned for {args.finetune_epochs} epoch(s); kept")
-            final = done["final"]
         else:
-            cfg = FinetuneConfig(checkpoint=args.checkpoint, config=str(f), epochs=args.finetune_epochs,
-                                 out=str(out), progress=not args.no_progress, resume=args.resume, force=args.force,
-                                 device=None if args.eval_device is None else args.eval_device.split(":")[0])
+            cfg = FinetuneConfig(checkpoint=str(Path(args.checkpoint).resolve()), config=str(Path(f).resolve()),
+                                 epochs=args.finetune_epochs, out=str(out), progress=not args.no_progress,
+                                 resume=args.resume, force=args.force, device=args.eval_device)
             cfg.validate()
-            result = finetune(cfg, log=log)
-            final = result.final
+            final = finetune(cfg, log=log).final
         top1 = {r["config"]: r["top1"] for r in final}
         rows.append({"config": str(f), "before_top1": top1.get("supernet (shared weights)"),
-                     "finetuned_top1": top1.get("finetuned"), "checkpoint": str(out / "checkpoint.pt")})
+                     "finetuned_top1": top1.get("finetuned"), "checkpoint": str(ckpt)})
     return rows
 
 

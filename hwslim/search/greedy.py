@@ -487,7 +487,7 @@ class MeasuredBudget:
     correction: float  # k: median measured / predicted over the path's configs near the budget, capped
     raw_correction: float  # k before the cap
     points: int  # the configs k is the median over
-    table_budget_ms: float  # the table's budget the pick and fill met: budget / k (tightened when over)
+    table_budget_ms: float  # the table's budget the kept pick met: budget / k, or a re-pick's
     predicted_ms: float  # the chosen config's, by the table
     measured_ms: float  # the chosen config's, timed end to end
     full_measured_ms: float  # the full model's, timed in the same rounds
@@ -577,10 +577,16 @@ def fit_to_measured(model: SlimmableNet, path: list[Step], targets: Sequence[Tar
     path = go_on(path, corrected)
     walked, fills = pick_fill(path, corrected)
 
+    worst: dict[str, float] = {}  # per config timed more than once (a re-pick may return one): its slowest
+
     def timed(ids: Sequence[int]) -> dict[int, tuple[float, float]]:
-        """The chosen configs of ``ids`` timed with the full model: ``{i: (config ms, full ms)}``."""
-        got = measure([full] + [model.config_of((fills[i][-1] if fills[i] else walked[i]).widths) for i in ids])
-        return {i: (m, got[0]) for i, m in zip(ids, got[1:])}
+        """The chosen configs of ``ids`` timed with the full model: ``{i: (config ms, full ms)}``, a config
+        timed before keeping its slowest reading (one that measured over once is not kept as fitting)."""
+        widths = [(fills[i][-1] if fills[i] else walked[i]).widths for i in ids]
+        got = measure([full] + [model.config_of(w) for w in widths])
+        for w, m in zip(widths, got[1:]):
+            worst[key(w)] = max(m, worst.get(key(w), 0.0))
+        return {i: (worst[key(w)], got[0]) for i, w in zip(ids, widths)}
 
     times = timed(lat)
     # per target: every pick timed, (table budget, walked, fill, (ms, full ms)); the bracket of table
@@ -618,11 +624,14 @@ def fit_to_measured(model: SlimmableNet, path: list[Step], targets: Sequence[Tar
         for i in redo:
             tried[i].append((table_ms[i], walked[i], fills[i], times[i]))
     fitted: list[MeasuredBudget | None] = [None] * len(targets)
+    picked = lambda t: t[2][-1] if t[2] else t[1]  # noqa: E731  (the config a try chose)
     for i in lat:
         # the most accurate pick (search split) that measured within the budget; none: the last
-        fits = [t for t in tried[i] if t[3][0] <= budget[i]]
+        tries = [(tb, w, fl, (worst[key(picked((tb, w, fl)).widths)], full_ms))
+                 for tb, w, fl, (_, full_ms) in tried[i]]  # each with its config's slowest reading
+        fits = [t for t in tries if t[3][0] <= budget[i]]
         table_ms[i], walked[i], fills[i], times[i] = max(  # ties: the looser table budget
-            fits, key=lambda t: ((t[2][-1] if t[2] else t[1]).acc, t[0])) if fits else tried[i][-1]
+            fits, key=lambda t: (picked(t).acc, t[0])) if fits else tries[-1]
         final = fills[i][-1] if fills[i] else walked[i]
         fitted[i] = MeasuredBudget(budget[i], ks[i][0], ks[i][1], len(near[i]), table_ms[i],
                                    final.costs["latency_ms"], times[i][0], times[i][1], tightened[i], loosened[i])
