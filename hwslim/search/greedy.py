@@ -454,7 +454,7 @@ def pick_configs(model: SlimmableNet, path: Sequence[Step], budgets: Sequence[Bu
 
 def _chosen_config(model: SlimmableNet, t: Target, walked: Step, filled: Sequence[Step]) -> ChannelConfig:
     """The config for ``t``: the walk's, grown back by ``filled``; meta says what the filling did."""
-    final = filled[-1] if filled else walked
+    final = _kept(walked, filled)
     return model.config_of(final.widths, **_target_meta(t), search_step=walked.step, search_acc=final.acc,
                            budget_used=final.costs[t.budget.kind] / t.budget.value,
                            search_acc_unfilled=walked.acc,
@@ -582,16 +582,16 @@ def fit_to_measured(model: SlimmableNet, path: list[Step], targets: Sequence[Tar
     def timed(ids: Sequence[int]) -> dict[int, tuple[float, float]]:
         """The chosen configs of ``ids`` timed with the full model: ``{i: (config ms, full ms)}``, a config
         timed before keeping its slowest reading (one that measured over once is not kept as fitting)."""
-        widths = [(fills[i][-1] if fills[i] else walked[i]).widths for i in ids]
+        widths = [_kept(walked[i], fills[i]).widths for i in ids]
         got = measure([full] + [model.config_of(w) for w in widths])
         for w, m in zip(widths, got[1:]):
             worst[key(w)] = max(m, worst.get(key(w), 0.0))
         return {i: (worst[key(w)], got[0]) for i, w in zip(ids, widths)}
 
     times = timed(lat)
-    # per target: every pick timed, (table budget, walked, fill, (ms, full ms)); the bracket of table
-    # budgets whose picks measured over (hi) and within (lo) the budget
-    tried = {i: [(table_ms[i], walked[i], fills[i], times[i])] for i in lat}
+    # per target: every pick timed, (table budget, walked, fill, full model's ms in its round); the
+    # bracket of table budgets whose picks measured over (hi) and within (lo) the budget
+    tried = {i: [(table_ms[i], walked[i], fills[i], times[i][1])] for i in lat}
     hi: dict[int, float] = {}
     lo: dict[int, float] = {}
     tightened, loosened = dict.fromkeys(lat, 0), dict.fromkeys(lat, 0)
@@ -622,21 +622,25 @@ def fit_to_measured(model: SlimmableNet, path: list[Step], targets: Sequence[Tar
             walked[i], fills[i] = again[0][j], again[1][j]
         times.update(timed(redo))
         for i in redo:
-            tried[i].append((table_ms[i], walked[i], fills[i], times[i]))
+            tried[i].append((table_ms[i], walked[i], fills[i], times[i][1]))
     fitted: list[MeasuredBudget | None] = [None] * len(targets)
-    picked = lambda t: t[2][-1] if t[2] else t[1]  # noqa: E731  (the config a try chose)
     for i in lat:
-        # the most accurate pick (search split) that measured within the budget; none: the last
-        tries = [(tb, w, fl, (worst[key(picked((tb, w, fl)).widths)], full_ms))
-                 for tb, w, fl, (_, full_ms) in tried[i]]  # each with its config's slowest reading
-        fits = [t for t in tries if t[3][0] <= budget[i]]
-        table_ms[i], walked[i], fills[i], times[i] = max(  # ties: the looser table budget
-            fits, key=lambda t: (picked(t).acc, t[0])) if fits else tries[-1]
-        final = fills[i][-1] if fills[i] else walked[i]
+        # the most accurate pick (search split) whose config's slowest reading is within the budget;
+        # none: the last
+        ms_of = lambda t: worst[key(_kept(t[1], t[2]).widths)]  # noqa: E731
+        fits = [t for t in tried[i] if ms_of(t) <= budget[i]]
+        t = max(fits, key=lambda t: (_kept(t[1], t[2]).acc, t[0])) if fits else tried[i][-1]  # ties: looser
+        table_ms[i], walked[i], fills[i], times[i] = t[0], t[1], t[2], (ms_of(t), t[3])
+        final = _kept(walked[i], fills[i])
         fitted[i] = MeasuredBudget(budget[i], ks[i][0], ks[i][1], len(near[i]), table_ms[i],
                                    final.costs["latency_ms"], times[i][0], times[i][1], tightened[i], loosened[i])
         log(_fitted_line(targets[i], fitted[i]))
     return path, walked, fills, fitted
+
+
+def _kept(walked: Step, filled: Sequence[Step]) -> Step:
+    """The step a pick ends at: its fill's last widening, or the walk's step where nothing was widened."""
+    return filled[-1] if filled else walked
 
 
 def _fitted_line(t: Target, m: MeasuredBudget) -> str:
